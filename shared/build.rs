@@ -1,0 +1,23 @@
+//! Generates the `agentrun.v1` Rust types and tonic stubs from `proto/`.
+//! protoc comes from `protoc-bin-vendored`, so no system protoc is needed.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let files: Vec<PathBuf> = std::fs::read_dir(proto_root.join("agentrun/v1"))?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    // SAFETY: build scripts are single-threaded, so setting the variable is sound.
+    unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
+
+    let descriptor = PathBuf::from(std::env::var("OUT_DIR")?).join("agentrun_v1_descriptor.bin");
+    tonic_prost_build::configure()
+        // The contract has an RPC named `Connect`, whose client method would clash with the
+        // generated `connect` constructor; clients are built with `XClient::new(channel)`.
+        .build_transport(false)
+        .file_descriptor_set_path(descriptor)
+        .compile_protos(&files, &[proto_root.clone()])?;
+    println!("cargo:rerun-if-changed={}", proto_root.display());
+    Ok(())
+}

@@ -1,0 +1,34 @@
+//! The validation error every edge returns: which field, and what is wrong with it.
+
+/// Bad input in one field. Maps to gRPC INVALID_ARGUMENT with the field named.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {reason}")]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Machine-readable reasons sent in the `agentrun-error` response metadata, next to the
+/// gRPC status code, so callers can branch without parsing messages.
+pub mod reason {
+    /// The write named a lease epoch that is no longer current.
+    pub const LEASE_LOST: &str = "lease_lost";
+    /// The run is terminal and cannot change.
+    pub const RUN_TERMINAL: &str = "run_terminal";
+    /// The requested state change is not allowed from the current state.
+    pub const ILLEGAL_TRANSITION: &str = "illegal_transition";
+    /// An idempotency key was reused with a different request.
+    pub const IDEMPOTENCY_CONFLICT: &str = "idempotency_conflict";
+}
+
+/// Response metadata key carrying one of the [`reason`] codes.
+pub const REASON_METADATA_KEY: &str = "agentrun-error";

@@ -1,0 +1,177 @@
+//! The closed set of event types and the payload rules for each.
+
+use serde_json::{Map, Value};
+
+use crate::error::FieldError;
+
+macro_rules! event_types {
+    ($($variant:ident = $text:literal),+ $(,)?) => {
+        /// An event type. The set is closed: anything else is refused at the edge.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum EventType { $($variant),+ }
+
+        impl EventType {
+            pub const ALL: &'static [EventType] = &[$(EventType::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $(EventType::$variant => $text),+ }
+            }
+
+            pub fn parse(field: &str, text: &str) -> Result<Self, FieldError> {
+                match text {
+                    $($text => Ok(EventType::$variant),)+
+                    "" => Err(FieldError::new(field, "is required")),
+                    _ => Err(FieldError::new(field, format!("unknown event type {text:?}"))),
+                }
+            }
+        }
+    };
+}
+
+event_types! {
+    RunCreated = "run.created",
+    RunClaimed = "run.claimed",
+    RunStarted = "run.started",
+    RunRequeued = "run.requeued",
+    RunTerminal = "run.terminal",
+    CommandCreated = "command.created",
+    CommandDelivered = "command.delivered",
+    CommandCompleted = "command.completed",
+    TurnStarted = "turn.started",
+    TurnCompleted = "turn.completed",
+    ItemStarted = "item.started",
+    ItemUpdated = "item.updated",
+    ItemCompleted = "item.completed",
+    ContentDelta = "content.delta",
+    PlanUpdated = "plan.updated",
+    DiffUpdated = "diff.updated",
+    UsageUpdated = "usage.updated",
+    RequestOpened = "request.opened",
+    RequestResolved = "request.resolved",
+    RuntimeWarning = "runtime.warning",
+    RuntimeError = "runtime.error",
+}
+
+/// States a `turn.completed` event may report.
+pub const TURN_END_STATES: &[&str] = &["completed", "failed", "interrupted", "cancelled"];
+
+/// Kinds of approval or input a `request.opened` event may ask for.
+pub const REQUEST_KINDS: &[&str] = &["command", "file_read", "file_change", "tool", "user_input"];
+
+impl EventType {
+    /// Run and command lifecycle events are the manager's alone; a runner reports those
+    /// through FinishRun and command updates, so the log cannot contradict the run row.
+    pub fn runner_may_write(self) -> bool {
+        !matches!(
+            self,
+            EventType::RunCreated
+                | EventType::RunClaimed
+                | EventType::RunStarted
+                | EventType::RunRequeued
+                | EventType::RunTerminal
+                | EventType::CommandCreated
+                | EventType::CommandDelivered
+                | EventType::CommandCompleted
+        )
+    }
+
+    /// Checks the fields this type requires. `field` prefixes the names in errors
+    /// (e.g. `events[3].payload_json`).
+    pub fn validate_payload(
+        self,
+        field: &str,
+        payload: &Map<String, Value>,
+    ) -> Result<(), FieldError> {
+        match self {
+            EventType::TurnCompleted => require_one_of(field, payload, "state", TURN_END_STATES),
+            EventType::ContentDelta => {
+                require_string(field, payload, "kind")?;
+                require_string(field, payload, "delta").map(drop)
+            }
+            EventType::ItemStarted | EventType::ItemUpdated | EventType::ItemCompleted => {
+                require_string(field, payload, "item_id")?;
+                require_string(field, payload, "kind").map(drop)
+            }
+            EventType::RequestOpened => require_one_of(field, payload, "kind", REQUEST_KINDS),
+            EventType::RuntimeWarning | EventType::RuntimeError => {
+                require_string(field, payload, "message").map(drop)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn require_string<'a>(
+    field: &str,
+    payload: &'a Map<String, Value>,
+    key: &str,
+) -> Result<&'a str, FieldError> {
+    match payload.get(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(FieldError::new(
+            format!("{field}.{key}"),
+            "must be a string",
+        )),
+        None => Err(FieldError::new(format!("{field}.{key}"), "is required")),
+    }
+}
+
+fn require_one_of(
+    field: &str,
+    payload: &Map<String, Value>,
+    key: &str,
+    allowed: &[&str],
+) -> Result<(), FieldError> {
+    let value = require_string(field, payload, key)?;
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            format!("{field}.{key}"),
+            format!("must be one of {}", allowed.join(", ")),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn unknown_types_and_missing_fields_are_named() {
+        for t in EventType::ALL {
+            assert_eq!(EventType::parse("type", t.as_str()).unwrap(), *t);
+        }
+        let err = EventType::parse("events[0].type", "run.exploded").unwrap_err();
+        assert_eq!(err.field, "events[0].type");
+        let err = EventType::ContentDelta
+            .validate_payload(
+                "events[2].payload_json",
+                &obj(json!({"kind": "assistant_text"})),
+            )
+            .unwrap_err();
+        assert_eq!(err.field, "events[2].payload_json.delta");
+        let err = EventType::TurnCompleted
+            .validate_payload("p", &obj(json!({"state": "exploded"})))
+            .unwrap_err();
+        assert!(err.reason.contains("interrupted"));
+        assert!(
+            EventType::TurnCompleted
+                .validate_payload("p", &obj(json!({"state": "completed"})))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn runners_cannot_forge_lifecycle_events() {
+        assert!(!EventType::RunTerminal.runner_may_write());
+        assert!(!EventType::CommandCompleted.runner_may_write());
+        assert!(EventType::ContentDelta.runner_may_write());
+    }
+}
