@@ -97,9 +97,9 @@ CREATE INDEX runs_run_deadline ON runs (run_deadline)
     WHERE status IN ('claimed', 'running', 'waiting') AND run_deadline IS NOT NULL;
 CREATE INDEX runs_queue_deadline ON runs (queue_deadline)
     WHERE status = 'pending' AND queue_deadline IS NOT NULL;
--- Listing: newest first within a tenant, and per session.
-CREATE INDEX runs_by_tenant ON runs (tenant_id, created_at DESC, id DESC);
-CREATE INDEX runs_by_session ON runs (session_id, created_at DESC) WHERE session_id IS NOT NULL;
+-- Listing: newest first (run ids are time-ordered UUIDv7) within a tenant, and per session.
+CREATE INDEX runs_by_tenant ON runs (tenant_id, id DESC);
+CREATE INDEX runs_by_session ON runs (session_id, id DESC) WHERE session_id IS NOT NULL;
 
 CREATE TABLE commands (
     run_id           uuid NOT NULL REFERENCES runs (id),

@@ -1,1 +1,22 @@
+//! `agentrun-manager`: owns runs, commands, sessions and every run's event log in
+//! PostgreSQL, and serves them over gRPC to clients (RunService, SessionService,
+//! AdminService) and runners (RunnerService).
+//!
+//! - [`api`]: gRPC handlers — validate, convert, call the store, map errors.
+//! - [`store`]: one module per aggregate with its SQL.
+//! - [`sweeper`]: moves on runs whose lease expired or whose timeouts passed.
+//! - [`startup`]: wires it together; [`config`]: settings; [`error`]: the error type.
+//! - [`local_postgres`]: a throwaway PostgreSQL for `dev` and tests.
 
+pub mod api;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod local_postgres;
+pub mod startup;
+pub mod store;
+pub mod sweeper;
+pub mod telemetry;
+
+pub use config::Settings;
+pub use startup::Application;

@@ -1,1 +1,89 @@
-fn main() {}
+//! `agentrun-manager`: serve, migrate, or run against a throwaway local PostgreSQL.
+
+use agentrun_manager::local_postgres::LocalPostgres;
+use agentrun_manager::{Application, Settings, db, telemetry};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "agentrun-manager", version, about = "The agentrun manager")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve gRPC (the default).
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Serve against DATABASE_URL, or a throwaway local PostgreSQL started (and removed)
+    /// for the purpose.
+    Dev,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init();
+    let mut settings = cli.settings;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Migrate => {
+            let url = settings
+                .database_url
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("DATABASE_URL (or --database-url) is required"))?;
+            db::migrate(&db::pool(url, 1)?).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Serve => serve(settings).await,
+        Command::Dev => {
+            // Kept alive until serve returns; dropping it stops and removes the cluster.
+            let _local = match settings.database_url {
+                Some(_) => None,
+                None => {
+                    let pg = tokio::task::spawn_blocking(LocalPostgres::start).await??;
+                    tracing::info!(url = %pg.url("postgres"), "started a throwaway PostgreSQL");
+                    settings.database_url = Some(pg.url("postgres"));
+                    Some(pg)
+                }
+            };
+            serve(settings).await
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let app = Application::build(settings).await?;
+    println!("agentrun manager listening on http://{}", app.local_addr());
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        signal.cancel();
+        // A second signal exits at once.
+        wait_for_signal().await;
+        std::process::exit(130);
+    });
+    app.run(shutdown).await
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler succeeds at start-up");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,1 +1,444 @@
+//! Test harness: a real PostgreSQL, a fresh database per test, and managers spawned
+//! in-process ([`TestApp`]) or as real processes ([`ManagerProcess`]).
+//!
+//! PostgreSQL comes from `DATABASE_URL` when it is set (a superuser URL; each test
+//! creates its own database there), otherwise from a throwaway cluster started once per
+//! test process from the local server binaries and removed when the process exits.
+//! Set `TEST_LOG=1` to see the managers' logs.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use agentrun_manager::local_postgres::LocalPostgres;
+use agentrun_manager::{Application, Settings};
+use agentrun_shared::proto::admin_service_client::AdminServiceClient;
+use agentrun_shared::proto::run_service_client::RunServiceClient;
+use agentrun_shared::proto::runner_service_client::RunnerServiceClient;
+use agentrun_shared::proto::{self, RunStatus};
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+/// Where test databases are created.
+enum Cluster {
+    External(String),
+    Local(LocalPostgres),
+}
+
+impl Cluster {
+    fn url(&self, database: &str) -> String {
+        match self {
+            Cluster::External(url) => with_database(url, database),
+            Cluster::Local(pg) => pg.url(database),
+        }
+    }
+}
+
+/// `url` with its database name replaced (query parameters kept).
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let prefix = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{prefix}/{database}?{q}"),
+        None => format!("{prefix}/{database}"),
+    }
+}
+
+fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Cluster::External(url),
+        _ => match LocalPostgres::start() {
+            Ok(pg) => Cluster::Local(pg),
+            Err(err) => panic!(
+                "tests need PostgreSQL: set DATABASE_URL to a superuser URL, or install the \
+                 PostgreSQL server binaries (Debian: apt-get install postgresql) so a throwaway \
+                 cluster can be started. Starting one failed: {err}"
+            ),
+        },
+    })
+}
+
+/// Creates an empty database and returns its URL.
+pub async fn fresh_database() -> String {
+    let cluster = cluster();
+    let (admin, connection) = tokio_postgres::connect(&cluster.url("postgres"), NoTls)
+        .await
+        .expect("connect to the test cluster");
+    tokio::spawn(connection);
+    let name = format!("agentrun_test_{}", Uuid::new_v4().simple());
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create a test database");
+    cluster.url(&name)
+}
+
+/// Settings for tests: a free port, short leases and a fast sweeper.
+pub fn test_settings(database_url: &str) -> Settings {
+    let mut settings = Settings::for_database(database_url);
+    settings.listen = "127.0.0.1:0".parse().expect("valid address");
+    settings.db_pool_size = 8;
+    settings.lease_ttl_ms = 2_000;
+    settings.heartbeat_interval_ms = 500;
+    settings.sweep_interval_ms = 100;
+    settings
+}
+
+fn init_logs() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        agentrun_manager::telemetry::init();
+    }
+}
+
+/// A manager running in this process on a free port, with typed clients.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub database_url: String,
+    pub runs: RunServiceClient<Channel>,
+    pub runners: RunnerServiceClient<Channel>,
+    pub admin: AdminServiceClient<Channel>,
+    shutdown: CancellationToken,
+}
+
+impl TestApp {
+    /// A manager on a fresh database with [`test_settings`].
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// Like [`Self::spawn`], with settings adjusted by `tweak`.
+    pub async fn spawn_with(tweak: impl FnOnce(&mut Settings)) -> Self {
+        let url = fresh_database().await;
+        Self::spawn_on(&url, tweak).await
+    }
+
+    /// Another manager replica on an existing database.
+    pub async fn spawn_on(database_url: &str, tweak: impl FnOnce(&mut Settings)) -> Self {
+        init_logs();
+        let mut settings = test_settings(database_url);
+        tweak(&mut settings);
+        let app = Application::build(settings).await.expect("manager starts");
+        let addr = app.local_addr();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(app.run(shutdown.clone()));
+        let channel = connect(addr).await;
+        Self {
+            addr,
+            database_url: database_url.to_owned(),
+            runs: RunServiceClient::new(channel.clone()),
+            runners: RunnerServiceClient::new(channel.clone()),
+            admin: AdminServiceClient::new(channel),
+            shutdown,
+        }
+    }
+
+    /// A direct database connection, for invariant checks.
+    pub async fn db(&self) -> tokio_postgres::Client {
+        db_client(&self.database_url).await
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn db_client(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("connect to the test database");
+    tokio::spawn(connection);
+    client
+}
+
+/// A channel to a manager, retried until it accepts connections.
+pub async fn connect(addr: SocketAddr) -> Channel {
+    let endpoint = Channel::from_shared(format!("http://{addr}")).expect("valid URI");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return channel,
+            Err(err) if Instant::now() > deadline => {
+                panic!("manager at {addr} never accepted: {err}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Path of a workspace binary, built on first use so tests never run a stale one.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "agentrun-manager",
+                "--bin",
+                "agentrun-manager",
+            ])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the workspace binaries failed");
+    });
+    // tests run from target/<profile>/deps/<test-binary>
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target profile dir");
+    dir.join(name)
+}
+
+/// A manager started as a real process; killed when dropped.
+pub struct ManagerProcess {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl ManagerProcess {
+    pub async fn start(database_url: &str, extra_env: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("valid address");
+        let mut command = Command::new(binary("agentrun-manager"));
+        command
+            .arg("serve")
+            .env("DATABASE_URL", database_url)
+            .env("AGENTRUN_LISTEN", addr.to_string())
+            .env("AGENTRUN_LEASE_TTL_MS", "2000")
+            .env("AGENTRUN_SWEEP_INTERVAL_MS", "100")
+            .stdin(Stdio::null());
+        for (k, v) in extra_env {
+            command.env(k, v);
+        }
+        if std::env::var_os("TEST_LOG").is_none() {
+            command.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        let child = command.spawn().expect("start agentrun-manager");
+        let process = Self { addr, child };
+        connect(addr).await;
+        process
+    }
+
+    pub async fn channel(&self) -> Channel {
+        connect(self.addr).await
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ManagerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A request acting for `tenant`.
+pub fn as_tenant<T>(tenant: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("agentrun-tenant", tenant.parse().expect("ASCII tenant"));
+    request
+}
+
+/// A run request for the scripted profile with a prompt.
+pub fn run_request(prompt: &str) -> proto::CreateRunRequest {
+    proto::CreateRunRequest {
+        backend_profile: "scripted".into(),
+        input_json: serde_json::json!({ "prompt": prompt }).to_string(),
+        ..Default::default()
+    }
+}
+
+/// A runner identity serving the scripted profile on the default queue.
+pub fn runner(name: &str) -> proto::RunnerIdentity {
+    proto::RunnerIdentity {
+        runner_id: Uuid::new_v4().to_string(),
+        name: name.into(),
+        backend_profiles: vec!["scripted".into()],
+        max_concurrency: 10,
+        ..Default::default()
+    }
+}
+
+pub fn status_of(run: &proto::Run) -> RunStatus {
+    RunStatus::try_from(run.status).expect("a known status")
+}
+
+/// Checks the event log over the whole database: per run, seq runs 1..=last_event_seq
+/// without gap or duplicate, and no runner event is stored twice.
+pub async fn assert_event_log_consistent(db: &tokio_postgres::Client) {
+    let gaps = db
+        .query(
+            "SELECT r.id, r.last_event_seq, count(e.seq), coalesce(max(e.seq), 0), coalesce(min(e.seq), 1)
+             FROM runs r LEFT JOIN events e ON e.run_id = r.id
+             GROUP BY r.id, r.last_event_seq
+             HAVING count(e.seq) <> r.last_event_seq OR coalesce(max(e.seq), 0) <> r.last_event_seq
+                 OR coalesce(min(e.seq), 1) <> 1",
+            &[],
+        )
+        .await
+        .expect("query event log");
+    assert!(
+        gaps.is_empty(),
+        "{} runs have gaps or duplicates in their event seq",
+        gaps.len()
+    );
+    let doubles: i64 = db
+        .query_one(
+            "SELECT count(*) FROM (SELECT run_id, epoch, runner_seq FROM events
+             WHERE runner_seq IS NOT NULL GROUP BY 1, 2, 3 HAVING count(*) > 1) d",
+            &[],
+        )
+        .await
+        .expect("query duplicates")
+        .get(0);
+    assert_eq!(doubles, 0, "runner events stored twice");
+}
+
+/// Claims runs for `runner` until `n` are held (or panics after a deadline).
+pub async fn claim(
+    app: &mut TestApp,
+    runner: &proto::RunnerIdentity,
+    n: i32,
+) -> Vec<proto::Assignment> {
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held.len() < n as usize {
+        let response = app
+            .runners
+            .claim_runs(proto::ClaimRunsRequest {
+                runner: Some(runner.clone()),
+                max_runs: n - held.len() as i32,
+            })
+            .await
+            .expect("claim runs")
+            .into_inner();
+        if response.assignments.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} runs could be claimed",
+                held.len()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        held.extend(response.assignments);
+    }
+    held
+}
+
+/// Runner events with runner_seq `from..=to`, all content deltas.
+pub fn deltas(from: i64, to: i64) -> Vec<proto::RunnerEvent> {
+    (from..=to)
+        .map(|runner_seq| proto::RunnerEvent {
+            runner_seq,
+            r#type: "content.delta".into(),
+            payload_json: serde_json::json!({"kind": "assistant_text", "delta": format!("token {runner_seq} ")}).to_string(),
+        })
+        .collect()
+}
+
+/// An AppendEvents request for a held assignment.
+pub fn append(
+    runner: &proto::RunnerIdentity,
+    a: &proto::Assignment,
+    events: Vec<proto::RunnerEvent>,
+) -> proto::AppendEventsRequest {
+    proto::AppendEventsRequest {
+        runner_id: runner.runner_id.clone(),
+        run_id: a.run.as_ref().expect("assignment has a run").run_id.clone(),
+        epoch: a.epoch,
+        events,
+        command_updates: vec![],
+    }
+}
+
+/// A FinishRun request for a held assignment.
+pub fn finish(
+    runner: &proto::RunnerIdentity,
+    a: &proto::Assignment,
+    status: RunStatus,
+) -> proto::FinishRunRequest {
+    proto::FinishRunRequest {
+        runner_id: runner.runner_id.clone(),
+        run_id: a.run.as_ref().expect("assignment has a run").run_id.clone(),
+        epoch: a.epoch,
+        status: status as i32,
+        ..Default::default()
+    }
+}
+
+/// Event types of a run, in seq order.
+pub async fn event_types(app: &mut TestApp, run_id: &str) -> Vec<String> {
+    app.runs
+        .list_events(proto::ListEventsRequest {
+            run_id: run_id.into(),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("list events")
+        .into_inner()
+        .events
+        .into_iter()
+        .map(|e| e.r#type)
+        .collect()
+}
+
+pub async fn get_run(app: &mut TestApp, run_id: &str) -> proto::Run {
+    app.runs
+        .get_run(proto::GetRunRequest {
+            run_id: run_id.into(),
+        })
+        .await
+        .expect("get run")
+        .into_inner()
+        .run
+        .expect("run")
+}

@@ -1,0 +1,97 @@
+//! Store records to wire messages.
+
+use std::time::SystemTime;
+
+use agentrun_shared::proto;
+use prost_types::Timestamp;
+
+use crate::store::commands::CommandRecord;
+use crate::store::events::{EventRecord, Producer};
+use crate::store::leases::Assignment;
+use crate::store::runs::RunRecord;
+
+fn ts(t: SystemTime) -> Option<Timestamp> {
+    Some(Timestamp::from(t))
+}
+
+pub fn run(r: &RunRecord) -> proto::Run {
+    proto::Run {
+        run_id: r.id.to_string(),
+        project_id: r.project_id.clone(),
+        session_id: r.session_id.map(|s| s.to_string()).unwrap_or_default(),
+        backend_profile: r.backend_profile.clone(),
+        queue: r.queue.clone(),
+        priority: r.priority,
+        labels: r.labels.clone(),
+        status: r.status.to_proto() as i32,
+        attempt: r.attempt,
+        max_attempts: r.max_attempts,
+        input_json: r.input.to_string(),
+        metadata_json: r.metadata.to_string(),
+        queue_timeout_ms: r.queue_timeout_ms.unwrap_or_default(),
+        run_timeout_ms: r.run_timeout_ms.unwrap_or_default(),
+        idempotency_key: r.idempotency_key.clone().unwrap_or_default(),
+        lease_runner_id: r
+            .lease_runner_id
+            .map(|id| id.to_string())
+            .unwrap_or_default(),
+        lease_epoch: r.lease_epoch,
+        lease_expires_at: r.lease_expires_at.and_then(ts),
+        failure_kind: r.failure_kind.clone().unwrap_or_default(),
+        failure_message: r.failure_message.clone().unwrap_or_default(),
+        last_event_seq: r.last_event_seq,
+        cancel_requested: r.cancel_requested,
+        created_at: ts(r.created_at),
+        updated_at: ts(r.updated_at),
+        claimed_at: r.claimed_at.and_then(ts),
+        finished_at: r.finished_at.and_then(ts),
+    }
+}
+
+pub fn command(c: &CommandRecord) -> proto::Command {
+    proto::Command {
+        command_id: c.id.to_string(),
+        run_id: c.run_id.to_string(),
+        seq: c.seq,
+        kind: c.kind.to_proto() as i32,
+        payload_json: c.payload.to_string(),
+        status: c.status.to_proto() as i32,
+        delivery_policy: c.delivery_policy.map_or(0, |p| p.to_proto() as i32),
+        idempotency_key: c.idempotency_key.clone().unwrap_or_default(),
+        error: c.error.clone().unwrap_or_default(),
+        created_at: ts(c.created_at),
+        updated_at: ts(c.updated_at),
+    }
+}
+
+pub fn event(e: &EventRecord) -> proto::Event {
+    let (producer, runner_id, epoch) = match e.producer {
+        Producer::Manager => (proto::Producer::Manager, String::new(), 0),
+        Producer::Runner {
+            runner_id, epoch, ..
+        } => (proto::Producer::Runner, runner_id.to_string(), epoch),
+    };
+    proto::Event {
+        run_id: e.run_id.to_string(),
+        seq: e.seq,
+        r#type: e.event_type.clone(),
+        payload_json: e.payload.to_string(),
+        producer: producer as i32,
+        runner_id,
+        epoch,
+        created_at: ts(e.created_at),
+    }
+}
+
+pub fn assignment(a: &Assignment) -> proto::Assignment {
+    proto::Assignment {
+        run: Some(run(&a.run)),
+        epoch: a.run.lease_epoch,
+        lease_expires_at: a.run.lease_expires_at.and_then(ts),
+        commands: a.commands.iter().map(command).collect(),
+    }
+}
+
+pub fn timestamp(t: Option<SystemTime>) -> Option<Timestamp> {
+    t.and_then(ts)
+}

@@ -1,0 +1,303 @@
+//! `agentrun.v1.RunService`: what clients call.
+
+use std::pin::Pin;
+
+use agentrun_shared::error::FieldError;
+use agentrun_shared::ids::{RunId, SessionId};
+use agentrun_shared::payload::parse_object;
+use agentrun_shared::proto::{self, run_service_server::RunService};
+use agentrun_shared::state::{CommandKind, RunStatus, TurnDeliveryPolicy};
+use serde_json::{Map, Value};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::{AppState, convert, tenant_of, validate};
+use crate::error::{Error, Result};
+use crate::store::commands::{self, NewCommand};
+use crate::store::events;
+use crate::store::runs::{self, NewRun, RunFilter};
+
+/// Most runs in one CreateRuns call.
+const MAX_BULK_RUNS: usize = 1000;
+
+pub struct RunApi {
+    state: AppState,
+}
+
+impl RunApi {
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+
+    fn max_payload(&self) -> usize {
+        self.state.settings.max_payload_bytes
+    }
+
+    fn new_run(&self, field: &str, r: &proto::CreateRunRequest) -> Result<NewRun, FieldError> {
+        let f = |name: &str| format!("{field}{name}");
+        let input = parse_object(&f("input_json"), &r.input_json, self.max_payload())?;
+        if input.get("prompt").is_some_and(|p| !p.is_string()) {
+            return Err(FieldError::new(f("input_json.prompt"), "must be a string"));
+        }
+        Ok(NewRun {
+            project_id: validate::name_or(&f("project_id"), &r.project_id, "default")?.to_owned(),
+            session_id: SessionId::parse_optional(&f("session_id"), &r.session_id)?,
+            backend_profile: validate::name(&f("backend_profile"), &r.backend_profile)?.to_owned(),
+            input,
+            queue: validate::name_or(&f("queue"), &r.queue, "default")?.to_owned(),
+            priority: validate::bounded(&f("priority"), r.priority.into(), 0, -1000, 1000)? as i32,
+            labels: validate::names(&f("labels"), &r.labels)?,
+            max_attempts: validate::bounded(&f("max_attempts"), r.max_attempts.into(), 3, 1, 100)?
+                as i32,
+            queue_timeout_ms: validate::timeout_ms(&f("queue_timeout_ms"), r.queue_timeout_ms)?,
+            run_timeout_ms: validate::timeout_ms(&f("run_timeout_ms"), r.run_timeout_ms)?,
+            metadata: parse_object(&f("metadata_json"), &r.metadata_json, self.max_payload())?,
+            idempotency_key: validate::optional_name(&f("idempotency_key"), &r.idempotency_key)?,
+        })
+    }
+
+    fn new_command(&self, r: &proto::SendCommandRequest) -> Result<NewCommand, FieldError> {
+        let kind = CommandKind::from_proto("kind", r.kind)?;
+        let payload = parse_object("payload_json", &r.payload_json, self.max_payload())?;
+        command_payload_rules(kind, &payload)?;
+        let delivery_policy = match kind {
+            CommandKind::Turn => Some(TurnDeliveryPolicy::from_proto_or_default(
+                "delivery_policy",
+                r.delivery_policy,
+            )?),
+            _ if r.delivery_policy != 0 => {
+                return Err(FieldError::new(
+                    "delivery_policy",
+                    "is only for turn commands",
+                ));
+            }
+            _ => None,
+        };
+        Ok(NewCommand {
+            kind,
+            payload,
+            delivery_policy,
+            idempotency_key: validate::optional_name("idempotency_key", &r.idempotency_key)?,
+        })
+    }
+}
+
+/// The fields each command kind needs in its payload.
+fn command_payload_rules(
+    kind: CommandKind,
+    payload: &Map<String, Value>,
+) -> Result<(), FieldError> {
+    let require_string = |key: &str| match payload.get(key) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.as_str()),
+        Some(Value::String(_)) | None => Err(FieldError::new(
+            format!("payload_json.{key}"),
+            "is required",
+        )),
+        Some(_) => Err(FieldError::new(
+            format!("payload_json.{key}"),
+            "must be a string",
+        )),
+    };
+    match kind {
+        CommandKind::Turn => require_string("prompt").map(drop),
+        CommandKind::Steer => require_string("text").map(drop),
+        CommandKind::Resolve => {
+            agentrun_shared::ids::RequestId::parse(
+                "payload_json.request_id",
+                require_string("request_id")?,
+            )?;
+            require_string("decision").map(drop)
+        }
+        CommandKind::Interrupt | CommandKind::Cancel => Ok(()),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RunService for RunApi {
+    async fn create_run(
+        &self,
+        request: Request<proto::CreateRunRequest>,
+    ) -> Result<Response<proto::CreateRunResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let new_run = self.new_run("", request.get_ref()).map_err(Error::from)?;
+        let created = runs::create(&self.state.pool, &tenant, vec![new_run]).await?;
+        let created = created
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Internal("create returned nothing".into()))?;
+        Ok(Response::new(proto::CreateRunResponse {
+            run: Some(convert::run(&created.value)),
+            created: created.created,
+        }))
+    }
+
+    async fn create_runs(
+        &self,
+        request: Request<proto::CreateRunsRequest>,
+    ) -> Result<Response<proto::CreateRunsResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let runs_in = &request.get_ref().runs;
+        if runs_in.is_empty() || runs_in.len() > MAX_BULK_RUNS {
+            return Err(
+                Error::invalid("runs", format!("must hold 1 to {MAX_BULK_RUNS} runs")).into(),
+            );
+        }
+        let new_runs = runs_in
+            .iter()
+            .enumerate()
+            .map(|(i, r)| self.new_run(&format!("runs[{i}]."), r))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Error::from)?;
+        let created = runs::create(&self.state.pool, &tenant, new_runs).await?;
+        Ok(Response::new(proto::CreateRunsResponse {
+            runs: created
+                .iter()
+                .map(|c| proto::CreateRunResponse {
+                    run: Some(convert::run(&c.value)),
+                    created: c.created,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_run(
+        &self,
+        request: Request<proto::GetRunRequest>,
+    ) -> Result<Response<proto::GetRunResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let run_id = RunId::parse("run_id", &request.get_ref().run_id).map_err(Error::from)?;
+        let client = self.state.pool.get().await.map_err(Error::from)?;
+        let run = runs::get(&client, &tenant, run_id).await?;
+        Ok(Response::new(proto::GetRunResponse {
+            run: Some(convert::run(&run)),
+        }))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<proto::ListRunsRequest>,
+    ) -> Result<Response<proto::ListRunsResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let r = request.get_ref();
+        let filter = RunFilter {
+            statuses: r
+                .statuses
+                .iter()
+                .enumerate()
+                .map(|(i, s)| RunStatus::from_proto(&format!("statuses[{i}]"), *s))
+                .collect::<Result<_, _>>()
+                .map_err(Error::from)?,
+            queue: validate::optional_name("queue", &r.queue).map_err(Error::from)?,
+            session_id: SessionId::parse_optional("session_id", &r.session_id)
+                .map_err(Error::from)?,
+            project_id: validate::optional_name("project_id", &r.project_id)
+                .map_err(Error::from)?,
+            before: RunId::parse_optional("page_token", &r.page_token).map_err(Error::from)?,
+            limit: validate::bounded("page_size", r.page_size.into(), 50, 1, 500)
+                .map_err(Error::from)?,
+        };
+        let client = self.state.pool.get().await.map_err(Error::from)?;
+        let page = runs::list(&client, &tenant, &filter).await?;
+        let next_page_token = match page.last() {
+            Some(last) if page.len() as i64 == filter.limit => last.id.to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListRunsResponse {
+            runs: page.iter().map(convert::run).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn cancel_run(
+        &self,
+        request: Request<proto::CancelRunRequest>,
+    ) -> Result<Response<proto::CancelRunResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let r = request.get_ref();
+        let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
+        let mut payload = Map::new();
+        if !r.reason.is_empty() {
+            payload.insert("reason".into(), Value::String(r.reason.clone()));
+        }
+        let run = runs::cancel(&self.state.pool, &tenant, run_id, payload).await?;
+        Ok(Response::new(proto::CancelRunResponse {
+            run: Some(convert::run(&run)),
+        }))
+    }
+
+    async fn send_command(
+        &self,
+        request: Request<proto::SendCommandRequest>,
+    ) -> Result<Response<proto::SendCommandResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let r = request.get_ref();
+        let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
+        let command = self.new_command(r).map_err(Error::from)?;
+        let sent = commands::send(&self.state.pool, &tenant, run_id, command).await?;
+        Ok(Response::new(proto::SendCommandResponse {
+            command: Some(convert::command(&sent.value)),
+            created: sent.created,
+        }))
+    }
+
+    async fn list_commands(
+        &self,
+        request: Request<proto::ListCommandsRequest>,
+    ) -> Result<Response<proto::ListCommandsResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let r = request.get_ref();
+        let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
+        let after_seq = validate::cursor("after_seq", r.after_seq).map_err(Error::from)?;
+        let limit =
+            validate::bounded("limit", r.limit.into(), 100, 1, 1000).map_err(Error::from)?;
+        let client = self.state.pool.get().await.map_err(Error::from)?;
+        let found = commands::list(&client, &tenant, run_id, after_seq, limit).await?;
+        Ok(Response::new(proto::ListCommandsResponse {
+            commands: found.iter().map(convert::command).collect(),
+        }))
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<proto::ListEventsRequest>,
+    ) -> Result<Response<proto::ListEventsResponse>, Status> {
+        let tenant = tenant_of(&request)?;
+        let r = request.get_ref();
+        let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
+        let after_seq = validate::cursor("after_seq", r.after_seq).map_err(Error::from)?;
+        let limit =
+            validate::bounded("limit", r.limit.into(), 100, 1, 1000).map_err(Error::from)?;
+        let client = self.state.pool.get().await.map_err(Error::from)?;
+        // Read the run first: its last_event_seq bounds what the page can be missing.
+        let run = runs::get(&client, &tenant, run_id).await?;
+        let found = events::list(&client, run_id, after_seq, limit).await?;
+        let last_returned = found.last().map_or(after_seq, |e| e.seq);
+        Ok(Response::new(proto::ListEventsResponse {
+            events: found.iter().map(convert::event).collect(),
+            last_seq: run.last_event_seq,
+            end_of_run: run.status.is_terminal() && last_returned >= run.last_event_seq,
+        }))
+    }
+
+    type WatchRunStream = EventStream;
+
+    async fn watch_run(
+        &self,
+        _request: Request<proto::WatchRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        Err(Status::unimplemented(
+            "WatchRun is not implemented yet; poll ListEvents with after_seq",
+        ))
+    }
+
+    async fn resolve_request(
+        &self,
+        _request: Request<proto::ResolveRequestRequest>,
+    ) -> Result<Response<proto::ResolveRequestResponse>, Status> {
+        Err(Status::unimplemented(
+            "ResolveRequest is not implemented yet",
+        ))
+    }
+}

@@ -1,0 +1,295 @@
+//! `agentrun.v1.RunnerService`: the unary runner RPCs. Every write is fenced by the lease
+//! epoch in the store (`store::leases`); this module validates and converts.
+
+use std::pin::Pin;
+
+use agentrun_shared::error::FieldError;
+use agentrun_shared::events::EventType;
+use agentrun_shared::ids::{CommandId, RunId, RunnerId};
+use agentrun_shared::payload::parse_object;
+use agentrun_shared::proto::{self, runner_service_server::RunnerService};
+use agentrun_shared::state::{CommandStatus, RunStatus};
+use serde_json::Value;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{AppState, convert, validate};
+use crate::error::Error;
+use crate::store::commands::CommandUpdate;
+use crate::store::leases::{self, RunnerEvent, RunnerIdentity};
+use crate::store::runs::Finish;
+
+/// Most leases renewed by one heartbeat.
+const MAX_HEARTBEAT_LEASES: usize = 10_000;
+/// Longest failure message kept.
+const MAX_MESSAGE_BYTES: usize = 4096;
+
+pub struct RunnerApi {
+    state: AppState,
+}
+
+impl RunnerApi {
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+
+    fn lease_ttl_ms(&self) -> i64 {
+        self.state.settings.lease_ttl_ms as i64
+    }
+
+    fn events(&self, events: &[proto::RunnerEvent]) -> Result<Vec<RunnerEvent>, FieldError> {
+        let max = self.state.settings.max_batch_events;
+        if events.len() > max {
+            return Err(FieldError::new(
+                "events",
+                format!("holds {}, more than the limit of {max}", events.len()),
+            ));
+        }
+        let mut out: Vec<RunnerEvent> = Vec::with_capacity(events.len());
+        for (i, e) in events.iter().enumerate() {
+            let field = |name: &str| format!("events[{i}].{name}");
+            match out.last() {
+                None if e.runner_seq < 1 => {
+                    return Err(FieldError::new(field("runner_seq"), "must be at least 1"));
+                }
+                Some(prev) if e.runner_seq != prev.runner_seq + 1 => {
+                    return Err(FieldError::new(
+                        field("runner_seq"),
+                        format!("must be {} (contiguous)", prev.runner_seq + 1),
+                    ));
+                }
+                _ => {}
+            }
+            let event_type = EventType::parse(&field("type"), &e.r#type)?;
+            if !event_type.runner_may_write() {
+                return Err(FieldError::new(
+                    field("type"),
+                    format!("{} is written by the manager only", e.r#type),
+                ));
+            }
+            let payload = parse_object(
+                &field("payload_json"),
+                &e.payload_json,
+                self.state.settings.max_payload_bytes,
+            )?;
+            event_type.validate_payload(&field("payload_json"), &payload)?;
+            out.push(RunnerEvent {
+                runner_seq: e.runner_seq,
+                event_type,
+                payload: Value::Object(payload),
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn runner_identity(r: Option<&proto::RunnerIdentity>) -> Result<RunnerIdentity, FieldError> {
+    let r = r.ok_or_else(|| FieldError::new("runner", "is required"))?;
+    let id = RunnerId::parse("runner.runner_id", &r.runner_id)?;
+    let backend_profiles = validate::names("runner.backend_profiles", &r.backend_profiles)?;
+    if backend_profiles.is_empty() {
+        return Err(FieldError::new(
+            "runner.backend_profiles",
+            "must name at least one profile",
+        ));
+    }
+    let mut queues = validate::names("runner.queues", &r.queues)?;
+    if queues.is_empty() {
+        queues.push("default".into());
+    }
+    Ok(RunnerIdentity {
+        id,
+        name: validate::name_or("runner.name", &r.name, &r.runner_id)?.to_owned(),
+        labels: validate::names("runner.labels", &r.labels)?,
+        backend_profiles,
+        queues,
+        max_concurrency: validate::bounded(
+            "runner.max_concurrency",
+            r.max_concurrency.into(),
+            1,
+            1,
+            100_000,
+        )? as i32,
+        version: r.version.chars().take(validate::MAX_NAME_LEN).collect(),
+    })
+}
+
+fn epoch(value: i64) -> Result<i64, FieldError> {
+    if value < 1 {
+        Err(FieldError::new("epoch", "must be at least 1"))
+    } else {
+        Ok(value)
+    }
+}
+
+fn command_updates(updates: &[proto::CommandUpdate]) -> Result<Vec<CommandUpdate>, FieldError> {
+    updates
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            let status =
+                CommandStatus::from_proto(&format!("command_updates[{i}].status"), u.status)?;
+            if matches!(status, CommandStatus::Pending | CommandStatus::Delivered) {
+                return Err(FieldError::new(
+                    format!("command_updates[{i}].status"),
+                    "must be acknowledged, completed, failed or cancelled",
+                ));
+            }
+            Ok(CommandUpdate {
+                command_id: CommandId::parse(
+                    &format!("command_updates[{i}].command_id"),
+                    &u.command_id,
+                )?,
+                status,
+                error: (!u.error.is_empty()).then(|| truncate(&u.error)),
+            })
+        })
+        .collect()
+}
+
+fn truncate(text: &str) -> String {
+    let mut end = text.len().min(MAX_MESSAGE_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+type ManagerStream = Pin<Box<dyn Stream<Item = Result<proto::ManagerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RunnerService for RunnerApi {
+    type ConnectStream = ManagerStream;
+
+    async fn connect(
+        &self,
+        _request: Request<Streaming<proto::RunnerMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        Err(Status::unimplemented(
+            "RunnerService.Connect is not implemented yet; use ClaimRuns, Heartbeat, AppendEvents and FinishRun",
+        ))
+    }
+
+    async fn claim_runs(
+        &self,
+        request: Request<proto::ClaimRunsRequest>,
+    ) -> Result<Response<proto::ClaimRunsResponse>, Status> {
+        let r = request.get_ref();
+        let runner = runner_identity(r.runner.as_ref()).map_err(Error::from)?;
+        let max_runs =
+            validate::bounded("max_runs", r.max_runs.into(), 1, 1, 1000).map_err(Error::from)?;
+        let assignments = leases::claim(
+            &self.state.pool,
+            &runner,
+            max_runs,
+            self.state.settings.lease_ttl(),
+        )
+        .await?;
+        Ok(Response::new(proto::ClaimRunsResponse {
+            assignments: assignments.iter().map(convert::assignment).collect(),
+            lease_ttl_ms: self.lease_ttl_ms(),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<proto::HeartbeatRequest>,
+    ) -> Result<Response<proto::HeartbeatResponse>, Status> {
+        let r = request.get_ref();
+        let runner_id = RunnerId::parse("runner_id", &r.runner_id).map_err(Error::from)?;
+        if r.leases.len() > MAX_HEARTBEAT_LEASES {
+            return Err(Error::invalid(
+                "leases",
+                format!("holds more than {MAX_HEARTBEAT_LEASES}"),
+            )
+            .into());
+        }
+        let held = r
+            .leases
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let run_id = RunId::parse(&format!("leases[{i}].run_id"), &l.run_id)?;
+                let e = epoch(l.epoch)
+                    .map_err(|e| FieldError::new(format!("leases[{i}].epoch"), e.reason))?;
+                Ok((run_id, e))
+            })
+            .collect::<Result<Vec<_>, FieldError>>()
+            .map_err(Error::from)?;
+        let states = leases::heartbeat(
+            &self.state.pool,
+            runner_id,
+            &held,
+            self.state.settings.lease_ttl(),
+        )
+        .await?;
+        Ok(Response::new(proto::HeartbeatResponse {
+            leases: states
+                .iter()
+                .map(|s| proto::LeaseStatus {
+                    run_id: s.run_id.to_string(),
+                    epoch: s.epoch,
+                    held: s.expires_at.is_some(),
+                    expires_at: convert::timestamp(s.expires_at),
+                    commands: s.commands.iter().map(convert::command).collect(),
+                    cancel_requested: s.cancel_requested,
+                })
+                .collect(),
+            lease_ttl_ms: self.lease_ttl_ms(),
+        }))
+    }
+
+    async fn append_events(
+        &self,
+        request: Request<proto::AppendEventsRequest>,
+    ) -> Result<Response<proto::AppendEventsResponse>, Status> {
+        let r = request.get_ref();
+        let runner_id = RunnerId::parse("runner_id", &r.runner_id).map_err(Error::from)?;
+        let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
+        let epoch = epoch(r.epoch).map_err(Error::from)?;
+        let events = self.events(&r.events).map_err(Error::from)?;
+        let updates = command_updates(&r.command_updates).map_err(Error::from)?;
+        if events.is_empty() && updates.is_empty() {
+            return Err(Error::invalid("events", "is empty and so is command_updates").into());
+        }
+        let outcome =
+            leases::append(&self.state.pool, runner_id, run_id, epoch, events, updates).await?;
+        Ok(Response::new(proto::AppendEventsResponse {
+            first_seq: outcome.first_seq,
+            last_seq: outcome.last_seq,
+            acked_runner_seq: outcome.acked_runner_seq,
+            duplicates: outcome.duplicates,
+        }))
+    }
+
+    async fn finish_run(
+        &self,
+        request: Request<proto::FinishRunRequest>,
+    ) -> Result<Response<proto::FinishRunResponse>, Status> {
+        let r = request.get_ref();
+        let runner_id = RunnerId::parse("runner_id", &r.runner_id).map_err(Error::from)?;
+        let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
+        let epoch = epoch(r.epoch).map_err(Error::from)?;
+        let status = RunStatus::from_proto("status", r.status).map_err(Error::from)?;
+        if !status.is_runner_outcome() {
+            return Err(Error::invalid(
+                "status",
+                "must be completed, failed, cancelled or blocked",
+            )
+            .into());
+        }
+        let failure_kind =
+            validate::optional_name("failure_kind", &r.failure_kind).map_err(Error::from)?;
+        let outcome = Finish {
+            run_id,
+            status,
+            failure_kind: failure_kind
+                .or_else(|| (status != RunStatus::Completed).then(|| status.as_str().to_owned())),
+            message: (!r.message.is_empty()).then(|| truncate(&r.message)),
+        };
+        let run = leases::finish(&self.state.pool, runner_id, epoch, outcome).await?;
+        Ok(Response::new(proto::FinishRunResponse {
+            run: Some(convert::run(&run)),
+        }))
+    }
+}

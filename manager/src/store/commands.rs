@@ -1,0 +1,405 @@
+//! Commands: the per-run ordered inbox of turn / steer / interrupt / cancel / resolve.
+//!
+//! `seq` comes from `runs.last_command_seq`, advanced under the run's row lock. An
+//! idempotency key is unique per run; reusing it with another payload is refused.
+
+use std::time::SystemTime;
+
+use agentrun_shared::error::reason;
+use agentrun_shared::events::EventType;
+use agentrun_shared::ids::{CommandId, RunId};
+use agentrun_shared::state::{CommandKind, CommandStatus, TurnDeliveryPolicy};
+use deadpool_postgres::{GenericClient, Pool};
+use serde_json::{Map, Value, json};
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::events::{self, NewEvent};
+use super::runs::{self, RunRecord};
+use super::{Created, Tenant, fingerprint, parse_state};
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct CommandRecord {
+    pub id: CommandId,
+    pub run_id: RunId,
+    pub seq: i64,
+    pub kind: CommandKind,
+    pub payload: Value,
+    pub status: CommandStatus,
+    pub delivery_policy: Option<TurnDeliveryPolicy>,
+    pub idempotency_key: Option<String>,
+    pub error: Option<String>,
+    pub created_at: SystemTime,
+    pub updated_at: SystemTime,
+}
+
+impl CommandRecord {
+    fn from_row(row: &Row) -> Result<Self> {
+        Ok(Self {
+            id: CommandId(row.get("id")),
+            run_id: RunId(row.get("run_id")),
+            seq: row.get("seq"),
+            kind: parse_state("command kind", row.get("kind"), CommandKind::from_db)?,
+            payload: row.get("payload"),
+            status: parse_state("command status", row.get("status"), CommandStatus::from_db)?,
+            delivery_policy: row
+                .get::<_, Option<&str>>("delivery_policy")
+                .map(|p| parse_state("delivery policy", p, TurnDeliveryPolicy::from_db))
+                .transpose()?,
+            idempotency_key: row.get("idempotency_key"),
+            error: row.get("error"),
+            created_at: row.get("created_at"),
+            updated_at: row.get("updated_at"),
+        })
+    }
+
+    fn from_rows(rows: &[Row]) -> Result<Vec<Self>> {
+        rows.iter().map(Self::from_row).collect()
+    }
+}
+
+/// A validated SendCommand request.
+#[derive(Debug, Clone)]
+pub struct NewCommand {
+    pub kind: CommandKind,
+    pub payload: Map<String, Value>,
+    /// Only for turns.
+    pub delivery_policy: Option<TurnDeliveryPolicy>,
+    pub idempotency_key: Option<String>,
+}
+
+impl NewCommand {
+    /// The turn that a run's input prompt starts.
+    pub fn first_turn(prompt: &str) -> Self {
+        let mut payload = Map::new();
+        payload.insert("prompt".into(), Value::String(prompt.to_owned()));
+        Self {
+            kind: CommandKind::Turn,
+            payload,
+            delivery_policy: Some(TurnDeliveryPolicy::Queue),
+            idempotency_key: None,
+        }
+    }
+
+    fn fingerprint(&self) -> Vec<u8> {
+        fingerprint(&json!([
+            self.kind.as_str(),
+            self.payload,
+            self.delivery_policy.map(TurnDeliveryPolicy::as_str)
+        ]))
+    }
+
+    /// The `command.created` event for this command at `seq`.
+    pub(crate) fn created_event(&self, seq: i64) -> NewEvent {
+        NewEvent::manager(
+            EventType::CommandCreated,
+            json!({"seq": seq, "kind": self.kind.as_str(), "payload": self.payload}),
+        )
+    }
+}
+
+/// Appends a command to a run of the tenant (SendCommand). A `cancel` goes through the
+/// run's cancellation; a `turn` with the `reject` policy is refused while a turn is open.
+pub async fn send(
+    pool: &Pool,
+    tenant: &Tenant,
+    run_id: RunId,
+    command: NewCommand,
+) -> Result<Created<CommandRecord>> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let run = runs::lock(&tx, tenant, run_id).await?;
+
+    // A retry is answered before anything else, even if the run has ended since.
+    if let Some(key) = command.idempotency_key.as_deref() {
+        let stmt = tx
+            .prepare_cached("SELECT * FROM commands WHERE run_id = $1 AND idempotency_key = $2")
+            .await?;
+        if let Some(row) = tx.query_opt(&stmt, &[&run_id.0, &key]).await? {
+            let hash: Vec<u8> = row.get("payload_hash");
+            if hash != command.fingerprint() {
+                return Err(Error::AlreadyExists {
+                    reason: reason::IDEMPOTENCY_CONFLICT,
+                    message: format!("idempotency_key {key:?} was used for a different command"),
+                });
+            }
+            return Ok(Created {
+                value: CommandRecord::from_row(&row)?,
+                created: false,
+            });
+        }
+    }
+
+    let result = if command.kind == CommandKind::Cancel {
+        runs::cancel_locked(&tx, &run, command).await?
+    } else {
+        if run.status.is_terminal() {
+            return Err(Error::precondition(
+                reason::RUN_TERMINAL,
+                format!("run is already {}", run.status.as_str()),
+            ));
+        }
+        if command.delivery_policy == Some(TurnDeliveryPolicy::Reject)
+            && has_open_turn(&tx, run_id).await?
+        {
+            return Err(Error::precondition(
+                reason::ILLEGAL_TRANSITION,
+                "a turn is active and delivery_policy is reject",
+            ));
+        }
+        Created {
+            value: insert(&tx, &run, command, CommandStatus::Pending).await?,
+            created: true,
+        }
+    };
+    tx.commit().await?;
+    Ok(result)
+}
+
+async fn has_open_turn(tx: &impl GenericClient, run_id: RunId) -> Result<bool> {
+    let stmt = tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM commands
+                            WHERE run_id = $1 AND kind = 'turn' AND status = ANY($2))",
+        )
+        .await?;
+    let open: Vec<&str> = CommandStatus::OPEN.iter().map(|s| s.as_str()).collect();
+    Ok(tx.query_one(&stmt, &[&run_id.0, &open]).await?.get(0))
+}
+
+/// Inserts one command at the run's next seq, with its `command.created` event. The
+/// caller holds the run's row lock.
+pub(crate) async fn insert(
+    tx: &impl GenericClient,
+    run: &RunRecord,
+    command: NewCommand,
+    status: CommandStatus,
+) -> Result<CommandRecord> {
+    let next_seq = tx
+        .prepare_cached("UPDATE runs SET last_command_seq = last_command_seq + 1 WHERE id = $1 RETURNING last_command_seq")
+        .await?;
+    let seq: i64 = tx.query_one(&next_seq, &[&run.id.0]).await?.get(0);
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO commands (run_id, seq, id, kind, payload, status, delivery_policy,
+                                   idempotency_key, payload_hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             RETURNING *",
+        )
+        .await?;
+    let row = tx
+        .query_one(
+            &stmt,
+            &[
+                &run.id.0,
+                &seq,
+                &CommandId::new().0,
+                &command.kind.as_str(),
+                &Value::Object(command.payload.clone()),
+                &status.as_str(),
+                &command.delivery_policy.map(TurnDeliveryPolicy::as_str),
+                &command.idempotency_key,
+                &command.fingerprint(),
+            ],
+        )
+        .await?;
+    events::append(tx, &[(run.id, command.created_event(seq))]).await?;
+    CommandRecord::from_row(&row)
+}
+
+/// Inserts the first turn (seq 1) of runs created in this transaction. Their
+/// `last_command_seq` and `command.created` events were set by the run insert.
+pub(crate) async fn insert_first_turns(
+    tx: &impl GenericClient,
+    turns: &[(RunId, NewCommand)],
+) -> Result<()> {
+    if turns.is_empty() {
+        return Ok(());
+    }
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO commands (run_id, seq, id, kind, payload, status, delivery_policy, payload_hash)
+             SELECT r, 1, i, 'turn', p, 'pending', 'queue', h
+             FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[], $4::bytea[]) AS t(r, i, p, h)",
+        )
+        .await?;
+    let run_ids: Vec<Uuid> = turns.iter().map(|(r, _)| r.0).collect();
+    let ids: Vec<Uuid> = turns.iter().map(|_| CommandId::new().0).collect();
+    let payloads: Vec<Value> = turns
+        .iter()
+        .map(|(_, c)| Value::Object(c.payload.clone()))
+        .collect();
+    let hashes: Vec<Vec<u8>> = turns.iter().map(|(_, c)| c.fingerprint()).collect();
+    tx.execute(&stmt, &[&run_ids, &ids, &payloads, &hashes])
+        .await?;
+    Ok(())
+}
+
+/// The newest command of `kind` for a run.
+pub(crate) async fn latest_of_kind(
+    tx: &impl GenericClient,
+    run_id: RunId,
+    kind: CommandKind,
+) -> Result<Option<CommandRecord>> {
+    let stmt = tx
+        .prepare_cached(
+            "SELECT * FROM commands WHERE run_id = $1 AND kind = $2 ORDER BY seq DESC LIMIT 1",
+        )
+        .await?;
+    tx.query_opt(&stmt, &[&run_id.0, &kind.as_str()])
+        .await?
+        .map(|row| CommandRecord::from_row(&row))
+        .transpose()
+}
+
+/// Commands of a run (of the tenant) with `seq > after_seq`.
+pub async fn list(
+    client: &impl GenericClient,
+    tenant: &Tenant,
+    run_id: RunId,
+    after_seq: i64,
+    limit: i64,
+) -> Result<Vec<CommandRecord>> {
+    runs::get(client, tenant, run_id).await?;
+    let stmt = client
+        .prepare_cached(
+            "SELECT * FROM commands WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .await?;
+    CommandRecord::from_rows(
+        &client
+            .query(&stmt, &[&run_id.0, &after_seq, &limit])
+            .await?,
+    )
+}
+
+/// Marks the pending commands of these runs delivered (in seq order) and records
+/// `command.delivered`. The caller holds the runs' row locks.
+pub(crate) async fn deliver_pending(
+    tx: &impl GenericClient,
+    run_ids: &[Uuid],
+) -> Result<Vec<CommandRecord>> {
+    if run_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE commands SET status = 'delivered', updated_at = now()
+             WHERE run_id = ANY($1) AND status = 'pending'
+             RETURNING *",
+        )
+        .await?;
+    let mut delivered = CommandRecord::from_rows(&tx.query(&stmt, &[&run_ids]).await?)?;
+    delivered.sort_by_key(|c| (c.run_id, c.seq));
+    let events: Vec<(RunId, NewEvent)> = delivered
+        .iter()
+        .map(|c| {
+            let payload =
+                json!({"command_id": c.id.to_string(), "seq": c.seq, "kind": c.kind.as_str()});
+            (
+                c.run_id,
+                NewEvent::manager(EventType::CommandDelivered, payload),
+            )
+        })
+        .collect();
+    events::append(tx, &events).await?;
+    Ok(delivered)
+}
+
+/// A runner's report on a command of the run it holds.
+#[derive(Debug, Clone)]
+pub struct CommandUpdate {
+    pub command_id: CommandId,
+    pub status: CommandStatus,
+    pub error: Option<String>,
+}
+
+/// Applies runner reports to commands of `run_id` (fenced by the caller, who holds the
+/// run's row lock). Repeating a report is a no-op; an illegal transition is refused.
+/// Returns the `command.completed` events to record for commands that ended.
+pub(crate) async fn apply_updates(
+    tx: &impl GenericClient,
+    run_id: RunId,
+    updates: &[CommandUpdate],
+) -> Result<Vec<NewEvent>> {
+    let mut ended = Vec::new();
+    let select = tx
+        .prepare_cached("SELECT status FROM commands WHERE id = $1 AND run_id = $2")
+        .await?;
+    let update = tx
+        .prepare_cached("UPDATE commands SET status = $3, error = $4, updated_at = now() WHERE id = $1 AND run_id = $2")
+        .await?;
+    for (i, u) in updates.iter().enumerate() {
+        let field = format!("command_updates[{i}]");
+        let row = tx
+            .query_opt(&select, &[&u.command_id.0, &run_id.0])
+            .await?
+            .ok_or_else(|| {
+                Error::invalid(
+                    format!("{field}.command_id"),
+                    "is not a command of this run",
+                )
+            })?;
+        let current = parse_state("command status", row.get(0), CommandStatus::from_db)?;
+        if current == u.status {
+            continue;
+        }
+        if !CommandStatus::can_transition(current, u.status) {
+            return Err(Error::precondition(
+                reason::ILLEGAL_TRANSITION,
+                format!(
+                    "{field}: command is {} and cannot become {}",
+                    current.as_str(),
+                    u.status.as_str()
+                ),
+            ));
+        }
+        tx.execute(
+            &update,
+            &[&u.command_id.0, &run_id.0, &u.status.as_str(), &u.error],
+        )
+        .await?;
+        if u.status.is_final() {
+            ended.push(NewEvent::manager(
+                EventType::CommandCompleted,
+                json!({"command_id": u.command_id.to_string(), "status": u.status.as_str(), "error": u.error}),
+            ));
+        }
+    }
+    Ok(ended)
+}
+
+/// Cancels the open commands of runs that ended.
+pub(crate) async fn cancel_open(
+    tx: &impl GenericClient,
+    run_ids: &[Uuid],
+    why: &str,
+) -> Result<()> {
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE commands SET status = 'cancelled', error = $2, updated_at = now()
+             WHERE run_id = ANY($1) AND status = ANY($3)",
+        )
+        .await?;
+    let open: Vec<&str> = CommandStatus::OPEN.iter().map(|s| s.as_str()).collect();
+    tx.execute(&stmt, &[&run_ids, &why, &open]).await?;
+    Ok(())
+}
+
+/// Commands held by a runner that lost its lease go back to pending for the next one.
+pub(crate) async fn redeliver(tx: &impl GenericClient, run_ids: &[Uuid]) -> Result<()> {
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE commands SET status = 'pending', updated_at = now()
+             WHERE run_id = ANY($1) AND status = ANY($2)",
+        )
+        .await?;
+    let sources: Vec<&str> = CommandStatus::Pending
+        .sources()
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
+    tx.execute(&stmt, &[&run_ids, &sources]).await?;
+    Ok(())
+}

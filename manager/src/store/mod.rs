@@ -1,0 +1,44 @@
+//! The Postgres store, one module per aggregate: its types, its invariants and the SQL
+//! that reads and writes it. Nothing here knows about gRPC.
+//!
+//! Hot paths are batched (one statement for many rows via `unnest`) and statements are
+//! prepared once per connection (`prepare_cached`). No NOTIFY is sent inside claim,
+//! heartbeat, append or finish transactions: it would serialise commits server-wide.
+
+pub mod commands;
+pub mod events;
+pub mod leases;
+pub mod runs;
+pub mod sessions;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// The tenant a request acts for; every query is scoped by it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant(pub String);
+
+impl Tenant {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A row written by an idempotent call: `created` is false when a retry found it.
+#[derive(Debug, Clone)]
+pub struct Created<T> {
+    pub value: T,
+    pub created: bool,
+}
+
+/// sha256 of a canonical JSON rendering (serde_json maps keep keys sorted), used to tell
+/// an idempotent retry from a conflicting reuse of the same key.
+pub(crate) fn fingerprint(value: &serde_json::Value) -> Vec<u8> {
+    Sha256::digest(value.to_string().as_bytes()).to_vec()
+}
+
+/// Reads a text column holding one of a state enum's spellings.
+pub(crate) fn parse_state<T>(column: &str, text: &str, parse: fn(&str) -> Option<T>) -> Result<T> {
+    parse(text).ok_or_else(|| Error::Internal(format!("unknown {column} {text:?} in database")))
+}

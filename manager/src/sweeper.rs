@@ -1,0 +1,163 @@
+//! The lease sweeper: moves runs on when nobody else will.
+//!
+//! - an expired lease: the run is requeued (attempt + 1), or failed as `runner_lost`
+//!   after `max_attempts`, or cancelled if its cancellation was requested;
+//! - `run_timeout` passed since the claim: failed as `run_timeout` (the lease ends, so
+//!   the runner's later writes are fenced out);
+//! - `queue_timeout` passed while pending: expired as `queue_timeout`.
+//!
+//! Every replica runs one. Rows are taken `FOR UPDATE SKIP LOCKED` in bounded batches,
+//! so replicas split the work instead of doing it twice.
+
+use std::time::Duration;
+
+use agentrun_shared::ids::RunId;
+use agentrun_shared::state::RunStatus;
+use deadpool_postgres::{GenericClient, Pool};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Result;
+use crate::store::runs::{self, Finish, RequeueReason};
+
+/// Rows handled per transaction.
+const BATCH: i64 = 500;
+
+/// Sweeps every `interval` until `shutdown` is cancelled. Errors are logged and retried
+/// on the next tick (the database may be briefly away).
+pub async fn run(pool: Pool, interval: Duration, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if let Err(err) = sweep_once(&pool).await {
+            tracing::warn!(error = %err, "lease sweep failed; retrying next tick");
+        }
+    }
+}
+
+/// One full pass; returns how many runs it moved.
+pub async fn sweep_once(pool: &Pool) -> Result<usize> {
+    let mut moved = 0;
+    loop {
+        let n =
+            expire_leases(pool).await? + time_out_runs(pool).await? + expire_queued(pool).await?;
+        moved += n;
+        if n == 0 {
+            return Ok(moved);
+        }
+    }
+}
+
+async fn expire_leases(pool: &Pool) -> Result<usize> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let stmt = tx
+        .prepare_cached(
+            "SELECT id, attempt, max_attempts, cancel_requested FROM runs
+             WHERE status = ANY($1) AND lease_expires_at < now()
+             ORDER BY lease_expires_at LIMIT $2
+             FOR UPDATE SKIP LOCKED",
+        )
+        .await?;
+    let active: Vec<&str> = RunStatus::ACTIVE.iter().map(|s| s.as_str()).collect();
+    let rows = tx.query(&stmt, &[&active, &BATCH]).await?;
+    let mut requeue = Vec::new();
+    let mut finish = Vec::new();
+    for row in &rows {
+        let run_id = RunId(row.get(0));
+        let (attempt, max_attempts): (i32, i32) = (row.get(1), row.get(2));
+        if row.get::<_, bool>(3) {
+            finish.push(ended(
+                run_id,
+                RunStatus::Cancelled,
+                "cancelled",
+                "runner lost while cancelling",
+            ));
+        } else if attempt >= max_attempts {
+            let message = format!("runner lost on the last of {max_attempts} attempts");
+            finish.push(ended(run_id, RunStatus::Failed, "runner_lost", &message));
+        } else {
+            requeue.push(run_id);
+        }
+    }
+    runs::requeue_many(&tx, &requeue, RequeueReason::LeaseExpired).await?;
+    runs::finish_many(&tx, &finish).await?;
+    tx.commit().await?;
+    if !rows.is_empty() {
+        tracing::info!(
+            requeued = requeue.len(),
+            failed = finish.len(),
+            "expired leases swept"
+        );
+    }
+    Ok(rows.len())
+}
+
+async fn time_out_runs(pool: &Pool) -> Result<usize> {
+    finish_due(
+        pool,
+        "SELECT id FROM runs WHERE status = ANY($1) AND run_deadline < now()
+         ORDER BY run_deadline LIMIT $2 FOR UPDATE SKIP LOCKED",
+        RunStatus::ACTIVE,
+        |run_id| {
+            ended(
+                run_id,
+                RunStatus::Failed,
+                "run_timeout",
+                "run_timeout passed",
+            )
+        },
+    )
+    .await
+}
+
+async fn expire_queued(pool: &Pool) -> Result<usize> {
+    finish_due(
+        pool,
+        "SELECT id FROM runs WHERE status = ANY($1) AND queue_deadline < now()
+         ORDER BY queue_deadline LIMIT $2 FOR UPDATE SKIP LOCKED",
+        &[RunStatus::Pending],
+        |run_id| {
+            ended(
+                run_id,
+                RunStatus::Expired,
+                "queue_timeout",
+                "not claimed before queue_timeout",
+            )
+        },
+    )
+    .await
+}
+
+/// Ends the runs that `select` picks (it takes the status list and the batch size).
+async fn finish_due(
+    pool: &Pool,
+    select: &str,
+    statuses: &[RunStatus],
+    outcome: fn(RunId) -> Finish,
+) -> Result<usize> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let stmt = tx.prepare_cached(select).await?;
+    let statuses: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+    let rows = tx.query(&stmt, &[&statuses, &BATCH]).await?;
+    let finishes: Vec<Finish> = rows.iter().map(|row| outcome(RunId(row.get(0)))).collect();
+    runs::finish_many(&tx, &finishes).await?;
+    tx.commit().await?;
+    if !rows.is_empty() {
+        tracing::info!(runs = rows.len(), "timed-out runs swept");
+    }
+    Ok(rows.len())
+}
+
+fn ended(run_id: RunId, status: RunStatus, kind: &str, message: &str) -> Finish {
+    Finish {
+        run_id,
+        status,
+        failure_kind: Some(kind.to_owned()),
+        message: Some(message.to_owned()),
+    }
+}

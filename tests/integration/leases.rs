@@ -1,0 +1,407 @@
+//! Claims and fenced writes: one holder per run, stale epochs refused, gapless seq,
+//! resent batches stored once.
+
+use std::collections::HashSet;
+
+use agentrun_shared::proto::{self, RunStatus};
+use agentrun_tests::*;
+use tonic::Code;
+
+#[tokio::test]
+async fn concurrent_claimers_never_get_the_same_run() {
+    let mut app = TestApp::spawn().await;
+    let runs: Vec<_> = (0..300).map(|i| run_request(&format!("job {i}"))).collect();
+    app.runs
+        .create_runs(proto::CreateRunsRequest { runs })
+        .await
+        .unwrap();
+
+    let mut claimers = Vec::new();
+    for i in 0..8 {
+        let mut client = app.runners.clone();
+        claimers.push(tokio::spawn(async move {
+            let me = runner(&format!("claimer-{i}"));
+            let mut mine = Vec::new();
+            loop {
+                let got = client
+                    .claim_runs(proto::ClaimRunsRequest {
+                        runner: Some(me.clone()),
+                        max_runs: 7,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .assignments;
+                if got.is_empty() {
+                    return mine;
+                }
+                mine.extend(got.into_iter().map(|a| a.run.unwrap().run_id));
+            }
+        }));
+    }
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    for claimer in claimers {
+        for run_id in claimer.await.unwrap() {
+            total += 1;
+            assert!(
+                seen.insert(run_id.clone()),
+                "run {run_id} was claimed twice"
+            );
+        }
+    }
+    assert_eq!(total, 300);
+    let epochs: i64 = app
+        .db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM runs WHERE lease_epoch = 1 AND status = 'claimed'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(epochs, 300);
+}
+
+#[tokio::test]
+async fn claims_match_queue_labels_and_profile_by_priority() {
+    let mut app = TestApp::spawn().await;
+    let mut gpu = run_request("needs a gpu");
+    gpu.labels = vec!["gpu".into()];
+    let mut other_queue = run_request("elsewhere");
+    other_queue.queue = "batch".into();
+    let mut other_profile = run_request("other model");
+    other_profile.backend_profile = "openai:gpt-4o-mini".into();
+    let low = run_request("low");
+    let mut high = run_request("high");
+    high.priority = 10;
+    for r in [gpu, other_queue, other_profile, low, high] {
+        app.runs.create_run(r).await.unwrap();
+    }
+
+    let plain = runner("plain");
+    let got = app
+        .runners
+        .claim_runs(proto::ClaimRunsRequest {
+            runner: Some(plain),
+            max_runs: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .assignments;
+    let prompts: Vec<String> = got
+        .iter()
+        .map(|a| a.run.as_ref().unwrap().input_json.clone())
+        .collect();
+    assert_eq!(prompts.len(), 2, "{prompts:?}");
+    assert!(
+        prompts[0].contains("high") && prompts[1].contains("low"),
+        "{prompts:?}"
+    );
+
+    let mut gpu_runner = runner("gpu");
+    gpu_runner.labels = vec!["gpu".into(), "linux".into()];
+    gpu_runner.queues = vec!["default".into(), "batch".into()];
+    let got = app
+        .runners
+        .claim_runs(proto::ClaimRunsRequest {
+            runner: Some(gpu_runner),
+            max_runs: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .assignments;
+    assert_eq!(got.len(), 2, "the gpu run and the batch-queue run");
+}
+
+#[tokio::test]
+async fn a_stale_epoch_cannot_append_or_finish() {
+    let mut app = TestApp::spawn_with(|s| s.lease_ttl_ms = 300).await;
+    let run = app
+        .runs
+        .create_run(run_request("contested"))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    let old = runner("old");
+    let stale = claim(&mut app, &old, 1).await.remove(0);
+    app.runners
+        .append_events(append(&old, &stale, deltas(1, 2)))
+        .await
+        .unwrap();
+
+    // The old runner goes quiet; the lease expires and another runner takes over.
+    let new = runner("new");
+    let current = claim(&mut app, &new, 1).await.remove(0);
+    assert_eq!(current.epoch, stale.epoch + 1);
+    assert_eq!(current.run.as_ref().unwrap().attempt, 2);
+
+    let err = app
+        .runners
+        .append_events(append(&old, &stale, deltas(3, 4)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().starts_with("lease_lost"), "{}", err.message());
+    assert_eq!(err.metadata().get("agentrun-error").unwrap(), "lease_lost");
+    let err = app
+        .runners
+        .finish_run(finish(&old, &stale, RunStatus::Completed))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    // Naming the current epoch is not enough for another runner.
+    let mut forged = append(&old, &current, deltas(1, 1));
+    forged.runner_id = old.runner_id.clone();
+    assert_eq!(
+        app.runners.append_events(forged).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+
+    app.runners
+        .append_events(append(&new, &current, deltas(1, 2)))
+        .await
+        .unwrap();
+    let done = app
+        .runners
+        .finish_run(finish(&new, &current, RunStatus::Completed))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    assert_eq!(status_of(&done), RunStatus::Completed);
+    // A resent finish (lost acknowledgement) returns the same outcome.
+    let again = app
+        .runners
+        .finish_run(finish(&new, &current, RunStatus::Completed))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    assert_eq!(again.finished_at, done.finished_at);
+
+    let types = event_types(&mut app, &run.run_id).await;
+    let runner_events = app
+        .db()
+        .await
+        .query(
+            "SELECT runner_id FROM events WHERE producer = 'runner' AND epoch = $1",
+            &[&stale.epoch],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        runner_events.len(),
+        2,
+        "only the stale runner's events from before it lost the lease"
+    );
+    assert_eq!(types.last().unwrap(), "run.terminal");
+    assert_event_log_consistent(&app.db().await).await;
+}
+
+#[tokio::test]
+async fn seq_stays_gapless_under_concurrent_appenders() {
+    let mut app = TestApp::spawn().await;
+    let run = app
+        .runs
+        .create_run(run_request("busy"))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    let me = runner("r");
+    let a = claim(&mut app, &me, 1).await.remove(0);
+
+    // The runner streams batches while clients send commands to the same run: both
+    // allocate seqs from the same counter.
+    let mut runner_client = app.runners.clone();
+    let (me2, a2) = (me.clone(), a.clone());
+    let appender = tokio::spawn(async move {
+        for batch in 0..40 {
+            let from = batch * 5 + 1;
+            runner_client
+                .append_events(append(&me2, &a2, deltas(from, from + 4)))
+                .await
+                .unwrap();
+        }
+    });
+    let mut senders = Vec::new();
+    for i in 0..4 {
+        let mut client = app.runs.clone();
+        let run_id = run.run_id.clone();
+        senders.push(tokio::spawn(async move {
+            for j in 0..10 {
+                client
+                    .send_command(proto::SendCommandRequest {
+                        run_id: run_id.clone(),
+                        kind: proto::CommandKind::Steer as i32,
+                        payload_json: serde_json::json!({"text": format!("{i}-{j}")}).to_string(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    appender.await.unwrap();
+    for s in senders {
+        s.await.unwrap();
+    }
+    let db = app.db().await;
+    let seqs: Vec<i64> = db
+        .query(
+            "SELECT seq FROM events WHERE run_id = $1 ORDER BY seq",
+            &[&uuid::Uuid::parse_str(&run.run_id).unwrap()],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // run.created, command.created, run.claimed, command.delivered, run.started,
+    // 200 deltas, 40 command.created.
+    assert_eq!(seqs.len(), 245);
+    assert_eq!(seqs, (1..=245).collect::<Vec<i64>>());
+    assert_event_log_consistent(&db).await;
+}
+
+#[tokio::test]
+async fn a_resent_batch_is_stored_once() {
+    let mut app = TestApp::spawn().await;
+    let run = app
+        .runs
+        .create_run(run_request("flaky network"))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    let me = runner("r");
+    let a = claim(&mut app, &me, 1).await.remove(0);
+
+    let first = app
+        .runners
+        .append_events(append(&me, &a, deltas(1, 5)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((first.acked_runner_seq, first.duplicates), (5, 0));
+    // The acknowledgement was lost: the runner resends, then sends an overlapping batch.
+    let resent = app
+        .runners
+        .append_events(append(&me, &a, deltas(1, 5)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (resent.first_seq, resent.duplicates, resent.acked_runner_seq),
+        (0, 5, 5)
+    );
+    let overlap = app
+        .runners
+        .append_events(append(&me, &a, deltas(4, 8)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((overlap.duplicates, overlap.acked_runner_seq), (2, 8));
+    assert_eq!(overlap.last_seq - overlap.first_seq, 2);
+    // A batch that skips ahead is refused whole.
+    let err = app
+        .runners
+        .append_events(append(&me, &a, deltas(10, 12)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("events[0].runner_seq"),
+        "{}",
+        err.message()
+    );
+
+    let deltas_stored: i64 = app
+        .db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM events WHERE run_id = $1 AND type = 'content.delta'",
+            &[&uuid::Uuid::parse_str(&run.run_id).unwrap()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(deltas_stored, 8);
+    assert_event_log_consistent(&app.db().await).await;
+}
+
+#[tokio::test]
+async fn heartbeats_renew_leases_and_report_lost_ones() {
+    let mut app = TestApp::spawn_with(|s| s.lease_ttl_ms = 400).await;
+    let runs: Vec<_> = (0..3).map(|i| run_request(&format!("hb {i}"))).collect();
+    app.runs
+        .create_runs(proto::CreateRunsRequest { runs })
+        .await
+        .unwrap();
+    let me = runner("r");
+    let held = claim(&mut app, &me, 3).await;
+    let leases: Vec<proto::LeaseRef> = held
+        .iter()
+        .map(|a| proto::LeaseRef {
+            run_id: a.run.as_ref().unwrap().run_id.clone(),
+            epoch: a.epoch,
+        })
+        .collect();
+
+    // Keep heartbeating well past the TTL: every lease stays held, no run is requeued.
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_millis(1500) {
+        let beat = app
+            .runners
+            .heartbeat(proto::HeartbeatRequest {
+                runner_id: me.runner_id.clone(),
+                leases: leases.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            beat.leases.iter().all(|l| l.held),
+            "a heartbeated lease was lost"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let requeued: i64 = app
+        .db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM events WHERE type = 'run.requeued'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(requeued, 0);
+
+    // A stale epoch is reported lost.
+    let mut stale = leases.clone();
+    stale[1].epoch += 1;
+    let beat = app
+        .runners
+        .heartbeat(proto::HeartbeatRequest {
+            runner_id: me.runner_id.clone(),
+            leases: stale,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        beat.leases.iter().map(|l| l.held).collect::<Vec<_>>(),
+        [true, false, true]
+    );
+}
