@@ -305,17 +305,17 @@ pub async fn append(
         .take_while(|e| e.runner_seq <= run.lease_runner_seq)
         .count();
     let fresh = &batch[duplicates..];
-    if let Some(first) = fresh.first() {
-        if first.runner_seq != run.lease_runner_seq + 1 {
-            return Err(Error::invalid(
-                format!("events[{duplicates}].runner_seq"),
-                format!(
-                    "is {}, expected {} (events must not skip)",
-                    first.runner_seq,
-                    run.lease_runner_seq + 1
-                ),
-            ));
-        }
+    if let Some(first) = fresh.first()
+        && first.runner_seq != run.lease_runner_seq + 1
+    {
+        return Err(Error::invalid(
+            format!("events[{duplicates}].runner_seq"),
+            format!(
+                "is {}, expected {} (events must not skip)",
+                first.runner_seq,
+                run.lease_runner_seq + 1
+            ),
+        ));
     }
 
     let mut status = run.status;

@@ -566,13 +566,13 @@ pub(crate) async fn cancel_locked(
     run: &RunRecord,
     command: commands::NewCommand,
 ) -> Result<Created<commands::CommandRecord>> {
-    if run.cancel_requested || run.status == RunStatus::Cancelled {
-        if let Some(existing) = commands::latest_of_kind(tx, run.id, CommandKind::Cancel).await? {
-            return Ok(Created {
-                value: existing,
-                created: false,
-            });
-        }
+    if (run.cancel_requested || run.status == RunStatus::Cancelled)
+        && let Some(existing) = commands::latest_of_kind(tx, run.id, CommandKind::Cancel).await?
+    {
+        return Ok(Created {
+            value: existing,
+            created: false,
+        });
     }
     if run.status.is_terminal() {
         return Err(Error::precondition(
