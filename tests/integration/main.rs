@@ -4,5 +4,6 @@ mod commands;
 mod leases;
 mod replicas;
 mod runs;
+mod surface;
 mod sweeper;
 mod validation;
