@@ -12,7 +12,6 @@
 //! PostgreSQL refuses to run as root, so when the effective uid is 0 every
 //! server command runs as the `postgres` user through `runuser`.
 
-use std::ffi::OsString;
 use std::fmt;
 use std::fs;
 use std::io;
@@ -39,9 +38,10 @@ rm -rf "$1"
 "#;
 
 /// Polls owner pid `$2`; HUP/INT are ignored so a closing terminal or Ctrl-C
-/// cannot kill the watchdog before the cleanup it exists for.
+/// cannot kill the watchdog before the cleanup it exists for. A zombie owner
+/// counts as dead: containers whose init never reaps would keep it forever.
 const WATCHDOG_LOOP: &str = r#"trap '' HUP INT
-while kill -0 "$2" 2>/dev/null; do sleep 0.5; done
+while kill -0 "$2" 2>/dev/null && ! grep -qs '^State:[[:space:]]*Z' "/proc/$2/status"; do sleep 0.5; done
 "#;
 
 /// Retries when the port picked via `bind(0)` was taken before postgres bound it.
@@ -143,28 +143,18 @@ impl LocalPostgres {
                 .map_err(io_err(format!("cannot chown {}", dir.display())))?;
         }
         let server_cmd = |program: &str| {
-            let mut cmd = if as_root {
-                Command::new("runuser")
-            } else {
-                Command::new(bindir.join(program))
-            };
+            let path = bindir.join(program);
+            let mut cmd = Command::new(if as_root { Path::new("runuser") } else { &path });
             if as_root {
-                cmd.args(["-u", "postgres", "--"]).arg(bindir.join(program));
+                cmd.args(["-u", "postgres", "--"]).arg(&path);
             }
             // The caller's cwd may be unreadable for `postgres` (e.g. /root).
             cmd.current_dir(&dir).stdin(Stdio::null());
             cmd
         };
 
-        let out = run(server_cmd("initdb").arg("-D").arg(&data).args([
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "--no-sync",
-        ]))?;
+        let initdb_args = "-U postgres --auth=trust -E UTF8 --locale=C --no-sync".split(' ');
+        let out = run(server_cmd("initdb").arg("-D").arg(&data).args(initdb_args))?;
         if !out.status.success() {
             return Err(LocalPostgresError::InitDb {
                 output: tail(&output_text(&out)),
@@ -188,14 +178,15 @@ impl LocalPostgres {
             let _ = fs::remove_file(&log);
             // pg_ctl setsid()s the postmaster and points its stdio at the log,
             // so it holds none of our pipes and survives our process group.
-            let out = run(server_cmd("pg_ctl")
+            let mut pg_ctl = server_cmd("pg_ctl");
+            pg_ctl
                 .arg("-D")
                 .arg(&data)
                 .arg("-l")
                 .arg(&log)
                 .arg("-o")
-                .arg(format!("-p {port}"))
-                .args(["-w", "-t", "30", "-s", "start"]))?;
+                .arg(format!("-p {port}"));
+            let out = run(pg_ctl.args(["-w", "-t", "30", "-s", "start"]))?;
             if out.status.success() {
                 pg.port = port;
                 return Ok(pg);
@@ -254,17 +245,14 @@ impl Drop for LocalPostgres {
 /// pid file and the postmaster shuts itself down at its next lock-file check.
 fn spawn_watchdog(dir: &Path) -> Result<Child, LocalPostgresError> {
     let mut cmd = Command::new("sh");
-    cmd.args([
-        "-c",
-        &format!("{WATCHDOG_LOOP}{CLEANUP}"),
-        "agentrun-pg-watchdog",
-    ])
-    .arg(dir)
-    .arg(std::process::id().to_string())
-    .current_dir("/")
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
+    let script = format!("{WATCHDOG_LOOP}{CLEANUP}");
+    cmd.args(["-c", &script, "agentrun-pg-watchdog"])
+        .arg(dir)
+        .arg(std::process::id().to_string())
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     // SAFETY: setsid is async-signal-safe and touches no parent memory; it only
     // fails for a process-group leader, which a freshly forked child is not.
     unsafe {
@@ -283,8 +271,8 @@ fn spawn_watchdog(dir: &Path) -> Result<Child, LocalPostgresError> {
 /// First directory holding both `initdb` and `pg_ctl`: PATH, `pg_config --bindir`,
 /// then /usr/lib/postgresql/*/bin, newest version first.
 fn find_bindir() -> Result<PathBuf, LocalPostgresError> {
-    let mut candidates: Vec<PathBuf> =
-        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).collect();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut candidates: Vec<PathBuf> = std::env::split_paths(&path).collect();
     if let Ok(out) = Command::new("pg_config")
         .arg("--bindir")
         .stderr(Stdio::null())
@@ -292,6 +280,8 @@ fn find_bindir() -> Result<PathBuf, LocalPostgresError> {
     {
         candidates.push(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
     }
+    // Empty PATH entries or pg_config output would mean the cwd: never look there.
+    candidates.retain(|p| p.is_absolute());
     let mut versioned: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
         .into_iter()
         .flatten()
@@ -339,10 +329,8 @@ fn ensure_traversable(dir: &Path) -> Result<(), LocalPostgresError> {
         let mode = meta.permissions().mode() & 0o7777;
         let wanted = if p == dir { 0o755 } else { mode | 0o001 };
         if mode != wanted {
-            fs::set_permissions(p, fs::Permissions::from_mode(wanted)).map_err(io_err(format!(
-                "cannot make {} traversable for user postgres",
-                p.display()
-            )))?;
+            let what = format!("cannot make {} traversable for user postgres", p.display());
+            fs::set_permissions(p, fs::Permissions::from_mode(wanted)).map_err(io_err(what))?;
         }
     }
     Ok(())
@@ -358,21 +346,11 @@ fn free_port() -> Result<u16, LocalPostgresError> {
 }
 
 fn run(cmd: &mut Command) -> Result<Output, LocalPostgresError> {
-    let mut line = OsString::from(cmd.get_program());
-    for arg in cmd.get_args() {
-        line.push(" ");
-        line.push(arg);
-    }
-    cmd.output()
-        .map_err(io_err(format!("cannot run `{}`", line.to_string_lossy())))
+    cmd.output().map_err(io_err(format!("cannot run {cmd:?}")))
 }
 
 fn output_text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    String::from_utf8_lossy(&[&out.stdout[..], &out.stderr[..]].concat()).into_owned()
 }
 
 /// The last lines of a command's output: enough to see the error, not a flood.
