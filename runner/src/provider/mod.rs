@@ -1,0 +1,101 @@
+//! Providers: what executes one turn of a run. One trait, three implementations:
+//! `scripted` (deterministic, built in), `openai` (any OpenAI-compatible Chat Completions
+//! endpoint, streaming), `command` (an agent CLI as a child process).
+//!
+//! A provider turns a [`TurnRequest`] into [`ProviderEvent`]s sent on the turn's event
+//! channel, takes steering input while it runs, and stops promptly when its cancellation
+//! token fires (dropping the HTTP request, terminating the child). The executor around it
+//! writes `turn.started` / `turn.completed`; providers write everything in between.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// One turn to execute.
+#[derive(Debug, Clone)]
+pub struct TurnRequest {
+    pub run_id: String,
+    /// Unique per turn (the id of the `turn` command that started it).
+    pub turn_id: String,
+    /// The backend profile of the run, e.g. "scripted", "openai:gpt-4o-mini".
+    pub backend_profile: String,
+    pub prompt: String,
+    /// Earlier turns of this run, oldest first, for providers that resend context.
+    pub history: Vec<Exchange>,
+}
+
+/// A completed earlier turn: what was asked and what the assistant answered.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    pub prompt: String,
+    pub reply: String,
+}
+
+/// An event a provider emits. `event_type` is one of the runner-writable types of
+/// `agentrun_shared::events::EventType` (e.g. "item.started", "content.delta",
+/// "item.completed", "usage.updated", "request.opened", "runtime.warning",
+/// "runtime.error"); `payload` must satisfy that type's rules (see
+/// `EventType::validate_payload`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderEvent {
+    pub event_type: &'static str,
+    pub payload: Value,
+}
+
+/// The channels of a running turn.
+pub struct TurnContext {
+    /// Where the provider sends its events, in order. Sending awaits when the runner's
+    /// event buffer is full (backpressure); an error means the turn was abandoned.
+    pub events: mpsc::Sender<ProviderEvent>,
+    /// Steering input (text) for the active turn, in order.
+    pub steer: mpsc::Receiver<String>,
+    /// Fires on interrupt or cancel: stop promptly and return [`TurnOutcome::Stopped`].
+    pub stop: CancellationToken,
+}
+
+/// How a turn ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TurnOutcome {
+    /// The reply is complete. `reply` is the assistant's full text (kept as history).
+    Completed { reply: String, usage: Option<Usage> },
+    /// The provider failed.
+    Failed(ProviderError),
+    /// `stop` fired and the work was stopped.
+    Stopped,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// A provider failure, classified so the runner knows whether trying again may help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct ProviderError {
+    /// Short machine-readable class: "http_status", "stream", "connect", "timeout",
+    /// "process_exit", "bad_output", "scripted_failure", ...
+    pub kind: String,
+    pub message: String,
+    /// True for rate limits, 5xx, dropped connections; false for bad requests, auth.
+    pub retryable: bool,
+}
+
+/// Executes turns for one family of backend profiles.
+#[async_trait::async_trait]
+pub trait Provider: Send + Sync {
+    /// Runs one turn to its end. Must return promptly after `ctx.stop` fires.
+    async fn run_turn(&self, turn: TurnRequest, ctx: TurnContext) -> TurnOutcome;
+}
+
+/// The providers a runner has, keyed by the part of the backend profile before ':'.
+pub type Providers = Vec<(String, Arc<dyn Provider>)>;
+
+/// The provider serving `backend_profile` ("openai:gpt-4o" is served by "openai").
+pub fn for_profile<'a>(providers: &'a Providers, backend_profile: &str) -> Option<&'a Arc<dyn Provider>> {
+    let family = backend_profile.split(':').next().unwrap_or_default();
+    providers.iter().find(|(name, _)| name == family).map(|(_, p)| p)
+}
