@@ -5,6 +5,7 @@
 //! - [`api`]: gRPC handlers — validate, convert, call the store, map errors.
 //! - [`store`]: one module per aggregate with its SQL.
 //! - [`sweeper`]: moves on runs whose lease expired or whose timeouts passed.
+//! - [`notify`]: wake-ups for waiting runner streams, across replicas (LISTEN/NOTIFY).
 //! - [`startup`]: wires it together; [`config`]: settings; [`error`]: the error type.
 //! - [`local_postgres`]: a throwaway PostgreSQL for `dev` and tests.
 
@@ -13,6 +14,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod local_postgres;
+pub mod notify;
 pub mod startup;
 pub mod store;
 pub mod sweeper;

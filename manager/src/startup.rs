@@ -7,19 +7,23 @@ use agentrun_shared::proto::{
     self, admin_service_server::AdminServiceServer, run_service_server::RunServiceServer,
     runner_service_server::RunnerServiceServer, session_service_server::SessionServiceServer,
 };
+use deadpool_postgres::Pool;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use uuid::Uuid;
 
 use crate::api::{AdminApi, AppState, RunApi, RunnerApi, SessionApi};
 use crate::config::Settings;
+use crate::notify::{self, Notifier};
 use crate::{db, sweeper};
 
 /// A manager whose listener is bound and schema migrated, ready to [`run`](Self::run).
 pub struct Application {
     listener: TcpListener,
-    state: AppState,
+    pool: Pool,
+    settings: Settings,
 }
 
 impl Application {
@@ -32,13 +36,7 @@ impl Application {
         let pool = db::pool(url, settings.db_pool_size)?;
         db::migrate(&pool).await?;
         let listener = TcpListener::bind(settings.listen).await?;
-        Ok(Self {
-            listener,
-            state: AppState {
-                pool,
-                settings: Arc::new(settings),
-            },
-        })
+        Ok(Self { listener, pool, settings })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -49,14 +47,21 @@ impl Application {
 
     /// Serves until `shutdown` is cancelled, then stops the sweeper and closes the pool.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Self { listener, state } = self;
+        let Self { listener, pool, settings } = self;
+        let database_url = settings.database_url.clone().unwrap_or_default();
+        let notifier = Notifier::new(Uuid::new_v4());
+        let state = AppState {
+            pool,
+            settings: Arc::new(settings),
+            notifier: notifier.clone(),
+            shutdown: shutdown.child_token(),
+        };
         let tasks = TaskTracker::new();
-        let sweeper_stop = shutdown.child_token();
-        tasks.spawn(sweeper::run(
-            state.pool.clone(),
-            state.settings.sweep_interval(),
-            sweeper_stop.clone(),
-        ));
+        let background = shutdown.child_token();
+        let interval = state.settings.sweep_interval();
+        tasks.spawn(sweeper::run(state.pool.clone(), notifier.clone(), interval, background.clone()));
+        tasks.spawn(notify::publish(notifier.clone(), state.pool.clone(), background.clone()));
+        tasks.spawn(notify::listen(notifier, database_url, background.clone()));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<RunServiceServer<RunApi>>().await;
@@ -77,7 +82,7 @@ impl Application {
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
             .await;
 
-        sweeper_stop.cancel();
+        background.cancel();
         tasks.close();
         tasks.wait().await;
         state.pool.close();

@@ -9,6 +9,7 @@
 //! Every replica runs one. Rows are taken `FOR UPDATE SKIP LOCKED` in bounded batches,
 //! so replicas split the work instead of doing it twice.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use agentrun_shared::ids::RunId;
@@ -17,6 +18,7 @@ use deadpool_postgres::{GenericClient, Pool};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
+use crate::notify::Notifier;
 use crate::store::runs::{self, Finish, RequeueReason};
 
 /// Rows handled per transaction.
@@ -24,7 +26,7 @@ const BATCH: i64 = 500;
 
 /// Sweeps every `interval` until `shutdown` is cancelled. Errors are logged and retried
 /// on the next tick (the database may be briefly away).
-pub async fn run(pool: Pool, interval: Duration, shutdown: CancellationToken) {
+pub async fn run(pool: Pool, notifier: Arc<Notifier>, interval: Duration, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -32,26 +34,38 @@ pub async fn run(pool: Pool, interval: Duration, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        if let Err(err) = sweep_once(&pool).await {
-            tracing::warn!(error = %err, "lease sweep failed; retrying next tick");
+        match sweep_once(&pool).await {
+            // Requeued runs are claimable again.
+            Ok(moved) if moved.requeued > 0 => notifier.work_available(),
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "lease sweep failed; retrying next tick"),
         }
     }
 }
 
-/// One full pass; returns how many runs it moved.
-pub async fn sweep_once(pool: &Pool) -> Result<usize> {
-    let mut moved = 0;
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub requeued: usize,
+    pub ended: usize,
+}
+
+/// One full pass.
+pub async fn sweep_once(pool: &Pool) -> Result<Swept> {
+    let mut swept = Swept::default();
     loop {
-        let n =
-            expire_leases(pool).await? + time_out_runs(pool).await? + expire_queued(pool).await?;
-        moved += n;
-        if n == 0 {
-            return Ok(moved);
+        let (requeued, failed) = expire_leases(pool).await?;
+        let ended = failed + time_out_runs(pool).await? + expire_queued(pool).await?;
+        swept.requeued += requeued;
+        swept.ended += ended;
+        if requeued + ended == 0 {
+            return Ok(swept);
         }
     }
 }
 
-async fn expire_leases(pool: &Pool) -> Result<usize> {
+/// Returns (requeued, ended).
+async fn expire_leases(pool: &Pool) -> Result<(usize, usize)> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let stmt = tx
@@ -93,7 +107,7 @@ async fn expire_leases(pool: &Pool) -> Result<usize> {
             "expired leases swept"
         );
     }
-    Ok(rows.len())
+    Ok((requeue.len(), finish.len()))
 }
 
 async fn time_out_runs(pool: &Pool) -> Result<usize> {

@@ -2,6 +2,7 @@
 //! in), call the store, and map errors — no SQL here, no proto types past this module.
 
 mod admin;
+mod connect;
 mod convert;
 mod run_service;
 mod runner_service;
@@ -18,7 +19,10 @@ pub use run_service::RunApi;
 pub use runner_service::RunnerApi;
 pub use session_service::SessionApi;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::config::Settings;
+use crate::notify::Notifier;
 use crate::error::{Error, Result};
 use crate::store::Tenant;
 
@@ -27,6 +31,9 @@ use crate::store::Tenant;
 pub struct AppState {
     pub pool: Pool,
     pub settings: Arc<Settings>,
+    pub notifier: Arc<Notifier>,
+    /// Cancelled when the manager shuts down: runner streams drain.
+    pub shutdown: CancellationToken,
 }
 
 /// Request metadata naming the caller's tenant. Authentication (API keys bound to a

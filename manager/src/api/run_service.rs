@@ -123,6 +123,7 @@ impl RunService for RunApi {
         let tenant = tenant_of(&request)?;
         let new_run = self.new_run("", request.get_ref()).map_err(Error::from)?;
         let created = runs::create(&self.state.pool, &tenant, vec![new_run]).await?;
+        self.state.notifier.work_available();
         let created = created
             .into_iter()
             .next()
@@ -151,6 +152,7 @@ impl RunService for RunApi {
             .collect::<Result<Vec<_>, _>>()
             .map_err(Error::from)?;
         let created = runs::create(&self.state.pool, &tenant, new_runs).await?;
+        self.state.notifier.work_available();
         Ok(Response::new(proto::CreateRunsResponse {
             runs: created
                 .iter()
@@ -222,6 +224,7 @@ impl RunService for RunApi {
             payload.insert("reason".into(), Value::String(r.reason.clone()));
         }
         let run = runs::cancel(&self.state.pool, &tenant, run_id, payload).await?;
+        self.state.notifier.commands_added(&[run_id]);
         Ok(Response::new(proto::CancelRunResponse {
             run: Some(convert::run(&run)),
         }))
@@ -236,6 +239,9 @@ impl RunService for RunApi {
         let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
         let command = self.new_command(r).map_err(Error::from)?;
         let sent = commands::send(&self.state.pool, &tenant, run_id, command).await?;
+        if sent.created {
+            self.state.notifier.commands_added(&[run_id]);
+        }
         Ok(Response::new(proto::SendCommandResponse {
             command: Some(convert::command(&sent.value)),
             created: sent.created,

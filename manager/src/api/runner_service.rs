@@ -1,8 +1,6 @@
 //! `agentrun.v1.RunnerService`: the unary runner RPCs. Every write is fenced by the lease
 //! epoch in the store (`store::leases`); this module validates and converts.
 
-use std::pin::Pin;
-
 use agentrun_shared::error::FieldError;
 use agentrun_shared::events::EventType;
 use agentrun_shared::ids::{CommandId, RunId, RunnerId};
@@ -10,7 +8,6 @@ use agentrun_shared::payload::parse_object;
 use agentrun_shared::proto::{self, runner_service_server::RunnerService};
 use agentrun_shared::state::{CommandStatus, RunStatus};
 use serde_json::Value;
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{AppState, convert, validate};
@@ -33,11 +30,32 @@ impl RunnerApi {
         Self { state }
     }
 
+    pub(super) fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    pub(super) fn heartbeat_response(states: &[leases::LeaseState], lease_ttl_ms: u64) -> proto::HeartbeatResponse {
+        proto::HeartbeatResponse {
+            leases: states
+                .iter()
+                .map(|s| proto::LeaseStatus {
+                    run_id: s.run_id.to_string(),
+                    epoch: s.epoch,
+                    held: s.expires_at.is_some(),
+                    expires_at: convert::timestamp(s.expires_at),
+                    commands: s.commands.iter().map(convert::command).collect(),
+                    cancel_requested: s.cancel_requested,
+                })
+                .collect(),
+            lease_ttl_ms: lease_ttl_ms as i64,
+        }
+    }
+
     fn lease_ttl_ms(&self) -> i64 {
         self.state.settings.lease_ttl_ms as i64
     }
 
-    fn events(&self, events: &[proto::RunnerEvent]) -> Result<Vec<RunnerEvent>, FieldError> {
+    pub(super) fn events(&self, events: &[proto::RunnerEvent]) -> Result<Vec<RunnerEvent>, FieldError> {
         let max = self.state.settings.max_batch_events;
         if events.len() > max {
             return Err(FieldError::new(
@@ -83,7 +101,7 @@ impl RunnerApi {
     }
 }
 
-fn runner_identity(r: Option<&proto::RunnerIdentity>) -> Result<RunnerIdentity, FieldError> {
+pub(super) fn runner_identity(r: Option<&proto::RunnerIdentity>) -> Result<RunnerIdentity, FieldError> {
     let r = r.ok_or_else(|| FieldError::new("runner", "is required"))?;
     let id = RunnerId::parse("runner.runner_id", &r.runner_id)?;
     let backend_profiles = validate::names("runner.backend_profiles", &r.backend_profiles)?;
@@ -114,7 +132,7 @@ fn runner_identity(r: Option<&proto::RunnerIdentity>) -> Result<RunnerIdentity, 
     })
 }
 
-fn epoch(value: i64) -> Result<i64, FieldError> {
+pub(super) fn epoch(value: i64) -> Result<i64, FieldError> {
     if value < 1 {
         Err(FieldError::new("epoch", "must be at least 1"))
     } else {
@@ -122,7 +140,43 @@ fn epoch(value: i64) -> Result<i64, FieldError> {
     }
 }
 
-fn command_updates(updates: &[proto::CommandUpdate]) -> Result<Vec<CommandUpdate>, FieldError> {
+/// Validated `(run, epoch)` pairs; `field` names the list in errors.
+pub(super) fn lease_refs(field: &str, leases: &[proto::LeaseRef]) -> Result<Vec<(RunId, i64)>, FieldError> {
+    if leases.len() > MAX_HEARTBEAT_LEASES {
+        return Err(FieldError::new(field, format!("holds more than {MAX_HEARTBEAT_LEASES}")));
+    }
+    leases
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let run_id = RunId::parse(&format!("{field}[{i}].run_id"), &l.run_id)?;
+            let e = epoch(l.epoch).map_err(|e| FieldError::new(format!("{field}[{i}].epoch"), e.reason))?;
+            Ok((run_id, e))
+        })
+        .collect()
+}
+
+/// A validated FinishRun: the epoch and the outcome.
+pub(super) fn finish_outcome(r: &proto::FinishRunRequest) -> Result<(i64, Finish), FieldError> {
+    let run_id = RunId::parse("run_id", &r.run_id)?;
+    let epoch = epoch(r.epoch)?;
+    let status = RunStatus::from_proto("status", r.status)?;
+    if !status.is_runner_outcome() {
+        return Err(FieldError::new("status", "must be completed, failed, cancelled or blocked"));
+    }
+    let failure_kind = validate::optional_name("failure_kind", &r.failure_kind)?;
+    Ok((
+        epoch,
+        Finish {
+            run_id,
+            status,
+            failure_kind: failure_kind.or_else(|| (status != RunStatus::Completed).then(|| status.as_str().to_owned())),
+            message: (!r.message.is_empty()).then(|| truncate(&r.message)),
+        },
+    ))
+}
+
+pub(super) fn command_updates(updates: &[proto::CommandUpdate]) -> Result<Vec<CommandUpdate>, FieldError> {
     updates
         .iter()
         .enumerate()
@@ -155,19 +209,16 @@ fn truncate(text: &str) -> String {
     text[..end].to_owned()
 }
 
-type ManagerStream = Pin<Box<dyn Stream<Item = Result<proto::ManagerMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl RunnerService for RunnerApi {
-    type ConnectStream = ManagerStream;
+    type ConnectStream = super::connect::ManagerStream;
 
     async fn connect(
         &self,
-        _request: Request<Streaming<proto::RunnerMessage>>,
+        request: Request<Streaming<proto::RunnerMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        Err(Status::unimplemented(
-            "RunnerService.Connect is not implemented yet; use ClaimRuns, Heartbeat, AppendEvents and FinishRun",
-        ))
+        super::connect::open(self, request.into_inner()).await.map(Response::new)
     }
 
     async fn claim_runs(
@@ -197,46 +248,9 @@ impl RunnerService for RunnerApi {
     ) -> Result<Response<proto::HeartbeatResponse>, Status> {
         let r = request.get_ref();
         let runner_id = RunnerId::parse("runner_id", &r.runner_id).map_err(Error::from)?;
-        if r.leases.len() > MAX_HEARTBEAT_LEASES {
-            return Err(Error::invalid(
-                "leases",
-                format!("holds more than {MAX_HEARTBEAT_LEASES}"),
-            )
-            .into());
-        }
-        let held = r
-            .leases
-            .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                let run_id = RunId::parse(&format!("leases[{i}].run_id"), &l.run_id)?;
-                let e = epoch(l.epoch)
-                    .map_err(|e| FieldError::new(format!("leases[{i}].epoch"), e.reason))?;
-                Ok((run_id, e))
-            })
-            .collect::<Result<Vec<_>, FieldError>>()
-            .map_err(Error::from)?;
-        let states = leases::heartbeat(
-            &self.state.pool,
-            runner_id,
-            &held,
-            self.state.settings.lease_ttl(),
-        )
-        .await?;
-        Ok(Response::new(proto::HeartbeatResponse {
-            leases: states
-                .iter()
-                .map(|s| proto::LeaseStatus {
-                    run_id: s.run_id.to_string(),
-                    epoch: s.epoch,
-                    held: s.expires_at.is_some(),
-                    expires_at: convert::timestamp(s.expires_at),
-                    commands: s.commands.iter().map(convert::command).collect(),
-                    cancel_requested: s.cancel_requested,
-                })
-                .collect(),
-            lease_ttl_ms: self.lease_ttl_ms(),
-        }))
+        let held = lease_refs("leases", &r.leases).map_err(Error::from)?;
+        let states = leases::heartbeat(&self.state.pool, runner_id, &held, self.state.settings.lease_ttl()).await?;
+        Ok(Response::new(Self::heartbeat_response(&states, self.state.settings.lease_ttl_ms)))
     }
 
     async fn append_events(
@@ -268,25 +282,7 @@ impl RunnerService for RunnerApi {
     ) -> Result<Response<proto::FinishRunResponse>, Status> {
         let r = request.get_ref();
         let runner_id = RunnerId::parse("runner_id", &r.runner_id).map_err(Error::from)?;
-        let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
-        let epoch = epoch(r.epoch).map_err(Error::from)?;
-        let status = RunStatus::from_proto("status", r.status).map_err(Error::from)?;
-        if !status.is_runner_outcome() {
-            return Err(Error::invalid(
-                "status",
-                "must be completed, failed, cancelled or blocked",
-            )
-            .into());
-        }
-        let failure_kind =
-            validate::optional_name("failure_kind", &r.failure_kind).map_err(Error::from)?;
-        let outcome = Finish {
-            run_id,
-            status,
-            failure_kind: failure_kind
-                .or_else(|| (status != RunStatus::Completed).then(|| status.as_str().to_owned())),
-            message: (!r.message.is_empty()).then(|| truncate(&r.message)),
-        };
+        let (epoch, outcome) = finish_outcome(r).map_err(Error::from)?;
         let run = leases::finish(&self.state.pool, runner_id, epoch, outcome).await?;
         Ok(Response::new(proto::FinishRunResponse {
             run: Some(convert::run(&run)),

@@ -165,54 +165,45 @@ pub struct LeaseState {
     /// `None`: the lease is lost.
     pub expires_at: Option<SystemTime>,
     pub cancel_requested: bool,
+    /// Highest runner_seq stored for this epoch.
+    pub acked_runner_seq: i64,
     /// Commands newly delivered with this heartbeat.
     pub commands: Vec<CommandRecord>,
 }
 
 /// Renews all the given leases of a runner in one statement, delivers pending commands of
 /// the renewed runs, and reports the rest as lost.
-pub async fn heartbeat(
-    pool: &Pool,
-    runner_id: RunnerId,
-    leases: &[(RunId, i64)],
-    ttl: Duration,
-) -> Result<Vec<LeaseState>> {
+pub async fn heartbeat(pool: &Pool, runner_id: RunnerId, leases: &[(RunId, i64)], ttl: Duration) -> Result<Vec<LeaseState>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let seen = tx
         .prepare_cached("UPDATE runners SET last_heartbeat_at = now() WHERE id = $1")
         .await?;
     tx.execute(&seen, &[&runner_id.0]).await?;
+    let states = renew(&tx, runner_id, leases, ttl).await?;
+    tx.commit().await?;
+    Ok(states)
+}
+
+async fn renew(tx: &impl GenericClient, runner_id: RunnerId, leases: &[(RunId, i64)], ttl: Duration) -> Result<Vec<LeaseState>> {
     let renew = tx
         .prepare_cached(
             "UPDATE runs SET lease_expires_at = now() + $4::bigint * interval '1 millisecond'
              FROM unnest($2::uuid[], $3::bigint[]) AS l(id, epoch)
              WHERE runs.id = l.id AND runs.lease_epoch = l.epoch AND runs.lease_runner_id = $1
                AND runs.status = ANY($5)
-             RETURNING runs.id, runs.lease_expires_at, runs.cancel_requested",
+             RETURNING runs.id, runs.lease_expires_at, runs.cancel_requested, runs.lease_runner_seq",
         )
         .await?;
     let ids: Vec<Uuid> = leases.iter().map(|(r, _)| r.0).collect();
     let epochs: Vec<i64> = leases.iter().map(|(_, e)| *e).collect();
     let rows = tx
-        .query(
-            &renew,
-            &[
-                &runner_id.0,
-                &ids,
-                &epochs,
-                &ttl_millis(ttl),
-                &active_statuses(),
-            ],
-        )
+        .query(&renew, &[&runner_id.0, &ids, &epochs, &ttl_millis(ttl), &active_statuses()])
         .await?;
-    let renewed: Vec<(Uuid, SystemTime, bool)> = rows
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let renewed: Vec<(Uuid, SystemTime, bool, i64)> =
+        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
     let renewed_ids: Vec<Uuid> = renewed.iter().map(|r| r.0).collect();
-    let mut delivered = commands::deliver_pending(&tx, &renewed_ids).await?;
-    tx.commit().await?;
+    let mut delivered = commands::deliver_pending(tx, &renewed_ids).await?;
 
     Ok(leases
         .iter()
@@ -225,10 +216,69 @@ pub async fn heartbeat(
                 epoch: *epoch,
                 expires_at: held.map(|r| r.1),
                 cancel_requested: held.is_some_and(|r| r.2),
+                acked_runner_seq: held.map_or(0, |r| r.3),
                 commands: mine,
             }
         })
         .collect())
+}
+
+/// What a (re)connecting runner learns: which of the leases it named survive, and the
+/// runs its id still holds that it did not name (it restarted), handed back to it.
+#[derive(Debug, Clone)]
+pub struct Welcome {
+    pub named: Vec<LeaseState>,
+    pub adopted: Vec<Assignment>,
+}
+
+/// Registers a connecting runner and settles its leases in one transaction. Adopted runs
+/// get a new epoch (fencing any older incarnation of the runner) and all their open
+/// commands again.
+pub async fn hello(pool: &Pool, runner: &RunnerIdentity, named: &[(RunId, i64)], ttl: Duration) -> Result<Welcome> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    upsert_runner(&tx, runner).await?;
+    let named_states = renew(&tx, runner.id, named, ttl).await?;
+    let adopt = tx
+        .prepare_cached(
+            "UPDATE runs SET lease_epoch = lease_epoch + 1, lease_runner_seq = 0, updated_at = now(),
+                    lease_expires_at = now() + $3::bigint * interval '1 millisecond'
+             WHERE lease_runner_id = $1 AND status = ANY($4) AND id <> ALL($2)
+             RETURNING *",
+        )
+        .await?;
+    let named_ids: Vec<Uuid> = named.iter().map(|(r, _)| r.0).collect();
+    let rows = tx
+        .query(&adopt, &[&runner.id.0, &named_ids, &ttl_millis(ttl), &active_statuses()])
+        .await?;
+    let adopted: Vec<RunRecord> = rows.iter().map(RunRecord::from_row).collect::<Result<_>>()?;
+    let adopted_ids: Vec<Uuid> = adopted.iter().map(|r| r.id.0).collect();
+    let resumed_events: Vec<(RunId, NewEvent)> = adopted
+        .iter()
+        .map(|run| {
+            let payload = json!({
+                "runner_id": runner.id.to_string(),
+                "runner_name": runner.name,
+                "epoch": run.lease_epoch,
+                "attempt": run.attempt,
+                "resumed": true,
+            });
+            (run.id, NewEvent::manager(EventType::RunClaimed, payload))
+        })
+        .collect();
+    events::append(&tx, &resumed_events).await?;
+    commands::redeliver(&tx, &adopted_ids).await?;
+    let mut delivered = commands::deliver_pending(&tx, &adopted_ids).await?;
+    tx.commit().await?;
+    let adopted = adopted
+        .into_iter()
+        .map(|run| {
+            let (mine, rest) = delivered.drain(..).partition(|c| c.run_id == run.id);
+            delivered = rest;
+            Assignment { run, commands: mine }
+        })
+        .collect();
+    Ok(Welcome { named: named_states, adopted })
 }
 
 /// Locks a run for a write by the runner holding `epoch`; anything else is `lease_lost`.

@@ -1,0 +1,342 @@
+//! `RunnerService.Connect`: one bidirectional stream per runner process.
+//!
+//! The runner opens with `hello`; the manager settles its leases and answers `welcome`.
+//! Then one session task per stream reacts to four things: messages from the runner
+//! (credit, heartbeats, event batches, command acks, finishes, releases — each applied to
+//! the store in order and acknowledged only after commit), wake-ups saying work may be
+//! claimable (runs are then claimed for the runner's credit and pushed), wake-ups saying
+//! a held run has new commands (they are delivered), and a slow fallback tick that does
+//! both in case a wake-up was lost. Manager shutdown sends `drain` and ends the stream;
+//! the runner reconnects elsewhere with its leases.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentrun_shared::error::{FieldError, reason};
+use agentrun_shared::ids::RunId;
+use agentrun_shared::proto::{self, manager_message::Body as Out, runner_message::Body as In};
+use agentrun_shared::state::RunStatus;
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use super::runner_service::{RunnerApi, command_updates, epoch, finish_outcome, lease_refs, runner_identity};
+use super::{AppState, convert};
+use crate::error::Error;
+use crate::store::leases::{self, Assignment, RunnerIdentity};
+
+/// How long a runner has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Safety-net poll for lost wake-ups.
+const FALLBACK_POLL: Duration = Duration::from_secs(1);
+/// Messages buffered towards a runner before the session waits for it to read.
+const OUTBOX: usize = 256;
+
+pub type ManagerStream = ReceiverStream<Result<proto::ManagerMessage, Status>>;
+
+/// Answers the hello and starts the session task.
+pub async fn open(api: &RunnerApi, mut inbound: Streaming<proto::RunnerMessage>) -> Result<ManagerStream, Status> {
+    let state = api.state().clone();
+    let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+        .await
+        .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??;
+    let Some(proto::RunnerMessage { body: Some(In::Hello(hello)) }) = first else {
+        return Err(Error::invalid("body", "the first message must be hello").into());
+    };
+    let runner = runner_identity(hello.runner.as_ref()).map_err(Error::from)?;
+    let named = lease_refs("held_leases", &hello.held_leases).map_err(Error::from)?;
+    let welcome = leases::hello(&state.pool, &runner, &named, state.settings.lease_ttl()).await?;
+
+    let (out, rx) = mpsc::channel(OUTBOX);
+    let mut session = Session::new(state, runner, out);
+    let mut messages = vec![Out::Welcome(proto::Welcome {
+        runner_id: session.runner.id.to_string(),
+        manager_id: session.state.notifier.replica_id().to_string(),
+        heartbeat_interval_ms: session.state.settings.heartbeat_interval_ms as i64,
+        lease_ttl_ms: session.state.settings.lease_ttl_ms as i64,
+        max_batch_events: session.state.settings.max_batch_events as i32,
+        max_batch_bytes: session.state.settings.max_payload_bytes as i32 * 4,
+        resumed: welcome
+            .named
+            .iter()
+            .filter(|l| l.expires_at.is_some())
+            .map(|l| proto::ResumedLease { run_id: l.run_id.to_string(), epoch: l.epoch, acked_runner_seq: l.acked_runner_seq })
+            .collect(),
+        lost: welcome
+            .named
+            .iter()
+            .filter(|l| l.expires_at.is_none())
+            .map(|l| proto::LeaseRef { run_id: l.run_id.to_string(), epoch: l.epoch })
+            .collect(),
+    })];
+    for lease in welcome.named.iter().filter(|l| l.expires_at.is_some()) {
+        session.hold(lease.run_id, lease.epoch);
+        messages.extend(lease.commands.iter().map(|c| command_delivery(lease.run_id, lease.epoch, c)));
+    }
+    for assignment in &welcome.adopted {
+        session.hold(assignment.run.id, assignment.run.lease_epoch);
+        messages.push(Out::Assignment(convert::assignment(assignment)));
+    }
+    for message in messages {
+        session.send(message).await;
+    }
+    tracing::info!(runner = %session.runner.id, name = %session.runner.name, adopted = welcome.adopted.len(), "runner connected");
+    tokio::spawn(session.run(inbound));
+    Ok(ReceiverStream::new(rx))
+}
+
+fn command_delivery(run_id: RunId, epoch: i64, command: &crate::store::commands::CommandRecord) -> Out {
+    Out::Command(proto::CommandDelivery { run_id: run_id.to_string(), epoch, command: Some(convert::command(command)) })
+}
+
+struct Session {
+    state: AppState,
+    runner: RunnerIdentity,
+    out: mpsc::Sender<Result<proto::ManagerMessage, Status>>,
+    /// Runs this runner may still be given.
+    credit: i64,
+    /// Leases held through this stream: run -> epoch.
+    held: HashMap<RunId, i64>,
+    /// Woken when a held run gets commands.
+    commands_woken: Arc<Notify>,
+    draining: bool,
+}
+
+impl Session {
+    fn new(state: AppState, runner: RunnerIdentity, out: mpsc::Sender<Result<proto::ManagerMessage, Status>>) -> Self {
+        Self { state, runner, out, credit: 0, held: HashMap::new(), commands_woken: Arc::new(Notify::new()), draining: false }
+    }
+
+    async fn run(mut self, mut inbound: Streaming<proto::RunnerMessage>) {
+        let mut work = self.state.notifier.subscribe_work();
+        let mut fallback = tokio::time::interval(FALLBACK_POLL);
+        let shutdown = self.state.shutdown.clone();
+        loop {
+            let result = tokio::select! {
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => self.handle(message).await,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(runner = %self.runner.id, %status, "runner stream failed");
+                        break;
+                    }
+                },
+                changed = work.changed(), if self.credit > 0 && !self.draining => {
+                    if changed.is_err() { break; }
+                    self.assign().await
+                }
+                _ = self.commands_woken.notified() => self.deliver_commands().await,
+                _ = fallback.tick() => {
+                    let assigned = if self.credit > 0 && !self.draining { self.assign().await } else { Ok(()) };
+                    match assigned { Ok(()) => self.deliver_commands().await, err => err }
+                }
+                _ = shutdown.cancelled(), if !self.draining => {
+                    self.draining = true;
+                    self.send(Out::Drain(proto::Drain { deadline_ms: 0 })).await;
+                    // End the stream: the runner reconnects (to another replica) with its leases.
+                    break;
+                }
+            };
+            if let Err(err) = result {
+                // The database is unreachable or similar: end the stream; the runner
+                // reconnects with its leases and resends what was not acknowledged.
+                tracing::warn!(runner = %self.runner.id, error = %err, "runner session ended");
+                let _ = self.out.send(Err(err.into())).await;
+                break;
+            }
+            if self.out.is_closed() {
+                break;
+            }
+        }
+        for run in self.held.keys() {
+            self.state.notifier.release(*run);
+        }
+        tracing::info!(runner = %self.runner.id, "runner disconnected");
+    }
+
+    async fn send(&self, body: Out) {
+        // A failed send means the runner is gone; the loop notices `is_closed`.
+        let _ = self.out.send(Ok(proto::ManagerMessage { body: Some(body) })).await;
+    }
+
+    fn hold(&mut self, run: RunId, epoch: i64) {
+        self.held.insert(run, epoch);
+        self.state.notifier.hold(run, self.commands_woken.clone());
+    }
+
+    fn drop_lease(&mut self, run: RunId) {
+        if self.held.remove(&run).is_some() {
+            self.state.notifier.release(run);
+        }
+    }
+
+    /// Refuses one message without ending the stream.
+    async fn refuse(&mut self, run_id: &str, err: Error) -> Result<(), Error> {
+        if let Error::Unavailable(_) | Error::Internal(_) = err {
+            return Err(err);
+        }
+        if let (Error::FailedPrecondition { reason: reason::LEASE_LOST, .. }, Ok(run)) = (&err, RunId::parse("run_id", run_id)) {
+            self.drop_lease(run);
+        }
+        let status = Status::from(err);
+        self.send(Out::Error(proto::StreamError {
+            run_id: run_id.to_owned(),
+            code: format!("{:?}", status.code()),
+            message: status.message().to_owned(),
+        }))
+        .await;
+        Ok(())
+    }
+
+    async fn handle(&mut self, message: proto::RunnerMessage) -> Result<(), Error> {
+        let Some(body) = message.body else {
+            return self.refuse("", Error::invalid("body", "is required")).await;
+        };
+        match body {
+            In::Hello(_) => self.refuse("", Error::invalid("body", "hello is only the first message")).await,
+            In::Credit(credit) => {
+                if credit.slots < 0 {
+                    return self.refuse("", Error::invalid("credit.slots", "must not be negative")).await;
+                }
+                self.credit = (self.credit + i64::from(credit.slots)).min(i64::from(self.runner.max_concurrency));
+                self.assign().await
+            }
+            In::Heartbeat(beat) => self.heartbeat(beat).await,
+            In::Events(batch) => {
+                let run_id = batch.run_id.clone();
+                match self.append(batch).await {
+                    Ok(ack) => {
+                        self.send(Out::EventAck(ack)).await;
+                        Ok(())
+                    }
+                    Err(err) => self.refuse(&run_id, err).await,
+                }
+            }
+            In::CommandAck(ack) => {
+                let run_id = ack.run_id.clone();
+                let batch = proto::AppendEventsRequest {
+                    runner_id: String::new(),
+                    run_id: ack.run_id,
+                    epoch: ack.epoch,
+                    events: vec![],
+                    command_updates: ack.update.into_iter().collect(),
+                };
+                match self.append(batch).await {
+                    Ok(_) => Ok(()),
+                    Err(err) => self.refuse(&run_id, err).await,
+                }
+            }
+            In::Finish(finish) => {
+                let run_id = finish.run_id.clone();
+                match self.finish(finish).await {
+                    Ok(ack) => {
+                        self.send(Out::FinishAck(ack)).await;
+                        Ok(())
+                    }
+                    Err(err) => self.refuse(&run_id, err).await,
+                }
+            }
+            In::Release(release) => {
+                let run_id = release.run_id.clone();
+                match self.release(release).await {
+                    Ok(ack) => {
+                        self.send(Out::FinishAck(ack)).await;
+                        Ok(())
+                    }
+                    Err(err) => self.refuse(&run_id, err).await,
+                }
+            }
+        }
+    }
+
+    /// Claims runs for the runner's credit and pushes them.
+    async fn assign(&mut self) -> Result<(), Error> {
+        if self.credit <= 0 || self.draining {
+            return Ok(());
+        }
+        let claimed: Vec<Assignment> = leases::claim(&self.state.pool, &self.runner, self.credit, self.state.settings.lease_ttl()).await?;
+        self.credit -= claimed.len() as i64;
+        for assignment in &claimed {
+            self.hold(assignment.run.id, assignment.run.lease_epoch);
+            self.send(Out::Assignment(convert::assignment(assignment))).await;
+        }
+        Ok(())
+    }
+
+    /// Delivers pending commands of every held run (renewing their leases on the way).
+    async fn deliver_commands(&mut self) -> Result<(), Error> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let held: Vec<(RunId, i64)> = self.held.iter().map(|(r, e)| (*r, *e)).collect();
+        let states = leases::heartbeat(&self.state.pool, self.runner.id, &held, self.state.settings.lease_ttl()).await?;
+        for lease in states {
+            if lease.expires_at.is_none() {
+                self.drop_lease(lease.run_id);
+                self.send(Out::LeaseRevoked(proto::LeaseRevoked {
+                    run_id: lease.run_id.to_string(),
+                    epoch: lease.epoch,
+                    reason: reason::LEASE_LOST.into(),
+                }))
+                .await;
+                continue;
+            }
+            for command in &lease.commands {
+                self.send(command_delivery(lease.run_id, lease.epoch, command)).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn heartbeat(&mut self, beat: proto::HeartbeatRequest) -> Result<(), Error> {
+        let leases = match lease_refs("leases", &beat.leases) {
+            Ok(leases) => leases,
+            Err(err) => return self.refuse("", err.into()).await,
+        };
+        let states = leases::heartbeat(&self.state.pool, self.runner.id, &leases, self.state.settings.lease_ttl()).await?;
+        for lease in states.iter().filter(|l| l.expires_at.is_none()) {
+            self.drop_lease(lease.run_id);
+        }
+        self.send(Out::Heartbeat(RunnerApi::heartbeat_response(&states, self.state.settings.lease_ttl_ms))).await;
+        Ok(())
+    }
+
+    async fn append(&mut self, batch: proto::AppendEventsRequest) -> Result<proto::EventAck, Error> {
+        let run_id = RunId::parse("run_id", &batch.run_id)?;
+        let epoch = epoch(batch.epoch)?;
+        let api = RunnerApi::new(self.state.clone());
+        let events = api.events(&batch.events)?;
+        let updates = command_updates(&batch.command_updates)?;
+        if events.is_empty() && updates.is_empty() {
+            return Err(FieldError::new("events", "is empty and so is command_updates").into());
+        }
+        let outcome = leases::append(&self.state.pool, self.runner.id, run_id, epoch, events, updates).await?;
+        Ok(proto::EventAck {
+            run_id: batch.run_id,
+            epoch,
+            result: Some(proto::AppendEventsResponse {
+                first_seq: outcome.first_seq,
+                last_seq: outcome.last_seq,
+                acked_runner_seq: outcome.acked_runner_seq,
+                duplicates: outcome.duplicates,
+            }),
+        })
+    }
+
+    async fn finish(&mut self, finish: proto::FinishRunRequest) -> Result<proto::FinishAck, Error> {
+        let (epoch, outcome) = finish_outcome(&finish)?;
+        let run = leases::finish(&self.state.pool, self.runner.id, epoch, outcome).await?;
+        self.drop_lease(run.id);
+        Ok(proto::FinishAck { run_id: run.id.to_string(), epoch, status: run.status.to_proto() as i32 })
+    }
+
+    async fn release(&mut self, release: proto::Release) -> Result<proto::FinishAck, Error> {
+        let run_id = RunId::parse("run_id", &release.run_id)?;
+        let epoch = epoch(release.epoch)?;
+        leases::release(&self.state.pool, self.runner.id, run_id, epoch).await?;
+        self.drop_lease(run_id);
+        self.state.notifier.work_available();
+        Ok(proto::FinishAck { run_id: release.run_id, epoch, status: RunStatus::Pending.to_proto() as i32 })
+    }
+}

@@ -1,0 +1,255 @@
+//! Wake-ups: telling waiting runner streams, on this replica and on others, that there is
+//! new work (runs became claimable) or new commands for a run they hold.
+//!
+//! Same-replica waiters are woken in memory at once. Other replicas hear about it through
+//! PostgreSQL `NOTIFY`, coalesced: one `pg_notify` per replica every few milliseconds
+//! naming what changed, sent on its own, never inside the claim / append / finish
+//! transactions (NOTIFY takes a server-wide lock at commit and would serialise them).
+//! Each replica keeps one `LISTEN` connection; when it (re)connects it wakes everything,
+//! because notifications sent while it was away are lost. Waiters also poll slowly as a
+//! safety net, so a lost wake-up costs latency, never correctness.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentrun_shared::ids::RunId;
+use deadpool_postgres::Pool;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, watch};
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The channel every replica listens on.
+const CHANNEL: &str = "agentrun_wakeups";
+/// How long changes are gathered before one NOTIFY carries them.
+const COALESCE: Duration = Duration::from_millis(5);
+/// Run ids per NOTIFY, well under the 8000-byte payload limit.
+const RUNS_PER_NOTIFY: usize = 150;
+
+#[derive(Default)]
+struct Outgoing {
+    runs_created: bool,
+    commands: HashSet<Uuid>,
+}
+
+/// The wake-up hub of one manager replica.
+pub struct Notifier {
+    replica_id: Uuid,
+    /// Bumped whenever runs may have become claimable.
+    work: watch::Sender<u64>,
+    /// The stream that holds each leased run on this replica.
+    holders: Mutex<HashMap<Uuid, Arc<Notify>>>,
+    outgoing: Mutex<Outgoing>,
+    flush: Notify,
+}
+
+impl Notifier {
+    pub fn new(replica_id: Uuid) -> Arc<Self> {
+        Arc::new(Self {
+            replica_id,
+            work: watch::channel(0).0,
+            holders: Mutex::default(),
+            outgoing: Mutex::default(),
+            flush: Notify::new(),
+        })
+    }
+
+    pub fn replica_id(&self) -> Uuid {
+        self.replica_id
+    }
+
+    /// Runs were created, requeued or released: wake claimers everywhere.
+    pub fn work_available(&self) {
+        self.wake_work_locally();
+        self.outgoing.lock().expect("notifier lock").runs_created = true;
+        self.flush.notify_one();
+    }
+
+    /// New commands for these runs: wake the streams holding them, wherever they are.
+    pub fn commands_added(&self, runs: &[RunId]) {
+        self.poke_holders(runs.iter().map(|r| r.0));
+        self.outgoing.lock().expect("notifier lock").commands.extend(runs.iter().map(|r| r.0));
+        self.flush.notify_one();
+    }
+
+    /// A receiver that changes whenever work may be available.
+    pub fn subscribe_work(&self) -> watch::Receiver<u64> {
+        self.work.subscribe()
+    }
+
+    /// Routes command wake-ups for `run` to `holder` until [`Self::release`].
+    pub fn hold(&self, run: RunId, holder: Arc<Notify>) {
+        self.holders.lock().expect("notifier lock").insert(run.0, holder);
+    }
+
+    pub fn release(&self, run: RunId) {
+        self.holders.lock().expect("notifier lock").remove(&run.0);
+    }
+
+    fn wake_work_locally(&self) {
+        self.work.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn poke_holders(&self, runs: impl Iterator<Item = Uuid>) {
+        let holders = self.holders.lock().expect("notifier lock");
+        for run in runs {
+            if let Some(holder) = holders.get(&run) {
+                holder.notify_one();
+            }
+        }
+    }
+
+    fn wake_everything(&self) {
+        self.wake_work_locally();
+        for holder in self.holders.lock().expect("notifier lock").values() {
+            holder.notify_one();
+        }
+    }
+
+    /// Applies a wake-up from another replica.
+    fn apply(&self, payload: &str) {
+        let Ok(message) = serde_json::from_str::<Value>(payload) else {
+            tracing::warn!(payload, "unreadable wake-up ignored");
+            return;
+        };
+        if message["from"].as_str() == Some(self.replica_id.to_string().as_str()) {
+            return;
+        }
+        if message["runs"].as_bool() == Some(true) {
+            self.wake_work_locally();
+        }
+        if let Some(ids) = message["commands"].as_array() {
+            self.poke_holders(ids.iter().filter_map(|v| v.as_str()?.parse().ok()));
+        }
+    }
+
+    fn take_outgoing(&self) -> Vec<String> {
+        let taken = std::mem::take(&mut *self.outgoing.lock().expect("notifier lock"));
+        let commands: Vec<String> = taken.commands.iter().map(Uuid::to_string).collect();
+        let from = self.replica_id.to_string();
+        let mut payloads = Vec::new();
+        let mut chunks = commands.chunks(RUNS_PER_NOTIFY).peekable();
+        if taken.runs_created || chunks.peek().is_some() {
+            let first = chunks.next().unwrap_or_default();
+            payloads.push(json!({"from": from, "runs": taken.runs_created, "commands": first}).to_string());
+        }
+        payloads.extend(chunks.map(|c| json!({"from": from, "commands": c}).to_string()));
+        payloads
+    }
+}
+
+/// Sends this replica's coalesced wake-ups to the others until `shutdown`.
+pub async fn publish(notifier: Arc<Notifier>, pool: Pool, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = notifier.flush.notified() => {}
+        }
+        // Gather whatever else changes in the next few milliseconds into the same NOTIFY.
+        tokio::time::sleep(COALESCE).await;
+        for payload in notifier.take_outgoing() {
+            let sent = async {
+                let client = pool.get().await?;
+                client.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload]).await?;
+                Ok::<_, crate::error::Error>(())
+            };
+            if let Err(err) = sent.await {
+                // Other replicas fall back to polling; nothing is lost.
+                tracing::warn!(error = %err, "could not publish a wake-up");
+            }
+        }
+    }
+}
+
+/// Listens for other replicas' wake-ups until `shutdown`, reconnecting as needed.
+pub async fn listen(notifier: Arc<Notifier>, database_url: String, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let session = listen_once(&notifier, &database_url, &shutdown);
+        match session.await {
+            Ok(()) => return,
+            Err(err) => tracing::warn!(error = %err, "wake-up listener lost its connection; reconnecting"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One LISTEN connection's life. Returns Ok on shutdown, Err when the connection broke.
+async fn listen_once(notifier: &Notifier, database_url: &str, shutdown: &CancellationToken) -> Result<(), tokio_postgres::Error> {
+    let (client, mut connection) = tokio_postgres::connect(database_url, NoTls).await?;
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let statement = format!("LISTEN {CHANNEL}");
+    let listen = client.batch_execute(&statement);
+    // The connection must be polled for the LISTEN to complete.
+    tokio::pin!(listen);
+    loop {
+        tokio::select! {
+            done = &mut listen => { done?; break; }
+            message = messages.next() => match message {
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return Err(err),
+                None => return Ok(()),
+            },
+        }
+    }
+    // Anything sent while we were not listening is lost: wake everyone to look.
+    notifier.wake_everything();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            message = messages.next() => match message {
+                Some(Ok(AsyncMessage::Notification(n))) => notifier.apply(n.payload()),
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return Err(err),
+                None => return Ok(()),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wakeups_are_coalesced_and_chunked() {
+        let n = Notifier::new(Uuid::new_v4());
+        n.work_available();
+        let runs: Vec<RunId> = (0..200).map(|_| RunId::new()).collect();
+        n.commands_added(&runs);
+        n.commands_added(&runs[..10]);
+        let payloads = n.take_outgoing();
+        assert_eq!(payloads.len(), 2, "200 runs in chunks of {RUNS_PER_NOTIFY}");
+        let first: Value = serde_json::from_str(&payloads[0]).unwrap();
+        assert_eq!(first["runs"], true);
+        assert!(n.take_outgoing().is_empty());
+    }
+
+    #[test]
+    fn foreign_wakeups_reach_the_holder_and_own_ones_are_ignored() {
+        let a = Notifier::new(Uuid::new_v4());
+        let b = Notifier::new(Uuid::new_v4());
+        let run = RunId::new();
+        let holder = Arc::new(Notify::new());
+        b.hold(run, holder.clone());
+        let mut work = b.subscribe_work();
+        a.commands_added(&[run]);
+        a.work_available();
+        for payload in a.take_outgoing() {
+            b.apply(&payload);
+            a.apply(&payload);
+        }
+        assert!(work.has_changed().unwrap());
+        // notify_one stored a permit for the holder.
+        let woken = holder.notified();
+        tokio::pin!(woken);
+        assert!(woken.as_mut().enable());
+    }
+}
