@@ -264,13 +264,13 @@ impl Session {
         Ok(())
     }
 
-    /// Delivers pending commands of every held run (renewing their leases on the way).
+    /// Delivers pending commands of every held run; reports leases found lost.
     async fn deliver_commands(&mut self) -> Result<(), Error> {
         if self.held.is_empty() {
             return Ok(());
         }
         let held: Vec<(RunId, i64)> = self.held.iter().map(|(r, e)| (*r, *e)).collect();
-        let states = leases::heartbeat(&self.state.pool, self.runner.id, &held, self.state.settings.lease_ttl()).await?;
+        let states = leases::deliver_commands(&self.state.pool, self.runner.id, &held).await?;
         for lease in states {
             if lease.expires_at.is_none() {
                 self.drop_lease(lease.run_id);

@@ -180,15 +180,28 @@ pub async fn heartbeat(pool: &Pool, runner_id: RunnerId, leases: &[(RunId, i64)]
         .prepare_cached("UPDATE runners SET last_heartbeat_at = now() WHERE id = $1")
         .await?;
     tx.execute(&seen, &[&runner_id.0]).await?;
-    let states = renew(&tx, runner_id, leases, ttl).await?;
+    let states = renew(&tx, runner_id, leases, Some(ttl)).await?;
     tx.commit().await?;
     Ok(states)
 }
 
-async fn renew(tx: &impl GenericClient, runner_id: RunnerId, leases: &[(RunId, i64)], ttl: Duration) -> Result<Vec<LeaseState>> {
+/// Delivers pending commands of the runner's current leases without renewing them: the
+/// manager pushing commands must never keep a silent runner's lease alive.
+pub async fn deliver_commands(pool: &Pool, runner_id: RunnerId, leases: &[(RunId, i64)]) -> Result<Vec<LeaseState>> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let states = renew(&tx, runner_id, leases, None).await?;
+    tx.commit().await?;
+    Ok(states)
+}
+
+/// Checks the leases (extending them by `ttl` when given) and delivers their pending
+/// commands.
+async fn renew(tx: &impl GenericClient, runner_id: RunnerId, leases: &[(RunId, i64)], ttl: Option<Duration>) -> Result<Vec<LeaseState>> {
     let renew = tx
         .prepare_cached(
-            "UPDATE runs SET lease_expires_at = now() + $4::bigint * interval '1 millisecond'
+            "UPDATE runs SET lease_expires_at = coalesce(now() + $4::bigint * interval '1 millisecond',
+                                                 runs.lease_expires_at)
              FROM unnest($2::uuid[], $3::bigint[]) AS l(id, epoch)
              WHERE runs.id = l.id AND runs.lease_epoch = l.epoch AND runs.lease_runner_id = $1
                AND runs.status = ANY($5)
@@ -198,7 +211,7 @@ async fn renew(tx: &impl GenericClient, runner_id: RunnerId, leases: &[(RunId, i
     let ids: Vec<Uuid> = leases.iter().map(|(r, _)| r.0).collect();
     let epochs: Vec<i64> = leases.iter().map(|(_, e)| *e).collect();
     let rows = tx
-        .query(&renew, &[&runner_id.0, &ids, &epochs, &ttl_millis(ttl), &active_statuses()])
+        .query(&renew, &[&runner_id.0, &ids, &epochs, &ttl.map(ttl_millis), &active_statuses()])
         .await?;
     let renewed: Vec<(Uuid, SystemTime, bool, i64)> =
         rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
@@ -238,7 +251,7 @@ pub async fn hello(pool: &Pool, runner: &RunnerIdentity, named: &[(RunId, i64)],
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     upsert_runner(&tx, runner).await?;
-    let named_states = renew(&tx, runner.id, named, ttl).await?;
+    let named_states = renew(&tx, runner.id, named, Some(ttl)).await?;
     let adopt = tx
         .prepare_cached(
             "UPDATE runs SET lease_epoch = lease_epoch + 1, lease_runner_seq = 0, updated_at = now(),
