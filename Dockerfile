@@ -2,11 +2,11 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release -p agentrun-manager --bin agentrun-manager
+RUN cargo build --release --bin agentrun-manager --bin agentrun-runner --bin agentrun
 
 FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 agentrun
-COPY --from=build /src/target/release/agentrun-manager /usr/local/bin/agentrun-manager
+COPY --from=build /src/target/release/agentrun-manager /src/target/release/agentrun-runner /src/target/release/agentrun /usr/local/bin/
 USER agentrun
 EXPOSE 7400
 ENTRYPOINT ["agentrun-manager"]

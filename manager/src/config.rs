@@ -26,6 +26,13 @@ pub struct Settings {
     /// How often the sweeper looks for expired leases and timed-out runs.
     #[arg(long, env = "AGENTRUN_SWEEP_INTERVAL_MS", default_value_t = 500)]
     pub sweep_interval_ms: u64,
+    /// Safety-net poll of runner streams for work and commands, in case a wake-up was lost.
+    #[arg(
+        long,
+        env = "AGENTRUN_RUNNER_POLL_INTERVAL_MS",
+        default_value_t = 1_000
+    )]
+    pub runner_poll_interval_ms: u64,
     /// Largest accepted JSON payload (run input, command, event), in bytes.
     #[arg(long, env = "AGENTRUN_MAX_PAYLOAD_BYTES", default_value_t = DEFAULT_MAX_PAYLOAD_BYTES)]
     pub max_payload_bytes: usize,

@@ -71,7 +71,11 @@ impl Notifier {
     /// New commands for these runs: wake the streams holding them, wherever they are.
     pub fn commands_added(&self, runs: &[RunId]) {
         self.poke_holders(runs.iter().map(|r| r.0));
-        self.outgoing.lock().expect("notifier lock").commands.extend(runs.iter().map(|r| r.0));
+        self.outgoing
+            .lock()
+            .expect("notifier lock")
+            .commands
+            .extend(runs.iter().map(|r| r.0));
         self.flush.notify_one();
     }
 
@@ -82,7 +86,10 @@ impl Notifier {
 
     /// Routes command wake-ups for `run` to `holder` until [`Self::release`].
     pub fn hold(&self, run: RunId, holder: Arc<Notify>) {
-        self.holders.lock().expect("notifier lock").insert(run.0, holder);
+        self.holders
+            .lock()
+            .expect("notifier lock")
+            .insert(run.0, holder);
     }
 
     pub fn release(&self, run: RunId) {
@@ -134,7 +141,9 @@ impl Notifier {
         let mut chunks = commands.chunks(RUNS_PER_NOTIFY).peekable();
         if taken.runs_created || chunks.peek().is_some() {
             let first = chunks.next().unwrap_or_default();
-            payloads.push(json!({"from": from, "runs": taken.runs_created, "commands": first}).to_string());
+            payloads.push(
+                json!({"from": from, "runs": taken.runs_created, "commands": first}).to_string(),
+            );
         }
         payloads.extend(chunks.map(|c| json!({"from": from, "commands": c}).to_string()));
         payloads
@@ -153,7 +162,9 @@ pub async fn publish(notifier: Arc<Notifier>, pool: Pool, shutdown: Cancellation
         for payload in notifier.take_outgoing() {
             let sent = async {
                 let client = pool.get().await?;
-                client.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload]).await?;
+                client
+                    .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
+                    .await?;
                 Ok::<_, crate::error::Error>(())
             };
             if let Err(err) = sent.await {
@@ -171,7 +182,9 @@ pub async fn listen(notifier: Arc<Notifier>, database_url: String, shutdown: Can
         let session = listen_once(&notifier, &database_url, &shutdown);
         match session.await {
             Ok(()) => return,
-            Err(err) => tracing::warn!(error = %err, "wake-up listener lost its connection; reconnecting"),
+            Err(err) => {
+                tracing::warn!(error = %err, "wake-up listener lost its connection; reconnecting")
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -182,7 +195,11 @@ pub async fn listen(notifier: Arc<Notifier>, database_url: String, shutdown: Can
 }
 
 /// One LISTEN connection's life. Returns Ok on shutdown, Err when the connection broke.
-async fn listen_once(notifier: &Notifier, database_url: &str, shutdown: &CancellationToken) -> Result<(), tokio_postgres::Error> {
+async fn listen_once(
+    notifier: &Notifier,
+    database_url: &str,
+    shutdown: &CancellationToken,
+) -> Result<(), tokio_postgres::Error> {
     let (client, mut connection) = tokio_postgres::connect(database_url, NoTls).await?;
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
     let statement = format!("LISTEN {CHANNEL}");
@@ -239,7 +256,7 @@ mod tests {
         let run = RunId::new();
         let holder = Arc::new(Notify::new());
         b.hold(run, holder.clone());
-        let mut work = b.subscribe_work();
+        let work = b.subscribe_work();
         a.commands_added(&[run]);
         a.work_available();
         for payload in a.take_outgoing() {

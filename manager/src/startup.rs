@@ -36,7 +36,11 @@ impl Application {
         let pool = db::pool(url, settings.db_pool_size)?;
         db::migrate(&pool).await?;
         let listener = TcpListener::bind(settings.listen).await?;
-        Ok(Self { listener, pool, settings })
+        Ok(Self {
+            listener,
+            pool,
+            settings,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -47,7 +51,11 @@ impl Application {
 
     /// Serves until `shutdown` is cancelled, then stops the sweeper and closes the pool.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Self { listener, pool, settings } = self;
+        let Self {
+            listener,
+            pool,
+            settings,
+        } = self;
         let database_url = settings.database_url.clone().unwrap_or_default();
         let notifier = Notifier::new(Uuid::new_v4());
         let state = AppState {
@@ -59,8 +67,17 @@ impl Application {
         let tasks = TaskTracker::new();
         let background = shutdown.child_token();
         let interval = state.settings.sweep_interval();
-        tasks.spawn(sweeper::run(state.pool.clone(), notifier.clone(), interval, background.clone()));
-        tasks.spawn(notify::publish(notifier.clone(), state.pool.clone(), background.clone()));
+        tasks.spawn(sweeper::run(
+            state.pool.clone(),
+            notifier.clone(),
+            interval,
+            background.clone(),
+        ));
+        tasks.spawn(notify::publish(
+            notifier.clone(),
+            state.pool.clone(),
+            background.clone(),
+        ));
         tasks.spawn(notify::listen(notifier, database_url, background.clone()));
 
         let (health, health_service) = tonic_health::server::health_reporter();

@@ -26,7 +26,12 @@ const BATCH: i64 = 500;
 
 /// Sweeps every `interval` until `shutdown` is cancelled. Errors are logged and retried
 /// on the next tick (the database may be briefly away).
-pub async fn run(pool: Pool, notifier: Arc<Notifier>, interval: Duration, shutdown: CancellationToken) {
+pub async fn run(
+    pool: Pool,
+    notifier: Arc<Notifier>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -1,4 +1,49 @@
 //! `agentrun-runner`: connects to a manager, claims runs under fenced leases, executes
 //! their turns with a provider and streams events back.
+//!
+//! - [`connection`]: the `Connect` stream, reconnects, heartbeats, batching, drain.
+//! - [`executor`]: one task per run — commands in order, turns through a provider.
+//! - [`outbox`]: a run's unacknowledged events, numbered, bounded, resent after reconnects.
+//! - [`provider`]: the provider trait and the scripted, openai and command providers.
+//! - [`config`] and [`setup`]: settings, and the providers built from them.
 
+pub mod config;
+pub mod connection;
+pub mod executor;
+pub mod outbox;
 pub mod provider;
+pub mod setup;
+
+use agentrun_shared::proto;
+use tokio_util::sync::CancellationToken;
+
+pub use config::RunnerSettings;
+pub use connection::Runner;
+
+/// Runs a runner with these providers and advertised backend profiles until `shutdown`
+/// and the drain that follows are done.
+pub async fn run(
+    settings: RunnerSettings,
+    backend_profiles: Vec<String>,
+    providers: provider::Providers,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let runner_id = match &settings.runner_id {
+        Some(id) => uuid::Uuid::try_parse(id)
+            .map_err(|_| anyhow::anyhow!("AGENTRUN_RUNNER_ID must be a UUID"))?,
+        None => uuid::Uuid::new_v4(),
+    };
+    let identity = proto::RunnerIdentity {
+        runner_id: runner_id.to_string(),
+        name: settings.name.clone(),
+        labels: settings.labels.clone(),
+        backend_profiles,
+        queues: settings.queues.clone(),
+        max_concurrency: settings.max_concurrency as i32,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    tracing::info!(runner = %runner_id, name = %settings.name, profiles = ?identity.backend_profiles, "runner starting");
+    Runner::new(settings, identity, providers)
+        .run(shutdown)
+        .await
+}

@@ -21,27 +21,33 @@ use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use super::runner_service::{RunnerApi, command_updates, epoch, finish_outcome, lease_refs, runner_identity};
+use super::runner_service::{
+    RunnerApi, command_updates, epoch, finish_outcome, lease_refs, runner_identity,
+};
 use super::{AppState, convert};
 use crate::error::Error;
 use crate::store::leases::{self, Assignment, RunnerIdentity};
 
 /// How long a runner has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Safety-net poll for lost wake-ups.
-const FALLBACK_POLL: Duration = Duration::from_secs(1);
 /// Messages buffered towards a runner before the session waits for it to read.
 const OUTBOX: usize = 256;
 
 pub type ManagerStream = ReceiverStream<Result<proto::ManagerMessage, Status>>;
 
 /// Answers the hello and starts the session task.
-pub async fn open(api: &RunnerApi, mut inbound: Streaming<proto::RunnerMessage>) -> Result<ManagerStream, Status> {
+pub async fn open(
+    api: &RunnerApi,
+    mut inbound: Streaming<proto::RunnerMessage>,
+) -> Result<ManagerStream, Status> {
     let state = api.state().clone();
     let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
         .await
         .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??;
-    let Some(proto::RunnerMessage { body: Some(In::Hello(hello)) }) = first else {
+    let Some(proto::RunnerMessage {
+        body: Some(In::Hello(hello)),
+    }) = first
+    else {
         return Err(Error::invalid("body", "the first message must be hello").into());
     };
     let runner = runner_identity(hello.runner.as_ref()).map_err(Error::from)?;
@@ -61,18 +67,30 @@ pub async fn open(api: &RunnerApi, mut inbound: Streaming<proto::RunnerMessage>)
             .named
             .iter()
             .filter(|l| l.expires_at.is_some())
-            .map(|l| proto::ResumedLease { run_id: l.run_id.to_string(), epoch: l.epoch, acked_runner_seq: l.acked_runner_seq })
+            .map(|l| proto::ResumedLease {
+                run_id: l.run_id.to_string(),
+                epoch: l.epoch,
+                acked_runner_seq: l.acked_runner_seq,
+            })
             .collect(),
         lost: welcome
             .named
             .iter()
             .filter(|l| l.expires_at.is_none())
-            .map(|l| proto::LeaseRef { run_id: l.run_id.to_string(), epoch: l.epoch })
+            .map(|l| proto::LeaseRef {
+                run_id: l.run_id.to_string(),
+                epoch: l.epoch,
+            })
             .collect(),
     })];
     for lease in welcome.named.iter().filter(|l| l.expires_at.is_some()) {
         session.hold(lease.run_id, lease.epoch);
-        messages.extend(lease.commands.iter().map(|c| command_delivery(lease.run_id, lease.epoch, c)));
+        messages.extend(
+            lease
+                .commands
+                .iter()
+                .map(|c| command_delivery(lease.run_id, lease.epoch, c)),
+        );
     }
     for assignment in &welcome.adopted {
         session.hold(assignment.run.id, assignment.run.lease_epoch);
@@ -86,8 +104,16 @@ pub async fn open(api: &RunnerApi, mut inbound: Streaming<proto::RunnerMessage>)
     Ok(ReceiverStream::new(rx))
 }
 
-fn command_delivery(run_id: RunId, epoch: i64, command: &crate::store::commands::CommandRecord) -> Out {
-    Out::Command(proto::CommandDelivery { run_id: run_id.to_string(), epoch, command: Some(convert::command(command)) })
+fn command_delivery(
+    run_id: RunId,
+    epoch: i64,
+    command: &crate::store::commands::CommandRecord,
+) -> Out {
+    Out::Command(proto::CommandDelivery {
+        run_id: run_id.to_string(),
+        epoch,
+        command: Some(convert::command(command)),
+    })
 }
 
 struct Session {
@@ -104,13 +130,27 @@ struct Session {
 }
 
 impl Session {
-    fn new(state: AppState, runner: RunnerIdentity, out: mpsc::Sender<Result<proto::ManagerMessage, Status>>) -> Self {
-        Self { state, runner, out, credit: 0, held: HashMap::new(), commands_woken: Arc::new(Notify::new()), draining: false }
+    fn new(
+        state: AppState,
+        runner: RunnerIdentity,
+        out: mpsc::Sender<Result<proto::ManagerMessage, Status>>,
+    ) -> Self {
+        Self {
+            state,
+            runner,
+            out,
+            credit: 0,
+            held: HashMap::new(),
+            commands_woken: Arc::new(Notify::new()),
+            draining: false,
+        }
     }
 
     async fn run(mut self, mut inbound: Streaming<proto::RunnerMessage>) {
         let mut work = self.state.notifier.subscribe_work();
-        let mut fallback = tokio::time::interval(FALLBACK_POLL);
+        let mut fallback = tokio::time::interval(Duration::from_millis(
+            self.state.settings.runner_poll_interval_ms.max(10),
+        ));
         let shutdown = self.state.shutdown.clone();
         loop {
             let result = tokio::select! {
@@ -157,7 +197,10 @@ impl Session {
 
     async fn send(&self, body: Out) {
         // A failed send means the runner is gone; the loop notices `is_closed`.
-        let _ = self.out.send(Ok(proto::ManagerMessage { body: Some(body) })).await;
+        let _ = self
+            .out
+            .send(Ok(proto::ManagerMessage { body: Some(body) }))
+            .await;
     }
 
     fn hold(&mut self, run: RunId, epoch: i64) {
@@ -176,7 +219,14 @@ impl Session {
         if let Error::Unavailable(_) | Error::Internal(_) = err {
             return Err(err);
         }
-        if let (Error::FailedPrecondition { reason: reason::LEASE_LOST, .. }, Ok(run)) = (&err, RunId::parse("run_id", run_id)) {
+        if let (
+            Error::FailedPrecondition {
+                reason: reason::LEASE_LOST,
+                ..
+            },
+            Ok(run),
+        ) = (&err, RunId::parse("run_id", run_id))
+        {
             self.drop_lease(run);
         }
         let status = Status::from(err);
@@ -194,12 +244,22 @@ impl Session {
             return self.refuse("", Error::invalid("body", "is required")).await;
         };
         match body {
-            In::Hello(_) => self.refuse("", Error::invalid("body", "hello is only the first message")).await,
+            In::Hello(_) => {
+                self.refuse(
+                    "",
+                    Error::invalid("body", "hello is only the first message"),
+                )
+                .await
+            }
             In::Credit(credit) => {
                 if credit.slots < 0 {
-                    return self.refuse("", Error::invalid("credit.slots", "must not be negative")).await;
+                    return self
+                        .refuse("", Error::invalid("credit.slots", "must not be negative"))
+                        .await;
                 }
-                self.credit = (self.credit + i64::from(credit.slots)).min(i64::from(self.runner.max_concurrency));
+                // Never more runs in flight than the runner said it can execute.
+                let room = i64::from(self.runner.max_concurrency) - self.held.len() as i64;
+                self.credit = (self.credit + i64::from(credit.slots)).min(room.max(0));
                 self.assign().await
             }
             In::Heartbeat(beat) => self.heartbeat(beat).await,
@@ -255,11 +315,18 @@ impl Session {
         if self.credit <= 0 || self.draining {
             return Ok(());
         }
-        let claimed: Vec<Assignment> = leases::claim(&self.state.pool, &self.runner, self.credit, self.state.settings.lease_ttl()).await?;
+        let claimed: Vec<Assignment> = leases::claim(
+            &self.state.pool,
+            &self.runner,
+            self.credit,
+            self.state.settings.lease_ttl(),
+        )
+        .await?;
         self.credit -= claimed.len() as i64;
         for assignment in &claimed {
             self.hold(assignment.run.id, assignment.run.lease_epoch);
-            self.send(Out::Assignment(convert::assignment(assignment))).await;
+            self.send(Out::Assignment(convert::assignment(assignment)))
+                .await;
         }
         Ok(())
     }
@@ -283,7 +350,8 @@ impl Session {
                 continue;
             }
             for command in &lease.commands {
-                self.send(command_delivery(lease.run_id, lease.epoch, command)).await;
+                self.send(command_delivery(lease.run_id, lease.epoch, command))
+                    .await;
             }
         }
         Ok(())
@@ -294,15 +362,28 @@ impl Session {
             Ok(leases) => leases,
             Err(err) => return self.refuse("", err.into()).await,
         };
-        let states = leases::heartbeat(&self.state.pool, self.runner.id, &leases, self.state.settings.lease_ttl()).await?;
+        let states = leases::heartbeat(
+            &self.state.pool,
+            self.runner.id,
+            &leases,
+            self.state.settings.lease_ttl(),
+        )
+        .await?;
         for lease in states.iter().filter(|l| l.expires_at.is_none()) {
             self.drop_lease(lease.run_id);
         }
-        self.send(Out::Heartbeat(RunnerApi::heartbeat_response(&states, self.state.settings.lease_ttl_ms))).await;
+        self.send(Out::Heartbeat(RunnerApi::heartbeat_response(
+            &states,
+            self.state.settings.lease_ttl_ms,
+        )))
+        .await;
         Ok(())
     }
 
-    async fn append(&mut self, batch: proto::AppendEventsRequest) -> Result<proto::EventAck, Error> {
+    async fn append(
+        &mut self,
+        batch: proto::AppendEventsRequest,
+    ) -> Result<proto::EventAck, Error> {
         let run_id = RunId::parse("run_id", &batch.run_id)?;
         let epoch = epoch(batch.epoch)?;
         let api = RunnerApi::new(self.state.clone());
@@ -311,7 +392,15 @@ impl Session {
         if events.is_empty() && updates.is_empty() {
             return Err(FieldError::new("events", "is empty and so is command_updates").into());
         }
-        let outcome = leases::append(&self.state.pool, self.runner.id, run_id, epoch, events, updates).await?;
+        let outcome = leases::append(
+            &self.state.pool,
+            self.runner.id,
+            run_id,
+            epoch,
+            events,
+            updates,
+        )
+        .await?;
         Ok(proto::EventAck {
             run_id: batch.run_id,
             epoch,
@@ -328,7 +417,11 @@ impl Session {
         let (epoch, outcome) = finish_outcome(&finish)?;
         let run = leases::finish(&self.state.pool, self.runner.id, epoch, outcome).await?;
         self.drop_lease(run.id);
-        Ok(proto::FinishAck { run_id: run.id.to_string(), epoch, status: run.status.to_proto() as i32 })
+        Ok(proto::FinishAck {
+            run_id: run.id.to_string(),
+            epoch,
+            status: run.status.to_proto() as i32,
+        })
     }
 
     async fn release(&mut self, release: proto::Release) -> Result<proto::FinishAck, Error> {
@@ -337,6 +430,10 @@ impl Session {
         leases::release(&self.state.pool, self.runner.id, run_id, epoch).await?;
         self.drop_lease(run_id);
         self.state.notifier.work_available();
-        Ok(proto::FinishAck { run_id: release.run_id, epoch, status: RunStatus::Pending.to_proto() as i32 })
+        Ok(proto::FinishAck {
+            run_id: release.run_id,
+            epoch,
+            status: RunStatus::Pending.to_proto() as i32,
+        })
     }
 }

@@ -22,8 +22,8 @@ pub use session_service::SessionApi;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::notify::Notifier;
 use crate::error::{Error, Result};
+use crate::notify::Notifier;
 use crate::store::Tenant;
 
 /// What every handler shares.

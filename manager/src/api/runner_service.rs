@@ -34,7 +34,10 @@ impl RunnerApi {
         &self.state
     }
 
-    pub(super) fn heartbeat_response(states: &[leases::LeaseState], lease_ttl_ms: u64) -> proto::HeartbeatResponse {
+    pub(super) fn heartbeat_response(
+        states: &[leases::LeaseState],
+        lease_ttl_ms: u64,
+    ) -> proto::HeartbeatResponse {
         proto::HeartbeatResponse {
             leases: states
                 .iter()
@@ -55,7 +58,10 @@ impl RunnerApi {
         self.state.settings.lease_ttl_ms as i64
     }
 
-    pub(super) fn events(&self, events: &[proto::RunnerEvent]) -> Result<Vec<RunnerEvent>, FieldError> {
+    pub(super) fn events(
+        &self,
+        events: &[proto::RunnerEvent],
+    ) -> Result<Vec<RunnerEvent>, FieldError> {
         let max = self.state.settings.max_batch_events;
         if events.len() > max {
             return Err(FieldError::new(
@@ -101,7 +107,9 @@ impl RunnerApi {
     }
 }
 
-pub(super) fn runner_identity(r: Option<&proto::RunnerIdentity>) -> Result<RunnerIdentity, FieldError> {
+pub(super) fn runner_identity(
+    r: Option<&proto::RunnerIdentity>,
+) -> Result<RunnerIdentity, FieldError> {
     let r = r.ok_or_else(|| FieldError::new("runner", "is required"))?;
     let id = RunnerId::parse("runner.runner_id", &r.runner_id)?;
     let backend_profiles = validate::names("runner.backend_profiles", &r.backend_profiles)?;
@@ -141,16 +149,23 @@ pub(super) fn epoch(value: i64) -> Result<i64, FieldError> {
 }
 
 /// Validated `(run, epoch)` pairs; `field` names the list in errors.
-pub(super) fn lease_refs(field: &str, leases: &[proto::LeaseRef]) -> Result<Vec<(RunId, i64)>, FieldError> {
+pub(super) fn lease_refs(
+    field: &str,
+    leases: &[proto::LeaseRef],
+) -> Result<Vec<(RunId, i64)>, FieldError> {
     if leases.len() > MAX_HEARTBEAT_LEASES {
-        return Err(FieldError::new(field, format!("holds more than {MAX_HEARTBEAT_LEASES}")));
+        return Err(FieldError::new(
+            field,
+            format!("holds more than {MAX_HEARTBEAT_LEASES}"),
+        ));
     }
     leases
         .iter()
         .enumerate()
         .map(|(i, l)| {
             let run_id = RunId::parse(&format!("{field}[{i}].run_id"), &l.run_id)?;
-            let e = epoch(l.epoch).map_err(|e| FieldError::new(format!("{field}[{i}].epoch"), e.reason))?;
+            let e = epoch(l.epoch)
+                .map_err(|e| FieldError::new(format!("{field}[{i}].epoch"), e.reason))?;
             Ok((run_id, e))
         })
         .collect()
@@ -162,7 +177,10 @@ pub(super) fn finish_outcome(r: &proto::FinishRunRequest) -> Result<(i64, Finish
     let epoch = epoch(r.epoch)?;
     let status = RunStatus::from_proto("status", r.status)?;
     if !status.is_runner_outcome() {
-        return Err(FieldError::new("status", "must be completed, failed, cancelled or blocked"));
+        return Err(FieldError::new(
+            "status",
+            "must be completed, failed, cancelled or blocked",
+        ));
     }
     let failure_kind = validate::optional_name("failure_kind", &r.failure_kind)?;
     Ok((
@@ -170,13 +188,16 @@ pub(super) fn finish_outcome(r: &proto::FinishRunRequest) -> Result<(i64, Finish
         Finish {
             run_id,
             status,
-            failure_kind: failure_kind.or_else(|| (status != RunStatus::Completed).then(|| status.as_str().to_owned())),
+            failure_kind: failure_kind
+                .or_else(|| (status != RunStatus::Completed).then(|| status.as_str().to_owned())),
             message: (!r.message.is_empty()).then(|| truncate(&r.message)),
         },
     ))
 }
 
-pub(super) fn command_updates(updates: &[proto::CommandUpdate]) -> Result<Vec<CommandUpdate>, FieldError> {
+pub(super) fn command_updates(
+    updates: &[proto::CommandUpdate],
+) -> Result<Vec<CommandUpdate>, FieldError> {
     updates
         .iter()
         .enumerate()
@@ -209,7 +230,6 @@ fn truncate(text: &str) -> String {
     text[..end].to_owned()
 }
 
-
 #[tonic::async_trait]
 impl RunnerService for RunnerApi {
     type ConnectStream = super::connect::ManagerStream;
@@ -218,7 +238,9 @@ impl RunnerService for RunnerApi {
         &self,
         request: Request<Streaming<proto::RunnerMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        super::connect::open(self, request.into_inner()).await.map(Response::new)
+        super::connect::open(self, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn claim_runs(
@@ -249,8 +271,17 @@ impl RunnerService for RunnerApi {
         let r = request.get_ref();
         let runner_id = RunnerId::parse("runner_id", &r.runner_id).map_err(Error::from)?;
         let held = lease_refs("leases", &r.leases).map_err(Error::from)?;
-        let states = leases::heartbeat(&self.state.pool, runner_id, &held, self.state.settings.lease_ttl()).await?;
-        Ok(Response::new(Self::heartbeat_response(&states, self.state.settings.lease_ttl_ms)))
+        let states = leases::heartbeat(
+            &self.state.pool,
+            runner_id,
+            &held,
+            self.state.settings.lease_ttl(),
+        )
+        .await?;
+        Ok(Response::new(Self::heartbeat_response(
+            &states,
+            self.state.settings.lease_ttl_ms,
+        )))
     }
 
     async fn append_events(

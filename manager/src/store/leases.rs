@@ -173,7 +173,12 @@ pub struct LeaseState {
 
 /// Renews all the given leases of a runner in one statement, delivers pending commands of
 /// the renewed runs, and reports the rest as lost.
-pub async fn heartbeat(pool: &Pool, runner_id: RunnerId, leases: &[(RunId, i64)], ttl: Duration) -> Result<Vec<LeaseState>> {
+pub async fn heartbeat(
+    pool: &Pool,
+    runner_id: RunnerId,
+    leases: &[(RunId, i64)],
+    ttl: Duration,
+) -> Result<Vec<LeaseState>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let seen = tx
@@ -187,7 +192,11 @@ pub async fn heartbeat(pool: &Pool, runner_id: RunnerId, leases: &[(RunId, i64)]
 
 /// Delivers pending commands of the runner's current leases without renewing them: the
 /// manager pushing commands must never keep a silent runner's lease alive.
-pub async fn deliver_commands(pool: &Pool, runner_id: RunnerId, leases: &[(RunId, i64)]) -> Result<Vec<LeaseState>> {
+pub async fn deliver_commands(
+    pool: &Pool,
+    runner_id: RunnerId,
+    leases: &[(RunId, i64)],
+) -> Result<Vec<LeaseState>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let states = renew(&tx, runner_id, leases, None).await?;
@@ -197,7 +206,12 @@ pub async fn deliver_commands(pool: &Pool, runner_id: RunnerId, leases: &[(RunId
 
 /// Checks the leases (extending them by `ttl` when given) and delivers their pending
 /// commands.
-async fn renew(tx: &impl GenericClient, runner_id: RunnerId, leases: &[(RunId, i64)], ttl: Option<Duration>) -> Result<Vec<LeaseState>> {
+async fn renew(
+    tx: &impl GenericClient,
+    runner_id: RunnerId,
+    leases: &[(RunId, i64)],
+    ttl: Option<Duration>,
+) -> Result<Vec<LeaseState>> {
     let renew = tx
         .prepare_cached(
             "UPDATE runs SET lease_expires_at = coalesce(now() + $4::bigint * interval '1 millisecond',
@@ -211,10 +225,21 @@ async fn renew(tx: &impl GenericClient, runner_id: RunnerId, leases: &[(RunId, i
     let ids: Vec<Uuid> = leases.iter().map(|(r, _)| r.0).collect();
     let epochs: Vec<i64> = leases.iter().map(|(_, e)| *e).collect();
     let rows = tx
-        .query(&renew, &[&runner_id.0, &ids, &epochs, &ttl.map(ttl_millis), &active_statuses()])
+        .query(
+            &renew,
+            &[
+                &runner_id.0,
+                &ids,
+                &epochs,
+                &ttl.map(ttl_millis),
+                &active_statuses(),
+            ],
+        )
         .await?;
-    let renewed: Vec<(Uuid, SystemTime, bool, i64)> =
-        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    let renewed: Vec<(Uuid, SystemTime, bool, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
     let renewed_ids: Vec<Uuid> = renewed.iter().map(|r| r.0).collect();
     let mut delivered = commands::deliver_pending(tx, &renewed_ids).await?;
 
@@ -247,7 +272,12 @@ pub struct Welcome {
 /// Registers a connecting runner and settles its leases in one transaction. Adopted runs
 /// get a new epoch (fencing any older incarnation of the runner) and all their open
 /// commands again.
-pub async fn hello(pool: &Pool, runner: &RunnerIdentity, named: &[(RunId, i64)], ttl: Duration) -> Result<Welcome> {
+pub async fn hello(
+    pool: &Pool,
+    runner: &RunnerIdentity,
+    named: &[(RunId, i64)],
+    ttl: Duration,
+) -> Result<Welcome> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     upsert_runner(&tx, runner).await?;
@@ -262,9 +292,20 @@ pub async fn hello(pool: &Pool, runner: &RunnerIdentity, named: &[(RunId, i64)],
         .await?;
     let named_ids: Vec<Uuid> = named.iter().map(|(r, _)| r.0).collect();
     let rows = tx
-        .query(&adopt, &[&runner.id.0, &named_ids, &ttl_millis(ttl), &active_statuses()])
+        .query(
+            &adopt,
+            &[
+                &runner.id.0,
+                &named_ids,
+                &ttl_millis(ttl),
+                &active_statuses(),
+            ],
+        )
         .await?;
-    let adopted: Vec<RunRecord> = rows.iter().map(RunRecord::from_row).collect::<Result<_>>()?;
+    let adopted: Vec<RunRecord> = rows
+        .iter()
+        .map(RunRecord::from_row)
+        .collect::<Result<_>>()?;
     let adopted_ids: Vec<Uuid> = adopted.iter().map(|r| r.id.0).collect();
     let resumed_events: Vec<(RunId, NewEvent)> = adopted
         .iter()
@@ -288,10 +329,16 @@ pub async fn hello(pool: &Pool, runner: &RunnerIdentity, named: &[(RunId, i64)],
         .map(|run| {
             let (mine, rest) = delivered.drain(..).partition(|c| c.run_id == run.id);
             delivered = rest;
-            Assignment { run, commands: mine }
+            Assignment {
+                run,
+                commands: mine,
+            }
         })
         .collect();
-    Ok(Welcome { named: named_states, adopted })
+    Ok(Welcome {
+        named: named_states,
+        adopted,
+    })
 }
 
 /// Locks a run for a write by the runner holding `epoch`; anything else is `lease_lost`.

@@ -13,6 +13,10 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub mod command;
+pub mod openai;
+pub mod scripted;
+
 /// One turn to execute.
 #[derive(Debug, Clone)]
 pub struct TurnRequest {
@@ -95,7 +99,13 @@ pub trait Provider: Send + Sync {
 pub type Providers = Vec<(String, Arc<dyn Provider>)>;
 
 /// The provider serving `backend_profile` ("openai:gpt-4o" is served by "openai").
-pub fn for_profile<'a>(providers: &'a Providers, backend_profile: &str) -> Option<&'a Arc<dyn Provider>> {
+pub fn for_profile<'a>(
+    providers: &'a Providers,
+    backend_profile: &str,
+) -> Option<&'a Arc<dyn Provider>> {
     let family = backend_profile.split(':').next().unwrap_or_default();
-    providers.iter().find(|(name, _)| name == family).map(|(_, p)| p)
+    providers
+        .iter()
+        .find(|(name, _)| name == family)
+        .map(|(_, p)| p)
 }

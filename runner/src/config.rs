@@ -1,0 +1,94 @@
+//! Runner settings, from flags or environment variables (flags win).
+
+use std::time::Duration;
+
+/// How a runner connects and what it serves.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunnerSettings {
+    /// The manager's gRPC URL.
+    #[arg(
+        long,
+        env = "AGENTRUN_MANAGER_URL",
+        default_value = "http://127.0.0.1:7400"
+    )]
+    pub manager_url: String,
+    /// A stable runner id (UUID). With one, a restarted runner gets its leases back at
+    /// once instead of waiting for them to expire. Default: a new id per process.
+    #[arg(long, env = "AGENTRUN_RUNNER_ID")]
+    pub runner_id: Option<String>,
+    /// Display name.
+    #[arg(long, env = "AGENTRUN_RUNNER_NAME", default_value = "runner")]
+    pub name: String,
+    /// Backend profiles served (comma-separated). Default: `scripted`, plus `openai` when
+    /// an OpenAI key or base URL is set, plus `command` when a command is set.
+    #[arg(long, env = "AGENTRUN_BACKEND_PROFILES", value_delimiter = ',')]
+    pub backend_profiles: Vec<String>,
+    /// Labels this runner has (comma-separated); it takes runs whose labels it all has.
+    #[arg(long, env = "AGENTRUN_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Queues it takes runs from (comma-separated). Default: `default`.
+    #[arg(long, env = "AGENTRUN_QUEUES", value_delimiter = ',')]
+    pub queues: Vec<String>,
+    /// Runs executed at once.
+    #[arg(long, env = "AGENTRUN_MAX_CONCURRENCY", default_value_t = 4)]
+    pub max_concurrency: u32,
+    /// How long events wait to be batched before they are sent.
+    #[arg(long, env = "AGENTRUN_LINGER_MS", default_value_t = 5)]
+    pub linger_ms: u64,
+    /// Unacknowledged events kept per run before its provider has to wait.
+    #[arg(long, env = "AGENTRUN_MAX_BUFFERED_EVENTS", default_value_t = 10_000)]
+    pub max_buffered_events: usize,
+    /// On SIGTERM: how long running runs may take to finish before they are released.
+    #[arg(long, env = "AGENTRUN_DRAIN_GRACE_MS", default_value_t = 30_000)]
+    pub drain_grace_ms: u64,
+    /// How long a run whose turn was interrupted waits for a next turn before completing.
+    #[arg(long, env = "AGENTRUN_IDLE_TIMEOUT_MS", default_value_t = 600_000)]
+    pub idle_timeout_ms: u64,
+    /// Longest wait between reconnection attempts.
+    #[arg(long, env = "AGENTRUN_MAX_BACKOFF_MS", default_value_t = 5_000)]
+    pub max_backoff_ms: u64,
+}
+
+impl RunnerSettings {
+    pub fn linger(&self) -> Duration {
+        Duration::from_millis(self.linger_ms)
+    }
+
+    pub fn drain_grace(&self) -> Duration {
+        Duration::from_millis(self.drain_grace_ms)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    pub fn max_backoff(&self) -> Duration {
+        Duration::from_millis(self.max_backoff_ms)
+    }
+}
+
+/// Provider settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProviderSettings {
+    /// Pause between tokens of the scripted provider.
+    #[arg(long, env = "AGENTRUN_SCRIPTED_TOKEN_DELAY_MS", default_value_t = 25)]
+    pub scripted_token_delay_ms: u64,
+    /// Base URL of an OpenAI-compatible API (OpenAI, vLLM, Ollama, llama.cpp server).
+    #[arg(long, env = "OPENAI_BASE_URL")]
+    pub openai_base_url: Option<String>,
+    /// API key for it.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<String>,
+    /// Model of the `openai` profile (`openai:<model>` names its own).
+    #[arg(long, env = "AGENTRUN_OPENAI_MODEL", default_value = "gpt-4o-mini")]
+    pub openai_model: String,
+    /// Longest wait to connect, for a response to start, or between streamed chunks.
+    #[arg(long, env = "AGENTRUN_OPENAI_TIMEOUT_MS", default_value_t = 60_000)]
+    pub openai_timeout_ms: u64,
+    /// An agent CLI for the `command` profile, run with `sh -c` per turn.
+    #[arg(long, env = "AGENTRUN_COMMAND")]
+    pub command: Option<String>,
+    /// How long the agent CLI has to exit after SIGTERM before SIGKILL.
+    #[arg(long, env = "AGENTRUN_COMMAND_GRACE_MS", default_value_t = 2_000)]
+    pub command_grace_ms: u64,
+}

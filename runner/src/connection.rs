@@ -1,0 +1,479 @@
+//! The runner's one `Connect` stream to the manager, and what it survives.
+//!
+//! A session: send `hello` naming the leases still held, apply the `welcome` (rewind each
+//! run's outbox to what the manager acknowledged, drop lost runs, resend unacknowledged
+//! finishes), give credit for the free slots, then until the stream ends: start assigned
+//! runs, route commands to them, heartbeat all leases in one message, flush event
+//! batches (on size, or after a few milliseconds of linger), and acknowledge finishes.
+//! When the stream breaks the runs keep executing (their outboxes fill, then providers
+//! wait) while the runner reconnects with capped, jittered exponential backoff.
+//!
+//! On shutdown (SIGTERM) it drains: no more credit, running runs get the grace period to
+//! finish, then the rest are released back to the queue, and it returns.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentrun_shared::proto::{
+    self, manager_message::Body as In, runner_message::Body as Out,
+    runner_service_client::RunnerServiceClient,
+};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::RunnerSettings;
+use crate::executor::{self, RunContext, Upward};
+use crate::outbox::Outbox;
+use crate::provider::Providers;
+
+/// Messages queued towards the manager before the connection waits.
+const OUTGOING: usize = 1024;
+/// After the drain grace: how long released runs wait for the manager's acknowledgement.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// A run this process is executing.
+struct RunHandle {
+    epoch: i64,
+    outbox: Arc<Outbox>,
+    commands: mpsc::UnboundedSender<proto::Command>,
+    abort: CancellationToken,
+    /// Sent, not yet acknowledged: resent after a reconnect.
+    finish: Option<proto::FinishRunRequest>,
+}
+
+/// Runs whose outbox has events to send.
+#[derive(Default)]
+struct Dirty {
+    runs: Mutex<HashSet<String>>,
+    notify: Notify,
+}
+
+impl Dirty {
+    fn mark(&self, run_id: &str) {
+        self.runs
+            .lock()
+            .expect("dirty lock")
+            .insert(run_id.to_owned());
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> HashSet<String> {
+        std::mem::take(&mut *self.runs.lock().expect("dirty lock"))
+    }
+}
+
+/// How a session ended.
+enum SessionEnd {
+    /// The stream broke or the manager went away: reconnect.
+    Disconnected,
+    /// Drained after shutdown: exit.
+    Drained,
+}
+
+/// The runner: its identity, its runs, and the connection loop.
+pub struct Runner {
+    settings: RunnerSettings,
+    identity: proto::RunnerIdentity,
+    providers: Arc<Providers>,
+    runs: HashMap<String, RunHandle>,
+    upward_tx: mpsc::UnboundedSender<Upward>,
+    upward_rx: mpsc::UnboundedReceiver<Upward>,
+    dirty: Arc<Dirty>,
+    draining: Option<Instant>,
+}
+
+impl Runner {
+    pub fn new(
+        settings: RunnerSettings,
+        identity: proto::RunnerIdentity,
+        providers: Providers,
+    ) -> Self {
+        let (upward_tx, upward_rx) = mpsc::unbounded_channel();
+        Self {
+            settings,
+            identity,
+            providers: Arc::new(providers),
+            runs: HashMap::new(),
+            upward_tx,
+            upward_rx,
+            dirty: Arc::new(Dirty::default()),
+            draining: None,
+        }
+    }
+
+    /// Connects, works, reconnects, until `shutdown` and the drain are done.
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let connected_at = Instant::now();
+            match self.session(&shutdown).await {
+                Ok(SessionEnd::Drained) => return Ok(()),
+                Ok(SessionEnd::Disconnected) => {
+                    tracing::warn!("disconnected from the manager; reconnecting")
+                }
+                Err(err) => tracing::warn!(error = %err, "cannot reach the manager; retrying"),
+            }
+            if connected_at.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
+            // Full jitter: a fleet that lost its manager does not come back in lockstep.
+            let wait = backoff.mul_f64(fastrand::f64());
+            backoff = (backoff * 2).min(self.settings.max_backoff());
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled(), if self.draining.is_none() => self.start_drain(),
+            }
+            if self
+                .draining
+                .is_some_and(|deadline| Instant::now() >= deadline)
+                || (self.draining.is_some() && self.runs.is_empty())
+            {
+                // The manager cannot be reached to release runs; their leases expire.
+                self.abort_all();
+                return Ok(());
+            }
+        }
+    }
+
+    fn start_drain(&mut self) {
+        tracing::info!(
+            runs = self.runs.len(),
+            "draining: no new work, finishing running runs"
+        );
+        self.draining = Some(Instant::now() + self.settings.drain_grace());
+    }
+
+    fn abort_all(&mut self) {
+        for (_, run) in self.runs.drain() {
+            run.abort.cancel();
+        }
+    }
+
+    async fn connect(&self) -> anyhow::Result<RunnerServiceClient<Channel>> {
+        let channel = Endpoint::from_shared(self.settings.manager_url.clone())?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect()
+            .await?;
+        Ok(RunnerServiceClient::new(channel))
+    }
+
+    async fn session(&mut self, shutdown: &CancellationToken) -> anyhow::Result<SessionEnd> {
+        let mut client = self.connect().await?;
+        let (tx, rx) = mpsc::channel::<proto::RunnerMessage>(OUTGOING);
+        let held: Vec<proto::LeaseRef> = self
+            .runs
+            .iter()
+            .map(|(run_id, run)| proto::LeaseRef {
+                run_id: run_id.clone(),
+                epoch: run.epoch,
+            })
+            .collect();
+        send(
+            &tx,
+            Out::Hello(proto::Hello {
+                runner: Some(self.identity.clone()),
+                held_leases: held,
+            }),
+        )
+        .await;
+        let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+        let Some(proto::ManagerMessage {
+            body: Some(In::Welcome(welcome)),
+        }) = inbound.message().await?
+        else {
+            anyhow::bail!("the manager did not answer hello with welcome");
+        };
+        self.apply_welcome(&welcome, &tx).await;
+        tracing::info!(manager = %welcome.manager_id, runs = self.runs.len(), "connected");
+        if self.draining.is_none() {
+            let free = self.free_slots();
+            if free > 0 {
+                send(&tx, Out::Credit(proto::Credit { slots: free })).await;
+            }
+        }
+
+        let heartbeat_every = Duration::from_millis(welcome.heartbeat_interval_ms.max(100) as u64);
+        let max_batch = (welcome.max_batch_events.max(1) as usize).min(10_000);
+        let mut heartbeat =
+            tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);
+        let mut linger: Option<Instant> = None;
+        loop {
+            if let Some(deadline) = self.draining {
+                if self.runs.is_empty() {
+                    return Ok(SessionEnd::Drained);
+                }
+                if Instant::now() >= deadline {
+                    self.release_all(&tx).await;
+                }
+                if Instant::now() >= deadline + RELEASE_WAIT {
+                    // Releases not acknowledged in time: their leases simply expire.
+                    self.abort_all();
+                    return Ok(SessionEnd::Drained);
+                }
+            }
+            let drain_wake = match self.draining {
+                Some(deadline) if Instant::now() < deadline => deadline,
+                Some(deadline) => deadline + RELEASE_WAIT,
+                None => Instant::now() + Duration::from_secs(3600),
+            };
+            tokio::select! {
+                message = inbound.message() => match message? {
+                    Some(proto::ManagerMessage { body: Some(body) }) => self.on_message(body, &tx).await,
+                    Some(_) => {}
+                    None => return Ok(SessionEnd::Disconnected),
+                },
+                Some(upward) = self.upward_rx.recv() => match upward {
+                    Upward::CommandAck(ack) => {
+                        // The ack must not overtake events the run pushed before it.
+                        self.flush_run(&ack.run_id, max_batch, &tx).await;
+                        send(&tx, Out::CommandAck(ack)).await;
+                    }
+                    Upward::Finish(finish) => {
+                        if let Some(run) = self.runs.get_mut(&finish.run_id) {
+                            run.finish = Some(finish.clone());
+                            send(&tx, Out::Finish(finish)).await;
+                        }
+                    }
+                },
+                _ = self.dirty.notify.notified() => {
+                    linger.get_or_insert_with(|| Instant::now() + self.settings.linger());
+                }
+                _ = sleep_until(linger), if linger.is_some() => {
+                    linger = None;
+                    for run_id in self.dirty.take() {
+                        self.flush_run(&run_id, max_batch, &tx).await;
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let leases = self
+                        .runs
+                        .iter()
+                        .map(|(run_id, run)| proto::LeaseRef { run_id: run_id.clone(), epoch: run.epoch })
+                        .collect();
+                    send(&tx, Out::Heartbeat(proto::HeartbeatRequest { runner_id: self.identity.runner_id.clone(), leases })).await;
+                }
+                _ = shutdown.cancelled(), if self.draining.is_none() => self.start_drain(),
+                _ = tokio::time::sleep_until(drain_wake), if self.draining.is_some() => {}
+            }
+        }
+    }
+
+    fn free_slots(&self) -> i32 {
+        (self.settings.max_concurrency as i32 - self.runs.len() as i32).max(0)
+    }
+
+    async fn apply_welcome(
+        &mut self,
+        welcome: &proto::Welcome,
+        tx: &mpsc::Sender<proto::RunnerMessage>,
+    ) {
+        for lost in &welcome.lost {
+            if let Some(run) = self.runs.remove(&lost.run_id) {
+                // A finish sent before the break may be why the lease is gone; either
+                // way nothing more may be written for this run.
+                if run.finish.is_none() {
+                    tracing::warn!(run = %lost.run_id, "lease lost while disconnected; stopping the run");
+                }
+                run.abort.cancel();
+            }
+        }
+        for resumed in &welcome.resumed {
+            if let Some(run) = self.runs.get(&resumed.run_id) {
+                run.outbox.rewind(resumed.acked_runner_seq);
+                if let Some(finish) = &run.finish {
+                    send(tx, Out::Finish(finish.clone())).await;
+                }
+                self.dirty.mark(&resumed.run_id);
+            }
+        }
+    }
+
+    async fn on_message(&mut self, body: In, tx: &mpsc::Sender<proto::RunnerMessage>) {
+        match body {
+            In::Assignment(assignment) => self.start_run(assignment, tx).await,
+            In::Heartbeat(response) => {
+                for lease in response.leases {
+                    if !lease.held {
+                        self.lose(&lease.run_id, "lease lost");
+                        continue;
+                    }
+                    for command in lease.commands {
+                        self.route(&lease.run_id, lease.epoch, command);
+                    }
+                }
+            }
+            In::EventAck(ack) => {
+                if let (Some(run), Some(result)) = (self.runs.get(&ack.run_id), ack.result)
+                    && run.epoch == ack.epoch
+                {
+                    run.outbox.ack(result.acked_runner_seq);
+                }
+            }
+            In::Command(delivery) => {
+                if let Some(command) = delivery.command {
+                    self.route(&delivery.run_id, delivery.epoch, command);
+                }
+            }
+            In::LeaseRevoked(revoked) => self.lose(&revoked.run_id, &revoked.reason),
+            In::Drain(_) => {
+                tracing::info!("the manager asked us to drain this connection; reconnecting")
+            }
+            In::Error(error) => {
+                tracing::warn!(run = %error.run_id, code = %error.code, message = %error.message, "the manager refused a message");
+                // A refused run cannot make progress here: stop it; the manager moves it on.
+                if !error.run_id.is_empty() {
+                    self.lose(&error.run_id, &error.message);
+                    if self.draining.is_none() {
+                        send(tx, Out::Credit(proto::Credit { slots: 1 })).await;
+                    }
+                }
+            }
+            In::FinishAck(ack) => {
+                if let Some(run) = self.runs.remove(&ack.run_id) {
+                    run.abort.cancel();
+                    if self.draining.is_none() {
+                        send(tx, Out::Credit(proto::Credit { slots: 1 })).await;
+                    }
+                }
+            }
+            In::Welcome(_) => tracing::warn!("unexpected second welcome ignored"),
+        }
+    }
+
+    async fn start_run(
+        &mut self,
+        assignment: proto::Assignment,
+        tx: &mpsc::Sender<proto::RunnerMessage>,
+    ) {
+        let Some(run) = assignment.run else { return };
+        if self.runs.contains_key(&run.run_id) {
+            return;
+        }
+        if self.draining.is_some() {
+            // Credit given before the drain began: give the run straight back.
+            send(
+                tx,
+                Out::Release(proto::Release {
+                    run_id: run.run_id.clone(),
+                    epoch: assignment.epoch,
+                    reason: "draining".into(),
+                }),
+            )
+            .await;
+            return;
+        }
+        let dirty = self.dirty.clone();
+        let run_id = run.run_id.clone();
+        let outbox = Arc::new(Outbox::new(self.settings.max_buffered_events, move || {
+            dirty.mark(&run_id)
+        }));
+        let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+        for command in assignment.commands {
+            let _ = commands_tx.send(command);
+        }
+        let abort = CancellationToken::new();
+        let ctx = RunContext {
+            run: run.clone(),
+            epoch: assignment.epoch,
+            runner_id: self.identity.runner_id.clone(),
+            providers: self.providers.clone(),
+            outbox: outbox.clone(),
+            upward: self.upward_tx.clone(),
+            abort: abort.clone(),
+            idle_timeout: self.settings.idle_timeout(),
+        };
+        tracing::info!(run = %run.run_id, epoch = assignment.epoch, profile = %run.backend_profile, "run assigned");
+        tokio::spawn(executor::execute(ctx, commands_rx));
+        self.runs.insert(
+            run.run_id,
+            RunHandle {
+                epoch: assignment.epoch,
+                outbox,
+                commands: commands_tx,
+                abort,
+                finish: None,
+            },
+        );
+    }
+
+    fn route(&self, run_id: &str, epoch: i64, command: proto::Command) {
+        if let Some(run) = self.runs.get(run_id)
+            && run.epoch == epoch
+        {
+            let _ = run.commands.send(command);
+        }
+    }
+
+    fn lose(&mut self, run_id: &str, why: &str) {
+        if let Some(run) = self.runs.remove(run_id) {
+            if run.finish.is_none() {
+                tracing::warn!(run = %run_id, reason = %why, "stopping a run whose lease is gone");
+            }
+            run.abort.cancel();
+        }
+    }
+
+    async fn flush_run(
+        &self,
+        run_id: &str,
+        max_batch: usize,
+        tx: &mpsc::Sender<proto::RunnerMessage>,
+    ) {
+        let Some(run) = self.runs.get(run_id) else {
+            return;
+        };
+        loop {
+            let events = run.outbox.take_unsent(max_batch);
+            if events.is_empty() {
+                return;
+            }
+            let batch = proto::AppendEventsRequest {
+                runner_id: self.identity.runner_id.clone(),
+                run_id: run_id.to_owned(),
+                epoch: run.epoch,
+                events,
+                command_updates: vec![],
+            };
+            send(tx, Out::Events(batch)).await;
+        }
+    }
+
+    /// Past the drain deadline: give every unfinished run back to the queue.
+    async fn release_all(&mut self, tx: &mpsc::Sender<proto::RunnerMessage>) {
+        for (run_id, run) in &mut self.runs {
+            if run.finish.is_some() || run.abort.is_cancelled() {
+                continue;
+            }
+            tracing::info!(run = %run_id, "drain grace over: releasing the run");
+            run.abort.cancel();
+            send(
+                tx,
+                Out::Release(proto::Release {
+                    run_id: run_id.clone(),
+                    epoch: run.epoch,
+                    reason: "runner draining".into(),
+                }),
+            )
+            .await;
+        }
+    }
+}
+
+async fn send(tx: &mpsc::Sender<proto::RunnerMessage>, body: Out) {
+    // A failed send means the stream is gone; the session loop notices and reconnects.
+    let _ = tx.send(proto::RunnerMessage { body: Some(body) }).await;
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

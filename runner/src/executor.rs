@@ -1,0 +1,425 @@
+//! One task per leased run: carries out its commands in order and runs its turns with a
+//! provider.
+//!
+//! - `turn` starts a turn, or, while one is active, follows its delivery policy: `queue`
+//!   (run it next), `interrupt` (stop the active turn, then run it), `steer` (feed it to
+//!   the active turn).
+//! - `steer` feeds text into the active turn; `resolve` hands an answer to it.
+//! - `interrupt` stops the active turn and keeps the run for the next turn.
+//! - `cancel` stops everything and the run ends `cancelled`.
+//!
+//! The run ends `completed` when a turn completes and none is queued, `failed` when a
+//! turn fails. After an interrupted turn it waits for the next turn up to an idle
+//! timeout. Before finishing it waits until every event is acknowledged, so the finish
+//! never overtakes its own events. If the lease is lost the task stops at once and
+//! writes nothing more.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentrun_shared::proto::{self, CommandKind, CommandStatus, RunStatus, TurnDeliveryPolicy};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::outbox::Outbox;
+use crate::provider::{
+    self, Exchange, ProviderError, Providers, TurnContext, TurnOutcome, TurnRequest,
+};
+
+/// What a run task asks of the connection.
+#[derive(Debug)]
+pub enum Upward {
+    CommandAck(proto::CommandAck),
+    Finish(proto::FinishRunRequest),
+}
+
+/// Everything a run task needs.
+pub struct RunContext {
+    pub run: proto::Run,
+    pub epoch: i64,
+    pub runner_id: String,
+    pub providers: Arc<Providers>,
+    pub outbox: Arc<Outbox>,
+    pub upward: mpsc::UnboundedSender<Upward>,
+    /// Fires when the lease is lost or revoked: stop, write nothing.
+    pub abort: CancellationToken,
+    pub idle_timeout: Duration,
+}
+
+/// Provider events buffered between a provider and its run task.
+const PROVIDER_EVENTS: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    Interrupted,
+    Cancelled,
+}
+
+struct ActiveTurn {
+    command: proto::Command,
+    turn_id: String,
+    prompt: String,
+    stop: CancellationToken,
+    stop_reason: Option<StopReason>,
+    steer: mpsc::Sender<String>,
+    events: mpsc::Receiver<provider::ProviderEvent>,
+    task: JoinHandle<TurnOutcome>,
+}
+
+enum Ending {
+    Finish(RunStatus, Option<(String, String)>),
+    Aborted,
+}
+
+/// Executes a run until it ends or its lease is lost.
+pub async fn execute(ctx: RunContext, mut commands: mpsc::UnboundedReceiver<proto::Command>) {
+    let run_id = ctx.run.run_id.clone();
+    let ending = Executor::new(&ctx).drive(&mut commands).await;
+    if let Ending::Finish(status, failure) = ending {
+        // The finish must not overtake the run's own events.
+        tokio::select! {
+            _ = ctx.outbox.all_acked() => {}
+            _ = ctx.abort.cancelled() => return,
+        }
+        let (failure_kind, message) = failure.unwrap_or_default();
+        let finish = proto::FinishRunRequest {
+            runner_id: ctx.runner_id.clone(),
+            run_id: run_id.clone(),
+            epoch: ctx.epoch,
+            status: status as i32,
+            failure_kind,
+            message,
+        };
+        let _ = ctx.upward.send(Upward::Finish(finish));
+    }
+    tracing::debug!(run = %run_id, "run task ended");
+}
+
+struct Executor<'a> {
+    ctx: &'a RunContext,
+    queue: VecDeque<proto::Command>,
+    active: Option<ActiveTurn>,
+    history: Vec<Exchange>,
+    last_seq: i64,
+    cancelled: bool,
+    /// How the last turn ended.
+    last_state: Option<&'static str>,
+    last_error: Option<ProviderError>,
+}
+
+impl<'a> Executor<'a> {
+    fn new(ctx: &'a RunContext) -> Self {
+        Self {
+            ctx,
+            queue: VecDeque::new(),
+            active: None,
+            history: Vec::new(),
+            last_seq: 0,
+            cancelled: false,
+            last_state: None,
+            last_error: None,
+        }
+    }
+
+    async fn drive(&mut self, commands: &mut mpsc::UnboundedReceiver<proto::Command>) -> Ending {
+        let idle = tokio::time::sleep(self.ctx.idle_timeout);
+        tokio::pin!(idle);
+        loop {
+            if self.active.is_none() {
+                if let Some(ending) = self.next_step().await {
+                    return ending;
+                }
+                if self.active.is_none() {
+                    idle.as_mut()
+                        .reset(tokio::time::Instant::now() + self.ctx.idle_timeout);
+                }
+            }
+            tokio::select! {
+                _ = self.ctx.abort.cancelled() => {
+                    if let Some(active) = self.active.take() {
+                        active.stop.cancel();
+                    }
+                    return Ending::Aborted;
+                }
+                command = commands.recv() => match command {
+                    Some(command) => self.on_command(command).await,
+                    None => return Ending::Aborted,
+                },
+                event = async { self.active.as_mut().expect("guarded").events.recv().await }, if self.active.is_some() => {
+                    match event {
+                        Some(event) => self.ctx.outbox.push(event.event_type, event.payload).await,
+                        None => self.end_turn().await,
+                    }
+                }
+                _ = &mut idle, if self.active.is_none() => {
+                    tracing::info!(run = %self.ctx.run.run_id, "idle timeout: completing the run");
+                    return Ending::Finish(RunStatus::Completed, None);
+                }
+            }
+        }
+    }
+
+    /// With no active turn: start the next queued one, or decide how the run ends.
+    async fn next_step(&mut self) -> Option<Ending> {
+        if self.cancelled {
+            return Some(Ending::Finish(
+                RunStatus::Cancelled,
+                Some(("cancelled".into(), "cancellation was requested".into())),
+            ));
+        }
+        if let Some(next) = self.queue.pop_front() {
+            self.start_turn(next).await;
+            return None;
+        }
+        match self.last_state {
+            Some("completed") => Some(Ending::Finish(RunStatus::Completed, None)),
+            Some("failed") => {
+                let error = self.last_error.clone().unwrap_or_else(|| ProviderError {
+                    kind: "provider_error".into(),
+                    message: "the turn failed".into(),
+                    retryable: false,
+                });
+                let kind = if error.retryable {
+                    "provider_retryable"
+                } else {
+                    "provider_error"
+                };
+                Some(Ending::Finish(
+                    RunStatus::Failed,
+                    Some((kind.into(), error.to_string())),
+                ))
+            }
+            // Interrupted, or no turn yet: wait for the next turn command.
+            _ => None,
+        }
+    }
+
+    async fn ack(&self, command: &proto::Command, status: CommandStatus, error: &str) {
+        let _ = self.ctx.upward.send(Upward::CommandAck(proto::CommandAck {
+            run_id: self.ctx.run.run_id.clone(),
+            epoch: self.ctx.epoch,
+            update: Some(proto::CommandUpdate {
+                command_id: command.command_id.clone(),
+                status: status as i32,
+                error: error.to_owned(),
+            }),
+        }));
+    }
+
+    fn payload(command: &proto::Command) -> Value {
+        serde_json::from_str(&command.payload_json).unwrap_or(Value::Null)
+    }
+
+    async fn on_command(&mut self, command: proto::Command) {
+        // Commands come in seq order; a redelivered one was handled already.
+        if command.seq <= self.last_seq {
+            return;
+        }
+        self.last_seq = command.seq;
+        let payload = Self::payload(&command);
+        let text = |key: &str| payload[key].as_str().unwrap_or_default().to_owned();
+        match CommandKind::try_from(command.kind).unwrap_or(CommandKind::Unspecified) {
+            CommandKind::Turn => {
+                self.ack(&command, CommandStatus::Acknowledged, "").await;
+                let policy = TurnDeliveryPolicy::try_from(command.delivery_policy)
+                    .unwrap_or(TurnDeliveryPolicy::Queue);
+                match (&self.active, policy) {
+                    (Some(active), TurnDeliveryPolicy::Steer) => {
+                        let delivered = active.steer.send(text("prompt")).await.is_ok();
+                        let (status, error) = if delivered {
+                            (CommandStatus::Completed, "")
+                        } else {
+                            (CommandStatus::Failed, "the active turn had ended")
+                        };
+                        self.ack(&command, status, error).await;
+                    }
+                    (Some(_), TurnDeliveryPolicy::Interrupt) => {
+                        self.stop_active(StopReason::Interrupted);
+                        self.queue.push_front(command);
+                    }
+                    _ => self.queue.push_back(command),
+                }
+            }
+            CommandKind::Steer | CommandKind::Resolve => {
+                let input = if command.kind == CommandKind::Steer as i32 {
+                    text("text")
+                } else {
+                    text("decision")
+                };
+                let delivered = match &self.active {
+                    Some(active) => active.steer.send(input).await.is_ok(),
+                    None => false,
+                };
+                let (status, error) = if delivered {
+                    (CommandStatus::Completed, "")
+                } else {
+                    (CommandStatus::Failed, "no turn is active")
+                };
+                self.ack(&command, status, error).await;
+            }
+            CommandKind::Interrupt => {
+                self.stop_active(StopReason::Interrupted);
+                self.ack(&command, CommandStatus::Completed, "").await;
+            }
+            CommandKind::Cancel => {
+                self.cancelled = true;
+                self.stop_active(StopReason::Cancelled);
+                for queued in std::mem::take(&mut self.queue) {
+                    self.ack(&queued, CommandStatus::Cancelled, "the run was cancelled")
+                        .await;
+                }
+                self.ack(&command, CommandStatus::Completed, "").await;
+            }
+            CommandKind::Unspecified => {
+                self.ack(&command, CommandStatus::Failed, "unknown command kind")
+                    .await;
+            }
+        }
+    }
+
+    fn stop_active(&mut self, reason: StopReason) {
+        if let Some(active) = &mut self.active {
+            active.stop_reason.get_or_insert(reason);
+            active.stop.cancel();
+        }
+    }
+
+    async fn start_turn(&mut self, command: proto::Command) {
+        let prompt = Self::payload(&command)["prompt"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let turn_id = command.command_id.clone();
+        self.ctx
+            .outbox
+            .push(
+                "turn.started",
+                json!({"turn_id": turn_id, "command_id": command.command_id, "seq": command.seq}),
+            )
+            .await;
+        let Some(provider) =
+            provider::for_profile(&self.ctx.providers, &self.ctx.run.backend_profile).cloned()
+        else {
+            let error = ProviderError {
+                kind: "no_provider".into(),
+                message: format!(
+                    "this runner has no provider for {:?}",
+                    self.ctx.run.backend_profile
+                ),
+                retryable: false,
+            };
+            self.ctx
+                .outbox
+                .push(
+                    "runtime.error",
+                    json!({"message": error.message, "kind": error.kind, "retryable": false}),
+                )
+                .await;
+            self.record_turn_end(
+                &command,
+                &turn_id,
+                &prompt,
+                TurnOutcome::Failed(error),
+                None,
+            )
+            .await;
+            return;
+        };
+        let (events_tx, events) = mpsc::channel(PROVIDER_EVENTS);
+        let (steer, steer_rx) = mpsc::channel(16);
+        let stop = self.ctx.abort.child_token();
+        let request = TurnRequest {
+            run_id: self.ctx.run.run_id.clone(),
+            turn_id: turn_id.clone(),
+            backend_profile: self.ctx.run.backend_profile.clone(),
+            prompt: prompt.clone(),
+            history: self.history.clone(),
+        };
+        let turn_ctx = TurnContext {
+            events: events_tx,
+            steer: steer_rx,
+            stop: stop.clone(),
+        };
+        let task = tokio::spawn(async move { provider.run_turn(request, turn_ctx).await });
+        self.active = Some(ActiveTurn {
+            command,
+            turn_id,
+            prompt,
+            stop,
+            stop_reason: None,
+            steer,
+            events,
+            task,
+        });
+    }
+
+    /// The provider closed its event channel: collect its outcome and record the end.
+    async fn end_turn(&mut self) {
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        let outcome = match active.task.await {
+            Ok(outcome) => outcome,
+            Err(err) => TurnOutcome::Failed(ProviderError {
+                kind: "provider_panic".into(),
+                message: err.to_string(),
+                retryable: false,
+            }),
+        };
+        self.record_turn_end(
+            &active.command,
+            &active.turn_id,
+            &active.prompt,
+            outcome,
+            active.stop_reason,
+        )
+        .await;
+    }
+
+    async fn record_turn_end(
+        &mut self,
+        command: &proto::Command,
+        turn_id: &str,
+        prompt: &str,
+        outcome: TurnOutcome,
+        stop_reason: Option<StopReason>,
+    ) {
+        let (state, usage, error) = match &outcome {
+            TurnOutcome::Completed { usage, .. } => ("completed", *usage, None),
+            TurnOutcome::Failed(error) => ("failed", None, Some(error.clone())),
+            TurnOutcome::Stopped => match stop_reason {
+                Some(StopReason::Cancelled) => ("cancelled", None, None),
+                _ => ("interrupted", None, None),
+            },
+        };
+        let mut payload = json!({"turn_id": turn_id, "state": state});
+        if let Some(usage) = usage {
+            payload["usage"] =
+                json!({"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens});
+        }
+        if let Some(error) = &error {
+            payload["error"] =
+                json!({"kind": error.kind, "message": error.message, "retryable": error.retryable});
+        }
+        self.ctx.outbox.push("turn.completed", payload).await;
+        match &outcome {
+            TurnOutcome::Completed { reply, .. } => {
+                self.history.push(Exchange {
+                    prompt: prompt.to_owned(),
+                    reply: reply.clone(),
+                });
+                self.ack(command, CommandStatus::Completed, "").await;
+            }
+            TurnOutcome::Failed(error) => {
+                self.ack(command, CommandStatus::Failed, &error.to_string())
+                    .await
+            }
+            TurnOutcome::Stopped => self.ack(command, CommandStatus::Cancelled, state).await,
+        }
+        self.last_state = Some(state);
+        self.last_error = error;
+    }
+}

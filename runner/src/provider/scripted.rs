@@ -1,0 +1,404 @@
+//! The `scripted` provider: deterministic, built in, needs nothing outside the process.
+//! Tests, benchmarks and the demo use it to exercise every path a real provider can take
+//! (streaming, steering, approvals, failures, stalls, long runs) without a model.
+//!
+//! By default it streams a friendly reply that echoes the prompt, one word per
+//! `content.delta`, pausing `token_delay` between words. Cues in the prompt change that:
+//!
+//! | cue          | behaviour                                                              |
+//! |--------------|------------------------------------------------------------------------|
+//! | `[stall]`    | opens the reply item, then emits nothing until stopped                 |
+//! | `[fail]`     | streams a few words, emits `runtime.error`, fails (`scripted_failure`) |
+//! | `[approval]` | opens a `command` request and waits for a steer to answer it           |
+//! | `[tokens:N]` | streams exactly N tokens, `token1 token2 ...`                          |
+//! | `[slow]`     | streams a long reply of 200 tokens                                     |
+//!
+//! The first cue in that order wins. Steering text received while streaming is echoed at
+//! once as a `[steer: TEXT]` delta and becomes part of the reply, so a caller can see
+//! that a steer reached the active turn. Stopping is checked between tokens and while
+//! waiting, so `stop` ends the turn within one scheduling tick.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Provider, ProviderError, ProviderEvent, TurnContext, TurnOutcome, TurnRequest, Usage};
+
+/// Tokens of the long reply the `[slow]` cue streams.
+const SLOW_TOKENS: usize = 200;
+/// Words streamed before the `[fail]` cue fails.
+const FAIL_AFTER_TOKENS: usize = 3;
+/// The text the `[slow]` cue cycles through.
+const SLOW_TEXT: &str = "This is a long scripted reply that streams slowly, so that you can \
+     watch it arrive, steer it, interrupt it or cancel the run while it is still going.";
+
+/// Settings of the scripted provider.
+#[derive(Debug, Clone)]
+pub struct ScriptedConfig {
+    /// Pause between two streamed tokens. Zero streams as fast as the event channel
+    /// accepts (benchmarks).
+    pub token_delay: Duration,
+}
+
+impl Default for ScriptedConfig {
+    fn default() -> Self {
+        Self {
+            token_delay: Duration::from_millis(25),
+        }
+    }
+}
+
+/// The deterministic built-in provider; see the module documentation for its cues.
+#[derive(Debug, Clone, Default)]
+pub struct ScriptedProvider {
+    config: ScriptedConfig,
+}
+
+impl ScriptedProvider {
+    /// A scripted provider pacing its tokens by `config.token_delay`.
+    pub fn new(config: ScriptedConfig) -> Self {
+        Self { config }
+    }
+}
+
+/// What the prompt asks the scripted provider to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cue {
+    Stall,
+    Fail,
+    Approval,
+    Tokens(u64),
+    Slow,
+    Echo,
+}
+
+impl Cue {
+    fn of(prompt: &str) -> Self {
+        if prompt.contains("[stall]") {
+            Cue::Stall
+        } else if prompt.contains("[fail]") {
+            Cue::Fail
+        } else if prompt.contains("[approval]") {
+            Cue::Approval
+        } else if let Some(n) = tokens_cue(prompt) {
+            Cue::Tokens(n)
+        } else if prompt.contains("[slow]") {
+            Cue::Slow
+        } else {
+            Cue::Echo
+        }
+    }
+}
+
+/// The N of the first well-formed `[tokens:N]` in `prompt`.
+fn tokens_cue(prompt: &str) -> Option<u64> {
+    let mut rest = prompt;
+    while let Some(start) = rest.find("[tokens:") {
+        rest = &rest[start + "[tokens:".len()..];
+        if let Some(end) = rest.find(']')
+            && let Ok(n) = rest[..end].trim().parse::<u64>()
+        {
+            return Some(n);
+        }
+    }
+    None
+}
+
+fn echo_reply(prompt: &str) -> String {
+    format!(
+        "Hello! You said: {}. This reply comes from the scripted provider.",
+        prompt.trim()
+    )
+}
+
+/// Why a turn ended early: `stop` fired, or the executor dropped the event channel
+/// (the turn was abandoned, so nobody waits for an outcome other than "stopped").
+struct Halted;
+
+/// The state of one scripted turn.
+struct Turn {
+    turn_id: String,
+    events: mpsc::Sender<ProviderEvent>,
+    steer: mpsc::Receiver<String>,
+    steer_open: bool,
+    stop: CancellationToken,
+    token_delay: Duration,
+    next_item: u64,
+    reply: String,
+    tokens: u64,
+}
+
+impl Turn {
+    fn new_item_id(&mut self) -> String {
+        self.next_item += 1;
+        format!("{}:{}", self.turn_id, self.next_item)
+    }
+
+    async fn emit(
+        &self,
+        event_type: &'static str,
+        payload: serde_json::Value,
+    ) -> Result<(), Halted> {
+        let event = ProviderEvent {
+            event_type,
+            payload,
+        };
+        tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => Err(Halted),
+            sent = self.events.send(event) => sent.map_err(|_| Halted),
+        }
+    }
+
+    /// Echoes a steer into the reply being streamed.
+    async fn steered(&mut self, item_id: &str, text: String) -> Result<(), Halted> {
+        let delta = if self.reply.is_empty() {
+            format!("[steer: {text}]")
+        } else {
+            format!(" [steer: {text}]")
+        };
+        self.reply.push_str(&delta);
+        self.emit(
+            "content.delta",
+            json!({"item_id": item_id, "kind": "assistant_text", "delta": delta}),
+        )
+        .await
+    }
+
+    /// Takes the steers that already arrived, without waiting.
+    async fn take_pending_steers(&mut self, item_id: &str) -> Result<(), Halted> {
+        while self.steer_open {
+            match self.steer.try_recv() {
+                Ok(text) => self.steered(item_id, text).await?,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => self.steer_open = false,
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits `token_delay`, echoing steers as they arrive and ending early on stop.
+    async fn pause(&mut self, item_id: &str) -> Result<(), Halted> {
+        if self.token_delay.is_zero() {
+            return if self.stop.is_cancelled() {
+                Err(Halted)
+            } else {
+                self.take_pending_steers(item_id).await
+            };
+        }
+        let until = Instant::now() + self.token_delay;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return Err(Halted),
+                steer = self.steer.recv(), if self.steer_open => match steer {
+                    Some(text) => self.steered(item_id, text).await?,
+                    None => self.steer_open = false,
+                },
+                _ = tokio::time::sleep_until(until) => return Ok(()),
+            }
+        }
+    }
+
+    /// Opens the assistant message item and returns its id.
+    async fn open_message(&mut self) -> Result<String, Halted> {
+        let item_id = self.new_item_id();
+        self.emit(
+            "item.started",
+            json!({"item_id": item_id, "kind": "assistant_message"}),
+        )
+        .await?;
+        Ok(item_id)
+    }
+
+    /// Streams `tokens` into the open message item, one delta each, paced and steerable.
+    async fn stream(
+        &mut self,
+        item_id: &str,
+        tokens: impl Iterator<Item = String>,
+    ) -> Result<(), Halted> {
+        for token in tokens {
+            if self.tokens > 0 {
+                self.pause(item_id).await?;
+            }
+            let delta = if self.reply.is_empty() {
+                token
+            } else {
+                format!(" {token}")
+            };
+            self.reply.push_str(&delta);
+            self.tokens += 1;
+            self.emit(
+                "content.delta",
+                json!({"item_id": item_id, "kind": "assistant_text", "delta": delta}),
+            )
+            .await?;
+        }
+        // A steer that raced the last token still belongs to this reply.
+        self.take_pending_steers(item_id).await
+    }
+
+    /// Closes the message item, reports usage and completes the turn.
+    async fn complete(&mut self, item_id: &str, prompt: &str) -> Result<TurnOutcome, Halted> {
+        self.emit(
+            "item.completed",
+            json!({"item_id": item_id, "kind": "assistant_message", "text": self.reply}),
+        )
+        .await?;
+        let usage = Usage {
+            input_tokens: prompt.split_whitespace().count() as u64,
+            output_tokens: self.tokens,
+        };
+        self.emit(
+            "usage.updated",
+            json!({"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}),
+        )
+        .await?;
+        Ok(TurnOutcome::Completed {
+            reply: std::mem::take(&mut self.reply),
+            usage: Some(usage),
+        })
+    }
+
+    async fn run(&mut self, prompt: &str) -> Result<TurnOutcome, Halted> {
+        match Cue::of(prompt) {
+            Cue::Stall => {
+                self.open_message().await?;
+                self.stop.cancelled().await;
+                Err(Halted)
+            }
+            Cue::Fail => {
+                let item_id = self.open_message().await?;
+                let words: Vec<String> = echo_reply(prompt)
+                    .split_whitespace()
+                    .take(FAIL_AFTER_TOKENS)
+                    .map(str::to_owned)
+                    .collect();
+                self.stream(&item_id, words.into_iter()).await?;
+                let error = ProviderError {
+                    kind: "scripted_failure".into(),
+                    message: "the prompt asked the scripted provider to fail".into(),
+                    retryable: false,
+                };
+                self.emit(
+                    "runtime.error",
+                    json!({"message": error.message, "kind": error.kind, "retryable": error.retryable}),
+                )
+                .await?;
+                Ok(TurnOutcome::Failed(error))
+            }
+            Cue::Approval => {
+                let request_id = uuid::Uuid::new_v4().to_string();
+                self.emit(
+                    "request.opened",
+                    json!({
+                        "kind": "command",
+                        "request_id": request_id,
+                        "detail": {"command": "rm -rf build"},
+                        "options": ["accept", "decline"],
+                    }),
+                )
+                .await?;
+                let decision = self.await_decision().await?;
+                // The manager moves the run back from waiting to running on this event.
+                self.emit(
+                    "request.resolved",
+                    json!({"request_id": request_id, "kind": "command", "decision": decision}),
+                )
+                .await?;
+                let item_id = self.open_message().await?;
+                let reply = format!("Approval: {decision}");
+                let words: Vec<String> = reply.split_whitespace().map(str::to_owned).collect();
+                self.stream(&item_id, words.into_iter()).await?;
+                self.complete(&item_id, prompt).await
+            }
+            Cue::Tokens(n) => {
+                let item_id = self.open_message().await?;
+                self.stream(&item_id, (1..=n).map(|i| format!("token{i}")))
+                    .await?;
+                self.complete(&item_id, prompt).await
+            }
+            Cue::Slow => {
+                let item_id = self.open_message().await?;
+                let words = SLOW_TEXT
+                    .split_whitespace()
+                    .cycle()
+                    .take(SLOW_TOKENS)
+                    .map(str::to_owned);
+                self.stream(&item_id, words).await?;
+                self.complete(&item_id, prompt).await
+            }
+            Cue::Echo => {
+                let item_id = self.open_message().await?;
+                let reply = echo_reply(prompt);
+                let words: Vec<String> = reply.split_whitespace().map(str::to_owned).collect();
+                self.stream(&item_id, words.into_iter()).await?;
+                self.complete(&item_id, prompt).await
+            }
+        }
+    }
+
+    /// Waits for the steer that answers an open request. Without a steer channel no
+    /// answer can come, so the turn waits for stop like a person who never answers.
+    async fn await_decision(&mut self) -> Result<String, Halted> {
+        if self.steer_open {
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return Err(Halted),
+                steer = self.steer.recv() => match steer {
+                    Some(text) => return Ok(text.trim().to_owned()),
+                    None => self.steer_open = false,
+                },
+            }
+        }
+        self.stop.cancelled().await;
+        Err(Halted)
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for ScriptedProvider {
+    async fn run_turn(&self, turn: TurnRequest, ctx: TurnContext) -> TurnOutcome {
+        let TurnContext {
+            events,
+            steer,
+            stop,
+        } = ctx;
+        let mut state = Turn {
+            turn_id: turn.turn_id,
+            events,
+            steer,
+            steer_open: true,
+            stop,
+            token_delay: self.config.token_delay,
+            next_item: 0,
+            reply: String::new(),
+            tokens: 0,
+        };
+        state
+            .run(&turn.prompt)
+            .await
+            .unwrap_or(TurnOutcome::Stopped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cues_are_found_in_priority_order() {
+        assert_eq!(Cue::of("hello"), Cue::Echo);
+        assert_eq!(Cue::of("go [slow] please"), Cue::Slow);
+        assert_eq!(Cue::of("[tokens:12]"), Cue::Tokens(12));
+        assert_eq!(Cue::of("[tokens:x] then [tokens: 7 ]"), Cue::Tokens(7));
+        assert_eq!(Cue::of("[tokens:oops]"), Cue::Echo);
+        assert_eq!(Cue::of("[slow] [approval]"), Cue::Approval);
+        assert_eq!(Cue::of("[approval] [fail]"), Cue::Fail);
+        assert_eq!(Cue::of("[fail] [stall]"), Cue::Stall);
+    }
+}
