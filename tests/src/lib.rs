@@ -189,8 +189,11 @@ pub fn binary(name: &str) -> PathBuf {
                 "--quiet",
                 "-p",
                 "agentrun-manager",
-                "--bin",
-                "agentrun-manager",
+                "-p",
+                "agentrun-runner",
+                "-p",
+                "agentrun-cli",
+                "--bins",
             ])
             .status()
             .expect("run cargo build");
@@ -441,4 +444,172 @@ pub async fn get_run(app: &mut TestApp, run_id: &str) -> proto::Run {
         .into_inner()
         .run
         .expect("run")
+}
+
+/// A runner started as a real process against a manager.
+pub struct RunnerProcess {
+    pub name: String,
+    child: Child,
+}
+
+impl RunnerProcess {
+    /// Starts `agentrun-runner` named `name`; `env` adds or overrides settings
+    /// (e.g. `AGENTRUN_SCRIPTED_TOKEN_DELAY_MS`, `AGENTRUN_RUNNER_ID`).
+    pub fn start(manager: SocketAddr, name: &str, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(binary("agentrun-runner"));
+        command
+            .env("AGENTRUN_MANAGER_URL", format!("http://{manager}"))
+            .env("AGENTRUN_RUNNER_NAME", name)
+            .env("AGENTRUN_SCRIPTED_TOKEN_DELAY_MS", "5")
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("OPENAI_BASE_URL")
+            .env_remove("AGENTRUN_COMMAND")
+            .env_remove("AGENTRUN_RUNNER_ID")
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        if std::env::var_os("TEST_LOG").is_none() {
+            command.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        let child = command.spawn().expect("start agentrun-runner");
+        Self {
+            name: name.to_owned(),
+            child,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal (SIGKILL for a crash, SIGSTOP/SIGCONT for a zombie, SIGTERM to drain).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(self.pid(), signal);
+        }
+    }
+
+    /// Waits for the process to exit, up to `timeout`; returns its exit status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll the runner") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "runner {} did not exit within {timeout:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+impl Drop for RunnerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// All events of a run, in seq order.
+pub async fn events_of(app: &mut TestApp, run_id: &str) -> Vec<proto::Event> {
+    let mut all = Vec::new();
+    loop {
+        let page = app
+            .runs
+            .list_events(proto::ListEventsRequest {
+                run_id: run_id.into(),
+                after_seq: all.last().map_or(0, |e: &proto::Event| e.seq),
+                limit: 1000,
+            })
+            .await
+            .expect("list events")
+            .into_inner();
+        let done = page.events.len() < 1000;
+        all.extend(page.events);
+        if done {
+            return all;
+        }
+    }
+}
+
+/// Waits until the run reaches `want` (or any terminal state, which fails the wait).
+pub async fn wait_for_run(
+    app: &TestApp,
+    run_id: &str,
+    want: RunStatus,
+    timeout: Duration,
+) -> proto::Run {
+    let client = app.runs.clone();
+    wait_for(&format!("run {run_id} to become {want:?}"), timeout, || {
+        let mut client = client.clone();
+        let run_id = run_id.to_owned();
+        async move {
+            let run = client
+                .get_run(proto::GetRunRequest { run_id })
+                .await
+                .ok()?
+                .into_inner()
+                .run?;
+            let status = status_of(&run);
+            if status != want
+                && matches!(
+                    status,
+                    RunStatus::Completed
+                        | RunStatus::Failed
+                        | RunStatus::Cancelled
+                        | RunStatus::Expired
+                        | RunStatus::Blocked
+                )
+            {
+                panic!(
+                    "run ended {status:?} ({}: {}) while waiting for {want:?}",
+                    run.failure_kind, run.failure_message
+                );
+            }
+            (status == want).then_some(run)
+        }
+    })
+    .await
+}
+
+/// Waits until the run has an event of `event_type` (optionally matching `check`).
+pub async fn wait_for_event(
+    app: &mut TestApp,
+    run_id: &str,
+    event_type: &str,
+    timeout: Duration,
+) -> proto::Event {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(event) = events_of(app, run_id)
+            .await
+            .into_iter()
+            .find(|e| e.r#type == event_type)
+        {
+            return event;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {event_type} event for run {run_id} within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The assistant text a run streamed, in order.
+pub fn assistant_text(events: &[proto::Event]) -> String {
+    events
+        .iter()
+        .filter(|e| e.r#type == "content.delta")
+        .filter_map(|e| {
+            let payload: serde_json::Value = serde_json::from_str(&e.payload_json).ok()?;
+            (payload["kind"] == "assistant_text")
+                .then(|| payload["delta"].as_str().unwrap_or_default().to_owned())
+        })
+        .collect()
 }

@@ -1,0 +1,139 @@
+//! The connection to a manager: one channel, the RunService client, and the tenant
+//! header every request carries.
+
+use agentrun_shared::proto::{self, run_service_client::RunServiceClient};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::Channel;
+use tonic::{Status, Streaming};
+
+use crate::error::{CliError, error_chain};
+
+/// Request metadata naming the tenant; the manager reads it until API keys exist.
+pub const TENANT_HEADER: &str = "agentrun-tenant";
+
+/// A connected manager.
+pub struct Manager {
+    url: String,
+    tenant: Option<MetadataValue<Ascii>>,
+    runs: RunServiceClient<Channel>,
+}
+
+impl Manager {
+    /// Connects to the manager at `url` (eagerly, so an unreachable manager is reported
+    /// before anything else happens).
+    pub async fn connect(url: &str, tenant: Option<&str>) -> Result<Self, CliError> {
+        let tenant = tenant
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                t.parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| CliError::Usage(format!("invalid --tenant {t:?}: must be ASCII")))
+            })
+            .transpose()?;
+        let endpoint = Channel::from_shared(url.to_owned())
+            .map_err(|err| CliError::Usage(format!("invalid --manager URL {url:?}: {err}")))?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|err| CliError::Unreachable {
+                url: url.to_owned(),
+                reason: error_chain(&err),
+            })?;
+        Ok(Self {
+            url: url.to_owned(),
+            tenant,
+            runs: RunServiceClient::new(channel),
+        })
+    }
+
+    /// The URL this manager was reached at.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// `message` as a request acting for the configured tenant.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(tenant) = &self.tenant {
+            request.metadata_mut().insert(TENANT_HEADER, tenant.clone());
+        }
+        request
+    }
+
+    /// CreateRun.
+    pub async fn create_run(
+        &mut self,
+        message: proto::CreateRunRequest,
+    ) -> Result<proto::CreateRunResponse, Status> {
+        let request = self.request(message);
+        Ok(self.runs.create_run(request).await?.into_inner())
+    }
+
+    /// GetRun.
+    pub async fn get_run(&mut self, run_id: &str) -> Result<proto::Run, Status> {
+        let request = self.request(proto::GetRunRequest {
+            run_id: run_id.to_owned(),
+        });
+        let response = self.runs.get_run(request).await?.into_inner();
+        response
+            .run
+            .ok_or_else(|| Status::internal("the manager answered GetRun without a run"))
+    }
+
+    /// ListRuns (one page).
+    pub async fn list_runs(
+        &mut self,
+        message: proto::ListRunsRequest,
+    ) -> Result<proto::ListRunsResponse, Status> {
+        let request = self.request(message);
+        Ok(self.runs.list_runs(request).await?.into_inner())
+    }
+
+    /// CancelRun; returns the run as it is afterwards.
+    pub async fn cancel_run(&mut self, run_id: &str, reason: &str) -> Result<proto::Run, Status> {
+        let request = self.request(proto::CancelRunRequest {
+            run_id: run_id.to_owned(),
+            reason: reason.to_owned(),
+        });
+        let response = self.runs.cancel_run(request).await?.into_inner();
+        response
+            .run
+            .ok_or_else(|| Status::internal("the manager answered CancelRun without a run"))
+    }
+
+    /// SendCommand.
+    pub async fn send_command(
+        &mut self,
+        message: proto::SendCommandRequest,
+    ) -> Result<proto::SendCommandResponse, Status> {
+        let request = self.request(message);
+        Ok(self.runs.send_command(request).await?.into_inner())
+    }
+
+    /// ListEvents: up to `limit` stored events with `seq > after_seq`.
+    pub async fn list_events(
+        &mut self,
+        run_id: &str,
+        after_seq: i64,
+        limit: i32,
+    ) -> Result<proto::ListEventsResponse, Status> {
+        let request = self.request(proto::ListEventsRequest {
+            run_id: run_id.to_owned(),
+            after_seq,
+            limit,
+        });
+        Ok(self.runs.list_events(request).await?.into_inner())
+    }
+
+    /// WatchRun: the stream of events with `seq > after_seq`, ending after `run.terminal`.
+    pub async fn watch_run(
+        &mut self,
+        run_id: &str,
+        after_seq: i64,
+    ) -> Result<Streaming<proto::Event>, Status> {
+        let request = self.request(proto::WatchRunRequest {
+            run_id: run_id.to_owned(),
+            after_seq,
+        });
+        Ok(self.runs.watch_run(request).await?.into_inner())
+    }
+}

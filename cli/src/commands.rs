@@ -1,0 +1,347 @@
+//! The client commands: their arguments and what each one calls and prints.
+//!
+//! Results go to stdout (a run id, a status, a table); progress and notes go to
+//! stderr, so `agentrun run "…" --follow > reply.txt` captures just the reply.
+
+use std::io::Write;
+
+use agentrun_shared::proto::{self, CommandKind, RunStatus, TurnDeliveryPolicy};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::Manager;
+use crate::error::{CliError, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK};
+use crate::follow::{self, Followed, PAGE_SIZE};
+use crate::render::{self, Format, Printer};
+
+/// Arguments of `agentrun run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The prompt; it becomes the run's first turn.
+    pub prompt: String,
+    /// Backend profile (provider and model) [default: `openai` when OPENAI_API_KEY is
+    /// set, else `scripted`].
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Queue to submit to [default: the manager's, `default`].
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Higher is claimed first; -1000..=1000.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    /// Continue (or start) this session.
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Stream the reply to stdout (the run id goes to stderr) until the run ends; exit
+    /// 0 when it completed, 1 otherwise.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// With --follow, print every event as a JSON line instead.
+    #[arg(long, requires = "follow")]
+    pub json: bool,
+}
+
+/// Arguments of `agentrun events`.
+#[derive(Debug, clap::Args)]
+pub struct EventsArgs {
+    /// The run's id.
+    pub run_id: String,
+    /// Only events with a seq above this one.
+    #[arg(long, default_value_t = 0)]
+    pub after: i64,
+    /// Keep printing new events until the run ends (exit 0 however it ended).
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Print each event as one JSON line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `agentrun cancel`.
+#[derive(Debug, clap::Args)]
+pub struct CancelArgs {
+    /// The run's id.
+    pub run_id: String,
+    /// Recorded as the run's failure message.
+    #[arg(long, default_value = "")]
+    pub reason: String,
+}
+
+/// Arguments of `agentrun send`.
+#[derive(Debug, clap::Args)]
+pub struct SendArgs {
+    /// The run's id.
+    pub run_id: String,
+    /// What to send.
+    #[arg(value_enum)]
+    pub kind: SendKind,
+    /// The prompt of a turn, or the text of a steer.
+    pub text: Option<String>,
+    /// For a turn: what happens when another turn is active [default: queue].
+    #[arg(long, value_enum)]
+    pub policy: Option<Policy>,
+}
+
+/// A command `agentrun send` can send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SendKind {
+    /// Add input to the active turn.
+    Steer,
+    /// Stop the active turn, keep the run.
+    Interrupt,
+    /// Start a turn with a prompt.
+    Turn,
+}
+
+/// Turn delivery policy when a turn is already active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    /// Run it after the active turn ends.
+    Queue,
+    /// Interrupt the active turn, then start this one.
+    Interrupt,
+    /// Inject it into the active turn.
+    Steer,
+    /// Refuse it.
+    Reject,
+}
+
+/// Arguments of `agentrun get`.
+#[derive(Debug, clap::Args)]
+pub struct GetArgs {
+    /// The run's id.
+    pub run_id: String,
+}
+
+/// Arguments of `agentrun list`.
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// Only runs in these statuses (repeat or separate with commas).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub status: Vec<StatusArg>,
+    /// Only runs of this queue.
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Only runs of this session.
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Most runs to show, 1..=500.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i32).range(1..=500))]
+    pub limit: i32,
+}
+
+/// A run status, as `--status` spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatusArg {
+    Pending,
+    Claimed,
+    Running,
+    Waiting,
+    Completed,
+    Failed,
+    Cancelled,
+    Blocked,
+    Expired,
+}
+
+impl StatusArg {
+    fn to_proto(self) -> RunStatus {
+        match self {
+            StatusArg::Pending => RunStatus::Pending,
+            StatusArg::Claimed => RunStatus::Claimed,
+            StatusArg::Running => RunStatus::Running,
+            StatusArg::Waiting => RunStatus::Waiting,
+            StatusArg::Completed => RunStatus::Completed,
+            StatusArg::Failed => RunStatus::Failed,
+            StatusArg::Cancelled => RunStatus::Cancelled,
+            StatusArg::Blocked => RunStatus::Blocked,
+            StatusArg::Expired => RunStatus::Expired,
+        }
+    }
+}
+
+/// The profile a run gets without `--profile`: the real model when a key is at hand,
+/// the built-in scripted provider otherwise.
+pub fn default_profile() -> &'static str {
+    match std::env::var("OPENAI_API_KEY") {
+        Ok(key) if !key.is_empty() => "openai",
+        _ => "scripted",
+    }
+}
+
+/// `agentrun run`: CreateRun, then print the id or follow the run.
+pub async fn run(
+    manager: &mut Manager,
+    args: RunArgs,
+    shutdown: &CancellationToken,
+) -> Result<u8, CliError> {
+    let request = proto::CreateRunRequest {
+        backend_profile: args.profile.unwrap_or_else(|| default_profile().to_owned()),
+        input_json: json!({ "prompt": args.prompt }).to_string(),
+        queue: args.queue.unwrap_or_default(),
+        priority: args.priority,
+        session_id: args.session.unwrap_or_default(),
+        ..Default::default()
+    };
+    let response = manager.create_run(request).await?;
+    let run = response.run.ok_or_else(|| {
+        CliError::Rpc(tonic::Status::internal(
+            "the manager answered CreateRun without a run",
+        ))
+    })?;
+    if !args.follow {
+        write_out(&format!("{}\n", run.run_id))?;
+        return Ok(EXIT_OK);
+    }
+    let format = if args.json {
+        Format::Json
+    } else {
+        Format::Human
+    };
+    let mut printer = Printer::stdio(format);
+    printer.dim(&format!("run {}", run.run_id))?;
+    match follow::follow(manager, &run.run_id, 0, &mut printer, shutdown).await? {
+        Followed::Ended(terminal) => {
+            printer.status(&terminal)?;
+            Ok(if terminal.completed() {
+                EXIT_OK
+            } else {
+                EXIT_FAILURE
+            })
+        }
+        Followed::Interrupted => Ok(EXIT_INTERRUPTED),
+    }
+}
+
+/// `agentrun events`: print stored events, and with `--follow` new ones to the end.
+pub async fn events(
+    manager: &mut Manager,
+    args: EventsArgs,
+    shutdown: &CancellationToken,
+) -> Result<u8, CliError> {
+    let format = if args.json {
+        Format::Json
+    } else {
+        Format::Human
+    };
+    let mut printer = Printer::stdio(format);
+    if args.follow {
+        return match follow::follow(manager, &args.run_id, args.after, &mut printer, shutdown)
+            .await?
+        {
+            Followed::Ended(terminal) => {
+                printer.status(&terminal)?;
+                Ok(EXIT_OK)
+            }
+            Followed::Interrupted => Ok(EXIT_INTERRUPTED),
+        };
+    }
+    let mut cursor = args.after;
+    loop {
+        let page = manager.list_events(&args.run_id, cursor, PAGE_SIZE).await?;
+        for event in &page.events {
+            if event.seq > cursor {
+                printer.event(event)?;
+                cursor = event.seq;
+            }
+        }
+        if page.events.len() < PAGE_SIZE as usize {
+            break;
+        }
+    }
+    printer.finish()?;
+    Ok(EXIT_OK)
+}
+
+/// `agentrun cancel`: CancelRun and print the run's status afterwards.
+pub async fn cancel(manager: &mut Manager, args: CancelArgs) -> Result<u8, CliError> {
+    let run = manager.cancel_run(&args.run_id, &args.reason).await?;
+    let status = render::run_status(run.status);
+    let note = if run.status == RunStatus::Cancelled as i32 {
+        ""
+    } else {
+        " (cancel requested: its runner will stop it)"
+    };
+    write_out(&format!("run {} {status}{note}\n", run.run_id))?;
+    Ok(EXIT_OK)
+}
+
+/// `agentrun send`: SendCommand and print the command's seq and status.
+pub async fn send(manager: &mut Manager, args: SendArgs) -> Result<u8, CliError> {
+    let (kind, payload) = match (args.kind, args.text) {
+        (SendKind::Turn, Some(text)) => (CommandKind::Turn, json!({ "prompt": text })),
+        (SendKind::Steer, Some(text)) => (CommandKind::Steer, json!({ "text": text })),
+        (SendKind::Interrupt, None) => (CommandKind::Interrupt, json!({})),
+        (SendKind::Interrupt, Some(_)) => {
+            return Err(CliError::Usage("`interrupt` takes no TEXT".into()));
+        }
+        (SendKind::Turn | SendKind::Steer, None) => {
+            return Err(CliError::Usage(
+                "`turn` and `steer` need TEXT (the prompt or the steering text)".into(),
+            ));
+        }
+    };
+    if args.policy.is_some() && kind != CommandKind::Turn {
+        return Err(CliError::Usage("--policy applies to `turn` only".into()));
+    }
+    let delivery_policy = match args.policy {
+        None => TurnDeliveryPolicy::Unspecified,
+        Some(Policy::Queue) => TurnDeliveryPolicy::Queue,
+        Some(Policy::Interrupt) => TurnDeliveryPolicy::Interrupt,
+        Some(Policy::Steer) => TurnDeliveryPolicy::Steer,
+        Some(Policy::Reject) => TurnDeliveryPolicy::Reject,
+    };
+    let response = manager
+        .send_command(proto::SendCommandRequest {
+            run_id: args.run_id,
+            kind: kind as i32,
+            payload_json: payload.to_string(),
+            delivery_policy: delivery_policy as i32,
+            ..Default::default()
+        })
+        .await?;
+    let command = response.command.ok_or_else(|| {
+        CliError::Rpc(tonic::Status::internal(
+            "the manager answered SendCommand without a command",
+        ))
+    })?;
+    write_out(&format!(
+        "command {} ({}) {}\n",
+        command.seq,
+        render::command_kind(command.kind),
+        render::command_status(command.status)
+    ))?;
+    Ok(EXIT_OK)
+}
+
+/// `agentrun get`: print a run.
+pub async fn get(manager: &mut Manager, args: GetArgs) -> Result<u8, CliError> {
+    let run = manager.get_run(&args.run_id).await?;
+    write_out(&render::run_details(&run))?;
+    Ok(EXIT_OK)
+}
+
+/// `agentrun list`: print runs as a table, newest first.
+pub async fn list(manager: &mut Manager, args: ListArgs) -> Result<u8, CliError> {
+    let response = manager
+        .list_runs(proto::ListRunsRequest {
+            statuses: args.status.iter().map(|s| s.to_proto() as i32).collect(),
+            queue: args.queue.unwrap_or_default(),
+            session_id: args.session.unwrap_or_default(),
+            page_size: args.limit,
+            ..Default::default()
+        })
+        .await?;
+    write_out(&render::runs_table(&response.runs))?;
+    if !response.next_page_token.is_empty() {
+        eprintln!("(more runs exist: raise --limit or narrow with --status)");
+    }
+    Ok(EXIT_OK)
+}
+
+/// Writes `text` to stdout; unlike `print!`, a closed pipe is an error, not a panic.
+fn write_out(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}

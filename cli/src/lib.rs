@@ -1,0 +1,125 @@
+//! `agentrun`: the command line for agentrun.
+//!
+//! `agentrun dev` runs a whole local stack (a throwaway PostgreSQL, the manager
+//! in-process, runner processes); the other commands are a thin gRPC client of a
+//! manager's `RunService`: create runs and follow their replies, read events, send
+//! commands, cancel, inspect.
+//!
+//! - [`client`]: the connection to the manager and the tenant header.
+//! - [`commands`]: one function per client command.
+//! - [`follow`]: following a run's event log to its end (WatchRun, or ListEvents polling).
+//! - [`render`]: how runs, commands and events are printed.
+//! - [`dev`]: the local development stack.
+//! - [`error`]: the error type and exit codes.
+//! - [`telemetry`]: logging to stderr.
+
+pub mod client;
+pub mod commands;
+pub mod dev;
+pub mod error;
+pub mod follow;
+pub mod render;
+pub mod telemetry;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+pub use error::{CliError, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE};
+
+/// Manager URL used when neither `--manager` nor `AGENTRUN_MANAGER_URL` is given.
+pub const DEFAULT_MANAGER_URL: &str = "http://127.0.0.1:7400";
+
+/// The `agentrun` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "agentrun",
+    version,
+    about = "Run, follow and steer AI-agent runs on an agentrun manager",
+    after_help = "Start a local stack with `agentrun dev`, then try `agentrun run \"hello\" --follow`."
+)]
+pub struct Cli {
+    /// The manager's gRPC URL.
+    #[arg(
+        long = "manager",
+        env = "AGENTRUN_MANAGER_URL",
+        default_value = DEFAULT_MANAGER_URL,
+        global = true
+    )]
+    pub manager_url: String,
+    /// Tenant to act for, sent as the `agentrun-tenant` request header (the manager
+    /// uses `default` without it; there is no authentication yet).
+    #[arg(long, env = "AGENTRUN_TENANT", global = true)]
+    pub tenant: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a local stack: PostgreSQL, the manager and runners.
+    ///
+    /// Starts a throwaway PostgreSQL (unless DATABASE_URL is set), the manager in this
+    /// process and `--runners` runner processes, and keeps them running until Ctrl-C or
+    /// SIGTERM. Then it stops the runners (SIGTERM, 10 s grace), the manager and the
+    /// database, removing the throwaway cluster, and exits 0; a second signal exits at
+    /// once with 130.
+    Dev(dev::DevArgs),
+    #[command(flatten)]
+    Client(ClientCommand),
+}
+
+/// The commands that talk to a running manager.
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Create a run with a prompt, and optionally follow its reply.
+    ///
+    /// Prints the run id; with --follow streams the reply to stdout (the id goes to
+    /// stderr) and exits 0 when the run completed, 1 otherwise.
+    Run(commands::RunArgs),
+    /// Print a run's events; with --follow keep going until the run ends.
+    Events(commands::EventsArgs),
+    /// Cancel a run and print its resulting status.
+    Cancel(commands::CancelArgs),
+    /// Send a command (turn, steer, interrupt) to a run.
+    Send(commands::SendArgs),
+    /// Print a run.
+    Get(commands::GetArgs),
+    /// List runs, newest first.
+    List(commands::ListArgs),
+}
+
+impl Command {
+    /// True for the long-running local stack, which logs at `info` by default.
+    pub fn is_dev(&self) -> bool {
+        matches!(self, Command::Dev(_))
+    }
+}
+
+/// Runs the command line until it is done or `shutdown` is cancelled (Ctrl-C), and
+/// returns the process exit code.
+pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8, CliError> {
+    let command = match cli.command {
+        Command::Dev(args) => return dev::run(args, shutdown).await,
+        Command::Client(command) => command,
+    };
+    let work = async {
+        let mut manager = client::Manager::connect(&cli.manager_url, cli.tenant.as_deref()).await?;
+        let manager = &mut manager;
+        match command {
+            ClientCommand::Run(args) => commands::run(manager, args, &shutdown).await,
+            ClientCommand::Events(args) => commands::events(manager, args, &shutdown).await,
+            ClientCommand::Cancel(args) => commands::cancel(manager, args).await,
+            ClientCommand::Send(args) => commands::send(manager, args).await,
+            ClientCommand::Get(args) => commands::get(manager, args).await,
+            ClientCommand::List(args) => commands::list(manager, args).await,
+        }
+    };
+    // Following handles Ctrl-C itself (it ends the reply line first), so `work` is
+    // polled first; anything else is simply abandoned.
+    tokio::select! {
+        biased;
+        result = work => result,
+        _ = shutdown.cancelled() => Ok(EXIT_INTERRUPTED),
+    }
+}

@@ -1,0 +1,531 @@
+//! The `agentrun` command line, run as a real process against a manager: following a
+//! run streams its reply and exits by the run's outcome, the client commands reach the
+//! manager and report its errors, and `agentrun dev` starts a whole stack and removes
+//! it again on SIGTERM.
+//!
+//! The test plays the runner over the unary RunnerService RPCs, so what the CLI prints
+//! is fully determined by the events the test appends.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use agentrun_shared::proto::admin_service_client::AdminServiceClient;
+use agentrun_shared::proto::{self, CommandKind, RunStatus};
+use agentrun_tests::*;
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+/// How long a client command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long `agentrun dev` may take to start (initdb, migrations) or to stop.
+const DEV_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Output shared with the thread draining one pipe of the child.
+type Sink = Arc<Mutex<Vec<u8>>>;
+
+/// An `agentrun` process with its stdout and stderr captured as they arrive.
+struct CliProcess {
+    child: Child,
+    stdout: Sink,
+    stderr: Sink,
+    readers: Vec<JoinHandle<()>>,
+}
+
+/// How a finished `agentrun` process ended.
+struct Finished {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Finished {
+    fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+/// `agentrun ARGS` talking to the manager at `addr`, with no tenant or OpenAI key
+/// inherited from the environment (so the default profile is `scripted`).
+fn agentrun_command(addr: SocketAddr, args: &[&str]) -> Command {
+    let mut command = Command::new(binary("agentrun"));
+    command
+        .args(args)
+        .env("AGENTRUN_MANAGER_URL", format!("http://{addr}"))
+        .env_remove("AGENTRUN_TENANT")
+        .env_remove("OPENAI_API_KEY")
+        .env("NO_COLOR", "1");
+    command
+}
+
+impl CliProcess {
+    fn start(addr: SocketAddr, args: &[&str]) -> Self {
+        Self::spawn(agentrun_command(addr, args))
+    }
+
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start agentrun");
+        let (stdout, out_reader) = drain(child.stdout.take().expect("piped stdout"));
+        let (stderr, err_reader) = drain(child.stderr.take().expect("piped stderr"));
+        Self {
+            child,
+            stdout,
+            stderr,
+            readers: vec![out_reader, err_reader],
+        }
+    }
+
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+    }
+
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (polling, so an in-process manager keeps running) until the process has
+    /// exited and its output is drained; kills it and panics after `timeout`.
+    async fn wait(&mut self, timeout: Duration) -> Finished {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("poll agentrun") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "agentrun did not exit within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        // The pipes close when the process exits; give the readers a moment to see it.
+        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Finished {
+            status,
+            stdout: self.stdout(),
+            stderr: self.stderr(),
+        }
+    }
+}
+
+impl Drop for CliProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Copies `pipe` into a shared buffer on a thread until EOF.
+fn drain(mut pipe: impl Read + Send + 'static) -> (Sink, JoinHandle<()>) {
+    let sink = Sink::default();
+    let writer = sink.clone();
+    let reader = std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            writer.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+    (sink, reader)
+}
+
+/// Runs `agentrun ARGS` to completion.
+async fn agentrun(app: &TestApp, args: &[&str]) -> Finished {
+    CliProcess::start(app.addr, args)
+        .wait(COMMAND_TIMEOUT)
+        .await
+}
+
+/// A content delta of `kind` as the runner would append it.
+fn delta(runner_seq: i64, kind: &str, text: &str) -> proto::RunnerEvent {
+    proto::RunnerEvent {
+        runner_seq,
+        r#type: "content.delta".into(),
+        payload_json: json!({ "kind": kind, "delta": text }).to_string(),
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+async fn create_run(app: &mut TestApp, prompt: &str) -> String {
+    app.runs
+        .create_run(run_request(prompt))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap()
+        .run_id
+}
+
+#[tokio::test]
+async fn run_follow_streams_the_reply_to_stdout_and_exits_0() {
+    let mut app = TestApp::spawn().await;
+    let mut cli = CliProcess::start(app.addr, &["run", "hello", "--follow"]);
+
+    let runner = runner("cli-test");
+    let held = claim(&mut app, &runner, 1).await;
+    let assignment = &held[0];
+    let run = assignment.run.as_ref().unwrap();
+    assert_eq!(
+        run.backend_profile, "scripted",
+        "default profile without a key"
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&run.input_json).unwrap(),
+        json!({"prompt": "hello"})
+    );
+
+    app.runners
+        .append_events(append(
+            &runner,
+            assignment,
+            vec![delta(1, "assistant_text", "Hel")],
+        ))
+        .await
+        .unwrap();
+    // The reply streams: the first delta is printed before the run ends.
+    wait_for("the first delta on stdout", COMMAND_TIMEOUT, || {
+        let out = cli.stdout();
+        async move { (out == "Hel").then_some(()) }
+    })
+    .await;
+    let rest = vec![
+        delta(2, "reasoning_text", "thinking"),
+        delta(3, "assistant_text", "lo "),
+        delta(4, "assistant_text", "world"),
+    ];
+    app.runners
+        .append_events(append(&runner, assignment, rest))
+        .await
+        .unwrap();
+    app.runners
+        .finish_run(finish(&runner, assignment, RunStatus::Completed))
+        .await
+        .unwrap();
+
+    let done = cli.wait(COMMAND_TIMEOUT).await;
+    assert_eq!(done.stdout, "Hello world", "stderr:\n{}", done.stderr);
+    assert_eq!(done.code(), Some(0), "stderr:\n{}", done.stderr);
+    // The run id, the other events and the outcome go to stderr.
+    assert!(done.stderr.contains(&run.run_id), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("content.delta reasoning_text"),
+        "{}",
+        done.stderr
+    );
+    assert!(
+        done.stderr.contains("run.terminal completed"),
+        "{}",
+        done.stderr
+    );
+    assert!(
+        done.stderr
+            .contains(&format!("run {} completed", run.run_id)),
+        "{}",
+        done.stderr
+    );
+}
+
+#[tokio::test]
+async fn run_follow_exits_1_when_the_run_fails() {
+    let mut app = TestApp::spawn().await;
+    let mut cli = CliProcess::start(app.addr, &["run", "doomed", "--follow"]);
+
+    let runner = runner("cli-test");
+    let held = claim(&mut app, &runner, 1).await;
+    let assignment = &held[0];
+    app.runners
+        .append_events(append(
+            &runner,
+            assignment,
+            vec![delta(1, "assistant_text", "partial")],
+        ))
+        .await
+        .unwrap();
+    let mut failed = finish(&runner, assignment, RunStatus::Failed);
+    failed.failure_kind = "provider_error".into();
+    failed.message = "boom".into();
+    app.runners.finish_run(failed).await.unwrap();
+
+    let done = cli.wait(COMMAND_TIMEOUT).await;
+    assert_eq!(done.code(), Some(1), "stderr:\n{}", done.stderr);
+    assert_eq!(done.stdout, "partial");
+    assert!(
+        done.stderr.contains("failed: provider_error: boom"),
+        "{}",
+        done.stderr
+    );
+}
+
+#[tokio::test]
+async fn client_commands_reach_the_manager() {
+    let mut app = TestApp::spawn().await;
+    let run_id = create_run(&mut app, "hi").await;
+
+    // send: a steer after the first turn (command 1).
+    let sent = agentrun(&app, &["send", &run_id, "steer", "x"]).await;
+    assert_eq!(sent.code(), Some(0), "stderr:\n{}", sent.stderr);
+    assert_eq!(sent.stdout, "command 2 (steer) pending\n");
+    let commands = app
+        .runs
+        .list_commands(proto::ListCommandsRequest {
+            run_id: run_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .commands;
+    let steer = commands
+        .iter()
+        .find(|c| c.kind == CommandKind::Steer as i32)
+        .expect("the steer was stored");
+    assert_eq!(
+        serde_json::from_str::<Value>(&steer.payload_json).unwrap(),
+        json!({"text": "x"})
+    );
+
+    // A turn needs its text: a usage error, and nothing is sent.
+    let refused = agentrun(&app, &["send", &run_id, "turn"]).await;
+    assert_eq!(refused.code(), Some(2), "stderr:\n{}", refused.stderr);
+
+    // get and list show the run.
+    let got = agentrun(&app, &["get", &run_id]).await;
+    assert_eq!(got.code(), Some(0), "stderr:\n{}", got.stderr);
+    assert!(got.stdout.contains("status      pending"), "{}", got.stdout);
+    let listed = agentrun(&app, &["list", "--status", "pending"]).await;
+    assert_eq!(listed.code(), Some(0), "stderr:\n{}", listed.stderr);
+    assert!(listed.stdout.starts_with("ID "), "{}", listed.stdout);
+    assert!(listed.stdout.contains(&run_id), "{}", listed.stdout);
+
+    // cancel: a pending run ends cancelled at once.
+    let cancelled = agentrun(&app, &["cancel", &run_id, "--reason", "enough"]).await;
+    assert_eq!(cancelled.code(), Some(0), "stderr:\n{}", cancelled.stderr);
+    assert_eq!(cancelled.stdout, format!("run {run_id} cancelled\n"));
+    let run = get_run(&mut app, &run_id).await;
+    assert_eq!(status_of(&run), RunStatus::Cancelled);
+    assert_eq!(run.failure_message, "enough");
+
+    // events --json: one JSON object per line, seqs gapless from 1, ending the log.
+    let events = agentrun(&app, &["events", &run_id, "--json"]).await;
+    assert_eq!(events.code(), Some(0), "stderr:\n{}", events.stderr);
+    let lines: Vec<Value> = events
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("each line is JSON"))
+        .collect();
+    let seqs: Vec<i64> = lines.iter().map(|l| l["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, (1..=run.last_event_seq).collect::<Vec<_>>());
+    assert_eq!(lines.last().unwrap()["type"], "run.terminal");
+    assert_eq!(lines.last().unwrap()["payload"]["status"], "cancelled");
+    // --after skips what was seen; --follow on an ended run stops at once.
+    let tail = agentrun(
+        &app,
+        &["events", &run_id, "--json", "--follow", "--after", "2"],
+    )
+    .await;
+    assert_eq!(tail.code(), Some(0), "stderr:\n{}", tail.stderr);
+    assert_eq!(tail.stdout.lines().count() as i64, run.last_event_seq - 2);
+}
+
+#[tokio::test]
+async fn errors_are_reported_with_the_field_and_exit_1() {
+    let mut app = TestApp::spawn().await;
+    let run_id = create_run(&mut app, "hi").await;
+
+    let malformed = agentrun(&app, &["get", "not-a-uuid"]).await;
+    assert_eq!(malformed.code(), Some(1));
+    assert!(
+        malformed.stderr.starts_with("error: "),
+        "{}",
+        malformed.stderr
+    );
+    assert!(malformed.stderr.contains("run_id"), "{}", malformed.stderr);
+    let malformed = agentrun(&app, &["events", "not-a-uuid", "--follow"]).await;
+    assert_eq!(malformed.code(), Some(1));
+    assert!(malformed.stderr.contains("run_id"), "{}", malformed.stderr);
+
+    // The tenant header is sent: another tenant cannot see the run.
+    let other = agentrun(&app, &["--tenant", "other", "get", &run_id]).await;
+    assert_eq!(other.code(), Some(1));
+    assert!(other.stderr.contains("not found"), "{}", other.stderr);
+
+    // Nothing listening: a clear message naming the URL.
+    let nowhere = free_addr();
+    let unreachable = CliProcess::start(nowhere, &["list"])
+        .wait(COMMAND_TIMEOUT)
+        .await;
+    assert_eq!(unreachable.code(), Some(1));
+    assert!(
+        unreachable
+            .stderr
+            .contains(&format!("cannot reach the manager at http://{nowhere}")),
+        "{}",
+        unreachable.stderr
+    );
+}
+
+/// Throwaway cluster dirs that a process with `pid` created in the temp dir.
+fn pg_dirs_of(pid: u32) -> HashSet<PathBuf> {
+    let prefix = format!("agentrun-pg-{pid}-");
+    std::fs::read_dir(std::env::temp_dir())
+        .expect("read the temp dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Sends SIGTERM to `pid`.
+fn terminate(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -TERM {pid} failed");
+}
+
+/// Polls GetQueueStats at `addr` until it answers.
+async fn wait_until_serving(addr: SocketAddr, dev: &CliProcess) {
+    let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap();
+    let deadline = Instant::now() + DEV_TIMEOUT;
+    loop {
+        if let Ok(channel) = endpoint.connect().await {
+            let mut admin = AdminServiceClient::new(channel);
+            if admin
+                .get_queue_stats(proto::GetQueueStatsRequest {})
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agentrun dev did not serve within {DEV_TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}",
+            dev.stdout(),
+            dev.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `agentrun dev` with its own throwaway PostgreSQL (DATABASE_URL removed) on `addr`.
+fn start_dev(addr: SocketAddr, runners: &str) -> CliProcess {
+    let mut command = agentrun_command(
+        addr,
+        &["dev", "--listen", &addr.to_string(), "--runners", runners],
+    );
+    command.env_remove("DATABASE_URL").env("RUST_LOG", "info");
+    CliProcess::spawn(command)
+}
+
+/// `agentrun dev` serves; on SIGTERM it stops gracefully and exits 0 (a requested
+/// stop is a success; only a second signal exits 130), and its cluster is gone.
+#[tokio::test]
+async fn dev_serves_and_cleans_up_on_sigterm() {
+    let addr = free_addr();
+    let mut dev = start_dev(addr, "0");
+    wait_until_serving(addr, &dev).await;
+    let clusters = pg_dirs_of(dev.pid());
+    assert_eq!(clusters.len(), 1, "one throwaway cluster: {clusters:?}");
+    let banner = dev.stdout();
+    assert!(banner.contains(&format!("http://{addr}")), "{banner}");
+    assert!(banner.contains("auth      off"), "{banner}");
+
+    terminate(dev.pid());
+    let done = dev.wait(DEV_TIMEOUT).await;
+    assert_eq!(done.code(), Some(0), "stderr:\n{}", done.stderr);
+    assert!(
+        done.stdout.contains("removed the throwaway PostgreSQL"),
+        "{}",
+        done.stdout
+    );
+    // Removed by dev itself before exiting, not later by the cluster's watchdog.
+    for dir in &clusters {
+        assert!(!dir.exists(), "{} was left behind", dir.display());
+    }
+    assert!(
+        Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .is_err(),
+        "the manager still listens after dev exited"
+    );
+}
+
+/// The whole stack from one command: `agentrun dev` with a real runner serves
+/// `agentrun run --follow`, and SIGTERM drains the runner before dev exits.
+#[tokio::test]
+async fn dev_runs_a_prompt_end_to_end_with_its_runner() {
+    let addr = free_addr();
+    let mut dev = start_dev(addr, "1");
+    wait_until_serving(addr, &dev).await;
+
+    let mut cli = CliProcess::start(addr, &["run", "hello", "--follow"]);
+    let done = cli.wait(DEV_TIMEOUT).await;
+    assert_eq!(
+        done.code(),
+        Some(0),
+        "stderr:\n{}\ndev stderr:\n{}",
+        done.stderr,
+        dev.stderr()
+    );
+    assert!(
+        !done.stdout.is_empty(),
+        "no reply streamed: {}",
+        done.stderr
+    );
+
+    // The runner's pid, from dev's log line `started runner runner=runner-1 pid=N`.
+    let log = dev.stderr();
+    let runner_pid: u32 = log
+        .lines()
+        .find(|l| l.contains("started runner"))
+        .and_then(|l| l.split("pid=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no runner pid in dev's log:\n{log}"));
+    terminate(dev.pid());
+    let stopped = dev.wait(DEV_TIMEOUT).await;
+    assert_eq!(stopped.code(), Some(0), "stderr:\n{}", stopped.stderr);
+    assert!(
+        stopped.stderr.contains("runner stopped"),
+        "{}",
+        stopped.stderr
+    );
+    assert!(
+        !PathBuf::from(format!("/proc/{runner_pid}")).exists(),
+        "runner {runner_pid} outlived dev"
+    );
+}
