@@ -529,3 +529,75 @@ async fn dev_runs_a_prompt_end_to_end_with_its_runner() {
         "runner {runner_pid} outlived dev"
     );
 }
+
+/// An OpenAI-compatible endpoint that answers every chat completion with `words`,
+/// streamed as SSE deltas.
+async fn fake_openai(words: &'static [&'static str]) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !String::from_utf8_lossy(&request).contains("\"stream\"") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let mut body = String::new();
+                for word in words {
+                    let chunk = json!({"choices": [{"index": 0, "delta": {"content": word}}]});
+                    body.push_str(&format!("data: {chunk}\n\n"));
+                }
+                let done = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+                body.push_str(&format!("data: {done}\n\ndata: [DONE]\n\n"));
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// With an OpenAI-compatible base URL and key configured, the same two commands use the
+/// openai provider: `dev`'s runners serve the `openai` profile and `run` picks it.
+#[tokio::test]
+async fn dev_uses_the_openai_provider_when_configured() {
+    let model = fake_openai(&["Hi ", "from ", "the ", "model"]).await;
+    let base_url = format!("http://{model}/v1");
+    let addr = free_addr();
+    let mut command = agentrun_command(
+        addr,
+        &["dev", "--listen", &addr.to_string(), "--runners", "1"],
+    );
+    command
+        .env_remove("DATABASE_URL")
+        .env("OPENAI_BASE_URL", &base_url)
+        .env("OPENAI_API_KEY", "sk-test-key");
+    let mut dev = CliProcess::spawn(command);
+    wait_until_serving(addr, &dev).await;
+
+    let mut run = agentrun_command(addr, &["run", "hello", "--follow"]);
+    run.env("OPENAI_API_KEY", "sk-test-key");
+    let done = CliProcess::spawn(run).wait(DEV_TIMEOUT).await;
+    assert_eq!(
+        done.code(),
+        Some(0),
+        "stderr:\n{}\ndev stderr:\n{}",
+        done.stderr,
+        dev.stderr()
+    );
+    assert_eq!(done.stdout, "Hi from the model");
+    terminate(dev.pid());
+    dev.wait(DEV_TIMEOUT).await;
+}
