@@ -44,6 +44,7 @@ impl AdminService for AdminApi {
                     oldest_pending_age_ms: *age,
                 })
                 .collect(),
+            tenants: vec![],
         }))
     }
 
@@ -53,6 +54,15 @@ impl AdminService for AdminApi {
     ) -> Result<Response<proto::ListRunnersResponse>, Status> {
         Err(Status::unimplemented(
             "AdminService.ListRunners is not implemented yet",
+        ))
+    }
+
+    async fn set_tenant_limit(
+        &self,
+        _: Request<proto::SetTenantLimitRequest>,
+    ) -> Result<Response<proto::SetTenantLimitResponse>, Status> {
+        Err(Status::unimplemented(
+            "AdminService.SetTenantLimit is not implemented yet",
         ))
     }
 

@@ -45,6 +45,8 @@ pub fn run(r: &RunRecord) -> proto::Run {
         updated_at: ts(r.updated_at),
         claimed_at: r.claimed_at.and_then(ts),
         finished_at: r.finished_at.and_then(ts),
+        scheduled_at: r.scheduled_at.and_then(ts),
+        active_turn_id: r.active_turn_id.clone().unwrap_or_default(),
     }
 }
 

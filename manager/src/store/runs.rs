@@ -48,6 +48,8 @@ pub struct RunRecord {
     pub updated_at: SystemTime,
     pub claimed_at: Option<SystemTime>,
     pub finished_at: Option<SystemTime>,
+    pub scheduled_at: Option<SystemTime>,
+    pub active_turn_id: Option<String>,
 }
 
 impl RunRecord {
@@ -82,6 +84,8 @@ impl RunRecord {
             updated_at: row.get("updated_at"),
             claimed_at: row.get("claimed_at"),
             finished_at: row.get("finished_at"),
+            scheduled_at: row.get("scheduled_at"),
+            active_turn_id: row.get("active_turn_id"),
         })
     }
 
