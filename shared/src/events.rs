@@ -83,6 +83,7 @@ impl EventType {
         payload: &Map<String, Value>,
     ) -> Result<(), FieldError> {
         match self {
+            EventType::TurnStarted => require_string(field, payload, "turn_id").map(drop),
             EventType::TurnCompleted => require_one_of(field, payload, "state", TURN_END_STATES),
             EventType::ContentDelta => {
                 require_string(field, payload, "kind")?;

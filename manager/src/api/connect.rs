@@ -173,7 +173,7 @@ impl Session {
                 }
                 _ = shutdown.cancelled(), if !self.draining => {
                     self.draining = true;
-                    self.send(Out::Drain(proto::Drain { deadline_ms: 0 })).await;
+                    self.send(Out::Drain(proto::Drain { deadline_ms: 0, reconnect: true })).await;
                     // End the stream: the runner reconnects (to another replica) with its leases.
                     break;
                 }

@@ -440,12 +440,25 @@ pub async fn append(
             ),
         ));
     }
+    let mut active_turn = run.active_turn_id.clone();
     for event in fresh {
         status = match (event.event_type, status) {
             (EventType::RequestOpened, RunStatus::Running) => RunStatus::Waiting,
             (EventType::RequestResolved, RunStatus::Waiting) => RunStatus::Running,
             (_, s) => s,
         };
+        // The active turn guards steers aimed at a turn that has already ended.
+        match event.event_type {
+            EventType::TurnStarted => {
+                active_turn = event
+                    .payload
+                    .get("turn_id")
+                    .and_then(|t| t.as_str())
+                    .map(str::to_owned);
+            }
+            EventType::TurnCompleted => active_turn = None,
+            _ => {}
+        }
         let producer = Producer::Runner {
             runner_id,
             epoch,
@@ -465,13 +478,22 @@ pub async fn append(
     }
     let seqs = events::append(&tx, &to_store).await?;
     let acked_runner_seq = fresh.last().map_or(run.lease_runner_seq, |e| e.runner_seq);
-    if status != run.status || acked_runner_seq != run.lease_runner_seq {
+    if status != run.status
+        || acked_runner_seq != run.lease_runner_seq
+        || active_turn != run.active_turn_id
+    {
         debug_assert!(status == run.status || RunStatus::can_transition(run.status, status));
         let stmt = tx
-            .prepare_cached("UPDATE runs SET status = $2, lease_runner_seq = $3, updated_at = now() WHERE id = $1")
+            .prepare_cached(
+                "UPDATE runs SET status = $2, lease_runner_seq = $3, active_turn_id = $4, updated_at = now()
+                 WHERE id = $1",
+            )
             .await?;
-        tx.execute(&stmt, &[&run_id.0, &status.as_str(), &acked_runner_seq])
-            .await?;
+        tx.execute(
+            &stmt,
+            &[&run_id.0, &status.as_str(), &acked_runner_seq, &active_turn],
+        )
+        .await?;
     }
     tx.commit().await?;
     Ok(AppendOutcome {

@@ -407,7 +407,7 @@ pub async fn finish_many(tx: &impl GenericClient, finishes: &[Finish]) -> Result
     let stmt = tx
         .prepare_cached(
             "UPDATE runs SET status = f.status, failure_kind = f.failure_kind,
-                    failure_message = f.message, finished_at = now(), updated_at = now(),
+                    failure_message = f.message, finished_at = now(), updated_at = now(), active_turn_id = NULL,
                     lease_expires_at = NULL
              FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
                   AS f(id, status, failure_kind, message, sources)
@@ -504,7 +504,7 @@ pub async fn requeue_many(
     let stmt = tx
         .prepare_cached(
             "UPDATE runs SET status = 'pending', attempt = attempt + $2, lease_runner_id = NULL,
-                    lease_expires_at = NULL, lease_runner_seq = 0, run_deadline = NULL,
+                    lease_expires_at = NULL, lease_runner_seq = 0, run_deadline = NULL, active_turn_id = NULL,
                     updated_at = now()
              WHERE id = ANY($1) AND status = ANY($3)
              RETURNING *",
