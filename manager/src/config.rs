@@ -39,6 +39,11 @@ pub struct Settings {
     /// Most events in one appended batch.
     #[arg(long, env = "AGENTRUN_MAX_BATCH_EVENTS", default_value_t = 1_000)]
     pub max_batch_events: usize,
+    /// Active (claimed, running, waiting) runs a tenant may have when it has no limit of
+    /// its own (AdminService.SetTenantLimit); 0 means unlimited.
+    #[arg(long, env = "AGENTRUN_TENANT_MAX_ACTIVE_RUNS", default_value_t = 0,
+          value_parser = clap::value_parser!(i32).range(0..))]
+    pub tenant_max_active_runs: i32,
 }
 
 impl Settings {

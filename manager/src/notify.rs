@@ -26,13 +26,16 @@ use uuid::Uuid;
 const CHANNEL: &str = "agentrun_wakeups";
 /// How long changes are gathered before one NOTIFY carries them.
 const COALESCE: Duration = Duration::from_millis(5);
-/// Run ids per NOTIFY, well under the 8000-byte payload limit.
-const RUNS_PER_NOTIFY: usize = 150;
+/// Ids per NOTIFY, well under the 8000-byte payload limit.
+const IDS_PER_NOTIFY: usize = 150;
 
 #[derive(Default)]
 struct Outgoing {
     runs_created: bool,
+    /// Runs with new commands (their holders and watchers wake).
     commands: HashSet<Uuid>,
+    /// Runs or sessions with new events (their watchers wake).
+    changed: HashSet<Uuid>,
 }
 
 /// The wake-up hub of one manager replica.
@@ -42,6 +45,8 @@ pub struct Notifier {
     work: watch::Sender<u64>,
     /// The stream that holds each leased run on this replica.
     holders: Mutex<HashMap<Uuid, Arc<Notify>>>,
+    /// Watchers of a run's or session's events on this replica, by run or session id.
+    watched: Mutex<HashMap<Uuid, watch::Sender<u64>>>,
     outgoing: Mutex<Outgoing>,
     flush: Notify,
 }
@@ -52,6 +57,7 @@ impl Notifier {
             replica_id,
             work: watch::channel(0).0,
             holders: Mutex::default(),
+            watched: Mutex::default(),
             outgoing: Mutex::default(),
             flush: Notify::new(),
         })
@@ -68,20 +74,49 @@ impl Notifier {
         self.flush.notify_one();
     }
 
-    /// New commands for these runs: wake the streams holding them, wherever they are.
+    /// New commands for these runs: wake the streams holding them, and their watchers,
+    /// wherever they are.
     pub fn commands_added(&self, runs: &[RunId]) {
-        self.poke_holders(runs.iter().map(|r| r.0));
+        let ids = runs.iter().map(|r| r.0);
+        self.poke_holders(ids.clone());
+        self.poke_watchers(ids.clone());
         self.outgoing
             .lock()
             .expect("notifier lock")
             .commands
-            .extend(runs.iter().map(|r| r.0));
+            .extend(ids);
+        self.flush.notify_one();
+    }
+
+    /// New events for these runs (or sessions): wake their watchers wherever they are.
+    pub fn events_appended(&self, keys: impl IntoIterator<Item = Uuid>) {
+        let keys: Vec<Uuid> = keys.into_iter().collect();
+        if keys.is_empty() {
+            return;
+        }
+        self.poke_watchers(keys.iter().copied());
+        self.outgoing
+            .lock()
+            .expect("notifier lock")
+            .changed
+            .extend(keys);
         self.flush.notify_one();
     }
 
     /// A receiver that changes whenever work may be available.
     pub fn subscribe_work(&self) -> watch::Receiver<u64> {
         self.work.subscribe()
+    }
+
+    /// A receiver that changes whenever the run or session `key` may have new events.
+    pub fn watch(&self, key: Uuid) -> watch::Receiver<u64> {
+        let mut watched = self.watched.lock().expect("notifier lock");
+        // Forget topics nobody watches any more, so the map stays as small as the audience.
+        watched.retain(|_, sender| sender.receiver_count() > 0);
+        watched
+            .entry(key)
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
     }
 
     /// Routes command wake-ups for `run` to `holder` until [`Self::release`].
@@ -109,10 +144,22 @@ impl Notifier {
         }
     }
 
+    fn poke_watchers(&self, keys: impl Iterator<Item = Uuid>) {
+        let watched = self.watched.lock().expect("notifier lock");
+        for key in keys {
+            if let Some(sender) = watched.get(&key) {
+                sender.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        }
+    }
+
     fn wake_everything(&self) {
         self.wake_work_locally();
         for holder in self.holders.lock().expect("notifier lock").values() {
             holder.notify_one();
+        }
+        for sender in self.watched.lock().expect("notifier lock").values() {
+            sender.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 
@@ -128,24 +175,49 @@ impl Notifier {
         if message["runs"].as_bool() == Some(true) {
             self.wake_work_locally();
         }
-        if let Some(ids) = message["commands"].as_array() {
-            self.poke_holders(ids.iter().filter_map(|v| v.as_str()?.parse().ok()));
-        }
+        let ids = |key: &str| -> Vec<Uuid> {
+            message[key]
+                .as_array()
+                .map(|ids| {
+                    ids.iter()
+                        .filter_map(|v| v.as_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let commands = ids("commands");
+        self.poke_holders(commands.iter().copied());
+        self.poke_watchers(commands.into_iter().chain(ids("changed")));
     }
 
+    /// The pending wake-ups as NOTIFY payloads of at most [`IDS_PER_NOTIFY`] ids each.
     fn take_outgoing(&self) -> Vec<String> {
         let taken = std::mem::take(&mut *self.outgoing.lock().expect("notifier lock"));
-        let commands: Vec<String> = taken.commands.iter().map(Uuid::to_string).collect();
         let from = self.replica_id.to_string();
+        let mut items: Vec<(&str, String)> = taken
+            .commands
+            .iter()
+            .map(|id| ("commands", id.to_string()))
+            .collect();
+        items.extend(taken.changed.iter().map(|id| ("changed", id.to_string())));
         let mut payloads = Vec::new();
-        let mut chunks = commands.chunks(RUNS_PER_NOTIFY).peekable();
-        if taken.runs_created || chunks.peek().is_some() {
-            let first = chunks.next().unwrap_or_default();
+        let mut runs_created = taken.runs_created;
+        let mut chunks = items.chunks(IDS_PER_NOTIFY).peekable();
+        while runs_created || chunks.peek().is_some() {
+            let chunk = chunks.next().unwrap_or_default();
+            let of = |kind: &str| -> Vec<&str> {
+                chunk
+                    .iter()
+                    .filter(|(k, _)| *k == kind)
+                    .map(|(_, id)| id.as_str())
+                    .collect()
+            };
             payloads.push(
-                json!({"from": from, "runs": taken.runs_created, "commands": first}).to_string(),
+                json!({"from": from, "runs": runs_created, "commands": of("commands"), "changed": of("changed")})
+                    .to_string(),
             );
+            runs_created = false;
         }
-        payloads.extend(chunks.map(|c| json!({"from": from, "commands": c}).to_string()));
         payloads
     }
 }
@@ -243,7 +315,7 @@ mod tests {
         n.commands_added(&runs);
         n.commands_added(&runs[..10]);
         let payloads = n.take_outgoing();
-        assert_eq!(payloads.len(), 2, "200 runs in chunks of {RUNS_PER_NOTIFY}");
+        assert_eq!(payloads.len(), 2, "200 runs in chunks of {IDS_PER_NOTIFY}");
         let first: Value = serde_json::from_str(&payloads[0]).unwrap();
         assert_eq!(first["runs"], true);
         assert!(n.take_outgoing().is_empty());

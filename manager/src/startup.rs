@@ -93,7 +93,7 @@ impl Application {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(RunServiceServer::new(RunApi::new(state.clone())))
-            .add_service(SessionServiceServer::new(SessionApi))
+            .add_service(SessionServiceServer::new(SessionApi::new(state.clone())))
             .add_service(RunnerServiceServer::new(RunnerApi::new(state.clone())))
             .add_service(AdminServiceServer::new(AdminApi::new(state.clone())))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())

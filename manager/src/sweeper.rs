@@ -4,7 +4,8 @@
 //!   after `max_attempts`, or cancelled if its cancellation was requested;
 //! - `run_timeout` passed since the claim: failed as `run_timeout` (the lease ends, so
 //!   the runner's later writes are fenced out);
-//! - `queue_timeout` passed while pending: expired as `queue_timeout`.
+//! - `queue_timeout` passed while pending: expired as `queue_timeout`;
+//! - a request open past its deadline: expired, and its run's provider told so.
 //!
 //! Every replica runs one. Rows are taken `FOR UPDATE SKIP LOCKED` in bounded batches,
 //! so replicas split the work instead of doing it twice.
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
 use crate::notify::Notifier;
+use crate::store::requests;
 use crate::store::runs::{self, Finish, RequeueReason};
 
 /// Rows handled per transaction.
@@ -40,37 +42,58 @@ pub async fn run(
             _ = ticker.tick() => {}
         }
         match sweep_once(&pool).await {
-            // Requeued runs are claimable again.
-            Ok(moved) if moved.requeued > 0 => notifier.work_available(),
-            Ok(_) => {}
+            Ok(swept) => {
+                // Requeued runs are claimable again; every moved run has new events.
+                if swept.requeued > 0 {
+                    notifier.work_available();
+                }
+                notifier.events_appended(swept.moved.iter().map(|r| r.0));
+                notifier.commands_added(&swept.answered);
+            }
             Err(err) => tracing::warn!(error = %err, "lease sweep failed; retrying next tick"),
         }
     }
 }
 
 /// What one pass did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Swept {
+    /// Runs put back in the queue.
     pub requeued: usize,
-    pub ended: usize,
+    /// Every run that changed (requeued or ended).
+    pub moved: Vec<RunId>,
+    /// Runs whose expired requests got a `resolve` command for their runner.
+    pub answered: Vec<RunId>,
 }
 
 /// One full pass.
 pub async fn sweep_once(pool: &Pool) -> Result<Swept> {
     let mut swept = Swept::default();
     loop {
-        let (requeued, failed) = expire_leases(pool).await?;
-        let ended = failed + time_out_runs(pool).await? + expire_queued(pool).await?;
+        let (requeued, mut moved) = expire_leases(pool).await?;
+        moved.extend(time_out_runs(pool).await?);
+        moved.extend(expire_queued(pool).await?);
+        let answered = expire_requests(pool).await?;
         swept.requeued += requeued;
-        swept.ended += ended;
-        if requeued + ended == 0 {
+        if moved.is_empty() && answered.is_empty() {
             return Ok(swept);
         }
+        swept.moved.extend(moved);
+        swept.answered.extend(answered);
     }
 }
 
-/// Returns (requeued, ended).
-async fn expire_leases(pool: &Pool) -> Result<(usize, usize)> {
+/// Expires requests open past their deadline; returns the runs that got an answer.
+async fn expire_requests(pool: &Pool) -> Result<Vec<RunId>> {
+    let (answered, expired) = requests::expire_due(pool, BATCH).await?;
+    if expired > 0 {
+        tracing::info!(requests = expired, "expired requests swept");
+    }
+    Ok(answered)
+}
+
+/// Returns how many runs were requeued, and every run moved.
+async fn expire_leases(pool: &Pool) -> Result<(usize, Vec<RunId>)> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let stmt = tx
@@ -112,10 +135,15 @@ async fn expire_leases(pool: &Pool) -> Result<(usize, usize)> {
             "expired leases swept"
         );
     }
-    Ok((requeue.len(), finish.len()))
+    let moved = requeue
+        .iter()
+        .copied()
+        .chain(finish.iter().map(|f| f.run_id))
+        .collect();
+    Ok((requeue.len(), moved))
 }
 
-async fn time_out_runs(pool: &Pool) -> Result<usize> {
+async fn time_out_runs(pool: &Pool) -> Result<Vec<RunId>> {
     finish_due(
         pool,
         "SELECT id FROM runs WHERE status = ANY($1) AND run_deadline < now()
@@ -133,7 +161,7 @@ async fn time_out_runs(pool: &Pool) -> Result<usize> {
     .await
 }
 
-async fn expire_queued(pool: &Pool) -> Result<usize> {
+async fn expire_queued(pool: &Pool) -> Result<Vec<RunId>> {
     finish_due(
         pool,
         "SELECT id FROM runs WHERE status = ANY($1) AND queue_deadline < now()
@@ -157,7 +185,7 @@ async fn finish_due(
     select: &str,
     statuses: &[RunStatus],
     outcome: fn(RunId) -> Finish,
-) -> Result<usize> {
+) -> Result<Vec<RunId>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let stmt = tx.prepare_cached(select).await?;
@@ -169,7 +197,7 @@ async fn finish_due(
     if !rows.is_empty() {
         tracing::info!(runs = rows.len(), "timed-out runs swept");
     }
-    Ok(rows.len())
+    Ok(finishes.iter().map(|f| f.run_id).collect())
 }
 
 fn ended(run_id: RunId, status: RunStatus, kind: &str, message: &str) -> Finish {

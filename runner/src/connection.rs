@@ -322,8 +322,17 @@ impl Runner {
                 }
             }
             In::LeaseRevoked(revoked) => self.lose(&revoked.run_id, &revoked.reason),
-            In::Drain(_) => {
+            In::Drain(drain) if drain.reconnect => {
+                // Only this connection goes away (its manager replica is shutting down).
                 tracing::info!("the manager asked us to drain this connection; reconnecting")
+            }
+            In::Drain(_) => {
+                // An operator drained this runner: exactly as on SIGTERM — no more credit,
+                // finish the running runs within the grace, release the rest, exit.
+                tracing::info!("the manager asked this runner to drain and exit");
+                if self.draining.is_none() {
+                    self.start_drain();
+                }
             }
             In::Error(error) => {
                 tracing::warn!(run = %error.run_id, code = %error.code, message = %error.message, "the manager refused a message");

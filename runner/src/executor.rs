@@ -221,6 +221,18 @@ impl<'a> Executor<'a> {
         self.last_seq = command.seq;
         let payload = Self::payload(&command);
         let text = |key: &str| payload[key].as_str().unwrap_or_default().to_owned();
+        // A command aimed at a turn that has ended must not reach the next one.
+        if let Some(expected) = payload["expected_turn_id"].as_str()
+            && self.active.as_ref().map(|a| a.turn_id.as_str()) != Some(expected)
+        {
+            self.ack(
+                &command,
+                CommandStatus::Failed,
+                "the turn it was aimed at is no longer active",
+            )
+            .await;
+            return;
+        }
         match CommandKind::try_from(command.kind).unwrap_or(CommandKind::Unspecified) {
             CommandKind::Turn => {
                 self.ack(&command, CommandStatus::Acknowledged, "").await;

@@ -339,12 +339,17 @@ async fn scripted_approval_waits_for_the_answer() {
     let (outcome, events) = turn.finish().await;
     let (reply, _) = completed(outcome);
     assert_eq!(reply, "Approval: accept");
-    let resolved = events
+    // Resolving is the manager's to record; the provider only opens.
+    assert!(
+        events.iter().all(|e| e.event_type != "request.resolved"),
+        "{events:?}"
+    );
+    let requests: Vec<_> = events
         .iter()
-        .find(|e| e.event_type == "request.resolved")
-        .expect("the request is resolved");
-    assert_eq!(resolved.payload["request_id"], request_id);
-    assert_eq!(resolved.payload["decision"], "accept");
+        .filter(|e| e.event_type == "request.opened")
+        .collect();
+    assert_eq!(requests.len(), 1, "{events:?}");
+    assert_eq!(requests[0].payload["request_id"], request_id);
 }
 
 #[tokio::test]

@@ -26,6 +26,8 @@ pub mod reason {
     pub const RUN_TERMINAL: &str = "run_terminal";
     /// The requested state change is not allowed from the current state.
     pub const ILLEGAL_TRANSITION: &str = "illegal_transition";
+    /// A steer or interrupt named a turn that is no longer the active one.
+    pub const TURN_NOT_ACTIVE: &str = "turn_not_active";
     /// An idempotency key was reused with a different request.
     pub const IDEMPOTENCY_CONFLICT: &str = "idempotency_conflict";
 }

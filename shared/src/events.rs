@@ -61,6 +61,8 @@ pub const REQUEST_KINDS: &[&str] = &["command", "file_read", "file_change", "too
 impl EventType {
     /// Run and command lifecycle events are the manager's alone; a runner reports those
     /// through FinishRun and command updates, so the log cannot contradict the run row.
+    /// `request.resolved` too: a request is resolved by a client (ResolveRequest), the
+    /// turn or run ending, or its deadline — all recorded by the manager.
     pub fn runner_may_write(self) -> bool {
         !matches!(
             self,
@@ -72,6 +74,7 @@ impl EventType {
                 | EventType::CommandCreated
                 | EventType::CommandDelivered
                 | EventType::CommandCompleted
+                | EventType::RequestResolved
         )
     }
 
@@ -93,12 +96,52 @@ impl EventType {
                 require_string(field, payload, "item_id")?;
                 require_string(field, payload, "kind").map(drop)
             }
-            EventType::RequestOpened => require_one_of(field, payload, "kind", REQUEST_KINDS),
+            EventType::RequestOpened => validate_request_opened(field, payload),
             EventType::RuntimeWarning | EventType::RuntimeError => {
                 require_string(field, payload, "message").map(drop)
             }
             _ => Ok(()),
         }
+    }
+}
+
+/// Longest `timeout_ms` a `request.opened` may ask for: a week.
+pub const MAX_REQUEST_TIMEOUT_MS: i64 = 7 * 24 * 60 * 60 * 1000;
+
+/// `request.opened {request_id: UUID, kind, detail?: object, options?: [string],
+/// timeout_ms?: 1..=MAX_REQUEST_TIMEOUT_MS}`.
+fn validate_request_opened(field: &str, payload: &Map<String, Value>) -> Result<(), FieldError> {
+    let request_id = require_string(field, payload, "request_id")?;
+    crate::ids::RequestId::parse(&format!("{field}.request_id"), request_id)?;
+    require_one_of(field, payload, "kind", REQUEST_KINDS)?;
+    if payload.get("detail").is_some_and(|d| !d.is_object()) {
+        return Err(FieldError::new(
+            format!("{field}.detail"),
+            "must be an object",
+        ));
+    }
+    match payload.get("options") {
+        None => {}
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) => {}
+        Some(_) => {
+            return Err(FieldError::new(
+                format!("{field}.options"),
+                "must be an array of strings",
+            ));
+        }
+    }
+    match payload.get("timeout_ms") {
+        None => Ok(()),
+        Some(t)
+            if t.as_i64()
+                .is_some_and(|t| (1..=MAX_REQUEST_TIMEOUT_MS).contains(&t)) =>
+        {
+            Ok(())
+        }
+        Some(_) => Err(FieldError::new(
+            format!("{field}.timeout_ms"),
+            format!("must be an integer between 1 and {MAX_REQUEST_TIMEOUT_MS}"),
+        )),
     }
 }
 
@@ -173,6 +216,45 @@ mod tests {
     fn runners_cannot_forge_lifecycle_events() {
         assert!(!EventType::RunTerminal.runner_may_write());
         assert!(!EventType::CommandCompleted.runner_may_write());
+        assert!(!EventType::RequestResolved.runner_may_write());
         assert!(EventType::ContentDelta.runner_may_write());
+        assert!(EventType::RequestOpened.runner_may_write());
+    }
+
+    #[test]
+    fn request_opened_needs_a_uuid_and_well_formed_fields() {
+        let id = "8a1f3c2e-4b5d-4e6f-9a0b-1c2d3e4f5a6b";
+        let check = |v: Value| EventType::RequestOpened.validate_payload("p", &obj(v));
+        assert!(check(json!({"request_id": id, "kind": "command"})).is_ok());
+        assert!(
+            check(
+                json!({"request_id": id, "kind": "user_input", "detail": {"q": "name?"},
+                         "options": ["accept"], "timeout_ms": 300})
+            )
+            .is_ok()
+        );
+        let field = |v: Value| check(v).unwrap_err().field;
+        assert_eq!(field(json!({"kind": "command"})), "p.request_id");
+        assert_eq!(
+            field(json!({"request_id": "nope", "kind": "command"})),
+            "p.request_id"
+        );
+        assert_eq!(field(json!({"request_id": id, "kind": "rm"})), "p.kind");
+        assert_eq!(
+            field(json!({"request_id": id, "kind": "tool", "detail": "x"})),
+            "p.detail"
+        );
+        assert_eq!(
+            field(json!({"request_id": id, "kind": "tool", "options": [1]})),
+            "p.options"
+        );
+        assert_eq!(
+            field(json!({"request_id": id, "kind": "tool", "timeout_ms": 0})),
+            "p.timeout_ms"
+        );
+        assert_eq!(
+            field(json!({"request_id": id, "kind": "tool", "timeout_ms": "5"})),
+            "p.timeout_ms"
+        );
     }
 }

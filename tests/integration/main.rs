@@ -2,10 +2,15 @@
 
 mod cli;
 mod commands;
+mod double_texting;
 mod e2e;
 mod leases;
 mod replicas;
+mod requests;
 mod runs;
+mod scheduling;
+mod sessions;
 mod surface;
 mod sweeper;
 mod validation;
+mod watch;

@@ -7,7 +7,10 @@
 //! claimable (runs are then claimed for the runner's credit and pushed), wake-ups saying
 //! a held run has new commands (they are delivered), and a slow fallback tick that does
 //! both in case a wake-up was lost. Manager shutdown sends `drain` and ends the stream;
-//! the runner reconnects elsewhere with its leases.
+//! the runner reconnects elsewhere with its leases. An operator's drain (the runner's
+//! `draining` flag, set through any replica) is read on the fallback tick: the session
+//! stops assigning and sends `drain` with `reconnect: false`; the runner finishes its
+//! runs over the still-open stream and exits.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,11 +25,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use super::runner_service::{
-    RunnerApi, command_updates, epoch, finish_outcome, lease_refs, runner_identity,
+    RunnerApi, command_updates, delivered_to, epoch, finish_outcome, lease_refs, runner_identity,
 };
 use super::{AppState, convert};
 use crate::error::Error;
 use crate::store::leases::{self, Assignment, RunnerIdentity};
+use crate::store::runners;
 
 /// How long a runner has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,7 +56,14 @@ pub async fn open(
     };
     let runner = runner_identity(hello.runner.as_ref()).map_err(Error::from)?;
     let named = lease_refs("held_leases", &hello.held_leases).map_err(Error::from)?;
-    let welcome = leases::hello(&state.pool, &runner, &named, state.settings.lease_ttl()).await?;
+    let welcome = leases::hello(
+        &state.pool,
+        &runner,
+        &named,
+        state.settings.lease_ttl(),
+        state.notifier.replica_id(),
+    )
+    .await?;
 
     let (out, rx) = mpsc::channel(OUTBOX);
     let mut session = Session::new(state, runner, out);
@@ -96,6 +107,14 @@ pub async fn open(
         session.hold(assignment.run.id, assignment.run.lease_epoch);
         messages.push(Out::Assignment(convert::assignment(assignment)));
     }
+    if welcome.draining {
+        // Drained by an operator before this connection: it is told again.
+        session.draining = true;
+        messages.push(Out::Drain(proto::Drain {
+            deadline_ms: 0,
+            reconnect: false,
+        }));
+    }
     for message in messages {
         session.send(message).await;
     }
@@ -126,6 +145,8 @@ struct Session {
     held: HashMap<RunId, i64>,
     /// Woken when a held run gets commands.
     commands_woken: Arc<Notify>,
+    /// Nothing more is assigned: the manager is shutting down or an operator drained
+    /// the runner.
     draining: bool,
 }
 
@@ -168,10 +189,13 @@ impl Session {
                 }
                 _ = self.commands_woken.notified() => self.deliver_commands().await,
                 _ = fallback.tick() => {
-                    let assigned = if self.credit > 0 && !self.draining { self.assign().await } else { Ok(()) };
+                    let assigned = match self.check_drain().await {
+                        Ok(()) if self.credit > 0 && !self.draining => self.assign().await,
+                        checked => checked,
+                    };
                     match assigned { Ok(()) => self.deliver_commands().await, err => err }
                 }
-                _ = shutdown.cancelled(), if !self.draining => {
+                _ = shutdown.cancelled() => {
                     self.draining = true;
                     self.send(Out::Drain(proto::Drain { deadline_ms: 0, reconnect: true })).await;
                     // End the stream: the runner reconnects (to another replica) with its leases.
@@ -310,6 +334,28 @@ impl Session {
         }
     }
 
+    /// An operator drained this runner (`AdminService.DrainRunner`, through any replica):
+    /// assign nothing more and tell it to finish its runs and exit. Polled on the fallback
+    /// tick; claims refuse a draining runner meanwhile.
+    async fn check_drain(&mut self) -> Result<(), Error> {
+        if self.draining {
+            return Ok(());
+        }
+        let client = self.state.pool.get().await?;
+        if !runners::is_draining(&client, self.runner.id).await? {
+            return Ok(());
+        }
+        tracing::info!(runner = %self.runner.id, held = self.held.len(), "draining the runner at an operator's request");
+        self.draining = true;
+        self.credit = 0;
+        self.send(Out::Drain(proto::Drain {
+            deadline_ms: 0,
+            reconnect: false,
+        }))
+        .await;
+        Ok(())
+    }
+
     /// Claims runs for the runner's credit and pushes them.
     async fn assign(&mut self) -> Result<(), Error> {
         if self.credit <= 0 || self.draining {
@@ -320,9 +366,13 @@ impl Session {
             &self.runner,
             self.credit,
             self.state.settings.lease_ttl(),
+            self.state.settings.tenant_max_active_runs,
         )
         .await?;
         self.credit -= claimed.len() as i64;
+        self.state
+            .notifier
+            .events_appended(claimed.iter().map(|a| a.run.id.0));
         for assignment in &claimed {
             self.hold(assignment.run.id, assignment.run.lease_epoch);
             self.send(Out::Assignment(convert::assignment(assignment)))
@@ -338,6 +388,7 @@ impl Session {
         }
         let held: Vec<(RunId, i64)> = self.held.iter().map(|(r, e)| (*r, *e)).collect();
         let states = leases::deliver_commands(&self.state.pool, self.runner.id, &held).await?;
+        self.state.notifier.events_appended(delivered_to(&states));
         for lease in states {
             if lease.expires_at.is_none() {
                 self.drop_lease(lease.run_id);
@@ -369,6 +420,7 @@ impl Session {
             self.state.settings.lease_ttl(),
         )
         .await?;
+        self.state.notifier.events_appended(delivered_to(&states));
         for lease in states.iter().filter(|l| l.expires_at.is_none()) {
             self.drop_lease(lease.run_id);
         }
@@ -401,6 +453,7 @@ impl Session {
             updates,
         )
         .await?;
+        self.state.notifier.events_appended([run_id.0]);
         Ok(proto::EventAck {
             run_id: batch.run_id,
             epoch,
@@ -416,6 +469,7 @@ impl Session {
     async fn finish(&mut self, finish: proto::FinishRunRequest) -> Result<proto::FinishAck, Error> {
         let (epoch, outcome) = finish_outcome(&finish)?;
         let run = leases::finish(&self.state.pool, self.runner.id, epoch, outcome).await?;
+        self.state.notifier.events_appended([run.id.0]);
         self.drop_lease(run.id);
         Ok(proto::FinishAck {
             run_id: run.id.to_string(),
@@ -429,6 +483,7 @@ impl Session {
         let epoch = epoch(release.epoch)?;
         leases::release(&self.state.pool, self.runner.id, run_id, epoch).await?;
         self.drop_lease(run_id);
+        self.state.notifier.events_appended([run_id.0]);
         self.state.notifier.work_available();
         Ok(proto::FinishAck {
             run_id: release.run_id,

@@ -97,3 +97,23 @@ pub fn assignment(a: &Assignment) -> proto::Assignment {
 pub fn timestamp(t: Option<SystemTime>) -> Option<Timestamp> {
     t.and_then(ts)
 }
+
+pub fn request(r: &crate::store::requests::RequestRecord) -> proto::Request {
+    proto::Request {
+        request_id: r.id.to_string(),
+        run_id: r.run_id.to_string(),
+        turn_id: r.turn_id.clone().unwrap_or_default(),
+        kind: r.kind.clone(),
+        detail_json: r.detail.to_string(),
+        options: r.options.clone(),
+        status: r.status.as_str().to_owned(),
+        resolution_json: r
+            .resolution
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        deadline: r.deadline.and_then(ts),
+        created_at: ts(r.created_at),
+        resolved_at: r.resolved_at.and_then(ts),
+    }
+}

@@ -8,6 +8,7 @@ mod run_service;
 mod runner_service;
 mod session_service;
 mod validate;
+mod watch;
 
 use std::sync::Arc;
 

@@ -1,24 +1,26 @@
 //! `agentrun.v1.RunService`: what clients call.
 
-use std::pin::Pin;
+use std::time::{Duration, SystemTime};
 
 use agentrun_shared::error::FieldError;
-use agentrun_shared::ids::{RunId, SessionId};
+use agentrun_shared::ids::{CommandId, RunId, SessionId};
 use agentrun_shared::payload::parse_object;
 use agentrun_shared::proto::{self, run_service_server::RunService};
 use agentrun_shared::state::{CommandKind, RunStatus, TurnDeliveryPolicy};
 use serde_json::{Map, Value};
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::{AppState, convert, tenant_of, validate};
 use crate::error::{Error, Result};
-use crate::store::commands::{self, NewCommand};
+use crate::store::commands::{self, EXPECTED_TURN_ID, NewCommand};
 use crate::store::events;
-use crate::store::runs::{self, NewRun, RunFilter};
+use crate::store::runs::{self, NewRun, RunFilter, RunRecord};
+use crate::store::{Created, Tenant};
 
 /// Most runs in one CreateRuns call.
 const MAX_BULK_RUNS: usize = 1000;
+/// How far ahead a run may be scheduled (`scheduled_at`).
+const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(365 * 24 * 3600);
 
 pub struct RunApi {
     state: AppState,
@@ -27,6 +29,24 @@ pub struct RunApi {
 impl RunApi {
     pub fn new(state: AppState) -> Self {
         Self { state }
+    }
+
+    /// Creates runs and wakes whoever waits for them: runners everywhere, and watchers
+    /// of the sessions the runs join.
+    async fn create(
+        &self,
+        tenant: &Tenant,
+        new_runs: Vec<NewRun>,
+    ) -> Result<Vec<Created<RunRecord>>, Error> {
+        let created = runs::create(&self.state.pool, tenant, new_runs).await?;
+        self.state.notifier.work_available();
+        self.state.notifier.events_appended(
+            created
+                .iter()
+                .filter(|c| c.created)
+                .filter_map(|c| c.value.session_id.map(|s| s.0)),
+        );
+        Ok(created)
     }
 
     fn max_payload(&self) -> usize {
@@ -53,13 +73,47 @@ impl RunApi {
             run_timeout_ms: validate::timeout_ms(&f("run_timeout_ms"), r.run_timeout_ms)?,
             metadata: parse_object(&f("metadata_json"), &r.metadata_json, self.max_payload())?,
             idempotency_key: validate::optional_name(&f("idempotency_key"), &r.idempotency_key)?,
+            scheduled_at: match &r.scheduled_at {
+                None => None,
+                Some(at) => {
+                    let invalid = |reason: &str| FieldError::new(f("scheduled_at"), reason);
+                    // The protobuf Timestamp range starts at 0001-01-01T00:00:00Z.
+                    if at.seconds < -62_135_596_800 {
+                        return Err(invalid("is before year 1"));
+                    }
+                    let at = SystemTime::try_from(*at)
+                        .map_err(|_| invalid("is not a valid timestamp"))?;
+                    // A time in the past means at once.
+                    if at > SystemTime::now() + MAX_SCHEDULE_AHEAD {
+                        return Err(invalid("must be at most a year ahead"));
+                    }
+                    Some(at)
+                }
+            },
         })
     }
 
     fn new_command(&self, r: &proto::SendCommandRequest) -> Result<NewCommand, FieldError> {
         let kind = CommandKind::from_proto("kind", r.kind)?;
-        let payload = parse_object("payload_json", &r.payload_json, self.max_payload())?;
+        let mut payload = parse_object("payload_json", &r.payload_json, self.max_payload())?;
         command_payload_rules(kind, &payload)?;
+        if !r.expected_turn_id.is_empty() {
+            let aimed = matches!(kind, CommandKind::Steer | CommandKind::Interrupt)
+                || (kind == CommandKind::Turn
+                    && r.delivery_policy == TurnDeliveryPolicy::Steer.to_proto() as i32);
+            if !aimed {
+                return Err(FieldError::new(
+                    "expected_turn_id",
+                    "is only for steer, interrupt and steering turns",
+                ));
+            }
+            CommandId::parse("expected_turn_id", &r.expected_turn_id)?;
+            // Travels with the command so the runner can check it against its own turn.
+            payload.insert(
+                EXPECTED_TURN_ID.into(),
+                Value::String(r.expected_turn_id.clone()),
+            );
+        }
         let delivery_policy = match kind {
             CommandKind::Turn => Some(TurnDeliveryPolicy::from_proto_or_default(
                 "delivery_policy",
@@ -112,8 +166,6 @@ fn command_payload_rules(
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl RunService for RunApi {
     async fn create_run(
@@ -122,8 +174,7 @@ impl RunService for RunApi {
     ) -> Result<Response<proto::CreateRunResponse>, Status> {
         let tenant = tenant_of(&request)?;
         let new_run = self.new_run("", request.get_ref()).map_err(Error::from)?;
-        let created = runs::create(&self.state.pool, &tenant, vec![new_run]).await?;
-        self.state.notifier.work_available();
+        let created = self.create(&tenant, vec![new_run]).await?;
         let created = created
             .into_iter()
             .next()
@@ -151,8 +202,7 @@ impl RunService for RunApi {
             .map(|(i, r)| self.new_run(&format!("runs[{i}]."), r))
             .collect::<Result<Vec<_>, _>>()
             .map_err(Error::from)?;
-        let created = runs::create(&self.state.pool, &tenant, new_runs).await?;
-        self.state.notifier.work_available();
+        let created = self.create(&tenant, new_runs).await?;
         Ok(Response::new(proto::CreateRunsResponse {
             runs: created
                 .iter()
@@ -287,23 +337,55 @@ impl RunService for RunApi {
         }))
     }
 
-    type WatchRunStream = EventStream;
+    type WatchRunStream = super::watch::EventStream;
 
     async fn watch_run(
         &self,
-        _request: Request<proto::WatchRunRequest>,
+        request: Request<proto::WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
-        Err(Status::unimplemented(
-            "WatchRun is not implemented yet; poll ListEvents with after_seq",
-        ))
+        let tenant = tenant_of(&request)?;
+        let r = request.get_ref();
+        let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
+        let after_seq = validate::cursor("after_seq", r.after_seq).map_err(Error::from)?;
+        let stream = super::watch::watch_run(&self.state, &tenant, run_id, after_seq).await?;
+        Ok(Response::new(stream))
     }
 
     async fn resolve_request(
         &self,
-        _request: Request<proto::ResolveRequestRequest>,
+        request: Request<proto::ResolveRequestRequest>,
     ) -> Result<Response<proto::ResolveRequestResponse>, Status> {
-        Err(Status::unimplemented(
-            "ResolveRequest is not implemented yet",
-        ))
+        use crate::store::requests::{self, Answer, Decision};
+        let tenant = tenant_of(&request)?;
+        let r = request.get_ref();
+        let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
+        let request_id = agentrun_shared::ids::RequestId::parse("request_id", &r.request_id)
+            .map_err(Error::from)?;
+        let decision = Decision::parse("decision", &r.decision).map_err(Error::from)?;
+        let answers = if r.answers_json.trim().is_empty() {
+            None
+        } else {
+            Some(
+                parse_object("answers_json", &r.answers_json, self.max_payload())
+                    .map_err(Error::from)?,
+            )
+        };
+        let answer = Answer { decision, answers };
+        let resolved =
+            requests::resolve(&self.state.pool, &tenant, run_id, request_id, answer).await?;
+        if resolved.resolved_now {
+            // The `resolve` command reaches the runner holding the run, on any replica.
+            self.state.notifier.commands_added(&[run_id]);
+        }
+        Ok(Response::new(proto::ResolveRequestResponse {
+            resolution_json: resolved
+                .request
+                .resolution
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            resolved_now: resolved.resolved_now,
+            request: Some(convert::request(&resolved.request)),
+        }))
     }
 }

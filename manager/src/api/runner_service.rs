@@ -148,6 +148,14 @@ pub(super) fn epoch(value: i64) -> Result<i64, FieldError> {
     }
 }
 
+/// Runs that got commands (and so `command.delivered` events) with these lease states.
+pub(super) fn delivered_to(states: &[leases::LeaseState]) -> impl Iterator<Item = uuid::Uuid> + '_ {
+    states
+        .iter()
+        .filter(|s| !s.commands.is_empty())
+        .map(|s| s.run_id.0)
+}
+
 /// Validated `(run, epoch)` pairs; `field` names the list in errors.
 pub(super) fn lease_refs(
     field: &str,
@@ -256,8 +264,12 @@ impl RunnerService for RunnerApi {
             &runner,
             max_runs,
             self.state.settings.lease_ttl(),
+            self.state.settings.tenant_max_active_runs,
         )
         .await?;
+        self.state
+            .notifier
+            .events_appended(assignments.iter().map(|a| a.run.id.0));
         Ok(Response::new(proto::ClaimRunsResponse {
             assignments: assignments.iter().map(convert::assignment).collect(),
             lease_ttl_ms: self.lease_ttl_ms(),
@@ -278,6 +290,7 @@ impl RunnerService for RunnerApi {
             self.state.settings.lease_ttl(),
         )
         .await?;
+        self.state.notifier.events_appended(delivered_to(&states));
         Ok(Response::new(Self::heartbeat_response(
             &states,
             self.state.settings.lease_ttl_ms,
@@ -299,6 +312,7 @@ impl RunnerService for RunnerApi {
         }
         let outcome =
             leases::append(&self.state.pool, runner_id, run_id, epoch, events, updates).await?;
+        self.state.notifier.events_appended([run_id.0]);
         Ok(Response::new(proto::AppendEventsResponse {
             first_seq: outcome.first_seq,
             last_seq: outcome.last_seq,
@@ -315,6 +329,7 @@ impl RunnerService for RunnerApi {
         let runner_id = RunnerId::parse("runner_id", &r.runner_id).map_err(Error::from)?;
         let (epoch, outcome) = finish_outcome(r).map_err(Error::from)?;
         let run = leases::finish(&self.state.pool, runner_id, epoch, outcome).await?;
+        self.state.notifier.events_appended([run.id.0]);
         Ok(Response::new(proto::FinishRunResponse {
             run: Some(convert::run(&run)),
         }))

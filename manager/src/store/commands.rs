@@ -59,6 +59,10 @@ impl CommandRecord {
     }
 }
 
+/// Payload key naming the turn a steer or interrupt is aimed at; the manager checks it
+/// against the run's active turn, and the runner against the turn it is executing.
+pub const EXPECTED_TURN_ID: &str = "expected_turn_id";
+
 /// A validated SendCommand request.
 #[derive(Debug, Clone)]
 pub struct NewCommand {
@@ -138,6 +142,17 @@ pub async fn send(
             return Err(Error::precondition(
                 reason::RUN_TERMINAL,
                 format!("run is already {}", run.status.as_str()),
+            ));
+        }
+        if let Some(expected) = command
+            .payload
+            .get(EXPECTED_TURN_ID)
+            .and_then(Value::as_str)
+            && run.active_turn_id.as_deref() != Some(expected)
+        {
+            return Err(Error::precondition(
+                reason::TURN_NOT_ACTIVE,
+                "the turn this command is aimed at is no longer active",
             ));
         }
         if command.delivery_policy == Some(TurnDeliveryPolicy::Reject)

@@ -4,6 +4,7 @@
 //! every claim and is the fencing token: [`lock_fenced`] refuses any write that names a
 //! stale epoch (or another runner, or a run no longer active) with `lease_lost`.
 
+use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
 use agentrun_shared::error::reason;
@@ -16,6 +17,7 @@ use uuid::Uuid;
 
 use super::commands::{self, CommandRecord, CommandUpdate};
 use super::events::{self, NewEvent, Producer};
+use super::requests::{self, OpenedRequest};
 use super::runs::{self, Finish, RequeueReason, RunRecord};
 use crate::error::{Error, Result};
 
@@ -72,38 +74,174 @@ async fn upsert_runner(tx: &impl GenericClient, runner: &RunnerIdentity) -> Resu
     Ok(())
 }
 
+/// Namespace (first key) of the per-tenant advisory locks that make limits exact.
+const TENANT_LIMIT_LOCK: i32 = 0x6172_746c; // "artl"
+
+/// The tenants with pending runs, by a skip scan of the pending-runs index (one probe per
+/// tenant, not one row per pending run). Shared by the two claim statements.
+const PENDING_TENANTS: &str = "pending_tenants(tenant_id) AS (
+        (SELECT tenant_id FROM runs WHERE status = 'pending' ORDER BY tenant_id LIMIT 1)
+        UNION ALL
+        SELECT (SELECT r.tenant_id FROM runs r WHERE r.status = 'pending' AND r.tenant_id > p.tenant_id
+                ORDER BY r.tenant_id LIMIT 1)
+        FROM pending_tenants p WHERE p.tenant_id IS NOT NULL
+    )";
+
+/// Statement 1 of a claim: takes the advisory lock of every limited tenant that has room
+/// and a pending run this runner could take, in tenant order (so claimers never
+/// deadlock). Parameters: $1 runner, $2 queues, $3 profiles, $4 labels, $5 default limit.
+static LOCK_LIMITED_TENANTS_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH RECURSIVE {PENDING_TENANTS},
+         limited AS (
+             SELECT p.tenant_id, coalesce(tl.max_active_runs, $5::int) AS max_active
+             FROM pending_tenants p LEFT JOIN tenant_limits tl ON tl.tenant_id = p.tenant_id
+             WHERE p.tenant_id IS NOT NULL AND (tl.max_active_runs IS NOT NULL OR $5::int > 0)
+         ),
+         wanted AS (
+             SELECT l.tenant_id FROM limited l
+             WHERE NOT coalesce((SELECT draining FROM runners WHERE id = $1::uuid), false)
+               AND (SELECT count(*) FROM (SELECT 1 FROM runs a WHERE a.tenant_id = l.tenant_id
+                        AND a.status IN ('claimed', 'running', 'waiting') LIMIT l.max_active) full_up)
+                   < l.max_active
+               AND EXISTS (SELECT 1 FROM runs r
+                           WHERE r.tenant_id = l.tenant_id AND r.status = 'pending'
+                             AND r.queue = ANY($2::text[]) AND r.backend_profile = ANY($3::text[])
+                             AND r.labels <@ $4::text[]
+                             AND (r.scheduled_at IS NULL OR r.scheduled_at <= now()))
+             -- Locks are taken in key order, so claimers never wait on each other in a cycle.
+             ORDER BY hashtext(l.tenant_id), l.tenant_id
+             -- A fence: the filters above run first, and the locks below keep this order.
+             OFFSET 0
+         )
+         SELECT tenant_id, pg_advisory_xact_lock({TENANT_LIMIT_LOCK}, hashtext(tenant_id)) FROM wanted"
+    )
+});
+
+/// Statement 2 of a claim: picks and leases the runs. Parameters: $1 runner, $2 queues,
+/// $3 profiles, $4 labels, $5 batch size, $6 lease ttl in ms, $7 default limit, $8 the
+/// limited tenants whose lock this transaction holds.
+///
+/// - `tenants`: tenants with pending work and their limit (`NULL`: none). A limited
+///   tenant whose lock we do not hold (it was full, or had nothing for this runner) is
+///   left out, so a limit is never exceeded.
+/// - `load`: each tenant's active runs, counted only when it matters — the tenant is
+///   limited, or several tenants compete.
+/// - `candidates`: per tenant and queue, the first eligible runs in the index order
+///   (priority, then age), at most the batch or the tenant's room; no row locks yet.
+/// - `ranked`: each tenant's candidates numbered 1, 2, … by priority then age, cut to
+///   its room; a run's `slot` is the tenant's active runs plus that number, the tenant's
+///   load if the run were claimed.
+/// - `picked`: lowest slot first, so tenants are interleaved and the least loaded goes
+///   first (one tenant's backlog never delays another's first run, even with a batch of
+///   one); then priority, then age. Rows are locked here (`FOR UPDATE SKIP LOCKED`, the
+///   limit counting only rows actually locked) and `status = 'pending'` is re-checked on
+///   the locked row version.
+static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH RECURSIVE {PENDING_TENANTS},
+         tenants AS (
+             SELECT p.tenant_id, coalesce(tl.max_active_runs, nullif($7::int, 0)) AS max_active
+             FROM pending_tenants p LEFT JOIN tenant_limits tl ON tl.tenant_id = p.tenant_id
+             WHERE p.tenant_id IS NOT NULL
+               AND NOT coalesce((SELECT draining FROM runners WHERE id = $1::uuid), false)
+         ),
+         load AS MATERIALIZED (
+             SELECT t.tenant_id, t.max_active,
+                    CASE WHEN t.max_active IS NOT NULL OR (SELECT count(*) FROM tenants) > 1
+                         THEN (SELECT count(*) FROM runs a WHERE a.tenant_id = t.tenant_id
+                                 AND a.status IN ('claimed', 'running', 'waiting'))
+                         ELSE 0 END AS active
+             FROM tenants t
+             WHERE t.max_active IS NULL OR t.tenant_id = ANY($8::text[])
+         ),
+         room AS (
+             SELECT tenant_id, active,
+                    CASE WHEN max_active IS NULL THEN $5::bigint
+                         ELSE least($5::bigint, greatest(max_active - active, 0)) END AS room
+             FROM load
+         ),
+         candidates AS (
+             SELECT room.tenant_id, room.active, room.room, c.id, c.priority, c.created_at
+             FROM room
+             CROSS JOIN unnest($2::text[]) AS q(queue)
+             CROSS JOIN LATERAL (
+                 SELECT r.id, r.priority, r.created_at FROM runs r
+                 WHERE r.tenant_id = room.tenant_id AND r.queue = q.queue AND r.status = 'pending'
+                   AND r.backend_profile = ANY($3::text[]) AND r.labels <@ $4::text[]
+                   AND (r.scheduled_at IS NULL OR r.scheduled_at <= now())
+                 ORDER BY r.priority DESC, r.created_at, r.id
+                 LIMIT room.room
+             ) c
+             WHERE room.room > 0
+         ),
+         ranked AS (
+             SELECT id, priority, created_at, active + rank AS slot FROM (
+                 SELECT id, priority, created_at, active, room,
+                        row_number() OVER (PARTITION BY tenant_id
+                                           ORDER BY priority DESC, created_at, id) AS rank
+                 FROM candidates
+             ) numbered
+             WHERE rank <= room
+         ),
+         picked AS (
+             SELECT runs.id FROM ranked JOIN runs ON runs.id = ranked.id
+             WHERE runs.status = 'pending'
+             ORDER BY ranked.slot, ranked.priority DESC, ranked.created_at, ranked.id
+             LIMIT $5
+             FOR UPDATE OF runs SKIP LOCKED
+         )
+         UPDATE runs SET status = 'claimed', lease_runner_id = $1,
+                lease_epoch = runs.lease_epoch + 1,
+                lease_expires_at = now() + $6::bigint * interval '1 millisecond',
+                lease_runner_seq = 0, claimed_at = now(), updated_at = now(),
+                run_deadline = now() + runs.run_timeout_ms * interval '1 millisecond'
+         FROM picked WHERE runs.id = picked.id
+         RETURNING runs.*"
+    )
+});
+
 /// Claims up to `max_runs` pending runs the runner can serve — its queues, a backend
-/// profile it has, labels it all has — highest priority first, then oldest. One statement
-/// picks and leases them all (`FOR UPDATE SKIP LOCKED`, so concurrent claimers on any
-/// replica never get the same run); each claim bumps the epoch and records `run.claimed`.
+/// profile it has, labels it all has, `scheduled_at` reached — fairly across tenants and
+/// within each tenant's limit on active runs (`tenant_limits`, else
+/// `default_max_active_runs`; 0 means none), highest priority first, then oldest, within
+/// a tenant. A draining runner gets nothing.
+///
+/// Two statements (see [`LOCK_LIMITED_TENANTS_SQL`] and [`CLAIM_SQL`]): the first takes a
+/// per-tenant advisory transaction lock for each limited tenant with room and work, so
+/// claimers serving the same limited tenant take turns and the second statement, whose
+/// snapshot starts after the lock, counts every committed claim: limits are exact, never
+/// overshot by concurrent claimers on any replica. Unlimited tenants take no lock. Rows
+/// are leased with `FOR UPDATE SKIP LOCKED`, so concurrent claimers never get the same
+/// run; each claim bumps the epoch and records `run.claimed`.
 pub async fn claim(
     pool: &Pool,
     runner: &RunnerIdentity,
     max_runs: i64,
     ttl: Duration,
+    default_max_active_runs: i32,
 ) -> Result<Vec<Assignment>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    upsert_runner(&tx, runner).await?;
-    let stmt = tx
-        .prepare_cached(
-            "WITH picked AS (
-                 SELECT id FROM runs
-                 WHERE status = 'pending' AND queue = ANY($2) AND backend_profile = ANY($3)
-                   AND labels <@ $4
-                 ORDER BY priority DESC, created_at, id
-                 LIMIT $5
-                 FOR UPDATE SKIP LOCKED
-             )
-             UPDATE runs SET status = 'claimed', lease_runner_id = $1,
-                    lease_epoch = runs.lease_epoch + 1,
-                    lease_expires_at = now() + $6::bigint * interval '1 millisecond',
-                    lease_runner_seq = 0, claimed_at = now(), updated_at = now(),
-                    run_deadline = now() + runs.run_timeout_ms * interval '1 millisecond'
-             FROM picked WHERE runs.id = picked.id
-             RETURNING runs.*",
-        )
-        .await?;
+    let lock_limited = async {
+        let stmt = tx.prepare_cached(&LOCK_LIMITED_TENANTS_SQL).await?;
+        let rows = tx
+            .query(
+                &stmt,
+                &[
+                    &runner.id.0,
+                    &runner.queues,
+                    &runner.backend_profiles,
+                    &runner.labels,
+                    &default_max_active_runs,
+                ],
+            )
+            .await?;
+        Ok::<_, Error>(rows.iter().map(|r| r.get(0)).collect::<Vec<String>>())
+    };
+    // Pipelined on the one connection: the lock statement costs no extra round trip.
+    let ((), locked_tenants) = tokio::try_join!(upsert_runner(&tx, runner), lock_limited)?;
+    let stmt = tx.prepare_cached(&CLAIM_SQL).await?;
     let rows = tx
         .query(
             &stmt,
@@ -114,6 +252,8 @@ pub async fn claim(
                 &runner.labels,
                 &max_runs,
                 &ttl_millis(ttl),
+                &default_max_active_runs,
+                &locked_tenants,
             ],
         )
         .await?;
@@ -267,20 +407,34 @@ async fn renew(
 pub struct Welcome {
     pub named: Vec<LeaseState>,
     pub adopted: Vec<Assignment>,
+    /// An operator drained this runner (`DrainRunner`); it stays drained when it
+    /// reconnects, so it is told again.
+    pub draining: bool,
 }
 
-/// Registers a connecting runner and settles its leases in one transaction. Adopted runs
-/// get a new epoch (fencing any older incarnation of the runner) and all their open
-/// commands again.
+/// Registers a connecting runner, records the manager replica holding its stream
+/// (`manager_id`), and settles its leases in one transaction. Adopted runs get a new
+/// epoch (fencing any older incarnation of the runner) and all their open commands again.
 pub async fn hello(
     pool: &Pool,
     runner: &RunnerIdentity,
     named: &[(RunId, i64)],
     ttl: Duration,
+    manager_id: Uuid,
 ) -> Result<Welcome> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     upsert_runner(&tx, runner).await?;
+    let connected = tx
+        .prepare_cached(
+            "UPDATE runners SET manager_id = $2, connected_at = now() WHERE id = $1
+             RETURNING draining",
+        )
+        .await?;
+    let draining: bool = tx
+        .query_one(&connected, &[&runner.id.0, &manager_id])
+        .await?
+        .get(0);
     let named_states = renew(&tx, runner.id, named, Some(ttl)).await?;
     let adopt = tx
         .prepare_cached(
@@ -338,6 +492,7 @@ pub async fn hello(
     Ok(Welcome {
         named: named_states,
         adopted,
+        draining,
     })
 }
 
@@ -396,8 +551,9 @@ pub struct AppendOutcome {
 /// Appends a runner's event batch (and command updates) under its lease, in one
 /// transaction. Events at or below the epoch's stored runner_seq are resends and are
 /// skipped; the rest must continue it without a gap. The first events of an epoch move
-/// the run from claimed to running (`run.started`); `request.opened` makes it waiting and
-/// `request.resolved` running again.
+/// the run from claimed to running (`run.started`); `request.opened` stores the request
+/// and makes the run waiting; `turn.completed` cancels the turn's open requests, and the
+/// run is running again once none is open.
 pub async fn append(
     pool: &Pool,
     runner_id: RunnerId,
@@ -441,10 +597,12 @@ pub async fn append(
         ));
     }
     let mut active_turn = run.active_turn_id.clone();
-    for event in fresh {
+    // Requests opened in this batch, and turns it ended (their open requests close).
+    let mut opened = Vec::new();
+    let mut ended_turns = Vec::new();
+    for (i, event) in fresh.iter().enumerate() {
         status = match (event.event_type, status) {
             (EventType::RequestOpened, RunStatus::Running) => RunStatus::Waiting,
-            (EventType::RequestResolved, RunStatus::Waiting) => RunStatus::Running,
             (_, s) => s,
         };
         // The active turn guards steers aimed at a turn that has already ended.
@@ -456,7 +614,16 @@ pub async fn append(
                     .and_then(|t| t.as_str())
                     .map(str::to_owned);
             }
-            EventType::TurnCompleted => active_turn = None,
+            EventType::TurnCompleted => {
+                let ended = event.payload.get("turn_id").and_then(|t| t.as_str());
+                ended_turns.extend(ended.map(str::to_owned).or(active_turn.take()));
+                active_turn = None;
+            }
+            EventType::RequestOpened => opened.push(OpenedRequest::from_payload(
+                format!("events[{}].payload_json", duplicates + i),
+                &event.payload,
+                active_turn.clone(),
+            )?),
             _ => {}
         }
         let producer = Producer::Runner {
@@ -477,6 +644,15 @@ pub async fn append(
         to_store.push((run_id, ended));
     }
     let seqs = events::append(&tx, &to_store).await?;
+    requests::open(&tx, &run, &opened).await?;
+    requests::cancel_for_turns(&tx, run_id, &ended_turns).await?;
+    // A run waits only while one of its requests is open.
+    if status == RunStatus::Waiting
+        && !(opened.is_empty() && ended_turns.is_empty())
+        && !requests::any_open(&tx, run_id).await?
+    {
+        status = RunStatus::Running;
+    }
     let acked_runner_seq = fresh.last().map_or(run.lease_runner_seq, |e| e.runner_seq);
     if status != run.status
         || acked_runner_seq != run.lease_runner_seq

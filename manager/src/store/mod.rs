@@ -8,6 +8,8 @@
 pub mod commands;
 pub mod events;
 pub mod leases;
+pub mod requests;
+pub mod runners;
 pub mod runs;
 pub mod sessions;
 

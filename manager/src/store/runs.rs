@@ -109,6 +109,8 @@ pub struct NewRun {
     pub run_timeout_ms: Option<i64>,
     pub metadata: Map<String, Value>,
     pub idempotency_key: Option<String>,
+    /// Delayed start: not claimed before this time (a past time means at once).
+    pub scheduled_at: Option<SystemTime>,
 }
 
 impl NewRun {
@@ -118,7 +120,7 @@ impl NewRun {
     }
 
     fn fingerprint(&self) -> Vec<u8> {
-        fingerprint(&json!([
+        let mut canonical = json!([
             self.project_id,
             self.session_id.map(|s| s.to_string()),
             self.backend_profile,
@@ -130,7 +132,22 @@ impl NewRun {
             self.queue_timeout_ms,
             self.run_timeout_ms,
             self.metadata,
-        ]))
+        ]);
+        // Appended only when set, so runs created before delayed starts existed keep their
+        // fingerprint. The requested time as given (not "now" for a past time): a retry
+        // after the time has passed is still the same request.
+        if let (Some(at), Value::Array(parts)) = (self.scheduled_at, &mut canonical) {
+            parts.push(json!({ "scheduled_at_us": micros_since_epoch(at) }));
+        }
+        fingerprint(&canonical)
+    }
+}
+
+/// Microseconds since the Unix epoch (negative before it), PostgreSQL's precision.
+fn micros_since_epoch(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => after.as_micros() as i64,
+        Err(before) => -(before.duration().as_micros() as i64),
     }
 }
 
@@ -183,18 +200,19 @@ pub async fn create(
             "INSERT INTO runs (id, tenant_id, project_id, session_id, backend_profile, queue, priority,
                                labels, input, metadata, status, max_attempts, queue_timeout_ms,
                                run_timeout_ms, queue_deadline, idempotency_key, request_hash,
-                               last_event_seq, last_command_seq)
+                               last_event_seq, last_command_seq, scheduled_at)
              SELECT r.id, $1, r.project_id, r.session_id, r.backend_profile, r.queue, r.priority,
                     ARRAY(SELECT jsonb_array_elements_text(r.labels)), r.input, r.metadata, 'pending',
                     r.max_attempts, r.queue_timeout_ms, r.run_timeout_ms,
-                    now() + r.queue_timeout_ms * interval '1 millisecond',
-                    r.idempotency_key, r.request_hash, r.event_count, r.command_count
+                    greatest(now(), r.scheduled_at) + r.queue_timeout_ms * interval '1 millisecond',
+                    r.idempotency_key, r.request_hash, r.event_count, r.command_count, r.scheduled_at
              FROM unnest($2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::int[],
                          $8::jsonb[], $9::jsonb[], $10::jsonb[], $11::int[], $12::bigint[],
-                         $13::bigint[], $14::text[], $15::bytea[], $16::bigint[], $17::bigint[])
+                         $13::bigint[], $14::text[], $15::bytea[], $16::bigint[], $17::bigint[],
+                         $18::timestamptz[])
                   AS r(id, project_id, session_id, backend_profile, queue, priority, labels, input,
                        metadata, max_attempts, queue_timeout_ms, run_timeout_ms, idempotency_key,
-                       request_hash, event_count, command_count)
+                       request_hash, event_count, command_count, scheduled_at)
              ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING *",
         )
@@ -241,6 +259,7 @@ pub async fn create(
                 &hashes,
                 &event_counts,
                 &command_counts,
+                &new_runs.iter().map(|r| r.scheduled_at).collect::<Vec<_>>(),
             ],
         )
         .await?;
@@ -626,15 +645,33 @@ pub struct QueueDepth {
     pub runs: i64,
 }
 
+/// One tenant's share of the queue.
+#[derive(Debug, Clone)]
+pub struct TenantStats {
+    pub tenant_id: String,
+    pub pending_runs: i64,
+    /// Claimed, running or waiting.
+    pub active_runs: i64,
+    /// The limit claims obey (the tenant's own, else the default); 0 means none.
+    pub max_active_runs: i32,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct QueueStats {
     pub depths: Vec<QueueDepth>,
     /// Per queue: age of the oldest pending run, in milliseconds.
     pub oldest_pending_ms: Vec<(String, i64)>,
+    /// Tenants with pending or active runs, by id.
+    pub tenants: Vec<TenantStats>,
 }
 
-/// Depth by queue and status (non-terminal only) and the oldest pending age per queue.
-pub async fn queue_stats(client: &impl GenericClient) -> Result<QueueStats> {
+/// Depth by queue and status (non-terminal only), the oldest pending age per queue, and
+/// per tenant its pending and active runs and its limit (`default_max_active_runs` for
+/// tenants without one of their own; 0 means none).
+pub async fn queue_stats(
+    client: &impl GenericClient,
+    default_max_active_runs: i32,
+) -> Result<QueueStats> {
     let stmt = client
         .prepare_cached(
             "SELECT queue, status, count(*),
@@ -659,6 +696,29 @@ pub async fn queue_stats(client: &impl GenericClient) -> Result<QueueStats> {
             queue,
             status,
             runs: row.get(2),
+        });
+    }
+    let by_tenant = client
+        .prepare_cached(
+            "SELECT r.tenant_id,
+                    count(*) FILTER (WHERE r.status = 'pending'),
+                    count(*) FILTER (WHERE r.status = ANY($1)),
+                    coalesce(tl.max_active_runs, $2::int)
+             FROM runs r LEFT JOIN tenant_limits tl ON tl.tenant_id = r.tenant_id
+             WHERE r.status = ANY($3)
+             GROUP BY r.tenant_id, tl.max_active_runs ORDER BY r.tenant_id",
+        )
+        .await?;
+    let active: Vec<&str> = RunStatus::ACTIVE.iter().map(|s| s.as_str()).collect();
+    for row in client
+        .query(&by_tenant, &[&active, &default_max_active_runs, &open])
+        .await?
+    {
+        stats.tenants.push(TenantStats {
+            tenant_id: row.get(0),
+            pending_runs: row.get(1),
+            active_runs: row.get(2),
+            max_active_runs: row.get(3),
         });
     }
     Ok(stats)

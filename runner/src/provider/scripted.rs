@@ -9,7 +9,7 @@
 //! |--------------|------------------------------------------------------------------------|
 //! | `[stall]`    | opens the reply item, then emits nothing until stopped                 |
 //! | `[fail]`     | streams a few words, emits `runtime.error`, fails (`scripted_failure`) |
-//! | `[approval]` | opens a `command` request and waits for a steer to answer it           |
+//! | `[approval]` | opens a `command` request, waits for its decision, replies with it     |
 //! | `[tokens:N]` | streams exactly N tokens, `token1 token2 ...`                          |
 //! | `[slow]`     | streams a long reply of 200 tokens                                     |
 //!
@@ -303,13 +303,9 @@ impl Turn {
                     }),
                 )
                 .await?;
+                // The manager records request.resolved (ResolveRequest, or the deadline
+                // passing) and hands the decision to the turn as a `resolve` command.
                 let decision = self.await_decision().await?;
-                // The manager moves the run back from waiting to running on this event.
-                self.emit(
-                    "request.resolved",
-                    json!({"request_id": request_id, "kind": "command", "decision": decision}),
-                )
-                .await?;
                 let item_id = self.open_message().await?;
                 let reply = format!("Approval: {decision}");
                 let words: Vec<String> = reply.split_whitespace().map(str::to_owned).collect();
@@ -342,7 +338,8 @@ impl Turn {
         }
     }
 
-    /// Waits for the steer that answers an open request. Without a steer channel no
+    /// Waits for the answer to an open request: the decision of a `resolve` command (or
+    /// any steer text), both fed through the steer channel. Without a steer channel no
     /// answer can come, so the turn waits for stop like a person who never answers.
     async fn await_decision(&mut self) -> Result<String, Halted> {
         if self.steer_open {

@@ -1,0 +1,197 @@
+//! Following a run's events live (`WatchRun`), or a session's (`WatchSession`).
+//!
+//! The database is the only source of events: a watcher reads pages after its cursor,
+//! sends them, and when it has caught up waits for a wake-up (an append on this replica,
+//! or another replica's coalesced NOTIFY) or a slow safety-net poll, then reads again.
+//! So the seam between replay and live delivery has no gap and no duplicate, a watcher
+//! whose replica missed notifications still catches up, and a slow client only slows its
+//! own task: its bounded channel fills and its task waits, while appends and other
+//! watchers carry on. Nobody is ever skipped; a slow client just reads from further back.
+
+use std::time::Duration;
+
+use agentrun_shared::ids::{RunId, SessionId};
+use agentrun_shared::proto;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use super::{AppState, convert};
+use crate::error::Error;
+use crate::store::sessions::{self, EventCursor};
+use crate::store::{Tenant, events, runs};
+
+/// Events read per page.
+const PAGE: i64 = 500;
+/// Events buffered towards one client.
+const BUFFER: usize = 256;
+/// Safety net when no wake-up arrives.
+const POLL: Duration = Duration::from_secs(1);
+
+pub type EventStream = ReceiverStream<Result<proto::Event, Status>>;
+
+/// Starts following `run_id` after `after_seq`. The stream ends after `run.terminal`.
+pub async fn watch_run(
+    state: &AppState,
+    tenant: &Tenant,
+    run_id: RunId,
+    after_seq: i64,
+) -> Result<EventStream, Error> {
+    {
+        let client = state.pool.get().await?;
+        runs::get(&client, tenant, run_id).await?;
+    }
+    let (tx, rx) = mpsc::channel(BUFFER);
+    let state = state.clone();
+    let tenant = tenant.clone();
+    tokio::spawn(async move {
+        if let Err(err) = follow(&state, &tenant, run_id, after_seq, &tx).await {
+            let _ = tx.send(Err(err.into())).await;
+        }
+    });
+    Ok(ReceiverStream::new(rx))
+}
+
+async fn follow(
+    state: &AppState,
+    tenant: &Tenant,
+    run_id: RunId,
+    mut cursor: i64,
+    tx: &mpsc::Sender<Result<proto::Event, Status>>,
+) -> Result<(), Error> {
+    let mut woken = state.notifier.watch(run_id.0);
+    loop {
+        // Mark the wake-ups seen before reading, so one that lands during the read is
+        // not lost.
+        woken.borrow_and_update();
+        let (page, run) = {
+            let client = state.pool.get().await?;
+            let page = events::list(&client, run_id, cursor, PAGE).await?;
+            let run = if (page.len() as i64) < PAGE {
+                Some(runs::get(&client, tenant, run_id).await?)
+            } else {
+                None
+            };
+            (page, run)
+        };
+        for event in &page {
+            if tx.send(Ok(convert::event(event))).await.is_err() {
+                return Ok(()); // the client went away
+            }
+            cursor = event.seq;
+            if event.event_type == "run.terminal" {
+                return Ok(());
+            }
+        }
+        // Caught up with a run that has ended (the client resumed after its end).
+        if let Some(run) = run
+            && run.status.is_terminal()
+            && cursor >= run.last_event_seq
+        {
+            return Ok(());
+        }
+        if page.len() as i64 == PAGE {
+            continue;
+        }
+        tokio::select! {
+            _ = woken.changed() => {}
+            _ = tokio::time::sleep(POLL) => {}
+            _ = tx.closed() => return Ok(()),
+            _ = state.shutdown.cancelled() => {
+                let _ = tx.send(Err(Status::unavailable("the manager is shutting down; resume with after_seq"))).await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+pub type SessionEventStream = ReceiverStream<Result<proto::SessionEvent, Status>>;
+
+/// Starts following a session: the events of all its runs after `after`, then live ones,
+/// until the client goes away (a session has no end).
+pub async fn watch_session(
+    state: &AppState,
+    tenant: &Tenant,
+    session_id: SessionId,
+    output_only: bool,
+    after: EventCursor,
+) -> Result<SessionEventStream, Error> {
+    {
+        let client = state.pool.get().await?;
+        sessions::get(&client, tenant, session_id, "").await?;
+    }
+    let (tx, rx) = mpsc::channel(BUFFER);
+    let state = state.clone();
+    let tenant = tenant.clone();
+    tokio::spawn(async move {
+        if let Err(err) = follow_session(&state, &tenant, session_id, output_only, after, &tx).await
+        {
+            let _ = tx.send(Err(err.into())).await;
+        }
+    });
+    Ok(ReceiverStream::new(rx))
+}
+
+async fn follow_session(
+    state: &AppState,
+    tenant: &Tenant,
+    session_id: SessionId,
+    output_only: bool,
+    mut cursor: EventCursor,
+    tx: &mpsc::Sender<Result<proto::SessionEvent, Status>>,
+) -> Result<(), Error> {
+    // New runs of the session are announced on the session's own key.
+    let mut session_woken = state.notifier.watch(session_id.0);
+    loop {
+        session_woken.borrow_and_update();
+        let (page, view) = {
+            let client = state.pool.get().await?;
+            let view = sessions::get(&client, tenant, session_id, "").await?;
+            let page =
+                sessions::list_events(&client, tenant, session_id, output_only, cursor, PAGE)
+                    .await?;
+            (page, view)
+        };
+        // Subscribed before the wait below, after the read: a wake-up in between is kept.
+        let mut run_woken = [view.session.active_run_id, view.session.last_run_id]
+            .into_iter()
+            .flatten()
+            .map(|run| state.notifier.watch(run.0))
+            .collect::<Vec<_>>();
+        for event in &page {
+            let message = proto::SessionEvent {
+                event: Some(convert::event(event)),
+                session_version: view.session.version,
+            };
+            if tx.send(Ok(message)).await.is_err() {
+                return Ok(());
+            }
+            cursor = EventCursor {
+                run_id: Some(event.run_id),
+                seq: event.seq,
+            };
+        }
+        if page.len() as i64 == PAGE {
+            continue;
+        }
+        let runs_changed = async {
+            match run_woken.as_mut_slice() {
+                [] => std::future::pending().await,
+                [one] => drop(one.changed().await),
+                [one, two, ..] => {
+                    tokio::select! { _ = one.changed() => {}, _ = two.changed() => {} }
+                }
+            }
+        };
+        tokio::select! {
+            _ = session_woken.changed() => {}
+            _ = runs_changed => {}
+            _ = tokio::time::sleep(POLL) => {}
+            _ = tx.closed() => return Ok(()),
+            _ = state.shutdown.cancelled() => {
+                let _ = tx.send(Err(Status::unavailable("the manager is shutting down; resume from your cursor"))).await;
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,523 @@
+//! Requests: open questions from a provider to a person — an approval or a user-input
+//! form — and the one place their rows are written.
+//!
+//! A runner opens a request with a `request.opened` event; [`open`] stores it in the same
+//! transaction as the event. It is closed exactly once:
+//!
+//! - `resolved` by a client ([`resolve`]): the first resolution wins, later calls get it
+//!   back. The manager records `request.resolved` and queues a `resolve` command, so the
+//!   answer reaches whichever runner holds the run, now or after a reclaim;
+//! - `cancelled` when its turn ends ([`cancel_for_turns`]) or its run ends
+//!   (`runs::finish_many`);
+//! - `expired` by the sweeper after its deadline ([`expire_due`]), which also tells the
+//!   waiting provider with a `resolve` command whose decision is `expired`.
+//!
+//! Every write here happens under the run's row lock, taken before any request row, so
+//! resolving, expiring and runner appends never deadlock and never interleave events.
+
+use std::time::SystemTime;
+
+use agentrun_shared::error::{FieldError, reason};
+use agentrun_shared::events::EventType;
+use agentrun_shared::ids::{RequestId, RunId};
+use agentrun_shared::state::{CommandKind, CommandStatus, RunStatus};
+use deadpool_postgres::{GenericClient, Pool};
+use serde_json::{Map, Value, json};
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::commands::{self, NewCommand};
+use super::events::{self, NewEvent};
+use super::runs::{self, RunRecord};
+use super::{Tenant, parse_state};
+use crate::error::{Error, Result};
+
+/// How long a request stays open when its `request.opened` names no `timeout_ms`.
+pub const DEFAULT_TIMEOUT_MS: i64 = 60 * 60 * 1000;
+
+/// Lifecycle of a request: `open`, then closed exactly once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestStatus {
+    Open,
+    Resolved,
+    Cancelled,
+    Expired,
+}
+
+impl RequestStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestStatus::Open => "open",
+            RequestStatus::Resolved => "resolved",
+            RequestStatus::Cancelled => "cancelled",
+            RequestStatus::Expired => "expired",
+        }
+    }
+
+    pub fn from_db(text: &str) -> Option<Self> {
+        match text {
+            "open" => Some(RequestStatus::Open),
+            "resolved" => Some(RequestStatus::Resolved),
+            "cancelled" => Some(RequestStatus::Cancelled),
+            "expired" => Some(RequestStatus::Expired),
+            _ => None,
+        }
+    }
+
+    /// The states from which a request may move to `self`: only an open request closes,
+    /// and a closed one never changes (the SQL says `WHERE status = 'open'`).
+    pub fn sources(self) -> &'static [RequestStatus] {
+        match self {
+            RequestStatus::Open => &[],
+            RequestStatus::Resolved | RequestStatus::Cancelled | RequestStatus::Expired => {
+                &[RequestStatus::Open]
+            }
+        }
+    }
+}
+
+/// The answer to a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Accept,
+    AcceptForSession,
+    Decline,
+    Cancel,
+    /// Nobody answered before the deadline; only the sweeper decides this.
+    Expired,
+}
+
+impl Decision {
+    /// Decisions a client may give.
+    pub const CLIENT: &'static [Decision] = &[
+        Decision::Accept,
+        Decision::AcceptForSession,
+        Decision::Decline,
+        Decision::Cancel,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Accept => "accept",
+            Decision::AcceptForSession => "accept_for_session",
+            Decision::Decline => "decline",
+            Decision::Cancel => "cancel",
+            Decision::Expired => "expired",
+        }
+    }
+
+    /// Parses a client's decision; `field` names the request field in the error.
+    pub fn parse(field: &str, text: &str) -> Result<Self, FieldError> {
+        if text.is_empty() {
+            return Err(FieldError::new(field, "is required"));
+        }
+        Self::CLIENT
+            .iter()
+            .copied()
+            .find(|d| d.as_str() == text)
+            .ok_or_else(|| {
+                let allowed: Vec<&str> = Self::CLIENT.iter().map(|d| d.as_str()).collect();
+                FieldError::new(field, format!("must be one of {}", allowed.join(", ")))
+            })
+    }
+}
+
+/// A request as stored.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    pub id: RequestId,
+    pub tenant_id: String,
+    pub run_id: RunId,
+    /// The turn that asked (the turn command's id), if a turn was active.
+    pub turn_id: Option<String>,
+    pub kind: String,
+    pub detail: Value,
+    pub options: Vec<String>,
+    pub status: RequestStatus,
+    pub resolution: Option<Value>,
+    pub deadline: Option<SystemTime>,
+    pub created_at: SystemTime,
+    pub resolved_at: Option<SystemTime>,
+}
+
+impl RequestRecord {
+    fn from_row(row: &Row) -> Result<Self> {
+        let options: Value = row.get("options");
+        Ok(Self {
+            id: RequestId(row.get("id")),
+            tenant_id: row.get("tenant_id"),
+            run_id: RunId(row.get("run_id")),
+            turn_id: row.get("turn_id"),
+            kind: row.get("kind"),
+            detail: row.get("detail"),
+            options: options
+                .as_array()
+                .map(|items| {
+                    items
+                        .iter()
+                        .filter_map(|o| o.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            status: parse_state("request status", row.get("status"), RequestStatus::from_db)?,
+            resolution: row.get("resolution"),
+            deadline: row.get("deadline"),
+            created_at: row.get("created_at"),
+            resolved_at: row.get("resolved_at"),
+        })
+    }
+}
+
+/// A request a runner opened, read from its `request.opened` payload (already checked
+/// against the event rules at the edge).
+#[derive(Debug, Clone)]
+pub struct OpenedRequest {
+    /// Where the payload came from, e.g. `events[3].payload_json`, for errors.
+    pub field: String,
+    pub id: RequestId,
+    pub turn_id: Option<String>,
+    pub kind: String,
+    pub detail: Value,
+    pub options: Value,
+    pub timeout_ms: Option<i64>,
+}
+
+impl OpenedRequest {
+    /// Reads a `request.opened` payload; `turn_id` is the turn active when it was written.
+    pub fn from_payload(field: String, payload: &Value, turn_id: Option<String>) -> Result<Self> {
+        let text = |key: &str| payload.get(key).and_then(Value::as_str).unwrap_or_default();
+        let id = RequestId::parse(&format!("{field}.request_id"), text("request_id"))?;
+        Ok(Self {
+            id,
+            turn_id,
+            kind: text("kind").to_owned(),
+            detail: payload.get("detail").cloned().unwrap_or_else(|| json!({})),
+            options: payload.get("options").cloned().unwrap_or_else(|| json!([])),
+            timeout_ms: payload.get("timeout_ms").and_then(Value::as_i64),
+            field,
+        })
+    }
+}
+
+/// Stores the requests a runner opened on `run`, each with the run's tenant, its turn and
+/// a deadline (`timeout_ms`, or [`DEFAULT_TIMEOUT_MS`]). Reopening an id this run already
+/// has is a no-op (a provider re-executing a turn may ask again); an id another run
+/// holds is refused. The caller holds the run's row lock.
+pub(crate) async fn open(
+    tx: &impl GenericClient,
+    run: &RunRecord,
+    opened: &[OpenedRequest],
+) -> Result<()> {
+    if opened.is_empty() {
+        return Ok(());
+    }
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO requests (id, tenant_id, run_id, turn_id, kind, detail, options, status, deadline)
+             SELECT o.id, $1, $2, o.turn_id, o.kind, o.detail, o.options, 'open',
+                    now() + coalesce(o.timeout_ms, $3) * interval '1 millisecond'
+             FROM unnest($4::uuid[], $5::text[], $6::text[], $7::jsonb[], $8::jsonb[], $9::bigint[])
+                  AS o(id, turn_id, kind, detail, options, timeout_ms)
+             ON CONFLICT (id) DO NOTHING
+             RETURNING id",
+        )
+        .await?;
+    let ids: Vec<Uuid> = opened.iter().map(|o| o.id.0).collect();
+    let inserted = tx
+        .query(
+            &stmt,
+            &[
+                &run.tenant_id,
+                &run.id.0,
+                &DEFAULT_TIMEOUT_MS,
+                &ids,
+                &opened
+                    .iter()
+                    .map(|o| o.turn_id.as_deref())
+                    .collect::<Vec<_>>(),
+                &opened.iter().map(|o| o.kind.as_str()).collect::<Vec<_>>(),
+                &opened.iter().map(|o| o.detail.clone()).collect::<Vec<_>>(),
+                &opened.iter().map(|o| o.options.clone()).collect::<Vec<_>>(),
+                &opened.iter().map(|o| o.timeout_ms).collect::<Vec<_>>(),
+            ],
+        )
+        .await?;
+    if inserted.len() == opened.len() {
+        return Ok(());
+    }
+    let taken = tx
+        .prepare_cached("SELECT id FROM requests WHERE id = ANY($1) AND run_id <> $2")
+        .await?;
+    let rows = tx.query(&taken, &[&ids, &run.id.0]).await?;
+    if let Some(row) = rows.first() {
+        let id: Uuid = row.get(0);
+        let field = opened
+            .iter()
+            .find(|o| o.id.0 == id)
+            .map_or("request_id", |o| o.field.as_str());
+        return Err(Error::invalid(
+            format!("{field}.request_id"),
+            "is already the id of another run's request",
+        ));
+    }
+    Ok(())
+}
+
+/// Closes the open requests of turns that ended as `cancelled`. The caller holds the
+/// run's row lock. Returns how many were closed.
+pub(crate) async fn cancel_for_turns(
+    tx: &impl GenericClient,
+    run_id: RunId,
+    turn_ids: &[String],
+) -> Result<u64> {
+    if turn_ids.is_empty() {
+        return Ok(0);
+    }
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE requests SET status = 'cancelled', resolved_at = now(),
+                    resolution = '{\"decision\": \"cancel\", \"reason\": \"turn ended\"}'
+             WHERE run_id = $1 AND turn_id = ANY($2) AND status = 'open'",
+        )
+        .await?;
+    Ok(tx.execute(&stmt, &[&run_id.0, &turn_ids]).await?)
+}
+
+/// Whether the run has an open request.
+pub(crate) async fn any_open(tx: &impl GenericClient, run_id: RunId) -> Result<bool> {
+    let stmt = tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM requests WHERE run_id = $1 AND status = 'open')",
+        )
+        .await?;
+    Ok(tx.query_one(&stmt, &[&run_id.0]).await?.get(0))
+}
+
+/// Moves waiting runs with no open request left back to running. The caller holds the
+/// runs' row locks.
+async fn resume_unblocked(tx: &impl GenericClient, run_ids: &[Uuid]) -> Result<()> {
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE runs SET status = 'running', updated_at = now()
+             WHERE id = ANY($1) AND status = 'waiting'
+               AND NOT EXISTS (SELECT 1 FROM requests q WHERE q.run_id = runs.id AND q.status = 'open')",
+        )
+        .await?;
+    tx.execute(&stmt, &[&run_ids]).await?;
+    Ok(())
+}
+
+/// A client's answer to a request.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub decision: Decision,
+    /// For user-input requests: the answers, as a JSON object.
+    pub answers: Option<Map<String, Value>>,
+}
+
+impl Answer {
+    fn resolution(&self) -> Value {
+        let mut resolution = json!({"decision": self.decision.as_str()});
+        if let Some(answers) = &self.answers {
+            resolution["answers"] = Value::Object(answers.clone());
+        }
+        resolution
+    }
+}
+
+/// What [`resolve`] found or did.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub request: RequestRecord,
+    /// False when the request had been resolved before (its first resolution is kept).
+    pub resolved_now: bool,
+}
+
+/// The `request.resolved` event and the `resolve` command payload for an answer.
+fn answer_payload(request_id: RequestId, resolution: &Value) -> Value {
+    json!({
+        "request_id": request_id.to_string(),
+        "decision": resolution.get("decision").cloned().unwrap_or(Value::Null),
+        "answers": resolution.get("answers").cloned().unwrap_or(Value::Null),
+    })
+}
+
+/// ResolveRequest: answers an open request of a run of the tenant, in one transaction.
+/// The first resolution wins: a request already resolved is returned as it is, with
+/// `resolved_now` false; one that was cancelled or expired is `FAILED_PRECONDITION`.
+/// Resolving records `request.resolved` (as the manager), moves the run from waiting to
+/// running if nothing else is open, and queues a `resolve` command for the runner —
+/// the caller wakes its stream after commit.
+pub async fn resolve(
+    pool: &Pool,
+    tenant: &Tenant,
+    run_id: RunId,
+    request_id: RequestId,
+    answer: Answer,
+) -> Result<Resolved> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let run = runs::lock(&tx, tenant, run_id).await?;
+    let resolution = answer.resolution();
+    let update = tx
+        .prepare_cached(
+            "UPDATE requests SET status = 'resolved', resolution = $3, resolved_at = now()
+             WHERE id = $1 AND run_id = $2 AND status = 'open'
+             RETURNING *",
+        )
+        .await?;
+    let Some(row) = tx
+        .query_opt(&update, &[&request_id.0, &run_id.0, &resolution])
+        .await?
+    else {
+        let request = get_locked(&tx, run_id, request_id).await?;
+        return match request.status {
+            RequestStatus::Resolved => Ok(Resolved {
+                request,
+                resolved_now: false,
+            }),
+            status => Err(Error::precondition(
+                reason::ILLEGAL_TRANSITION,
+                format!(
+                    "request is {} and can no longer be resolved",
+                    status.as_str()
+                ),
+            )),
+        };
+    };
+    let request = RequestRecord::from_row(&row)?;
+    let payload = answer_payload(request_id, &resolution);
+    events::append(
+        &tx,
+        &[(
+            run_id,
+            NewEvent::manager(EventType::RequestResolved, payload.clone()),
+        )],
+    )
+    .await?;
+    if run.status == RunStatus::Waiting {
+        resume_unblocked(&tx, &[run_id.0]).await?;
+    }
+    let command = resolve_command(payload);
+    commands::insert(&tx, &run, command, CommandStatus::Pending).await?;
+    tx.commit().await?;
+    Ok(Resolved {
+        request,
+        resolved_now: true,
+    })
+}
+
+fn resolve_command(payload: Value) -> NewCommand {
+    NewCommand {
+        kind: CommandKind::Resolve,
+        payload: match payload {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        },
+        delivery_policy: None,
+        idempotency_key: None,
+    }
+}
+
+/// A request of a run the caller has locked.
+async fn get_locked(
+    tx: &impl GenericClient,
+    run_id: RunId,
+    request_id: RequestId,
+) -> Result<RequestRecord> {
+    let stmt = tx
+        .prepare_cached("SELECT * FROM requests WHERE id = $1 AND run_id = $2")
+        .await?;
+    let row = tx
+        .query_opt(&stmt, &[&request_id.0, &run_id.0])
+        .await?
+        .ok_or(Error::NotFound { what: "request" })?;
+    RequestRecord::from_row(&row)
+}
+
+/// Expires open requests whose deadline passed, for up to `batch` runs, in one
+/// transaction. The runs are locked first (`FOR UPDATE SKIP LOCKED`, so replicas split
+/// the work and a run being written to is left for the next pass); each expired request
+/// gets `request.resolved {decision: expired}` and a `resolve` command with that
+/// decision, so a provider waiting for the answer stops waiting. Returns the runs that
+/// got commands (to wake their runners) and how many requests expired.
+pub async fn expire_due(pool: &Pool, batch: i64) -> Result<(Vec<RunId>, usize)> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let lock = tx
+        .prepare_cached(
+            "SELECT * FROM runs
+             WHERE id IN (SELECT run_id FROM requests
+                          WHERE status = 'open' AND deadline < now()
+                          GROUP BY run_id ORDER BY min(deadline) LIMIT $1)
+             FOR UPDATE SKIP LOCKED",
+        )
+        .await?;
+    let locked: Vec<RunRecord> = tx
+        .query(&lock, &[&batch])
+        .await?
+        .iter()
+        .map(RunRecord::from_row)
+        .collect::<Result<_>>()?;
+    if locked.is_empty() {
+        return Ok((Vec::new(), 0));
+    }
+    let ids: Vec<Uuid> = locked.iter().map(|r| r.id.0).collect();
+    let expire = tx
+        .prepare_cached(
+            "UPDATE requests SET status = 'expired', resolved_at = now(),
+                    resolution = '{\"decision\": \"expired\"}'
+             WHERE run_id = ANY($1) AND status = 'open' AND deadline < now()
+             RETURNING *",
+        )
+        .await?;
+    let mut expired: Vec<RequestRecord> = tx
+        .query(&expire, &[&ids])
+        .await?
+        .iter()
+        .map(RequestRecord::from_row)
+        .collect::<Result<_>>()?;
+    expired.sort_by_key(|r| (r.run_id, r.deadline, r.created_at));
+
+    // A run that has ended keeps its log closed after run.terminal (its requests were
+    // cancelled when it ended, so this is only a safety net).
+    let live: Vec<&RequestRecord> = expired
+        .iter()
+        .filter(|r| {
+            locked
+                .iter()
+                .any(|run| run.id == r.run_id && !run.status.is_terminal())
+        })
+        .collect();
+    let resolved_events: Vec<(RunId, NewEvent)> = live
+        .iter()
+        .map(|r| {
+            let payload = answer_payload(r.id, &json!({"decision": Decision::Expired.as_str()}));
+            (
+                r.run_id,
+                NewEvent::manager(EventType::RequestResolved, payload),
+            )
+        })
+        .collect();
+    events::append(&tx, &resolved_events).await?;
+    resume_unblocked(&tx, &ids).await?;
+    let mut woken: Vec<RunId> = Vec::new();
+    for (request, (_, event)) in live.iter().zip(&resolved_events) {
+        let run = locked
+            .iter()
+            .find(|run| run.id == request.run_id)
+            .ok_or_else(|| Error::Internal("expired a request of a run not locked".into()))?;
+        commands::insert(
+            &tx,
+            run,
+            resolve_command(event.payload.clone()),
+            CommandStatus::Pending,
+        )
+        .await?;
+        if !woken.contains(&run.id) {
+            woken.push(run.id);
+        }
+    }
+    tx.commit().await?;
+    Ok((woken, expired.len()))
+}
