@@ -1,7 +1,10 @@
-//! The connection to a manager: one channel, the RunService client, and the tenant
-//! header every request carries.
+//! The connection to a manager: one channel, the RunService, SessionService and
+//! AdminService clients on it, and the tenant header every request carries.
 
-use agentrun_shared::proto::{self, run_service_client::RunServiceClient};
+use agentrun_shared::proto::{
+    self, admin_service_client::AdminServiceClient, run_service_client::RunServiceClient,
+    session_service_client::SessionServiceClient,
+};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
@@ -16,6 +19,8 @@ pub struct Manager {
     url: String,
     tenant: Option<MetadataValue<Ascii>>,
     runs: RunServiceClient<Channel>,
+    sessions: SessionServiceClient<Channel>,
+    admin: AdminServiceClient<Channel>,
 }
 
 impl Manager {
@@ -41,7 +46,9 @@ impl Manager {
         Ok(Self {
             url: url.to_owned(),
             tenant,
-            runs: RunServiceClient::new(channel),
+            runs: RunServiceClient::new(channel.clone()),
+            sessions: SessionServiceClient::new(channel.clone()),
+            admin: AdminServiceClient::new(channel),
         })
     }
 
@@ -135,5 +142,100 @@ impl Manager {
             after_seq,
         });
         Ok(self.runs.watch_run(request).await?.into_inner())
+    }
+
+    /// ResolveRequest: answers an open request of a run with `decision`.
+    pub async fn resolve_request(
+        &mut self,
+        run_id: &str,
+        request_id: &str,
+        decision: &str,
+    ) -> Result<proto::ResolveRequestResponse, Status> {
+        let request = self.request(proto::ResolveRequestRequest {
+            run_id: run_id.to_owned(),
+            request_id: request_id.to_owned(),
+            decision: decision.to_owned(),
+            answers_json: String::new(),
+        });
+        Ok(self.runs.resolve_request(request).await?.into_inner())
+    }
+
+    /// GetSession, as `reader` sees it.
+    pub async fn get_session(
+        &mut self,
+        session_id: &str,
+        reader: &str,
+    ) -> Result<proto::SessionView, Status> {
+        let request = self.request(proto::GetSessionRequest {
+            session_id: session_id.to_owned(),
+            reader: reader.to_owned(),
+        });
+        let response = self.sessions.get_session(request).await?.into_inner();
+        response
+            .session
+            .ok_or_else(|| Status::internal("the manager answered GetSession without a session"))
+    }
+
+    /// ListSessions (one page).
+    pub async fn list_sessions(
+        &mut self,
+        message: proto::ListSessionsRequest,
+    ) -> Result<proto::ListSessionsResponse, Status> {
+        let request = self.request(message);
+        Ok(self.sessions.list_sessions(request).await?.into_inner())
+    }
+
+    /// MarkSessionRead: `reader` has seen the session up to `version`.
+    pub async fn mark_session_read(
+        &mut self,
+        session_id: &str,
+        reader: &str,
+        version: i64,
+    ) -> Result<proto::SessionView, Status> {
+        let request = self.request(proto::MarkSessionReadRequest {
+            session_id: session_id.to_owned(),
+            reader: reader.to_owned(),
+            version,
+        });
+        let response = self.sessions.mark_session_read(request).await?.into_inner();
+        response.session.ok_or_else(|| {
+            Status::internal("the manager answered MarkSessionRead without a session")
+        })
+    }
+
+    /// ListSessionEvents (one page).
+    pub async fn list_session_events(
+        &mut self,
+        message: proto::ListSessionEventsRequest,
+    ) -> Result<Vec<proto::Event>, Status> {
+        let request = self.request(message);
+        Ok(self
+            .sessions
+            .list_session_events(request)
+            .await?
+            .into_inner()
+            .events)
+    }
+
+    /// WatchSession: the session's events after the cursor, then live ones; it has no
+    /// end of its own.
+    pub async fn watch_session(
+        &mut self,
+        message: proto::WatchSessionRequest,
+    ) -> Result<Streaming<proto::SessionEvent>, Status> {
+        let request = self.request(message);
+        Ok(self.sessions.watch_session(request).await?.into_inner())
+    }
+
+    /// GetQueueStats.
+    pub async fn queue_stats(&mut self) -> Result<proto::GetQueueStatsResponse, Status> {
+        let request = self.request(proto::GetQueueStatsRequest {});
+        Ok(self.admin.get_queue_stats(request).await?.into_inner())
+    }
+
+    /// ListRunners.
+    pub async fn list_runners(&mut self) -> Result<Vec<proto::RunnerInfo>, Status> {
+        let request = self.request(proto::ListRunnersRequest {});
+        Ok(self.admin.list_runners(request).await?.into_inner().runners)
     }
 }

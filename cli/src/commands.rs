@@ -4,6 +4,7 @@
 //! stderr, so `agentrun run "…" --follow > reply.txt` captures just the reply.
 
 use std::io::Write;
+use std::time::SystemTime;
 
 use agentrun_shared::proto::{self, CommandKind, RunStatus, TurnDeliveryPolicy};
 use serde_json::json;
@@ -156,6 +157,46 @@ impl StatusArg {
             StatusArg::Cancelled => RunStatus::Cancelled,
             StatusArg::Blocked => RunStatus::Blocked,
             StatusArg::Expired => RunStatus::Expired,
+        }
+    }
+}
+
+/// Arguments of `agentrun approve`.
+#[derive(Debug, clap::Args)]
+pub struct ApproveArgs {
+    #[command(flatten)]
+    pub request: ResolveArgs,
+    /// Accept this and the same requests for the rest of the session
+    /// (`accept_for_session`).
+    #[arg(long)]
+    pub for_session: bool,
+}
+
+/// Which request `agentrun approve` or `agentrun decline` answers.
+#[derive(Debug, clap::Args)]
+pub struct ResolveArgs {
+    /// The run's id.
+    #[arg(value_name = "RUN")]
+    pub run_id: String,
+    /// The request's id (from its `request.opened` event).
+    #[arg(value_name = "REQUEST")]
+    pub request_id: String,
+}
+
+/// An answer to a request, as ResolveRequest spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Accept,
+    AcceptForSession,
+    Decline,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Accept => "accept",
+            Decision::AcceptForSession => "accept_for_session",
+            Decision::Decline => "decline",
         }
     }
 }
@@ -339,8 +380,57 @@ pub async fn list(manager: &mut Manager, args: ListArgs) -> Result<u8, CliError>
     Ok(EXIT_OK)
 }
 
+/// `agentrun approve` and `agentrun decline`: ResolveRequest, then the stored
+/// resolution and whether this call made it. Exit 0 also when the request had been
+/// resolved before (the first answer stays); a cancelled or expired request is an error.
+pub async fn resolve(
+    manager: &mut Manager,
+    args: ResolveArgs,
+    decision: Decision,
+) -> Result<u8, CliError> {
+    let response = manager
+        .resolve_request(&args.run_id, &args.request_id, decision.as_str())
+        .await?;
+    let stored = render::resolution(&response.resolution_json);
+    let line = if response.resolved_now {
+        format!("request {} resolved now: {stored}\n", args.request_id)
+    } else {
+        format!(
+            "request {} was resolved earlier: {stored} (this {} was not applied)\n",
+            args.request_id,
+            decision.as_str()
+        )
+    };
+    write_out(&line)?;
+    Ok(EXIT_OK)
+}
+
+/// `agentrun stats`: queue depth and age, tenants, and runners as tables.
+pub async fn stats(manager: &mut Manager) -> Result<u8, CliError> {
+    let stats = manager.queue_stats().await?;
+    let runners = match manager.list_runners().await {
+        Ok(runners) => Some(runners),
+        // An older manager: the queue statistics are still worth showing.
+        Err(status) if status.code() == tonic::Code::Unimplemented => None,
+        Err(status) => return Err(status.into()),
+    };
+    let now = SystemTime::now();
+    let mut text = render::queue_table(&stats);
+    text.push('\n');
+    text.push_str(&render::tenants_table(&stats));
+    if let Some(runners) = &runners {
+        text.push('\n');
+        text.push_str(&render::runners_table(runners, now));
+    }
+    write_out(&text)?;
+    if runners.is_none() {
+        eprintln!("(this manager does not list runners)");
+    }
+    Ok(EXIT_OK)
+}
+
 /// Writes `text` to stdout; unlike `print!`, a closed pipe is an error, not a panic.
-fn write_out(text: &str) -> std::io::Result<()> {
+pub(crate) fn write_out(text: &str) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())?;
     out.flush()

@@ -2,13 +2,16 @@
 //!
 //! `agentrun dev` runs a whole local stack (a throwaway PostgreSQL, the manager
 //! in-process, runner processes); the other commands are a thin gRPC client of a
-//! manager's `RunService`: create runs and follow their replies, read events, send
-//! commands, cancel, inspect.
+//! manager: create runs and follow their replies, read events, send commands, answer
+//! approvals, cancel, inspect; read and follow sessions; show queue statistics.
 //!
 //! - [`client`]: the connection to the manager and the tenant header.
-//! - [`commands`]: one function per client command.
-//! - [`follow`]: following a run's event log to its end (WatchRun, or ListEvents polling).
-//! - [`render`]: how runs, commands and events are printed.
+//! - [`commands`]: one function per client command (runs, approvals, stats).
+//! - [`sessions`]: the session commands.
+//! - [`follow`]: following a run's event log to its end (WatchRun, or ListEvents
+//!   polling), or a session's across runs (WatchSession, or ListSessionEvents polling).
+//! - [`progress`]: what a followed run waits for, shown as a status line.
+//! - [`render`]: how runs, commands, events, sessions and statistics are printed.
 //! - [`dev`]: the local development stack.
 //! - [`error`]: the error type and exit codes.
 //! - [`telemetry`]: logging to stderr.
@@ -18,7 +21,9 @@ pub mod commands;
 pub mod dev;
 pub mod error;
 pub mod follow;
+pub mod progress;
 pub mod render;
+pub mod sessions;
 pub mod telemetry;
 
 use clap::{Parser, Subcommand};
@@ -87,6 +92,34 @@ pub enum ClientCommand {
     Get(commands::GetArgs),
     /// List runs, newest first.
     List(commands::ListArgs),
+    /// List sessions: active first, then unread, then read; newest first within each.
+    ///
+    /// The first column marks attention for the reader: `>` a run is active, `*`
+    /// unread (changed since the reader marked it read).
+    Sessions(sessions::SessionsArgs),
+    /// Print a session and the events of its runs; with --follow keep going until
+    /// Ctrl-C.
+    Session(sessions::SessionArgs),
+    /// Accept a run's open request (an approval the run waits for).
+    ///
+    /// Prints the stored resolution; when the request had been answered before, that
+    /// first answer stays and is printed (exit 0 either way).
+    Approve(commands::ApproveArgs),
+    /// Decline a run's open request.
+    ///
+    /// Prints the stored resolution; when the request had been answered before, that
+    /// first answer stays and is printed (exit 0 either way).
+    Decline(commands::ResolveArgs),
+    /// Show queue depth and age, per-tenant load and the runners.
+    Stats,
+}
+
+impl ClientCommand {
+    /// True for commands that stop on Ctrl-C themselves because they still have
+    /// something to do then (marking a followed session read).
+    fn handles_interrupt(&self) -> bool {
+        matches!(self, ClientCommand::Session(args) if args.follow)
+    }
 }
 
 impl Command {
@@ -103,8 +136,13 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8, CliError> 
         Command::Dev(args) => return dev::run(args, shutdown).await,
         Command::Client(command) => command,
     };
+    let handles_interrupt = command.handles_interrupt();
     let work = async {
-        let mut manager = client::Manager::connect(&cli.manager_url, cli.tenant.as_deref()).await?;
+        let mut manager = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(EXIT_INTERRUPTED),
+            manager = client::Manager::connect(&cli.manager_url, cli.tenant.as_deref()) => manager?,
+        };
         let manager = &mut manager;
         match command {
             ClientCommand::Run(args) => commands::run(manager, args, &shutdown).await,
@@ -113,13 +151,28 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8, CliError> 
             ClientCommand::Send(args) => commands::send(manager, args).await,
             ClientCommand::Get(args) => commands::get(manager, args).await,
             ClientCommand::List(args) => commands::list(manager, args).await,
+            ClientCommand::Sessions(args) => sessions::sessions(manager, args).await,
+            ClientCommand::Session(args) => sessions::session(manager, args, &shutdown).await,
+            ClientCommand::Approve(args) => {
+                let decision = if args.for_session {
+                    commands::Decision::AcceptForSession
+                } else {
+                    commands::Decision::Accept
+                };
+                commands::resolve(manager, args.request, decision).await
+            }
+            ClientCommand::Decline(args) => {
+                commands::resolve(manager, args, commands::Decision::Decline).await
+            }
+            ClientCommand::Stats => commands::stats(manager).await,
         }
     };
     // Following handles Ctrl-C itself (it ends the reply line first), so `work` is
-    // polled first; anything else is simply abandoned.
+    // polled first; anything else is simply abandoned — except a command that still
+    // has work to do after Ctrl-C, which is left to finish.
     tokio::select! {
         biased;
         result = work => result,
-        _ = shutdown.cancelled() => Ok(EXIT_INTERRUPTED),
+        _ = shutdown.cancelled(), if !handles_interrupt => Ok(EXIT_INTERRUPTED),
     }
 }

@@ -3,10 +3,15 @@
 //! Human output keeps stdout for the reply alone: the text of streamed content deltas
 //! (`assistant_text`, `command_output`) goes to stdout as it arrives, everything else
 //! is a dim line on stderr. `--json` prints one JSON object per event on stdout instead.
+//! While a followed run waits, a transient status line on stderr says for what (only on
+//! a terminal; see `progress`). Sessions, queue statistics and runners print as tables.
 
 use std::io::{self, IsTerminal, Write};
+use std::time::{Duration, SystemTime};
 
-use agentrun_shared::proto::{self, CommandKind, CommandStatus, Producer, RunStatus};
+use agentrun_shared::proto::{
+    self, CommandKind, CommandStatus, Producer, RunStatus, SessionAttention,
+};
 use serde_json::{Value, json};
 
 /// Content-delta kinds whose text is the reply, streamed inline to stdout.
@@ -34,11 +39,21 @@ pub struct Printer<O: Write, E: Write> {
     /// stdout and stderr end up on the same terminal, so a stderr line written while
     /// the reply is mid-line must start on a new line.
     shared_terminal: bool,
-    /// The reply on stdout does not end with a newline.
+    /// The reply on stdout does not end with a newline, and the terminal's line has not
+    /// been broken on stderr since.
     out_mid_line: bool,
+    /// The reply on stdout does not end with a newline (whatever stderr did since).
+    reply_unterminated: bool,
     /// The kind of the last non-streamed content delta shown; consecutive ones are
     /// shown once, or a reasoning stream would print a line per token.
     hidden_delta_kind: Option<String>,
+    /// The transient status line may be drawn (stderr is a terminal).
+    progress_enabled: bool,
+    /// The status line is on the screen: anything else written clears it first.
+    progress_shown: bool,
+    /// The status line is cut to the width of the terminal on stderr (a line that
+    /// wraps could not be redrawn in place).
+    fit_to_terminal: bool,
 }
 
 impl Printer<io::Stdout, io::Stderr> {
@@ -47,7 +62,11 @@ impl Printer<io::Stdout, io::Stderr> {
         let (out, err) = (io::stdout(), io::stderr());
         let color = err.is_terminal() && std::env::var_os("NO_COLOR").is_none();
         let shared_terminal = out.is_terminal() && err.is_terminal();
-        Self::new(format, out, err, color, shared_terminal)
+        let progress = err.is_terminal();
+        let mut printer =
+            Self::new(format, out, err, color, shared_terminal).with_progress(progress);
+        printer.fit_to_terminal = progress;
+        printer
     }
 }
 
@@ -61,12 +80,78 @@ impl<O: Write, E: Write> Printer<O, E> {
             color,
             shared_terminal,
             out_mid_line: false,
+            reply_unterminated: false,
             hidden_delta_kind: None,
+            progress_enabled: false,
+            progress_shown: false,
+            fit_to_terminal: false,
         }
+    }
+
+    /// Allows the transient status line; only for a terminal, which can erase it.
+    pub fn with_progress(mut self, enabled: bool) -> Self {
+        self.progress_enabled = enabled;
+        self
+    }
+
+    /// True when [`Self::progress`] draws anything.
+    pub fn shows_progress(&self) -> bool {
+        self.progress_enabled
+    }
+
+    /// Draws the status line on stderr (replacing the one shown), or clears it with
+    /// `None`. Never written to stdout, and not at all unless enabled.
+    pub fn progress(&mut self, line: Option<&str>) -> io::Result<()> {
+        if !self.progress_enabled {
+            return Ok(());
+        }
+        let Some(line) = line else {
+            return self.clear_progress();
+        };
+        // The line is redrawn in place with `\r`: it needs a line of its own, and must
+        // not wrap.
+        self.break_reply_line()?;
+        let line = match self.fit_to_terminal.then(stderr_columns).flatten() {
+            Some(columns) => fit(line, columns.saturating_sub(1)),
+            None => line.to_owned(),
+        };
+        if self.color {
+            write!(self.err, "\r\x1b[2K\x1b[2m{line}\x1b[0m")?;
+        } else {
+            write!(self.err, "\r\x1b[2K{line}")?;
+        }
+        self.progress_shown = true;
+        self.err.flush()
+    }
+
+    fn clear_progress(&mut self) -> io::Result<()> {
+        if self.progress_shown {
+            self.progress_shown = false;
+            write!(self.err, "\r\x1b[2K")?;
+            self.err.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Marks where the events of another run begin (following a session): the reply
+    /// so far ends its line on stdout, and a dim line names the run.
+    pub fn run_header(&mut self, run_id: &str) -> io::Result<()> {
+        if self.format == Format::Json {
+            return Ok(());
+        }
+        self.clear_progress()?;
+        if self.reply_unterminated {
+            self.out_mid_line = false;
+            self.reply_unterminated = false;
+            self.out.write_all(b"\n")?;
+            self.out.flush()?;
+        }
+        self.dim(&format!("── run {run_id}"))
     }
 
     /// Prints one event.
     pub fn event(&mut self, event: &proto::Event) -> io::Result<()> {
+        self.clear_progress()?;
         let payload: Value = serde_json::from_str(&event.payload_json)
             .unwrap_or_else(|_| Value::String(event.payload_json.clone()));
         if self.format == Format::Json {
@@ -81,6 +166,7 @@ impl<O: Write, E: Write> Printer<O, E> {
                     self.out.write_all(delta.as_bytes())?;
                     self.out.flush()?;
                     self.out_mid_line = !delta.ends_with('\n');
+                    self.reply_unterminated = self.out_mid_line;
                 }
                 self.hidden_delta_kind = None;
                 return Ok(());
@@ -103,6 +189,7 @@ impl<O: Write, E: Write> Printer<O, E> {
 
     /// Prints a dim note on stderr (progress, retries).
     pub fn dim(&mut self, line: &str) -> io::Result<()> {
+        self.clear_progress()?;
         self.break_reply_line()?;
         if self.color {
             writeln!(self.err, "\x1b[2m{line}\x1b[0m")
@@ -116,6 +203,7 @@ impl<O: Write, E: Write> Printer<O, E> {
         if self.format == Format::Json {
             return Ok(());
         }
+        self.clear_progress()?;
         self.break_reply_line()?;
         let style = match (self.color, terminal.status.as_str()) {
             (false, _) => "",
@@ -129,6 +217,7 @@ impl<O: Write, E: Write> Printer<O, E> {
     /// Ends the reply's line on the terminal (only there: a redirected stdout keeps
     /// exactly the reply text).
     pub fn finish(&mut self) -> io::Result<()> {
+        self.clear_progress()?;
         self.break_reply_line()?;
         self.err.flush()
     }
@@ -142,6 +231,32 @@ impl<O: Write, E: Write> Printer<O, E> {
         }
         Ok(())
     }
+}
+
+impl<O: Write, E: Write> Drop for Printer<O, E> {
+    /// An error ends the command with a message on stderr: not after a status line.
+    fn drop(&mut self) {
+        let _ = self.clear_progress();
+    }
+}
+
+/// The width of the terminal on stderr, when it is one.
+fn stderr_columns() -> Option<usize> {
+    // SAFETY: an all-zero `winsize` is a valid value of this plain C struct.
+    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes one `winsize` through the pointer, which points to one.
+    let found = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+    (found && size.ws_col > 0).then_some(usize::from(size.ws_col))
+}
+
+/// `line` cut to at most `columns` characters, ending with `…` when cut.
+fn fit(line: &str, columns: usize) -> String {
+    if line.chars().count() <= columns {
+        return line.to_owned();
+    }
+    let mut cut: String = line.chars().take(columns.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
 }
 
 /// How a run ended, from its `run.terminal` event or the run itself.
@@ -260,7 +375,17 @@ fn summary(event_type: &str, payload: &Value) -> String {
         "command.completed" => join(&[field("status"), field("error")]),
         "turn.completed" => join(&[field("state"), field("error")]),
         "item.started" | "item.updated" | "item.completed" => field("kind"),
-        "request.opened" => join(&[field("kind"), labelled("request_id", &field("request_id"))]),
+        "request.opened" => {
+            let detail = match payload.get("detail") {
+                Some(detail @ Value::Object(map)) if !map.is_empty() => detail.to_string(),
+                _ => String::new(),
+            };
+            join(&[
+                field("kind"),
+                labelled("request_id", &field("request_id")),
+                detail,
+            ])
+        }
         "request.resolved" => join(&[
             labelled("request_id", &field("request_id")),
             field("decision"),
@@ -395,19 +520,27 @@ pub fn run_details(run: &proto::Run) -> String {
 
 /// Runs as an aligned table, for `agentrun list`.
 pub fn runs_table(runs: &[proto::Run]) -> String {
-    let header = ["ID", "STATUS", "PROFILE", "ATTEMPT", "CREATED"].map(str::to_owned);
-    let rows: Vec<[String; 5]> = std::iter::once(header)
-        .chain(runs.iter().map(|run| {
-            [
+    let rows = runs
+        .iter()
+        .map(|run| {
+            vec![
                 run.run_id.clone(),
                 run_status(run.status),
                 run.backend_profile.clone(),
                 format!("{}/{}", run.attempt, run.max_attempts),
                 time(run.created_at.as_ref()),
             ]
-        }))
+        })
         .collect();
-    let mut widths = [0usize; 5];
+    table(&["ID", "STATUS", "PROFILE", "ATTEMPT", "CREATED"], rows)
+}
+
+/// Rows under a header, each column as wide as its widest cell, two spaces apart.
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| (*h).to_owned()).collect())
+        .chain(rows)
+        .collect();
+    let mut widths = vec![0usize; header.len()];
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
@@ -416,7 +549,7 @@ pub fn runs_table(runs: &[proto::Run]) -> String {
     let mut text = String::new();
     for row in &rows {
         let mut line = String::new();
-        for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
+        for (i, (cell, width)) in row.iter().zip(&widths).enumerate() {
             if i + 1 == row.len() {
                 line.push_str(cell);
             } else {
@@ -427,6 +560,200 @@ pub fn runs_table(runs: &[proto::Run]) -> String {
         text.push('\n');
     }
     text
+}
+
+/// A duration in its two largest units: `850ms`, `3s`, `2m05s`, `4h10m`, `3d02h`.
+pub fn duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0 if d.as_millis() > 0 => format!("{}ms", d.as_millis()),
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
+        3600..86400 => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d{:02}h", secs / 86400, secs % 86400 / 3600),
+    }
+}
+
+/// How long before `now` a timestamp was (`3s ago`), or `-` when unset.
+pub fn ago(ts: Option<&prost_types::Timestamp>, now: SystemTime) -> String {
+    let Some(at) = ts.and_then(|ts| SystemTime::try_from(*ts).ok()) else {
+        return "-".into();
+    };
+    match now.duration_since(at) {
+        Ok(elapsed) => format!("{} ago", duration(Duration::from_secs(elapsed.as_secs()))),
+        // The manager's clock is ahead of ours.
+        Err(_) => "just now".into(),
+    }
+}
+
+/// A session's attention for its reader as a word (`unread`).
+pub fn attention(value: i32) -> String {
+    SessionAttention::try_from(value)
+        .map(|a| enum_name(a.as_str_name(), "SESSION_ATTENTION_"))
+        .unwrap_or_else(|_| format!("unknown({value})"))
+}
+
+/// The marker of a session's attention in `agentrun sessions`: `>` a run is active,
+/// `*` unread, nothing when read.
+fn attention_marker(value: i32) -> &'static str {
+    match SessionAttention::try_from(value) {
+        Ok(SessionAttention::Active) => ">",
+        Ok(SessionAttention::Unread) => "*",
+        _ => "",
+    }
+}
+
+/// Sessions as a table, for `agentrun sessions`.
+pub fn sessions_table(views: &[proto::SessionView], now: SystemTime) -> String {
+    let rows = views
+        .iter()
+        .map(|view| {
+            let session = view.session.clone().unwrap_or_default();
+            let title = if session.title.is_empty() {
+                match view.last_run_status {
+                    0 => "-".to_owned(),
+                    status => run_status(status),
+                }
+            } else {
+                session.title.clone()
+            };
+            vec![
+                attention_marker(view.attention).to_owned(),
+                session.session_id.clone(),
+                title,
+                session.version.to_string(),
+                ago(session.updated_at.as_ref(), now),
+            ]
+        })
+        .collect();
+    table(&["", "ID", "TITLE/STATUS", "VERSION", "UPDATED"], rows)
+}
+
+/// A session as `key  value` lines, for `agentrun session`.
+pub fn session_details(view: &proto::SessionView, now: SystemTime) -> Vec<String> {
+    let session = view.session.clone().unwrap_or_default();
+    let or_dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
+    let mut state = attention(view.attention);
+    if view.last_run_status != 0 {
+        state.push_str(&format!(" (last run {})", run_status(view.last_run_status)));
+    }
+    let updated = format!(
+        "{} ({})",
+        time(session.updated_at.as_ref()),
+        ago(session.updated_at.as_ref(), now)
+    );
+    [
+        ("session", session.session_id.clone()),
+        ("title", or_dash(&session.title)),
+        ("state", state),
+        ("profile", session.backend_profile.clone()),
+        ("project", session.project_id.clone()),
+        ("version", session.version.to_string()),
+        ("last run", or_dash(&session.last_run_id)),
+        ("created", time(session.created_at.as_ref())),
+        ("updated", updated),
+    ]
+    .into_iter()
+    .map(|(key, value)| format!("{key:<12}{value}"))
+    .collect()
+}
+
+/// Queue depth by queue and status, with the oldest pending run's age on the pending
+/// row, for `agentrun stats`.
+pub fn queue_table(stats: &proto::GetQueueStatsResponse) -> String {
+    let mut depths = stats.depths.clone();
+    depths.sort_by(|a, b| (&a.queue, a.status).cmp(&(&b.queue, b.status)));
+    let rows = depths
+        .iter()
+        .map(|depth| {
+            let oldest = stats
+                .ages
+                .iter()
+                .find(|age| age.queue == depth.queue)
+                .filter(|_| depth.status == RunStatus::Pending as i32)
+                .map(|age| {
+                    let age_ms = u64::try_from(age.oldest_pending_age_ms).unwrap_or(0);
+                    duration(Duration::from_secs(age_ms / 1000))
+                })
+                .unwrap_or_default();
+            vec![
+                depth.queue.clone(),
+                run_status(depth.status),
+                depth.runs.to_string(),
+                oldest,
+            ]
+        })
+        .collect();
+    table(&["QUEUE", "STATUS", "RUNS", "OLDEST PENDING"], rows)
+}
+
+/// Pending and active runs per tenant against its limit, for `agentrun stats`.
+pub fn tenants_table(stats: &proto::GetQueueStatsResponse) -> String {
+    let mut tenants = stats.tenants.clone();
+    tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+    let rows = tenants
+        .iter()
+        .map(|tenant| {
+            vec![
+                tenant.tenant_id.clone(),
+                tenant.pending_runs.to_string(),
+                tenant.active_runs.to_string(),
+                match tenant.max_active_runs {
+                    0 => "none".to_owned(),
+                    limit => limit.to_string(),
+                },
+            ]
+        })
+        .collect();
+    table(&["TENANT", "PENDING", "ACTIVE", "LIMIT"], rows)
+}
+
+/// Runners with their leases and last heartbeat, for `agentrun stats`.
+pub fn runners_table(runners: &[proto::RunnerInfo], now: SystemTime) -> String {
+    let mut runners = runners.to_vec();
+    runners.sort_by(|a, b| (&a.name, &a.runner_id).cmp(&(&b.name, &b.runner_id)));
+    let rows = runners
+        .iter()
+        .map(|runner| {
+            vec![
+                runner.name.clone(),
+                runner.runner_id.clone(),
+                runner.backend_profiles.join(","),
+                format!("{}/{}", runner.leases.len(), runner.max_concurrency),
+                ago(runner.last_heartbeat_at.as_ref(), now),
+                if runner.draining { "yes" } else { "no" }.to_owned(),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "ID", "PROFILES", "LEASES", "HEARTBEAT", "DRAINING"],
+        rows,
+    )
+}
+
+/// A stored resolution (`{"decision": "accept", ...}`) as its decision, followed by
+/// anything else it holds as JSON.
+pub fn resolution(resolution_json: &str) -> String {
+    let Ok(Value::Object(mut fields)) = serde_json::from_str::<Value>(resolution_json) else {
+        return resolution_json.to_owned();
+    };
+    let decision = match fields.remove("decision") {
+        Some(Value::String(decision)) => decision,
+        Some(other) => other.to_string(),
+        None => "-".to_owned(),
+    };
+    fields.retain(|_, value| !value.is_null());
+    if fields.is_empty() {
+        decision
+    } else {
+        format!("{decision} {}", Value::Object(fields))
+    }
 }
 
 #[cfg(test)]
@@ -451,6 +778,7 @@ mod tests {
             printer.event(e).unwrap();
         }
         printer.finish().unwrap();
+        drop(printer);
         (
             String::from_utf8(out).unwrap(),
             String::from_utf8(err).unwrap(),
@@ -543,6 +871,171 @@ mod tests {
         assert_eq!(
             table,
             "ID   STATUS   PROFILE   ATTEMPT  CREATED\nabc  running  scripted  1/3      -\n"
+        );
+    }
+
+    #[test]
+    fn the_status_line_is_drawn_on_stderr_and_cleared_before_output() {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut printer =
+            Printer::new(Format::Human, &mut out, &mut err, false, true).with_progress(true);
+        printer.event(&delta(1, "assistant_text", "Hel")).unwrap();
+        printer.progress(Some("waiting")).unwrap();
+        printer.event(&delta(2, "assistant_text", "lo")).unwrap();
+        printer.progress(Some("again")).unwrap();
+        drop(printer);
+        assert_eq!(String::from_utf8(out).unwrap(), "Hello", "never on stdout");
+        assert_eq!(
+            String::from_utf8(err).unwrap(),
+            "\n\r\x1b[2Kwaiting\r\x1b[2K\n\r\x1b[2Kagain\r\x1b[2K",
+            "own line, redrawn in place, cleared before the reply goes on and at the end"
+        );
+        // Not a terminal: nothing at all.
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut printer = Printer::new(Format::Human, &mut out, &mut err, false, false);
+        printer.progress(Some("waiting")).unwrap();
+        drop(printer);
+        assert!(err.is_empty());
+    }
+
+    #[test]
+    fn a_status_line_is_cut_to_fit() {
+        assert_eq!(fit("waiting", 10), "waiting");
+        assert_eq!(fit("waiting for a runner", 10), "waiting f…");
+        assert_eq!(fit("waiting", 0), "…");
+    }
+
+    #[test]
+    fn a_new_run_of_a_session_starts_a_new_line() {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut printer = Printer::new(Format::Human, &mut out, &mut err, false, false);
+        printer.run_header("a").unwrap();
+        printer.event(&delta(1, "assistant_text", "one")).unwrap();
+        printer
+            .event(&event(2, "run.terminal", json!({"status": "completed"})))
+            .unwrap();
+        printer.run_header("b").unwrap();
+        printer.event(&delta(1, "assistant_text", "two")).unwrap();
+        drop(printer);
+        assert_eq!(String::from_utf8(out).unwrap(), "one\ntwo");
+        let err = String::from_utf8(err).unwrap();
+        assert!(err.starts_with("── run a\n"), "{err}");
+        assert!(err.ends_with("── run b\n"), "{err}");
+    }
+
+    #[test]
+    fn durations_ages_and_resolutions() {
+        assert_eq!(duration(Duration::from_millis(850)), "850ms");
+        assert_eq!(duration(Duration::ZERO), "0s");
+        assert_eq!(duration(Duration::from_secs(3)), "3s");
+        assert_eq!(duration(Duration::from_secs(125)), "2m05s");
+        assert_eq!(duration(Duration::from_secs(4 * 3600 + 600)), "4h10m");
+        assert_eq!(duration(Duration::from_secs(3 * 86400 + 7200)), "3d02h");
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let at = |secs| prost_types::Timestamp {
+            seconds: secs,
+            nanos: 0,
+        };
+        assert_eq!(ago(Some(&at(997)), now), "3s ago");
+        assert_eq!(ago(Some(&at(1_005)), now), "just now");
+        assert_eq!(ago(None, now), "-");
+        assert_eq!(resolution(r#"{"decision": "accept"}"#), "accept");
+        assert_eq!(
+            resolution(r#"{"decision": "decline", "answers": {"a": 1}, "x": null}"#),
+            r#"decline {"answers":{"a":1}}"#
+        );
+    }
+
+    #[test]
+    fn sessions_stats_and_runners_tables() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let view = |id: &str, title: &str, attention: SessionAttention, status: RunStatus| {
+            proto::SessionView {
+                session: Some(proto::Session {
+                    session_id: id.into(),
+                    title: title.into(),
+                    version: 3,
+                    updated_at: Some(prost_types::Timestamp {
+                        seconds: 990,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                }),
+                attention: attention as i32,
+                last_run_status: status as i32,
+            }
+        };
+        let table = sessions_table(
+            &[
+                view("s1", "", SessionAttention::Active, RunStatus::Running),
+                view(
+                    "s2",
+                    "deploy",
+                    SessionAttention::Unread,
+                    RunStatus::Completed,
+                ),
+                view("s3", "", SessionAttention::Read, RunStatus::Failed),
+            ],
+            now,
+        );
+        assert_eq!(
+            table,
+            "   ID  TITLE/STATUS  VERSION  UPDATED\n\
+             >  s1  running       3        10s ago\n\
+             *  s2  deploy        3        10s ago\n\
+             \x20  s3  failed        3        10s ago\n"
+        );
+
+        let stats = proto::GetQueueStatsResponse {
+            depths: vec![
+                proto::QueueDepth {
+                    queue: "default".into(),
+                    status: RunStatus::Running as i32,
+                    runs: 2,
+                },
+                proto::QueueDepth {
+                    queue: "default".into(),
+                    status: RunStatus::Pending as i32,
+                    runs: 1,
+                },
+            ],
+            ages: vec![proto::QueueAge {
+                queue: "default".into(),
+                oldest_pending_age_ms: 3_500,
+            }],
+            tenants: vec![proto::TenantStats {
+                tenant_id: "acme".into(),
+                pending_runs: 1,
+                active_runs: 2,
+                max_active_runs: 0,
+            }],
+        };
+        assert_eq!(
+            queue_table(&stats),
+            "QUEUE    STATUS   RUNS  OLDEST PENDING\n\
+             default  pending  1     3s\n\
+             default  running  2\n"
+        );
+        assert_eq!(
+            tenants_table(&stats),
+            "TENANT  PENDING  ACTIVE  LIMIT\nacme    1        2       none\n"
+        );
+        let runner = proto::RunnerInfo {
+            runner_id: "r-1".into(),
+            name: "runner-1".into(),
+            backend_profiles: vec!["scripted".into(), "openai".into()],
+            max_concurrency: 4,
+            last_heartbeat_at: Some(prost_types::Timestamp {
+                seconds: 999,
+                nanos: 0,
+            }),
+            leases: vec![proto::LeaseRef::default()],
+            ..Default::default()
+        };
+        assert_eq!(
+            runners_table(&[runner], now),
+            "NAME      ID   PROFILES         LEASES  HEARTBEAT  DRAINING\n\
+             runner-1  r-1  scripted,openai  1/4     1s ago     no\n"
         );
     }
 }

@@ -1,6 +1,7 @@
 //! Integration tests against a real PostgreSQL: one binary, one module per area.
 
 mod cli;
+mod cli_sessions;
 mod commands;
 mod double_texting;
 mod e2e;

@@ -404,6 +404,28 @@ async fn scheduled_at_is_validated_and_part_of_idempotency() {
     let got = claim(&mut app, &runner("now"), 1).await;
     assert_eq!(run_id_of(&got[0]), past_id);
 
+    // The queue timeout of a delayed run counts from its start time, not from creation.
+    let mut waits = run_request("waits");
+    waits.scheduled_at = Some(timestamp_in(Duration::from_secs(3600)));
+    waits.queue_timeout_ms = 1000;
+    let waits = app
+        .runs
+        .create_run(waits)
+        .await
+        .expect("created")
+        .into_inner()
+        .run
+        .expect("run");
+    let run_id: uuid::Uuid = waits.run_id.parse().expect("uuid");
+    let deadline: SystemTime = app
+        .db()
+        .await
+        .query_one("SELECT queue_deadline FROM runs WHERE id = $1", &[&run_id])
+        .await
+        .expect("queue deadline")
+        .get(0);
+    assert!(deadline > system_time(&waits.scheduled_at));
+
     // The same key with the same time is a retry; with another time, a conflict.
     let at = timestamp_in(Duration::from_secs(3600));
     let mut keyed = run_request("keyed");

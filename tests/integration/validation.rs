@@ -145,7 +145,7 @@ async fn bad_client_input_is_refused_and_changes_nothing() {
                 r#"{"request_id": "x", "decision": "accept"}"#,
             ))
             .await,
-        "payload_json.request_id",
+        "kind",
     );
     let mut steer_with_policy = command(CommandKind::Steer as i32, r#"{"text": "hi"}"#);
     steer_with_policy.delivery_policy = 3;

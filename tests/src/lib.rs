@@ -6,6 +6,8 @@
 //! test process from the local server binaries and removed when the process exits.
 //! Set `TEST_LOG=1` to see the managers' logs.
 
+pub mod cli;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -148,6 +148,9 @@ struct Session {
     /// Nothing more is assigned: the manager is shutting down or an operator drained
     /// the runner.
     draining: bool,
+    /// When the runner last sent anything. A runner that has gone quiet (frozen, or
+    /// its network half-dead) is given no new work, even if its stream looks open.
+    last_heard: tokio::time::Instant,
 }
 
 impl Session {
@@ -164,7 +167,14 @@ impl Session {
             held: HashMap::new(),
             commands_woken: Arc::new(Notify::new()),
             draining: false,
+            last_heard: tokio::time::Instant::now(),
         }
+    }
+
+    /// Silent for more than two heartbeat intervals: do not trust it with new runs.
+    fn silent(&self) -> bool {
+        self.last_heard.elapsed()
+            > Duration::from_millis(2 * self.state.settings.heartbeat_interval_ms)
     }
 
     async fn run(mut self, mut inbound: Streaming<proto::RunnerMessage>) {
@@ -264,6 +274,7 @@ impl Session {
     }
 
     async fn handle(&mut self, message: proto::RunnerMessage) -> Result<(), Error> {
+        self.last_heard = tokio::time::Instant::now();
         let Some(body) = message.body else {
             return self.refuse("", Error::invalid("body", "is required")).await;
         };
@@ -358,7 +369,7 @@ impl Session {
 
     /// Claims runs for the runner's credit and pushes them.
     async fn assign(&mut self) -> Result<(), Error> {
-        if self.credit <= 0 || self.draining {
+        if self.credit <= 0 || self.draining || self.silent() {
             return Ok(());
         }
         let claimed: Vec<Assignment> = leases::claim(

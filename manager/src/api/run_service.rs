@@ -155,13 +155,11 @@ fn command_payload_rules(
     match kind {
         CommandKind::Turn => require_string("prompt").map(drop),
         CommandKind::Steer => require_string("text").map(drop),
-        CommandKind::Resolve => {
-            agentrun_shared::ids::RequestId::parse(
-                "payload_json.request_id",
-                require_string("request_id")?,
-            )?;
-            require_string("decision").map(drop)
-        }
+        // Answers go through ResolveRequest, which checks the request and keeps the first.
+        CommandKind::Resolve => Err(FieldError::new(
+            "kind",
+            "resolve commands are sent with ResolveRequest",
+        )),
         CommandKind::Interrupt | CommandKind::Cancel => Ok(()),
     }
 }

@@ -27,6 +27,18 @@ impl SessionApi {
     }
 }
 
+/// The (run, seq) position a session's event listing resumes after.
+fn event_cursor(after_run_id: &str, after_seq: i64) -> Result<EventCursor, FieldError> {
+    let after = EventCursor {
+        run_id: RunId::parse_optional("after_run_id", after_run_id)?,
+        seq: validate::cursor("after_seq", after_seq)?,
+    };
+    if after.run_id.is_none() && after.seq > 0 {
+        return Err(FieldError::new("after_seq", "needs after_run_id"));
+    }
+    Ok(after)
+}
+
 fn reader(text: &str) -> Result<&str, FieldError> {
     validate::name_or("reader", text, DEFAULT_READER)
 }
@@ -142,13 +154,7 @@ impl SessionService for SessionApi {
         let tenant = tenant_of(&request)?;
         let r = request.get_ref();
         let session_id = SessionId::parse("session_id", &r.session_id).map_err(Error::from)?;
-        let after = EventCursor {
-            run_id: RunId::parse_optional("after_run_id", &r.after_run_id).map_err(Error::from)?,
-            seq: validate::cursor("after_seq", r.after_seq).map_err(Error::from)?,
-        };
-        if after.run_id.is_none() && after.seq > 0 {
-            return Err(Error::invalid("after_seq", "needs after_run_id").into());
-        }
+        let after = event_cursor(&r.after_run_id, r.after_seq).map_err(Error::from)?;
         let limit =
             validate::bounded("limit", r.limit.into(), 200, 1, 1000).map_err(Error::from)?;
         let client = self.state.pool.get().await.map_err(Error::from)?;
@@ -169,13 +175,7 @@ impl SessionService for SessionApi {
         let tenant = tenant_of(&request)?;
         let r = request.get_ref();
         let session_id = SessionId::parse("session_id", &r.session_id).map_err(Error::from)?;
-        let after = EventCursor {
-            run_id: RunId::parse_optional("after_run_id", &r.after_run_id).map_err(Error::from)?,
-            seq: validate::cursor("after_seq", r.after_seq).map_err(Error::from)?,
-        };
-        if after.run_id.is_none() && after.seq > 0 {
-            return Err(Error::invalid("after_seq", "needs after_run_id").into());
-        }
+        let after = event_cursor(&r.after_run_id, r.after_seq).map_err(Error::from)?;
         let stream =
             super::watch::watch_session(&self.state, &tenant, session_id, r.output_only, after)
                 .await?;

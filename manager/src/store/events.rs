@@ -187,9 +187,13 @@ pub async fn list(
     let rows = client
         .query(&stmt, &[&run_id.0, &after_seq, &limit])
         .await?;
-    Ok(rows
-        .iter()
-        .map(|row| EventRecord {
+    Ok(rows.iter().map(EventRecord::from_row).collect())
+}
+
+impl EventRecord {
+    /// Reads a row with the `events` columns.
+    pub(crate) fn from_row(row: &tokio_postgres::Row) -> Self {
+        EventRecord {
             run_id: RunId(row.get("run_id")),
             seq: row.get("seq"),
             event_type: row.get("type"),
@@ -203,6 +207,6 @@ pub async fn list(
                 None => Producer::Manager,
             },
             created_at: row.get("created_at"),
-        })
-        .collect())
+        }
+    }
 }

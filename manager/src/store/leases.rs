@@ -88,8 +88,10 @@ const PENDING_TENANTS: &str = "pending_tenants(tenant_id) AS (
     )";
 
 /// Statement 1 of a claim: takes the advisory lock of every limited tenant that has room
-/// and a pending run this runner could take, in tenant order (so claimers never
-/// deadlock). Parameters: $1 runner, $2 queues, $3 profiles, $4 labels, $5 default limit.
+/// and a pending run this runner could take, in lock-key order (so claimers never wait
+/// on each other in a cycle), and returns those tenants. A tenant at its limit is not
+/// locked: it gets nothing from this claim anyway. Parameters: $1 runner, $2 queues,
+/// $3 profiles, $4 labels, $5 default limit.
 static LOCK_LIMITED_TENANTS_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH RECURSIVE {PENDING_TENANTS},
@@ -125,19 +127,26 @@ static LOCK_LIMITED_TENANTS_SQL: LazyLock<String> = LazyLock::new(|| {
 /// - `tenants`: tenants with pending work and their limit (`NULL`: none). A limited
 ///   tenant whose lock we do not hold (it was full, or had nothing for this runner) is
 ///   left out, so a limit is never exceeded.
-/// - `load`: each tenant's active runs, counted only when it matters — the tenant is
-///   limited, or several tenants compete.
-/// - `candidates`: per tenant and queue, the first eligible runs in the index order
-///   (priority, then age), at most the batch or the tenant's room; no row locks yet.
-/// - `ranked`: each tenant's candidates numbered 1, 2, … by priority then age, cut to
-///   its room; a run's `slot` is the tenant's active runs plus that number, the tenant's
-///   load if the run were claimed.
-/// - `picked`: lowest slot first, so tenants are interleaved and the least loaded goes
-///   first (one tenant's backlog never delays another's first run, even with a batch of
-///   one); then priority, then age. Rows are locked here (`FOR UPDATE SKIP LOCKED`, the
-///   limit counting only rows actually locked) and `status = 'pending'` is re-checked on
-///   the locked row version.
-static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
+/// - `room`: each tenant's active runs — counted only when it matters: the tenant is
+///   limited, or several tenants compete — and how many it may take now (at most the
+///   batch, at most what its limit leaves).
+/// - `available`: how many runs this runner could take from each tenant (eligible by
+///   queue, profile, labels and `scheduled_at`; capped at its room), read from the
+///   head of each tenant's queue in index order. No row locks.
+/// - `quota`: the batch shared out. A tenant's k-th run would be its `active + k`-th
+///   active run; the batch takes the lowest of those slots across tenants (ties: the
+///   tenant whose waiting work is oldest). Tenants are interleaved and the least loaded
+///   goes first, so one tenant's backlog never delays another's first run, even with a
+///   batch of one.
+/// - `locked`: each tenant's quota, highest priority then oldest, locked with
+///   `FOR UPDATE SKIP LOCKED` — rows other claimers hold are passed over and the scan
+///   goes on, so concurrent claimers still fill their batches; `status = 'pending'` is
+///   re-checked on the locked row version. (A runner serving several queues may lock up
+///   to a quota per queue; `picked` keeps the best and the rest are left pending.)
+fn claim_sql() -> String {
+    let eligible = "r.status = 'pending' AND r.backend_profile = ANY($3::text[])
+                    AND r.labels <@ $4::text[]
+                    AND (r.scheduled_at IS NULL OR r.scheduled_at <= now())";
     format!(
         "WITH RECURSIVE {PENDING_TENANTS},
          tenants AS (
@@ -146,50 +155,65 @@ static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
              WHERE p.tenant_id IS NOT NULL
                AND NOT coalesce((SELECT draining FROM runners WHERE id = $1::uuid), false)
          ),
-         load AS MATERIALIZED (
-             SELECT t.tenant_id, t.max_active,
-                    CASE WHEN t.max_active IS NOT NULL OR (SELECT count(*) FROM tenants) > 1
-                         THEN (SELECT count(*) FROM runs a WHERE a.tenant_id = t.tenant_id
-                                 AND a.status IN ('claimed', 'running', 'waiting'))
-                         ELSE 0 END AS active
-             FROM tenants t
-             WHERE t.max_active IS NULL OR t.tenant_id = ANY($8::text[])
-         ),
-         room AS (
+         room AS MATERIALIZED (
              SELECT tenant_id, active,
                     CASE WHEN max_active IS NULL THEN $5::bigint
                          ELSE least($5::bigint, greatest(max_active - active, 0)) END AS room
-             FROM load
+             FROM (
+                 SELECT t.tenant_id, t.max_active,
+                        CASE WHEN t.max_active IS NOT NULL OR (SELECT count(*) FROM tenants) > 1
+                             THEN (SELECT count(*) FROM runs a WHERE a.tenant_id = t.tenant_id
+                                     AND a.status IN ('claimed', 'running', 'waiting'))
+                             ELSE 0 END AS active
+                 FROM tenants t
+                 WHERE t.max_active IS NULL OR t.tenant_id = ANY($8::text[])
+             ) load
          ),
-         candidates AS (
-             SELECT room.tenant_id, room.active, room.room, c.id, c.priority, c.created_at
+         available AS (
+             SELECT room.tenant_id, room.active, least(room.room, sum(c.n))::bigint AS n,
+                    min(c.oldest) AS oldest
              FROM room
              CROSS JOIN unnest($2::text[]) AS q(queue)
              CROSS JOIN LATERAL (
-                 SELECT r.id, r.priority, r.created_at FROM runs r
-                 WHERE r.tenant_id = room.tenant_id AND r.queue = q.queue AND r.status = 'pending'
-                   AND r.backend_profile = ANY($3::text[]) AND r.labels <@ $4::text[]
-                   AND (r.scheduled_at IS NULL OR r.scheduled_at <= now())
-                 ORDER BY r.priority DESC, r.created_at, r.id
-                 LIMIT room.room
+                 SELECT count(*) AS n, min(created_at) AS oldest FROM (
+                     SELECT r.created_at FROM runs r
+                     WHERE r.tenant_id = room.tenant_id AND r.queue = q.queue AND {eligible}
+                     ORDER BY r.priority DESC, r.created_at, r.id
+                     LIMIT room.room
+                 ) head
              ) c
              WHERE room.room > 0
+             GROUP BY room.tenant_id, room.active, room.room
          ),
-         ranked AS (
-             SELECT id, priority, created_at, active + rank AS slot FROM (
-                 SELECT id, priority, created_at, active, room,
+         quota AS (
+             SELECT tenant_id, count(*) AS n FROM (
+                 SELECT a.tenant_id FROM available a
+                 CROSS JOIN LATERAL generate_series(1, a.n) AS g(k)
+                 ORDER BY a.active + g.k, a.oldest, a.tenant_id
+                 LIMIT $5::bigint
+             ) chosen
+             GROUP BY tenant_id
+         ),
+         locked AS MATERIALIZED (
+             SELECT quota.tenant_id, quota.n AS quota, l.id, l.priority, l.created_at
+             FROM quota
+             CROSS JOIN unnest($2::text[]) AS q(queue)
+             CROSS JOIN LATERAL (
+                 SELECT r.id, r.priority, r.created_at FROM runs r
+                 WHERE r.tenant_id = quota.tenant_id AND r.queue = q.queue AND {eligible}
+                 ORDER BY r.priority DESC, r.created_at, r.id
+                 LIMIT quota.n
+                 FOR UPDATE SKIP LOCKED
+             ) l
+         ),
+         picked AS MATERIALIZED (
+             SELECT id FROM (
+                 SELECT id, quota,
                         row_number() OVER (PARTITION BY tenant_id
-                                           ORDER BY priority DESC, created_at, id) AS rank
-                 FROM candidates
-             ) numbered
-             WHERE rank <= room
-         ),
-         picked AS (
-             SELECT runs.id FROM ranked JOIN runs ON runs.id = ranked.id
-             WHERE runs.status = 'pending'
-             ORDER BY ranked.slot, ranked.priority DESC, ranked.created_at, ranked.id
-             LIMIT $5
-             FOR UPDATE OF runs SKIP LOCKED
+                                           ORDER BY priority DESC, created_at, id) AS k
+                 FROM locked
+             ) best
+             WHERE k <= quota
          )
          UPDATE runs SET status = 'claimed', lease_runner_id = $1,
                 lease_epoch = runs.lease_epoch + 1,
@@ -199,7 +223,9 @@ static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
          FROM picked WHERE runs.id = picked.id
          RETURNING runs.*"
     )
-});
+}
+
+static CLAIM_SQL: LazyLock<String> = LazyLock::new(claim_sql);
 
 /// Claims up to `max_runs` pending runs the runner can serve — its queues, a backend
 /// profile it has, labels it all has, `scheduled_at` reached — fairly across tenants and
@@ -239,8 +265,16 @@ pub async fn claim(
             .await?;
         Ok::<_, Error>(rows.iter().map(|r| r.get(0)).collect::<Vec<String>>())
     };
-    // Pipelined on the one connection: the lock statement costs no extra round trip.
-    let ((), locked_tenants) = tokio::try_join!(upsert_runner(&tx, runner), lock_limited)?;
+    // The claim statements are short but their estimates are not (per-tenant LIMITs,
+    // array filters), which would make the server JIT-compile them for far longer than
+    // they run.
+    let no_jit = async {
+        tx.batch_execute("SET LOCAL jit = off").await?;
+        Ok::<_, Error>(())
+    };
+    // Pipelined on the one connection, sent and run in this order: no extra round trips.
+    let ((), (), locked_tenants) =
+        tokio::try_join!(upsert_runner(&tx, runner), no_jit, lock_limited)?;
     let stmt = tx.prepare_cached(&CLAIM_SQL).await?;
     let rows = tx
         .query(

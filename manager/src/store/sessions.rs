@@ -14,14 +14,14 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agentrun_shared::error::FieldError;
-use agentrun_shared::ids::{RunId, RunnerId, SessionId};
+use agentrun_shared::ids::{RunId, SessionId};
 use agentrun_shared::state::RunStatus;
 use deadpool_postgres::GenericClient;
 use serde_json::Value;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::events::{EventRecord, Producer};
+use super::events::EventRecord;
 use super::{Tenant, parse_state};
 use crate::error::{Error, Result};
 
@@ -577,27 +577,8 @@ pub async fn list_events(
     Ok(rows
         .iter()
         .filter(|row| row.get::<_, Option<Uuid>>("run_id").is_some())
-        .map(event_from_row)
+        .map(EventRecord::from_row)
         .collect())
-}
-
-/// An event row (the `events` columns, known to be present).
-fn event_from_row(row: &Row) -> EventRecord {
-    EventRecord {
-        run_id: RunId(row.get("run_id")),
-        seq: row.get("seq"),
-        event_type: row.get("type"),
-        payload: row.get("payload"),
-        producer: match row.get::<_, Option<Uuid>>("runner_id") {
-            Some(id) => Producer::Runner {
-                runner_id: RunnerId(id),
-                epoch: row.get::<_, Option<i64>>("epoch").unwrap_or_default(),
-                runner_seq: row.get::<_, Option<i64>>("runner_seq").unwrap_or_default(),
-            },
-            None => Producer::Manager,
-        },
-        created_at: row.get("created_at"),
-    }
 }
 
 #[cfg(test)]
