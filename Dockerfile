@@ -1,13 +1,21 @@
-# Multi-stage build of the agentrun binaries; the runtime image runs as a non-root user.
+# Multi-stage build of the agentrun binaries; the runtime image is Debian slim with only
+# the three binaries, running as the non-root user 10001 (the uid deploy/ expects).
+#   docker build -t agentrun:latest .
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --bin agentrun-manager --bin agentrun-runner --bin agentrun
+RUN cargo build --release --locked --bin agentrun-manager --bin agentrun-runner --bin agentrun
 
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 agentrun
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 agentrun \
+ && useradd --system --uid 10001 --gid agentrun --home-dir /nonexistent --shell /usr/sbin/nologin agentrun
 COPY --from=build /src/target/release/agentrun-manager /src/target/release/agentrun-runner /src/target/release/agentrun /usr/local/bin/
-USER agentrun
-EXPOSE 7400
+# Numeric, so Kubernetes can check runAsNonRoot without resolving the name.
+USER 10001:10001
+# gRPC API, Prometheus metrics.
+EXPOSE 7400 9400
 ENTRYPOINT ["agentrun-manager"]
 CMD ["serve"]

@@ -1,5 +1,6 @@
 //! The connection to a manager: one channel, the RunService, SessionService and
-//! AdminService clients on it, and the tenant header every request carries.
+//! AdminService clients on it, and the API key (or, without authentication, the tenant
+//! header) every request carries.
 
 use agentrun_shared::proto::{
     self, admin_service_client::AdminServiceClient, run_service_client::RunServiceClient,
@@ -18,6 +19,8 @@ pub const TENANT_HEADER: &str = "agentrun-tenant";
 pub struct Manager {
     url: String,
     tenant: Option<MetadataValue<Ascii>>,
+    /// `Bearer <API key>`, sent with every call when set.
+    authorization: Option<MetadataValue<Ascii>>,
     runs: RunServiceClient<Channel>,
     sessions: SessionServiceClient<Channel>,
     admin: AdminServiceClient<Channel>,
@@ -46,10 +49,25 @@ impl Manager {
         Ok(Self {
             url: url.to_owned(),
             tenant,
+            authorization: None,
             runs: RunServiceClient::new(channel.clone()),
             sessions: SessionServiceClient::new(channel.clone()),
             admin: AdminServiceClient::new(channel),
         })
+    }
+
+    /// Sends `key` as `authorization: Bearer <key>` with every call (none when `None` or
+    /// empty).
+    pub fn with_api_key(mut self, key: Option<&str>) -> Result<Self, CliError> {
+        self.authorization = key
+            .filter(|k| !k.is_empty())
+            .map(|k| {
+                format!("Bearer {k}")
+                    .parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| CliError::Usage("invalid --api-key: must be ASCII".into()))
+            })
+            .transpose()?;
+        Ok(self)
     }
 
     /// The URL this manager was reached at.
@@ -62,6 +80,11 @@ impl Manager {
         let mut request = tonic::Request::new(message);
         if let Some(tenant) = &self.tenant {
             request.metadata_mut().insert(TENANT_HEADER, tenant.clone());
+        }
+        if let Some(authorization) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", authorization.clone());
         }
         request
     }

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use agentrun_manager::config::AuthMode;
 use agentrun_manager::local_postgres::LocalPostgres;
 use agentrun_manager::{Application, Settings};
 use anyhow::Context;
@@ -71,6 +72,9 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<u8, CliEr
     }
     let mut settings = Settings::for_database(database.url());
     settings.listen = args.listen;
+    // Development mode: no API keys. The manager refuses this off loopback, and so did
+    // the check above.
+    settings.auth = AuthMode::Disabled;
     let app = match Application::build(settings).await {
         Ok(app) => app,
         Err(err) => {
@@ -373,7 +377,7 @@ fn banner(database: &Database, addr: SocketAddr, runners: &[RunnerProcess]) -> S
          postgres  {}\n  \
          manager   {url} (in this process)\n  \
          runners   {runner_line}\n  \
-         auth      off: development mode, loopback only\n\
+         auth      off: development mode without authentication, loopback only\n\
          try:  agentrun {manager_flag}run \"hello\" --follow\n\
          stop: Ctrl-C",
         database.describe()

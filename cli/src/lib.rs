@@ -51,10 +51,15 @@ pub struct Cli {
         global = true
     )]
     pub manager_url: String,
-    /// Tenant to act for, sent as the `agentrun-tenant` request header (the manager
-    /// uses `default` without it; there is no authentication yet).
+    /// Tenant to act for, sent as the `agentrun-tenant` request header. Only a manager
+    /// running without authentication (`agentrun dev`) reads it (default `default`);
+    /// otherwise the tenant is the API key's.
     #[arg(long, env = "AGENTRUN_TENANT", global = true)]
     pub tenant: Option<String>,
+    /// API key (`agentrun-manager keys create`), sent as `authorization: Bearer` on
+    /// every call. Not needed against `agentrun dev`.
+    #[arg(long, env = "AGENTRUN_API_KEY", hide_env_values = true, global = true)]
+    pub api_key: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -141,7 +146,9 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8, CliError> 
         let mut manager = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(EXIT_INTERRUPTED),
-            manager = client::Manager::connect(&cli.manager_url, cli.tenant.as_deref()) => manager?,
+            manager = client::Manager::connect(&cli.manager_url, cli.tenant.as_deref()) => {
+                manager?.with_api_key(cli.api_key.as_deref())?
+            }
         };
         let manager = &mut manager;
         match command {

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use agentrun_shared::payload::DEFAULT_MAX_PAYLOAD_BYTES;
 
+pub use crate::telemetry::LogFormat;
+
 /// Everything the manager needs to run. Durations are in milliseconds on the command line.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
@@ -33,6 +35,9 @@ pub struct Settings {
         default_value_t = 1_000
     )]
     pub runner_poll_interval_ms: u64,
+    /// On shutdown: how long in-flight calls may take before the manager stops anyway.
+    #[arg(long, env = "AGENTRUN_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
     /// Largest accepted JSON payload (run input, command, event), in bytes.
     #[arg(long, env = "AGENTRUN_MAX_PAYLOAD_BYTES", default_value_t = DEFAULT_MAX_PAYLOAD_BYTES)]
     pub max_payload_bytes: usize,
@@ -44,10 +49,44 @@ pub struct Settings {
     #[arg(long, env = "AGENTRUN_TENANT_MAX_ACTIVE_RUNS", default_value_t = 0,
           value_parser = clap::value_parser!(i32).range(0..))]
     pub tenant_max_active_runs: i32,
+    /// Apply pending database migrations at start-up. When false the manager serves
+    /// NOT_SERVING health until the schema is current (`agentrun-manager migrate`).
+    #[arg(long, env = "AGENTRUN_MIGRATE", default_value_t = true,
+          action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub migrate: bool,
+    /// Shorthand for `--migrate false`.
+    #[arg(long)]
+    pub no_migrate: bool,
+    /// Address of the Prometheus metrics endpoint (`GET /metrics`); empty disables it.
+    #[arg(
+        long,
+        env = "AGENTRUN_METRICS_LISTEN",
+        default_value = "127.0.0.1:9400"
+    )]
+    pub metrics_listen: String,
+    /// Log output: `pretty` for people, `json` (one object per line) for collectors.
+    #[arg(long, env = "AGENTRUN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+    /// `required`: every call carries an API key (`authorization: Bearer ark_...`) that
+    /// names its tenant and role. `disabled`: no authentication, the tenant comes from
+    /// the `agentrun-tenant` header — for development only, refused unless `listen` is a
+    /// loopback address.
+    #[arg(long, env = "AGENTRUN_AUTH", value_enum, default_value_t = AuthMode::Required)]
+    pub auth: AuthMode,
+}
+
+/// Whether callers must present an API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// Every call needs a valid, unrevoked API key.
+    Required,
+    /// No authentication (development on loopback only).
+    Disabled,
 }
 
 impl Settings {
-    /// Defaults for everything, against `database_url`; what tests start from.
+    /// Defaults for everything (metrics off), against `database_url`; what tests and
+    /// embedded managers start from.
     pub fn for_database(database_url: impl Into<String>) -> Self {
         use clap::Parser;
         #[derive(clap::Parser)]
@@ -60,11 +99,19 @@ impl Settings {
             .expect("all settings have defaults")
             .settings;
         settings.database_url = Some(database_url.into());
+        // An embedded manager (tests, `agentrun dev`) must not grab the fixed metrics
+        // port: several run at once. Set `metrics_listen` to serve metrics.
+        settings.metrics_listen = String::new();
         settings
     }
 
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_millis(self.lease_ttl_ms)
+    }
+
+    /// Whether start-up applies pending migrations.
+    pub fn migrate_on_start(&self) -> bool {
+        self.migrate && !self.no_migrate
     }
 
     pub fn sweep_interval(&self) -> Duration {

@@ -45,3 +45,25 @@ pub async fn migrate(pool: &Pool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Whether every embedded migration has been applied (a newer schema, from a newer
+/// replica, counts as current). `false` when no migration has run at all.
+pub async fn schema_current(client: &mut tokio_postgres::Client) -> anyhow::Result<bool> {
+    let runner = embedded::migrations::runner();
+    let Some(latest) = runner.get_migrations().iter().map(|m| m.version()).max() else {
+        return Ok(true);
+    };
+    // refinery's history table; querying it when it does not exist would be an error.
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('refinery_schema_history') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(false);
+    }
+    let applied = runner.get_last_applied_migration_async(client).await?;
+    Ok(applied.is_some_and(|m| m.version() >= latest))
+}

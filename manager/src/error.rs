@@ -32,6 +32,12 @@ pub enum Error {
     Unavailable(String),
     #[error("internal error")]
     Internal(String),
+    /// No credential, or not a valid one.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A valid credential whose role or scope does not allow the call.
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 impl Error {
@@ -87,6 +93,8 @@ impl From<Error> for Status {
             Error::FailedPrecondition { reason, .. } => (Code::FailedPrecondition, Some(*reason)),
             Error::ResourceExhausted(_) => (Code::ResourceExhausted, None),
             Error::Unavailable(_) => (Code::Unavailable, None),
+            Error::Unauthenticated(_) => (Code::Unauthenticated, None),
+            Error::PermissionDenied(_) => (Code::PermissionDenied, None),
             Error::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 (Code::Internal, None)

@@ -6,15 +6,22 @@
 //! - [`store`]: one module per aggregate with its SQL.
 //! - [`sweeper`]: moves on runs whose lease expired or whose timeouts passed.
 //! - [`notify`]: wake-ups for waiting runner streams, across replicas (LISTEN/NOTIFY).
+//! - [`keys`]: `agentrun-manager keys`, API key management against the database.
 //! - [`startup`]: wires it together; [`config`]: settings; [`error`]: the error type.
+//! - [`health`]: grpc.health.v1 status following the database; [`metrics`]: Prometheus
+//!   metrics and their HTTP endpoint; [`observe`]: the per-RPC span and metrics layer.
 //! - [`local_postgres`]: a throwaway PostgreSQL for `dev` and tests.
 
 pub mod api;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod health;
+pub mod keys;
 pub mod local_postgres;
+pub mod metrics;
 pub mod notify;
+pub mod observe;
 pub mod startup;
 pub mod store;
 pub mod sweeper;

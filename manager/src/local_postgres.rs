@@ -216,6 +216,56 @@ impl LocalPostgres {
     pub fn data_dir(&self) -> PathBuf {
         self.dir.join("data")
     }
+
+    /// Stops the server (fast shutdown: open connections are closed) and waits for it
+    /// to exit. The data directory stays; [`Self::restart`] brings it back. For tests
+    /// of how clients behave while the database is away.
+    pub fn stop(&self) -> Result<(), LocalPostgresError> {
+        let mut pg_ctl = self.server_cmd("pg_ctl")?;
+        pg_ctl.arg("-D").arg(self.data_dir());
+        let out = run(pg_ctl.args(["-m", "fast", "-w", "-t", "30", "-s", "stop"]))?;
+        if !out.status.success() {
+            return Err(LocalPostgresError::Start {
+                output: tail(&output_text(&out)),
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts a [stopped](Self::stop) server again, on the same data and port.
+    pub fn restart(&self) -> Result<(), LocalPostgresError> {
+        let data = self.data_dir();
+        let mut pg_ctl = self.server_cmd("pg_ctl")?;
+        pg_ctl
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(data.join("log"))
+            .arg("-o")
+            .arg(format!("-p {}", self.port));
+        let out = run(pg_ctl.args(["-w", "-t", "30", "-s", "start"]))?;
+        if !out.status.success() {
+            let server_log = fs::read_to_string(data.join("log")).unwrap_or_default();
+            return Err(LocalPostgresError::Start {
+                output: tail(&format!("{}{server_log}", output_text(&out))),
+            });
+        }
+        Ok(())
+    }
+
+    /// A server command for this cluster, run as `postgres` when we are root (as in
+    /// [`Self::start`]).
+    fn server_cmd(&self, program: &str) -> Result<Command, LocalPostgresError> {
+        let path = find_bindir()?.join(program);
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let as_root = unsafe { libc::geteuid() } == 0;
+        let mut cmd = Command::new(if as_root { Path::new("runuser") } else { &path });
+        if as_root {
+            cmd.args(["-u", "postgres", "--"]).arg(&path);
+        }
+        cmd.current_dir(&self.dir).stdin(Stdio::null());
+        Ok(cmd)
+    }
 }
 
 impl Drop for LocalPostgres {

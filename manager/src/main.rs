@@ -23,12 +23,18 @@ enum Command {
     /// Serve against DATABASE_URL, or a throwaway local PostgreSQL started (and removed)
     /// for the purpose.
     Dev,
+    /// Create, list or revoke API keys, straight in the database (DATABASE_URL).
+    #[command(subcommand)]
+    Keys(agentrun_manager::keys::KeysCommand),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::init();
+    // `keys` prints a key on stdout for scripts to capture: no log lines there.
+    if !matches!(cli.command, Some(Command::Keys(_))) {
+        telemetry::init_with(cli.settings.log_format);
+    }
     let mut settings = cli.settings;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => {
@@ -41,6 +47,13 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve => serve(settings).await,
+        Command::Keys(command) => {
+            let url = settings
+                .database_url
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("DATABASE_URL (or --database-url) is required"))?;
+            agentrun_manager::keys::run(url, settings.migrate_on_start(), command).await
+        }
         Command::Dev => {
             // Kept alive until serve returns; dropping it stops and removes the cluster.
             let _local = match settings.database_url {

@@ -19,6 +19,7 @@ use deadpool_postgres::{GenericClient, Pool};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
+use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::store::requests;
 use crate::store::runs::{self, Finish, RequeueReason};
@@ -31,6 +32,7 @@ const BATCH: i64 = 500;
 pub async fn run(
     pool: Pool,
     notifier: Arc<Notifier>,
+    metrics: Arc<Metrics>,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
@@ -43,6 +45,7 @@ pub async fn run(
         }
         match sweep_once(&pool).await {
             Ok(swept) => {
+                metrics.swept(swept.lease_expired, swept.requeued);
                 // Requeued runs are claimable again; every moved run has new events.
                 if swept.requeued > 0 {
                     notifier.work_available();
@@ -58,6 +61,8 @@ pub async fn run(
 /// What one pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Swept {
+    /// Leases found expired (each run was requeued, failed or cancelled).
+    pub lease_expired: usize,
     /// Runs put back in the queue.
     pub requeued: usize,
     /// Every run that changed (requeued or ended).
@@ -71,6 +76,7 @@ pub async fn sweep_once(pool: &Pool) -> Result<Swept> {
     let mut swept = Swept::default();
     loop {
         let (requeued, mut moved) = expire_leases(pool).await?;
+        swept.lease_expired += moved.len();
         moved.extend(time_out_runs(pool).await?);
         moved.extend(expire_queued(pool).await?);
         let answered = expire_requests(pool).await?;

@@ -5,17 +5,24 @@ use std::time::Duration;
 /// How a runner connects and what it serves.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunnerSettings {
-    /// The manager's gRPC URL.
+    /// The manager's gRPC URL; several (comma-separated) are tried in turn, one per
+    /// reconnection, so a runner moves to another replica when one goes away.
     #[arg(
         long,
         env = "AGENTRUN_MANAGER_URL",
-        default_value = "http://127.0.0.1:7400"
+        default_value = "http://127.0.0.1:7400",
+        value_delimiter = ','
     )]
-    pub manager_url: String,
+    pub manager_url: Vec<String>,
     /// A stable runner id (UUID). With one, a restarted runner gets its leases back at
     /// once instead of waiting for them to expire. Default: a new id per process.
     #[arg(long, env = "AGENTRUN_RUNNER_ID")]
     pub runner_id: Option<String>,
+    /// API key of role `runner` (`agentrun-manager keys create --role runner`), sent as
+    /// `authorization: Bearer`; the runner serves only its key's tenant. Not needed when
+    /// the manager runs with `--auth disabled`.
+    #[arg(long, env = "AGENTRUN_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Display name.
     #[arg(long, env = "AGENTRUN_RUNNER_NAME", default_value = "runner")]
     pub name: String,

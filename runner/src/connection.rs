@@ -84,6 +84,8 @@ pub struct Runner {
     upward_rx: mpsc::UnboundedReceiver<Upward>,
     dirty: Arc<Dirty>,
     draining: Option<Instant>,
+    /// Connection attempts so far; picks the manager URL to try next.
+    connections: usize,
 }
 
 impl Runner {
@@ -102,6 +104,7 @@ impl Runner {
             upward_rx,
             dirty: Arc::new(Dirty::default()),
             draining: None,
+            connections: 0,
         }
     }
 
@@ -153,8 +156,13 @@ impl Runner {
         }
     }
 
-    async fn connect(&self) -> anyhow::Result<RunnerServiceClient<Channel>> {
-        let channel = Endpoint::from_shared(self.settings.manager_url.clone())?
+    /// Connects to the next manager URL in turn.
+    async fn connect(&mut self) -> anyhow::Result<RunnerServiceClient<Channel>> {
+        let urls = &self.settings.manager_url;
+        anyhow::ensure!(!urls.is_empty(), "no manager URL configured");
+        let url = urls[self.connections % urls.len()].clone();
+        self.connections += 1;
+        let channel = Endpoint::from_shared(url)?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -183,7 +191,14 @@ impl Runner {
             }),
         )
         .await;
-        let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(key) = self.settings.api_key.as_deref().filter(|k| !k.is_empty()) {
+            let value = format!("Bearer {key}")
+                .parse()
+                .map_err(|_| anyhow::anyhow!("AGENTRUN_API_KEY is not a valid header value"))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        let mut inbound = client.connect(request).await?.into_inner();
         let Some(proto::ManagerMessage {
             body: Some(In::Welcome(welcome)),
         }) = inbound.message().await?

@@ -1,11 +1,14 @@
 //! Integration tests against a real PostgreSQL: one binary, one module per area.
 
+mod auth;
 mod cli;
 mod cli_sessions;
 mod commands;
 mod double_texting;
 mod e2e;
+mod failover;
 mod leases;
+mod operability;
 mod replicas;
 mod requests;
 mod runs;

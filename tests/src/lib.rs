@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use agentrun_manager::config::AuthMode;
 use agentrun_manager::local_postgres::LocalPostgres;
 use agentrun_manager::{Application, Settings};
 use agentrun_shared::proto::admin_service_client::AdminServiceClient;
@@ -94,6 +95,10 @@ pub fn test_settings(database_url: &str) -> Settings {
     settings.lease_ttl_ms = 2_000;
     settings.heartbeat_interval_ms = 500;
     settings.sweep_interval_ms = 100;
+    // Many managers run at once: metrics only where a test asks for them (`127.0.0.1:0`).
+    settings.metrics_listen = String::new();
+    // Most tests are not about authentication; those that are turn it on.
+    settings.auth = AuthMode::Disabled;
     settings
 }
 
@@ -106,6 +111,8 @@ fn init_logs() {
 /// A manager running in this process on a free port, with typed clients.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served, when the test enabled it.
+    pub metrics_addr: Option<SocketAddr>,
     pub database_url: String,
     pub runs: RunServiceClient<Channel>,
     pub runners: RunnerServiceClient<Channel>,
@@ -132,11 +139,13 @@ impl TestApp {
         tweak(&mut settings);
         let app = Application::build(settings).await.expect("manager starts");
         let addr = app.local_addr();
+        let metrics_addr = app.metrics_addr();
         let shutdown = CancellationToken::new();
         tokio::spawn(app.run(shutdown.clone()));
         let channel = connect(addr).await;
         Self {
             addr,
+            metrics_addr,
             database_url: database_url.to_owned(),
             runs: RunServiceClient::new(channel.clone()),
             runners: RunnerServiceClient::new(channel.clone()),
@@ -225,8 +234,12 @@ impl ManagerProcess {
             .arg("serve")
             .env("DATABASE_URL", database_url)
             .env("AGENTRUN_LISTEN", addr.to_string())
+            // Many managers run at once: no fixed metrics port (tests that scrape set one).
+            .env("AGENTRUN_METRICS_LISTEN", "")
             .env("AGENTRUN_LEASE_TTL_MS", "2000")
+            .env("AGENTRUN_HEARTBEAT_INTERVAL_MS", "500")
             .env("AGENTRUN_SWEEP_INTERVAL_MS", "100")
+            .env("AGENTRUN_AUTH", "disabled")
             .stdin(Stdio::null());
         for (k, v) in extra_env {
             command.env(k, v);
@@ -248,6 +261,16 @@ impl ManagerProcess {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Sends a signal (SIGTERM for a graceful stop).
+    pub fn signal(&self, signal: i32) {
+        signal_child(&self.child, signal);
+    }
+
+    /// Waits for the process to exit, up to `timeout`; returns its exit status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        wait_child(&mut self.child, "agentrun-manager", timeout).await
     }
 }
 
@@ -467,6 +490,7 @@ impl RunnerProcess {
             .env_remove("OPENAI_BASE_URL")
             .env_remove("AGENTRUN_COMMAND")
             .env_remove("AGENTRUN_RUNNER_ID")
+            .env_remove("AGENTRUN_API_KEY")
             .stdin(Stdio::null());
         for (k, v) in env {
             command.env(k, v);
@@ -487,26 +511,33 @@ impl RunnerProcess {
 
     /// Sends a signal (SIGKILL for a crash, SIGSTOP/SIGCONT for a zombie, SIGTERM to drain).
     pub fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-        unsafe {
-            libc::kill(self.pid(), signal);
-        }
+        signal_child(&self.child, signal);
     }
 
     /// Waits for the process to exit, up to `timeout`; returns its exit status.
     pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("poll the runner") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "runner {} did not exit within {timeout:?}",
-                self.name
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        wait_child(&mut self.child, &self.name, timeout).await
+    }
+}
+
+fn signal_child(child: &Child, signal: i32) {
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+    unsafe {
+        libc::kill(child.id() as i32, signal);
+    }
+}
+
+async fn wait_child(child: &mut Child, name: &str, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("poll the child process") {
+            return status;
         }
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not exit within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 

@@ -10,9 +10,30 @@ use agentrun_shared::ids::RunnerId;
 use agentrun_shared::proto::{self, admin_service_server::AdminService};
 use tonic::{Request, Response, Status};
 
-use super::{AppState, convert, validate};
+use super::{AppState, caller, convert, validate};
 use crate::error::Error;
+use crate::store::api_keys::{self, ApiKeyRecord, Role};
 use crate::store::{runners, runs};
+
+fn api_key_role(role: Role) -> proto::ApiKeyRole {
+    match role {
+        Role::Client => proto::ApiKeyRole::Client,
+        Role::Runner => proto::ApiKeyRole::Runner,
+        Role::Admin => proto::ApiKeyRole::Admin,
+    }
+}
+
+fn api_key(k: &ApiKeyRecord) -> proto::ApiKey {
+    proto::ApiKey {
+        key_id: k.id.simple().to_string(),
+        tenant_id: k.tenant_id.clone(),
+        project_ids: k.project_ids.clone(),
+        role: api_key_role(k.role) as i32,
+        name: k.name.clone(),
+        created_at: convert::timestamp(Some(k.created_at)),
+        revoked_at: convert::timestamp(k.revoked_at),
+    }
+}
 
 pub struct AdminApi {
     state: AppState,
@@ -28,8 +49,9 @@ impl AdminApi {
 impl AdminService for AdminApi {
     async fn get_queue_stats(
         &self,
-        _: Request<proto::GetQueueStatsRequest>,
+        request: Request<proto::GetQueueStatsRequest>,
     ) -> Result<Response<proto::GetQueueStatsResponse>, Status> {
+        caller(&self.state, &request, Role::Admin).await?;
         let client = self.state.pool.get().await.map_err(Error::from)?;
         let stats = runs::queue_stats(&client, self.state.settings.tenant_max_active_runs).await?;
         Ok(Response::new(proto::GetQueueStatsResponse {
@@ -65,8 +87,9 @@ impl AdminService for AdminApi {
 
     async fn list_runners(
         &self,
-        _: Request<proto::ListRunnersRequest>,
+        request: Request<proto::ListRunnersRequest>,
     ) -> Result<Response<proto::ListRunnersResponse>, Status> {
+        caller(&self.state, &request, Role::Admin).await?;
         let client = self.state.pool.get().await.map_err(Error::from)?;
         let listed = runners::list_recent(&client).await?;
         Ok(Response::new(proto::ListRunnersResponse {
@@ -98,6 +121,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<proto::SetTenantLimitRequest>,
     ) -> Result<Response<proto::SetTenantLimitResponse>, Status> {
+        caller(&self.state, &request, Role::Admin).await?;
         let r = request.get_ref();
         let tenant_id = validate::name("tenant_id", &r.tenant_id).map_err(Error::from)?;
         let max_active_runs = match r.max_active_runs {
@@ -118,6 +142,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<proto::DrainRunnerRequest>,
     ) -> Result<Response<proto::DrainRunnerResponse>, Status> {
+        caller(&self.state, &request, Role::Admin).await?;
         let runner_id =
             RunnerId::parse("runner_id", &request.get_ref().runner_id).map_err(Error::from)?;
         let client = self.state.pool.get().await.map_err(Error::from)?;
@@ -126,5 +151,62 @@ impl AdminService for AdminApi {
             tracing::info!(runner = %runner_id, "runner drain requested");
         }
         Ok(Response::new(proto::DrainRunnerResponse { found }))
+    }
+    async fn create_api_key(
+        &self,
+        request: Request<proto::CreateApiKeyRequest>,
+    ) -> Result<Response<proto::CreateApiKeyResponse>, Status> {
+        caller(&self.state, &request, Role::Admin).await?;
+        let r = request.get_ref();
+        let tenant_id = validate::name("tenant_id", &r.tenant_id).map_err(Error::from)?;
+        let role = match proto::ApiKeyRole::try_from(r.role) {
+            Ok(proto::ApiKeyRole::Client) => Role::Client,
+            Ok(proto::ApiKeyRole::Runner) => Role::Runner,
+            Ok(proto::ApiKeyRole::Admin) => Role::Admin,
+            _ => return Err(Error::invalid("role", "must be client, runner or admin").into()),
+        };
+        for (i, project) in r.project_ids.iter().enumerate() {
+            validate::name(&format!("project_ids[{i}]"), project).map_err(Error::from)?;
+        }
+        if r.name.len() > 200 {
+            return Err(Error::invalid("name", "must be at most 200 bytes").into());
+        }
+        let client = self.state.pool.get().await.map_err(Error::from)?;
+        let created = api_keys::create(&client, tenant_id, role, &r.project_ids, &r.name).await?;
+        tracing::info!(key_id = %created.record.id, tenant = tenant_id, role = role.as_str(), "api key created");
+        Ok(Response::new(proto::CreateApiKeyResponse {
+            api_key: Some(api_key(&created.record)),
+            key: created.key,
+        }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        request: Request<proto::ListApiKeysRequest>,
+    ) -> Result<Response<proto::ListApiKeysResponse>, Status> {
+        caller(&self.state, &request, Role::Admin).await?;
+        let tenant_id = validate::optional_name("tenant_id", &request.get_ref().tenant_id)
+            .map_err(Error::from)?;
+        let client = self.state.pool.get().await.map_err(Error::from)?;
+        let keys = api_keys::list(&client, tenant_id.as_deref()).await?;
+        Ok(Response::new(proto::ListApiKeysResponse {
+            api_keys: keys.iter().map(api_key).collect(),
+        }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<proto::RevokeApiKeyRequest>,
+    ) -> Result<Response<proto::RevokeApiKeyResponse>, Status> {
+        caller(&self.state, &request, Role::Admin).await?;
+        let key_id = uuid::Uuid::try_parse(&request.get_ref().key_id)
+            .map_err(|_| Error::invalid("key_id", "is not a valid key id"))?;
+        let client = self.state.pool.get().await.map_err(Error::from)?;
+        let revoked = api_keys::revoke(&client, key_id).await?;
+        self.state.auth.evict(key_id);
+        tracing::info!(%key_id, "api key revoked");
+        Ok(Response::new(proto::RevokeApiKeyResponse {
+            api_key: Some(api_key(&revoked)),
+        }))
     }
 }

@@ -29,6 +29,7 @@ use super::runner_service::{
 };
 use super::{AppState, convert};
 use crate::error::Error;
+use crate::store::Tenant;
 use crate::store::leases::{self, Assignment, RunnerIdentity};
 use crate::store::runners;
 
@@ -42,6 +43,7 @@ pub type ManagerStream = ReceiverStream<Result<proto::ManagerMessage, Status>>;
 /// Answers the hello and starts the session task.
 pub async fn open(
     api: &RunnerApi,
+    tenant: Option<Tenant>,
     mut inbound: Streaming<proto::RunnerMessage>,
 ) -> Result<ManagerStream, Status> {
     let state = api.state().clone();
@@ -54,7 +56,8 @@ pub async fn open(
     else {
         return Err(Error::invalid("body", "the first message must be hello").into());
     };
-    let runner = runner_identity(hello.runner.as_ref()).map_err(Error::from)?;
+    let mut runner = runner_identity(hello.runner.as_ref()).map_err(Error::from)?;
+    runner.tenant = tenant;
     let named = lease_refs("held_leases", &hello.held_leases).map_err(Error::from)?;
     let welcome = leases::hello(
         &state.pool,
@@ -119,7 +122,8 @@ pub async fn open(
         session.send(message).await;
     }
     tracing::info!(runner = %session.runner.id, name = %session.runner.name, adopted = welcome.adopted.len(), "runner connected");
-    tokio::spawn(session.run(inbound));
+    let span = tracing::info_span!("runner_session", runner = %session.runner.id);
+    tokio::spawn(tracing::Instrument::instrument(session.run(inbound), span));
     Ok(ReceiverStream::new(rx))
 }
 
@@ -178,6 +182,7 @@ impl Session {
     }
 
     async fn run(mut self, mut inbound: Streaming<proto::RunnerMessage>) {
+        let _connected = self.state.metrics.runner_connected();
         let mut work = self.state.notifier.subscribe_work();
         let mut fallback = tokio::time::interval(Duration::from_millis(
             self.state.settings.runner_poll_interval_ms.max(10),
@@ -381,6 +386,7 @@ impl Session {
         )
         .await?;
         self.credit -= claimed.len() as i64;
+        self.state.metrics.claimed(&claimed);
         self.state
             .notifier
             .events_appended(claimed.iter().map(|a| a.run.id.0));
@@ -398,7 +404,13 @@ impl Session {
             return Ok(());
         }
         let held: Vec<(RunId, i64)> = self.held.iter().map(|(r, e)| (*r, *e)).collect();
-        let states = leases::deliver_commands(&self.state.pool, self.runner.id, &held).await?;
+        let states = leases::deliver_commands(
+            &self.state.pool,
+            self.runner.id,
+            self.runner.tenant.as_ref(),
+            &held,
+        )
+        .await?;
         self.state.notifier.events_appended(delivered_to(&states));
         for lease in states {
             if lease.expires_at.is_none() {
@@ -427,6 +439,7 @@ impl Session {
         let states = leases::heartbeat(
             &self.state.pool,
             self.runner.id,
+            self.runner.tenant.as_ref(),
             &leases,
             self.state.settings.lease_ttl(),
         )
@@ -455,15 +468,18 @@ impl Session {
         if events.is_empty() && updates.is_empty() {
             return Err(FieldError::new("events", "is empty and so is command_updates").into());
         }
+        let batch_len = events.len();
         let outcome = leases::append(
             &self.state.pool,
             self.runner.id,
+            self.runner.tenant.as_ref(),
             run_id,
             epoch,
             events,
             updates,
         )
         .await?;
+        self.state.metrics.appended(batch_len, outcome.duplicates);
         self.state.notifier.events_appended([run_id.0]);
         Ok(proto::EventAck {
             run_id: batch.run_id,
@@ -479,7 +495,14 @@ impl Session {
 
     async fn finish(&mut self, finish: proto::FinishRunRequest) -> Result<proto::FinishAck, Error> {
         let (epoch, outcome) = finish_outcome(&finish)?;
-        let run = leases::finish(&self.state.pool, self.runner.id, epoch, outcome).await?;
+        let run = leases::finish(
+            &self.state.pool,
+            self.runner.id,
+            self.runner.tenant.as_ref(),
+            epoch,
+            outcome,
+        )
+        .await?;
         self.state.notifier.events_appended([run.id.0]);
         self.drop_lease(run.id);
         Ok(proto::FinishAck {
@@ -492,7 +515,14 @@ impl Session {
     async fn release(&mut self, release: proto::Release) -> Result<proto::FinishAck, Error> {
         let run_id = RunId::parse("run_id", &release.run_id)?;
         let epoch = epoch(release.epoch)?;
-        leases::release(&self.state.pool, self.runner.id, run_id, epoch).await?;
+        leases::release(
+            &self.state.pool,
+            self.runner.id,
+            self.runner.tenant.as_ref(),
+            run_id,
+            epoch,
+        )
+        .await?;
         self.drop_lease(run_id);
         self.state.notifier.events_appended([run_id.0]);
         self.state.notifier.work_available();

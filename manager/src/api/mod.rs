@@ -2,6 +2,7 @@
 //! in), call the store, and map errors — no SQL here, no proto types past this module.
 
 mod admin;
+pub mod auth;
 mod connect;
 mod convert;
 mod run_service;
@@ -22,10 +23,12 @@ pub use session_service::SessionApi;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
+use crate::config::{AuthMode, Settings};
 use crate::error::{Error, Result};
 use crate::notify::Notifier;
 use crate::store::Tenant;
+use crate::store::api_keys::Role;
+use auth::{Authenticator, Caller};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -35,13 +38,48 @@ pub struct AppState {
     pub notifier: Arc<Notifier>,
     /// Cancelled when the manager shuts down: runner streams drain.
     pub shutdown: CancellationToken,
+    /// Prometheus metrics, updated where things happen.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Verifies API keys (unused when authentication is disabled).
+    pub auth: Arc<Authenticator>,
 }
 
-/// Request metadata naming the caller's tenant. Authentication (API keys bound to a
-/// tenant) is not built yet; until it is, the tenant is this header or `default`.
+/// Request metadata naming the caller's tenant when authentication is disabled
+/// (development); with authentication the tenant comes from the API key and this header
+/// is ignored.
 pub const TENANT_METADATA_KEY: &str = "agentrun-tenant";
 
-/// The tenant a request acts for.
+/// The one place that decides who a call acts for and whether it may use its service:
+/// every handler starts here, naming the role its service needs. With authentication
+/// required the caller's key must be valid (else UNAUTHENTICATED) and hold `role` (else
+/// PERMISSION_DENIED), and the tenant and projects are the key's. With it disabled any
+/// caller may do anything, for the tenant of the `agentrun-tenant` header.
+async fn caller<T>(state: &AppState, request: &Request<T>, role: Role) -> Result<Caller> {
+    if state.settings.auth == AuthMode::Disabled {
+        return Ok(Caller {
+            tenant: tenant_of(request)?,
+            role: None,
+            projects: Vec::new(),
+            authenticated: false,
+        });
+    }
+    let key = state.auth.authenticate(request).await?;
+    if key.role != role {
+        return Err(Error::PermissionDenied(format!(
+            "a {} key cannot call this service (it needs a {} key)",
+            key.role.as_str(),
+            role.as_str()
+        )));
+    }
+    Ok(Caller {
+        tenant: Tenant(key.tenant_id),
+        role: Some(key.role),
+        projects: key.project_ids,
+        authenticated: true,
+    })
+}
+
+/// The tenant named by the `agentrun-tenant` header, or `default`.
 fn tenant_of<T>(request: &Request<T>) -> Result<Tenant> {
     let Some(value) = request.metadata().get(TENANT_METADATA_KEY) else {
         return Ok(Tenant("default".into()));

@@ -10,8 +10,10 @@ use agentrun_shared::state::{CommandKind, RunStatus, TurnDeliveryPolicy};
 use serde_json::{Map, Value};
 use tonic::{Request, Response, Status};
 
-use super::{AppState, convert, tenant_of, validate};
+use super::{AppState, caller, convert, validate};
 use crate::error::{Error, Result};
+use crate::observe;
+use crate::store::api_keys::Role;
 use crate::store::commands::{self, EXPECTED_TURN_ID, NewCommand};
 use crate::store::events;
 use crate::store::runs::{self, NewRun, RunFilter, RunRecord};
@@ -170,13 +172,16 @@ impl RunService for RunApi {
         &self,
         request: Request<proto::CreateRunRequest>,
     ) -> Result<Response<proto::CreateRunResponse>, Status> {
-        let tenant = tenant_of(&request)?;
+        let caller = caller(&self.state, &request, Role::Client).await?;
+        observe::record_tenant(&caller.tenant.0);
         let new_run = self.new_run("", request.get_ref()).map_err(Error::from)?;
-        let created = self.create(&tenant, vec![new_run]).await?;
+        caller.check_project("project_id", &new_run.project_id)?;
+        let created = self.create(&caller.tenant, vec![new_run]).await?;
         let created = created
             .into_iter()
             .next()
             .ok_or_else(|| Error::Internal("create returned nothing".into()))?;
+        observe::record_run(&created.value.id);
         Ok(Response::new(proto::CreateRunResponse {
             run: Some(convert::run(&created.value)),
             created: created.created,
@@ -187,7 +192,7 @@ impl RunService for RunApi {
         &self,
         request: Request<proto::CreateRunsRequest>,
     ) -> Result<Response<proto::CreateRunsResponse>, Status> {
-        let tenant = tenant_of(&request)?;
+        let caller = caller(&self.state, &request, Role::Client).await?;
         let runs_in = &request.get_ref().runs;
         if runs_in.is_empty() || runs_in.len() > MAX_BULK_RUNS {
             return Err(
@@ -200,7 +205,10 @@ impl RunService for RunApi {
             .map(|(i, r)| self.new_run(&format!("runs[{i}]."), r))
             .collect::<Result<Vec<_>, _>>()
             .map_err(Error::from)?;
-        let created = self.create(&tenant, new_runs).await?;
+        for (i, run) in new_runs.iter().enumerate() {
+            caller.check_project(&format!("runs[{i}].project_id"), &run.project_id)?;
+        }
+        let created = self.create(&caller.tenant, new_runs).await?;
         Ok(Response::new(proto::CreateRunsResponse {
             runs: created
                 .iter()
@@ -216,8 +224,10 @@ impl RunService for RunApi {
         &self,
         request: Request<proto::GetRunRequest>,
     ) -> Result<Response<proto::GetRunResponse>, Status> {
-        let tenant = tenant_of(&request)?;
+        let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
         let run_id = RunId::parse("run_id", &request.get_ref().run_id).map_err(Error::from)?;
+        observe::record_tenant(&tenant.0);
+        observe::record_run(&run_id);
         let client = self.state.pool.get().await.map_err(Error::from)?;
         let run = runs::get(&client, &tenant, run_id).await?;
         Ok(Response::new(proto::GetRunResponse {
@@ -229,9 +239,10 @@ impl RunService for RunApi {
         &self,
         request: Request<proto::ListRunsRequest>,
     ) -> Result<Response<proto::ListRunsResponse>, Status> {
-        let tenant = tenant_of(&request)?;
+        let caller = caller(&self.state, &request, Role::Client).await?;
+        let tenant = &caller.tenant;
         let r = request.get_ref();
-        let filter = RunFilter {
+        let mut filter = RunFilter {
             statuses: r
                 .statuses
                 .iter()
@@ -248,8 +259,20 @@ impl RunService for RunApi {
             limit: validate::bounded("page_size", r.page_size.into(), 50, 1, 500)
                 .map_err(Error::from)?,
         };
+        // A key limited to projects lists one of them: the one named, or its only one.
+        match (&filter.project_id, caller.projects.as_slice()) {
+            (Some(project), _) => caller.check_project("project_id", project)?,
+            (None, []) => {}
+            (None, [only]) => filter.project_id = Some(only.clone()),
+            (None, _) => {
+                return Err(Error::PermissionDenied(
+                    "this API key is limited to projects: name one in project_id".into(),
+                )
+                .into());
+            }
+        }
         let client = self.state.pool.get().await.map_err(Error::from)?;
-        let page = runs::list(&client, &tenant, &filter).await?;
+        let page = runs::list(&client, tenant, &filter).await?;
         let next_page_token = match page.last() {
             Some(last) if page.len() as i64 == filter.limit => last.id.to_string(),
             _ => String::new(),
@@ -264,7 +287,7 @@ impl RunService for RunApi {
         &self,
         request: Request<proto::CancelRunRequest>,
     ) -> Result<Response<proto::CancelRunResponse>, Status> {
-        let tenant = tenant_of(&request)?;
+        let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
         let r = request.get_ref();
         let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
         let mut payload = Map::new();
@@ -282,7 +305,7 @@ impl RunService for RunApi {
         &self,
         request: Request<proto::SendCommandRequest>,
     ) -> Result<Response<proto::SendCommandResponse>, Status> {
-        let tenant = tenant_of(&request)?;
+        let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
         let r = request.get_ref();
         let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
         let command = self.new_command(r).map_err(Error::from)?;
@@ -300,7 +323,7 @@ impl RunService for RunApi {
         &self,
         request: Request<proto::ListCommandsRequest>,
     ) -> Result<Response<proto::ListCommandsResponse>, Status> {
-        let tenant = tenant_of(&request)?;
+        let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
         let r = request.get_ref();
         let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
         let after_seq = validate::cursor("after_seq", r.after_seq).map_err(Error::from)?;
@@ -317,7 +340,7 @@ impl RunService for RunApi {
         &self,
         request: Request<proto::ListEventsRequest>,
     ) -> Result<Response<proto::ListEventsResponse>, Status> {
-        let tenant = tenant_of(&request)?;
+        let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
         let r = request.get_ref();
         let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
         let after_seq = validate::cursor("after_seq", r.after_seq).map_err(Error::from)?;
@@ -341,7 +364,7 @@ impl RunService for RunApi {
         &self,
         request: Request<proto::WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
-        let tenant = tenant_of(&request)?;
+        let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
         let r = request.get_ref();
         let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
         let after_seq = validate::cursor("after_seq", r.after_seq).map_err(Error::from)?;
@@ -354,7 +377,7 @@ impl RunService for RunApi {
         request: Request<proto::ResolveRequestRequest>,
     ) -> Result<Response<proto::ResolveRequestResponse>, Status> {
         use crate::store::requests::{self, Answer, Decision};
-        let tenant = tenant_of(&request)?;
+        let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
         let r = request.get_ref();
         let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
         let request_id = agentrun_shared::ids::RequestId::parse("request_id", &r.request_id)

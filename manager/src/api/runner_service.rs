@@ -10,8 +10,10 @@ use agentrun_shared::state::{CommandStatus, RunStatus};
 use serde_json::Value;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{AppState, convert, validate};
+use super::{AppState, caller, convert, validate};
 use crate::error::Error;
+use crate::observe;
+use crate::store::api_keys::Role;
 use crate::store::commands::CommandUpdate;
 use crate::store::leases::{self, RunnerEvent, RunnerIdentity};
 use crate::store::runs::Finish;
@@ -137,6 +139,8 @@ pub(super) fn runner_identity(
             100_000,
         )? as i32,
         version: r.version.chars().take(validate::MAX_NAME_LEN).collect(),
+        // Set from the caller's key, never from the request.
+        tenant: None,
     })
 }
 
@@ -246,7 +250,8 @@ impl RunnerService for RunnerApi {
         &self,
         request: Request<Streaming<proto::RunnerMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        super::connect::open(self, request.into_inner())
+        let caller = caller(&self.state, &request, Role::Runner).await?;
+        super::connect::open(self, caller.runner_tenant().cloned(), request.into_inner())
             .await
             .map(Response::new)
     }
@@ -255,8 +260,11 @@ impl RunnerService for RunnerApi {
         &self,
         request: Request<proto::ClaimRunsRequest>,
     ) -> Result<Response<proto::ClaimRunsResponse>, Status> {
+        let caller = caller(&self.state, &request, Role::Runner).await?;
         let r = request.get_ref();
-        let runner = runner_identity(r.runner.as_ref()).map_err(Error::from)?;
+        let mut runner = runner_identity(r.runner.as_ref()).map_err(Error::from)?;
+        runner.tenant = caller.runner_tenant().cloned();
+        observe::record_runner(&runner.id);
         let max_runs =
             validate::bounded("max_runs", r.max_runs.into(), 1, 1, 1000).map_err(Error::from)?;
         let assignments = leases::claim(
@@ -267,6 +275,7 @@ impl RunnerService for RunnerApi {
             self.state.settings.tenant_max_active_runs,
         )
         .await?;
+        self.state.metrics.claimed(&assignments);
         self.state
             .notifier
             .events_appended(assignments.iter().map(|a| a.run.id.0));
@@ -280,12 +289,14 @@ impl RunnerService for RunnerApi {
         &self,
         request: Request<proto::HeartbeatRequest>,
     ) -> Result<Response<proto::HeartbeatResponse>, Status> {
+        let caller = caller(&self.state, &request, Role::Runner).await?;
         let r = request.get_ref();
         let runner_id = RunnerId::parse("runner_id", &r.runner_id).map_err(Error::from)?;
         let held = lease_refs("leases", &r.leases).map_err(Error::from)?;
         let states = leases::heartbeat(
             &self.state.pool,
             runner_id,
+            caller.runner_tenant(),
             &held,
             self.state.settings.lease_ttl(),
         )
@@ -301,17 +312,30 @@ impl RunnerService for RunnerApi {
         &self,
         request: Request<proto::AppendEventsRequest>,
     ) -> Result<Response<proto::AppendEventsResponse>, Status> {
+        let caller = caller(&self.state, &request, Role::Runner).await?;
         let r = request.get_ref();
         let runner_id = RunnerId::parse("runner_id", &r.runner_id).map_err(Error::from)?;
         let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
+        observe::record_runner(&runner_id);
+        observe::record_run(&run_id);
         let epoch = epoch(r.epoch).map_err(Error::from)?;
         let events = self.events(&r.events).map_err(Error::from)?;
         let updates = command_updates(&r.command_updates).map_err(Error::from)?;
         if events.is_empty() && updates.is_empty() {
             return Err(Error::invalid("events", "is empty and so is command_updates").into());
         }
-        let outcome =
-            leases::append(&self.state.pool, runner_id, run_id, epoch, events, updates).await?;
+        let batch = events.len();
+        let outcome = leases::append(
+            &self.state.pool,
+            runner_id,
+            caller.runner_tenant(),
+            run_id,
+            epoch,
+            events,
+            updates,
+        )
+        .await?;
+        self.state.metrics.appended(batch, outcome.duplicates);
         self.state.notifier.events_appended([run_id.0]);
         Ok(Response::new(proto::AppendEventsResponse {
             first_seq: outcome.first_seq,
@@ -325,10 +349,18 @@ impl RunnerService for RunnerApi {
         &self,
         request: Request<proto::FinishRunRequest>,
     ) -> Result<Response<proto::FinishRunResponse>, Status> {
+        let caller = caller(&self.state, &request, Role::Runner).await?;
         let r = request.get_ref();
         let runner_id = RunnerId::parse("runner_id", &r.runner_id).map_err(Error::from)?;
         let (epoch, outcome) = finish_outcome(r).map_err(Error::from)?;
-        let run = leases::finish(&self.state.pool, runner_id, epoch, outcome).await?;
+        let run = leases::finish(
+            &self.state.pool,
+            runner_id,
+            caller.runner_tenant(),
+            epoch,
+            outcome,
+        )
+        .await?;
         self.state.notifier.events_appended([run.id.0]);
         Ok(Response::new(proto::FinishRunResponse {
             run: Some(convert::run(&run)),

@@ -8,8 +8,9 @@ use agentrun_shared::ids::{RunId, SessionId};
 use agentrun_shared::proto::{self, session_service_server::SessionService};
 use tonic::{Request, Response, Status};
 
-use super::{AppState, convert, tenant_of, validate};
+use super::{AppState, caller, convert, validate};
 use crate::error::{Error, Result};
+use crate::store::api_keys::Role;
 use crate::store::sessions::{
     self, Attention, EventCursor, PageKey, SessionFilter, SessionView, StateFilter,
 };
@@ -88,7 +89,7 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::GetSessionRequest>,
     ) -> Result<Response<proto::GetSessionResponse>, Status> {
-        let tenant = tenant_of(&request)?;
+        let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
         let r = request.get_ref();
         let session_id = SessionId::parse("session_id", &r.session_id).map_err(Error::from)?;
         let reader = reader(&r.reader).map_err(Error::from)?;
@@ -103,7 +104,7 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::ListSessionsRequest>,
     ) -> Result<Response<proto::ListSessionsResponse>, Status> {
-        let tenant = tenant_of(&request)?;
+        let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
         let r = request.get_ref();
         let filter = SessionFilter {
             state: state_filter(r.state).map_err(Error::from)?,
@@ -132,7 +133,7 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::MarkSessionReadRequest>,
     ) -> Result<Response<proto::MarkSessionReadResponse>, Status> {
-        let tenant = tenant_of(&request)?;
+        let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
         let r = request.get_ref();
         let session_id = SessionId::parse("session_id", &r.session_id).map_err(Error::from)?;
         let reader = reader(&r.reader).map_err(Error::from)?;
@@ -151,7 +152,7 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::ListSessionEventsRequest>,
     ) -> Result<Response<proto::ListSessionEventsResponse>, Status> {
-        let tenant = tenant_of(&request)?;
+        let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
         let r = request.get_ref();
         let session_id = SessionId::parse("session_id", &r.session_id).map_err(Error::from)?;
         let after = event_cursor(&r.after_run_id, r.after_seq).map_err(Error::from)?;
@@ -172,7 +173,7 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::WatchSessionRequest>,
     ) -> Result<Response<Self::WatchSessionStream>, Status> {
-        let tenant = tenant_of(&request)?;
+        let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
         let r = request.get_ref();
         let session_id = SessionId::parse("session_id", &r.session_id).map_err(Error::from)?;
         let after = event_cursor(&r.after_run_id, r.after_seq).map_err(Error::from)?;

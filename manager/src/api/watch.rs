@@ -45,6 +45,7 @@ pub async fn watch_run(
     let state = state.clone();
     let tenant = tenant.clone();
     tokio::spawn(async move {
+        let _watching = state.metrics.watching();
         if let Err(err) = follow(&state, &tenant, run_id, after_seq, &tx).await {
             let _ = tx.send(Err(err.into())).await;
         }
@@ -124,6 +125,7 @@ pub async fn watch_session(
     let state = state.clone();
     let tenant = tenant.clone();
     tokio::spawn(async move {
+        let _watching = state.metrics.watching();
         if let Err(err) = follow_session(&state, &tenant, session_id, output_only, after, &tx).await
         {
             let _ = tx.send(Err(err.into())).await;

@@ -15,6 +15,7 @@ use deadpool_postgres::{GenericClient, Pool};
 use serde_json::json;
 use uuid::Uuid;
 
+use super::Tenant;
 use super::commands::{self, CommandRecord, CommandUpdate};
 use super::events::{self, NewEvent, Producer};
 use super::requests::{self, OpenedRequest};
@@ -31,6 +32,9 @@ pub struct RunnerIdentity {
     pub queues: Vec<String>,
     pub max_concurrency: i32,
     pub version: String,
+    /// The tenant its API key is bound to: it claims, adopts and writes only that
+    /// tenant's runs. `None` (authentication disabled): every tenant's.
+    pub tenant: Option<Tenant>,
 }
 
 /// A run newly leased to a runner, with the commands it must carry out.
@@ -91,7 +95,7 @@ const PENDING_TENANTS: &str = "pending_tenants(tenant_id) AS (
 /// and a pending run this runner could take, in lock-key order (so claimers never wait
 /// on each other in a cycle), and returns those tenants. A tenant at its limit is not
 /// locked: it gets nothing from this claim anyway. Parameters: $1 runner, $2 queues,
-/// $3 profiles, $4 labels, $5 default limit.
+/// $3 profiles, $4 labels, $5 default limit, $6 the runner's tenant (`NULL`: any).
 static LOCK_LIMITED_TENANTS_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH RECURSIVE {PENDING_TENANTS},
@@ -99,6 +103,7 @@ static LOCK_LIMITED_TENANTS_SQL: LazyLock<String> = LazyLock::new(|| {
              SELECT p.tenant_id, coalesce(tl.max_active_runs, $5::int) AS max_active
              FROM pending_tenants p LEFT JOIN tenant_limits tl ON tl.tenant_id = p.tenant_id
              WHERE p.tenant_id IS NOT NULL AND (tl.max_active_runs IS NOT NULL OR $5::int > 0)
+               AND ($6::text IS NULL OR p.tenant_id = $6::text)
          ),
          wanted AS (
              SELECT l.tenant_id FROM limited l
@@ -122,7 +127,10 @@ static LOCK_LIMITED_TENANTS_SQL: LazyLock<String> = LazyLock::new(|| {
 
 /// Statement 2 of a claim: picks and leases the runs. Parameters: $1 runner, $2 queues,
 /// $3 profiles, $4 labels, $5 batch size, $6 lease ttl in ms, $7 default limit, $8 the
-/// limited tenants whose lock this transaction holds.
+/// limited tenants whose lock this transaction holds, $9 the runner's tenant (`NULL`: any).
+///
+/// - `tenants` keeps only the runner's tenant when it has one (its API key's), so a
+///   runner never leases another tenant's run.
 ///
 /// - `tenants`: tenants with pending work and their limit (`NULL`: none). A limited
 ///   tenant whose lock we do not hold (it was full, or had nothing for this runner) is
@@ -153,6 +161,7 @@ fn claim_sql() -> String {
              SELECT p.tenant_id, coalesce(tl.max_active_runs, nullif($7::int, 0)) AS max_active
              FROM pending_tenants p LEFT JOIN tenant_limits tl ON tl.tenant_id = p.tenant_id
              WHERE p.tenant_id IS NOT NULL
+               AND ($9::text IS NULL OR p.tenant_id = $9::text)
                AND NOT coalesce((SELECT draining FROM runners WHERE id = $1::uuid), false)
          ),
          room AS MATERIALIZED (
@@ -247,6 +256,7 @@ pub async fn claim(
     ttl: Duration,
     default_max_active_runs: i32,
 ) -> Result<Vec<Assignment>> {
+    let runner_tenant = runner.tenant.as_ref().map(Tenant::as_str);
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let lock_limited = async {
@@ -260,6 +270,7 @@ pub async fn claim(
                     &runner.backend_profiles,
                     &runner.labels,
                     &default_max_active_runs,
+                    &runner_tenant,
                 ],
             )
             .await?;
@@ -288,6 +299,7 @@ pub async fn claim(
                 &ttl_millis(ttl),
                 &default_max_active_runs,
                 &locked_tenants,
+                &runner_tenant,
             ],
         )
         .await?;
@@ -350,6 +362,7 @@ pub struct LeaseState {
 pub async fn heartbeat(
     pool: &Pool,
     runner_id: RunnerId,
+    tenant: Option<&Tenant>,
     leases: &[(RunId, i64)],
     ttl: Duration,
 ) -> Result<Vec<LeaseState>> {
@@ -359,7 +372,7 @@ pub async fn heartbeat(
         .prepare_cached("UPDATE runners SET last_heartbeat_at = now() WHERE id = $1")
         .await?;
     tx.execute(&seen, &[&runner_id.0]).await?;
-    let states = renew(&tx, runner_id, leases, Some(ttl)).await?;
+    let states = renew(&tx, runner_id, tenant, leases, Some(ttl)).await?;
     tx.commit().await?;
     Ok(states)
 }
@@ -369,20 +382,22 @@ pub async fn heartbeat(
 pub async fn deliver_commands(
     pool: &Pool,
     runner_id: RunnerId,
+    tenant: Option<&Tenant>,
     leases: &[(RunId, i64)],
 ) -> Result<Vec<LeaseState>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let states = renew(&tx, runner_id, leases, None).await?;
+    let states = renew(&tx, runner_id, tenant, leases, None).await?;
     tx.commit().await?;
     Ok(states)
 }
 
 /// Checks the leases (extending them by `ttl` when given) and delivers their pending
-/// commands.
+/// commands. A run of another tenant than the runner's counts as lost.
 async fn renew(
     tx: &impl GenericClient,
     runner_id: RunnerId,
+    tenant: Option<&Tenant>,
     leases: &[(RunId, i64)],
     ttl: Option<Duration>,
 ) -> Result<Vec<LeaseState>> {
@@ -392,7 +407,7 @@ async fn renew(
                                                  runs.lease_expires_at)
              FROM unnest($2::uuid[], $3::bigint[]) AS l(id, epoch)
              WHERE runs.id = l.id AND runs.lease_epoch = l.epoch AND runs.lease_runner_id = $1
-               AND runs.status = ANY($5)
+               AND runs.status = ANY($5) AND ($6::text IS NULL OR runs.tenant_id = $6::text)
              RETURNING runs.id, runs.lease_expires_at, runs.cancel_requested, runs.lease_runner_seq",
         )
         .await?;
@@ -407,6 +422,7 @@ async fn renew(
                 &epochs,
                 &ttl.map(ttl_millis),
                 &active_statuses(),
+                &tenant.map(Tenant::as_str),
             ],
         )
         .await?;
@@ -469,12 +485,13 @@ pub async fn hello(
         .query_one(&connected, &[&runner.id.0, &manager_id])
         .await?
         .get(0);
-    let named_states = renew(&tx, runner.id, named, Some(ttl)).await?;
+    let named_states = renew(&tx, runner.id, runner.tenant.as_ref(), named, Some(ttl)).await?;
     let adopt = tx
         .prepare_cached(
             "UPDATE runs SET lease_epoch = lease_epoch + 1, lease_runner_seq = 0, updated_at = now(),
                     lease_expires_at = now() + $3::bigint * interval '1 millisecond'
              WHERE lease_runner_id = $1 AND status = ANY($4) AND id <> ALL($2)
+               AND ($5::text IS NULL OR tenant_id = $5::text)
              RETURNING *",
         )
         .await?;
@@ -487,6 +504,7 @@ pub async fn hello(
                 &named_ids,
                 &ttl_millis(ttl),
                 &active_statuses(),
+                &runner.tenant.as_ref().map(Tenant::as_str),
             ],
         )
         .await?;
@@ -531,22 +549,35 @@ pub async fn hello(
 }
 
 /// Locks a run for a write by the runner holding `epoch`; anything else is `lease_lost`.
+/// A run of another tenant than the runner's is NOT_FOUND.
 async fn lock_fenced(
     tx: &impl GenericClient,
     run_id: RunId,
     runner_id: RunnerId,
+    tenant: Option<&Tenant>,
     epoch: i64,
 ) -> Result<RunRecord> {
-    let stmt = tx
-        .prepare_cached("SELECT * FROM runs WHERE id = $1 FOR UPDATE")
-        .await?;
-    let row = tx
-        .query_opt(&stmt, &[&run_id.0])
-        .await?
-        .ok_or(Error::NotFound { what: "run" })?;
+    let row = lock_run(tx, run_id, tenant).await?;
     let run = RunRecord::from_row(&row)?;
     fence(&run, runner_id, epoch)?;
     Ok(run)
+}
+
+/// Locks a run of the runner's tenant (any tenant's when it has none).
+async fn lock_run(
+    tx: &impl GenericClient,
+    run_id: RunId,
+    tenant: Option<&Tenant>,
+) -> Result<tokio_postgres::Row> {
+    let stmt = tx
+        .prepare_cached(
+            "SELECT * FROM runs WHERE id = $1 AND ($2::text IS NULL OR tenant_id = $2::text)
+             FOR UPDATE",
+        )
+        .await?;
+    tx.query_opt(&stmt, &[&run_id.0, &tenant.map(Tenant::as_str)])
+        .await?
+        .ok_or(Error::NotFound { what: "run" })
 }
 
 fn fence(run: &RunRecord, runner_id: RunnerId, epoch: i64) -> Result<()> {
@@ -591,6 +622,7 @@ pub struct AppendOutcome {
 pub async fn append(
     pool: &Pool,
     runner_id: RunnerId,
+    tenant: Option<&Tenant>,
     run_id: RunId,
     epoch: i64,
     batch: Vec<RunnerEvent>,
@@ -598,7 +630,7 @@ pub async fn append(
 ) -> Result<AppendOutcome> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let run = lock_fenced(&tx, run_id, runner_id, epoch).await?;
+    let run = lock_fenced(&tx, run_id, runner_id, tenant, epoch).await?;
 
     let duplicates = batch
         .iter()
@@ -721,18 +753,13 @@ pub async fn append(
 pub async fn finish(
     pool: &Pool,
     runner_id: RunnerId,
+    tenant: Option<&Tenant>,
     epoch: i64,
     outcome: Finish,
 ) -> Result<RunRecord> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let stmt = tx
-        .prepare_cached("SELECT * FROM runs WHERE id = $1 FOR UPDATE")
-        .await?;
-    let row = tx
-        .query_opt(&stmt, &[&outcome.run_id.0])
-        .await?
-        .ok_or(Error::NotFound { what: "run" })?;
+    let row = lock_run(&tx, outcome.run_id, tenant).await?;
     let run = RunRecord::from_row(&row)?;
     let same_holder = run.lease_epoch == epoch && run.lease_runner_id == Some(runner_id);
     let same_outcome = run.status == outcome.status
@@ -760,10 +787,16 @@ pub async fn finish(
 }
 
 /// Gives a run back to the queue without counting an attempt (graceful drain).
-pub async fn release(pool: &Pool, runner_id: RunnerId, run_id: RunId, epoch: i64) -> Result<()> {
+pub async fn release(
+    pool: &Pool,
+    runner_id: RunnerId,
+    tenant: Option<&Tenant>,
+    run_id: RunId,
+    epoch: i64,
+) -> Result<()> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    lock_fenced(&tx, run_id, runner_id, epoch).await?;
+    lock_fenced(&tx, run_id, runner_id, tenant, epoch).await?;
     runs::requeue_many(&tx, &[run_id], RequeueReason::Released).await?;
     tx.commit().await?;
     Ok(())

@@ -5,6 +5,7 @@
 //! prepared once per connection (`prepare_cached`). No NOTIFY is sent inside claim,
 //! heartbeat, append or finish transactions: it would serialise commits server-wide.
 
+pub mod api_keys;
 pub mod commands;
 pub mod events;
 pub mod leases;

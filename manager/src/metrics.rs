@@ -1,0 +1,411 @@
+//! Prometheus metrics: one [`Metrics`] registry shared by the handlers, the sweeper and
+//! the RPC layer, and the `/metrics` endpoint on its own port.
+//!
+//! Counters, histograms and connection gauges are updated where things happen. What the
+//! database knows (queue depth, oldest pending run, active leases) and the pool's usage
+//! are read at scrape time, so they are never stale and cost nothing between scrapes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use agentrun_shared::state::RunStatus;
+use deadpool_postgres::Pool;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::leases::Assignment;
+use crate::store::runs;
+
+/// How long a scrape may spend on the database before it reports without it.
+const SCRAPE_DB_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a client has to send its request line and headers.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head read; `/metrics` requests are tiny.
+const MAX_REQUEST_BYTES: usize = 8 * 1024;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueStatusLabels {
+    pub queue: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    pub queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodCodeLabels {
+    pub method: String,
+    /// The gRPC status code name, e.g. `Ok`, `Unavailable`.
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// `size` (open), `available` (idle), `max`, or `waiting` (callers queued).
+    pub state: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every metric the manager exports, and the registry that encodes them.
+pub struct Metrics {
+    registry: Registry,
+    // Read from the database at scrape time.
+    queue_depth: Family<QueueStatusLabels, Gauge>,
+    oldest_pending: Family<QueueLabels, Gauge<f64, AtomicU64>>,
+    active_leases: Gauge,
+    database_up: Gauge,
+    pool: Family<PoolLabels, Gauge>,
+    // Updated where things happen.
+    create_to_claim: Histogram,
+    lease_expiries: Counter,
+    requeues: Counter,
+    events_appended: Counter,
+    event_batch_size: Histogram,
+    connected_runners: Gauge,
+    watchers: Gauge,
+    rpc_requests: Family<MethodCodeLabels, Counter>,
+    rpc_duration: HistogramFamily<MethodLabels>,
+    /// Serialises scrapes: each clears and refills the scrape-time families.
+    scrape: tokio::sync::Mutex<()>,
+}
+
+fn rpc_duration_histogram() -> Histogram {
+    // 1 ms .. ~33 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("agentrun");
+        let m = Self {
+            queue_depth: Family::default(),
+            oldest_pending: Family::default(),
+            active_leases: Gauge::default(),
+            database_up: Gauge::default(),
+            pool: Family::default(),
+            // 5 ms .. ~82 min
+            create_to_claim: Histogram::new(exponential_buckets(0.005, 2.0, 20)),
+            lease_expiries: Counter::default(),
+            requeues: Counter::default(),
+            events_appended: Counter::default(),
+            // 1 .. 1024 events
+            event_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            connected_runners: Gauge::default(),
+            watchers: Gauge::default(),
+            rpc_requests: Family::default(),
+            rpc_duration: Family::new_with_constructor(rpc_duration_histogram),
+            scrape: tokio::sync::Mutex::new(()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "queue_depth",
+            "Non-terminal runs by queue and status",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "queue_oldest_pending_seconds",
+            "Age of the oldest pending run, by queue",
+            m.oldest_pending.clone(),
+        );
+        registry.register(
+            "active_leases",
+            "Runs held by a runner (claimed, running or waiting)",
+            m.active_leases.clone(),
+        );
+        registry.register(
+            "database_up",
+            "1 if the scrape-time queries reached the database",
+            m.database_up.clone(),
+        );
+        registry.register(
+            "db_pool_connections",
+            "Database pool connections by state (size, available, max, waiting)",
+            m.pool.clone(),
+        );
+        registry.register(
+            "create_to_claim_seconds",
+            "Time from a run's creation to its claim by a runner",
+            m.create_to_claim.clone(),
+        );
+        registry.register(
+            "lease_expiries",
+            "Leases the sweeper found expired",
+            m.lease_expiries.clone(),
+        );
+        registry.register(
+            "requeues",
+            "Runs put back in the queue after their lease expired",
+            m.requeues.clone(),
+        );
+        registry.register(
+            "events_appended",
+            "Runner events appended to run logs",
+            m.events_appended.clone(),
+        );
+        registry.register(
+            "event_batch_size",
+            "Events per appended batch",
+            m.event_batch_size.clone(),
+        );
+        registry.register(
+            "connected_runners",
+            "Runner streams (RunnerService.Connect) open on this replica",
+            m.connected_runners.clone(),
+        );
+        registry.register(
+            "watchers",
+            "WatchRun and WatchSession streams open on this replica",
+            m.watchers.clone(),
+        );
+        registry.register(
+            "rpc_requests",
+            "gRPC calls by method and status code (streams counted when they start)",
+            m.rpc_requests.clone(),
+        );
+        registry.register(
+            "rpc_duration_seconds",
+            "gRPC call latency to the response headers, by method",
+            m.rpc_duration.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Observes the create-to-claim latency of freshly claimed runs.
+    pub fn claimed(&self, assignments: &[Assignment]) {
+        for a in assignments {
+            if let Some(claimed_at) = a.run.claimed_at {
+                let waited = claimed_at
+                    .duration_since(a.run.created_at)
+                    .unwrap_or_default();
+                self.create_to_claim.observe(waited.as_secs_f64());
+            }
+        }
+    }
+
+    /// Counts one appended batch of `batch` runner events, `duplicates` of them resends
+    /// that were skipped.
+    pub fn appended(&self, batch: usize, duplicates: i32) {
+        if batch > 0 {
+            let fresh = batch.saturating_sub(duplicates.max(0) as usize);
+            self.events_appended.inc_by(fresh as u64);
+            self.event_batch_size.observe(batch as f64);
+        }
+    }
+
+    /// Counts what a sweep did.
+    pub fn swept(&self, lease_expiries: usize, requeues: usize) {
+        self.lease_expiries.inc_by(lease_expiries as u64);
+        self.requeues.inc_by(requeues as u64);
+    }
+
+    /// Counts one gRPC call (`method` is the gRPC path).
+    pub fn rpc(&self, method: &str, code: tonic::Code, elapsed: Duration) {
+        self.rpc_requests
+            .get_or_create(&MethodCodeLabels {
+                method: method.to_owned(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.rpc_duration
+            .get_or_create(&MethodLabels {
+                method: method.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// A runner stream opened; the gauge goes down when the guard drops.
+    pub fn runner_connected(self: &Arc<Self>) -> GaugeGuard {
+        GaugeGuard::new(self.connected_runners.clone())
+    }
+
+    /// A watcher started; the gauge goes down when the guard drops.
+    pub fn watching(self: &Arc<Self>) -> GaugeGuard {
+        GaugeGuard::new(self.watchers.clone())
+    }
+
+    /// Refreshes the scrape-time metrics from `pool` and encodes everything.
+    pub async fn render(&self, pool: &Pool) -> String {
+        let _one_at_a_time = self.scrape.lock().await;
+        let status = pool.status();
+        for (state, value) in [
+            ("size", status.size),
+            ("available", status.available),
+            ("max", status.max_size),
+            ("waiting", status.waiting),
+        ] {
+            self.pool
+                .get_or_create(&PoolLabels {
+                    state: state.into(),
+                })
+                .set(value as i64);
+        }
+        self.queue_depth.clear();
+        self.oldest_pending.clear();
+        let stats = tokio::time::timeout(SCRAPE_DB_TIMEOUT, async {
+            let client = pool.get().await?;
+            runs::queue_stats(&client, 0).await
+        })
+        .await;
+        match stats {
+            Ok(Ok(stats)) => {
+                self.database_up.set(1);
+                let mut active = 0;
+                for depth in &stats.depths {
+                    if RunStatus::ACTIVE.contains(&depth.status) {
+                        active += depth.runs;
+                    }
+                    self.queue_depth
+                        .get_or_create(&QueueStatusLabels {
+                            queue: depth.queue.clone(),
+                            status: depth.status.as_str().to_owned(),
+                        })
+                        .set(depth.runs);
+                }
+                self.active_leases.set(active);
+                for (queue, ms) in &stats.oldest_pending_ms {
+                    self.oldest_pending
+                        .get_or_create(&QueueLabels {
+                            queue: queue.clone(),
+                        })
+                        .set(*ms as f64 / 1000.0);
+                }
+            }
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, "metrics scrape could not read queue stats");
+                self.database_up.set(0);
+            }
+            Err(_) => {
+                tracing::debug!("metrics scrape timed out reading queue stats");
+                self.database_up.set(0);
+            }
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Decrements its gauge when dropped, so a stream's end is counted however it ends.
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    fn new(gauge: Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Binds the metrics listener; `None` when `addr` is empty (metrics disabled).
+pub async fn bind(addr: &str) -> anyhow::Result<Option<TcpListener>> {
+    if addr.trim().is_empty() {
+        return Ok(None);
+    }
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|err| anyhow::anyhow!("--metrics-listen {addr:?}: {err}"))?;
+    Ok(Some(TcpListener::bind(addr).await?))
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`. A deliberately tiny HTTP/1.1
+/// responder: one request per connection, then close.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    pool: Pool,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    tracing::warn!(error = %err, "metrics listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            if let Err(err) = respond(stream, &metrics, &pool).await {
+                tracing::debug!(error = %err, "metrics request failed");
+            }
+        });
+    }
+}
+
+async fn respond(mut stream: TcpStream, metrics: &Metrics, pool: &Pool) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let read_head = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_BYTES {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        std::io::Result::Ok(())
+    };
+    if tokio::time::timeout(REQUEST_TIMEOUT, read_head)
+        .await
+        .is_err()
+    {
+        return Ok(());
+    }
+    let request_line = String::from_utf8_lossy(&head);
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, content_type, body) = match (method, path) {
+        ("GET", "/metrics") => (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.render(pool).await,
+        ),
+        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "method not allowed\n".to_owned(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}

@@ -1,0 +1,276 @@
+//! Operability: health that follows the database, and Prometheus metrics that move.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentrun_manager::db;
+use agentrun_manager::local_postgres::LocalPostgres;
+use agentrun_shared::proto::{self, RunStatus};
+use agentrun_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+const FLIP: Duration = Duration::from_secs(20);
+
+async fn status_of_service(health: &HealthClient<Channel>, service: &str) -> Option<i32> {
+    let mut health = health.clone();
+    let response = health
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .ok()?;
+    Some(response.into_inner().status)
+}
+
+async fn wait_for_health(health: &HealthClient<Channel>, service: &str, want: ServingStatus) {
+    wait_for(&format!("{service:?} to be {want:?}"), FLIP, || async {
+        (status_of_service(health, service).await == Some(want as i32)).then_some(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn health_follows_the_database() {
+    // A cluster of its own: this test stops it.
+    let pg = Arc::new(
+        tokio::task::spawn_blocking(LocalPostgres::start)
+            .await
+            .unwrap()
+            .expect("start a PostgreSQL for this test"),
+    );
+    db_client(&pg.url("postgres"))
+        .await
+        .batch_execute("CREATE DATABASE agentrun_health")
+        .await
+        .unwrap();
+    let mut app = TestApp::spawn_on(&pg.url("agentrun_health"), |_| {}).await;
+    let health = HealthClient::new(connect(app.addr).await);
+    for service in ["", "agentrun.v1.RunService", "agentrun.v1.RunnerService"] {
+        assert_eq!(
+            status_of_service(&health, service).await,
+            Some(ServingStatus::Serving as i32),
+            "{service}"
+        );
+    }
+
+    let stopping = pg.clone();
+    tokio::task::spawn_blocking(move || stopping.stop())
+        .await
+        .unwrap()
+        .expect("stop PostgreSQL");
+    for service in ["", "agentrun.v1.RunService", "agentrun.v1.RunnerService"] {
+        wait_for_health(&health, service, ServingStatus::NotServing).await;
+    }
+    let refused = app
+        .runs
+        .create_run(run_request("while the database is down"))
+        .await
+        .expect_err("no database, no run");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+
+    let restarting = pg.clone();
+    tokio::task::spawn_blocking(move || restarting.restart())
+        .await
+        .unwrap()
+        .expect("restart PostgreSQL");
+    for service in ["", "agentrun.v1.RunService", "agentrun.v1.RunnerService"] {
+        wait_for_health(&health, service, ServingStatus::Serving).await;
+    }
+    let run = app
+        .runs
+        .create_run(run_request("the database is back"))
+        .await
+        .expect("create a run after the database came back")
+        .into_inner()
+        .run
+        .unwrap();
+    assert_eq!(status_of(&run), RunStatus::Pending);
+    drop(app);
+}
+
+#[tokio::test]
+async fn not_serving_until_migrations_are_applied() {
+    let url = fresh_database().await;
+    let app = TestApp::spawn_on(&url, |s| s.migrate = false).await;
+    let health = HealthClient::new(connect(app.addr).await);
+    for service in ["", "agentrun.v1.RunService"] {
+        assert_eq!(
+            status_of_service(&health, service).await,
+            Some(ServingStatus::NotServing as i32),
+            "{service} with migrations pending"
+        );
+    }
+    // The schema really is behind: nothing has been migrated.
+    let pool = db::pool(&url, 1).unwrap();
+    {
+        let mut client = pool.get().await.unwrap();
+        let client: &mut tokio_postgres::Client = &mut client;
+        assert!(!db::schema_current(client).await.unwrap());
+    }
+
+    // Another process (`agentrun-manager migrate`) brings the schema up to date.
+    db::migrate(&pool).await.unwrap();
+    for service in ["", "agentrun.v1.RunService", "agentrun.v1.RunnerService"] {
+        wait_for_health(&health, service, ServingStatus::Serving).await;
+    }
+}
+
+/// `GET /metrics` over a plain TCP connection; returns the body.
+async fn scrape(addr: SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// The value of the sample `name` whose labels include all of `labels`, or 0 if absent.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+            series_name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|(_, value)| value.parse::<f64>().expect("a numeric sample"))
+        .sum()
+}
+
+const CREATE_RUN: &str = "/agentrun.v1.RunService/CreateRun";
+
+#[tokio::test]
+async fn metrics_are_served_and_move() {
+    let mut app = TestApp::spawn_with(|s| s.metrics_listen = "127.0.0.1:0".into()).await;
+    let addr = app.metrics_addr.expect("metrics enabled");
+    let before = scrape(addr).await;
+    assert_eq!(
+        sample(&before, "agentrun_db_pool_connections", &[("state", "max")]),
+        8.0
+    );
+    assert_eq!(sample(&before, "agentrun_database_up", &[]), 1.0);
+
+    let mut run_ids = Vec::new();
+    for i in 0..3 {
+        let run = app
+            .runs
+            .create_run(run_request(&format!("metrics {i}")))
+            .await
+            .unwrap()
+            .into_inner()
+            .run
+            .unwrap();
+        run_ids.push(run.run_id);
+    }
+    let bad = app
+        .runs
+        .get_run(proto::GetRunRequest {
+            run_id: "not-a-run-id".into(),
+        })
+        .await
+        .expect_err("an invalid id");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    let runner = runner("metrics");
+    let held = claim(&mut app, &runner, 2).await;
+    let mut watch = app
+        .runs
+        .watch_run(proto::WatchRunRequest {
+            run_id: run_ids[2].clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().expect("run.created");
+
+    let during = scrape(addr).await;
+    let pending = [("queue", "default"), ("status", "pending")];
+    assert_eq!(sample(&during, "agentrun_queue_depth", &pending), 1.0);
+    assert_eq!(sample(&during, "agentrun_active_leases", &[]), 2.0);
+    assert_eq!(sample(&during, "agentrun_watchers", &[]), 1.0);
+    assert!(
+        sample(
+            &during,
+            "agentrun_queue_oldest_pending_seconds",
+            &[("queue", "default")]
+        ) > 0.0
+    );
+
+    for a in &held {
+        app.runners
+            .append_events(append(&runner, a, deltas(1, 5)))
+            .await
+            .unwrap();
+        app.runners
+            .finish_run(finish(&runner, a, RunStatus::Completed))
+            .await
+            .unwrap();
+    }
+    drop(watch);
+
+    let after = scrape(addr).await;
+    for family in [
+        "agentrun_create_to_claim_seconds",
+        "agentrun_events_appended",
+        "agentrun_rpc_requests",
+        "agentrun_rpc_duration_seconds",
+        "agentrun_lease_expiries",
+        "agentrun_requeues",
+        "agentrun_connected_runners",
+        "agentrun_watchers",
+        "agentrun_db_pool_connections",
+        "agentrun_queue_depth",
+        "agentrun_active_leases",
+    ] {
+        assert!(
+            after.contains(&format!("# TYPE {family} ")),
+            "{family} missing from:\n{after}"
+        );
+    }
+    let ok_creates = [("method", CREATE_RUN), ("code", "Ok")];
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        sample(&after, name, labels) - sample(&before, name, labels)
+    };
+    assert_eq!(delta("agentrun_rpc_requests_total", &ok_creates), 3.0);
+    assert_eq!(
+        delta(
+            "agentrun_rpc_requests_total",
+            &[
+                ("method", "/agentrun.v1.RunService/GetRun"),
+                ("code", "InvalidArgument")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        delta(
+            "agentrun_rpc_duration_seconds_count",
+            &[("method", CREATE_RUN)]
+        ),
+        3.0
+    );
+    assert_eq!(delta("agentrun_events_appended_total", &[]), 10.0);
+    assert_eq!(delta("agentrun_event_batch_size_count", &[]), 2.0);
+    assert_eq!(delta("agentrun_create_to_claim_seconds_count", &[]), 2.0);
+    assert!(delta("agentrun_create_to_claim_seconds_sum", &[]) > 0.0);
+    assert_eq!(sample(&after, "agentrun_active_leases", &[]), 0.0);
+    assert_eq!(sample(&after, "agentrun_queue_depth", &pending), 1.0);
+
+    wait_for("the watcher gauge to drop", FLIP, || async {
+        (sample(&scrape(addr).await, "agentrun_watchers", &[]) == 0.0).then_some(())
+    })
+    .await;
+}
