@@ -6,6 +6,7 @@ use agentrun_shared::proto::{
     self, admin_service_client::AdminServiceClient, run_service_client::RunServiceClient,
     session_service_client::SessionServiceClient,
 };
+use agentrun_shared::tls::{ClientTls, TlsError};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
@@ -28,8 +29,18 @@ pub struct Manager {
 
 impl Manager {
     /// Connects to the manager at `url` (eagerly, so an unreachable manager is reported
-    /// before anything else happens).
+    /// before anything else happens); an `https://` URL trusts the system roots.
     pub async fn connect(url: &str, tenant: Option<&str>) -> Result<Self, CliError> {
+        Self::connect_with_tls(url, tenant, &ClientTls::default()).await
+    }
+
+    /// Like [`Self::connect`], with `tls` for an `https://` URL (a CA to trust, a client
+    /// certificate to present).
+    pub async fn connect_with_tls(
+        url: &str,
+        tenant: Option<&str>,
+        tls: &ClientTls,
+    ) -> Result<Self, CliError> {
         let tenant = tenant
             .filter(|t| !t.is_empty())
             .map(|t| {
@@ -37,8 +48,12 @@ impl Manager {
                     .map_err(|_| CliError::Usage(format!("invalid --tenant {t:?}: must be ASCII")))
             })
             .transpose()?;
-        let endpoint = Channel::from_shared(url.to_owned())
-            .map_err(|err| CliError::Usage(format!("invalid --manager URL {url:?}: {err}")))?;
+        let endpoint = tls.endpoint(url).map_err(|err| match err {
+            TlsError::Transport { .. } => {
+                CliError::Usage(format!("invalid --manager URL {url:?}: {err}"))
+            }
+            err => CliError::Usage(err.to_string()),
+        })?;
         let channel = endpoint
             .connect()
             .await

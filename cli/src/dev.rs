@@ -75,6 +75,11 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<u8, CliEr
     // Development mode: no API keys. The manager refuses this off loopback, and so did
     // the check above.
     settings.auth = AuthMode::Disabled;
+    // Plaintext on loopback: TLS settings meant for a real manager (in the environment)
+    // do not apply to the local stack, nor to its runners below.
+    settings.tls_cert = None;
+    settings.tls_key = None;
+    settings.tls_client_ca = None;
     let app = match Application::build(settings).await {
         Ok(app) => app,
         Err(err) => {
@@ -274,6 +279,9 @@ impl RunnerProcess {
         command
             .env("AGENTRUN_MANAGER_URL", manager_url)
             .env("AGENTRUN_RUNNER_NAME", &name)
+            .env_remove("AGENTRUN_TLS_CA")
+            .env_remove("AGENTRUN_TLS_CERT")
+            .env_remove("AGENTRUN_TLS_KEY")
             .stdin(Stdio::null())
             .kill_on_drop(true)
             // Keep the terminal's Ctrl-C away from runners: dev drains them itself.

@@ -26,6 +26,9 @@ pub mod render;
 pub mod sessions;
 pub mod telemetry;
 
+use std::path::PathBuf;
+
+use agentrun_shared::tls::ClientTls;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -60,6 +63,16 @@ pub struct Cli {
     /// every call. Not needed against `agentrun dev`.
     #[arg(long, env = "AGENTRUN_API_KEY", hide_env_values = true, global = true)]
     pub api_key: Option<String>,
+    /// PEM CA certificate to trust for an `https://` manager URL (default: the system
+    /// roots).
+    #[arg(long, env = "AGENTRUN_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate to present over TLS; with `--tls-key`.
+    #[arg(long, env = "AGENTRUN_TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "AGENTRUN_TLS_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -142,11 +155,16 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8, CliError> 
         Command::Client(command) => command,
     };
     let handles_interrupt = command.handles_interrupt();
+    let tls = ClientTls {
+        ca: cli.tls_ca,
+        cert: cli.tls_cert,
+        key: cli.tls_key,
+    };
     let work = async {
         let mut manager = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(EXIT_INTERRUPTED),
-            manager = client::Manager::connect(&cli.manager_url, cli.tenant.as_deref()) => {
+            manager = client::Manager::connect_with_tls(&cli.manager_url, cli.tenant.as_deref(), &tls) => {
                 manager?.with_api_key(cli.api_key.as_deref())?
             }
         };

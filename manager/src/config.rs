@@ -1,6 +1,7 @@
 //! Manager settings, from flags or environment variables (flags win).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use agentrun_shared::payload::DEFAULT_MAX_PAYLOAD_BYTES;
@@ -67,12 +68,26 @@ pub struct Settings {
     /// Log output: `pretty` for people, `json` (one object per line) for collectors.
     #[arg(long, env = "AGENTRUN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
+    /// Export traces (a span per RPC) by OTLP/gRPC to this collector, e.g.
+    /// `http://127.0.0.1:4317`. Unset: no export.
+    #[arg(long, env = "AGENTRUN_OTEL_ENDPOINT")]
+    pub otel_endpoint: Option<String>,
     /// `required`: every call carries an API key (`authorization: Bearer ark_...`) that
     /// names its tenant and role. `disabled`: no authentication, the tenant comes from
     /// the `agentrun-tenant` header — for development only, refused unless `listen` is a
     /// loopback address.
     #[arg(long, env = "AGENTRUN_AUTH", value_enum, default_value_t = AuthMode::Required)]
     pub auth: AuthMode,
+    /// PEM certificate (chain) served for TLS; with `tls_key`. Neither: plaintext.
+    #[arg(long, env = "AGENTRUN_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[arg(long, env = "AGENTRUN_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA whose client certificates are verified. Runners (RunnerService) must then
+    /// present one; other clients may connect without. Needs `tls_cert`.
+    #[arg(long, env = "AGENTRUN_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// Whether callers must present an API key.

@@ -32,9 +32,15 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // `keys` prints a key on stdout for scripts to capture: no log lines there.
-    if !matches!(cli.command, Some(Command::Keys(_))) {
-        telemetry::init_with(cli.settings.log_format);
-    }
+    // Flushes exported traces when main returns.
+    let _telemetry = if matches!(cli.command, Some(Command::Keys(_))) {
+        None
+    } else {
+        Some(telemetry::init_with(
+            cli.settings.log_format,
+            cli.settings.otel_endpoint.as_deref(),
+        )?)
+    };
     let mut settings = cli.settings;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => {

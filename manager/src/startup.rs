@@ -14,6 +14,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::server::NamedService;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use uuid::Uuid;
 
@@ -31,6 +32,8 @@ pub struct Application {
     /// The Prometheus endpoint's listener; `None` when metrics are disabled.
     metrics_listener: Option<TcpListener>,
     pool: Pool,
+    /// TLS for the gRPC listener; `None` serves plaintext.
+    tls: Option<ServerTlsConfig>,
     settings: Settings,
 }
 
@@ -42,6 +45,7 @@ impl Application {
             .as_deref()
             .ok_or_else(|| anyhow::anyhow!("DATABASE_URL (or --database-url) is required"))?;
         check_auth(&settings)?;
+        let tls = server_tls(&settings)?;
         let pool = db::pool(url, settings.db_pool_size)?;
         if settings.migrate_on_start() {
             db::migrate(&pool).await?;
@@ -52,6 +56,7 @@ impl Application {
             listener,
             metrics_listener,
             pool,
+            tls,
             settings,
         })
     }
@@ -75,6 +80,7 @@ impl Application {
             listener,
             metrics_listener,
             pool,
+            tls,
             settings,
         } = self;
         let database_url = settings.database_url.clone().unwrap_or_default();
@@ -144,8 +150,12 @@ impl Application {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
 
-        tracing::info!(addr = %listener.local_addr()?, "manager listening");
-        let served = tonic::transport::Server::builder()
+        tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "manager listening");
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            server = server.tls_config(tls)?;
+        }
+        let served = server
             .layer(ObserveLayer::new(metrics.clone()))
             .add_service(health_service)
             .add_service(reflection)
@@ -173,6 +183,40 @@ impl Application {
         tracing::info!("manager stopped");
         Ok(())
     }
+}
+
+/// The listener's TLS configuration from the certificate, key and client CA files:
+/// `None` (plaintext) when no certificate is set. With a client CA, client certificates
+/// are verified but optional here; RunnerService requires one (see `api::caller`).
+fn server_tls(settings: &Settings) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let (cert, key) = match (&settings.tls_cert, &settings.tls_key) {
+        (Some(cert), Some(key)) => (cert, key),
+        (None, None) => {
+            anyhow::ensure!(
+                settings.tls_client_ca.is_none(),
+                "--tls-client-ca needs --tls-cert and --tls-key: client certificates are \
+                 only verified over TLS"
+            );
+            return Ok(None);
+        }
+        _ => anyhow::bail!(
+            "TLS needs both --tls-cert (AGENTRUN_TLS_CERT) and --tls-key (AGENTRUN_TLS_KEY), \
+             or neither for plaintext"
+        ),
+    };
+    let read = |what: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|err| anyhow::anyhow!("cannot read {what} {path:?}: {err}"))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read("--tls-cert", cert)?,
+        read("--tls-key", key)?,
+    ));
+    if let Some(ca) = &settings.tls_client_ca {
+        tls = tls
+            .client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?))
+            .client_auth_optional(true);
+    }
+    Ok(Some(tls))
 }
 
 /// Refuses to serve without authentication anywhere but on a loopback address.

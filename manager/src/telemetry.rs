@@ -1,6 +1,15 @@
 //! Logging set-up: `RUST_LOG` filters (default `info`); human-readable (`pretty`) or
 //! one JSON object per line (`json`, for production log collectors). Every gRPC call
 //! runs in an `rpc` span (see [`crate::observe`]) whose fields appear on its events.
+//! With an OTLP endpoint, the same spans are exported to an OpenTelemetry collector.
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+/// The subscriber the output and export layers sit on: the registry behind the filter.
+type Base = tracing_subscriber::layer::Layered<EnvFilter, Registry>;
+type BoxedLayer = Box<dyn Layer<Base> + Send + Sync>;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -12,22 +21,82 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs a global pretty subscriber; later calls are no-ops (tests call it many times).
-pub fn init() {
-    init_with(LogFormat::Pretty);
+/// Keeps the trace exporter alive; dropping it flushes what is buffered.
+#[derive(Default)]
+pub struct Telemetry {
+    #[cfg(feature = "otel")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
 }
 
-/// Installs a global subscriber writing `format`; later calls are no-ops.
-pub fn init_with(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = match format {
-        LogFormat::Pretty => builder.try_init(),
-        LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init(),
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        #[cfg(feature = "otel")]
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// Installs a global pretty subscriber; later calls are no-ops (tests call it many times).
+pub fn init() {
+    let _ = init_with(LogFormat::Pretty, None);
+}
+
+/// Installs a global subscriber writing `format`, exporting spans to `otel_endpoint`
+/// when given; later calls change nothing.
+pub fn init_with(format: LogFormat, otel_endpoint: Option<&str>) -> anyhow::Result<Telemetry> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let output: BoxedLayer = match format {
+        LogFormat::Pretty => Box::new(tracing_subscriber::fmt::layer()),
+        LogFormat::Json => Box::new(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_current_span(true)
+                .with_span_list(false),
+        ),
     };
+    let (export, telemetry) = exporter(otel_endpoint)?;
+    let layers: Vec<BoxedLayer> = std::iter::once(output).chain(export).collect();
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(layers)
+        .try_init();
+    Ok(telemetry)
+}
+
+#[cfg(feature = "otel")]
+fn exporter(endpoint: Option<&str>) -> anyhow::Result<(Option<BoxedLayer>, Telemetry)> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig;
+
+    let Some(endpoint) = endpoint.filter(|e| !e.is_empty()) else {
+        return Ok((None, Telemetry::default()));
+    };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name("agentrun-manager")
+        .build();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build();
+    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("agentrun-manager"));
+    Ok((
+        Some(Box::new(layer)),
+        Telemetry {
+            provider: Some(provider),
+        },
+    ))
+}
+
+#[cfg(not(feature = "otel"))]
+fn exporter(endpoint: Option<&str>) -> anyhow::Result<(Option<BoxedLayer>, Telemetry)> {
+    anyhow::ensure!(
+        endpoint.is_none_or(str::is_empty),
+        "this agentrun-manager was built without the `otel` feature: --otel-endpoint is not available"
+    );
+    Ok((None, Telemetry::default()))
 }

@@ -1,6 +1,9 @@
 //! Runner settings, from flags or environment variables (flags win).
 
+use std::path::PathBuf;
 use std::time::Duration;
+
+use agentrun_shared::tls::ClientTls;
 
 /// How a runner connects and what it serves.
 #[derive(Debug, Clone, clap::Args)]
@@ -54,6 +57,16 @@ pub struct RunnerSettings {
     /// Longest wait between reconnection attempts.
     #[arg(long, env = "AGENTRUN_MAX_BACKOFF_MS", default_value_t = 5_000)]
     pub max_backoff_ms: u64,
+    /// PEM CA certificate trusted for `https://` manager URLs. Default: the system roots.
+    #[arg(long, env = "AGENTRUN_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate presented to the manager (needed when it verifies
+    /// runners' certificates, `--tls-client-ca`); with `tls_key`.
+    #[arg(long, env = "AGENTRUN_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[arg(long, env = "AGENTRUN_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl RunnerSettings {
@@ -71,6 +84,15 @@ impl RunnerSettings {
 
     pub fn max_backoff(&self) -> Duration {
         Duration::from_millis(self.max_backoff_ms)
+    }
+
+    /// The TLS settings used for `https://` manager URLs.
+    pub fn tls(&self) -> ClientTls {
+        ClientTls {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        }
     }
 }
 

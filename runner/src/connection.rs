@@ -23,7 +23,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::config::RunnerSettings;
 use crate::executor::{self, RunContext, Upward};
@@ -118,7 +118,13 @@ impl Runner {
                 Ok(SessionEnd::Disconnected) => {
                     tracing::warn!("disconnected from the manager; reconnecting")
                 }
-                Err(err) => tracing::warn!(error = %err, "cannot reach the manager; retrying"),
+                // `:#` shows the cause chain: a TLS failure says why (e.g. an unknown issuer).
+                Err(err) => {
+                    tracing::warn!(
+                        error = format!("{err:#}"),
+                        "cannot reach the manager; retrying"
+                    )
+                }
             }
             if connected_at.elapsed() > Duration::from_secs(10) {
                 backoff = Duration::from_millis(100);
@@ -162,7 +168,10 @@ impl Runner {
         anyhow::ensure!(!urls.is_empty(), "no manager URL configured");
         let url = urls[self.connections % urls.len()].clone();
         self.connections += 1;
-        let channel = Endpoint::from_shared(url)?
+        let channel = self
+            .settings
+            .tls()
+            .endpoint(&url)?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))

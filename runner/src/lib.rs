@@ -28,6 +28,12 @@ pub async fn run(
     providers: provider::Providers,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Bad TLS settings (an unreadable file, a CA for an http:// URL) fail at start-up
+    // instead of in every reconnection attempt.
+    let tls = settings.tls();
+    for url in &settings.manager_url {
+        tls.endpoint(url)?;
+    }
     let runner_id = match &settings.runner_id {
         Some(id) => uuid::Uuid::try_parse(id)
             .map_err(|_| anyhow::anyhow!("AGENTRUN_RUNNER_ID must be a UUID"))?,

@@ -6,12 +6,14 @@
 //! - [`events`]: the closed set of event types and per-type payload rules.
 //! - [`payload`]: JSON payload validation, size limits and secret redaction.
 //! - [`error`]: the field-naming validation error used at every edge.
+//! - [`tls`]: client-side TLS (trusted CA, client certificate) for runners and the CLI.
 
 pub mod error;
 pub mod events;
 pub mod ids;
 pub mod payload;
 pub mod state;
+pub mod tls;
 
 /// Generated `agentrun.v1` types and tonic clients/servers.
 pub mod proto {

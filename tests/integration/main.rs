@@ -16,5 +16,6 @@ mod scheduling;
 mod sessions;
 mod surface;
 mod sweeper;
+mod tls;
 mod validation;
 mod watch;

@@ -20,3 +20,41 @@ async fn health_reports_serving() {
         assert_eq!(response.status, ServingStatus::Serving as i32, "{service}");
     }
 }
+
+/// With an OTLP endpoint, the manager exports its RPC spans there (OTLP over gRPC: the
+/// collector sees the HTTP/2 connection of the export call; without spans to export the
+/// exporter never connects).
+#[tokio::test]
+async fn spans_are_exported_to_an_otlp_collector() {
+    use tokio::io::AsyncReadExt;
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", collector.local_addr().unwrap());
+    let url = fresh_database().await;
+    let manager = ManagerProcess::start(
+        &url,
+        &[
+            ("AGENTRUN_OTEL_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
+    let mut runs =
+        agentrun_shared::proto::run_service_client::RunServiceClient::new(manager.channel().await);
+    runs.create_run(run_request("traced")).await.unwrap();
+
+    let (mut socket, _) =
+        tokio::time::timeout(std::time::Duration::from_secs(30), collector.accept())
+            .await
+            .expect("the manager connects to the collector")
+            .unwrap();
+    // The exporter connects lazily, on its first export: the HTTP/2 preface of a gRPC call.
+    let mut received = [0u8; 14];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        socket.read_exact(&mut received),
+    )
+    .await
+    .expect("the export call starts")
+    .unwrap();
+    assert_eq!(&received, b"PRI * HTTP/2.0", "OTLP over gRPC speaks HTTP/2");
+}

@@ -23,7 +23,7 @@ use agentrun_shared::proto::runner_service_client::RunnerServiceClient;
 use agentrun_shared::proto::{self, RunStatus};
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use uuid::Uuid;
 
 /// Where test databases are created.
@@ -132,8 +132,23 @@ impl TestApp {
         Self::spawn_on(&url, tweak).await
     }
 
+    /// A manager serving TLS (`tweak` sets `tls_cert`, `tls_key`, maybe `tls_client_ca`)
+    /// whose typed clients connect with `tls` (the CA they trust, maybe an identity).
+    pub async fn spawn_tls(tls: ClientTlsConfig, tweak: impl FnOnce(&mut Settings)) -> Self {
+        let url = fresh_database().await;
+        Self::spawn_on_with(&url, Some(tls), tweak).await
+    }
+
     /// Another manager replica on an existing database.
     pub async fn spawn_on(database_url: &str, tweak: impl FnOnce(&mut Settings)) -> Self {
+        Self::spawn_on_with(database_url, None, tweak).await
+    }
+
+    async fn spawn_on_with(
+        database_url: &str,
+        tls: Option<ClientTlsConfig>,
+        tweak: impl FnOnce(&mut Settings),
+    ) -> Self {
         init_logs();
         let mut settings = test_settings(database_url);
         tweak(&mut settings);
@@ -142,7 +157,12 @@ impl TestApp {
         let metrics_addr = app.metrics_addr();
         let shutdown = CancellationToken::new();
         tokio::spawn(app.run(shutdown.clone()));
-        let channel = connect(addr).await;
+        let channel = match tls {
+            Some(tls) => tls_channel(addr, tls)
+                .await
+                .expect("a TLS client connects to the manager"),
+            None => connect(addr).await,
+        };
         Self {
             addr,
             metrics_addr,
@@ -187,6 +207,19 @@ pub async fn connect(addr: SocketAddr) -> Channel {
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
+}
+
+/// A TLS channel to the manager at `addr` (`https://`, verified against `tls`); the
+/// listener is already bound, so an error is the handshake's, not a race.
+pub async fn tls_channel(
+    addr: SocketAddr,
+    tls: ClientTlsConfig,
+) -> Result<Channel, tonic::transport::Error> {
+    Channel::from_shared(format!("https://{addr}"))
+        .expect("valid URI")
+        .tls_config(tls)?
+        .connect()
+        .await
 }
 
 /// Path of a workspace binary, built on first use so tests never run a stale one.

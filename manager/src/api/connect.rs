@@ -462,8 +462,7 @@ impl Session {
     ) -> Result<proto::EventAck, Error> {
         let run_id = RunId::parse("run_id", &batch.run_id)?;
         let epoch = epoch(batch.epoch)?;
-        let api = RunnerApi::new(self.state.clone());
-        let events = api.events(&batch.events)?;
+        let events = RunnerApi::events(&self.state.settings, &batch.events)?;
         let updates = command_updates(&batch.command_updates)?;
         if events.is_empty() && updates.is_empty() {
             return Err(FieldError::new("events", "is empty and so is command_updates").into());

@@ -54,7 +54,20 @@ pub const TENANT_METADATA_KEY: &str = "agentrun-tenant";
 /// required the caller's key must be valid (else UNAUTHENTICATED) and hold `role` (else
 /// PERMISSION_DENIED), and the tenant and projects are the key's. With it disabled any
 /// caller may do anything, for the tenant of the `agentrun-tenant` header.
+///
+/// When the manager verifies client certificates (`--tls-client-ca`), a runner must also
+/// present one (else UNAUTHENTICATED); other roles may connect without.
 async fn caller<T>(state: &AppState, request: &Request<T>, role: Role) -> Result<Caller> {
+    if role == Role::Runner && state.settings.tls_client_ca.is_some() {
+        let presented = request.peer_certs().is_some_and(|certs| !certs.is_empty());
+        if !presented {
+            return Err(Error::Unauthenticated(
+                "RunnerService requires a TLS client certificate signed by the manager's \
+                 client CA (runner --tls-cert and --tls-key)"
+                    .into(),
+            ));
+        }
+    }
     if state.settings.auth == AuthMode::Disabled {
         return Ok(Caller {
             tenant: tenant_of(request)?,

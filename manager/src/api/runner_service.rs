@@ -11,6 +11,7 @@ use serde_json::Value;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{AppState, caller, convert, validate};
+use crate::config::Settings;
 use crate::error::Error;
 use crate::observe;
 use crate::store::api_keys::Role;
@@ -60,11 +61,12 @@ impl RunnerApi {
         self.state.settings.lease_ttl_ms as i64
     }
 
+    /// Validates a runner's event batch against the settings' limits.
     pub(super) fn events(
-        &self,
+        settings: &Settings,
         events: &[proto::RunnerEvent],
     ) -> Result<Vec<RunnerEvent>, FieldError> {
-        let max = self.state.settings.max_batch_events;
+        let max = settings.max_batch_events;
         if events.len() > max {
             return Err(FieldError::new(
                 "events",
@@ -96,7 +98,7 @@ impl RunnerApi {
             let payload = parse_object(
                 &field("payload_json"),
                 &e.payload_json,
-                self.state.settings.max_payload_bytes,
+                settings.max_payload_bytes,
             )?;
             event_type.validate_payload(&field("payload_json"), &payload)?;
             out.push(RunnerEvent {
@@ -319,7 +321,7 @@ impl RunnerService for RunnerApi {
         observe::record_runner(&runner_id);
         observe::record_run(&run_id);
         let epoch = epoch(r.epoch).map_err(Error::from)?;
-        let events = self.events(&r.events).map_err(Error::from)?;
+        let events = Self::events(&self.state.settings, &r.events).map_err(Error::from)?;
         let updates = command_updates(&r.command_updates).map_err(Error::from)?;
         if events.is_empty() && updates.is_empty() {
             return Err(Error::invalid("events", "is empty and so is command_updates").into());

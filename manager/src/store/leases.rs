@@ -312,25 +312,38 @@ pub async fn claim(
             .cmp(&a.priority)
             .then(a.created_at.cmp(&b.created_at))
     });
-    let ids: Vec<Uuid> = claimed.iter().map(|r| r.id.0).collect();
+    let assignments = hand_over(&tx, runner, claimed, false).await?;
+    tx.commit().await?;
+    Ok(assignments)
+}
 
-    let claimed_events: Vec<(RunId, NewEvent)> = claimed
+/// Records `run.claimed` for runs just leased to `runner` (`resumed`: taken back by a
+/// restarted runner) and delivers their pending commands, in run order.
+async fn hand_over(
+    tx: &impl GenericClient,
+    runner: &RunnerIdentity,
+    runs: Vec<RunRecord>,
+    resumed: bool,
+) -> Result<Vec<Assignment>> {
+    let ids: Vec<Uuid> = runs.iter().map(|r| r.id.0).collect();
+    let claimed_events: Vec<(RunId, NewEvent)> = runs
         .iter()
         .map(|run| {
-            let payload = json!({
+            let mut payload = json!({
                 "runner_id": runner.id.to_string(),
                 "runner_name": runner.name,
                 "epoch": run.lease_epoch,
                 "attempt": run.attempt,
             });
+            if resumed {
+                payload["resumed"] = json!(true);
+            }
             (run.id, NewEvent::manager(EventType::RunClaimed, payload))
         })
         .collect();
-    events::append(&tx, &claimed_events).await?;
-    let mut delivered = commands::deliver_pending(&tx, &ids).await?;
-    tx.commit().await?;
-
-    Ok(claimed
+    events::append(tx, &claimed_events).await?;
+    let mut delivered = commands::deliver_pending(tx, &ids).await?;
+    Ok(runs
         .into_iter()
         .map(|run| {
             let (mine, rest) = delivered.drain(..).partition(|c| c.run_id == run.id);
@@ -512,35 +525,11 @@ pub async fn hello(
         .iter()
         .map(RunRecord::from_row)
         .collect::<Result<_>>()?;
+    // Everything the old incarnation held is owed again, delivered or not.
     let adopted_ids: Vec<Uuid> = adopted.iter().map(|r| r.id.0).collect();
-    let resumed_events: Vec<(RunId, NewEvent)> = adopted
-        .iter()
-        .map(|run| {
-            let payload = json!({
-                "runner_id": runner.id.to_string(),
-                "runner_name": runner.name,
-                "epoch": run.lease_epoch,
-                "attempt": run.attempt,
-                "resumed": true,
-            });
-            (run.id, NewEvent::manager(EventType::RunClaimed, payload))
-        })
-        .collect();
-    events::append(&tx, &resumed_events).await?;
     commands::redeliver(&tx, &adopted_ids).await?;
-    let mut delivered = commands::deliver_pending(&tx, &adopted_ids).await?;
+    let adopted = hand_over(&tx, runner, adopted, true).await?;
     tx.commit().await?;
-    let adopted = adopted
-        .into_iter()
-        .map(|run| {
-            let (mine, rest) = delivered.drain(..).partition(|c| c.run_id == run.id);
-            delivered = rest;
-            Assignment {
-                run,
-                commands: mine,
-            }
-        })
-        .collect();
     Ok(Welcome {
         named: named_states,
         adopted,
