@@ -58,6 +58,13 @@ pub const TENANT_METADATA_KEY: &str = "agentrun-tenant";
 /// When the manager verifies client certificates (`--tls-client-ca`), a runner must also
 /// present one (else UNAUTHENTICATED); other roles may connect without.
 async fn caller<T>(state: &AppState, request: &Request<T>, role: Role) -> Result<Caller> {
+    let caller = authorize(state, request, role).await?;
+    // Every call's span names its tenant.
+    crate::observe::record_tenant(caller.tenant.as_str());
+    Ok(caller)
+}
+
+async fn authorize<T>(state: &AppState, request: &Request<T>, role: Role) -> Result<Caller> {
     if role == Role::Runner && state.settings.tls_client_ca.is_some() {
         let presented = request.peer_certs().is_some_and(|certs| !certs.is_empty());
         if !presented {

@@ -173,7 +173,6 @@ impl RunService for RunApi {
         request: Request<proto::CreateRunRequest>,
     ) -> Result<Response<proto::CreateRunResponse>, Status> {
         let caller = caller(&self.state, &request, Role::Client).await?;
-        observe::record_tenant(&caller.tenant.0);
         let new_run = self.new_run("", request.get_ref()).map_err(Error::from)?;
         caller.check_project("project_id", &new_run.project_id)?;
         let created = self.create(&caller.tenant, vec![new_run]).await?;
@@ -226,7 +225,6 @@ impl RunService for RunApi {
     ) -> Result<Response<proto::GetRunResponse>, Status> {
         let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
         let run_id = RunId::parse("run_id", &request.get_ref().run_id).map_err(Error::from)?;
-        observe::record_tenant(&tenant.0);
         observe::record_run(&run_id);
         let client = self.state.pool.get().await.map_err(Error::from)?;
         let run = runs::get(&client, &tenant, run_id).await?;
