@@ -1,0 +1,172 @@
+//! The system under test as real processes: a PostgreSQL (throwaway, or `DATABASE_URL`),
+//! one manager and a set of runners, all killed when the [`Stack`] is dropped.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agentrun_manager::local_postgres::LocalPostgres;
+use anyhow::{Context, bail};
+use tokio_postgres::NoTls;
+use tonic::transport::Channel;
+
+/// Where the benchmark database lives.
+pub enum Cluster {
+    /// A server given by `DATABASE_URL` (a superuser URL).
+    External(String),
+    /// A throwaway cluster, stopped and deleted on drop.
+    Local(LocalPostgres),
+}
+
+impl Cluster {
+    /// `DATABASE_URL` when set, otherwise a fresh local cluster.
+    pub fn start() -> anyhow::Result<Self> {
+        match std::env::var("DATABASE_URL") {
+            Ok(url) if !url.is_empty() => Ok(Cluster::External(url)),
+            _ => Ok(Cluster::Local(
+                LocalPostgres::start().context("start a throwaway PostgreSQL")?,
+            )),
+        }
+    }
+
+    /// The URL of `database` on this cluster.
+    pub fn url(&self, database: &str) -> String {
+        match self {
+            Cluster::Local(pg) => pg.url(database),
+            Cluster::External(url) => with_database(url, database),
+        }
+    }
+
+    /// Creates an empty database named `agentrun_bench_<uuid>` and returns its URL.
+    pub async fn create_database(&self) -> anyhow::Result<String> {
+        let admin = connect_db(&self.url("postgres")).await?;
+        let name = format!("agentrun_bench_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .context("create the benchmark database")?;
+        Ok(self.url(&name))
+    }
+}
+
+/// `url` with its database name replaced (query parameters kept).
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let prefix = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{prefix}/{database}?{q}"),
+        None => format!("{prefix}/{database}"),
+    }
+}
+
+/// A direct database connection (its driver task runs in the background).
+pub async fn connect_db(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .with_context(|| format!("connect to {url}"))?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// One manager process and its runners; every process is killed on drop.
+pub struct Stack {
+    pub addr: SocketAddr,
+    manager: Child,
+    runners: Vec<Child>,
+}
+
+impl Stack {
+    /// Starts the manager on `database_url` and `runners` runner processes, and returns
+    /// once the manager accepts gRPC connections.
+    pub async fn start(database_url: &str, runners: usize) -> anyhow::Result<Self> {
+        let bin_dir = bin_dir()?;
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let manager = Command::new(bin_dir.join("agentrun-manager"))
+            .arg("serve")
+            .env("DATABASE_URL", database_url)
+            .env("AGENTRUN_AUTH", "disabled")
+            .env("AGENTRUN_LISTEN", addr.to_string())
+            .env("AGENTRUN_METRICS_LISTEN", "")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("start agentrun-manager")?;
+        let mut stack = Stack {
+            addr,
+            manager,
+            runners: Vec::new(),
+        };
+        stack.channel().await?;
+        for i in 0..runners {
+            let runner = Command::new(bin_dir.join("agentrun-runner"))
+                .env("AGENTRUN_MANAGER_URL", format!("http://{addr}"))
+                .env("AGENTRUN_RUNNER_NAME", format!("bench-{i}"))
+                .env("AGENTRUN_SCRIPTED_TOKEN_DELAY_MS", "0")
+                .env("AGENTRUN_MAX_CONCURRENCY", "64")
+                .env("AGENTRUN_LINGER_MS", "5")
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .context("start agentrun-runner")?;
+            stack.runners.push(runner);
+        }
+        Ok(stack)
+    }
+
+    /// A channel to the manager, retried for up to 20 s while it starts.
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        let endpoint = Channel::from_shared(format!("http://{}", self.addr))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match endpoint.connect().await {
+                Ok(channel) => return Ok(channel),
+                Err(err) if Instant::now() > deadline => {
+                    bail!("manager at {} never accepted connections: {err}", self.addr)
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for child in self
+            .runners
+            .iter_mut()
+            .chain(std::iter::once(&mut self.manager))
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The directory of this executable, where cargo also puts the manager and runner
+/// binaries of the same profile.
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locate the bench binary")?;
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    for name in ["agentrun-manager", "agentrun-runner"] {
+        if !dir.join(name).is_file() {
+            bail!(
+                "{name} not found in {}: build it first (cargo build --release -p agentrun-manager -p agentrun-runner)",
+                dir.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
