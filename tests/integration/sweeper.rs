@@ -7,37 +7,6 @@ use agentrun_shared::proto::{self, RunStatus};
 use agentrun_tests::*;
 use tonic::Code;
 
-async fn wait_for_status(app: &mut TestApp, run_id: &str, want: RunStatus) -> proto::Run {
-    let mut client = app.runs.clone();
-    wait_for(
-        &format!("run to become {want:?}"),
-        Duration::from_secs(15),
-        || {
-            let mut client = client.clone();
-            let run_id = run_id.to_owned();
-            async move {
-                let run = client
-                    .get_run(proto::GetRunRequest { run_id })
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .run?;
-                (status_of(&run) == want).then_some(run)
-            }
-        },
-    )
-    .await;
-    client
-        .get_run(proto::GetRunRequest {
-            run_id: run_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .run
-        .unwrap()
-}
-
 #[tokio::test]
 async fn an_expired_lease_is_requeued_with_its_commands() {
     let mut app = TestApp::spawn_with(|s| s.lease_ttl_ms = 300).await;
@@ -57,7 +26,13 @@ async fn an_expired_lease_is_requeued_with_its_commands() {
         .unwrap();
 
     // No heartbeat: the sweeper puts it back in the queue, attempt 2.
-    let requeued = wait_for_status(&mut app, &run.run_id, RunStatus::Pending).await;
+    let requeued = wait_for_run(
+        &app,
+        &run.run_id,
+        RunStatus::Pending,
+        Duration::from_secs(15),
+    )
+    .await;
     assert_eq!(requeued.attempt, 2);
     assert!(requeued.lease_runner_id.is_empty());
     let types = event_types(&mut app, &run.run_id).await;
@@ -89,7 +64,13 @@ async fn max_attempts_ends_in_runner_lost() {
             .remove(0);
         assert_eq!(a.run.unwrap().attempt, attempt);
     }
-    let failed = wait_for_status(&mut app, &run.run_id, RunStatus::Failed).await;
+    let failed = wait_for_run(
+        &app,
+        &run.run_id,
+        RunStatus::Failed,
+        Duration::from_secs(15),
+    )
+    .await;
     assert_eq!(failed.failure_kind, "runner_lost");
     assert_eq!(failed.attempt, 2);
     let types = event_types(&mut app, &run.run_id).await;
@@ -116,7 +97,13 @@ async fn a_run_cancelled_while_its_runner_died_ends_cancelled() {
         })
         .await
         .unwrap();
-    let ended = wait_for_status(&mut app, &run.run_id, RunStatus::Cancelled).await;
+    let ended = wait_for_run(
+        &app,
+        &run.run_id,
+        RunStatus::Cancelled,
+        Duration::from_secs(15),
+    )
+    .await;
     assert_eq!(ended.attempt, 1, "not requeued");
 }
 
@@ -133,7 +120,13 @@ async fn queue_timeout_expires_unclaimed_runs() {
         .into_inner()
         .run
         .unwrap();
-    let expired = wait_for_status(&mut app, &run.run_id, RunStatus::Expired).await;
+    let expired = wait_for_run(
+        &app,
+        &run.run_id,
+        RunStatus::Expired,
+        Duration::from_secs(15),
+    )
+    .await;
     assert_eq!(expired.failure_kind, "queue_timeout");
     let claimed = app
         .runners
@@ -167,7 +160,13 @@ async fn run_timeout_fails_the_run_and_fences_its_runner() {
         .await
         .unwrap();
 
-    let failed = wait_for_status(&mut app, &run.run_id, RunStatus::Failed).await;
+    let failed = wait_for_run(
+        &app,
+        &run.run_id,
+        RunStatus::Failed,
+        Duration::from_secs(15),
+    )
+    .await;
     assert_eq!(failed.failure_kind, "run_timeout");
     let err = app
         .runners
