@@ -224,7 +224,7 @@ impl Runner {
         }
 
         let heartbeat_every = Duration::from_millis(welcome.heartbeat_interval_ms.max(100) as u64);
-        let max_batch = (welcome.max_batch_events.max(1) as usize).min(10_000);
+        let max_batch = max_batch(&welcome);
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);
         let mut linger: Option<Instant> = None;
@@ -260,6 +260,8 @@ impl Runner {
                         send(&tx, Out::CommandAck(ack)).await;
                     }
                     Upward::Finish(finish) => {
+                        // Behind the run's last events, on the same ordered stream.
+                        self.flush_run(&finish.run_id, max_batch, &tx).await;
                         if let Some(run) = self.runs.get_mut(&finish.run_id) {
                             run.finish = Some(finish.clone());
                             send(&tx, Out::Finish(finish)).await;
@@ -309,12 +311,18 @@ impl Runner {
             }
         }
         for resumed in &welcome.resumed {
-            if let Some(run) = self.runs.get(&resumed.run_id) {
-                run.outbox.rewind(resumed.acked_runner_seq);
-                if let Some(finish) = &run.finish {
-                    send(tx, Out::Finish(finish.clone())).await;
+            let Some(run) = self.runs.get(&resumed.run_id) else {
+                continue;
+            };
+            run.outbox.rewind(resumed.acked_runner_seq);
+            match run.finish.clone() {
+                // The unacknowledged events go again, the finish right behind them.
+                Some(finish) => {
+                    self.flush_run(&resumed.run_id, max_batch(welcome), tx)
+                        .await;
+                    send(tx, Out::Finish(finish)).await;
                 }
-                self.dirty.mark(&resumed.run_id);
+                None => self.dirty.mark(&resumed.run_id),
             }
         }
     }
@@ -502,6 +510,11 @@ impl Runner {
 async fn send(tx: &mpsc::Sender<proto::RunnerMessage>, body: Out) {
     // A failed send means the stream is gone; the session loop notices and reconnects.
     let _ = tx.send(proto::RunnerMessage { body: Some(body) }).await;
+}
+
+/// Most events sent in one batch.
+fn max_batch(welcome: &proto::Welcome) -> usize {
+    (welcome.max_batch_events.max(1) as usize).min(10_000)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -79,10 +79,8 @@ pub async fn execute(ctx: RunContext, mut commands: mpsc::UnboundedReceiver<prot
     let run_id = ctx.run.run_id.clone();
     let ending = Executor::new(&ctx).drive(&mut commands).await;
     if let Ending::Finish(status, failure) = ending {
-        // The finish must not overtake the run's own events.
-        tokio::select! {
-            _ = ctx.outbox.all_acked() => {}
-            _ = ctx.abort.cancelled() => return,
+        if ctx.abort.is_cancelled() {
+            return;
         }
         let (failure_kind, message) = failure.unwrap_or_default();
         let finish = proto::FinishRunRequest {
@@ -92,6 +90,9 @@ pub async fn execute(ctx: RunContext, mut commands: mpsc::UnboundedReceiver<prot
             status: status as i32,
             failure_kind,
             message,
+            // The manager refuses the finish until these events are stored, so it is sent
+            // right behind them, without waiting for their ack.
+            last_runner_seq: ctx.outbox.last_pushed(),
         };
         let _ = ctx.upward.send(Upward::Finish(finish));
     }

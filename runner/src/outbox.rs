@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use agentrun_shared::proto;
 use serde_json::Value;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 /// Events of one run under one lease epoch.
 pub struct Outbox {
@@ -16,8 +16,6 @@ pub struct Outbox {
     on_push: Box<dyn Fn() + Send + Sync>,
     /// Signalled when acknowledgements free space.
     space: Notify,
-    /// The highest acknowledged runner_seq.
-    acked: watch::Sender<i64>,
     capacity: usize,
 }
 
@@ -40,7 +38,6 @@ impl Outbox {
             }),
             on_push: Box::new(on_push),
             space: Notify::new(),
-            acked: watch::channel(0).0,
             capacity: capacity.max(1),
         }
     }
@@ -105,11 +102,6 @@ impl Outbox {
         }
         state.sent_upto = state.sent_upto.max(runner_seq);
         drop(state);
-        self.acked.send_if_modified(|acked| {
-            let changed = runner_seq > *acked;
-            *acked = (*acked).max(runner_seq);
-            changed
-        });
         self.space.notify_waiters();
     }
 
@@ -121,18 +113,9 @@ impl Outbox {
         state.sent_upto = runner_seq;
     }
 
-    /// Waits until every pushed event is acknowledged.
-    pub async fn all_acked(&self) {
-        let mut acked = self.acked.subscribe();
-        loop {
-            let last_pushed = self.state.lock().expect("outbox lock").next_seq - 1;
-            if *acked.borrow_and_update() >= last_pushed {
-                return;
-            }
-            if acked.changed().await.is_err() {
-                return;
-            }
-        }
+    /// The runner_seq of the last event pushed (0: none yet).
+    pub fn last_pushed(&self) -> i64 {
+        self.state.lock().expect("outbox lock").next_seq - 1
     }
 }
 
@@ -169,10 +152,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             [4, 5]
         );
-        outbox.ack(5);
-        tokio::time::timeout(Duration::from_secs(1), outbox.all_acked())
-            .await
-            .unwrap();
+        assert_eq!(outbox.last_pushed(), 5);
     }
 
     #[tokio::test]

@@ -30,6 +30,8 @@ pub mod reason {
     pub const TURN_NOT_ACTIVE: &str = "turn_not_active";
     /// An idempotency key was reused with a different request.
     pub const IDEMPOTENCY_CONFLICT: &str = "idempotency_conflict";
+    /// A finish arrived before the run's events it names were stored.
+    pub const EVENTS_MISSING: &str = "events_missing";
 }
 
 /// Response metadata key carrying one of the [`reason`] codes.

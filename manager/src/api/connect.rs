@@ -16,27 +16,30 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentrun_shared::error::{FieldError, reason};
+use agentrun_shared::error::reason;
 use agentrun_shared::ids::RunId;
 use agentrun_shared::proto::{self, manager_message::Body as Out, runner_message::Body as In};
 use agentrun_shared::state::RunStatus;
+use futures_util::FutureExt;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use super::runner_service::{
-    RunnerApi, command_updates, delivered_to, epoch, finish_outcome, lease_refs, runner_identity,
+    RunnerApi, append_write, delivered_to, finish_write, lease_refs, release_write, runner_identity,
 };
 use super::{AppState, convert};
 use crate::error::Error;
 use crate::store::Tenant;
-use crate::store::leases::{self, Assignment, RunnerIdentity};
+use crate::store::leases::{self, Assignment, LeaseWrite, RunnerIdentity, Written};
 use crate::store::runners;
 
 /// How long a runner has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages buffered towards a runner before the session waits for it to read.
-const OUTBOX: usize = 256;
+const OUTBOX: usize = 1024;
+/// Most runner messages applied in one transaction.
+const MAX_BATCH: usize = 1024;
 
 pub type ManagerStream = ReceiverStream<Result<proto::ManagerMessage, Status>>;
 
@@ -127,6 +130,23 @@ pub async fn open(
     Ok(ReceiverStream::new(rx))
 }
 
+/// `first` and every further message already received, up to [`MAX_BATCH`], without
+/// waiting; and whether the stream ended behind them.
+fn read_ready(
+    inbound: &mut Streaming<proto::RunnerMessage>,
+    first: proto::RunnerMessage,
+) -> (Vec<proto::RunnerMessage>, bool) {
+    let mut messages = vec![first];
+    while messages.len() < MAX_BATCH {
+        match inbound.message().now_or_never() {
+            Some(Ok(Some(message))) => messages.push(message),
+            None => return (messages, false),
+            Some(Ok(None) | Err(_)) => return (messages, true),
+        }
+    }
+    (messages, false)
+}
+
 fn command_delivery(
     run_id: RunId,
     epoch: i64,
@@ -137,6 +157,17 @@ fn command_delivery(
         epoch,
         command: Some(convert::command(command)),
     })
+}
+
+/// How a runner's write is answered once stored.
+enum Reply {
+    EventAck {
+        events: usize,
+    },
+    /// Command acknowledgements are not answered.
+    None,
+    FinishAck,
+    Released,
 }
 
 struct Session {
@@ -191,7 +222,14 @@ impl Session {
         loop {
             let result = tokio::select! {
                 message = inbound.message() => match message {
-                    Ok(Some(message)) => self.handle(message).await,
+                    Ok(Some(first)) => {
+                        let (messages, ended) = read_ready(&mut inbound, first);
+                        let handled = self.handle(messages).await;
+                        if ended && handled.is_ok() {
+                            break;
+                        }
+                        handled
+                    }
                     Ok(None) => break,
                     Err(status) => {
                         tracing::debug!(runner = %self.runner.id, %status, "runner stream failed");
@@ -278,76 +316,153 @@ impl Session {
         Ok(())
     }
 
-    async fn handle(&mut self, message: proto::RunnerMessage) -> Result<(), Error> {
+    /// Applies messages the runner sent, in order: every write they carry (event
+    /// batches, command acknowledgements, finishes, releases, of any number of runs) in
+    /// one transaction, each answered after the commit; then the credit they gave.
+    async fn handle(&mut self, messages: Vec<proto::RunnerMessage>) -> Result<(), Error> {
         self.last_heard = tokio::time::Instant::now();
-        let Some(body) = message.body else {
-            return self.refuse("", Error::invalid("body", "is required")).await;
-        };
-        match body {
-            In::Hello(_) => {
-                self.refuse(
-                    "",
-                    Error::invalid("body", "hello is only the first message"),
-                )
-                .await
-            }
-            In::Credit(credit) => {
-                if credit.slots < 0 {
-                    return self
-                        .refuse("", Error::invalid("credit.slots", "must not be negative"))
-                        .await;
+        let mut writes: Vec<(LeaseWrite, Reply)> = Vec::new();
+        let mut credit: Option<i64> = None;
+        for message in messages {
+            let Some(body) = message.body else {
+                self.refuse("", Error::invalid("body", "is required"))
+                    .await?;
+                continue;
+            };
+            let (run_id, write) = match body {
+                In::Hello(_) => {
+                    self.refuse(
+                        "",
+                        Error::invalid("body", "hello is only the first message"),
+                    )
+                    .await?;
+                    continue;
                 }
-                // Never more runs in flight than the runner said it can execute.
-                let room = i64::from(self.runner.max_concurrency) - self.held.len() as i64;
-                self.credit = (self.credit + i64::from(credit.slots)).min(room.max(0));
-                self.assign().await
-            }
-            In::Heartbeat(beat) => self.heartbeat(beat).await,
-            In::Events(batch) => {
-                let run_id = batch.run_id.clone();
-                match self.append(batch).await {
-                    Ok(ack) => {
-                        self.send(Out::EventAck(ack)).await;
-                        Ok(())
-                    }
-                    Err(err) => self.refuse(&run_id, err).await,
+                In::Credit(given) if given.slots < 0 => {
+                    self.refuse("", Error::invalid("credit.slots", "must not be negative"))
+                        .await?;
+                    continue;
                 }
-            }
-            In::CommandAck(ack) => {
-                let run_id = ack.run_id.clone();
-                let batch = proto::AppendEventsRequest {
-                    runner_id: String::new(),
-                    run_id: ack.run_id,
-                    epoch: ack.epoch,
-                    events: vec![],
-                    command_updates: ack.update.into_iter().collect(),
-                };
-                match self.append(batch).await {
-                    Ok(_) => Ok(()),
-                    Err(err) => self.refuse(&run_id, err).await,
+                In::Credit(given) => {
+                    *credit.get_or_insert(0) += i64::from(given.slots);
+                    continue;
                 }
-            }
-            In::Finish(finish) => {
-                let run_id = finish.run_id.clone();
-                match self.finish(finish).await {
-                    Ok(ack) => {
-                        self.send(Out::FinishAck(ack)).await;
-                        Ok(())
-                    }
-                    Err(err) => self.refuse(&run_id, err).await,
+                In::Heartbeat(beat) => {
+                    self.heartbeat(beat).await?;
+                    continue;
                 }
-            }
-            In::Release(release) => {
-                let run_id = release.run_id.clone();
-                match self.release(release).await {
-                    Ok(ack) => {
-                        self.send(Out::FinishAck(ack)).await;
-                        Ok(())
-                    }
-                    Err(err) => self.refuse(&run_id, err).await,
+                In::Events(batch) => (
+                    batch.run_id.clone(),
+                    append_write(&self.state.settings, &batch).map(|w| {
+                        (
+                            w,
+                            Reply::EventAck {
+                                events: batch.events.len(),
+                            },
+                        )
+                    }),
+                ),
+                In::CommandAck(ack) => {
+                    let batch = proto::AppendEventsRequest {
+                        run_id: ack.run_id.clone(),
+                        epoch: ack.epoch,
+                        command_updates: ack.update.into_iter().collect(),
+                        ..Default::default()
+                    };
+                    (
+                        ack.run_id,
+                        append_write(&self.state.settings, &batch).map(|w| (w, Reply::None)),
+                    )
                 }
+                In::Finish(finish) => (
+                    finish.run_id.clone(),
+                    finish_write(&finish).map(|w| (w, Reply::FinishAck)),
+                ),
+                In::Release(release) => (
+                    release.run_id.clone(),
+                    release_write(&release).map(|w| (w, Reply::Released)),
+                ),
+            };
+            match write {
+                Ok(write) => writes.push(write),
+                Err(err) => self.refuse(&run_id, err.into()).await?,
             }
         }
+        self.write(writes).await?;
+        if let Some(slots) = credit {
+            // Never more runs in flight than the runner said it can execute.
+            let room = i64::from(self.runner.max_concurrency) - self.held.len() as i64;
+            self.credit = (self.credit + slots).min(room.max(0));
+            self.assign().await?;
+        }
+        Ok(())
+    }
+
+    /// Stores the runner's writes in one transaction and answers each.
+    async fn write(&mut self, writes: Vec<(LeaseWrite, Reply)>) -> Result<(), Error> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let (writes, replies): (Vec<LeaseWrite>, Vec<Reply>) = writes.into_iter().unzip();
+        let runs: Vec<(RunId, i64)> = writes.iter().map(|w| (w.run_id(), w.epoch())).collect();
+        let results = leases::write(
+            &self.state.pool,
+            self.runner.id,
+            self.runner.tenant.as_ref(),
+            writes,
+        )
+        .await?;
+        let mut written = Vec::with_capacity(runs.len());
+        let mut released = false;
+        for (((run_id, epoch), reply), result) in runs.into_iter().zip(replies).zip(results) {
+            let written_now = match result {
+                Ok(written_now) => written_now,
+                Err(err) => {
+                    self.refuse(&run_id.to_string(), err).await?;
+                    continue;
+                }
+            };
+            written.push(run_id.0);
+            let answer = match (reply, written_now) {
+                (Reply::EventAck { events }, Written::Appended(outcome)) => {
+                    self.state.metrics.appended(events, outcome.duplicates);
+                    Out::EventAck(proto::EventAck {
+                        run_id: run_id.to_string(),
+                        epoch,
+                        result: Some(proto::AppendEventsResponse {
+                            first_seq: outcome.first_seq,
+                            last_seq: outcome.last_seq,
+                            acked_runner_seq: outcome.acked_runner_seq,
+                            duplicates: outcome.duplicates,
+                        }),
+                    })
+                }
+                (Reply::FinishAck, Written::Finished(run)) => {
+                    self.drop_lease(run_id);
+                    Out::FinishAck(proto::FinishAck {
+                        run_id: run_id.to_string(),
+                        epoch,
+                        status: run.status.to_proto() as i32,
+                    })
+                }
+                (Reply::Released, _) => {
+                    self.drop_lease(run_id);
+                    released = true;
+                    Out::FinishAck(proto::FinishAck {
+                        run_id: run_id.to_string(),
+                        epoch,
+                        status: RunStatus::Pending.to_proto() as i32,
+                    })
+                }
+                _ => continue,
+            };
+            self.send(answer).await;
+        }
+        self.state.notifier.events_appended(written);
+        if released {
+            self.state.notifier.work_available();
+        }
+        Ok(())
     }
 
     /// An operator drained this runner (`AdminService.DrainRunner`, through any replica):
@@ -454,81 +569,5 @@ impl Session {
         )))
         .await;
         Ok(())
-    }
-
-    async fn append(
-        &mut self,
-        batch: proto::AppendEventsRequest,
-    ) -> Result<proto::EventAck, Error> {
-        let run_id = RunId::parse("run_id", &batch.run_id)?;
-        let epoch = epoch(batch.epoch)?;
-        let events = RunnerApi::events(&self.state.settings, &batch.events)?;
-        let updates = command_updates(&batch.command_updates)?;
-        if events.is_empty() && updates.is_empty() {
-            return Err(FieldError::new("events", "is empty and so is command_updates").into());
-        }
-        let batch_len = events.len();
-        let outcome = leases::append(
-            &self.state.pool,
-            self.runner.id,
-            self.runner.tenant.as_ref(),
-            run_id,
-            epoch,
-            events,
-            updates,
-        )
-        .await?;
-        self.state.metrics.appended(batch_len, outcome.duplicates);
-        self.state.notifier.events_appended([run_id.0]);
-        Ok(proto::EventAck {
-            run_id: batch.run_id,
-            epoch,
-            result: Some(proto::AppendEventsResponse {
-                first_seq: outcome.first_seq,
-                last_seq: outcome.last_seq,
-                acked_runner_seq: outcome.acked_runner_seq,
-                duplicates: outcome.duplicates,
-            }),
-        })
-    }
-
-    async fn finish(&mut self, finish: proto::FinishRunRequest) -> Result<proto::FinishAck, Error> {
-        let (epoch, outcome) = finish_outcome(&finish)?;
-        let run = leases::finish(
-            &self.state.pool,
-            self.runner.id,
-            self.runner.tenant.as_ref(),
-            epoch,
-            outcome,
-        )
-        .await?;
-        self.state.notifier.events_appended([run.id.0]);
-        self.drop_lease(run.id);
-        Ok(proto::FinishAck {
-            run_id: run.id.to_string(),
-            epoch,
-            status: run.status.to_proto() as i32,
-        })
-    }
-
-    async fn release(&mut self, release: proto::Release) -> Result<proto::FinishAck, Error> {
-        let run_id = RunId::parse("run_id", &release.run_id)?;
-        let epoch = epoch(release.epoch)?;
-        leases::release(
-            &self.state.pool,
-            self.runner.id,
-            self.runner.tenant.as_ref(),
-            run_id,
-            epoch,
-        )
-        .await?;
-        self.drop_lease(run_id);
-        self.state.notifier.events_appended([run_id.0]);
-        self.state.notifier.work_available();
-        Ok(proto::FinishAck {
-            run_id: release.run_id,
-            epoch,
-            status: RunStatus::Pending.to_proto() as i32,
-        })
     }
 }

@@ -16,7 +16,7 @@ use crate::error::Error;
 use crate::observe;
 use crate::store::api_keys::Role;
 use crate::store::commands::CommandUpdate;
-use crate::store::leases::{self, RunnerEvent, RunnerIdentity};
+use crate::store::leases::{self, LeaseWrite, RunnerEvent, RunnerIdentity, Written};
 use crate::store::runs::Finish;
 
 /// Most leases renewed by one heartbeat.
@@ -185,10 +185,36 @@ pub(super) fn lease_refs(
         .collect()
 }
 
-/// A validated FinishRun: the epoch and the outcome.
-pub(super) fn finish_outcome(r: &proto::FinishRunRequest) -> Result<(i64, Finish), FieldError> {
+/// A validated event batch (with command reports) as a lease write.
+pub(super) fn append_write(
+    settings: &Settings,
+    r: &proto::AppendEventsRequest,
+) -> Result<LeaseWrite, FieldError> {
     let run_id = RunId::parse("run_id", &r.run_id)?;
     let epoch = epoch(r.epoch)?;
+    let events = RunnerApi::events(settings, &r.events)?;
+    let updates = command_updates(&r.command_updates)?;
+    if events.is_empty() && updates.is_empty() {
+        return Err(FieldError::new(
+            "events",
+            "is empty and so is command_updates",
+        ));
+    }
+    Ok(LeaseWrite::Append {
+        run_id,
+        epoch,
+        events,
+        updates,
+    })
+}
+
+/// A validated FinishRun as a lease write.
+pub(super) fn finish_write(r: &proto::FinishRunRequest) -> Result<LeaseWrite, FieldError> {
+    let run_id = RunId::parse("run_id", &r.run_id)?;
+    let epoch = epoch(r.epoch)?;
+    if r.last_runner_seq < 0 {
+        return Err(FieldError::new("last_runner_seq", "must not be negative"));
+    }
     let status = RunStatus::from_proto("status", r.status)?;
     if !status.is_runner_outcome() {
         return Err(FieldError::new(
@@ -197,16 +223,25 @@ pub(super) fn finish_outcome(r: &proto::FinishRunRequest) -> Result<(i64, Finish
         ));
     }
     let failure_kind = validate::optional_name("failure_kind", &r.failure_kind)?;
-    Ok((
+    Ok(LeaseWrite::Finish {
         epoch,
-        Finish {
+        outcome: Finish {
             run_id,
             status,
             failure_kind: failure_kind
                 .or_else(|| (status != RunStatus::Completed).then(|| status.as_str().to_owned())),
             message: (!r.message.is_empty()).then(|| truncate(&r.message)),
         },
-    ))
+        last_runner_seq: r.last_runner_seq,
+    })
+}
+
+/// A validated Release (graceful drain) as a lease write.
+pub(super) fn release_write(r: &proto::Release) -> Result<LeaseWrite, FieldError> {
+    Ok(LeaseWrite::Release {
+        run_id: RunId::parse("run_id", &r.run_id)?,
+        epoch: epoch(r.epoch)?,
+    })
 }
 
 pub(super) fn command_updates(
@@ -320,24 +355,15 @@ impl RunnerService for RunnerApi {
         let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
         observe::record_runner(&runner_id);
         observe::record_run(&run_id);
-        let epoch = epoch(r.epoch).map_err(Error::from)?;
-        let events = Self::events(&self.state.settings, &r.events).map_err(Error::from)?;
-        let updates = command_updates(&r.command_updates).map_err(Error::from)?;
-        if events.is_empty() && updates.is_empty() {
-            return Err(Error::invalid("events", "is empty and so is command_updates").into());
-        }
-        let batch = events.len();
-        let outcome = leases::append(
-            &self.state.pool,
-            runner_id,
-            caller.runner_tenant(),
-            run_id,
-            epoch,
-            events,
-            updates,
-        )
-        .await?;
-        self.state.metrics.appended(batch, outcome.duplicates);
+        let write = append_write(&self.state.settings, r).map_err(Error::from)?;
+        let Written::Appended(outcome) =
+            leases::write_one(&self.state.pool, runner_id, caller.runner_tenant(), write).await?
+        else {
+            return Err(Status::internal("an append stored something else"));
+        };
+        self.state
+            .metrics
+            .appended(r.events.len(), outcome.duplicates);
         self.state.notifier.events_appended([run_id.0]);
         Ok(Response::new(proto::AppendEventsResponse {
             first_seq: outcome.first_seq,
@@ -354,15 +380,12 @@ impl RunnerService for RunnerApi {
         let caller = caller(&self.state, &request, Role::Runner).await?;
         let r = request.get_ref();
         let runner_id = RunnerId::parse("runner_id", &r.runner_id).map_err(Error::from)?;
-        let (epoch, outcome) = finish_outcome(r).map_err(Error::from)?;
-        let run = leases::finish(
-            &self.state.pool,
-            runner_id,
-            caller.runner_tenant(),
-            epoch,
-            outcome,
-        )
-        .await?;
+        let write = finish_write(r).map_err(Error::from)?;
+        let Written::Finished(run) =
+            leases::write_one(&self.state.pool, runner_id, caller.runner_tenant(), write).await?
+        else {
+            return Err(Status::internal("a finish stored something else"));
+        };
         self.state.notifier.events_appended([run.id.0]);
         Ok(Response::new(proto::FinishRunResponse {
             run: Some(convert::run(&run)),

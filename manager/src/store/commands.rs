@@ -330,59 +330,33 @@ pub struct CommandUpdate {
     pub error: Option<String>,
 }
 
-/// Applies runner reports to commands of `run_id` (fenced by the caller, who holds the
-/// run's row lock). Repeating a report is a no-op; an illegal transition is refused.
-/// Returns the `command.completed` events to record for commands that ended.
-pub(crate) async fn apply_updates(
+/// Stores runner reports already checked against the commands' current status (see
+/// `leases::write`), in one statement; of several reports on one command the last wins.
+pub(crate) async fn store_updates(
     tx: &impl GenericClient,
-    run_id: RunId,
     updates: &[CommandUpdate],
-) -> Result<Vec<NewEvent>> {
-    let mut ended = Vec::new();
-    let select = tx
-        .prepare_cached("SELECT status FROM commands WHERE id = $1 AND run_id = $2")
-        .await?;
-    let update = tx
-        .prepare_cached("UPDATE commands SET status = $3, error = $4, updated_at = now() WHERE id = $1 AND run_id = $2")
-        .await?;
-    for (i, u) in updates.iter().enumerate() {
-        let field = format!("command_updates[{i}]");
-        let row = tx
-            .query_opt(&select, &[&u.command_id.0, &run_id.0])
-            .await?
-            .ok_or_else(|| {
-                Error::invalid(
-                    format!("{field}.command_id"),
-                    "is not a command of this run",
-                )
-            })?;
-        let current = parse_state("command status", row.get(0), CommandStatus::from_db)?;
-        if current == u.status {
-            continue;
-        }
-        if !CommandStatus::can_transition(current, u.status) {
-            return Err(Error::precondition(
-                reason::ILLEGAL_TRANSITION,
-                format!(
-                    "{field}: command is {} and cannot become {}",
-                    current.as_str(),
-                    u.status.as_str()
-                ),
-            ));
-        }
-        tx.execute(
-            &update,
-            &[&u.command_id.0, &run_id.0, &u.status.as_str(), &u.error],
+) -> Result<()> {
+    if updates.is_empty() {
+        return Ok(());
+    }
+    let mut seen = std::collections::HashSet::new();
+    let last: Vec<&CommandUpdate> = updates
+        .iter()
+        .rev()
+        .filter(|u| seen.insert(u.command_id))
+        .collect();
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE commands SET status = u.status, error = u.error, updated_at = now()
+             FROM unnest($1::uuid[], $2::text[], $3::text[]) AS u(id, status, error)
+             WHERE commands.id = u.id",
         )
         .await?;
-        if u.status.is_final() {
-            ended.push(NewEvent::manager(
-                EventType::CommandCompleted,
-                json!({"command_id": u.command_id.to_string(), "status": u.status.as_str(), "error": u.error}),
-            ));
-        }
-    }
-    Ok(ended)
+    let ids: Vec<Uuid> = last.iter().map(|u| u.command_id.0).collect();
+    let statuses: Vec<&str> = last.iter().map(|u| u.status.as_str()).collect();
+    let errors: Vec<Option<&str>> = last.iter().map(|u| u.error.as_deref()).collect();
+    tx.execute(&stmt, &[&ids, &statuses, &errors]).await?;
+    Ok(())
 }
 
 /// Cancels the open commands of runs that ended.

@@ -1,8 +1,14 @@
 //! Leases: claiming runs, renewing leases, and every write a runner makes under one.
 //!
 //! A lease is `(run, runner, epoch, expires_at)` on the run row. `epoch` rises by one on
-//! every claim and is the fencing token: [`lock_fenced`] refuses any write that names a
-//! stale epoch (or another runner, or a run no longer active) with `lease_lost`.
+//! every claim and is the fencing token: [`fence`] refuses any write that names a
+//! stale epoch (or another runner, or a run no longer active) with `lease_lost`. The
+//! writes made under a lease (events, command reports, finish, release) are batched in
+//! [`writes`].
+
+mod writes;
+
+pub use writes::{LeaseWrite, Written, write, write_one};
 
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
@@ -16,10 +22,9 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::Tenant;
-use super::commands::{self, CommandRecord, CommandUpdate};
-use super::events::{self, NewEvent, Producer};
-use super::requests::{self, OpenedRequest};
-use super::runs::{self, Finish, RequeueReason, RunRecord};
+use super::commands::{self, CommandRecord};
+use super::events::{self, NewEvent};
+use super::runs::RunRecord;
 use crate::error::{Error, Result};
 
 /// Who a runner is and what it can serve.
@@ -537,38 +542,8 @@ pub async fn hello(
     })
 }
 
-/// Locks a run for a write by the runner holding `epoch`; anything else is `lease_lost`.
-/// A run of another tenant than the runner's is NOT_FOUND.
-async fn lock_fenced(
-    tx: &impl GenericClient,
-    run_id: RunId,
-    runner_id: RunnerId,
-    tenant: Option<&Tenant>,
-    epoch: i64,
-) -> Result<RunRecord> {
-    let row = lock_run(tx, run_id, tenant).await?;
-    let run = RunRecord::from_row(&row)?;
-    fence(&run, runner_id, epoch)?;
-    Ok(run)
-}
-
-/// Locks a run of the runner's tenant (any tenant's when it has none).
-async fn lock_run(
-    tx: &impl GenericClient,
-    run_id: RunId,
-    tenant: Option<&Tenant>,
-) -> Result<tokio_postgres::Row> {
-    let stmt = tx
-        .prepare_cached(
-            "SELECT * FROM runs WHERE id = $1 AND ($2::text IS NULL OR tenant_id = $2::text)
-             FOR UPDATE",
-        )
-        .await?;
-    tx.query_opt(&stmt, &[&run_id.0, &tenant.map(Tenant::as_str)])
-        .await?
-        .ok_or(Error::NotFound { what: "run" })
-}
-
+/// Allows a write by the runner holding `epoch` of an active run; anything else is
+/// `lease_lost`.
 fn fence(run: &RunRecord, runner_id: RunnerId, epoch: i64) -> Result<()> {
     if run.lease_epoch != epoch || run.lease_runner_id != Some(runner_id) {
         return Err(Error::precondition(
@@ -600,193 +575,4 @@ pub struct AppendOutcome {
     pub last_seq: i64,
     pub acked_runner_seq: i64,
     pub duplicates: i32,
-}
-
-/// Appends a runner's event batch (and command updates) under its lease, in one
-/// transaction. Events at or below the epoch's stored runner_seq are resends and are
-/// skipped; the rest must continue it without a gap. The first events of an epoch move
-/// the run from claimed to running (`run.started`); `request.opened` stores the request
-/// and makes the run waiting; `turn.completed` cancels the turn's open requests, and the
-/// run is running again once none is open.
-pub async fn append(
-    pool: &Pool,
-    runner_id: RunnerId,
-    tenant: Option<&Tenant>,
-    run_id: RunId,
-    epoch: i64,
-    batch: Vec<RunnerEvent>,
-    updates: Vec<CommandUpdate>,
-) -> Result<AppendOutcome> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    let run = lock_fenced(&tx, run_id, runner_id, tenant, epoch).await?;
-
-    let duplicates = batch
-        .iter()
-        .take_while(|e| e.runner_seq <= run.lease_runner_seq)
-        .count();
-    let fresh = &batch[duplicates..];
-    if let Some(first) = fresh.first()
-        && first.runner_seq != run.lease_runner_seq + 1
-    {
-        return Err(Error::invalid(
-            format!("events[{duplicates}].runner_seq"),
-            format!(
-                "is {}, expected {} (events must not skip)",
-                first.runner_seq,
-                run.lease_runner_seq + 1
-            ),
-        ));
-    }
-
-    let mut status = run.status;
-    let mut to_store: Vec<(RunId, NewEvent)> = Vec::with_capacity(fresh.len() + 1);
-    if status == RunStatus::Claimed && !(fresh.is_empty() && updates.is_empty()) {
-        status = RunStatus::Running;
-        to_store.push((
-            run_id,
-            NewEvent::manager(
-                EventType::RunStarted,
-                json!({"epoch": epoch, "attempt": run.attempt}),
-            ),
-        ));
-    }
-    let mut active_turn = run.active_turn_id.clone();
-    // Requests opened in this batch, and turns it ended (their open requests close).
-    let mut opened = Vec::new();
-    let mut ended_turns = Vec::new();
-    for (i, event) in fresh.iter().enumerate() {
-        status = match (event.event_type, status) {
-            (EventType::RequestOpened, RunStatus::Running) => RunStatus::Waiting,
-            (_, s) => s,
-        };
-        // The active turn guards steers aimed at a turn that has already ended.
-        match event.event_type {
-            EventType::TurnStarted => {
-                active_turn = event
-                    .payload
-                    .get("turn_id")
-                    .and_then(|t| t.as_str())
-                    .map(str::to_owned);
-            }
-            EventType::TurnCompleted => {
-                let ended = event.payload.get("turn_id").and_then(|t| t.as_str());
-                ended_turns.extend(ended.map(str::to_owned).or(active_turn.take()));
-                active_turn = None;
-            }
-            EventType::RequestOpened => opened.push(OpenedRequest::from_payload(
-                format!("events[{}].payload_json", duplicates + i),
-                &event.payload,
-                active_turn.clone(),
-            )?),
-            _ => {}
-        }
-        let producer = Producer::Runner {
-            runner_id,
-            epoch,
-            runner_seq: event.runner_seq,
-        };
-        to_store.push((
-            run_id,
-            NewEvent {
-                event_type: event.event_type,
-                payload: event.payload.clone(),
-                producer,
-            },
-        ));
-    }
-    for ended in commands::apply_updates(&tx, run_id, &updates).await? {
-        to_store.push((run_id, ended));
-    }
-    let seqs = events::append(&tx, &to_store).await?;
-    requests::open(&tx, &run, &opened).await?;
-    requests::cancel_for_turns(&tx, run_id, &ended_turns).await?;
-    // A run waits only while one of its requests is open.
-    if status == RunStatus::Waiting
-        && !(opened.is_empty() && ended_turns.is_empty())
-        && !requests::any_open(&tx, run_id).await?
-    {
-        status = RunStatus::Running;
-    }
-    let acked_runner_seq = fresh.last().map_or(run.lease_runner_seq, |e| e.runner_seq);
-    if status != run.status
-        || acked_runner_seq != run.lease_runner_seq
-        || active_turn != run.active_turn_id
-    {
-        debug_assert!(status == run.status || RunStatus::can_transition(run.status, status));
-        let stmt = tx
-            .prepare_cached(
-                "UPDATE runs SET status = $2, lease_runner_seq = $3, active_turn_id = $4, updated_at = now()
-                 WHERE id = $1",
-            )
-            .await?;
-        tx.execute(
-            &stmt,
-            &[&run_id.0, &status.as_str(), &acked_runner_seq, &active_turn],
-        )
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(AppendOutcome {
-        first_seq: seqs.first().copied().unwrap_or(0),
-        last_seq: seqs.last().copied().unwrap_or(0),
-        acked_runner_seq,
-        duplicates: duplicates as i32,
-    })
-}
-
-/// Ends a run under the runner's lease. If its cancellation was requested, it ends
-/// cancelled whatever the runner reports. Repeating the finish that already happened
-/// (an acknowledgement lost) returns the run as it ended; a run that ended otherwise
-/// (timed out, say) is `lease_lost`.
-pub async fn finish(
-    pool: &Pool,
-    runner_id: RunnerId,
-    tenant: Option<&Tenant>,
-    epoch: i64,
-    outcome: Finish,
-) -> Result<RunRecord> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    let row = lock_run(&tx, outcome.run_id, tenant).await?;
-    let run = RunRecord::from_row(&row)?;
-    let same_holder = run.lease_epoch == epoch && run.lease_runner_id == Some(runner_id);
-    let same_outcome = run.status == outcome.status
-        || (run.cancel_requested && run.status == RunStatus::Cancelled);
-    if same_holder && run.status.is_terminal() && same_outcome {
-        return Ok(run);
-    }
-    fence(&run, runner_id, epoch)?;
-    let outcome = if run.cancel_requested && outcome.status != RunStatus::Cancelled {
-        Finish {
-            status: RunStatus::Cancelled,
-            failure_kind: Some("cancelled".into()),
-            message: Some("cancellation was requested".into()),
-            ..outcome
-        }
-    } else {
-        outcome
-    };
-    let finished = runs::finish_many(&tx, &[outcome]).await?;
-    tx.commit().await?;
-    finished
-        .into_iter()
-        .next()
-        .ok_or_else(|| Error::Internal("fenced finish changed no row".into()))
-}
-
-/// Gives a run back to the queue without counting an attempt (graceful drain).
-pub async fn release(
-    pool: &Pool,
-    runner_id: RunnerId,
-    tenant: Option<&Tenant>,
-    run_id: RunId,
-    epoch: i64,
-) -> Result<()> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    lock_fenced(&tx, run_id, runner_id, tenant, epoch).await?;
-    runs::requeue_many(&tx, &[run_id], RequeueReason::Released).await?;
-    tx.commit().await?;
-    Ok(())
 }

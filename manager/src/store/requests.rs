@@ -15,6 +15,7 @@
 //! Every write here happens under the run's row lock, taken before any request row, so
 //! resolving, expiring and runner appends never deadlock and never interleave events.
 
+use std::collections::HashSet;
 use std::time::SystemTime;
 
 use agentrun_shared::error::{FieldError, reason};
@@ -263,34 +264,41 @@ pub(crate) async fn open(
     Ok(())
 }
 
-/// Closes the open requests of turns that ended as `cancelled`. The caller holds the
-/// run's row lock. Returns how many were closed.
+/// Closes the open requests of turns that ended, `(run, turn)`, as `cancelled`. The
+/// caller holds the runs' row locks. Returns how many were closed.
 pub(crate) async fn cancel_for_turns(
     tx: &impl GenericClient,
-    run_id: RunId,
-    turn_ids: &[String],
+    ended_turns: &[(Uuid, String)],
 ) -> Result<u64> {
-    if turn_ids.is_empty() {
+    if ended_turns.is_empty() {
         return Ok(0);
     }
     let stmt = tx
         .prepare_cached(
             "UPDATE requests SET status = 'cancelled', resolved_at = now(),
                     resolution = '{\"decision\": \"cancel\", \"reason\": \"turn ended\"}'
-             WHERE run_id = $1 AND turn_id = ANY($2) AND status = 'open'",
+             FROM unnest($1::uuid[], $2::text[]) AS t(run_id, turn_id)
+             WHERE requests.run_id = t.run_id AND requests.turn_id = t.turn_id
+               AND requests.status = 'open'",
         )
         .await?;
-    Ok(tx.execute(&stmt, &[&run_id.0, &turn_ids]).await?)
+    let (runs, turns): (Vec<Uuid>, Vec<&str>) =
+        ended_turns.iter().map(|(r, t)| (*r, t.as_str())).unzip();
+    Ok(tx.execute(&stmt, &[&runs, &turns]).await?)
 }
 
-/// Whether the run has an open request.
-pub(crate) async fn any_open(tx: &impl GenericClient, run_id: RunId) -> Result<bool> {
+/// Which of `run_ids` have an open request.
+pub(crate) async fn with_open(tx: &impl GenericClient, run_ids: &[Uuid]) -> Result<HashSet<Uuid>> {
+    if run_ids.is_empty() {
+        return Ok(HashSet::new());
+    }
     let stmt = tx
         .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM requests WHERE run_id = $1 AND status = 'open')",
+            "SELECT DISTINCT run_id FROM requests WHERE run_id = ANY($1) AND status = 'open'",
         )
         .await?;
-    Ok(tx.query_one(&stmt, &[&run_id.0]).await?.get(0))
+    let rows = tx.query(&stmt, &[&run_ids]).await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// Moves waiting runs with no open request left back to running. The caller holds the

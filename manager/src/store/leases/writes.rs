@@ -1,0 +1,592 @@
+//! The writes a runner makes under its leases — event batches, command updates, finishes
+//! and releases — applied many at a time: one transaction and a fixed number of
+//! statements however many runs a batch touches.
+//!
+//! The batch's runs are locked up front (in id order, so concurrent batches never
+//! deadlock). Each write is then checked, in order, against the runs as the writes
+//! before it left them — in memory, before anything is written. A write that fails its
+//! checks is refused alone and changes nothing; the others are stored. Only a database
+//! error fails the whole batch (nothing is acknowledged, the runner resends).
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+
+use agentrun_shared::error::reason;
+use agentrun_shared::events::EventType;
+use agentrun_shared::ids::{RunId, RunnerId};
+use agentrun_shared::state::{CommandStatus, RunStatus};
+use deadpool_postgres::{GenericClient, Pool};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{AppendOutcome, RunnerEvent, fence};
+use crate::error::{Error, Result};
+use crate::store::commands::{self, CommandUpdate};
+use crate::store::events::{self, NewEvent, Producer};
+use crate::store::requests::{self, OpenedRequest};
+use crate::store::runs::{self, Finish, RequeueReason, RunRecord};
+use crate::store::{Tenant, parse_state};
+
+/// One write a runner makes under the lease `epoch` of a run.
+#[derive(Debug, Clone)]
+pub enum LeaseWrite {
+    /// Events (resends are skipped by `runner_seq`) and command status reports.
+    Append {
+        run_id: RunId,
+        epoch: i64,
+        events: Vec<RunnerEvent>,
+        updates: Vec<CommandUpdate>,
+    },
+    /// Ends the run. Refused while events up to `last_runner_seq` are not all stored, so
+    /// a finish never overtakes the run's own events (0: no check).
+    Finish {
+        epoch: i64,
+        outcome: Finish,
+        last_runner_seq: i64,
+    },
+    /// Gives the run back to the queue without counting an attempt (graceful drain).
+    Release { run_id: RunId, epoch: i64 },
+}
+
+impl LeaseWrite {
+    pub fn run_id(&self) -> RunId {
+        match self {
+            LeaseWrite::Append { run_id, .. } | LeaseWrite::Release { run_id, .. } => *run_id,
+            LeaseWrite::Finish { outcome, .. } => outcome.run_id,
+        }
+    }
+
+    pub fn epoch(&self) -> i64 {
+        match self {
+            LeaseWrite::Append { epoch, .. }
+            | LeaseWrite::Release { epoch, .. }
+            | LeaseWrite::Finish { epoch, .. } => *epoch,
+        }
+    }
+}
+
+/// What a stored write did.
+#[derive(Debug, Clone)]
+pub enum Written {
+    Appended(AppendOutcome),
+    /// The run as it ended (also when this finish repeated one already stored).
+    Finished(Box<RunRecord>),
+    Released,
+}
+
+/// Applies `writes` of `runner` in one transaction. Returns one result per write, in
+/// order: a refused write's error, or what it stored. `Err` only when the batch as a
+/// whole failed (the database), in which case nothing was stored.
+pub async fn write(
+    pool: &Pool,
+    runner_id: RunnerId,
+    tenant: Option<&Tenant>,
+    writes: Vec<LeaseWrite>,
+) -> Result<Vec<Result<Written>>> {
+    if writes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let mut batch = Batch::load(&tx, tenant, &writes).await?;
+    let plans: Vec<Result<Planned>> = writes
+        .into_iter()
+        .map(|w| batch.plan(runner_id, w))
+        .collect();
+    let stored = batch.store(&tx).await?;
+    tx.commit().await?;
+    Ok(plans
+        .into_iter()
+        .map(|plan| plan.and_then(|p| stored.outcome(p)))
+        .collect())
+}
+
+/// [`write`] of a single write (the unary RPCs).
+pub async fn write_one(
+    pool: &Pool,
+    runner_id: RunnerId,
+    tenant: Option<&Tenant>,
+    write: LeaseWrite,
+) -> Result<Written> {
+    self::write(pool, runner_id, tenant, vec![write])
+        .await?
+        .pop()
+        .unwrap_or_else(|| Err(Error::Internal("a write got no result".into())))
+}
+
+/// A write that passed its checks, waiting for the batch to be stored.
+enum Planned {
+    Appended {
+        /// Its events among the batch's stored events.
+        events: Range<usize>,
+        acked_runner_seq: i64,
+        duplicates: i32,
+    },
+    Finished(RunId),
+    /// A repeat of a finish that already happened: the run as it ended.
+    AlreadyFinished(Box<RunRecord>),
+    Released,
+}
+
+/// The columns of a run row that appends change.
+#[derive(Debug, Clone, PartialEq)]
+struct RunProgress {
+    status: RunStatus,
+    lease_runner_seq: i64,
+    active_turn_id: Option<String>,
+}
+
+impl RunProgress {
+    fn of(run: &RunRecord) -> Self {
+        Self {
+            status: run.status,
+            lease_runner_seq: run.lease_runner_seq,
+            active_turn_id: run.active_turn_id.clone(),
+        }
+    }
+}
+
+/// The batch's runs and commands as the writes planned so far leave them, and what the
+/// accepted writes will store.
+#[derive(Default)]
+struct Batch {
+    /// The locked rows, with status, runner_seq and active turn as planned so far.
+    runs: HashMap<Uuid, RunRecord>,
+    /// Appends' effect on each run row, written before finishes and releases.
+    progress: HashMap<Uuid, RunProgress>,
+    /// Status of every command the batch reports on, as planned so far.
+    commands: HashMap<Uuid, (Uuid, CommandStatus)>,
+    /// Which run holds each request id opened in this batch that already exists.
+    request_owners: HashMap<Uuid, Uuid>,
+    command_updates: Vec<CommandUpdate>,
+    events: Vec<(RunId, NewEvent)>,
+    opened: Vec<(RunId, OpenedRequest)>,
+    ended_turns: Vec<(Uuid, String)>,
+    /// Runs whose requests changed: waiting only if one is still open when stored.
+    requests_changed: HashSet<Uuid>,
+    finishes: Vec<Finish>,
+    releases: Vec<RunId>,
+}
+
+impl Batch {
+    /// Locks the runs the writes name and reads the commands and requests they touch.
+    async fn load(
+        tx: &impl GenericClient,
+        tenant: Option<&Tenant>,
+        writes: &[LeaseWrite],
+    ) -> Result<Self> {
+        let mut ids: Vec<Uuid> = writes.iter().map(|w| w.run_id().0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let lock = tx
+            .prepare_cached(
+                "SELECT * FROM runs WHERE id = ANY($1) AND ($2::text IS NULL OR tenant_id = $2::text)
+                 ORDER BY id FOR UPDATE",
+            )
+            .await?;
+        let rows = tx
+            .query(&lock, &[&ids, &tenant.map(Tenant::as_str)])
+            .await?;
+        let mut batch = Batch::default();
+        for row in &rows {
+            let run = RunRecord::from_row(row)?;
+            batch.runs.insert(run.id.0, run);
+        }
+
+        let command_ids: Vec<Uuid> = writes
+            .iter()
+            .filter_map(|w| match w {
+                LeaseWrite::Append { updates, .. } => Some(updates),
+                _ => None,
+            })
+            .flatten()
+            .map(|u| u.command_id.0)
+            .collect();
+        if !command_ids.is_empty() {
+            let stmt = tx
+                .prepare_cached("SELECT id, run_id, status FROM commands WHERE id = ANY($1)")
+                .await?;
+            for row in tx.query(&stmt, &[&command_ids]).await? {
+                let status = parse_state("command status", row.get(2), CommandStatus::from_db)?;
+                batch.commands.insert(row.get(0), (row.get(1), status));
+            }
+        }
+
+        let request_ids: Vec<Uuid> = writes
+            .iter()
+            .filter_map(|w| match w {
+                LeaseWrite::Append { events, .. } => Some(events),
+                _ => None,
+            })
+            .flatten()
+            .filter(|e| e.event_type == EventType::RequestOpened)
+            .filter_map(|e| e.payload.get("request_id")?.as_str()?.parse().ok())
+            .collect();
+        if !request_ids.is_empty() {
+            let stmt = tx
+                .prepare_cached("SELECT id, run_id FROM requests WHERE id = ANY($1)")
+                .await?;
+            for row in tx.query(&stmt, &[&request_ids]).await? {
+                batch.request_owners.insert(row.get(0), row.get(1));
+            }
+        }
+        Ok(batch)
+    }
+
+    fn run(&self, run_id: RunId) -> Result<&RunRecord> {
+        self.runs
+            .get(&run_id.0)
+            .ok_or(Error::NotFound { what: "run" })
+    }
+
+    fn plan(&mut self, runner_id: RunnerId, write: LeaseWrite) -> Result<Planned> {
+        match write {
+            LeaseWrite::Append {
+                run_id,
+                epoch,
+                events,
+                updates,
+            } => self.plan_append(runner_id, run_id, epoch, &events, updates),
+            LeaseWrite::Finish {
+                epoch,
+                outcome,
+                last_runner_seq,
+            } => self.plan_finish(runner_id, epoch, outcome, last_runner_seq),
+            LeaseWrite::Release { run_id, epoch } => {
+                let run = self.run(run_id)?;
+                fence(run, runner_id, epoch)?;
+                self.releases.push(run_id);
+                self.set_status(run_id, RunStatus::Pending);
+                Ok(Planned::Released)
+            }
+        }
+    }
+
+    /// Checks an event batch and its command updates; on success, records what to store.
+    ///
+    /// Events at or below the epoch's stored runner_seq are resends and are skipped; the
+    /// rest must continue it without a gap. The first events of an epoch move the run
+    /// from claimed to running (`run.started`); `request.opened` stores the request and
+    /// makes the run waiting; `turn.completed` cancels the turn's open requests, and the
+    /// run is running again once none is open.
+    fn plan_append(
+        &mut self,
+        runner_id: RunnerId,
+        run_id: RunId,
+        epoch: i64,
+        batch: &[RunnerEvent],
+        updates: Vec<CommandUpdate>,
+    ) -> Result<Planned> {
+        let run = self.run(run_id)?;
+        fence(run, runner_id, epoch)?;
+        let mut progress = RunProgress::of(run);
+        let duplicates = batch
+            .iter()
+            .take_while(|e| e.runner_seq <= progress.lease_runner_seq)
+            .count();
+        let fresh = &batch[duplicates..];
+        if let Some(first) = fresh.first()
+            && first.runner_seq != progress.lease_runner_seq + 1
+        {
+            return Err(Error::invalid(
+                format!("events[{duplicates}].runner_seq"),
+                format!(
+                    "is {}, expected {} (events must not skip)",
+                    first.runner_seq,
+                    progress.lease_runner_seq + 1
+                ),
+            ));
+        }
+
+        let mut to_store = Vec::with_capacity(fresh.len() + 1);
+        if progress.status == RunStatus::Claimed && !(fresh.is_empty() && updates.is_empty()) {
+            progress.status = RunStatus::Running;
+            to_store.push(NewEvent::manager(
+                EventType::RunStarted,
+                json!({"epoch": epoch, "attempt": run.attempt}),
+            ));
+        }
+        let mut opened = Vec::new();
+        let mut ended_turns = Vec::new();
+        for (i, event) in fresh.iter().enumerate() {
+            // The active turn guards steers aimed at a turn that has already ended.
+            match event.event_type {
+                EventType::TurnStarted => {
+                    progress.active_turn_id = event
+                        .payload
+                        .get("turn_id")
+                        .and_then(|t| t.as_str())
+                        .map(str::to_owned);
+                }
+                EventType::TurnCompleted => {
+                    let ended = event.payload.get("turn_id").and_then(|t| t.as_str());
+                    let active = progress.active_turn_id.take();
+                    ended_turns.extend(ended.map(str::to_owned).or(active));
+                }
+                EventType::RequestOpened => {
+                    let request = OpenedRequest::from_payload(
+                        format!("events[{}].payload_json", duplicates + i),
+                        &event.payload,
+                        progress.active_turn_id.clone(),
+                    )?;
+                    if self
+                        .request_owners
+                        .get(&request.id.0)
+                        .is_some_and(|owner| *owner != run_id.0)
+                    {
+                        return Err(Error::invalid(
+                            format!("{}.request_id", request.field),
+                            "is already the id of another run's request",
+                        ));
+                    }
+                    if progress.status == RunStatus::Running {
+                        progress.status = RunStatus::Waiting;
+                    }
+                    opened.push(request);
+                }
+                _ => {}
+            }
+            to_store.push(NewEvent {
+                event_type: event.event_type,
+                payload: event.payload.clone(),
+                producer: Producer::Runner {
+                    runner_id,
+                    epoch,
+                    runner_seq: event.runner_seq,
+                },
+            });
+        }
+        let (accepted, completed) = self.check_command_updates(run_id, updates)?;
+        to_store.extend(completed);
+        if let Some(last) = fresh.last() {
+            progress.lease_runner_seq = last.runner_seq;
+        }
+        let acked_runner_seq = progress.lease_runner_seq;
+
+        // Every check passed: record the effects.
+        for update in &accepted {
+            if let Some(command) = self.commands.get_mut(&update.command_id.0) {
+                command.1 = update.status;
+            }
+        }
+        self.command_updates.extend(accepted);
+        if !(opened.is_empty() && ended_turns.is_empty()) {
+            self.requests_changed.insert(run_id.0);
+        }
+        for request in &opened {
+            self.request_owners.insert(request.id.0, run_id.0);
+        }
+        self.opened.extend(opened.into_iter().map(|r| (run_id, r)));
+        self.ended_turns
+            .extend(ended_turns.into_iter().map(|t| (run_id.0, t)));
+        let start = self.events.len();
+        self.events
+            .extend(to_store.into_iter().map(|e| (run_id, e)));
+        let run = self.runs.get_mut(&run_id.0).expect("checked above");
+        run.status = progress.status;
+        run.lease_runner_seq = progress.lease_runner_seq;
+        run.active_turn_id = progress.active_turn_id.clone();
+        self.progress.insert(run_id.0, progress);
+        Ok(Planned::Appended {
+            events: start..self.events.len(),
+            acked_runner_seq,
+            duplicates: duplicates as i32,
+        })
+    }
+
+    /// Checks a runner's command reports against the commands as planned so far.
+    /// Repeating a report is a no-op; an illegal transition is refused. Returns the
+    /// updates to store and the `command.completed` events of commands that ended.
+    fn check_command_updates(
+        &self,
+        run_id: RunId,
+        updates: Vec<CommandUpdate>,
+    ) -> Result<(Vec<CommandUpdate>, Vec<NewEvent>)> {
+        let mut planned: HashMap<Uuid, CommandStatus> = HashMap::new();
+        let mut accepted = Vec::new();
+        let mut completed = Vec::new();
+        for (i, update) in updates.into_iter().enumerate() {
+            let field = format!("command_updates[{i}]");
+            let current = match (
+                planned.get(&update.command_id.0),
+                self.commands.get(&update.command_id.0),
+            ) {
+                (Some(status), _) => *status,
+                (None, Some((owner, status))) if *owner == run_id.0 => *status,
+                _ => {
+                    return Err(Error::invalid(
+                        format!("{field}.command_id"),
+                        "is not a command of this run",
+                    ));
+                }
+            };
+            if current == update.status {
+                continue;
+            }
+            if !CommandStatus::can_transition(current, update.status) {
+                return Err(Error::precondition(
+                    reason::ILLEGAL_TRANSITION,
+                    format!(
+                        "{field}: command is {} and cannot become {}",
+                        current.as_str(),
+                        update.status.as_str()
+                    ),
+                ));
+            }
+            planned.insert(update.command_id.0, update.status);
+            if update.status.is_final() {
+                completed.push(NewEvent::manager(
+                    EventType::CommandCompleted,
+                    json!({"command_id": update.command_id.to_string(), "status": update.status.as_str(), "error": update.error}),
+                ));
+            }
+            accepted.push(update);
+        }
+        Ok((accepted, completed))
+    }
+
+    /// Checks a finish. If the run's cancellation was requested, it ends cancelled
+    /// whatever the runner reports. Repeating the finish that already happened (an
+    /// acknowledgement lost) returns the run as it ended; a run that ended otherwise
+    /// (timed out, say) is `lease_lost`.
+    fn plan_finish(
+        &mut self,
+        runner_id: RunnerId,
+        epoch: i64,
+        outcome: Finish,
+        last_runner_seq: i64,
+    ) -> Result<Planned> {
+        let run = self.run(outcome.run_id)?;
+        let same_holder = run.lease_epoch == epoch && run.lease_runner_id == Some(runner_id);
+        let same_outcome = run.status == outcome.status
+            || (run.cancel_requested && run.status == RunStatus::Cancelled);
+        if same_holder && run.status.is_terminal() && same_outcome {
+            return Ok(Planned::AlreadyFinished(Box::new(run.clone())));
+        }
+        fence(run, runner_id, epoch)?;
+        if last_runner_seq > run.lease_runner_seq {
+            return Err(Error::precondition(
+                reason::EVENTS_MISSING,
+                format!(
+                    "events up to runner_seq {last_runner_seq} must be stored first; {} are",
+                    run.lease_runner_seq
+                ),
+            ));
+        }
+        let outcome = if run.cancel_requested && outcome.status != RunStatus::Cancelled {
+            Finish {
+                status: RunStatus::Cancelled,
+                failure_kind: Some("cancelled".into()),
+                message: Some("cancellation was requested".into()),
+                ..outcome
+            }
+        } else {
+            outcome
+        };
+        let run_id = outcome.run_id;
+        self.set_status(run_id, outcome.status);
+        self.finishes.push(outcome);
+        Ok(Planned::Finished(run_id))
+    }
+
+    /// A finish or release planned: later writes of the batch see the run gone.
+    fn set_status(&mut self, run_id: RunId, status: RunStatus) {
+        if let Some(run) = self.runs.get_mut(&run_id.0) {
+            run.status = status;
+        }
+    }
+
+    /// Stores every accepted write: command updates, events, requests, the runs' progress,
+    /// then finishes and releases.
+    async fn store(mut self, tx: &impl GenericClient) -> Result<Stored> {
+        commands::store_updates(tx, &self.command_updates).await?;
+        let seqs = events::append(tx, &self.events).await?;
+        for (run_id, request) in &self.opened {
+            requests::open(tx, &self.runs[&run_id.0], std::slice::from_ref(request)).await?;
+        }
+        requests::cancel_for_turns(tx, &self.ended_turns).await?;
+        // A run waits only while one of its requests is open.
+        let rechecked: Vec<Uuid> = self
+            .requests_changed
+            .iter()
+            .filter(|id| self.progress[id].status == RunStatus::Waiting)
+            .copied()
+            .collect();
+        let still_waiting = requests::with_open(tx, &rechecked).await?;
+        for id in rechecked {
+            if !still_waiting.contains(&id) {
+                self.progress
+                    .get_mut(&id)
+                    .expect("rechecked runs have progress")
+                    .status = RunStatus::Running;
+            }
+        }
+        store_progress(tx, &self.progress).await?;
+        let finished = runs::finish_many(tx, &self.finishes).await?;
+        runs::requeue_many(tx, &self.releases, RequeueReason::Released).await?;
+        Ok(Stored { seqs, finished })
+    }
+}
+
+/// Writes the appends' effect on each run row in one statement.
+async fn store_progress(
+    tx: &impl GenericClient,
+    progress: &HashMap<Uuid, RunProgress>,
+) -> Result<()> {
+    if progress.is_empty() {
+        return Ok(());
+    }
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE runs SET status = p.status, lease_runner_seq = p.runner_seq,
+                    active_turn_id = p.turn_id, updated_at = now()
+             FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[])
+                  AS p(id, status, runner_seq, turn_id)
+             WHERE runs.id = p.id",
+        )
+        .await?;
+    let ids: Vec<Uuid> = progress.keys().copied().collect();
+    let statuses: Vec<&str> = ids.iter().map(|id| progress[id].status.as_str()).collect();
+    let seqs: Vec<i64> = ids.iter().map(|id| progress[id].lease_runner_seq).collect();
+    let turns: Vec<Option<&str>> = ids
+        .iter()
+        .map(|id| progress[id].active_turn_id.as_deref())
+        .collect();
+    tx.execute(&stmt, &[&ids, &statuses, &seqs, &turns]).await?;
+    Ok(())
+}
+
+/// What the batch stored, to answer each write.
+struct Stored {
+    seqs: Vec<i64>,
+    finished: Vec<RunRecord>,
+}
+
+impl Stored {
+    fn outcome(&self, plan: Planned) -> Result<Written> {
+        Ok(match plan {
+            Planned::Appended {
+                events,
+                acked_runner_seq,
+                duplicates,
+            } => {
+                let seqs = &self.seqs[events];
+                Written::Appended(AppendOutcome {
+                    first_seq: seqs.first().copied().unwrap_or(0),
+                    last_seq: seqs.last().copied().unwrap_or(0),
+                    acked_runner_seq,
+                    duplicates,
+                })
+            }
+            Planned::Finished(run_id) => Written::Finished(Box::new(
+                self.finished
+                    .iter()
+                    .find(|r| r.id == run_id)
+                    .cloned()
+                    .ok_or_else(|| Error::Internal("a fenced finish changed no row".into()))?,
+            )),
+            Planned::AlreadyFinished(run) => Written::Finished(run),
+            Planned::Released => Written::Released,
+        })
+    }
+}
