@@ -29,7 +29,9 @@ pub struct Settings {
     /// How often the sweeper looks for expired leases and timed-out runs.
     #[arg(long, env = "AGENTRUN_SWEEP_INTERVAL_MS", default_value_t = 500)]
     pub sweep_interval_ms: u64,
-    /// Safety-net poll of runner streams for work and commands, in case a wake-up was lost.
+    /// Safety-net poll for claimable runs (one query per replica), in case a wake-up was
+    /// lost or a scheduled run came due. Held runs' commands are also delivered with
+    /// every heartbeat.
     #[arg(
         long,
         env = "AGENTRUN_RUNNER_POLL_INTERVAL_MS",

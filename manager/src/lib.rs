@@ -17,6 +17,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod health;
+pub mod heartbeats;
 pub mod keys;
 pub mod local_postgres;
 pub mod metrics;

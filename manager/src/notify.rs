@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use agentrun_shared::ids::RunId;
 use deadpool_postgres::Pool;
+
+use crate::store::runs;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
@@ -243,6 +245,34 @@ pub async fn publish(notifier: Arc<Notifier>, pool: Pool, shutdown: Cancellation
                 // Other replicas fall back to polling; nothing is lost.
                 tracing::warn!(error = %err, "could not publish a wake-up");
             }
+        }
+    }
+}
+
+/// The safety net for lost wake-ups, until `shutdown`: every `interval`, if some run is
+/// claimable (pending, its `scheduled_at` reached — which no wake-up announces), this
+/// replica's claimers are woken. One query per replica, however many runner streams.
+pub async fn poll_work(
+    notifier: Arc<Notifier>,
+    pool: Pool,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let claimable = async {
+            let client = pool.get().await?;
+            runs::any_claimable(&client).await
+        };
+        match claimable.await {
+            Ok(true) => notifier.wake_work_locally(),
+            Ok(false) => {}
+            Err(err) => tracing::debug!(error = %err, "work poll failed; retrying next tick"),
         }
     }
 }

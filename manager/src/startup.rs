@@ -21,6 +21,7 @@ use uuid::Uuid;
 use crate::api::auth::Authenticator;
 use crate::api::{AdminApi, AppState, RunApi, RunnerApi, SessionApi};
 use crate::config::{AuthMode, Settings};
+use crate::heartbeats::Heartbeats;
 use crate::metrics::{self, Metrics};
 use crate::notify::{self, Notifier};
 use crate::observe::ObserveLayer;
@@ -88,6 +89,8 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         let migrated = settings.migrate_on_start();
         let auth = Arc::new(Authenticator::new(pool.clone()));
+        let background = shutdown.child_token();
+        let heartbeats = Heartbeats::start(pool.clone(), settings.lease_ttl(), background.clone());
         let state = AppState {
             pool,
             settings: Arc::new(settings),
@@ -95,9 +98,9 @@ impl Application {
             shutdown: shutdown.child_token(),
             metrics: metrics.clone(),
             auth,
+            heartbeats,
         };
         let tasks = TaskTracker::new();
-        let background = shutdown.child_token();
         let interval = state.settings.sweep_interval();
         tasks.spawn(sweeper::run(
             state.pool.clone(),
@@ -118,6 +121,12 @@ impl Application {
         tasks.spawn(notify::publish(
             notifier.clone(),
             state.pool.clone(),
+            background.clone(),
+        ));
+        tasks.spawn(notify::poll_work(
+            notifier.clone(),
+            state.pool.clone(),
+            Duration::from_millis(state.settings.runner_poll_interval_ms.max(10)),
             background.clone(),
         ));
         tasks.spawn(notify::listen(notifier, database_url, background.clone()));

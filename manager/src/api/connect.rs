@@ -31,8 +31,7 @@ use super::runner_service::{
 use super::{AppState, convert};
 use crate::error::Error;
 use crate::store::Tenant;
-use crate::store::leases::{self, Assignment, LeaseWrite, RunnerIdentity, Written};
-use crate::store::runners;
+use crate::store::leases::{self, Assignment, Heartbeat, LeaseWrite, RunnerIdentity, Written};
 
 /// How long a runner has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -215,9 +214,6 @@ impl Session {
     async fn run(mut self, mut inbound: Streaming<proto::RunnerMessage>) {
         let _connected = self.state.metrics.runner_connected();
         let mut work = self.state.notifier.subscribe_work();
-        let mut fallback = tokio::time::interval(Duration::from_millis(
-            self.state.settings.runner_poll_interval_ms.max(10),
-        ));
         let shutdown = self.state.shutdown.clone();
         loop {
             let result = tokio::select! {
@@ -241,13 +237,6 @@ impl Session {
                     self.assign().await
                 }
                 _ = self.commands_woken.notified() => self.deliver_commands().await,
-                _ = fallback.tick() => {
-                    let assigned = match self.check_drain().await {
-                        Ok(()) if self.credit > 0 && !self.draining => self.assign().await,
-                        checked => checked,
-                    };
-                    match assigned { Ok(()) => self.deliver_commands().await, err => err }
-                }
                 _ = shutdown.cancelled() => {
                     self.draining = true;
                     self.send(Out::Drain(proto::Drain { deadline_ms: 0, reconnect: true })).await;
@@ -465,16 +454,12 @@ impl Session {
         Ok(())
     }
 
-    /// An operator drained this runner (`AdminService.DrainRunner`, through any replica):
-    /// assign nothing more and tell it to finish its runs and exit. Polled on the fallback
-    /// tick; claims refuse a draining runner meanwhile.
-    async fn check_drain(&mut self) -> Result<(), Error> {
+    /// An operator drained this runner (`AdminService.DrainRunner`, through any replica),
+    /// as its heartbeat found: assign nothing more and tell it to finish its runs and exit.
+    /// Claims refuse a draining runner meanwhile.
+    async fn drain_runner(&mut self) {
         if self.draining {
-            return Ok(());
-        }
-        let client = self.state.pool.get().await?;
-        if !runners::is_draining(&client, self.runner.id).await? {
-            return Ok(());
+            return;
         }
         tracing::info!(runner = %self.runner.id, held = self.held.len(), "draining the runner at an operator's request");
         self.draining = true;
@@ -484,7 +469,6 @@ impl Session {
             reconnect: false,
         }))
         .await;
-        Ok(())
     }
 
     /// Claims runs for the runner's credit and pushes them.
@@ -551,23 +535,29 @@ impl Session {
             Ok(leases) => leases,
             Err(err) => return self.refuse("", err.into()).await,
         };
-        let states = leases::heartbeat(
-            &self.state.pool,
-            self.runner.id,
-            self.runner.tenant.as_ref(),
-            &leases,
-            self.state.settings.lease_ttl(),
-        )
-        .await?;
-        self.state.notifier.events_appended(delivered_to(&states));
-        for lease in states.iter().filter(|l| l.expires_at.is_none()) {
+        let renewed = self
+            .state
+            .heartbeats
+            .beat(Heartbeat {
+                runner_id: self.runner.id,
+                tenant: self.runner.tenant.clone(),
+                leases,
+            })
+            .await?;
+        self.state
+            .notifier
+            .events_appended(delivered_to(&renewed.leases));
+        for lease in renewed.leases.iter().filter(|l| l.expires_at.is_none()) {
             self.drop_lease(lease.run_id);
         }
         self.send(Out::Heartbeat(RunnerApi::heartbeat_response(
-            &states,
+            &renewed.leases,
             self.state.settings.lease_ttl_ms,
         )))
         .await;
+        if renewed.draining {
+            self.drain_runner().await;
+        }
         Ok(())
     }
 }

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AuthMode, Settings};
 use crate::error::{Error, Result};
+use crate::heartbeats::Heartbeats;
 use crate::notify::Notifier;
 use crate::store::Tenant;
 use crate::store::api_keys::Role;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Verifies API keys (unused when authentication is disabled).
     pub auth: Arc<Authenticator>,
+    /// Renews the heartbeats of every runner on this replica together.
+    pub heartbeats: Heartbeats,
 }
 
 /// Request metadata naming the caller's tenant when authentication is disabled

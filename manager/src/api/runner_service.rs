@@ -16,7 +16,7 @@ use crate::error::Error;
 use crate::observe;
 use crate::store::api_keys::Role;
 use crate::store::commands::CommandUpdate;
-use crate::store::leases::{self, LeaseWrite, RunnerEvent, RunnerIdentity, Written};
+use crate::store::leases::{self, Heartbeat, LeaseWrite, RunnerEvent, RunnerIdentity, Written};
 use crate::store::runs::Finish;
 
 /// Most leases renewed by one heartbeat.
@@ -330,17 +330,20 @@ impl RunnerService for RunnerApi {
         let r = request.get_ref();
         let runner_id = RunnerId::parse("runner_id", &r.runner_id).map_err(Error::from)?;
         let held = lease_refs("leases", &r.leases).map_err(Error::from)?;
-        let states = leases::heartbeat(
-            &self.state.pool,
-            runner_id,
-            caller.runner_tenant(),
-            &held,
-            self.state.settings.lease_ttl(),
-        )
-        .await?;
-        self.state.notifier.events_appended(delivered_to(&states));
+        let renewed = self
+            .state
+            .heartbeats
+            .beat(Heartbeat {
+                runner_id,
+                tenant: caller.runner_tenant().cloned(),
+                leases: held,
+            })
+            .await?;
+        self.state
+            .notifier
+            .events_appended(delivered_to(&renewed.leases));
         Ok(Response::new(Self::heartbeat_response(
-            &states,
+            &renewed.leases,
             self.state.settings.lease_ttl_ms,
         )))
     }

@@ -10,6 +10,7 @@ mod writes;
 
 pub use writes::{LeaseWrite, Written, write, write_one};
 
+use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
@@ -375,24 +376,56 @@ pub struct LeaseState {
     pub commands: Vec<CommandRecord>,
 }
 
-/// Renews all the given leases of a runner in one statement, delivers pending commands of
-/// the renewed runs, and reports the rest as lost.
-pub async fn heartbeat(
-    pool: &Pool,
-    runner_id: RunnerId,
-    tenant: Option<&Tenant>,
-    leases: &[(RunId, i64)],
-    ttl: Duration,
-) -> Result<Vec<LeaseState>> {
+/// One runner's heartbeat: the leases it says it holds.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    pub runner_id: RunnerId,
+    /// The runner's tenant (its API key's); `None`: any.
+    pub tenant: Option<Tenant>,
+    pub leases: Vec<(RunId, i64)>,
+}
+
+/// What a heartbeat renewed.
+#[derive(Debug, Clone)]
+pub struct Renewed {
+    /// Each lease named, in order: held (and extended) or lost, with commands delivered.
+    pub leases: Vec<LeaseState>,
+    /// An operator drained the runner (`DrainRunner`).
+    pub draining: bool,
+}
+
+/// Heartbeats of many runners in one transaction (see `crate::heartbeats`): records them
+/// as seen, renews every lease they hold by `ttl` in one statement, delivers the pending
+/// commands of the renewed runs, and reports the rest as lost. Answers in order.
+pub async fn heartbeat(pool: &Pool, beats: &[Heartbeat], ttl: Duration) -> Result<Vec<Renewed>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let seen = tx
-        .prepare_cached("UPDATE runners SET last_heartbeat_at = now() WHERE id = $1")
+        .prepare_cached(
+            "UPDATE runners SET last_heartbeat_at = now() WHERE id = ANY($1) RETURNING id, draining",
+        )
         .await?;
-    tx.execute(&seen, &[&runner_id.0]).await?;
-    let states = renew(&tx, runner_id, tenant, leases, Some(ttl)).await?;
+    let ids: Vec<Uuid> = beats.iter().map(|b| b.runner_id.0).collect();
+    let draining: HashSet<Uuid> = tx
+        .query(&seen, &[&ids])
+        .await?
+        .iter()
+        .filter(|row| row.get::<_, bool>(1))
+        .map(|row| row.get(0))
+        .collect();
+    let held: Vec<HeldLease> = beats
+        .iter()
+        .flat_map(|b| HeldLease::all(b.runner_id, b.tenant.as_ref(), &b.leases))
+        .collect();
+    let mut states = renew(&tx, &held, Some(ttl)).await?.into_iter();
     tx.commit().await?;
-    Ok(states)
+    Ok(beats
+        .iter()
+        .map(|b| Renewed {
+            leases: states.by_ref().take(b.leases.len()).collect(),
+            draining: draining.contains(&b.runner_id.0),
+        })
+        .collect())
 }
 
 /// Delivers pending commands of the runner's current leases without renewing them: the
@@ -405,65 +438,98 @@ pub async fn deliver_commands(
 ) -> Result<Vec<LeaseState>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let states = renew(&tx, runner_id, tenant, leases, None).await?;
+    let states = renew(&tx, &HeldLease::all(runner_id, tenant, leases), None).await?;
     tx.commit().await?;
     Ok(states)
 }
 
+/// A lease a runner says it holds.
+struct HeldLease<'a> {
+    run_id: RunId,
+    epoch: i64,
+    runner_id: RunnerId,
+    tenant: Option<&'a Tenant>,
+}
+
+impl<'a> HeldLease<'a> {
+    fn all(
+        runner_id: RunnerId,
+        tenant: Option<&'a Tenant>,
+        leases: &[(RunId, i64)],
+    ) -> Vec<HeldLease<'a>> {
+        leases
+            .iter()
+            .map(|(run_id, epoch)| HeldLease {
+                run_id: *run_id,
+                epoch: *epoch,
+                runner_id,
+                tenant,
+            })
+            .collect()
+    }
+}
+
 /// Checks the leases (extending them by `ttl` when given) and delivers their pending
-/// commands. A run of another tenant than the runner's counts as lost.
+/// commands, in one statement each however many runners they belong to. A run of
+/// another tenant than its runner's counts as lost. Answers in order.
 async fn renew(
     tx: &impl GenericClient,
-    runner_id: RunnerId,
-    tenant: Option<&Tenant>,
-    leases: &[(RunId, i64)],
+    leases: &[HeldLease<'_>],
     ttl: Option<Duration>,
 ) -> Result<Vec<LeaseState>> {
+    if leases.is_empty() {
+        return Ok(Vec::new());
+    }
     let renew = tx
         .prepare_cached(
-            "UPDATE runs SET lease_expires_at = coalesce(now() + $4::bigint * interval '1 millisecond',
+            "UPDATE runs SET lease_expires_at = coalesce(now() + $5::bigint * interval '1 millisecond',
                                                  runs.lease_expires_at)
-             FROM unnest($2::uuid[], $3::bigint[]) AS l(id, epoch)
-             WHERE runs.id = l.id AND runs.lease_epoch = l.epoch AND runs.lease_runner_id = $1
-               AND runs.status = ANY($5) AND ($6::text IS NULL OR runs.tenant_id = $6::text)
+             FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[]) AS l(id, epoch, runner, tenant)
+             WHERE runs.id = l.id AND runs.lease_epoch = l.epoch AND runs.lease_runner_id = l.runner
+               AND runs.status = ANY($6) AND (l.tenant IS NULL OR runs.tenant_id = l.tenant)
              RETURNING runs.id, runs.lease_expires_at, runs.cancel_requested, runs.lease_runner_seq",
         )
         .await?;
-    let ids: Vec<Uuid> = leases.iter().map(|(r, _)| r.0).collect();
-    let epochs: Vec<i64> = leases.iter().map(|(_, e)| *e).collect();
+    let ids: Vec<Uuid> = leases.iter().map(|l| l.run_id.0).collect();
+    let epochs: Vec<i64> = leases.iter().map(|l| l.epoch).collect();
+    let runners: Vec<Uuid> = leases.iter().map(|l| l.runner_id.0).collect();
+    let tenants: Vec<Option<&str>> = leases
+        .iter()
+        .map(|l| l.tenant.map(Tenant::as_str))
+        .collect();
     let rows = tx
         .query(
             &renew,
             &[
-                &runner_id.0,
                 &ids,
                 &epochs,
+                &runners,
+                &tenants,
                 &ttl.map(ttl_millis),
                 &active_statuses(),
-                &tenant.map(Tenant::as_str),
             ],
         )
         .await?;
-    let renewed: Vec<(Uuid, SystemTime, bool, i64)> = rows
+    let renewed: HashMap<Uuid, (SystemTime, bool, i64)> = rows
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
         .collect();
-    let renewed_ids: Vec<Uuid> = renewed.iter().map(|r| r.0).collect();
-    let mut delivered = commands::deliver_pending(tx, &renewed_ids).await?;
-
+    let renewed_ids: Vec<Uuid> = renewed.keys().copied().collect();
+    let mut delivered: HashMap<RunId, Vec<CommandRecord>> = HashMap::new();
+    for command in commands::deliver_pending(tx, &renewed_ids).await? {
+        delivered.entry(command.run_id).or_default().push(command);
+    }
     Ok(leases
         .iter()
-        .map(|(run_id, epoch)| {
-            let held = renewed.iter().find(|r| r.0 == run_id.0);
-            let (mine, rest) = delivered.drain(..).partition(|c| c.run_id == *run_id);
-            delivered = rest;
+        .map(|lease| {
+            let held = renewed.get(&lease.run_id.0);
             LeaseState {
-                run_id: *run_id,
-                epoch: *epoch,
-                expires_at: held.map(|r| r.1),
-                cancel_requested: held.is_some_and(|r| r.2),
-                acked_runner_seq: held.map_or(0, |r| r.3),
-                commands: mine,
+                run_id: lease.run_id,
+                epoch: lease.epoch,
+                expires_at: held.map(|r| r.0),
+                cancel_requested: held.is_some_and(|r| r.1),
+                acked_runner_seq: held.map_or(0, |r| r.2),
+                commands: delivered.remove(&lease.run_id).unwrap_or_default(),
             }
         })
         .collect())
@@ -503,7 +569,12 @@ pub async fn hello(
         .query_one(&connected, &[&runner.id.0, &manager_id])
         .await?
         .get(0);
-    let named_states = renew(&tx, runner.id, runner.tenant.as_ref(), named, Some(ttl)).await?;
+    let named_states = renew(
+        &tx,
+        &HeldLease::all(runner.id, runner.tenant.as_ref(), named),
+        Some(ttl),
+    )
+    .await?;
     let adopt = tx
         .prepare_cached(
             "UPDATE runs SET lease_epoch = lease_epoch + 1, lease_runner_seq = 0, updated_at = now(),

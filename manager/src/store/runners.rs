@@ -87,17 +87,6 @@ pub async fn drain(client: &impl GenericClient, runner_id: RunnerId) -> Result<b
     Ok(changed > 0)
 }
 
-/// Whether an operator has drained the runner (false for an unknown runner).
-pub async fn is_draining(client: &impl GenericClient, runner_id: RunnerId) -> Result<bool> {
-    let stmt = client
-        .prepare_cached("SELECT draining FROM runners WHERE id = $1")
-        .await?;
-    Ok(client
-        .query_opt(&stmt, &[&runner_id.0])
-        .await?
-        .is_some_and(|row| row.get(0)))
-}
-
 /// Sets a tenant's limit on active (claimed, running, waiting) runs; `None` removes it.
 /// Runs already active above a lowered limit are left alone; no new ones are claimed
 /// until the tenant is below it.

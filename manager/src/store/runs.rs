@@ -665,6 +665,17 @@ pub struct QueueStats {
     pub tenants: Vec<TenantStats>,
 }
 
+/// Whether some run is claimable: pending, its `scheduled_at` reached.
+pub async fn any_claimable(client: &impl GenericClient) -> Result<bool> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'pending'
+                              AND (scheduled_at IS NULL OR scheduled_at <= now()))",
+        )
+        .await?;
+    Ok(client.query_one(&stmt, &[]).await?.get(0))
+}
+
 /// Depth by queue and status (non-terminal only), the oldest pending age per queue, and
 /// per tenant its pending and active runs and its limit (`default_max_active_runs` for
 /// tenants without one of their own; 0 means none).
