@@ -9,7 +9,8 @@ use tonic::Code;
 
 #[tokio::test]
 async fn concurrent_claimers_never_get_the_same_run() {
-    let mut app = TestApp::spawn().await;
+    // Nothing heartbeats here: leases must outlast a slow machine.
+    let mut app = TestApp::spawn_with(|s| s.lease_ttl_ms = 60_000).await;
     let runs: Vec<_> = (0..300).map(|i| run_request(&format!("job {i}"))).collect();
     app.runs
         .create_runs(proto::CreateRunsRequest { runs })
@@ -208,7 +209,8 @@ async fn a_stale_epoch_cannot_append_or_finish() {
 
 #[tokio::test]
 async fn seq_stays_gapless_under_concurrent_appenders() {
-    let mut app = TestApp::spawn().await;
+    // Nothing heartbeats here: the lease must outlast a slow machine.
+    let mut app = TestApp::spawn_with(|s| s.lease_ttl_ms = 60_000).await;
     let run = app
         .runs
         .create_run(run_request("busy"))

@@ -228,7 +228,8 @@ async fn a_tenant_limit_caps_active_runs_without_holding_back_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_claimers_never_push_a_tenant_past_its_limit() {
-    let mut app = TestApp::spawn().await;
+    // Nothing heartbeats here: leases must outlast a slow machine.
+    let mut app = TestApp::spawn_with(|s| s.lease_ttl_ms = 60_000).await;
     const TENANTS: usize = 10;
     const LIMIT: i64 = 5;
     for t in 0..TENANTS {

@@ -307,19 +307,16 @@ pub(crate) async fn deliver_pending(
         .await?;
     let mut delivered = CommandRecord::from_rows(&tx.query(&stmt, &[&run_ids]).await?)?;
     delivered.sort_by_key(|c| (c.run_id, c.seq));
-    let events: Vec<(RunId, NewEvent)> = delivered
-        .iter()
-        .map(|c| {
-            let payload =
-                json!({"command_id": c.id.to_string(), "seq": c.seq, "kind": c.kind.as_str()});
-            (
-                c.run_id,
-                NewEvent::manager(EventType::CommandDelivered, payload),
-            )
-        })
-        .collect();
-    events::append(tx, &events).await?;
     Ok(delivered)
+}
+
+/// The `command.delivered` event of a command just delivered; the caller appends it.
+pub(crate) fn delivered_event(command: &CommandRecord) -> (RunId, NewEvent) {
+    let payload = json!({"command_id": command.id.to_string(), "seq": command.seq, "kind": command.kind.as_str()});
+    (
+        command.run_id,
+        NewEvent::manager(EventType::CommandDelivered, payload),
+    )
 }
 
 /// A runner's report on a command of the run it holds.

@@ -4,6 +4,7 @@
 //! lock and inserts the batch in one statement, so seq is gapless and a batch is stored
 //! whole or not at all (the caller's transaction).
 
+use std::collections::HashMap;
 use std::time::SystemTime;
 
 use agentrun_shared::events::EventType;
@@ -61,15 +62,12 @@ pub async fn append(tx: &impl GenericClient, events: &[(RunId, NewEvent)]) -> Re
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    // How many events each run gets, in first-seen order.
-    let mut counts: Vec<(Uuid, i64)> = Vec::new();
+    // How many events each run gets.
+    let mut counts: HashMap<Uuid, i64> = HashMap::new();
     for (run_id, _) in events {
-        match counts.iter_mut().find(|(id, _)| *id == run_id.0) {
-            Some((_, n)) => *n += 1,
-            None => counts.push((run_id.0, 1)),
-        }
+        *counts.entry(run_id.0).or_default() += 1;
     }
-    let (ids, ns): (Vec<Uuid>, Vec<i64>) = counts.iter().copied().unzip();
+    let (ids, ns): (Vec<Uuid>, Vec<i64>) = counts.iter().map(|(id, n)| (*id, *n)).unzip();
     let advance = tx
         .prepare_cached(
             "UPDATE runs SET last_event_seq = runs.last_event_seq + c.n
@@ -84,19 +82,19 @@ pub async fn append(tx: &impl GenericClient, events: &[(RunId, NewEvent)]) -> Re
             "event append for a run that does not exist".into(),
         ));
     }
-    let mut next: Vec<(Uuid, i64)> = rows
+    // The next seq of each run.
+    let mut next: HashMap<Uuid, i64> = rows
         .iter()
         .map(|r| (r.get(0), r.get::<_, i64>(1) + 1))
         .collect();
 
     let mut sequenced = Vec::with_capacity(events.len());
     for (run_id, event) in events {
-        let slot = next
-            .iter_mut()
-            .find(|(id, _)| *id == run_id.0)
+        let seq = next
+            .get_mut(&run_id.0)
             .expect("every run was advanced above");
-        sequenced.push((*run_id, slot.1, event.clone()));
-        slot.1 += 1;
+        sequenced.push((*run_id, *seq, event.clone()));
+        *seq += 1;
     }
     insert_sequenced(tx, &sequenced).await?;
     Ok(sequenced.iter().map(|(_, seq, _)| *seq).collect())

@@ -347,17 +347,25 @@ async fn hand_over(
             (run.id, NewEvent::manager(EventType::RunClaimed, payload))
         })
         .collect();
-    events::append(tx, &claimed_events).await?;
-    let mut delivered = commands::deliver_pending(tx, &ids).await?;
+    let mut delivered: HashMap<RunId, Vec<CommandRecord>> = HashMap::new();
+    for command in commands::deliver_pending(tx, &ids).await? {
+        delivered.entry(command.run_id).or_default().push(command);
+    }
+    // Per run: claimed, then its commands delivered, all in one append.
+    let mut new_events = Vec::with_capacity(claimed_events.len() * 2);
+    for claimed in claimed_events {
+        let run_id = claimed.0;
+        new_events.push(claimed);
+        if let Some(commands) = delivered.get(&run_id) {
+            new_events.extend(commands.iter().map(commands::delivered_event));
+        }
+    }
+    events::append(tx, &new_events).await?;
     Ok(runs
         .into_iter()
-        .map(|run| {
-            let (mine, rest) = delivered.drain(..).partition(|c| c.run_id == run.id);
-            delivered = rest;
-            Assignment {
-                run,
-                commands: mine,
-            }
+        .map(|run| Assignment {
+            commands: delivered.remove(&run.id).unwrap_or_default(),
+            run,
         })
         .collect())
 }
@@ -516,7 +524,10 @@ async fn renew(
         .collect();
     let renewed_ids: Vec<Uuid> = renewed.keys().copied().collect();
     let mut delivered: HashMap<RunId, Vec<CommandRecord>> = HashMap::new();
-    for command in commands::deliver_pending(tx, &renewed_ids).await? {
+    let commands = commands::deliver_pending(tx, &renewed_ids).await?;
+    let delivered_events: Vec<_> = commands.iter().map(commands::delivered_event).collect();
+    events::append(tx, &delivered_events).await?;
+    for command in commands {
         delivered.entry(command.run_id).or_default().push(command);
     }
     Ok(leases
