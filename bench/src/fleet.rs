@@ -12,6 +12,7 @@
 //! their steady rhythm), the manager process's memory and CPU are read from `/proc` over
 //! a window: what an idle fleet costs it, in total and per heartbeat.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -82,6 +83,7 @@ impl Tally {
 /// connected by then are measured, and the figures say how many were.
 pub async fn run(
     stack: &Stack,
+    db: &tokio_postgres::Client,
     runners: usize,
     per_connection: usize,
     window: Duration,
@@ -149,7 +151,9 @@ pub async fn run(
     tokio::time::sleep(Duration::from_millis(interval_ms)).await;
 
     let own_pid = std::process::id();
+    let postmaster = postmaster(db).await?;
     let (cpu_before, own_before) = (cpu_seconds(pid)?, cpu_seconds(own_pid)?);
+    let postgres_before = postmaster.map(server_cpu);
     let answered_before = tally.heartbeats_answered.load(Ordering::Relaxed);
     let window_start = Instant::now();
     tokio::time::sleep(window).await;
@@ -157,6 +161,9 @@ pub async fn run(
     let answered = tally.heartbeats_answered.load(Ordering::Relaxed) - answered_before;
     let cpu_secs = cpu_seconds(pid)? - cpu_before;
     let own_cpu_secs = cpu_seconds(own_pid)? - own_before;
+    let postgres_cpu_secs = postmaster
+        .zip(postgres_before)
+        .map(|(postmaster, before)| cpu_delta(&before, &server_cpu(postmaster)));
     let rss = rss_mib(pid)?;
     let (welcomed, refused, dropped) = tally.load();
     if strict && refused + dropped > 0 {
@@ -221,6 +228,13 @@ pub async fn run(
         ),
         Figure::new(
             "fleet",
+            "fleet.postgres_cpu_percent",
+            // NaN (no figure) when the server is not on this machine.
+            postgres_cpu_secs.map_or(f64::NAN, |secs| 100.0 * secs / window_secs),
+            "% of a core",
+        ),
+        Figure::new(
+            "fleet",
             "fleet.simulator_cpu_percent",
             100.0 * own_cpu_secs / window_secs,
             "% of a core",
@@ -228,8 +242,9 @@ pub async fn run(
     ])
 }
 
-/// The stream of a welcomed runner: its id, its outgoing queue, what the manager sends.
-type Connected = (
+/// The stream of a welcomed runner: its id, its outgoing queue, what the manager sends,
+/// and the welcome.
+pub type Connected = (
     String,
     mpsc::Sender<proto::RunnerMessage>,
     tonic::Streaming<proto::ManagerMessage>,
@@ -243,7 +258,7 @@ async fn simulated_runner(channel: Channel, index: usize, hellos: &Semaphore, ta
         // The ramp is over: this runner never connects.
         return;
     };
-    let connected = hello(channel, index).await;
+    let connected = hello(channel, format!("fleet-{index}"), IDLE_QUEUE, 1).await;
     drop(permit);
     let (runner_id, tx, inbound, welcome) = match connected {
         Ok(connected) => connected,
@@ -260,23 +275,29 @@ async fn simulated_runner(channel: Channel, index: usize, hellos: &Semaphore, ta
     tally.count_failure(&tally.dropped, &err);
 }
 
-fn message(body: Out) -> proto::RunnerMessage {
+/// A runner message with `body`.
+pub fn message(body: Out) -> proto::RunnerMessage {
     proto::RunnerMessage { body: Some(body) }
 }
 
-/// Opens the stream, says hello (serving only [`IDLE_QUEUE`]), reads the welcome and
-/// gives one slot of credit.
-async fn hello(channel: Channel, index: usize) -> anyhow::Result<Connected> {
+/// Opens a stream as a runner named `name` serving only `queue` (scripted runs) with
+/// `slots` slots, says hello, reads the welcome and gives credit for every slot.
+pub async fn hello(
+    channel: Channel,
+    name: String,
+    queue: &str,
+    slots: i32,
+) -> anyhow::Result<Connected> {
     let runner_id = Uuid::new_v4().to_string();
-    let (tx, rx) = mpsc::channel(8);
+    let (tx, rx) = mpsc::channel(64);
     tx.send(message(Out::Hello(proto::Hello {
         runner: Some(proto::RunnerIdentity {
             runner_id: runner_id.clone(),
-            name: format!("fleet-{index}"),
+            name,
             labels: vec![],
             backend_profiles: vec!["scripted".into()],
-            queues: vec![IDLE_QUEUE.into()],
-            max_concurrency: 1,
+            queues: vec![queue.into()],
+            max_concurrency: slots,
             version: "bench".into(),
         }),
         held_leases: vec![],
@@ -294,7 +315,7 @@ async fn hello(channel: Channel, index: usize) -> anyhow::Result<Connected> {
         }) => welcome,
         other => bail!("expected welcome, got {other:?}"),
     };
-    tx.send(message(Out::Credit(proto::Credit { slots: 1 })))
+    tx.send(message(Out::Credit(proto::Credit { slots })))
         .await?;
     Ok((runner_id, tx, inbound, welcome))
 }
@@ -331,6 +352,46 @@ async fn heartbeat(
             }
         }
     }
+}
+
+/// The PostgreSQL server's main process, when it runs on this machine: the parent of the
+/// backend serving `db`.
+async fn postmaster(db: &tokio_postgres::Client) -> anyhow::Result<Option<u32>> {
+    let backend: i32 = db.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    Ok(parent(u32::try_from(backend)?))
+}
+
+/// The parent of process `pid` (PPid in /proc/<pid>/status), if `pid` is ours to see.
+fn parent(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("PPid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// CPU seconds so far of the server `postmaster` and of each of its child processes
+/// (backends, background workers), by pid.
+fn server_cpu(postmaster: u32) -> HashMap<u32, f64> {
+    let pids = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok());
+    pids.filter(|&pid| pid == postmaster || parent(pid) == Some(postmaster))
+        .filter_map(|pid| Some((pid, cpu_seconds(pid).ok()?)))
+        .collect()
+}
+
+/// CPU used between two [`server_cpu`] readings: processes present at both, plus the
+/// whole life of those started in between (one that exited in between is lost).
+fn cpu_delta(before: &HashMap<u32, f64>, after: &HashMap<u32, f64>) -> f64 {
+    after
+        .iter()
+        .map(|(pid, secs)| secs - before.get(pid).unwrap_or(&0.0))
+        .sum()
 }
 
 /// Process `pid` exists and has not exited (an unreaped child that exited is a zombie).

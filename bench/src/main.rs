@@ -214,6 +214,7 @@ async fn main() -> anyhow::Result<()> {
             let stack = Stack::start(&url, 0).await?;
             fleet::run(
                 &stack,
+                &db,
                 sizes.fleet_runners,
                 sizes.fleet_runners_per_connection,
                 Duration::from_secs(sizes.fleet_seconds),
@@ -240,9 +241,10 @@ async fn main() -> anyhow::Result<()> {
             dblimit::run(&db, &url, sizes.pgbench_seconds).await,
         );
     }
-    // PEERS: the peers scenario goes here, once `mod peers;` is in (graphile-worker and
-    // pgqueuer on the same cluster, after the stacks are gone). Add a `Peers` variant to
-    // `Scenario` and a `--peer-jobs` size, then:
+    // PEERS: the peers scenario (graphile-worker and pgqueuer on the same cluster, after
+    // the stacks are gone, next to the database limit) is called here. To wire it, add a
+    // `Peers` variant to `Scenario` and a `--peer-jobs` size to `Params`/`Sizes` (and to
+    // `run_params`), then:
     //
     //     if wants(Scenario::Peers) {
     //         eprintln!("peers: {} jobs each", sizes.peer_jobs);
