@@ -14,6 +14,7 @@
 #![cfg_attr(not(test), allow(dead_code))]
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -171,6 +172,7 @@ fn parse_result(stdout: &str) -> anyhow::Result<(u64, f64)> {
     Ok((jobs, seconds))
 }
 
+#[derive(Debug)]
 struct Output {
     status: ExitStatus,
     stdout: String,
@@ -187,7 +189,9 @@ async fn run_blocking(cmd: Command, deadline: Duration) -> anyhow::Result<Output
 
 fn run_with_deadline(mut cmd: Command, deadline: Duration) -> anyhow::Result<Output> {
     let program = cmd.get_program().to_string_lossy().into_owned();
+    // Its own process group, so a deadline kills the worker processes it started too.
     let mut child = cmd
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -211,6 +215,9 @@ fn run_with_deadline(mut cmd: Command, deadline: Duration) -> anyhow::Result<Out
             break status;
         }
         if started.elapsed() > deadline {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
             let _ = child.kill();
             let _ = child.wait();
             let stderr = stderr.join().unwrap_or_default();
@@ -254,6 +261,33 @@ mod tests {
         let text: String = (0..100).map(|i| format!("line {i}\n")).collect();
         let tail = tail(&text);
         assert!(tail.starts_with("line 80\n") && tail.ends_with("line 99"));
+    }
+
+    #[test]
+    fn captures_output_and_status() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo out; echo err >&2; exit 3"]);
+        let out = run_with_deadline(cmd, Duration::from_secs(10)).unwrap();
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(
+            (out.stdout.as_str(), out.stderr.as_str()),
+            ("out\n", "err\n")
+        );
+    }
+
+    #[test]
+    fn kills_the_whole_group_past_the_deadline() {
+        let mut cmd = Command::new("sh");
+        // The grandchild holds the pipes open: only a group kill ends the read.
+        cmd.args(["-c", "echo starting >&2; sleep 30 & wait"]);
+        let started = Instant::now();
+        let err = run_with_deadline(cmd, Duration::from_millis(300)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("killed") && text.contains("starting"),
+            "{text}"
+        );
     }
 
     /// Installs and runs both peers on a throwaway cluster:

@@ -6,13 +6,18 @@ is empty and its own jobs are logged), and prints ``{"jobs":N,"seconds":S}`` on 
 
 Usage: python drain.py DATABASE_URL JOBS
 
-Settings follow pgqueuer's own benchmark (docs/development/benchmark.md), which reports
-its best figures with several dequeue workers, each a QueueManager on its own asyncpg
-connection, in one process: 5 of them here (PGQUEUER_WORKERS), each dequeuing batches of
-PGQUEUER_BATCH jobs (default 100: the benchmark's 10 is tuned for a live producer, and a
-larger batch drains a pre-filled queue faster here), with asyncpg (the driver the docs
-find twice as fast as psycopg) and uvloop (as pgqueuer's CLI runs it). Jobs go in with
-pgqueuer's batch ``enqueue``, 10,000 per call, before the clock starts.
+Settings: pgqueuer's own benchmark (docs/development/benchmark.md) runs several
+QueueManagers, each on its own asyncpg connection (the driver those docs find twice as
+fast as psycopg), and reports throughput rising with their number. A Python process
+runs its asyncio loop on one core, so on the 2-core benchmark box the managers go one per
+core: PGQUEUER_PROCESSES (2) processes with PGQUEUER_WORKERS (1) manager each. More
+managers per process (the benchmark's 5) measured slower here, one process with two no
+faster.
+Each dequeues PGQUEUER_BATCH (100) jobs at a time: the benchmark's 10 suits a live
+producer, 100 drained a pre-filled queue fastest, 500 no faster. The loop is uvloop, as
+pgqueuer's CLI runs it. Jobs go in with pgqueuer's batch ``enqueue``, 10,000 per call,
+before the clock starts; the clock stops when every manager has returned (its jobs
+logged), before process teardown.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 import sys
 import time
 from datetime import timedelta
+from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event
 
 import asyncpg
@@ -34,8 +40,11 @@ from pgqueuer.domain.types import QueueExecutionMode
 INSERT_BATCH = 10_000
 
 
-def worker(url: str, workers: int, batch: int, ready: Event, go: Event) -> None:
-    """One worker process: connect its queue managers, say so, drain on `go`."""
+def worker(
+    url: str, workers: int, batch: int, ready: Event, go: Event, finished: Synchronized[float]
+) -> None:
+    """One worker process: connect its queue managers, say so, drain on `go`, and set
+    `finished` to the monotonic time its managers were done (before process teardown)."""
 
     async def run() -> None:
         managers = []
@@ -62,6 +71,7 @@ def worker(url: str, workers: int, batch: int, ready: Event, go: Event) -> None:
                 for qm in managers
             )
         )
+        finished.value = time.monotonic()
 
     uvloop.run(run())
 
@@ -94,7 +104,7 @@ async def check(url: str, jobs: int) -> None:
 
 def main(url: str, jobs: int) -> None:
     processes = int(os.environ.get("PGQUEUER_PROCESSES", "2"))
-    workers = int(os.environ.get("PGQUEUER_WORKERS", "5"))
+    workers = int(os.environ.get("PGQUEUER_WORKERS", "1"))
     batch = int(os.environ.get("PGQUEUER_BATCH", "100"))
     uvloop.run(prepare(url, jobs))
 
@@ -103,23 +113,27 @@ def main(url: str, jobs: int) -> None:
     go = mp.Event()
     children = []
     for _ in range(processes):
-        ready = mp.Event()
-        child = mp.Process(target=worker, args=(url, workers, batch, ready, go))
+        ready, finished = mp.Event(), mp.Value("d", 0.0)
+        # Daemonic: terminated if this process exits early on an error.
+        child = mp.Process(
+            target=worker, args=(url, workers, batch, ready, go, finished), daemon=True
+        )
         child.start()
-        children.append((child, ready))
-    for child, ready in children:
+        children.append((child, ready, finished))
+    for child, ready, _ in children:
         while not ready.wait(0.1):
             if not child.is_alive():
                 sys.exit(f"worker process exited early with {child.exitcode}")
 
-    started = time.perf_counter()
+    # CLOCK_MONOTONIC is one clock for every process on the machine.
+    started = time.monotonic()
     go.set()
-    for child, _ in children:
+    for child, _, _ in children:
         child.join()
-    seconds = time.perf_counter() - started
-    failed = [c.exitcode for c, _ in children if c.exitcode != 0]
+    failed = [c.exitcode for c, _, _ in children if c.exitcode != 0]
     if failed:
         sys.exit(f"worker processes failed with exit codes {failed}")
+    seconds = max(f.value for _, _, f in children) - started
 
     uvloop.run(check(url, jobs))
     print(json.dumps({"jobs": jobs, "seconds": seconds}))
