@@ -138,6 +138,15 @@ pub async fn run(cluster: &Cluster, jobs: usize) -> anyhow::Result<Vec<Figure>> 
 
 /// Runs `peers/install.sh`, which returns at once when everything is installed.
 async fn install(paths: &Paths) -> anyhow::Result<()> {
+    let installed = ["graphile-worker", "pgqueuer-venv"]
+        .iter()
+        .all(|tool| paths.tools.join(tool).join(".stamp").is_file());
+    if !installed {
+        eprintln!(
+            "peers: installing graphile-worker, Node 22 and pgqueuer into {} (a few minutes the first time)",
+            paths.tools.display()
+        );
+    }
     let mut cmd = Command::new("bash");
     cmd.arg(paths.peers.join("install.sh")).arg(&paths.tools);
     let out = run_blocking(cmd, INSTALL_DEADLINE)
