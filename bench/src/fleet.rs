@@ -78,8 +78,8 @@ impl Tally {
 /// on each HTTP/2 connection, waits until all are welcomed, and measures the manager over
 /// `window`.
 ///
-/// `strict` (smoke runs): a hello that fails, a stream that drops or a ramp that does
-/// not finish in time is an error. Otherwise the ramp stops at its deadline, the runners
+/// `strict` (smoke runs): a hello that fails, a stream that drops, a ramp that does
+/// not finish in time or no heartbeat answered is an error. Otherwise the ramp stops at its deadline, the runners
 /// connected by then are measured, and the figures say how many were.
 pub async fn run(
     stack: &Stack,
@@ -168,6 +168,9 @@ pub async fn run(
     let (welcomed, refused, dropped) = tally.load();
     if strict && refused + dropped > 0 {
         return Err(failure("streams failed"));
+    }
+    if strict && answered == 0 {
+        return Err(failure("no heartbeat was answered"));
     }
     fleet.shutdown().await;
     if refused + dropped > 0 {
