@@ -5,10 +5,18 @@
 //! ```text
 //! cargo build --release -p agentrun-bench -p agentrun-runner -p agentrun-manager
 //! cargo run --release -p agentrun-bench -- all [--runs N] [--json PATH]
+//! cargo run --release -p agentrun-bench -- all --smoke     # every scenario, tiny (CI)
+//! cargo run --release -p agentrun-bench -- fleet --fleet-runners 2000
 //! ```
+//!
+//! A scenario that fails does not stop the others; the report shows what was measured
+//! and the command exits non-zero.
 
 mod dblimit;
 mod dispatch;
+mod failover;
+mod fleet;
+mod peers;
 mod report;
 mod stack;
 mod stream;
@@ -16,9 +24,10 @@ mod stream;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, ValueEnum};
 use serde_json::json;
 
+use crate::report::Figure;
 use crate::stack::{Cluster, Stack, connect_db};
 
 #[derive(Parser)]
@@ -27,43 +36,111 @@ use crate::stack::{Cluster, Stack, connect_db};
     about = "Benchmarks agentrun against the database limit"
 )]
 struct Cli {
-    #[command(subcommand)]
-    command: Cmd,
+    /// Which scenario to run.
+    #[arg(value_enum)]
+    scenario: Scenario,
+    #[command(flatten)]
+    params: Params,
 }
 
-#[derive(Subcommand)]
-enum Cmd {
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
     /// Every scenario, then the database limit.
-    All(Params),
+    All,
+    /// Runs/s at full load, then create-to-assigned latency at half that rate.
+    Dispatch,
+    /// Events/s of streaming runs and append-to-watcher latency.
+    Stream,
+    /// Thousands of idle runner streams on one manager: its memory and CPU.
+    Fleet,
+    /// SIGKILL a runner holding runs: seconds until another runner has them.
+    Failover,
+    /// The database limit (pgbench).
+    Limit,
 }
 
+/// Sizes default to the full benchmark, or to a tiny run with `--smoke`; a size given
+/// explicitly wins over both.
 #[derive(clap::Args, Clone)]
 struct Params {
-    /// Runs created in the dispatch scenario.
-    #[arg(long, default_value_t = 10_000)]
-    runs: usize,
-    /// Runner processes serving the scenarios.
+    /// Every scenario at a tiny size (CI): fails if any scenario fails.
+    #[arg(long)]
+    smoke: bool,
+    /// Runs created in the dispatch scenario [default: 10000; smoke 300].
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Runner processes serving dispatch and stream.
     #[arg(long, default_value_t = 2)]
     runners: usize,
-    /// Runs in the stream scenario, each with its own watcher.
-    #[arg(long, default_value_t = 8)]
-    stream_runs: usize,
-    /// Tokens (content.delta events) per stream run.
-    #[arg(long, default_value_t = 2_000)]
-    stream_tokens: usize,
-    /// Seconds each pgbench script runs.
+    /// Seconds of paced creation at half the measured dispatch rate [default: 5; smoke 2].
+    #[arg(long)]
+    paced_seconds: Option<f64>,
+    /// Runs in the stream scenario, each with its own watcher [default: 8; smoke 2].
+    #[arg(long)]
+    stream_runs: Option<usize>,
+    /// Tokens (content.delta events) per stream run [default: 2000; smoke 200].
+    #[arg(long)]
+    stream_tokens: Option<usize>,
+    /// Simulated runners connected in the fleet scenario [default: 10000; smoke 200].
+    #[arg(long)]
+    fleet_runners: Option<usize>,
+    /// Simulated runners sharing one HTTP/2 connection to the manager.
     #[arg(long, default_value_t = 10)]
-    pgbench_seconds: u32,
+    fleet_runners_per_connection: usize,
+    /// Seconds the fleet's cost is measured over [default: 15; smoke 3].
+    #[arg(long)]
+    fleet_seconds: Option<u64>,
+    /// Long runs held by the two runners of the failover scenario [default: 20; smoke 4].
+    #[arg(long)]
+    failover_runs: Option<usize>,
+    /// Seconds each pgbench script runs [default: 10; smoke 2].
+    #[arg(long)]
+    pgbench_seconds: Option<u32>,
     /// Where the JSON report goes.
     #[arg(long, default_value = "target/bench/latest.json")]
     json: PathBuf,
 }
 
+/// Every size, resolved.
+struct Sizes {
+    runs: usize,
+    runners: usize,
+    paced_seconds: f64,
+    stream_runs: usize,
+    stream_tokens: usize,
+    fleet_runners: usize,
+    fleet_runners_per_connection: usize,
+    fleet_seconds: u64,
+    failover_runs: usize,
+    pgbench_seconds: u32,
+}
+
+impl Params {
+    fn sizes(&self) -> Sizes {
+        let smoke = self.smoke;
+        let pick = |given: Option<usize>, full: usize, tiny: usize| {
+            given.unwrap_or(if smoke { tiny } else { full })
+        };
+        Sizes {
+            runs: pick(self.runs, 10_000, 300),
+            runners: self.runners,
+            paced_seconds: self.paced_seconds.unwrap_or(if smoke { 2.0 } else { 5.0 }),
+            stream_runs: pick(self.stream_runs, 8, 2),
+            stream_tokens: pick(self.stream_tokens, 2_000, 200),
+            fleet_runners: pick(self.fleet_runners, 10_000, 200),
+            fleet_runners_per_connection: self.fleet_runners_per_connection,
+            fleet_seconds: self.fleet_seconds.unwrap_or(if smoke { 3 } else { 15 }),
+            failover_runs: pick(self.failover_runs, 20, 4),
+            pgbench_seconds: self.pgbench_seconds.unwrap_or(if smoke { 2 } else { 10 }),
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Cli {
-        command: Cmd::All(params),
-    } = Cli::parse();
+    let Cli { scenario, params } = Cli::parse();
+    let sizes = params.sizes();
+    let wants = |s: Scenario| scenario == Scenario::All || scenario == s;
     // Declared first so it is dropped last: the processes go before their database.
     let cluster = Cluster::start()?;
     let url = cluster.create_database().await?;
@@ -71,43 +148,132 @@ async fn main() -> anyhow::Result<()> {
     let timeout = Duration::from_secs(300);
 
     let mut figures = Vec::new();
-    {
-        let stack = Stack::start(&url, params.runners).await?;
+    let mut failed = Vec::new();
+    let mut record = |name: &'static str, result: anyhow::Result<Vec<Figure>>| match result {
+        Ok(measured) => figures.extend(measured),
+        Err(err) => {
+            eprintln!("{name}: FAILED: {err:#}");
+            failed.push(name);
+        }
+    };
+
+    if wants(Scenario::Dispatch) || wants(Scenario::Stream) {
+        let stack = Stack::start(&url, sizes.runners).await?;
         let channel = stack.channel().await?;
-        eprintln!("dispatch: {} runs, {} runners", params.runs, params.runners);
-        figures.extend(dispatch::run(channel.clone(), &db, params.runs, timeout).await?);
-        eprintln!(
-            "stream: {} runs x {} tokens",
-            params.stream_runs, params.stream_tokens
-        );
-        figures.extend(
-            stream::run(
-                channel,
-                &db,
-                params.stream_runs,
-                params.stream_tokens,
-                timeout,
-            )
-            .await?,
-        );
-        // The stack stops here, so pgbench has the machine to itself.
+        if wants(Scenario::Dispatch) {
+            eprintln!("dispatch: {} runs, {} runners", sizes.runs, sizes.runners);
+            let full = dispatch::run(channel.clone(), &db, sizes.runs, timeout).await;
+            let rate = full.as_ref().ok().and_then(|figures| {
+                figures
+                    .iter()
+                    .find(|f| f.name == "dispatch.runs_per_s")
+                    .map(|f| f.value)
+            });
+            record("dispatch", full);
+            if let Some(rate) = rate {
+                eprintln!(
+                    "dispatch: paced at {:.0} runs/s (half of {rate:.0}) for {} s",
+                    rate / 2.0,
+                    sizes.paced_seconds
+                );
+                record(
+                    "dispatch (paced)",
+                    dispatch::paced(
+                        channel.clone(),
+                        &db,
+                        rate / 2.0,
+                        sizes.paced_seconds,
+                        timeout,
+                    )
+                    .await,
+                );
+            }
+        }
+        if wants(Scenario::Stream) {
+            eprintln!(
+                "stream: {} runs x {} tokens",
+                sizes.stream_runs, sizes.stream_tokens
+            );
+            record(
+                "stream",
+                stream::run(
+                    channel,
+                    &db,
+                    sizes.stream_runs,
+                    sizes.stream_tokens,
+                    timeout,
+                )
+                .await,
+            );
+        }
+        // The stack stops here; each later scenario gets a fresh manager.
     }
-    eprintln!(
-        "database limit: pgbench, {} s per script",
-        params.pgbench_seconds
-    );
-    figures.extend(dblimit::run(&db, &url, params.pgbench_seconds).await?);
+    if wants(Scenario::Fleet) {
+        eprintln!("fleet: {} simulated runners", sizes.fleet_runners);
+        let result = async {
+            let stack = Stack::start(&url, 0).await?;
+            fleet::run(
+                &stack,
+                &db,
+                sizes.fleet_runners,
+                sizes.fleet_runners_per_connection,
+                Duration::from_secs(sizes.fleet_seconds),
+                params.smoke,
+            )
+            .await
+        };
+        record("fleet", result.await);
+    }
+    if wants(Scenario::Failover) {
+        eprintln!("failover: {} runs on two runners", sizes.failover_runs);
+        record(
+            "failover",
+            failover::run(&url, &db, sizes.failover_runs, timeout).await,
+        );
+    }
+    if wants(Scenario::Limit) {
+        eprintln!(
+            "database limit: pgbench, {} s per script",
+            sizes.pgbench_seconds
+        );
+        record(
+            "limit",
+            dblimit::run(&db, &url, sizes.pgbench_seconds).await,
+        );
+    }
+    // PEERS: the peers scenario (graphile-worker and pgqueuer on the same cluster, after
+    // the stacks are gone, next to the database limit) is called here. To wire it, add a
+    // `Peers` variant to `Scenario` and a `--peer-jobs` size to `Params`/`Sizes` (and to
+    // `run_params`), then:
+    //
+    //     if wants(Scenario::Peers) {
+    //         eprintln!("peers: {} jobs each", sizes.peer_jobs);
+    //         record("peers", peers::run(&cluster, sizes.peer_jobs).await);
+    //     }
+    //
+    // `dispatch.runs_per_s` already names `peer.*.jobs_per_s` as baselines, so the table
+    // shows the ratios as soon as those figures exist.
 
     print!("{}", report::markdown(&figures));
     let run_params = json!({
-        "runs": params.runs,
-        "runners": params.runners,
-        "stream_runs": params.stream_runs,
-        "stream_tokens": params.stream_tokens,
-        "pgbench_seconds": params.pgbench_seconds,
+        "smoke": params.smoke,
+        "runs": sizes.runs,
+        "runners": sizes.runners,
+        "paced_seconds": sizes.paced_seconds,
+        "stream_runs": sizes.stream_runs,
+        "stream_tokens": sizes.stream_tokens,
+        "fleet_runners": sizes.fleet_runners,
+        "fleet_runners_per_connection": sizes.fleet_runners_per_connection,
+        "fleet_seconds": sizes.fleet_seconds,
+        "failover_runs": sizes.failover_runs,
+        "pgbench_seconds": sizes.pgbench_seconds,
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "failed": failed,
     });
     report::write_json(&params.json, &figures, run_params)?;
     eprintln!("wrote {}", params.json.display());
+    if !failed.is_empty() {
+        anyhow::bail!("scenarios failed: {}", failed.join(", "));
+    }
     Ok(())
 }

@@ -1,4 +1,9 @@
 //! Figures, percentiles and their two renderings: a Markdown table and JSON.
+//!
+//! A figure may name other figures it is compared with (the database limit, peers): the
+//! table shows each ratio that could be computed, the JSON carries every one (null when
+//! its baseline was not measured in this run). A figure may also carry a target, shown
+//! with whether it was met.
 
 use std::path::Path;
 
@@ -12,8 +17,33 @@ pub struct Figure {
     pub name: &'static str,
     pub value: f64,
     pub unit: &'static str,
-    /// The database-limit figure this one is compared with, by name.
-    pub limit: Option<&'static str>,
+    /// The figures this one is compared with, by name: the database limit first, then
+    /// peers.
+    pub baselines: Vec<&'static str>,
+    pub target: Option<Target>,
+}
+
+/// A bound the figure should respect, in the figure's unit.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    AtMost(f64),
+    AtLeast(f64),
+}
+
+impl Target {
+    pub fn met(self, value: f64) -> bool {
+        match self {
+            Target::AtMost(bound) => value <= bound,
+            Target::AtLeast(bound) => value >= bound,
+        }
+    }
+
+    fn text(self, unit: &str) -> String {
+        match self {
+            Target::AtMost(bound) => format!("≤ {} {unit}", format_value(bound)),
+            Target::AtLeast(bound) => format!("≥ {} {unit}", format_value(bound)),
+        }
+    }
 }
 
 impl Figure {
@@ -23,13 +53,32 @@ impl Figure {
             name,
             value,
             unit,
-            limit: None,
+            baselines: Vec::new(),
+            target: None,
         }
     }
 
     /// Compares this figure with the database-limit figure named `limit`.
     pub fn against(mut self, limit: &'static str) -> Self {
-        self.limit = Some(limit);
+        self.baselines.insert(0, limit);
+        self
+    }
+
+    /// Compares this figure with each of the peer figures named in `peers`.
+    pub fn peers(mut self, peers: &[&'static str]) -> Self {
+        self.baselines.extend_from_slice(peers);
+        self
+    }
+
+    /// The figure should be at most `bound` (in its unit).
+    pub fn at_most(mut self, bound: f64) -> Self {
+        self.target = Some(Target::AtMost(bound));
+        self
+    }
+
+    /// The figure should be at least `bound` (in its unit).
+    pub fn at_least(mut self, bound: f64) -> Self {
+        self.target = Some(Target::AtLeast(bound));
         self
     }
 }
@@ -43,27 +92,47 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Ratio of `figure` to the limit it names, when that limit was measured.
-fn ratio(figure: &Figure, all: &[Figure]) -> Option<f64> {
-    let limit = figure.limit?;
-    let base = all.iter().find(|f| f.name == limit)?;
-    (base.value > 0.0).then(|| figure.value / base.value)
+/// Ratio of `figure` to the figure named `baseline`, when that one was measured.
+fn ratio(figure: &Figure, baseline: &str, all: &[Figure]) -> Option<f64> {
+    let base = all.iter().find(|f| f.name == baseline)?;
+    (base.value > 0.0 && figure.value.is_finite()).then(|| figure.value / base.value)
+}
+
+/// How a baseline is called in the table: `limit.*` is the database limit,
+/// `peer.graphile_worker.*` is graphile-worker.
+fn baseline_label(name: &str) -> String {
+    if name.starts_with("limit.") {
+        "database limit".to_owned()
+    } else if let Some(rest) = name.strip_prefix("peer.") {
+        rest.split('.').next().unwrap_or(rest).replace('_', "-")
+    } else {
+        name.to_owned()
+    }
 }
 
 /// The figures as a Markdown table.
 pub fn markdown(figures: &[Figure]) -> String {
     let mut out = String::from(
-        "| scenario | figure | value | unit | ratio to database limit |\n|---|---|---:|---|---:|\n",
+        "| scenario | figure | value | unit | target | compared with |\n|---|---|---:|---|---|---|\n",
     );
     for f in figures {
-        let ratio = ratio(f, figures).map_or_else(String::new, |r| format!("{r:.2}×"));
+        let compared: Vec<String> = f
+            .baselines
+            .iter()
+            .filter_map(|b| ratio(f, b, figures).map(|r| format!("{r:.2}× {}", baseline_label(b))))
+            .collect();
+        let target = f.target.map_or_else(String::new, |t| {
+            let mark = if t.met(f.value) { "met" } else { "missed" };
+            format!("{} ({mark})", t.text(f.unit))
+        });
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} |\n",
             f.scenario,
             f.name,
             format_value(f.value),
             f.unit,
-            ratio
+            target,
+            compared.join(", ")
         ));
     }
     out
@@ -77,7 +146,8 @@ fn format_value(v: f64) -> String {
     }
 }
 
-/// Writes every figure, with its ratio, as JSON to `path` (parent dirs created).
+/// Writes every figure, with its ratios and target, as JSON to `path` (parent dirs
+/// created).
 pub fn write_json(
     path: &Path,
     figures: &[Figure],
@@ -86,13 +156,29 @@ pub fn write_json(
     let rows: Vec<_> = figures
         .iter()
         .map(|f| {
+            let limit = f.baselines.iter().find(|b| b.starts_with("limit."));
+            let compared: Vec<_> = f
+                .baselines
+                .iter()
+                .map(|b| json!({ "figure": b, "ratio": ratio(f, b, figures) }))
+                .collect();
+            let target = f.target.map(|t| {
+                let (op, bound) = match t {
+                    Target::AtMost(b) => ("<=", b),
+                    Target::AtLeast(b) => (">=", b),
+                };
+                json!({ "op": op, "value": bound, "met": t.met(f.value) })
+            });
             json!({
                 "scenario": f.scenario,
                 "figure": f.name,
-                "value": f.value,
+                // NaN (nothing measured) has no JSON form: it becomes null.
+                "value": f.value.is_finite().then_some(f.value),
                 "unit": f.unit,
-                "limit": f.limit,
-                "ratio_to_limit": ratio(f, figures),
+                "limit": limit,
+                "ratio_to_limit": limit.and_then(|l| ratio(f, l, figures)),
+                "compared_with": compared,
+                "target": target,
             })
         })
         .collect();
@@ -106,7 +192,7 @@ pub fn write_json(
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::{Figure, markdown, percentile};
 
     #[test]
     fn nearest_rank_percentiles() {
@@ -116,5 +202,26 @@ mod tests {
         assert_eq!(percentile(&v, 100.0), 100.0);
         assert_eq!(percentile(&[7.0], 1.0), 7.0);
         assert!(percentile(&[], 50.0).is_nan());
+    }
+
+    #[test]
+    fn the_table_compares_with_every_measured_baseline_and_marks_targets() {
+        let figures = vec![
+            Figure::new("d", "dispatch.runs_per_s", 500.0, "runs/s")
+                .against("limit.dispatches_per_s")
+                .peers(&[
+                    "peer.graphile_worker.jobs_per_s",
+                    "peer.pgqueuer.jobs_per_s",
+                ]),
+            Figure::new("d", "dispatch.p50", 7.0, "ms").at_most(5.0),
+            Figure::new("l", "limit.dispatches_per_s", 1000.0, "dispatches/s"),
+            Figure::new("p", "peer.graphile_worker.jobs_per_s", 250.0, "jobs/s"),
+        ];
+        let table = markdown(&figures);
+        assert!(
+            table.contains("| 0.50× database limit, 2.00× graphile-worker |"),
+            "{table}"
+        );
+        assert!(table.contains("| ≤ 5.00 ms (missed) |"), "{table}");
     }
 }

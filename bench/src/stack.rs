@@ -2,6 +2,7 @@
 //! one manager and a set of runners, all killed when the [`Stack`] is dropped.
 
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -86,17 +87,16 @@ impl Stack {
     /// Starts the manager on `database_url` and `runners` runner processes, and returns
     /// once the manager accepts gRPC connections.
     pub async fn start(database_url: &str, runners: usize) -> anyhow::Result<Self> {
-        let bin_dir = bin_dir()?;
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let manager = Command::new(bin_dir.join("agentrun-manager"))
+        let manager = Command::new(bin_dir()?.join("agentrun-manager"))
             .arg("serve")
             .env("DATABASE_URL", database_url)
             .env("AGENTRUN_AUTH", "disabled")
             .env("AGENTRUN_LISTEN", addr.to_string())
             .env("AGENTRUN_METRICS_LISTEN", "")
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", manager_log().unwrap_or_else(|| "warn".into()))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(manager_output()?)
             .spawn()
             .context("start agentrun-manager")?;
         let mut stack = Stack {
@@ -106,20 +106,49 @@ impl Stack {
         };
         stack.channel().await?;
         for i in 0..runners {
-            let runner = Command::new(bin_dir.join("agentrun-runner"))
-                .env("AGENTRUN_MANAGER_URL", format!("http://{addr}"))
-                .env("AGENTRUN_RUNNER_NAME", format!("bench-{i}"))
-                .env("AGENTRUN_SCRIPTED_TOKEN_DELAY_MS", "0")
-                .env("AGENTRUN_MAX_CONCURRENCY", "64")
-                .env("AGENTRUN_LINGER_MS", "5")
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()
-                .context("start agentrun-runner")?;
-            stack.runners.push(runner);
+            stack.spawn_runner(&format!("bench-{i}"), &[])?;
         }
         Ok(stack)
+    }
+
+    /// Starts one more runner process named `name`, with the benchmark's settings
+    /// (scripted tokens without delay, 64 slots) overridden by `env`; returns its index
+    /// for [`Stack::kill_runner`].
+    pub fn spawn_runner(&mut self, name: &str, env: &[(&str, &str)]) -> anyhow::Result<usize> {
+        let mut command = Command::new(bin_dir()?.join("agentrun-runner"));
+        command
+            .env("AGENTRUN_MANAGER_URL", format!("http://{}", self.addr))
+            .env("AGENTRUN_RUNNER_NAME", name)
+            .env("AGENTRUN_SCRIPTED_TOKEN_DELAY_MS", "0")
+            .env("AGENTRUN_MAX_CONCURRENCY", "64")
+            .env("AGENTRUN_LINGER_MS", "5")
+            .env("RUST_LOG", "warn");
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let runner = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("start agentrun-runner")?;
+        self.runners.push(runner);
+        Ok(self.runners.len() - 1)
+    }
+
+    /// Kills runner `index` with SIGKILL (no drain, no goodbye) and reaps it.
+    pub fn kill_runner(&mut self, index: usize) -> anyhow::Result<()> {
+        let runner = self
+            .runners
+            .get_mut(index)
+            .with_context(|| format!("no runner {index}"))?;
+        runner.kill().context("kill the runner")?;
+        runner.wait().context("reap the runner")?;
+        Ok(())
+    }
+
+    /// The manager's process id, to read its memory and CPU from `/proc`.
+    pub fn manager_pid(&self) -> u32 {
+        self.manager.id()
     }
 
     /// A channel to the manager, retried for up to 20 s while it starts.
@@ -149,6 +178,22 @@ impl Drop for Stack {
             let _ = child.wait();
         }
     }
+}
+
+/// The manager's log filter when it is asked for: `AGENTRUN_BENCH_MANAGER_LOG` (e.g.
+/// `warn,h2=debug` to see why a connection closed).
+fn manager_log() -> Option<String> {
+    std::env::var("AGENTRUN_BENCH_MANAGER_LOG").ok()
+}
+
+/// The manager logs to stdout, which would mix with the report: dropped, unless a log
+/// filter was asked for, then sent to this process's stderr.
+fn manager_output() -> anyhow::Result<Stdio> {
+    if manager_log().is_none() {
+        return Ok(Stdio::null());
+    }
+    let stderr = std::io::stderr().as_fd().try_clone_to_owned()?;
+    Ok(Stdio::from(stderr))
 }
 
 /// The directory of this executable, where cargo also puts the manager and runner

@@ -9,6 +9,7 @@ mod e2e;
 mod failover;
 mod leases;
 mod operability;
+mod properties;
 mod replicas;
 mod requests;
 mod runs;

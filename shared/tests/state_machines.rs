@@ -1,0 +1,999 @@
+//! Properties of what `agentrun-shared` decides at every edge: the run and command state
+//! machines, id and enum parsing, the event payload rules, JSON payload parsing and secret
+//! redaction. Everything here is pure, so each property runs hundreds of cases in
+//! milliseconds; the same rules are checked end to end, through the gRPC API and the
+//! database, in `tests/integration/properties.rs`.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use agentrun_shared::events::{EventType, MAX_REQUEST_TIMEOUT_MS, REQUEST_KINDS, TURN_END_STATES};
+use agentrun_shared::ids::{CommandId, RequestId, RunId, RunnerId, SessionId};
+use agentrun_shared::payload::{DEFAULT_MAX_PAYLOAD_BYTES, REDACTED, parse_object, redact};
+use agentrun_shared::proto;
+use agentrun_shared::state::{CommandKind, CommandStatus, RunStatus, TurnDeliveryPolicy};
+use proptest::collection::{btree_map, vec};
+use proptest::prelude::*;
+use proptest::sample::select;
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+// ---------------------------------------------------------------------------------------
+// Run state machine
+// ---------------------------------------------------------------------------------------
+
+/// The run lifecycle as documented (DESIGN.md §2: `pending → claimed → running ⇄ waiting →
+/// completed | failed | cancelled | blocked | expired`), written out edge by edge and
+/// independently of `RunStatus::sources`, with the documented extras: a held run whose
+/// lease is lost goes back to `pending`, a queued run can be cancelled, and only a run never
+/// claimed can expire in the queue.
+const RUN_EDGES: &[(RunStatus, RunStatus)] = {
+    use RunStatus::*;
+    &[
+        (Pending, Claimed),
+        (Pending, Cancelled),
+        (Pending, Expired),
+        (Claimed, Running),
+        (Claimed, Waiting),
+        (Claimed, Pending),
+        (Claimed, Completed),
+        (Claimed, Failed),
+        (Claimed, Cancelled),
+        (Claimed, Blocked),
+        (Running, Waiting),
+        (Running, Pending),
+        (Running, Completed),
+        (Running, Failed),
+        (Running, Cancelled),
+        (Running, Blocked),
+        (Waiting, Running),
+        (Waiting, Pending),
+        (Waiting, Completed),
+        (Waiting, Failed),
+        (Waiting, Cancelled),
+        (Waiting, Blocked),
+    ]
+};
+
+const RUN_TERMINAL: &[RunStatus] = &[
+    RunStatus::Completed,
+    RunStatus::Failed,
+    RunStatus::Cancelled,
+    RunStatus::Blocked,
+    RunStatus::Expired,
+];
+
+/// States reachable from `from` by legal transitions (including `from`).
+fn reachable<S: Copy + Eq + Ord>(from: S, all: &[S], legal: impl Fn(S, S) -> bool) -> BTreeSet<S> {
+    let mut seen = BTreeSet::from([from]);
+    let mut queue = VecDeque::from([from]);
+    while let Some(s) = queue.pop_front() {
+        for &next in all {
+            if legal(s, next) && seen.insert(next) {
+                queue.push_back(next);
+            }
+        }
+    }
+    seen
+}
+
+/// A total order so the states can live in a `BTreeSet` (declaration order).
+fn run_rank(s: RunStatus) -> usize {
+    RunStatus::ALL.iter().position(|x| *x == s).expect("in ALL")
+}
+
+fn command_rank(s: CommandStatus) -> usize {
+    CommandStatus::ALL
+        .iter()
+        .position(|x| *x == s)
+        .expect("in ALL")
+}
+
+#[test]
+fn run_transitions_are_exactly_the_documented_table() {
+    for &from in RunStatus::ALL {
+        for &to in RunStatus::ALL {
+            assert_eq!(
+                RunStatus::can_transition(from, to),
+                RUN_EDGES.contains(&(from, to)),
+                "{from:?} -> {to:?}"
+            );
+        }
+    }
+    for &to in RunStatus::ALL {
+        let sources = to.sources();
+        let unique: BTreeSet<usize> = sources.iter().map(|s| run_rank(*s)).collect();
+        assert_eq!(unique.len(), sources.len(), "{to:?} lists a source twice");
+    }
+}
+
+#[test]
+fn run_state_sets_partition_the_lifecycle() {
+    assert_eq!(
+        RunStatus::ACTIVE,
+        &[RunStatus::Claimed, RunStatus::Running, RunStatus::Waiting]
+    );
+    for &s in RunStatus::ALL {
+        assert_eq!(s.is_terminal(), RUN_TERMINAL.contains(&s), "{s:?}");
+        // Every state is exactly one of: queued, held under a lease, terminal.
+        let kinds = [
+            s == RunStatus::Pending,
+            RunStatus::ACTIVE.contains(&s),
+            s.is_terminal(),
+        ];
+        assert_eq!(kinds.iter().filter(|k| **k).count(), 1, "{s:?}");
+        // What a runner may report is terminal, and a runner can report it from every
+        // state it holds a run in; `expired` is the sweeper's alone.
+        if s.is_runner_outcome() {
+            assert!(s.is_terminal(), "{s:?}");
+            for &held in RunStatus::ACTIVE {
+                assert!(RunStatus::can_transition(held, s), "{held:?} -> {s:?}");
+            }
+        }
+    }
+    assert!(!RunStatus::Expired.is_runner_outcome());
+    assert!(!RunStatus::Pending.is_runner_outcome());
+}
+
+#[test]
+fn run_lifecycle_is_well_formed() {
+    let legal =
+        |a: usize, b: usize| RunStatus::can_transition(RunStatus::ALL[a], RunStatus::ALL[b]);
+    let all: Vec<usize> = (0..RunStatus::ALL.len()).collect();
+    for &s in RunStatus::ALL {
+        assert!(!RunStatus::can_transition(s, s), "{s:?} -> itself");
+        let from_here = reachable(run_rank(s), &all, legal);
+        if s.is_terminal() {
+            assert_eq!(from_here.len(), 1, "terminal {s:?} has an exit");
+        } else {
+            assert!(
+                from_here.iter().any(|i| RunStatus::ALL[*i].is_terminal()),
+                "{s:?} can never end"
+            );
+        }
+        // No source of a transition is terminal: a terminal source would be an exit.
+        assert!(s.sources().iter().all(|src| !src.is_terminal()), "{s:?}");
+    }
+    let from_pending = reachable(run_rank(RunStatus::Pending), &all, legal);
+    assert_eq!(
+        from_pending.len(),
+        RunStatus::ALL.len(),
+        "a state no run can reach"
+    );
+}
+
+fn any_run_status() -> impl Strategy<Value = RunStatus> {
+    select(RunStatus::ALL)
+}
+
+fn any_command_status() -> impl Strategy<Value = CommandStatus> {
+    select(CommandStatus::ALL)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// A run row under random attempted updates, each applied the way the SQL applies
+    /// it (`UPDATE … WHERE status = ANY(sources)`): the path only uses documented edges,
+    /// a terminal state is final, and a run is claimed or expires only from the queue.
+    #[test]
+    fn random_run_walks_follow_the_table(
+        attempts in vec(any_run_status(), 0..64),
+    ) {
+        let mut status = RunStatus::Pending;
+        let mut ended_at: Option<usize> = None;
+        for (i, to) in attempts.into_iter().enumerate() {
+            let applied = to.sources().contains(&status);
+            prop_assert_eq!(applied, RunStatus::can_transition(status, to));
+            prop_assert_eq!(applied, RUN_EDGES.contains(&(status, to)));
+            if ended_at.is_some() {
+                prop_assert!(!applied, "{:?} -> {:?} after the end", status, to);
+            }
+            if applied {
+                if matches!(to, RunStatus::Claimed | RunStatus::Expired) {
+                    prop_assert_eq!(status, RunStatus::Pending);
+                }
+                status = to;
+                if to.is_terminal() {
+                    ended_at = Some(i);
+                }
+            }
+        }
+        prop_assert_eq!(ended_at.is_some(), status.is_terminal());
+    }
+
+    /// Every state a walk leaves a run in can still end it.
+    #[test]
+    fn every_reached_run_state_can_still_end(
+        attempts in vec(any_run_status(), 0..32),
+    ) {
+        let mut status = RunStatus::Pending;
+        for to in attempts {
+            if RunStatus::can_transition(status, to) {
+                status = to;
+            }
+        }
+        let all: Vec<usize> = (0..RunStatus::ALL.len()).collect();
+        let ends = reachable(run_rank(status), &all, |a, b| {
+            RunStatus::can_transition(RunStatus::ALL[a], RunStatus::ALL[b])
+        });
+        prop_assert!(ends.iter().any(|i| RunStatus::ALL[*i].is_terminal()));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Command state machine
+// ---------------------------------------------------------------------------------------
+
+/// The command lifecycle as documented (`pending → delivered → acknowledged → completed |
+/// failed | cancelled`), plus redelivery of a command whose runner lost its lease, a
+/// delivered command finished without an acknowledgement, and a pending command cancelled
+/// before delivery.
+const COMMAND_EDGES: &[(CommandStatus, CommandStatus)] = {
+    use CommandStatus::*;
+    &[
+        (Pending, Delivered),
+        (Pending, Cancelled),
+        (Delivered, Acknowledged),
+        (Delivered, Pending),
+        (Delivered, Completed),
+        (Delivered, Failed),
+        (Delivered, Cancelled),
+        (Acknowledged, Pending),
+        (Acknowledged, Completed),
+        (Acknowledged, Failed),
+        (Acknowledged, Cancelled),
+    ]
+};
+
+#[test]
+fn command_transitions_are_exactly_the_documented_table() {
+    for &from in CommandStatus::ALL {
+        for &to in CommandStatus::ALL {
+            assert_eq!(
+                CommandStatus::can_transition(from, to),
+                COMMAND_EDGES.contains(&(from, to)),
+                "{from:?} -> {to:?}"
+            );
+        }
+    }
+    assert_eq!(
+        CommandStatus::OPEN,
+        &[
+            CommandStatus::Pending,
+            CommandStatus::Delivered,
+            CommandStatus::Acknowledged
+        ]
+    );
+    let legal = |a: usize, b: usize| {
+        CommandStatus::can_transition(CommandStatus::ALL[a], CommandStatus::ALL[b])
+    };
+    let all: Vec<usize> = (0..CommandStatus::ALL.len()).collect();
+    for &s in CommandStatus::ALL {
+        assert!(!CommandStatus::can_transition(s, s), "{s:?} -> itself");
+        assert_eq!(s.is_final(), !CommandStatus::OPEN.contains(&s));
+        let from_here = reachable(command_rank(s), &all, legal);
+        if s.is_final() {
+            assert_eq!(from_here.len(), 1, "final {s:?} has an exit");
+        } else {
+            assert!(
+                from_here.iter().any(|i| CommandStatus::ALL[*i].is_final()),
+                "{s:?} can never finish"
+            );
+        }
+        assert!(s.sources().iter().all(|src| !src.is_final()), "{s:?}");
+    }
+    let from_pending = reachable(command_rank(CommandStatus::Pending), &all, legal);
+    assert_eq!(from_pending.len(), CommandStatus::ALL.len());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn random_command_walks_follow_the_table(
+        attempts in vec(any_command_status(), 0..64),
+    ) {
+        let mut status = CommandStatus::Pending;
+        let mut finished = false;
+        for to in attempts {
+            let applied = to.sources().contains(&status);
+            prop_assert_eq!(applied, CommandStatus::can_transition(status, to));
+            prop_assert_eq!(applied, COMMAND_EDGES.contains(&(status, to)));
+            prop_assert!(!(finished && applied), "{:?} -> {:?} after finishing", status, to);
+            if applied {
+                status = to;
+                finished = to.is_final();
+            }
+        }
+        prop_assert_eq!(finished, status.is_final());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Enums on the wire and in the database
+// ---------------------------------------------------------------------------------------
+
+/// Wire values that are neither a known variant nor the `*_UNSPECIFIED` zero.
+fn known_wire_values(max: i32) -> impl Fn(i32) -> bool {
+    move |v| (1..=max).contains(&v)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Any i32 from the wire: a known value maps to its variant and back; zero
+    /// (unspecified) and unknown values are an error naming the field.
+    #[test]
+    fn wire_enums_accept_known_values_only(value in prop_oneof![any::<i32>(), -2..12i32]) {
+        let field = "some_field";
+        let check = |known: bool, result: Result<i32, agentrun_shared::error::FieldError>| {
+            match result {
+                Ok(back) => {
+                    prop_assert!(known, "unknown value {} accepted", value);
+                    prop_assert_eq!(back, value);
+                }
+                Err(err) => {
+                    prop_assert!(!known, "known value {} refused", value);
+                    prop_assert_eq!(&err.field, field);
+                    prop_assert!(err.to_string().starts_with("invalid some_field: "), "{}", err);
+                    prop_assert!(err.reason.contains(&value.to_string()), "{}", err);
+                }
+            }
+            Ok(())
+        };
+        check(known_wire_values(9)(value),
+              RunStatus::from_proto(field, value).map(|s| s.to_proto() as i32))?;
+        check(known_wire_values(6)(value),
+              CommandStatus::from_proto(field, value).map(|s| s.to_proto() as i32))?;
+        check(known_wire_values(5)(value),
+              CommandKind::from_proto(field, value).map(|s| s.to_proto() as i32))?;
+        check(known_wire_values(4)(value),
+              TurnDeliveryPolicy::from_proto(field, value).map(|s| s.to_proto() as i32))?;
+        // Unspecified means `queue` for a delivery policy, and nothing else does.
+        match TurnDeliveryPolicy::from_proto_or_default(field, value) {
+            Ok(p) if value == 0 => prop_assert_eq!(p, TurnDeliveryPolicy::Queue),
+            Ok(p) => prop_assert_eq!(p.to_proto() as i32, value),
+            Err(err) => {
+                prop_assert!(!(0..=4).contains(&value));
+                prop_assert_eq!(err.field, field);
+            }
+        }
+        prop_assert_eq!(
+            proto::RunStatus::try_from(value).is_ok() && value != 0,
+            RunStatus::from_proto(field, value).is_ok()
+        );
+    }
+
+    /// Any text from the database: exactly the declared spellings parse, and round-trip.
+    #[test]
+    fn database_spellings_parse_exactly(text in prop_oneof![
+        ".{0,16}",
+        select(RunStatus::ALL).prop_map(|s| s.as_str().to_owned()),
+        select(CommandStatus::ALL).prop_map(|s| s.as_str().to_owned()),
+        select(CommandKind::ALL).prop_map(|s| s.as_str().to_owned()),
+        select(TurnDeliveryPolicy::ALL).prop_map(|s| s.as_str().to_owned()),
+        // Near misses: case, padding.
+        select(RunStatus::ALL).prop_map(|s| s.as_str().to_uppercase()),
+        select(RunStatus::ALL).prop_map(|s| format!(" {}", s.as_str())),
+    ]) {
+        let spelled = |all: &[&str]| all.contains(&text.as_str());
+        let runs: Vec<&str> = RunStatus::ALL.iter().map(|s| s.as_str()).collect();
+        prop_assert_eq!(RunStatus::from_db(&text).is_some(), spelled(&runs));
+        if let Some(s) = RunStatus::from_db(&text) {
+            prop_assert_eq!(s.as_str(), text.as_str());
+        }
+        let commands: Vec<&str> = CommandStatus::ALL.iter().map(|s| s.as_str()).collect();
+        prop_assert_eq!(CommandStatus::from_db(&text).is_some(), spelled(&commands));
+        if let Some(s) = CommandStatus::from_db(&text) {
+            prop_assert_eq!(s.as_str(), text.as_str());
+        }
+        let kinds: Vec<&str> = CommandKind::ALL.iter().map(|s| s.as_str()).collect();
+        prop_assert_eq!(CommandKind::from_db(&text).is_some(), spelled(&kinds));
+        let policies: Vec<&str> = TurnDeliveryPolicy::ALL.iter().map(|s| s.as_str()).collect();
+        prop_assert_eq!(TurnDeliveryPolicy::from_db(&text).is_some(), spelled(&policies));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Ids
+// ---------------------------------------------------------------------------------------
+
+/// Strings near and far from a UUID.
+fn id_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        ".*",
+        "[0-9a-fA-F-]{0,40}",
+        any::<u128>().prop_map(|n| Uuid::from_u128(n).to_string()),
+        any::<u128>().prop_map(|n| Uuid::from_u128(n).simple().to_string()),
+        any::<u128>().prop_map(|n| Uuid::from_u128(n).to_string().to_uppercase()),
+        // One character of a valid id replaced.
+        (any::<u128>(), 0..36usize, any::<char>()).prop_map(|(n, at, c)| {
+            let mut chars: Vec<char> = Uuid::from_u128(n).to_string().chars().collect();
+            chars[at] = c;
+            chars.into_iter().collect()
+        }),
+        // Padded or truncated.
+        any::<u128>().prop_map(|n| format!(" {}", Uuid::from_u128(n))),
+        (any::<u128>(), 0..36usize)
+            .prop_map(|(n, len)| Uuid::from_u128(n).to_string()[..len].to_owned()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Parsing any text never panics; it accepts exactly what a UUID parser accepts, names
+    /// the field when it refuses, and an accepted id prints in canonical form.
+    #[test]
+    fn id_parsing_never_panics_and_names_the_field(text in id_text()) {
+        let expected = Uuid::try_parse(&text).ok();
+        let parsed = RunId::parse("run_id", &text);
+        match (&parsed, expected) {
+            (Ok(id), Some(uuid)) => {
+                prop_assert_eq!(id.0, uuid);
+                prop_assert_eq!(id.to_string(), uuid.hyphenated().to_string());
+                prop_assert_eq!(RunId::parse("run_id", &id.to_string()).ok(), Some(*id));
+            }
+            (Err(err), None) => {
+                prop_assert_eq!(&err.field, "run_id");
+                let reason = if text.is_empty() { "is required" } else { "is not a valid UUID" };
+                prop_assert_eq!(&err.reason, reason);
+            }
+            (parsed, expected) => prop_assert!(false, "{:?} parsed as {:?}, uuid says {:?}", text, parsed, expected),
+        }
+        // Every id type follows the same rule, and the optional form only adds "".
+        prop_assert_eq!(CommandId::parse("f", &text).is_ok(), expected.is_some());
+        prop_assert_eq!(SessionId::parse("f", &text).is_ok(), expected.is_some());
+        prop_assert_eq!(RunnerId::parse("f", &text).is_ok(), expected.is_some());
+        prop_assert_eq!(RequestId::parse("f", &text).is_ok(), expected.is_some());
+        match SessionId::parse_optional("session_id", &text) {
+            Ok(None) => prop_assert!(text.is_empty()),
+            Ok(Some(id)) => prop_assert_eq!(Some(id.0), expected),
+            Err(err) => {
+                prop_assert!(expected.is_none() && !text.is_empty());
+                prop_assert_eq!(err.field, "session_id");
+            }
+        }
+    }
+
+    #[test]
+    fn ids_round_trip(n in any::<u128>()) {
+        let id = RequestId(Uuid::from_u128(n));
+        prop_assert_eq!(RequestId::parse("request_id", &id.to_string()).unwrap(), id);
+        let id = RunId(Uuid::from_u128(n));
+        prop_assert_eq!(RunId::parse_optional("run_id", &id.to_string()).unwrap(), Some(id));
+    }
+}
+
+#[test]
+fn fresh_ids_are_distinct_and_parse() {
+    let ids: BTreeSet<RunId> = (0..1000).map(|_| RunId::new()).collect();
+    assert_eq!(ids.len(), 1000);
+    for id in ids.iter().take(10) {
+        assert_eq!(RunId::parse("run_id", &id.to_string()).unwrap(), *id);
+    }
+    // Run ids are time-ordered (v7), request ids random (v4).
+    assert_eq!(RunId::new().0.get_version_num(), 7);
+    assert_eq!(RequestId::new().0.get_version_num(), 4);
+}
+
+// ---------------------------------------------------------------------------------------
+// JSON values for payload and redaction properties
+// ---------------------------------------------------------------------------------------
+
+/// The documented secret keys (`shared/src/payload.rs`), compared case-insensitively with
+/// `-` read as `_`.
+const SECRET_KEYS: &[&str] = &[
+    "api_key",
+    "apikey",
+    "authorization",
+    "password",
+    "passwd",
+    "secret",
+    "client_secret",
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "token",
+    "private_key",
+    "x_api_key",
+    "cookie",
+    "set_cookie",
+];
+
+/// The documented credential prefixes, and how long the token after one must be.
+const SECRET_PREFIXES: &[&str] = &[
+    "sk-",
+    "ghp_",
+    "gho_",
+    "github_pat_",
+    "xoxb-",
+    "xoxp-",
+    "AKIA",
+    "Bearer ",
+];
+const MIN_SECRET_BODY: usize = 16;
+
+fn is_secret_key(key: &str) -> bool {
+    SECRET_KEYS.contains(&key.to_ascii_lowercase().replace('-', "_").as_str())
+}
+
+fn is_body_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | '+' | '=')
+}
+
+/// Credential-shaped tokens left in `text`: a prefix followed by at least
+/// [`MIN_SECRET_BODY`] token characters, wherever it starts.
+fn credential_tokens(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for prefix in SECRET_PREFIXES {
+        for (at, _) in text.match_indices(prefix) {
+            let body = &text[at + prefix.len()..];
+            let len = body.find(|c| !is_body_char(c)).unwrap_or(body.len());
+            if len >= MIN_SECRET_BODY {
+                found.push(text[at..at + prefix.len() + len].to_owned());
+            }
+        }
+    }
+    found
+}
+
+/// Secrets left in a value: values under secret keys (other than null or the marker), and
+/// credential tokens in any string. Returns their paths.
+fn surviving_secrets(value: &Value, path: &str, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                let here = format!("{path}.{k}");
+                if is_secret_key(k) && !v.is_null() && v.as_str() != Some(REDACTED) {
+                    out.push(here.clone());
+                }
+                surviving_secrets(v, &here, out);
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                surviving_secrets(v, &format!("{path}[{i}]"), out);
+            }
+        }
+        Value::String(s) => {
+            for token in credential_tokens(s) {
+                out.push(format!("{path}: {token}"));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Same keys and array lengths everywhere: redaction replaces values, never structure.
+fn same_shape(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter().all(|(k, v)| {
+                    y.get(k).is_some_and(|w| {
+                        // A secret key's value may become the marker, whatever it was.
+                        (is_secret_key(k) && w.as_str() == Some(REDACTED)) || same_shape(v, w)
+                    })
+                })
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(v, w)| same_shape(v, w))
+        }
+        (Value::String(_), Value::String(_)) => true,
+        (x, y) => x == y,
+    }
+}
+
+fn secret_key() -> impl Strategy<Value = String> {
+    (select(SECRET_KEYS), any::<u32>()).prop_map(|(key, mask)| {
+        // Random case per letter, and `_` written as `-` at random.
+        key.chars()
+            .enumerate()
+            .map(|(i, c)| match c {
+                '_' if mask & (1 << (i % 32)) != 0 => '-',
+                c if mask & (1 << ((i + 7) % 32)) != 0 => c.to_ascii_uppercase(),
+                c => c,
+            })
+            .collect()
+    })
+}
+
+/// Keys that look like secrets but are not (usage counters, plurals, prefixes).
+fn near_miss_key() -> impl Strategy<Value = String> {
+    select(
+        &[
+            "input_tokens",
+            "output_tokens",
+            "tokens",
+            "token_count",
+            "api_keys",
+            "my_token",
+            "passwords",
+            "secret_name",
+            "api key",
+            "cookies",
+            "authorized",
+            "key",
+            "kind",
+            "delta",
+        ][..],
+    )
+    .prop_map(str::to_owned)
+}
+
+fn plain_key() -> impl Strategy<Value = String> {
+    prop_oneof![near_miss_key(), "[a-z_]{1,12}", ".{0,8}"]
+        .prop_filter("not a secret key", |k| !is_secret_key(k))
+}
+
+fn any_key() -> impl Strategy<Value = String> {
+    prop_oneof![3 => plain_key(), 1 => secret_key()]
+}
+
+/// A credential token: a documented prefix and a body of token characters.
+fn credential() -> impl Strategy<Value = String> {
+    (select(SECRET_PREFIXES), "[A-Za-z0-9_./+=-]{16,40}")
+        .prop_map(|(prefix, body)| format!("{prefix}{body}"))
+}
+
+/// Free text around credentials: words separated from them by a space or punctuation.
+fn text_with_credentials() -> impl Strategy<Value = String> {
+    vec(
+        prop_oneof![
+            3 => "[a-zA-Z0-9 ,.:;!?()éü]{0,12}",
+            1 => credential(),
+        ],
+        0..6,
+    )
+    .prop_map(|parts| parts.join(" "))
+}
+
+/// Text that holds no credential-shaped token (no documented prefix at all).
+fn plain_text() -> impl Strategy<Value = String> {
+    ".{0,24}".prop_filter("no credential prefix", |s: &String| {
+        SECRET_PREFIXES.iter().all(|p| !s.contains(p))
+    })
+}
+
+fn leaf(text: BoxedStrategy<String>) -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        // Quarters print and parse back exactly.
+        any::<i32>().prop_map(|n| Value::from(f64::from(n) / 4.0)),
+        text.prop_map(Value::String),
+    ]
+}
+
+fn json_with(
+    key: BoxedStrategy<String>,
+    text: BoxedStrategy<String>,
+) -> impl Strategy<Value = Value> {
+    leaf(text).prop_recursive(3, 32, 5, move |inner| {
+        prop_oneof![
+            vec(inner.clone(), 0..6).prop_map(Value::Array),
+            btree_map(key.clone(), inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// Any JSON value, with secret keys and credential tokens mixed in.
+fn any_json() -> impl Strategy<Value = Value> {
+    json_with(
+        any_key().boxed(),
+        prop_oneof![text_with_credentials(), ".{0,16}"].boxed(),
+    )
+}
+
+/// JSON with no secret in it anywhere.
+fn clean_json() -> impl Strategy<Value = Value> {
+    json_with(plain_key().boxed(), plain_text().boxed())
+}
+
+fn json_object(value: impl Strategy<Value = Value>) -> impl Strategy<Value = Map<String, Value>> {
+    (btree_map(any_key(), value, 0..6)).prop_map(|m| m.into_iter().collect())
+}
+
+// ---------------------------------------------------------------------------------------
+// Payload parsing
+// ---------------------------------------------------------------------------------------
+
+/// Text a client or runner might send as `*_json`.
+fn payload_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        ".{0,64}",
+        any_json().prop_map(|v| v.to_string()),
+        json_object(any_json()).prop_map(|m| Value::Object(m).to_string()),
+        // Truncated JSON.
+        (json_object(any_json()), any::<prop::sample::Index>()).prop_map(|(m, i)| {
+            let text = Value::Object(m).to_string();
+            let mut cut = i.index(text.len() + 1);
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text[..cut].to_owned()
+        }),
+        // Whitespace, and JSON with whitespace around it.
+        "[ \t\r\n]{0,4}",
+        json_object(any_json()).prop_map(|m| format!(" \n{}\t ", Value::Object(m))),
+        // Deep nesting, well within the size limit.
+        (1..2000usize).prop_map(|depth| format!("{}{}", "[".repeat(depth), "]".repeat(depth))),
+        (1..2000usize).prop_map(|depth| format!(
+            "{}1{}",
+            "{\"a\":".repeat(depth),
+            "}".repeat(depth)
+        )),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Any text: never a panic; an error names the field; an accepted payload is the
+    /// object the text holds (and empty text is the empty object).
+    #[test]
+    fn parse_object_accepts_only_bounded_objects(text in payload_text(), max in prop_oneof![Just(DEFAULT_MAX_PAYLOAD_BYTES), 0..256usize]) {
+        match parse_object("input_json", &text, max) {
+            Ok(map) => {
+                prop_assert!(text.len() <= max);
+                if text.trim().is_empty() {
+                    prop_assert!(map.is_empty());
+                } else {
+                    let value: Value = serde_json::from_str(&text).expect("accepted text is JSON");
+                    prop_assert_eq!(value, Value::Object(map));
+                }
+            }
+            Err(err) => {
+                prop_assert_eq!(&err.field, "input_json");
+                prop_assert!(err.to_string().starts_with("invalid input_json: "));
+                let is_object = serde_json::from_str::<Value>(&text).is_ok_and(|v| v.is_object());
+                if text.len() > max {
+                    prop_assert!(err.reason.contains(&format!("limit of {max}")), "{}", err);
+                } else {
+                    prop_assert!(!is_object && !text.trim().is_empty(), "{:?} refused: {}", text, err);
+                }
+            }
+        }
+    }
+
+    /// A serialized object within the limit is accepted as itself; one byte over the
+    /// limit is refused by size, whatever it holds.
+    #[test]
+    fn parse_object_limit_is_exact(map in json_object(any_json())) {
+        let text = Value::Object(map.clone()).to_string();
+        prop_assert_eq!(parse_object("payload_json", &text, text.len()).unwrap(), map);
+        if !text.is_empty() {
+            let err = parse_object("payload_json", &text, text.len() - 1).unwrap_err();
+            prop_assert_eq!(err.field, "payload_json");
+        }
+    }
+}
+
+#[test]
+fn deep_nesting_is_refused_not_a_stack_overflow() {
+    for depth in [200, 10_000, 100_000] {
+        let text = format!("{{\"a\":{}{}}}", "[".repeat(depth), "]".repeat(depth));
+        let err = parse_object("payload_json", &text, usize::MAX).unwrap_err();
+        assert_eq!(err.field, "payload_json");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Event payload rules
+// ---------------------------------------------------------------------------------------
+
+/// Payload objects for event validation: well-formed ones for each type, with fields
+/// dropped, retyped or replaced at random.
+fn event_payload() -> impl Strategy<Value = Map<String, Value>> {
+    let field_value = prop_oneof![
+        any_json(),
+        select(TURN_END_STATES).prop_map(Value::from),
+        select(REQUEST_KINDS).prop_map(Value::from),
+        any::<u128>().prop_map(|n| Value::from(Uuid::from_u128(n).to_string())),
+        prop_oneof![
+            Just(0i64),
+            Just(1),
+            Just(MAX_REQUEST_TIMEOUT_MS),
+            Just(MAX_REQUEST_TIMEOUT_MS + 1),
+            any::<i64>()
+        ]
+        .prop_map(Value::from),
+        vec(".{0,4}", 0..3).prop_map(|v| json!(v)),
+    ];
+    let key = prop_oneof![
+        select(
+            &[
+                "turn_id",
+                "state",
+                "kind",
+                "delta",
+                "item_id",
+                "request_id",
+                "detail",
+                "options",
+                "timeout_ms",
+                "message"
+            ][..]
+        )
+        .prop_map(str::to_owned),
+        any_key(),
+    ];
+    btree_map(key, field_value, 0..8).prop_map(|m| m.into_iter().collect())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Any type text: exactly the closed set parses; refusals name the field.
+    #[test]
+    fn event_types_are_a_closed_set(text in prop_oneof![
+        ".{0,24}",
+        select(EventType::ALL).prop_map(|t| t.as_str().to_owned()),
+        select(EventType::ALL).prop_map(|t| t.as_str().to_uppercase()),
+        select(EventType::ALL).prop_map(|t| format!("{}.", t.as_str())),
+    ]) {
+        match EventType::parse("events[0].type", &text) {
+            Ok(t) => prop_assert_eq!(t.as_str(), text.as_str()),
+            Err(err) => {
+                prop_assert_eq!(err.field, "events[0].type");
+                prop_assert!(EventType::ALL.iter().all(|t| t.as_str() != text));
+            }
+        }
+    }
+
+    /// Any payload for any type: never a panic, the same answer every time, and an error
+    /// names a field under the payload's own name.
+    #[test]
+    fn event_payload_rules_name_the_field(
+        event_type in select(EventType::ALL),
+        payload in event_payload(),
+    ) {
+        let first = event_type.validate_payload("events[3].payload_json", &payload);
+        let again = event_type.validate_payload("events[3].payload_json", &payload);
+        prop_assert_eq!(&first, &again);
+        if let Err(err) = first {
+            prop_assert!(err.field.starts_with("events[3].payload_json."), "{}", err);
+            let key = err.field.trim_start_matches("events[3].payload_json.");
+            prop_assert!(!key.is_empty());
+        }
+        // Types without rules accept any object.
+        let has_rules = matches!(event_type,
+            EventType::TurnStarted | EventType::TurnCompleted | EventType::ContentDelta
+            | EventType::ItemStarted | EventType::ItemUpdated | EventType::ItemCompleted
+            | EventType::RequestOpened | EventType::RuntimeWarning | EventType::RuntimeError);
+        if !has_rules {
+            prop_assert!(event_type.validate_payload("p", &payload).is_ok());
+        }
+    }
+
+    /// `request.opened` accepts exactly: a UUID request id, a known kind, an object
+    /// detail, string options and a timeout in range.
+    #[test]
+    fn request_opened_rules(payload in event_payload()) {
+        let ok = EventType::RequestOpened.validate_payload("p", &payload).is_ok();
+        let expected = payload.get("request_id").and_then(Value::as_str).is_some_and(|s| Uuid::try_parse(s).is_ok())
+            && payload.get("kind").and_then(Value::as_str).is_some_and(|k| REQUEST_KINDS.contains(&k))
+            && payload.get("detail").is_none_or(Value::is_object)
+            && payload.get("options").is_none_or(|o| o.as_array().is_some_and(|a| a.iter().all(Value::is_string)))
+            && payload.get("timeout_ms").is_none_or(|t| t.as_i64().is_some_and(|t| (1..=MAX_REQUEST_TIMEOUT_MS).contains(&t)));
+        prop_assert_eq!(ok, expected, "{:?}", payload);
+    }
+}
+
+#[test]
+fn runners_write_only_their_own_event_types() {
+    let manager_only = [
+        "run.created",
+        "run.claimed",
+        "run.started",
+        "run.requeued",
+        "run.terminal",
+        "command.created",
+        "command.delivered",
+        "command.completed",
+        "request.resolved",
+    ];
+    for t in EventType::ALL {
+        assert_eq!(
+            t.runner_may_write(),
+            !manager_only.contains(&t.as_str()),
+            "{t:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Redaction
+// ---------------------------------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// After `redact`, no value under a secret key and no credential token is left; the
+    /// structure is unchanged; `redact` says whether it changed anything; a second pass
+    /// changes nothing.
+    #[test]
+    fn redaction_removes_every_secret(value in any_json()) {
+        let mut redacted = value.clone();
+        let changed = redact(&mut redacted);
+        prop_assert_eq!(changed, redacted != value, "redact's answer is wrong");
+        let mut left = Vec::new();
+        surviving_secrets(&redacted, "$", &mut left);
+        prop_assert!(left.is_empty(), "secrets left at {:?} in {}", left, redacted);
+        prop_assert!(same_shape(&value, &redacted), "{} became {}", value, redacted);
+        let mut twice = redacted.clone();
+        prop_assert!(!redact(&mut twice), "second pass changed {}", redacted);
+        prop_assert_eq!(twice, redacted);
+    }
+
+    /// Data without secrets comes through untouched.
+    #[test]
+    fn redaction_leaves_clean_data_alone(value in clean_json()) {
+        let mut redacted = value.clone();
+        prop_assert!(!redact(&mut redacted));
+        prop_assert_eq!(redacted, value);
+    }
+
+    /// A secret under a secret key is replaced whatever its type, at any depth; the
+    /// siblings are kept.
+    #[test]
+    fn secret_keys_are_redacted_at_any_depth(
+        key in secret_key(),
+        secret in any_json().prop_filter("not null", |v| !v.is_null()),
+        sibling in clean_json(),
+        depth in 0..6usize,
+    ) {
+        let mut value = json!({ key.clone(): secret, "sibling": sibling.clone() });
+        for i in 0..depth {
+            value = if i % 2 == 0 { json!({ "nested": value }) } else { json!([value]) };
+        }
+        redact(&mut value);
+        let mut inner = &value;
+        for i in 0..depth {
+            inner = if (depth - 1 - i) % 2 == 0 { &inner["nested"] } else { &inner[0] };
+        }
+        prop_assert_eq!(&inner[key.as_str()], &Value::from(REDACTED));
+        prop_assert_eq!(&inner["sibling"], &sibling);
+    }
+
+    /// A credential inside free text is replaced and the words around it are kept.
+    #[test]
+    fn credentials_in_text_are_redacted(
+        before in "[a-z ,:]{0,12}",
+        token in credential(),
+        after in "[a-z ,:]{0,12}",
+    ) {
+        let mut value = Value::from(format!("{before} {token} {after}"));
+        prop_assert!(redact(&mut value));
+        prop_assert_eq!(value, Value::from(format!("{before} {REDACTED} {after}")));
+    }
+
+    /// Short prefix matches are prose, not credentials.
+    #[test]
+    fn short_prefix_matches_are_kept(prefix in select(SECRET_PREFIXES), body in "[a-z0-9]{0,15}") {
+        let text = format!("see {prefix}{body} here");
+        let mut value = Value::from(text.clone());
+        prop_assert!(!redact(&mut value));
+        prop_assert_eq!(value, Value::from(text));
+    }
+}
+
+/// A credential right after a short prefix match whose body runs into the next prefix:
+/// the scanner resumes after that body, past the start of the next prefix, and misses it.
+#[test]
+#[ignore = "bug: redact_text skips a prefix that starts inside the previous short match \
+            (\"Bearer Bearer <token>\" keeps <token>)"]
+fn credentials_after_a_short_prefix_match_are_redacted() {
+    for text in [
+        "Authorization: Bearer Bearer abcdefghijklmnopqrstuvwxyz",
+        "sk-1Bearer abcdefghijklmnopqrstuvwxyz",
+    ] {
+        let mut value = Value::from(text);
+        redact(&mut value);
+        let left = credential_tokens(value.as_str().unwrap());
+        assert!(left.is_empty(), "{text:?} kept {left:?}");
+    }
+}
