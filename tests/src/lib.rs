@@ -7,6 +7,8 @@
 //! Set `TEST_LOG=1` to see the managers' logs.
 
 pub mod cli;
+pub mod invariants;
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -373,34 +375,11 @@ pub fn status_of(run: &proto::Run) -> RunStatus {
 }
 
 /// Checks the event log over the whole database: per run, seq runs 1..=last_event_seq
-/// without gap or duplicate, and no runner event is stored twice.
+/// without gap or duplicate, no runner event is stored twice, and every other invariant
+/// that holds whatever state the runs are in ([`invariants::assert_invariants`] with
+/// [`invariants::Settled::Any`]).
 pub async fn assert_event_log_consistent(db: &tokio_postgres::Client) {
-    let gaps = db
-        .query(
-            "SELECT r.id, r.last_event_seq, count(e.seq), coalesce(max(e.seq), 0), coalesce(min(e.seq), 1)
-             FROM runs r LEFT JOIN events e ON e.run_id = r.id
-             GROUP BY r.id, r.last_event_seq
-             HAVING count(e.seq) <> r.last_event_seq OR coalesce(max(e.seq), 0) <> r.last_event_seq
-                 OR coalesce(min(e.seq), 1) <> 1",
-            &[],
-        )
-        .await
-        .expect("query event log");
-    assert!(
-        gaps.is_empty(),
-        "{} runs have gaps or duplicates in their event seq",
-        gaps.len()
-    );
-    let doubles: i64 = db
-        .query_one(
-            "SELECT count(*) FROM (SELECT run_id, epoch, runner_seq FROM events
-             WHERE runner_seq IS NOT NULL GROUP BY 1, 2, 3 HAVING count(*) > 1) d",
-            &[],
-        )
-        .await
-        .expect("query duplicates")
-        .get(0);
-    assert_eq!(doubles, 0, "runner events stored twice");
+    invariants::assert_invariants(db, invariants::Settled::Any, &[]).await;
 }
 
 /// Claims runs for `runner` until `n` are held (or panics after a deadline).
@@ -678,4 +657,47 @@ pub fn assistant_text(events: &[proto::Event]) -> String {
                 .then(|| payload["delta"].as_str().unwrap_or_default().to_owned())
         })
         .collect()
+}
+
+/// A local address with a port that was free a moment ago (for a manager that must come
+/// back on the same address after a crash).
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+impl ManagerProcess {
+    /// Like [`Self::start`], listening on `addr` (a restart after a crash keeps its
+    /// address, as a Kubernetes service would).
+    pub async fn start_at(
+        database_url: &str,
+        addr: SocketAddr,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
+        let mut command = Command::new(binary("agentrun-manager"));
+        command
+            .arg("serve")
+            .env("DATABASE_URL", database_url)
+            .env("AGENTRUN_LISTEN", addr.to_string())
+            .env("AGENTRUN_METRICS_LISTEN", "")
+            .env("AGENTRUN_LEASE_TTL_MS", "2000")
+            .env("AGENTRUN_HEARTBEAT_INTERVAL_MS", "500")
+            .env("AGENTRUN_SWEEP_INTERVAL_MS", "100")
+            .env("AGENTRUN_AUTH", "disabled")
+            .stdin(Stdio::null());
+        for (k, v) in extra_env {
+            command.env(k, v);
+        }
+        if std::env::var_os("TEST_LOG").is_none() {
+            command.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        let child = command.spawn().expect("start agentrun-manager");
+        let process = Self { addr, child };
+        connect(addr).await;
+        process
+    }
+
+    /// The process id (to signal it from elsewhere).
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
 }

@@ -1,0 +1,467 @@
+//! The invariants every fault test ends with, checked over the whole database.
+//!
+//! Fault tests kill, freeze, partition and restart real processes; whatever happened,
+//! the database must still tell a consistent story. [`assert_invariants`] reads it in
+//! one repeatable-read snapshot and checks:
+//!
+//! - every run is terminal, or legitimately not yet ([`Settled`] says what the caller
+//!   expects: all ended, queued, or still in flight under a live lease);
+//! - leases have the shape their status implies (active runs hold one, queued runs do
+//!   not, ended runs have `finished_at`);
+//! - `attempt` stays within `1..=max_attempts`;
+//! - per run, event `seq` is gapless `1..=last_event_seq` and command `seq` is gapless
+//!   `1..=last_command_seq`;
+//! - no `(run, epoch, runner_seq)` is stored twice, and within an epoch the runner
+//!   events continue `1, 2, 3, ...` in seq order (nothing lost, reordered or skipped);
+//! - fencing: every runner event sits under the `run.claimed` of its own epoch and
+//!   runner, with no requeue or terminal event in between (a zombie cannot write);
+//! - exactly one `run.terminal` per ended run (none for the others), it is the run's
+//!   last event and names the run's status;
+//! - no run whose cancellation was requested ended `completed`, and no `run.terminal`
+//!   saying completed follows a `cancel` command;
+//! - an ended run has no open command and no open request;
+//! - optionally, every acknowledgement a runner received ([`Acked`]) is backed by the
+//!   stored events it acknowledged.
+//!
+//! Everything is read through SQL on the schema in `migrations/` (not manager code), so
+//! the check holds whatever the manager's internals look like.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use agentrun_shared::proto;
+use agentrun_shared::state::RunStatus;
+use uuid::Uuid;
+
+/// How far a run may be from done when the invariants are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Every run has ended.
+    AllTerminal,
+    /// Every run has ended or waits in the queue (`pending`, maybe scheduled for later
+    /// or wanting a runner nobody runs); none is held by a runner.
+    TerminalOrPending,
+    /// Runs may still be in flight: besides ended and queued runs, a claimed, running or
+    /// waiting run is fine while its lease is live (or expired less than
+    /// [`LEASE_GRACE`] ago: the sweeper has not come round yet).
+    InFlight,
+    /// Any status: only the log, the counters and the lease shapes are checked (for
+    /// checks in the middle of a test).
+    Any,
+}
+
+/// How long after its lease expired an active run still counts as in flight.
+pub const LEASE_GRACE: Duration = Duration::from_secs(5);
+
+/// An acknowledgement a runner received: the events of `run_id` written under `epoch`
+/// with runner_seq `1..=acked_runner_seq` are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Acked {
+    pub run_id: Uuid,
+    pub epoch: i64,
+    pub acked_runner_seq: i64,
+}
+
+impl Acked {
+    /// From an `AppendEvents` response for `run_id` under `epoch`.
+    pub fn new(run_id: &str, epoch: i64, acked_runner_seq: i64) -> Self {
+        Self {
+            run_id: Uuid::parse_str(run_id).expect("a run id"),
+            epoch,
+            acked_runner_seq,
+        }
+    }
+
+    /// From an `event_ack` received on the Connect stream.
+    pub fn from_ack(ack: &proto::EventAck) -> Self {
+        let result = ack
+            .result
+            .as_ref()
+            .expect("an event ack carries its result");
+        Self::new(&ack.run_id, ack.epoch, result.acked_runner_seq)
+    }
+
+    /// From a `resumed` lease in a welcome: the manager says this much is stored.
+    pub fn from_resumed(lease: &proto::ResumedLease) -> Self {
+        Self::new(&lease.run_id, lease.epoch, lease.acked_runner_seq)
+    }
+}
+
+/// What the database held when the invariants were checked.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Runs per status (database spelling).
+    pub by_status: BTreeMap<String, i64>,
+    pub runs: i64,
+    pub events: i64,
+}
+
+impl Summary {
+    /// Runs in `status`.
+    pub fn count(&self, status: proto::RunStatus) -> i64 {
+        let status = RunStatus::from_proto("status", status as i32).expect("a known status");
+        self.by_status.get(status.as_str()).copied().unwrap_or(0)
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} runs (", self.runs)?;
+        for (i, (status, n)) in self.by_status.iter().enumerate() {
+            if i > 0 {
+                write!(f, ", ")?;
+            }
+            write!(f, "{n} {status}")?;
+        }
+        write!(f, "), {} events", self.events)
+    }
+}
+
+/// Checks every invariant (see the module documentation) and panics listing each
+/// violation found. `acked` are acknowledgements runners received that must be backed
+/// by stored events (empty when the test did not drive the protocol itself).
+pub async fn assert_invariants(
+    db: &tokio_postgres::Client,
+    settled: Settled,
+    acked: &[Acked],
+) -> Summary {
+    let (summary, violations) = invariant_violations(db, settled, acked).await;
+    if !violations.is_empty() {
+        let shown: Vec<&str> = violations.iter().take(40).map(String::as_str).collect();
+        panic!(
+            "{} invariant violations over {summary}:\n  {}{}",
+            violations.len(),
+            shown.join("\n  "),
+            if violations.len() > shown.len() {
+                "\n  ..."
+            } else {
+                ""
+            }
+        );
+    }
+    summary
+}
+
+/// Like [`assert_invariants`], returning the violations instead of panicking (each a
+/// line naming the check and the run).
+pub async fn invariant_violations(
+    db: &tokio_postgres::Client,
+    settled: Settled,
+    acked: &[Acked],
+) -> (Summary, Vec<String>) {
+    // One snapshot: a manager still writing cannot make the checks disagree.
+    db.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .expect("begin the invariant snapshot");
+    let result = check(db, settled, acked).await;
+    db.batch_execute("ROLLBACK")
+        .await
+        .expect("end the invariant snapshot");
+    result.unwrap_or_else(|err| panic!("an invariant query failed: {err:?}"))
+}
+
+fn statuses(filter: impl Fn(RunStatus) -> bool) -> Vec<&'static str> {
+    RunStatus::ALL
+        .iter()
+        .copied()
+        .filter(|s| filter(*s))
+        .map(RunStatus::as_str)
+        .collect()
+}
+
+/// The status list a check's `$1` stands for.
+#[derive(Clone, Copy)]
+enum Param {
+    None,
+    Terminal,
+    Active,
+}
+
+/// The fixed checks: what is violated, the parameter, and a query returning one text
+/// column per violation.
+const CHECKS: &[(&str, Param, &str)] = &[
+    (
+        "active run without a lease",
+        Param::Active,
+        "SELECT id::text || ' is ' || status || ' with lease holder ' || coalesce(lease_runner_id::text, 'none')
+                || ', epoch ' || lease_epoch || ', expiry ' || coalesce(lease_expires_at::text, 'none')
+         FROM runs WHERE status = ANY($1)
+           AND (lease_runner_id IS NULL OR lease_expires_at IS NULL OR lease_epoch < 1)",
+    ),
+    (
+        "queued run still leased",
+        Param::None,
+        "SELECT id::text || ' is pending but held by ' || lease_runner_id::text
+         FROM runs WHERE status = 'pending' AND lease_runner_id IS NOT NULL",
+    ),
+    (
+        "ended run without finished_at",
+        Param::Terminal,
+        "SELECT id::text || ' is ' || status FROM runs
+         WHERE status = ANY($1) AND finished_at IS NULL",
+    ),
+    (
+        "attempt out of range",
+        Param::None,
+        "SELECT id::text || ' is at attempt ' || attempt || ' of ' || max_attempts FROM runs
+         WHERE (attempt < 1 OR attempt > max_attempts)",
+    ),
+    (
+        "event seq not gapless",
+        Param::None,
+        "SELECT r.id::text || ': last_event_seq ' || r.last_event_seq || ' but ' || count(e.seq)
+                || ' events, seq ' || coalesce(min(e.seq), 0) || '..' || coalesce(max(e.seq), 0)
+         FROM runs r LEFT JOIN events e ON e.run_id = r.id
+         GROUP BY r.id, r.last_event_seq
+         HAVING count(e.seq) <> r.last_event_seq OR coalesce(max(e.seq), 0) <> r.last_event_seq
+             OR coalesce(min(e.seq), 1) <> 1",
+    ),
+    (
+        "events of no run",
+        Param::None,
+        "SELECT e.run_id::text || ' has ' || count(*) || ' events but no run row'
+         FROM events e LEFT JOIN runs r ON r.id = e.run_id
+         WHERE r.id IS NULL
+         GROUP BY e.run_id",
+    ),
+    (
+        "command seq not gapless",
+        Param::None,
+        "SELECT r.id::text || ': last_command_seq ' || r.last_command_seq || ' but ' || count(c.seq)
+                || ' commands, seq ' || coalesce(min(c.seq), 0) || '..' || coalesce(max(c.seq), 0)
+         FROM runs r LEFT JOIN commands c ON c.run_id = r.id
+         GROUP BY r.id, r.last_command_seq
+         HAVING count(c.seq) <> r.last_command_seq OR coalesce(max(c.seq), 0) <> r.last_command_seq
+             OR coalesce(min(c.seq), 1) <> 1",
+    ),
+    (
+        "runner event stored twice",
+        Param::None,
+        "SELECT run_id::text || ' epoch ' || epoch || ' runner_seq ' || runner_seq || ' stored '
+                || count(*) || ' times'
+         FROM events WHERE runner_seq IS NOT NULL
+         GROUP BY run_id, epoch, runner_seq HAVING count(*) > 1",
+    ),
+    (
+        "runner event without its producer",
+        Param::None,
+        "SELECT run_id::text || ' seq ' || seq || ' (' || type || ') lacks runner id, epoch or runner_seq'
+         FROM events WHERE producer = 'runner'
+           AND (runner_id IS NULL OR epoch IS NULL OR runner_seq IS NULL)",
+    ),
+    (
+        "runner events of an epoch not 1, 2, 3, ... in seq order",
+        Param::None,
+        "SELECT run_id::text || ' epoch ' || epoch || ': runner_seq ' || runner_seq || ' at seq ' || seq
+                || ' follows runner_seq ' || coalesce(previous::text, 'nothing')
+         FROM (SELECT run_id, epoch, seq, runner_seq,
+                      lag(runner_seq) OVER (PARTITION BY run_id, epoch ORDER BY seq) AS previous
+               FROM events WHERE runner_seq IS NOT NULL) e
+         WHERE runner_seq <> coalesce(previous, 0) + 1",
+    ),
+    (
+        "runner event outside its lease (fencing)",
+        Param::None,
+        // The last lifecycle mark (claim, requeue, terminal) before each runner event must
+        // be the claim of that event's epoch by that event's runner.
+        "SELECT e.run_id::text || ' seq ' || e.seq || ' (' || e.type || ', epoch ' || e.epoch
+                || ') follows ' || coalesce(m.type || ' at seq ' || m.seq || ' ' || m.payload::text, 'no claim')
+         FROM (SELECT run_id, seq, type, producer, runner_id, epoch,
+                      max(seq) FILTER (WHERE producer = 'manager'
+                                         AND type IN ('run.claimed', 'run.requeued', 'run.terminal'))
+                          OVER (PARTITION BY run_id ORDER BY seq ROWS UNBOUNDED PRECEDING) AS mark
+               FROM events) e
+         LEFT JOIN events m ON m.run_id = e.run_id AND m.seq = e.mark
+         WHERE e.producer = 'runner'
+           AND (m.seq IS NULL OR m.type <> 'run.claimed'
+                OR (m.payload->>'epoch')::bigint IS DISTINCT FROM e.epoch
+                OR m.payload->>'runner_id' IS DISTINCT FROM e.runner_id::text)",
+    ),
+    (
+        "run.terminal count",
+        Param::Terminal,
+        "SELECT r.id::text || ' (' || r.status || ') has ' || count(e.seq) || ' run.terminal events'
+         FROM runs r LEFT JOIN events e ON e.run_id = r.id AND e.type = 'run.terminal'
+         GROUP BY r.id, r.status
+         HAVING count(e.seq) <> CASE WHEN r.status = ANY($1) THEN 1 ELSE 0 END",
+    ),
+    (
+        "run.terminal not last or not the run's status",
+        Param::None,
+        "SELECT r.id::text || ' is ' || r.status || ' with ' || r.last_event_seq || ' events; run.terminal at seq '
+                || e.seq || ' says ' || coalesce(e.payload->>'status', 'nothing')
+         FROM runs r JOIN events e ON e.run_id = r.id AND e.type = 'run.terminal'
+         WHERE (e.seq <> r.last_event_seq OR e.payload->>'status' IS DISTINCT FROM r.status)",
+    ),
+    (
+        "completed after cancellation was requested",
+        Param::None,
+        "SELECT id::text || ' ended completed with cancel_requested' FROM runs
+         WHERE status = 'completed' AND cancel_requested",
+    ),
+    (
+        "run.terminal completed after a cancel command",
+        Param::None,
+        "SELECT t.run_id::text || ': cancel command at seq ' || min(c.seq) || ', run.terminal completed at seq ' || t.seq
+         FROM events t
+         JOIN events c ON c.run_id = t.run_id AND c.seq < t.seq
+                      AND c.type = 'command.created' AND c.payload->>'kind' = 'cancel'
+         WHERE t.type = 'run.terminal' AND t.payload->>'status' = 'completed'
+          
+         GROUP BY t.run_id, t.seq",
+    ),
+    (
+        "open command on an ended run",
+        Param::Terminal,
+        "SELECT r.id::text || ' is ' || r.status || ' but command ' || c.seq || ' (' || c.kind || ') is ' || c.status
+         FROM runs r JOIN commands c ON c.run_id = r.id
+         WHERE r.status = ANY($1) AND c.status IN ('pending', 'delivered', 'acknowledged')",
+    ),
+    (
+        "open request on an ended run",
+        Param::Terminal,
+        "SELECT r.id::text || ' is ' || r.status || ' but request ' || q.id::text || ' is open'
+         FROM runs r JOIN requests q ON q.run_id = r.id
+         WHERE r.status = ANY($1) AND q.status = 'open'",
+    ),
+];
+
+/// At most this many violations are listed per check.
+const PER_CHECK: usize = 10;
+
+async fn check(
+    db: &tokio_postgres::Client,
+    settled: Settled,
+    acked: &[Acked],
+) -> Result<(Summary, Vec<String>), tokio_postgres::Error> {
+    let terminal = statuses(RunStatus::is_terminal);
+    let active = statuses(|s| RunStatus::ACTIVE.contains(&s));
+    let mut violations = Vec::new();
+    let mut found = |what: &str, rows: Vec<tokio_postgres::Row>| {
+        let n = rows.len();
+        for row in rows.iter().take(PER_CHECK) {
+            violations.push(format!("{what}: {}", row.get::<_, String>(0)));
+        }
+        if n > PER_CHECK {
+            violations.push(format!("{what}: ... {} more", n - PER_CHECK));
+        }
+    };
+
+    let allowed: Option<(Vec<&str>, bool)> = match settled {
+        Settled::AllTerminal => Some((terminal.clone(), false)),
+        Settled::TerminalOrPending => Some((
+            statuses(|s| s.is_terminal() || s == RunStatus::Pending),
+            false,
+        )),
+        Settled::InFlight => Some((
+            statuses(|s| s.is_terminal() || s == RunStatus::Pending),
+            true,
+        )),
+        Settled::Any => None,
+    };
+    if let Some((allowed, leased_ok)) = allowed {
+        let grace_ms = LEASE_GRACE.as_millis() as f64;
+        let rows = db
+            .query(
+                "SELECT id::text || ' is ' || status || coalesce(', lease expired '
+                        || round(extract(epoch FROM now() - lease_expires_at)::numeric, 1) || ' s ago', '')
+                 FROM runs
+                 WHERE NOT (status = ANY($1))
+                   AND NOT ($2 AND status = ANY($3)
+                            AND lease_expires_at > now() - make_interval(secs => $4::float8 / 1000))",
+                &[&allowed, &leased_ok, &active, &grace_ms],
+            )
+            .await?;
+        found(&format!("not settled ({settled:?})"), rows);
+    }
+
+    for (what, param, sql) in CHECKS {
+        let rows = match param {
+            Param::None => db.query(*sql, &[]).await?,
+            Param::Terminal => db.query(*sql, &[&terminal]).await?,
+            Param::Active => db.query(*sql, &[&active]).await?,
+        };
+        found(what, rows);
+    }
+
+    if !acked.is_empty() {
+        // An acknowledgement covers every earlier one of its lease: keep the highest.
+        let mut highest: BTreeMap<(Uuid, i64), i64> = BTreeMap::new();
+        for a in acked {
+            let seq = highest.entry((a.run_id, a.epoch)).or_default();
+            *seq = (*seq).max(a.acked_runner_seq);
+        }
+        let run_ids: Vec<Uuid> = highest.keys().map(|(run, _)| *run).collect();
+        let epochs: Vec<i64> = highest.keys().map(|(_, epoch)| *epoch).collect();
+        let seqs: Vec<i64> = highest.values().copied().collect();
+        let rows = db
+            .query(
+                "SELECT a.run_id::text || ' epoch ' || a.epoch || ': acknowledged up to runner_seq '
+                        || a.acked || ' but ' || count(e.seq) || ' of those are stored'
+                 FROM unnest($1::uuid[], $2::bigint[], $3::bigint[]) AS a(run_id, epoch, acked)
+                 LEFT JOIN events e ON e.run_id = a.run_id AND e.epoch = a.epoch
+                                   AND e.runner_seq BETWEEN 1 AND a.acked
+                 GROUP BY a.run_id, a.epoch, a.acked
+                 HAVING count(e.seq) <> a.acked",
+                &[&run_ids, &epochs, &seqs],
+            )
+            .await?;
+        found("acknowledged event missing", rows);
+    }
+
+    let mut summary = Summary::default();
+    for row in db
+        .query("SELECT status, count(*) FROM runs GROUP BY status", &[])
+        .await?
+    {
+        let n: i64 = row.get(1);
+        summary.runs += n;
+        summary.by_status.insert(row.get(0), n);
+    }
+    summary.events = db
+        .query_one("SELECT count(*) FROM events", &[])
+        .await?
+        .get(0);
+    Ok((summary, violations))
+}
+
+/// Waits until no run is left unended (or fails after `timeout`, naming what is left).
+pub async fn wait_all_terminal(db: &tokio_postgres::Client, timeout: Duration) {
+    wait_settled(db, Settled::AllTerminal, timeout).await
+}
+
+/// Waits until every run satisfies `settled` (`Any` returns at once).
+pub async fn wait_settled(db: &tokio_postgres::Client, settled: Settled, timeout: Duration) {
+    let open: Vec<&str> = match settled {
+        Settled::AllTerminal => statuses(|s| !s.is_terminal()),
+        Settled::TerminalOrPending => statuses(|s| RunStatus::ACTIVE.contains(&s)),
+        Settled::InFlight | Settled::Any => return,
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = db
+            .query(
+                "SELECT status, count(*) FROM runs WHERE status = ANY($1) GROUP BY status ORDER BY status",
+                &[&open],
+            )
+            .await;
+        match left {
+            Ok(rows) if rows.is_empty() => return,
+            Ok(rows) if std::time::Instant::now() > deadline => {
+                let left: Vec<String> = rows
+                    .iter()
+                    .map(|r| format!("{} {}", r.get::<_, i64>(1), r.get::<_, String>(0)))
+                    .collect();
+                panic!(
+                    "timed out after {timeout:?} waiting for runs to settle ({settled:?}): {} left",
+                    left.join(", ")
+                );
+            }
+            Err(err) if std::time::Instant::now() > deadline => {
+                panic!("timed out after {timeout:?} waiting for runs to settle: {err}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
