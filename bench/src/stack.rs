@@ -112,7 +112,7 @@ impl Stack {
     }
 
     /// Starts one more runner process named `name`, with the benchmark's settings
-    /// (scripted tokens without delay, 64 slots) overridden by `env`; returns its index
+    /// (scripted tokens without delay, 256 slots) overridden by `env`; returns its index
     /// for [`Stack::kill_runner`].
     pub fn spawn_runner(&mut self, name: &str, env: &[(&str, &str)]) -> anyhow::Result<usize> {
         let mut command = Command::new(bin_dir()?.join("agentrun-runner"));
@@ -120,7 +120,7 @@ impl Stack {
             .env("AGENTRUN_MANAGER_URL", format!("http://{}", self.addr))
             .env("AGENTRUN_RUNNER_NAME", name)
             .env("AGENTRUN_SCRIPTED_TOKEN_DELAY_MS", "0")
-            .env("AGENTRUN_MAX_CONCURRENCY", "64")
+            .env("AGENTRUN_MAX_CONCURRENCY", "256")
             .env("AGENTRUN_LINGER_MS", "5")
             .env("RUST_LOG", "warn");
         for (key, value) in env {
