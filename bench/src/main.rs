@@ -158,7 +158,7 @@ async fn main() -> anyhow::Result<()> {
     };
 
     if wants(Scenario::Dispatch) || wants(Scenario::Stream) {
-        let stack = Stack::start(&url, sizes.runners).await?;
+        let mut stack = Stack::start(&url, sizes.runners).await?;
         let channel = stack.channel().await?;
         if wants(Scenario::Dispatch) {
             eprintln!("dispatch: {} runs, {} runners", sizes.runs, sizes.runners);
@@ -197,7 +197,7 @@ async fn main() -> anyhow::Result<()> {
             record(
                 "stream",
                 stream::run(
-                    channel,
+                    &mut stack,
                     &db,
                     sizes.stream_runs,
                     sizes.stream_tokens,

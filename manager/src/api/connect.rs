@@ -129,16 +129,26 @@ pub async fn open(
     Ok(ReceiverStream::new(rx))
 }
 
-/// `first` and every further message already received, up to [`MAX_BATCH`], without
-/// waiting; and whether the stream ended behind them.
+/// `first` and every further message already received, without waiting, up to
+/// [`MAX_BATCH`] messages or `max_events` events (a transaction stays short, so events
+/// reach watchers soon); and whether the stream ended behind them.
 fn read_ready(
     inbound: &mut Streaming<proto::RunnerMessage>,
     first: proto::RunnerMessage,
+    max_events: usize,
 ) -> (Vec<proto::RunnerMessage>, bool) {
+    let events = |message: &proto::RunnerMessage| match &message.body {
+        Some(In::Events(batch)) => batch.events.len(),
+        _ => 0,
+    };
+    let mut total = events(&first);
     let mut messages = vec![first];
-    while messages.len() < MAX_BATCH {
+    while messages.len() < MAX_BATCH && total < max_events {
         match inbound.message().now_or_never() {
-            Some(Ok(Some(message))) => messages.push(message),
+            Some(Ok(Some(message))) => {
+                total += events(&message);
+                messages.push(message);
+            }
             None => return (messages, false),
             Some(Ok(None) | Err(_)) => return (messages, true),
         }
@@ -219,7 +229,8 @@ impl Session {
             let result = tokio::select! {
                 message = inbound.message() => match message {
                     Ok(Some(first)) => {
-                        let (messages, ended) = read_ready(&mut inbound, first);
+                        let (messages, ended) =
+                            read_ready(&mut inbound, first, self.state.settings.max_batch_events);
                         let handled = self.handle(messages).await;
                         if ended && handled.is_ok() {
                             break;
