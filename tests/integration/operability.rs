@@ -1,11 +1,10 @@
-//! Operability: health that follows the database, and Prometheus metrics that move.
+//! Operability: health that waits for migrations, and Prometheus metrics that move.
+//! (Health while the database is down and back: `faults::postgres_stopped_and_restarted_under_load`.)
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use agentrun_manager::db;
-use agentrun_manager::local_postgres::LocalPostgres;
 use agentrun_shared::proto::{self, RunStatus};
 use agentrun_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -32,65 +31,6 @@ async fn wait_for_health(health: &HealthClient<Channel>, service: &str, want: Se
         (status_of_service(health, service).await == Some(want as i32)).then_some(())
     })
     .await
-}
-
-#[tokio::test]
-async fn health_follows_the_database() {
-    // A cluster of its own: this test stops it.
-    let pg = Arc::new(
-        tokio::task::spawn_blocking(LocalPostgres::start)
-            .await
-            .unwrap()
-            .expect("start a PostgreSQL for this test"),
-    );
-    db_client(&pg.url("postgres"))
-        .await
-        .batch_execute("CREATE DATABASE agentrun_health")
-        .await
-        .unwrap();
-    let mut app = TestApp::spawn_on(&pg.url("agentrun_health"), |_| {}).await;
-    let health = HealthClient::new(connect(app.addr).await);
-    for service in ["", "agentrun.v1.RunService", "agentrun.v1.RunnerService"] {
-        assert_eq!(
-            status_of_service(&health, service).await,
-            Some(ServingStatus::Serving as i32),
-            "{service}"
-        );
-    }
-
-    let stopping = pg.clone();
-    tokio::task::spawn_blocking(move || stopping.stop())
-        .await
-        .unwrap()
-        .expect("stop PostgreSQL");
-    for service in ["", "agentrun.v1.RunService", "agentrun.v1.RunnerService"] {
-        wait_for_health(&health, service, ServingStatus::NotServing).await;
-    }
-    let refused = app
-        .runs
-        .create_run(run_request("while the database is down"))
-        .await
-        .expect_err("no database, no run");
-    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-
-    let restarting = pg.clone();
-    tokio::task::spawn_blocking(move || restarting.restart())
-        .await
-        .unwrap()
-        .expect("restart PostgreSQL");
-    for service in ["", "agentrun.v1.RunService", "agentrun.v1.RunnerService"] {
-        wait_for_health(&health, service, ServingStatus::Serving).await;
-    }
-    let run = app
-        .runs
-        .create_run(run_request("the database is back"))
-        .await
-        .expect("create a run after the database came back")
-        .into_inner()
-        .run
-        .unwrap();
-    assert_eq!(status_of(&run), RunStatus::Pending);
-    drop(app);
 }
 
 #[tokio::test]
