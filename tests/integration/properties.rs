@@ -2205,9 +2205,6 @@ fn secrets_in_runner_events_never_reach_the_database() {
 /// A secret in an approval request's detail or options is stored nowhere either, and not
 /// shown back to clients.
 #[test]
-#[ignore = "bug: request.opened `detail` and `options` are stored verbatim in requests.detail \
-            and requests.options (and returned as Request.detail_json); only the event copy \
-            is redacted"]
 fn secrets_in_approval_requests_never_reach_the_database() {
     let h = Harness::start();
     h.rt.block_on(async {
@@ -2260,7 +2257,7 @@ fn secrets_in_approval_requests_never_reach_the_database() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Found by these properties; each fails today and is ignored until fixed
+// Found by these properties; each was a bug and stays as a regression test
 // ---------------------------------------------------------------------------------------
 
 /// Accepted, or refused with INVALID_ARGUMENT naming `field` and no change; never an
@@ -2298,10 +2295,6 @@ type Call = Box<
 /// PostgreSQL stores neither in `text` nor in `jsonb`: it must be refused by field (or
 /// stored some other way), never fail the call as INTERNAL.
 #[test]
-#[ignore = "bug: a NUL character (U+0000) in a JSON payload string (input_json, metadata_json, \
-            payload_json, events[].payload_json, answers_json) or in free text stored as text \
-            (CancelRun reason, runner.version, FinishRun message, command_updates[].error, \
-            CreateApiKey name) fails with INTERNAL instead of INVALID_ARGUMENT naming the field"]
 fn nul_characters_are_refused_by_field() {
     let h = Harness::start();
     let seed = h.seed.clone();
@@ -2518,8 +2511,6 @@ fn nul_characters_are_refused_by_field() {
 /// A timeout PostgreSQL cannot add to a timestamp (more than about 9.2e15 ms) must be
 /// refused by field (or clamped), not fail the create as INTERNAL.
 #[test]
-#[ignore = "bug: CreateRun with queue_timeout_ms above ~9.2e15 passes validation and fails \
-            INTERNAL (interval out of range computing queue_deadline)"]
 fn huge_queue_timeouts_are_refused_by_field() {
     let h = Harness::start();
     let mut runner = TestRunner::new(Config {
@@ -2546,9 +2537,6 @@ fn huge_queue_timeouts_are_refused_by_field() {
 /// A run whose run_timeout_ms is too large for PostgreSQL must be refused at CreateRun (or
 /// clamped); once accepted it must not stop its queue's runs from being claimed.
 #[test]
-#[ignore = "bug: CreateRun accepts run_timeout_ms = i64::MAX; every ClaimRuns on its queue then \
-            fails INTERNAL (interval out of range computing run_deadline), so no run of that \
-            queue is ever claimed again"]
 fn a_huge_run_timeout_does_not_poison_its_queue() {
     let h = Harness::start();
     h.rt.block_on(async {
@@ -2583,10 +2571,6 @@ fn a_huge_run_timeout_does_not_poison_its_queue() {
 /// `runner_seq` is the runner's; a batch starting at i64::MAX cannot continue, and must be
 /// refused by field like any other gap.
 #[test]
-#[ignore = "bug: AppendEvents with events[0].runner_seq = i64::MAX and a second event overflows \
-            `prev.runner_seq + 1` in RunnerApi::events (runner_service.rs:83): the handler \
-            panics in debug builds (the call fails CANCELLED, h2 protocol error) and in release \
-            names an impossible expected seq"]
 fn runner_seq_overflow_is_refused_by_field() {
     let h = Harness::start();
     h.rt.block_on(async {
@@ -2622,8 +2606,6 @@ fn runner_seq_overflow_is_refused_by_field() {
 /// Lists in requests (labels, profiles, queues, project ids, statuses) need a bound: an
 /// enormous one must be refused promptly by field, not checked in quadratic time.
 #[test]
-#[ignore = "bug: request lists have no size limit and names() de-duplicates in O(n^2): CreateRun \
-            with 20,000 labels is accepted after ~3.7 s of handler CPU (debug build)"]
 fn oversized_lists_are_refused_by_field() {
     let h = Harness::start();
     h.rt.block_on(async {

@@ -15,6 +15,9 @@ use crate::error::Error;
 use crate::store::api_keys::{self, ApiKeyRecord, Role};
 use crate::store::{runners, runs};
 
+/// Longest API key name.
+const MAX_KEY_NAME_BYTES: usize = 200;
+
 fn api_key_role(role: Role) -> proto::ApiKeyRole {
     match role {
         Role::Client => proto::ApiKeyRole::Client,
@@ -165,14 +168,11 @@ impl AdminService for AdminApi {
             Ok(proto::ApiKeyRole::Admin) => Role::Admin,
             _ => return Err(Error::invalid("role", "must be client, runner or admin").into()),
         };
-        for (i, project) in r.project_ids.iter().enumerate() {
-            validate::name(&format!("project_ids[{i}]"), project).map_err(Error::from)?;
-        }
-        if r.name.len() > 200 {
-            return Err(Error::invalid("name", "must be at most 200 bytes").into());
-        }
+        let project_ids = validate::names("project_ids", &r.project_ids).map_err(Error::from)?;
+        let name =
+            validate::short_text("name", &r.name, MAX_KEY_NAME_BYTES).map_err(Error::from)?;
         let client = self.state.pool.get().await.map_err(Error::from)?;
-        let created = api_keys::create(&client, tenant_id, role, &r.project_ids, &r.name).await?;
+        let created = api_keys::create(&client, tenant_id, role, &project_ids, name).await?;
         tracing::info!(key_id = %created.record.id, tenant = tenant_id, role = role.as_str(), "api key created");
         Ok(Response::new(proto::CreateApiKeyResponse {
             api_key: Some(api_key(&created.record)),

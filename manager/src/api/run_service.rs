@@ -23,6 +23,8 @@ use crate::store::{Created, Tenant};
 const MAX_BULK_RUNS: usize = 1000;
 /// How far ahead a run may be scheduled (`scheduled_at`).
 const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Longest CancelRun reason.
+const MAX_REASON_BYTES: usize = 4096;
 
 pub struct RunApi {
     state: AppState,
@@ -240,6 +242,7 @@ impl RunService for RunApi {
         let caller = caller(&self.state, &request, Role::Client).await?;
         let tenant = &caller.tenant;
         let r = request.get_ref();
+        validate::list_len("statuses", r.statuses.len()).map_err(Error::from)?;
         let mut filter = RunFilter {
             statuses: r
                 .statuses
@@ -288,9 +291,11 @@ impl RunService for RunApi {
         let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
         let r = request.get_ref();
         let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
+        let reason =
+            validate::short_text("reason", &r.reason, MAX_REASON_BYTES).map_err(Error::from)?;
         let mut payload = Map::new();
-        if !r.reason.is_empty() {
-            payload.insert("reason".into(), Value::String(r.reason.clone()));
+        if !reason.is_empty() {
+            payload.insert("reason".into(), Value::String(reason.to_owned()));
         }
         let run = runs::cancel(&self.state.pool, &tenant, run_id, payload).await?;
         self.state.notifier.commands_added(&[run_id]);

@@ -23,6 +23,8 @@ use crate::store::runs::Finish;
 const MAX_HEARTBEAT_LEASES: usize = 10_000;
 /// Longest failure message kept.
 const MAX_MESSAGE_BYTES: usize = 4096;
+/// Most command updates in one append.
+const MAX_COMMAND_UPDATES: usize = 1_000;
 
 pub struct RunnerApi {
     state: AppState,
@@ -80,13 +82,22 @@ impl RunnerApi {
                 None if e.runner_seq < 1 => {
                     return Err(FieldError::new(field("runner_seq"), "must be at least 1"));
                 }
-                Some(prev) if e.runner_seq != prev.runner_seq + 1 => {
-                    return Err(FieldError::new(
-                        field("runner_seq"),
-                        format!("must be {} (contiguous)", prev.runner_seq + 1),
-                    ));
-                }
-                _ => {}
+                None => {}
+                Some(prev) => match prev.runner_seq.checked_add(1) {
+                    Some(next) if next == e.runner_seq => {}
+                    Some(next) => {
+                        return Err(FieldError::new(
+                            field("runner_seq"),
+                            format!("must be {next} (contiguous)"),
+                        ));
+                    }
+                    None => {
+                        return Err(FieldError::new(
+                            field("runner_seq"),
+                            "cannot follow the largest runner_seq (contiguous)",
+                        ));
+                    }
+                },
             }
             let event_type = EventType::parse(&field("type"), &e.r#type)?;
             if !event_type.runner_may_write() {
@@ -140,7 +151,10 @@ pub(super) fn runner_identity(
             1,
             100_000,
         )? as i32,
-        version: r.version.chars().take(validate::MAX_NAME_LEN).collect(),
+        version: validate::text("runner.version", &r.version)?
+            .chars()
+            .take(validate::MAX_NAME_LEN)
+            .collect(),
         // Set from the caller's key, never from the request.
         tenant: None,
     })
@@ -223,6 +237,7 @@ pub(super) fn finish_write(r: &proto::FinishRunRequest) -> Result<LeaseWrite, Fi
         ));
     }
     let failure_kind = validate::optional_name("failure_kind", &r.failure_kind)?;
+    let message = validate::text("message", &r.message)?;
     Ok(LeaseWrite::Finish {
         epoch,
         outcome: Finish {
@@ -230,7 +245,7 @@ pub(super) fn finish_write(r: &proto::FinishRunRequest) -> Result<LeaseWrite, Fi
             status,
             failure_kind: failure_kind
                 .or_else(|| (status != RunStatus::Completed).then(|| status.as_str().to_owned())),
-            message: (!r.message.is_empty()).then(|| truncate(&r.message)),
+            message: (!message.is_empty()).then(|| truncate(message)),
         },
         last_runner_seq: r.last_runner_seq,
     })
@@ -247,6 +262,15 @@ pub(super) fn release_write(r: &proto::Release) -> Result<LeaseWrite, FieldError
 pub(super) fn command_updates(
     updates: &[proto::CommandUpdate],
 ) -> Result<Vec<CommandUpdate>, FieldError> {
+    if updates.len() > MAX_COMMAND_UPDATES {
+        return Err(FieldError::new(
+            "command_updates",
+            format!(
+                "holds {}, more than the limit of {MAX_COMMAND_UPDATES}",
+                updates.len()
+            ),
+        ));
+    }
     updates
         .iter()
         .enumerate()
@@ -259,13 +283,13 @@ pub(super) fn command_updates(
                     "must be acknowledged, completed, failed or cancelled",
                 ));
             }
+            let command_id =
+                CommandId::parse(&format!("command_updates[{i}].command_id"), &u.command_id)?;
+            let error = validate::text(&format!("command_updates[{i}].error"), &u.error)?;
             Ok(CommandUpdate {
-                command_id: CommandId::parse(
-                    &format!("command_updates[{i}].command_id"),
-                    &u.command_id,
-                )?,
+                command_id,
                 status,
-                error: (!u.error.is_empty()).then(|| truncate(&u.error)),
+                error: (!error.is_empty()).then(|| truncate(error)),
             })
         })
         .collect()

@@ -185,15 +185,22 @@ pub struct OpenedRequest {
 
 impl OpenedRequest {
     /// Reads a `request.opened` payload; `turn_id` is the turn active when it was written.
+    /// Its detail and options are redacted like the event's copy: no secret reaches the
+    /// `requests` table, nor clients reading it back.
     pub fn from_payload(field: String, payload: &Value, turn_id: Option<String>) -> Result<Self> {
         let text = |key: &str| payload.get(key).and_then(Value::as_str).unwrap_or_default();
+        let redacted = |key: &str, default: Value| {
+            let mut value = payload.get(key).cloned().unwrap_or(default);
+            agentrun_shared::payload::redact(&mut value);
+            value
+        };
         let id = RequestId::parse(&format!("{field}.request_id"), text("request_id"))?;
         Ok(Self {
             id,
             turn_id,
             kind: text("kind").to_owned(),
-            detail: payload.get("detail").cloned().unwrap_or_else(|| json!({})),
-            options: payload.get("options").cloned().unwrap_or_else(|| json!([])),
+            detail: redacted("detail", json!({})),
+            options: redacted("options", json!([])),
             timeout_ms: payload.get("timeout_ms").and_then(Value::as_i64),
             field,
         })
