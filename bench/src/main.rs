@@ -1,6 +1,6 @@
 //! `agentrun-bench`: measures the manager and runners as real processes on a real
-//! PostgreSQL, next to the database limit measured by pgbench on the same server, and
-//! prints a Markdown table and writes JSON with every figure.
+//! PostgreSQL, next to the database limit measured by pgbench and the peers
+//! (graphile-worker, pgqueuer) on the same server, and prints a Markdown table and writes JSON with every figure.
 //!
 //! ```text
 //! cargo build --release -p agentrun-bench -p agentrun-runner -p agentrun-manager
@@ -57,6 +57,8 @@ enum Scenario {
     Failover,
     /// The database limit (pgbench).
     Limit,
+    /// The peers (graphile-worker, pgqueuer) draining pre-inserted jobs.
+    Peers,
 }
 
 /// Sizes default to the full benchmark, or to a tiny run with `--smoke`; a size given
@@ -93,6 +95,9 @@ struct Params {
     /// Long runs held by the two runners of the failover scenario [default: 20; smoke 4].
     #[arg(long)]
     failover_runs: Option<usize>,
+    /// Jobs each peer drains [default: 50000; smoke 2000].
+    #[arg(long)]
+    peer_jobs: Option<usize>,
     /// Seconds each pgbench script runs [default: 10; smoke 2].
     #[arg(long)]
     pgbench_seconds: Option<u32>,
@@ -112,6 +117,7 @@ struct Sizes {
     fleet_runners_per_connection: usize,
     fleet_seconds: u64,
     failover_runs: usize,
+    peer_jobs: usize,
     pgbench_seconds: u32,
 }
 
@@ -131,6 +137,7 @@ impl Params {
             fleet_runners_per_connection: self.fleet_runners_per_connection,
             fleet_seconds: self.fleet_seconds.unwrap_or(if smoke { 3 } else { 15 }),
             failover_runs: pick(self.failover_runs, 20, 4),
+            peer_jobs: pick(self.peer_jobs, 50_000, 2_000),
             pgbench_seconds: self.pgbench_seconds.unwrap_or(if smoke { 2 } else { 10 }),
         }
     }
@@ -241,18 +248,11 @@ async fn main() -> anyhow::Result<()> {
             dblimit::run(&db, &url, sizes.pgbench_seconds).await,
         );
     }
-    // PEERS: the peers scenario (graphile-worker and pgqueuer on the same cluster, after
-    // the stacks are gone, next to the database limit) is called here. To wire it, add a
-    // `Peers` variant to `Scenario` and a `--peer-jobs` size to `Params`/`Sizes` (and to
-    // `run_params`), then:
-    //
-    //     if wants(Scenario::Peers) {
-    //         eprintln!("peers: {} jobs each", sizes.peer_jobs);
-    //         record("peers", peers::run(&cluster, sizes.peer_jobs).await);
-    //     }
-    //
-    // `dispatch.runs_per_s` already names `peer.*.jobs_per_s` as baselines, so the table
-    // shows the ratios as soon as those figures exist.
+    // The peers, on the same cluster, next to the database limit.
+    if wants(Scenario::Peers) {
+        eprintln!("peers: {} jobs each", sizes.peer_jobs);
+        record("peers", peers::run(&cluster, sizes.peer_jobs).await);
+    }
 
     print!("{}", report::markdown(&figures));
     let run_params = json!({
@@ -266,6 +266,7 @@ async fn main() -> anyhow::Result<()> {
         "fleet_runners_per_connection": sizes.fleet_runners_per_connection,
         "fleet_seconds": sizes.fleet_seconds,
         "failover_runs": sizes.failover_runs,
+        "peer_jobs": sizes.peer_jobs,
         "pgbench_seconds": sizes.pgbench_seconds,
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "failed": failed,

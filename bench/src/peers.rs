@@ -11,7 +11,6 @@
 //! `<target>/tools` once, pinned, and is a no-op when they are already there.
 
 // Until main.rs runs the peers scenario, only the tests below call into this module.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;

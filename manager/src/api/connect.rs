@@ -490,6 +490,7 @@ impl Session {
         let claimed: Vec<Assignment> = leases::claim(
             &self.state.pool,
             &self.runner,
+            false,
             self.credit,
             self.state.settings.lease_ttl(),
             self.state.settings.tenant_max_active_runs,

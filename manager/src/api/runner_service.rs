@@ -331,6 +331,7 @@ impl RunnerService for RunnerApi {
         let assignments = leases::claim(
             &self.state.pool,
             &runner,
+            true,
             max_runs,
             self.state.settings.lease_ttl(),
             self.state.settings.tenant_max_active_runs,

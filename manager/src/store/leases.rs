@@ -255,9 +255,13 @@ static CLAIM_SQL: LazyLock<String> = LazyLock::new(claim_sql);
 /// overshot by concurrent claimers on any replica. Unlimited tenants take no lock. Rows
 /// are leased with `FOR UPDATE SKIP LOCKED`, so concurrent claimers never get the same
 /// run; each claim bumps the epoch and records `run.claimed`.
+///
+/// `register` records the runner as seen first (the unary ClaimRuns); a Connect stream's
+/// runner was registered by its hello, and a claim that finds nothing writes nothing.
 pub async fn claim(
     pool: &Pool,
     runner: &RunnerIdentity,
+    register: bool,
     max_runs: i64,
     ttl: Duration,
     default_max_active_runs: i32,
@@ -290,8 +294,13 @@ pub async fn claim(
         Ok::<_, Error>(())
     };
     // Pipelined on the one connection, sent and run in this order: no extra round trips.
-    let ((), (), locked_tenants) =
-        tokio::try_join!(upsert_runner(&tx, runner), no_jit, lock_limited)?;
+    let registered = async {
+        match register {
+            true => upsert_runner(&tx, runner).await,
+            false => Ok(()),
+        }
+    };
+    let ((), (), locked_tenants) = tokio::try_join!(registered, no_jit, lock_limited)?;
     let stmt = tx.prepare_cached(&CLAIM_SQL).await?;
     let rows = tx
         .query(
