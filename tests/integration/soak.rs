@@ -198,10 +198,11 @@ async fn soak() {
         })
         .collect();
 
-    // The schedule: runs created in waves over the fault period, a runner killed every
-    // second or two, a manager replica killed once a minute (at least once, mid-way).
+    // The schedule: runs created in waves (two a second) over the fault period, a runner
+    // killed every second or two, a manager replica killed once a minute (at least once,
+    // mid-way).
     let fault_period = Duration::from_secs(seconds);
-    let waves = (seconds * 5).max(1) as usize;
+    let waves = (seconds * 2).max(1) as usize;
     let per_wave = runs.div_ceil(waves);
     let manager_kills = (seconds / 60).max(1);
     let manager_kill_at: Vec<Duration> = (1..=manager_kills)
