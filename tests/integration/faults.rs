@@ -527,8 +527,8 @@ impl RawRunner {
     }
 
     /// Streams batches of five deltas from `runner_seq` on, each after the previous
-    /// one's acknowledgement, until the stream breaks (the fault). Returns every
-    /// acknowledgement received and the last runner_seq sent.
+    /// one's acknowledgement, heartbeating its lease, until the stream breaks (the
+    /// fault). Records every acknowledgement in `acks`; returns the last runner_seq sent.
     pub(crate) async fn stream_until_broken(
         mut self,
         lease: &proto::LeaseRef,
@@ -536,7 +536,19 @@ impl RawRunner {
         acks: &std::sync::Mutex<Vec<Acked>>,
     ) -> i64 {
         let runner_id = self.identity.runner_id.clone();
+        let mut last_beat = Instant::now();
         loop {
+            // Heartbeat as a real runner does, so that only the fault can cost the lease.
+            if last_beat.elapsed() >= Duration::from_millis(300) {
+                last_beat = Instant::now();
+                let beat = ToManager::Heartbeat(proto::HeartbeatRequest {
+                    runner_id: runner_id.clone(),
+                    leases: vec![lease.clone()],
+                });
+                if self.tx.send(message(beat)).await.is_err() {
+                    return runner_seq;
+                }
+            }
             let sent = self
                 .tx
                 .send(message(batch(
@@ -819,12 +831,21 @@ async fn a_runner_frozen_past_its_lease_is_fenced_when_it_wakes() {
     })
     .await;
 
-    // Frozen past its lease: every run is requeued, and a healthy runner takes them.
+    // Frozen past its lease: every run is requeued, and a healthy runner takes them;
+    // all but one, cancelled while its runner is frozen, which must end cancelled.
     zombie.signal(libc::SIGSTOP);
     let frozen_at = Instant::now();
+    let (cancelled, others) = run_ids.split_last().expect("four runs");
+    client
+        .cancel_run(proto::CancelRunRequest {
+            run_id: cancelled.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("cancel a run whose runner is frozen");
     let healthy = Restartable::start(manager.addr, "healthy", &env, false);
     let healthy_id = healthy.id.clone();
-    wait_for("the healthy runner to stream every run", LONG, || {
+    wait_for("the healthy runner to stream the other runs", LONG, || {
         let db = &db;
         let healthy_id = healthy_id.clone();
         async move {
@@ -836,7 +857,7 @@ async fn a_runner_frozen_past_its_lease_is_fenced_when_it_wakes() {
                 .await
                 .ok()?
                 .get(0);
-            (n == 4).then_some(())
+            (n == 3).then_some(())
         }
     })
     .await;
@@ -852,25 +873,43 @@ async fn a_runner_frozen_past_its_lease_is_fenced_when_it_wakes() {
     // The fencing invariant: no zombie event after the requeue of its lease.
     let summary = assert_invariants(&db, Settled::AllTerminal, &[]).await;
     assert_eq!(
-        summary.count(RunStatus::Completed),
-        4,
+        (
+            summary.count(RunStatus::Completed),
+            summary.count(RunStatus::Cancelled)
+        ),
+        (3, 1),
         "{summary}: {:#?} {:#?}",
         outcomes(&db).await,
         failed_timelines(&db).await
     );
-    assert_eq!(assert_replies_whole(&db).await, 4);
-    for run_id in &run_ids {
-        let run = client
-            .get_run(proto::GetRunRequest {
-                run_id: run_id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .run
-            .unwrap();
-        assert_eq!(run.attempt, 2, "requeued once, not more");
+    assert_eq!(assert_replies_whole(&db).await, 3);
+    let get = |run_id: &String| {
+        let mut client = client.clone();
+        let run_id = run_id.clone();
+        async move {
+            client
+                .get_run(proto::GetRunRequest { run_id })
+                .await
+                .unwrap()
+                .into_inner()
+                .run
+                .unwrap()
+        }
+    };
+    for run_id in others {
+        let run = get(run_id).await;
+        assert_eq!(
+            (status_of(&run), run.attempt),
+            (RunStatus::Completed, 2),
+            "requeued once, not more"
+        );
     }
+    let run = get(cancelled).await;
+    assert_eq!(
+        (status_of(&run), run.attempt),
+        (RunStatus::Cancelled, 1),
+        "cancelled when its lease expired, not requeued"
+    );
     drop(healthy);
 }
 
