@@ -1541,8 +1541,6 @@ async fn duplicate_reordered_and_unacknowledged_batches_on_the_stream() {
 }
 
 #[tokio::test]
-#[ignore = "bug: StreamError.code is tonic's Debug name (\"InvalidArgument\"), the contract \
-            (runner_service.proto) says the gRPC code name (\"INVALID_ARGUMENT\")"]
 async fn stream_errors_name_the_grpc_code_as_the_contract_says() {
     let mut app = TestApp::spawn().await;
     app.runs.create_run(run_request("by hand")).await.unwrap();

@@ -309,7 +309,7 @@ impl Session {
         let status = Status::from(err);
         self.send(Out::Error(proto::StreamError {
             run_id: run_id.to_owned(),
-            code: format!("{:?}", status.code()),
+            code: crate::error::code_name(status.code()).to_owned(),
             message: status.message().to_owned(),
         }))
         .await;
