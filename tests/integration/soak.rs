@@ -9,8 +9,8 @@
 //! - `AGENTRUN_SOAK_RUNS`: runs created (default 300);
 //! - `AGENTRUN_SOAK_SECONDS`: how long the faults go on; runs are created evenly over
 //!   that time (default 10);
-//! - `AGENTRUN_SOAK_SEED`: replays one schedule of prompts and kills (each run prints
-//!   its seed).
+//! - `AGENTRUN_SOAK_SEED`: replays the same prompts, cancels and choice of victims
+//!   (the timing is the machine's); each run prints its seed.
 //!
 //! The short version runs with every `cargo test`. The long one:
 //!
