@@ -262,8 +262,16 @@ pub struct ManagerProcess {
 
 impl ManagerProcess {
     pub async fn start(database_url: &str, extra_env: &[(&str, &str)]) -> Self {
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("valid address");
+        Self::start_at(database_url, free_addr(), extra_env).await
+    }
+
+    /// Like [`Self::start`], listening on `addr` (a restart after a crash keeps its
+    /// address, as a Kubernetes service would).
+    pub async fn start_at(
+        database_url: &str,
+        addr: SocketAddr,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
         let mut command = Command::new(binary("agentrun-manager"));
         command
             .arg("serve")
@@ -666,36 +674,6 @@ pub fn free_addr() -> SocketAddr {
 }
 
 impl ManagerProcess {
-    /// Like [`Self::start`], listening on `addr` (a restart after a crash keeps its
-    /// address, as a Kubernetes service would).
-    pub async fn start_at(
-        database_url: &str,
-        addr: SocketAddr,
-        extra_env: &[(&str, &str)],
-    ) -> Self {
-        let mut command = Command::new(binary("agentrun-manager"));
-        command
-            .arg("serve")
-            .env("DATABASE_URL", database_url)
-            .env("AGENTRUN_LISTEN", addr.to_string())
-            .env("AGENTRUN_METRICS_LISTEN", "")
-            .env("AGENTRUN_LEASE_TTL_MS", "2000")
-            .env("AGENTRUN_HEARTBEAT_INTERVAL_MS", "500")
-            .env("AGENTRUN_SWEEP_INTERVAL_MS", "100")
-            .env("AGENTRUN_AUTH", "disabled")
-            .stdin(Stdio::null());
-        for (k, v) in extra_env {
-            command.env(k, v);
-        }
-        if std::env::var_os("TEST_LOG").is_none() {
-            command.stdout(Stdio::null()).stderr(Stdio::null());
-        }
-        let child = command.spawn().expect("start agentrun-manager");
-        let process = Self { addr, child };
-        connect(addr).await;
-        process
-    }
-
     /// The process id (to signal it from elsewhere).
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
