@@ -906,10 +906,11 @@ fn run_service_refuses_malformed_requests_and_changes_nothing() {
         some_bad(list_runs_request(&seed)),
         async |mut c, r| c.runs.list_runs(r).await.map(drop),
     );
-    let cancel = (bad_uuid_field("run_id"), ".{0,20}").prop_map(|((run_id, bad), reason)| Bad {
-        request: proto::CancelRunRequest { run_id, reason },
-        fields: collect(&[&bad]),
-    });
+    let cancel =
+        (bad_uuid_field("run_id"), "[^\\x00]{0,20}").prop_map(|((run_id, bad), reason)| Bad {
+            request: proto::CancelRunRequest { run_id, reason },
+            fields: collect(&[&bad]),
+        });
     h.refuses("CancelRun", CASES, cancel, async |mut c, r| {
         c.runs.cancel_run(r).await.map(drop)
     });
@@ -1128,7 +1129,8 @@ fn runner_identity(seed: &Seed) -> Field<Option<proto::RunnerIdentity>> {
         profiles,
         names_field("runner.queues", 3),
         bounded_field("runner.max_concurrency", 1, 100_000),
-        ".{0,10}",
+        // Free text: anything but NUL, which is refused (see nul_characters_are_refused_by_field).
+        "[^\\x00]{0,10}",
     )
         .prop_map(
             |(id, name, labels, profiles, queues, concurrency, version)| {
@@ -1297,7 +1299,7 @@ fn command_updates(
             4 => good_uuid(seed.commands.clone()).prop_map(|c| (c, false)),
             1 => prop_oneof![Just(String::new()), bad_uuid()].prop_map(|c| (c, true)),
         ],
-        ".{0,10}",
+        "[^\\x00]{0,10}",
     );
     vec(update, 0..3).prop_map(|items| {
         let bad = items
@@ -1427,7 +1429,7 @@ fn runner_service_refuses_malformed_requests_and_changes_nothing() {
         prop_oneof![4 => Just((seed.epoch, None)), 1 => epoch_field()],
         status,
         optional_name_field("failure_kind"),
-        ".{0,20}",
+        "[^\\x00]{0,20}",
         field("last_runner_seq", 0..1000i64, i64::MIN..0),
     )
         .prop_map(|(runner, run, epoch, status, kind, message, last)| Bad {
@@ -1491,7 +1493,7 @@ fn admin_service_refuses_malformed_requests_and_changes_nothing() {
         name_field("tenant_id"),
         role,
         names_field("project_ids", 3),
-        field("name", ".{0,40}", "[a-z]{201,260}"),
+        field("name", "[^\\x00]{0,40}", "[a-z]{201,260}"),
     )
         .prop_map(|(tenant, role, projects, name)| Bad {
             fields: collect(&[&tenant.1, &role.1, &projects.1, &name.1]),
