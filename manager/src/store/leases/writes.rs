@@ -160,7 +160,8 @@ struct Batch {
     request_owners: HashMap<Uuid, Uuid>,
     command_updates: Vec<CommandUpdate>,
     events: Vec<(RunId, NewEvent)>,
-    opened: Vec<(RunId, OpenedRequest)>,
+    /// Requests each accepted append opened, stored one statement per append.
+    opened: Vec<(RunId, Vec<OpenedRequest>)>,
     ended_turns: Vec<(Uuid, String)>,
     /// Runs whose requests changed: waiting only if one is still open when stored.
     requests_changed: HashSet<Uuid>,
@@ -376,7 +377,9 @@ impl Batch {
         for request in &opened {
             self.request_owners.insert(request.id.0, run_id.0);
         }
-        self.opened.extend(opened.into_iter().map(|r| (run_id, r)));
+        if !opened.is_empty() {
+            self.opened.push((run_id, opened));
+        }
         self.ended_turns
             .extend(ended_turns.into_iter().map(|t| (run_id.0, t)));
         let start = self.events.len();
@@ -501,8 +504,8 @@ impl Batch {
     async fn store(mut self, tx: &impl GenericClient) -> Result<Stored> {
         commands::store_updates(tx, &self.command_updates).await?;
         let seqs = events::append(tx, &self.events).await?;
-        for (run_id, request) in &self.opened {
-            requests::open(tx, &self.runs[&run_id.0], std::slice::from_ref(request)).await?;
+        for (run_id, opened) in &self.opened {
+            requests::open(tx, &self.runs[&run_id.0], opened).await?;
         }
         requests::cancel_for_turns(tx, &self.ended_turns).await?;
         // A run waits only while one of its requests is open.
