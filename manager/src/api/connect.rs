@@ -79,6 +79,7 @@ pub async fn open(
         lease_ttl_ms: session.state.settings.lease_ttl_ms as i64,
         max_batch_events: session.state.settings.max_batch_events as i32,
         max_batch_bytes: session.state.settings.max_payload_bytes as i32 * 4,
+        max_payload_bytes: session.state.settings.max_payload_bytes as i32,
         resumed: welcome
             .named
             .iter()
