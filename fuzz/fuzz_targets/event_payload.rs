@@ -1,5 +1,5 @@
 //! Fuzzes what the manager does with one runner event before it is stored: the event type
-//! and payload checks of `RunnerApi::events` (type in the closed set, writable by runners,
+//! and payload checks of `runner_messages::events` (manager) (type in the closed set, writable by runners,
 //! payload a JSON object within the size limit, the type's required fields), then
 //! `redact`, the gate every stored payload passes.
 //!
@@ -16,7 +16,7 @@
 //! - the same redaction properties hold for any JSON value the payload text holds, valid
 //!   event or not.
 //!
-//! The runner_seq and batch-size checks of `RunnerApi::events` are manager code
+//! The runner_seq and batch-size checks of `runner_messages::events` (manager) are manager code
 //! (`manager/src/api/runner_service.rs`) and are not reached from here.
 
 #![no_main]
@@ -31,7 +31,7 @@ use serde_json::{Map, Value};
 const MAX_BYTES: usize = 2048;
 const _: () = assert!(MAX_BYTES <= DEFAULT_MAX_PAYLOAD_BYTES);
 
-/// The event checks of `RunnerApi::events` for the first event of a batch, in its order.
+/// The event checks of `runner_messages::events` (manager) for the first event of a batch, in its order.
 fn validate(
     event_type: &str,
     payload_json: &str,

@@ -129,8 +129,14 @@ impl Notifier {
             .insert(run.0, holder);
     }
 
-    pub fn release(&self, run: RunId) {
-        self.holders.lock().expect("notifier lock").remove(&run.0);
+    /// Stops routing `run`'s command wake-ups to `holder`. Keyed by the holder, not the
+    /// run alone: when a runner reconnected to this replica, its old stream ending late
+    /// must not unregister the new stream that holds the run now.
+    pub fn release(&self, run: RunId, holder: &Arc<Notify>) {
+        let mut holders = self.holders.lock().expect("notifier lock");
+        if holders.get(&run.0).is_some_and(|h| Arc::ptr_eq(h, holder)) {
+            holders.remove(&run.0);
+        }
     }
 
     fn wake_work_locally(&self) {
@@ -370,5 +376,22 @@ mod tests {
         let woken = holder.notified();
         tokio::pin!(woken);
         assert!(woken.as_mut().enable());
+    }
+
+    #[test]
+    fn an_old_stream_ending_late_keeps_the_new_holder() {
+        let n = Notifier::new(Uuid::new_v4());
+        let run = RunId::new();
+        let (old, new) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        n.hold(run, old.clone());
+        // The runner reconnected: its new stream holds the run, then the old one ends.
+        n.hold(run, new.clone());
+        n.release(run, &old);
+        n.commands_added(&[run]);
+        let woken = new.notified();
+        tokio::pin!(woken);
+        assert!(woken.as_mut().enable(), "the new stream was not woken");
+        n.release(run, &new);
+        assert!(n.holders.lock().unwrap().is_empty());
     }
 }

@@ -91,6 +91,7 @@ impl Application {
         let auth = Arc::new(Authenticator::new(pool.clone()));
         let background = shutdown.child_token();
         let heartbeats = Heartbeats::start(pool.clone(), settings.lease_ttl(), background.clone());
+        let tasks = TaskTracker::new();
         let state = AppState {
             pool,
             settings: Arc::new(settings),
@@ -99,8 +100,8 @@ impl Application {
             metrics: metrics.clone(),
             auth,
             heartbeats,
+            tasks: tasks.clone(),
         };
-        let tasks = TaskTracker::new();
         let interval = state.settings.sweep_interval();
         tasks.spawn(sweeper::run(
             state.pool.clone(),

@@ -32,6 +32,12 @@ pub mod reason {
     pub const IDEMPOTENCY_CONFLICT: &str = "idempotency_conflict";
     /// A finish arrived before the run's events it names were stored.
     pub const EVENTS_MISSING: &str = "events_missing";
+    /// A run failed because the manager refused its runner's event payload as larger
+    /// than `max_payload_bytes` (a run's `failure_kind`).
+    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    /// A run failed because the manager refused another of its runner's writes as
+    /// invalid (a run's `failure_kind`).
+    pub const WRITE_REFUSED: &str = "write_refused";
 }
 
 /// Response metadata key carrying one of the [`reason`] codes.

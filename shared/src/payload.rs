@@ -15,6 +15,15 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
 /// What replaces a secret.
 pub const REDACTED: &str = "[REDACTED]";
 
+/// How a payload over its size limit is described, by [`parse_object`] and
+/// [`is_too_large`].
+const TOO_LARGE: &str = "more than the limit of";
+
+/// Whether `err` is [`parse_object`] refusing a payload over its size limit.
+pub fn is_too_large(err: &FieldError) -> bool {
+    err.field.ends_with("_json") && err.reason.contains(TOO_LARGE)
+}
+
 /// Parses `text` as a JSON object of at most `max_bytes`. Empty text is an empty object.
 /// A NUL character (U+0000) in any string or key is refused, naming its path when it can
 /// (`input_json.a.b[2]`).
@@ -26,10 +35,7 @@ pub fn parse_object(
     if text.len() > max_bytes {
         return Err(FieldError::new(
             field,
-            format!(
-                "is {} bytes, more than the limit of {max_bytes}",
-                text.len()
-            ),
+            format!("is {} bytes, {TOO_LARGE} {max_bytes}", text.len()),
         ));
     }
     if text.trim().is_empty() {
@@ -250,6 +256,10 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.reason.contains("limit of 50"), "{err}");
+        assert!(is_too_large(&err));
+        assert!(!is_too_large(
+            &parse_object("input_json", "[1]", 100).unwrap_err()
+        ));
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod runs;
 mod scheduling;
 mod sessions;
 mod soak;
+mod stream_correctness;
 mod surface;
 mod sweeper;
 mod tls;

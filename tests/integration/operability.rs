@@ -61,7 +61,7 @@ async fn not_serving_until_migrations_are_applied() {
 }
 
 /// `GET /metrics` over a plain TCP connection; returns the body.
-async fn scrape(addr: SocketAddr) -> String {
+pub(crate) async fn scrape(addr: SocketAddr) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -75,7 +75,7 @@ async fn scrape(addr: SocketAddr) -> String {
 }
 
 /// The value of the sample `name` whose labels include all of `labels`, or 0 if absent.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|line| !line.starts_with('#'))
         .filter_map(|line| line.rsplit_once(' '))

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use agentrun_shared::error::reason;
 use agentrun_shared::ids::RunId;
+use agentrun_shared::payload;
 use agentrun_shared::proto::{self, manager_message::Body as Out, runner_message::Body as In};
 use agentrun_shared::state::RunStatus;
 use futures_util::FutureExt;
@@ -25,13 +26,17 @@ use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use super::runner_service::{
-    RunnerApi, append_write, delivered_to, finish_write, lease_refs, release_write, runner_identity,
+use super::runner_messages::{
+    append_write, delivered_to, finish_write, heartbeat_response, lease_refs, release_write,
+    runner_identity,
 };
 use super::{AppState, convert};
 use crate::error::Error;
 use crate::store::Tenant;
-use crate::store::leases::{self, Assignment, Heartbeat, LeaseWrite, RunnerIdentity, Written};
+use crate::store::leases::{
+    self, Assignment, Heartbeat, LeaseWrite, RunnerIdentity, Welcome, Written,
+};
+use crate::store::runs::Finish;
 
 /// How long a runner has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,13 +47,16 @@ const MAX_BATCH: usize = 1024;
 
 pub type ManagerStream = ReceiverStream<Result<proto::ManagerMessage, Status>>;
 
-/// Answers the hello and starts the session task.
+/// Settles the runner's leases (hello), then starts the session task and returns the
+/// stream it writes to. Nothing is queued towards the runner before the stream is handed
+/// to tonic: the session task sends the welcome and the backlog (command deliveries,
+/// adopted runs — any number of them) while tonic is already reading, so a bounded
+/// channel can never block the handler.
 pub async fn open(
-    api: &RunnerApi,
+    state: AppState,
     tenant: Option<Tenant>,
     mut inbound: Streaming<proto::RunnerMessage>,
 ) -> Result<ManagerStream, Status> {
-    let state = api.state().clone();
     let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
         .await
         .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??;
@@ -71,62 +79,13 @@ pub async fn open(
     .await?;
 
     let (out, rx) = mpsc::channel(OUTBOX);
-    let mut session = Session::new(state, runner, out);
-    let mut messages = vec![Out::Welcome(proto::Welcome {
-        runner_id: session.runner.id.to_string(),
-        manager_id: session.state.notifier.replica_id().to_string(),
-        heartbeat_interval_ms: session.state.settings.heartbeat_interval_ms as i64,
-        lease_ttl_ms: session.state.settings.lease_ttl_ms as i64,
-        max_batch_events: session.state.settings.max_batch_events as i32,
-        max_batch_bytes: session.state.settings.max_payload_bytes as i32 * 4,
-        max_payload_bytes: session.state.settings.max_payload_bytes as i32,
-        resumed: welcome
-            .named
-            .iter()
-            .filter(|l| l.expires_at.is_some())
-            .map(|l| proto::ResumedLease {
-                run_id: l.run_id.to_string(),
-                epoch: l.epoch,
-                acked_runner_seq: l.acked_runner_seq,
-            })
-            .collect(),
-        lost: welcome
-            .named
-            .iter()
-            .filter(|l| l.expires_at.is_none())
-            .map(|l| proto::LeaseRef {
-                run_id: l.run_id.to_string(),
-                epoch: l.epoch,
-            })
-            .collect(),
-    })];
-    for lease in welcome.named.iter().filter(|l| l.expires_at.is_some()) {
-        session.hold(lease.run_id, lease.epoch);
-        messages.extend(
-            lease
-                .commands
-                .iter()
-                .map(|c| command_delivery(lease.run_id, lease.epoch, c)),
-        );
-    }
-    for assignment in &welcome.adopted {
-        session.hold(assignment.run.id, assignment.run.lease_epoch);
-        messages.push(Out::Assignment(convert::assignment(assignment)));
-    }
-    if welcome.draining {
-        // Drained by an operator before this connection: it is told again.
-        session.draining = true;
-        messages.push(Out::Drain(proto::Drain {
-            deadline_ms: 0,
-            reconnect: false,
-        }));
-    }
-    for message in messages {
-        session.send(message).await;
-    }
-    tracing::info!(runner = %session.runner.id, name = %session.runner.name, adopted = welcome.adopted.len(), "runner connected");
-    let span = tracing::info_span!("runner_session", runner = %session.runner.id);
-    tokio::spawn(tracing::Instrument::instrument(session.run(inbound), span));
+    let span = tracing::info_span!("runner_session", runner = %runner.id);
+    let session = Session::new(state.clone(), runner, out);
+    // Tracked: on shutdown the manager waits for every session to end.
+    state.tasks.spawn(tracing::Instrument::instrument(
+        session.run(welcome, inbound),
+        span,
+    ));
     Ok(ReceiverStream::new(rx))
 }
 
@@ -196,6 +155,9 @@ struct Session {
     /// When the runner last sent anything. A runner that has gone quiet (frozen, or
     /// its network half-dead) is given no new work, even if its stream looks open.
     last_heard: tokio::time::Instant,
+    /// Finishes failing the held runs whose writes were refused, stored after the batch
+    /// that refused them (see [`Session::refuse`]).
+    refused: Vec<LeaseWrite>,
 }
 
 impl Session {
@@ -213,6 +175,7 @@ impl Session {
             commands_woken: Arc::new(Notify::new()),
             draining: false,
             last_heard: tokio::time::Instant::now(),
+            refused: Vec::new(),
         }
     }
 
@@ -222,8 +185,63 @@ impl Session {
             > Duration::from_millis(2 * self.state.settings.heartbeat_interval_ms)
     }
 
-    async fn run(mut self, mut inbound: Streaming<proto::RunnerMessage>) {
+    /// Sends the welcome and what the runner is owed: commands of the leases it still
+    /// holds and the runs it gets back (adopted after a restart).
+    async fn greet(&mut self, welcome: Welcome) {
+        let (resumed, lost): (Vec<_>, Vec<_>) =
+            welcome.named.iter().partition(|l| l.expires_at.is_some());
+        self.send(Out::Welcome(proto::Welcome {
+            runner_id: self.runner.id.to_string(),
+            manager_id: self.state.notifier.replica_id().to_string(),
+            heartbeat_interval_ms: self.state.settings.heartbeat_interval_ms as i64,
+            lease_ttl_ms: self.state.settings.lease_ttl_ms as i64,
+            max_batch_events: self.state.settings.max_batch_events as i32,
+            max_batch_bytes: self.state.settings.max_payload_bytes as i32 * 4,
+            max_payload_bytes: self.state.settings.max_payload_bytes as i32,
+            resumed: resumed
+                .iter()
+                .map(|l| proto::ResumedLease {
+                    run_id: l.run_id.to_string(),
+                    epoch: l.epoch,
+                    acked_runner_seq: l.acked_runner_seq,
+                })
+                .collect(),
+            lost: lost
+                .iter()
+                .map(|l| proto::LeaseRef {
+                    run_id: l.run_id.to_string(),
+                    epoch: l.epoch,
+                })
+                .collect(),
+        }))
+        .await;
+        for lease in resumed {
+            self.hold(lease.run_id, lease.epoch);
+            for command in &lease.commands {
+                self.send(command_delivery(lease.run_id, lease.epoch, command))
+                    .await;
+            }
+        }
+        for assignment in &welcome.adopted {
+            self.hold(assignment.run.id, assignment.run.lease_epoch);
+            self.send(Out::Assignment(convert::assignment(assignment)))
+                .await;
+        }
+        if welcome.draining {
+            // Drained by an operator before this connection: it is told again.
+            self.draining = true;
+            self.send(Out::Drain(proto::Drain {
+                deadline_ms: 0,
+                reconnect: false,
+            }))
+            .await;
+        }
+        tracing::info!(runner = %self.runner.id, name = %self.runner.name, adopted = welcome.adopted.len(), "runner connected");
+    }
+
+    async fn run(mut self, welcome: Welcome, mut inbound: Streaming<proto::RunnerMessage>) {
         let _connected = self.state.metrics.runner_connected();
+        self.greet(welcome).await;
         let mut work = self.state.notifier.subscribe_work();
         let shutdown = self.state.shutdown.clone();
         loop {
@@ -246,9 +264,9 @@ impl Session {
                 },
                 changed = work.changed(), if self.credit > 0 && !self.draining => {
                     if changed.is_err() { break; }
-                    self.assign().await
+                    self.assign().await.or_else(retried_later)
                 }
-                _ = self.commands_woken.notified() => self.deliver_commands().await,
+                _ = self.commands_woken.notified() => self.deliver_commands().await.or_else(retried_later),
                 _ = shutdown.cancelled() => {
                     self.draining = true;
                     self.send(Out::Drain(proto::Drain { deadline_ms: 0, reconnect: true })).await;
@@ -257,8 +275,9 @@ impl Session {
                 }
             };
             if let Err(err) = result {
-                // The database is unreachable or similar: end the stream; the runner
-                // reconnects with its leases and resends what was not acknowledged.
+                // The runner's writes could not be stored (retried already; see
+                // `leases::write`): end the stream; the runner reconnects with its leases
+                // and resends what was not acknowledged.
                 tracing::warn!(runner = %self.runner.id, error = %err, "runner session ended");
                 let _ = self.out.send(Err(err.into())).await;
                 break;
@@ -268,7 +287,7 @@ impl Session {
             }
         }
         for run in self.held.keys() {
-            self.state.notifier.release(*run);
+            self.state.notifier.release(*run, &self.commands_woken);
         }
         tracing::info!(runner = %self.runner.id, "runner disconnected");
     }
@@ -288,24 +307,35 @@ impl Session {
 
     fn drop_lease(&mut self, run: RunId) {
         if self.held.remove(&run).is_some() {
-            self.state.notifier.release(run);
+            self.state.notifier.release(run, &self.commands_woken);
         }
     }
 
-    /// Refuses one message without ending the stream.
+    /// Refuses one message without ending the stream. A refused write of a held run ends
+    /// that run on both sides: the runner stops it and frees its slot on the error; the
+    /// manager lets go of the lease (`lease_lost`: it is gone already) or fails the run
+    /// with the refusal as its reason (anything else: the runner cannot make the write
+    /// acceptable by sending it again, so waiting out the lease would only burn attempts).
     async fn refuse(&mut self, run_id: &str, err: Error) -> Result<(), Error> {
         if let Error::Unavailable(_) | Error::Internal(_) = err {
             return Err(err);
         }
-        if let (
-            Error::FailedPrecondition {
-                reason: reason::LEASE_LOST,
-                ..
-            },
-            Ok(run),
-        ) = (&err, RunId::parse("run_id", run_id))
+        if let Ok(run) = RunId::parse("run_id", run_id)
+            && let Some(&epoch) = self.held.get(&run)
         {
             self.drop_lease(run);
+            if let Some(failure_kind) = refusal_kind(&err) {
+                self.refused.push(LeaseWrite::Finish {
+                    epoch,
+                    outcome: Finish {
+                        run_id: run,
+                        status: RunStatus::Failed,
+                        failure_kind: Some(failure_kind.to_owned()),
+                        message: Some(err.to_string()),
+                    },
+                    last_runner_seq: 0,
+                });
+            }
         }
         let status = Status::from(err);
         self.send(Out::Error(proto::StreamError {
@@ -390,6 +420,7 @@ impl Session {
             }
         }
         self.write(writes).await?;
+        self.fail_refused().await?;
         if let Some(slots) = credit {
             // Never more runs in flight than the runner said it can execute.
             let room = i64::from(self.runner.max_concurrency) - self.held.len() as i64;
@@ -463,6 +494,30 @@ impl Session {
         if released {
             self.state.notifier.work_available();
         }
+        Ok(())
+    }
+
+    /// Fails the runs whose writes were refused (fenced like any finish: a run that
+    /// ended meanwhile stays as it ended).
+    async fn fail_refused(&mut self) -> Result<(), Error> {
+        if self.refused.is_empty() {
+            return Ok(());
+        }
+        let finishes = std::mem::take(&mut self.refused);
+        let runs: Vec<uuid::Uuid> = finishes.iter().map(|f| f.run_id().0).collect();
+        let results = leases::write(
+            &self.state.pool,
+            self.runner.id,
+            self.runner.tenant.as_ref(),
+            finishes,
+        )
+        .await?;
+        for (run, result) in runs.iter().zip(&results) {
+            if let Err(err) = result {
+                tracing::debug!(%run, error = %err, "a refused run had ended already");
+            }
+        }
+        self.state.notifier.events_appended(runs);
         Ok(())
     }
 
@@ -563,7 +618,7 @@ impl Session {
         for lease in renewed.leases.iter().filter(|l| l.expires_at.is_none()) {
             self.drop_lease(lease.run_id);
         }
-        self.send(Out::Heartbeat(RunnerApi::heartbeat_response(
+        self.send(Out::Heartbeat(heartbeat_response(
             &renewed.leases,
             self.state.settings.lease_ttl_ms,
         )))
@@ -572,5 +627,34 @@ impl Session {
             self.drain_runner().await;
         }
         Ok(())
+    }
+}
+
+/// The failure kind of a held run whose write was refused with `err`; `None` when the
+/// refusal does not end the run here (`lease_lost`: it is no longer this runner's).
+fn refusal_kind(err: &Error) -> Option<&'static str> {
+    match err {
+        Error::FailedPrecondition {
+            reason: reason::LEASE_LOST,
+            ..
+        } => None,
+        Error::FailedPrecondition { reason, .. } => Some(reason),
+        Error::InvalidArgument(field) if payload::is_too_large(field) => {
+            Some(reason::PAYLOAD_TOO_LARGE)
+        }
+        _ => Some(reason::WRITE_REFUSED),
+    }
+}
+
+/// A claim or a command delivery that failed for a transient reason is not worth ending
+/// the stream over: nothing was taken, and the next wake-up, safety-net poll or
+/// heartbeat tries again.
+fn retried_later(err: Error) -> Result<(), Error> {
+    match err {
+        Error::Unavailable(why) => {
+            tracing::warn!(%why, "claim or command delivery failed; retried on the next wake-up");
+            Ok(())
+        }
+        err => Err(err),
     }
 }

@@ -15,6 +15,7 @@ fn ts(t: SystemTime) -> Option<Timestamp> {
 }
 
 pub fn run(r: &RunRecord) -> proto::Run {
+    let lease = r.lease_holder();
     proto::Run {
         run_id: r.id.to_string(),
         project_id: r.project_id.clone(),
@@ -31,12 +32,11 @@ pub fn run(r: &RunRecord) -> proto::Run {
         queue_timeout_ms: r.queue_timeout_ms.unwrap_or_default(),
         run_timeout_ms: r.run_timeout_ms.unwrap_or_default(),
         idempotency_key: r.idempotency_key.clone().unwrap_or_default(),
-        lease_runner_id: r
-            .lease_runner_id
-            .map(|id| id.to_string())
+        lease_runner_id: lease
+            .map(|(runner, _)| runner.to_string())
             .unwrap_or_default(),
         lease_epoch: r.lease_epoch,
-        lease_expires_at: r.lease_expires_at.and_then(ts),
+        lease_expires_at: lease.and_then(|(_, expires)| expires).and_then(ts),
         failure_kind: r.failure_kind.clone().unwrap_or_default(),
         failure_message: r.failure_message.clone().unwrap_or_default(),
         last_event_seq: r.last_event_seq,

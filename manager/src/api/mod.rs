@@ -6,6 +6,7 @@ pub mod auth;
 mod connect;
 mod convert;
 mod run_service;
+mod runner_messages;
 mod runner_service;
 mod session_service;
 mod validate;
@@ -22,6 +23,7 @@ pub use runner_service::RunnerApi;
 pub use session_service::SessionApi;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{AuthMode, Settings};
 use crate::error::{Error, Result};
@@ -45,6 +47,8 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     /// Renews the heartbeats of every runner on this replica together.
     pub heartbeats: Heartbeats,
+    /// Long-lived per-stream tasks (runner sessions, watchers): shutdown waits for them.
+    pub tasks: TaskTracker,
 }
 
 /// Request metadata naming the caller's tenant when authentication is disabled

@@ -44,7 +44,8 @@ pub async fn watch_run(
     let (tx, rx) = mpsc::channel(BUFFER);
     let state = state.clone();
     let tenant = tenant.clone();
-    tokio::spawn(async move {
+    // Tracked: shutdown ends watchers and waits for them.
+    state.tasks.clone().spawn(async move {
         let _watching = state.metrics.watching();
         if let Err(err) = follow(&state, &tenant, run_id, after_seq, &tx).await {
             let _ = tx.send(Err(err.into())).await;
@@ -124,7 +125,8 @@ pub async fn watch_session(
     let (tx, rx) = mpsc::channel(BUFFER);
     let state = state.clone();
     let tenant = tenant.clone();
-    tokio::spawn(async move {
+    // Tracked: shutdown ends watchers and waits for them.
+    state.tasks.clone().spawn(async move {
         let _watching = state.metrics.watching();
         if let Err(err) = follow_session(&state, &tenant, session_id, output_only, after, &tx).await
         {

@@ -487,8 +487,9 @@ impl<'a> HeldLease<'a> {
 }
 
 /// Checks the leases (extending them by `ttl` when given) and delivers their pending
-/// commands, in one statement each however many runners they belong to. A run of
-/// another tenant than its runner's counts as lost. Answers in order.
+/// commands, in one statement each however many runners they belong to. A lease that
+/// has expired (see [`fence`]), or a run of another tenant than its runner's, counts as
+/// lost. Answers in order.
 async fn renew(
     tx: &impl GenericClient,
     leases: &[HeldLease<'_>],
@@ -504,6 +505,7 @@ async fn renew(
              FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[]) AS l(id, epoch, runner, tenant)
              WHERE runs.id = l.id AND runs.lease_epoch = l.epoch AND runs.lease_runner_id = l.runner
                AND runs.status = ANY($6) AND (l.tenant IS NULL OR runs.tenant_id = l.tenant)
+               AND runs.lease_expires_at > now()
              RETURNING runs.id, runs.lease_expires_at, runs.cancel_requested, runs.lease_runner_seq",
         )
         .await?;
@@ -633,9 +635,11 @@ pub async fn hello(
     })
 }
 
-/// Allows a write by the runner holding `epoch` of an active run; anything else is
-/// `lease_lost`.
-fn fence(run: &RunRecord, runner_id: RunnerId, epoch: i64) -> Result<()> {
+/// Allows a write by the runner holding `epoch` of an active run whose lease has not
+/// expired by `now` (the database's clock); anything else is `lease_lost`. Expiry is a
+/// fence of its own: between expiry and the sweeper's requeue nobody may write, so a
+/// runner that missed its renewal cannot race the run's next holder.
+fn fence(run: &RunRecord, runner_id: RunnerId, epoch: i64, now: SystemTime) -> Result<()> {
     if run.lease_epoch != epoch || run.lease_runner_id != Some(runner_id) {
         return Err(Error::precondition(
             reason::LEASE_LOST,
@@ -646,6 +650,12 @@ fn fence(run: &RunRecord, runner_id: RunnerId, epoch: i64) -> Result<()> {
         return Err(Error::precondition(
             reason::LEASE_LOST,
             format!("run is {} and no longer leased", run.status.as_str()),
+        ));
+    }
+    if run.lease_expires_at.is_none_or(|expires| expires <= now) {
+        return Err(Error::precondition(
+            reason::LEASE_LOST,
+            format!("the lease of epoch {epoch} has expired"),
         ));
     }
     Ok(())

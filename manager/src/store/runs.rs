@@ -36,11 +36,16 @@ pub struct RunRecord {
     pub queue_timeout_ms: Option<i64>,
     pub run_timeout_ms: Option<i64>,
     pub idempotency_key: Option<String>,
+    /// The lease holder while the run is active. A run that ended keeps the runner that
+    /// held it last, so a finish repeated after a lost acknowledgement is recognised;
+    /// clients see the lease only while it is held ([`RunRecord::lease_holder`]).
     pub lease_runner_id: Option<RunnerId>,
     pub lease_epoch: i64,
     pub lease_expires_at: Option<SystemTime>,
     pub lease_runner_seq: i64,
     pub cancel_requested: bool,
+    /// Why cancellation was requested, when the caller said.
+    pub cancel_reason: Option<String>,
     pub failure_kind: Option<String>,
     pub failure_message: Option<String>,
     pub last_event_seq: i64,
@@ -53,6 +58,15 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
+    /// The runner holding the lease and when it expires: `None` unless the run is
+    /// active (claimed, running or waiting).
+    pub fn lease_holder(&self) -> Option<(RunnerId, Option<SystemTime>)> {
+        let runner = self.lease_runner_id?;
+        RunStatus::ACTIVE
+            .contains(&self.status)
+            .then_some((runner, self.lease_expires_at))
+    }
+
     /// Reads a row selected as `runs.*`.
     pub(crate) fn from_row(row: &Row) -> Result<Self> {
         Ok(Self {
@@ -77,6 +91,7 @@ impl RunRecord {
             lease_expires_at: row.get("lease_expires_at"),
             lease_runner_seq: row.get("lease_runner_seq"),
             cancel_requested: row.get("cancel_requested"),
+            cancel_reason: row.get("cancel_reason"),
             failure_kind: row.get("failure_kind"),
             failure_message: row.get("failure_message"),
             last_event_seq: row.get("last_event_seq"),
@@ -627,9 +642,12 @@ pub(crate) async fn cancel_locked(
         });
     }
     let flag = tx
-        .prepare_cached("UPDATE runs SET cancel_requested = true, updated_at = now() WHERE id = $1")
+        .prepare_cached(
+            "UPDATE runs SET cancel_requested = true, cancel_reason = $2, updated_at = now()
+             WHERE id = $1",
+        )
         .await?;
-    tx.execute(&flag, &[&run.id.0]).await?;
+    tx.execute(&flag, &[&run.id.0, &reason_text]).await?;
     let recorded = commands::insert(tx, run, command, CommandStatus::Pending).await?;
     Ok(Created {
         value: recorded,

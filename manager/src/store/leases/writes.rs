@@ -10,6 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
+use std::time::SystemTime;
 
 use agentrun_shared::error::reason;
 use agentrun_shared::events::EventType;
@@ -77,6 +78,12 @@ pub enum Written {
 /// Applies `writes` of `runner` in one transaction. Returns one result per write, in
 /// order: a refused write's error, or what it stored. `Err` only when the batch as a
 /// whole failed (the database), in which case nothing was stored.
+///
+/// A transient failure (a serialization failure, a deadlock, a dropped connection: see
+/// [`Error::Unavailable`]) is retried up to [`ATTEMPTS`] times with jittered back-off, so
+/// one unlucky transaction does not end a runner stream carrying many runs. Retrying is
+/// safe because every lease write is idempotent: resent events are skipped by
+/// `runner_seq`, a repeated finish returns the run as it ended.
 pub async fn write(
     pool: &Pool,
     runner_id: RunnerId,
@@ -86,6 +93,32 @@ pub async fn write(
     if writes.is_empty() {
         return Ok(Vec::new());
     }
+    let mut attempt = 1;
+    loop {
+        match write_once(pool, runner_id, tenant, writes.clone()).await {
+            Err(Error::Unavailable(why)) if attempt < ATTEMPTS => {
+                let backoff = RETRY_BACKOFF * 2u32.pow(attempt - 1);
+                tracing::debug!(attempt, %why, "lease writes failed; retrying");
+                tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// How often a batch of lease writes is tried before its transient failure ends the
+/// runner stream (the runner then reconnects and resends).
+pub const ATTEMPTS: u32 = 4;
+/// Back-off before the first retry, doubled for each further one.
+const RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(20);
+
+async fn write_once(
+    pool: &Pool,
+    runner_id: RunnerId,
+    tenant: Option<&Tenant>,
+    writes: Vec<LeaseWrite>,
+) -> Result<Vec<Result<Written>>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let mut batch = Batch::load(&tx, tenant, &writes).await?;
@@ -148,8 +181,9 @@ impl RunProgress {
 
 /// The batch's runs and commands as the writes planned so far leave them, and what the
 /// accepted writes will store.
-#[derive(Default)]
 struct Batch {
+    /// The database's clock for this transaction: leases expired by then are lost.
+    now: SystemTime,
     /// The locked rows, with status, runner_seq and active turn as planned so far.
     runs: HashMap<Uuid, RunRecord>,
     /// Appends' effect on each run row, written before finishes and releases.
@@ -181,17 +215,32 @@ impl Batch {
         ids.dedup();
         let lock = tx
             .prepare_cached(
-                "SELECT * FROM runs WHERE id = ANY($1) AND ($2::text IS NULL OR tenant_id = $2::text)
+                "SELECT runs.*, now() AS db_now FROM runs
+                 WHERE id = ANY($1) AND ($2::text IS NULL OR tenant_id = $2::text)
                  ORDER BY id FOR UPDATE",
             )
             .await?;
         let rows = tx
             .query(&lock, &[&ids, &tenant.map(Tenant::as_str)])
             .await?;
-        let mut batch = Batch::default();
+        let mut batch = Batch {
+            now: SystemTime::UNIX_EPOCH,
+            runs: HashMap::new(),
+            progress: HashMap::new(),
+            commands: HashMap::new(),
+            request_owners: HashMap::new(),
+            command_updates: Vec::new(),
+            events: Vec::new(),
+            opened: Vec::new(),
+            ended_turns: Vec::new(),
+            requests_changed: HashSet::new(),
+            finishes: Vec::new(),
+            releases: Vec::new(),
+        };
         for row in &rows {
             let run = RunRecord::from_row(row)?;
             batch.runs.insert(run.id.0, run);
+            batch.now = row.get("db_now");
         }
 
         let command_ids: Vec<Uuid> = writes
@@ -255,7 +304,7 @@ impl Batch {
             } => self.plan_finish(runner_id, epoch, outcome, last_runner_seq),
             LeaseWrite::Release { run_id, epoch } => {
                 let run = self.run(run_id)?;
-                fence(run, runner_id, epoch)?;
+                fence(run, runner_id, epoch, self.now)?;
                 self.releases.push(run_id);
                 self.set_status(run_id, RunStatus::Pending);
                 Ok(Planned::Released)
@@ -279,7 +328,7 @@ impl Batch {
         updates: Vec<CommandUpdate>,
     ) -> Result<Planned> {
         let run = self.run(run_id)?;
-        fence(run, runner_id, epoch)?;
+        fence(run, runner_id, epoch, self.now)?;
         let mut progress = RunProgress::of(run);
         let duplicates = batch
             .iter()
@@ -466,7 +515,7 @@ impl Batch {
         if same_holder && run.status.is_terminal() && same_outcome {
             return Ok(Planned::AlreadyFinished(Box::new(run.clone())));
         }
-        fence(run, runner_id, epoch)?;
+        fence(run, runner_id, epoch, self.now)?;
         if last_runner_seq > run.lease_runner_seq {
             return Err(Error::precondition(
                 reason::EVENTS_MISSING,
@@ -476,11 +525,12 @@ impl Batch {
                 ),
             ));
         }
-        let outcome = if run.cancel_requested && outcome.status != RunStatus::Cancelled {
+        // A cancelled run ends cancelled, with the reason its canceller gave.
+        let outcome = if run.cancel_requested {
             Finish {
                 status: RunStatus::Cancelled,
                 failure_kind: Some("cancelled".into()),
-                message: Some("cancellation was requested".into()),
+                message: run.cancel_reason.clone().or(outcome.message),
                 ..outcome
             }
         } else {

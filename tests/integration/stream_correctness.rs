@@ -1,0 +1,382 @@
+//! The manager's side of the Connect protocol where a healthy-looking runner used to
+//! stop working, a stream hung, or a run burned its attempts for nothing. Each test
+//! drives the stream by hand ([`RawRunner`]) so it can name the exact state it proves.
+//! (The runner's side — slots, oversized output, abort — is in `runner_slots.rs`.)
+
+use std::time::Duration;
+
+use agentrun_shared::proto::manager_message::Body as FromManager;
+use agentrun_shared::proto::runner_message::Body as ToManager;
+use agentrun_shared::proto::{self, RunStatus};
+use agentrun_tests::*;
+use tonic::Code;
+
+use crate::faults::{LONG, RawRunner, create_all};
+use crate::operability::{sample, scrape};
+
+/// A runner identity with `slots` slots.
+fn runner_with(name: &str, slots: i32) -> proto::RunnerIdentity {
+    proto::RunnerIdentity {
+        max_concurrency: slots,
+        ..runner(name)
+    }
+}
+
+async fn wait_for_status(app: &mut TestApp, run_id: &str, want: RunStatus) -> proto::Run {
+    let client = app.runs.clone();
+    wait_for(&format!("run {run_id} to be {want:?}"), LONG, || {
+        let mut client = client.clone();
+        let run_id = run_id.to_owned();
+        async move {
+            let run = client
+                .get_run(proto::GetRunRequest { run_id })
+                .await
+                .ok()?
+                .into_inner()
+                .run?;
+            (status_of(&run) == want).then_some(run)
+        }
+    })
+    .await
+}
+
+/// A runner that reconnects holding more runs than the stream's outgoing buffer
+/// (1,024 messages) is welcomed with all of them: nothing is queued towards it before
+/// its stream is being read.
+#[tokio::test]
+async fn a_runner_holding_more_runs_than_the_outgoing_buffer_is_welcomed() {
+    const RUNS: usize = 1_100;
+    let mut app = TestApp::spawn_with(|s| {
+        // The leases must outlive the setup; the sweeper stays out of the way.
+        s.lease_ttl_ms = 600_000;
+        s.sweep_interval_ms = 600_000;
+    })
+    .await;
+    let mut requests: Vec<proto::CreateRunRequest> = (0..RUNS)
+        .map(|i| run_request(&format!("run {i}")))
+        .collect();
+    let rest = requests.split_off(1_000);
+    create_all(&mut app.runs, requests).await;
+    create_all(&mut app.runs, rest).await;
+    let identity = runner_with("backlog", 2_000);
+    let mut claimed = 0;
+    while claimed < RUNS {
+        claimed += app
+            .runners
+            .claim_runs(proto::ClaimRunsRequest {
+                runner: Some(identity.clone()),
+                max_runs: (RUNS - claimed).min(1_000) as i32,
+            })
+            .await
+            .expect("claim runs")
+            .into_inner()
+            .assignments
+            .len();
+    }
+
+    // The runner restarted: it names no lease, and gets every run back on connecting.
+    let mut raw = tokio::time::timeout(
+        LONG,
+        RawRunner::connect(connect(app.addr).await, &identity, &[]),
+    )
+    .await
+    .expect("the manager answers hello although the backlog exceeds its buffer")
+    .expect("welcomed");
+    let mut adopted = 0;
+    while adopted < RUNS {
+        match raw.next().await {
+            FromManager::Assignment(_) => adopted += 1,
+            other => panic!("expected the adopted runs, got {other:?}"),
+        }
+    }
+}
+
+/// A write refused for any reason but a lost lease ends its run on both sides: the run
+/// fails at once with the refusal as its reason (instead of waiting out its lease and
+/// burning attempts), and the slot it took is free again in the manager's view.
+#[tokio::test]
+async fn a_refused_write_fails_its_run_and_frees_the_slot() {
+    let mut app = TestApp::spawn_with(|s| s.lease_ttl_ms = 60_000).await;
+    let identity = runner_with("one-slot", 1);
+    let mut raw = RawRunner::connect(connect(app.addr).await, &identity, &[])
+        .await
+        .expect("connect");
+    let first = create_all(&mut app.runs, vec![run_request("first")]).await;
+    let lease = raw.take_one().await;
+    assert_eq!(lease.run_id, first[0]);
+    let second = create_all(&mut app.runs, vec![run_request("second")]).await;
+
+    let oversized = proto::RunnerEvent {
+        runner_seq: 1,
+        r#type: "content.delta".into(),
+        payload_json:
+            serde_json::json!({"kind": "assistant_text", "delta": "x".repeat(300 * 1024)})
+                .to_string(),
+    };
+    let refusal = raw.append_refused(&lease, vec![oversized]).await;
+    assert_eq!(refusal.code, "INVALID_ARGUMENT");
+    assert_eq!(refusal.run_id, lease.run_id);
+
+    let failed = wait_for_status(&mut app, &lease.run_id, RunStatus::Failed).await;
+    assert_eq!(failed.failure_kind, "payload_too_large");
+    assert!(
+        failed.failure_message.contains("more than the limit of"),
+        "{}",
+        failed.failure_message
+    );
+    assert_eq!(failed.attempt, 1, "no attempt was burned");
+
+    // The runner stopped the run and gives its slot back: the manager has room for it.
+    let next = raw.take_one().await;
+    assert_eq!(next.run_id, second[0]);
+}
+
+/// When a runner reconnects to the same replica, its old stream ending late must not
+/// unregister the new stream from its runs' command wake-ups: a command reaches the new
+/// stream at once, not at the next heartbeat (this runner never heartbeats).
+#[tokio::test]
+async fn an_old_stream_ending_late_leaves_command_wake_ups_with_the_new_one() {
+    let mut app = TestApp::spawn_with(|s| {
+        s.lease_ttl_ms = 60_000;
+        s.metrics_listen = "127.0.0.1:0".into();
+    })
+    .await;
+    let metrics = app.metrics_addr.expect("metrics enabled");
+    let identity = runner_with("reconnecting", 1);
+    let mut old = RawRunner::connect(connect(app.addr).await, &identity, &[])
+        .await
+        .expect("connect");
+    create_all(&mut app.runs, vec![run_request("[stall] steer me")]).await;
+    let lease = old.take_one().await;
+
+    let mut new = RawRunner::connect(connect(app.addr).await, &identity, &[lease.clone()])
+        .await
+        .expect("reconnect");
+    assert_eq!(new.welcome.resumed.len(), 1, "{:?}", new.welcome);
+    drop(old);
+    wait_for("the old stream to end", LONG, || async move {
+        let text = scrape(metrics).await;
+        (sample(&text, "agentrun_connected_runners", &[]) == 1.0).then_some(())
+    })
+    .await;
+
+    app.runs
+        .send_command(proto::SendCommandRequest {
+            run_id: lease.run_id.clone(),
+            kind: proto::CommandKind::Steer as i32,
+            payload_json: serde_json::json!({"text": "left"}).to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect("steer");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), new.next()).await {
+            Ok(FromManager::Command(delivery)) => {
+                let command = delivery.command.expect("a command");
+                if command.kind == proto::CommandKind::Steer as i32 {
+                    break;
+                }
+            }
+            Ok(_) => continue,
+            Err(_) => panic!("the steer did not reach the new stream"),
+        }
+    }
+}
+
+/// A serialization failure in the transaction storing a runner's writes is retried; the
+/// stream (and every other run on it) carries on.
+#[tokio::test]
+async fn a_transient_database_error_is_retried_without_ending_the_stream() {
+    let mut app = TestApp::spawn_with(|s| s.lease_ttl_ms = 60_000).await;
+    let identity = runner("unlucky");
+    let mut raw = RawRunner::connect(connect(app.addr).await, &identity, &[])
+        .await
+        .expect("connect");
+    create_all(&mut app.runs, vec![run_request("hello")]).await;
+    let lease = raw.take_one().await;
+
+    // The next two statements inserting events fail as PostgreSQL fails a transaction
+    // it cannot serialise (the sequence counts outside the failed transactions).
+    let db = app.db().await;
+    db.batch_execute(
+        "CREATE SEQUENCE injected_faults;
+         CREATE FUNCTION inject_fault() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF nextval('injected_faults') <= 2 THEN
+                 RAISE EXCEPTION 'injected' USING ERRCODE = 'serialization_failure';
+             END IF;
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER inject_fault BEFORE INSERT ON events
+             FOR EACH STATEMENT EXECUTE FUNCTION inject_fault();",
+    )
+    .await
+    .expect("install the fault");
+
+    let acked = raw.append(&lease, 1, 3).await;
+    assert_eq!(acked.acked_runner_seq, 3);
+    let tries: i64 = db
+        .query_one("SELECT last_value FROM injected_faults", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        tries >= 3,
+        "the fault fired twice, then the write went through"
+    );
+    db.batch_execute("DROP TRIGGER inject_fault ON events")
+        .await
+        .unwrap();
+    raw.send(ToManager::Finish(proto::FinishRunRequest {
+        runner_id: identity.runner_id.clone(),
+        run_id: lease.run_id.clone(),
+        epoch: lease.epoch,
+        status: RunStatus::Completed as i32,
+        last_runner_seq: 3,
+        ..Default::default()
+    }))
+    .await;
+    assert!(matches!(raw.next().await, FromManager::FinishAck(_)));
+    assert_event_log_consistent(&db).await;
+}
+
+/// A lease past its expiry is lost even before the sweeper requeues the run: the write
+/// of a runner that missed its renewal is refused `lease_lost`, on the stream and unary.
+#[tokio::test]
+async fn an_expired_lease_is_fenced_before_the_sweeper_comes() {
+    let mut app = TestApp::spawn_with(|s| {
+        s.lease_ttl_ms = 300;
+        // The sweeper would requeue the run; this test is about the gap before it does.
+        s.sweep_interval_ms = 600_000;
+    })
+    .await;
+    let identity = runner("late");
+    let mut raw = RawRunner::connect(connect(app.addr).await, &identity, &[])
+        .await
+        .expect("connect");
+    create_all(&mut app.runs, vec![run_request("hello")]).await;
+    let lease = raw.take_one().await;
+    let db = app.db().await;
+    let (db_ref, run_id) = (&db, &lease.run_id);
+    wait_for("the lease to expire", LONG, || async move {
+        let expired: bool = db_ref
+            .query_one(
+                "SELECT lease_expires_at < now() FROM runs WHERE id = $1::text::uuid",
+                &[run_id],
+            )
+            .await
+            .ok()?
+            .get(0);
+        expired.then_some(())
+    })
+    .await;
+    let status = db
+        .query_one(
+            "SELECT status FROM runs WHERE id = $1::text::uuid",
+            &[&lease.run_id],
+        )
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    assert_eq!(status, "claimed", "the sweeper has not moved the run");
+
+    let refusal = raw.append_refused(&lease, deltas(1, 1)).await;
+    assert_eq!(refusal.code, "FAILED_PRECONDITION");
+    assert!(refusal.message.starts_with("lease_lost"), "{refusal:?}");
+    let unary = app
+        .runners
+        .append_events(proto::AppendEventsRequest {
+            runner_id: identity.runner_id.clone(),
+            run_id: lease.run_id.clone(),
+            epoch: lease.epoch,
+            events: deltas(1, 1),
+            command_updates: vec![],
+        })
+        .await
+        .expect_err("an expired lease is fenced");
+    assert_eq!(unary.code(), Code::FailedPrecondition);
+    assert!(unary.message().starts_with("lease_lost"), "{unary:?}");
+    let stored: i64 = db
+        .query_one(
+            "SELECT count(*) FROM events WHERE run_id = $1::text::uuid AND runner_seq IS NOT NULL",
+            &[&lease.run_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0, "nothing was written under the expired lease");
+}
+
+/// CancelRun's reason becomes the failure message of a running run, whatever generic
+/// message its runner sends with the cancelled finish.
+#[tokio::test]
+async fn the_reason_given_to_cancel_run_ends_a_running_run() {
+    let mut app = TestApp::spawn_with(|s| s.lease_ttl_ms = 60_000).await;
+    let identity = runner("cancelled");
+    let mut raw = RawRunner::connect(connect(app.addr).await, &identity, &[])
+        .await
+        .expect("connect");
+    create_all(&mut app.runs, vec![run_request("hello")]).await;
+    let lease = raw.take_one().await;
+    raw.append(&lease, 1, 1).await;
+    app.runs
+        .cancel_run(proto::CancelRunRequest {
+            run_id: lease.run_id.clone(),
+            reason: "wrong repository".into(),
+        })
+        .await
+        .expect("cancel");
+    raw.send(ToManager::Finish(proto::FinishRunRequest {
+        runner_id: identity.runner_id.clone(),
+        run_id: lease.run_id.clone(),
+        epoch: lease.epoch,
+        status: RunStatus::Cancelled as i32,
+        failure_kind: "cancelled".into(),
+        message: "cancellation was requested".into(),
+        last_runner_seq: 1,
+    }))
+    .await;
+    let run = wait_for_status(&mut app, &lease.run_id, RunStatus::Cancelled).await;
+    assert_eq!(run.failure_message, "wrong repository");
+    let terminal = events_of(&mut app, &lease.run_id)
+        .await
+        .into_iter()
+        .find(|e| e.r#type == "run.terminal")
+        .expect("run.terminal");
+    assert!(
+        terminal.payload_json.contains("wrong repository"),
+        "{}",
+        terminal.payload_json
+    );
+}
+
+/// The lease a client sees is the lease held: present while the run is active, empty
+/// once it ended (the epoch stays, as the last fencing token).
+#[tokio::test]
+async fn a_finished_run_shows_no_lease() {
+    let mut app = TestApp::spawn_with(|s| s.lease_ttl_ms = 60_000).await;
+    let identity = runner("holder");
+    let mut raw = RawRunner::connect(connect(app.addr).await, &identity, &[])
+        .await
+        .expect("connect");
+    create_all(&mut app.runs, vec![run_request("hello")]).await;
+    let lease = raw.take_one().await;
+    let held = get_run(&mut app, &lease.run_id).await;
+    assert_eq!(held.lease_runner_id, identity.runner_id);
+    assert!(held.lease_expires_at.is_some());
+
+    raw.send(ToManager::Finish(proto::FinishRunRequest {
+        runner_id: identity.runner_id.clone(),
+        run_id: lease.run_id.clone(),
+        epoch: lease.epoch,
+        status: RunStatus::Completed as i32,
+        ..Default::default()
+    }))
+    .await;
+    assert!(matches!(raw.next().await, FromManager::FinishAck(_)));
+    let ended = get_run(&mut app, &lease.run_id).await;
+    assert_eq!(status_of(&ended), RunStatus::Completed);
+    assert_eq!(ended.lease_runner_id, "", "no lease is held");
+    assert_eq!(ended.lease_expires_at, None);
+    assert_eq!(ended.lease_epoch, lease.epoch);
+}
