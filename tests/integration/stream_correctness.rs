@@ -149,9 +149,13 @@ async fn an_old_stream_ending_late_leaves_command_wake_ups_with_the_new_one() {
     create_all(&mut app.runs, vec![run_request("[stall] steer me")]).await;
     let lease = old.take_one().await;
 
-    let mut new = RawRunner::connect(connect(app.addr).await, &identity, &[lease.clone()])
-        .await
-        .expect("reconnect");
+    let mut new = RawRunner::connect(
+        connect(app.addr).await,
+        &identity,
+        std::slice::from_ref(&lease),
+    )
+    .await
+    .expect("reconnect");
     assert_eq!(new.welcome.resumed.len(), 1, "{:?}", new.welcome);
     drop(old);
     wait_for("the old stream to end", LONG, || async move {
