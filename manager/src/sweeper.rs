@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
-use crate::store::requests;
-use crate::store::runs::{self, Finish, RequeueReason};
+use crate::store::runs::{Finish, RequeueReason};
+use crate::store::{lifecycle, requests};
 
 /// Rows handled per transaction.
 const BATCH: i64 = 500;
@@ -131,8 +131,8 @@ async fn expire_leases(pool: &Pool) -> Result<(usize, Vec<RunId>)> {
             requeue.push(run_id);
         }
     }
-    runs::requeue_many(&tx, &requeue, RequeueReason::LeaseExpired).await?;
-    runs::finish_many(&tx, &finish).await?;
+    lifecycle::requeue_many(&tx, &requeue, RequeueReason::LeaseExpired).await?;
+    lifecycle::finish_many(&tx, &finish).await?;
     tx.commit().await?;
     if !rows.is_empty() {
         tracing::info!(
@@ -198,7 +198,7 @@ async fn finish_due(
     let statuses: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
     let rows = tx.query(&stmt, &[&statuses, &BATCH]).await?;
     let finishes: Vec<Finish> = rows.iter().map(|row| outcome(RunId(row.get(0)))).collect();
-    runs::finish_many(&tx, &finishes).await?;
+    lifecycle::finish_many(&tx, &finishes).await?;
     tx.commit().await?;
     if !rows.is_empty() {
         tracing::info!(runs = rows.len(), "timed-out runs swept");

@@ -131,6 +131,59 @@ async fn a_refused_write_fails_its_run_and_frees_the_slot() {
     assert_eq!(next.run_id, second[0]);
 }
 
+/// Every kind of refusal but `lease_lost` ends its run with the refusal as the reason:
+/// a batch that skips ahead (a runner that lost events cannot make them whole again)
+/// and a finish that overtakes its events alike.
+#[tokio::test]
+async fn every_refusal_ends_its_run_with_its_reason() {
+    let mut app = TestApp::spawn_with(|s| s.lease_ttl_ms = 60_000).await;
+    let identity = runner_with("buggy", 2);
+    let mut raw = RawRunner::connect(connect(app.addr).await, &identity, &[])
+        .await
+        .expect("connect");
+    create_all(
+        &mut app.runs,
+        vec![run_request("skips"), run_request("overtakes")],
+    )
+    .await;
+    let skipping = raw.take_one().await;
+    let overtaking = raw.take_one().await;
+
+    raw.append(&skipping, 1, 5).await;
+    let refused = raw.append_refused(&skipping, deltas(11, 15)).await;
+    assert_eq!(refused.code, "INVALID_ARGUMENT", "{refused:?}");
+    let failed = wait_for_status(&mut app, &skipping.run_id, RunStatus::Failed).await;
+    assert_eq!(failed.failure_kind, "write_refused");
+    assert!(
+        failed.failure_message.contains("events[0].runner_seq"),
+        "{}",
+        failed.failure_message
+    );
+
+    raw.append(&overtaking, 1, 5).await;
+    raw.send(ToManager::Finish(proto::FinishRunRequest {
+        runner_id: identity.runner_id.clone(),
+        run_id: overtaking.run_id.clone(),
+        epoch: overtaking.epoch,
+        status: RunStatus::Completed as i32,
+        last_runner_seq: 9,
+        ..Default::default()
+    }))
+    .await;
+    match raw.next().await {
+        FromManager::Error(refused) => assert_eq!(refused.code, "FAILED_PRECONDITION"),
+        other => panic!("expected the early finish refused, got {other:?}"),
+    }
+    let failed = wait_for_status(&mut app, &overtaking.run_id, RunStatus::Failed).await;
+    assert_eq!(failed.failure_kind, "events_missing");
+
+    // Later writes for those runs are fenced: they are no longer this runner's.
+    let fenced = raw.append_refused(&skipping, deltas(6, 6)).await;
+    assert!(fenced.message.starts_with("lease_lost"), "{fenced:?}");
+    let db = app.db().await;
+    assert_event_log_consistent(&db).await;
+}
+
 /// When a runner reconnects to the same replica, its old stream ending late must not
 /// unregister the new stream from its runs' command wake-ups: a command reaches the new
 /// stream at once, not at the next heartbeat (this runner never heartbeats).

@@ -14,10 +14,10 @@ use super::{AppState, caller, convert, validate};
 use crate::error::{Error, Result};
 use crate::observe;
 use crate::store::api_keys::Role;
-use crate::store::commands::{self, EXPECTED_TURN_ID, NewCommand};
-use crate::store::events;
+use crate::store::commands::{EXPECTED_TURN_ID, NewCommand};
 use crate::store::runs::{self, NewRun, RunFilter, RunRecord};
 use crate::store::{Created, Tenant};
+use crate::store::{events, lifecycle};
 
 /// Most runs in one CreateRuns call.
 const MAX_BULK_RUNS: usize = 1000;
@@ -42,7 +42,7 @@ impl RunApi {
         tenant: &Tenant,
         new_runs: Vec<NewRun>,
     ) -> Result<Vec<Created<RunRecord>>, Error> {
-        let created = runs::create(&self.state.pool, tenant, new_runs).await?;
+        let created = lifecycle::create_runs(&self.state.pool, tenant, new_runs).await?;
         self.state.notifier.work_available();
         self.state.notifier.events_appended(
             created
@@ -297,7 +297,7 @@ impl RunService for RunApi {
         if !reason.is_empty() {
             payload.insert("reason".into(), Value::String(reason.to_owned()));
         }
-        let run = runs::cancel(&self.state.pool, &tenant, run_id, payload).await?;
+        let run = lifecycle::cancel_run(&self.state.pool, &tenant, run_id, payload).await?;
         self.state.notifier.commands_added(&[run_id]);
         Ok(Response::new(proto::CancelRunResponse {
             run: Some(convert::run(&run)),
@@ -312,7 +312,7 @@ impl RunService for RunApi {
         let r = request.get_ref();
         let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
         let command = self.new_command(r).map_err(Error::from)?;
-        let sent = commands::send(&self.state.pool, &tenant, run_id, command).await?;
+        let sent = lifecycle::send_command(&self.state.pool, &tenant, run_id, command).await?;
         if sent.created {
             self.state.notifier.commands_added(&[run_id]);
         }
@@ -333,7 +333,7 @@ impl RunService for RunApi {
         let limit =
             validate::bounded("limit", r.limit.into(), 100, 1, 1000).map_err(Error::from)?;
         let client = self.state.pool.get().await.map_err(Error::from)?;
-        let found = commands::list(&client, &tenant, run_id, after_seq, limit).await?;
+        let found = lifecycle::list_commands(&client, &tenant, run_id, after_seq, limit).await?;
         Ok(Response::new(proto::ListCommandsResponse {
             commands: found.iter().map(convert::command).collect(),
         }))

@@ -5,19 +5,17 @@
 
 use std::time::SystemTime;
 
-use agentrun_shared::error::reason;
 use agentrun_shared::events::EventType;
 use agentrun_shared::ids::{CommandId, RunId};
 use agentrun_shared::state::{CommandKind, CommandStatus, TurnDeliveryPolicy};
-use deadpool_postgres::{GenericClient, Pool};
+use deadpool_postgres::GenericClient;
 use serde_json::{Map, Value, json};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::events::{self, NewEvent};
-use super::runs::{self, RunRecord};
-use super::{Created, Tenant, fingerprint, parse_state};
-use crate::error::{Error, Result};
+use super::{fingerprint, parse_state};
+use crate::error::Result;
 
 #[derive(Debug, Clone)]
 pub struct CommandRecord {
@@ -86,7 +84,7 @@ impl NewCommand {
         }
     }
 
-    fn fingerprint(&self) -> Vec<u8> {
+    pub(crate) fn fingerprint(&self) -> Vec<u8> {
         fingerprint(&json!([
             self.kind.as_str(),
             self.payload,
@@ -103,76 +101,23 @@ impl NewCommand {
     }
 }
 
-/// Appends a command to a run of the tenant (SendCommand). A `cancel` goes through the
-/// run's cancellation; a `turn` with the `reject` policy is refused while a turn is open.
-pub async fn send(
-    pool: &Pool,
-    tenant: &Tenant,
+/// The command of a run that took idempotency `key`, with its payload hash.
+pub(crate) async fn find_by_idempotency_key(
+    tx: &impl GenericClient,
     run_id: RunId,
-    command: NewCommand,
-) -> Result<Created<CommandRecord>> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    let run = runs::lock(&tx, tenant, run_id).await?;
-
-    // A retry is answered before anything else, even if the run has ended since.
-    if let Some(key) = command.idempotency_key.as_deref() {
-        let stmt = tx
-            .prepare_cached("SELECT * FROM commands WHERE run_id = $1 AND idempotency_key = $2")
-            .await?;
-        if let Some(row) = tx.query_opt(&stmt, &[&run_id.0, &key]).await? {
-            let hash: Vec<u8> = row.get("payload_hash");
-            if hash != command.fingerprint() {
-                return Err(Error::AlreadyExists {
-                    reason: reason::IDEMPOTENCY_CONFLICT,
-                    message: format!("idempotency_key {key:?} was used for a different command"),
-                });
-            }
-            return Ok(Created {
-                value: CommandRecord::from_row(&row)?,
-                created: false,
-            });
-        }
-    }
-
-    let result = if command.kind == CommandKind::Cancel {
-        runs::cancel_locked(&tx, &run, command).await?
-    } else {
-        if run.status.is_terminal() {
-            return Err(Error::precondition(
-                reason::RUN_TERMINAL,
-                format!("run is already {}", run.status.as_str()),
-            ));
-        }
-        if let Some(expected) = command
-            .payload
-            .get(EXPECTED_TURN_ID)
-            .and_then(Value::as_str)
-            && run.active_turn_id.as_deref() != Some(expected)
-        {
-            return Err(Error::precondition(
-                reason::TURN_NOT_ACTIVE,
-                "the turn this command is aimed at is no longer active",
-            ));
-        }
-        if command.delivery_policy == Some(TurnDeliveryPolicy::Reject)
-            && has_open_turn(&tx, run_id).await?
-        {
-            return Err(Error::precondition(
-                reason::ILLEGAL_TRANSITION,
-                "a turn is active and delivery_policy is reject",
-            ));
-        }
-        Created {
-            value: insert(&tx, &run, command, CommandStatus::Pending).await?,
-            created: true,
-        }
-    };
-    tx.commit().await?;
-    Ok(result)
+    key: &str,
+) -> Result<Option<(CommandRecord, Vec<u8>)>> {
+    let stmt = tx
+        .prepare_cached("SELECT * FROM commands WHERE run_id = $1 AND idempotency_key = $2")
+        .await?;
+    tx.query_opt(&stmt, &[&run_id.0, &key])
+        .await?
+        .map(|row| Ok((CommandRecord::from_row(&row)?, row.get("payload_hash"))))
+        .transpose()
 }
 
-async fn has_open_turn(tx: &impl GenericClient, run_id: RunId) -> Result<bool> {
+/// Whether a turn of the run is pending, delivered or acknowledged.
+pub(crate) async fn has_open_turn(tx: &impl GenericClient, run_id: RunId) -> Result<bool> {
     let stmt = tx
         .prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM commands
@@ -187,14 +132,14 @@ async fn has_open_turn(tx: &impl GenericClient, run_id: RunId) -> Result<bool> {
 /// caller holds the run's row lock.
 pub(crate) async fn insert(
     tx: &impl GenericClient,
-    run: &RunRecord,
+    run_id: RunId,
     command: NewCommand,
     status: CommandStatus,
 ) -> Result<CommandRecord> {
     let next_seq = tx
         .prepare_cached("UPDATE runs SET last_command_seq = last_command_seq + 1 WHERE id = $1 RETURNING last_command_seq")
         .await?;
-    let seq: i64 = tx.query_one(&next_seq, &[&run.id.0]).await?.get(0);
+    let seq: i64 = tx.query_one(&next_seq, &[&run_id.0]).await?.get(0);
     let stmt = tx
         .prepare_cached(
             "INSERT INTO commands (run_id, seq, id, kind, payload, status, delivery_policy,
@@ -207,7 +152,7 @@ pub(crate) async fn insert(
         .query_one(
             &stmt,
             &[
-                &run.id.0,
+                &run_id.0,
                 &seq,
                 &CommandId::new().0,
                 &command.kind.as_str(),
@@ -219,7 +164,7 @@ pub(crate) async fn insert(
             ],
         )
         .await?;
-    events::append(tx, &[(run.id, command.created_event(seq))]).await?;
+    events::append(tx, &[(run_id, command.created_event(seq))]).await?;
     CommandRecord::from_row(&row)
 }
 
@@ -268,15 +213,14 @@ pub(crate) async fn latest_of_kind(
         .transpose()
 }
 
-/// Commands of a run (of the tenant) with `seq > after_seq`.
-pub async fn list(
+/// Commands of a run with `seq > after_seq` (`lifecycle::list_commands` checks the
+/// caller's tenant).
+pub(crate) async fn list(
     client: &impl GenericClient,
-    tenant: &Tenant,
     run_id: RunId,
     after_seq: i64,
     limit: i64,
 ) -> Result<Vec<CommandRecord>> {
-    runs::get(client, tenant, run_id).await?;
     let stmt = client
         .prepare_cached(
             "SELECT * FROM commands WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",

@@ -9,6 +9,7 @@ pub mod api_keys;
 pub mod commands;
 pub mod events;
 pub mod leases;
+pub mod lifecycle;
 pub mod requests;
 pub mod runners;
 pub mod runs;

@@ -8,7 +8,7 @@
 //!   back. The manager records `request.resolved` and queues a `resolve` command, so the
 //!   answer reaches whichever runner holds the run, now or after a reclaim;
 //! - `cancelled` when its turn ends ([`cancel_for_turns`]) or its run ends
-//!   (`runs::finish_many`);
+//!   (`lifecycle::finish_many`);
 //! - `expired` by the sweeper after its deadline ([`expire_due`]), which also tells the
 //!   waiting provider with a `resolve` command whose decision is `expired`.
 //!
@@ -294,6 +294,19 @@ pub(crate) async fn cancel_for_turns(
     Ok(tx.execute(&stmt, &[&runs, &turns]).await?)
 }
 
+/// Closes the open requests of runs that ended, as cancelled.
+pub(crate) async fn cancel_for_runs(tx: &impl GenericClient, run_ids: &[Uuid]) -> Result<()> {
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE requests SET status = 'cancelled', resolved_at = now(),
+                    resolution = '{\"decision\": \"cancel\", \"reason\": \"run ended\"}'
+             WHERE run_id = ANY($1) AND status = 'open'",
+        )
+        .await?;
+    tx.execute(&stmt, &[&run_ids]).await?;
+    Ok(())
+}
+
 /// Which of `run_ids` have an open request.
 pub(crate) async fn with_open(tx: &impl GenericClient, run_ids: &[Uuid]) -> Result<HashSet<Uuid>> {
     if run_ids.is_empty() {
@@ -414,7 +427,7 @@ pub async fn resolve(
         resume_unblocked(&tx, &[run_id.0]).await?;
     }
     let command = resolve_command(payload);
-    commands::insert(&tx, &run, command, CommandStatus::Pending).await?;
+    commands::insert(&tx, run.id, command, CommandStatus::Pending).await?;
     tx.commit().await?;
     Ok(Resolved {
         request,
@@ -524,7 +537,7 @@ pub async fn expire_due(pool: &Pool, batch: i64) -> Result<(Vec<RunId>, usize)> 
             .ok_or_else(|| Error::Internal("expired a request of a run not locked".into()))?;
         commands::insert(
             &tx,
-            run,
+            run.id,
             resolve_command(event.payload.clone()),
             CommandStatus::Pending,
         )

@@ -1,20 +1,18 @@
-//! Runs: creation (idempotent, in bulk), reads, and the two transitions that other
-//! modules share — ending runs ([`finish_many`]) and putting them back in the queue
-//! ([`requeue_many`]). Claiming and fenced runner writes live in `leases`.
+//! Runs: the run rows and their SQL — inserting (idempotent, in bulk), reading, listing,
+//! and the row updates of the transitions other modules share (ending, requeueing,
+//! flagging a cancellation). What those transitions do to commands, requests, sessions
+//! and events is `lifecycle`; claiming and fenced runner writes are `leases`.
 
 use std::time::SystemTime;
 
-use agentrun_shared::error::reason;
-use agentrun_shared::events::EventType;
 use agentrun_shared::ids::{RunId, RunnerId, SessionId};
-use agentrun_shared::state::{CommandKind, CommandStatus, RunStatus};
-use deadpool_postgres::{GenericClient, Pool};
+use agentrun_shared::state::RunStatus;
+use deadpool_postgres::GenericClient;
 use serde_json::{Map, Value, json};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::events::{self, NewEvent};
-use super::{Created, Tenant, commands, fingerprint, parse_state, sessions};
+use super::{Tenant, fingerprint, parse_state};
 use crate::error::{Error, Result};
 
 /// A run as stored.
@@ -130,11 +128,11 @@ pub struct NewRun {
 
 impl NewRun {
     /// The prompt of the first turn, if the input has one.
-    fn first_prompt(&self) -> Option<&str> {
+    pub(crate) fn first_prompt(&self) -> Option<&str> {
         self.input.get("prompt").and_then(Value::as_str)
     }
 
-    fn fingerprint(&self) -> Vec<u8> {
+    pub(crate) fn fingerprint(&self) -> Vec<u8> {
         let mut canonical = json!([
             self.project_id,
             self.session_id.map(|s| s.to_string()),
@@ -166,29 +164,15 @@ fn micros_since_epoch(t: SystemTime) -> i64 {
     }
 }
 
-/// Creates runs in one transaction: all are created (or found, for idempotent retries)
-/// or none. A run whose input has a "prompt" gets it as its first `turn` command.
-pub async fn create(
-    pool: &Pool,
+/// Inserts new runs, pending, with `last_event_seq` and `last_command_seq` counting the
+/// `run.created` (and first turn's `command.created`) event and first turn command the
+/// caller stores with them. A run whose idempotency key is taken is not inserted: per new
+/// run, in order, the inserted row or `None`.
+pub(crate) async fn insert_new(
+    tx: &impl GenericClient,
     tenant: &Tenant,
-    new_runs: Vec<NewRun>,
-) -> Result<Vec<Created<RunRecord>>> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-
-    for run in &new_runs {
-        if let Some(session_id) = run.session_id {
-            sessions::ensure(
-                &tx,
-                tenant,
-                session_id,
-                &run.project_id,
-                &run.backend_profile,
-            )
-            .await?;
-        }
-    }
-
+    new_runs: &[NewRun],
+) -> Result<Vec<Option<RunRecord>>> {
     let ids: Vec<Uuid> = new_runs.iter().map(|_| RunId::new().0).collect();
     let hashes: Vec<Vec<u8>> = new_runs.iter().map(NewRun::fingerprint).collect();
     let labels: Vec<Value> = new_runs.iter().map(|r| json!(r.labels)).collect();
@@ -278,63 +262,17 @@ pub async fn create(
             ],
         )
         .await?;
-    let inserted = RunRecord::from_rows(&rows)?;
-
-    // Runs not inserted hit an existing idempotency key: a retry if the request matches.
-    let mut results = Vec::with_capacity(new_runs.len());
-    let mut fresh_events = Vec::new();
-    let mut first_turns = Vec::new();
-    for (i, new_run) in new_runs.iter().enumerate() {
-        if let Some(run) = inserted.iter().find(|r| r.id.0 == ids[i]) {
-            let mut seq = 1;
-            fresh_events.push((
-                run.id,
-                seq,
-                NewEvent::manager(
-                    EventType::RunCreated,
-                    json!({"queue": run.queue, "backend_profile": run.backend_profile}),
-                ),
-            ));
-            if let Some(prompt) = new_run.first_prompt() {
-                seq += 1;
-                let command = commands::NewCommand::first_turn(prompt);
-                fresh_events.push((run.id, seq, command.created_event(1)));
-                first_turns.push((run.id, command));
-            }
-            results.push(Created {
-                value: run.clone(),
-                created: true,
-            });
-        } else {
-            let key = new_run.idempotency_key.as_deref().unwrap_or_default();
-            let existing = find_by_idempotency_key(&tx, tenant, key).await?;
-            if existing.1 != hashes[i] {
-                return Err(Error::AlreadyExists {
-                    reason: reason::IDEMPOTENCY_CONFLICT,
-                    message: format!(
-                        "idempotency_key {key:?} was used for a different run request"
-                    ),
-                });
-            }
-            results.push(Created {
-                value: existing.0,
-                created: false,
-            });
-        }
-    }
-    commands::insert_first_turns(&tx, &first_turns).await?;
-    let in_sessions: Vec<Uuid> = inserted
+    let mut inserted = RunRecord::from_rows(&rows)?;
+    Ok(ids
         .iter()
-        .filter(|r| r.session_id.is_some())
-        .map(|r| r.id.0)
-        .collect();
-    sessions::touch_runs(&tx, &in_sessions).await?;
-    events::insert_sequenced(&tx, &fresh_events).await?;
-    tx.commit().await?;
-    Ok(results)
+        .map(|id| {
+            let at = inserted.iter().position(|r| r.id.0 == *id)?;
+            Some(inserted.swap_remove(at))
+        })
+        .collect())
 }
 
-async fn find_by_idempotency_key(
+pub(crate) async fn find_by_idempotency_key(
     tx: &impl GenericClient,
     tenant: &Tenant,
     key: &str,
@@ -430,11 +368,13 @@ pub struct Finish {
     pub message: Option<String>,
 }
 
-/// Ends runs: the one place a run becomes terminal. Open commands are cancelled, open
-/// requests closed as cancelled, and `run.terminal` is recorded. Runs not in a state that
+/// Moves runs to their terminal status, clearing the lease's expiry and the active turn
+/// (what else ending a run does is `lifecycle::finish_many`). Runs not in a state that
 /// may move to their target (see `RunStatus::sources`) are left alone and not returned.
-/// The caller holds the rows' locks.
-pub async fn finish_many(tx: &impl GenericClient, finishes: &[Finish]) -> Result<Vec<RunRecord>> {
+pub(crate) async fn mark_finished(
+    tx: &impl GenericClient,
+    finishes: &[Finish],
+) -> Result<Vec<RunRecord>> {
     if finishes.is_empty() {
         return Ok(Vec::new());
     }
@@ -481,39 +421,7 @@ pub async fn finish_many(tx: &impl GenericClient, finishes: &[Finish]) -> Result
             ],
         )
         .await?;
-    let finished = RunRecord::from_rows(&rows)?;
-    let ids: Vec<Uuid> = finished.iter().map(|r| r.id.0).collect();
-    commands::cancel_open(tx, &ids, "run ended").await?;
-    let close_requests = tx
-        .prepare_cached(
-            "UPDATE requests SET status = 'cancelled', resolved_at = now(),
-                    resolution = '{\"decision\": \"cancel\", \"reason\": \"run ended\"}'
-             WHERE run_id = ANY($1) AND status = 'open'",
-        )
-        .await?;
-    tx.execute(&close_requests, &[&ids]).await?;
-    sessions::touch_runs(tx, &ids).await?;
-    let terminal: Vec<(RunId, NewEvent)> = finished
-        .iter()
-        .map(|run| {
-            let payload = json!({
-                "status": run.status.as_str(),
-                "failure_kind": run.failure_kind,
-                "message": run.failure_message,
-                "attempt": run.attempt,
-            });
-            (run.id, NewEvent::manager(EventType::RunTerminal, payload))
-        })
-        .collect();
-    events::append(tx, &terminal).await?;
-    // `last_event_seq` moved on with the terminal event.
-    Ok(finished
-        .into_iter()
-        .map(|mut run| {
-            run.last_event_seq += 1;
-            run
-        })
-        .collect())
+    RunRecord::from_rows(&rows)
 }
 
 /// Why a run goes back to the queue.
@@ -525,9 +433,19 @@ pub enum RequeueReason {
     Released,
 }
 
-/// Puts active runs back in the queue with their lease cleared; delivered commands go
-/// back to pending so the next runner gets them again. The caller holds the rows' locks.
-pub async fn requeue_many(
+impl RequeueReason {
+    /// As `run.requeued` names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequeueReason::LeaseExpired => "lease_expired",
+            RequeueReason::Released => "released",
+        }
+    }
+}
+
+/// Moves active runs back to pending with their lease cleared (what else requeueing does
+/// is `lifecycle::requeue_many`).
+pub(crate) async fn mark_requeued(
     tx: &impl GenericClient,
     run_ids: &[RunId],
     reason: RequeueReason,
@@ -552,107 +470,23 @@ pub async fn requeue_many(
         .map(|s| s.as_str())
         .collect();
     let rows = tx.query(&stmt, &[&ids, &attempt_step, &sources]).await?;
-    let requeued = RunRecord::from_rows(&rows)?;
-    let requeued_ids: Vec<Uuid> = requeued.iter().map(|r| r.id.0).collect();
-    commands::redeliver(tx, &requeued_ids).await?;
-    let reason_text = match reason {
-        RequeueReason::LeaseExpired => "lease_expired",
-        RequeueReason::Released => "released",
-    };
-    let requeued_events: Vec<(RunId, NewEvent)> = requeued
-        .iter()
-        .map(|run| {
-            let payload = json!({"reason": reason_text, "attempt": run.attempt});
-            (run.id, NewEvent::manager(EventType::RunRequeued, payload))
-        })
-        .collect();
-    events::append(tx, &requeued_events).await?;
-    Ok(requeued)
+    RunRecord::from_rows(&rows)
 }
 
-/// CancelRun: requests cancellation (see [`cancel_locked`]) and returns the run as it is
-/// afterwards. Idempotent: a run already cancelled, or being cancelled, is returned as is.
-pub async fn cancel(
-    pool: &Pool,
-    tenant: &Tenant,
-    run_id: RunId,
-    payload: Map<String, Value>,
-) -> Result<RunRecord> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    let run = lock(&tx, tenant, run_id).await?;
-    if run.status == RunStatus::Cancelled || run.cancel_requested {
-        return Ok(run);
-    }
-    let command = commands::NewCommand {
-        kind: CommandKind::Cancel,
-        payload,
-        delivery_policy: None,
-        idempotency_key: None,
-    };
-    cancel_locked(&tx, &run, command).await?;
-    let run = get(&tx, tenant, run_id).await?;
-    tx.commit().await?;
-    Ok(run)
-}
-
-/// Requests cancellation of a run the caller has locked. A pending run ends cancelled at
-/// once; an active one is flagged and gets a `cancel` command for its runner. Returns the
-/// `cancel` command that stands for the request (the existing one on a retry).
-pub(crate) async fn cancel_locked(
+/// Flags an active run's cancellation as requested, with the caller's reason.
+pub(crate) async fn flag_cancel(
     tx: &impl GenericClient,
-    run: &RunRecord,
-    command: commands::NewCommand,
-) -> Result<Created<commands::CommandRecord>> {
-    if (run.cancel_requested || run.status == RunStatus::Cancelled)
-        && let Some(existing) = commands::latest_of_kind(tx, run.id, CommandKind::Cancel).await?
-    {
-        return Ok(Created {
-            value: existing,
-            created: false,
-        });
-    }
-    if run.status.is_terminal() {
-        return Err(Error::precondition(
-            reason::RUN_TERMINAL,
-            format!("run is already {}", run.status.as_str()),
-        ));
-    }
-    let reason_text = command
-        .payload
-        .get("reason")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    if run.status == RunStatus::Pending {
-        // Nobody holds the run: the manager carries the cancel out itself.
-        let recorded = commands::insert(tx, run, command, CommandStatus::Completed).await?;
-        finish_many(
-            tx,
-            &[Finish {
-                run_id: run.id,
-                status: RunStatus::Cancelled,
-                failure_kind: Some("cancelled".into()),
-                message: reason_text,
-            }],
-        )
-        .await?;
-        return Ok(Created {
-            value: recorded,
-            created: true,
-        });
-    }
+    run_id: RunId,
+    reason: Option<&str>,
+) -> Result<()> {
     let flag = tx
         .prepare_cached(
             "UPDATE runs SET cancel_requested = true, cancel_reason = $2, updated_at = now()
              WHERE id = $1",
         )
         .await?;
-    tx.execute(&flag, &[&run.id.0, &reason_text]).await?;
-    let recorded = commands::insert(tx, run, command, CommandStatus::Pending).await?;
-    Ok(Created {
-        value: recorded,
-        created: true,
-    })
+    tx.execute(&flag, &[&run_id.0, &reason]).await?;
+    Ok(())
 }
 
 /// Runs in one queue and non-terminal status.

@@ -24,8 +24,9 @@ use super::{AppendOutcome, RunnerEvent, fence};
 use crate::error::{Error, Result};
 use crate::store::commands::{self, CommandUpdate};
 use crate::store::events::{self, NewEvent, Producer};
+use crate::store::lifecycle;
 use crate::store::requests::{self, OpenedRequest};
-use crate::store::runs::{self, Finish, RequeueReason, RunRecord};
+use crate::store::runs::{Finish, RequeueReason, RunRecord};
 use crate::store::{Tenant, parse_state};
 
 /// One write a runner makes under the lease `epoch` of a run.
@@ -575,8 +576,8 @@ impl Batch {
             }
         }
         store_progress(tx, &self.progress).await?;
-        let finished = runs::finish_many(tx, &self.finishes).await?;
-        runs::requeue_many(tx, &self.releases, RequeueReason::Released).await?;
+        let finished = lifecycle::finish_many(tx, &self.finishes).await?;
+        lifecycle::requeue_many(tx, &self.releases, RequeueReason::Released).await?;
         Ok(Stored { seqs, finished })
     }
 }

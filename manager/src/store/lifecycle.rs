@@ -1,0 +1,312 @@
+//! Use cases that span aggregates: creating runs with their first turn, sending a
+//! command, cancelling, finishing and requeueing runs. Each touches runs, commands,
+//! requests, sessions and events; the aggregates' modules hold only their own SQL, and
+//! this module sequences them in one transaction. It sits above them: no aggregate
+//! imports it.
+
+use agentrun_shared::error::reason;
+use agentrun_shared::events::EventType;
+use agentrun_shared::ids::RunId;
+use agentrun_shared::state::{CommandKind, CommandStatus, RunStatus, TurnDeliveryPolicy};
+use deadpool_postgres::{GenericClient, Pool};
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use super::commands::{self, CommandRecord, NewCommand};
+use super::events::{self, NewEvent};
+use super::runs::{self, Finish, NewRun, RequeueReason, RunRecord};
+use super::{Created, Tenant, requests, sessions};
+use crate::error::{Error, Result};
+
+/// Creates runs in one transaction: all are created (or found, for idempotent retries)
+/// or none. A run whose input has a "prompt" gets it as its first `turn` command.
+pub async fn create_runs(
+    pool: &Pool,
+    tenant: &Tenant,
+    new_runs: Vec<NewRun>,
+) -> Result<Vec<Created<RunRecord>>> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    for run in &new_runs {
+        if let Some(session_id) = run.session_id {
+            sessions::ensure(
+                &tx,
+                tenant,
+                session_id,
+                &run.project_id,
+                &run.backend_profile,
+            )
+            .await?;
+        }
+    }
+    let inserted = runs::insert_new(&tx, tenant, &new_runs).await?;
+
+    // Runs not inserted hit an existing idempotency key: a retry if the request matches.
+    let mut results = Vec::with_capacity(new_runs.len());
+    let mut fresh_events = Vec::new();
+    let mut first_turns = Vec::new();
+    let mut in_sessions = Vec::new();
+    for (new_run, inserted) in new_runs.iter().zip(inserted) {
+        let Some(run) = inserted else {
+            let key = new_run.idempotency_key.as_deref().unwrap_or_default();
+            let (existing, hash) = runs::find_by_idempotency_key(&tx, tenant, key).await?;
+            if hash != new_run.fingerprint() {
+                return Err(Error::AlreadyExists {
+                    reason: reason::IDEMPOTENCY_CONFLICT,
+                    message: format!(
+                        "idempotency_key {key:?} was used for a different run request"
+                    ),
+                });
+            }
+            results.push(Created {
+                value: existing,
+                created: false,
+            });
+            continue;
+        };
+        // Sequenced by hand: the insert set last_event_seq and last_command_seq.
+        fresh_events.push((
+            run.id,
+            1,
+            NewEvent::manager(
+                EventType::RunCreated,
+                json!({"queue": run.queue, "backend_profile": run.backend_profile}),
+            ),
+        ));
+        if let Some(prompt) = new_run.first_prompt() {
+            let command = NewCommand::first_turn(prompt);
+            fresh_events.push((run.id, 2, command.created_event(1)));
+            first_turns.push((run.id, command));
+        }
+        if run.session_id.is_some() {
+            in_sessions.push(run.id.0);
+        }
+        results.push(Created {
+            value: run,
+            created: true,
+        });
+    }
+    commands::insert_first_turns(&tx, &first_turns).await?;
+    sessions::touch_runs(&tx, &in_sessions).await?;
+    events::insert_sequenced(&tx, &fresh_events).await?;
+    tx.commit().await?;
+    Ok(results)
+}
+
+/// Appends a command to a run of the tenant (SendCommand). A `cancel` goes through the
+/// run's cancellation; a `turn` with the `reject` policy is refused while a turn is open.
+pub async fn send_command(
+    pool: &Pool,
+    tenant: &Tenant,
+    run_id: RunId,
+    command: NewCommand,
+) -> Result<Created<CommandRecord>> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let run = runs::lock(&tx, tenant, run_id).await?;
+
+    // A retry is answered before anything else, even if the run has ended since.
+    if let Some(key) = command.idempotency_key.as_deref()
+        && let Some((existing, hash)) = commands::find_by_idempotency_key(&tx, run_id, key).await?
+    {
+        if hash != command.fingerprint() {
+            return Err(Error::AlreadyExists {
+                reason: reason::IDEMPOTENCY_CONFLICT,
+                message: format!("idempotency_key {key:?} was used for a different command"),
+            });
+        }
+        return Ok(Created {
+            value: existing,
+            created: false,
+        });
+    }
+
+    let result = if command.kind == CommandKind::Cancel {
+        cancel_locked(&tx, &run, command).await?
+    } else {
+        if run.status.is_terminal() {
+            return Err(Error::precondition(
+                reason::RUN_TERMINAL,
+                format!("run is already {}", run.status.as_str()),
+            ));
+        }
+        if let Some(expected) = command
+            .payload
+            .get(commands::EXPECTED_TURN_ID)
+            .and_then(Value::as_str)
+            && run.active_turn_id.as_deref() != Some(expected)
+        {
+            return Err(Error::precondition(
+                reason::TURN_NOT_ACTIVE,
+                "the turn this command is aimed at is no longer active",
+            ));
+        }
+        if command.delivery_policy == Some(TurnDeliveryPolicy::Reject)
+            && commands::has_open_turn(&tx, run_id).await?
+        {
+            return Err(Error::precondition(
+                reason::ILLEGAL_TRANSITION,
+                "a turn is active and delivery_policy is reject",
+            ));
+        }
+        Created {
+            value: commands::insert(&tx, run.id, command, CommandStatus::Pending).await?,
+            created: true,
+        }
+    };
+    tx.commit().await?;
+    Ok(result)
+}
+
+/// Commands of a run of the tenant with `seq > after_seq`.
+pub async fn list_commands(
+    client: &impl GenericClient,
+    tenant: &Tenant,
+    run_id: RunId,
+    after_seq: i64,
+    limit: i64,
+) -> Result<Vec<CommandRecord>> {
+    runs::get(client, tenant, run_id).await?;
+    commands::list(client, run_id, after_seq, limit).await
+}
+
+/// CancelRun: requests cancellation (see [`cancel_locked`]) and returns the run as it is
+/// afterwards. Idempotent: a run already cancelled, or being cancelled, is returned as is.
+pub async fn cancel_run(
+    pool: &Pool,
+    tenant: &Tenant,
+    run_id: RunId,
+    payload: Map<String, Value>,
+) -> Result<RunRecord> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let run = runs::lock(&tx, tenant, run_id).await?;
+    if run.status == RunStatus::Cancelled || run.cancel_requested {
+        return Ok(run);
+    }
+    let command = NewCommand {
+        kind: CommandKind::Cancel,
+        payload,
+        delivery_policy: None,
+        idempotency_key: None,
+    };
+    cancel_locked(&tx, &run, command).await?;
+    let run = runs::get(&tx, tenant, run_id).await?;
+    tx.commit().await?;
+    Ok(run)
+}
+
+/// Requests cancellation of a run the caller has locked. A pending run ends cancelled at
+/// once; an active one is flagged (with the caller's reason, its failure message once
+/// it ends) and gets a `cancel` command for its runner. Returns the `cancel` command that
+/// stands for the request (the existing one on a retry).
+async fn cancel_locked(
+    tx: &impl GenericClient,
+    run: &RunRecord,
+    command: NewCommand,
+) -> Result<Created<CommandRecord>> {
+    if (run.cancel_requested || run.status == RunStatus::Cancelled)
+        && let Some(existing) = commands::latest_of_kind(tx, run.id, CommandKind::Cancel).await?
+    {
+        return Ok(Created {
+            value: existing,
+            created: false,
+        });
+    }
+    if run.status.is_terminal() {
+        return Err(Error::precondition(
+            reason::RUN_TERMINAL,
+            format!("run is already {}", run.status.as_str()),
+        ));
+    }
+    let reason_text = command
+        .payload
+        .get("reason")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    if run.status == RunStatus::Pending {
+        // Nobody holds the run: the manager carries the cancel out itself.
+        let recorded = commands::insert(tx, run.id, command, CommandStatus::Completed).await?;
+        finish_many(
+            tx,
+            &[Finish {
+                run_id: run.id,
+                status: RunStatus::Cancelled,
+                failure_kind: Some("cancelled".into()),
+                message: reason_text,
+            }],
+        )
+        .await?;
+        return Ok(Created {
+            value: recorded,
+            created: true,
+        });
+    }
+    runs::flag_cancel(tx, run.id, reason_text.as_deref()).await?;
+    let recorded = commands::insert(tx, run.id, command, CommandStatus::Pending).await?;
+    Ok(Created {
+        value: recorded,
+        created: true,
+    })
+}
+
+/// Ends runs: the one place a run becomes terminal. Open commands are cancelled, open
+/// requests closed as cancelled, sessions touched and `run.terminal` recorded. Runs not
+/// in a state that may move to their target (see `RunStatus::sources`) are left alone
+/// and not returned. The caller holds the rows' locks.
+pub async fn finish_many(tx: &impl GenericClient, finishes: &[Finish]) -> Result<Vec<RunRecord>> {
+    let finished = runs::mark_finished(tx, finishes).await?;
+    if finished.is_empty() {
+        return Ok(finished);
+    }
+    let ids: Vec<Uuid> = finished.iter().map(|r| r.id.0).collect();
+    commands::cancel_open(tx, &ids, "run ended").await?;
+    requests::cancel_for_runs(tx, &ids).await?;
+    sessions::touch_runs(tx, &ids).await?;
+    let terminal: Vec<(RunId, NewEvent)> = finished
+        .iter()
+        .map(|run| {
+            let payload = json!({
+                "status": run.status.as_str(),
+                "failure_kind": run.failure_kind,
+                "message": run.failure_message,
+                "attempt": run.attempt,
+            });
+            (run.id, NewEvent::manager(EventType::RunTerminal, payload))
+        })
+        .collect();
+    events::append(tx, &terminal).await?;
+    // `last_event_seq` moved on with the terminal event.
+    Ok(finished
+        .into_iter()
+        .map(|mut run| {
+            run.last_event_seq += 1;
+            run
+        })
+        .collect())
+}
+
+/// Puts active runs back in the queue with their lease cleared (`run.requeued`);
+/// delivered commands go back to pending so the next runner gets them again. The caller
+/// holds the rows' locks.
+pub async fn requeue_many(
+    tx: &impl GenericClient,
+    run_ids: &[RunId],
+    reason: RequeueReason,
+) -> Result<Vec<RunRecord>> {
+    let requeued = runs::mark_requeued(tx, run_ids, reason).await?;
+    if requeued.is_empty() {
+        return Ok(requeued);
+    }
+    let requeued_ids: Vec<Uuid> = requeued.iter().map(|r| r.id.0).collect();
+    commands::redeliver(tx, &requeued_ids).await?;
+    let requeued_events: Vec<(RunId, NewEvent)> = requeued
+        .iter()
+        .map(|run| {
+            let payload = json!({"reason": reason.as_str(), "attempt": run.attempt});
+            (run.id, NewEvent::manager(EventType::RunRequeued, payload))
+        })
+        .collect();
+    events::append(tx, &requeued_events).await?;
+    Ok(requeued)
+}
