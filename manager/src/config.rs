@@ -38,6 +38,14 @@ pub struct Settings {
         default_value_t = 1_000
     )]
     pub runner_poll_interval_ms: u64,
+    /// Safety-net poll of each idle watcher (WatchRun, WatchSession), in case a wake-up
+    /// was lost; appends on this replica and other replicas' NOTIFY wake watchers at once.
+    #[arg(
+        long,
+        env = "AGENTRUN_WATCH_POLL_INTERVAL_MS",
+        default_value_t = 1_000
+    )]
+    pub watch_poll_interval_ms: u64,
     /// On shutdown: how long in-flight calls may take before the manager stops anyway.
     #[arg(long, env = "AGENTRUN_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
@@ -120,6 +128,10 @@ impl Settings {
         // port: several run at once. Set `metrics_listen` to serve metrics.
         settings.metrics_listen = String::new();
         settings
+    }
+
+    pub fn watch_poll_interval(&self) -> Duration {
+        Duration::from_millis(self.watch_poll_interval_ms.max(10))
     }
 
     pub fn lease_ttl(&self) -> Duration {

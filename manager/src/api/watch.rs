@@ -8,7 +8,6 @@
 //! own task: its bounded channel fills and its task waits, while appends and other
 //! watchers carry on. Nobody is ever skipped; a slow client just reads from further back.
 
-use std::time::Duration;
 
 use agentrun_shared::ids::{RunId, SessionId};
 use agentrun_shared::proto;
@@ -25,8 +24,6 @@ use crate::store::{Tenant, events, runs};
 const PAGE: i64 = 500;
 /// Events buffered towards one client.
 const BUFFER: usize = 256;
-/// Safety net when no wake-up arrives.
-const POLL: Duration = Duration::from_secs(1);
 
 pub type EventStream = ReceiverStream<Result<proto::Event, Status>>;
 
@@ -97,7 +94,7 @@ async fn follow(
         }
         tokio::select! {
             _ = woken.changed() => {}
-            _ = tokio::time::sleep(POLL) => {}
+            _ = tokio::time::sleep(state.settings.watch_poll_interval()) => {}
             _ = tx.closed() => return Ok(()),
             _ = state.shutdown.cancelled() => {
                 let _ = tx.send(Err(Status::unavailable("the manager is shutting down; resume with after_seq"))).await;
@@ -190,7 +187,7 @@ async fn follow_session(
         tokio::select! {
             _ = session_woken.changed() => {}
             _ = runs_changed => {}
-            _ = tokio::time::sleep(POLL) => {}
+            _ = tokio::time::sleep(state.settings.watch_poll_interval()) => {}
             _ = tx.closed() => return Ok(()),
             _ = state.shutdown.cancelled() => {
                 let _ = tx.send(Err(Status::unavailable("the manager is shutting down; resume from your cursor"))).await;
