@@ -523,3 +523,167 @@ async fn sleep_until(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: RunnerSettings,
+    }
+
+    fn runner() -> Runner {
+        let settings = Cli::try_parse_from(["agentrun-runner"])
+            .expect("defaults parse")
+            .settings;
+        Runner::new(settings, proto::RunnerIdentity::default(), Vec::new())
+    }
+
+    /// Puts a run into the runner as if it had been assigned; returns its abort token.
+    fn hold(runner: &mut Runner, run_id: &str) -> CancellationToken {
+        let abort = CancellationToken::new();
+        let (commands, _) = mpsc::unbounded_channel();
+        runner.runs.insert(
+            run_id.to_owned(),
+            RunHandle {
+                epoch: 1,
+                outbox: Arc::new(Outbox::new(10, || {})),
+                commands,
+                abort: abort.clone(),
+                finish: None,
+            },
+        );
+        abort
+    }
+
+    /// The slots of credit sent since the last call.
+    fn credit(rx: &mut mpsc::Receiver<proto::RunnerMessage>) -> i32 {
+        let mut slots = 0;
+        while let Ok(message) = rx.try_recv() {
+            if let Some(Out::Credit(credit)) = message.body {
+                slots += credit.slots;
+            }
+        }
+        slots
+    }
+
+    fn lost_on_heartbeat(run_id: &str) -> In {
+        In::Heartbeat(proto::HeartbeatResponse {
+            leases: vec![proto::LeaseStatus {
+                run_id: run_id.into(),
+                epoch: 1,
+                held: false,
+                ..Default::default()
+            }],
+            lease_ttl_ms: 2_000,
+        })
+    }
+
+    fn revoked(run_id: &str) -> In {
+        In::LeaseRevoked(proto::LeaseRevoked {
+            run_id: run_id.into(),
+            epoch: 1,
+            reason: "run_timeout".into(),
+        })
+    }
+
+    fn refused(run_id: &str) -> In {
+        In::Error(proto::StreamError {
+            run_id: run_id.into(),
+            code: "INVALID_ARGUMENT".into(),
+            message: "invalid events[0].payload_json: too large".into(),
+        })
+    }
+
+    fn finished(run_id: &str) -> In {
+        In::FinishAck(proto::FinishAck {
+            run_id: run_id.into(),
+            epoch: 1,
+            status: proto::RunStatus::Completed as i32,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_lease_lost_on_heartbeat_gives_its_slot_back_once() {
+        let mut runner = runner();
+        let (tx, mut rx) = mpsc::channel(16);
+        let abort = hold(&mut runner, "r1");
+        runner.on_message(lost_on_heartbeat("r1"), &tx).await;
+        assert!(abort.is_cancelled() && runner.runs.is_empty());
+        assert_eq!(credit(&mut rx), 1);
+        // The manager may say so twice; the slot was returned already.
+        runner.on_message(revoked("r1"), &tx).await;
+        runner.on_message(lost_on_heartbeat("r1"), &tx).await;
+        assert_eq!(credit(&mut rx), 0);
+    }
+
+    #[tokio::test]
+    async fn a_revoked_lease_gives_its_slot_back_once() {
+        let mut runner = runner();
+        let (tx, mut rx) = mpsc::channel(16);
+        let abort = hold(&mut runner, "r1");
+        runner.on_message(revoked("r1"), &tx).await;
+        assert!(abort.is_cancelled() && runner.runs.is_empty());
+        assert_eq!(credit(&mut rx), 1);
+        runner.on_message(lost_on_heartbeat("r1"), &tx).await;
+        runner.on_message(refused("r1"), &tx).await;
+        assert_eq!(credit(&mut rx), 0);
+    }
+
+    #[tokio::test]
+    async fn a_refused_run_gives_its_slot_back_once() {
+        let mut runner = runner();
+        let (tx, mut rx) = mpsc::channel(16);
+        let abort = hold(&mut runner, "r1");
+        runner.on_message(refused("r1"), &tx).await;
+        assert!(abort.is_cancelled() && runner.runs.is_empty());
+        assert_eq!(credit(&mut rx), 1);
+        // The manager ends the refused run itself, and may refuse writes still in
+        // flight: neither frees another slot.
+        runner.on_message(refused("r1"), &tx).await;
+        runner.on_message(revoked("r1"), &tx).await;
+        runner.on_message(lost_on_heartbeat("r1"), &tx).await;
+        assert_eq!(credit(&mut rx), 0);
+    }
+
+    #[tokio::test]
+    async fn a_refusal_for_a_run_not_held_gives_no_slot() {
+        let mut runner = runner();
+        let (tx, mut rx) = mpsc::channel(16);
+        hold(&mut runner, "r1");
+        runner.on_message(refused("r2"), &tx).await;
+        assert_eq!(credit(&mut rx), 0);
+        assert!(runner.runs.contains_key("r1"));
+    }
+
+    #[tokio::test]
+    async fn a_finished_run_gives_its_slot_back_once() {
+        let mut runner = runner();
+        let (tx, mut rx) = mpsc::channel(16);
+        hold(&mut runner, "r1");
+        runner.on_message(finished("r1"), &tx).await;
+        runner.on_message(finished("r1"), &tx).await;
+        runner.on_message(revoked("r1"), &tx).await;
+        assert_eq!(credit(&mut rx), 1);
+    }
+
+    #[tokio::test]
+    async fn a_draining_runner_gives_no_slot_back() {
+        let mut runner = runner();
+        let (tx, mut rx) = mpsc::channel(16);
+        for run in ["r1", "r2", "r3", "r4"] {
+            hold(&mut runner, run);
+        }
+        runner.start_drain();
+        runner.on_message(lost_on_heartbeat("r1"), &tx).await;
+        runner.on_message(revoked("r2"), &tx).await;
+        runner.on_message(refused("r3"), &tx).await;
+        runner.on_message(finished("r4"), &tx).await;
+        assert!(runner.runs.is_empty());
+        assert_eq!(credit(&mut rx), 0);
+    }
+}

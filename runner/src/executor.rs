@@ -436,3 +436,66 @@ impl<'a> Executor<'a> {
         self.last_error = error;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::provider::scripted::{ScriptedConfig, ScriptedProvider};
+
+    fn turn(prompt: &str) -> proto::Command {
+        proto::Command {
+            command_id: "turn-1".into(),
+            seq: 1,
+            kind: CommandKind::Turn as i32,
+            payload_json: json!({ "prompt": prompt }).to_string(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn abort_ends_the_task_while_its_outbox_is_full() {
+        let providers: Providers = vec![(
+            "scripted".into(),
+            Arc::new(ScriptedProvider::new(ScriptedConfig {
+                token_delay: Duration::ZERO,
+            })),
+        )];
+        // Two events fit and nothing is ever acknowledged: the lease is gone.
+        let outbox = Arc::new(Outbox::new(2, || {}));
+        let (upward, _upward_rx) = mpsc::unbounded_channel();
+        let abort = CancellationToken::new();
+        let ctx = RunContext {
+            run: proto::Run {
+                run_id: "run-1".into(),
+                backend_profile: "scripted".into(),
+                ..Default::default()
+            },
+            epoch: 1,
+            runner_id: "runner-1".into(),
+            providers: Arc::new(providers),
+            outbox: outbox.clone(),
+            upward,
+            abort: abort.clone(),
+            idle_timeout: Duration::from_secs(600),
+        };
+        let (commands_tx, commands) = mpsc::unbounded_channel();
+        commands_tx.send(turn("[tokens:100000]")).unwrap();
+        let task = tokio::spawn(execute(ctx, commands));
+
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while outbox.last_pushed() < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the outbox fills up");
+        abort.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the run task ends once aborted, though its outbox is full")
+            .unwrap();
+        assert_eq!(outbox.last_pushed(), 2, "nothing is pushed after the abort");
+    }
+}
