@@ -74,13 +74,19 @@ async fn a_run_that_times_out_gives_its_slot_back_to_the_next_run() {
     // The lease ended under the runner: its slot must take the next run.
     let next = create(&mut app, run_request("hello")).await;
     wait_for_run(&app, &next, RunStatus::Completed, LONG).await;
-    assert_eq!(claimed_by(&mut app, &next).await, runner_id, "the same runner ran it");
+    assert_eq!(
+        claimed_by(&mut app, &next).await,
+        runner_id,
+        "the same runner ran it"
+    );
     assert!(assistant_text(&events_of(&mut app, &next).await).contains("hello"));
 }
 
 #[tokio::test]
 async fn an_output_line_over_the_payload_limit_is_split_into_deltas_that_reassemble() {
-    let mut app = TestApp::spawn().await;
+    // A limit below the runner's default, so the runner must take it from the welcome.
+    let limit = 100_000;
+    let mut app = TestApp::spawn_with(|s| s.max_payload_bytes = limit).await;
     // One 480,000-byte line; its quotes and backslashes are escaped in JSON, so the
     // serialized delta is about 600 KB. Each repeat also has two- and three-byte
     // characters, so a split on a byte count would break one.
@@ -98,13 +104,13 @@ async fn an_output_line_over_the_payload_limit_is_split_into_deltas_that_reassem
         .filter(|e| e.r#type == "content.delta")
         .collect();
     assert!(
-        deltas.len() >= 3,
-        "600 KB of output needs at least three deltas, got {}",
+        deltas.len() >= 6,
+        "600 KB of output needs at least six deltas, got {}",
         deltas.len()
     );
     for delta in &deltas {
         assert!(
-            delta.payload_json.len() <= MAX_PAYLOAD_BYTES,
+            delta.payload_json.len() <= limit,
             "a stored delta is {} bytes",
             delta.payload_json.len()
         );
@@ -123,7 +129,7 @@ async fn an_output_line_over_the_payload_limit_is_split_into_deltas_that_reassem
 #[tokio::test]
 async fn an_event_over_the_payload_limit_is_truncated_with_a_marker() {
     let mut app = TestApp::spawn().await;
-    // A runtime.warning whose message alone is 600,000 bytes.
+    // A runtime.warning whose message alone is 540,000 bytes.
     let agent = "printf '{\"type\":\"runtime.warning\",\"message\":\"'; \
                  yes abcdefghi | head -n 60000 | tr -d '\\n'; printf '\"}\\n'";
     let _runner = command_runner(&app, agent);
@@ -140,7 +146,7 @@ async fn an_event_over_the_payload_limit_is_truncated_with_a_marker() {
     let p = payload(warning);
     assert_eq!(p["truncated"], true);
     let original = p["original_bytes"].as_u64().expect("original_bytes");
-    assert!(original > 600_000, "original_bytes {original}");
+    assert!(original > 540_000, "original_bytes {original}");
     let message = p["message"].as_str().expect("the message stays a string");
     assert!(
         message.len() > 200_000 && "abcdefghi".repeat(60_000).starts_with(message),
