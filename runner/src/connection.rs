@@ -8,6 +8,19 @@
 //! When the stream breaks the runs keep executing (their outboxes fill, then providers
 //! wait) while the runner reconnects with capped, jittered exponential backoff.
 //!
+//! Slots: credit is given once per connection for the free slots, then one slot each
+//! time a run leaves this runner — finished, released, lost on a heartbeat, revoked, or
+//! refused by the manager (a `StreamError` naming it: the manager ends that run itself).
+//! All of these go through [`Runner::end_run`], which gives the slot only if the run was
+//! still held, so a run the manager reports gone twice (a refusal, then a revocation)
+//! frees one slot, and only while not draining. Once a run has left, nothing more is
+//! written for it: its task is aborted, its queued events and command acks are dropped.
+//!
+//! Limits: the welcome names the manager's `max_payload_bytes`, kept in a shared
+//! [`PayloadLimit`] that every run's outbox fits events to (256 KiB until the first
+//! welcome), and its `max_batch_events` / `max_batch_bytes`, which cut every event batch
+//! ([`BatchLimits`]).
+//!
 //! On shutdown (SIGTERM) it drains: no more credit, running runs get the grace period to
 //! finish, then the rest are released back to the queue, and it returns.
 
@@ -27,7 +40,8 @@ use tonic::transport::Channel;
 
 use crate::config::RunnerSettings;
 use crate::executor::{self, RunContext, Upward};
-use crate::outbox::Outbox;
+use crate::fit::PayloadLimit;
+use crate::outbox::{BatchLimits, Outbox};
 use crate::provider::Providers;
 
 /// Messages queued towards the manager before the connection waits.
@@ -86,6 +100,8 @@ pub struct Runner {
     draining: Option<Instant>,
     /// Connection attempts so far; picks the manager URL to try next.
     connections: usize,
+    /// The manager's payload limit, updated by each welcome; every outbox obeys it.
+    payload_limit: PayloadLimit,
 }
 
 impl Runner {
@@ -105,6 +121,7 @@ impl Runner {
             dirty: Arc::new(Dirty::default()),
             draining: None,
             connections: 0,
+            payload_limit: PayloadLimit::default(),
         }
     }
 
@@ -214,7 +231,11 @@ impl Runner {
         else {
             anyhow::bail!("the manager did not answer hello with welcome");
         };
-        self.apply_welcome(&welcome, &tx).await;
+        // Before anything is resent: what is pushed from now on fits this manager.
+        self.payload_limit
+            .set_from_welcome(welcome.max_payload_bytes);
+        let batch = BatchLimits::from_welcome(&welcome);
+        self.apply_welcome(&welcome, batch, &tx).await;
         tracing::info!(manager = %welcome.manager_id, runs = self.runs.len(), "connected");
         if self.draining.is_none() {
             let free = self.free_slots();
@@ -224,7 +245,6 @@ impl Runner {
         }
 
         let heartbeat_every = Duration::from_millis(welcome.heartbeat_interval_ms.max(100) as u64);
-        let max_batch = max_batch(&welcome);
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);
         let mut linger: Option<Instant> = None;
@@ -253,28 +273,14 @@ impl Runner {
                     Some(_) => {}
                     None => return Ok(SessionEnd::Disconnected),
                 },
-                Some(upward) = self.upward_rx.recv() => match upward {
-                    Upward::CommandAck(ack) => {
-                        // The ack must not overtake events the run pushed before it.
-                        self.flush_run(&ack.run_id, max_batch, &tx).await;
-                        send(&tx, Out::CommandAck(ack)).await;
-                    }
-                    Upward::Finish(finish) => {
-                        // Behind the run's last events, on the same ordered stream.
-                        self.flush_run(&finish.run_id, max_batch, &tx).await;
-                        if let Some(run) = self.runs.get_mut(&finish.run_id) {
-                            run.finish = Some(finish.clone());
-                            send(&tx, Out::Finish(finish)).await;
-                        }
-                    }
-                },
+                Some(upward) = self.upward_rx.recv() => self.on_upward(upward, batch, &tx).await,
                 _ = self.dirty.notify.notified() => {
                     linger.get_or_insert_with(|| Instant::now() + self.settings.linger());
                 }
                 _ = sleep_until(linger), if linger.is_some() => {
                     linger = None;
                     for run_id in self.dirty.take() {
-                        self.flush_run(&run_id, max_batch, &tx).await;
+                        self.flush_run(&run_id, batch, &tx).await;
                     }
                 }
                 _ = heartbeat.tick() => {
@@ -298,17 +304,13 @@ impl Runner {
     async fn apply_welcome(
         &mut self,
         welcome: &proto::Welcome,
+        batch: BatchLimits,
         tx: &mpsc::Sender<proto::RunnerMessage>,
     ) {
         for lost in &welcome.lost {
-            if let Some(run) = self.runs.remove(&lost.run_id) {
-                // A finish sent before the break may be why the lease is gone; either
-                // way nothing more may be written for this run.
-                if run.finish.is_none() {
-                    tracing::warn!(run = %lost.run_id, "lease lost while disconnected; stopping the run");
-                }
-                run.abort.cancel();
-            }
+            // No credit here: the credit for every free slot follows the welcome. (A
+            // finish sent before the break may be why the lease is gone.)
+            self.remove_run(&lost.run_id, Some("lease lost while disconnected"));
         }
         for resumed in &welcome.resumed {
             let Some(run) = self.runs.get(&resumed.run_id) else {
@@ -318,8 +320,7 @@ impl Runner {
             match run.finish.clone() {
                 // The unacknowledged events go again, the finish right behind them.
                 Some(finish) => {
-                    self.flush_run(&resumed.run_id, max_batch(welcome), tx)
-                        .await;
+                    self.flush_run(&resumed.run_id, batch, tx).await;
                     send(tx, Out::Finish(finish)).await;
                 }
                 None => self.dirty.mark(&resumed.run_id),
@@ -333,7 +334,7 @@ impl Runner {
             In::Heartbeat(response) => {
                 for lease in response.leases {
                     if !lease.held {
-                        self.lose(&lease.run_id, "lease lost");
+                        self.end_run(&lease.run_id, Some("lease lost"), tx).await;
                         continue;
                     }
                     for command in lease.commands {
@@ -353,7 +354,10 @@ impl Runner {
                     self.route(&delivery.run_id, delivery.epoch, command);
                 }
             }
-            In::LeaseRevoked(revoked) => self.lose(&revoked.run_id, &revoked.reason),
+            In::LeaseRevoked(revoked) => {
+                self.end_run(&revoked.run_id, Some(&revoked.reason), tx)
+                    .await
+            }
             In::Drain(drain) if drain.reconnect => {
                 // Only this connection goes away (its manager replica is shutting down).
                 tracing::info!("the manager asked us to drain this connection; reconnecting")
@@ -368,24 +372,55 @@ impl Runner {
             }
             In::Error(error) => {
                 tracing::warn!(run = %error.run_id, code = %error.code, message = %error.message, "the manager refused a message");
-                // A refused run cannot make progress here: stop it; the manager moves it on.
+                // A refused run cannot make progress here: the manager ends it (failed
+                // with the refusal's reason) and drops its lease; stop it and write
+                // nothing more. A refusal of a write still in flight for a run that has
+                // left already frees nothing.
                 if !error.run_id.is_empty() {
-                    self.lose(&error.run_id, &error.message);
-                    if self.draining.is_none() {
-                        send(tx, Out::Credit(proto::Credit { slots: 1 })).await;
-                    }
+                    self.end_run(&error.run_id, Some(&error.message), tx).await;
                 }
             }
-            In::FinishAck(ack) => {
-                if let Some(run) = self.runs.remove(&ack.run_id) {
-                    run.abort.cancel();
-                    if self.draining.is_none() {
-                        send(tx, Out::Credit(proto::Credit { slots: 1 })).await;
-                    }
-                }
-            }
+            In::FinishAck(ack) => self.end_run(&ack.run_id, None, tx).await,
             In::Welcome(_) => tracing::warn!("unexpected second welcome ignored"),
         }
+    }
+
+    /// What a run's task asks for, unless the run has left meanwhile (then nothing more
+    /// is written for it).
+    async fn on_upward(
+        &mut self,
+        upward: Upward,
+        batch: BatchLimits,
+        tx: &mpsc::Sender<proto::RunnerMessage>,
+    ) {
+        match upward {
+            Upward::CommandAck(ack) => {
+                if !self.holds(&ack.run_id, ack.epoch) {
+                    return;
+                }
+                // The ack must not overtake events the run pushed before it.
+                self.flush_run(&ack.run_id, batch, tx).await;
+                send(tx, Out::CommandAck(ack)).await;
+            }
+            Upward::Finish(finish) => {
+                if !self.holds(&finish.run_id, finish.epoch) {
+                    return;
+                }
+                // Behind the run's last events, on the same ordered stream.
+                self.flush_run(&finish.run_id, batch, tx).await;
+                if let Some(run) = self.runs.get_mut(&finish.run_id) {
+                    run.finish = Some(finish.clone());
+                    send(tx, Out::Finish(finish)).await;
+                }
+            }
+        }
+    }
+
+    /// This runner still works on the run under `epoch` (not released, not aborted).
+    fn holds(&self, run_id: &str, epoch: i64) -> bool {
+        self.runs
+            .get(run_id)
+            .is_some_and(|run| run.epoch == epoch && !run.abort.is_cancelled())
     }
 
     async fn start_run(
@@ -412,14 +447,17 @@ impl Runner {
         }
         let dirty = self.dirty.clone();
         let run_id = run.run_id.clone();
-        let outbox = Arc::new(Outbox::new(self.settings.max_buffered_events, move || {
-            dirty.mark(&run_id)
-        }));
+        let abort = CancellationToken::new();
+        let outbox = Arc::new(Outbox::new(
+            self.settings.max_buffered_events,
+            self.payload_limit.clone(),
+            abort.clone(),
+            move || dirty.mark(&run_id),
+        ));
         let (commands_tx, commands_rx) = mpsc::unbounded_channel();
         for command in assignment.commands {
             let _ = commands_tx.send(command);
         }
-        let abort = CancellationToken::new();
         let ctx = RunContext {
             run: run.clone(),
             epoch: assignment.epoch,
@@ -452,26 +490,47 @@ impl Runner {
         }
     }
 
-    fn lose(&mut self, run_id: &str, why: &str) {
-        if let Some(run) = self.runs.remove(run_id) {
-            if run.finish.is_none() {
-                tracing::warn!(run = %run_id, reason = %why, "stopping a run whose lease is gone");
-            }
-            run.abort.cancel();
+    /// A run has left this runner (finished, released, lost, revoked or refused): stops
+    /// it and gives its slot back. The one place slots are returned after the welcome;
+    /// a run already gone gives nothing, so each run frees its slot exactly once.
+    async fn end_run(
+        &mut self,
+        run_id: &str,
+        why: Option<&str>,
+        tx: &mpsc::Sender<proto::RunnerMessage>,
+    ) {
+        if self.remove_run(run_id, why) && self.draining.is_none() {
+            send(tx, Out::Credit(proto::Credit { slots: 1 })).await;
         }
+    }
+
+    /// Takes the run out and aborts its task; `why` is set when the lease ended under
+    /// it rather than by its own finish or release. Returns whether it was held.
+    fn remove_run(&mut self, run_id: &str, why: Option<&str>) -> bool {
+        let Some(run) = self.runs.remove(run_id) else {
+            return false;
+        };
+        if let Some(why) = why
+            && run.finish.is_none()
+        {
+            tracing::warn!(run = %run_id, reason = %why, "stopping a run whose lease is gone");
+        }
+        run.abort.cancel();
+        true
     }
 
     async fn flush_run(
         &self,
         run_id: &str,
-        max_batch: usize,
+        batch: BatchLimits,
         tx: &mpsc::Sender<proto::RunnerMessage>,
     ) {
-        let Some(run) = self.runs.get(run_id) else {
+        // An aborted run (released) writes nothing more.
+        let Some(run) = self.runs.get(run_id).filter(|r| !r.abort.is_cancelled()) else {
             return;
         };
         loop {
-            let events = run.outbox.take_unsent(max_batch);
+            let events = run.outbox.take_unsent(batch);
             if events.is_empty() {
                 return;
             }
@@ -512,14 +571,207 @@ async fn send(tx: &mpsc::Sender<proto::RunnerMessage>, body: Out) {
     let _ = tx.send(proto::RunnerMessage { body: Some(body) }).await;
 }
 
-/// Most events sent in one batch.
-fn max_batch(welcome: &proto::Welcome) -> usize {
-    (welcome.max_batch_events.max(1) as usize).min(10_000)
-}
-
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: RunnerSettings,
+    }
+
+    fn runner() -> Runner {
+        let settings = Cli::try_parse_from(["agentrun-runner"])
+            .expect("defaults parse")
+            .settings;
+        Runner::new(settings, proto::RunnerIdentity::default(), Vec::new())
+    }
+
+    /// Puts a run into the runner as if it had been assigned; returns its abort token.
+    fn hold(runner: &mut Runner, run_id: &str) -> CancellationToken {
+        let abort = CancellationToken::new();
+        let (commands, _) = mpsc::unbounded_channel();
+        let outbox = Outbox::new(10, PayloadLimit::default(), abort.clone(), || {});
+        runner.runs.insert(
+            run_id.to_owned(),
+            RunHandle {
+                epoch: 1,
+                outbox: Arc::new(outbox),
+                commands,
+                abort: abort.clone(),
+                finish: None,
+            },
+        );
+        abort
+    }
+
+    /// The slots of credit sent since the last call.
+    fn credit(rx: &mut mpsc::Receiver<proto::RunnerMessage>) -> i32 {
+        let mut slots = 0;
+        while let Ok(message) = rx.try_recv() {
+            if let Some(Out::Credit(credit)) = message.body {
+                slots += credit.slots;
+            }
+        }
+        slots
+    }
+
+    fn lost_on_heartbeat(run_id: &str) -> In {
+        In::Heartbeat(proto::HeartbeatResponse {
+            leases: vec![proto::LeaseStatus {
+                run_id: run_id.into(),
+                epoch: 1,
+                held: false,
+                ..Default::default()
+            }],
+            lease_ttl_ms: 2_000,
+        })
+    }
+
+    fn revoked(run_id: &str) -> In {
+        In::LeaseRevoked(proto::LeaseRevoked {
+            run_id: run_id.into(),
+            epoch: 1,
+            reason: "run_timeout".into(),
+        })
+    }
+
+    fn refused(run_id: &str) -> In {
+        In::Error(proto::StreamError {
+            run_id: run_id.into(),
+            code: "INVALID_ARGUMENT".into(),
+            message: "invalid events[0].payload_json: too large".into(),
+        })
+    }
+
+    fn finished(run_id: &str) -> In {
+        In::FinishAck(proto::FinishAck {
+            run_id: run_id.into(),
+            epoch: 1,
+            status: proto::RunStatus::Completed as i32,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_lease_lost_on_heartbeat_gives_its_slot_back_once() {
+        let mut runner = runner();
+        let (tx, mut rx) = mpsc::channel(16);
+        let abort = hold(&mut runner, "r1");
+        runner.on_message(lost_on_heartbeat("r1"), &tx).await;
+        assert!(abort.is_cancelled() && runner.runs.is_empty());
+        assert_eq!(credit(&mut rx), 1);
+        // The manager may say so twice; the slot was returned already.
+        runner.on_message(revoked("r1"), &tx).await;
+        runner.on_message(lost_on_heartbeat("r1"), &tx).await;
+        assert_eq!(credit(&mut rx), 0);
+    }
+
+    #[tokio::test]
+    async fn a_revoked_lease_gives_its_slot_back_once() {
+        let mut runner = runner();
+        let (tx, mut rx) = mpsc::channel(16);
+        let abort = hold(&mut runner, "r1");
+        runner.on_message(revoked("r1"), &tx).await;
+        assert!(abort.is_cancelled() && runner.runs.is_empty());
+        assert_eq!(credit(&mut rx), 1);
+        runner.on_message(lost_on_heartbeat("r1"), &tx).await;
+        runner.on_message(refused("r1"), &tx).await;
+        assert_eq!(credit(&mut rx), 0);
+    }
+
+    #[tokio::test]
+    async fn a_refused_run_gives_its_slot_back_once() {
+        let mut runner = runner();
+        let (tx, mut rx) = mpsc::channel(16);
+        let abort = hold(&mut runner, "r1");
+        runner.on_message(refused("r1"), &tx).await;
+        assert!(abort.is_cancelled() && runner.runs.is_empty());
+        assert_eq!(credit(&mut rx), 1);
+        // The manager ends the refused run itself, and may refuse writes still in
+        // flight: neither frees another slot.
+        runner.on_message(refused("r1"), &tx).await;
+        runner.on_message(revoked("r1"), &tx).await;
+        runner.on_message(lost_on_heartbeat("r1"), &tx).await;
+        assert_eq!(credit(&mut rx), 0);
+    }
+
+    #[tokio::test]
+    async fn a_refusal_for_a_run_not_held_gives_no_slot() {
+        let mut runner = runner();
+        let (tx, mut rx) = mpsc::channel(16);
+        hold(&mut runner, "r1");
+        runner.on_message(refused("r2"), &tx).await;
+        assert_eq!(credit(&mut rx), 0);
+        assert!(runner.runs.contains_key("r1"));
+    }
+
+    #[tokio::test]
+    async fn a_finished_run_gives_its_slot_back_once() {
+        let mut runner = runner();
+        let (tx, mut rx) = mpsc::channel(16);
+        hold(&mut runner, "r1");
+        runner.on_message(finished("r1"), &tx).await;
+        runner.on_message(finished("r1"), &tx).await;
+        runner.on_message(revoked("r1"), &tx).await;
+        assert_eq!(credit(&mut rx), 1);
+    }
+
+    #[tokio::test]
+    async fn a_draining_runner_gives_no_slot_back() {
+        let mut runner = runner();
+        let (tx, mut rx) = mpsc::channel(16);
+        for run in ["r1", "r2", "r3", "r4"] {
+            hold(&mut runner, run);
+        }
+        runner.start_drain();
+        runner.on_message(lost_on_heartbeat("r1"), &tx).await;
+        runner.on_message(revoked("r2"), &tx).await;
+        runner.on_message(refused("r3"), &tx).await;
+        runner.on_message(finished("r4"), &tx).await;
+        assert!(runner.runs.is_empty());
+        assert_eq!(credit(&mut rx), 0);
+    }
+
+    fn command_ack(run_id: &str) -> Upward {
+        Upward::CommandAck(proto::CommandAck {
+            run_id: run_id.into(),
+            epoch: 1,
+            update: Some(proto::CommandUpdate {
+                command_id: "c1".into(),
+                status: proto::CommandStatus::Completed as i32,
+                error: String::new(),
+            }),
+        })
+    }
+
+    #[tokio::test]
+    async fn nothing_more_is_written_for_a_run_that_has_left() {
+        let mut runner = runner();
+        let (tx, mut rx) = mpsc::channel(16);
+        let batch = BatchLimits {
+            max_events: 100,
+            max_bytes: 1 << 20,
+        };
+        hold(&mut runner, "r1");
+        runner.on_upward(command_ack("r1"), batch, &tx).await;
+        assert!(matches!(
+            rx.try_recv().map(|m| m.body),
+            Ok(Some(Out::CommandAck(_)))
+        ));
+        runner.on_message(refused("r1"), &tx).await;
+        assert_eq!(credit(&mut rx), 1);
+        // The run's task acked a command before it saw the abort: that stays here.
+        runner.on_upward(command_ack("r1"), batch, &tx).await;
+        assert!(rx.try_recv().is_err(), "nothing is sent for a refused run");
     }
 }

@@ -13,6 +13,11 @@
 //! timeout. Before finishing it waits until every event is acknowledged, so the finish
 //! never overtakes its own events. If the lease is lost the task stops at once and
 //! writes nothing more.
+//!
+//! Every wait here also watches the run's abort token: a push into a full outbox (no
+//! acknowledgement comes once the lease is gone), a steer into a provider that is not
+//! reading, the end of a provider's task. A step that sees the abort returns
+//! [`Aborted`] and the task ends with it, so an aborted run never leaks its task.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -24,7 +29,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::outbox::Outbox;
+use crate::outbox::{Aborted, Outbox};
 use crate::provider::{
     self, Exchange, ProviderError, Providers, TurnContext, TurnOutcome, TurnRequest,
 };
@@ -44,7 +49,8 @@ pub struct RunContext {
     pub providers: Arc<Providers>,
     pub outbox: Arc<Outbox>,
     pub upward: mpsc::UnboundedSender<Upward>,
-    /// Fires when the lease is lost or revoked: stop, write nothing.
+    /// Fires when the lease is lost or revoked: stop, write nothing. The outbox holds
+    /// the same token, so its pushes fail once it fires.
     pub abort: CancellationToken,
     pub idle_timeout: Duration,
 }
@@ -126,12 +132,29 @@ impl<'a> Executor<'a> {
     }
 
     async fn drive(&mut self, commands: &mut mpsc::UnboundedReceiver<proto::Command>) -> Ending {
+        match self.steps(commands).await {
+            Ok(ending) => ending,
+            Err(Aborted) => {
+                // The provider's stop token is a child of the abort token, so it is
+                // stopping already; this only makes that explicit.
+                if let Some(active) = self.active.take() {
+                    active.stop.cancel();
+                }
+                Ending::Aborted
+            }
+        }
+    }
+
+    async fn steps(
+        &mut self,
+        commands: &mut mpsc::UnboundedReceiver<proto::Command>,
+    ) -> Result<Ending, Aborted> {
         let idle = tokio::time::sleep(self.ctx.idle_timeout);
         tokio::pin!(idle);
         loop {
             if self.active.is_none() {
-                if let Some(ending) = self.next_step().await {
-                    return ending;
+                if let Some(ending) = self.next_step().await? {
+                    return Ok(ending);
                 }
                 if self.active.is_none() {
                     idle.as_mut()
@@ -139,43 +162,38 @@ impl<'a> Executor<'a> {
                 }
             }
             tokio::select! {
-                _ = self.ctx.abort.cancelled() => {
-                    if let Some(active) = self.active.take() {
-                        active.stop.cancel();
-                    }
-                    return Ending::Aborted;
-                }
+                _ = self.ctx.abort.cancelled() => return Err(Aborted),
                 command = commands.recv() => match command {
-                    Some(command) => self.on_command(command).await,
-                    None => return Ending::Aborted,
+                    Some(command) => self.on_command(command).await?,
+                    None => return Err(Aborted),
                 },
                 event = async { self.active.as_mut().expect("guarded").events.recv().await }, if self.active.is_some() => {
                     match event {
-                        Some(event) => self.ctx.outbox.push(event.event_type, event.payload).await,
-                        None => self.end_turn().await,
+                        Some(event) => self.ctx.outbox.push(event.event_type, event.payload).await?,
+                        None => self.end_turn().await?,
                     }
                 }
                 _ = &mut idle, if self.active.is_none() => {
                     tracing::info!(run = %self.ctx.run.run_id, "idle timeout: completing the run");
-                    return Ending::Finish(RunStatus::Completed, None);
+                    return Ok(Ending::Finish(RunStatus::Completed, None));
                 }
             }
         }
     }
 
     /// With no active turn: start the next queued one, or decide how the run ends.
-    async fn next_step(&mut self) -> Option<Ending> {
+    async fn next_step(&mut self) -> Result<Option<Ending>, Aborted> {
         if self.cancelled {
-            return Some(Ending::Finish(
+            return Ok(Some(Ending::Finish(
                 RunStatus::Cancelled,
                 Some(("cancelled".into(), "cancellation was requested".into())),
-            ));
+            )));
         }
         if let Some(next) = self.queue.pop_front() {
-            self.start_turn(next).await;
-            return None;
+            self.start_turn(next).await?;
+            return Ok(None);
         }
-        match self.last_state {
+        Ok(match self.last_state {
             Some("completed") => Some(Ending::Finish(RunStatus::Completed, None)),
             Some("failed") => {
                 let error = self.last_error.clone().unwrap_or_else(|| ProviderError {
@@ -195,6 +213,18 @@ impl<'a> Executor<'a> {
             }
             // Interrupted, or no turn yet: wait for the next turn command.
             _ => None,
+        })
+    }
+
+    /// Hands steering input to the active turn; false if no turn is active or it has
+    /// stopped reading. Waits while the provider's steer buffer is full, unless aborted.
+    async fn steer_active(&self, input: String) -> Result<bool, Aborted> {
+        let Some(active) = &self.active else {
+            return Ok(false);
+        };
+        tokio::select! {
+            _ = self.ctx.abort.cancelled() => Err(Aborted),
+            sent = active.steer.send(input) => Ok(sent.is_ok()),
         }
     }
 
@@ -214,10 +244,10 @@ impl<'a> Executor<'a> {
         serde_json::from_str(&command.payload_json).unwrap_or(Value::Null)
     }
 
-    async fn on_command(&mut self, command: proto::Command) {
+    async fn on_command(&mut self, command: proto::Command) -> Result<(), Aborted> {
         // Commands come in seq order; a redelivered one was handled already.
         if command.seq <= self.last_seq {
-            return;
+            return Ok(());
         }
         self.last_seq = command.seq;
         let payload = Self::payload(&command);
@@ -232,7 +262,7 @@ impl<'a> Executor<'a> {
                 "the turn it was aimed at is no longer active",
             )
             .await;
-            return;
+            return Ok(());
         }
         match CommandKind::try_from(command.kind).unwrap_or(CommandKind::Unspecified) {
             CommandKind::Turn => {
@@ -240,8 +270,8 @@ impl<'a> Executor<'a> {
                 let policy = TurnDeliveryPolicy::try_from(command.delivery_policy)
                     .unwrap_or(TurnDeliveryPolicy::Queue);
                 match (&self.active, policy) {
-                    (Some(active), TurnDeliveryPolicy::Steer) => {
-                        let delivered = active.steer.send(text("prompt")).await.is_ok();
+                    (Some(_), TurnDeliveryPolicy::Steer) => {
+                        let delivered = self.steer_active(text("prompt")).await?;
                         let (status, error) = if delivered {
                             (CommandStatus::Completed, "")
                         } else {
@@ -262,10 +292,7 @@ impl<'a> Executor<'a> {
                 } else {
                     text("decision")
                 };
-                let delivered = match &self.active {
-                    Some(active) => active.steer.send(input).await.is_ok(),
-                    None => false,
-                };
+                let delivered = self.steer_active(input).await?;
                 let (status, error) = if delivered {
                     (CommandStatus::Completed, "")
                 } else {
@@ -291,6 +318,7 @@ impl<'a> Executor<'a> {
                     .await;
             }
         }
+        Ok(())
     }
 
     fn stop_active(&mut self, reason: StopReason) {
@@ -300,7 +328,7 @@ impl<'a> Executor<'a> {
         }
     }
 
-    async fn start_turn(&mut self, command: proto::Command) {
+    async fn start_turn(&mut self, command: proto::Command) -> Result<(), Aborted> {
         let prompt = Self::payload(&command)["prompt"]
             .as_str()
             .unwrap_or_default()
@@ -312,7 +340,7 @@ impl<'a> Executor<'a> {
                 "turn.started",
                 json!({"turn_id": turn_id, "command_id": command.command_id, "seq": command.seq}),
             )
-            .await;
+            .await?;
         let Some(provider) =
             provider::for_profile(&self.ctx.providers, &self.ctx.run.backend_profile).cloned()
         else {
@@ -330,16 +358,16 @@ impl<'a> Executor<'a> {
                     "runtime.error",
                     json!({"message": error.message, "kind": error.kind, "retryable": false}),
                 )
+                .await?;
+            return self
+                .record_turn_end(
+                    &command,
+                    &turn_id,
+                    &prompt,
+                    TurnOutcome::Failed(error),
+                    None,
+                )
                 .await;
-            self.record_turn_end(
-                &command,
-                &turn_id,
-                &prompt,
-                TurnOutcome::Failed(error),
-                None,
-            )
-            .await;
-            return;
         };
         let (events_tx, events) = mpsc::channel(PROVIDER_EVENTS);
         let (steer, steer_rx) = mpsc::channel(16);
@@ -367,14 +395,21 @@ impl<'a> Executor<'a> {
             events,
             task,
         });
+        Ok(())
     }
 
     /// The provider closed its event channel: collect its outcome and record the end.
-    async fn end_turn(&mut self) {
+    async fn end_turn(&mut self) -> Result<(), Aborted> {
         let Some(active) = self.active.take() else {
-            return;
+            return Ok(());
         };
-        let outcome = match active.task.await {
+        // The provider has dropped its event sender, so it is returning; should it hang
+        // anyway, the abort still ends the wait (its stop token fired with the abort).
+        let joined = tokio::select! {
+            _ = self.ctx.abort.cancelled() => return Err(Aborted),
+            joined = active.task => joined,
+        };
+        let outcome = match joined {
             Ok(outcome) => outcome,
             Err(err) => TurnOutcome::Failed(ProviderError {
                 kind: "provider_panic".into(),
@@ -389,7 +424,7 @@ impl<'a> Executor<'a> {
             outcome,
             active.stop_reason,
         )
-        .await;
+        .await
     }
 
     async fn record_turn_end(
@@ -399,7 +434,7 @@ impl<'a> Executor<'a> {
         prompt: &str,
         outcome: TurnOutcome,
         stop_reason: Option<StopReason>,
-    ) {
+    ) -> Result<(), Aborted> {
         let (state, usage, error) = match &outcome {
             TurnOutcome::Completed { usage, .. } => ("completed", *usage, None),
             TurnOutcome::Failed(error) => ("failed", None, Some(error.clone())),
@@ -417,7 +452,7 @@ impl<'a> Executor<'a> {
             payload["error"] =
                 json!({"kind": error.kind, "message": error.message, "retryable": error.retryable});
         }
-        self.ctx.outbox.push("turn.completed", payload).await;
+        self.ctx.outbox.push("turn.completed", payload).await?;
         match &outcome {
             TurnOutcome::Completed { reply, .. } => {
                 self.history.push(Exchange {
@@ -434,5 +469,75 @@ impl<'a> Executor<'a> {
         }
         self.last_state = Some(state);
         self.last_error = error;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::fit::PayloadLimit;
+    use crate::provider::scripted::{ScriptedConfig, ScriptedProvider};
+
+    fn turn(prompt: &str) -> proto::Command {
+        proto::Command {
+            command_id: "turn-1".into(),
+            seq: 1,
+            kind: CommandKind::Turn as i32,
+            payload_json: json!({ "prompt": prompt }).to_string(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn abort_ends_the_task_while_its_outbox_is_full() {
+        let providers: Providers = vec![(
+            "scripted".into(),
+            Arc::new(ScriptedProvider::new(ScriptedConfig {
+                token_delay: Duration::ZERO,
+            })),
+        )];
+        // Two events fit and nothing is ever acknowledged: the lease is gone.
+        let abort = CancellationToken::new();
+        let outbox = Arc::new(Outbox::new(
+            2,
+            PayloadLimit::default(),
+            abort.clone(),
+            || {},
+        ));
+        let (upward, _upward_rx) = mpsc::unbounded_channel();
+        let ctx = RunContext {
+            run: proto::Run {
+                run_id: "run-1".into(),
+                backend_profile: "scripted".into(),
+                ..Default::default()
+            },
+            epoch: 1,
+            runner_id: "runner-1".into(),
+            providers: Arc::new(providers),
+            outbox: outbox.clone(),
+            upward,
+            abort: abort.clone(),
+            idle_timeout: Duration::from_secs(600),
+        };
+        let (commands_tx, commands) = mpsc::unbounded_channel();
+        commands_tx.send(turn("[tokens:100000]")).unwrap();
+        let task = tokio::spawn(execute(ctx, commands));
+
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while outbox.last_pushed() < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the outbox fills up");
+        abort.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the run task ends once aborted, though its outbox is full")
+            .unwrap();
+        assert_eq!(outbox.last_pushed(), 2, "nothing is pushed after the abort");
     }
 }

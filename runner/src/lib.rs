@@ -4,12 +4,15 @@
 //! - [`connection`]: the `Connect` stream, reconnects, heartbeats, batching, drain.
 //! - [`executor`]: one task per run — commands in order, turns through a provider.
 //! - [`outbox`]: a run's unacknowledged events, numbered, bounded, resent after reconnects.
+//! - [`fit`]: events made to fit the manager's payload limit (deltas split, others
+//!   truncated with a marker) before they enter an outbox.
 //! - [`provider`]: the provider trait and the scripted, openai and command providers.
 //! - [`config`] and [`setup`]: settings, and the providers built from them.
 
 pub mod config;
 pub mod connection;
 pub mod executor;
+pub mod fit;
 pub mod outbox;
 pub mod provider;
 pub mod setup;

@@ -1,6 +1,13 @@
 //! A run's outgoing events: numbered with the runner-side sequence, kept until the
 //! manager acknowledges them (after commit), resent after a reconnect, and bounded so a
 //! provider waits instead of the runner growing without limit.
+//!
+//! Two things keep a run from stalling here. Every event is made to fit the manager's
+//! payload limit as it is pushed ([`crate::fit`]), so the outbox never holds an event
+//! the manager would refuse; and a push waiting for room gives up as soon as the run is
+//! aborted (its lease is gone, so no acknowledgement will ever make room), so the run's
+//! task can end. Batches handed to the connection respect the manager's limits on
+//! events and bytes ([`BatchLimits`]).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -8,6 +15,40 @@ use std::sync::Mutex;
 use agentrun_shared::proto;
 use serde_json::Value;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::fit::{self, DEFAULT_MAX_PAYLOAD_BYTES, PayloadLimit};
+
+/// A push refused because the run was aborted: nothing more may be written for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the run was aborted")]
+pub struct Aborted;
+
+/// How large one `AppendEventsRequest` may be, from the manager's `Welcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Most events in one batch.
+    pub max_events: usize,
+    /// Most payload bytes (`payload_json`) in one batch; a single larger event still
+    /// goes, alone.
+    pub max_bytes: usize,
+}
+
+impl BatchLimits {
+    /// The limits a welcome names; a zero (a manager that does not say) takes a default
+    /// that fits the manager's defaults.
+    pub fn from_welcome(welcome: &proto::Welcome) -> Self {
+        let max_events = (welcome.max_batch_events.max(1) as usize).min(10_000);
+        let max_bytes = match usize::try_from(welcome.max_batch_bytes) {
+            Ok(0) | Err(_) => 4 * DEFAULT_MAX_PAYLOAD_BYTES,
+            Ok(bytes) => bytes,
+        };
+        Self {
+            max_events,
+            max_bytes,
+        }
+    }
+}
 
 /// Events of one run under one lease epoch.
 pub struct Outbox {
@@ -17,6 +58,10 @@ pub struct Outbox {
     /// Signalled when acknowledgements free space.
     space: Notify,
     capacity: usize,
+    /// The manager's payload limit, as its last welcome said.
+    limit: PayloadLimit,
+    /// The run's abort token: once it fires, pushes fail at once.
+    abort: CancellationToken,
 }
 
 struct State {
@@ -29,7 +74,14 @@ struct State {
 }
 
 impl Outbox {
-    pub fn new(capacity: usize, on_push: impl Fn() + Send + Sync + 'static) -> Self {
+    /// An outbox holding at most `capacity` unacknowledged events, fitting each to
+    /// `limit`, and refusing pushes once `abort` fires. `on_push` runs after each push.
+    pub fn new(
+        capacity: usize,
+        limit: PayloadLimit,
+        abort: CancellationToken,
+        on_push: impl Fn() + Send + Sync + 'static,
+    ) -> Self {
         Self {
             state: Mutex::new(State {
                 next_seq: 1,
@@ -39,13 +91,27 @@ impl Outbox {
             on_push: Box::new(on_push),
             space: Notify::new(),
             capacity: capacity.max(1),
+            limit,
+            abort,
         }
     }
 
-    /// Adds an event; waits while `capacity` events are unacknowledged.
-    pub async fn push(&self, event_type: &str, payload: Value) {
+    /// Adds an event, split or truncated to fit the payload limit (so possibly as
+    /// several events); waits while `capacity` events are unacknowledged. Fails, at once
+    /// and also while waiting, when the run is aborted.
+    pub async fn push(&self, event_type: &str, payload: Value) -> Result<(), Aborted> {
+        for payload_json in fit::fit(event_type, payload, self.limit.get()) {
+            self.push_one(event_type, payload_json).await?;
+        }
+        Ok(())
+    }
+
+    async fn push_one(&self, event_type: &str, payload_json: String) -> Result<(), Aborted> {
         loop {
             let space = self.space.notified();
+            if self.abort.is_cancelled() {
+                return Err(Aborted);
+            }
             {
                 let mut state = self.state.lock().expect("outbox lock");
                 if state.unacked.len() < self.capacity {
@@ -54,28 +120,37 @@ impl Outbox {
                     state.unacked.push_back(proto::RunnerEvent {
                         runner_seq,
                         r#type: event_type.to_owned(),
-                        payload_json: payload.to_string(),
+                        payload_json,
                     });
                     drop(state);
                     (self.on_push)();
-                    return;
+                    return Ok(());
                 }
             }
-            space.await;
+            // No acknowledgement comes for an aborted run: stop waiting for one.
+            tokio::select! {
+                _ = space => {}
+                _ = self.abort.cancelled() => return Err(Aborted),
+            }
         }
     }
 
-    /// Up to `max` events not yet handed out for sending, marked as sent.
-    pub fn take_unsent(&self, max: usize) -> Vec<proto::RunnerEvent> {
+    /// Events not yet handed out for sending, oldest first, as one batch within
+    /// `limits` (at least one event if any is unsent), marked as sent.
+    pub fn take_unsent(&self, limits: BatchLimits) -> Vec<proto::RunnerEvent> {
         let mut state = self.state.lock().expect("outbox lock");
         let sent_upto = state.sent_upto;
-        let batch: Vec<proto::RunnerEvent> = state
-            .unacked
-            .iter()
-            .filter(|e| e.runner_seq > sent_upto)
-            .take(max)
-            .cloned()
-            .collect();
+        let mut bytes = 0;
+        let mut batch: Vec<proto::RunnerEvent> = Vec::new();
+        for event in state.unacked.iter().filter(|e| e.runner_seq > sent_upto) {
+            if batch.len() >= limits.max_events
+                || (!batch.is_empty() && bytes + event.payload_json.len() > limits.max_bytes)
+            {
+                break;
+            }
+            bytes += event.payload_json.len();
+            batch.push(event.clone());
+        }
         if let Some(last) = batch.last() {
             state.sent_upto = last.runner_seq;
         }
@@ -128,49 +203,149 @@ mod tests {
 
     use super::*;
 
+    fn outbox(capacity: usize) -> Outbox {
+        Outbox::new(
+            capacity,
+            PayloadLimit::default(),
+            CancellationToken::new(),
+            || {},
+        )
+    }
+
+    fn events(max_events: usize) -> BatchLimits {
+        BatchLimits {
+            max_events,
+            max_bytes: usize::MAX,
+        }
+    }
+
+    fn seqs(batch: &[proto::RunnerEvent]) -> Vec<i64> {
+        batch.iter().map(|e| e.runner_seq).collect()
+    }
+
     #[tokio::test]
     async fn numbers_batches_resends_and_acks() {
-        let outbox = Outbox::new(10, || {});
+        let outbox = outbox(10);
         for i in 0..5 {
-            outbox.push("content.delta", json!({"i": i})).await;
+            outbox.push("content.delta", json!({"i": i})).await.unwrap();
         }
-        let first = outbox.take_unsent(3);
-        assert_eq!(
-            first.iter().map(|e| e.runner_seq).collect::<Vec<_>>(),
-            [1, 2, 3]
-        );
-        assert_eq!(outbox.take_unsent(10).len(), 2);
+        assert_eq!(seqs(&outbox.take_unsent(events(3))), [1, 2, 3]);
+        assert_eq!(outbox.take_unsent(events(10)).len(), 2);
         assert!(!outbox.has_unsent());
         outbox.ack(2);
         // Reconnected: the manager had 1..=3; 4 and 5 go again.
         outbox.rewind(3);
-        assert_eq!(
-            outbox
-                .take_unsent(10)
-                .iter()
-                .map(|e| e.runner_seq)
-                .collect::<Vec<_>>(),
-            [4, 5]
-        );
+        assert_eq!(seqs(&outbox.take_unsent(events(10))), [4, 5]);
         assert_eq!(outbox.last_pushed(), 5);
     }
 
     #[tokio::test]
+    async fn batches_are_cut_by_payload_bytes_as_well_as_by_count() {
+        let outbox = outbox(100);
+        // Payloads of exactly 100 bytes each.
+        let payload = json!({"delta": "x".repeat(77), "kind": "a"});
+        assert_eq!(payload.to_string().len(), 100);
+        for _ in 0..7 {
+            outbox.push("content.delta", payload.clone()).await.unwrap();
+        }
+        let limits = BatchLimits {
+            max_events: 1_000,
+            max_bytes: 250,
+        };
+        assert_eq!(seqs(&outbox.take_unsent(limits)), [1, 2]);
+        assert_eq!(seqs(&outbox.take_unsent(limits)), [3, 4]);
+        // The count still applies.
+        let both = BatchLimits {
+            max_events: 1,
+            max_bytes: 250,
+        };
+        assert_eq!(seqs(&outbox.take_unsent(both)), [5]);
+        // An event larger than the byte limit still goes, alone.
+        let tiny = BatchLimits {
+            max_events: 1_000,
+            max_bytes: 10,
+        };
+        assert_eq!(seqs(&outbox.take_unsent(tiny)), [6]);
+        assert_eq!(seqs(&outbox.take_unsent(tiny)), [7]);
+        assert!(outbox.take_unsent(tiny).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_delta_enters_as_several_events_that_fit() {
+        let outbox = Outbox::new(
+            100,
+            PayloadLimit::default(),
+            CancellationToken::new(),
+            || {},
+        );
+        let limit = PayloadLimit::default().get();
+        let delta = "y".repeat(3 * limit);
+        outbox
+            .push(
+                "content.delta",
+                json!({"item_id": "i", "kind": "assistant_text", "delta": delta}),
+            )
+            .await
+            .unwrap();
+        let batch = outbox.take_unsent(events(100));
+        assert_eq!(batch.len(), 4);
+        assert!(batch.iter().all(|e| e.payload_json.len() <= limit));
+        assert!(batch.iter().all(|e| e.r#type == "content.delta"));
+        let text: String = batch
+            .iter()
+            .map(|e| {
+                let p: Value = serde_json::from_str(&e.payload_json).unwrap();
+                p["delta"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(text, delta);
+        assert_eq!(seqs(&batch), [1, 2, 3, 4]);
+    }
+
+    #[tokio::test]
     async fn a_full_outbox_waits_for_acknowledgements() {
-        let outbox = Arc::new(Outbox::new(2, || {}));
-        outbox.push("a", json!({})).await;
-        outbox.push("b", json!({})).await;
+        let outbox = Arc::new(outbox(2));
+        outbox.push("a", json!({})).await.unwrap();
+        outbox.push("b", json!({})).await.unwrap();
         let pusher = tokio::spawn({
             let outbox = outbox.clone();
             async move { outbox.push("c", json!({})).await }
         });
         tokio::task::yield_now().await;
         assert!(!pusher.is_finished(), "the third event must wait");
-        outbox.take_unsent(10);
+        outbox.take_unsent(events(10));
         outbox.ack(1);
         tokio::time::timeout(Duration::from_secs(1), pusher)
             .await
             .unwrap()
+            .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_abort_ends_a_waiting_push_and_refuses_later_ones() {
+        let abort = CancellationToken::new();
+        let outbox = Arc::new(Outbox::new(
+            1,
+            PayloadLimit::default(),
+            abort.clone(),
+            || {},
+        ));
+        outbox.push("a", json!({})).await.unwrap();
+        let pusher = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.push("b", json!({})).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!pusher.is_finished(), "the second event must wait");
+        abort.cancel();
+        let pushed = tokio::time::timeout(Duration::from_secs(10), pusher)
+            .await
+            .expect("an abort ends the wait")
+            .unwrap();
+        assert_eq!(pushed, Err(Aborted));
+        outbox.ack(1);
+        assert_eq!(outbox.push("c", json!({})).await, Err(Aborted));
+        assert_eq!(outbox.last_pushed(), 1);
     }
 }

@@ -12,6 +12,7 @@ mod operability;
 mod properties;
 mod replicas;
 mod requests;
+mod runner_slots;
 mod runs;
 mod scheduling;
 mod sessions;
