@@ -688,8 +688,9 @@ async fn fingerprint_violations(
             continue;
         }
         what.push(format!(
-            "run {} (key {key:?}): request_hash",
-            row.get::<_, Uuid>("id")
+            "run {} ({}): request_hash",
+            row.get::<_, Uuid>("id"),
+            key_text(key.as_deref())
         ));
         canonical.push(run_fingerprint_text(&row));
         stored.push(hash);
@@ -704,9 +705,10 @@ async fn fingerprint_violations(
     {
         let key: Option<String> = row.get("idempotency_key");
         what.push(format!(
-            "{}: command {} (key {key:?}): payload_hash",
+            "{}: command {} ({}): payload_hash",
             row.get::<_, Uuid>("run_id"),
-            row.get::<_, i64>("seq")
+            row.get::<_, i64>("seq"),
+            key_text(key.as_deref())
         ));
         let rendered = json!([
             row.get::<_, &str>("kind"),
@@ -727,12 +729,17 @@ async fn fingerprint_violations(
     .await
 }
 
+fn key_text(key: Option<&str>) -> String {
+    key.map_or_else(|| "no key".to_owned(), |k| format!("key {k:?}"))
+}
+
 /// The text a run's `request_hash` is the sha256 of, rebuilt from its row: the same
 /// array, in the same order, as `NewRun::fingerprint` in `manager/src/store/runs.rs`.
 fn run_fingerprint_text(row: &tokio_postgres::Row) -> String {
     let mut canonical = json!([
         row.get::<_, &str>("project_id"),
-        row.get::<_, Option<Uuid>>("session_id").map(|s| s.to_string()),
+        row.get::<_, Option<Uuid>>("session_id")
+            .map(|s| s.to_string()),
         row.get::<_, &str>("backend_profile"),
         row.get::<_, Value>("input"),
         row.get::<_, &str>("queue"),
