@@ -20,37 +20,60 @@ use uuid::Uuid;
 // ---------------------------------------------------------------------------------------
 // Run state machine
 // ---------------------------------------------------------------------------------------
+//
+// The tables below are written out by hand from the model, edge by edge, and never from
+// `RunStatus::sources` / `CommandStatus::sources`: each test checks the code against them,
+// so a change to the code's transitions must be made here too, on purpose.
 
-/// The run lifecycle as documented (DESIGN.md §2: `pending → claimed → running ⇄ waiting →
-/// completed | failed | cancelled | blocked | expired`), written out edge by edge and
-/// independently of `RunStatus::sources`, with the documented extras: a held run whose
-/// lease is lost goes back to `pending`, a queued run can be cancelled, and only a run never
-/// claimed can expire in the queue.
-const RUN_EDGES: &[(RunStatus, RunStatus)] = {
+/// The run lifecycle as documented (DESIGN.md §2): `pending → claimed → running ⇄
+/// waiting → completed | failed | cancelled | blocked | expired`, the terminal states
+/// reached from `running` or `waiting`.
+const RUN_MODEL: &[(RunStatus, RunStatus)] = {
     use RunStatus::*;
     &[
         (Pending, Claimed),
-        (Pending, Cancelled),
-        (Pending, Expired),
         (Claimed, Running),
-        (Claimed, Waiting),
-        (Claimed, Pending),
-        (Claimed, Completed),
-        (Claimed, Failed),
-        (Claimed, Cancelled),
-        (Claimed, Blocked),
         (Running, Waiting),
-        (Running, Pending),
+        (Waiting, Running),
         (Running, Completed),
         (Running, Failed),
         (Running, Cancelled),
         (Running, Blocked),
-        (Waiting, Running),
-        (Waiting, Pending),
+        (Running, Expired),
         (Waiting, Completed),
         (Waiting, Failed),
         (Waiting, Cancelled),
         (Waiting, Blocked),
+        (Waiting, Expired),
+    ]
+};
+
+/// Model edges the code refuses: `expired` is the queue timeout, so only a run never
+/// claimed expires; a held run that runs out of time ends `failed` (`run_timeout`).
+const RUN_MODEL_REFUSED: &[(RunStatus, RunStatus)] = {
+    use RunStatus::*;
+    &[(Running, Expired), (Waiting, Expired)]
+};
+
+/// Edges the code allows beyond the model, each for a reason.
+const RUN_EXTRAS: &[(RunStatus, RunStatus)] = {
+    use RunStatus::*;
+    &[
+        // A lease lost (expired) or given back (drain) puts a held run back in the queue.
+        (Claimed, Pending),
+        (Running, Pending),
+        (Waiting, Pending),
+        // The first events of a lease may already open a request: one stored step.
+        (Claimed, Waiting),
+        // A runner may finish before it writes any event; the sweeper may time out, or
+        // end as cancelled, a run whose runner never started it.
+        (Claimed, Completed),
+        (Claimed, Failed),
+        (Claimed, Cancelled),
+        (Claimed, Blocked),
+        // CancelRun on a queued run ends it at once; the queue timeout expires it.
+        (Pending, Cancelled),
+        (Pending, Expired),
     ]
 };
 
@@ -61,6 +84,21 @@ const RUN_TERMINAL: &[RunStatus] = &[
     RunStatus::Blocked,
     RunStatus::Expired,
 ];
+
+/// What a runner may report with FinishRun: `expired` is the sweeper's alone.
+const RUNNER_OUTCOMES: &[RunStatus] = &[
+    RunStatus::Completed,
+    RunStatus::Failed,
+    RunStatus::Cancelled,
+    RunStatus::Blocked,
+];
+
+/// Whether the hand-written table allows `from → to`: a model edge the code keeps, or a
+/// named extra.
+fn run_table_allows(from: RunStatus, to: RunStatus) -> bool {
+    (RUN_MODEL.contains(&(from, to)) && !RUN_MODEL_REFUSED.contains(&(from, to)))
+        || RUN_EXTRAS.contains(&(from, to))
+}
 
 /// States reachable from `from` by legal transitions (including `from`).
 fn reachable<S: Copy + Eq + Ord>(from: S, all: &[S], legal: impl Fn(S, S) -> bool) -> BTreeSet<S> {
@@ -89,14 +127,38 @@ fn command_rank(s: CommandStatus) -> usize {
 }
 
 #[test]
-fn run_transitions_are_exactly_the_documented_table() {
+fn run_tables_are_well_formed() {
+    for edge in RUN_MODEL_REFUSED {
+        assert!(
+            RUN_MODEL.contains(edge),
+            "{edge:?} refused but not a model edge"
+        );
+    }
+    for edge in RUN_EXTRAS {
+        assert!(
+            !RUN_MODEL.contains(edge),
+            "{edge:?} is a model edge, not an extra"
+        );
+    }
+    let mut all: Vec<_> = RUN_MODEL.iter().chain(RUN_EXTRAS).collect();
+    let n = all.len();
+    all.sort_by_key(|(a, b)| (run_rank(*a), run_rank(*b)));
+    all.dedup();
+    assert_eq!(all.len(), n, "an edge is listed twice");
+}
+
+#[test]
+fn run_transitions_are_exactly_the_table() {
     for &from in RunStatus::ALL {
         for &to in RunStatus::ALL {
+            let legal = run_table_allows(from, to);
             assert_eq!(
                 RunStatus::can_transition(from, to),
-                RUN_EDGES.contains(&(from, to)),
+                legal,
                 "{from:?} -> {to:?}"
             );
+            // `sources` is what the SQL guards use (`WHERE status = ANY(sources)`).
+            assert_eq!(to.sources().contains(&from), legal, "{from:?} -> {to:?}");
         }
     }
     for &to in RunStatus::ALL {
@@ -114,51 +176,52 @@ fn run_state_sets_partition_the_lifecycle() {
     );
     for &s in RunStatus::ALL {
         assert_eq!(s.is_terminal(), RUN_TERMINAL.contains(&s), "{s:?}");
+        assert_eq!(s.is_runner_outcome(), RUNNER_OUTCOMES.contains(&s), "{s:?}");
         // Every state is exactly one of: queued, held under a lease, terminal.
         let kinds = [
             s == RunStatus::Pending,
             RunStatus::ACTIVE.contains(&s),
-            s.is_terminal(),
+            RUN_TERMINAL.contains(&s),
         ];
         assert_eq!(kinds.iter().filter(|k| **k).count(), 1, "{s:?}");
-        // What a runner may report is terminal, and a runner can report it from every
-        // state it holds a run in; `expired` is the sweeper's alone.
-        if s.is_runner_outcome() {
-            assert!(s.is_terminal(), "{s:?}");
-            for &held in RunStatus::ACTIVE {
-                assert!(RunStatus::can_transition(held, s), "{held:?} -> {s:?}");
-            }
+    }
+    // A runner can report each outcome from every state it holds a run in.
+    for &outcome in RUNNER_OUTCOMES {
+        for &held in RunStatus::ACTIVE {
+            assert!(run_table_allows(held, outcome), "{held:?} -> {outcome:?}");
+            assert!(
+                RunStatus::can_transition(held, outcome),
+                "{held:?} -> {outcome:?}"
+            );
         }
     }
-    assert!(!RunStatus::Expired.is_runner_outcome());
-    assert!(!RunStatus::Pending.is_runner_outcome());
 }
 
 #[test]
 fn run_lifecycle_is_well_formed() {
-    let legal =
-        |a: usize, b: usize| RunStatus::can_transition(RunStatus::ALL[a], RunStatus::ALL[b]);
     let all: Vec<usize> = (0..RunStatus::ALL.len()).collect();
+    let by_table = |a: usize, b: usize| run_table_allows(RunStatus::ALL[a], RunStatus::ALL[b]);
+    let by_code =
+        |a: usize, b: usize| RunStatus::can_transition(RunStatus::ALL[a], RunStatus::ALL[b]);
     for &s in RunStatus::ALL {
-        assert!(!RunStatus::can_transition(s, s), "{s:?} -> itself");
-        let from_here = reachable(run_rank(s), &all, legal);
-        if s.is_terminal() {
-            assert_eq!(from_here.len(), 1, "terminal {s:?} has an exit");
-        } else {
-            assert!(
-                from_here.iter().any(|i| RunStatus::ALL[*i].is_terminal()),
-                "{s:?} can never end"
-            );
+        assert!(!run_table_allows(s, s), "{s:?} -> itself");
+        let terminal = RUN_TERMINAL.contains(&s);
+        for legal in [&by_table as &dyn Fn(usize, usize) -> bool, &by_code] {
+            let from_here = reachable(run_rank(s), &all, legal);
+            if terminal {
+                assert_eq!(from_here.len(), 1, "terminal {s:?} has an exit");
+            } else {
+                assert!(
+                    from_here
+                        .iter()
+                        .any(|i| RUN_TERMINAL.contains(&RunStatus::ALL[*i])),
+                    "{s:?} can never end"
+                );
+            }
+            let from_pending = reachable(run_rank(RunStatus::Pending), &all, legal);
+            assert_eq!(from_pending.len(), all.len(), "a state no run can reach");
         }
-        // No source of a transition is terminal: a terminal source would be an exit.
-        assert!(s.sources().iter().all(|src| !src.is_terminal()), "{s:?}");
     }
-    let from_pending = reachable(run_rank(RunStatus::Pending), &all, legal);
-    assert_eq!(
-        from_pending.len(),
-        RunStatus::ALL.len(),
-        "a state no run can reach"
-    );
 }
 
 fn any_run_status() -> impl Strategy<Value = RunStatus> {
@@ -172,51 +235,31 @@ fn any_command_status() -> impl Strategy<Value = CommandStatus> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
-    /// A run row under random attempted updates, each applied the way the SQL applies
-    /// it (`UPDATE … WHERE status = ANY(sources)`): the path only uses documented edges,
-    /// a terminal state is final, and a run is claimed or expires only from the queue.
+    /// A run row under random attempted updates. The hand-written table decides which
+    /// apply; at every step the code (`can_transition`, and the `sources` list the SQL
+    /// guards with) must decide the same, and the path must keep the lifecycle's
+    /// promises: nothing after a terminal state, claimed and expired only from the queue.
     #[test]
     fn random_run_walks_follow_the_table(
         attempts in vec(any_run_status(), 0..64),
     ) {
         let mut status = RunStatus::Pending;
-        let mut ended_at: Option<usize> = None;
-        for (i, to) in attempts.into_iter().enumerate() {
-            let applied = to.sources().contains(&status);
-            prop_assert_eq!(applied, RunStatus::can_transition(status, to));
-            prop_assert_eq!(applied, RUN_EDGES.contains(&(status, to)));
-            if ended_at.is_some() {
-                prop_assert!(!applied, "{:?} -> {:?} after the end", status, to);
-            }
-            if applied {
-                if matches!(to, RunStatus::Claimed | RunStatus::Expired) {
-                    prop_assert_eq!(status, RunStatus::Pending);
-                }
-                status = to;
-                if to.is_terminal() {
-                    ended_at = Some(i);
-                }
-            }
-        }
-        prop_assert_eq!(ended_at.is_some(), status.is_terminal());
-    }
-
-    /// Every state a walk leaves a run in can still end it.
-    #[test]
-    fn every_reached_run_state_can_still_end(
-        attempts in vec(any_run_status(), 0..32),
-    ) {
-        let mut status = RunStatus::Pending;
+        let mut ended = false;
         for to in attempts {
-            if RunStatus::can_transition(status, to) {
-                status = to;
+            let legal = run_table_allows(status, to);
+            prop_assert_eq!(RunStatus::can_transition(status, to), legal, "{:?} -> {:?}", status, to);
+            prop_assert_eq!(to.sources().contains(&status), legal, "{:?} -> {:?}", status, to);
+            if !legal {
+                continue;
             }
+            prop_assert!(!ended, "{:?} -> {:?} after the end", status, to);
+            if matches!(to, RunStatus::Claimed | RunStatus::Expired) {
+                prop_assert_eq!(status, RunStatus::Pending);
+            }
+            status = to;
+            ended = RUN_TERMINAL.contains(&to);
         }
-        let all: Vec<usize> = (0..RunStatus::ALL.len()).collect();
-        let ends = reachable(run_rank(status), &all, |a, b| {
-            RunStatus::can_transition(RunStatus::ALL[a], RunStatus::ALL[b])
-        });
-        prop_assert!(ends.iter().any(|i| RunStatus::ALL[*i].is_terminal()));
+        prop_assert_eq!(ended, status.is_terminal());
     }
 }
 
@@ -224,36 +267,65 @@ proptest! {
 // Command state machine
 // ---------------------------------------------------------------------------------------
 
-/// The command lifecycle as documented (`pending → delivered → acknowledged → completed |
-/// failed | cancelled`), plus redelivery of a command whose runner lost its lease, a
-/// delivered command finished without an acknowledgement, and a pending command cancelled
-/// before delivery.
-const COMMAND_EDGES: &[(CommandStatus, CommandStatus)] = {
+/// The command lifecycle as documented: `pending → delivered → acknowledged → completed |
+/// failed | cancelled`.
+const COMMAND_MODEL: &[(CommandStatus, CommandStatus)] = {
     use CommandStatus::*;
     &[
         (Pending, Delivered),
-        (Pending, Cancelled),
         (Delivered, Acknowledged),
-        (Delivered, Pending),
-        (Delivered, Completed),
-        (Delivered, Failed),
-        (Delivered, Cancelled),
-        (Acknowledged, Pending),
         (Acknowledged, Completed),
         (Acknowledged, Failed),
         (Acknowledged, Cancelled),
     ]
 };
 
+/// Edges the code allows beyond the model, each for a reason. (Not a transition: the
+/// `cancel` command of a run cancelled while queued is stored `completed` at once, the
+/// manager carrying it out itself.)
+const COMMAND_EXTRAS: &[(CommandStatus, CommandStatus)] = {
+    use CommandStatus::*;
+    &[
+        // Redelivery: a command held by a runner that lost its lease is owed again to
+        // the next one, acknowledged or not.
+        (Delivered, Pending),
+        (Acknowledged, Pending),
+        // A runner may finish a command without acknowledging it first.
+        (Delivered, Completed),
+        (Delivered, Failed),
+        (Delivered, Cancelled),
+        // The run ended before the command was delivered (`commands::cancel_open`).
+        (Pending, Cancelled),
+    ]
+};
+
+const COMMAND_FINAL: &[CommandStatus] = &[
+    CommandStatus::Completed,
+    CommandStatus::Failed,
+    CommandStatus::Cancelled,
+];
+
+fn command_table_allows(from: CommandStatus, to: CommandStatus) -> bool {
+    COMMAND_MODEL.contains(&(from, to)) || COMMAND_EXTRAS.contains(&(from, to))
+}
+
 #[test]
-fn command_transitions_are_exactly_the_documented_table() {
+fn command_transitions_are_exactly_the_table() {
+    for edge in COMMAND_EXTRAS {
+        assert!(
+            !COMMAND_MODEL.contains(edge),
+            "{edge:?} is a model edge, not an extra"
+        );
+    }
     for &from in CommandStatus::ALL {
         for &to in CommandStatus::ALL {
+            let legal = command_table_allows(from, to);
             assert_eq!(
                 CommandStatus::can_transition(from, to),
-                COMMAND_EDGES.contains(&(from, to)),
+                legal,
                 "{from:?} -> {to:?}"
             );
+            assert_eq!(to.sources().contains(&from), legal, "{from:?} -> {to:?}");
         }
     }
     assert_eq!(
@@ -264,31 +336,44 @@ fn command_transitions_are_exactly_the_documented_table() {
             CommandStatus::Acknowledged
         ]
     );
-    let legal = |a: usize, b: usize| {
+    let all: Vec<usize> = (0..CommandStatus::ALL.len()).collect();
+    let by_table =
+        |a: usize, b: usize| command_table_allows(CommandStatus::ALL[a], CommandStatus::ALL[b]);
+    let by_code = |a: usize, b: usize| {
         CommandStatus::can_transition(CommandStatus::ALL[a], CommandStatus::ALL[b])
     };
-    let all: Vec<usize> = (0..CommandStatus::ALL.len()).collect();
     for &s in CommandStatus::ALL {
-        assert!(!CommandStatus::can_transition(s, s), "{s:?} -> itself");
-        assert_eq!(s.is_final(), !CommandStatus::OPEN.contains(&s));
-        let from_here = reachable(command_rank(s), &all, legal);
-        if s.is_final() {
-            assert_eq!(from_here.len(), 1, "final {s:?} has an exit");
-        } else {
-            assert!(
-                from_here.iter().any(|i| CommandStatus::ALL[*i].is_final()),
-                "{s:?} can never finish"
+        assert!(!command_table_allows(s, s), "{s:?} -> itself");
+        let final_ = COMMAND_FINAL.contains(&s);
+        assert_eq!(s.is_final(), final_, "{s:?}");
+        assert_eq!(CommandStatus::OPEN.contains(&s), !final_, "{s:?}");
+        for legal in [&by_table as &dyn Fn(usize, usize) -> bool, &by_code] {
+            let from_here = reachable(command_rank(s), &all, legal);
+            if final_ {
+                assert_eq!(from_here.len(), 1, "final {s:?} has an exit");
+            } else {
+                assert!(
+                    from_here
+                        .iter()
+                        .any(|i| COMMAND_FINAL.contains(&CommandStatus::ALL[*i])),
+                    "{s:?} can never finish"
+                );
+            }
+            let from_pending = reachable(command_rank(CommandStatus::Pending), &all, legal);
+            assert_eq!(
+                from_pending.len(),
+                all.len(),
+                "a state no command can reach"
             );
         }
-        assert!(s.sources().iter().all(|src| !src.is_final()), "{s:?}");
     }
-    let from_pending = reachable(command_rank(CommandStatus::Pending), &all, legal);
-    assert_eq!(from_pending.len(), CommandStatus::ALL.len());
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
+    /// A command row under random attempted updates, decided by the hand-written table;
+    /// the code must agree at every step, and nothing applies after a final state.
     #[test]
     fn random_command_walks_follow_the_table(
         attempts in vec(any_command_status(), 0..64),
@@ -296,14 +381,15 @@ proptest! {
         let mut status = CommandStatus::Pending;
         let mut finished = false;
         for to in attempts {
-            let applied = to.sources().contains(&status);
-            prop_assert_eq!(applied, CommandStatus::can_transition(status, to));
-            prop_assert_eq!(applied, COMMAND_EDGES.contains(&(status, to)));
-            prop_assert!(!(finished && applied), "{:?} -> {:?} after finishing", status, to);
-            if applied {
-                status = to;
-                finished = to.is_final();
+            let legal = command_table_allows(status, to);
+            prop_assert_eq!(CommandStatus::can_transition(status, to), legal, "{:?} -> {:?}", status, to);
+            prop_assert_eq!(to.sources().contains(&status), legal, "{:?} -> {:?}", status, to);
+            if !legal {
+                continue;
             }
+            prop_assert!(!finished, "{:?} -> {:?} after finishing", status, to);
+            status = to;
+            finished = COMMAND_FINAL.contains(&to);
         }
         prop_assert_eq!(finished, status.is_final());
     }

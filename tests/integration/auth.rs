@@ -1,8 +1,9 @@
 //! Authentication and authorisation: API keys bound to a tenant (and projects) and a role.
 //! Each role's limits, tenant isolation by key, revoked keys refused, real runner
-//! processes with and without a key, `agentrun-manager keys`, and the refusal of
-//! development mode off loopback.
+//! processes with and without a key (the keyless one provably refused, not merely slow to
+//! start), `agentrun-manager keys`, and the refusal of development mode off loopback.
 
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,8 @@ use agentrun_manager::store::api_keys::{self, Role};
 use agentrun_manager::{Application, db};
 use agentrun_shared::proto::{self, RunStatus};
 use agentrun_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tonic::{Code, Request};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -567,11 +570,43 @@ async fn a_key_bound_to_projects_creates_runs_only_there() {
     assert_eq!(listed.runs.len(), 1);
 }
 
+/// RunnerService calls the manager refused as UNAUTHENTICATED so far, read from its
+/// `/metrics` (`agentrun_rpc_requests_total`).
+async fn runner_calls_refused(metrics: SocketAddr) -> f64 {
+    let mut stream = TcpStream::connect(metrics)
+        .await
+        .expect("connect to /metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send the scrape");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read the scrape");
+    response
+        .lines()
+        .filter(|line| line.starts_with("agentrun_rpc_requests_total{"))
+        .filter(|line| {
+            line.contains("/agentrun.v1.RunnerService/")
+                && line.contains("code=\"Unauthenticated\"")
+        })
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
 #[tokio::test]
 async fn a_runner_process_needs_a_runner_key() {
-    let mut app = secured().await;
+    let mut app = TestApp::spawn_with(|s| {
+        s.auth = AuthMode::Required;
+        s.metrics_listen = "127.0.0.1:0".into();
+    })
+    .await;
+    let metrics = app.metrics_addr.expect("metrics are served");
     let client = key(&app, "acme", Role::Client, &[]).await;
     let runner_key = key(&app, "acme", Role::Runner, &[]).await;
+    let admin = key(&app, "acme", Role::Admin, &[]).await;
     let get = |app: &TestApp, run_id: String| {
         let mut runs = app.runs.clone();
         let client = client.clone();
@@ -584,22 +619,76 @@ async fn a_runner_process_needs_a_runner_key() {
                 .expect("run")
         }
     };
+    let runner_names = |app: &TestApp| {
+        let mut admin_client = app.admin.clone();
+        let admin = admin.clone();
+        async move {
+            admin_client
+                .list_runners(with_key(&admin, proto::ListRunnersRequest {}))
+                .await
+                .expect("list runners")
+                .into_inner()
+                .runners
+                .into_iter()
+                .map(|r| r.name)
+                .collect::<Vec<_>>()
+        }
+    };
 
-    let keyless = RunnerProcess::start(app.addr, "keyless", &[]);
     let run_id = create_run(&mut app, &client).await;
-    let until = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < until {
+    // The run stays pending while the keyless runner is provably up and knocking: the
+    // manager refuses its calls again and again after the run was created (quick
+    // retries), and never lists it as connected.
+    let refused_before = runner_calls_refused(metrics).await;
+    let keyless = RunnerProcess::start(app.addr, "keyless", &[("AGENTRUN_MAX_BACKOFF_MS", "200")]);
+    let deadline = Instant::now() + LONG;
+    loop {
         let run = get(&app, run_id.clone()).await;
         assert_eq!(
             status_of(&run),
             RunStatus::Pending,
             "a runner without a key got a run"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let refused = runner_calls_refused(metrics).await - refused_before;
+        if refused >= 3.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the keyless runner was refused only {refused} times: is it running?"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(!runner_names(&app).await.contains(&"keyless".to_owned()));
+    let events = app
+        .runs
+        .list_events(with_key(
+            &client,
+            proto::ListEventsRequest {
+                run_id: run_id.clone(),
+                limit: 100,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("list events")
+        .into_inner()
+        .events;
+    assert!(
+        events.iter().all(|e| e.r#type != "run.claimed"),
+        "the run was claimed at some point: {events:?}"
+    );
     drop(keyless);
 
+    // The same runner with a key connects (listed) and takes the run to the end.
     let _keyed = RunnerProcess::start(app.addr, "keyed", &[("AGENTRUN_API_KEY", &runner_key)]);
+    wait_for("the keyed runner to be listed", LONG, || async {
+        runner_names(&app)
+            .await
+            .contains(&"keyed".to_owned())
+            .then_some(())
+    })
+    .await;
     let deadline = Instant::now() + LONG;
     loop {
         let run = get(&app, run_id.clone()).await;

@@ -1664,74 +1664,261 @@ async fn the_invariant_check_catches_a_corrupted_database() {
             .unwrap();
     }
     let db = app.db().await;
+
+    // The paths the later checks read, one run each, made through the API: a lease that
+    // expired once, a lease lost on the last attempt, requests resolved, expired and
+    // cancelled, idempotency keys and a cancel the manager carried out itself.
+    let lived = lived_through_a_requeue(&mut app, &me, &db).await;
+    let lost = lost_on_the_last_attempt(&mut app, &db).await;
+    let asked = asked_three_questions(&mut app, &me, &db).await;
+    let keyed = keyed_and_cancelled_while_queued(&mut app).await;
+
     let summary = assert_invariants(&db, Settled::AllTerminal, &acks).await;
     assert_eq!(
         (
             summary.count(RunStatus::Completed),
-            summary.count(RunStatus::Cancelled)
+            summary.count(RunStatus::Cancelled),
+            summary.count(RunStatus::Failed),
         ),
-        (2, 1)
+        (4, 2, 1)
     );
 
-    // Now break it, one invariant per run, and see each reported.
+    // Now break it, one invariant per run (or row), and see each reported.
     let ids: Vec<Uuid> = run_ids
         .iter()
         .map(|r| Uuid::parse_str(r).unwrap())
         .collect();
     let (gap, twice, cancelled) = (held_id(&held[0]), held_id(&held[1]), held_id(&held[2]));
     assert_eq!(ids.len(), 3);
-    db.execute(
+    let pending = create_all(&mut app.runs.clone(), vec![run_request("never run")]).await;
+    let never_run = Uuid::parse_str(&pending[0]).unwrap();
+    corrupt(
+        &db,
         "DELETE FROM events WHERE run_id = $1 AND runner_seq = 2",
         &[&gap],
     )
-    .await
-    .unwrap();
-    db.execute(
+    .await;
+    corrupt(
+        &db,
         "INSERT INTO events (run_id, seq, type, payload, producer)
          SELECT run_id, seq + 1, type, payload, producer FROM events
          WHERE run_id = $1 AND type = 'run.terminal'",
         &[&twice],
     )
-    .await
-    .unwrap();
-    db.execute(
+    .await;
+    corrupt(
+        &db,
         "UPDATE runs SET last_event_seq = last_event_seq + 1 WHERE id = $1",
         &[&twice],
     )
-    .await
-    .unwrap();
-    db.execute(
+    .await;
+    corrupt(
+        &db,
         "UPDATE runs SET status = 'completed' WHERE id = $1",
         &[&cancelled],
     )
-    .await
-    .unwrap();
+    .await;
     // The claim names another runner than the one that wrote: a write outside its lease.
-    db.execute(
+    corrupt(
+        &db,
         "UPDATE events SET payload = jsonb_set(payload, '{runner_id}', to_jsonb($2::text))
          WHERE run_id = $1 AND type = 'run.claimed'",
         &[&gap, &Uuid::new_v4().to_string()],
     )
-    .await
-    .unwrap();
-    let pending = create_all(&mut app.runs.clone(), vec![run_request("never run")]).await;
+    .await;
+    // A delivery of a command the run does not have.
+    corrupt(
+        &db,
+        "UPDATE events SET payload = jsonb_set(payload, '{command_id}', to_jsonb($2::text))
+         WHERE run_id = $1 AND type = 'command.delivered'",
+        &[&twice, &Uuid::new_v4().to_string()],
+    )
+    .await;
+    // A third attempt that no expired lease paid for.
+    corrupt(&db, "UPDATE runs SET attempt = 3 WHERE id = $1", &[&lived]).await;
+    // The runner reported its turn completed; the row says failed.
+    corrupt(
+        &db,
+        "UPDATE commands SET status = 'failed' WHERE run_id = $1 AND status = 'completed'",
+        &[&lived],
+    )
+    .await;
+    // The delivery under the second lease is gone: the runner finished a command it was
+    // never given under that lease.
+    corrupt(
+        &db,
+        "UPDATE events SET type = 'runtime.warning'
+         WHERE run_id = $1 AND type = 'command.delivered'
+           AND seq > (SELECT max(seq) FROM events WHERE run_id = $1 AND type = 'run.claimed')",
+        &[&lived],
+    )
+    .await;
+    // Failed runner_lost with an attempt to spare, and a claim naming the wrong attempt.
+    corrupt(
+        &db,
+        "UPDATE runs SET max_attempts = 2 WHERE id = $1",
+        &[&lost],
+    )
+    .await;
+    corrupt(
+        &db,
+        "UPDATE events SET payload = jsonb_set(payload, '{attempt}', '2')
+         WHERE run_id = $1 AND type = 'run.claimed'",
+        &[&lost],
+    )
+    .await;
+    // A command that says completed with no runner's report: nobody carried it out.
+    corrupt(
+        &db,
+        "UPDATE commands SET status = 'completed', error = NULL WHERE run_id = $1 AND kind = 'steer'",
+        &[&keyed],
+    )
+    .await;
+    // A queued run whose command a runner still holds (it was never handed back).
+    corrupt(
+        &db,
+        "UPDATE commands SET status = 'acknowledged' WHERE run_id = $1",
+        &[&never_run],
+    )
+    .await;
+    // Requests: the cancelled one claims an answer nobody recorded, the resolved one's
+    // answer changed after the fact, and the expired one's opening names another id.
+    corrupt(
+        &db,
+        "UPDATE requests SET status = 'resolved', resolution = '{\"decision\": \"accept\"}'
+         WHERE id = $1",
+        &[&asked.cancelled],
+    )
+    .await;
+    corrupt(
+        &db,
+        "UPDATE requests SET resolution = '{\"decision\": \"decline\"}' WHERE id = $1",
+        &[&asked.resolved],
+    )
+    .await;
+    corrupt(
+        &db,
+        "UPDATE events SET payload = jsonb_set(payload, '{request_id}', to_jsonb($2::text))
+         WHERE run_id = $1 AND type = 'request.opened' AND payload->>'request_id' = $3",
+        &[
+            &asked.run,
+            &Uuid::new_v4().to_string(),
+            &asked.expired.to_string(),
+        ],
+    )
+    .await;
+    // Idempotency: the stored request and command no longer hash to their fingerprints,
+    // and, with the unique indexes gone, a key names two runs and two commands.
+    corrupt(
+        &db,
+        "UPDATE runs SET input = '{\"prompt\": \"something else\"}' WHERE id = $1",
+        &[&keyed],
+    )
+    .await;
+    corrupt(
+        &db,
+        "UPDATE commands SET payload = '{\"prompt\": \"something else\"}'
+         WHERE run_id = $1 AND seq = 1",
+        &[&keyed],
+    )
+    .await;
+    db.batch_execute("DROP INDEX runs_idempotency; DROP INDEX commands_idempotency")
+        .await
+        .unwrap();
+    corrupt(
+        &db,
+        "UPDATE runs SET idempotency_key = $2 WHERE id = $1",
+        &[&lived, &KEYED_RUN],
+    )
+    .await;
+    corrupt(
+        &db,
+        "UPDATE commands SET idempotency_key = $2 WHERE run_id = $1 AND kind = 'cancel'",
+        &[&keyed, &KEYED_STEER],
+    )
+    .await;
     let mut too_much = acks.clone();
     too_much.push(Acked::new(&pending[0], 1, 3));
 
     let (_, violations) = invariant_violations(&db, Settled::AllTerminal, &too_much).await;
-    for expected in [
-        "event seq not gapless",
-        "runner events of an epoch not 1, 2, 3",
-        "acknowledged event missing",
-        "run.terminal count",
-        "completed after cancellation was requested",
-        "run.terminal not last or not the run's status",
-        "not settled",
-        "runner event outside its lease",
-    ] {
+    let [lived, lost, keyed, never_run, twice] =
+        [lived, lost, keyed, never_run, twice].map(|id| id.to_string());
+    let [asked_run, resolved, cancelled_request, expired] =
+        [asked.run, asked.resolved, asked.cancelled, asked.expired].map(|id| id.to_string());
+    // Each check, with what its line must name: the corrupted run, row or detail.
+    let expected: &[(&str, &[&str])] = &[
+        ("event seq not gapless", &[]),
+        ("runner events of an epoch not 1, 2, 3", &[]),
+        ("acknowledged event missing", &[]),
+        ("run.terminal count", &[]),
+        ("completed after cancellation was requested", &[]),
+        ("run.terminal not last or not the run's status", &[]),
+        ("not settled", &[]),
+        ("runner event outside its lease", &[]),
+        (
+            "attempt is not 1 + lease_expired requeues",
+            &[&lived, "attempt 3"],
+        ),
+        (
+            "event attempt disagrees with the requeues before it",
+            &[&lost, "run.claimed"],
+        ),
+        ("runner_lost before the last attempt", &[&lost, "1 of 2"]),
+        (
+            "command event names no command of its run",
+            &[&twice, "command.delivered"],
+        ),
+        (
+            "command.completed does not match its command",
+            &[&lived, "is failed", "says completed"],
+        ),
+        (
+            "finished command without exactly one command.completed",
+            &[&keyed, "(steer) is completed with 0"],
+        ),
+        (
+            "command.completed without a delivery under its lease",
+            &[&lived],
+        ),
+        (
+            "delivered command not held under the run's current lease",
+            &[&never_run, "acknowledged while the run is pending"],
+        ),
+        (
+            "request without its request.opened",
+            &[&asked_run, &expired],
+        ),
+        (
+            "request.resolved count",
+            &[&cancelled_request, "resolved with 0"],
+        ),
+        (
+            "request.resolved does not match its request",
+            &[&asked_run, &resolved, "(accept) names", "(decline)"],
+        ),
+        (
+            "idempotency key names more than one row",
+            &[KEYED_RUN, "2 runs"],
+        ),
+        (
+            "idempotency key names more than one row",
+            &[&keyed, KEYED_STEER, "2 commands"],
+        ),
+        (
+            "idempotency fingerprint does not match",
+            &[&keyed, "request_hash"],
+        ),
+        (
+            "idempotency fingerprint does not match",
+            &[&keyed, "command 1", "payload_hash"],
+        ),
+    ];
+    for (check, names) in expected {
         assert!(
-            violations.iter().any(|v| v.starts_with(expected)),
-            "{expected:?} not reported among {violations:#?}"
+            violations
+                .iter()
+                .any(|v| v.starts_with(check) && names.iter().all(|n| v.contains(n))),
+            "{check:?} naming {names:?} not reported among {violations:#?}"
         );
     }
     let (_, in_flight) = invariant_violations(&db, Settled::TerminalOrPending, &acks).await;
@@ -1739,8 +1926,243 @@ async fn the_invariant_check_catches_a_corrupted_database() {
         !in_flight.iter().any(|v| v.starts_with("not settled")),
         "a pending run is fine when runs may be queued: {in_flight:#?}"
     );
+
+    // A run waiting for an answer nobody can give: it has no open request.
+    corrupt(
+        &db,
+        "UPDATE runs SET status = 'waiting' WHERE id = $1",
+        &[&pending[0].parse::<Uuid>().unwrap()],
+    )
+    .await;
+    let (_, violations) = invariant_violations(&db, Settled::Any, &[]).await;
+    assert!(
+        violations
+            .iter()
+            .any(|v| v.starts_with("waiting run without an open request") && v.contains(&never_run)),
+        "a waiting run without an open request not reported among {violations:#?}"
+    );
 }
 
 fn held_id(a: &proto::Assignment) -> Uuid {
     Uuid::parse_str(&a.run.as_ref().unwrap().run_id).unwrap()
+}
+
+/// Runs one corrupting statement, which must change something.
+async fn corrupt(
+    db: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) {
+    let changed = db.execute(sql, params).await.unwrap();
+    assert!(changed > 0, "the corruption changed nothing: {sql}");
+}
+
+/// Waits until `sql` (whose `$1` is `id`) returns a row.
+async fn wait_for_row(db: &tokio_postgres::Client, what: &str, sql: &str, id: Uuid) {
+    wait_for(what, LONG, || async move {
+        db.query_opt(sql, &[&id]).await.unwrap().map(drop)
+    })
+    .await;
+}
+
+/// Creates `request` (the only pending run) and has it claimed, through a replica with
+/// a short lease, by a runner that never heartbeats: the lease expires. Returns its id.
+async fn claimed_by_a_dying_runner(app: &mut TestApp, request: proto::CreateRunRequest) -> Uuid {
+    let id = create_all(&mut app.runs.clone(), vec![request])
+        .await
+        .remove(0);
+    let mut quick = TestApp::spawn_on(&app.database_url, |s| s.lease_ttl_ms = 500).await;
+    let held = claim(&mut quick, &runner("dies"), 1).await;
+    assert_eq!(held_id(&held[0]).to_string(), id);
+    Uuid::parse_str(&id).unwrap()
+}
+
+/// A run whose first lease expires and is requeued, then claimed by `me`, which reports
+/// its turn completed and finishes it. Returns its id.
+async fn lived_through_a_requeue(
+    app: &mut TestApp,
+    me: &proto::RunnerIdentity,
+    db: &tokio_postgres::Client,
+) -> Uuid {
+    let run = claimed_by_a_dying_runner(app, scripted("lived through a requeue", 3)).await;
+    wait_for_row(
+        db,
+        "the expired lease to be requeued",
+        "SELECT 1 FROM runs WHERE id = $1 AND status = 'pending' AND attempt = 2",
+        run,
+    )
+    .await;
+    let a = claim(app, me, 1).await.remove(0);
+    assert_eq!(held_id(&a), run);
+    let mut request = append(me, &a, deltas(1, 1));
+    request.command_updates = vec![completed(&a.commands[0].command_id)];
+    app.runners.append_events(request).await.unwrap();
+    app.runners
+        .finish_run(finish(me, &a, RunStatus::Completed))
+        .await
+        .unwrap();
+    run
+}
+
+/// A run with one attempt whose lease expires: failed `runner_lost`. Returns its id.
+async fn lost_on_the_last_attempt(app: &mut TestApp, db: &tokio_postgres::Client) -> Uuid {
+    let run = claimed_by_a_dying_runner(app, scripted("lost on the last attempt", 1)).await;
+    wait_for_row(
+        db,
+        "the run to fail runner_lost",
+        "SELECT 1 FROM runs WHERE id = $1 AND status = 'failed' AND failure_kind = 'runner_lost'",
+        run,
+    )
+    .await;
+    run
+}
+
+/// A runner's report that a command completed.
+fn completed(command_id: &str) -> proto::CommandUpdate {
+    proto::CommandUpdate {
+        command_id: command_id.into(),
+        status: proto::CommandStatus::Completed as i32,
+        error: String::new(),
+    }
+}
+
+/// Runner events numbered from `from`.
+fn runner_events(from: i64, events: &[(&str, Value)]) -> Vec<proto::RunnerEvent> {
+    events
+        .iter()
+        .zip(from..)
+        .map(|((event_type, payload), runner_seq)| proto::RunnerEvent {
+            runner_seq,
+            r#type: (*event_type).into(),
+            payload_json: payload.to_string(),
+        })
+        .collect()
+}
+
+/// A `request.opened` event, with a deadline when `timeout_ms` is given.
+fn request_opened(id: Uuid, timeout_ms: Option<i64>) -> (&'static str, Value) {
+    let mut payload = serde_json::json!({
+        "request_id": id.to_string(),
+        "kind": "command",
+        "detail": {"command": "make deploy"},
+        "options": ["accept", "decline"],
+    });
+    if let Some(ms) = timeout_ms {
+        payload["timeout_ms"] = ms.into();
+    }
+    ("request.opened", payload)
+}
+
+/// The run of [`asked_three_questions`] and its requests.
+struct Asked {
+    run: Uuid,
+    resolved: Uuid,
+    expired: Uuid,
+    cancelled: Uuid,
+}
+
+/// A run held by `me` that opens three requests in its turn: one a client resolves,
+/// one that expires, one cancelled when the turn completes; then it finishes.
+async fn asked_three_questions(
+    app: &mut TestApp,
+    me: &proto::RunnerIdentity,
+    db: &tokio_postgres::Client,
+) -> Asked {
+    create_all(
+        &mut app.runs.clone(),
+        vec![run_request("asks three questions")],
+    )
+    .await;
+    let a = claim(app, me, 1).await.remove(0);
+    let run = held_id(&a);
+    let turn = a.commands[0].command_id.clone();
+    let (resolved, expired, cancelled) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let asking = [
+        ("turn.started", serde_json::json!({ "turn_id": turn })),
+        request_opened(resolved, None),
+        request_opened(expired, Some(1)),
+        request_opened(cancelled, None),
+    ];
+    app.runners
+        .append_events(append(me, &a, runner_events(1, &asking)))
+        .await
+        .unwrap();
+    app.runs
+        .resolve_request(proto::ResolveRequestRequest {
+            run_id: run.to_string(),
+            request_id: resolved.to_string(),
+            decision: "accept".into(),
+            answers_json: String::new(),
+        })
+        .await
+        .unwrap();
+    wait_for_row(
+        db,
+        "the request with a 1 ms deadline to expire",
+        "SELECT 1 FROM requests WHERE id = $1 AND status = 'expired'",
+        expired,
+    )
+    .await;
+    let turn_ends = [(
+        "turn.completed",
+        serde_json::json!({"turn_id": turn, "state": "completed"}),
+    )];
+    let mut request = append(me, &a, runner_events(5, &turn_ends));
+    request.command_updates = vec![completed(&turn)];
+    app.runners.append_events(request).await.unwrap();
+    app.runners
+        .finish_run(finish(me, &a, RunStatus::Completed))
+        .await
+        .unwrap();
+    let statuses: Vec<String> = db
+        .query(
+            "SELECT status FROM requests WHERE id = ANY($1) ORDER BY array_position($1, id)",
+            &[&vec![resolved, expired, cancelled]],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(statuses, ["resolved", "expired", "cancelled"]);
+    Asked {
+        run,
+        resolved,
+        expired,
+        cancelled,
+    }
+}
+
+/// The idempotency keys of [`keyed_and_cancelled_while_queued`].
+const KEYED_RUN: &str = "keyed-run";
+const KEYED_STEER: &str = "keyed-steer";
+
+/// A run created with an idempotency key, given a steer with another, and cancelled
+/// while queued (the manager carries the cancel out itself). Returns its id.
+async fn keyed_and_cancelled_while_queued(app: &mut TestApp) -> Uuid {
+    let request = proto::CreateRunRequest {
+        idempotency_key: KEYED_RUN.into(),
+        ..run_request("keyed")
+    };
+    let run_id = create_all(&mut app.runs.clone(), vec![request])
+        .await
+        .remove(0);
+    app.runs
+        .send_command(proto::SendCommandRequest {
+            run_id: run_id.clone(),
+            kind: proto::CommandKind::Steer as i32,
+            payload_json: serde_json::json!({ "text": "keyed steer" }).to_string(),
+            idempotency_key: KEYED_STEER.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    app.runs
+        .cancel_run(proto::CancelRunRequest {
+            run_id: run_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    Uuid::parse_str(&run_id).unwrap()
 }

@@ -1,14 +1,28 @@
-//! WatchRun: replay then live, no gap and no duplicate at the seam, across replicas, through
-//! a dropped LISTEN connection, after a client reconnect, and with a slow client around.
+//! WatchRun: replay then live, no gap and no duplicate at the seam, across replicas (woken
+//! by NOTIFY, and catching up through a dropped LISTEN connection), after a client
+//! reconnect, and with a slow client around.
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use agentrun_shared::proto::run_service_client::RunServiceClient;
+use agentrun_shared::proto::runner_service_client::RunnerServiceClient;
 use agentrun_shared::proto::{self, RunStatus};
 use agentrun_tests::*;
 use tonic::Code;
 use tonic::codec::Streaming;
 
 const LONG: Duration = Duration::from_secs(60);
+
+/// PROPOSED manager setting, not read by the manager yet: the watchers' safety-net poll
+/// (today the constant `POLL` of one second in `manager/src/api/watch.rs`). Until the
+/// manager reads it, a watcher is also woken by that poll, and the NOTIFY test below could
+/// not tell the two apart; it is ignored until then.
+const WATCH_POLL_ENV: &str = "AGENTRUN_WATCH_POLL_INTERVAL_MS";
+
+/// How soon a wake-up from another replica must arrive: far below the polls the NOTIFY
+/// test configures (60 s), far above a NOTIFY's round trip on a loaded machine.
+const WAKE: Duration = Duration::from_secs(3);
 
 async fn watch(app: &mut TestApp, run_id: &str, after_seq: i64) -> Streaming<proto::Event> {
     app.runs
@@ -51,6 +65,10 @@ async fn listeners(db: &tokio_postgres::Client) -> i64 {
     .get(0)
 }
 
+/// Catch-up, not NOTIFY: mid-stream every LISTEN connection is cut, so wake-ups sent
+/// meanwhile are lost; a replica whose listener reconnects wakes its watchers (and the
+/// one-second poll is the safety net), and the watcher still sees every event once. The
+/// NOTIFY path alone is `a_watcher_on_another_replica_is_woken_by_notify_not_the_poll`.
 #[tokio::test]
 async fn a_watcher_on_another_replica_sees_every_event_through_a_listener_drop() {
     let a = TestApp::spawn().await;
@@ -102,6 +120,141 @@ async fn a_watcher_on_another_replica_sees_every_event_through_a_listener_drop()
     );
     assert_eq!(watched.last().unwrap().r#type, "run.terminal");
     assert_eq!(assistant_text(&watched), assistant_text(&stored));
+}
+
+/// Fails unless `agentrun-manager serve --help` lists `env` (so the manager reads it).
+fn assert_manager_reads(env: &str) {
+    let help = Command::new(binary("agentrun-manager"))
+        .args(["serve", "--help"])
+        .output()
+        .expect("run agentrun-manager serve --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains(env),
+        "the manager has no setting {env}: without it the watcher's one-second poll would \
+         deliver the events, and this test would not prove the NOTIFY path"
+    );
+}
+
+/// The next event of `stream` within `within`, or a panic naming `what`.
+async fn next_within(
+    stream: &mut Streaming<proto::Event>,
+    within: Duration,
+    what: &str,
+) -> Option<proto::Event> {
+    tokio::time::timeout(within, stream.message())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within {within:?}"))
+        .expect("the watch stream failed")
+}
+
+/// The NOTIFY path alone: two replicas whose safety-net polls (claims and watchers) are
+/// set to a minute, a watcher on B, a runner (played by the test) writing on A. Each
+/// event A stores reaches B's watcher within [`WAKE`]: only A's NOTIFY can wake it so
+/// soon.
+#[tokio::test]
+#[ignore = "needs the manager setting AGENTRUN_WATCH_POLL_INTERVAL_MS (see WATCH_POLL_ENV)"]
+async fn a_watcher_on_another_replica_is_woken_by_notify_not_the_poll() {
+    assert_manager_reads(WATCH_POLL_ENV);
+    let settings = [
+        (WATCH_POLL_ENV, "60000"),
+        ("AGENTRUN_RUNNER_POLL_INTERVAL_MS", "60000"),
+        // The test's runner never heartbeats; its lease must outlive the test.
+        ("AGENTRUN_LEASE_TTL_MS", "120000"),
+    ];
+    let url = fresh_database().await;
+    let (a, b) = tokio::join!(
+        ManagerProcess::start(&url, &settings),
+        ManagerProcess::start(&url, &settings)
+    );
+    // A listener that (re)connects wakes every watcher of its replica: start once both
+    // listen, so that no such wake-up can stand in for a NOTIFY.
+    let db = db_client(&url).await;
+    wait_for("both replicas to listen", LONG, || {
+        let db = &db;
+        async move { (listeners(db).await == 2).then_some(()) }
+    })
+    .await;
+    let mut runs_b = RunServiceClient::new(b.channel().await);
+    let mut runners_a = RunnerServiceClient::new(a.channel().await);
+    let run_id = runs_b
+        .create_run(run_request("watched from the other replica"))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap()
+        .run_id;
+    let me = runner("on-a");
+    let held = runners_a
+        .claim_runs(proto::ClaimRunsRequest {
+            runner: Some(me.clone()),
+            max_runs: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .assignments;
+    assert_eq!(held.len(), 1, "the run is claimed on A");
+    let lease = &held[0];
+
+    // Read the replay up to the claim: the watcher has read the log and now waits.
+    let mut stream = runs_b
+        .watch_run(proto::WatchRunRequest {
+            run_id: run_id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let stored: i64 = db
+        .query_one(
+            "SELECT last_event_seq FROM runs WHERE id = $1::text::uuid",
+            &[&run_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut seen = 0;
+    while seen < stored {
+        seen = next_within(&mut stream, LONG, "the replay")
+            .await
+            .expect("the replay goes on")
+            .seq;
+    }
+
+    for runner_seq in 1..=3 {
+        runners_a
+            .append_events(append(&me, lease, deltas(runner_seq, runner_seq)))
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        // The first append also stores run.started before the delta.
+        while got
+            .last()
+            .is_none_or(|e: &proto::Event| e.r#type != "content.delta")
+        {
+            let event = next_within(&mut stream, WAKE, "an event appended on A")
+                .await
+                .expect("the run has not ended");
+            got.push(event);
+        }
+        assert_eq!(got[0].seq, seen + 1, "no gap");
+        seen = got.last().unwrap().seq;
+    }
+    runners_a
+        .finish_run(finish(&me, lease, RunStatus::Completed))
+        .await
+        .unwrap();
+    let last = next_within(&mut stream, WAKE, "run.terminal appended on A")
+        .await
+        .expect("run.terminal");
+    assert_eq!((last.seq, last.r#type.as_str()), (seen + 1, "run.terminal"));
+    assert!(
+        next_within(&mut stream, WAKE, "the end of the watch")
+            .await
+            .is_none()
+    );
 }
 
 #[tokio::test]

@@ -8,7 +8,11 @@
 //!   expects: all ended, queued, or still in flight under a live lease);
 //! - leases have the shape their status implies (active runs hold one, queued runs do
 //!   not, ended runs have `finished_at`);
-//! - `attempt` stays within `1..=max_attempts`;
+//! - `attempt` stays within `1..=max_attempts`, is 1 + the run's `run.requeued` events
+//!   whose reason is `lease_expired` (a `released` requeue does not count), and every
+//!   lifecycle event naming an attempt (`run.claimed`, `run.started`, `run.requeued`,
+//!   `run.terminal`) names the one counted so far;
+//! - a run failed `runner_lost` is on its last attempt (`attempt = max_attempts`);
 //! - per run, event `seq` is gapless `1..=last_event_seq` and command `seq` is gapless
 //!   `1..=last_command_seq`;
 //! - no `(run, epoch, runner_seq)` is stored twice, and within an epoch the runner
@@ -20,18 +24,35 @@
 //! - no run whose cancellation was requested ended `completed`, and no `run.terminal`
 //!   saying completed follows a `cancel` command;
 //! - an ended run has no open command and no open request;
+//! - commands against their events: every `command.delivered` / `command.completed`
+//!   names a command of its run; a `command.completed` names the command's (final)
+//!   status, follows a delivery of that command under the same lease, and is the only
+//!   one for it; a finished command has its `command.completed`, unless the manager
+//!   closed it itself in the transaction that ended the run; a delivered or
+//!   acknowledged command belongs to an active run and was delivered under its current
+//!   lease (a command held by a runner that lost its lease is owed again);
+//! - requests against their events: every request has its `request.opened`; a
+//!   resolved or expired request has exactly one `request.resolved`, naming its
+//!   decision, and an open or cancelled one has none; every `request.resolved` names a
+//!   request of its run; a waiting run has an open request;
+//! - idempotency: a key names one run per tenant and one command per run, and every
+//!   stored fingerprint (`runs.request_hash`, `commands.payload_hash`) is the hash of
+//!   the row's own request, so a retry is told from a conflicting reuse correctly;
 //! - optionally, every acknowledgement a runner received ([`Acked`]) is backed by the
 //!   stored events it acknowledged.
 //!
 //! Everything is read through SQL on the schema in `migrations/` (not manager code), so
-//! the check holds whatever the manager's internals look like.
+//! the check holds whatever the manager's internals look like. The one exception is the
+//! canonical rendering hashed into the fingerprints, which mirrors the manager's (see
+//! [`run_fingerprint_text`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use agentrun_shared::proto;
-use agentrun_shared::state::RunStatus;
+use agentrun_shared::state::{CommandStatus, RunStatus};
+use serde_json::{Value, json};
 use uuid::Uuid;
 
 /// How far a run may be from done when the invariants are checked.
@@ -176,6 +197,8 @@ enum Param {
     None,
     Terminal,
     Active,
+    /// Command statuses that are final (`CommandStatus::is_final`).
+    CommandFinal,
 }
 
 /// The fixed checks: what is violated, the parameter, and a query returning one text
@@ -206,6 +229,46 @@ const CHECKS: &[(&str, Param, &str)] = &[
         Param::None,
         "SELECT id::text || ' is at attempt ' || attempt || ' of ' || max_attempts FROM runs
          WHERE (attempt < 1 OR attempt > max_attempts)",
+    ),
+    (
+        "attempt is not 1 + lease_expired requeues",
+        Param::None,
+        // Only an expired lease costs an attempt (`runs::requeue_many`): a runner that
+        // gives its run back while draining (`released`) does not.
+        "SELECT r.id::text || ' is at attempt ' || r.attempt || ' after ' || count(e.seq)
+                || ' lease_expired requeues'
+         FROM runs r
+         LEFT JOIN events e ON e.run_id = r.id AND e.type = 'run.requeued' AND e.producer = 'manager'
+                           AND e.payload->>'reason' = 'lease_expired'
+         GROUP BY r.id, r.attempt
+         HAVING r.attempt <> 1 + count(e.seq)",
+    ),
+    (
+        "event attempt disagrees with the requeues before it",
+        Param::None,
+        // Each lifecycle event names the attempt it happened in: 1 + the lease_expired
+        // requeues up to and including it.
+        "SELECT run_id::text || ' seq ' || seq || ' (' || type || coalesce(' ' || (payload->>'reason'), '')
+                || ') says attempt ' || coalesce(payload->>'attempt', 'nothing') || ' after '
+                || (expected - 1) || ' lease_expired requeues'
+         FROM (SELECT run_id, seq, type, payload,
+                      1 + count(*) FILTER (WHERE type = 'run.requeued' AND payload->>'reason' = 'lease_expired')
+                          OVER (PARTITION BY run_id ORDER BY seq ROWS UNBOUNDED PRECEDING) AS expected
+               FROM events
+               WHERE producer = 'manager'
+                 AND type IN ('run.claimed', 'run.started', 'run.requeued', 'run.terminal')) e
+         WHERE payload->>'attempt' IS DISTINCT FROM expected::text
+            OR (type = 'run.requeued'
+                AND coalesce(payload->>'reason', '') NOT IN ('lease_expired', 'released'))",
+    ),
+    (
+        "runner_lost before the last attempt",
+        Param::None,
+        // The sweeper fails a run `runner_lost` only when its lease expired on the last
+        // attempt; before that it requeues it. (A runner could report the same
+        // failure_kind itself through FinishRun; none of ours does.)
+        "SELECT id::text || ' is ' || status || ' runner_lost at attempt ' || attempt || ' of ' || max_attempts
+         FROM runs WHERE failure_kind = 'runner_lost' AND (attempt <> max_attempts OR status <> 'failed')",
     ),
     (
         "event seq not gapless",
@@ -325,6 +388,161 @@ const CHECKS: &[(&str, Param, &str)] = &[
          FROM runs r JOIN requests q ON q.run_id = r.id
          WHERE r.status = ANY($1) AND q.status = 'open'",
     ),
+    // ---- commands against their events (`store/commands.rs`, `store/leases/writes.rs`)
+    (
+        "command event names no command of its run",
+        Param::None,
+        "SELECT e.run_id::text || ' seq ' || e.seq || ' (' || e.type || ') names '
+                || coalesce(e.payload->>'command_id', 'no command') || ', not a command of its run'
+         FROM events e
+         WHERE e.type IN ('command.delivered', 'command.completed')
+           AND NOT EXISTS (SELECT 1 FROM commands c
+                           WHERE c.run_id = e.run_id AND c.id::text = e.payload->>'command_id')",
+    ),
+    (
+        "command.completed does not match its command",
+        Param::CommandFinal,
+        // The event names the status the runner reported; final statuses never change,
+        // so the row still holds it.
+        "SELECT e.run_id::text || ': command ' || c.seq || ' (' || c.kind || ') is ' || c.status
+                || ' but command.completed at seq ' || e.seq || ' says ' || coalesce(e.payload->>'status', 'nothing')
+         FROM events e
+         JOIN commands c ON c.run_id = e.run_id AND c.id::text = e.payload->>'command_id'
+         WHERE e.type = 'command.completed'
+           AND (e.payload->>'status' IS DISTINCT FROM c.status OR NOT c.status = ANY($1))",
+    ),
+    (
+        "finished command without exactly one command.completed",
+        Param::CommandFinal,
+        // A runner's report that finishes a command is stored with one command.completed
+        // (a repeated report is a no-op). The manager closes commands without that event
+        // in two places, both in the transaction that ends the run, so their updated_at
+        // is the run's finished_at (now() is the transaction's start): open commands
+        // cancelled because the run ended (`commands::cancel_open`, error 'run ended'),
+        // and the `cancel` command of a run cancelled while queued, which the manager
+        // carries out itself (`runs::cancel_locked`, stored completed). An open command
+        // has no command.completed.
+        "SELECT c.run_id::text || ': command ' || c.seq || ' (' || c.kind || ') is ' || c.status
+                || coalesce(' (' || c.error || ')', '') || ' with ' || count(e.seq) || ' command.completed events'
+         FROM commands c
+         JOIN runs r ON r.id = c.run_id
+         LEFT JOIN events e ON e.run_id = c.run_id AND e.type = 'command.completed'
+                           AND e.payload->>'command_id' = c.id::text
+         GROUP BY c.run_id, c.seq, c.kind, c.status, c.error, c.updated_at, r.status, r.finished_at
+         HAVING CASE
+             WHEN NOT c.status = ANY($1) THEN count(e.seq) <> 0
+             ELSE NOT (count(e.seq) = 1
+                       OR (count(e.seq) = 0 AND c.updated_at = r.finished_at
+                           AND ((c.status = 'cancelled' AND c.error = 'run ended')
+                                OR (c.kind = 'cancel' AND c.status = 'completed' AND r.status = 'cancelled'))))
+         END",
+    ),
+    (
+        "command.completed without a delivery under its lease",
+        Param::None,
+        // A runner can only finish a command it was given: delivered (or acknowledged)
+        // after the run's latest claim, since a requeue or a restarted runner's adoption
+        // puts every delivered command back to pending and the claim delivers it again.
+        "SELECT e.run_id::text || ': command.completed at seq ' || e.seq || ' for '
+                || coalesce(e.payload->>'command_id', 'no command') || ' has no command.delivered since '
+                || coalesce('the claim at seq ' || e.claim, 'the start')
+         FROM (SELECT run_id, seq, type, payload,
+                      max(seq) FILTER (WHERE type = 'run.claimed')
+                          OVER (PARTITION BY run_id ORDER BY seq ROWS UNBOUNDED PRECEDING) AS claim
+               FROM events
+               WHERE producer = 'manager' AND type IN ('run.claimed', 'command.completed')) e
+         WHERE e.type = 'command.completed'
+           AND NOT EXISTS (SELECT 1 FROM events d
+                           WHERE d.run_id = e.run_id AND d.type = 'command.delivered'
+                             AND d.seq > coalesce(e.claim, 0) AND d.seq < e.seq
+                             AND d.payload->>'command_id' = e.payload->>'command_id')",
+    ),
+    (
+        "delivered command not held under the run's current lease",
+        Param::Active,
+        // What a runner was given but did not finish survives it: when its lease is lost
+        // the command goes back to pending (`commands::redeliver`) for the next claim, so
+        // a queued run holds no delivered command and an active run's were delivered
+        // since its latest claim. (Ended runs: see "open command on an ended run".)
+        "SELECT c.run_id::text || ': command ' || c.seq || ' (' || c.kind || ') is ' || c.status
+                || ' while the run is ' || r.status || coalesce(', last claimed at seq ' || l.claim, '')
+         FROM commands c
+         JOIN runs r ON r.id = c.run_id
+         LEFT JOIN LATERAL (SELECT max(seq) AS claim FROM events
+                            WHERE run_id = c.run_id AND type = 'run.claimed') l ON true
+         WHERE c.status IN ('delivered', 'acknowledged')
+           AND (r.status = 'pending'
+                OR (r.status = ANY($1)
+                    AND NOT EXISTS (SELECT 1 FROM events d
+                                    WHERE d.run_id = c.run_id AND d.type = 'command.delivered'
+                                      AND d.seq > coalesce(l.claim, 0)
+                                      AND d.payload->>'command_id' = c.id::text)))",
+    ),
+    // ---- requests against their events (`store/requests.rs`)
+    (
+        "request without its request.opened",
+        Param::None,
+        // The runner's event may spell the id in any form a UUID parses from.
+        "SELECT q.run_id::text || ': request ' || q.id::text || ' (' || q.status || ') has no request.opened event'
+         FROM requests q
+         WHERE NOT EXISTS (
+             SELECT 1 FROM events e
+             WHERE e.run_id = q.run_id AND e.type = 'request.opened'
+               AND lower(regexp_replace(e.payload->>'request_id', '^urn:uuid:|[{}-]', '', 'gi'))
+                   = replace(q.id::text, '-', ''))",
+    ),
+    (
+        "request.resolved count",
+        Param::None,
+        // Resolved by a person (`requests::resolve`) or expired by the sweeper
+        // (`requests::expire_due`): one request.resolved. Cancelled with its turn or run:
+        // none. The sweeper skips the event for a run that has ended, but an ended run
+        // has no open request to expire: its requests were cancelled when it ended.
+        "SELECT q.run_id::text || ': request ' || q.id::text || ' is ' || q.status || ' with '
+                || count(e.seq) || ' request.resolved events'
+         FROM requests q
+         LEFT JOIN events e ON e.run_id = q.run_id AND e.type = 'request.resolved'
+                           AND e.payload->>'request_id' = q.id::text
+         GROUP BY q.run_id, q.id, q.status
+         HAVING count(e.seq) <> CASE WHEN q.status IN ('resolved', 'expired') THEN 1 ELSE 0 END",
+    ),
+    (
+        "request.resolved does not match its request",
+        Param::None,
+        "SELECT e.run_id::text || ': request.resolved at seq ' || e.seq || ' ('
+                || coalesce(e.payload->>'decision', 'no decision') || ') names '
+                || coalesce('request ' || q.id::text || ', which is ' || q.status
+                                || coalesce(' (' || (q.resolution->>'decision') || ')', ''),
+                            coalesce(e.payload->>'request_id', 'nothing') || ', no request of its run')
+         FROM events e
+         LEFT JOIN requests q ON q.run_id = e.run_id AND q.id::text = e.payload->>'request_id'
+         WHERE e.type = 'request.resolved'
+           AND (q.id IS NULL OR q.status NOT IN ('resolved', 'expired')
+                OR e.payload->>'decision' IS DISTINCT FROM q.resolution->>'decision')",
+    ),
+    (
+        "waiting run without an open request",
+        Param::None,
+        "SELECT r.id::text || ' is waiting with no open request' FROM runs r
+         WHERE r.status = 'waiting'
+           AND NOT EXISTS (SELECT 1 FROM requests q WHERE q.run_id = r.id AND q.status = 'open')",
+    ),
+    // ---- idempotency keys
+    (
+        "idempotency key names more than one row",
+        Param::None,
+        // The unique indexes `runs_idempotency` and `commands_idempotency` forbid this
+        // while they exist; this is what notices a migration that drops or narrows them
+        // (the corruption test drops them). What the manager itself must keep right is
+        // checked by `fingerprint_violations`.
+        "SELECT 'tenant ' || tenant_id || ': key ' || idempotency_key || ' names ' || count(*) || ' runs'
+         FROM runs WHERE idempotency_key IS NOT NULL
+         GROUP BY tenant_id, idempotency_key HAVING count(*) > 1
+         UNION ALL
+         SELECT run_id::text || ': key ' || idempotency_key || ' names ' || count(*) || ' commands'
+         FROM commands WHERE idempotency_key IS NOT NULL
+         GROUP BY run_id, idempotency_key HAVING count(*) > 1",
+    ),
 ];
 
 /// At most this many violations are listed per check.
@@ -337,6 +555,11 @@ async fn check(
 ) -> Result<(Summary, Vec<String>), tokio_postgres::Error> {
     let terminal = statuses(RunStatus::is_terminal);
     let active = statuses(|s| RunStatus::ACTIVE.contains(&s));
+    let command_final: Vec<&str> = CommandStatus::ALL
+        .iter()
+        .filter(|s| s.is_final())
+        .map(|s| s.as_str())
+        .collect();
     let mut violations = Vec::new();
     let mut found = |what: &str, rows: Vec<tokio_postgres::Row>| {
         let n = rows.len();
@@ -381,9 +604,14 @@ async fn check(
             Param::None => db.query(*sql, &[]).await?,
             Param::Terminal => db.query(*sql, &[&terminal]).await?,
             Param::Active => db.query(*sql, &[&active]).await?,
+            Param::CommandFinal => db.query(*sql, &[&command_final]).await?,
         };
         found(what, rows);
     }
+    found(
+        "idempotency fingerprint does not match",
+        fingerprint_violations(db).await?,
+    );
 
     if !acked.is_empty() {
         // An acknowledgement covers every earlier one of its lease: keep the highest.
@@ -424,6 +652,117 @@ async fn check(
         .await?
         .get(0);
     Ok((summary, violations))
+}
+
+/// Runs and commands whose stored fingerprint is not the hash of their own request, one
+/// line each. The manager refuses a retry whose fingerprint differs from the stored one
+/// (`ALREADY_EXISTS`) and answers one that matches with the first row, so a stored hash
+/// that drifted from its row would refuse honest retries or accept conflicting ones.
+///
+/// The canonical text is rendered here, from the stored columns, exactly as the manager
+/// renders the request (`NewRun::fingerprint`, `NewCommand::fingerprint`: serde_json's
+/// compact rendering, maps with sorted keys), and PostgreSQL hashes it (`sha256`). JSON
+/// read back from `jsonb` renders the same as what was written, except numbers that
+/// `numeric` does not keep as written (`-0.0`, integral floats of 1e16 and more); no test
+/// sends those.
+async fn fingerprint_violations(
+    db: &tokio_postgres::Client,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let mut what = Vec::new();
+    let mut canonical = Vec::new();
+    let mut stored: Vec<Option<Vec<u8>>> = Vec::new();
+    for row in db
+        .query(
+            "SELECT id, project_id, session_id, backend_profile, input, queue, priority, labels,
+                    max_attempts, queue_timeout_ms, run_timeout_ms, metadata, scheduled_at,
+                    idempotency_key, request_hash
+             FROM runs",
+            &[],
+        )
+        .await?
+    {
+        let hash: Option<Vec<u8>> = row.get("request_hash");
+        let key: Option<String> = row.get("idempotency_key");
+        // The schema lets request_hash be NULL; a keyed run must have one.
+        if hash.is_none() && key.is_none() {
+            continue;
+        }
+        what.push(format!(
+            "run {} ({}): request_hash",
+            row.get::<_, Uuid>("id"),
+            key_text(key.as_deref())
+        ));
+        canonical.push(run_fingerprint_text(&row));
+        stored.push(hash);
+    }
+    for row in db
+        .query(
+            "SELECT run_id, seq, kind, payload, delivery_policy, idempotency_key, payload_hash
+             FROM commands",
+            &[],
+        )
+        .await?
+    {
+        let key: Option<String> = row.get("idempotency_key");
+        what.push(format!(
+            "{}: command {} ({}): payload_hash",
+            row.get::<_, Uuid>("run_id"),
+            row.get::<_, i64>("seq"),
+            key_text(key.as_deref())
+        ));
+        let rendered = json!([
+            row.get::<_, &str>("kind"),
+            row.get::<_, Value>("payload"),
+            row.get::<_, Option<&str>>("delivery_policy"),
+        ]);
+        canonical.push(rendered.to_string());
+        stored.push(Some(row.get("payload_hash")));
+    }
+    db.query(
+        "SELECT t.what || ' is ' || coalesce(encode(t.stored, 'hex'), 'missing')
+                || ', the hash of the row is ' || encode(sha256(convert_to(t.canonical, 'UTF8')), 'hex')
+         FROM unnest($1::text[], $2::text[], $3::bytea[]) AS t(what, canonical, stored)
+         WHERE t.stored IS DISTINCT FROM sha256(convert_to(t.canonical, 'UTF8'))
+         ORDER BY t.what",
+        &[&what, &canonical, &stored],
+    )
+    .await
+}
+
+fn key_text(key: Option<&str>) -> String {
+    key.map_or_else(|| "no key".to_owned(), |k| format!("key {k:?}"))
+}
+
+/// The text a run's `request_hash` is the sha256 of, rebuilt from its row: the same
+/// array, in the same order, as `NewRun::fingerprint` in `manager/src/store/runs.rs`.
+fn run_fingerprint_text(row: &tokio_postgres::Row) -> String {
+    let mut canonical = json!([
+        row.get::<_, &str>("project_id"),
+        row.get::<_, Option<Uuid>>("session_id")
+            .map(|s| s.to_string()),
+        row.get::<_, &str>("backend_profile"),
+        row.get::<_, Value>("input"),
+        row.get::<_, &str>("queue"),
+        row.get::<_, i32>("priority"),
+        row.get::<_, Vec<String>>("labels"),
+        row.get::<_, i32>("max_attempts"),
+        row.get::<_, Option<i64>>("queue_timeout_ms"),
+        row.get::<_, Option<i64>>("run_timeout_ms"),
+        row.get::<_, Value>("metadata"),
+    ]);
+    // Appended only when set, in microseconds since the Unix epoch (PostgreSQL keeps
+    // microseconds, and the manager truncates to them before hashing).
+    if let (Some(at), Value::Array(parts)) = (
+        row.get::<_, Option<SystemTime>>("scheduled_at"),
+        &mut canonical,
+    ) {
+        let micros = match at.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(after) => after.as_micros() as i64,
+            Err(before) => -(before.duration().as_micros() as i64),
+        };
+        parts.push(json!({ "scheduled_at_us": micros }));
+    }
+    canonical.to_string()
 }
 
 /// Waits until no run is left unended (or fails after `timeout`, naming what is left).
