@@ -9,6 +9,9 @@ use agentrun_shared::payload::DEFAULT_MAX_PAYLOAD_BYTES;
 pub use crate::telemetry::LogFormat;
 
 /// Everything the manager needs to run. Durations are in milliseconds on the command line.
+/// The largest `max_payload_bytes`: 1 MiB.
+pub const MAX_PAYLOAD_LIMIT: usize = 1024 * 1024;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
     /// Address the gRPC server listens on.
@@ -40,16 +43,13 @@ pub struct Settings {
     pub runner_poll_interval_ms: u64,
     /// Safety-net poll of each idle watcher (WatchRun, WatchSession), in case a wake-up
     /// was lost; appends on this replica and other replicas' NOTIFY wake watchers at once.
-    #[arg(
-        long,
-        env = "AGENTRUN_WATCH_POLL_INTERVAL_MS",
-        default_value_t = 1_000
-    )]
+    #[arg(long, env = "AGENTRUN_WATCH_POLL_INTERVAL_MS", default_value_t = 1_000)]
     pub watch_poll_interval_ms: u64,
     /// On shutdown: how long in-flight calls may take before the manager stops anyway.
     #[arg(long, env = "AGENTRUN_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
-    /// Largest accepted JSON payload (run input, command, event), in bytes.
+    /// Largest accepted JSON payload (run input, command, event), in bytes; at most
+    /// [`MAX_PAYLOAD_LIMIT`], so a batch of them stays under the gRPC message limit.
     #[arg(long, env = "AGENTRUN_MAX_PAYLOAD_BYTES", default_value_t = DEFAULT_MAX_PAYLOAD_BYTES)]
     pub max_payload_bytes: usize,
     /// Most events in one appended batch.
@@ -112,6 +112,17 @@ pub enum AuthMode {
 impl Settings {
     /// Defaults for everything (metrics off), against `database_url`; what tests and
     /// embedded managers start from.
+    /// Refuses limits the wire cannot carry.
+    pub fn check_limits(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (1024..=MAX_PAYLOAD_LIMIT).contains(&self.max_payload_bytes),
+            "--max-payload-bytes (AGENTRUN_MAX_PAYLOAD_BYTES) must be between 1024 and \
+             {MAX_PAYLOAD_LIMIT}, not {}",
+            self.max_payload_bytes
+        );
+        Ok(())
+    }
+
     pub fn for_database(database_url: impl Into<String>) -> Self {
         use clap::Parser;
         #[derive(clap::Parser)]
@@ -128,6 +139,14 @@ impl Settings {
         // port: several run at once. Set `metrics_listen` to serve metrics.
         settings.metrics_listen = String::new();
         settings
+    }
+
+    /// Payload bytes a runner may put in one event batch: a few payloads, and always well
+    /// under the 4 MiB gRPC message limit.
+    pub fn max_batch_bytes(&self) -> usize {
+        (self.max_payload_bytes * 4)
+            .min(2 * MAX_PAYLOAD_LIMIT)
+            .max(self.max_payload_bytes)
     }
 
     pub fn watch_poll_interval(&self) -> Duration {

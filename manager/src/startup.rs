@@ -46,6 +46,7 @@ impl Application {
             .as_deref()
             .ok_or_else(|| anyhow::anyhow!("DATABASE_URL (or --database-url) is required"))?;
         check_auth(&settings)?;
+        settings.check_limits()?;
         let tls = server_tls(&settings)?;
         let pool = db::pool(url, settings.db_pool_size)?;
         if settings.migrate_on_start() {

@@ -2,7 +2,6 @@
 //! by NOTIFY, and catching up through a dropped LISTEN connection), after a client
 //! reconnect, and with a slow client around.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use agentrun_shared::proto::run_service_client::RunServiceClient;
@@ -14,10 +13,7 @@ use tonic::codec::Streaming;
 
 const LONG: Duration = Duration::from_secs(60);
 
-/// PROPOSED manager setting, not read by the manager yet: the watchers' safety-net poll
-/// (today the constant `POLL` of one second in `manager/src/api/watch.rs`). Until the
-/// manager reads it, a watcher is also woken by that poll, and the NOTIFY test below could
-/// not tell the two apart; it is ignored until then.
+/// The watchers' safety-net poll (`--watch-poll-interval-ms`).
 const WATCH_POLL_ENV: &str = "AGENTRUN_WATCH_POLL_INTERVAL_MS";
 
 /// How soon a wake-up from another replica must arrive: far below the polls the NOTIFY
@@ -122,20 +118,6 @@ async fn a_watcher_on_another_replica_sees_every_event_through_a_listener_drop()
     assert_eq!(assistant_text(&watched), assistant_text(&stored));
 }
 
-/// Fails unless `agentrun-manager serve --help` lists `env` (so the manager reads it).
-fn assert_manager_reads(env: &str) {
-    let help = Command::new(binary("agentrun-manager"))
-        .args(["serve", "--help"])
-        .output()
-        .expect("run agentrun-manager serve --help");
-    let help = String::from_utf8_lossy(&help.stdout);
-    assert!(
-        help.contains(env),
-        "the manager has no setting {env}: without it the watcher's one-second poll would \
-         deliver the events, and this test would not prove the NOTIFY path"
-    );
-}
-
 /// The next event of `stream` within `within`, or a panic naming `what`.
 async fn next_within(
     stream: &mut Streaming<proto::Event>,
@@ -153,9 +135,7 @@ async fn next_within(
 /// event A stores reaches B's watcher within [`WAKE`]: only A's NOTIFY can wake it so
 /// soon.
 #[tokio::test]
-#[ignore = "needs the manager setting AGENTRUN_WATCH_POLL_INTERVAL_MS (see WATCH_POLL_ENV)"]
 async fn a_watcher_on_another_replica_is_woken_by_notify_not_the_poll() {
-    assert_manager_reads(WATCH_POLL_ENV);
     let settings = [
         (WATCH_POLL_ENV, "60000"),
         ("AGENTRUN_RUNNER_POLL_INTERVAL_MS", "60000"),

@@ -196,7 +196,7 @@ impl Session {
             heartbeat_interval_ms: self.state.settings.heartbeat_interval_ms as i64,
             lease_ttl_ms: self.state.settings.lease_ttl_ms as i64,
             max_batch_events: self.state.settings.max_batch_events as i32,
-            max_batch_bytes: self.state.settings.max_payload_bytes as i32 * 4,
+            max_batch_bytes: self.state.settings.max_batch_bytes() as i32,
             max_payload_bytes: self.state.settings.max_payload_bytes as i32,
             resumed: resumed
                 .iter()

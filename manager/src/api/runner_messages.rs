@@ -21,6 +21,9 @@ use crate::store::runs::Finish;
 const MAX_HEARTBEAT_LEASES: usize = 10_000;
 /// Longest failure message kept.
 const MAX_MESSAGE_BYTES: usize = 4096;
+/// Failure kinds only the manager's sweeper decides: a runner reporting them would
+/// blur what happened (and the attempt accounting behind `runner_lost`).
+const MANAGER_FAILURE_KINDS: [&str; 3] = ["runner_lost", "run_timeout", "queue_timeout"];
 /// Most command updates in one append.
 const MAX_COMMAND_UPDATES: usize = 1_000;
 
@@ -217,6 +220,14 @@ pub(super) fn finish_write(r: &proto::FinishRunRequest) -> Result<LeaseWrite, Fi
         ));
     }
     let failure_kind = validate::optional_name("failure_kind", &r.failure_kind)?;
+    if let Some(kind) = failure_kind.as_deref()
+        && MANAGER_FAILURE_KINDS.contains(&kind)
+    {
+        return Err(FieldError::new(
+            "failure_kind",
+            format!("{kind} is decided by the manager only"),
+        ));
+    }
     let message = validate::text("message", &r.message)?;
     Ok(LeaseWrite::Finish {
         epoch,

@@ -8,7 +8,6 @@
 //! own task: its bounded channel fills and its task waits, while appends and other
 //! watchers carry on. Nobody is ever skipped; a slow client just reads from further back.
 
-
 use agentrun_shared::ids::{RunId, SessionId};
 use agentrun_shared::proto;
 use tokio::sync::mpsc;
