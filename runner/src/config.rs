@@ -114,6 +114,13 @@ pub struct ProviderSettings {
     /// Longest wait to connect, for a response to start, or between streamed chunks.
     #[arg(long, env = "AGENTRUN_OPENAI_TIMEOUT_MS", default_value_t = 60_000)]
     pub openai_timeout_ms: u64,
+    /// How many times a turn sends a request again after a 429, a 5xx or a connection
+    /// or stream that failed before any content (with back-off, honouring Retry-After).
+    #[arg(long, env = "AGENTRUN_OPENAI_MAX_RETRIES", default_value_t = 3)]
+    pub openai_max_retries: u32,
+    /// The first back-off before such a retry, doubled for each further one.
+    #[arg(long, env = "AGENTRUN_OPENAI_RETRY_BASE_MS", default_value_t = 500)]
+    pub openai_retry_base_ms: u64,
     /// An agent CLI for the `command` profile, run with `sh -c` per turn.
     #[arg(long, env = "AGENTRUN_COMMAND")]
     pub command: Option<String>,

@@ -4,13 +4,21 @@
 //! - `turn` starts a turn, or, while one is active, follows its delivery policy: `queue`
 //!   (run it next), `interrupt` (stop the active turn, then run it), `steer` (feed it to
 //!   the active turn).
-//! - `steer` feeds text into the active turn; `resolve` hands an answer to it.
-//! - `interrupt` stops the active turn and keeps the run for the next turn.
+//! - `steer` feeds text into the active turn; it is never taken as the answer to a
+//!   request.
+//! - `resolve` hands the answer to an open request to the turn waiting for it, on the
+//!   turn's resolution channel (never as steer text).
+//! - `interrupt` stops the active turn and keeps the run for the next turn. It also
+//!   pauses the queue: turns queued before it wait (acknowledged, with a
+//!   `runtime.warning {queue_paused: true}` once the run is idle) until the next `turn`
+//!   or a `resume` command. With payload `{"resume_queue": true}` the queue goes on at
+//!   once instead.
+//! - `resume` lets a paused queue go on.
 //! - `cancel` stops everything and the run ends `cancelled`.
 //!
 //! The run ends `completed` when a turn completes and none is queued, `failed` when a
-//! turn fails. After an interrupted turn it waits for the next turn up to an idle
-//! timeout. Before finishing it waits until every event is acknowledged, so the finish
+//! turn fails, `blocked` when a turn is blocked (a person declined its gate). After an
+//! interrupted turn it waits for the next turn up to an idle timeout. Before finishing it waits until every event is acknowledged, so the finish
 //! never overtakes its own events. If the lease is lost the task stops at once and
 //! writes nothing more.
 //!
@@ -31,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::outbox::{Aborted, Outbox};
 use crate::provider::{
-    self, Exchange, ProviderError, Providers, TurnContext, TurnOutcome, TurnRequest,
+    self, Exchange, ProviderError, Providers, Resolution, TurnContext, TurnOutcome, TurnRequest,
 };
 
 /// What a run task asks of the connection.
@@ -57,6 +65,8 @@ pub struct RunContext {
 
 /// Provider events buffered between a provider and its run task.
 const PROVIDER_EVENTS: usize = 64;
+/// Steers and resolutions buffered for a provider that is not reading them yet.
+const PROVIDER_INPUTS: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StopReason {
@@ -71,6 +81,7 @@ struct ActiveTurn {
     stop: CancellationToken,
     stop_reason: Option<StopReason>,
     steer: mpsc::Sender<String>,
+    resolutions: mpsc::Sender<Resolution>,
     events: mpsc::Receiver<provider::ProviderEvent>,
     task: JoinHandle<TurnOutcome>,
 }
@@ -112,6 +123,10 @@ struct Executor<'a> {
     history: Vec<Exchange>,
     last_seq: i64,
     cancelled: bool,
+    /// An `interrupt` paused the queue: queued turns wait for a `turn` or `resume`.
+    paused: bool,
+    /// The pause has been reported (`runtime.warning`) since it began.
+    pause_reported: bool,
     /// How the last turn ended.
     last_state: Option<&'static str>,
     last_error: Option<ProviderError>,
@@ -126,6 +141,8 @@ impl<'a> Executor<'a> {
             history: Vec::new(),
             last_seq: 0,
             cancelled: false,
+            paused: false,
+            pause_reported: false,
             last_state: None,
             last_error: None,
         }
@@ -189,6 +206,40 @@ impl<'a> Executor<'a> {
                 Some(("cancelled".into(), "cancellation was requested".into())),
             )));
         }
+        if self.last_state == Some("blocked") {
+            // A gate a person closed blocks the run, whatever was queued behind it.
+            for queued in std::mem::take(&mut self.queue) {
+                self.ack(&queued, CommandStatus::Cancelled, "the run is blocked")
+                    .await;
+            }
+            let reason = self
+                .last_error
+                .as_ref()
+                .map(|e| e.message.clone())
+                .unwrap_or_default();
+            return Ok(Some(Ending::Finish(
+                RunStatus::Blocked,
+                Some(("blocked".into(), reason)),
+            )));
+        }
+        if self.paused && !self.queue.is_empty() {
+            if !self.pause_reported {
+                self.pause_reported = true;
+                let queued: Vec<&str> = self.queue.iter().map(|c| c.command_id.as_str()).collect();
+                self.ctx
+                    .outbox
+                    .push(
+                        "runtime.warning",
+                        json!({
+                            "message": "the queue is paused after an interrupt: queued turns wait for a new turn or a resume command",
+                            "queue_paused": true,
+                            "queued_command_ids": queued,
+                        }),
+                    )
+                    .await?;
+            }
+            return Ok(None);
+        }
         if let Some(next) = self.queue.pop_front() {
             self.start_turn(next).await?;
             return Ok(None);
@@ -226,6 +277,24 @@ impl<'a> Executor<'a> {
             _ = self.ctx.abort.cancelled() => Err(Aborted),
             sent = active.steer.send(input) => Ok(sent.is_ok()),
         }
+    }
+
+    /// Hands a resolution to the active turn; false if no turn is active or it has
+    /// stopped reading. Waits while the provider's buffer is full, unless aborted.
+    async fn resolve_active(&self, resolution: Resolution) -> Result<bool, Aborted> {
+        let Some(active) = &self.active else {
+            return Ok(false);
+        };
+        tokio::select! {
+            _ = self.ctx.abort.cancelled() => Err(Aborted),
+            sent = active.resolutions.send(resolution) => Ok(sent.is_ok()),
+        }
+    }
+
+    /// An explicit turn or a `resume`: a paused queue goes on.
+    fn unpause(&mut self) {
+        self.paused = false;
+        self.pause_reported = false;
     }
 
     async fn ack(&self, command: &proto::Command, status: CommandStatus, error: &str) {
@@ -281,18 +350,28 @@ impl<'a> Executor<'a> {
                     }
                     (Some(_), TurnDeliveryPolicy::Interrupt) => {
                         self.stop_active(StopReason::Interrupted);
+                        self.unpause();
                         self.queue.push_front(command);
                     }
-                    _ => self.queue.push_back(command),
+                    _ => {
+                        self.unpause();
+                        self.queue.push_back(command);
+                    }
                 }
             }
-            CommandKind::Steer | CommandKind::Resolve => {
-                let input = if command.kind == CommandKind::Steer as i32 {
-                    text("text")
+            CommandKind::Steer => {
+                let delivered = self.steer_active(text("text")).await?;
+                let (status, error) = if delivered {
+                    (CommandStatus::Completed, "")
                 } else {
-                    text("decision")
+                    (CommandStatus::Failed, "no turn is active")
                 };
-                let delivered = self.steer_active(input).await?;
+                self.ack(&command, status, error).await;
+            }
+            CommandKind::Resolve => {
+                let delivered = self
+                    .resolve_active(Resolution::from_payload(&payload))
+                    .await?;
                 let (status, error) = if delivered {
                     (CommandStatus::Completed, "")
                 } else {
@@ -302,6 +381,15 @@ impl<'a> Executor<'a> {
             }
             CommandKind::Interrupt => {
                 self.stop_active(StopReason::Interrupted);
+                // A person halting the agent halts what was queued too, unless asked not to.
+                if payload["resume_queue"] != Value::Bool(true) {
+                    self.paused = true;
+                    self.pause_reported = false;
+                }
+                self.ack(&command, CommandStatus::Completed, "").await;
+            }
+            CommandKind::Resume => {
+                self.unpause();
                 self.ack(&command, CommandStatus::Completed, "").await;
             }
             CommandKind::Cancel => {
@@ -370,7 +458,8 @@ impl<'a> Executor<'a> {
                 .await;
         };
         let (events_tx, events) = mpsc::channel(PROVIDER_EVENTS);
-        let (steer, steer_rx) = mpsc::channel(16);
+        let (steer, steer_rx) = mpsc::channel(PROVIDER_INPUTS);
+        let (resolutions, resolutions_rx) = mpsc::channel(PROVIDER_INPUTS);
         let stop = self.ctx.abort.child_token();
         let request = TurnRequest {
             run_id: self.ctx.run.run_id.clone(),
@@ -382,6 +471,7 @@ impl<'a> Executor<'a> {
         let turn_ctx = TurnContext {
             events: events_tx,
             steer: steer_rx,
+            resolutions: resolutions_rx,
             stop: stop.clone(),
         };
         let task = tokio::spawn(async move { provider.run_turn(request, turn_ctx).await });
@@ -392,6 +482,7 @@ impl<'a> Executor<'a> {
             stop,
             stop_reason: None,
             steer,
+            resolutions,
             events,
             task,
         });
@@ -438,6 +529,15 @@ impl<'a> Executor<'a> {
         let (state, usage, error) = match &outcome {
             TurnOutcome::Completed { usage, .. } => ("completed", *usage, None),
             TurnOutcome::Failed(error) => ("failed", None, Some(error.clone())),
+            TurnOutcome::Blocked { reason } => (
+                "blocked",
+                None,
+                Some(ProviderError {
+                    kind: "blocked".into(),
+                    message: reason.clone(),
+                    retryable: false,
+                }),
+            ),
             TurnOutcome::Stopped => match stop_reason {
                 Some(StopReason::Cancelled) => ("cancelled", None, None),
                 _ => ("interrupted", None, None),
@@ -464,6 +564,14 @@ impl<'a> Executor<'a> {
             TurnOutcome::Failed(error) => {
                 self.ack(command, CommandStatus::Failed, &error.to_string())
                     .await
+            }
+            TurnOutcome::Blocked { reason } => {
+                self.ack(
+                    command,
+                    CommandStatus::Failed,
+                    &format!("blocked: {reason}"),
+                )
+                .await
             }
             TurnOutcome::Stopped => self.ack(command, CommandStatus::Cancelled, state).await,
         }

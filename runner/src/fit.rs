@@ -12,9 +12,16 @@
 //!   its longest strings are cut, `"truncated": true` and `"original_bytes": N` are
 //!   added, and if that is still not enough its largest other top-level fields go.
 //!
+//! An assistant reply is never lost that way: an oversized `item.completed` of an
+//! `assistant_message` whose whole text was streamed as the item's `assistant_text`
+//! deltas (which are split, never cut) is truncated like any other event but also marked
+//! `"text_in_deltas": true`, so a reader knows to take the reply from the deltas
+//! ([`StreamedText`] keeps the count).
+//!
 //! Sizes are always of the serialized JSON, so escaping (`"` → `\"`, control characters
 //! → `\u00XX`) is accounted for.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -41,6 +48,7 @@ const KEPT_FIELDS: &[&str] = &[
     "request_id",
     "truncated",
     "original_bytes",
+    "text_in_deltas",
 ];
 
 /// The largest event payload the manager accepts, as the last `Welcome` said; shared by
@@ -67,6 +75,42 @@ impl PayloadLimit {
             Ok(bytes) => bytes.max(MIN_PAYLOAD_BYTES),
         };
         self.0.store(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Bytes of `assistant_text` streamed so far per open item, to tell whether an
+/// `item.completed` holds text that its deltas carry too.
+#[derive(Debug, Default)]
+pub struct StreamedText(HashMap<String, usize>);
+
+impl StreamedText {
+    /// Counts the text of an `assistant_text` delta; marks an `assistant_message`
+    /// `item.completed` over `max_bytes` whose text was all streamed
+    /// `"text_in_deltas": true` (and forgets the item).
+    pub fn observe(&mut self, event_type: &str, payload: &mut Value, max_bytes: usize) {
+        match event_type {
+            "content.delta" if payload["kind"] == "assistant_text" => {
+                if let (Some(item), Some(delta)) =
+                    (payload["item_id"].as_str(), payload["delta"].as_str())
+                {
+                    *self.0.entry(item.to_owned()).or_default() += delta.len();
+                }
+            }
+            "item.completed" => {
+                let Some(item) = payload["item_id"].as_str() else {
+                    return;
+                };
+                let streamed = self.0.remove(item);
+                if payload["kind"] == "assistant_message"
+                    && let Some(text) = payload["text"].as_str()
+                    && streamed == Some(text.len())
+                    && payload.to_string().len() > max_bytes.max(MIN_PAYLOAD_BYTES)
+                {
+                    payload["text_in_deltas"] = Value::Bool(true);
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -394,5 +438,36 @@ mod tests {
             parsed(&pieces)[0],
             json!({"truncated": true, "original_bytes": original})
         );
+    }
+
+    #[test]
+    fn an_oversized_streamed_reply_says_its_text_is_in_the_deltas() {
+        let max = 2048;
+        let mut streamed = StreamedText::default();
+        let text = "word ".repeat(1000);
+        for piece in [&text[..3000], &text[3000..]] {
+            let mut delta = json!({"item_id": "a", "kind": "assistant_text", "delta": piece});
+            streamed.observe("content.delta", &mut delta, max);
+        }
+        let mut done = json!({"item_id": "a", "kind": "assistant_message", "text": text});
+        streamed.observe("item.completed", &mut done, max);
+        assert_eq!(done["text_in_deltas"], true);
+        let fitted = fit("item.completed", done, max);
+        let fitted: Value = serde_json::from_str(&fitted[0]).unwrap();
+        assert_eq!(fitted["item_id"], "a");
+        assert_eq!(fitted["text_in_deltas"], true);
+        assert_eq!(fitted["truncated"], true);
+
+        // Text that was not all streamed (or a reply that fits) is not marked.
+        let mut partial = json!({"item_id": "b", "kind": "assistant_text", "delta": "wo"});
+        streamed.observe("content.delta", &mut partial, max);
+        let mut done = json!({"item_id": "b", "kind": "assistant_message", "text": text});
+        streamed.observe("item.completed", &mut done, max);
+        assert!(done.get("text_in_deltas").is_none());
+        let mut small = json!({"item_id": "c", "kind": "assistant_text", "delta": "hi"});
+        streamed.observe("content.delta", &mut small, max);
+        let mut done = json!({"item_id": "c", "kind": "assistant_message", "text": "hi"});
+        streamed.observe("item.completed", &mut done, max);
+        assert!(done.get("text_in_deltas").is_none());
     }
 }

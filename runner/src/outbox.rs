@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::fit::{self, DEFAULT_MAX_PAYLOAD_BYTES, PayloadLimit};
+use crate::fit::{self, DEFAULT_MAX_PAYLOAD_BYTES, PayloadLimit, StreamedText};
 
 /// A push refused because the run was aborted: nothing more may be written for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -62,6 +62,8 @@ pub struct Outbox {
     limit: PayloadLimit,
     /// The run's abort token: once it fires, pushes fail at once.
     abort: CancellationToken,
+    /// Assistant text streamed per item, so an oversized reply says where its text is.
+    streamed: Mutex<StreamedText>,
 }
 
 struct State {
@@ -93,14 +95,20 @@ impl Outbox {
             capacity: capacity.max(1),
             limit,
             abort,
+            streamed: Mutex::new(StreamedText::default()),
         }
     }
 
     /// Adds an event, split or truncated to fit the payload limit (so possibly as
     /// several events); waits while `capacity` events are unacknowledged. Fails, at once
     /// and also while waiting, when the run is aborted.
-    pub async fn push(&self, event_type: &str, payload: Value) -> Result<(), Aborted> {
-        for payload_json in fit::fit(event_type, payload, self.limit.get()) {
+    pub async fn push(&self, event_type: &str, mut payload: Value) -> Result<(), Aborted> {
+        let limit = self.limit.get();
+        self.streamed
+            .lock()
+            .expect("streamed lock")
+            .observe(event_type, &mut payload, limit);
+        for payload_json in fit::fit(event_type, payload, limit) {
             self.push_one(event_type, payload_json).await?;
         }
         Ok(())

@@ -40,6 +40,8 @@ pub fn providers(settings: &ProviderSettings) -> anyhow::Result<(Providers, Vec<
         api_key: settings.openai_api_key.clone().filter(|k| !k.is_empty()),
         default_model: settings.openai_model.clone(),
         request_timeout: Duration::from_millis(settings.openai_timeout_ms),
+        max_retries: settings.openai_max_retries,
+        retry_base_delay: Duration::from_millis(settings.openai_retry_base_ms),
     })?;
     providers.push(("openai".into(), Arc::new(openai)));
     if openai_configured {

@@ -10,7 +10,7 @@ use agentrun_runner::provider::command::{CommandConfig, CommandProvider};
 use agentrun_runner::provider::openai::{OpenAiConfig, OpenAiProvider};
 use agentrun_runner::provider::scripted::{ScriptedConfig, ScriptedProvider};
 use agentrun_runner::provider::{
-    Exchange, Provider, ProviderEvent, TurnContext, TurnOutcome, TurnRequest, Usage,
+    Exchange, Provider, ProviderEvent, Resolution, TurnContext, TurnOutcome, TurnRequest, Usage,
 };
 use agentrun_shared::events::EventType;
 use serde_json::{Value, json};
@@ -67,6 +67,7 @@ fn request(backend_profile: &str, prompt: &str) -> TurnRequest {
 struct Running {
     events: mpsc::Receiver<ProviderEvent>,
     steer: mpsc::Sender<String>,
+    resolutions: mpsc::Sender<Resolution>,
     stop: CancellationToken,
     outcome: JoinHandle<TurnOutcome>,
     /// Every event received so far, each checked by [`assert_valid`].
@@ -76,10 +77,12 @@ struct Running {
 fn start(provider: impl Provider + 'static, turn: TurnRequest) -> Running {
     let (events_tx, events) = mpsc::channel(256);
     let (steer, steer_rx) = mpsc::channel(16);
+    let (resolutions, resolutions_rx) = mpsc::channel(16);
     let stop = CancellationToken::new();
     let ctx = TurnContext {
         events: events_tx,
         steer: steer_rx,
+        resolutions: resolutions_rx,
         stop: stop.clone(),
     };
     let provider: Arc<dyn Provider> = Arc::new(provider);
@@ -87,6 +90,7 @@ fn start(provider: impl Provider + 'static, turn: TurnRequest) -> Running {
     Running {
         events,
         steer,
+        resolutions,
         stop,
         outcome,
         seen: Vec::new(),
@@ -332,13 +336,31 @@ async fn scripted_approval_waits_for_the_answer() {
     let request_id = opened.payload["request_id"].as_str().expect("a request id");
     let parsed = uuid::Uuid::parse_str(request_id).expect("a uuid");
     assert_eq!(parsed.get_version_num(), 4);
+    // A steer is not an answer, nor is the resolution of another request.
     turn.steer
         .send("accept".into())
         .await
         .expect("the turn takes steers");
+    turn.resolutions
+        .send(Resolution {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            decision: "decline".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("the turn takes resolutions");
+    turn.resolutions
+        .send(Resolution {
+            request_id: request_id.to_owned(),
+            decision: "accept".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("the turn takes resolutions");
     let (outcome, events) = turn.finish().await;
     let (reply, _) = completed(outcome);
-    assert_eq!(reply, "Approval: accept");
+    // The steer that arrived while waiting is echoed in the reply, not taken as the answer.
+    assert_eq!(reply, "[steer: accept] Approval: accept");
     // Resolving is the manager's to record; the provider only opens.
     assert!(
         events.iter().all(|e| e.event_type != "request.resolved"),
@@ -350,6 +372,65 @@ async fn scripted_approval_waits_for_the_answer() {
         .collect();
     assert_eq!(requests.len(), 1, "{events:?}");
     assert_eq!(requests[0].payload["request_id"], request_id);
+}
+
+#[tokio::test]
+async fn scripted_user_input_sees_the_answers() {
+    let mut turn = start(scripted(1), request("scripted", "[input]"));
+    let opened = turn.wait_for(|e| e.event_type == "request.opened").await;
+    assert_eq!(opened.payload["kind"], "user_input");
+    let request_id = opened.payload["request_id"].as_str().unwrap().to_owned();
+    turn.resolutions
+        .send(Resolution::from_payload(&json!({
+            "request_id": request_id,
+            "decision": "accept",
+            "answers": {"next": "ship"},
+        })))
+        .await
+        .unwrap();
+    let (reply, _) = completed(turn.finish().await.0);
+    assert_eq!(reply, r#"Input: accept answers {"next":"ship"}"#);
+}
+
+#[tokio::test]
+async fn scripted_gate_goes_on_when_accepted_and_blocks_when_declined() {
+    for (decision, accepted) in [("accept", true), ("decline", false), ("expired", false)] {
+        let mut turn = start(scripted(1), request("scripted", "[gate] deploy to prod"));
+        let opened = turn.wait_for(|e| e.event_type == "request.opened").await;
+        assert_eq!(opened.payload["detail"]["gate"], "deploy to prod");
+        let request_id = opened.payload["request_id"].as_str().unwrap().to_owned();
+        turn.resolutions
+            .send(Resolution {
+                request_id,
+                decision: decision.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let (outcome, _) = turn.finish().await;
+        if accepted {
+            assert_eq!(completed(outcome).0, "Gate passed: deploy to prod");
+        } else {
+            assert_eq!(
+                outcome,
+                TurnOutcome::Blocked {
+                    reason: "deploy to prod".into()
+                },
+                "{decision}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn scripted_big_reply_streams_exactly_the_bytes_asked_for() {
+    let (outcome, events) = start(scripted(0), request("scripted", "[big:40000]"))
+        .finish()
+        .await;
+    let (reply, _) = completed(outcome);
+    assert_eq!(reply.len(), 40_000);
+    assert_eq!(deltas(&events, "assistant_text").concat(), reply);
+    assert_eq!(deltas(&events, "assistant_text").len(), 3);
 }
 
 #[tokio::test]
@@ -373,6 +454,8 @@ enum Step {
         status: u16,
         content_type: &'static str,
     },
+    /// One more header line (after `Head` of a non-streamed response, before `Body`).
+    Header(&'static str),
     /// Raw body bytes, sent (and flushed) as one HTTP chunk.
     Chunk(String),
     /// A whole non-chunked body (for error responses; sets content-length).
@@ -480,6 +563,7 @@ async fn respond(
                 };
                 socket.write_all(head.as_bytes()).await
             }
+            Step::Header(line) => socket.write_all(format!("{line}\r\n").as_bytes()).await,
             Step::Chunk(data) => {
                 let chunk = format!("{:x}\r\n{data}\r\n", data.len());
                 socket.write_all(chunk.as_bytes()).await
@@ -544,12 +628,20 @@ fn usage_chunk(prompt: u64, completion: u64) -> String {
     json!({"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}).to_string()
 }
 
+/// An openai provider that does not retry (each test server answers a fixed number of
+/// requests).
 fn openai(base_url: &str) -> OpenAiProvider {
+    openai_retrying(base_url, 0)
+}
+
+fn openai_retrying(base_url: &str, max_retries: u32) -> OpenAiProvider {
     OpenAiProvider::new(OpenAiConfig {
         base_url: base_url.into(),
         api_key: Some("sk-test".into()),
         default_model: "default-model".into(),
         request_timeout: Duration::from_secs(10),
+        max_retries,
+        retry_base_delay: Duration::from_millis(10),
     })
     .expect("a valid config")
 }
@@ -763,6 +855,161 @@ async fn openai_http_errors_are_classified() {
         .finish()
         .await;
     assert!(failed(outcome).retryable);
+}
+
+fn ok_reply(text: &str) -> Vec<Step> {
+    let mut steps = vec![sse_head()];
+    steps.extend(data(&delta_chunk(text)));
+    steps.extend(data(&finish_chunk("stop")));
+    steps.extend(data("[DONE]"));
+    steps.push(Step::End);
+    steps
+}
+
+fn status_with_retry_after(status: u16, retry_after: &'static str) -> Vec<Step> {
+    vec![
+        Step::Head {
+            status,
+            content_type: "application/json",
+        },
+        Step::Header(retry_after),
+        Step::Body(r#"{"error": {"message": "slow down"}}"#.into()),
+    ]
+}
+
+fn retry_warnings(events: &[ProviderEvent]) -> Vec<&ProviderEvent> {
+    events
+        .iter()
+        .filter(|e| e.event_type == "runtime.warning" && e.payload["retry"] == true)
+        .collect()
+}
+
+#[tokio::test]
+async fn openai_retries_rate_limits_and_server_errors_then_completes() {
+    let mut server = serve(vec![
+        status_with_retry_after(429, "retry-after: 0"),
+        error_response(500, "boom"),
+        ok_reply("at last"),
+    ])
+    .await;
+    let (outcome, events) = start(
+        openai_retrying(&server.base_url, 3),
+        request("openai", "hi"),
+    )
+    .finish()
+    .await;
+    assert_eq!(completed(outcome).0, "at last");
+    let warnings = retry_warnings(&events);
+    assert_eq!(warnings.len(), 2, "{events:#?}");
+    assert_eq!(warnings[0].payload["attempt"], 1);
+    assert_eq!(warnings[0].payload["status"], 429);
+    assert_eq!(warnings[0].payload["wait_ms"], 0, "Retry-After is honoured");
+    assert_eq!(warnings[1].payload["attempt"], 2);
+    assert_eq!(warnings[1].payload["status"], 500);
+    assert_eq!(
+        warnings[1].payload["wait_ms"], 20,
+        "back-off doubles per attempt"
+    );
+    assert!(events.iter().all(|e| e.event_type != "runtime.error"));
+    for _ in 0..3 {
+        let seen = tokio::time::timeout(DEADLINE, server.requests.recv())
+            .await
+            .expect("a request")
+            .expect("a request");
+        assert_eq!(seen.body["messages"][0]["content"], "hi");
+    }
+}
+
+#[tokio::test]
+async fn openai_fails_with_the_last_error_once_the_budget_is_spent() {
+    let mut server = serve(vec![
+        status_with_retry_after(429, "retry-after: 0"),
+        error_response(503, "still down"),
+        ok_reply("never sent"),
+    ])
+    .await;
+    let (outcome, events) = start(
+        openai_retrying(&server.base_url, 1),
+        request("openai", "hi"),
+    )
+    .finish()
+    .await;
+    let error = failed(outcome);
+    assert!(error.message.contains("503"), "{error:?}");
+    assert!(error.message.contains("still down"), "{error:?}");
+    assert_error_reported(&events, &error);
+    assert_eq!(retry_warnings(&events).len(), 1, "{events:#?}");
+    for _ in 0..2 {
+        tokio::time::timeout(DEADLINE, server.requests.recv())
+            .await
+            .expect("a request")
+            .expect("a request");
+    }
+    assert!(
+        server.requests.try_recv().is_err(),
+        "no request after the budget"
+    );
+}
+
+#[tokio::test]
+async fn openai_does_not_retry_a_reply_that_streamed_content_or_a_bad_request() {
+    let mut broken = vec![sse_head()];
+    broken.extend(data(&delta_chunk("Hel")));
+    broken.push(Step::Pause(Duration::from_millis(20)));
+    broken.push(Step::Abort);
+    let server = serve(vec![broken, ok_reply("again")]).await;
+    let (outcome, events) = start(
+        openai_retrying(&server.base_url, 3),
+        request("openai", "hi"),
+    )
+    .finish()
+    .await;
+    assert_eq!(failed(outcome).kind, "stream");
+    assert!(retry_warnings(&events).is_empty());
+
+    // A stream dropped before any content is retried.
+    let mut empty = vec![sse_head()];
+    empty.push(Step::Pause(Duration::from_millis(20)));
+    empty.push(Step::Abort);
+    let server = serve(vec![empty, ok_reply("again")]).await;
+    let (outcome, events) = start(
+        openai_retrying(&server.base_url, 3),
+        request("openai", "hi"),
+    )
+    .finish()
+    .await;
+    assert_eq!(completed(outcome).0, "again");
+    assert_eq!(retry_warnings(&events).len(), 1);
+
+    let server = serve(vec![error_response(400, "bad"), ok_reply("never")]).await;
+    let (outcome, events) = start(
+        openai_retrying(&server.base_url, 3),
+        request("openai", "hi"),
+    )
+    .finish()
+    .await;
+    assert!(!failed(outcome).retryable);
+    assert!(retry_warnings(&events).is_empty());
+}
+
+#[tokio::test]
+async fn openai_stop_during_a_back_off_ends_the_turn_at_once() {
+    let server = serve(vec![
+        status_with_retry_after(429, "retry-after: 30"),
+        ok_reply("too late"),
+    ])
+    .await;
+    let mut turn = start(
+        openai_retrying(&server.base_url, 3),
+        request("openai", "hi"),
+    );
+    let warning = turn
+        .wait_for(|e| e.event_type == "runtime.warning" && e.payload["retry"] == true)
+        .await;
+    assert_eq!(warning.payload["wait_ms"], 30_000);
+    let (outcome, took, _) = turn.stop().await;
+    assert_eq!(outcome, TurnOutcome::Stopped);
+    assert!(took < STOP_WITHIN, "stop took {took:?}");
 }
 
 #[tokio::test]
@@ -1168,4 +1415,43 @@ echo '{"type":"result","text":"done"}'
     let (outcome, events) = turn.finish().await;
     assert_eq!(completed(outcome).0, "done");
     assert_eq!(deltas(&events, "assistant_text"), ["steered: go left"]);
+}
+
+#[tokio::test]
+async fn command_receives_resolutions_on_stdin() {
+    let script = r#"
+read -r prompt
+echo '{"type":"request.opened","request_id":"7b0e4a8e-8a4f-4e0b-9a53-0d7f6f0e1a2b","kind":"command"}'
+while read -r line; do
+  case "$line" in
+    *'"type":"resolution"'*)
+      decision=$(printf '%s' "$line" | sed 's/.*"decision":"\([^"]*\)".*/\1/')
+      id=$(printf '%s' "$line" | sed 's/.*"request_id":"\([^"]*\)".*/\1/')
+      printf '{"type":"result","text":"%s %s"}\n' "$decision" "$id"
+      exit 0 ;;
+    *'"type":"steer"'*)
+      echo '{"type":"content.delta","item_id":"s","kind":"assistant_text","delta":"steer seen"}' ;;
+  esac
+done
+"#;
+    let mut turn = start(
+        shell(script, Duration::from_secs(1)),
+        request("command", "hi"),
+    );
+    turn.wait_for(|e| e.event_type == "request.opened").await;
+    turn.steer.send("not an answer".into()).await.unwrap();
+    turn.wait_for(|e| is_delta(e, "assistant_text")).await;
+    turn.resolutions
+        .send(Resolution {
+            request_id: "7b0e4a8e-8a4f-4e0b-9a53-0d7f6f0e1a2b".into(),
+            decision: "accept".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (outcome, _) = turn.finish().await;
+    assert_eq!(
+        completed(outcome).0,
+        "accept 7b0e4a8e-8a4f-4e0b-9a53-0d7f6f0e1a2b"
+    );
 }

@@ -53,7 +53,10 @@ event_types! {
 }
 
 /// States a `turn.completed` event may report.
-pub const TURN_END_STATES: &[&str] = &["completed", "failed", "interrupted", "cancelled"];
+/// `blocked`: a person declined to let the turn go on (a human gate); the run ends
+/// `blocked`.
+pub const TURN_END_STATES: &[&str] =
+    &["completed", "failed", "interrupted", "cancelled", "blocked"];
 
 /// Kinds of approval or input a `request.opened` event may ask for.
 pub const REQUEST_KINDS: &[&str] = &["command", "file_read", "file_change", "tool", "user_input"];

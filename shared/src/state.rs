@@ -152,6 +152,7 @@ text_enum!(
         Interrupt = "interrupt",
         Cancel = "cancel",
         Resolve = "resolve",
+        Resume = "resume",
     }
 );
 

@@ -772,7 +772,7 @@ fn command_body() -> impl Strategy<Value = Body> {
         r#"{"prompt": "x"}"#,
     ]);
     let unknown_kind = prop_oneof![
-        any::<i32>().prop_filter("unknown", |k| !(1..=5).contains(k)),
+        any::<i32>().prop_filter("unknown", |k| !(1..=6).contains(k)),
         // Resolve is answered through ResolveRequest.
         Just(CommandKind::Resolve as i32),
     ];

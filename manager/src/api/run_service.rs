@@ -164,7 +164,7 @@ fn command_payload_rules(
             "kind",
             "resolve commands are sent with ResolveRequest",
         )),
-        CommandKind::Interrupt | CommandKind::Cancel => Ok(()),
+        CommandKind::Interrupt | CommandKind::Cancel | CommandKind::Resume => Ok(()),
     }
 }
 

@@ -11,7 +11,9 @@
 //!
 //! - first `{"type":"prompt","text":...,"history":[{"prompt":...,"reply":...},...],
 //!   "run_id":...,"turn_id":...}` (history oldest first);
-//! - then `{"type":"steer","text":...}` for each steer received during the turn.
+//! - then `{"type":"steer","text":...}` for each steer received during the turn;
+//! - and `{"type":"resolution","request_id":...,"decision":...,"answers":...,"value":...,
+//!   "error":...}` for each answer to a request the child opened (`request.opened`).
 //!
 //! Stdin is closed when the turn ends; the child must not wait for end of input to
 //! finish its turn.
@@ -41,7 +43,16 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Provider, ProviderError, ProviderEvent, TurnContext, TurnOutcome, TurnRequest, Usage};
+use super::{
+    Provider, ProviderError, ProviderEvent, Resolution, TurnContext, TurnOutcome, TurnRequest,
+    Usage,
+};
+
+/// What the runner feeds a child during its turn.
+struct Inputs<'a> {
+    steer: &'a mut mpsc::Receiver<String>,
+    resolutions: &'a mut mpsc::Receiver<Resolution>,
+}
 
 /// The longest stdout line taken as one line; longer ones are split.
 const MAX_LINE_BYTES: usize = 1024 * 1024;
@@ -99,6 +110,7 @@ impl Provider for CommandProvider {
         let TurnContext {
             events,
             mut steer,
+            mut resolutions,
             stop,
         } = ctx;
         let mut session = Session {
@@ -149,7 +161,15 @@ impl Provider for CommandProvider {
         let _ = stdin_lines.try_send(prompt.to_string());
 
         let ended = session
-            .pump(&mut child, stdout, &mut steer, &stdin_lines)
+            .pump(
+                &mut child,
+                stdout,
+                Inputs {
+                    steer: &mut steer,
+                    resolutions: &mut resolutions,
+                },
+                &stdin_lines,
+            )
             .await;
         // The turn is over for the child's stdin whatever happens next.
         drop(stdin_lines);
@@ -272,9 +292,11 @@ impl Session {
         &mut self,
         child: &mut Child,
         stdout: impl AsyncRead + Unpin,
-        steer: &mut mpsc::Receiver<String>,
+        inputs: Inputs<'_>,
         stdin_lines: &mpsc::Sender<String>,
     ) -> Ended {
+        let Inputs { steer, resolutions } = inputs;
+        let mut resolutions_open = true;
         let mut reader = BufReader::new(stdout);
         let mut line = Vec::new();
         let mut stdout_open = true;
@@ -316,6 +338,28 @@ impl Session {
                         }
                     }
                     None => steer_open = false,
+                },
+                resolution = resolutions.recv(), if resolutions_open => match resolution {
+                    Some(r) => {
+                        let line = json!({
+                            "type": "resolution",
+                            "request_id": r.request_id,
+                            "decision": r.decision,
+                            "answers": r.answers,
+                            "value": r.value,
+                            "error": r.error,
+                        })
+                        .to_string();
+                        if stdin_lines.try_send(line).is_err()
+                            && self
+                                .warn("a resolution was dropped: the agent is not reading its stdin".into())
+                                .await
+                                .is_err()
+                        {
+                            return Ended::Stopped;
+                        }
+                    }
+                    None => resolutions_open = false,
                 },
                 status = child.wait() => match status {
                     Ok(status) => break status,

@@ -53,10 +53,58 @@ pub struct TurnContext {
     /// Where the provider sends its events, in order. Sending awaits when the runner's
     /// event buffer is full (backpressure); an error means the turn was abandoned.
     pub events: mpsc::Sender<ProviderEvent>,
-    /// Steering input (text) for the active turn, in order.
+    /// Steering input (text) for the active turn, in order. Never an answer to a
+    /// request: those come on `resolutions`.
     pub steer: mpsc::Receiver<String>,
+    /// Answers to the requests this turn opened (`request.opened`), in the order they
+    /// were resolved. A provider waiting for one takes the one with its `request_id`.
+    pub resolutions: mpsc::Receiver<Resolution>,
     /// Fires on interrupt or cancel: stop promptly and return [`TurnOutcome::Stopped`].
     pub stop: CancellationToken,
+}
+
+/// The answer to an open request, as the manager's `resolve` command carries it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Resolution {
+    pub request_id: String,
+    /// `accept`, `accept_for_session`, `decline`, `cancel`, or `expired` (the deadline
+    /// passed).
+    pub decision: String,
+    /// For user-input requests: the answers (a JSON object); `Null` when none.
+    pub answers: Value,
+    /// A value the client returned with its answer; `Null` when none.
+    pub value: Value,
+    /// An error the client reported instead of an answer.
+    pub error: Option<String>,
+}
+
+impl Resolution {
+    /// The resolution a `resolve` command's payload describes; absent fields are empty.
+    pub fn from_payload(payload: &Value) -> Self {
+        let text = |key: &str| payload[key].as_str().unwrap_or_default().to_owned();
+        let error = match &payload["error"] {
+            Value::Null => None,
+            Value::String(message) => Some(message.clone()),
+            other => Some(
+                other["message"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| other.to_string()),
+            ),
+        };
+        Self {
+            request_id: text("request_id"),
+            decision: text("decision"),
+            answers: payload["answers"].clone(),
+            value: payload["value"].clone(),
+            error,
+        }
+    }
+
+    /// Whether the decision lets the work go on.
+    pub fn accepted(&self) -> bool {
+        self.error.is_none() && matches!(self.decision.as_str(), "accept" | "accept_for_session")
+    }
 }
 
 /// How a turn ended.
@@ -68,6 +116,9 @@ pub enum TurnOutcome {
     Failed(ProviderError),
     /// `stop` fired and the work was stopped.
     Stopped,
+    /// The work cannot go on without a person, who declined to let it (a human gate):
+    /// the run ends `blocked` with `reason` as its failure message.
+    Blocked { reason: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

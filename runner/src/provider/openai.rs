@@ -18,6 +18,15 @@
 //! its reply streams into the same turn. The turn's reply is the replies of all its
 //! requests, separated by a blank line.
 //!
+//! Retrying: a request that fails retryably before anything of its reply was emitted (a
+//! 429 or 5xx, a refused connection, a timeout, a stream that broke before any content)
+//! is sent again within the turn, up to `max_retries` times, after an exponential
+//! back-off (`retry_base_delay` doubled per attempt, capped at [`MAX_RETRY_WAIT`]) or the
+//! server's `Retry-After` (seconds, capped the same). Each retry is announced with a
+//! `runtime.warning {attempt, max_retries, status, kind, wait_ms}`; only when the budget
+//! is spent does the turn fail, with the last error. A reply that already streamed
+//! content is not retried (its deltas cannot be taken back). Stop ends a back-off at once.
+//!
 //! Stopping drops the response, which closes the HTTP connection, so the server stops
 //! generating.
 
@@ -37,6 +46,8 @@ use super::{Provider, ProviderError, ProviderEvent, TurnContext, TurnOutcome, Tu
 const ERROR_MESSAGE_CHARS: usize = 300;
 /// How much of an error body is read at most.
 const ERROR_BODY_BYTES: usize = 64 * 1024;
+/// The longest wait before a retry, whatever the back-off or `Retry-After` says.
+pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(60);
 
 /// Settings of the OpenAI-compatible provider.
 #[derive(Debug, Clone)]
@@ -51,6 +62,11 @@ pub struct OpenAiConfig {
     /// The longest wait to connect, for the response to start, and between two chunks
     /// of a streaming reply. Not a cap on the whole reply, which may stream for long.
     pub request_timeout: Duration,
+    /// How many times a request that failed retryably is sent again within a turn.
+    pub max_retries: u32,
+    /// The first back-off before a retry (doubled for each further one) when the server
+    /// gives no `Retry-After`.
+    pub retry_base_delay: Duration,
 }
 
 /// Why an [`OpenAiProvider`] could not be built.
@@ -72,6 +88,8 @@ pub struct OpenAiProvider {
     api_key: Option<String>,
     default_model: String,
     request_timeout: Duration,
+    max_retries: u32,
+    retry_base_delay: Duration,
 }
 
 impl OpenAiProvider {
@@ -98,6 +116,8 @@ impl OpenAiProvider {
             api_key: config.api_key,
             default_model: config.default_model,
             request_timeout: config.request_timeout,
+            max_retries: config.max_retries,
+            retry_base_delay: config.retry_base_delay,
         })
     }
 
@@ -113,9 +133,12 @@ impl OpenAiProvider {
 #[async_trait::async_trait]
 impl Provider for OpenAiProvider {
     async fn run_turn(&self, turn: TurnRequest, ctx: TurnContext) -> TurnOutcome {
+        // This provider opens no requests, so no resolution is ever for it; the receiver
+        // lives as long as the turn so that one sent anyway is simply not read.
         let TurnContext {
             events,
             steer,
+            resolutions: _resolutions,
             stop,
         } = ctx;
         let mut messages = Vec::with_capacity(turn.history.len() * 2 + 1);
@@ -136,6 +159,9 @@ impl Provider for OpenAiProvider {
             next_item: 0,
             usage_before: Usage::default(),
             usage: None,
+            emitted: 0,
+            failed_status: None,
+            retry_after: None,
         };
         match state.run(messages).await {
             Ok(outcome) => outcome,
@@ -204,13 +230,19 @@ struct Turn<'a> {
     usage_before: Usage,
     /// Usage of the turn so far, once any request reported some.
     usage: Option<Usage>,
+    /// Events emitted so far (a request that emitted none may be sent again).
+    emitted: u64,
+    /// The HTTP status of the last request that failed with one.
+    failed_status: Option<u16>,
+    /// The `Retry-After` of the last request that failed with an HTTP status.
+    retry_after: Option<Duration>,
 }
 
 impl Turn<'_> {
     async fn run(&mut self, mut messages: Vec<Value>) -> Result<TurnOutcome, Halt> {
         let mut replies: Vec<String> = Vec::new();
         loop {
-            let text = self.request(&messages).await?;
+            let text = self.request_with_retries(&messages).await?;
             if let Some(usage) = self.usage {
                 self.usage_before = usage;
             }
@@ -237,15 +269,56 @@ impl Turn<'_> {
         format!("{}:{}", self.turn_id, self.next_item)
     }
 
-    async fn emit(&self, event_type: &'static str, payload: Value) -> Result<(), Halt> {
+    async fn emit(&mut self, event_type: &'static str, payload: Value) -> Result<(), Halt> {
         let event = ProviderEvent {
             event_type,
             payload,
         };
+        self.emitted += 1;
         tokio::select! {
             biased;
             _ = self.stop.cancelled() => Err(Halt::Stopped),
             sent = self.events.send(event) => sent.map_err(|_| Halt::Stopped),
+        }
+    }
+
+    /// [`Self::request`], sent again after a back-off while it fails retryably before
+    /// emitting anything and the retry budget lasts.
+    async fn request_with_retries(&mut self, messages: &[Value]) -> Result<String, Halt> {
+        let max_retries = self.provider.max_retries;
+        let mut attempt = 0;
+        loop {
+            let emitted_before = self.emitted;
+            self.failed_status = None;
+            self.retry_after = None;
+            let error = match self.request(messages).await {
+                Err(Halt::Failed(error)) => error,
+                done => return done,
+            };
+            if !error.retryable || attempt >= max_retries || self.emitted != emitted_before {
+                return Err(Halt::Failed(error));
+            }
+            attempt += 1;
+            let backoff = self
+                .provider
+                .retry_base_delay
+                .saturating_mul(1 << (attempt - 1).min(16));
+            let wait = self.retry_after.unwrap_or(backoff).min(MAX_RETRY_WAIT);
+            tracing::debug!(attempt, kind = %error.kind, ?wait, "retrying an openai request");
+            self.emit(
+                "runtime.warning",
+                json!({
+                    "message": format!("retrying after {}: {}", error.kind, error.message),
+                    "retry": true,
+                    "attempt": attempt,
+                    "max_retries": max_retries,
+                    "status": self.failed_status,
+                    "kind": error.kind,
+                    "wait_ms": u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                }),
+            )
+            .await?;
+            self.interruptible(tokio::time::sleep(wait)).await?;
         }
     }
 
@@ -312,6 +385,8 @@ impl Turn<'_> {
 
         let status = response.status();
         if !status.is_success() {
+            self.failed_status = Some(status.as_u16());
+            self.retry_after = retry_after(response.headers());
             let body = self
                 .interruptible(tokio::time::timeout(timeout, read_error_body(response)))
                 .await?
@@ -567,6 +642,20 @@ impl Turn<'_> {
     }
 }
 
+/// The wait a `Retry-After` header asks for, in seconds (an HTTP date is not honoured:
+/// the back-off applies then).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let seconds: f64 = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (seconds.is_finite() && seconds >= 0.0)
+        .then(|| Duration::from_secs_f64(seconds.min(MAX_RETRY_WAIT.as_secs_f64())))
+}
+
 /// Classifies a failure to get a response at all.
 fn send_failure(error: &reqwest::Error) -> Halt {
     let detail = error_chain(error);
@@ -708,6 +797,8 @@ mod tests {
             api_key: None,
             default_model: "default-model".into(),
             request_timeout: Duration::from_secs(5),
+            max_retries: 0,
+            retry_base_delay: Duration::ZERO,
         })
         .unwrap()
     }
@@ -735,6 +826,8 @@ mod tests {
             api_key: None,
             default_model: "m".into(),
             request_timeout: Duration::from_secs(1),
+            max_retries: 0,
+            retry_base_delay: Duration::ZERO,
         })
         .unwrap_err();
         assert!(err.to_string().contains("http or https"), "{err}");

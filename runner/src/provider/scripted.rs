@@ -10,13 +10,19 @@
 //! | `[stall]`    | opens the reply item, then emits nothing until stopped                 |
 //! | `[fail]`     | streams a few words, emits `runtime.error`, fails (`scripted_failure`) |
 //! | `[approval]` | opens a `command` request, waits for its decision, replies with it     |
+//! | `[input]`    | opens a `user_input` request, waits, replies with the answers (JSON)   |
+//! | `[gate] WHY` | opens a `user_input` request with `detail.gate` = WHY (the rest of the |
+//! |              | prompt); accepted: the turn completes, else the run ends `blocked`     |
 //! | `[tokens:N]` | streams exactly N tokens, `token1 token2 ...`                          |
+//! | `[big:N]`    | streams a reply of N bytes in 16 KiB deltas                            |
 //! | `[slow]`     | streams a long reply of 200 tokens                                     |
 //!
 //! The first cue in that order wins. Steering text received while streaming is echoed at
 //! once as a `[steer: TEXT]` delta and becomes part of the reply, so a caller can see
-//! that a steer reached the active turn. Stopping is checked between tokens and while
-//! waiting, so `stop` ends the turn within one scheduling tick.
+//! that a steer reached the active turn. A request waits for the resolution with its own
+//! request id, never for steer text: steers received meanwhile are echoed once the reply
+//! streams. Stopping is checked between tokens and while waiting, so `stop` ends the
+//! turn within one scheduling tick.
 
 use std::time::Duration;
 
@@ -26,12 +32,19 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Provider, ProviderError, ProviderEvent, TurnContext, TurnOutcome, TurnRequest, Usage};
+use super::{
+    Provider, ProviderError, ProviderEvent, Resolution, TurnContext, TurnOutcome, TurnRequest,
+    Usage,
+};
 
 /// Tokens of the long reply the `[slow]` cue streams.
 const SLOW_TOKENS: usize = 200;
 /// Words streamed before the `[fail]` cue fails.
 const FAIL_AFTER_TOKENS: usize = 3;
+/// Bytes per delta of the `[big:N]` cue.
+const BIG_DELTA_BYTES: usize = 16 * 1024;
+/// The text the `[big:N]` cue repeats (ASCII, so any cut is a char boundary).
+const BIG_TEXT: &str = "0123456789abcdefghijklmnopqrstuvwxyz ";
 /// The text the `[slow]` cue cycles through.
 const SLOW_TEXT: &str = "This is a long scripted reply that streams slowly, so that you can \
      watch it arrive, steer it, interrupt it or cancel the run while it is still going.";
@@ -71,7 +84,10 @@ enum Cue {
     Stall,
     Fail,
     Approval,
+    Input,
+    Gate,
     Tokens(u64),
+    Big(u64),
     Slow,
     Echo,
 }
@@ -84,8 +100,14 @@ impl Cue {
             Cue::Fail
         } else if prompt.contains("[approval]") {
             Cue::Approval
-        } else if let Some(n) = tokens_cue(prompt) {
+        } else if prompt.contains("[input]") {
+            Cue::Input
+        } else if prompt.contains("[gate]") {
+            Cue::Gate
+        } else if let Some(n) = number_cue(prompt, "[tokens:") {
             Cue::Tokens(n)
+        } else if let Some(n) = number_cue(prompt, "[big:") {
+            Cue::Big(n)
         } else if prompt.contains("[slow]") {
             Cue::Slow
         } else {
@@ -94,11 +116,11 @@ impl Cue {
     }
 }
 
-/// The N of the first well-formed `[tokens:N]` in `prompt`.
-fn tokens_cue(prompt: &str) -> Option<u64> {
+/// The N of the first well-formed `{opening}N]` (e.g. `[tokens:N]`) in `prompt`.
+fn number_cue(prompt: &str, opening: &str) -> Option<u64> {
     let mut rest = prompt;
-    while let Some(start) = rest.find("[tokens:") {
-        rest = &rest[start + "[tokens:".len()..];
+    while let Some(start) = rest.find(opening) {
+        rest = &rest[start + opening.len()..];
         if let Some(end) = rest.find(']')
             && let Ok(n) = rest[..end].trim().parse::<u64>()
         {
@@ -106,6 +128,17 @@ fn tokens_cue(prompt: &str) -> Option<u64> {
         }
     }
     None
+}
+
+/// Why a `[gate]` cue stops: the rest of the prompt, or a default.
+fn gate_reason(prompt: &str) -> String {
+    let reason = prompt.replacen("[gate]", " ", 1);
+    let reason = reason.split_whitespace().collect::<Vec<_>>().join(" ");
+    if reason.is_empty() {
+        "a human gate".into()
+    } else {
+        reason
+    }
 }
 
 fn echo_reply(prompt: &str) -> String {
@@ -125,6 +158,9 @@ struct Turn {
     events: mpsc::Sender<ProviderEvent>,
     steer: mpsc::Receiver<String>,
     steer_open: bool,
+    resolutions: mpsc::Receiver<Resolution>,
+    /// Steers that arrived while waiting for a resolution, echoed once the reply streams.
+    held_steers: Vec<String>,
     stop: CancellationToken,
     token_delay: Duration,
     next_item: u64,
@@ -304,18 +340,71 @@ impl Turn {
                 )
                 .await?;
                 // The manager records request.resolved (ResolveRequest, or the deadline
-                // passing) and hands the decision to the turn as a `resolve` command.
-                let decision = self.await_decision().await?;
-                let item_id = self.open_message().await?;
-                let reply = format!("Approval: {decision}");
-                let words: Vec<String> = reply.split_whitespace().map(str::to_owned).collect();
-                self.stream(&item_id, words.into_iter()).await?;
-                self.complete(&item_id, prompt).await
+                // passing) and hands the resolution to the turn as a `resolve` command.
+                let resolution = self.await_resolution(&request_id).await?;
+                let reply = format!("Approval: {}", resolution.decision);
+                self.reply_words(&reply, prompt).await
+            }
+            Cue::Input => {
+                let request_id = uuid::Uuid::new_v4().to_string();
+                self.emit(
+                    "request.opened",
+                    json!({
+                        "kind": "user_input",
+                        "request_id": request_id,
+                        "detail": {"question": "What should I do next?"},
+                    }),
+                )
+                .await?;
+                let resolution = self.await_resolution(&request_id).await?;
+                let reply = format!(
+                    "Input: {} answers {}",
+                    resolution.decision,
+                    serde_json::to_string(&resolution.answers).unwrap_or_default()
+                );
+                self.reply_words(&reply, prompt).await
+            }
+            Cue::Gate => {
+                let reason = gate_reason(prompt);
+                let request_id = uuid::Uuid::new_v4().to_string();
+                self.emit(
+                    "request.opened",
+                    json!({
+                        "kind": "user_input",
+                        "request_id": request_id,
+                        "detail": {
+                            "gate": reason,
+                            "question": format!("May the run go on past the gate: {reason}?"),
+                        },
+                        "options": ["accept", "decline"],
+                    }),
+                )
+                .await?;
+                let resolution = self.await_resolution(&request_id).await?;
+                if !resolution.accepted() {
+                    return Ok(TurnOutcome::Blocked { reason });
+                }
+                let reply = format!("Gate passed: {reason}");
+                self.reply_words(&reply, prompt).await
             }
             Cue::Tokens(n) => {
                 let item_id = self.open_message().await?;
                 self.stream(&item_id, (1..=n).map(|i| format!("token{i}")))
                     .await?;
+                self.complete(&item_id, prompt).await
+            }
+            Cue::Big(n) => {
+                let item_id = self.open_message().await?;
+                let mut left = usize::try_from(n).unwrap_or(usize::MAX);
+                let pieces = std::iter::from_fn(|| {
+                    if left == 0 {
+                        return None;
+                    }
+                    let len = left.min(BIG_DELTA_BYTES);
+                    left -= len;
+                    Some(BIG_TEXT.chars().cycle().take(len).collect::<String>())
+                });
+                self.stream_pieces(&item_id, pieces).await?;
                 self.complete(&item_id, prompt).await
             }
             Cue::Slow => {
@@ -338,22 +427,66 @@ impl Turn {
         }
     }
 
-    /// Waits for the answer to an open request: the decision of a `resolve` command (or
-    /// any steer text), both fed through the steer channel. Without a steer channel no
-    /// answer can come, so the turn waits for stop like a person who never answers.
-    async fn await_decision(&mut self) -> Result<String, Halted> {
-        if self.steer_open {
+    /// Streams `reply` word by word into a new message item and completes the turn.
+    async fn reply_words(&mut self, reply: &str, prompt: &str) -> Result<TurnOutcome, Halted> {
+        let item_id = self.open_message().await?;
+        for text in std::mem::take(&mut self.held_steers) {
+            self.steered(&item_id, text).await?;
+        }
+        let words: Vec<String> = reply.split_whitespace().map(str::to_owned).collect();
+        self.stream(&item_id, words.into_iter()).await?;
+        self.complete(&item_id, prompt).await
+    }
+
+    /// Streams `pieces` as they are, one delta each, unpaced (bulk text).
+    async fn stream_pieces(
+        &mut self,
+        item_id: &str,
+        pieces: impl Iterator<Item = String>,
+    ) -> Result<(), Halted> {
+        for piece in pieces {
+            if self.stop.is_cancelled() {
+                return Err(Halted);
+            }
+            self.reply.push_str(&piece);
+            self.tokens += 1;
+            self.emit(
+                "content.delta",
+                json!({"item_id": item_id, "kind": "assistant_text", "delta": piece}),
+            )
+            .await?;
+        }
+        self.take_pending_steers(item_id).await
+    }
+
+    /// Waits for the resolution of the request `request_id`: only a `resolve` command
+    /// answers it, never steer text (steers stay queued and are echoed once the reply
+    /// streams). Resolutions of other requests are ignored. If no resolution can come
+    /// any more, the turn waits for stop like a person who never answers.
+    async fn await_resolution(&mut self, request_id: &str) -> Result<Resolution, Halted> {
+        loop {
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return Err(Halted),
-                steer = self.steer.recv() => match steer {
-                    Some(text) => return Ok(text.trim().to_owned()),
+                // Read so the executor never waits on a full steer buffer meanwhile.
+                steer = self.steer.recv(), if self.steer_open => match steer {
+                    Some(text) => self.held_steers.push(text),
                     None => self.steer_open = false,
+                },
+                resolution = self.resolutions.recv() => match resolution {
+                    Some(resolution) if resolution.request_id == request_id => {
+                        return Ok(resolution);
+                    }
+                    Some(other) => {
+                        tracing::debug!(request_id = %other.request_id, "a resolution for another request");
+                    }
+                    None => {
+                        self.stop.cancelled().await;
+                        return Err(Halted);
+                    }
                 },
             }
         }
-        self.stop.cancelled().await;
-        Err(Halted)
     }
 }
 
@@ -363,6 +496,7 @@ impl Provider for ScriptedProvider {
         let TurnContext {
             events,
             steer,
+            resolutions,
             stop,
         } = ctx;
         let mut state = Turn {
@@ -370,6 +504,8 @@ impl Provider for ScriptedProvider {
             events,
             steer,
             steer_open: true,
+            resolutions,
+            held_steers: Vec::new(),
             stop,
             token_delay: self.config.token_delay,
             next_item: 0,
@@ -397,5 +533,9 @@ mod tests {
         assert_eq!(Cue::of("[slow] [approval]"), Cue::Approval);
         assert_eq!(Cue::of("[approval] [fail]"), Cue::Fail);
         assert_eq!(Cue::of("[fail] [stall]"), Cue::Stall);
+        assert_eq!(Cue::of("[gate] deploy"), Cue::Gate);
+        assert_eq!(Cue::of("[big:300000]"), Cue::Big(300_000));
+        assert_eq!(gate_reason("[gate]  deploy to prod "), "deploy to prod");
+        assert_eq!(gate_reason("[gate]"), "a human gate");
     }
 }
