@@ -21,5 +21,6 @@ mod stream_correctness;
 mod surface;
 mod sweeper;
 mod tls;
+mod turn_rules;
 mod validation;
 mod watch;
