@@ -7,7 +7,9 @@
 //! - `steer` feeds text into the active turn; it is never taken as the answer to a
 //!   request.
 //! - `resolve` hands the answer to an open request to the turn waiting for it, on the
-//!   turn's resolution channel (never as steer text).
+//!   turn's resolution channel (never as steer text). An answer to a request this
+//!   runner never saw opened was asked by an earlier attempt of the run (before a requeue)
+//!   for the turn now re-executed: it answers the next request that turn opens.
 //! - `interrupt` stops the active turn and keeps the run for the next turn. It also
 //!   pauses the queue: turns queued before it wait (acknowledged, with a
 //!   `runtime.warning {queue_paused: true}` once the run is idle) until the next `turn`
@@ -27,7 +29,7 @@
 //! reading, the end of a provider's task. A step that sees the abort returns
 //! [`Aborted`] and the task ends with it, so an aborted run never leaks its task.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,6 +129,11 @@ struct Executor<'a> {
     paused: bool,
     /// The pause has been reported (`runtime.warning`) since it began.
     pause_reported: bool,
+    /// Requests opened by the turns of this execution (this lease) of the run.
+    opened_here: HashSet<String>,
+    /// Answers to requests opened before this execution, with their `resolve` commands,
+    /// waiting for the re-executed turn to ask again.
+    carried: VecDeque<(proto::Command, Resolution)>,
     /// How the last turn ended.
     last_state: Option<&'static str>,
     last_error: Option<ProviderError>,
@@ -143,6 +150,8 @@ impl<'a> Executor<'a> {
             cancelled: false,
             paused: false,
             pause_reported: false,
+            opened_here: HashSet::new(),
+            carried: VecDeque::new(),
             last_state: None,
             last_error: None,
         }
@@ -186,7 +195,15 @@ impl<'a> Executor<'a> {
                 },
                 event = async { self.active.as_mut().expect("guarded").events.recv().await }, if self.active.is_some() => {
                     match event {
-                        Some(event) => self.ctx.outbox.push(event.event_type, event.payload).await?,
+                        Some(event) => {
+                            let opened = (event.event_type == "request.opened")
+                                .then(|| event.payload["request_id"].as_str().map(str::to_owned))
+                                .flatten();
+                            self.ctx.outbox.push(event.event_type, event.payload).await?;
+                            if let Some(request_id) = opened {
+                                self.on_request_opened(request_id).await?;
+                            }
+                        }
                         None => self.end_turn().await?,
                     }
                 }
@@ -291,6 +308,25 @@ impl<'a> Executor<'a> {
         }
     }
 
+    /// The active turn opened a request: an answer carried over from an earlier attempt
+    /// of the run answers it.
+    async fn on_request_opened(&mut self, request_id: String) -> Result<(), Aborted> {
+        self.opened_here.insert(request_id.clone());
+        let Some((command, mut resolution)) = self.carried.pop_front() else {
+            return Ok(());
+        };
+        tracing::debug!(run = %self.ctx.run.run_id, from = %resolution.request_id, to = %request_id, "an earlier attempt's answer answers the request asked again");
+        resolution.request_id = request_id;
+        let delivered = self.resolve_active(resolution).await?;
+        let (status, error) = if delivered {
+            (CommandStatus::Completed, "")
+        } else {
+            (CommandStatus::Failed, "no turn is active")
+        };
+        self.ack(&command, status, error).await;
+        Ok(())
+    }
+
     /// An explicit turn or a `resume`: a paused queue goes on.
     fn unpause(&mut self) {
         self.paused = false;
@@ -369,9 +405,14 @@ impl<'a> Executor<'a> {
                 self.ack(&command, status, error).await;
             }
             CommandKind::Resolve => {
-                let delivered = self
-                    .resolve_active(Resolution::from_payload(&payload))
-                    .await?;
+                let resolution = Resolution::from_payload(&payload);
+                if !self.opened_here.contains(&resolution.request_id) {
+                    // Asked before this execution: kept for the turn's next request.
+                    self.ack(&command, CommandStatus::Acknowledged, "").await;
+                    self.carried.push_back((command, resolution));
+                    return Ok(());
+                }
+                let delivered = self.resolve_active(resolution).await?;
                 let (status, error) = if delivered {
                     (CommandStatus::Completed, "")
                 } else {
