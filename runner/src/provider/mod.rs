@@ -160,3 +160,39 @@ pub fn for_profile<'a>(
         .find(|(name, _)| name == family)
         .map(|(_, p)| p)
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_resolution_is_read_from_the_resolve_payload_with_or_without_value_and_error() {
+        let today = Resolution::from_payload(&json!({
+            "request_id": "r1", "decision": "accept", "answers": {"a": 1},
+        }));
+        assert_eq!(today.request_id, "r1");
+        assert_eq!(today.answers, json!({"a": 1}));
+        assert_eq!(today.value, Value::Null);
+        assert_eq!(today.error, None);
+        assert!(today.accepted());
+
+        let full = Resolution::from_payload(&json!({
+            "request_id": "r2", "decision": "accept", "answers": null,
+            "value": {"x": [1, 2]}, "error": {"message": "tool crashed"},
+        }));
+        assert_eq!(full.value, json!({"x": [1, 2]}));
+        assert_eq!(full.error.as_deref(), Some("tool crashed"));
+        assert!(!full.accepted(), "an error is no acceptance");
+        let declined =
+            Resolution::from_payload(&json!({"request_id": "r3", "decision": "decline"}));
+        assert!(!declined.accepted());
+        assert_eq!(
+            Resolution::from_payload(&json!({"error": "boom"}))
+                .error
+                .as_deref(),
+            Some("boom")
+        );
+    }
+}
