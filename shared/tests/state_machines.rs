@@ -431,7 +431,7 @@ proptest! {
               RunStatus::from_proto(field, value).map(|s| s.to_proto() as i32))?;
         check(known_wire_values(6)(value),
               CommandStatus::from_proto(field, value).map(|s| s.to_proto() as i32))?;
-        check(known_wire_values(5)(value),
+        check(known_wire_values(6)(value),
               CommandKind::from_proto(field, value).map(|s| s.to_proto() as i32))?;
         check(known_wire_values(4)(value),
               TurnDeliveryPolicy::from_proto(field, value).map(|s| s.to_proto() as i32))?;
