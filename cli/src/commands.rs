@@ -88,10 +88,12 @@ pub struct SendArgs {
 pub enum SendKind {
     /// Add input to the active turn.
     Steer,
-    /// Stop the active turn, keep the run.
+    /// Stop the active turn, keep the run (queued turns wait for `resume` or a new turn).
     Interrupt,
     /// Start a turn with a prompt.
     Turn,
+    /// Let turns queued before an interrupt run again.
+    Resume,
 }
 
 /// Turn delivery policy when a turn is already active.
@@ -313,8 +315,11 @@ pub async fn send(manager: &mut Manager, args: SendArgs) -> Result<u8, CliError>
         (SendKind::Turn, Some(text)) => (CommandKind::Turn, json!({ "prompt": text })),
         (SendKind::Steer, Some(text)) => (CommandKind::Steer, json!({ "text": text })),
         (SendKind::Interrupt, None) => (CommandKind::Interrupt, json!({})),
-        (SendKind::Interrupt, Some(_)) => {
-            return Err(CliError::Usage("`interrupt` takes no TEXT".into()));
+        (SendKind::Resume, None) => (CommandKind::Resume, json!({})),
+        (SendKind::Interrupt | SendKind::Resume, Some(_)) => {
+            return Err(CliError::Usage(
+                "`interrupt` and `resume` take no TEXT".into(),
+            ));
         }
         (SendKind::Turn | SendKind::Steer, None) => {
             return Err(CliError::Usage(
