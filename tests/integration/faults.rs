@@ -2093,6 +2093,7 @@ async fn asked_three_questions(
             request_id: resolved.to_string(),
             decision: "accept".into(),
             answers_json: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -872,6 +872,7 @@ fn resolve_request(
                 request_id: request.0,
                 decision: decision.0,
                 answers_json: answers.0,
+                ..Default::default()
             },
         })
 }
@@ -1887,7 +1888,7 @@ async fn apply(
                     run_id,
                     request_id,
                     decision: (*decision).into(),
-                    answers_json: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .map(drop)
@@ -2246,6 +2247,7 @@ fn secrets_in_approval_requests_never_reach_the_database() {
                 request_id,
                 decision: "decline".into(),
                 answers_json: String::new(),
+                ..Default::default()
             })
             .await
             .expect("resolve")
@@ -2452,6 +2454,7 @@ fn nul_characters_are_refused_by_field() {
                                 request_id,
                                 decision: "accept".into(),
                                 answers_json: json!({ "answer": nul }).to_string(),
+                                ..Default::default()
                             })
                             .await
                             .map(drop)

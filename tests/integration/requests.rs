@@ -38,6 +38,7 @@ fn resolve_request(
         request_id: request_id.into(),
         decision: decision.into(),
         answers_json: answers_json.into(),
+        ..Default::default()
     }
 }
 
