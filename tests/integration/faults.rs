@@ -1781,13 +1781,13 @@ async fn the_invariant_check_catches_a_corrupted_database() {
         &[&never_run],
     )
     .await;
-    // Requests: the cancelled one claims an answer nobody recorded, the resolved one's
+    // Requests: the cancelled one's closure is missing from the log, the resolved one's
     // answer changed after the fact, and the expired one's opening names another id.
     corrupt(
         &db,
-        "UPDATE requests SET status = 'resolved', resolution = '{\"decision\": \"accept\"}'
-         WHERE id = $1",
-        &[&asked.cancelled],
+        "DELETE FROM events
+         WHERE run_id = $1 AND type = 'request.resolved' AND payload->>'request_id' = $2",
+        &[&asked.run, &asked.cancelled.to_string()],
     )
     .await;
     corrupt(
@@ -1890,7 +1890,7 @@ async fn the_invariant_check_catches_a_corrupted_database() {
         ),
         (
             "request.resolved count",
-            &[&cancelled_request, "resolved with 0"],
+            &[&cancelled_request, "cancelled with 0"],
         ),
         (
             "request.resolved does not match its request",

@@ -2183,18 +2183,28 @@ fn secrets_in_runner_events_never_reach_the_database() {
             let mut c = h.clients.clone();
             let seq = next_seq.load(std::sync::atomic::Ordering::Relaxed);
             let payload = with_required(event_type, secret);
+            let mut events = vec![runner_event(seq, event_type, payload.clone())];
+            // A turn ends only while one is active: start the next one behind it.
+            if event_type == "turn.completed" {
+                events.push(runner_event(
+                    seq + 1,
+                    "turn.started",
+                    json!({"turn_id": format!("turn-{seq}")}),
+                ));
+            }
+            let sent = events.len() as i64;
             c.runners
                 .append_events(proto::AppendEventsRequest {
                     runner_id: h.seed.runner.runner_id.clone(),
                     run_id: h.seed.runs[1].clone(),
                     epoch: h.seed.epoch,
-                    events: vec![runner_event(seq, event_type, payload.clone())],
+                    events,
                     command_updates: vec![],
                 })
                 .await
                 .map_err(|s| TestCaseError::fail(format!("append {payload}: {s:?}")))?;
             // Only a stored event takes its runner_seq (shrinking replays failed cases).
-            next_seq.store(seq + 1, std::sync::atomic::Ordering::Relaxed);
+            next_seq.store(seq + sent, std::sync::atomic::Ordering::Relaxed);
             let leaked = h.tables_containing(&marker).await;
             prop_assert!(leaked.is_empty(), "{} stored in {:?}", payload, leaked);
             Ok(())
