@@ -294,14 +294,17 @@ async fn an_answer_reaches_the_next_runner_after_a_crash() {
     let text = assistant_text(&events);
     assert!(text.contains("Approval: accept"), "{text}");
     let resolved_events = resolved_events(&mut a, &run_id).await;
-    assert_eq!(resolved_events.len(), 1);
     assert_eq!(payload(&resolved_events[0])["request_id"], request_id);
+    assert_eq!(payload(&resolved_events[0])["decision"], "accept");
     assert_eq!(request_status(&a, &request_id).await, "resolved");
     // The re-executed turn asked again; the answer it was handed settled it, and its
-    // request closed with the turn.
+    // request closed with the turn — in the log too.
     let second = opened_request(&mut a, &run_id, 2).await;
     assert_ne!(second, request_id);
     assert_eq!(request_status(&a, &second).await, "cancelled");
+    assert_eq!(resolved_events.len(), 2);
+    assert_eq!(payload(&resolved_events[1])["request_id"], second);
+    assert_eq!(payload(&resolved_events[1])["decision"], "cancel");
     assert_event_log_consistent(&a.db().await).await;
 }
 
