@@ -113,7 +113,13 @@ async fn stray_turn_events_are_refused_and_change_nothing() {
     let before = events_of(&mut app, &run_id).await.len();
 
     let other = uuid::Uuid::new_v4().to_string();
-    let delta = || runner_event(2, "content.delta", json!({"kind": "assistant_text", "delta": "x"}));
+    let delta = || {
+        runner_event(
+            2,
+            "content.delta",
+            json!({"kind": "assistant_text", "delta": "x"}),
+        )
+    };
     let stray: Vec<(Vec<proto::RunnerEvent>, &str)> = vec![
         (
             vec![runner_event(2, "turn.started", json!({"turn_id": other}))],
@@ -187,12 +193,20 @@ async fn stray_turn_events_are_refused_and_change_nothing() {
         .append_events(append(
             &me,
             &a,
-            vec![runner_event(3, "turn.completed", json!({"state": "completed"}))],
+            vec![runner_event(
+                3,
+                "turn.completed",
+                json!({"state": "completed"}),
+            )],
         ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("events[0].type"), "{}", err.message());
+    assert!(
+        err.message().contains("events[0].type"),
+        "{}",
+        err.message()
+    );
     assert_event_log_consistent(&app.db().await).await;
 }
 
@@ -231,7 +245,11 @@ async fn a_stray_turn_event_on_the_stream_fails_the_run() {
     let refusal = raw
         .append_refused(
             &lease,
-            vec![runner_event(2, "turn.started", json!({"turn_id": "second"}))],
+            vec![runner_event(
+                2,
+                "turn.started",
+                json!({"turn_id": "second"}),
+            )],
         )
         .await;
     assert_eq!(refusal.code, "INVALID_ARGUMENT", "{refusal:?}");
@@ -285,13 +303,13 @@ async fn prompts_are_trimmed_and_blank_ones_refused() {
         .runs
         .len();
     let blank = " \n\t ";
-    let err = app
-        .runs
-        .create_run(run_request(blank))
-        .await
-        .unwrap_err();
+    let err = app.runs.create_run(run_request(blank)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("input_json.prompt"), "{}", err.message());
+    assert!(
+        err.message().contains("input_json.prompt"),
+        "{}",
+        err.message()
+    );
     let err = app
         .runs
         .create_runs(proto::CreateRunsRequest {
@@ -367,7 +385,10 @@ async fn a_queued_turn_is_withdrawn_and_never_runs() {
         .expect("withdrawing twice is fine")
         .into_inner();
     assert!(!again.cancelled_now);
-    assert_eq!(again.command.unwrap().status, CommandStatus::Cancelled as i32);
+    assert_eq!(
+        again.command.unwrap().status,
+        CommandStatus::Cancelled as i32
+    );
     let got = app
         .runs
         .get_command(get_command(&run_id, &queued.command_id))
@@ -380,7 +401,11 @@ async fn a_queued_turn_is_withdrawn_and_never_runs() {
     assert_eq!(got.seq, queued.seq);
     let events = events_of(&mut app, &run_id).await;
     let closed = completions(&events, &queued.command_id);
-    assert_eq!(closed.len(), 1, "one command.completed for the withdrawn turn");
+    assert_eq!(
+        closed.len(),
+        1,
+        "one command.completed for the withdrawn turn"
+    );
     assert_eq!(payload(closed[0])["status"], "cancelled");
     assert_eq!(payload(closed[0])["closed_by"], "manager");
     assert_eq!(closed[0].producer, Producer::Manager as i32);
@@ -461,9 +486,17 @@ async fn a_queued_turn_is_withdrawn_and_never_runs() {
     let started: Vec<String> = events
         .iter()
         .filter(|e| e.r#type == "turn.started")
-        .map(|e| payload(e)["turn_id"].as_str().unwrap_or_default().to_owned())
+        .map(|e| {
+            payload(e)["turn_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
         .collect();
-    assert_eq!(started, [first.command_id.clone(), third.command_id.clone()]);
+    assert_eq!(
+        started,
+        [first.command_id.clone(), third.command_id.clone()]
+    );
     assert!(
         !events.iter().any(|e| e.r#type == "command.delivered"
             && payload(e)["command_id"] == queued.command_id.as_str()),
@@ -537,7 +570,12 @@ async fn commands_closed_with_their_run_are_events() {
     assert_eq!(terminal, events.len() - 1, "run.terminal is last");
     for command in &commands {
         let closed = completions(&events, &command.command_id);
-        assert_eq!(closed.len(), 1, "command {} closed once: {events:?}", command.seq);
+        assert_eq!(
+            closed.len(),
+            1,
+            "command {} closed once: {events:?}",
+            command.seq
+        );
         let event = payload(closed[0]);
         let want = if command.kind == CommandKind::Cancel as i32 {
             "completed"

@@ -1767,10 +1767,13 @@ async fn the_invariant_check_catches_a_corrupted_database() {
         &[&lost],
     )
     .await;
-    // A command that says completed with no runner's report: nobody carried it out.
+    // A command closed with its run whose closure is missing from the log.
     corrupt(
         &db,
-        "UPDATE commands SET status = 'completed', error = NULL WHERE run_id = $1 AND kind = 'steer'",
+        "DELETE FROM events
+         WHERE run_id = $1 AND type = 'command.completed'
+           AND payload->>'command_id' = (SELECT id::text FROM commands
+                                         WHERE run_id = $1 AND kind = 'steer')",
         &[&keyed],
     )
     .await;
@@ -1874,7 +1877,7 @@ async fn the_invariant_check_catches_a_corrupted_database() {
         ),
         (
             "finished command without exactly one command.completed",
-            &[&keyed, "(steer) is completed with 0"],
+            &[&keyed, "(steer) is cancelled (run ended) with 0"],
         ),
         (
             "command.completed without a delivery under its lease",

@@ -590,16 +590,16 @@ fn create_run_request(seed: &Seed) -> impl Strategy<Value = Bad<proto::CreateRun
         "input_json",
         prop_oneof![
             good_json(),
-            "[a-z ]{0,20}".prop_map(|p| json!({ "prompt": p }).to_string()),
+            " {0,2}[a-z][a-z ]{0,20}".prop_map(|p| json!({ "prompt": p }).to_string()),
         ],
         bad_json(),
     );
-    // A prompt that is not a string is named as such.
+    // A prompt that is not a string, or is blank, is named as such.
     let input = prop_oneof![
         4 => input,
         1 => always_bad(
             "input_json.prompt",
-            select(vec!["42", "null", "[\"a\"]", "{\"text\": \"a\"}", "true"])
+            select(vec!["42", "null", "[\"a\"]", "{\"text\": \"a\"}", "true", "\"\"", "\" \\n\\t \""])
                 .prop_map(|p| format!("{{\"prompt\": {p}}}")),
         ),
     ];
@@ -762,12 +762,14 @@ fn command_body() -> impl Strategy<Value = Body> {
     let no_prompt = select(vec![
         "{}",
         r#"{"prompt": ""}"#,
+        r#"{"prompt": " \t\n "}"#,
         r#"{"prompt": 7}"#,
         r#"{"text": "x"}"#,
     ]);
     let no_text = select(vec![
         "{}",
         r#"{"text": ""}"#,
+        r#"{"text": "   "}"#,
         r#"{"text": [1]}"#,
         r#"{"prompt": "x"}"#,
     ]);

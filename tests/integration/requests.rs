@@ -772,7 +772,10 @@ async fn a_resolution_carries_a_value_or_an_error() {
         .unwrap()
         .into_inner();
     let resolution: Value = serde_json::from_str(&failed.resolution_json).unwrap();
-    assert_eq!(resolution, json!({"decision": "accept", "error": "tool crashed"}));
+    assert_eq!(
+        resolution,
+        json!({"decision": "accept", "error": "tool crashed"})
+    );
 
     // The first resolution wins, value and all.
     let again = app

@@ -395,8 +395,8 @@ impl RunService for RunApi {
         };
         let value = validate::json_value("value_json", &r.value_json, self.max_payload())
             .map_err(Error::from)?;
-        let error = validate::short_text("error", &r.error, MAX_REASON_BYTES)
-            .map_err(Error::from)?;
+        let error =
+            validate::short_text("error", &r.error, MAX_REASON_BYTES).map_err(Error::from)?;
         let error = (!error.is_empty()).then(|| error.to_owned());
         if value.is_some() && error.is_some() {
             return Err(Error::invalid("error", "is not allowed together with value_json").into());

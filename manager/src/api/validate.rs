@@ -126,7 +126,10 @@ pub fn json_value(
     if text.len() > max_bytes {
         return Err(FieldError::new(
             field,
-            format!("is {} bytes, more than the limit of {max_bytes}", text.len()),
+            format!(
+                "is {} bytes, more than the limit of {max_bytes}",
+                text.len()
+            ),
         ));
     }
     let value: serde_json::Value = serde_json::from_str(text)
@@ -267,8 +270,14 @@ mod tests {
     #[test]
     fn json_values_of_any_kind() {
         assert_eq!(json_value("v", " ", 10).unwrap(), None);
-        assert_eq!(json_value("v", "[1,2]", 10).unwrap(), Some(serde_json::json!([1, 2])));
-        assert_eq!(json_value("v", "\"ok\"", 10).unwrap(), Some(serde_json::json!("ok")));
+        assert_eq!(
+            json_value("v", "[1,2]", 10).unwrap(),
+            Some(serde_json::json!([1, 2]))
+        );
+        assert_eq!(
+            json_value("v", "\"ok\"", 10).unwrap(),
+            Some(serde_json::json!("ok"))
+        );
         assert_eq!(json_value("v", "{oops", 10).unwrap_err().field, "v");
         assert!(json_value("v", "[1,2,3,4,5,6]", 10).is_err());
         assert!(json_value("v", r#"{"a": "x\u0000"}"#, 100).is_err());

@@ -318,7 +318,8 @@ pub(crate) async fn cancel_open(
         )
         .await?;
     let open: Vec<&str> = CommandStatus::OPEN.iter().map(|s| s.as_str()).collect();
-    let mut cancelled = CommandRecord::from_rows(&tx.query(&stmt, &[&run_ids, &why, &open]).await?)?;
+    let mut cancelled =
+        CommandRecord::from_rows(&tx.query(&stmt, &[&run_ids, &why, &open]).await?)?;
     cancelled.sort_by_key(|c| (c.run_id, c.seq));
     Ok(cancelled)
 }

@@ -351,6 +351,12 @@ impl Batch {
             ));
         }
 
+        // A turn left active by an earlier holder of the run (a runner that restarted and
+        // was handed its run back under a new epoch) ended with that holder: the new one
+        // runs its turns again from the start.
+        if progress.lease_runner_seq == 0 && !fresh.is_empty() {
+            progress.active_turn_id = None;
+        }
         let mut to_store = Vec::with_capacity(fresh.len() + 1);
         if progress.status == RunStatus::Claimed && !(fresh.is_empty() && updates.is_empty()) {
             progress.status = RunStatus::Running;
