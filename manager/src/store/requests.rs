@@ -6,9 +6,11 @@
 //!
 //! - `resolved` by a client ([`resolve`]): the first resolution wins, later calls get it
 //!   back. The manager records `request.resolved` and queues a `resolve` command, so the
-//!   answer reaches whichever runner holds the run, now or after a reclaim;
+//!   answer (decision, a form's answers, a tool's value or error) reaches whichever
+//!   runner holds the run, now or after a reclaim;
 //! - `cancelled` when its turn ends ([`cancel_for_turns`]) or its run ends
-//!   (`lifecycle::finish_many`);
+//!   (`lifecycle::finish_many`), recorded as `request.resolved` (decision cancel, with
+//!   the reason) so a client following events stops showing it;
 //! - `expired` by the sweeper after its deadline ([`expire_due`]), which also tells the
 //!   waiting provider with a `resolve` command whose decision is `expired`.
 //!
