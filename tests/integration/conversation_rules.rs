@@ -452,6 +452,15 @@ async fn a_queued_turn_is_withdrawn_and_never_runs() {
         assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
         assert!(err.message().contains(field), "{field}: {}", err.message());
     }
+    for (request, field) in [
+        (get_command("nope", &queued.command_id), "run_id"),
+        (get_command(&run_id, ""), "command_id"),
+        (get_command(&run_id, "nope"), "command_id"),
+    ] {
+        let err = app.runs.get_command(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
 
     // A runner takes the run: the stalled first turn is active, and, delivered, can no
     // longer be withdrawn.
