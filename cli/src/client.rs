@@ -193,7 +193,7 @@ impl Manager {
             run_id: run_id.to_owned(),
             request_id: request_id.to_owned(),
             decision: decision.to_owned(),
-            answers_json: String::new(),
+            ..Default::default()
         });
         Ok(self.runs.resolve_request(request).await?.into_inner())
     }

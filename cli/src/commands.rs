@@ -397,6 +397,15 @@ pub async fn resolve(
         .resolve_request(&args.run_id, &args.request_id, decision.as_str())
         .await?;
     let stored = render::resolution(&response.resolution_json);
+    // A request closed unanswered (cancelled with its turn or run, or expired) comes back
+    // with that closure: nothing was answered, which is an error here.
+    let status = response.request.as_ref().map_or("", |r| r.status.as_str());
+    if !response.resolved_now && matches!(status, "cancelled" | "expired") {
+        return Err(CliError::Other(anyhow::anyhow!(
+            "request {} is {status} and can no longer be answered ({stored})",
+            args.request_id
+        )));
+    }
     let line = if response.resolved_now {
         format!("request {} resolved now: {stored}\n", args.request_id)
     } else {

@@ -111,6 +111,20 @@ impl RunService for Fake {
         unused()
     }
 
+    async fn cancel_command(
+        &self,
+        _: Request<proto::CancelCommandRequest>,
+    ) -> Result<Response<proto::CancelCommandResponse>, Status> {
+        unused()
+    }
+
+    async fn get_command(
+        &self,
+        _: Request<proto::GetCommandRequest>,
+    ) -> Result<Response<proto::GetCommandResponse>, Status> {
+        unused()
+    }
+
     /// Two events per page; the second call fails with UNAVAILABLE.
     async fn list_events(
         &self,

@@ -1767,10 +1767,13 @@ async fn the_invariant_check_catches_a_corrupted_database() {
         &[&lost],
     )
     .await;
-    // A command that says completed with no runner's report: nobody carried it out.
+    // A command closed with its run whose closure is missing from the log.
     corrupt(
         &db,
-        "UPDATE commands SET status = 'completed', error = NULL WHERE run_id = $1 AND kind = 'steer'",
+        "DELETE FROM events
+         WHERE run_id = $1 AND type = 'command.completed'
+           AND payload->>'command_id' = (SELECT id::text FROM commands
+                                         WHERE run_id = $1 AND kind = 'steer')",
         &[&keyed],
     )
     .await;
@@ -1781,13 +1784,13 @@ async fn the_invariant_check_catches_a_corrupted_database() {
         &[&never_run],
     )
     .await;
-    // Requests: the cancelled one claims an answer nobody recorded, the resolved one's
+    // Requests: the cancelled one's closure is missing from the log, the resolved one's
     // answer changed after the fact, and the expired one's opening names another id.
     corrupt(
         &db,
-        "UPDATE requests SET status = 'resolved', resolution = '{\"decision\": \"accept\"}'
-         WHERE id = $1",
-        &[&asked.cancelled],
+        "DELETE FROM events
+         WHERE run_id = $1 AND type = 'request.resolved' AND payload->>'request_id' = $2",
+        &[&asked.run, &asked.cancelled.to_string()],
     )
     .await;
     corrupt(
@@ -1874,7 +1877,7 @@ async fn the_invariant_check_catches_a_corrupted_database() {
         ),
         (
             "finished command without exactly one command.completed",
-            &[&keyed, "(steer) is completed with 0"],
+            &[&keyed, "(steer) is cancelled (run ended) with 0"],
         ),
         (
             "command.completed without a delivery under its lease",
@@ -1890,7 +1893,7 @@ async fn the_invariant_check_catches_a_corrupted_database() {
         ),
         (
             "request.resolved count",
-            &[&cancelled_request, "resolved with 0"],
+            &[&cancelled_request, "cancelled with 0"],
         ),
         (
             "request.resolved does not match its request",
@@ -2093,6 +2096,7 @@ async fn asked_three_questions(
             request_id: resolved.to_string(),
             decision: "accept".into(),
             answers_json: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap();

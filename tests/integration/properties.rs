@@ -590,16 +590,16 @@ fn create_run_request(seed: &Seed) -> impl Strategy<Value = Bad<proto::CreateRun
         "input_json",
         prop_oneof![
             good_json(),
-            "[a-z ]{0,20}".prop_map(|p| json!({ "prompt": p }).to_string()),
+            " {0,2}[a-z][a-z ]{0,20}".prop_map(|p| json!({ "prompt": p }).to_string()),
         ],
         bad_json(),
     );
-    // A prompt that is not a string is named as such.
+    // A prompt that is not a string, or is blank, is named as such.
     let input = prop_oneof![
         4 => input,
         1 => always_bad(
             "input_json.prompt",
-            select(vec!["42", "null", "[\"a\"]", "{\"text\": \"a\"}", "true"])
+            select(vec!["42", "null", "[\"a\"]", "{\"text\": \"a\"}", "true", "\"\"", "\" \\n\\t \""])
                 .prop_map(|p| format!("{{\"prompt\": {p}}}")),
         ),
     ];
@@ -762,12 +762,14 @@ fn command_body() -> impl Strategy<Value = Body> {
     let no_prompt = select(vec![
         "{}",
         r#"{"prompt": ""}"#,
+        r#"{"prompt": " \t\n "}"#,
         r#"{"prompt": 7}"#,
         r#"{"text": "x"}"#,
     ]);
     let no_text = select(vec![
         "{}",
         r#"{"text": ""}"#,
+        r#"{"text": "   "}"#,
         r#"{"text": [1]}"#,
         r#"{"prompt": "x"}"#,
     ]);
@@ -872,6 +874,7 @@ fn resolve_request(
                 request_id: request.0,
                 decision: decision.0,
                 answers_json: answers.0,
+                ..Default::default()
             },
         })
 }
@@ -1887,7 +1890,7 @@ async fn apply(
                     run_id,
                     request_id,
                     decision: (*decision).into(),
-                    answers_json: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .map(drop)
@@ -2182,18 +2185,28 @@ fn secrets_in_runner_events_never_reach_the_database() {
             let mut c = h.clients.clone();
             let seq = next_seq.load(std::sync::atomic::Ordering::Relaxed);
             let payload = with_required(event_type, secret);
+            let mut events = vec![runner_event(seq, event_type, payload.clone())];
+            // A turn ends only while one is active: start the next one behind it.
+            if event_type == "turn.completed" {
+                events.push(runner_event(
+                    seq + 1,
+                    "turn.started",
+                    json!({"turn_id": format!("turn-{seq}")}),
+                ));
+            }
+            let sent = events.len() as i64;
             c.runners
                 .append_events(proto::AppendEventsRequest {
                     runner_id: h.seed.runner.runner_id.clone(),
                     run_id: h.seed.runs[1].clone(),
                     epoch: h.seed.epoch,
-                    events: vec![runner_event(seq, event_type, payload.clone())],
+                    events,
                     command_updates: vec![],
                 })
                 .await
                 .map_err(|s| TestCaseError::fail(format!("append {payload}: {s:?}")))?;
             // Only a stored event takes its runner_seq (shrinking replays failed cases).
-            next_seq.store(seq + 1, std::sync::atomic::Ordering::Relaxed);
+            next_seq.store(seq + sent, std::sync::atomic::Ordering::Relaxed);
             let leaked = h.tables_containing(&marker).await;
             prop_assert!(leaked.is_empty(), "{} stored in {:?}", payload, leaked);
             Ok(())
@@ -2246,6 +2259,7 @@ fn secrets_in_approval_requests_never_reach_the_database() {
                 request_id,
                 decision: "decline".into(),
                 answers_json: String::new(),
+                ..Default::default()
             })
             .await
             .expect("resolve")
@@ -2452,6 +2466,7 @@ fn nul_characters_are_refused_by_field() {
                                 request_id,
                                 decision: "accept".into(),
                                 answers_json: json!({ "answer": nul }).to_string(),
+                                ..Default::default()
                             })
                             .await
                             .map(drop)

@@ -38,6 +38,7 @@ fn resolve_request(
         request_id: request_id.into(),
         decision: decision.into(),
         answers_json: answers_json.into(),
+        ..Default::default()
     }
 }
 
@@ -293,14 +294,17 @@ async fn an_answer_reaches_the_next_runner_after_a_crash() {
     let text = assistant_text(&events);
     assert!(text.contains("Approval: accept"), "{text}");
     let resolved_events = resolved_events(&mut a, &run_id).await;
-    assert_eq!(resolved_events.len(), 1);
     assert_eq!(payload(&resolved_events[0])["request_id"], request_id);
+    assert_eq!(payload(&resolved_events[0])["decision"], "accept");
     assert_eq!(request_status(&a, &request_id).await, "resolved");
     // The re-executed turn asked again; the answer it was handed settled it, and its
-    // request closed with the turn.
+    // request closed with the turn — in the log too.
     let second = opened_request(&mut a, &run_id, 2).await;
     assert_ne!(second, request_id);
     assert_eq!(request_status(&a, &second).await, "cancelled");
+    assert_eq!(resolved_events.len(), 2);
+    assert_eq!(payload(&resolved_events[1])["request_id"], second);
+    assert_eq!(payload(&resolved_events[1])["decision"], "cancel");
     assert_event_log_consistent(&a.db().await).await;
 }
 
@@ -379,11 +383,18 @@ async fn requests_close_when_their_turn_or_run_ends() {
     assert_eq!(payload(&ended)["state"], "interrupted");
     assert_eq!(request_status(&app, &first).await, "cancelled");
     wait_for_run(&app, &run_id, RunStatus::Running, LONG).await;
-    let err = resolve(&mut app, &run_id, &first, "accept")
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert!(err.message().contains("cancelled"), "{}", err.message());
+    // A client following events sees the question go away with its turn.
+    let closed = resolved_events(&mut app, &run_id).await;
+    assert_eq!(closed.len(), 1);
+    assert_eq!(payload(&closed[0])["request_id"], first);
+    assert_eq!(payload(&closed[0])["decision"], "cancel");
+    assert_eq!(payload(&closed[0])["reason"], "turn ended");
+    // A late answer gets the closure back, and changes nothing.
+    let late = resolve(&mut app, &run_id, &first, "accept").await.unwrap();
+    assert!(!late.resolved_now);
+    let resolution: Value = serde_json::from_str(&late.resolution_json).unwrap();
+    assert_eq!(resolution["decision"], "cancel");
+    assert_eq!(late.request.unwrap().status, "cancelled");
 
     // Cancelling the run closes the next turn's request.
     app.runs
@@ -406,13 +417,15 @@ async fn requests_close_when_their_turn_or_run_ends() {
         .unwrap();
     wait_for_run(&app, &run_id, RunStatus::Cancelled, LONG).await;
     assert_eq!(request_status(&app, &second).await, "cancelled");
-    let err = resolve(&mut app, &run_id, &second, "accept")
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let late = resolve(&mut app, &run_id, &second, "accept").await.unwrap();
+    assert!(!late.resolved_now);
+    assert_eq!(late.request.unwrap().status, "cancelled");
 
-    // Nothing was resolved, so nothing was recorded or sent.
-    assert!(resolved_events(&mut app, &run_id).await.is_empty());
+    // Each closure is in the log once; nobody answered, so nothing was sent.
+    let closed = resolved_events(&mut app, &run_id).await;
+    assert_eq!(closed.len(), 2);
+    assert_eq!(payload(&closed[1])["request_id"], second);
+    assert_eq!(payload(&closed[1])["decision"], "cancel");
     assert!(resolve_commands(&mut app, &run_id).await.is_empty());
     assert_event_log_consistent(&app.db().await).await;
 }
@@ -461,11 +474,16 @@ async fn an_unanswered_request_expires_and_the_runner_is_told() {
     assert_eq!(command["request_id"], request_id);
     assert_eq!(command["decision"], "expired");
 
-    let err = resolve(&mut app, &run_id, &request_id, "accept")
+    // A late answer gets the expiry back: the first resolution wins.
+    let late = resolve(&mut app, &run_id, &request_id, "accept")
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("expired"), "{}", err.message());
+        .unwrap();
+    assert!(!late.resolved_now);
+    let resolution: Value = serde_json::from_str(&late.resolution_json).unwrap();
+    assert_eq!(resolution["decision"], "expired");
+    assert_eq!(late.request.unwrap().status, "expired");
+    assert_eq!(resolved_events(&mut app, &run_id).await.len(), 1);
+    assert_eq!(resolve_commands(&mut app, &run_id).await.len(), 1);
     assert_event_log_consistent(&app.db().await).await;
 }
 
@@ -558,6 +576,15 @@ async fn other_tenants_and_bad_input_change_nothing() {
     assert_eq!(resolution["answers"], answers);
     let events = resolved_events(&mut app, &run_id).await;
     assert_eq!(payload(&events[0])["answers"], answers);
+    // The runner gets everything the client said.
+    let commands = resolve_commands(&mut app, &run_id).await;
+    assert_eq!(commands.len(), 1);
+    let command: Value = serde_json::from_str(&commands[0].payload_json).unwrap();
+    assert_eq!(
+        command,
+        json!({"request_id": request_id, "decision": "accept", "answers": answers,
+               "value": null, "error": null})
+    );
     let request = resolved.request.unwrap();
     assert_eq!(request.kind, "user_input");
     assert_eq!(request.turn_id, played.turn_id);
@@ -680,4 +707,121 @@ async fn runner_request_events_are_checked() {
         RunStatus::Running
     );
     assert_event_log_consistent(&db).await;
+}
+
+/// A resolution can carry what an external tool returned (`value_json`, any JSON) or how
+/// it failed (`error`): stored in the resolution, in `request.resolved` and in the
+/// `resolve` command the runner gets. Bad values are refused, naming the field, and
+/// change nothing.
+#[tokio::test]
+async fn a_resolution_carries_a_value_or_an_error() {
+    let mut app = TestApp::spawn_with(|s| {
+        s.lease_ttl_ms = 60_000;
+        s.max_payload_bytes = 64 * 1024;
+    })
+    .await;
+    let mut played = Played::start(&mut app, "use tools").await;
+    let run_id = played.run_id.clone();
+    let with_value = played.open(&mut app, "tool", json!({})).await;
+    let with_error = played.open(&mut app, "tool", json!({})).await;
+
+    let answer = |request_id: &str, value_json: &str, error: &str| proto::ResolveRequestRequest {
+        run_id: run_id.clone(),
+        request_id: request_id.into(),
+        decision: "accept".into(),
+        value_json: value_json.into(),
+        error: error.into(),
+        ..Default::default()
+    };
+    let bad = [
+        (answer(&with_value, "{oops", ""), "value_json"),
+        (
+            answer(&with_value, &json!({"rows": "x\u{0}"}).to_string(), ""),
+            "value_json",
+        ),
+        (
+            answer(&with_value, &json!("x".repeat(70 * 1024)).to_string(), ""),
+            "value_json",
+        ),
+        (answer(&with_value, "", "a\0b"), "error"),
+        (answer(&with_value, "", &"e".repeat(5000)), "error"),
+        (answer(&with_value, "[1]", "both"), "error"),
+    ];
+    for (request, field) in bad {
+        let err = app.runs.resolve_request(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
+    assert_eq!(request_status(&app, &with_value).await, "open");
+    assert!(resolved_events(&mut app, &run_id).await.is_empty());
+
+    let value = json!({"rows": [1, 2, 3], "ok": true});
+    let resolved = app
+        .runs
+        .resolve_request(answer(&with_value, &value.to_string(), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resolved.resolved_now);
+    let resolution: Value = serde_json::from_str(&resolved.resolution_json).unwrap();
+    assert_eq!(resolution, json!({"decision": "accept", "value": value}));
+    let failed = app
+        .runs
+        .resolve_request(answer(&with_error, "", "tool crashed"))
+        .await
+        .unwrap()
+        .into_inner();
+    let resolution: Value = serde_json::from_str(&failed.resolution_json).unwrap();
+    assert_eq!(
+        resolution,
+        json!({"decision": "accept", "error": "tool crashed"})
+    );
+
+    // The first resolution wins, value and all.
+    let again = app
+        .runs
+        .resolve_request(answer(&with_value, "\"other\"", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.resolved_now);
+    assert_eq!(again.resolution_json, resolved.resolution_json);
+
+    let events = resolved_events(&mut app, &run_id).await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(payload(&events[0])["value"], value);
+    assert_eq!(payload(&events[0])["error"], Value::Null);
+    assert_eq!(payload(&events[1])["error"], "tool crashed");
+    assert_eq!(payload(&events[1])["value"], Value::Null);
+
+    // The runner holding the run gets both answers in full.
+    let mut delivered = Vec::new();
+    let deadline = Instant::now() + LONG;
+    while delivered.len() < 2 {
+        delivered.extend(
+            played
+                .heartbeat(&mut app)
+                .await
+                .into_iter()
+                .filter(|c| c.kind == CommandKind::Resolve as i32),
+        );
+        assert!(Instant::now() < deadline, "resolve commands not delivered");
+        if delivered.len() < 2 {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    let payloads: Vec<Value> = delivered
+        .iter()
+        .map(|c| serde_json::from_str(&c.payload_json).unwrap())
+        .collect();
+    assert_eq!(
+        payloads,
+        [
+            json!({"request_id": with_value, "decision": "accept", "answers": null,
+                   "value": value, "error": null}),
+            json!({"request_id": with_error, "decision": "accept", "answers": null,
+                   "value": null, "error": "tool crashed"}),
+        ]
+    );
+    assert_event_log_consistent(&app.db().await).await;
 }

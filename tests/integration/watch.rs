@@ -226,10 +226,18 @@ async fn a_watcher_on_another_replica_is_woken_by_notify_not_the_poll() {
         .finish_run(finish(&me, lease, RunStatus::Completed))
         .await
         .unwrap();
+    // The turn the runner never reported on is closed with the run, then run.terminal.
+    let closed = next_within(&mut stream, WAKE, "command.completed appended on A")
+        .await
+        .expect("command.completed");
+    assert_eq!(
+        (closed.seq, closed.r#type.as_str()),
+        (seen + 1, "command.completed")
+    );
     let last = next_within(&mut stream, WAKE, "run.terminal appended on A")
         .await
         .expect("run.terminal");
-    assert_eq!((last.seq, last.r#type.as_str()), (seen + 1, "run.terminal"));
+    assert_eq!((last.seq, last.r#type.as_str()), (seen + 2, "run.terminal"));
     assert!(
         next_within(&mut stream, WAKE, "the end of the watch")
             .await

@@ -26,15 +26,17 @@
 //! - an ended run has no open command and no open request;
 //! - commands against their events: every `command.delivered` / `command.completed`
 //!   names a command of its run; a `command.completed` names the command's (final)
-//!   status, follows a delivery of that command under the same lease, and is the only
-//!   one for it; a finished command has its `command.completed`, unless the manager
-//!   closed it itself in the transaction that ended the run; a delivered or
+//!   status and is the only one for it; one reporting a runner's work follows a delivery
+//!   of that command under the same lease (the manager's own closures — cancelled with
+//!   the run, withdrawn before delivery, a cancel it carried out — say `closed_by:
+//!   manager`); every finished command has its `command.completed`, so a client
+//!   following only events never shows a command that no longer waits; a delivered or
 //!   acknowledged command belongs to an active run and was delivered under its current
 //!   lease (a command held by a runner that lost its lease is owed again);
-//! - requests against their events: every request has its `request.opened`; a
-//!   resolved or expired request has exactly one `request.resolved`, naming its
-//!   decision, and an open or cancelled one has none; every `request.resolved` names a
-//!   request of its run; a waiting run has an open request;
+//! - requests against their events: every request has its `request.opened`; a closed
+//!   request (resolved, expired, or cancelled with its turn or run) has exactly one
+//!   `request.resolved`, naming its decision, and an open one has none; every
+//!   `request.resolved` names a request of its run; a waiting run has an open request;
 //! - idempotency: a key names one run per tenant and one command per run, and every
 //!   stored fingerprint (`runs.request_hash`, `commands.payload_hash`) is the hash of
 //!   the row's own request, so a retry is told from a conflicting reuse correctly;
@@ -414,28 +416,17 @@ const CHECKS: &[(&str, Param, &str)] = &[
     (
         "finished command without exactly one command.completed",
         Param::CommandFinal,
-        // A runner's report that finishes a command is stored with one command.completed
-        // (a repeated report is a no-op). The manager closes commands without that event
-        // in two places, both in the transaction that ends the run, so their updated_at
-        // is the run's finished_at (now() is the transaction's start): open commands
-        // cancelled because the run ended (`commands::cancel_open`, error 'run ended'),
-        // and the `cancel` command of a run cancelled while queued, which the manager
-        // carries out itself (`runs::cancel_locked`, stored completed). An open command
-        // has no command.completed.
+        // Every closure is an event: a runner's report that finishes a command, and the
+        // manager's own (open commands cancelled with their run, a command withdrawn
+        // before delivery, the cancel of a queued run that the manager carries out). An
+        // open command has none.
         "SELECT c.run_id::text || ': command ' || c.seq || ' (' || c.kind || ') is ' || c.status
                 || coalesce(' (' || c.error || ')', '') || ' with ' || count(e.seq) || ' command.completed events'
          FROM commands c
-         JOIN runs r ON r.id = c.run_id
          LEFT JOIN events e ON e.run_id = c.run_id AND e.type = 'command.completed'
                            AND e.payload->>'command_id' = c.id::text
-         GROUP BY c.run_id, c.seq, c.kind, c.status, c.error, c.updated_at, r.status, r.finished_at
-         HAVING CASE
-             WHEN NOT c.status = ANY($1) THEN count(e.seq) <> 0
-             ELSE NOT (count(e.seq) = 1
-                       OR (count(e.seq) = 0 AND c.updated_at = r.finished_at
-                           AND ((c.status = 'cancelled' AND c.error = 'run ended')
-                                OR (c.kind = 'cancel' AND c.status = 'completed' AND r.status = 'cancelled'))))
-         END",
+         GROUP BY c.run_id, c.seq, c.kind, c.status, c.error
+         HAVING count(e.seq) <> CASE WHEN c.status = ANY($1) THEN 1 ELSE 0 END",
     ),
     (
         "command.completed without a delivery under its lease",
@@ -443,6 +434,7 @@ const CHECKS: &[(&str, Param, &str)] = &[
         // A runner can only finish a command it was given: delivered (or acknowledged)
         // after the run's latest claim, since a requeue or a restarted runner's adoption
         // puts every delivered command back to pending and the claim delivers it again.
+        // The manager's own closures (`closed_by: manager`) need no delivery.
         "SELECT e.run_id::text || ': command.completed at seq ' || e.seq || ' for '
                 || coalesce(e.payload->>'command_id', 'no command') || ' has no command.delivered since '
                 || coalesce('the claim at seq ' || e.claim, 'the start')
@@ -452,6 +444,7 @@ const CHECKS: &[(&str, Param, &str)] = &[
                FROM events
                WHERE producer = 'manager' AND type IN ('run.claimed', 'command.completed')) e
          WHERE e.type = 'command.completed'
+           AND e.payload->>'closed_by' IS DISTINCT FROM 'manager'
            AND NOT EXISTS (SELECT 1 FROM events d
                            WHERE d.run_id = e.run_id AND d.type = 'command.delivered'
                              AND d.seq > coalesce(e.claim, 0) AND d.seq < e.seq
@@ -495,7 +488,8 @@ const CHECKS: &[(&str, Param, &str)] = &[
         "request.resolved count",
         Param::None,
         // Resolved by a person (`requests::resolve`) or expired by the sweeper
-        // (`requests::expire_due`): one request.resolved. Cancelled with its turn or run:
+        // (`requests::expire_due`), or cancelled with its turn or run
+        // (`requests::cancel_for_turns`, `cancel_for_runs`): one request.resolved. Open:
         // none. The sweeper skips the event for a run that has ended, but an ended run
         // has no open request to expire: its requests were cancelled when it ended.
         "SELECT q.run_id::text || ': request ' || q.id::text || ' is ' || q.status || ' with '
@@ -504,7 +498,7 @@ const CHECKS: &[(&str, Param, &str)] = &[
          LEFT JOIN events e ON e.run_id = q.run_id AND e.type = 'request.resolved'
                            AND e.payload->>'request_id' = q.id::text
          GROUP BY q.run_id, q.id, q.status
-         HAVING count(e.seq) <> CASE WHEN q.status IN ('resolved', 'expired') THEN 1 ELSE 0 END",
+         HAVING count(e.seq) <> CASE WHEN q.status = 'open' THEN 0 ELSE 1 END",
     ),
     (
         "request.resolved does not match its request",
@@ -517,7 +511,7 @@ const CHECKS: &[(&str, Param, &str)] = &[
          FROM events e
          LEFT JOIN requests q ON q.run_id = e.run_id AND q.id::text = e.payload->>'request_id'
          WHERE e.type = 'request.resolved'
-           AND (q.id IS NULL OR q.status NOT IN ('resolved', 'expired')
+           AND (q.id IS NULL OR q.status = 'open'
                 OR e.payload->>'decision' IS DISTINCT FROM q.resolution->>'decision')",
     ),
     (

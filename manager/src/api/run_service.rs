@@ -59,9 +59,9 @@ impl RunApi {
 
     fn new_run(&self, field: &str, r: &proto::CreateRunRequest) -> Result<NewRun, FieldError> {
         let f = |name: &str| format!("{field}{name}");
-        let input = parse_object(&f("input_json"), &r.input_json, self.max_payload())?;
-        if input.get("prompt").is_some_and(|p| !p.is_string()) {
-            return Err(FieldError::new(f("input_json.prompt"), "must be a string"));
+        let mut input = parse_object(&f("input_json"), &r.input_json, self.max_payload())?;
+        if input.contains_key("prompt") {
+            validate::trim_text_in(&mut input, "prompt", &f("input_json.prompt"))?;
         }
         Ok(NewRun {
             project_id: validate::name_or(&f("project_id"), &r.project_id, "default")?.to_owned(),
@@ -100,7 +100,7 @@ impl RunApi {
     fn new_command(&self, r: &proto::SendCommandRequest) -> Result<NewCommand, FieldError> {
         let kind = CommandKind::from_proto("kind", r.kind)?;
         let mut payload = parse_object("payload_json", &r.payload_json, self.max_payload())?;
-        command_payload_rules(kind, &payload)?;
+        command_payload_rules(kind, &mut payload)?;
         if !r.expected_turn_id.is_empty() {
             let aimed = matches!(kind, CommandKind::Steer | CommandKind::Interrupt)
                 || (kind == CommandKind::Turn
@@ -141,24 +141,23 @@ impl RunApi {
 }
 
 /// The fields each command kind needs in its payload.
+/// Text a person typed (a turn's prompt, a steer's text) is stored trimmed.
 fn command_payload_rules(
     kind: CommandKind,
-    payload: &Map<String, Value>,
+    payload: &mut Map<String, Value>,
 ) -> Result<(), FieldError> {
-    let require_string = |key: &str| match payload.get(key) {
-        Some(Value::String(s)) if !s.is_empty() => Ok(s.as_str()),
-        Some(Value::String(_)) | None => Err(FieldError::new(
-            format!("payload_json.{key}"),
-            "is required",
-        )),
-        Some(_) => Err(FieldError::new(
-            format!("payload_json.{key}"),
-            "must be a string",
-        )),
+    let mut require_text = |key: &str| {
+        if !payload.contains_key(key) {
+            return Err(FieldError::new(
+                format!("payload_json.{key}"),
+                "is required",
+            ));
+        }
+        validate::trim_text_in(payload, key, &format!("payload_json.{key}"))
     };
     match kind {
-        CommandKind::Turn => require_string("prompt").map(drop),
-        CommandKind::Steer => require_string("text").map(drop),
+        CommandKind::Turn => require_text("prompt"),
+        CommandKind::Steer => require_text("text"),
         // Answers go through ResolveRequest, which checks the request and keeps the first.
         CommandKind::Resolve => Err(FieldError::new(
             "kind",
@@ -394,7 +393,20 @@ impl RunService for RunApi {
                     .map_err(Error::from)?,
             )
         };
-        let answer = Answer { decision, answers };
+        let value = validate::json_value("value_json", &r.value_json, self.max_payload())
+            .map_err(Error::from)?;
+        let error =
+            validate::short_text("error", &r.error, MAX_REASON_BYTES).map_err(Error::from)?;
+        let error = (!error.is_empty()).then(|| error.to_owned());
+        if value.is_some() && error.is_some() {
+            return Err(Error::invalid("error", "is not allowed together with value_json").into());
+        }
+        let answer = Answer {
+            decision,
+            answers,
+            value,
+            error,
+        };
         let resolved =
             requests::resolve(&self.state.pool, &tenant, run_id, request_id, answer).await?;
         if resolved.resolved_now {
@@ -410,6 +422,41 @@ impl RunService for RunApi {
                 .unwrap_or_default(),
             resolved_now: resolved.resolved_now,
             request: Some(convert::request(&resolved.request)),
+        }))
+    }
+
+    async fn cancel_command(
+        &self,
+        request: Request<proto::CancelCommandRequest>,
+    ) -> Result<Response<proto::CancelCommandResponse>, Status> {
+        let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
+        let r = request.get_ref();
+        let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
+        let command_id = CommandId::parse("command_id", &r.command_id).map_err(Error::from)?;
+        let cancelled =
+            lifecycle::cancel_command(&self.state.pool, &tenant, run_id, command_id).await?;
+        if cancelled.created {
+            // Watchers of the run see its command.completed at once.
+            self.state.notifier.events_appended([run_id.0]);
+        }
+        Ok(Response::new(proto::CancelCommandResponse {
+            command: Some(convert::command(&cancelled.value)),
+            cancelled_now: cancelled.created,
+        }))
+    }
+
+    async fn get_command(
+        &self,
+        request: Request<proto::GetCommandRequest>,
+    ) -> Result<Response<proto::GetCommandResponse>, Status> {
+        let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
+        let r = request.get_ref();
+        let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
+        let command_id = CommandId::parse("command_id", &r.command_id).map_err(Error::from)?;
+        let client = self.state.pool.get().await.map_err(Error::from)?;
+        let command = lifecycle::get_command(&client, &tenant, run_id, command_id).await?;
+        Ok(Response::new(proto::GetCommandResponse {
+            command: Some(convert::command(&command)),
         }))
     }
 }

@@ -113,6 +113,70 @@ pub fn short_text<'a>(
     text(field, value)
 }
 
+/// Any JSON value of at most `max_bytes` (a tool's result): empty text is none. A NUL
+/// character anywhere in it is refused, as PostgreSQL cannot store it.
+pub fn json_value(
+    field: &str,
+    text: &str,
+    max_bytes: usize,
+) -> Result<Option<serde_json::Value>, FieldError> {
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    if text.len() > max_bytes {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "is {} bytes, more than the limit of {max_bytes}",
+                text.len()
+            ),
+        ));
+    }
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|err| FieldError::new(field, format!("is not valid JSON ({err})")))?;
+    fn has_nul(value: &serde_json::Value) -> bool {
+        match value {
+            serde_json::Value::String(s) => s.contains('\0'),
+            serde_json::Value::Array(items) => items.iter().any(has_nul),
+            serde_json::Value::Object(map) => {
+                map.iter().any(|(k, v)| k.contains('\0') || has_nul(v))
+            }
+            _ => false,
+        }
+    }
+    if has_nul(&value) {
+        return Err(FieldError::new(field, NUL_REASON));
+    }
+    Ok(Some(value))
+}
+
+/// Trims the string at `key` of a JSON object in place: text a person typed (a prompt,
+/// a steer) is stored without surrounding whitespace, and one that is nothing but
+/// whitespace is refused, as is a value that is not a string.
+pub fn trim_text_in(
+    object: &mut serde_json::Map<String, serde_json::Value>,
+    key: &str,
+    field: &str,
+) -> Result<(), FieldError> {
+    let Some(value) = object.get_mut(key) else {
+        return Ok(());
+    };
+    let serde_json::Value::String(text) = value else {
+        return Err(FieldError::new(field, "must be a string"));
+    };
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(FieldError::new(
+            field,
+            "must not be empty or only whitespace",
+        ));
+    }
+    if trimmed.len() != text.len() {
+        *text = trimmed.to_owned();
+    }
+    Ok(())
+}
+
 /// An integer in `min..=max`, with `default` for zero.
 pub fn bounded(
     field: &str,
@@ -188,6 +252,35 @@ mod tests {
         assert_eq!(text("reason", "a\0b").unwrap_err().field, "reason");
         assert!(short_text("name", "n", 1).is_ok());
         assert!(short_text("name", "nn", 1).is_err());
+    }
+
+    #[test]
+    fn typed_text_is_trimmed() {
+        let mut object = serde_json::json!({"prompt": "  hi there \n", "n": 1});
+        let map = object.as_object_mut().unwrap();
+        trim_text_in(map, "prompt", "input_json.prompt").unwrap();
+        assert_eq!(map["prompt"], "hi there");
+        assert!(trim_text_in(map, "missing", "x").is_ok());
+        assert_eq!(trim_text_in(map, "n", "n").unwrap_err().field, "n");
+        map.insert("prompt".into(), " \t\n ".into());
+        let err = trim_text_in(map, "prompt", "input_json.prompt").unwrap_err();
+        assert_eq!(err.field, "input_json.prompt");
+    }
+
+    #[test]
+    fn json_values_of_any_kind() {
+        assert_eq!(json_value("v", " ", 10).unwrap(), None);
+        assert_eq!(
+            json_value("v", "[1,2]", 10).unwrap(),
+            Some(serde_json::json!([1, 2]))
+        );
+        assert_eq!(
+            json_value("v", "\"ok\"", 10).unwrap(),
+            Some(serde_json::json!("ok"))
+        );
+        assert_eq!(json_value("v", "{oops", 10).unwrap_err().field, "v");
+        assert!(json_value("v", "[1,2,3,4,5,6]", 10).is_err());
+        assert!(json_value("v", r#"{"a": "x\u0000"}"#, 100).is_err());
     }
 
     #[test]

@@ -300,21 +300,85 @@ pub(crate) async fn store_updates(
     Ok(())
 }
 
-/// Cancels the open commands of runs that ended.
+/// Cancels the open commands of runs that ended and returns them; the caller records
+/// their `command.completed` ([`closed_event`]) in the same transaction.
 pub(crate) async fn cancel_open(
     tx: &impl GenericClient,
     run_ids: &[Uuid],
     why: &str,
-) -> Result<()> {
+) -> Result<Vec<CommandRecord>> {
+    if run_ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let stmt = tx
         .prepare_cached(
             "UPDATE commands SET status = 'cancelled', error = $2, updated_at = now()
-             WHERE run_id = ANY($1) AND status = ANY($3)",
+             WHERE run_id = ANY($1) AND status = ANY($3)
+             RETURNING *",
         )
         .await?;
     let open: Vec<&str> = CommandStatus::OPEN.iter().map(|s| s.as_str()).collect();
-    tx.execute(&stmt, &[&run_ids, &why, &open]).await?;
-    Ok(())
+    let mut cancelled =
+        CommandRecord::from_rows(&tx.query(&stmt, &[&run_ids, &why, &open]).await?)?;
+    cancelled.sort_by_key(|c| (c.run_id, c.seq));
+    Ok(cancelled)
+}
+
+/// Why a command withdrawn with CancelCommand was cancelled (its `error`).
+pub const WITHDRAWN: &str = "withdrawn before delivery";
+
+/// Cancels a command of a run the caller has locked if, and only if, it is still
+/// pending: the guard is in the SQL, so a delivery racing with it cannot slip past.
+/// Returns the command as cancelled, or `None` when it was not pending (or is not a
+/// command of the run).
+pub(crate) async fn withdraw_pending(
+    tx: &impl GenericClient,
+    run_id: RunId,
+    command_id: CommandId,
+) -> Result<Option<CommandRecord>> {
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE commands SET status = 'cancelled', error = $3, updated_at = now()
+             WHERE run_id = $1 AND id = $2 AND status = 'pending'
+             RETURNING *",
+        )
+        .await?;
+    tx.query_opt(&stmt, &[&run_id.0, &command_id.0, &WITHDRAWN])
+        .await?
+        .map(|row| CommandRecord::from_row(&row))
+        .transpose()
+}
+
+/// One command of a run (`lifecycle` checks the caller's tenant through the run).
+pub(crate) async fn get(
+    client: &impl GenericClient,
+    run_id: RunId,
+    command_id: CommandId,
+) -> Result<CommandRecord> {
+    let stmt = client
+        .prepare_cached("SELECT * FROM commands WHERE run_id = $1 AND id = $2")
+        .await?;
+    let row = client
+        .query_opt(&stmt, &[&run_id.0, &command_id.0])
+        .await?
+        .ok_or(crate::error::Error::NotFound { what: "command" })?;
+    CommandRecord::from_row(&row)
+}
+
+/// The `command.completed` of a command the manager closed itself (cancelled with its
+/// run, withdrawn before delivery, or a cancel it carried out): `closed_by` tells it
+/// from a runner's report, which follows a delivery.
+pub(crate) fn closed_event(command: &CommandRecord) -> (RunId, NewEvent) {
+    let payload = json!({
+        "command_id": command.id.to_string(),
+        "status": command.status.as_str(),
+        "error": command.error,
+        "closed_by": "manager",
+    });
+    (
+        command.run_id,
+        NewEvent::manager(EventType::CommandCompleted, payload),
+    )
 }
 
 /// Commands held by a runner that lost its lease go back to pending for the next one.

@@ -6,7 +6,7 @@
 
 use agentrun_shared::error::reason;
 use agentrun_shared::events::EventType;
-use agentrun_shared::ids::RunId;
+use agentrun_shared::ids::{CommandId, RunId};
 use agentrun_shared::state::{CommandKind, CommandStatus, RunStatus, TurnDeliveryPolicy};
 use deadpool_postgres::{GenericClient, Pool};
 use serde_json::{Map, Value, json};
@@ -225,8 +225,9 @@ async fn cancel_locked(
         .and_then(Value::as_str)
         .map(str::to_owned);
     if run.status == RunStatus::Pending {
-        // Nobody holds the run: the manager carries the cancel out itself.
+        // Nobody holds the run: the manager carries the cancel out itself, and says so.
         let recorded = commands::insert(tx, run.id, command, CommandStatus::Completed).await?;
+        events::append(tx, &[commands::closed_event(&recorded)]).await?;
         finish_many(
             tx,
             &[Finish {
@@ -250,40 +251,113 @@ async fn cancel_locked(
     })
 }
 
-/// Ends runs: the one place a run becomes terminal. Open commands are cancelled, open
-/// requests closed as cancelled, sessions touched and `run.terminal` recorded. Runs not
-/// in a state that may move to their target (see `RunStatus::sources`) are left alone
-/// and not returned. The caller holds the rows' locks.
+/// Ends runs: the one place a run becomes terminal. Open commands are cancelled
+/// (`command.completed`, status cancelled), open requests closed as cancelled
+/// (`request.resolved`, decision cancel), sessions touched and `run.terminal` recorded
+/// last, so a client following only events never shows a question or a queued turn
+/// that no longer exists. Runs not in a state that may move to their target (see
+/// `RunStatus::sources`) are left alone and not returned. The caller holds the rows'
+/// locks.
 pub async fn finish_many(tx: &impl GenericClient, finishes: &[Finish]) -> Result<Vec<RunRecord>> {
     let finished = runs::mark_finished(tx, finishes).await?;
     if finished.is_empty() {
         return Ok(finished);
     }
     let ids: Vec<Uuid> = finished.iter().map(|r| r.id.0).collect();
-    commands::cancel_open(tx, &ids, "run ended").await?;
-    requests::cancel_for_runs(tx, &ids).await?;
+    let cancelled = commands::cancel_open(tx, &ids, "run ended").await?;
+    let closed = requests::cancel_for_runs(tx, &ids).await?;
     sessions::touch_runs(tx, &ids).await?;
-    let terminal: Vec<(RunId, NewEvent)> = finished
+    let mut closing: Vec<(RunId, NewEvent)> = cancelled
         .iter()
-        .map(|run| {
-            let payload = json!({
-                "status": run.status.as_str(),
-                "failure_kind": run.failure_kind,
-                "message": run.failure_message,
-                "attempt": run.attempt,
-            });
-            (run.id, NewEvent::manager(EventType::RunTerminal, payload))
-        })
+        .map(commands::closed_event)
+        .chain(closed.iter().map(requests::resolved_event))
         .collect();
-    events::append(tx, &terminal).await?;
-    // `last_event_seq` moved on with the terminal event.
+    // Per run: its closures in order, then run.terminal.
+    closing.sort_by_key(|(run_id, _)| *run_id);
+    let mut all = Vec::with_capacity(closing.len() + finished.len());
+    let mut appended: std::collections::HashMap<RunId, i64> = std::collections::HashMap::new();
+    let mut closing = closing.into_iter().peekable();
+    let mut by_id: Vec<&RunRecord> = finished.iter().collect();
+    by_id.sort_by_key(|r| r.id);
+    for run in by_id {
+        while let Some(event) = closing.next_if(|(run_id, _)| *run_id == run.id) {
+            all.push(event);
+        }
+        let payload = json!({
+            "status": run.status.as_str(),
+            "failure_kind": run.failure_kind,
+            "message": run.failure_message,
+            "attempt": run.attempt,
+        });
+        all.push((run.id, NewEvent::manager(EventType::RunTerminal, payload)));
+    }
+    for (run_id, _) in &all {
+        *appended.entry(*run_id).or_default() += 1;
+    }
+    events::append(tx, &all).await?;
+    // `last_event_seq` moved on with the events just appended.
     Ok(finished
         .into_iter()
         .map(|mut run| {
-            run.last_event_seq += 1;
+            run.last_event_seq += appended.get(&run.id).copied().unwrap_or(0);
             run
         })
         .collect())
+}
+
+/// CancelCommand: withdraws a command of a run of the tenant that has not been delivered
+/// yet. It becomes `cancelled`, with its `command.completed` in the log. Idempotent: a
+/// command already cancelled is returned as it is. A command already delivered (or
+/// further) is `FAILED_PRECONDITION`, and so is a `cancel` or `resolve` command: the
+/// run's cancellation and a request's answer stand once given.
+pub async fn cancel_command(
+    pool: &Pool,
+    tenant: &Tenant,
+    run_id: RunId,
+    command_id: CommandId,
+) -> Result<Created<CommandRecord>> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    runs::lock(&tx, tenant, run_id).await?;
+    let command = commands::get(&tx, run_id, command_id).await?;
+    if command.status == CommandStatus::Cancelled {
+        return Ok(Created {
+            value: command,
+            created: false,
+        });
+    }
+    if matches!(command.kind, CommandKind::Cancel | CommandKind::Resolve) {
+        return Err(Error::precondition(
+            reason::ILLEGAL_TRANSITION,
+            format!("a {} command cannot be withdrawn", command.kind.as_str()),
+        ));
+    }
+    let Some(cancelled) = commands::withdraw_pending(&tx, run_id, command_id).await? else {
+        return Err(Error::precondition(
+            reason::ILLEGAL_TRANSITION,
+            format!(
+                "command is {} and can no longer be withdrawn (only a pending command can)",
+                command.status.as_str()
+            ),
+        ));
+    };
+    events::append(&tx, &[commands::closed_event(&cancelled)]).await?;
+    tx.commit().await?;
+    Ok(Created {
+        value: cancelled,
+        created: true,
+    })
+}
+
+/// GetCommand: one command of a run of the tenant.
+pub async fn get_command(
+    client: &impl GenericClient,
+    tenant: &Tenant,
+    run_id: RunId,
+    command_id: CommandId,
+) -> Result<CommandRecord> {
+    runs::get(client, tenant, run_id).await?;
+    commands::get(client, run_id, command_id).await
 }
 
 /// Puts active runs back in the queue with their lease cleared (`run.requeued`);

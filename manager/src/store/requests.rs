@@ -6,9 +6,11 @@
 //!
 //! - `resolved` by a client ([`resolve`]): the first resolution wins, later calls get it
 //!   back. The manager records `request.resolved` and queues a `resolve` command, so the
-//!   answer reaches whichever runner holds the run, now or after a reclaim;
+//!   answer (decision, a form's answers, a tool's value or error) reaches whichever
+//!   runner holds the run, now or after a reclaim;
 //! - `cancelled` when its turn ends ([`cancel_for_turns`]) or its run ends
-//!   (`lifecycle::finish_many`);
+//!   (`lifecycle::finish_many`), recorded as `request.resolved` (decision cancel, with
+//!   the reason) so a client following events stops showing it;
 //! - `expired` by the sweeper after its deadline ([`expire_due`]), which also tells the
 //!   waiting provider with a `resolve` command whose decision is `expired`.
 //!
@@ -18,7 +20,7 @@
 use std::collections::HashSet;
 use std::time::SystemTime;
 
-use agentrun_shared::error::{FieldError, reason};
+use agentrun_shared::error::FieldError;
 use agentrun_shared::events::EventType;
 use agentrun_shared::ids::{RequestId, RunId};
 use agentrun_shared::state::{CommandKind, CommandStatus, RunStatus};
@@ -271,14 +273,16 @@ pub(crate) async fn open(
     Ok(())
 }
 
-/// Closes the open requests of turns that ended, `(run, turn)`, as `cancelled`. The
-/// caller holds the runs' row locks. Returns how many were closed.
+/// Closes the open requests of turns that ended, `(run, turn)`, as `cancelled`, and
+/// returns them: the caller records their `request.resolved` ([`resolved_event`]) in the
+/// same transaction, so a client following events sees the question go away. The
+/// caller holds the runs' row locks.
 pub(crate) async fn cancel_for_turns(
     tx: &impl GenericClient,
     ended_turns: &[(Uuid, String)],
-) -> Result<u64> {
+) -> Result<Vec<RequestRecord>> {
     if ended_turns.is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let stmt = tx
         .prepare_cached(
@@ -286,25 +290,56 @@ pub(crate) async fn cancel_for_turns(
                     resolution = '{\"decision\": \"cancel\", \"reason\": \"turn ended\"}'
              FROM unnest($1::uuid[], $2::text[]) AS t(run_id, turn_id)
              WHERE requests.run_id = t.run_id AND requests.turn_id = t.turn_id
-               AND requests.status = 'open'",
+               AND requests.status = 'open'
+             RETURNING requests.*",
         )
         .await?;
     let (runs, turns): (Vec<Uuid>, Vec<&str>) =
         ended_turns.iter().map(|(r, t)| (*r, t.as_str())).unzip();
-    Ok(tx.execute(&stmt, &[&runs, &turns]).await?)
+    closed(tx.query(&stmt, &[&runs, &turns]).await?)
 }
 
-/// Closes the open requests of runs that ended, as cancelled.
-pub(crate) async fn cancel_for_runs(tx: &impl GenericClient, run_ids: &[Uuid]) -> Result<()> {
+/// Closes the open requests of runs that ended, as cancelled, and returns them (the
+/// caller records their `request.resolved`).
+pub(crate) async fn cancel_for_runs(
+    tx: &impl GenericClient,
+    run_ids: &[Uuid],
+) -> Result<Vec<RequestRecord>> {
+    if run_ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let stmt = tx
         .prepare_cached(
             "UPDATE requests SET status = 'cancelled', resolved_at = now(),
                     resolution = '{\"decision\": \"cancel\", \"reason\": \"run ended\"}'
-             WHERE run_id = ANY($1) AND status = 'open'",
+             WHERE run_id = ANY($1) AND status = 'open'
+             RETURNING *",
         )
         .await?;
-    tx.execute(&stmt, &[&run_ids]).await?;
-    Ok(())
+    closed(tx.query(&stmt, &[&run_ids]).await?)
+}
+
+/// Requests just closed, in the order they were opened per run.
+fn closed(rows: Vec<Row>) -> Result<Vec<RequestRecord>> {
+    let mut closed: Vec<RequestRecord> = rows
+        .iter()
+        .map(RequestRecord::from_row)
+        .collect::<Result<_>>()?;
+    closed.sort_by_key(|r| (r.run_id, r.created_at, r.id.0));
+    Ok(closed)
+}
+
+/// The `request.resolved` event of a request closed by the manager (its turn or run
+/// ended), from its stored resolution.
+pub(crate) fn resolved_event(request: &RequestRecord) -> (RunId, NewEvent) {
+    let resolution = request.resolution.clone().unwrap_or(Value::Null);
+    (
+        request.run_id,
+        NewEvent::manager(
+            EventType::RequestResolved,
+            answer_payload(request.id, &resolution),
+        ),
+    )
 }
 
 /// Which of `run_ids` have an open request.
@@ -341,6 +376,10 @@ pub struct Answer {
     pub decision: Decision,
     /// For user-input requests: the answers, as a JSON object.
     pub answers: Option<Map<String, Value>>,
+    /// What an external tool returned (any JSON value).
+    pub value: Option<Value>,
+    /// How an external tool failed.
+    pub error: Option<String>,
 }
 
 impl Answer {
@@ -348,6 +387,12 @@ impl Answer {
         let mut resolution = json!({"decision": self.decision.as_str()});
         if let Some(answers) = &self.answers {
             resolution["answers"] = Value::Object(answers.clone());
+        }
+        if let Some(value) = &self.value {
+            resolution["value"] = value.clone();
+        }
+        if let Some(error) = &self.error {
+            resolution["error"] = Value::String(error.clone());
         }
         resolution
     }
@@ -357,22 +402,33 @@ impl Answer {
 #[derive(Debug, Clone)]
 pub struct Resolved {
     pub request: RequestRecord,
-    /// False when the request had been resolved before (its first resolution is kept).
+    /// False when the request had been closed before (resolved, cancelled or expired:
+    /// its first resolution is kept).
     pub resolved_now: bool,
 }
 
-/// The `request.resolved` event and the `resolve` command payload for an answer.
+/// The `request.resolved` event and the `resolve` command payload for a resolution:
+/// `request_id` and `decision`, then `answers`, `value` and `error` (null when the
+/// resolution has none), and `reason` when the manager closed the request itself.
 fn answer_payload(request_id: RequestId, resolution: &Value) -> Value {
-    json!({
+    let field = |key: &str| resolution.get(key).cloned().unwrap_or(Value::Null);
+    let mut payload = json!({
         "request_id": request_id.to_string(),
-        "decision": resolution.get("decision").cloned().unwrap_or(Value::Null),
-        "answers": resolution.get("answers").cloned().unwrap_or(Value::Null),
-    })
+        "decision": field("decision"),
+        "answers": field("answers"),
+        "value": field("value"),
+        "error": field("error"),
+    });
+    if let Some(reason) = resolution.get("reason") {
+        payload["reason"] = reason.clone();
+    }
+    payload
 }
 
 /// ResolveRequest: answers an open request of a run of the tenant, in one transaction.
-/// The first resolution wins: a request already resolved is returned as it is, with
-/// `resolved_now` false; one that was cancelled or expired is `FAILED_PRECONDITION`.
+/// The first resolution wins: a request already closed — resolved, cancelled with its
+/// turn or run, or expired — is returned as it is, with `resolved_now` false, and its
+/// stored resolution says how it ended.
 /// Resolving records `request.resolved` (as the manager), moves the run from waiting to
 /// running if nothing else is open, and queues a `resolve` command for the runner —
 /// the caller wakes its stream after commit.
@@ -399,19 +455,13 @@ pub async fn resolve(
         .await?
     else {
         let request = get_locked(&tx, run_id, request_id).await?;
-        return match request.status {
-            RequestStatus::Resolved => Ok(Resolved {
-                request,
-                resolved_now: false,
-            }),
-            status => Err(Error::precondition(
-                reason::ILLEGAL_TRANSITION,
-                format!(
-                    "request is {} and can no longer be resolved",
-                    status.as_str()
-                ),
-            )),
-        };
+        if request.status == RequestStatus::Open {
+            return Err(Error::Internal("an open request was not resolved".into()));
+        }
+        return Ok(Resolved {
+            request,
+            resolved_now: false,
+        });
     };
     let request = RequestRecord::from_row(&row)?;
     let payload = answer_payload(request_id, &resolution);

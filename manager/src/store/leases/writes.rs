@@ -319,7 +319,9 @@ impl Batch {
     /// rest must continue it without a gap. The first events of an epoch move the run
     /// from claimed to running (`run.started`); `request.opened` stores the request and
     /// makes the run waiting; `turn.completed` cancels the turn's open requests, and the
-    /// run is running again once none is open.
+    /// run is running again once none is open. Turns follow their lifecycle: a
+    /// `turn.started` while a turn is active, or a `turn.completed` when none is or naming
+    /// another turn, is refused (a buggy runner cannot end the turn a steer is aimed at).
     fn plan_append(
         &mut self,
         runner_id: RunnerId,
@@ -349,6 +351,12 @@ impl Batch {
             ));
         }
 
+        // A turn left active by an earlier holder of the run (a runner that restarted and
+        // was handed its run back under a new epoch) ended with that holder: the new one
+        // runs its turns again from the start.
+        if progress.lease_runner_seq == 0 && !fresh.is_empty() {
+            progress.active_turn_id = None;
+        }
         let mut to_store = Vec::with_capacity(fresh.len() + 1);
         if progress.status == RunStatus::Claimed && !(fresh.is_empty() && updates.is_empty()) {
             progress.status = RunStatus::Running;
@@ -360,19 +368,38 @@ impl Batch {
         let mut opened = Vec::new();
         let mut ended_turns = Vec::new();
         for (i, event) in fresh.iter().enumerate() {
-            // The active turn guards steers aimed at a turn that has already ended.
+            let field = |name: &str| format!("events[{}]{name}", duplicates + i);
+            let turn_id = event.payload.get("turn_id").and_then(|t| t.as_str());
+            // The active turn guards steers aimed at a turn that has already ended, so a
+            // runner may only start a turn when none is active and end the active one.
             match event.event_type {
                 EventType::TurnStarted => {
-                    progress.active_turn_id = event
-                        .payload
-                        .get("turn_id")
-                        .and_then(|t| t.as_str())
-                        .map(str::to_owned);
+                    if let Some(active) = &progress.active_turn_id {
+                        return Err(Error::invalid(
+                            field(".type"),
+                            format!(
+                                "is turn.started while turn {active:?} is active (end it with turn.completed first)"
+                            ),
+                        ));
+                    }
+                    progress.active_turn_id = turn_id.map(str::to_owned);
                 }
                 EventType::TurnCompleted => {
-                    let ended = event.payload.get("turn_id").and_then(|t| t.as_str());
-                    let active = progress.active_turn_id.take();
-                    ended_turns.extend(ended.map(str::to_owned).or(active));
+                    let Some(active) = progress.active_turn_id.take() else {
+                        return Err(Error::invalid(
+                            field(".type"),
+                            "is turn.completed while no turn is active",
+                        ));
+                    };
+                    if let Some(ended) = turn_id
+                        && ended != active
+                    {
+                        return Err(Error::invalid(
+                            field(".payload_json.turn_id"),
+                            format!("is {ended:?}, but the active turn is {active:?}"),
+                        ));
+                    }
+                    ended_turns.push(active);
                 }
                 EventType::RequestOpened => {
                     let request = OpenedRequest::from_payload(
@@ -490,7 +517,7 @@ impl Batch {
             if update.status.is_final() {
                 completed.push(NewEvent::manager(
                     EventType::CommandCompleted,
-                    json!({"command_id": update.command_id.to_string(), "status": update.status.as_str(), "error": update.error}),
+                    json!({"command_id": update.command_id.to_string(), "status": update.status.as_str(), "error": update.error, "closed_by": "runner"}),
                 ));
             }
             accepted.push(update);
@@ -550,15 +577,20 @@ impl Batch {
         }
     }
 
-    /// Stores every accepted write: command updates, events, requests, the runs' progress,
-    /// then finishes and releases.
+    /// Stores every accepted write: command updates, events, requests (with the
+    /// `request.resolved` of those closed by their turn's end), the runs' progress, then
+    /// finishes and releases.
     async fn store(mut self, tx: &impl GenericClient) -> Result<Stored> {
         commands::store_updates(tx, &self.command_updates).await?;
         let seqs = events::append(tx, &self.events).await?;
         for (run_id, opened) in &self.opened {
             requests::open(tx, &self.runs[&run_id.0], opened).await?;
         }
-        requests::cancel_for_turns(tx, &self.ended_turns).await?;
+        // A request its turn took with it is closed in the log too.
+        let closed = requests::cancel_for_turns(tx, &self.ended_turns).await?;
+        let closed_events: Vec<(RunId, NewEvent)> =
+            closed.iter().map(requests::resolved_event).collect();
+        events::append(tx, &closed_events).await?;
         // A run waits only while one of its requests is open.
         let rechecked: Vec<Uuid> = self
             .requests_changed
