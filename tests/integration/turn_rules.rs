@@ -285,6 +285,7 @@ async fn resolve(app: &mut TestApp, run_id: &str, request_id: &str, decision: &s
             request_id: request_id.into(),
             decision: decision.into(),
             answers_json: answers.into(),
+            ..Default::default()
         })
         .await
         .expect("resolve request");
