@@ -60,6 +60,7 @@ fn request(backend_profile: &str, prompt: &str) -> TurnRequest {
         backend_profile: backend_profile.into(),
         prompt: prompt.into(),
         history: Vec::new(),
+        provider_thread_id: None,
     }
 }
 
@@ -163,7 +164,7 @@ fn types(events: &[ProviderEvent]) -> Vec<&'static str> {
 
 fn completed(outcome: TurnOutcome) -> (String, Option<Usage>) {
     match outcome {
-        TurnOutcome::Completed { reply, usage } => (reply, usage),
+        TurnOutcome::Completed { reply, usage, .. } => (reply, usage),
         other => panic!("expected Completed, got {other:?}"),
     }
 }

@@ -10,7 +10,9 @@
 //! The runner writes JSON lines to the child's stdin:
 //!
 //! - first `{"type":"prompt","text":...,"history":[{"prompt":...,"reply":...},...],
-//!   "run_id":...,"turn_id":...}` (history oldest first);
+//!   "run_id":...,"turn_id":...,"provider_thread_id":...}` (history oldest first: the
+//!   session's earlier turns and the run's own; `provider_thread_id` is the thread the
+//!   agent reported last for this run or its session, or null);
 //! - then `{"type":"steer","text":...}` for each steer received during the turn.
 //!
 //! Stdin is closed when the turn ends; the child must not wait for end of input to
@@ -22,8 +24,11 @@
 //!   that event, with the object's other fields as its payload (for example
 //!   `{"type":"content.delta","item_id":"a","kind":"assistant_text","delta":"Hi"}`).
 //!   An event that fails validation is replaced by a `runtime.warning` saying why;
-//! - `{"type":"result","text":...,"usage":{"input_tokens":N,"output_tokens":N}}`: the
-//!   turn's reply and usage (usage optional; reported as `usage.updated`);
+//! - `{"type":"result","text":...,"usage":{"input_tokens":N,"output_tokens":N},
+//!   "thread_id":...}`: the turn's reply and usage (usage optional; reported as
+//!   `usage.updated`) and the agent's own thread id (optional, a string: an agent CLI
+//!   that keeps its conversations reports the id it resumes them by; the next turn, and
+//!   the session's next run, get it back as `provider_thread_id`);
 //! - any other line: output, sent as `content.delta {kind:"command_output"}` with the
 //!   line and its newline.
 //!
@@ -52,6 +57,8 @@ const STDERR_TAIL_BYTES: usize = 2048;
 const DRAIN_IDLE: Duration = Duration::from_millis(500);
 /// How long to wait for stderr to close once the child is gone.
 const STDERR_WAIT: Duration = Duration::from_millis(500);
+/// Longest thread id an agent may report.
+const MAX_THREAD_ID_BYTES: usize = 1024;
 /// Lines queued for the child's stdin beyond which steers are dropped (with a warning)
 /// rather than letting a child that does not read stall the turn.
 const STDIN_QUEUE: usize = 64;
@@ -109,6 +116,7 @@ impl Provider for CommandProvider {
             result: None,
             usage: None,
             assistant_text: String::new(),
+            thread_id: None,
         };
         let mut child = match self.spawn() {
             Ok(child) => child,
@@ -143,6 +151,7 @@ impl Provider for CommandProvider {
             "history": history,
             "run_id": turn.run_id,
             "turn_id": turn.turn_id,
+            "provider_thread_id": turn.provider_thread_id,
         });
         // The queue is empty, so this cannot fail for lack of room; if the writer is
         // already gone the child has closed its stdin, which is its business.
@@ -221,6 +230,8 @@ struct Session {
     result: Option<String>,
     usage: Option<Usage>,
     assistant_text: String,
+    /// The agent's thread id, from its result line.
+    thread_id: Option<String>,
 }
 
 impl Session {
@@ -264,6 +275,7 @@ impl Session {
         TurnOutcome::Completed {
             reply,
             usage: self.usage,
+            provider_thread_id: self.thread_id.take(),
         }
     }
 
@@ -443,6 +455,20 @@ impl Session {
             Some(_) => {
                 self.warn("ignored the agent's result text: it must be a string".into())
                     .await?
+            }
+        }
+        match object.get("thread_id") {
+            Some(Value::String(thread))
+                if !thread.is_empty() && thread.len() <= MAX_THREAD_ID_BYTES =>
+            {
+                self.thread_id = Some(thread.clone())
+            }
+            None | Some(Value::Null) => {}
+            Some(_) => {
+                self.warn(format!(
+                    "ignored the agent's thread_id: it must be a string of 1 to {MAX_THREAD_ID_BYTES} bytes"
+                ))
+                .await?
             }
         }
         if let Some(usage) = object.get("usage").filter(|u| u.is_object()) {
