@@ -104,7 +104,8 @@ impl FakeOpenAi {
                         seen.len()
                     };
                     let delta = json!({"choices": [{"index": 0, "delta": {"content": format!("reply {n}")}, "finish_reason": null}]});
-                    let finish = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+                    let finish =
+                        json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
                     let response = format!(
                         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n\
                          data: {delta}\n\ndata: {finish}\n\ndata: [DONE]\n\n"
@@ -212,23 +213,27 @@ async fn a_requeued_run_replays_its_completed_turns_to_the_next_runner() {
 
     // The first turn completed (its command too) and the second is stalled mid-reply,
     // having recalled the first turn on this runner.
-    let first_recall = wait_for("the second turn to recall on the first runner", LONG, || {
-        let mut app_runs = app.runs.clone();
-        let run_id = run_id.clone();
-        async move {
-            let events = app_runs
-                .list_events(proto::ListEventsRequest {
-                    run_id,
-                    after_seq: 0,
-                    limit: 1000,
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .events;
-            recall_after(&events, 0)
-        }
-    })
+    let first_recall = wait_for(
+        "the second turn to recall on the first runner",
+        LONG,
+        || {
+            let mut app_runs = app.runs.clone();
+            let run_id = run_id.clone();
+            async move {
+                let events = app_runs
+                    .list_events(proto::ListEventsRequest {
+                        run_id,
+                        after_seq: 0,
+                        limit: 1000,
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .events;
+                recall_after(&events, 0)
+            }
+        },
+    )
     .await;
     assert!(
         first_recall.starts_with("[recall: 1 turns; last prompt: remember the number 7;"),
@@ -255,24 +260,28 @@ async fn a_requeued_run_replays_its_completed_turns_to_the_next_runner() {
     let requeued = wait_for_event(&mut app, &run_id, "run.requeued", LONG)
         .await
         .seq;
-    let recalled = wait_for("the re-run turn to recall on the second runner", LONG, || {
-        let mut app_runs = app.runs.clone();
-        let run_id = run_id.clone();
-        async move {
-            let events = app_runs
-                .list_events(proto::ListEventsRequest {
-                    run_id,
-                    after_seq: 0,
-                    limit: 1000,
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .events;
-            let after = events.iter().position(|e| e.seq > requeued)?;
-            recall_after(&events, after)
-        }
-    })
+    let recalled = wait_for(
+        "the re-run turn to recall on the second runner",
+        LONG,
+        || {
+            let mut app_runs = app.runs.clone();
+            let run_id = run_id.clone();
+            async move {
+                let events = app_runs
+                    .list_events(proto::ListEventsRequest {
+                        run_id,
+                        after_seq: 0,
+                        limit: 1000,
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .events;
+                let after = events.iter().position(|e| e.seq > requeued)?;
+                recall_after(&events, after)
+            }
+        },
+    )
     .await;
     assert!(
         recalled.starts_with("[recall: 1 turns; last prompt: remember the number 7; last reply: Hello! You said: remember the number 7."),
@@ -301,7 +310,13 @@ async fn a_provider_thread_id_is_kept_on_the_session_and_handed_to_the_next_run(
     let stored = session(&mut sessions, &session_id).await;
     assert_eq!(stored.provider_thread_id, "thr-42");
 
-    let second = create_in(&mut app, "scripted", &session_id, "[recall] what did I say?").await;
+    let second = create_in(
+        &mut app,
+        "scripted",
+        &session_id,
+        "[recall] what did I say?",
+    )
+    .await;
     wait_for_run(&app, &second, RunStatus::Completed, LONG).await;
     let events = events_of(&mut app, &second).await;
     let recalled = recall_after(&events, 0).expect("a recall");
@@ -417,7 +432,10 @@ async fn session_titles_come_from_metadata_or_the_first_prompt_and_can_be_set() 
         assert!(err.message().contains(field), "{field}: {}", err.message());
     }
     let after = session(&mut sessions, &prompted).await;
-    assert_eq!((after.title.as_str(), after.version), ("Renamed", set.version));
+    assert_eq!(
+        (after.title.as_str(), after.version),
+        ("Renamed", set.version)
+    );
     // 200 characters are fine.
     let longest = "é".repeat(200);
     let set = sessions

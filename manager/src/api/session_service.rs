@@ -54,10 +54,7 @@ fn title(text: &str) -> Result<&str, FieldError> {
     if title.chars().count() > sessions::MAX_TITLE_CHARS {
         return Err(FieldError::new(
             "title",
-            format!(
-                "is longer than {} characters",
-                sessions::MAX_TITLE_CHARS
-            ),
+            format!("is longer than {} characters", sessions::MAX_TITLE_CHARS),
         ));
     }
     if title.chars().any(char::is_control) {

@@ -235,7 +235,10 @@ mod tests {
         let bytes: usize = kept.iter().map(|t| t.prompt.len() + t.reply.len()).sum();
         assert!(bytes <= MAX_BYTES, "{bytes}");
         assert_eq!(kept.last().unwrap().prompt, "new");
-        assert_ne!(kept[0].prompt, "old", "what does not fit is dropped, oldest first");
+        assert_ne!(
+            kept[0].prompt, "old",
+            "what does not fit is dropped, oldest first"
+        );
         assert!(kept[1].reply.ends_with(ELLIPSIS));
         assert!(kept[1].reply.len() <= MAX_TEXT_BYTES);
     }
