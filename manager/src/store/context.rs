@@ -9,6 +9,9 @@
 //! reply the `item.completed` assistant messages between the two (or, from a provider
 //! that streams text without completing an item, the `assistant_text` deltas joined).
 //!
+//! The thread id is that of the newest `turn.completed` naming a `provider_thread_id`
+//! (1 to 1,024 characters; longer ones are ignored), else the session's.
+//!
 //! The context is bounded so an assignment stays small: at most [`MAX_TURNS`] turns and
 //! [`MAX_BYTES`] of text, keeping the newest; a prompt or reply longer than
 //! [`MAX_TEXT_BYTES`] is cut on a character boundary and ends in "…".
@@ -105,7 +108,7 @@ thread AS (
            coalesce((SELECT e.payload->>'provider_thread_id'
                      FROM source s JOIN events e ON e.run_id = s.run_id
                      WHERE s.target = t.id AND e.type = 'turn.completed'
-                       AND e.payload->>'provider_thread_id' <> ''
+                       AND char_length(e.payload->>'provider_thread_id') BETWEEN 1 AND 1024
                      ORDER BY e.run_id DESC, e.seq DESC LIMIT 1),
                     ss.provider_thread_id) AS thread_id
     FROM target t LEFT JOIN sessions ss ON ss.id = t.session_id

@@ -9,7 +9,11 @@
 //! `active_run_id` is recomputed from the runs table whenever a run of the session is
 //! created or ends ([`touch_runs`], the only two moments a run changes between
 //! non-terminal and terminal), under the session's row lock, so it never names an ended
-//! run and is never empty while a run of the session is still open.
+//! run and is never empty while a run of the session is still open. The same statement
+//! gives a session without a title its first run's (metadata `"title"`, else the first
+//! prompt, bounded to [`TITLE_CHARS`]) and keeps the provider thread id an ending run's
+//! turns reported last (`turn.completed` `provider_thread_id`, at most 1,024
+//! characters); clients set titles with [`set_title`].
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -135,7 +139,7 @@ pub(crate) async fn touch_runs(tx: &impl GenericClient, run_ids: &[Uuid]) -> Res
                    LEFT JOIN LATERAL (
                        SELECT e.payload->>'provider_thread_id' AS thread_id FROM events e
                        WHERE e.run_id = r.id AND e.type = 'turn.completed'
-                         AND e.payload->>'provider_thread_id' <> ''
+                         AND char_length(e.payload->>'provider_thread_id') BETWEEN 1 AND 1024
                        ORDER BY e.seq DESC LIMIT 1
                    ) th ON true
                    WHERE r.id = ANY($1) AND r.session_id IS NOT NULL
