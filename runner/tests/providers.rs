@@ -1266,3 +1266,37 @@ echo '{"type":"result","text":"ok","thread_id":7}'
         "{events:#?}"
     );
 }
+
+#[tokio::test]
+async fn command_result_alone_is_recorded_as_the_assistant_message() {
+    let script = r#"
+read -r line
+echo '{"type":"result","text":"forty-two"}'
+"#;
+    let (outcome, events) = start(
+        shell(script, Duration::from_secs(1)),
+        request("command", "hi"),
+    )
+    .finish()
+    .await;
+    assert_eq!(completed(outcome).0, "forty-two");
+    assert_eq!(types(&events), ["item.started", "item.completed"]);
+    assert_eq!(events[1].payload["kind"], "assistant_message");
+    assert_eq!(events[1].payload["text"], "forty-two");
+    assert_eq!(events[0].payload["item_id"], events[1].payload["item_id"]);
+
+    // With assistant text streamed, the result is not recorded a second time.
+    let script = r#"
+read -r line
+echo '{"type":"content.delta","item_id":"m","kind":"assistant_text","delta":"forty"}'
+echo '{"type":"result","text":"forty-two"}'
+"#;
+    let (outcome, events) = start(
+        shell(script, Duration::from_secs(1)),
+        request("command", "hi"),
+    )
+    .finish()
+    .await;
+    assert_eq!(completed(outcome).0, "forty-two");
+    assert_eq!(types(&events), ["content.delta"]);
+}

@@ -349,6 +349,57 @@ async fn a_provider_thread_id_is_kept_on_the_session_and_handed_to_the_next_run(
 }
 
 #[tokio::test]
+async fn an_agent_cli_gets_the_sessions_turns_and_its_own_thread_id_back() {
+    let mut app = TestApp::spawn().await;
+    // The agent answers a conversation's first turn with a result and a thread id, and
+    // any later turn by printing the prompt line it was given (prefixed: a JSON line
+    // with a "type" would be taken as an event).
+    let agent = r#"read -r line
+case "$line" in
+  *'"history":[]'*) echo '{"type":"result","text":"the answer is 42","thread_id":"cli-thread-1"}' ;;
+  *) printf 'got %s\n' "$line" ;;
+esac"#;
+    let _runner = RunnerProcess::start(
+        app.addr,
+        "cli",
+        &[
+            ("AGENTRUN_COMMAND", agent),
+            ("AGENTRUN_BACKEND_PROFILES", "command"),
+        ],
+    );
+    let mut sessions = sessions_client(&app).await;
+    let session_id = Uuid::now_v7().to_string();
+    let first = create_in(&mut app, "command", &session_id, "what is the answer?").await;
+    wait_for_run(&app, &first, RunStatus::Completed, LONG).await;
+    assert_eq!(
+        session(&mut sessions, &session_id).await.provider_thread_id,
+        "cli-thread-1"
+    );
+
+    let second = create_in(&mut app, "command", &session_id, "and why?").await;
+    wait_for_run(&app, &second, RunStatus::Completed, LONG).await;
+    let events = events_of(&mut app, &second).await;
+    let output: String = events
+        .iter()
+        .filter(|e| e.r#type == "content.delta")
+        .filter_map(|e| {
+            let payload: Value = serde_json::from_str(&e.payload_json).ok()?;
+            (payload["kind"] == "command_output")
+                .then(|| payload["delta"].as_str().unwrap_or_default().to_owned())
+        })
+        .collect();
+    let line = output.strip_prefix("got ").unwrap_or(&output).trim_end();
+    let prompt: Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("the prompt line ({e}): {events:#?}"));
+    assert_eq!(prompt["text"], "and why?");
+    assert_eq!(
+        prompt["history"],
+        json!([{"prompt": "what is the answer?", "reply": "the answer is 42"}])
+    );
+    assert_eq!(prompt["provider_thread_id"], "cli-thread-1");
+}
+
+#[tokio::test]
 async fn session_titles_come_from_metadata_or_the_first_prompt_and_can_be_set() {
     let mut app = TestApp::spawn().await;
     let mut sessions = sessions_client(&app).await;

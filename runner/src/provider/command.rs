@@ -33,7 +33,9 @@
 //!   line and its newline.
 //!
 //! Exit status 0 completes the turn; its reply is the `result` text, else the
-//! `assistant_text` deltas joined, else empty. Any other exit (or death by signal) fails
+//! `assistant_text` deltas joined, else empty. A `result` text with no assistant text
+//! streamed and no `assistant_message` item completed is recorded as one (`item.started`
+//! and `item.completed` with the text), so the log holds every turn's reply. Any other exit (or death by signal) fails
 //! it with kind `process_exit`, the status and the tail of stderr; not retryable.
 
 use std::process::{ExitStatus, Stdio};
@@ -117,6 +119,7 @@ impl Provider for CommandProvider {
             usage: None,
             assistant_text: String::new(),
             thread_id: None,
+            assistant_message_completed: false,
         };
         let mut child = match self.spawn() {
             Ok(child) => child,
@@ -232,6 +235,8 @@ struct Session {
     assistant_text: String,
     /// The agent's thread id, from its result line.
     thread_id: Option<String>,
+    /// The agent completed an `assistant_message` item itself.
+    assistant_message_completed: bool,
 }
 
 impl Session {
@@ -264,8 +269,28 @@ impl Session {
         TurnOutcome::Failed(error)
     }
 
+    /// A reply given only as the result text (no assistant text or message streamed)
+    /// becomes an `assistant_message` item, so the log holds the reply: it is what the
+    /// session's later runs are given as this turn's answer.
+    async fn record_result(&mut self) -> Result<(), Halted> {
+        let Some(text) = self.result.as_ref().filter(|t| !t.is_empty()) else {
+            return Ok(());
+        };
+        if !self.assistant_text.is_empty() || self.assistant_message_completed {
+            return Ok(());
+        }
+        let item_id = format!("{}:result", self.turn_id);
+        let completed = json!({"item_id": item_id, "kind": "assistant_message", "text": text});
+        self.emit(
+            "item.started",
+            json!({"item_id": item_id, "kind": "assistant_message"}),
+        )
+        .await?;
+        self.emit("item.completed", completed).await
+    }
+
     async fn complete(&mut self) -> TurnOutcome {
-        if self.close_output().await.is_err() {
+        if self.close_output().await.is_err() || self.record_result().await.is_err() {
             return TurnOutcome::Stopped;
         }
         let reply = self
@@ -444,6 +469,11 @@ impl Session {
             && let Some(delta) = object.get("delta").and_then(Value::as_str)
         {
             self.assistant_text.push_str(delta);
+        }
+        if event_type == EventType::ItemCompleted
+            && object.get("kind").and_then(Value::as_str) == Some("assistant_message")
+        {
+            self.assistant_message_completed = true;
         }
         self.emit(event_type.as_str(), Value::Object(object)).await
     }
