@@ -93,6 +93,12 @@ impl SessionService for Fake {
     ) -> Result<Response<proto::MarkSessionReadResponse>, Status> {
         unused()
     }
+    async fn set_session_title(
+        &self,
+        _: Request<proto::SetSessionTitleRequest>,
+    ) -> Result<Response<proto::SetSessionTitleResponse>, Status> {
+        unused()
+    }
 
     /// Two events per page; the second call fails with UNAVAILABLE.
     async fn list_session_events(

@@ -467,6 +467,8 @@ impl Runner {
             upward: self.upward_tx.clone(),
             abort: abort.clone(),
             idle_timeout: self.settings.idle_timeout(),
+            context: executor::context_of(&assignment.context),
+            provider_thread_id: Some(assignment.provider_thread_id).filter(|t| !t.is_empty()),
         };
         tracing::info!(run = %run.run_id, epoch = assignment.epoch, profile = %run.backend_profile, "run assigned");
         tokio::spawn(executor::execute(ctx, commands_rx));

@@ -63,6 +63,11 @@ pub struct RunContext {
     /// the same token, so its pushes fail once it fires.
     pub abort: CancellationToken,
     pub idle_timeout: Duration,
+    /// The conversation so far, from the assignment: the turns the run's first turn
+    /// starts with.
+    pub context: Vec<Exchange>,
+    /// The provider's thread id from the assignment.
+    pub provider_thread_id: Option<String>,
 }
 
 /// Provider events buffered between a provider and its run task.
@@ -118,11 +123,23 @@ pub async fn execute(ctx: RunContext, mut commands: mpsc::UnboundedReceiver<prot
     tracing::debug!(run = %run_id, "run task ended");
 }
 
+/// The conversation an assignment carries, as provider history.
+pub fn context_of(turns: &[proto::ContextTurn]) -> Vec<Exchange> {
+    turns
+        .iter()
+        .map(|t| Exchange {
+            prompt: t.prompt.clone(),
+            reply: t.reply.clone(),
+        })
+        .collect()
+}
+
 struct Executor<'a> {
     ctx: &'a RunContext,
     queue: VecDeque<proto::Command>,
     active: Option<ActiveTurn>,
     history: Vec<Exchange>,
+    provider_thread_id: Option<String>,
     last_seq: i64,
     cancelled: bool,
     /// An `interrupt` paused the queue: queued turns wait for a `turn` or `resume`.
@@ -145,7 +162,8 @@ impl<'a> Executor<'a> {
             ctx,
             queue: VecDeque::new(),
             active: None,
-            history: Vec::new(),
+            history: ctx.context.clone(),
+            provider_thread_id: ctx.provider_thread_id.clone(),
             last_seq: 0,
             cancelled: false,
             paused: false,
@@ -508,6 +526,7 @@ impl<'a> Executor<'a> {
             backend_profile: self.ctx.run.backend_profile.clone(),
             prompt: prompt.clone(),
             history: self.history.clone(),
+            provider_thread_id: self.provider_thread_id.clone(),
         };
         let turn_ctx = TurnContext {
             events: events_tx,
@@ -593,6 +612,14 @@ impl<'a> Executor<'a> {
             payload["error"] =
                 json!({"kind": error.kind, "message": error.message, "retryable": error.retryable});
         }
+        if let TurnOutcome::Completed {
+            provider_thread_id: Some(thread),
+            ..
+        } = &outcome
+        {
+            payload["provider_thread_id"] = json!(thread);
+            self.provider_thread_id = Some(thread.clone());
+        }
         self.ctx.outbox.push("turn.completed", payload).await?;
         match &outcome {
             TurnOutcome::Completed { reply, .. } => {
@@ -670,6 +697,8 @@ mod tests {
             upward,
             abort: abort.clone(),
             idle_timeout: Duration::from_secs(600),
+            context: Vec::new(),
+            provider_thread_id: None,
         };
         let (commands_tx, commands) = mpsc::unbounded_channel();
         commands_tx.send(turn("[tokens:100000]")).unwrap();

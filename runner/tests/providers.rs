@@ -60,6 +60,7 @@ fn request(backend_profile: &str, prompt: &str) -> TurnRequest {
         backend_profile: backend_profile.into(),
         prompt: prompt.into(),
         history: Vec::new(),
+        provider_thread_id: None,
     }
 }
 
@@ -167,7 +168,7 @@ fn types(events: &[ProviderEvent]) -> Vec<&'static str> {
 
 fn completed(outcome: TurnOutcome) -> (String, Option<Usage>) {
     match outcome {
-        TurnOutcome::Completed { reply, usage } => (reply, usage),
+        TurnOutcome::Completed { reply, usage, .. } => (reply, usage),
         other => panic!("expected Completed, got {other:?}"),
     }
 }
@@ -1454,4 +1455,134 @@ done
         completed(outcome).0,
         "accept 7b0e4a8e-8a4f-4e0b-9a53-0d7f6f0e1a2b"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// conversation context: history and provider thread ids
+// ---------------------------------------------------------------------------------------
+
+fn thread_of(outcome: TurnOutcome) -> Option<String> {
+    match outcome {
+        TurnOutcome::Completed {
+            provider_thread_id, ..
+        } => provider_thread_id,
+        other => panic!("expected Completed, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn scripted_recall_shows_the_history_and_thread_it_was_given() {
+    let mut turn = request("scripted", "[recall] [thread:thr-9] and now?");
+    turn.history = vec![
+        Exchange {
+            prompt: "first".into(),
+            reply: "one".into(),
+        },
+        Exchange {
+            prompt: "second".into(),
+            reply: "two".into(),
+        },
+    ];
+    turn.provider_thread_id = Some("thr-8".into());
+    let (outcome, events) = start(scripted(0), turn).finish().await;
+    assert_eq!(
+        deltas(&events, "assistant_text")[0],
+        "[recall: 2 turns; last prompt: second; last reply: two; thread: thr-8]"
+    );
+    assert_eq!(thread_of(outcome), Some("thr-9".into()));
+
+    let (outcome, events) = start(scripted(0), request("scripted", "[recall]"))
+        .finish()
+        .await;
+    assert_eq!(
+        deltas(&events, "assistant_text")[0],
+        "[recall: 0 turns; last prompt: -; last reply: -; thread: -]"
+    );
+    assert_eq!(thread_of(outcome), None, "no [thread:X] cue, no thread");
+}
+
+#[tokio::test]
+async fn command_gets_the_thread_id_and_reports_a_new_one() {
+    let script = r#"
+read -r line
+echo "prompt-line: $line"
+echo '{"type":"result","text":"ok","thread_id":"thr-2"}'
+"#;
+    let mut turn = request("command", "continue");
+    turn.provider_thread_id = Some("thr-1".into());
+    let (outcome, events) = start(shell(script, Duration::from_secs(1)), turn)
+        .finish()
+        .await;
+    let output = deltas(&events, "command_output");
+    let prompt: Value = serde_json::from_str(
+        output[0]
+            .strip_prefix("prompt-line: ")
+            .expect("the prompt line")
+            .trim_end(),
+    )
+    .expect("the prompt is JSON");
+    assert_eq!(prompt["provider_thread_id"], "thr-1");
+    assert_eq!(thread_of(outcome), Some("thr-2".into()));
+
+    // Without a thread the prompt says null; a thread id that is not a string is
+    // ignored with a warning.
+    let script = r#"
+read -r line
+echo "prompt-line: $line"
+echo '{"type":"result","text":"ok","thread_id":7}'
+"#;
+    let (outcome, events) = start(
+        shell(script, Duration::from_secs(1)),
+        request("command", "hi"),
+    )
+    .finish()
+    .await;
+    let output = deltas(&events, "command_output");
+    assert!(
+        output[0].contains(r#""provider_thread_id":null"#),
+        "{output:?}"
+    );
+    assert_eq!(thread_of(outcome), None);
+    assert!(
+        events.iter().any(|e| e.event_type == "runtime.warning"
+            && e.payload["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("thread_id")),
+        "{events:#?}"
+    );
+}
+
+#[tokio::test]
+async fn command_result_alone_is_recorded_as_the_assistant_message() {
+    let script = r#"
+read -r line
+echo '{"type":"result","text":"forty-two"}'
+"#;
+    let (outcome, events) = start(
+        shell(script, Duration::from_secs(1)),
+        request("command", "hi"),
+    )
+    .finish()
+    .await;
+    assert_eq!(completed(outcome).0, "forty-two");
+    assert_eq!(types(&events), ["item.started", "item.completed"]);
+    assert_eq!(events[1].payload["kind"], "assistant_message");
+    assert_eq!(events[1].payload["text"], "forty-two");
+    assert_eq!(events[0].payload["item_id"], events[1].payload["item_id"]);
+
+    // With assistant text streamed, the result is not recorded a second time.
+    let script = r#"
+read -r line
+echo '{"type":"content.delta","item_id":"m","kind":"assistant_text","delta":"forty"}'
+echo '{"type":"result","text":"forty-two"}'
+"#;
+    let (outcome, events) = start(
+        shell(script, Duration::from_secs(1)),
+        request("command", "hi"),
+    )
+    .finish()
+    .await;
+    assert_eq!(completed(outcome).0, "forty-two");
+    assert_eq!(types(&events), ["content.delta"]);
 }

@@ -95,9 +95,9 @@ async fn sessions_lists_a_session_and_session_prints_its_runs_and_marks_it_read(
     let rows = rows_naming(&listed.stdout, &session_id);
     assert_eq!(rows.len(), 1, "{}", listed.stdout);
     assert_eq!(
-        cells(rows[0])[..3],
-        ["*", session_id.as_str(), "completed"],
-        "unread, with the last run's status: {}",
+        cells(rows[0])[..4],
+        ["*", session_id.as_str(), "first", "question"],
+        "unread, titled by its first prompt: {}",
         rows[0]
     );
     let unread = agentrun(&app, &["sessions", "--state", "unread"]).await;

@@ -4,6 +4,7 @@ mod auth;
 mod cli;
 mod cli_sessions;
 mod commands;
+mod context;
 mod conversation_rules;
 mod double_texting;
 mod e2e;

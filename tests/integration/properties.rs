@@ -1062,6 +1062,40 @@ fn session_service_refuses_malformed_requests_and_changes_nothing() {
         async |mut c, r| c.sessions.mark_session_read(r).await.map(drop),
     );
 
+    // A title is 1 to 200 characters once trimmed, without control characters.
+    let title = field(
+        "title",
+        prop_oneof![
+            3 => "[A-Za-z0-9 é日😀.,!?-]{0,40}[A-Za-z0-9é日😀]",
+            1 => "[é😀]{200}",
+        ],
+        prop_oneof![
+            Just(String::new()),
+            "[ \t\n]{1,4}",
+            "[a-z]{201,240}",
+            "[a-z]{1,8}[\u{0}-\u{1f}\u{7f}][a-z]{1,8}",
+        ],
+    );
+    let set_title = (
+        uuid_field("session_id", sessions.clone()),
+        title,
+        optional_name_field("reader"),
+    )
+        .prop_map(|(session, title, reader)| Bad {
+            fields: collect(&[&session.1, &title.1, &reader.1]),
+            request: proto::SetSessionTitleRequest {
+                session_id: session.0,
+                title: title.0,
+                reader: reader.0,
+            },
+        });
+    h.refuses(
+        "SetSessionTitle",
+        CASES,
+        some_bad(set_title),
+        async |mut c, r| c.sessions.set_session_title(r).await.map(drop),
+    );
+
     // after_seq needs after_run_id: a positive one without it is malformed too.
     let position = (
         optional_uuid_field("after_run_id", seed.runs.clone()),

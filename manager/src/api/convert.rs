@@ -91,6 +91,16 @@ pub fn assignment(a: &Assignment) -> proto::Assignment {
         epoch: a.run.lease_epoch,
         lease_expires_at: a.run.lease_expires_at.and_then(ts),
         commands: a.commands.iter().map(command).collect(),
+        context: a
+            .context
+            .turns
+            .iter()
+            .map(|t| proto::ContextTurn {
+                prompt: t.prompt.clone(),
+                reply: t.reply.clone(),
+            })
+            .collect(),
+        provider_thread_id: a.context.provider_thread_id.clone().unwrap_or_default(),
     }
 }
 

@@ -1,7 +1,7 @@
 //! `agentrun.v1.SessionService`: reading sessions (conversations that span runs) and
-//! their per-reader attention state. Sessions are created and kept by CreateRun and run
-//! endings (`store::sessions`); these handlers only validate, convert, call the store and
-//! map errors. WatchSession's following loop lives in `watch`.
+//! their per-reader attention state, and setting their titles. Sessions are created and
+//! kept by CreateRun and run endings (`store::sessions`); these handlers only validate,
+//! convert, call the store and map errors. WatchSession's following loop lives in `watch`.
 
 use agentrun_shared::error::FieldError;
 use agentrun_shared::ids::{RunId, SessionId};
@@ -42,6 +42,28 @@ fn event_cursor(after_run_id: &str, after_seq: i64) -> Result<EventCursor, Field
 
 fn reader(text: &str) -> Result<&str, FieldError> {
     validate::name_or("reader", text, DEFAULT_READER)
+}
+
+/// A title a client sets: trimmed, 1 to [`sessions::MAX_TITLE_CHARS`] characters, no
+/// control characters.
+fn title(text: &str) -> Result<&str, FieldError> {
+    let title = text.trim();
+    if title.is_empty() {
+        return Err(FieldError::new("title", "is required"));
+    }
+    if title.chars().count() > sessions::MAX_TITLE_CHARS {
+        return Err(FieldError::new(
+            "title",
+            format!("is longer than {} characters", sessions::MAX_TITLE_CHARS),
+        ));
+    }
+    if title.chars().any(char::is_control) {
+        return Err(FieldError::new(
+            "title",
+            "must not contain control characters",
+        ));
+    }
+    Ok(title)
 }
 
 fn state_filter(value: i32) -> Result<StateFilter, FieldError> {
@@ -164,6 +186,22 @@ impl SessionService for SessionApi {
                 .await?;
         Ok(Response::new(proto::ListSessionEventsResponse {
             events: found.iter().map(convert::event).collect(),
+        }))
+    }
+
+    async fn set_session_title(
+        &self,
+        request: Request<proto::SetSessionTitleRequest>,
+    ) -> Result<Response<proto::SetSessionTitleResponse>, Status> {
+        let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
+        let r = request.get_ref();
+        let session_id = SessionId::parse("session_id", &r.session_id).map_err(Error::from)?;
+        let title = title(&r.title).map_err(Error::from)?;
+        let reader = reader(&r.reader).map_err(Error::from)?;
+        let client = self.state.pool.get().await.map_err(Error::from)?;
+        let updated = sessions::set_title(&client, &tenant, session_id, title, reader).await?;
+        Ok(Response::new(proto::SetSessionTitleResponse {
+            session: Some(view(&updated)),
         }))
     }
 

@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 use super::Tenant;
 use super::commands::{self, CommandRecord};
+use super::context::{self, Context};
 use super::events::{self, NewEvent};
 use super::runs::RunRecord;
 use crate::error::{Error, Result};
@@ -43,11 +44,13 @@ pub struct RunnerIdentity {
     pub tenant: Option<Tenant>,
 }
 
-/// A run newly leased to a runner, with the commands it must carry out.
+/// A run newly leased to a runner, with the commands it must carry out and the
+/// conversation so far.
 #[derive(Debug, Clone)]
 pub struct Assignment {
     pub run: RunRecord,
     pub commands: Vec<CommandRecord>,
+    pub context: Context,
 }
 
 fn active_statuses() -> Vec<&'static str> {
@@ -333,7 +336,11 @@ pub async fn claim(
 }
 
 /// Records `run.claimed` for runs just leased to `runner` (`resumed`: taken back by a
-/// restarted runner) and delivers their pending commands, in run order.
+/// restarted runner), delivers their pending commands and reads their conversation
+/// context ([`context::load`], one statement for all of them), in run order.
+///
+/// Only a run in a session, or one leased before (its epoch is past its first claim's),
+/// can have context, so a claim of fresh runs outside sessions reads nothing more.
 async fn hand_over(
     tx: &impl GenericClient,
     runner: &RunnerIdentity,
@@ -370,10 +377,17 @@ async fn hand_over(
         }
     }
     events::append(tx, &new_events).await?;
+    let with_context: Vec<Uuid> = runs
+        .iter()
+        .filter(|run| run.session_id.is_some() || run.lease_epoch > 1)
+        .map(|run| run.id.0)
+        .collect();
+    let mut contexts = context::load(tx, &with_context).await?;
     Ok(runs
         .into_iter()
         .map(|run| Assignment {
             commands: delivered.remove(&run.id).unwrap_or_default(),
+            context: contexts.remove(&run.id.0).unwrap_or_default(),
             run,
         })
         .collect())

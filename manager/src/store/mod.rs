@@ -7,6 +7,7 @@
 
 pub mod api_keys;
 pub mod commands;
+pub mod context;
 pub mod events;
 pub mod leases;
 pub mod lifecycle;

@@ -9,7 +9,11 @@
 //! `active_run_id` is recomputed from the runs table whenever a run of the session is
 //! created or ends ([`touch_runs`], the only two moments a run changes between
 //! non-terminal and terminal), under the session's row lock, so it never names an ended
-//! run and is never empty while a run of the session is still open.
+//! run and is never empty while a run of the session is still open. The same statement
+//! gives a session without a title its first run's (metadata `"title"`, else the first
+//! prompt, bounded to [`TITLE_CHARS`]) and keeps the provider thread id an ending run's
+//! turns reported last (`turn.completed` `provider_thread_id`, at most 1,024
+//! characters); clients set titles with [`set_title`].
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -97,7 +101,11 @@ pub(crate) async fn touch_runs(tx: &impl GenericClient, run_ids: &[Uuid]) -> Res
         )
         .await?;
     tx.execute(&lock, &[&run_ids]).await?;
-    // Run ids are time-ordered (UUIDv7), so the greatest is the newest run.
+    // Run ids are time-ordered (UUIDv7), so the greatest is the newest run. The title
+    // candidate of a run is its metadata "title", else the prompt of its first turn
+    // (whitespace collapsed, trimmed, at most TITLE_CHARS characters ending in "…" when
+    // cut); a session without a title takes its oldest run's candidate. The thread id is
+    // the newest one these runs' turns reported (see `context`).
     let stmt = tx
         .prepare_cached(
             "UPDATE sessions s SET version = s.version + 1,
@@ -105,15 +113,71 @@ pub(crate) async fn touch_runs(tx: &impl GenericClient, run_ids: &[Uuid]) -> Res
                     active_run_id = (SELECT r.id FROM runs r
                                      WHERE r.session_id = s.id AND r.status = ANY($2)
                                      ORDER BY r.id DESC LIMIT 1),
+                    title = CASE WHEN s.title = '' THEN coalesce(t.title, '') ELSE s.title END,
+                    provider_thread_id = coalesce(t.thread_id, s.provider_thread_id),
                     updated_at = now()
-             FROM (SELECT DISTINCT ON (session_id) session_id, id AS newest_run_id
-                   FROM runs WHERE id = ANY($1) AND session_id IS NOT NULL
-                   ORDER BY session_id, id DESC) t
+             FROM (SELECT r.session_id,
+                          (array_agg(r.id ORDER BY r.id DESC))[1] AS newest_run_id,
+                          (array_agg(CASE WHEN char_length(d.raw) > $3::int
+                                          THEN left(d.raw, $3::int - 1) || '…'
+                                          ELSE d.raw END ORDER BY r.id)
+                               FILTER (WHERE d.raw <> ''))[1] AS title,
+                          (array_agg(th.thread_id ORDER BY r.id DESC)
+                               FILTER (WHERE th.thread_id IS NOT NULL))[1] AS thread_id
+                   FROM runs r
+                   CROSS JOIN LATERAL (
+                       SELECT coalesce(
+                           nullif(btrim(regexp_replace(left(CASE WHEN jsonb_typeof(r.metadata->'title') = 'string'
+                                                                 THEN r.metadata->>'title' END, 1000),
+                                                       '[[:space:]]+', ' ', 'g')), ''),
+                           btrim(regexp_replace(left((SELECT c.payload->>'prompt' FROM commands c
+                                                      WHERE c.run_id = r.id AND c.kind = 'turn'
+                                                      ORDER BY c.seq LIMIT 1), 1000),
+                                                '[[:space:]]+', ' ', 'g')),
+                           '') AS raw
+                   ) d
+                   LEFT JOIN LATERAL (
+                       SELECT e.payload->>'provider_thread_id' AS thread_id FROM events e
+                       WHERE e.run_id = r.id AND e.type = 'turn.completed'
+                         AND char_length(e.payload->>'provider_thread_id') BETWEEN 1 AND 1024
+                       ORDER BY e.seq DESC LIMIT 1
+                   ) th ON true
+                   WHERE r.id = ANY($1) AND r.session_id IS NOT NULL
+                   GROUP BY r.session_id) t
              WHERE s.id = t.session_id",
         )
         .await?;
-    tx.execute(&stmt, &[&run_ids, &open_statuses()]).await?;
+    tx.execute(&stmt, &[&run_ids, &open_statuses(), &(TITLE_CHARS as i32)])
+        .await?;
     Ok(())
+}
+
+/// Longest title taken from a run (metadata or prompt), in characters.
+pub const TITLE_CHARS: usize = 80;
+/// Longest title a client may set, in characters.
+pub const MAX_TITLE_CHARS: usize = 200;
+
+/// Sets the title of a session of the tenant and returns the session as `reader` sees
+/// it. A new title bumps the version (a user-visible change); the same title changes
+/// nothing. `title` was validated by the caller.
+pub async fn set_title(
+    client: &impl GenericClient,
+    tenant: &Tenant,
+    session_id: SessionId,
+    title: &str,
+    reader: &str,
+) -> Result<SessionView> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE sessions SET title = $3, version = version + 1, updated_at = now()
+             WHERE id = $1 AND tenant_id = $2 AND title <> $3",
+        )
+        .await?;
+    client
+        .execute(&stmt, &[&session_id.0, &tenant.as_str(), &title])
+        .await?;
+    // NOT_FOUND here when the session is not the tenant's.
+    get(client, tenant, session_id, reader).await
 }
 
 /// Spellings of the run statuses that are not terminal.

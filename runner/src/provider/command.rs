@@ -10,7 +10,9 @@
 //! The runner writes JSON lines to the child's stdin:
 //!
 //! - first `{"type":"prompt","text":...,"history":[{"prompt":...,"reply":...},...],
-//!   "run_id":...,"turn_id":...}` (history oldest first);
+//!   "run_id":...,"turn_id":...,"provider_thread_id":...}` (history oldest first: the
+//!   session's earlier turns and the run's own; `provider_thread_id` is the thread the
+//!   agent reported last for this run or its session, or null);
 //! - then `{"type":"steer","text":...}` for each steer received during the turn;
 //! - and `{"type":"resolution","request_id":...,"decision":...,"answers":...,"value":...,
 //!   "error":...}` for each answer to a request the child opened (`request.opened`).
@@ -24,13 +26,18 @@
 //!   that event, with the object's other fields as its payload (for example
 //!   `{"type":"content.delta","item_id":"a","kind":"assistant_text","delta":"Hi"}`).
 //!   An event that fails validation is replaced by a `runtime.warning` saying why;
-//! - `{"type":"result","text":...,"usage":{"input_tokens":N,"output_tokens":N}}`: the
-//!   turn's reply and usage (usage optional; reported as `usage.updated`);
+//! - `{"type":"result","text":...,"usage":{"input_tokens":N,"output_tokens":N},
+//!   "thread_id":...}`: the turn's reply and usage (usage optional; reported as
+//!   `usage.updated`) and the agent's own thread id (optional, a string: an agent CLI
+//!   that keeps its conversations reports the id it resumes them by; the next turn, and
+//!   the session's next run, get it back as `provider_thread_id`);
 //! - any other line: output, sent as `content.delta {kind:"command_output"}` with the
 //!   line and its newline.
 //!
 //! Exit status 0 completes the turn; its reply is the `result` text, else the
-//! `assistant_text` deltas joined, else empty. Any other exit (or death by signal) fails
+//! `assistant_text` deltas joined, else empty. A `result` text with no assistant text
+//! streamed and no `assistant_message` item completed is recorded as one (`item.started`
+//! and `item.completed` with the text), so the log holds every turn's reply. Any other exit (or death by signal) fails
 //! it with kind `process_exit`, the status and the tail of stderr; not retryable.
 
 use std::process::{ExitStatus, Stdio};
@@ -63,6 +70,8 @@ const STDERR_TAIL_BYTES: usize = 2048;
 const DRAIN_IDLE: Duration = Duration::from_millis(500);
 /// How long to wait for stderr to close once the child is gone.
 const STDERR_WAIT: Duration = Duration::from_millis(500);
+/// Longest thread id an agent may report.
+const MAX_THREAD_ID_BYTES: usize = 1024;
 /// Lines queued for the child's stdin beyond which steers are dropped (with a warning)
 /// rather than letting a child that does not read stall the turn.
 const STDIN_QUEUE: usize = 64;
@@ -121,6 +130,8 @@ impl Provider for CommandProvider {
             result: None,
             usage: None,
             assistant_text: String::new(),
+            thread_id: None,
+            assistant_message_completed: false,
         };
         let mut child = match self.spawn() {
             Ok(child) => child,
@@ -155,6 +166,7 @@ impl Provider for CommandProvider {
             "history": history,
             "run_id": turn.run_id,
             "turn_id": turn.turn_id,
+            "provider_thread_id": turn.provider_thread_id,
         });
         // The queue is empty, so this cannot fail for lack of room; if the writer is
         // already gone the child has closed its stdin, which is its business.
@@ -241,6 +253,10 @@ struct Session {
     result: Option<String>,
     usage: Option<Usage>,
     assistant_text: String,
+    /// The agent's thread id, from its result line.
+    thread_id: Option<String>,
+    /// The agent completed an `assistant_message` item itself.
+    assistant_message_completed: bool,
 }
 
 impl Session {
@@ -273,8 +289,28 @@ impl Session {
         TurnOutcome::Failed(error)
     }
 
+    /// A reply given only as the result text (no assistant text or message streamed)
+    /// becomes an `assistant_message` item, so the log holds the reply: it is what the
+    /// session's later runs are given as this turn's answer.
+    async fn record_result(&mut self) -> Result<(), Halted> {
+        let Some(text) = self.result.as_ref().filter(|t| !t.is_empty()) else {
+            return Ok(());
+        };
+        if !self.assistant_text.is_empty() || self.assistant_message_completed {
+            return Ok(());
+        }
+        let item_id = format!("{}:result", self.turn_id);
+        let completed = json!({"item_id": item_id, "kind": "assistant_message", "text": text});
+        self.emit(
+            "item.started",
+            json!({"item_id": item_id, "kind": "assistant_message"}),
+        )
+        .await?;
+        self.emit("item.completed", completed).await
+    }
+
     async fn complete(&mut self) -> TurnOutcome {
-        if self.close_output().await.is_err() {
+        if self.close_output().await.is_err() || self.record_result().await.is_err() {
             return TurnOutcome::Stopped;
         }
         let reply = self
@@ -284,6 +320,7 @@ impl Session {
         TurnOutcome::Completed {
             reply,
             usage: self.usage,
+            provider_thread_id: self.thread_id.take(),
         }
     }
 
@@ -477,6 +514,11 @@ impl Session {
         {
             self.assistant_text.push_str(delta);
         }
+        if event_type == EventType::ItemCompleted
+            && object.get("kind").and_then(Value::as_str) == Some("assistant_message")
+        {
+            self.assistant_message_completed = true;
+        }
         self.emit(event_type.as_str(), Value::Object(object)).await
     }
 
@@ -487,6 +529,20 @@ impl Session {
             Some(_) => {
                 self.warn("ignored the agent's result text: it must be a string".into())
                     .await?
+            }
+        }
+        match object.get("thread_id") {
+            Some(Value::String(thread))
+                if !thread.is_empty() && thread.len() <= MAX_THREAD_ID_BYTES =>
+            {
+                self.thread_id = Some(thread.clone())
+            }
+            None | Some(Value::Null) => {}
+            Some(_) => {
+                self.warn(format!(
+                    "ignored the agent's thread_id: it must be a string of 1 to {MAX_THREAD_ID_BYTES} bytes"
+                ))
+                .await?
             }
         }
         if let Some(usage) = object.get("usage").filter(|u| u.is_object()) {

@@ -26,8 +26,13 @@ pub struct TurnRequest {
     /// The backend profile of the run, e.g. "scripted", "openai:gpt-4o-mini".
     pub backend_profile: String,
     pub prompt: String,
-    /// Earlier turns of this run, oldest first, for providers that resend context.
+    /// The conversation so far, oldest first, for providers that resend context: the
+    /// session's earlier turns and this run's completed turns (also those completed
+    /// under an earlier lease of the run).
     pub history: Vec<Exchange>,
+    /// The provider's own thread id last reported for this run or its session, for
+    /// providers that keep their threads and resume them by id.
+    pub provider_thread_id: Option<String>,
 }
 
 /// A completed earlier turn: what was asked and what the assistant answered.
@@ -110,8 +115,14 @@ impl Resolution {
 /// How a turn ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TurnOutcome {
-    /// The reply is complete. `reply` is the assistant's full text (kept as history).
-    Completed { reply: String, usage: Option<Usage> },
+    /// The reply is complete. `reply` is the assistant's full text (kept as history);
+    /// `provider_thread_id` is the provider's own thread id, when it keeps one (recorded
+    /// in `turn.completed` and remembered by the run's session).
+    Completed {
+        reply: String,
+        usage: Option<Usage>,
+        provider_thread_id: Option<String>,
+    },
     /// The provider failed.
     Failed(ProviderError),
     /// `stop` fired and the work was stopped.

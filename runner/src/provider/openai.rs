@@ -261,6 +261,8 @@ impl Turn<'_> {
         Ok(TurnOutcome::Completed {
             reply: replies.join("\n\n"),
             usage: self.usage,
+            // Chat Completions keeps no thread: the history is resent every turn.
+            provider_thread_id: None,
         })
     }
 

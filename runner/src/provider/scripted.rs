@@ -17,7 +17,16 @@
 //! | `[big:N]`    | streams a reply of N bytes in 16 KiB deltas                            |
 //! | `[slow]`     | streams a long reply of 200 tokens                                     |
 //!
-//! The first cue in that order wins. Steering text received while streaming is echoed at
+//! The first cue in that order wins. Two more combine with any of them:
+//!
+//! | cue          | behaviour                                                              |
+//! |--------------|------------------------------------------------------------------------|
+//! | `[recall]`   | the reply starts with what the turn was given of the conversation:    |
+//! |              | `[recall: N turns; last prompt: P; last reply: R; thread: T]` (P and R |
+//! |              | of the newest earlier turn, `-` when none; T the provider thread id)   |
+//! | `[thread:X]` | the completed turn reports X as its provider thread id                 |
+//!
+//! Steering text received while streaming is echoed at
 //! once as a `[steer: TEXT]` delta and becomes part of the reply, so a caller can see
 //! that a steer reached the active turn. A request waits for the resolution with its own
 //! request id, never for steer text: steers received meanwhile are echoed once the reply
@@ -141,6 +150,25 @@ fn gate_reason(prompt: &str) -> String {
     }
 }
 
+/// The X of the first `[thread:X]` in `prompt` (X non-empty, without spaces).
+fn thread_cue(prompt: &str) -> Option<String> {
+    let rest = &prompt[prompt.find("[thread:")? + "[thread:".len()..];
+    let id = rest[..rest.find(']')?].trim();
+    (!id.is_empty() && !id.contains(char::is_whitespace)).then(|| id.to_owned())
+}
+
+/// What the `[recall]` cue replies with: how much of the conversation the turn got.
+fn recall_text(turn: &TurnRequest) -> String {
+    let last = turn.history.last();
+    format!(
+        "[recall: {} turns; last prompt: {}; last reply: {}; thread: {}]",
+        turn.history.len(),
+        last.map_or("-", |e| e.prompt.as_str()),
+        last.map_or("-", |e| e.reply.as_str()),
+        turn.provider_thread_id.as_deref().unwrap_or("-"),
+    )
+}
+
 fn echo_reply(prompt: &str) -> String {
     format!(
         "Hello! You said: {}. This reply comes from the scripted provider.",
@@ -155,6 +183,10 @@ struct Halted;
 /// The state of one scripted turn.
 struct Turn {
     turn_id: String,
+    /// What `[recall]` says at the start of the reply.
+    recall: Option<String>,
+    /// What `[thread:X]` reports.
+    thread_id: Option<String>,
     events: mpsc::Sender<ProviderEvent>,
     steer: mpsc::Receiver<String>,
     steer_open: bool,
@@ -240,7 +272,8 @@ impl Turn {
         }
     }
 
-    /// Opens the assistant message item and returns its id.
+    /// Opens the assistant message item (starting it with the recall, on that cue) and
+    /// returns its id.
     async fn open_message(&mut self) -> Result<String, Halted> {
         let item_id = self.new_item_id();
         self.emit(
@@ -248,6 +281,14 @@ impl Turn {
             json!({"item_id": item_id, "kind": "assistant_message"}),
         )
         .await?;
+        if let Some(recall) = self.recall.take() {
+            self.reply.push_str(&recall);
+            self.emit(
+                "content.delta",
+                json!({"item_id": item_id, "kind": "assistant_text", "delta": recall}),
+            )
+            .await?;
+        }
         Ok(item_id)
     }
 
@@ -297,6 +338,7 @@ impl Turn {
         Ok(TurnOutcome::Completed {
             reply: std::mem::take(&mut self.reply),
             usage: Some(usage),
+            provider_thread_id: self.thread_id.take(),
         })
     }
 
@@ -499,8 +541,11 @@ impl Provider for ScriptedProvider {
             resolutions,
             stop,
         } = ctx;
+        let recall = turn.prompt.contains("[recall]").then(|| recall_text(&turn));
         let mut state = Turn {
             turn_id: turn.turn_id,
+            recall,
+            thread_id: thread_cue(&turn.prompt),
             events,
             steer,
             steer_open: true,
@@ -537,5 +582,15 @@ mod tests {
         assert_eq!(Cue::of("[big:300000]"), Cue::Big(300_000));
         assert_eq!(gate_reason("[gate]  deploy to prod "), "deploy to prod");
         assert_eq!(gate_reason("[gate]"), "a human gate");
+    }
+
+    #[test]
+    fn thread_cue_takes_a_word() {
+        assert_eq!(thread_cue("hi [thread:t-1] there"), Some("t-1".into()));
+        assert_eq!(thread_cue("[thread: t2 ]"), Some("t2".into()));
+        assert_eq!(thread_cue("[thread:]"), None);
+        assert_eq!(thread_cue("[thread:a b]"), None);
+        assert_eq!(thread_cue("[thread:open"), None);
+        assert_eq!(thread_cue("hello"), None);
     }
 }
