@@ -30,17 +30,6 @@ async fn create_in(app: &mut TestApp, session_id: &str, prompt: &str) -> String 
         .run_id
 }
 
-async fn create(app: &mut TestApp, prompt: &str) -> String {
-    app.runs
-        .create_run(run_request(prompt))
-        .await
-        .expect("create run")
-        .into_inner()
-        .run
-        .expect("run")
-        .run_id
-}
-
 /// The text a completed run replied.
 async fn reply_of(app: &mut TestApp, run_id: &str) -> String {
     let text = assistant_text(&events_of(app, run_id).await);

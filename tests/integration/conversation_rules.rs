@@ -13,27 +13,12 @@ use tonic::Code;
 
 use crate::faults::{LONG, RawRunner, create_all};
 
-fn payload(event: &proto::Event) -> Value {
-    serde_json::from_str(&event.payload_json).expect("payload is JSON")
-}
-
 fn runner_event(runner_seq: i64, event_type: &str, payload: Value) -> proto::RunnerEvent {
     proto::RunnerEvent {
         runner_seq,
         r#type: event_type.into(),
         payload_json: payload.to_string(),
     }
-}
-
-async fn create(app: &mut TestApp, prompt: &str) -> String {
-    app.runs
-        .create_run(run_request(prompt))
-        .await
-        .expect("create run")
-        .into_inner()
-        .run
-        .expect("run")
-        .run_id
 }
 
 fn turn(run_id: &str, prompt: &str) -> proto::SendCommandRequest {

@@ -10,10 +10,6 @@ use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(30);
 
-fn payload(event: &proto::Event) -> Value {
-    serde_json::from_str(&event.payload_json).expect("payload is JSON")
-}
-
 async fn create(app: &mut TestApp, prompt: &str) -> String {
     app.runs
         .create_run(run_request(prompt))

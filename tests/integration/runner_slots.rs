@@ -7,15 +7,10 @@ use std::time::Duration;
 
 use agentrun_shared::proto::{self, RunStatus};
 use agentrun_tests::*;
-use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(30);
 /// The manager's default `max_payload_bytes`.
 const MAX_PAYLOAD_BYTES: usize = 256 * 1024;
-
-fn payload(event: &proto::Event) -> Value {
-    serde_json::from_str(&event.payload_json).expect("payload is JSON")
-}
 
 async fn create(app: &mut TestApp, request: proto::CreateRunRequest) -> String {
     app.runs

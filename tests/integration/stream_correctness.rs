@@ -22,24 +22,6 @@ fn runner_with(name: &str, slots: i32) -> proto::RunnerIdentity {
     }
 }
 
-async fn wait_for_status(app: &mut TestApp, run_id: &str, want: RunStatus) -> proto::Run {
-    let client = app.runs.clone();
-    wait_for(&format!("run {run_id} to be {want:?}"), LONG, || {
-        let mut client = client.clone();
-        let run_id = run_id.to_owned();
-        async move {
-            let run = client
-                .get_run(proto::GetRunRequest { run_id })
-                .await
-                .ok()?
-                .into_inner()
-                .run?;
-            (status_of(&run) == want).then_some(run)
-        }
-    })
-    .await
-}
-
 /// A runner that reconnects holding more runs than the stream's outgoing buffer
 /// (1,024 messages) is welcomed with all of them: nothing is queued towards it before
 /// its stream is being read.
@@ -117,7 +99,7 @@ async fn a_refused_write_fails_its_run_and_frees_the_slot() {
     assert_eq!(refusal.code, "INVALID_ARGUMENT");
     assert_eq!(refusal.run_id, lease.run_id);
 
-    let failed = wait_for_status(&mut app, &lease.run_id, RunStatus::Failed).await;
+    let failed = wait_for_run(&app, &lease.run_id, RunStatus::Failed, LONG).await;
     assert_eq!(failed.failure_kind, "payload_too_large");
     assert!(
         failed.failure_message.contains("more than the limit of"),
@@ -152,7 +134,7 @@ async fn every_refusal_ends_its_run_with_its_reason() {
     raw.append(&skipping, 1, 5).await;
     let refused = raw.append_refused(&skipping, deltas(11, 15)).await;
     assert_eq!(refused.code, "INVALID_ARGUMENT", "{refused:?}");
-    let failed = wait_for_status(&mut app, &skipping.run_id, RunStatus::Failed).await;
+    let failed = wait_for_run(&app, &skipping.run_id, RunStatus::Failed, LONG).await;
     assert_eq!(failed.failure_kind, "write_refused");
     assert!(
         failed.failure_message.contains("events[0].runner_seq"),
@@ -174,7 +156,7 @@ async fn every_refusal_ends_its_run_with_its_reason() {
         FromManager::Error(refused) => assert_eq!(refused.code, "FAILED_PRECONDITION"),
         other => panic!("expected the early finish refused, got {other:?}"),
     }
-    let failed = wait_for_status(&mut app, &overtaking.run_id, RunStatus::Failed).await;
+    let failed = wait_for_run(&app, &overtaking.run_id, RunStatus::Failed, LONG).await;
     assert_eq!(failed.failure_kind, "events_missing");
 
     // Later writes for those runs are fenced: they are no longer this runner's.
@@ -393,7 +375,7 @@ async fn the_reason_given_to_cancel_run_ends_a_running_run() {
         last_runner_seq: 1,
     }))
     .await;
-    let run = wait_for_status(&mut app, &lease.run_id, RunStatus::Cancelled).await;
+    let run = wait_for_run(&app, &lease.run_id, RunStatus::Cancelled, LONG).await;
     assert_eq!(run.failure_message, "wrong repository");
     let terminal = events_of(&mut app, &lease.run_id)
         .await

@@ -12,21 +12,6 @@ use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(60);
 
-fn payload(event: &proto::Event) -> Value {
-    serde_json::from_str(&event.payload_json).expect("payload is JSON")
-}
-
-async fn create(app: &mut TestApp, prompt: &str) -> String {
-    app.runs
-        .create_run(run_request(prompt))
-        .await
-        .expect("create run")
-        .into_inner()
-        .run
-        .expect("run")
-        .run_id
-}
-
 async fn send(
     app: &mut TestApp,
     run_id: &str,

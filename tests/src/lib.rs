@@ -462,6 +462,23 @@ pub fn finish(
     }
 }
 
+/// The JSON payload of a stored event.
+pub fn payload(event: &proto::Event) -> serde_json::Value {
+    serde_json::from_str(&event.payload_json).expect("payload is JSON")
+}
+
+/// Creates a scripted run with `prompt`; returns its id.
+pub async fn create(app: &mut TestApp, prompt: &str) -> String {
+    app.runs
+        .create_run(run_request(prompt))
+        .await
+        .expect("create run")
+        .into_inner()
+        .run
+        .expect("run")
+        .run_id
+}
+
 /// Event types of a run, in seq order.
 pub async fn event_types(app: &mut TestApp, run_id: &str) -> Vec<String> {
     app.runs
