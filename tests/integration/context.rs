@@ -4,11 +4,11 @@
 //! processes, real PostgreSQL; the openai provider against a local fake endpoint that
 //! records what it is sent.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentrun_shared::proto::session_service_client::SessionServiceClient;
 use agentrun_shared::proto::{self, CommandKind, RunStatus};
+use agentrun_tests::fake_openai::FakeOpenAi;
 use agentrun_tests::*;
 use serde_json::{Value, json};
 use tonic::Code;
@@ -51,76 +51,6 @@ async fn session(sessions: &mut Sessions, session_id: &str) -> proto::Session {
         .expect("view")
         .session
         .expect("session")
-}
-
-/// An OpenAI-compatible endpoint that answers every request with the stream of
-/// `reply N` (N counting requests from 1) and records each request's body.
-struct FakeOpenAi {
-    addr: std::net::SocketAddr,
-    bodies: Arc<Mutex<Vec<Value>>>,
-}
-
-impl FakeOpenAi {
-    async fn start() -> Self {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let bodies = Arc::new(Mutex::new(Vec::new()));
-        let seen = bodies.clone();
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    let (head_end, length) = loop {
-                        let n = socket.read(&mut chunk).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head = String::from_utf8_lossy(&buf[..at]).to_ascii_lowercase();
-                            let length = head
-                                .lines()
-                                .find_map(|l| l.strip_prefix("content-length:"))
-                                .and_then(|v| v.trim().parse::<usize>().ok())
-                                .unwrap_or(0);
-                            break (at + 4, length);
-                        }
-                    };
-                    while buf.len() < head_end + length {
-                        let n = socket.read(&mut chunk).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                    }
-                    let body: Value =
-                        serde_json::from_slice(&buf[head_end..head_end + length]).unwrap();
-                    let n = {
-                        let mut seen = seen.lock().unwrap();
-                        seen.push(body);
-                        seen.len()
-                    };
-                    let delta = json!({"choices": [{"index": 0, "delta": {"content": format!("reply {n}")}, "finish_reason": null}]});
-                    let finish =
-                        json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
-                    let response = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n\
-                         data: {delta}\n\ndata: {finish}\n\ndata: [DONE]\n\n"
-                    );
-                    let _ = socket.write_all(response.as_bytes()).await;
-                    let _ = socket.shutdown().await;
-                });
-            }
-        });
-        Self { addr, bodies }
-    }
-
-    fn bodies(&self) -> Vec<Value> {
-        self.bodies.lock().unwrap().clone()
-    }
 }
 
 /// The `[recall: ...]` the scripted provider streamed in the events after `from`.

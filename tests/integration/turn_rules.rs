@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use agentrun_shared::proto::{self, CommandKind, CommandStatus, RunStatus, TurnDeliveryPolicy};
+use agentrun_tests::fake_openai::FakeOpenAi;
 use agentrun_tests::*;
 use serde_json::{Value, json};
 
@@ -387,5 +388,53 @@ async fn a_human_gate_lets_the_run_go_on_or_blocks_it() {
     assert_eq!(
         turn_states(&events_of(&mut app, &declined).await),
         ["blocked"]
+    );
+}
+
+/// A rate limit and a server error from the model are retried within the turn, each
+/// with a `runtime.warning` in the log, and the turn completes with the reply that
+/// finally came: through the API, with the real runner and a local model endpoint.
+#[tokio::test]
+async fn a_rate_limited_model_call_is_retried_and_the_turn_completes() {
+    let server = FakeOpenAi::failing_first(vec![(429, Some("0")), (500, None)]).await;
+    let mut app = TestApp::spawn().await;
+    let base_url = format!("http://{}/v1", server.addr);
+    let _runner = RunnerProcess::start(
+        app.addr,
+        "openai",
+        &[
+            ("OPENAI_BASE_URL", base_url.as_str()),
+            ("OPENAI_API_KEY", "sk-test"),
+            ("AGENTRUN_BACKEND_PROFILES", "openai"),
+            ("AGENTRUN_OPENAI_RETRY_BASE_MS", "10"),
+        ],
+    );
+    let mut request = run_request("hello");
+    request.backend_profile = "openai".into();
+    let run_id = app
+        .runs
+        .create_run(request)
+        .await
+        .expect("create run")
+        .into_inner()
+        .run
+        .expect("run")
+        .run_id;
+    wait_for_run(&app, &run_id, RunStatus::Completed, LONG).await;
+
+    let events = events_of(&mut app, &run_id).await;
+    let retries: Vec<Value> = events
+        .iter()
+        .filter(|e| e.r#type == "runtime.warning")
+        .map(payload)
+        .filter(|p| p["retry"] == json!(true))
+        .collect();
+    let statuses: Vec<&Value> = retries.iter().map(|p| &p["status"]).collect();
+    assert_eq!(statuses, [&json!(429), &json!(500)], "{retries:#?}");
+    assert_eq!(assistant_text(&events), "reply 1");
+    assert_eq!(
+        server.bodies().len(),
+        3,
+        "two failed calls, then the one answered"
     );
 }

@@ -7,6 +7,7 @@
 //! Set `TEST_LOG=1` to see the managers' logs.
 
 pub mod cli;
+pub mod fake_openai;
 pub mod invariants;
 pub mod proxy;
 
