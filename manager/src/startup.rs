@@ -156,10 +156,14 @@ impl Application {
             migrated,
             background.clone(),
         ));
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
+        // Reflection in both versions: grpcurl 1.8 and other tools still ask v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let (reflection_v1, reflection_v1alpha) =
+            (reflection().build_v1()?, reflection().build_v1alpha()?);
 
         tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "manager listening");
         let mut server = tonic::transport::Server::builder();
@@ -169,7 +173,8 @@ impl Application {
         let served = server
             .layer(ObserveLayer::new(metrics.clone()))
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(RunServiceServer::new(RunApi::new(state.clone())))
             .add_service(SessionServiceServer::new(SessionApi::new(state.clone())))
             .add_service(RunnerServiceServer::new(RunnerApi::new(state.clone())))

@@ -58,3 +58,66 @@ async fn spans_are_exported_to_an_otlp_collector() {
     .unwrap();
     assert_eq!(&received, b"PRI * HTTP/2.0", "OTLP over gRPC speaks HTTP/2");
 }
+
+/// Server reflection answers in both versions, v1 and the v1alpha that grpcurl 1.8 and
+/// other older tools still use, and lists the API's services.
+#[tokio::test]
+async fn reflection_lists_the_services_in_v1_and_v1alpha() {
+    use tonic::codegen::tokio_stream::{self, StreamExt};
+    use tonic_reflection::pb::{v1, v1alpha};
+
+    let app = TestApp::spawn().await;
+    let channel = connect(app.addr).await;
+
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut answers =
+        v1alpha::server_reflection_client::ServerReflectionClient::new(channel.clone())
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .expect("v1alpha reflection is served")
+            .into_inner();
+    let Some(Ok(answer)) = answers.next().await else {
+        panic!("no v1alpha answer");
+    };
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answer.message_response
+    else {
+        panic!("not a service list: {answer:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"agentrun.v1.RunService".to_owned()),
+        "{names:?}"
+    );
+
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut answers = v1::server_reflection_client::ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("v1 reflection is served")
+        .into_inner();
+    let Some(Ok(answer)) = answers.next().await else {
+        panic!("no v1 answer");
+    };
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answer.message_response
+    else {
+        panic!("not a service list: {answer:?}");
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|s| s.name == "agentrun.v1.AdminService"),
+        "{list:?}"
+    );
+}
