@@ -7,12 +7,14 @@
 //! trailers, so a response without one in its headers counts as `Ok`. Streaming calls
 //! are counted when the response starts; a stream that fails later is not recounted.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use prost::Message;
 use tower_layer::Layer;
 use tower_service::Service;
 use tracing::Instrument;
@@ -94,14 +96,43 @@ where
     }
 }
 
-/// The gRPC path for this server's services; anything else is `other`, so unknown
-/// paths cannot grow the metric's label set without bound.
+/// The gRPC path of a method this server serves; anything else (an unknown method of a
+/// known service included) is `other`, so no caller can grow the metric's label set.
 fn method_label(path: &str) -> String {
-    if path.starts_with("/agentrun.") || path.starts_with("/grpc.") {
+    static KNOWN: LazyLock<HashSet<String>> = LazyLock::new(known_methods);
+    if KNOWN.contains(path) {
         path.to_owned()
     } else {
         "other".to_owned()
     }
+}
+
+/// Every method path served: the API's (from its file descriptor set), health and
+/// reflection.
+fn known_methods() -> HashSet<String> {
+    let api = prost_types::FileDescriptorSet::decode(agentrun_shared::proto::FILE_DESCRIPTOR_SET)
+        .expect("the compiled-in descriptor set decodes");
+    let mut paths: HashSet<String> = api
+        .file
+        .iter()
+        .flat_map(|file| {
+            file.service.iter().flat_map(move |service| {
+                service.method.iter().map(move |method| {
+                    format!("/{}.{}/{}", file.package(), service.name(), method.name())
+                })
+            })
+        })
+        .collect();
+    paths.extend(
+        [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.health.v1.Health/Watch",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ]
+        .map(str::to_owned),
+    );
+    paths
 }
 
 fn status_code(headers: &http::HeaderMap) -> tonic::Code {
@@ -125,4 +156,29 @@ pub fn record_tenant(tenant: &str) {
 /// Records the calling runner in the current `rpc` span.
 pub fn record_runner(runner_id: &impl std::fmt::Display) {
     tracing::Span::current().record("runner", tracing::field::display(runner_id));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_served_methods_get_their_own_label() {
+        assert_eq!(
+            method_label("/agentrun.v1.RunService/CreateRun"),
+            "/agentrun.v1.RunService/CreateRun"
+        );
+        assert_eq!(
+            method_label("/grpc.health.v1.Health/Check"),
+            "/grpc.health.v1.Health/Check"
+        );
+        for unknown in [
+            "/agentrun.v1.RunService/NoSuchMethod",
+            "/agentrun.v1.Nope/CreateRun",
+            "/random/path",
+            "",
+        ] {
+            assert_eq!(method_label(unknown), "other", "{unknown}");
+        }
+    }
 }
