@@ -10,7 +10,9 @@
 //! - validation is deterministic, and an error names a field under `events[0].`;
 //! - redaction leaves no value under a secret key and no credential token, keeps the
 //!   structure, reports exactly whether it changed anything, and a second pass changes
-//!   nothing;
+//!   nothing (the oracle restates the secret key endings and the credential prefixes; the
+//!   structural shapes, agentrun API keys, JWTs, PEM blocks and URL passwords, are checked
+//!   by `payload::tests::redaction_table` and here only for idempotence and shape);
 //! - a payload that passed validation still passes it after redaction (what is stored
 //!   obeys the type's rules);
 //! - the same redaction properties hold for any JSON value the payload text holds, valid
@@ -48,41 +50,48 @@ fn validate(
     Ok((event_type, payload))
 }
 
-/// The documented secret keys (`shared/src/payload.rs`), compared case-insensitively with
-/// `-` read as `_`; written out again here so a change to either list shows.
-const SECRET_KEYS: &[&str] = &[
-    "api_key",
+/// The documented secret key endings (`shared/src/payload.rs`), compared
+/// case-insensitively with `-` read as `_`; written out again here so a change to either
+/// list shows. A key is secret when it ends with one of these (`OPENAI_API_KEY`, `db_password`), so
+/// `input_tokens` and `secret_name` are not.
+const SECRET_KEY_ENDINGS: &[&str] = &[
     "apikey",
+    "api_key",
+    "access_key",
+    "secret_key",
+    "private_key",
     "authorization",
     "password",
     "passwd",
     "secret",
-    "client_secret",
-    "access_token",
-    "refresh_token",
-    "id_token",
     "token",
-    "private_key",
-    "x_api_key",
     "cookie",
-    "set_cookie",
 ];
 
 /// The documented credential prefixes, and the shortest token body that counts.
 const SECRET_PREFIXES: &[&str] = &[
     "sk-",
+    "sk_live_",
+    "sk_test_",
+    "rk_live_",
+    "rk_test_",
     "ghp_",
     "gho_",
     "github_pat_",
+    "glpat-",
     "xoxb-",
     "xoxp-",
     "AKIA",
     "Bearer ",
+    "bearer ",
 ];
+/// Prefixes matched in any case.
+const CASELESS_PREFIXES: &[&str] = &["bearer "];
 const MIN_SECRET_BODY: usize = 16;
 
 fn is_secret_key(key: &str) -> bool {
-    SECRET_KEYS.contains(&key.to_ascii_lowercase().replace('-', "_").as_str())
+    let key = key.to_ascii_lowercase().replace('-', "_");
+    SECRET_KEY_ENDINGS.iter().any(|ending| key.ends_with(ending))
 }
 
 fn body_len(text: &str) -> usize {
@@ -95,11 +104,19 @@ fn body_len(text: &str) -> usize {
 /// Every (start, end) of a prefix and the token characters after it.
 fn prefix_spans(text: &str) -> Vec<(usize, usize, usize)> {
     let mut spans = Vec::new();
-    for prefix in SECRET_PREFIXES {
-        for (at, _) in text.match_indices(prefix) {
-            let body = body_len(&text[at + prefix.len()..]);
-            spans.push((at, at + prefix.len() + body, body));
-        }
+    // ASCII lower-casing keeps every byte offset.
+    let lower = text.to_ascii_lowercase();
+    let matches = SECRET_PREFIXES
+        .iter()
+        .flat_map(|prefix| text.match_indices(prefix))
+        .chain(
+            CASELESS_PREFIXES
+                .iter()
+                .flat_map(|prefix| lower.match_indices(prefix)),
+        );
+    for (at, prefix) in matches {
+        let body = body_len(&text[at + prefix.len()..]);
+        spans.push((at, at + prefix.len() + body, body));
     }
     spans
 }

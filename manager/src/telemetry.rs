@@ -1,4 +1,6 @@
-//! Logging set-up: `RUST_LOG` filters (default `info`); human-readable (`pretty`) or
+//! Logging set-up: `RUST_LOG` filters (default `info`; `tokio_postgres` is held at `info`
+//! unless `RUST_LOG` names it, since at `debug` it logs every SQL parameter, API key
+//! hashes and raw inputs included); human-readable (`pretty`) or
 //! one JSON object per line (`json`, for production log collectors). Every gRPC call
 //! runs in an `rpc` span (see [`crate::observe`]) whose fields appear on its events.
 //! With an OTLP endpoint, the same spans are exported to an OpenTelemetry collector.
@@ -45,7 +47,9 @@ pub fn init() {
 /// Installs a global subscriber writing `format`, exporting spans to `otel_endpoint`
 /// when given; later calls change nothing.
 pub fn init_with(format: LogFormat, otel_endpoint: Option<&str>) -> anyhow::Result<Telemetry> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let rust_log = std::env::var(EnvFilter::DEFAULT_ENV).ok();
+    let filter = EnvFilter::try_new(log_directives(rust_log.as_deref()))
+        .unwrap_or_else(|_| EnvFilter::new(log_directives(None)));
     let output: BoxedLayer = match format {
         LogFormat::Pretty => Box::new(tracing_subscriber::fmt::layer()),
         LogFormat::Json => Box::new(
@@ -62,6 +66,21 @@ pub fn init_with(format: LogFormat, otel_endpoint: Option<&str>) -> anyhow::Resu
         .with(layers)
         .try_init();
     Ok(telemetry)
+}
+
+/// The filter directives for `rust_log` (the `RUST_LOG` value, default `info`), with
+/// `tokio_postgres` held at `info` unless `rust_log` names it: at `debug` it logs every
+/// statement's parameters.
+fn log_directives(rust_log: Option<&str>) -> String {
+    let base = rust_log
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("info");
+    if base.contains("tokio_postgres") {
+        base.to_owned()
+    } else {
+        format!("{base},tokio_postgres=info")
+    }
 }
 
 #[cfg(feature = "otel")]
@@ -99,4 +118,31 @@ fn exporter(endpoint: Option<&str>) -> anyhow::Result<(Option<BoxedLayer>, Telem
         "this agentrun-manager was built without the `otel` feature: --otel-endpoint is not available"
     );
     Ok((None, Telemetry::default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sql_parameters_stay_out_of_debug_logs_unless_asked_for() {
+        for (rust_log, want) in [
+            (None, "info,tokio_postgres=info"),
+            (Some(""), "info,tokio_postgres=info"),
+            (Some("debug"), "debug,tokio_postgres=info"),
+            (
+                Some("agentrun_manager=trace,warn"),
+                "agentrun_manager=trace,warn,tokio_postgres=info",
+            ),
+            (
+                Some("debug,tokio_postgres=debug"),
+                "debug,tokio_postgres=debug",
+            ),
+            (Some("tokio_postgres=trace"), "tokio_postgres=trace"),
+        ] {
+            let directives = log_directives(rust_log);
+            assert_eq!(directives, want, "{rust_log:?}");
+            assert!(EnvFilter::try_new(&directives).is_ok(), "{directives}");
+        }
+    }
 }

@@ -124,37 +124,46 @@ fn path_segment(key: &str) -> Option<String> {
     plain.then(|| format!(".{key}"))
 }
 
-/// Object keys whose values are always secrets (compared case-insensitively, with `-`
-/// read as `_`).
-const SECRET_KEYS: &[&str] = &[
-    "api_key",
+/// Endings that make an object key name a secret (compared case-insensitively, with `-`
+/// read as `_`): `OPENAI_API_KEY`, `db_password`, `aws_secret_access_key`, `github_token`,
+/// `X-Api-Key`, `client_secret`. A key must *end* with one, so usage counters and
+/// descriptions of secrets are kept (`input_tokens`, `token_count`, `secret_name`).
+const SECRET_KEY_ENDINGS: &[&str] = &[
     "apikey",
+    "api_key",
+    "access_key",
+    "secret_key",
+    "private_key",
     "authorization",
     "password",
     "passwd",
     "secret",
-    "client_secret",
-    "access_token",
-    "refresh_token",
-    "id_token",
     "token",
-    "private_key",
-    "x_api_key",
     "cookie",
-    "set_cookie",
 ];
 
-/// Prefixes of well-known credential formats found inside free text.
+/// Prefixes of well-known credential formats found inside free text (case-sensitive).
 const SECRET_PREFIXES: &[&str] = &[
     "sk-",
+    "sk_live_",
+    "sk_test_",
+    "rk_live_",
+    "rk_test_",
     "ghp_",
     "gho_",
     "github_pat_",
+    "glpat-",
     "xoxb-",
     "xoxp-",
     "AKIA",
-    "Bearer ",
 ];
+
+/// Prefixes matched in any case (`Bearer`, `bearer`, `BEARER`).
+const CASELESS_SECRET_PREFIXES: &[&str] = &["bearer "];
+
+/// Prefix of agentrun's own API keys (`ark_<id: 32 hex>_<secret>`, see
+/// `manager/src/store/api_keys.rs`).
+const API_KEY_PREFIX: &str = "ark_";
 
 /// Replaces secrets in place: values under secret-named keys, and credential-shaped
 /// tokens inside strings. Returns whether anything was redacted.
@@ -186,54 +195,192 @@ pub fn redact(value: &mut Value) -> bool {
 
 fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase().replace('-', "_");
-    SECRET_KEYS.contains(&key.as_str())
+    SECRET_KEY_ENDINGS
+        .iter()
+        .any(|ending| key.ends_with(ending))
 }
 
 /// Minimum length of the token after a prefix for it to count as a credential; short
 /// matches ("sk-1", "Bearer of bad news") are ordinary prose.
 const MIN_SECRET_BODY: usize = 16;
 
-/// Returns `text` with credential-shaped tokens replaced, or `None` if it has none.
+/// Returns `text` with credentials replaced, or `None` if it has none.
 ///
 /// Every character position is tried, so a credential starting inside a short match is
 /// still found ("Bearer Bearer <token>", "sk-1Bearer <token>"); a redacted credential is
-/// skipped whole. Linear in the text: a short match reads fewer than
-/// [`MIN_SECRET_BODY`] token characters.
+/// skipped whole. Linear in the text: a failed match reads at most a short token or one
+/// line, and a PEM block is read once, as the span it redacts.
 fn redact_text(text: &str) -> Option<String> {
     let mut out = String::new();
     // `text[..copied]` is in `out`, or was replaced there.
     let mut copied = 0;
     let mut at = 0;
+    let mut changed = false;
     while let Some(c) = text[at..].chars().next() {
-        match credential_len(&text[at..]) {
-            Some(len) => {
-                out.push_str(&text[copied..at]);
+        let after = text[..at].chars().next_back();
+        match credential_span(&text[at..], after) {
+            Some((skip, len)) => {
+                out.push_str(&text[copied..at + skip]);
                 out.push_str(REDACTED);
-                at += len;
+                at += skip + len;
                 copied = at;
+                changed = true;
             }
             None => at += c.len_utf8(),
         }
     }
-    if copied == 0 {
+    if !changed {
         return None;
     }
     out.push_str(&text[copied..]);
     Some(out)
 }
 
-/// The length of the credential `text` starts with: a known prefix followed by at least
-/// [`MIN_SECRET_BODY`] token characters.
-fn credential_len(text: &str) -> Option<usize> {
-    SECRET_PREFIXES.iter().find_map(|prefix| {
-        let body = text.strip_prefix(prefix)?;
-        let len = body
-            .find(|c: char| {
-                !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | '+' | '='))
-            })
-            .unwrap_or(body.len());
-        (len >= MIN_SECRET_BODY).then_some(prefix.len() + len)
-    })
+/// The secret in the credential `text` starts with, as (offset, length): usually the
+/// whole credential, but only the password of a URL's `user:password@`. `after` is the
+/// character before `text`, if any.
+fn credential_span(text: &str, after: Option<char>) -> Option<(usize, usize)> {
+    prefixed_len(text)
+        .or_else(|| api_key_len(text))
+        .or_else(|| jwt_len(text, after))
+        .or_else(|| pem_len(text))
+        .map(|len| (0, len))
+        .or_else(|| url_password(text))
+}
+
+/// Characters of a token after a credential prefix.
+fn is_token_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | '+' | '=')
+}
+
+/// The length of the run of token characters `text` starts with.
+fn token_len(text: &str) -> usize {
+    text.find(|c: char| !is_token_char(c)).unwrap_or(text.len())
+}
+
+/// A known prefix followed by at least [`MIN_SECRET_BODY`] token characters.
+fn prefixed_len(text: &str) -> Option<usize> {
+    let caseless = CASELESS_SECRET_PREFIXES.iter().filter(|prefix| {
+        text.get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+    });
+    SECRET_PREFIXES
+        .iter()
+        .filter(|prefix| text.starts_with(*prefix))
+        .chain(caseless)
+        .find_map(|prefix| {
+            let len = token_len(&text[prefix.len()..]);
+            (len >= MIN_SECRET_BODY).then_some(prefix.len() + len)
+        })
+}
+
+/// An agentrun API key: `ark_`, a 32-hex-digit id, `_`, and a secret of at least
+/// [`MIN_SECRET_BODY`] base64url characters.
+fn api_key_len(text: &str) -> Option<usize> {
+    let rest = text.strip_prefix(API_KEY_PREFIX)?;
+    let id = rest.get(..32)?;
+    let secret = rest[32..].strip_prefix('_')?;
+    if !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    // The secret is hex: a `.` after it ends a sentence, not the key.
+    let len = base64url_len(secret);
+    (len >= MIN_SECRET_BODY).then_some(API_KEY_PREFIX.len() + 33 + len)
+}
+
+/// The length of the run of base64url characters `text` starts with.
+fn base64url_len(text: &str) -> usize {
+    text.find(|c: char| !is_base64url_char(c))
+        .unwrap_or(text.len())
+}
+
+fn is_base64url_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_')
+}
+
+/// A JSON Web Token: three base64url segments joined by `.`, the first (a JSON header)
+/// starting `eyJ` and at least [`MIN_SECRET_BODY`] long, the second not empty (the
+/// signature is empty for `alg: none`).
+///
+/// It must start a word (`after` is not base64url, nor the `]` ending [`REDACTED`]): so
+/// each run is read once, not from every `eyJ` inside it, and a second pass over
+/// `...[REDACTED]eyJ...` finds what the first pass found.
+fn jwt_len(text: &str, after: Option<char>) -> Option<usize> {
+    if !text.starts_with("eyJ") || after.is_some_and(|c| is_base64url_char(c) || c == ']') {
+        return None;
+    }
+    let header = base64url_len(text);
+    let rest = text[header..].strip_prefix('.')?;
+    let claims = base64url_len(rest);
+    let signature = base64url_len(rest[claims..].strip_prefix('.')?);
+    (header >= MIN_SECRET_BODY && claims > 0).then_some(header + 1 + claims + 1 + signature)
+}
+
+/// A PEM private key: `-----BEGIN <label>PRIVATE KEY-----`, its body, and the matching
+/// `-----END ...PRIVATE KEY-----` line. A block cut off before its end line (a truncated
+/// message) is redacted up to where its body stops.
+fn pem_len(text: &str) -> Option<usize> {
+    const BEGIN: &str = "-----BEGIN ";
+    const END: &str = "-----END ";
+    let header = pem_label_len(text.strip_prefix(BEGIN)?)?;
+    let mut at = BEGIN.len() + header;
+    // Base64 lines, and the `Proc-Type: 4,ENCRYPTED` / `DEK-Info: AES-128-CBC,...`
+    // headers of legacy encrypted keys.
+    while let Some(c) = text[at..].chars().next() {
+        if text[at..].starts_with(END) {
+            let end = &text[at + END.len()..];
+            return Some(match pem_label_len(end) {
+                Some(label) => at + END.len() + label,
+                None => at,
+            });
+        }
+        if !(c.is_ascii_alphanumeric() || c.is_ascii_whitespace() || "+/=:,-".contains(c)) {
+            break;
+        }
+        at += c.len_utf8();
+    }
+    Some(at)
+}
+
+/// The length of `<label>PRIVATE KEY-----` at the start of `text`, where the label is
+/// upper-case words (`RSA `, `ENCRYPTED `, or none).
+fn pem_label_len(text: &str) -> Option<usize> {
+    let label = text
+        .find(|c: char| !(c.is_ascii_uppercase() || c == ' '))
+        .unwrap_or(text.len());
+    (text[..label].ends_with("PRIVATE KEY") && text[label..].starts_with("-----"))
+        .then_some(label + "-----".len())
+}
+
+/// The password of a URL's user information: `://user:password@host` gives the offset
+/// and length of `password` (the scheme, user and host are kept). The user may be empty
+/// (`redis://:password@host`); the password may not. Brackets end a password, so a
+/// password already redacted, or holding a redacted credential, is not matched again.
+fn url_password(text: &str) -> Option<(usize, usize)> {
+    let rest = text.strip_prefix("://")?;
+    let user = rest
+        .find(|c: char| !is_userinfo_char(c) || c == ':')
+        .unwrap_or(rest.len());
+    let password = rest[user..].strip_prefix(':')?;
+    let len = password
+        .find(|c: char| !is_userinfo_char(c))
+        .unwrap_or(password.len());
+    let host = password[len..].strip_prefix('@')?;
+    let host_starts = host
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_alphanumeric() || c == '[');
+    (len > 0 && host_starts).then_some((3 + user + 1, len))
+}
+
+/// Characters of a URL's user or password: not a delimiter, space, quote or bracket.
+fn is_userinfo_char(c: char) -> bool {
+    !(c.is_whitespace()
+        || c.is_control()
+        || matches!(
+            c,
+            '@' | '/' | '?' | '#' | '[' | ']' | '"' | '\'' | '<' | '>' | '`'
+        ))
 }
 
 #[cfg(test)]
@@ -289,6 +436,98 @@ mod tests {
             assert_eq!(redact_text(&text).as_deref(), Some(want.as_str()), "{text}");
         }
         assert_eq!(redact_text("Bearer Bearer of bad news, sk-1"), None);
+    }
+
+    /// Each credential shape, and near misses that must come through untouched (`None`).
+    #[test]
+    fn redaction_table() {
+        let id = "0123456789abcdef0123456789ABCDEF";
+        let secret = "f".repeat(64);
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjMifQ.c2lnbmF0dXJlX2hlcmU";
+        let pem = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA0Z3VS5JJcds3xfn\n/ygWyF8PbnGy0AHB7MhgwMb==\n-----END RSA PRIVATE KEY-----";
+        let texts: &[(String, Option<String>)] = &[
+            // agentrun API keys.
+            (format!("key ark_{id}_{secret}."), Some(format!("key {REDACTED}."))),
+            (format!("ark_{id}_short"), None),
+            ("dark_mode_enabled_for_every_user".into(), None),
+            // Bearer tokens, in any case.
+            ("bearer abcdefghijklmnopqrstuvwxyz".into(), Some(REDACTED.into())),
+            (
+                "Authorization: BEARER abcdefghijklmnopqrstuvwxyz".into(),
+                Some(format!("Authorization: {REDACTED}")),
+            ),
+            ("the bearer of bad news".into(), None),
+            // Stripe, GitLab.
+            ("sk_live_4eC39HqLyjWDarjtT1zdp7dc".into(), Some(REDACTED.into())),
+            ("(sk_test_4eC39HqLyjWDarjtT1zdp7dc)".into(), Some(format!("({REDACTED})"))),
+            ("rk_live_4eC39HqLyjWDarjtT1zdp7dc".into(), Some(REDACTED.into())),
+            ("glpat-xxxxxxxxxxxxxxxxxxxx".into(), Some(REDACTED.into())),
+            ("sk_live_ is a prefix".into(), None),
+            // JWTs, also with an empty signature (`alg: none`).
+            (format!("token={jwt}&x=1"), Some(format!("token={REDACTED}&x=1"))),
+            (
+                "eyJhbGciOiJub25lIn0.eyJzdWIiOiIxIn0.".into(),
+                Some(REDACTED.into()),
+            ),
+            ("eyJhbGciOiJIUzI1NiJ9 has no dots".into(), None),
+            ("eyJ.a.b".into(), None),
+            // PEM private keys; a public key is not a secret.
+            (format!("key:\n{pem}\nend"), Some(format!("key:\n{REDACTED}\nend"))),
+            (
+                "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC".into(),
+                Some(REDACTED.into()),
+            ),
+            (
+                "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8A\n-----END PUBLIC KEY-----"
+                    .into(),
+                None,
+            ),
+            // Passwords in URLs: scheme, user and host are kept.
+            (
+                "postgres://app:s3cr3t@db:5432/agentrun".into(),
+                Some(format!("postgres://app:{REDACTED}@db:5432/agentrun")),
+            ),
+            (
+                "redis://:hunter2@cache".into(),
+                Some(format!("redis://:{REDACTED}@cache")),
+            ),
+            ("postgres://app@db/agentrun".into(), None),
+            ("https://example.com:8443/path".into(), None),
+            ("ssh://git@github.com/o/r".into(), None),
+            // Prose and usage.
+            ("used 1200 input tokens; see docs at https://x.io".into(), None),
+        ];
+        for (text, want) in texts {
+            assert_eq!(redact_text(text).as_deref(), want.as_deref(), "{text:?}");
+            if let Some(want) = want {
+                assert_eq!(redact_text(want), None, "second pass over {want:?}");
+            }
+        }
+
+        let keys = [
+            ("OPENAI_API_KEY", true),
+            ("db_password", true),
+            ("aws_secret_access_key", true),
+            ("github_token", true),
+            ("x-api-key", true),
+            ("client_secret", true),
+            ("apiKey", true),
+            ("Set-Cookie", true),
+            ("input_tokens", false),
+            ("output_tokens", false),
+            ("max_tokens", false),
+            ("token_count", false),
+            ("total_tokens", false),
+            ("secret_name", false),
+            ("api_keys", false),
+            ("passwords", false),
+            ("key", false),
+            ("kind", false),
+        ];
+        for (key, secret) in keys {
+            let mut value = json!({ key: "v" });
+            assert_eq!(redact(&mut value), secret, "{key}");
+        }
     }
 
     #[test]

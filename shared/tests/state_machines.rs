@@ -567,8 +567,7 @@ fn fresh_ids_are_distinct_and_parse() {
 // JSON values for payload and redaction properties
 // ---------------------------------------------------------------------------------------
 
-/// The documented secret keys (`shared/src/payload.rs`), compared case-insensitively with
-/// `-` read as `_`.
+/// Secret keys to generate (case and `-` for `_` are varied).
 const SECRET_KEYS: &[&str] = &[
     "api_key",
     "apikey",
@@ -585,23 +584,55 @@ const SECRET_KEYS: &[&str] = &[
     "x_api_key",
     "cookie",
     "set_cookie",
+    "openai_api_key",
+    "db_password",
+    "aws_secret_access_key",
+    "github_token",
+];
+
+/// The documented secret key endings (`shared/src/payload.rs`), compared
+/// case-insensitively with `-` read as `_`. A key is secret when it ends with one of these (`OPENAI_API_KEY`, `db_password`), so
+/// `input_tokens` and `secret_name` are not.
+const SECRET_KEY_ENDINGS: &[&str] = &[
+    "apikey",
+    "api_key",
+    "access_key",
+    "secret_key",
+    "private_key",
+    "authorization",
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "cookie",
 ];
 
 /// The documented credential prefixes, and how long the token after one must be.
 const SECRET_PREFIXES: &[&str] = &[
     "sk-",
+    "sk_live_",
+    "sk_test_",
+    "rk_live_",
+    "rk_test_",
     "ghp_",
     "gho_",
     "github_pat_",
+    "glpat-",
     "xoxb-",
     "xoxp-",
     "AKIA",
     "Bearer ",
+    "bearer ",
 ];
+/// Prefixes matched in any case.
+const CASELESS_PREFIXES: &[&str] = &["bearer "];
 const MIN_SECRET_BODY: usize = 16;
 
 fn is_secret_key(key: &str) -> bool {
-    SECRET_KEYS.contains(&key.to_ascii_lowercase().replace('-', "_").as_str())
+    let key = key.to_ascii_lowercase().replace('-', "_");
+    SECRET_KEY_ENDINGS
+        .iter()
+        .any(|ending| key.ends_with(ending))
 }
 
 fn is_body_char(c: char) -> bool {
@@ -611,14 +642,22 @@ fn is_body_char(c: char) -> bool {
 /// Credential-shaped tokens left in `text`: a prefix followed by at least
 /// [`MIN_SECRET_BODY`] token characters, wherever it starts.
 fn credential_tokens(text: &str) -> Vec<String> {
+    // ASCII lower-casing keeps every byte offset.
+    let lower = text.to_ascii_lowercase();
+    let matches = SECRET_PREFIXES
+        .iter()
+        .flat_map(|prefix| text.match_indices(prefix))
+        .chain(
+            CASELESS_PREFIXES
+                .iter()
+                .flat_map(|prefix| lower.match_indices(prefix)),
+        );
     let mut found = Vec::new();
-    for prefix in SECRET_PREFIXES {
-        for (at, _) in text.match_indices(prefix) {
-            let body = &text[at + prefix.len()..];
-            let len = body.find(|c| !is_body_char(c)).unwrap_or(body.len());
-            if len >= MIN_SECRET_BODY {
-                found.push(text[at..at + prefix.len() + len].to_owned());
-            }
+    for (at, prefix) in matches {
+        let body = &text[at + prefix.len()..];
+        let len = body.find(|c| !is_body_char(c)).unwrap_or(body.len());
+        if len >= MIN_SECRET_BODY {
+            found.push(text[at..at + prefix.len() + len].to_owned());
         }
     }
     found
@@ -694,7 +733,8 @@ fn near_miss_key() -> impl Strategy<Value = String> {
             "tokens",
             "token_count",
             "api_keys",
-            "my_token",
+            "token_type",
+            "max_tokens",
             "passwords",
             "secret_name",
             "api key",
@@ -735,10 +775,16 @@ fn text_with_credentials() -> impl Strategy<Value = String> {
     .prop_map(|parts| parts.join(" "))
 }
 
-/// Text that holds no credential-shaped token (no documented prefix at all).
+/// Text that holds no credential-shaped token (no documented prefix or shape at all).
 fn plain_text() -> impl Strategy<Value = String> {
     ".{0,24}".prop_filter("no credential prefix", |s: &String| {
-        SECRET_PREFIXES.iter().all(|p| !s.contains(p))
+        let lower = s.to_ascii_lowercase();
+        SECRET_PREFIXES
+            .iter()
+            .all(|p| !lower.contains(&p.to_ascii_lowercase()))
+            && ["ark_", "eyJ", "-----BEGIN", "://"]
+                .iter()
+                .all(|p| !s.contains(p))
     })
 }
 
