@@ -69,14 +69,17 @@ pub fn init_with(format: LogFormat, otel_endpoint: Option<&str>) -> anyhow::Resu
 }
 
 /// The filter directives for `rust_log` (the `RUST_LOG` value, default `info`), with
-/// `tokio_postgres` held at `info` unless `rust_log` names it: at `debug` it logs every
-/// statement's parameters.
+/// `tokio_postgres` held at `info` when `rust_log` asks for `debug` or `trace` without
+/// naming it: at those levels it logs every statement's parameters (secrets included).
 fn log_directives(rust_log: Option<&str>) -> String {
     let base = rust_log
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .unwrap_or("info");
-    if base.contains("tokio_postgres") {
+    let verbose = ["debug", "trace"]
+        .iter()
+        .any(|level| base.to_ascii_lowercase().contains(level));
+    if base.contains("tokio_postgres") || !verbose {
         base.to_owned()
     } else {
         format!("{base},tokio_postgres=info")
@@ -127,8 +130,9 @@ mod tests {
     #[test]
     fn sql_parameters_stay_out_of_debug_logs_unless_asked_for() {
         for (rust_log, want) in [
-            (None, "info,tokio_postgres=info"),
-            (Some(""), "info,tokio_postgres=info"),
+            (None, "info"),
+            (Some(""), "info"),
+            (Some("warn"), "warn"),
             (Some("debug"), "debug,tokio_postgres=info"),
             (
                 Some("agentrun_manager=trace,warn"),
