@@ -1,16 +1,22 @@
 //! `RunnerService.Connect`: one bidirectional stream per runner process.
 //!
-//! The runner opens with `hello`; the manager settles its leases and answers `welcome`.
-//! Then one session task per stream reacts to four things: messages from the runner
-//! (credit, heartbeats, event batches, command acks, finishes, releases — each applied to
-//! the store in order and acknowledged only after commit), wake-ups saying work may be
-//! claimable (runs are then claimed for the runner's credit and pushed), wake-ups saying
+//! The runner opens with `hello`; the manager settles its leases and returns the stream
+//! at once. One session task per stream (tracked, so shutdown waits for it) owns the
+//! inbound side and writes into the bounded outbound channel tonic is already reading:
+//! it first sends the `welcome` and whatever the runner is owed (commands of resumed
+//! leases, adopted runs — any number of them), then reacts to four things: messages from
+//! the runner (credit, heartbeats, event batches, command acks, finishes, releases —
+//! each applied to the store in order and acknowledged only after commit), wake-ups
+//! saying work may be claimable (runs are then claimed for the runner's credit and pushed), wake-ups saying
 //! a held run has new commands (they are delivered), and a slow fallback tick that does
 //! both in case a wake-up was lost. Manager shutdown sends `drain` and ends the stream;
 //! the runner reconnects elsewhere with its leases. An operator's drain (the runner's
 //! `draining` flag, set through any replica) is read on the fallback tick: the session
 //! stops assigning and sends `drain` with `reconnect: false`; the runner finishes its
 //! runs over the still-open stream and exits.
+//!
+//! A refused write of a held run (anything but `lease_lost`) fails that run and releases
+//! its lease, so the runner's slot and the manager's view of it stay in step.
 
 use std::collections::HashMap;
 use std::sync::Arc;
