@@ -366,10 +366,13 @@ fn url_password(text: &str) -> Option<(usize, usize)> {
         .find(|c: char| !is_userinfo_char(c))
         .unwrap_or(password.len());
     let host = password[len..].strip_prefix('@')?;
-    let host_starts = host
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_alphanumeric() || c == '[');
+    // A host that another rule redacted is no host: a second pass over
+    // `user:pw@[REDACTED]` must find what the first found over `user:pw@<secret>`.
+    let host_starts = !host.starts_with(REDACTED)
+        && host
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_alphanumeric() || c == '[');
     (len > 0 && host_starts).then_some((3 + user + 1, len))
 }
 
@@ -492,6 +495,12 @@ mod tests {
                 Some(format!("redis://:{REDACTED}@cache")),
             ),
             ("postgres://app@db/agentrun".into(), None),
+            // Found by fuzzing: a "host" that is itself a redacted secret.
+            (
+                "x://user:pass@-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----"
+                    .into(),
+                Some(format!("x://user:pass@{REDACTED}")),
+            ),
             ("https://example.com:8443/path".into(), None),
             ("ssh://git@github.com/o/r".into(), None),
             // Prose and usage.
