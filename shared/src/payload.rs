@@ -361,6 +361,11 @@ fn url_password(text: &str) -> Option<(usize, usize)> {
     let user = rest
         .find(|c: char| !is_userinfo_char(c) || c == ':')
         .unwrap_or(rest.len());
+    // A credential inside the user part is redacted where it stands, by the scan that
+    // reaches it; skipping past it here would keep it.
+    if redact_text(&rest[..user]).is_some() {
+        return None;
+    }
     let password = rest[user..].strip_prefix(':')?;
     let len = password
         .find(|c: char| !is_userinfo_char(c))
@@ -495,6 +500,11 @@ mod tests {
                 Some(format!("redis://:{REDACTED}@cache")),
             ),
             ("postgres://app@db/agentrun".into(), None),
+            // Found by fuzzing: a credential in the user part is not skipped over.
+            (
+                "x://ghp_0123456789abcdefXYZ:pw@host".into(),
+                Some(format!("x://{REDACTED}:pw@host")),
+            ),
             // Found by fuzzing: a "host" that is itself a redacted secret.
             (
                 "x://user:pass@-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----"
