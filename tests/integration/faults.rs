@@ -375,7 +375,11 @@ fn finish_completed(lease: &proto::LeaseRef, runner_id: &str) -> ToManager {
 }
 
 /// A completed finish that must not overtake events up to `last_runner_seq` (0: no check).
-fn finish_through(lease: &proto::LeaseRef, runner_id: &str, last_runner_seq: i64) -> ToManager {
+pub(crate) fn finish_through(
+    lease: &proto::LeaseRef,
+    runner_id: &str,
+    last_runner_seq: i64,
+) -> ToManager {
     ToManager::Finish(proto::FinishRunRequest {
         runner_id: runner_id.into(),
         run_id: lease.run_id.clone(),

@@ -11,7 +11,7 @@ use agentrun_shared::proto::{self, RunStatus};
 use agentrun_tests::*;
 use tonic::Code;
 
-use crate::faults::{LONG, RawRunner, create_all};
+use crate::faults::{LONG, RawRunner, create_all, finish_through};
 use crate::operability::{sample, scrape};
 
 /// A runner identity with `slots` slots.
@@ -143,15 +143,8 @@ async fn every_refusal_ends_its_run_with_its_reason() {
     );
 
     raw.append(&overtaking, 1, 5).await;
-    raw.send(ToManager::Finish(proto::FinishRunRequest {
-        runner_id: identity.runner_id.clone(),
-        run_id: overtaking.run_id.clone(),
-        epoch: overtaking.epoch,
-        status: RunStatus::Completed as i32,
-        last_runner_seq: 9,
-        ..Default::default()
-    }))
-    .await;
+    raw.send(finish_through(&overtaking, &identity.runner_id, 9))
+        .await;
     match raw.next().await {
         FromManager::Error(refused) => assert_eq!(refused.code, "FAILED_PRECONDITION"),
         other => panic!("expected the early finish refused, got {other:?}"),
@@ -266,15 +259,8 @@ async fn a_transient_database_error_is_retried_without_ending_the_stream() {
     db.batch_execute("DROP TRIGGER inject_fault ON events")
         .await
         .unwrap();
-    raw.send(ToManager::Finish(proto::FinishRunRequest {
-        runner_id: identity.runner_id.clone(),
-        run_id: lease.run_id.clone(),
-        epoch: lease.epoch,
-        status: RunStatus::Completed as i32,
-        last_runner_seq: 3,
-        ..Default::default()
-    }))
-    .await;
+    raw.send(finish_through(&lease, &identity.runner_id, 3))
+        .await;
     assert!(matches!(raw.next().await, FromManager::FinishAck(_)));
     assert_event_log_consistent(&db).await;
 }
@@ -404,14 +390,8 @@ async fn a_finished_run_shows_no_lease() {
     assert_eq!(held.lease_runner_id, identity.runner_id);
     assert!(held.lease_expires_at.is_some());
 
-    raw.send(ToManager::Finish(proto::FinishRunRequest {
-        runner_id: identity.runner_id.clone(),
-        run_id: lease.run_id.clone(),
-        epoch: lease.epoch,
-        status: RunStatus::Completed as i32,
-        ..Default::default()
-    }))
-    .await;
+    raw.send(finish_through(&lease, &identity.runner_id, 0))
+        .await;
     assert!(matches!(raw.next().await, FromManager::FinishAck(_)));
     let ended = get_run(&mut app, &lease.run_id).await;
     assert_eq!(status_of(&ended), RunStatus::Completed);

@@ -96,7 +96,7 @@ pub async fn write(
     }
     let mut attempt = 1;
     loop {
-        match write_once(pool, runner_id, tenant, writes.clone()).await {
+        match write_once(pool, runner_id, tenant, &writes).await {
             Err(Error::Unavailable(why)) if attempt < ATTEMPTS => {
                 let backoff = RETRY_BACKOFF * 2u32.pow(attempt - 1);
                 tracing::debug!(attempt, %why, "lease writes failed; retrying");
@@ -118,15 +118,12 @@ async fn write_once(
     pool: &Pool,
     runner_id: RunnerId,
     tenant: Option<&Tenant>,
-    writes: Vec<LeaseWrite>,
+    writes: &[LeaseWrite],
 ) -> Result<Vec<Result<Written>>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let mut batch = Batch::load(&tx, tenant, &writes).await?;
-    let plans: Vec<Result<Planned>> = writes
-        .into_iter()
-        .map(|w| batch.plan(runner_id, w))
-        .collect();
+    let mut batch = Batch::load(&tx, tenant, writes).await?;
+    let plans: Vec<Result<Planned>> = writes.iter().map(|w| batch.plan(runner_id, w)).collect();
     let stored = batch.store(&tx).await?;
     tx.commit().await?;
     Ok(plans
@@ -290,24 +287,26 @@ impl Batch {
             .ok_or(Error::NotFound { what: "run" })
     }
 
-    fn plan(&mut self, runner_id: RunnerId, write: LeaseWrite) -> Result<Planned> {
+    /// Plans one write; it is borrowed, so a retried batch is planned again without
+    /// copying its events.
+    fn plan(&mut self, runner_id: RunnerId, write: &LeaseWrite) -> Result<Planned> {
         match write {
             LeaseWrite::Append {
                 run_id,
                 epoch,
                 events,
                 updates,
-            } => self.plan_append(runner_id, run_id, epoch, &events, updates),
+            } => self.plan_append(runner_id, *run_id, *epoch, events, updates.clone()),
             LeaseWrite::Finish {
                 epoch,
                 outcome,
                 last_runner_seq,
-            } => self.plan_finish(runner_id, epoch, outcome, last_runner_seq),
+            } => self.plan_finish(runner_id, *epoch, outcome.clone(), *last_runner_seq),
             LeaseWrite::Release { run_id, epoch } => {
-                let run = self.run(run_id)?;
-                fence(run, runner_id, epoch, self.now)?;
-                self.releases.push(run_id);
-                self.set_status(run_id, RunStatus::Pending);
+                let run = self.run(*run_id)?;
+                fence(run, runner_id, *epoch, self.now)?;
+                self.releases.push(*run_id);
+                self.set_status(*run_id, RunStatus::Pending);
                 Ok(Planned::Released)
             }
         }
