@@ -19,7 +19,8 @@
 //! | `a_resent_unary_batch_is_stored_once` | the same over unary `AppendEvents` |
 //! | `the_invariant_check_catches_a_corrupted_database` | the check itself can fail |
 //!
-//! The soak (`soak.rs`) mixes these faults over thousands of runs.
+//! The soak (`soak.rs`) mixes these faults over thousands of runs. The abuse section
+//! ([`abuse`]) turns to hostile callers: floods, stalled readers, idle sockets, revoked keys.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,6 +46,8 @@ use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use uuid::Uuid;
+
+mod abuse;
 
 /// The deadline of every wait: generous, the machine is small and shared.
 pub(crate) const LONG: Duration = Duration::from_secs(60);
