@@ -153,6 +153,10 @@ impl Settings {
         Duration::from_millis(self.watch_poll_interval_ms.max(10))
     }
 
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_millis(self.lease_ttl_ms)
     }

@@ -2,20 +2,38 @@
 //! unary `Heartbeat` call) hands its heartbeat to one task, which renews everything that
 //! arrived meanwhile in one transaction. Ten thousand runners beating every two seconds
 //! cost a few transactions a second, not five thousand.
+//!
+//! One runner's heartbeat must never delay another's renewal past the lease TTL, so
+//! what reaches the shared batch is bounded: a heartbeat names no more leases than its
+//! runner can hold; callers pass only the leases the runner really holds
+//! ([`Heartbeats::beat`] answers the others lost without the database); unary heartbeats,
+//! which must ask the database which leases those are, are rate limited per runner and
+//! taken a few at a time per tenant ([`Heartbeats::admit_unary`]); and the batch has
+//! connections of its own, so no other work can hold it up.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use agentrun_shared::ids::{RunId, RunnerId};
 use deadpool_postgres::Pool;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::store::leases::{self, Heartbeat, Renewed};
+use crate::limits::{InFlight, RateLimit};
+use crate::store::Tenant;
+use crate::store::leases::{self, Heartbeat, LeaseState, Renewed};
 
 /// Most heartbeats renewed in one transaction.
 const MAX_BATCH: usize = 2_000;
 /// Heartbeats waiting for the batching task before senders wait too.
 const QUEUE: usize = 10_000;
+/// Heartbeats a runner may send per heartbeat interval, sustained; it is asked for one.
+pub const BEATS_PER_INTERVAL: u32 = 4;
+/// Heartbeats a runner may send at once before the sustained rate applies.
+const BURST: u32 = 8;
+/// Unary heartbeats of one tenant checked against the database at once.
+pub const UNARY_IN_FLIGHT: usize = 2;
 
 type Reply = oneshot::Sender<Result<Renewed>>;
 
@@ -23,18 +41,82 @@ type Reply = oneshot::Sender<Result<Renewed>>;
 #[derive(Clone)]
 pub struct Heartbeats {
     queue: mpsc::Sender<(Heartbeat, Reply)>,
+    rate: Arc<RateLimit<(Option<Tenant>, RunnerId)>>,
+    interval: Duration,
+    unary: Arc<InFlight<Option<Tenant>>>,
 }
 
 impl Heartbeats {
-    /// Starts the batching task; it stops with `shutdown`.
-    pub fn start(pool: Pool, ttl: Duration, shutdown: CancellationToken) -> Self {
+    /// Starts the batching task on `pool` (its own: see the module documentation); it
+    /// stops with `shutdown`. Runners are asked to beat every `interval`.
+    pub fn start(
+        pool: Pool,
+        ttl: Duration,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
         let (queue, incoming) = mpsc::channel(QUEUE);
         tokio::spawn(renew_batches(pool, ttl, incoming, shutdown));
-        Self { queue }
+        Self {
+            queue,
+            rate: Arc::new(RateLimit::new(interval / BEATS_PER_INTERVAL, BURST)),
+            interval,
+            unary: Arc::new(InFlight::new(UNARY_IN_FLIGHT)),
+        }
     }
 
-    /// Renews `beat`'s leases together with whatever other heartbeats are waiting.
-    pub async fn beat(&self, beat: Heartbeat) -> Result<Renewed> {
+    /// Admits a unary `Heartbeat` (a stream beats one at a time and needs no limit):
+    /// RESOURCE_EXHAUSTED when the runner beats faster than [`BEATS_PER_INTERVAL`] per
+    /// heartbeat interval; otherwise waits until fewer than [`UNARY_IN_FLIGHT`] of its
+    /// tenant's unary heartbeats are in flight. The call holds its turn until the permit
+    /// is dropped.
+    pub async fn admit_unary(
+        &self,
+        tenant: Option<&Tenant>,
+        runner: RunnerId,
+    ) -> Result<OwnedSemaphorePermit> {
+        if self.rate.admit((tenant.cloned(), runner)) {
+            return Ok(self.unary.enter(tenant.cloned()).await);
+        }
+        Err(Error::ResourceExhausted(format!(
+            "heartbeat rate limit: at most {BEATS_PER_INTERVAL} heartbeats per {} ms \
+             (--heartbeat-interval-ms) per runner",
+            self.interval.as_millis()
+        )))
+    }
+
+    /// Renews the leases of `beat` for which `held` is true together with whatever other
+    /// heartbeats are waiting; the rest are answered lost at once. Answers in order.
+    pub async fn beat(
+        &self,
+        beat: Heartbeat,
+        held: impl Fn(RunId, i64) -> bool,
+    ) -> Result<Renewed> {
+        let named = beat.leases;
+        let mask: Vec<bool> = named.iter().map(|&(run, epoch)| held(run, epoch)).collect();
+        let beat = Heartbeat {
+            leases: named
+                .iter()
+                .zip(&mask)
+                .filter(|(_, held)| **held)
+                .map(|(l, _)| *l)
+                .collect(),
+            ..beat
+        };
+        let renewed = self.renew(beat).await?;
+        let mut states = renewed.leases.into_iter();
+        let leases = named
+            .into_iter()
+            .zip(mask)
+            .map(|((run_id, epoch), held)| match held {
+                true => states.next().expect("one state per lease renewed"),
+                false => LeaseState::lost(run_id, epoch),
+            })
+            .collect();
+        Ok(Renewed { leases, ..renewed })
+    }
+
+    async fn renew(&self, beat: Heartbeat) -> Result<Renewed> {
         let (reply, answer) = oneshot::channel();
         let stopped = || Error::Unavailable("the manager is shutting down".into());
         self.queue
@@ -61,7 +143,12 @@ async fn renew_batches(
             return;
         }
         let (beats, replies): (Vec<Heartbeat>, Vec<Reply>) = batch.drain(..).unzip();
-        match leases::heartbeat(&pool, &beats, ttl).await {
+        let started = std::time::Instant::now();
+        let renewed = leases::heartbeat(&pool, &beats, ttl).await;
+        if started.elapsed() > ttl / 4 {
+            tracing::warn!(took = ?started.elapsed(), beats = beats.len(), "slow heartbeat batch");
+        }
+        match renewed {
             Ok(renewed) => {
                 for (reply, renewed) in replies.into_iter().zip(renewed) {
                     let _ = reply.send(Ok(renewed));

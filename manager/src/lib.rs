@@ -7,6 +7,7 @@
 //! - [`sweeper`]: moves on runs whose lease expired or whose timeouts passed.
 //! - [`notify`]: wake-ups for waiting runner streams, across replicas (LISTEN/NOTIFY).
 //! - [`keys`]: `agentrun-manager keys`, API key management against the database.
+//! - [`limits`]: per-caller rate limits (heartbeats).
 //! - [`startup`]: wires it together; [`config`]: settings; [`error`]: the error type.
 //! - [`health`]: grpc.health.v1 status following the database; [`metrics`]: Prometheus
 //!   metrics and their HTTP endpoint; [`observe`]: the per-RPC span and metrics layer.
@@ -19,6 +20,7 @@ pub mod error;
 pub mod health;
 pub mod heartbeats;
 pub mod keys;
+pub mod limits;
 pub mod local_postgres;
 pub mod metrics;
 pub mod notify;

@@ -27,6 +27,9 @@ use crate::notify::{self, Notifier};
 use crate::observe::ObserveLayer;
 use crate::{db, health, sweeper};
 
+/// Database connections renewing leases, besides `--db-pool-size`.
+pub const HEARTBEAT_POOL_SIZE: usize = 2;
+
 /// A manager whose listener is bound and schema migrated, ready to [`run`](Self::run).
 pub struct Application {
     listener: TcpListener,
@@ -91,7 +94,14 @@ impl Application {
         let migrated = settings.migrate_on_start();
         let auth = Arc::new(Authenticator::new(pool.clone()));
         let background = shutdown.child_token();
-        let heartbeats = Heartbeats::start(pool.clone(), settings.lease_ttl(), background.clone());
+        // Renewals get connections of their own: no other work may delay them past the TTL.
+        let heartbeat_pool = db::pool(&database_url, HEARTBEAT_POOL_SIZE)?;
+        let heartbeats = Heartbeats::start(
+            heartbeat_pool.clone(),
+            settings.lease_ttl(),
+            settings.heartbeat_interval(),
+            background.clone(),
+        );
         let tasks = TaskTracker::new();
         let state = AppState {
             pool,
@@ -195,6 +205,7 @@ impl Application {
         tasks.close();
         tasks.wait().await;
         state.pool.close();
+        heartbeat_pool.close();
         served?;
         tracing::info!("manager stopped");
         Ok(())

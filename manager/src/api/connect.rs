@@ -34,7 +34,7 @@ use tonic::{Status, Streaming};
 
 use super::runner_messages::{
     append_write, delivered_to, finish_write, heartbeat_response, lease_refs, release_write,
-    runner_identity,
+    runner_identity, within_capacity,
 };
 use super::{AppState, convert};
 use crate::error::Error;
@@ -605,18 +605,25 @@ impl Session {
     }
 
     async fn heartbeat(&mut self, beat: proto::HeartbeatRequest) -> Result<(), Error> {
-        let leases = match lease_refs("leases", &beat.leases) {
+        let leases = match lease_refs("leases", &beat.leases).and_then(|leases| {
+            within_capacity(&leases, self.runner.max_concurrency).map(|()| leases)
+        }) {
             Ok(leases) => leases,
             Err(err) => return self.refuse("", err.into()).await,
         };
+        // Leases this stream does not hold are lost without asking the database.
+        let held = &self.held;
         let renewed = self
             .state
             .heartbeats
-            .beat(Heartbeat {
-                runner_id: self.runner.id,
-                tenant: self.runner.tenant.clone(),
-                leases,
-            })
+            .beat(
+                Heartbeat {
+                    runner_id: self.runner.id,
+                    tenant: self.runner.tenant.clone(),
+                    leases,
+                },
+                |run, epoch| held.get(&run) == Some(&epoch),
+            )
             .await?;
         self.state
             .notifier

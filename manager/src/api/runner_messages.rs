@@ -159,6 +159,23 @@ pub(super) fn delivered_to(states: &[leases::LeaseState]) -> impl Iterator<Item 
         .map(|s| s.run_id.0)
 }
 
+/// INVALID_ARGUMENT when a heartbeat names more leases than its runner can hold.
+pub(super) fn within_capacity(
+    leases: &[(RunId, i64)],
+    max_concurrency: i32,
+) -> Result<(), FieldError> {
+    if leases.len() > max_concurrency.max(0) as usize {
+        return Err(FieldError::new(
+            "leases",
+            format!(
+                "names {} leases, more than the runner can hold (max_concurrency {max_concurrency})",
+                leases.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Validated `(run, epoch)` pairs; `field` names the list in errors.
 pub(super) fn lease_refs(
     field: &str,

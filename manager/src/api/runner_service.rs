@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::runner_messages::{
     append_write, delivered_to, finish_write, heartbeat_response, lease_refs, runner_identity,
+    within_capacity,
 };
 use super::{AppState, caller, convert, validate};
 use crate::error::Error;
@@ -84,15 +85,30 @@ impl RunnerService for RunnerApi {
         let caller = caller(&self.state, &request, Role::Runner).await?;
         let r = request.get_ref();
         let runner_id = RunnerId::parse("runner_id", &r.runner_id).map_err(Error::from)?;
-        let held = lease_refs("leases", &r.leases).map_err(Error::from)?;
+        let named = lease_refs("leases", &r.leases).map_err(Error::from)?;
+        let tenant = caller.runner_tenant().cloned();
+        let _turn = self
+            .state
+            .heartbeats
+            .admit_unary(tenant.as_ref(), runner_id)
+            .await?;
+        let held = {
+            let client = self.state.pool.get().await.map_err(Error::from)?;
+            let capacity = leases::capacity(&client, runner_id).await?;
+            within_capacity(&named, capacity.unwrap_or(0)).map_err(Error::from)?;
+            leases::held_by(&client, runner_id, &named).await?
+        };
         let renewed = self
             .state
             .heartbeats
-            .beat(Heartbeat {
-                runner_id,
-                tenant: caller.runner_tenant().cloned(),
-                leases: held,
-            })
+            .beat(
+                Heartbeat {
+                    runner_id,
+                    tenant,
+                    leases: named,
+                },
+                |run, epoch| held.contains(&(run, epoch)),
+            )
             .await?;
         self.state
             .notifier

@@ -407,6 +407,20 @@ pub struct LeaseState {
     pub commands: Vec<CommandRecord>,
 }
 
+impl LeaseState {
+    /// A lease that is not (or no longer) the runner's.
+    pub fn lost(run_id: RunId, epoch: i64) -> Self {
+        Self {
+            run_id,
+            epoch,
+            expires_at: None,
+            cancel_requested: false,
+            acked_runner_seq: 0,
+            commands: Vec::new(),
+        }
+    }
+}
+
 /// One runner's heartbeat: the leases it says it holds.
 #[derive(Debug, Clone)]
 pub struct Heartbeat {
@@ -456,6 +470,39 @@ pub async fn heartbeat(pool: &Pool, beats: &[Heartbeat], ttl: Duration) -> Resul
             leases: states.by_ref().take(b.leases.len()).collect(),
             draining: draining.contains(&b.runner_id.0),
         })
+        .collect())
+}
+
+/// How many runs a runner can hold; `None`: no such runner.
+pub async fn capacity(client: &impl GenericClient, runner_id: RunnerId) -> Result<Option<i32>> {
+    let stmt = client
+        .prepare_cached("SELECT max_concurrency FROM runners WHERE id = $1")
+        .await?;
+    Ok(client
+        .query_opt(&stmt, &[&runner_id.0])
+        .await?
+        .map(|row| row.get(0)))
+}
+
+/// Which of `leases` the runner holds now: what a runner without a stream (unary
+/// `Heartbeat`) may renew, asked before the shared heartbeat batch so that leases the
+/// caller does not hold never reach it.
+pub async fn held_by(
+    client: &impl GenericClient,
+    runner_id: RunnerId,
+    leases: &[(RunId, i64)],
+) -> Result<HashSet<(RunId, i64)>> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT id, lease_epoch FROM runs WHERE id = ANY($1) AND lease_runner_id = $2",
+        )
+        .await?;
+    let ids: Vec<Uuid> = leases.iter().map(|(run, _)| run.0).collect();
+    Ok(client
+        .query(&stmt, &[&ids, &runner_id.0])
+        .await?
+        .iter()
+        .map(|row| (RunId(row.get(0)), row.get(1)))
         .collect())
 }
 

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 
 /// The tenant a request acts for; every query is scoped by it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Tenant(pub String);
 
 impl Tenant {
