@@ -99,6 +99,7 @@ impl AdminService for AdminApi {
             runners: listed
                 .iter()
                 .map(|r| proto::RunnerInfo {
+                    tenant_id: r.tenant_id.clone(),
                     runner_id: r.id.to_string(),
                     name: r.name.clone(),
                     labels: r.labels.clone(),

@@ -94,7 +94,7 @@ impl RunnerService for RunnerApi {
             .await?;
         let held = {
             let client = self.state.pool.get().await.map_err(Error::from)?;
-            let capacity = leases::capacity(&client, runner_id).await?;
+            let capacity = leases::capacity(&client, runner_id, tenant.as_ref()).await?;
             within_capacity(&named, capacity.unwrap_or(0)).map_err(Error::from)?;
             leases::held_by(&client, runner_id, &named).await?
         };

@@ -111,7 +111,7 @@ thread AS (
                        AND char_length(e.payload->>'provider_thread_id') BETWEEN 1 AND 1024
                      ORDER BY e.run_id DESC, e.seq DESC LIMIT 1),
                     ss.provider_thread_id) AS thread_id
-    FROM target t LEFT JOIN sessions ss ON ss.id = t.session_id
+    FROM target t LEFT JOIN sessions ss ON ss.id = t.session_id AND ss.tenant_id = t.tenant_id
 )
 SELECT th.target, th.thread_id, tu.run_id, tu.seq, tu.prompt, tu.reply
 FROM thread th LEFT JOIN turns tu ON tu.target = th.target

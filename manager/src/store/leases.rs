@@ -65,9 +65,10 @@ fn ttl_millis(ttl: Duration) -> i64 {
 async fn upsert_runner(tx: &impl GenericClient, runner: &RunnerIdentity) -> Result<()> {
     let stmt = tx
         .prepare_cached(
-            "INSERT INTO runners (id, name, labels, backend_profiles, queues, max_concurrency, version)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (id) DO UPDATE SET name = $2, labels = $3, backend_profiles = $4,
+            "INSERT INTO runners (id, name, labels, backend_profiles, queues, max_concurrency, version,
+                                  tenant_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (tenant_id, id) DO UPDATE SET name = $2, labels = $3, backend_profiles = $4,
                  queues = $5, max_concurrency = $6, version = $7, last_heartbeat_at = now()",
         )
         .await?;
@@ -81,10 +82,17 @@ async fn upsert_runner(tx: &impl GenericClient, runner: &RunnerIdentity) -> Resu
             &runner.queues,
             &runner.max_concurrency,
             &runner.version,
+            &runner_tenant(runner.tenant.as_ref()),
         ],
     )
     .await?;
     Ok(())
+}
+
+/// The `runners.tenant_id` of a runner acting for `tenant`: runner ids are per tenant,
+/// and `''` is the tenant of a runner without an API key (it serves every tenant).
+fn runner_tenant(tenant: Option<&Tenant>) -> &str {
+    tenant.map_or("", Tenant::as_str)
 }
 
 /// Namespace (first key) of the per-tenant advisory locks that make limits exact.
@@ -116,7 +124,8 @@ static LOCK_LIMITED_TENANTS_SQL: LazyLock<String> = LazyLock::new(|| {
          ),
          wanted AS (
              SELECT l.tenant_id FROM limited l
-             WHERE NOT coalesce((SELECT draining FROM runners WHERE id = $1::uuid), false)
+             WHERE NOT coalesce((SELECT draining FROM runners
+                                  WHERE id = $1::uuid AND tenant_id = coalesce($6::text, '')), false)
                AND (SELECT count(*) FROM (SELECT 1 FROM runs a WHERE a.tenant_id = l.tenant_id
                         AND a.status IN ('claimed', 'running', 'waiting') LIMIT l.max_active) full_up)
                    < l.max_active
@@ -171,7 +180,8 @@ fn claim_sql() -> String {
              FROM pending_tenants p LEFT JOIN tenant_limits tl ON tl.tenant_id = p.tenant_id
              WHERE p.tenant_id IS NOT NULL
                AND ($9::text IS NULL OR p.tenant_id = $9::text)
-               AND NOT coalesce((SELECT draining FROM runners WHERE id = $1::uuid), false)
+               AND NOT coalesce((SELECT draining FROM runners
+                                WHERE id = $1::uuid AND tenant_id = coalesce($9::text, '')), false)
          ),
          room AS MATERIALIZED (
              SELECT tenant_id, active,
@@ -447,16 +457,23 @@ pub async fn heartbeat(pool: &Pool, beats: &[Heartbeat], ttl: Duration) -> Resul
     let tx = client.transaction().await?;
     let seen = tx
         .prepare_cached(
-            "UPDATE runners SET last_heartbeat_at = now() WHERE id = ANY($1) RETURNING id, draining",
+            "UPDATE runners SET last_heartbeat_at = now()
+             FROM unnest($1::uuid[], $2::text[]) AS b(id, tenant_id)
+             WHERE runners.id = b.id AND runners.tenant_id = b.tenant_id
+             RETURNING runners.id, runners.tenant_id, runners.draining",
         )
         .await?;
     let ids: Vec<Uuid> = beats.iter().map(|b| b.runner_id.0).collect();
-    let draining: HashSet<Uuid> = tx
-        .query(&seen, &[&ids])
+    let tenants: Vec<&str> = beats
+        .iter()
+        .map(|b| runner_tenant(b.tenant.as_ref()))
+        .collect();
+    let draining: HashSet<(Uuid, String)> = tx
+        .query(&seen, &[&ids, &tenants])
         .await?
         .iter()
-        .filter(|row| row.get::<_, bool>(1))
-        .map(|row| row.get(0))
+        .filter(|row| row.get::<_, bool>(2))
+        .map(|row| (row.get(0), row.get(1)))
         .collect();
     let held: Vec<HeldLease> = beats
         .iter()
@@ -468,18 +485,23 @@ pub async fn heartbeat(pool: &Pool, beats: &[Heartbeat], ttl: Duration) -> Resul
         .iter()
         .map(|b| Renewed {
             leases: states.by_ref().take(b.leases.len()).collect(),
-            draining: draining.contains(&b.runner_id.0),
+            draining: draining
+                .contains(&(b.runner_id.0, runner_tenant(b.tenant.as_ref()).to_owned())),
         })
         .collect())
 }
 
 /// How many runs a runner can hold; `None`: no such runner.
-pub async fn capacity(client: &impl GenericClient, runner_id: RunnerId) -> Result<Option<i32>> {
+pub async fn capacity(
+    client: &impl GenericClient,
+    runner_id: RunnerId,
+    tenant: Option<&Tenant>,
+) -> Result<Option<i32>> {
     let stmt = client
-        .prepare_cached("SELECT max_concurrency FROM runners WHERE id = $1")
+        .prepare_cached("SELECT max_concurrency FROM runners WHERE id = $1 AND tenant_id = $2")
         .await?;
     Ok(client
-        .query_opt(&stmt, &[&runner_id.0])
+        .query_opt(&stmt, &[&runner_id.0, &runner_tenant(tenant)])
         .await?
         .map(|row| row.get(0)))
 }
@@ -644,12 +666,20 @@ pub async fn hello(
     upsert_runner(&tx, runner).await?;
     let connected = tx
         .prepare_cached(
-            "UPDATE runners SET manager_id = $2, connected_at = now() WHERE id = $1
+            "UPDATE runners SET manager_id = $2, connected_at = now()
+             WHERE id = $1 AND tenant_id = $3
              RETURNING draining",
         )
         .await?;
     let draining: bool = tx
-        .query_one(&connected, &[&runner.id.0, &manager_id])
+        .query_one(
+            &connected,
+            &[
+                &runner.id.0,
+                &manager_id,
+                &runner_tenant(runner.tenant.as_ref()),
+            ],
+        )
         .await?
         .get(0);
     let named_states = renew(

@@ -228,7 +228,7 @@ pub(crate) async fn open(
                     now() + coalesce(o.timeout_ms, $3) * interval '1 millisecond'
              FROM unnest($4::uuid[], $5::text[], $6::text[], $7::jsonb[], $8::jsonb[], $9::bigint[])
                   AS o(id, turn_id, kind, detail, options, timeout_ms)
-             ON CONFLICT (id) DO NOTHING
+             ON CONFLICT (tenant_id, id) DO NOTHING
              RETURNING id",
         )
         .await?;
@@ -256,9 +256,11 @@ pub(crate) async fn open(
         return Ok(());
     }
     let taken = tx
-        .prepare_cached("SELECT id FROM requests WHERE id = ANY($1) AND run_id <> $2")
+        .prepare_cached(
+            "SELECT id FROM requests WHERE tenant_id = $3 AND id = ANY($1) AND run_id <> $2",
+        )
         .await?;
-    let rows = tx.query(&taken, &[&ids, &run.id.0]).await?;
+    let rows = tx.query(&taken, &[&ids, &run.id.0, &run.tenant_id]).await?;
     if let Some(row) = rows.first() {
         let id: Uuid = row.get(0);
         let field = opened

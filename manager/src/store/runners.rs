@@ -19,6 +19,8 @@ pub const SEEN_WITHIN: Duration = Duration::from_secs(5 * 60);
 #[derive(Debug, Clone)]
 pub struct RunnerRecord {
     pub id: RunnerId,
+    /// Its API key's tenant; empty for a runner without a key (it serves every tenant).
+    pub tenant_id: String,
     pub name: String,
     pub labels: Vec<String>,
     pub backend_profiles: Vec<String>,
@@ -41,13 +43,15 @@ pub async fn list_recent(client: &impl GenericClient) -> Result<Vec<RunnerRecord
             "SELECT w.id, w.name, w.labels, w.backend_profiles, w.max_concurrency, w.version,
                     w.last_heartbeat_at, w.draining,
                     coalesce(array_agg(r.id ORDER BY r.id) FILTER (WHERE r.id IS NOT NULL), '{}'),
-                    coalesce(array_agg(r.lease_epoch ORDER BY r.id) FILTER (WHERE r.id IS NOT NULL), '{}')
+                    coalesce(array_agg(r.lease_epoch ORDER BY r.id) FILTER (WHERE r.id IS NOT NULL), '{}'),
+                    w.tenant_id
              FROM runners w
              LEFT JOIN runs r ON r.lease_runner_id = w.id
+                  AND (w.tenant_id = '' OR r.tenant_id = w.tenant_id)
                   AND r.status IN ('claimed', 'running', 'waiting')
              WHERE w.last_heartbeat_at > now() - $1::bigint * interval '1 millisecond'
-             GROUP BY w.id
-             ORDER BY w.name, w.id",
+             GROUP BY w.tenant_id, w.id
+             ORDER BY w.name, w.id, w.tenant_id",
         )
         .await?;
     let rows = client.query(&stmt, &[&seen_within_ms()]).await?;
@@ -58,6 +62,7 @@ pub async fn list_recent(client: &impl GenericClient) -> Result<Vec<RunnerRecord
             let epochs: Vec<i64> = row.get(9);
             RunnerRecord {
                 id: RunnerId(row.get(0)),
+                tenant_id: row.get(10),
                 name: row.get(1),
                 labels: row.get(2),
                 backend_profiles: row.get(3),
@@ -72,8 +77,9 @@ pub async fn list_recent(client: &impl GenericClient) -> Result<Vec<RunnerRecord
 }
 
 /// Marks a runner seen within [`SEEN_WITHIN`] as draining: it is assigned nothing more,
-/// and the replica holding its stream tells it to finish its runs and exit. Returns
-/// false when no such runner is known. Idempotent.
+/// and the replica holding its stream tells it to finish its runs and exit. Runner ids
+/// are per tenant; an operator's drain applies to every tenant's runner with this id.
+/// Returns false when no such runner is known. Idempotent.
 pub async fn drain(client: &impl GenericClient, runner_id: RunnerId) -> Result<bool> {
     let stmt = client
         .prepare_cached(

@@ -46,7 +46,7 @@ pub(crate) async fn ensure(
         .prepare_cached(
             "INSERT INTO sessions (id, tenant_id, project_id, backend_profile)
              VALUES ($1, $2, $3, $4)
-             ON CONFLICT (id) DO NOTHING",
+             ON CONFLICT (tenant_id, id) DO NOTHING",
         )
         .await?;
     tx.execute(
@@ -61,19 +61,18 @@ pub(crate) async fn ensure(
     .await?;
     let stmt = tx
         .prepare_cached(
-            "SELECT tenant_id, project_id, backend_profile FROM sessions WHERE id = $1
+            "SELECT project_id, backend_profile FROM sessions WHERE tenant_id = $1 AND id = $2
              FOR NO KEY UPDATE",
         )
         .await?;
-    let row = tx.query_one(&stmt, &[&session_id.0]).await?;
-    // Another tenant's session is reported as absent: its existence is not ours to reveal.
-    if row.get::<_, &str>(0) != tenant.as_str() {
-        return Err(Error::NotFound { what: "session" });
-    }
-    if row.get::<_, &str>(1) != project_id {
+    // Session ids are per tenant: another tenant's session of the same id is not this one.
+    let row = tx
+        .query_one(&stmt, &[&tenant.as_str(), &session_id.0])
+        .await?;
+    if row.get::<_, &str>(0) != project_id {
         return Err(Error::invalid("session_id", "belongs to another project"));
     }
-    if row.get::<_, &str>(2) != backend_profile {
+    if row.get::<_, &str>(1) != backend_profile {
         return Err(Error::invalid(
             "session_id",
             "belongs to another backend_profile",
@@ -96,8 +95,8 @@ pub(crate) async fn touch_runs(tx: &impl GenericClient, run_ids: &[Uuid]) -> Res
     let lock = tx
         .prepare_cached(
             "SELECT id FROM sessions
-             WHERE id IN (SELECT session_id FROM runs WHERE id = ANY($1))
-             ORDER BY id FOR NO KEY UPDATE",
+             WHERE (tenant_id, id) IN (SELECT tenant_id, session_id FROM runs WHERE id = ANY($1))
+             ORDER BY tenant_id, id FOR NO KEY UPDATE",
         )
         .await?;
     tx.execute(&lock, &[&run_ids]).await?;
@@ -111,12 +110,13 @@ pub(crate) async fn touch_runs(tx: &impl GenericClient, run_ids: &[Uuid]) -> Res
             "UPDATE sessions s SET version = s.version + 1,
                     last_run_id = GREATEST(s.last_run_id, t.newest_run_id),
                     active_run_id = (SELECT r.id FROM runs r
-                                     WHERE r.session_id = s.id AND r.status = ANY($2)
+                                     WHERE r.session_id = s.id AND r.tenant_id = s.tenant_id
+                                       AND r.status = ANY($2)
                                      ORDER BY r.id DESC LIMIT 1),
                     title = CASE WHEN s.title = '' THEN coalesce(t.title, '') ELSE s.title END,
                     provider_thread_id = coalesce(t.thread_id, s.provider_thread_id),
                     updated_at = now()
-             FROM (SELECT r.session_id,
+             FROM (SELECT r.tenant_id, r.session_id,
                           (array_agg(r.id ORDER BY r.id DESC))[1] AS newest_run_id,
                           (array_agg(CASE WHEN char_length(d.raw) > $3::int
                                           THEN left(d.raw, $3::int - 1) || '…'
@@ -143,8 +143,8 @@ pub(crate) async fn touch_runs(tx: &impl GenericClient, run_ids: &[Uuid]) -> Res
                        ORDER BY e.seq DESC LIMIT 1
                    ) th ON true
                    WHERE r.id = ANY($1) AND r.session_id IS NOT NULL
-                   GROUP BY r.session_id) t
-             WHERE s.id = t.session_id",
+                   GROUP BY r.tenant_id, r.session_id) t
+             WHERE s.id = t.session_id AND s.tenant_id = t.tenant_id",
         )
         .await?;
     tx.execute(&stmt, &[&run_ids, &open_statuses(), &(TITLE_CHARS as i32)])
@@ -307,7 +307,8 @@ macro_rules! view_sql {
                      ELSE 2 END AS attention
          FROM sessions s
          LEFT JOIN runs r ON r.id = s.last_run_id
-         LEFT JOIN session_read_cursors c ON c.session_id = s.id AND c.reader = $2 "
+         LEFT JOIN session_read_cursors c
+                ON c.tenant_id = s.tenant_id AND c.session_id = s.id AND c.reader = $2 "
     };
 }
 
@@ -343,12 +344,12 @@ pub async fn mark_read(
     // check stays valid).
     let stmt = client
         .prepare_cached(
-            "WITH s AS (SELECT id, version FROM sessions WHERE id = $1 AND tenant_id = $2),
+            "WITH s AS (SELECT tenant_id, id, version FROM sessions WHERE id = $1 AND tenant_id = $2),
                   moved AS (
-                      INSERT INTO session_read_cursors (session_id, reader, read_version)
-                      SELECT id, $3, coalesce($4::bigint, version) FROM s
+                      INSERT INTO session_read_cursors (tenant_id, session_id, reader, read_version)
+                      SELECT tenant_id, id, $3, coalesce($4::bigint, version) FROM s
                       WHERE coalesce($4::bigint, version) <= version
-                      ON CONFLICT (session_id, reader) DO UPDATE
+                      ON CONFLICT (tenant_id, session_id, reader) DO UPDATE
                           SET read_version = GREATEST(session_read_cursors.read_version,
                                                       EXCLUDED.read_version),
                               updated_at = now()

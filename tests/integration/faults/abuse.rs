@@ -201,3 +201,253 @@ async fn a_heartbeat_flood_from_one_tenant_leaves_another_tenants_lease_alone() 
     assert_eq!((epoch, attempt, status.as_str()), (1, 1, "running"));
     assert_invariants(&db, Settled::InFlight, &[]).await;
 }
+
+/// `(code, message, details)` of a refusal: what a caller learns from it, byte for byte.
+fn answer<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> (Code, String, Vec<u8>) {
+    let status = result.expect_err("a refusal");
+    (
+        status.code(),
+        status.message().to_owned(),
+        status.details().to_vec(),
+    )
+}
+
+/// Ids are per tenant: tenant B naming tenant A's runner, session, run or request learns
+/// exactly what naming an id nobody uses would tell it, and changes nothing of A's.
+#[tokio::test]
+async fn another_tenants_ids_answer_exactly_like_unknown_ids() {
+    let database_url = fresh_database().await;
+    let manager = secured_manager(&database_url, &[]).await;
+    let channel = manager.channel().await;
+    let mut runs = RunServiceClient::new(channel.clone());
+    let mut runners = RunnerServiceClient::new(channel.clone());
+    let mut sessions = proto::session_service_client::SessionServiceClient::new(channel.clone());
+    let mut admin = proto::admin_service_client::AdminServiceClient::new(channel);
+    let (a_client, a_runner) = (
+        key(&database_url, "tenant-a", Role::Client).await,
+        key(&database_url, "tenant-a", Role::Runner).await,
+    );
+    let (b_client, b_runner) = (
+        key(&database_url, "tenant-b", Role::Client).await,
+        key(&database_url, "tenant-b", Role::Runner).await,
+    );
+    let operator = key(&database_url, "ops", Role::Admin).await;
+
+    // Tenant A: a run in a session, claimed by A's runner, waiting on a request.
+    let session_id = Uuid::now_v7().to_string();
+    let a_run = runs
+        .create_run(with_key(
+            &a_client,
+            proto::CreateRunRequest {
+                session_id: session_id.clone(),
+                ..run_request("tenant A's secret plan")
+            },
+        ))
+        .await
+        .expect("A creates a run")
+        .into_inner()
+        .run
+        .expect("run");
+    let a_identity = runner("a-runner");
+    let claimed = |key: &str, identity: &proto::RunnerIdentity| {
+        with_key(
+            key,
+            proto::ClaimRunsRequest {
+                runner: Some(identity.clone()),
+                max_runs: 1,
+            },
+        )
+    };
+    let a_assignment = runners
+        .claim_runs(claimed(&a_runner, &a_identity))
+        .await
+        .expect("A claims")
+        .into_inner()
+        .assignments
+        .pop()
+        .expect("A's run is assigned to A's runner");
+    let request_id = Uuid::new_v4().to_string();
+    let opened = |seq: i64| proto::RunnerEvent {
+        runner_seq: seq,
+        r#type: "request.opened".into(),
+        payload_json: serde_json::json!({"request_id": request_id, "kind": "tool"}).to_string(),
+    };
+    runners
+        .append_events(with_key(
+            &a_runner,
+            append(&a_identity, &a_assignment, vec![opened(1)]),
+        ))
+        .await
+        .expect("A's runner opens a request");
+
+    // Tenant B reuses A's session id and A's runner id, and opens a request with A's
+    // request id: each is accepted as B's own, exactly as a fresh id would be.
+    let b_run = runs
+        .create_run(with_key(
+            &b_client,
+            proto::CreateRunRequest {
+                session_id: session_id.clone(),
+                ..run_request("tenant B")
+            },
+        ))
+        .await
+        .expect("B may use any session id of its own, even one tenant A uses")
+        .into_inner()
+        .run
+        .expect("run");
+    assert_eq!(b_run.session_id, session_id);
+    let b_identity = proto::RunnerIdentity {
+        runner_id: a_identity.runner_id.clone(),
+        ..runner("b-runner")
+    };
+    let b_assignment = runners
+        .claim_runs(claimed(&b_runner, &b_identity))
+        .await
+        .expect("B claims with A's runner id")
+        .into_inner()
+        .assignments
+        .pop()
+        .expect("B's run is assigned to B's runner");
+    assert_eq!(b_assignment.run.as_ref().expect("run").run_id, b_run.run_id);
+    assert!(
+        b_assignment
+            .context
+            .iter()
+            .all(|c| !format!("{c:?}").contains("secret plan")),
+        "B's run got context from A's session: {:?}",
+        b_assignment.context
+    );
+    runners
+        .append_events(with_key(
+            &b_runner,
+            append(&b_identity, &b_assignment, vec![opened(1)]),
+        ))
+        .await
+        .expect("B's runner may open a request with an id tenant A uses");
+
+    // A's runner row, session and request are untouched.
+    let listed = admin
+        .list_runners(with_key(&operator, proto::ListRunnersRequest {}))
+        .await
+        .expect("list runners")
+        .into_inner()
+        .runners;
+    let named: Vec<(&str, &str)> = listed
+        .iter()
+        .filter(|r| r.runner_id == a_identity.runner_id)
+        .map(|r| (r.tenant_id.as_str(), r.name.as_str()))
+        .collect();
+    assert_eq!(named.len(), 2, "one runner row per tenant: {named:?}");
+    assert!(named.contains(&("tenant-a", "a-runner")), "{named:?}");
+    assert!(named.contains(&("tenant-b", "b-runner")), "{named:?}");
+    let a_session = sessions
+        .get_session(with_key(
+            &a_client,
+            proto::GetSessionRequest {
+                session_id: session_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("A's session")
+        .into_inner()
+        .session
+        .and_then(|view| view.session)
+        .expect("session");
+    assert_eq!(
+        a_session.last_run_id, a_run.run_id,
+        "B's run joined A's session"
+    );
+
+    // Everything else B might name of A's answers like an id nobody uses.
+    let private_session = Uuid::now_v7().to_string();
+    runs.create_run(with_key(
+        &a_client,
+        proto::CreateRunRequest {
+            session_id: private_session.clone(),
+            ..run_request("tenant A, alone")
+        },
+    ))
+    .await
+    .expect("A creates a run in a session B never named");
+    let unknown_run = Uuid::now_v7().to_string();
+    for (what, theirs, unknown) in [
+        ("run", a_run.run_id.as_str(), unknown_run.as_str()),
+        ("session", private_session.as_str(), unknown_run.as_str()),
+    ] {
+        let mut probes = Vec::new();
+        for id in [theirs, unknown] {
+            let id = id.to_owned();
+            let probe = match what {
+                "run" => vec![
+                    answer(
+                        runs.get_run(with_key(
+                            &b_client,
+                            proto::GetRunRequest { run_id: id.clone() },
+                        ))
+                        .await,
+                    ),
+                    answer(
+                        runs.cancel_run(with_key(
+                            &b_client,
+                            proto::CancelRunRequest {
+                                run_id: id.clone(),
+                                ..Default::default()
+                            },
+                        ))
+                        .await,
+                    ),
+                    answer(
+                        runs.list_events(with_key(
+                            &b_client,
+                            proto::ListEventsRequest {
+                                run_id: id.clone(),
+                                ..Default::default()
+                            },
+                        ))
+                        .await,
+                    ),
+                    answer(
+                        runs.resolve_request(with_key(
+                            &b_client,
+                            proto::ResolveRequestRequest {
+                                run_id: id.clone(),
+                                request_id: request_id.clone(),
+                                ..Default::default()
+                            },
+                        ))
+                        .await,
+                    ),
+                    answer(
+                        runs.watch_run(with_key(
+                            &b_client,
+                            proto::WatchRunRequest {
+                                run_id: id.clone(),
+                                ..Default::default()
+                            },
+                        ))
+                        .await,
+                    ),
+                ],
+                _ => vec![answer(
+                    sessions
+                        .get_session(with_key(
+                            &b_client,
+                            proto::GetSessionRequest {
+                                session_id: id.clone(),
+                                ..Default::default()
+                            },
+                        ))
+                        .await,
+                )],
+            };
+            probes.push(probe);
+        }
+        assert_eq!(
+            probes[0], probes[1],
+            "tenant A's {what} vs an unknown {what}"
+        );
+    }
+    let (_, _, status) = lease_of(&db_client(&database_url).await, &a_run.run_id).await;
+    assert_eq!(status, "waiting", "A's run is untouched");
+}

@@ -188,8 +188,9 @@ struct Batch {
     progress: HashMap<Uuid, RunProgress>,
     /// Status of every command the batch reports on, as planned so far.
     commands: HashMap<Uuid, (Uuid, CommandStatus)>,
-    /// Which run holds each request id opened in this batch that already exists.
-    request_owners: HashMap<Uuid, Uuid>,
+    /// Which run holds each request id opened in this batch that already exists, by
+    /// `(tenant, request id)`: request ids are per tenant.
+    request_owners: HashMap<(String, Uuid), Uuid>,
     command_updates: Vec<CommandUpdate>,
     events: Vec<(RunId, NewEvent)>,
     /// Requests each accepted append opened, stored one statement per append.
@@ -272,10 +273,12 @@ impl Batch {
             .collect();
         if !request_ids.is_empty() {
             let stmt = tx
-                .prepare_cached("SELECT id, run_id FROM requests WHERE id = ANY($1)")
+                .prepare_cached("SELECT tenant_id, id, run_id FROM requests WHERE id = ANY($1)")
                 .await?;
             for row in tx.query(&stmt, &[&request_ids]).await? {
-                batch.request_owners.insert(row.get(0), row.get(1));
+                batch
+                    .request_owners
+                    .insert((row.get(0), row.get(1)), row.get(2));
             }
         }
         Ok(batch)
@@ -406,9 +409,10 @@ impl Batch {
                         &event.payload,
                         progress.active_turn_id.clone(),
                     )?;
+                    let tenant = self.runs[&run_id.0].tenant_id.clone();
                     if self
                         .request_owners
-                        .get(&request.id.0)
+                        .get(&(tenant, request.id.0))
                         .is_some_and(|owner| *owner != run_id.0)
                     {
                         return Err(Error::invalid(
@@ -450,8 +454,10 @@ impl Batch {
         if !(opened.is_empty() && ended_turns.is_empty()) {
             self.requests_changed.insert(run_id.0);
         }
+        let tenant = self.run(run_id)?.tenant_id.clone();
         for request in &opened {
-            self.request_owners.insert(request.id.0, run_id.0);
+            self.request_owners
+                .insert((tenant.clone(), request.id.0), run_id.0);
         }
         if !opened.is_empty() {
             self.opened.push((run_id, opened));
