@@ -163,13 +163,15 @@ async fn a_runner_whose_key_is_revoked_is_cut_off_and_gets_no_new_run() {
         )
     };
 
-    // Proven connected: it takes a run to the end.
+    // Proven connected: it takes a run to the end. Slow tokens, so the next run is
+    // still held when the key is revoked.
     let _revoked_runner = RunnerProcess::start(
         manager.addr,
         "revoked",
         &[
             ("AGENTRUN_API_KEY", revoked_key.as_str()),
             ("AGENTRUN_MAX_BACKOFF_MS", "200"),
+            ("AGENTRUN_SCRIPTED_TOKEN_DELAY_MS", "100"),
         ],
     );
     let before = create_keyed(&mut client, &client_key, "before the revocation").await;
@@ -178,6 +180,15 @@ async fn a_runner_whose_key_is_revoked_is_cut_off_and_gets_no_new_run() {
         let (client_key, before) = (client_key.clone(), before.clone());
         async move {
             (status(&mut client, &client_key, &before).await == RunStatus::Completed).then_some(())
+        }
+    })
+    .await;
+    let held = create_keyed(&mut client, &client_key, "[tokens:300] held").await;
+    wait_for("the revoked runner to be running a run", LONG, || {
+        let mut client = client.clone();
+        let (client_key, held) = (client_key.clone(), held.clone());
+        async move {
+            (status(&mut client, &client_key, &held).await == RunStatus::Running).then_some(())
         }
     })
     .await;
@@ -221,20 +232,23 @@ async fn a_runner_whose_key_is_revoked_is_cut_off_and_gets_no_new_run() {
     })
     .await;
 
-    // A runner with a valid key takes it.
+    // A runner with a valid key takes it, and the run the revoked runner held (its
+    // lease expired, as for any runner gone away): nothing is lost.
     let _good_runner = RunnerProcess::start(
         manager.addr,
         "good",
         &[("AGENTRUN_API_KEY", good_key.as_str())],
     );
-    wait_for("the queued run to complete", LONG, || {
-        let mut client = client.clone();
-        let (client_key, after) = (client_key.clone(), after.clone());
-        async move {
-            (status(&mut client, &client_key, &after).await == RunStatus::Completed).then_some(())
-        }
-    })
-    .await;
+    for run in [&after, &held] {
+        wait_for("the queued runs to complete", LONG, || {
+            let mut client = client.clone();
+            let (client_key, run) = (client_key.clone(), run.clone());
+            async move {
+                (status(&mut client, &client_key, &run).await == RunStatus::Completed).then_some(())
+            }
+        })
+        .await;
+    }
     assert_invariants(&db_client(&url).await, Settled::AllTerminal, &[]).await;
 }
 
