@@ -12,14 +12,14 @@
 //! a second, [`REVOCATION_NOTICE_BOUND`]. Should that notice be lost, a call is refused
 //! within [`CACHE_TTL`] and a stream ended within [`STREAM_RECHECK_BOUND`].
 //!
-//! Long-lived streams are re-checked ([`StreamKey`]): a runner's Connect stream at each
-//! heartbeat and before every assignment, a watcher at least every
-//! [`STREAM_RECHECK_INTERVAL`]; a revoked or expired key ends the stream UNAUTHENTICATED.
+//! Long-lived streams are re-checked ([`StreamKey`]) at least every
+//! [`STREAM_RECHECK_INTERVAL`] (a runner's Connect stream also at each heartbeat and
+//! before every assignment); a revoked or expired key ends the stream UNAUTHENTICATED.
 //! Re-checks go through the cache, so many streams of one key cost one query per
 //! [`CACHE_TTL`].
 //!
-//! Last use: when a key is verified against the database (a cache miss, at most every
-//! [`CACHE_TTL`] per key and replica) and its `last_used_at` is older than
+//! Last use: when a key is verified against the database (a call's or a stream
+//! re-check's cache miss, at most every [`CACHE_TTL`] per key and replica) and its `last_used_at` is older than
 //! [`api_keys::LAST_USED_RESOLUTION`], it is written — best-effort (a failure is logged,
 //! the call goes on), about once a minute per key whatever the traffic.
 
@@ -279,5 +279,57 @@ impl StreamKey {
             }
             _ = tokio::time::sleep_until(self.next_check) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOON: Duration = Duration::from_millis(100);
+
+    async fn resolves_soon(key: &mut StreamKey) -> bool {
+        tokio::time::timeout(SOON, key.due()).await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_stream_key_is_due_at_once_when_a_key_is_revoked() {
+        let notifier = Notifier::new(Uuid::new_v4());
+        let mut keyed = StreamKey::new(Some(Uuid::new_v4()), &notifier);
+        let mut keyless = StreamKey::new(None, &notifier);
+        assert!(
+            !resolves_soon(&mut keyed).await,
+            "due long before its period"
+        );
+        notifier.key_revoked(Uuid::new_v4());
+        assert!(
+            resolves_soon(&mut keyed).await,
+            "a revocation did not make it due"
+        );
+        assert!(
+            !resolves_soon(&mut keyless).await,
+            "a stream without a key was due"
+        );
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let now = SystemTime::now();
+        let mut record = ApiKeyRecord {
+            id: Uuid::new_v4(),
+            tenant_id: "acme".into(),
+            project_ids: vec![],
+            role: Role::Client,
+            name: String::new(),
+            created_at: now,
+            revoked_at: None,
+            expires_at: Some(now - Duration::from_secs(1)),
+            last_used_at: None,
+        };
+        let expired = usable(record.clone()).expect_err("an expired key was usable");
+        assert!(expired.to_string().contains("expired"), "{expired}");
+        record.revoked_at = Some(now);
+        let revoked = usable(record).expect_err("a revoked key was usable");
+        assert!(revoked.to_string().contains("revoked"), "{revoked}");
     }
 }

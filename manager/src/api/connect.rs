@@ -18,8 +18,9 @@
 //! A refused write of a held run (anything but `lease_lost`) fails that run and releases
 //! its lease, so the runner's slot and the manager's view of it stay in step.
 //!
-//! The runner's API key is re-checked at each heartbeat, before every assignment, and at
-//! once when a key is revoked anywhere ([`StreamKey`]). A revoked or expired key ends the
+//! The runner's API key is re-checked at each heartbeat, before every assignment, at
+//! least every [`super::auth::STREAM_RECHECK_INTERVAL`], and at once when a key is
+//! revoked anywhere ([`StreamKey`]). A revoked or expired key ends the
 //! stream UNAUTHENTICATED; the runs it held are left to their leases, as for any runner
 //! that went away: they expire and the runs are requeued for another runner.
 
@@ -677,13 +678,13 @@ fn refusal_kind(err: &Error) -> Option<&'static str> {
     }
 }
 
-/// A claim or a command delivery that failed for a transient reason is not worth ending
-/// the stream over: nothing was taken, and the next wake-up, safety-net poll or
-/// heartbeat tries again.
+/// A claim, a command delivery or a key re-check that failed for a transient reason is
+/// not worth ending the stream over: nothing was taken, and the next wake-up, safety-net
+/// poll, re-check or heartbeat tries again.
 fn retried_later(err: Error) -> Result<(), Error> {
     match err {
         Error::Unavailable(why) => {
-            tracing::warn!(%why, "claim or command delivery failed; retried on the next wake-up");
+            tracing::warn!(%why, "claim, command delivery or key check failed; retried on the next wake-up");
             Ok(())
         }
         err => Err(err),
