@@ -1,5 +1,7 @@
 //! Wake-ups: telling waiting runner streams, on this replica and on others, that there is
-//! new work (runs became claimable) or new commands for a run they hold.
+//! new work (runs became claimable) or new commands for a run they hold; and telling
+//! every replica that an API key was revoked, so it drops the key from its cache and
+//! ends the streams the key opened at once rather than when they next re-check it.
 //!
 //! Same-replica waiters are woken in memory at once. Other replicas hear about it through
 //! PostgreSQL `NOTIFY`, coalesced: one `pg_notify` per replica every few milliseconds
@@ -11,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentrun_shared::ids::RunId;
 use deadpool_postgres::Pool;
@@ -30,6 +32,9 @@ const CHANNEL: &str = "agentrun_wakeups";
 const COALESCE: Duration = Duration::from_millis(5);
 /// Ids per NOTIFY, well under the 8000-byte payload limit.
 const IDS_PER_NOTIFY: usize = 150;
+/// How long a revoked key id is remembered: longer than any key cache entry lives, so a
+/// cached key revoked meanwhile is never trusted (after that, the database answers).
+const REVOKED_KEY_MEMORY: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 struct Outgoing {
@@ -38,6 +43,8 @@ struct Outgoing {
     commands: HashSet<Uuid>,
     /// Runs or sessions with new events (their watchers wake).
     changed: HashSet<Uuid>,
+    /// API keys revoked (every replica evicts them and re-checks its streams).
+    keys: HashSet<Uuid>,
 }
 
 /// The wake-up hub of one manager replica.
@@ -49,6 +56,10 @@ pub struct Notifier {
     holders: Mutex<HashMap<Uuid, Arc<Notify>>>,
     /// Watchers of a run's or session's events on this replica, by run or session id.
     watched: Mutex<HashMap<Uuid, watch::Sender<u64>>>,
+    /// API keys revoked recently, here or on another replica, with when we heard.
+    revoked_keys: Mutex<HashMap<Uuid, Instant>>,
+    /// Bumped when a key was revoked (or revocations may have been missed).
+    key_revocations: watch::Sender<u64>,
     outgoing: Mutex<Outgoing>,
     flush: Notify,
 }
@@ -60,6 +71,8 @@ impl Notifier {
             work: watch::channel(0).0,
             holders: Mutex::default(),
             watched: Mutex::default(),
+            revoked_keys: Mutex::default(),
+            key_revocations: watch::channel(0).0,
             outgoing: Mutex::default(),
             flush: Notify::new(),
         })
@@ -103,6 +116,36 @@ impl Notifier {
             .changed
             .extend(keys);
         self.flush.notify_one();
+    }
+
+    /// API key `id` was revoked: tell this replica's streams and every other replica.
+    pub fn key_revoked(&self, id: Uuid) {
+        self.note_revoked([id]);
+        self.outgoing.lock().expect("notifier lock").keys.insert(id);
+        self.flush.notify_one();
+    }
+
+    /// Whether key `id` was revoked lately (a cached copy of it is not to be trusted).
+    pub fn was_revoked(&self, id: Uuid) -> bool {
+        self.revoked_keys
+            .lock()
+            .expect("notifier lock")
+            .contains_key(&id)
+    }
+
+    /// A receiver that changes whenever a key was revoked (streams re-check theirs).
+    pub fn subscribe_key_revocations(&self) -> watch::Receiver<u64> {
+        self.key_revocations.subscribe()
+    }
+
+    fn note_revoked(&self, ids: impl IntoIterator<Item = Uuid>) {
+        let now = Instant::now();
+        {
+            let mut revoked = self.revoked_keys.lock().expect("notifier lock");
+            revoked.retain(|_, at| now.duration_since(*at) < REVOKED_KEY_MEMORY);
+            revoked.extend(ids.into_iter().map(|id| (id, now)));
+        }
+        self.key_revocations.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// A receiver that changes whenever work may be available.
@@ -169,6 +212,8 @@ impl Notifier {
         for sender in self.watched.lock().expect("notifier lock").values() {
             sender.send_modify(|n| *n = n.wrapping_add(1));
         }
+        // A revocation may have been missed: streams re-check their keys.
+        self.key_revocations.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Applies a wake-up from another replica.
@@ -193,6 +238,10 @@ impl Notifier {
                 })
                 .unwrap_or_default()
         };
+        let keys = ids("keys");
+        if !keys.is_empty() {
+            self.note_revoked(keys);
+        }
         let commands = ids("commands");
         self.poke_holders(commands.iter().copied());
         self.poke_watchers(commands.into_iter().chain(ids("changed")));
@@ -208,6 +257,7 @@ impl Notifier {
             .map(|id| ("commands", id.to_string()))
             .collect();
         items.extend(taken.changed.iter().map(|id| ("changed", id.to_string())));
+        items.extend(taken.keys.iter().map(|id| ("keys", id.to_string())));
         let mut payloads = Vec::new();
         let mut runs_created = taken.runs_created;
         let mut chunks = items.chunks(IDS_PER_NOTIFY).peekable();
@@ -221,13 +271,35 @@ impl Notifier {
                     .collect()
             };
             payloads.push(
-                json!({"from": from, "runs": runs_created, "commands": of("commands"), "changed": of("changed")})
-                    .to_string(),
+                json!({
+                    "from": from,
+                    "runs": runs_created,
+                    "commands": of("commands"),
+                    "changed": of("changed"),
+                    "keys": of("keys"),
+                })
+                .to_string(),
             );
             runs_created = false;
         }
         payloads
     }
+}
+
+/// Announces to every replica that API key `id` was revoked, from outside a manager
+/// (`agentrun-manager keys revoke`).
+pub async fn announce_key_revoked(
+    client: &impl deadpool_postgres::GenericClient,
+    id: Uuid,
+) -> Result<(), tokio_postgres::Error> {
+    let payload = json!({"from": Uuid::new_v4().to_string(), "keys": [id.to_string()]});
+    client
+        .execute(
+            "SELECT pg_notify($1, $2)",
+            &[&CHANNEL, &payload.to_string()],
+        )
+        .await?;
+    Ok(())
 }
 
 /// Sends this replica's coalesced wake-ups to the others until `shutdown`.
@@ -376,6 +448,23 @@ mod tests {
         let woken = holder.notified();
         tokio::pin!(woken);
         assert!(woken.as_mut().enable());
+    }
+
+    #[test]
+    fn a_revoked_key_reaches_other_replicas() {
+        let a = Notifier::new(Uuid::new_v4());
+        let b = Notifier::new(Uuid::new_v4());
+        let key = Uuid::new_v4();
+        let revocations = b.subscribe_key_revocations();
+        a.key_revoked(key);
+        assert!(a.was_revoked(key));
+        assert!(!b.was_revoked(key));
+        for payload in a.take_outgoing() {
+            b.apply(&payload);
+        }
+        assert!(b.was_revoked(key));
+        assert!(revocations.has_changed().unwrap());
+        assert!(!b.was_revoked(Uuid::new_v4()));
     }
 
     #[test]

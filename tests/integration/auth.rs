@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use agentrun_manager::config::AuthMode;
 use agentrun_manager::store::api_keys::{self, Role};
@@ -28,7 +28,7 @@ async fn key(app: &TestApp, tenant: &str, role: Role, projects: &[&str]) -> Stri
     let pool = db::pool(&app.database_url, 1).expect("pool");
     let client = pool.get().await.expect("connection");
     let projects: Vec<String> = projects.iter().map(|p| p.to_string()).collect();
-    api_keys::create(&client, tenant, role, &projects, "test")
+    api_keys::create(&client, tenant, role, &projects, "test", None)
         .await
         .expect("create key")
         .key
@@ -275,6 +275,7 @@ async fn admin_keys_manage_keys_and_runners_and_revoked_keys_are_refused() {
                 role: proto::ApiKeyRole::Client as i32,
                 project_ids: vec![],
                 name: "ci".into(),
+                expires_at: None,
             },
         ))
         .await
@@ -787,4 +788,216 @@ async fn development_mode_is_refused_off_loopback() {
     Application::build(settings)
         .await
         .expect("a manager with authentication starts on any address");
+}
+
+/// Creates a client key for `acme` through AdminService, expiring at `expires_at`.
+async fn create_expiring(
+    app: &mut TestApp,
+    admin: &str,
+    expires_at: SystemTime,
+) -> Result<proto::CreateApiKeyResponse, tonic::Status> {
+    Ok(app
+        .admin
+        .create_api_key(with_key(
+            admin,
+            proto::CreateApiKeyRequest {
+                tenant_id: "acme".into(),
+                role: proto::ApiKeyRole::Client as i32,
+                expires_at: Some(expires_at.into()),
+                ..Default::default()
+            },
+        ))
+        .await?
+        .into_inner())
+}
+
+#[tokio::test]
+async fn an_expired_key_is_refused_even_while_cached() {
+    let mut app = secured().await;
+    let admin = key(&app, "acme", Role::Admin, &[]).await;
+    let past = create_expiring(
+        &mut app,
+        &admin,
+        SystemTime::now() - Duration::from_secs(60),
+    )
+    .await
+    .expect_err("a key that expired already was created");
+    assert_eq!(past.code(), Code::InvalidArgument);
+    assert!(past.message().contains("expires_at"), "{past:?}");
+
+    let expires_at = SystemTime::now() + Duration::from_secs(2);
+    let created = create_expiring(&mut app, &admin, expires_at)
+        .await
+        .expect("create an expiring key");
+    let shown = created
+        .api_key
+        .expect("key info")
+        .expires_at
+        .expect("expiry");
+    assert_eq!(
+        shown.seconds,
+        prost_types::Timestamp::from(expires_at).seconds
+    );
+    // Used before it expires: accepted, and now cached on this replica.
+    create_run(&mut app, &created.key).await;
+    let runs = app.runs.clone();
+    let refused = wait_for("the expired key to be refused", LONG, || {
+        let mut runs = runs.clone();
+        let key = created.key.clone();
+        async move {
+            match runs
+                .list_runs(with_key(&key, proto::ListRunsRequest::default()))
+                .await
+            {
+                Err(status) if status.code() == Code::Unauthenticated => Some(status),
+                Ok(_) => None,
+                Err(status) => panic!("unexpected {status:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(refused.message().contains("expired"), "{refused:?}");
+    // Refused at its expiry, not a cache lifetime later.
+    let late = SystemTime::now()
+        .duration_since(expires_at)
+        .unwrap_or_default();
+    assert!(late < Duration::from_millis(1500), "refused {late:?} late");
+
+    // Expired before it was ever cached: refused by the database check too.
+    let pool = db::pool(&app.database_url, 1).expect("pool");
+    let stale = api_keys::create(
+        &pool.get().await.unwrap(),
+        "acme",
+        Role::Client,
+        &[],
+        "stale",
+        Some(SystemTime::now() - Duration::from_secs(1)),
+    )
+    .await
+    .expect("create")
+    .key;
+    let status = app
+        .runs
+        .list_runs(with_key(&stale, proto::ListRunsRequest::default()))
+        .await
+        .expect_err("an expired key was accepted");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(status.message().contains("expired"), "{status:?}");
+}
+
+/// The line of `listing` that shows key `id`.
+fn key_line(listing: &str, id: uuid::Uuid) -> String {
+    listing
+        .lines()
+        .find(|line| line.starts_with(&id.simple().to_string()))
+        .unwrap_or_else(|| panic!("key {id} not listed:\n{listing}"))
+        .to_owned()
+}
+
+#[tokio::test]
+async fn keys_list_shows_expiry_and_last_use() {
+    let mut app = secured().await;
+    let url = app.database_url.clone();
+    let created = keys_command(
+        &url,
+        &[
+            "create",
+            "--tenant",
+            "acme",
+            "--role",
+            "client",
+            "--expires-in",
+            "30d",
+        ],
+    );
+    assert!(created.status.success(), "{created:?}");
+    let expiring = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    let (expiring_id, _) = api_keys::parse_key(&expiring).expect("well formed");
+    let forever = keys_command(&url, &["create", "--tenant", "acme", "--role", "client"]);
+    assert!(forever.status.success(), "{forever:?}");
+    let forever = String::from_utf8(forever.stdout).unwrap().trim().to_owned();
+    let (forever_id, _) = api_keys::parse_key(&forever).expect("well formed");
+
+    let listing = String::from_utf8(keys_command(&url, &["list"]).stdout).unwrap();
+    let header = listing.lines().next().unwrap_or_default();
+    assert!(
+        header.contains("EXPIRES") && header.contains("LAST USED"),
+        "{listing}"
+    );
+    // Never used yet; one expires in 30 days, the other never.
+    let line = key_line(&listing, expiring_id);
+    let in_30_days = prost_types::Timestamp {
+        seconds: prost_types::Timestamp::from(SystemTime::now() + Duration::from_secs(30 * 86400))
+            .seconds,
+        nanos: 0,
+    }
+    .to_string();
+    // The same day, at least (the command ran a moment ago).
+    assert!(line.contains(&in_30_days[..10]), "{line}");
+    assert!(line.contains("never"), "{line}");
+    assert!(key_line(&listing, forever_id).matches("never").count() == 2);
+
+    // Used: the listing shows when.
+    create_run(&mut app, &expiring).await;
+    let listing = String::from_utf8(keys_command(&url, &["list"]).stdout).unwrap();
+    let line = key_line(&listing, expiring_id);
+    assert!(!line.contains("never"), "{line}");
+    let today = prost_types::Timestamp::from(SystemTime::now()).to_string();
+    assert!(line.contains(&today[..10]), "{line}");
+    let admin = key(&app, "acme", Role::Admin, &[]).await;
+    let listed = app
+        .admin
+        .list_api_keys(with_key(&admin, proto::ListApiKeysRequest::default()))
+        .await
+        .expect("list keys")
+        .into_inner()
+        .api_keys;
+    let shown = listed
+        .iter()
+        .find(|k| k.key_id == expiring_id.simple().to_string())
+        .expect("listed");
+    assert!(shown.last_used_at.is_some() && shown.expires_at.is_some());
+    // Another use within the minute does not write it again.
+    let pool = db::pool(&url, 1).expect("pool");
+    let db = pool.get().await.unwrap();
+    let stored = api_keys::get(&db, expiring_id).await.expect("get key");
+    let first_use = stored.expect("key").last_used_at.expect("used");
+    api_keys::touch(&db, expiring_id).await.expect("touch");
+    let stored = api_keys::get(&db, expiring_id).await.expect("get key");
+    assert_eq!(stored.expect("key").last_used_at, Some(first_use));
+    let shown = listed
+        .iter()
+        .find(|k| k.key_id == forever_id.simple().to_string())
+        .expect("listed");
+    assert!(shown.last_used_at.is_none() && shown.expires_at.is_none());
+
+    // Bad input names the flag.
+    for (args, flag) in [
+        (vec!["--expires-in", "30x"], "--expires-in"),
+        (vec!["--expires-in", "0d"], "--expires-in"),
+        (vec!["--expires-at", "tomorrow"], "--expires-at"),
+        (vec!["--expires-at", "2001-01-01T00:00:00Z"], "--expires-at"),
+    ] {
+        let mut all = vec!["create", "--tenant", "acme", "--role", "client"];
+        all.extend(args);
+        let refused = keys_command(&url, &all);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{all:?} was accepted");
+        assert!(stderr.contains(flag), "{all:?}: {stderr}");
+    }
+    let both = keys_command(
+        &url,
+        &[
+            "create",
+            "--tenant",
+            "acme",
+            "--role",
+            "client",
+            "--expires-in",
+            "1d",
+            "--expires-at",
+            "2100-01-01T00:00:00Z",
+        ],
+    );
+    assert!(!both.status.success(), "both expiry flags were accepted");
 }

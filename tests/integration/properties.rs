@@ -240,6 +240,7 @@ async fn seed(app: &mut TestApp, mut c: Clients) -> Seed {
             role: proto::ApiKeyRole::Client as i32,
             project_ids: vec![],
             name: "seed".into(),
+            expires_at: None,
         })
         .await
         .expect("seed an API key");
@@ -1539,6 +1540,7 @@ fn admin_service_refuses_malformed_requests_and_changes_nothing() {
                 role: role.0,
                 project_ids: projects.0,
                 name: name.0,
+                expires_at: None,
             },
         });
     h.refuses("CreateApiKey", CASES, some_bad(create), async |mut c, r| {
@@ -2540,6 +2542,7 @@ fn nul_characters_are_refused_by_field() {
                                 role: proto::ApiKeyRole::Client as i32,
                                 project_ids: vec![],
                                 name: nul.into(),
+                                expires_at: None,
                             })
                             .await
                             .map(drop)

@@ -6,6 +6,8 @@
 //! runner's Connect stream notices it within its poll interval, stops assigning, and
 //! tells the runner to finish its runs and exit (`api::connect`).
 
+use std::time::SystemTime;
+
 use agentrun_shared::ids::RunnerId;
 use agentrun_shared::proto::{self, admin_service_server::AdminService};
 use tonic::{Request, Response, Status};
@@ -35,6 +37,8 @@ fn api_key(k: &ApiKeyRecord) -> proto::ApiKey {
         name: k.name.clone(),
         created_at: convert::timestamp(Some(k.created_at)),
         revoked_at: convert::timestamp(k.revoked_at),
+        expires_at: convert::timestamp(k.expires_at),
+        last_used_at: convert::timestamp(k.last_used_at),
     }
 }
 
@@ -172,8 +176,20 @@ impl AdminService for AdminApi {
         let project_ids = validate::names("project_ids", &r.project_ids).map_err(Error::from)?;
         let name =
             validate::short_text("name", &r.name, MAX_KEY_NAME_BYTES).map_err(Error::from)?;
+        let expires_at = match r.expires_at {
+            None => None,
+            Some(at) => {
+                let at = SystemTime::try_from(at)
+                    .map_err(|_| Error::invalid("expires_at", "is not a valid timestamp"))?;
+                if let Some(problem) = api_keys::expiry_problem(at, SystemTime::now()) {
+                    return Err(Error::invalid("expires_at", problem).into());
+                }
+                Some(at)
+            }
+        };
         let client = self.state.pool.get().await.map_err(Error::from)?;
-        let created = api_keys::create(&client, tenant_id, role, &project_ids, name).await?;
+        let created =
+            api_keys::create(&client, tenant_id, role, &project_ids, name, expires_at).await?;
         tracing::info!(key_id = %created.record.id, tenant = tenant_id, role = role.as_str(), "api key created");
         Ok(Response::new(proto::CreateApiKeyResponse {
             api_key: Some(api_key(&created.record)),
@@ -204,7 +220,8 @@ impl AdminService for AdminApi {
             .map_err(|_| Error::invalid("key_id", "is not a valid key id"))?;
         let client = self.state.pool.get().await.map_err(Error::from)?;
         let revoked = api_keys::revoke(&client, key_id).await?;
-        self.state.auth.evict(key_id);
+        // Evicts it from every replica's cache and ends the streams it opened.
+        self.state.notifier.key_revoked(key_id);
         tracing::info!(%key_id, "api key revoked");
         Ok(Response::new(proto::RevokeApiKeyResponse {
             api_key: Some(api_key(&revoked)),

@@ -17,6 +17,12 @@
 //!
 //! A refused write of a held run (anything but `lease_lost`) fails that run and releases
 //! its lease, so the runner's slot and the manager's view of it stay in step.
+//!
+//! The runner's API key is re-checked at each heartbeat, before every assignment, at
+//! least every [`super::auth::STREAM_RECHECK_INTERVAL`], and at once when a key is
+//! revoked anywhere ([`StreamKey`]). A revoked or expired key ends the
+//! stream UNAUTHENTICATED; the runs it held are left to their leases, as for any runner
+//! that went away: they expire and the runs are requeued for another runner.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,6 +38,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
+use super::auth::StreamKey;
 use super::runner_messages::{
     append_write, delivered_to, finish_write, heartbeat_response, lease_refs, release_write,
     runner_identity, within_capacity,
@@ -61,6 +68,7 @@ pub type ManagerStream = ReceiverStream<Result<proto::ManagerMessage, Status>>;
 pub async fn open(
     state: AppState,
     tenant: Option<Tenant>,
+    key: Option<uuid::Uuid>,
     mut inbound: Streaming<proto::RunnerMessage>,
 ) -> Result<ManagerStream, Status> {
     let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
@@ -86,7 +94,8 @@ pub async fn open(
 
     let (out, rx) = mpsc::channel(OUTBOX);
     let span = tracing::info_span!("runner_session", runner = %runner.id);
-    let session = Session::new(state.clone(), runner, out);
+    let key = StreamKey::new(key, &state.notifier);
+    let session = Session::new(state.clone(), runner, key, out);
     // Tracked: on shutdown the manager waits for every session to end.
     state.tasks.spawn(tracing::Instrument::instrument(
         session.run(welcome, inbound),
@@ -164,12 +173,15 @@ struct Session {
     /// Finishes failing the held runs whose writes were refused, stored after the batch
     /// that refused them (see [`Session::refuse`]).
     refused: Vec<LeaseWrite>,
+    /// The API key the stream was opened with, re-checked while it lasts.
+    key: StreamKey,
 }
 
 impl Session {
     fn new(
         state: AppState,
         runner: RunnerIdentity,
+        key: StreamKey,
         out: mpsc::Sender<Result<proto::ManagerMessage, Status>>,
     ) -> Self {
         Self {
@@ -182,6 +194,7 @@ impl Session {
             draining: false,
             last_heard: tokio::time::Instant::now(),
             refused: Vec::new(),
+            key,
         }
     }
 
@@ -273,6 +286,7 @@ impl Session {
                     self.assign().await.or_else(retried_later)
                 }
                 _ = self.commands_woken.notified() => self.deliver_commands().await.or_else(retried_later),
+                _ = self.key.due() => self.check_key().await.or_else(retried_later),
                 _ = shutdown.cancelled() => {
                     self.draining = true;
                     self.send(Out::Drain(proto::Drain { deadline_ms: 0, reconnect: true })).await;
@@ -296,6 +310,15 @@ impl Session {
             self.state.notifier.release(*run, &self.commands_woken);
         }
         tracing::info!(runner = %self.runner.id, "runner disconnected");
+    }
+
+    /// Re-checks the runner's API key: UNAUTHENTICATED ends the stream.
+    async fn check_key(&mut self) -> Result<(), Error> {
+        let checked = self.key.check(&self.state.auth, &self.state.notifier).await;
+        if let Err(Error::Unauthenticated(why)) = &checked {
+            tracing::info!(runner = %self.runner.id, held = self.held.len(), %why, "ending the runner's stream: its API key is no longer valid");
+        }
+        checked
     }
 
     async fn send(&self, body: Out) {
@@ -549,6 +572,8 @@ impl Session {
         if self.credit <= 0 || self.draining || self.silent() {
             return Ok(());
         }
+        // Cheap (the key cache) and it keeps a revoked runner from getting a prompt.
+        self.check_key().await?;
         let claimed: Vec<Assignment> = leases::claim(
             &self.state.pool,
             &self.runner,
@@ -605,6 +630,7 @@ impl Session {
     }
 
     async fn heartbeat(&mut self, beat: proto::HeartbeatRequest) -> Result<(), Error> {
+        self.check_key().await?;
         let leases = match lease_refs("leases", &beat.leases).and_then(|leases| {
             within_capacity(&leases, self.runner.max_concurrency).map(|()| leases)
         }) {
@@ -659,13 +685,13 @@ fn refusal_kind(err: &Error) -> Option<&'static str> {
     }
 }
 
-/// A claim or a command delivery that failed for a transient reason is not worth ending
-/// the stream over: nothing was taken, and the next wake-up, safety-net poll or
-/// heartbeat tries again.
+/// A claim, a command delivery or a key re-check that failed for a transient reason is
+/// not worth ending the stream over: nothing was taken, and the next wake-up, safety-net
+/// poll, re-check or heartbeat tries again.
 fn retried_later(err: Error) -> Result<(), Error> {
     match err {
         Error::Unavailable(why) => {
-            tracing::warn!(%why, "claim or command delivery failed; retried on the next wake-up");
+            tracing::warn!(%why, "claim, command delivery or key check failed; retried on the next wake-up");
             Ok(())
         }
         err => Err(err),

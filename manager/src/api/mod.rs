@@ -88,9 +88,10 @@ async fn authorize<T>(state: &AppState, request: &Request<T>, role: Role) -> Res
             role: None,
             projects: Vec::new(),
             authenticated: false,
+            key_id: None,
         });
     }
-    let key = state.auth.authenticate(request).await?;
+    let key = state.auth.authenticate(request, &state.notifier).await?;
     if key.role != role {
         return Err(Error::PermissionDenied(format!(
             "a {} key cannot call this service (it needs a {} key)",
@@ -103,6 +104,7 @@ async fn authorize<T>(state: &AppState, request: &Request<T>, role: Role) -> Res
         role: Some(key.role),
         projects: key.project_ids,
         authenticated: true,
+        key_id: Some(key.id),
     })
 }
 

@@ -366,11 +366,18 @@ impl RunService for RunApi {
         &self,
         request: Request<proto::WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
-        let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
+        let caller = caller(&self.state, &request, Role::Client).await?;
         let r = request.get_ref();
         let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
         let after_seq = validate::cursor("after_seq", r.after_seq).map_err(Error::from)?;
-        let stream = super::watch::watch_run(&self.state, &tenant, run_id, after_seq).await?;
+        let stream = super::watch::watch_run(
+            &self.state,
+            &caller.tenant,
+            caller.key_id,
+            run_id,
+            after_seq,
+        )
+        .await?;
         Ok(Response::new(stream))
     }
 

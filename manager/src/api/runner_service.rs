@@ -42,6 +42,7 @@ impl RunnerService for RunnerApi {
         super::connect::open(
             self.state.clone(),
             caller.runner_tenant().cloned(),
+            caller.key_id,
             request.into_inner(),
         )
         .await

@@ -211,13 +211,19 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::WatchSessionRequest>,
     ) -> Result<Response<Self::WatchSessionStream>, Status> {
-        let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
+        let caller = caller(&self.state, &request, Role::Client).await?;
         let r = request.get_ref();
         let session_id = SessionId::parse("session_id", &r.session_id).map_err(Error::from)?;
         let after = event_cursor(&r.after_run_id, r.after_seq).map_err(Error::from)?;
-        let stream =
-            super::watch::watch_session(&self.state, &tenant, session_id, r.output_only, after)
-                .await?;
+        let stream = super::watch::watch_session(
+            &self.state,
+            &caller.tenant,
+            caller.key_id,
+            session_id,
+            r.output_only,
+            after,
+        )
+        .await?;
         Ok(Response::new(stream))
     }
 }

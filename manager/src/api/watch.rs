@@ -7,13 +7,20 @@
 //! whose replica missed notifications still catches up, and a slow client only slows its
 //! own task: its bounded channel fills and its task waits, while appends and other
 //! watchers carry on. Nobody is ever skipped; a slow client just reads from further back.
+//!
+//! A watcher re-checks the API key it was opened with (see [`super::auth::StreamKey`]):
+//! at once when a key is revoked anywhere, and at least every
+//! [`super::auth::STREAM_RECHECK_INTERVAL`]; a revoked or expired key ends the stream
+//! UNAUTHENTICATED.
 
 use agentrun_shared::ids::{RunId, SessionId};
 use agentrun_shared::proto;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
+use uuid::Uuid;
 
+use super::auth::StreamKey;
 use super::{AppState, convert};
 use crate::error::Error;
 use crate::store::sessions::{self, EventCursor};
@@ -30,6 +37,7 @@ pub type EventStream = ReceiverStream<Result<proto::Event, Status>>;
 pub async fn watch_run(
     state: &AppState,
     tenant: &Tenant,
+    key: Option<Uuid>,
     run_id: RunId,
     after_seq: i64,
 ) -> Result<EventStream, Error> {
@@ -43,7 +51,8 @@ pub async fn watch_run(
     // Tracked: shutdown ends watchers and waits for them.
     state.tasks.clone().spawn(async move {
         let _watching = state.metrics.watching();
-        if let Err(err) = follow(&state, &tenant, run_id, after_seq, &tx).await {
+        let key = StreamKey::new(key, &state.notifier);
+        if let Err(err) = follow(&state, &tenant, key, run_id, after_seq, &tx).await {
             let _ = tx.send(Err(err.into())).await;
         }
     });
@@ -53,12 +62,14 @@ pub async fn watch_run(
 async fn follow(
     state: &AppState,
     tenant: &Tenant,
+    mut key: StreamKey,
     run_id: RunId,
     mut cursor: i64,
     tx: &mpsc::Sender<Result<proto::Event, Status>>,
 ) -> Result<(), Error> {
     let mut woken = state.notifier.watch(run_id.0);
     loop {
+        key.check_if_due(&state.auth, &state.notifier).await?;
         // Mark the wake-ups seen before reading, so one that lands during the read is
         // not lost.
         woken.borrow_and_update();
@@ -93,6 +104,7 @@ async fn follow(
         }
         tokio::select! {
             _ = woken.changed() => {}
+            _ = key.due() => {}
             _ = tokio::time::sleep(state.settings.watch_poll_interval()) => {}
             _ = tx.closed() => return Ok(()),
             _ = state.shutdown.cancelled() => {
@@ -110,6 +122,7 @@ pub type SessionEventStream = ReceiverStream<Result<proto::SessionEvent, Status>
 pub async fn watch_session(
     state: &AppState,
     tenant: &Tenant,
+    key: Option<Uuid>,
     session_id: SessionId,
     output_only: bool,
     after: EventCursor,
@@ -124,7 +137,9 @@ pub async fn watch_session(
     // Tracked: shutdown ends watchers and waits for them.
     state.tasks.clone().spawn(async move {
         let _watching = state.metrics.watching();
-        if let Err(err) = follow_session(&state, &tenant, session_id, output_only, after, &tx).await
+        let key = StreamKey::new(key, &state.notifier);
+        if let Err(err) =
+            follow_session(&state, &tenant, key, session_id, output_only, after, &tx).await
         {
             let _ = tx.send(Err(err.into())).await;
         }
@@ -135,6 +150,7 @@ pub async fn watch_session(
 async fn follow_session(
     state: &AppState,
     tenant: &Tenant,
+    mut key: StreamKey,
     session_id: SessionId,
     output_only: bool,
     mut cursor: EventCursor,
@@ -143,6 +159,7 @@ async fn follow_session(
     // New runs of the session are announced on the session's own key.
     let mut session_woken = state.notifier.watch(session_id.0);
     loop {
+        key.check_if_due(&state.auth, &state.notifier).await?;
         session_woken.borrow_and_update();
         let (page, view) = {
             let client = state.pool.get().await?;
@@ -186,6 +203,7 @@ async fn follow_session(
         tokio::select! {
             _ = session_woken.changed() => {}
             _ = runs_changed => {}
+            _ = key.due() => {}
             _ = tokio::time::sleep(state.settings.watch_poll_interval()) => {}
             _ = tx.closed() => return Ok(()),
             _ = state.shutdown.cancelled() => {
