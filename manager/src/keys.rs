@@ -2,7 +2,7 @@
 //! database (`DATABASE_URL`), so the first admin key can be made before any exists.
 //! AdminService offers the same once one does.
 
-use crate::db;
+use crate::db::{self, Database};
 use crate::store::api_keys::{self, ApiKeyRecord, Role};
 
 /// What `keys` does.
@@ -37,10 +37,10 @@ pub enum KeysCommand {
     },
 }
 
-/// Runs a `keys` command against the database at `database_url`.
+/// Runs a `keys` command against `database`.
 /// Applies pending migrations first when `migrate` is set (the table may be new).
-pub async fn run(database_url: &str, migrate: bool, command: KeysCommand) -> anyhow::Result<()> {
-    let pool = db::pool(database_url, 1)?;
+pub async fn run(database: &Database, migrate: bool, command: KeysCommand) -> anyhow::Result<()> {
+    let pool = database.pool(1)?;
     if migrate {
         db::migrate(&pool).await?;
     }
