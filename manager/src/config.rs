@@ -98,6 +98,15 @@ pub struct Settings {
     /// present one; other clients may connect without. Needs `tls_cert`.
     #[arg(long, env = "AGENTRUN_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+
+    // TLS to PostgreSQL: whether and how is DATABASE_URL's `sslmode`, as in libpq:
+    // disable, prefer (the default), require, verify-ca or verify-full; see `db::tls`.
+    /// PEM root certificate(s) the database server's certificate must chain to, like
+    /// libpq's `sslrootcert` URL parameter (set one or the other). With it, `require` and
+    /// `prefer` verify the chain too; without it, `verify-ca` and `verify-full` trust the
+    /// system roots.
+    #[arg(long, env = "AGENTRUN_DATABASE_CA_FILE")]
+    pub database_ca_file: Option<PathBuf>,
 }
 
 /// Whether callers must present an API key.

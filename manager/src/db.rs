@@ -1,7 +1,16 @@
-//! The connection pool and schema migrations.
+//! The database: where and how to connect (TLS included, see [`tls`]), the connection
+//! pool, and schema migrations.
+
+pub mod tls;
+
+use std::path::Path;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
+use tokio_postgres::{Client, Connection, Socket};
+
+use crate::config::Settings;
+
+pub use tls::SslMode;
 
 mod embedded {
     refinery::embed_migrations!("../migrations");
@@ -10,17 +19,65 @@ mod embedded {
 /// Any key works as long as every replica uses the same one: it serialises migrations.
 const MIGRATION_LOCK_KEY: i64 = 0x6167_656e_7472_756e; // "agentrun"
 
-/// A pool of `size` connections to `url`. Connections are opened lazily.
+/// Where the database is and how to reach it: the one place that decides TLS. Every
+/// connection (the pool, the LISTEN connection, the `migrate` and `keys` commands) is
+/// opened through it.
+#[derive(Clone)]
+pub struct Database {
+    config: tokio_postgres::Config,
+    ssl_mode: SslMode,
+    tls: tls::MakeRustlsConnect,
+}
+
+impl Database {
+    /// The database at `url` (libpq's `sslmode` and `sslrootcert` honoured), trusting
+    /// `ca_file` (`--database-ca-file`) if given.
+    pub fn new(url: &str, ca_file: Option<&Path>) -> Result<Self, tls::SettingError> {
+        let (config, ssl_mode, tls) = tls::configure(url, ca_file)?;
+        Ok(Self {
+            config,
+            ssl_mode,
+            tls,
+        })
+    }
+
+    /// The database `settings` name (`DATABASE_URL`, `--database-ca-file`).
+    pub fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
+        let url = settings
+            .database_url
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("DATABASE_URL (or --database-url) is required"))?;
+        Ok(Self::new(url, settings.database_ca_file.as_deref())?)
+    }
+
+    pub fn ssl_mode(&self) -> SslMode {
+        self.ssl_mode
+    }
+
+    /// A pool of `size` connections. Connections are opened lazily.
+    pub fn pool(&self, size: usize) -> anyhow::Result<Pool> {
+        let manager = Manager::from_config(
+            self.config.clone(),
+            self.tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        Ok(Pool::builder(manager).max_size(size).build()?)
+    }
+
+    /// One connection outside the pool; the caller must poll (or spawn) the connection.
+    pub async fn connect(
+        &self,
+    ) -> Result<(Client, Connection<Socket, tls::RustlsStream<Socket>>), tokio_postgres::Error>
+    {
+        self.config.connect(self.tls.clone()).await
+    }
+}
+
+/// A pool of `size` connections to `url` (no `--database-ca-file`).
 pub fn pool(url: &str, size: usize) -> anyhow::Result<Pool> {
-    let config: tokio_postgres::Config = url.parse()?;
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Ok(Pool::builder(manager).max_size(size).build()?)
+    Database::new(url, None)?.pool(size)
 }
 
 /// Applies pending migrations. Safe to call from several replicas at once: an advisory

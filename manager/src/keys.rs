@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use prost_types::Timestamp;
 
+use crate::db::Database;
 use crate::store::api_keys::{self, ApiKeyRecord, Role};
 use crate::{db, notify};
 
@@ -54,10 +55,10 @@ pub enum KeysCommand {
     },
 }
 
-/// Runs a `keys` command against the database at `database_url`.
+/// Runs a `keys` command against `database`.
 /// Applies pending migrations first when `migrate` is set (the table may be new).
-pub async fn run(database_url: &str, migrate: bool, command: KeysCommand) -> anyhow::Result<()> {
-    let pool = db::pool(database_url, 1)?;
+pub async fn run(database: &Database, migrate: bool, command: KeysCommand) -> anyhow::Result<()> {
+    let pool = database.pool(1)?;
     if migrate {
         db::migrate(&pool).await?;
     }

@@ -56,6 +56,17 @@ pub struct LocalPostgres {
     watchdog: Option<Child>,
 }
 
+/// TLS for a [`LocalPostgres`], for tests of encrypted connections to the database.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerTls<'a> {
+    /// PEM certificate (chain) the server presents.
+    pub cert_pem: &'a str,
+    /// PEM private key of `cert_pem`.
+    pub key_pem: &'a str,
+    /// Refuse unencrypted TCP connections (`hostssl` only in `pg_hba.conf`).
+    pub require: bool,
+}
+
 /// Why a [`LocalPostgres`] could not be started.
 #[derive(Debug)]
 pub enum LocalPostgresError {
@@ -111,6 +122,15 @@ impl LocalPostgres {
     /// Creates a cluster in a fresh temp dir, starts it on `127.0.0.1:<free port>`
     /// and returns once it accepts connections (`pg_ctl -w`, 30 s deadline).
     pub fn start() -> Result<LocalPostgres, LocalPostgresError> {
+        Self::start_with(None)
+    }
+
+    /// Like [`Self::start`], with `ssl = on` and the given certificate and key.
+    pub fn start_tls(tls: ServerTls<'_>) -> Result<LocalPostgres, LocalPostgresError> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<ServerTls<'_>>) -> Result<LocalPostgres, LocalPostgresError> {
         let bindir = find_bindir()?;
         // SAFETY: geteuid has no preconditions and cannot fail.
         let as_root = unsafe { libc::geteuid() } == 0;
@@ -160,11 +180,15 @@ impl LocalPostgres {
                 output: tail(&output_text(&out)),
             });
         }
-        let conf = format!(
+        let mut conf = format!(
             "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\n\
              synchronous_commit = off\nfull_page_writes = off\nmax_connections = 300\nshared_buffers = 128MB\n",
             dir.display().to_string().replace('\'', "''")
         );
+        if let Some(tls) = tls {
+            configure_tls(&data, tls, owner)?;
+            conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        }
         fs::OpenOptions::new()
             .append(true)
             .open(data.join("postgresql.conf"))
@@ -287,6 +311,34 @@ impl Drop for LocalPostgres {
             let _ = watchdog.wait();
         }
     }
+}
+
+/// Writes the server's certificate and key into the data dir (the key owned by the server's
+/// user with mode 0600, or PostgreSQL refuses it) and, if TLS is required, a `pg_hba.conf`
+/// that only admits encrypted TCP connections.
+fn configure_tls(
+    data: &Path,
+    tls: ServerTls<'_>,
+    owner: Option<(u32, u32)>,
+) -> Result<(), LocalPostgresError> {
+    for (name, pem, mode) in [
+        ("server.crt", tls.cert_pem, 0o644),
+        ("server.key", tls.key_pem, 0o600),
+    ] {
+        let path = data.join(name);
+        let what = format!("cannot write {}", path.display());
+        fs::write(&path, pem).map_err(io_err(what.clone()))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+            .map_err(io_err(what.clone()))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(io_err(what))?;
+        }
+    }
+    if tls.require {
+        let hba = "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n";
+        fs::write(data.join("pg_hba.conf"), hba).map_err(io_err("cannot write pg_hba.conf"))?;
+    }
+    Ok(())
 }
 
 /// Spawns the watchdog in its own session with stdio on /dev/null, so it never

@@ -44,21 +44,14 @@ async fn main() -> anyhow::Result<()> {
     let mut settings = cli.settings;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => {
-            let url = settings
-                .database_url
-                .as_deref()
-                .ok_or_else(|| anyhow::anyhow!("DATABASE_URL (or --database-url) is required"))?;
-            db::migrate(&db::pool(url, 1)?).await?;
+            db::migrate(&db::Database::from_settings(&settings)?.pool(1)?).await?;
             tracing::info!("migrations applied");
             Ok(())
         }
         Command::Serve => serve(settings).await,
         Command::Keys(command) => {
-            let url = settings
-                .database_url
-                .as_deref()
-                .ok_or_else(|| anyhow::anyhow!("DATABASE_URL (or --database-url) is required"))?;
-            agentrun_manager::keys::run(url, settings.migrate_on_start(), command).await
+            let database = db::Database::from_settings(&settings)?;
+            agentrun_manager::keys::run(&database, settings.migrate_on_start(), command).await
         }
         Command::Dev => {
             // Kept alive until serve returns; dropping it stops and removes the cluster.

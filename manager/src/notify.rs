@@ -18,11 +18,12 @@ use std::time::{Duration, Instant};
 use agentrun_shared::ids::RunId;
 use deadpool_postgres::Pool;
 
+use crate::db::Database;
 use crate::store::runs;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -356,10 +357,10 @@ pub async fn poll_work(
 }
 
 /// Listens for other replicas' wake-ups until `shutdown`, reconnecting as needed.
-pub async fn listen(notifier: Arc<Notifier>, database_url: String, shutdown: CancellationToken) {
+pub async fn listen(notifier: Arc<Notifier>, database: Database, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let session = listen_once(&notifier, &database_url, &shutdown);
+        let session = listen_once(&notifier, &database, &shutdown);
         match session.await {
             Ok(()) => return,
             Err(err) => {
@@ -377,10 +378,10 @@ pub async fn listen(notifier: Arc<Notifier>, database_url: String, shutdown: Can
 /// One LISTEN connection's life. Returns Ok on shutdown, Err when the connection broke.
 async fn listen_once(
     notifier: &Notifier,
-    database_url: &str,
+    database: &Database,
     shutdown: &CancellationToken,
 ) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = tokio_postgres::connect(database_url, NoTls).await?;
+    let (client, mut connection) = database.connect().await?;
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
     let statement = format!("LISTEN {CHANNEL}");
     let listen = client.batch_execute(&statement);

@@ -36,6 +36,8 @@ pub struct Application {
     /// The Prometheus endpoint's listener; `None` when metrics are disabled.
     metrics_listener: Option<TcpListener>,
     pool: Pool,
+    /// Where the LISTEN connection goes (as the pool's connections do).
+    database: db::Database,
     /// TLS for the gRPC listener; `None` serves plaintext.
     tls: Option<ServerTlsConfig>,
     settings: Settings,
@@ -44,14 +46,12 @@ pub struct Application {
 impl Application {
     /// Connects, migrates and binds. Binding `127.0.0.1:0` picks a free port (tests).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let url = settings
-            .database_url
-            .as_deref()
-            .ok_or_else(|| anyhow::anyhow!("DATABASE_URL (or --database-url) is required"))?;
+        let database = db::Database::from_settings(&settings)?;
         check_auth(&settings)?;
         settings.check_limits()?;
         let tls = server_tls(&settings)?;
-        let pool = db::pool(url, settings.db_pool_size)?;
+        tracing::info!(sslmode = %database.ssl_mode(), "database connection");
+        let pool = database.pool(settings.db_pool_size)?;
         if settings.migrate_on_start() {
             db::migrate(&pool).await?;
         }
@@ -61,6 +61,7 @@ impl Application {
             listener,
             metrics_listener,
             pool,
+            database,
             tls,
             settings,
         })
@@ -85,17 +86,17 @@ impl Application {
             listener,
             metrics_listener,
             pool,
+            database,
             tls,
             settings,
         } = self;
-        let database_url = settings.database_url.clone().unwrap_or_default();
         let notifier = Notifier::new(Uuid::new_v4());
         let metrics = Arc::new(Metrics::new());
         let migrated = settings.migrate_on_start();
         let auth = Arc::new(Authenticator::new(pool.clone()));
         let background = shutdown.child_token();
         // Renewals get connections of their own: no other work may delay them past the TTL.
-        let heartbeat_pool = db::pool(&database_url, HEARTBEAT_POOL_SIZE)?;
+        let heartbeat_pool = database.pool(HEARTBEAT_POOL_SIZE)?;
         let heartbeats = Heartbeats::start(
             heartbeat_pool.clone(),
             settings.lease_ttl(),
@@ -141,7 +142,7 @@ impl Application {
             Duration::from_millis(state.settings.runner_poll_interval_ms.max(10)),
             background.clone(),
         ));
-        tasks.spawn(notify::listen(notifier, database_url, background.clone()));
+        tasks.spawn(notify::listen(notifier, database, background.clone()));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         let services = vec![

@@ -11,6 +11,7 @@ mod e2e;
 mod faults;
 mod leases;
 mod operability;
+mod pg_tls;
 mod properties;
 mod replicas;
 mod requests;

@@ -189,8 +189,12 @@ impl Drop for TestApp {
     }
 }
 
+/// A connection to `url`, with TLS as its `sslmode` and `sslrootcert` say (as the
+/// manager's own connections).
 pub async fn db_client(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
+    let database = agentrun_manager::db::Database::new(url, None).expect("a valid database URL");
+    let (client, connection) = database
+        .connect()
         .await
         .expect("connect to the test database");
     tokio::spawn(connection);
