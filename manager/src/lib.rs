@@ -7,9 +7,11 @@
 //! - [`sweeper`]: moves on runs whose lease expired or whose timeouts passed.
 //! - [`notify`]: wake-ups for waiting runner streams, across replicas (LISTEN/NOTIFY).
 //! - [`keys`]: `agentrun-manager keys`, API key management against the database.
+//! - [`listener`]: the accept loop — connection cap, handshake and idle timeouts.
 //! - [`startup`]: wires it together; [`config`]: settings; [`error`]: the error type.
 //! - [`health`]: grpc.health.v1 status following the database; [`metrics`]: Prometheus
-//!   metrics and their HTTP endpoint; [`observe`]: the per-RPC span and metrics layer.
+//!   metrics and their HTTP endpoint; [`observe`]: the per-RPC span and metrics layer;
+//!   [`undecodable`]: a call whose request did not decode ends INVALID_ARGUMENT.
 //! - [`local_postgres`]: a throwaway PostgreSQL for `dev` and tests.
 
 pub mod api;
@@ -19,6 +21,7 @@ pub mod error;
 pub mod health;
 pub mod heartbeats;
 pub mod keys;
+pub mod listener;
 pub mod local_postgres;
 pub mod metrics;
 pub mod notify;
@@ -27,6 +30,7 @@ pub mod startup;
 pub mod store;
 pub mod sweeper;
 pub mod telemetry;
+pub mod undecodable;
 
 pub use config::Settings;
 pub use startup::Application;
