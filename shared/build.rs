@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The contract has an RPC named `Connect`, whose client method would clash with the
         // generated `connect` constructor; clients are built with `XClient::new(channel)`.
         .build_transport(false)
+        // prost's encoding; a request that does not decode is INVALID_ARGUMENT, not INTERNAL.
+        .codec_path("crate::codec::ProtoCodec")
         .file_descriptor_set_path(descriptor)
         .compile_protos(&files, std::slice::from_ref(&proto_root))?;
     println!("cargo:rerun-if-changed={}", proto_root.display());

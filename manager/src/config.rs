@@ -107,6 +107,40 @@ pub struct Settings {
     /// system roots.
     #[arg(long, env = "AGENTRUN_DATABASE_CA_FILE")]
     pub database_ca_file: Option<PathBuf>,
+
+    // ---- Connection limits (see `listener`) -------------------------------------------
+    // What one replica holds open, and for how long. Each runner holds one connection,
+    // each watching client one; the process also needs `db_pool_size` + 64 descriptors
+    // of its own. At start the soft RLIMIT_NOFILE is raised toward the hard limit to fit
+    // `max_connections` plus that reserve; when it cannot be, the cap is lowered to fit
+    // (with a warning), so accepting never runs the process out of descriptors.
+    /// Most open gRPC connections; past it the manager stops accepting (new clients wait
+    /// in the listen backlog) until one closes.
+    #[arg(long, env = "AGENTRUN_MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// A connection that has not completed the TLS handshake (with TLS) or sent the
+    /// HTTP/2 preface (plaintext) this long after it was accepted is closed.
+    #[arg(long, env = "AGENTRUN_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    /// The server pings a connection (HTTP/2 PING) after this long without a frame from
+    /// it; 0 disables keepalive pings.
+    #[arg(long, env = "AGENTRUN_KEEPALIVE_INTERVAL_MS", default_value_t = 30_000)]
+    pub keepalive_interval_ms: u64,
+    /// A keepalive ping unanswered this long closes the connection.
+    #[arg(long, env = "AGENTRUN_KEEPALIVE_TIMEOUT_MS", default_value_t = 20_000)]
+    pub keepalive_timeout_ms: u64,
+    /// A connection from which nothing at all arrived this long is closed: a live peer
+    /// answers keepalive pings, so this reaps silent ones (gone, stalled, or through TLS
+    /// but never speaking HTTP/2). More than the keepalive interval plus timeout, and
+    /// only with keepalive pings on (or quiet watchers would be cut); 0 disables it.
+    #[arg(long, env = "AGENTRUN_IDLE_TIMEOUT_MS", default_value_t = 120_000)]
+    pub idle_timeout_ms: u64,
+    /// Most concurrent calls (HTTP/2 streams) on one connection, advertised to clients in
+    /// SETTINGS_MAX_CONCURRENT_STREAMS; a client's further calls wait for a free stream.
+    #[arg(long, env = "AGENTRUN_MAX_CONCURRENT_STREAMS", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
 }
 
 /// Whether callers must present an API key.
@@ -129,6 +163,33 @@ impl Settings {
              {MAX_PAYLOAD_LIMIT}, not {}",
             self.max_payload_bytes
         );
+        anyhow::ensure!(
+            self.handshake_timeout_ms > 0,
+            "--handshake-timeout-ms (AGENTRUN_HANDSHAKE_TIMEOUT_MS) must be positive"
+        );
+        if self.keepalive_interval_ms > 0 {
+            anyhow::ensure!(
+                self.keepalive_timeout_ms > 0,
+                "--keepalive-timeout-ms (AGENTRUN_KEEPALIVE_TIMEOUT_MS) must be positive \
+                 while keepalive pings are on"
+            );
+            // Watchers may wait long without a message either way: only the pings'
+            // answers keep their connections from looking idle.
+            anyhow::ensure!(
+                self.idle_timeout_ms == 0
+                    || self.idle_timeout_ms
+                        > self.keepalive_interval_ms + self.keepalive_timeout_ms,
+                "--idle-timeout-ms (AGENTRUN_IDLE_TIMEOUT_MS) must exceed the keepalive \
+                 interval plus timeout ({} ms), or be 0",
+                self.keepalive_interval_ms + self.keepalive_timeout_ms
+            );
+        } else {
+            anyhow::ensure!(
+                self.idle_timeout_ms == 0,
+                "--idle-timeout-ms (AGENTRUN_IDLE_TIMEOUT_MS) needs keepalive pings \
+                 (--keepalive-interval-ms): without them a quiet watcher looks idle"
+            );
+        }
         Ok(())
     }
 
@@ -177,5 +238,56 @@ impl Settings {
 
     pub fn sweep_interval(&self) -> Duration {
         Duration::from_millis(self.sweep_interval_ms)
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// The HTTP/2 keepalive ping interval; `None` when pings are off.
+    pub fn keepalive_interval(&self) -> Option<Duration> {
+        (self.keepalive_interval_ms > 0).then(|| Duration::from_millis(self.keepalive_interval_ms))
+    }
+
+    pub fn keepalive_timeout(&self) -> Duration {
+        Duration::from_millis(self.keepalive_timeout_ms)
+    }
+
+    /// How long a connection may send nothing; `None`: forever.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.idle_timeout_ms > 0).then(|| Duration::from_millis(self.idle_timeout_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_defaults_pass_and_an_idle_timeout_needs_keepalive_pings() {
+        let mut settings = Settings::for_database("postgres://unused");
+        settings
+            .check_limits()
+            .expect("the defaults are consistent");
+        assert_eq!(settings.keepalive_interval(), Some(Duration::from_secs(30)));
+
+        settings.idle_timeout_ms = settings.keepalive_interval_ms + settings.keepalive_timeout_ms;
+        assert!(
+            settings.check_limits().is_err(),
+            "idle must outlast a ping's answer"
+        );
+        settings.idle_timeout_ms = 0;
+        settings.check_limits().expect("no idle timeout");
+        assert_eq!(settings.idle_timeout(), None);
+
+        settings.keepalive_interval_ms = 0;
+        settings
+            .check_limits()
+            .expect("neither pings nor idle timeout");
+        settings.idle_timeout_ms = 120_000;
+        assert!(
+            settings.check_limits().is_err(),
+            "idle timeout without pings"
+        );
     }
 }

@@ -8,9 +8,11 @@
 //! - [`notify`]: wake-ups for waiting runner streams, across replicas (LISTEN/NOTIFY).
 //! - [`keys`]: `agentrun-manager keys`, API key management against the database.
 //! - [`limits`]: per-caller rate limits (heartbeats).
+//! - [`listener`]: the accept loop — connection cap, handshake and idle timeouts.
 //! - [`startup`]: wires it together; [`config`]: settings; [`error`]: the error type.
 //! - [`health`]: grpc.health.v1 status following the database; [`metrics`]: Prometheus
-//!   metrics and their HTTP endpoint; [`observe`]: the per-RPC span and metrics layer.
+//!   metrics and their HTTP endpoint; [`observe`]: the per-RPC span and metrics layer;
+//!   [`undecodable`]: a call whose request did not decode ends INVALID_ARGUMENT.
 //! - [`local_postgres`]: a throwaway PostgreSQL for `dev` and tests.
 
 pub mod api;
@@ -21,6 +23,7 @@ pub mod health;
 pub mod heartbeats;
 pub mod keys;
 pub mod limits;
+pub mod listener;
 pub mod local_postgres;
 pub mod metrics;
 pub mod notify;
@@ -29,6 +32,7 @@ pub mod startup;
 pub mod store;
 pub mod sweeper;
 pub mod telemetry;
+pub mod undecodable;
 
 pub use config::Settings;
 pub use startup::Application;

@@ -10,7 +10,6 @@ use agentrun_shared::proto::{
 };
 use deadpool_postgres::Pool;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::server::NamedService;
@@ -25,7 +24,8 @@ use crate::heartbeats::Heartbeats;
 use crate::metrics::{self, Metrics};
 use crate::notify::{self, Notifier};
 use crate::observe::ObserveLayer;
-use crate::{db, health, sweeper};
+use crate::undecodable::UndecodableLayer;
+use crate::{db, health, listener, sweeper};
 
 /// Database connections renewing leases, besides `--db-pool-size`.
 pub const HEARTBEAT_POOL_SIZE: usize = 2;
@@ -176,13 +176,33 @@ impl Application {
         let (reflection_v1, reflection_v1alpha) =
             (reflection().build_v1()?, reflection().build_v1alpha()?);
 
-        tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "manager listening");
-        let mut server = tonic::transport::Server::builder();
+        let settings = &state.settings;
+        let limits = listener::Limits {
+            max_connections: listener::effective_max_connections(
+                settings.max_connections as usize,
+                settings.db_pool_size,
+            ),
+            handshake_timeout: settings.handshake_timeout(),
+            idle_timeout: settings.idle_timeout(),
+            tls: tls.is_some(),
+        };
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            tls = tls.is_some(),
+            max_connections = limits.max_connections,
+            "manager listening"
+        );
+        // No per-call `timeout`: Connect and the watches are meant to last.
+        let mut server = tonic::transport::Server::builder()
+            .max_concurrent_streams(settings.max_concurrent_streams)
+            .http2_keepalive_interval(settings.keepalive_interval())
+            .http2_keepalive_timeout(Some(settings.keepalive_timeout()));
         if let Some(tls) = tls {
-            server = server.tls_config(tls)?;
+            server = server.tls_config(tls.timeout(settings.handshake_timeout()))?;
         }
         let served = server
             .layer(ObserveLayer::new(metrics.clone()))
+            .layer(UndecodableLayer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -190,7 +210,10 @@ impl Application {
             .add_service(SessionServiceServer::new(SessionApi::new(state.clone())))
             .add_service(RunnerServiceServer::new(RunnerApi::new(state.clone())))
             .add_service(AdminServiceServer::new(AdminApi::new(state.clone())))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled());
+            .serve_with_incoming_shutdown(
+                listener::incoming(listener, limits),
+                shutdown.cancelled(),
+            );
         // On shutdown the server stops accepting, runner streams are told to drain and
         // end, watchers end; in-flight calls get a grace period, then the manager stops.
         let grace = Duration::from_millis(state.settings.shutdown_grace_ms);

@@ -1,6 +1,7 @@
 //! `agentrun-shared`: what the manager, the runner and clients agree on.
 //!
 //! - [`proto`]: the `agentrun.v1` wire types and gRPC stubs, generated from `proto/`.
+//! - [`codec`]: the stubs' codec: an undecodable message is INVALID_ARGUMENT.
 //! - [`ids`]: validated id newtypes.
 //! - [`state`]: run and command state machines and their legal transitions.
 //! - [`events`]: the closed set of event types and per-type payload rules.
@@ -8,6 +9,7 @@
 //! - [`error`]: the field-naming validation error used at every edge.
 //! - [`tls`]: client-side TLS (trusted CA, client certificate) for runners and the CLI.
 
+pub mod codec;
 pub mod error;
 pub mod events;
 pub mod ids;

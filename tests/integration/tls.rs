@@ -1,6 +1,7 @@
 //! TLS: the manager serves rustls TLS with a certificate; clients must trust its CA;
 //! with a client CA, runners must present a certificate signed by it while other
-//! clients need not; a real runner process and the CLI work over TLS.
+//! clients need not; a real runner process and the CLI work over TLS; a socket that never
+//! starts the TLS handshake is closed after the handshake timeout.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -301,4 +302,34 @@ async fn the_manager_refuses_half_a_tls_configuration() {
         .err()
         .expect("an unreadable certificate is refused");
     assert!(err.to_string().contains("missing.pem"), "{err}");
+}
+
+#[tokio::test]
+async fn a_socket_that_never_starts_the_tls_handshake_is_closed_after_the_timeout() {
+    use tokio::io::AsyncReadExt;
+    let pki = Pki::generate();
+    let mut app = TestApp::spawn_tls(pki.client(), |s| {
+        pki.serve(s);
+        s.handshake_timeout_ms = 500;
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut idle = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(LONG, async {
+        loop {
+            match idle.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a socket without a TLS handshake stayed open"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    // The timeout is only for handshakes: a client that completes one is served.
+    create(&mut app.runs, "after the idle socket").await;
 }
