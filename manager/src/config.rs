@@ -11,6 +11,9 @@ pub use crate::telemetry::LogFormat;
 /// Everything the manager needs to run. Durations are in milliseconds on the command line.
 /// The largest `max_payload_bytes`: 1 MiB.
 pub const MAX_PAYLOAD_LIMIT: usize = 1024 * 1024;
+/// The largest gRPC message the manager receives or sends: 4 MiB, what gRPC clients
+/// accept by default. Pages and batches are sized to stay well under it.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
@@ -60,6 +63,24 @@ pub struct Settings {
     #[arg(long, env = "AGENTRUN_TENANT_MAX_ACTIVE_RUNS", default_value_t = 0,
           value_parser = clap::value_parser!(i32).range(0..))]
     pub tenant_max_active_runs: i32,
+    // ---- Quotas (RESOURCE_EXHAUSTED past them; 0 means unlimited) ----------------------
+    /// Pending (queued) runs a tenant may have; creating more is refused until some are
+    /// claimed or end.
+    #[arg(long, env = "AGENTRUN_TENANT_MAX_PENDING_RUNS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(i64).range(0..))]
+    pub tenant_max_pending_runs: i64,
+    /// Open watchers (WatchRun, WatchSession) a tenant may have on one replica.
+    #[arg(long, env = "AGENTRUN_TENANT_MAX_WATCHERS", default_value_t = 1_000)]
+    pub tenant_max_watchers: usize,
+    /// Commands a run may have (turns, steers, answers…) over its life.
+    #[arg(long, env = "AGENTRUN_MAX_COMMANDS_PER_RUN", default_value_t = 10_000,
+          value_parser = clap::value_parser!(i64).range(0..))]
+    pub max_commands_per_run: i64,
+    /// Event payload bytes a run's runners may append over its life; past it the append
+    /// is refused and the run fails with `quota_exceeded`.
+    #[arg(long, env = "AGENTRUN_MAX_RUN_EVENT_BYTES", default_value_t = 1024 * 1024 * 1024,
+          value_parser = clap::value_parser!(i64).range(0..))]
+    pub max_run_event_bytes: i64,
     /// Apply pending database migrations at start-up. When false the manager serves
     /// NOT_SERVING health until the schema is current (`agentrun-manager migrate`).
     #[arg(long, env = "AGENTRUN_MIGRATE", default_value_t = true,
@@ -221,6 +242,15 @@ impl Settings {
 
     pub fn watch_poll_interval(&self) -> Duration {
         Duration::from_millis(self.watch_poll_interval_ms.max(10))
+    }
+
+    pub fn quotas(&self) -> crate::limits::Quotas {
+        crate::limits::Quotas {
+            commands_per_run: self.max_commands_per_run,
+            event_bytes_per_run: self.max_run_event_bytes,
+            tenant_pending_runs: self.tenant_max_pending_runs,
+            tenant_watchers: self.tenant_max_watchers,
+        }
     }
 
     pub fn heartbeat_interval(&self) -> Duration {

@@ -12,7 +12,8 @@
 //! - [`startup`]: wires it together; [`config`]: settings; [`error`]: the error type.
 //! - [`health`]: grpc.health.v1 status following the database; [`metrics`]: Prometheus
 //!   metrics and their HTTP endpoint; [`observe`]: the per-RPC span and metrics layer;
-//!   [`undecodable`]: a call whose request did not decode ends INVALID_ARGUMENT.
+//!   [`wire_errors`]: a request that did not decode is INVALID_ARGUMENT, a message over
+//!   the size limit RESOURCE_EXHAUSTED.
 //! - [`local_postgres`]: a throwaway PostgreSQL for `dev` and tests.
 
 pub mod api;
@@ -32,7 +33,7 @@ pub mod startup;
 pub mod store;
 pub mod sweeper;
 pub mod telemetry;
-pub mod undecodable;
+pub mod wire_errors;
 
 pub use config::Settings;
 pub use startup::Application;

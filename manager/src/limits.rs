@@ -1,4 +1,5 @@
-//! Per-caller rate limits: what keeps one runner or client from crowding out the others.
+//! Limits that keep one runner, client or tenant from crowding out the others: per-key
+//! rate limits, in-flight and occupancy counts, and the quotas the settings give.
 //! (Sizes — pages, payloads, batches — are checked where the request is validated;
 //! quotas that count rows are checked in the store, in the transaction that adds one.)
 
@@ -11,6 +12,63 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Keys tracked at most; beyond this, keys idle long enough to be full again are forgotten.
 const MAX_KEYS: usize = 100_000;
+
+/// Quotas per run and per tenant; 0 means unlimited. See `config::Settings` for each.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Quotas {
+    pub commands_per_run: i64,
+    pub event_bytes_per_run: i64,
+    pub tenant_pending_runs: i64,
+    pub tenant_watchers: usize,
+}
+
+/// How many of something each key holds open, with a most per key.
+pub struct Occupancy<K: Eq + Hash + Clone> {
+    held: Arc<Mutex<HashMap<K, usize>>>,
+}
+
+impl<K: Eq + Hash + Clone> Default for Occupancy<K> {
+    fn default() -> Self {
+        Self {
+            held: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone> Occupancy<K> {
+    /// Takes one place for `key`, held until the guard drops; `None` when `key` already
+    /// holds `most` (0: no limit).
+    pub fn enter(&self, key: &K, most: usize) -> Option<Occupied<K>> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let count = held.entry(key.clone()).or_default();
+        if most > 0 && *count >= most {
+            return None;
+        }
+        *count += 1;
+        Some(Occupied {
+            held: self.held.clone(),
+            key: key.clone(),
+        })
+    }
+}
+
+/// One place of an [`Occupancy`], given back when dropped.
+pub struct Occupied<K: Eq + Hash + Clone> {
+    held: Arc<Mutex<HashMap<K, usize>>>,
+    key: K,
+}
+
+impl<K: Eq + Hash + Clone> Drop for Occupied<K> {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
 
 /// A token bucket per key: `burst` calls at once, then one more every `refill`.
 pub struct RateLimit<K> {
@@ -97,6 +155,17 @@ mod tests {
         assert!((0..3).all(|_| limit.admit("a")));
         assert!(!limit.admit("a"));
         assert!(limit.admit("b"));
+    }
+
+    #[test]
+    fn an_occupancy_is_bounded_per_key_and_freed_on_drop() {
+        let watchers = Occupancy::default();
+        let first = watchers.enter(&"a", 2).expect("first");
+        let _second = watchers.enter(&"a", 2).expect("second");
+        assert!(watchers.enter(&"a", 2).is_none());
+        assert!(watchers.enter(&"b", 2).is_some());
+        drop(first);
+        assert!(watchers.enter(&"a", 2).is_some());
     }
 
     #[test]

@@ -24,8 +24,18 @@ use crate::heartbeats::Heartbeats;
 use crate::metrics::{self, Metrics};
 use crate::notify::{self, Notifier};
 use crate::observe::ObserveLayer;
-use crate::undecodable::UndecodableLayer;
+use crate::wire_errors::WireErrorsLayer;
 use crate::{db, health, listener, sweeper};
+
+/// A service with the message size limits set explicitly, both ways (tonic's default
+/// for what a server sends is unlimited).
+macro_rules! limited {
+    ($service:expr) => {
+        $service
+            .max_decoding_message_size(crate::config::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::config::MAX_MESSAGE_BYTES)
+    };
+}
 
 /// Database connections renewing leases, besides `--db-pool-size`.
 pub const HEARTBEAT_POOL_SIZE: usize = 2;
@@ -113,6 +123,7 @@ impl Application {
             auth,
             heartbeats,
             tasks: tasks.clone(),
+            watchers: Default::default(),
         };
         let interval = state.settings.sweep_interval();
         tasks.spawn(sweeper::run(
@@ -202,14 +213,20 @@ impl Application {
         }
         let served = server
             .layer(ObserveLayer::new(metrics.clone()))
-            .layer(UndecodableLayer)
+            .layer(WireErrorsLayer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(RunServiceServer::new(RunApi::new(state.clone())))
-            .add_service(SessionServiceServer::new(SessionApi::new(state.clone())))
-            .add_service(RunnerServiceServer::new(RunnerApi::new(state.clone())))
-            .add_service(AdminServiceServer::new(AdminApi::new(state.clone())))
+            .add_service(limited!(RunServiceServer::new(RunApi::new(state.clone()))))
+            .add_service(limited!(SessionServiceServer::new(SessionApi::new(
+                state.clone()
+            ))))
+            .add_service(limited!(RunnerServiceServer::new(RunnerApi::new(
+                state.clone()
+            ))))
+            .add_service(limited!(AdminServiceServer::new(AdminApi::new(
+                state.clone()
+            ))))
             .serve_with_incoming_shutdown(
                 listener::incoming(listener, limits),
                 shutdown.cancelled(),

@@ -38,6 +38,9 @@ pub mod reason {
     /// A run failed because the manager refused another of its runner's writes as
     /// invalid (a run's `failure_kind`).
     pub const WRITE_REFUSED: &str = "write_refused";
+    /// A run failed because its runner's writes went over a quota of the run (its event
+    /// payload bytes; a run's `failure_kind`).
+    pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
 }
 
 /// Response metadata key carrying one of the [`reason`] codes.

@@ -286,10 +286,33 @@ async fn sessions_are_reused_within_their_boundary() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("session_id"), "{}", err.message());
 
-    let err = app
-        .runs
+    // Session ids are per tenant: another tenant naming this id starts a session of its
+    // own, exactly as with a fresh id, and learns nothing of this one.
+    app.runs
         .create_run(as_tenant("intruder", request))
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+        .expect("another tenant may use the same session id for its own session");
+    let theirs = app
+        .runs
+        .list_runs(as_tenant(
+            "intruder",
+            proto::ListRunsRequest {
+                session_id: session_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(theirs.runs.len(), 1);
+    let ours = app
+        .runs
+        .list_runs(proto::ListRunsRequest {
+            session_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ours.runs.len(), 2);
 }

@@ -49,10 +49,12 @@ pub const STREAM_RECHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// NOTIFY is lost: a cache lifetime plus a re-check period.
 pub const STREAM_RECHECK_BOUND: Duration =
     Duration::from_secs(CACHE_TTL.as_secs() + STREAM_RECHECK_INTERVAL.as_secs());
-/// How soon, in practice, a revocation announced by NOTIFY ends the key's streams on
-/// every replica (coalescing, delivery, one query). Not a guarantee (NOTIFY can be lost
-/// with the listener's connection): [`STREAM_RECHECK_BOUND`] is.
-pub const REVOCATION_NOTICE_BOUND: Duration = Duration::from_secs(2);
+/// How soon a revocation announced by NOTIFY ends the key's streams on every replica
+/// (coalescing, delivery, one query): well under a second on a quiet machine, this on a
+/// loaded one — still before a missed notice could have been made up by the cache. Not
+/// a guarantee (NOTIFY can be lost with the listener's connection):
+/// [`STREAM_RECHECK_BOUND`] is.
+pub const REVOCATION_NOTICE_BOUND: Duration = Duration::from_secs(4);
 /// Entries kept at most; beyond this the cache is emptied (it refills on demand).
 const CACHE_CAPACITY: usize = 10_000;
 

@@ -471,6 +471,7 @@ impl Session {
             self.runner.id,
             self.runner.tenant.as_ref(),
             writes,
+            &self.state.settings.quotas(),
         )
         .await?;
         let mut written = Vec::with_capacity(runs.len());
@@ -539,6 +540,7 @@ impl Session {
             self.runner.id,
             self.runner.tenant.as_ref(),
             finishes,
+            &self.state.settings.quotas(),
         )
         .await?;
         for (run, result) in runs.iter().zip(&results) {
@@ -681,6 +683,7 @@ fn refusal_kind(err: &Error) -> Option<&'static str> {
         Error::InvalidArgument(field) if payload::is_too_large(field) => {
             Some(reason::PAYLOAD_TOO_LARGE)
         }
+        Error::ResourceExhausted(_) => Some(reason::QUOTA_EXCEEDED),
         _ => Some(reason::WRITE_REFUSED),
     }
 }

@@ -49,6 +49,8 @@ pub struct AppState {
     pub heartbeats: Heartbeats,
     /// Long-lived per-stream tasks (runner sessions, watchers): shutdown waits for them.
     pub tasks: TaskTracker,
+    /// Open watchers per tenant on this replica (the `tenant_watchers` quota).
+    pub watchers: Arc<crate::limits::Occupancy<crate::store::Tenant>>,
 }
 
 /// Request metadata naming the caller's tenant when authentication is disabled

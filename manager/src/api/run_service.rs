@@ -42,7 +42,13 @@ impl RunApi {
         tenant: &Tenant,
         new_runs: Vec<NewRun>,
     ) -> Result<Vec<Created<RunRecord>>, Error> {
-        let created = lifecycle::create_runs(&self.state.pool, tenant, new_runs).await?;
+        let created = lifecycle::create_runs(
+            &self.state.pool,
+            tenant,
+            new_runs,
+            &self.state.settings.quotas(),
+        )
+        .await?;
         self.state.notifier.work_available();
         self.state.notifier.events_appended(
             created
@@ -311,7 +317,14 @@ impl RunService for RunApi {
         let r = request.get_ref();
         let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
         let command = self.new_command(r).map_err(Error::from)?;
-        let sent = lifecycle::send_command(&self.state.pool, &tenant, run_id, command).await?;
+        let sent = lifecycle::send_command(
+            &self.state.pool,
+            &tenant,
+            run_id,
+            command,
+            &self.state.settings.quotas(),
+        )
+        .await?;
         if sent.created {
             self.state.notifier.commands_added(&[run_id]);
         }

@@ -100,6 +100,7 @@ fn events(
             runner_seq: e.runner_seq,
             event_type,
             payload: Value::Object(payload),
+            payload_bytes: e.payload_json.len(),
         });
     }
     Ok(out)

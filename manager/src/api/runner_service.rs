@@ -131,8 +131,14 @@ impl RunnerService for RunnerApi {
         observe::record_runner(&runner_id);
         observe::record_run(&run_id);
         let write = append_write(&self.state.settings, r).map_err(Error::from)?;
-        let Written::Appended(outcome) =
-            leases::write_one(&self.state.pool, runner_id, caller.runner_tenant(), write).await?
+        let Written::Appended(outcome) = leases::write_one(
+            &self.state.pool,
+            runner_id,
+            caller.runner_tenant(),
+            write,
+            &self.state.settings.quotas(),
+        )
+        .await?
         else {
             return Err(Status::internal("an append stored something else"));
         };
@@ -156,8 +162,14 @@ impl RunnerService for RunnerApi {
         let r = request.get_ref();
         let runner_id = RunnerId::parse("runner_id", &r.runner_id).map_err(Error::from)?;
         let write = finish_write(r).map_err(Error::from)?;
-        let Written::Finished(run) =
-            leases::write_one(&self.state.pool, runner_id, caller.runner_tenant(), write).await?
+        let Written::Finished(run) = leases::write_one(
+            &self.state.pool,
+            runner_id,
+            caller.runner_tenant(),
+            write,
+            &self.state.settings.quotas(),
+        )
+        .await?
         else {
             return Err(Status::internal("a finish stored something else"));
         };

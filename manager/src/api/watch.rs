@@ -5,33 +5,88 @@
 //! or another replica's coalesced NOTIFY) or a slow safety-net poll, then reads again.
 //! So the seam between replay and live delivery has no gap and no duplicate, a watcher
 //! whose replica missed notifications still catches up, and a slow client only slows its
-//! own task: its bounded channel fills and its task waits, while appends and other
-//! watchers carry on. Nobody is ever skipped; a slow client just reads from further back.
+//! own task: its buffer fills and its task waits, while appends and other watchers carry
+//! on. Nobody is ever skipped; a slow client just reads from further back. What a client
+//! that stops reading holds is bounded by bytes: one page ([`events::PAGE_BYTES`]) in
+//! its task and [`BUFFER_BYTES`] buffered towards it.
 //!
 //! A watcher re-checks the API key it was opened with (see [`super::auth::StreamKey`]):
 //! at once when a key is revoked anywhere, and at least every
 //! [`super::auth::STREAM_RECHECK_INTERVAL`]; a revoked or expired key ends the stream
 //! UNAUTHENTICATED.
 
+use std::pin::Pin;
+use std::sync::Arc;
+
 use agentrun_shared::ids::{RunId, SessionId};
 use agentrun_shared::proto;
-use tokio::sync::mpsc;
+use prost::Message;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 use uuid::Uuid;
 
 use super::auth::StreamKey;
 use super::{AppState, convert};
 use crate::error::Error;
+use crate::limits::Occupied;
 use crate::store::sessions::{self, EventCursor};
 use crate::store::{Tenant, events, runs};
 
-/// Events read per page.
+/// Events read per page (pages are bounded by bytes too, in the store).
 const PAGE: i64 = 500;
-/// Events buffered towards one client.
+/// Events buffered towards one client, at most.
 const BUFFER: usize = 256;
+/// Bytes of events buffered towards one client, at most (one larger event still goes).
+pub const BUFFER_BYTES: usize = 1024 * 1024;
 
-pub type EventStream = ReceiverStream<Result<proto::Event, Status>>;
+pub type EventStream = WatchStream<proto::Event>;
+pub type SessionEventStream = WatchStream<proto::SessionEvent>;
+pub type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The sending half of a watcher's stream: bounded by [`BUFFER`] messages and by
+/// [`BUFFER_BYTES`]; a message holds its share of the bytes until the server takes it.
+struct Outbox<T> {
+    tx: mpsc::Sender<(Result<T, Status>, Option<OwnedSemaphorePermit>)>,
+    room: Arc<Semaphore>,
+}
+
+impl<T: Message + Send + 'static> Outbox<T> {
+    fn new() -> (Self, WatchStream<T>) {
+        let (tx, rx) = mpsc::channel(BUFFER);
+        let stream = ReceiverStream::new(rx).map(|(message, _room)| message);
+        let room = Arc::new(Semaphore::new(BUFFER_BYTES));
+        (Self { tx, room }, Box::pin(stream))
+    }
+
+    /// Waits for room, then queues `message`; `Err` when the client went away.
+    async fn send(&self, message: T) -> Result<(), ()> {
+        let bytes = message.encoded_len().clamp(1, BUFFER_BYTES) as u32;
+        let room = self.room.clone().acquire_many_owned(bytes).await.ok();
+        self.tx.send((Ok(message), room)).await.map_err(|_| ())
+    }
+
+    /// Ends the stream with `status`.
+    async fn fail(&self, status: Status) {
+        let _ = self.tx.send((Err(status), None)).await;
+    }
+
+    async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
+
+/// A place among the tenant's open watchers on this replica, held while the watcher runs.
+fn watcher_place(state: &AppState, tenant: &Tenant) -> Result<Occupied<Tenant>, Error> {
+    let most = state.settings.quotas().tenant_watchers;
+    state.watchers.enter(tenant, most).ok_or_else(|| {
+        Error::ResourceExhausted(format!(
+            "the tenant has {most} open watchers on this manager, the most it may have \
+             (--tenant-max-watchers); close one first"
+        ))
+    })
+}
 
 /// Starts following `run_id` after `after_seq`. The stream ends after `run.terminal`.
 pub async fn watch_run(
@@ -45,18 +100,19 @@ pub async fn watch_run(
         let client = state.pool.get().await?;
         runs::get(&client, tenant, run_id).await?;
     }
-    let (tx, rx) = mpsc::channel(BUFFER);
+    let place = watcher_place(state, tenant)?;
+    let (tx, stream) = Outbox::new();
     let state = state.clone();
     let tenant = tenant.clone();
     // Tracked: shutdown ends watchers and waits for them.
     state.tasks.clone().spawn(async move {
-        let _watching = state.metrics.watching();
+        let _watching = (state.metrics.watching(), place);
         let key = StreamKey::new(key, &state.notifier);
         if let Err(err) = follow(&state, &tenant, key, run_id, after_seq, &tx).await {
-            let _ = tx.send(Err(err.into())).await;
+            tx.fail(err.into()).await;
         }
     });
-    Ok(ReceiverStream::new(rx))
+    Ok(stream)
 }
 
 async fn follow(
@@ -65,7 +121,7 @@ async fn follow(
     mut key: StreamKey,
     run_id: RunId,
     mut cursor: i64,
-    tx: &mpsc::Sender<Result<proto::Event, Status>>,
+    tx: &Outbox<proto::Event>,
 ) -> Result<(), Error> {
     let mut woken = state.notifier.watch(run_id.0);
     loop {
@@ -84,7 +140,7 @@ async fn follow(
             (page, run)
         };
         for event in &page {
-            if tx.send(Ok(convert::event(event))).await.is_err() {
+            if tx.send(convert::event(event)).await.is_err() {
                 return Ok(()); // the client went away
             }
             cursor = event.seq;
@@ -108,14 +164,12 @@ async fn follow(
             _ = tokio::time::sleep(state.settings.watch_poll_interval()) => {}
             _ = tx.closed() => return Ok(()),
             _ = state.shutdown.cancelled() => {
-                let _ = tx.send(Err(Status::unavailable("the manager is shutting down; resume with after_seq"))).await;
+                tx.fail(Status::unavailable("the manager is shutting down; resume with after_seq")).await;
                 return Ok(());
             }
         }
     }
 }
-
-pub type SessionEventStream = ReceiverStream<Result<proto::SessionEvent, Status>>;
 
 /// Starts following a session: the events of all its runs after `after`, then live ones,
 /// until the client goes away (a session has no end).
@@ -131,20 +185,21 @@ pub async fn watch_session(
         let client = state.pool.get().await?;
         sessions::get(&client, tenant, session_id, "").await?;
     }
-    let (tx, rx) = mpsc::channel(BUFFER);
+    let place = watcher_place(state, tenant)?;
+    let (tx, stream) = Outbox::new();
     let state = state.clone();
     let tenant = tenant.clone();
     // Tracked: shutdown ends watchers and waits for them.
     state.tasks.clone().spawn(async move {
-        let _watching = state.metrics.watching();
+        let _watching = (state.metrics.watching(), place);
         let key = StreamKey::new(key, &state.notifier);
         if let Err(err) =
             follow_session(&state, &tenant, key, session_id, output_only, after, &tx).await
         {
-            let _ = tx.send(Err(err.into())).await;
+            tx.fail(err.into()).await;
         }
     });
-    Ok(ReceiverStream::new(rx))
+    Ok(stream)
 }
 
 async fn follow_session(
@@ -154,7 +209,7 @@ async fn follow_session(
     session_id: SessionId,
     output_only: bool,
     mut cursor: EventCursor,
-    tx: &mpsc::Sender<Result<proto::SessionEvent, Status>>,
+    tx: &Outbox<proto::SessionEvent>,
 ) -> Result<(), Error> {
     // New runs of the session are announced on the session's own key.
     let mut session_woken = state.notifier.watch(session_id.0);
@@ -180,7 +235,7 @@ async fn follow_session(
                 event: Some(convert::event(event)),
                 session_version: view.session.version,
             };
-            if tx.send(Ok(message)).await.is_err() {
+            if tx.send(message).await.is_err() {
                 return Ok(());
             }
             cursor = EventCursor {
@@ -207,7 +262,7 @@ async fn follow_session(
             _ = tokio::time::sleep(state.settings.watch_poll_interval()) => {}
             _ = tx.closed() => return Ok(()),
             _ = state.shutdown.cancelled() => {
-                let _ = tx.send(Err(Status::unavailable("the manager is shutting down; resume from your cursor"))).await;
+                tx.fail(Status::unavailable("the manager is shutting down; resume from your cursor")).await;
                 return Ok(());
             }
         }

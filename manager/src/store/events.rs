@@ -16,6 +16,11 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 
+/// Payload bytes one page of events carries (ListEvents, ListSessionEvents, a watcher's
+/// read): the page ends with the event that reaches it, so it holds at least one event
+/// and a response stays well under the 4 MiB message limit (one payload is at most 1 MiB).
+pub const PAGE_BYTES: i64 = 2 * 1024 * 1024;
+
 /// Who wrote an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Producer {
@@ -169,21 +174,29 @@ pub(crate) async fn insert_sequenced(
     Ok(())
 }
 
-/// Events of a run with `seq > after_seq`, oldest first.
+/// Events of a run with `seq > after_seq`, oldest first: at most `limit`, and no more
+/// than [`PAGE_BYTES`] of payload past the first.
 pub async fn list(
     client: &impl GenericClient,
     run_id: RunId,
     after_seq: i64,
     limit: i64,
 ) -> Result<Vec<EventRecord>> {
+    // The byte bound is applied in the database: a page of large events is never
+    // fetched whole only to be cut here.
     let stmt = client
         .prepare_cached(
             "SELECT run_id, seq, type, payload, producer, runner_id, epoch, runner_seq, created_at
-             FROM events WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+             FROM (SELECT p.*, sum(octet_length(p.payload::text)) OVER (ORDER BY p.seq)
+                               - octet_length(p.payload::text) AS bytes_before
+                   FROM (SELECT * FROM events WHERE run_id = $1 AND seq > $2
+                         ORDER BY seq LIMIT $3) p) page
+             WHERE bytes_before < $4
+             ORDER BY seq",
         )
         .await?;
     let rows = client
-        .query(&stmt, &[&run_id.0, &after_seq, &limit])
+        .query(&stmt, &[&run_id.0, &after_seq, &limit, &PAGE_BYTES])
         .await?;
     Ok(rows.iter().map(EventRecord::from_row).collect())
 }

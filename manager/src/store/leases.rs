@@ -758,6 +758,8 @@ pub struct RunnerEvent {
     pub runner_seq: i64,
     pub event_type: EventType,
     pub payload: serde_json::Value,
+    /// Its payload's size as sent, counted against the run's quota.
+    pub payload_bytes: usize,
 }
 
 /// What an append stored.

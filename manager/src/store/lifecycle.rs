@@ -17,13 +17,16 @@ use super::events::{self, NewEvent};
 use super::runs::{self, Finish, NewRun, RequeueReason, RunRecord};
 use super::{Created, Tenant, requests, sessions};
 use crate::error::{Error, Result};
+use crate::limits::Quotas;
 
 /// Creates runs in one transaction: all are created (or found, for idempotent retries)
-/// or none. A run whose input has a "prompt" gets it as its first `turn` command.
+/// or none. A run whose input has a "prompt" gets it as its first `turn` command. New
+/// runs that would take the tenant past its quota of pending runs are refused.
 pub async fn create_runs(
     pool: &Pool,
     tenant: &Tenant,
     new_runs: Vec<NewRun>,
+    quotas: &Quotas,
 ) -> Result<Vec<Created<RunRecord>>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
@@ -40,6 +43,17 @@ pub async fn create_runs(
         }
     }
     let inserted = runs::insert_new(&tx, tenant, &new_runs).await?;
+    if quotas.tenant_pending_runs > 0 && inserted.iter().any(Option::is_some) {
+        // Counted after the insert, in its transaction: retries found above add nothing.
+        let pending = runs::count_pending(&tx, tenant, quotas.tenant_pending_runs + 1).await?;
+        if pending > quotas.tenant_pending_runs {
+            return Err(Error::ResourceExhausted(format!(
+                "the tenant would have more than {} pending runs (--tenant-max-pending-runs); \
+                 retry when some have started",
+                quotas.tenant_pending_runs
+            )));
+        }
+    }
 
     // Runs not inserted hit an existing idempotency key: a retry if the request matches.
     let mut results = Vec::with_capacity(new_runs.len());
@@ -100,6 +114,7 @@ pub async fn send_command(
     tenant: &Tenant,
     run_id: RunId,
     command: NewCommand,
+    quotas: &Quotas,
 ) -> Result<Created<CommandRecord>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
@@ -129,6 +144,12 @@ pub async fn send_command(
                 reason::RUN_TERMINAL,
                 format!("run is already {}", run.status.as_str()),
             ));
+        }
+        if quotas.commands_per_run > 0 && run.last_command_seq >= quotas.commands_per_run {
+            return Err(Error::ResourceExhausted(format!(
+                "the run has {} commands, the most one run may have (--max-commands-per-run)",
+                run.last_command_seq
+            )));
         }
         if let Some(expected) = command
             .payload

@@ -47,6 +47,9 @@ pub struct RunRecord {
     pub failure_kind: Option<String>,
     pub failure_message: Option<String>,
     pub last_event_seq: i64,
+    pub last_command_seq: i64,
+    /// Payload bytes of the events its runners appended (the per-run quota).
+    pub event_bytes: i64,
     pub created_at: SystemTime,
     pub updated_at: SystemTime,
     pub claimed_at: Option<SystemTime>,
@@ -93,6 +96,8 @@ impl RunRecord {
             failure_kind: row.get("failure_kind"),
             failure_message: row.get("failure_message"),
             last_event_seq: row.get("last_event_seq"),
+            last_command_seq: row.get("last_command_seq"),
+            event_bytes: row.get("event_bytes"),
             created_at: row.get("created_at"),
             updated_at: row.get("updated_at"),
             claimed_at: row.get("claimed_at"),
@@ -162,6 +167,20 @@ fn micros_since_epoch(t: SystemTime) -> i64 {
         Ok(after) => after.as_micros() as i64,
         Err(before) => -(before.duration().as_micros() as i64),
     }
+}
+
+/// The tenant's pending runs, counted up to `most` (an index scan that stops there).
+pub async fn count_pending(client: &impl GenericClient, tenant: &Tenant, most: i64) -> Result<i64> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT count(*) FROM (SELECT 1 FROM runs WHERE tenant_id = $1 AND status = 'pending'
+                                   LIMIT $2) pending",
+        )
+        .await?;
+    Ok(client
+        .query_one(&stmt, &[&tenant.as_str(), &most])
+        .await?
+        .get(0))
 }
 
 /// Inserts new runs, pending, with `last_event_seq` and `last_command_seq` counting the

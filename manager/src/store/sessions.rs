@@ -25,7 +25,7 @@ use serde_json::Value;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::events::EventRecord;
+use super::events::{self, EventRecord};
 use super::{Tenant, parse_state};
 use crate::error::{Error, Result};
 
@@ -586,7 +586,8 @@ pub struct EventCursor {
 }
 
 /// Events of all runs of a session of the tenant after `after`, in run order (run ids
-/// are time-ordered) then seq, at most `limit`; with `output_only`, only [`is_output`]
+/// are time-ordered) then seq, at most `limit` and [`events::PAGE_BYTES`] of payload past
+/// the first; with `output_only`, only [`is_output`]
 /// events. One statement: a session that is not the tenant's is NOT_FOUND, not empty.
 pub async fn list_events(
     client: &impl GenericClient,
@@ -600,8 +601,11 @@ pub async fn list_events(
     // event means the page is empty.
     let stmt = client
         .prepare_cached(
-            "SELECT e.run_id, e.seq, e.type, e.payload, e.runner_id, e.epoch, e.runner_seq,
-                    e.created_at
+            "SELECT * FROM (
+             SELECT e.run_id, e.seq, e.type, e.payload, e.runner_id, e.epoch, e.runner_seq,
+                    e.created_at,
+                    sum(octet_length(e.payload::text)) OVER (ORDER BY e.run_id, e.seq)
+                        - octet_length(e.payload::text) AS bytes_before
              FROM sessions s
              LEFT JOIN LATERAL (
                  SELECT e.* FROM runs r JOIN events e ON e.run_id = r.id
@@ -615,7 +619,9 @@ pub async fn list_events(
                  LIMIT $9
              ) e ON true
              WHERE s.id = $1 AND s.tenant_id = $2
-             ORDER BY e.run_id, e.seq",
+             ) page
+             WHERE bytes_before IS NULL OR bytes_before < $10
+             ORDER BY run_id, seq",
         )
         .await?;
     // The nil UUID sorts before every run id: no cursor means from the first run.
@@ -633,6 +639,7 @@ pub async fn list_events(
                 &OUTPUT_DELTA_KINDS,
                 &OUTPUT_ITEM_KINDS,
                 &limit,
+                &events::PAGE_BYTES,
             ],
         )
         .await?;

@@ -5,6 +5,10 @@
 //!
 //! | test | abuse |
 //! |---|---|
+//! | `a_heartbeat_flood_from_one_tenant_leaves_another_tenants_lease_alone` | 10,000-lease heartbeats from another tenant |
+//! | `another_tenants_ids_answer_exactly_like_unknown_ids` | another tenant's runner, session, run and request ids |
+//! | `stalled_watchers_and_huge_pages_keep_the_manager_small` | watchers that never read, 1,000-event pages of 200 KiB events |
+//! | `message_limits_and_quotas_refuse_with_resource_exhausted` | a 5 MiB request; pending runs, watchers, commands, event bytes past their quotas |
 //! | `a_runner_whose_key_is_revoked_is_cut_off_and_gets_no_new_run` | runner key revoked while its Connect stream is open |
 //! | `watchers_whose_key_is_revoked_are_ended` | client key revoked during WatchRun and WatchSession |
 //! | `a_key_revoked_on_one_replica_ends_a_watch_on_another` | revocation reaching another replica (NOTIFY) |
@@ -1118,4 +1122,289 @@ fn tokio_stream_of(
         tx.closed().await;
     });
     ReceiverStream::new(rx)
+}
+
+/// A line of `/proc/<pid>/status` in kB (`VmRSS`, `VmHWM`), as MiB.
+fn memory_mib(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("a memory line");
+    kb / 1024
+}
+
+/// Claims a fresh run of `key`'s tenant with a new runner; returns the runner and lease.
+async fn claim_one(
+    runners: &mut RunnerServiceClient<Channel>,
+    key: &str,
+) -> (proto::RunnerIdentity, proto::Assignment) {
+    let identity = runner("abuse");
+    let request = || {
+        with_key(
+            key,
+            proto::ClaimRunsRequest {
+                runner: Some(identity.clone()),
+                max_runs: 1,
+            },
+        )
+    };
+    let assignment = wait_for("a run to claim", LONG, || {
+        let mut runners = runners.clone();
+        let request = request();
+        async move {
+            runners
+                .claim_runs(request)
+                .await
+                .ok()?
+                .into_inner()
+                .assignments
+                .pop()
+        }
+    })
+    .await;
+    (identity, assignment)
+}
+
+/// `n` content deltas of `bytes` each, from runner_seq `from`.
+fn big_deltas(from: i64, n: usize, bytes: usize) -> Vec<proto::RunnerEvent> {
+    (0..n as i64)
+        .map(|i| proto::RunnerEvent {
+            runner_seq: from + i,
+            r#type: "content.delta".into(),
+            payload_json: serde_json::json!({"kind": "assistant_text", "delta": "x".repeat(bytes)})
+                .to_string(),
+        })
+        .collect()
+}
+
+/// The manager's peak memory stays bounded while clients hold stalled watches of a
+/// large log and ask for 1,000-event pages of it: pages and buffers are cut by bytes.
+/// (The issue's probe: ~180 MB per stalled watcher, ~200 MB per page, 2.4 GiB for six.)
+#[tokio::test]
+async fn stalled_watchers_and_huge_pages_keep_the_manager_small() {
+    const EVENTS: usize = 150; // of 200 KiB: a 30 MiB log
+    const PEAK_MIB: u64 = 200;
+    let url = fresh_database().await;
+    // The test appends without heartbeats: a lease that outlasts it.
+    let manager = secured_manager(&url, &[("AGENTRUN_LEASE_TTL_MS", "300000")]).await;
+    let (client_key, runner_key) = (
+        key(&url, "acme", Role::Client).await,
+        key(&url, "acme", Role::Runner).await,
+    );
+    let channel = manager.channel().await;
+    let mut runs = RunServiceClient::new(channel.clone());
+    let mut runners = RunnerServiceClient::new(channel.clone());
+    let run_id = create_keyed(&mut runs, &client_key, "a long answer").await;
+    let (identity, lease) = claim_one(&mut runners, &runner_key).await;
+    for chunk in 0..EVENTS / 3 {
+        let events = big_deltas(1 + 3 * chunk as i64, 3, 200 * 1024);
+        runners
+            .append_events(with_key(&runner_key, append(&identity, &lease, events)))
+            .await
+            .expect("append 600 KiB");
+    }
+
+    // Six watchers that never read, from the start of the log.
+    let mut stalled = Vec::new();
+    for _ in 0..6 {
+        let mut client = RunServiceClient::new(lazy_channel(manager.addr));
+        let watch = client
+            .watch_run(with_key(
+                &client_key,
+                proto::WatchRunRequest {
+                    run_id: run_id.clone(),
+                    after_seq: 0,
+                },
+            ))
+            .await
+            .expect("watch");
+        stalled.push((client, watch));
+    }
+    // Six readers asking for 1,000 events a page, all at once, paging to the end.
+    let readers = (0..6).map(|_| {
+        let mut client = RunServiceClient::new(lazy_channel(manager.addr));
+        let (key, run_id) = (client_key.clone(), run_id.clone());
+        async move {
+            let (mut after_seq, mut seen, mut largest) = (0, 0, 0);
+            loop {
+                let page = client
+                    .list_events(with_key(
+                        &key,
+                        proto::ListEventsRequest {
+                            run_id: run_id.clone(),
+                            after_seq,
+                            limit: 1000,
+                        },
+                    ))
+                    .await
+                    .expect("a page of events")
+                    .into_inner();
+                largest = largest.max(page.encoded_len());
+                let Some(last) = page.events.last() else {
+                    break;
+                };
+                assert_eq!(page.events[0].seq, after_seq + 1, "pages have no gap");
+                after_seq = last.seq;
+                seen += page.events.len();
+                if after_seq >= page.last_seq {
+                    break;
+                }
+            }
+            (seen, largest)
+        }
+    });
+    let readers: Vec<_> = readers.map(tokio::spawn).collect();
+    for reader in readers {
+        let (seen, largest) = reader.await.expect("reader");
+        assert!(seen > EVENTS, "every event was paged through: {seen}");
+        assert!(largest < 4 * 1024 * 1024, "a page of {largest} bytes");
+    }
+    let peak = memory_mib(manager.pid(), "VmHWM");
+    eprintln!(
+        "manager peak RSS {peak} MiB, now {} MiB",
+        memory_mib(manager.pid(), "VmRSS")
+    );
+    assert!(
+        peak < PEAK_MIB,
+        "the manager peaked at {peak} MiB (bound {PEAK_MIB} MiB)"
+    );
+    drop(stalled);
+}
+
+/// A request over the message size limit is RESOURCE_EXHAUSTED naming the limit, and
+/// the quotas refuse the call that would pass them, RESOURCE_EXHAUSTED naming the
+/// setting, while other tenants carry on.
+#[tokio::test]
+async fn message_limits_and_quotas_refuse_with_resource_exhausted() {
+    let url = fresh_database().await;
+    let manager = secured_manager(
+        &url,
+        &[
+            ("AGENTRUN_TENANT_MAX_PENDING_RUNS", "3"),
+            ("AGENTRUN_TENANT_MAX_WATCHERS", "2"),
+            ("AGENTRUN_MAX_COMMANDS_PER_RUN", "3"),
+            ("AGENTRUN_MAX_RUN_EVENT_BYTES", "100000"),
+            ("AGENTRUN_LEASE_TTL_MS", "300000"),
+        ],
+    )
+    .await;
+    let (a, b, a_runner) = (
+        key(&url, "tenant-a", Role::Client).await,
+        key(&url, "tenant-b", Role::Client).await,
+        key(&url, "tenant-a", Role::Runner).await,
+    );
+    let channel = manager.channel().await;
+    let mut runs = RunServiceClient::new(channel.clone()).max_encoding_message_size(usize::MAX);
+    let mut runners = RunnerServiceClient::new(channel.clone());
+    let refused = |result: Result<_, tonic::Status>, names: &str| {
+        let (code, message, _) = answer(result);
+        assert_eq!(code, Code::ResourceExhausted, "{message}");
+        assert!(message.contains(names), "{message:?} should name {names}");
+    };
+
+    // A 5 MiB request: over the 4 MiB message limit.
+    let huge = proto::CreateRunRequest {
+        input_json: serde_json::json!({"prompt": "x".repeat(5 << 20)}).to_string(),
+        ..run_request("")
+    };
+    refused(
+        runs.create_run(with_key(&a, huge)).await.map(|_| ()),
+        "over the limit of 4194304 bytes",
+    );
+
+    // Pending runs per tenant.
+    let mut pending = Vec::new();
+    for i in 0..3 {
+        pending.push(create_keyed(&mut runs, &a, &format!("queued {i}")).await);
+    }
+    refused(
+        runs.create_run(with_key(&a, run_request("one too many")))
+            .await
+            .map(|_| ()),
+        "--tenant-max-pending-runs",
+    );
+    create_keyed(&mut runs, &b, "tenant B is not held back").await;
+
+    // Open watchers per tenant (on this replica), given back when a watch ends.
+    let watch = |key: &str, run_id: &str| {
+        with_key(
+            key,
+            proto::WatchRunRequest {
+                run_id: run_id.to_owned(),
+                after_seq: 0,
+            },
+        )
+    };
+    let first = runs
+        .watch_run(watch(&a, &pending[0]))
+        .await
+        .expect("watch 1");
+    let _second = runs
+        .watch_run(watch(&a, &pending[1]))
+        .await
+        .expect("watch 2");
+    refused(
+        runs.watch_run(watch(&a, &pending[2])).await.map(|_| ()),
+        "--tenant-max-watchers",
+    );
+    drop(first);
+    wait_for("a watcher's place to be given back", LONG, || {
+        let mut runs = runs.clone();
+        let request = watch(&a, &pending[2]);
+        async move { runs.watch_run(request).await.ok() }
+    })
+    .await;
+
+    // Commands per run: the first turn and two steers, then no more.
+    for text in ["one", "two"] {
+        runs.send_command(with_key(
+            &a,
+            proto::SendCommandRequest {
+                run_id: pending[0].clone(),
+                kind: proto::CommandKind::Steer as i32,
+                payload_json: serde_json::json!({ "text": text }).to_string(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("a command within the quota");
+    }
+    refused(
+        runs.send_command(with_key(
+            &a,
+            proto::SendCommandRequest {
+                run_id: pending[0].clone(),
+                kind: proto::CommandKind::Steer as i32,
+                payload_json: r#"{"text": "three"}"#.into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .map(|_| ()),
+        "--max-commands-per-run",
+    );
+
+    // Event payload bytes per run: 30 KB appends until the 100 kB quota.
+    let (identity, lease) = claim_one(&mut runners, &a_runner).await;
+    for i in 0..3 {
+        runners
+            .append_events(with_key(
+                &a_runner,
+                append(&identity, &lease, big_deltas(1 + i, 1, 30_000)),
+            ))
+            .await
+            .expect("an append within the quota");
+    }
+    refused(
+        runners
+            .append_events(with_key(
+                &a_runner,
+                append(&identity, &lease, big_deltas(4, 1, 30_000)),
+            ))
+            .await
+            .map(|_| ()),
+        "--max-run-event-bytes",
+    );
 }

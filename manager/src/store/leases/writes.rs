@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use super::{AppendOutcome, RunnerEvent, fence};
 use crate::error::{Error, Result};
+use crate::limits::Quotas;
 use crate::store::commands::{self, CommandUpdate};
 use crate::store::events::{self, NewEvent, Producer};
 use crate::store::lifecycle;
@@ -90,13 +91,14 @@ pub async fn write(
     runner_id: RunnerId,
     tenant: Option<&Tenant>,
     writes: Vec<LeaseWrite>,
+    quotas: &Quotas,
 ) -> Result<Vec<Result<Written>>> {
     if writes.is_empty() {
         return Ok(Vec::new());
     }
     let mut attempt = 1;
     loop {
-        match write_once(pool, runner_id, tenant, &writes).await {
+        match write_once(pool, runner_id, tenant, &writes, quotas).await {
             Err(Error::Unavailable(why)) if attempt < ATTEMPTS => {
                 let backoff = RETRY_BACKOFF * 2u32.pow(attempt - 1);
                 tracing::debug!(attempt, %why, "lease writes failed; retrying");
@@ -119,10 +121,12 @@ async fn write_once(
     runner_id: RunnerId,
     tenant: Option<&Tenant>,
     writes: &[LeaseWrite],
+    quotas: &Quotas,
 ) -> Result<Vec<Result<Written>>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let mut batch = Batch::load(&tx, tenant, writes).await?;
+    batch.max_event_bytes = quotas.event_bytes_per_run;
     let plans: Vec<Result<Planned>> = writes.iter().map(|w| batch.plan(runner_id, w)).collect();
     let stored = batch.store(&tx).await?;
     tx.commit().await?;
@@ -138,8 +142,9 @@ pub async fn write_one(
     runner_id: RunnerId,
     tenant: Option<&Tenant>,
     write: LeaseWrite,
+    quotas: &Quotas,
 ) -> Result<Written> {
-    self::write(pool, runner_id, tenant, vec![write])
+    self::write(pool, runner_id, tenant, vec![write], quotas)
         .await?
         .pop()
         .unwrap_or_else(|| Err(Error::Internal("a write got no result".into())))
@@ -165,6 +170,7 @@ struct RunProgress {
     status: RunStatus,
     lease_runner_seq: i64,
     active_turn_id: Option<String>,
+    event_bytes: i64,
 }
 
 impl RunProgress {
@@ -173,6 +179,7 @@ impl RunProgress {
             status: run.status,
             lease_runner_seq: run.lease_runner_seq,
             active_turn_id: run.active_turn_id.clone(),
+            event_bytes: run.event_bytes,
         }
     }
 }
@@ -200,6 +207,8 @@ struct Batch {
     requests_changed: HashSet<Uuid>,
     finishes: Vec<Finish>,
     releases: Vec<RunId>,
+    /// The per-run quota of event payload bytes; 0: none.
+    max_event_bytes: i64,
 }
 
 impl Batch {
@@ -233,6 +242,7 @@ impl Batch {
             opened: Vec::new(),
             ended_turns: Vec::new(),
             requests_changed: HashSet::new(),
+            max_event_bytes: 0,
             finishes: Vec::new(),
             releases: Vec::new(),
         };
@@ -353,6 +363,15 @@ impl Batch {
             ));
         }
 
+        progress.event_bytes += fresh.iter().map(|e| e.payload_bytes as i64).sum::<i64>();
+        if self.max_event_bytes > 0 && progress.event_bytes > self.max_event_bytes {
+            return Err(Error::ResourceExhausted(format!(
+                "the run's events would hold {} payload bytes, over the quota of {} per run \
+                 (--max-run-event-bytes)",
+                progress.event_bytes, self.max_event_bytes
+            )));
+        }
+
         // A turn left active by an earlier holder of the run (a runner that restarted and
         // was handed its run back under a new epoch) ended with that holder: the new one
         // runs its turns again from the start.
@@ -471,6 +490,7 @@ impl Batch {
         run.status = progress.status;
         run.lease_runner_seq = progress.lease_runner_seq;
         run.active_turn_id = progress.active_turn_id.clone();
+        run.event_bytes = progress.event_bytes;
         self.progress.insert(run_id.0, progress);
         Ok(Planned::Appended {
             events: start..self.events.len(),
@@ -630,9 +650,9 @@ async fn store_progress(
     let stmt = tx
         .prepare_cached(
             "UPDATE runs SET status = p.status, lease_runner_seq = p.runner_seq,
-                    active_turn_id = p.turn_id, updated_at = now()
-             FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[])
-                  AS p(id, status, runner_seq, turn_id)
+                    active_turn_id = p.turn_id, event_bytes = p.event_bytes, updated_at = now()
+             FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::bigint[])
+                  AS p(id, status, runner_seq, turn_id, event_bytes)
              WHERE runs.id = p.id",
         )
         .await?;
@@ -643,7 +663,9 @@ async fn store_progress(
         .iter()
         .map(|id| progress[id].active_turn_id.as_deref())
         .collect();
-    tx.execute(&stmt, &[&ids, &statuses, &seqs, &turns]).await?;
+    let bytes: Vec<i64> = ids.iter().map(|id| progress[id].event_bytes).collect();
+    tx.execute(&stmt, &[&ids, &statuses, &seqs, &turns, &bytes])
+        .await?;
     Ok(())
 }
 
