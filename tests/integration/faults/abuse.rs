@@ -107,6 +107,11 @@ async fn revoke(channel: Channel, admin: &str, key: &str) {
         .expect("revoke the key");
 }
 
+/// `ABUSE_FULL=1` runs the probes at the size the issue found them (slow; see the README).
+fn full_size() -> bool {
+    std::env::var_os("ABUSE_FULL").is_some()
+}
+
 /// A manager process that requires API keys.
 async fn secured_manager(database_url: &str, extra_env: &[(&str, &str)]) -> ManagerProcess {
     let mut env = vec![("AGENTRUN_AUTH", "required")];
@@ -174,7 +179,7 @@ async fn ended_with<T: std::fmt::Debug>(
 /// Tenant A's real runner must keep its run's lease (a 2 s TTL) all along.
 #[tokio::test]
 async fn a_heartbeat_flood_from_one_tenant_leaves_another_tenants_lease_alone() {
-    const FLOODERS: usize = 48;
+    let flooders = if full_size() { 300 } else { 48 };
     let database_url = fresh_database().await;
     let manager = secured_manager(
         &database_url,
@@ -209,7 +214,7 @@ async fn a_heartbeat_flood_from_one_tenant_leaves_another_tenants_lease_alone() 
     let flood_until = Instant::now() + Duration::from_secs(6);
     let outcomes = Arc::new(std::sync::Mutex::new(BTreeMap::<String, usize>::new()));
     let mut flooders = Vec::new();
-    for i in 0..FLOODERS {
+    for i in 0..flooders {
         let mut runners =
             RunnerServiceClient::new(manager.channel().await).max_encoding_message_size(usize::MAX);
         let (key, outcomes) = (b_runner.clone(), outcomes.clone());
@@ -1184,7 +1189,8 @@ fn big_deltas(from: i64, n: usize, bytes: usize) -> Vec<proto::RunnerEvent> {
 /// (The issue's probe: ~180 MB per stalled watcher, ~200 MB per page, 2.4 GiB for six.)
 #[tokio::test]
 async fn stalled_watchers_and_huge_pages_keep_the_manager_small() {
-    const EVENTS: usize = 150; // of 200 KiB: a 30 MiB log
+    // Of 200 KiB each: a 30 MiB log (200 MiB at full size).
+    let events: usize = if full_size() { 1_000 } else { 150 };
     const PEAK_MIB: u64 = 200;
     let url = fresh_database().await;
     // The test appends without heartbeats: a lease that outlasts it.
@@ -1198,7 +1204,7 @@ async fn stalled_watchers_and_huge_pages_keep_the_manager_small() {
     let mut runners = RunnerServiceClient::new(channel.clone());
     let run_id = create_keyed(&mut runs, &client_key, "a long answer").await;
     let (identity, lease) = claim_one(&mut runners, &runner_key).await;
-    for chunk in 0..EVENTS / 3 {
+    for chunk in 0..events / 3 {
         let events = big_deltas(1 + 3 * chunk as i64, 3, 200 * 1024);
         runners
             .append_events(with_key(&runner_key, append(&identity, &lease, events)))
@@ -1258,7 +1264,7 @@ async fn stalled_watchers_and_huge_pages_keep_the_manager_small() {
     let readers: Vec<_> = readers.map(tokio::spawn).collect();
     for reader in readers {
         let (seen, largest) = reader.await.expect("reader");
-        assert!(seen > EVENTS, "every event was paged through: {seen}");
+        assert!(seen > events, "every event was paged through: {seen}");
         assert!(largest < 4 * 1024 * 1024, "a page of {largest} bytes");
     }
     let peak = memory_mib(manager.pid(), "VmHWM");
@@ -1407,4 +1413,52 @@ async fn message_limits_and_quotas_refuse_with_resource_exhausted() {
             .map(|_| ()),
         "--max-run-event-bytes",
     );
+}
+
+/// 20,000 calls to made-up methods, without a key, leave `/metrics` small: only methods
+/// the server serves get a label of their own, the rest count as `other`.
+#[tokio::test]
+async fn calls_to_unknown_methods_do_not_grow_the_metrics() {
+    const CALLS: usize = 20_000;
+    const METRICS_BYTES: usize = 64 * 1024;
+    let url = fresh_database().await;
+    let metrics = free_addr();
+    let manager =
+        secured_manager(&url, &[("AGENTRUN_METRICS_LISTEN", &metrics.to_string())]).await;
+    let before = scrape(metrics).await.len();
+    let callers = (0..16).map(|caller| {
+        let channel = lazy_channel(manager.addr);
+        tokio::spawn(async move {
+            let mut grpc = tonic::client::Grpc::new(channel);
+            for i in (caller..CALLS).step_by(16) {
+                let path = format!("/agentrun.v1.RunService/Probe{i}x{}", Uuid::new_v4().simple());
+                grpc.ready().await.expect("channel ready");
+                let status = grpc
+                    .unary(
+                        Request::new(Vec::new()),
+                        PathAndQuery::try_from(path).expect("a path"),
+                        RawCodec,
+                    )
+                    .await
+                    .expect_err("no such method");
+                assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+            }
+        })
+    });
+    for caller in callers.collect::<Vec<_>>() {
+        caller.await.expect("caller");
+    }
+    let text = scrape(metrics).await;
+    eprintln!("/metrics: {before} bytes before, {} after {CALLS} unknown methods", text.len());
+    assert!(
+        text.len() < METRICS_BYTES,
+        "/metrics grew to {} bytes (bound {METRICS_BYTES})",
+        text.len()
+    );
+    let counted = sample(
+        &text,
+        "agentrun_rpc_requests_total",
+        &[("method", "other"), ("code", "Unimplemented")],
+    );
+    assert!(counted >= CALLS as f64, "unknown calls are still counted: {counted}");
 }
