@@ -6,6 +6,7 @@ use agentrun_shared::ids::{RunId, RunnerId};
 use agentrun_shared::proto::{self, runner_service_server::RunnerService};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::auth::Caller;
 use super::runner_messages::{
     append_write, delivered_to, finish_write, heartbeat_response, lease_refs, runner_identity,
     within_capacity,
@@ -14,7 +15,7 @@ use super::{AppState, caller, convert, validate};
 use crate::error::Error;
 use crate::observe;
 use crate::store::api_keys::Role;
-use crate::store::leases::{self, Heartbeat, Written};
+use crate::store::leases::{self, Heartbeat, LeaseWrite, Written};
 
 pub struct RunnerApi {
     state: AppState,
@@ -27,6 +28,23 @@ impl RunnerApi {
 
     fn lease_ttl_ms(&self) -> i64 {
         self.state.settings.lease_ttl_ms as i64
+    }
+
+    /// Stores one lease write of the caller's runner (fenced by its epoch in the store).
+    async fn write(
+        &self,
+        caller: &Caller,
+        runner_id: RunnerId,
+        write: LeaseWrite,
+    ) -> Result<Written, Error> {
+        leases::write_one(
+            &self.state.pool,
+            runner_id,
+            caller.runner_tenant(),
+            write,
+            &self.state.settings.quotas(),
+        )
+        .await
     }
 }
 
@@ -131,15 +149,7 @@ impl RunnerService for RunnerApi {
         observe::record_runner(&runner_id);
         observe::record_run(&run_id);
         let write = append_write(&self.state.settings, r).map_err(Error::from)?;
-        let Written::Appended(outcome) = leases::write_one(
-            &self.state.pool,
-            runner_id,
-            caller.runner_tenant(),
-            write,
-            &self.state.settings.quotas(),
-        )
-        .await?
-        else {
+        let Written::Appended(outcome) = self.write(&caller, runner_id, write).await? else {
             return Err(Status::internal("an append stored something else"));
         };
         self.state
@@ -162,15 +172,7 @@ impl RunnerService for RunnerApi {
         let r = request.get_ref();
         let runner_id = RunnerId::parse("runner_id", &r.runner_id).map_err(Error::from)?;
         let write = finish_write(r).map_err(Error::from)?;
-        let Written::Finished(run) = leases::write_one(
-            &self.state.pool,
-            runner_id,
-            caller.runner_tenant(),
-            write,
-            &self.state.settings.quotas(),
-        )
-        .await?
-        else {
+        let Written::Finished(run) = self.write(&caller, runner_id, write).await? else {
             return Err(Status::internal("a finish stored something else"));
         };
         self.state.notifier.events_appended([run.id.0]);

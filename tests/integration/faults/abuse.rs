@@ -179,7 +179,7 @@ async fn ended_with<T: std::fmt::Debug>(
 /// Tenant A's real runner must keep its run's lease (a 2 s TTL) all along.
 #[tokio::test]
 async fn a_heartbeat_flood_from_one_tenant_leaves_another_tenants_lease_alone() {
-    let flooders = if full_size() { 300 } else { 48 };
+    let flooder_count = if full_size() { 300 } else { 48 };
     let database_url = fresh_database().await;
     let manager = secured_manager(
         &database_url,
@@ -214,7 +214,7 @@ async fn a_heartbeat_flood_from_one_tenant_leaves_another_tenants_lease_alone() 
     let flood_until = Instant::now() + Duration::from_secs(6);
     let outcomes = Arc::new(std::sync::Mutex::new(BTreeMap::<String, usize>::new()));
     let mut flooders = Vec::new();
-    for i in 0..flooders {
+    for i in 0..flooder_count {
         let mut runners =
             RunnerServiceClient::new(manager.channel().await).max_encoding_message_size(usize::MAX);
         let (key, outcomes) = (b_runner.clone(), outcomes.clone());
@@ -1423,15 +1423,17 @@ async fn calls_to_unknown_methods_do_not_grow_the_metrics() {
     const METRICS_BYTES: usize = 64 * 1024;
     let url = fresh_database().await;
     let metrics = free_addr();
-    let manager =
-        secured_manager(&url, &[("AGENTRUN_METRICS_LISTEN", &metrics.to_string())]).await;
+    let manager = secured_manager(&url, &[("AGENTRUN_METRICS_LISTEN", &metrics.to_string())]).await;
     let before = scrape(metrics).await.len();
     let callers = (0..16).map(|caller| {
         let channel = lazy_channel(manager.addr);
         tokio::spawn(async move {
             let mut grpc = tonic::client::Grpc::new(channel);
             for i in (caller..CALLS).step_by(16) {
-                let path = format!("/agentrun.v1.RunService/Probe{i}x{}", Uuid::new_v4().simple());
+                let path = format!(
+                    "/agentrun.v1.RunService/Probe{i}x{}",
+                    Uuid::new_v4().simple()
+                );
                 grpc.ready().await.expect("channel ready");
                 let status = grpc
                     .unary(
@@ -1449,7 +1451,10 @@ async fn calls_to_unknown_methods_do_not_grow_the_metrics() {
         caller.await.expect("caller");
     }
     let text = scrape(metrics).await;
-    eprintln!("/metrics: {before} bytes before, {} after {CALLS} unknown methods", text.len());
+    eprintln!(
+        "/metrics: {before} bytes before, {} after {CALLS} unknown methods",
+        text.len()
+    );
     assert!(
         text.len() < METRICS_BYTES,
         "/metrics grew to {} bytes (bound {METRICS_BYTES})",
@@ -1460,5 +1465,8 @@ async fn calls_to_unknown_methods_do_not_grow_the_metrics() {
         "agentrun_rpc_requests_total",
         &[("method", "other"), ("code", "Unimplemented")],
     );
-    assert!(counted >= CALLS as f64, "unknown calls are still counted: {counted}");
+    assert!(
+        counted >= CALLS as f64,
+        "unknown calls are still counted: {counted}"
+    );
 }
