@@ -18,6 +18,7 @@ use tonic_health::ServingStatus;
 use uuid::Uuid;
 
 use crate::api::auth::Authenticator;
+use crate::api::watch_hub::{self, WatchHub};
 use crate::api::{AdminApi, AppState, RunApi, RunnerApi, SessionApi};
 use crate::config::{AuthMode, Settings};
 use crate::heartbeats::Heartbeats;
@@ -114,16 +115,24 @@ impl Application {
             background.clone(),
         );
         let tasks = TaskTracker::new();
+        let app_shutdown = shutdown.child_token();
+        let watch_hub = WatchHub::new(
+            pool.clone(),
+            notifier.clone(),
+            app_shutdown.clone(),
+            tasks.clone(),
+        );
         let state = AppState {
             pool,
             settings: Arc::new(settings),
             notifier: notifier.clone(),
-            shutdown: shutdown.child_token(),
+            shutdown: app_shutdown,
             metrics: metrics.clone(),
             auth,
             heartbeats,
             tasks: tasks.clone(),
             watchers: Default::default(),
+            watch_hub: watch_hub.clone(),
         };
         let interval = state.settings.sweep_interval();
         tasks.spawn(sweeper::run(
@@ -151,6 +160,12 @@ impl Application {
             notifier.clone(),
             state.pool.clone(),
             Duration::from_millis(state.settings.runner_poll_interval_ms.max(10)),
+            background.clone(),
+        ));
+        // One safety-net poll for every watched run on this replica.
+        tasks.spawn(watch_hub::poll(
+            watch_hub,
+            state.settings.watch_poll_interval(),
             background.clone(),
         ));
         tasks.spawn(notify::listen(notifier, database, background.clone()));

@@ -27,3 +27,4 @@ mod tls;
 mod turn_rules;
 mod validation;
 mod watch;
+mod watch_hub;

@@ -11,6 +11,7 @@ mod runner_service;
 mod session_service;
 mod validate;
 mod watch;
+pub(crate) mod watch_hub;
 
 use std::sync::Arc;
 
@@ -51,6 +52,8 @@ pub struct AppState {
     pub tasks: TaskTracker,
     /// Open watchers per tenant on this replica (the `tenant_watchers` quota).
     pub watchers: Arc<crate::limits::Occupancy<crate::store::Tenant>>,
+    /// Tails each watched run once for all its watchers on this replica.
+    pub watch_hub: Arc<watch_hub::WatchHub>,
 }
 
 /// Request metadata naming the caller's tenant when authentication is disabled

@@ -1,14 +1,19 @@
-//! Following a run's events live (`WatchRun`), or a session's (`WatchSession`).
+//! Following a run's events live (`WatchRun`), or a session's (`WatchSession`): the
+//! per-watcher part.
 //!
-//! The database is the only source of events: a watcher reads pages after its cursor,
-//! sends them, and when it has caught up waits for a wake-up (an append on this replica,
-//! or another replica's coalesced NOTIFY) or a slow safety-net poll, then reads again.
-//! So the seam between replay and live delivery has no gap and no duplicate, a watcher
-//! whose replica missed notifications still catches up, and a slow client only slows its
-//! own task: its buffer fills and its task waits, while appends and other watchers carry
-//! on. Nobody is ever skipped; a slow client just reads from further back. What a client
-//! that stops reading holds is bounded by bytes: one page ([`events::PAGE_BYTES`]) in
-//! its task and [`BUFFER_BYTES`] buffered towards it.
+//! The database is the only source of events. A run watcher reads pages after its
+//! cursor until it has caught up, then attaches to its run's topic in the replica's
+//! [`super::watch_hub`], which tails the log once for all of the run's watchers here and
+//! queues new events into each one's outbox. A watcher whose outbox is full is detached
+//! and reads from the database again at its own cursor, then re-attaches; so the seam
+//! between replay and live delivery has no gap and no duplicate, and a slow client only
+//! slows itself. What a client that stops reading holds is bounded by bytes: one page
+//! ([`events::PAGE_BYTES`]) in its task and [`BUFFER_BYTES`] buffered towards it. An idle
+//! attached watcher costs the database nothing; the safety-net poll is the hub's, one
+//! per replica.
+//!
+//! A session watcher still reads on its own: after each wake-up of the session or its
+//! runs, or its slow safety-net poll, it reads the session's log after its cursor.
 //!
 //! A watcher re-checks the API key it was opened with (see [`super::auth::StreamKey`]):
 //! at once when a key is revoked anywhere, and at least every
@@ -28,6 +33,7 @@ use tonic::Status;
 use uuid::Uuid;
 
 use super::auth::StreamKey;
+use super::watch_hub::Left;
 use super::{AppState, convert};
 use crate::error::Error;
 use crate::limits::Occupied;
@@ -47,13 +53,33 @@ pub type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// The sending half of a watcher's stream: bounded by [`BUFFER`] messages and by
 /// [`BUFFER_BYTES`]; a message holds its share of the bytes until the server takes it.
-struct Outbox<T> {
+/// The watcher's task and the hub share it, one at a time (the hub while attached).
+pub(super) struct Outbox<T> {
     tx: mpsc::Sender<(Result<T, Status>, Option<OwnedSemaphorePermit>)>,
     room: Arc<Semaphore>,
 }
 
+impl<T> Clone for Outbox<T> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            room: self.room.clone(),
+        }
+    }
+}
+
+/// What came of [`Outbox::try_send`].
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum TrySend {
+    Sent,
+    /// No room now: the message was not queued.
+    Full,
+    /// The client went away.
+    Closed,
+}
+
 impl<T: Message + Send + 'static> Outbox<T> {
-    fn new() -> (Self, WatchStream<T>) {
+    pub(super) fn new() -> (Self, WatchStream<T>) {
         let (tx, rx) = mpsc::channel(BUFFER);
         let stream = ReceiverStream::new(rx).map(|(message, _room)| message);
         let room = Arc::new(Semaphore::new(BUFFER_BYTES));
@@ -67,6 +93,19 @@ impl<T: Message + Send + 'static> Outbox<T> {
         self.tx.send((Ok(message), room)).await.map_err(|_| ())
     }
 
+    /// Queues `message` if there is room now, without waiting.
+    pub(super) fn try_send(&self, message: T) -> TrySend {
+        let bytes = message.encoded_len().clamp(1, BUFFER_BYTES) as u32;
+        let Ok(room) = self.room.clone().try_acquire_many_owned(bytes) else {
+            return TrySend::Full;
+        };
+        match self.tx.try_send((Ok(message), Some(room))) {
+            Ok(()) => TrySend::Sent,
+            Err(mpsc::error::TrySendError::Full(_)) => TrySend::Full,
+            Err(mpsc::error::TrySendError::Closed(_)) => TrySend::Closed,
+        }
+    }
+
     /// Ends the stream with `status`.
     async fn fail(&self, status: Status) {
         let _ = self.tx.send((Err(status), None)).await;
@@ -74,6 +113,10 @@ impl<T: Message + Send + 'static> Outbox<T> {
 
     async fn closed(&self) {
         self.tx.closed().await
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
     }
 }
 
@@ -123,12 +166,9 @@ async fn follow(
     mut cursor: i64,
     tx: &Outbox<proto::Event>,
 ) -> Result<(), Error> {
-    let mut woken = state.notifier.watch(run_id.0);
     loop {
+        // Catch up from the database at our own cursor.
         key.check_if_due(&state.auth, &state.notifier).await?;
-        // Mark the wake-ups seen before reading, so one that lands during the read is
-        // not lost.
-        woken.borrow_and_update();
         let (page, run) = {
             let client = state.pool.get().await?;
             let page = events::list(&client, run_id, cursor, PAGE).await?;
@@ -158,17 +198,36 @@ async fn follow(
         if page.len() as i64 == PAGE {
             continue;
         }
-        tokio::select! {
-            _ = woken.changed() => {}
-            _ = key.due() => {}
-            _ = tokio::time::sleep(state.settings.watch_poll_interval()) => {}
-            _ = tx.closed() => return Ok(()),
-            _ = state.shutdown.cancelled() => {
-                tx.fail(Status::unavailable("the manager is shutting down; resume with after_seq")).await;
-                return Ok(());
+        if tx.is_closed() {
+            return Ok(());
+        }
+        if state.shutdown.is_cancelled() {
+            return Err(shutting_down());
+        }
+        // Caught up: live events come from the hub. `None`: its reader is already past
+        // us, so we read again.
+        let Some(mut attached) = state.watch_hub.attach(run_id, cursor, tx) else {
+            continue;
+        };
+        loop {
+            tokio::select! {
+                left = attached.left() => match left {
+                    Left::Behind { cursor: at } => {
+                        cursor = at;
+                        break;
+                    }
+                    Left::Ended => return Ok(()),
+                },
+                _ = key.due() => key.check(&state.auth, &state.notifier).await?,
+                _ = tx.closed() => return Ok(()),
+                _ = state.shutdown.cancelled() => return Err(shutting_down()),
             }
         }
     }
+}
+
+fn shutting_down() -> Error {
+    Error::Unavailable("the manager is shutting down; resume with after_seq".into())
 }
 
 /// Starts following a session: the events of all its runs after `after`, then live ones,

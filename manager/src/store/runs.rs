@@ -318,6 +318,23 @@ pub async fn get(client: &impl GenericClient, tenant: &Tenant, run_id: RunId) ->
     RunRecord::from_row(&row)
 }
 
+/// The `last_event_seq` of each of `run_ids` that exists: one indexed query, however
+/// many (the watch hub's safety-net poll).
+pub async fn last_event_seqs(
+    client: &impl GenericClient,
+    run_ids: &[RunId],
+) -> Result<Vec<(RunId, i64)>> {
+    let ids: Vec<Uuid> = run_ids.iter().map(|r| r.0).collect();
+    let stmt = client
+        .prepare_cached("SELECT id, last_event_seq FROM runs WHERE id = ANY($1)")
+        .await?;
+    let rows = client.query(&stmt, &[&ids]).await?;
+    Ok(rows
+        .iter()
+        .map(|row| (RunId(row.get("id")), row.get("last_event_seq")))
+        .collect())
+}
+
 /// Locks a run of the tenant for the rest of the transaction.
 pub async fn lock(tx: &impl GenericClient, tenant: &Tenant, run_id: RunId) -> Result<RunRecord> {
     let stmt = tx

@@ -1,0 +1,333 @@
+//! The watch hub of one replica: what `WatchRun` costs follows the watched runs, not the
+//! watchers.
+//!
+//! Each run watched on this replica has one *topic*: a reader task that tails the run's
+//! log after a wake-up (an append on this replica, another replica's coalesced NOTIFY,
+//! or the safety-net poll) and fans the events out in memory to the watchers *attached*
+//! to it, into each watcher's byte-bounded outbox. One append is read once per replica,
+//! however many watch it.
+//!
+//! A watcher attaches only once it has read the log itself up to the topic's tail (its
+//! cursor is at or past what the reader has fanned out), so the seam has no gap; the
+//! reader skips what a watcher already has (seq at or below its cursor), so it has no
+//! duplicate. A watcher whose outbox is full when an event comes is *detached* with its
+//! cursor and reads from the database at its own pace until it catches up, then
+//! attaches again: a stalled client holds back nobody, and what it holds stays bounded by
+//! its outbox. An attached watcher that nothing happens to costs nothing.
+//!
+//! The safety net for lost wake-ups is one query per replica and interval
+//! ([`poll`]): the watched runs' `last_event_seq`, waking only the readers whose run
+//! moved past their tail. A topic whose last watcher leaves ends with its reader.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentrun_shared::ids::RunId;
+use agentrun_shared::proto;
+use deadpool_postgres::Pool;
+use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::convert;
+use super::watch::{Outbox, TrySend};
+use crate::error::Result;
+use crate::notify::Notifier;
+use crate::store::{events, runs};
+
+/// Events the reader reads per page (pages are bounded by bytes too, in the store).
+const PAGE: i64 = 500;
+
+/// Why a watcher is no longer attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Left {
+    /// It missed events after `cursor` (its outbox was full, or the reader stopped): it
+    /// reads on from the database.
+    Behind { cursor: i64 },
+    /// It was sent `run.terminal`: its stream ends.
+    Ended,
+}
+
+/// The watch hub of one replica (see the module doc).
+pub struct WatchHub {
+    pool: Pool,
+    notifier: Arc<Notifier>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    topics: Mutex<HashMap<RunId, Topic>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+struct Topic {
+    /// Every event up to this seq was read and offered to the attached watchers.
+    tail: i64,
+    subscribers: Vec<Subscriber>,
+    /// Wakes the reader: the safety-net poll saw the run move, or a watcher left.
+    poke: Arc<Notify>,
+}
+
+struct Subscriber {
+    id: u64,
+    /// The last seq queued to this watcher.
+    cursor: i64,
+    outbox: Outbox<proto::Event>,
+    left: Option<oneshot::Sender<Left>>,
+}
+
+impl Drop for Subscriber {
+    /// Whoever removes a subscriber without saying why leaves it behind at its cursor, so
+    /// no path (a full outbox, a failed read, shutdown) can lose its place.
+    fn drop(&mut self) {
+        if let Some(left) = self.left.take() {
+            let _ = left.send(Left::Behind {
+                cursor: self.cursor,
+            });
+        }
+    }
+}
+
+/// A watcher's place in its run's topic; dropping it detaches the watcher.
+pub struct Attachment {
+    hub: Arc<WatchHub>,
+    run_id: RunId,
+    id: u64,
+    left: oneshot::Receiver<Left>,
+}
+
+impl Attachment {
+    /// Resolves when the watcher was detached, saying why.
+    pub async fn left(&mut self) -> Left {
+        // The sender is consumed only by sending (see `Subscriber::drop`).
+        (&mut self.left).await.unwrap_or(Left::Ended)
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        let mut topics = self.hub.topics.lock().expect("watch hub lock");
+        if let Some(topic) = topics.get_mut(&self.run_id) {
+            topic.subscribers.retain(|s| s.id != self.id);
+            if topic.subscribers.is_empty() {
+                // The reader ends the topic.
+                topic.poke.notify_one();
+            }
+        }
+    }
+}
+
+impl WatchHub {
+    pub fn new(
+        pool: Pool,
+        notifier: Arc<Notifier>,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            pool,
+            notifier,
+            shutdown,
+            tasks,
+            topics: Mutex::default(),
+            next_id: Default::default(),
+        })
+    }
+
+    /// Attaches a watcher that has read `run_id`'s log up to `cursor`, sending into
+    /// `outbox` from the next event on. `None` when the topic's reader is already past
+    /// `cursor`: the watcher reads the database again first.
+    pub(super) fn attach(
+        self: &Arc<Self>,
+        run_id: RunId,
+        cursor: i64,
+        outbox: &Outbox<proto::Event>,
+    ) -> Option<Attachment> {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (left_tx, left) = oneshot::channel();
+        let subscriber = || Subscriber {
+            id,
+            cursor,
+            outbox: outbox.clone(),
+            left: Some(left_tx),
+        };
+        let mut topics = self.topics.lock().expect("watch hub lock");
+        match topics.entry(run_id) {
+            Entry::Occupied(mut topic) => {
+                let topic = topic.get_mut();
+                if cursor < topic.tail {
+                    return None;
+                }
+                topic.subscribers.push(subscriber());
+            }
+            Entry::Vacant(vacant) => {
+                let poke = Arc::new(Notify::new());
+                vacant.insert(Topic {
+                    tail: cursor,
+                    subscribers: vec![subscriber()],
+                    poke: poke.clone(),
+                });
+                // Tracked: shutdown waits for readers too.
+                self.tasks.spawn(read(self.clone(), run_id, poke));
+            }
+        }
+        Some(Attachment {
+            hub: self.clone(),
+            run_id,
+            id,
+            left,
+        })
+    }
+
+    /// The topic's tail, or `None` once nobody is attached (the topic is then removed
+    /// and its reader ends).
+    fn tail_or_close(&self, run_id: RunId) -> Option<i64> {
+        let mut topics = self.topics.lock().expect("watch hub lock");
+        let topic = topics.get(&run_id)?;
+        if topic.subscribers.is_empty() {
+            topics.remove(&run_id);
+            return None;
+        }
+        Some(topic.tail)
+    }
+
+    /// Removes the topic; its watchers are left behind at their cursors.
+    fn close(&self, run_id: RunId) {
+        let topic = self.topics.lock().expect("watch hub lock").remove(&run_id);
+        drop(topic);
+    }
+
+    /// Offers `page` (read after the topic's tail, in order) to every attached watcher.
+    /// Returns whether the run ended (the topic is then closed).
+    fn fan_out(&self, run_id: RunId, page: &[events::EventRecord]) -> bool {
+        let Some(last) = page.last() else {
+            return false;
+        };
+        let converted: Vec<proto::Event> = page.iter().map(convert::event).collect();
+        let ended = page.iter().any(|e| e.event_type == "run.terminal");
+        let mut topics = self.topics.lock().expect("watch hub lock");
+        let Some(topic) = topics.get_mut(&run_id) else {
+            return true;
+        };
+        topic.tail = last.seq;
+        let mut detached = Vec::new();
+        topic.subscribers.retain_mut(|subscriber| {
+            for event in &converted {
+                if event.seq <= subscriber.cursor {
+                    continue;
+                }
+                match subscriber.outbox.try_send(event.clone()) {
+                    TrySend::Sent => subscriber.cursor = event.seq,
+                    // Behind: it reads on from the database at its cursor.
+                    TrySend::Full => return false,
+                    // The client went away; its watcher ends on its own.
+                    TrySend::Closed => return false,
+                }
+            }
+            true
+        });
+        if ended {
+            for mut subscriber in topic.subscribers.drain(..) {
+                if let Some(left) = subscriber.left.take() {
+                    let _ = left.send(Left::Ended);
+                }
+                detached.push(subscriber);
+            }
+            topics.remove(&run_id);
+        }
+        drop(topics);
+        drop(detached);
+        ended
+    }
+
+    /// Wakes the readers of runs that `seqs` (run, last_event_seq) show past their tail.
+    fn wake_moved(&self, seqs: &[(RunId, i64)]) {
+        let topics = self.topics.lock().expect("watch hub lock");
+        for (run_id, last) in seqs {
+            if let Some(topic) = topics.get(run_id)
+                && *last > topic.tail
+            {
+                topic.poke.notify_one();
+            }
+        }
+    }
+}
+
+/// One topic's reader: tails `run_id`'s log after each wake-up until nobody watches it,
+/// the run ends, or the manager shuts down.
+async fn read(hub: Arc<WatchHub>, run_id: RunId, poke: Arc<Notify>) {
+    let mut woken = hub.notifier.watch(run_id.0);
+    loop {
+        // Mark the wake-ups seen before reading, so one that lands during the read is
+        // not lost. The first pass reads at once: an append between the first watcher's
+        // own read and this subscription woke nobody.
+        woken.borrow_and_update();
+        let Some(tail) = hub.tail_or_close(run_id) else {
+            return;
+        };
+        let page = async {
+            let client = hub.pool.get().await?;
+            events::list(&client, run_id, tail, PAGE).await
+        };
+        match page.await {
+            Ok(page) => {
+                if hub.fan_out(run_id, &page) {
+                    return;
+                }
+                if page.len() as i64 == PAGE {
+                    continue;
+                }
+            }
+            Err(err) => {
+                // Its watchers read on from the database themselves (and meet the error
+                // there, if it lasts).
+                tracing::debug!(error = %err, %run_id, "watch reader failed; watchers read on alone");
+                hub.close(run_id);
+                return;
+            }
+        }
+        tokio::select! {
+            _ = woken.changed() => {}
+            _ = poke.notified() => {}
+            _ = hub.shutdown.cancelled() => {
+                hub.close(run_id);
+                return;
+            }
+        }
+    }
+}
+
+/// The safety net for lost wake-ups, until `shutdown`: every `interval`, one query reads
+/// the watched runs' last seqs and wakes the readers whose run moved. Nothing when
+/// nothing is watched.
+pub async fn poll(hub: Arc<WatchHub>, interval: Duration, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let watched: Vec<RunId> = hub
+            .topics
+            .lock()
+            .expect("watch hub lock")
+            .keys()
+            .copied()
+            .collect();
+        if watched.is_empty() {
+            continue;
+        }
+        let seqs = async {
+            let client = hub.pool.get().await?;
+            runs::last_event_seqs(&client, &watched).await
+        };
+        let seqs: Result<_> = seqs.await;
+        match seqs {
+            Ok(seqs) => hub.wake_moved(&seqs),
+            Err(err) => tracing::debug!(error = %err, "watch poll failed; retrying next tick"),
+        }
+    }
+}
