@@ -289,7 +289,8 @@ async fn read(hub: Arc<WatchHub>, run_id: RunId, poke: Arc<Notify>) {
             }
         }
         tokio::select! {
-            _ = woken.changed() => {}
+            // An error (the notifier went away) disables the branch; pokes still come.
+            Ok(()) = woken.changed() => {}
             _ = poke.notified() => {}
             _ = hub.shutdown.cancelled() => {
                 hub.close(run_id);
@@ -329,5 +330,156 @@ pub async fn poll(hub: Arc<WatchHub>, interval: Duration, shutdown: Cancellation
             Ok(seqs) => hub.wake_moved(&seqs),
             Err(err) => tracing::debug!(error = %err, "watch poll failed; retrying next tick"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use futures_util::StreamExt;
+    use uuid::Uuid;
+
+    use super::super::watch::{BUFFER_BYTES, WatchStream};
+    use super::*;
+    use crate::store::events::{EventRecord, Producer};
+
+    /// A hub whose database is never reached: the tests drive topics by hand.
+    fn hub() -> Arc<WatchHub> {
+        let pool = crate::db::pool("postgres://nobody@127.0.0.1:1/none", 1).unwrap();
+        WatchHub::new(
+            pool,
+            Notifier::new(Uuid::new_v4()),
+            CancellationToken::new(),
+            TaskTracker::new(),
+        )
+    }
+
+    fn record(run_id: RunId, seq: i64, event_type: &str, bytes: usize) -> EventRecord {
+        EventRecord {
+            run_id,
+            seq,
+            event_type: event_type.into(),
+            payload: serde_json::json!({ "text": "x".repeat(bytes) }),
+            producer: Producer::Manager,
+            created_at: SystemTime::now(),
+        }
+    }
+
+    /// Attaches a subscriber by hand (no reader task), as `attach` would.
+    fn subscribe(
+        hub: &Arc<WatchHub>,
+        run_id: RunId,
+        cursor: i64,
+    ) -> (Attachment, WatchStream<proto::Event>) {
+        let (outbox, stream) = Outbox::new();
+        let id = hub
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (left_tx, left) = oneshot::channel();
+        let mut topics = hub.topics.lock().unwrap();
+        let topic = topics.entry(run_id).or_insert_with(|| Topic {
+            tail: cursor,
+            subscribers: Vec::new(),
+            poke: Arc::new(Notify::new()),
+        });
+        topic.subscribers.push(Subscriber {
+            id,
+            cursor,
+            outbox,
+            left: Some(left_tx),
+        });
+        let attachment = Attachment {
+            hub: hub.clone(),
+            run_id,
+            id,
+            left,
+        };
+        (attachment, stream)
+    }
+
+    async fn seqs(stream: &mut WatchStream<proto::Event>, n: usize) -> Vec<i64> {
+        let mut seqs = Vec::new();
+        for _ in 0..n {
+            seqs.push(stream.next().await.unwrap().unwrap().seq);
+        }
+        seqs
+    }
+
+    #[tokio::test]
+    async fn a_page_reaches_each_watcher_once_from_its_own_cursor() {
+        let hub = hub();
+        let run = RunId::new();
+        let (_a, mut a) = subscribe(&hub, run, 0);
+        let (_b, mut b) = subscribe(&hub, run, 2);
+        let page: Vec<_> = (1..=4)
+            .map(|seq| record(run, seq, "content.delta", 1))
+            .collect();
+        assert!(!hub.fan_out(run, &page));
+        assert_eq!(seqs(&mut a, 4).await, [1, 2, 3, 4]);
+        assert_eq!(
+            seqs(&mut b, 2).await,
+            [3, 4],
+            "nothing at or below its cursor"
+        );
+        assert_eq!(hub.topics.lock().unwrap()[&run].tail, 4);
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_detaches_only_its_watcher_at_its_cursor() {
+        let hub = hub();
+        let run = RunId::new();
+        let (mut stalled, _never_read) = subscribe(&hub, run, 0);
+        let (mut reader, mut read) = subscribe(&hub, run, 0);
+        // Each event is a quarter of a watcher's buffer: the fourth one no longer fits.
+        let big = BUFFER_BYTES / 4;
+        for seq in 1..=6 {
+            hub.fan_out(run, &[record(run, seq, "content.delta", big)]);
+            assert_eq!(seqs(&mut read, 1).await, [seq], "the reader is held back");
+        }
+        assert_eq!(stalled.left().await, Left::Behind { cursor: 3 });
+        // A watcher behind the tail cannot attach; one at it can.
+        let (outbox, _stream) = Outbox::new();
+        assert!(hub.attach(run, 3, &outbox).is_none());
+        // (Its reader task, which would fail to reach the database, cannot run before
+        // the next line: the test's runtime has one thread and nothing awaits between.)
+        assert!(hub.attach(run, 6, &outbox).is_some());
+        hub.fan_out(run, &[record(run, 7, "run.terminal", 1)]);
+        assert_eq!(reader.left().await, Left::Ended);
+        assert!(
+            hub.topics.lock().unwrap().is_empty(),
+            "an ended run has no topic"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_last_watcher_leaving_pokes_the_reader() {
+        let hub = hub();
+        let run = RunId::new();
+        let (attachment, _stream) = subscribe(&hub, run, 0);
+        let poke = hub.topics.lock().unwrap()[&run].poke.clone();
+        drop(attachment);
+        let woken = poke.notified();
+        tokio::pin!(woken);
+        assert!(woken.as_mut().enable(), "the reader was not told");
+        assert_eq!(hub.tail_or_close(run), None);
+        assert!(hub.topics.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_poll_wakes_only_runs_that_moved() {
+        let hub = hub();
+        let (moved, still) = (RunId::new(), RunId::new());
+        let (_a, _sa) = subscribe(&hub, moved, 5);
+        let (_b, _sb) = subscribe(&hub, still, 5);
+        hub.wake_moved(&[(moved, 6), (still, 5)]);
+        let topics = hub.topics.lock().unwrap();
+        let woken = |run: RunId| {
+            let notified = topics[&run].poke.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable()
+        };
+        assert!(woken(moved));
+        assert!(!woken(still));
     }
 }
