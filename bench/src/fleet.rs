@@ -406,7 +406,7 @@ fn alive(pid: u32) -> bool {
 }
 
 /// Resident memory of process `pid` (VmRSS), in MiB.
-fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+pub(crate) fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("read /proc/{pid}/status"))?;
     let kib: f64 = status

@@ -7,6 +7,7 @@
 //! cargo run --release -p agentrun-bench -- all [--runs N] [--json PATH]
 //! cargo run --release -p agentrun-bench -- all --smoke     # every scenario, tiny (CI)
 //! cargo run --release -p agentrun-bench -- fleet --fleet-runners 2000
+//! cargo run --release -p agentrun-bench -- watchers --watchers 10000
 //! ```
 //!
 //! A scenario that fails does not stop the others; the report shows what was measured
@@ -20,6 +21,7 @@ mod peers;
 mod report;
 mod stack;
 mod stream;
+mod watchers;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -53,6 +55,8 @@ enum Scenario {
     Stream,
     /// Thousands of idle runner streams on one manager: its memory and CPU.
     Fleet,
+    /// Thousands of idle WatchRun streams on one manager: database commits/s and memory.
+    Watchers,
     /// SIGKILL a runner holding runs: seconds until another runner has them.
     Failover,
     /// The database limit (pgbench).
@@ -92,6 +96,12 @@ struct Params {
     /// Seconds the fleet's cost is measured over [default: 15; smoke 3].
     #[arg(long)]
     fleet_seconds: Option<u64>,
+    /// Idle WatchRun streams in the watchers scenario [default: 10000; smoke 200].
+    #[arg(long)]
+    watchers: Option<usize>,
+    /// Seconds the idle watchers' cost is measured over [default: 10; smoke 3].
+    #[arg(long)]
+    watchers_seconds: Option<u64>,
     /// Long runs held by the two runners of the failover scenario [default: 20; smoke 4].
     #[arg(long)]
     failover_runs: Option<usize>,
@@ -116,6 +126,8 @@ struct Sizes {
     fleet_runners: usize,
     fleet_runners_per_connection: usize,
     fleet_seconds: u64,
+    watchers: usize,
+    watchers_seconds: u64,
     failover_runs: usize,
     peer_jobs: usize,
     pgbench_seconds: u32,
@@ -136,6 +148,8 @@ impl Params {
             fleet_runners: pick(self.fleet_runners, 10_000, 200),
             fleet_runners_per_connection: self.fleet_runners_per_connection,
             fleet_seconds: self.fleet_seconds.unwrap_or(if smoke { 3 } else { 15 }),
+            watchers: pick(self.watchers, 10_000, 200),
+            watchers_seconds: self.watchers_seconds.unwrap_or(if smoke { 3 } else { 10 }),
             failover_runs: pick(self.failover_runs, 20, 4),
             peer_jobs: pick(self.peer_jobs, 50_000, 2_000),
             pgbench_seconds: self.pgbench_seconds.unwrap_or(if smoke { 2 } else { 10 }),
@@ -231,6 +245,20 @@ async fn main() -> anyhow::Result<()> {
         };
         record("fleet", result.await);
     }
+    if wants(Scenario::Watchers) {
+        eprintln!("watchers: {} idle watch streams", sizes.watchers);
+        let result = async {
+            let stack = Stack::start(&url, 0).await?;
+            watchers::run(
+                &stack,
+                &db,
+                sizes.watchers,
+                Duration::from_secs(sizes.watchers_seconds),
+            )
+            .await
+        };
+        record("watchers", result.await);
+    }
     if wants(Scenario::Failover) {
         eprintln!("failover: {} runs on two runners", sizes.failover_runs);
         record(
@@ -265,6 +293,8 @@ async fn main() -> anyhow::Result<()> {
         "fleet_runners": sizes.fleet_runners,
         "fleet_runners_per_connection": sizes.fleet_runners_per_connection,
         "fleet_seconds": sizes.fleet_seconds,
+        "watchers": sizes.watchers,
+        "watchers_seconds": sizes.watchers_seconds,
         "failover_runs": sizes.failover_runs,
         "peer_jobs": sizes.peer_jobs,
         "pgbench_seconds": sizes.pgbench_seconds,
