@@ -44,8 +44,9 @@ pub struct Settings {
         default_value_t = 1_000
     )]
     pub runner_poll_interval_ms: u64,
-    /// Safety-net poll of each idle watcher (WatchRun, WatchSession), in case a wake-up
-    /// was lost; appends on this replica and other replicas' NOTIFY wake watchers at once.
+    /// Safety-net poll for watchers, in case a wake-up was lost: one query per replica for
+    /// all watched runs (WatchRun), and one per idle WatchSession watcher; appends on this
+    /// replica and other replicas' NOTIFY wake watchers at once.
     #[arg(long, env = "AGENTRUN_WATCH_POLL_INTERVAL_MS", default_value_t = 1_000)]
     pub watch_poll_interval_ms: u64,
     /// On shutdown: how long in-flight calls may take before the manager stops anyway.
