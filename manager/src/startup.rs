@@ -21,6 +21,7 @@ use crate::api::auth::Authenticator;
 use crate::api::{AdminApi, AppState, RunApi, RunnerApi, SessionApi};
 use crate::config::{AuthMode, Settings};
 use crate::heartbeats::Heartbeats;
+use crate::hellos::Hellos;
 use crate::metrics::{self, Metrics};
 use crate::notify::{self, Notifier};
 use crate::observe::ObserveLayer;
@@ -113,6 +114,12 @@ impl Application {
             settings.heartbeat_interval(),
             background.clone(),
         );
+        let hellos = Hellos::start(
+            pool.clone(),
+            settings.lease_ttl(),
+            notifier.replica_id(),
+            background.clone(),
+        );
         let tasks = TaskTracker::new();
         let state = AppState {
             pool,
@@ -122,6 +129,7 @@ impl Application {
             metrics: metrics.clone(),
             auth,
             heartbeats,
+            hellos,
             tasks: tasks.clone(),
             watchers: Default::default(),
         };
