@@ -7,6 +7,7 @@
 //! cargo run --release -p agentrun-bench -- all [--runs N] [--json PATH]
 //! cargo run --release -p agentrun-bench -- all --smoke     # every scenario, tiny (CI)
 //! cargo run --release -p agentrun-bench -- fleet --fleet-runners 2000
+//! cargo run --release -p agentrun-bench -- storm --storm-runners 10000
 //! ```
 //!
 //! A scenario that fails does not stop the others; the report shows what was measured
@@ -19,6 +20,7 @@ mod fleet;
 mod peers;
 mod report;
 mod stack;
+mod storm;
 mod stream;
 
 use std::path::PathBuf;
@@ -53,6 +55,9 @@ enum Scenario {
     Stream,
     /// Thousands of idle runner streams on one manager: its memory and CPU.
     Fleet,
+    /// Thousands of runners connecting at once (a lost replica's fleet): seconds until
+    /// all are welcomed.
+    Storm,
     /// SIGKILL a runner holding runs: seconds until another runner has them.
     Failover,
     /// The database limit (pgbench).
@@ -89,6 +94,10 @@ struct Params {
     /// Simulated runners sharing one HTTP/2 connection to the manager.
     #[arg(long, default_value_t = 10)]
     fleet_runners_per_connection: usize,
+    /// Simulated runners connecting at once in the storm scenario [default: 10000; smoke
+    /// 200]. They share HTTP/2 connections as the fleet's do.
+    #[arg(long)]
+    storm_runners: Option<usize>,
     /// Seconds the fleet's cost is measured over [default: 15; smoke 3].
     #[arg(long)]
     fleet_seconds: Option<u64>,
@@ -116,6 +125,7 @@ struct Sizes {
     fleet_runners: usize,
     fleet_runners_per_connection: usize,
     fleet_seconds: u64,
+    storm_runners: usize,
     failover_runs: usize,
     peer_jobs: usize,
     pgbench_seconds: u32,
@@ -136,6 +146,7 @@ impl Params {
             fleet_runners: pick(self.fleet_runners, 10_000, 200),
             fleet_runners_per_connection: self.fleet_runners_per_connection,
             fleet_seconds: self.fleet_seconds.unwrap_or(if smoke { 3 } else { 15 }),
+            storm_runners: pick(self.storm_runners, 10_000, 200),
             failover_runs: pick(self.failover_runs, 20, 4),
             peer_jobs: pick(self.peer_jobs, 50_000, 2_000),
             pgbench_seconds: self.pgbench_seconds.unwrap_or(if smoke { 2 } else { 10 }),
@@ -231,6 +242,20 @@ async fn main() -> anyhow::Result<()> {
         };
         record("fleet", result.await);
     }
+    if wants(Scenario::Storm) {
+        eprintln!("storm: {} simulated runners at once", sizes.storm_runners);
+        let result = async {
+            let stack = Stack::start(&url, 0).await?;
+            storm::run(
+                &stack,
+                sizes.storm_runners,
+                sizes.fleet_runners_per_connection,
+                timeout,
+            )
+            .await
+        };
+        record("storm", result.await);
+    }
     if wants(Scenario::Failover) {
         eprintln!("failover: {} runs on two runners", sizes.failover_runs);
         record(
@@ -265,6 +290,7 @@ async fn main() -> anyhow::Result<()> {
         "fleet_runners": sizes.fleet_runners,
         "fleet_runners_per_connection": sizes.fleet_runners_per_connection,
         "fleet_seconds": sizes.fleet_seconds,
+        "storm_runners": sizes.storm_runners,
         "failover_runs": sizes.failover_runs,
         "peer_jobs": sizes.peer_jobs,
         "pgbench_seconds": sizes.pgbench_seconds,

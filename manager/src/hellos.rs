@@ -5,6 +5,10 @@
 //! thousand hellos cost a few dozen transactions, not ten thousand: the storm is bounded
 //! by the database's batch rate, not its transaction rate.
 //!
+//! The task has a database connection of its own
+//! ([`HELLO_POOL_SIZE`](crate::startup::HELLO_POOL_SIZE)): the claims of runners already
+//! welcomed must not queue ahead of the welcomes still owed.
+//!
 //! A batch that fails for a transient reason is retried inside [`leases::hello`]; if it
 //! still fails, every stream in it is answered UNAVAILABLE and its runner reconnects.
 
@@ -32,7 +36,7 @@ pub struct Hellos {
 }
 
 impl Hellos {
-    /// Starts the batching task on `pool`; it stops with `shutdown`. Runners are
+    /// Starts the batching task on `pool` (its own: see the module documentation); it stops with `shutdown`. Runners are
     /// recorded as connected to replica `manager_id`, their leases renewed for `ttl`.
     pub fn start(pool: Pool, ttl: Duration, manager_id: Uuid, shutdown: CancellationToken) -> Self {
         let (queue, incoming) = mpsc::channel(QUEUE);

@@ -40,6 +40,9 @@ macro_rules! limited {
 
 /// Database connections renewing leases, besides `--db-pool-size`.
 pub const HEARTBEAT_POOL_SIZE: usize = 2;
+/// The database connection settling hellos (one batch at a time), besides
+/// `--db-pool-size`.
+pub const HELLO_POOL_SIZE: usize = 1;
 
 /// A manager whose listener is bound and schema migrated, ready to [`run`](Self::run).
 pub struct Application {
@@ -114,8 +117,10 @@ impl Application {
             settings.heartbeat_interval(),
             background.clone(),
         );
+        // Hellos too: a reconnect storm's claims must not queue ahead of its welcomes.
+        let hello_pool = database.pool(HELLO_POOL_SIZE)?;
         let hellos = Hellos::start(
-            pool.clone(),
+            hello_pool.clone(),
             settings.lease_ttl(),
             notifier.replica_id(),
             background.clone(),
@@ -255,6 +260,7 @@ impl Application {
         tasks.wait().await;
         state.pool.close();
         heartbeat_pool.close();
+        hello_pool.close();
         served?;
         tracing::info!("manager stopped");
         Ok(())
