@@ -2,7 +2,9 @@
 //! process plays the runners (as in [`crate::fleet`]): every one opens its
 //! `RunnerService.Connect` stream at the same moment, says hello, and waits for its
 //! welcome. Measured: seconds from the first hello until every runner is welcomed
-//! (registered in the database, its runs settled), and the hello rate that makes.
+//! (registered in the database, its runs settled), and the hello rate that makes. The
+//! runners give no credit, so the figure is the hellos' alone, not the claims that
+//! follow them (one per runner, measured by `dispatch`).
 
 use std::time::{Duration, Instant};
 
@@ -34,7 +36,7 @@ pub async fn run(
     let start = Instant::now();
     for index in 0..runners {
         let channel = channels[index / per_connection.max(1)].clone();
-        storm.spawn(fleet::hello(
+        storm.spawn(fleet::welcomed(
             channel,
             format!("storm-{index}"),
             IDLE_QUEUE,
