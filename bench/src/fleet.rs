@@ -291,6 +291,20 @@ pub async fn hello(
     queue: &str,
     slots: i32,
 ) -> anyhow::Result<Connected> {
+    let (runner_id, tx, inbound, welcome) = welcomed(channel, name, queue, slots).await?;
+    tx.send(message(Out::Credit(proto::Credit { slots })))
+        .await?;
+    Ok((runner_id, tx, inbound, welcome))
+}
+
+/// [`hello`] without the credit: the runner is registered and welcomed, and asks for
+/// nothing yet.
+pub async fn welcomed(
+    channel: Channel,
+    name: String,
+    queue: &str,
+    slots: i32,
+) -> anyhow::Result<Connected> {
     let runner_id = Uuid::new_v4().to_string();
     let (tx, rx) = mpsc::channel(64);
     tx.send(message(Out::Hello(proto::Hello {
@@ -318,8 +332,6 @@ pub async fn hello(
         }) => welcome,
         other => bail!("expected welcome, got {other:?}"),
     };
-    tx.send(message(Out::Credit(proto::Credit { slots })))
-        .await?;
     Ok((runner_id, tx, inbound, welcome))
 }
 

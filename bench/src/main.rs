@@ -8,6 +8,7 @@
 //! cargo run --release -p agentrun-bench -- all --smoke     # every scenario, tiny (CI)
 //! cargo run --release -p agentrun-bench -- fleet --fleet-runners 2000
 //! cargo run --release -p agentrun-bench -- watchers --watchers 10000
+//! cargo run --release -p agentrun-bench -- storm --storm-runners 10000
 //! ```
 //!
 //! A scenario that fails does not stop the others; the report shows what was measured
@@ -20,6 +21,7 @@ mod fleet;
 mod peers;
 mod report;
 mod stack;
+mod storm;
 mod stream;
 mod watchers;
 
@@ -57,6 +59,9 @@ enum Scenario {
     Fleet,
     /// Thousands of idle WatchRun streams on one manager: database commits/s and memory.
     Watchers,
+    /// Thousands of runners connecting at once (a lost replica's fleet): seconds until
+    /// all are welcomed.
+    Storm,
     /// SIGKILL a runner holding runs: seconds until another runner has them.
     Failover,
     /// The database limit (pgbench).
@@ -93,6 +98,10 @@ struct Params {
     /// Simulated runners sharing one HTTP/2 connection to the manager.
     #[arg(long, default_value_t = 10)]
     fleet_runners_per_connection: usize,
+    /// Simulated runners connecting at once in the storm scenario [default: 10000; smoke
+    /// 200]. They share HTTP/2 connections as the fleet's do.
+    #[arg(long)]
+    storm_runners: Option<usize>,
     /// Seconds the fleet's cost is measured over [default: 15; smoke 3].
     #[arg(long)]
     fleet_seconds: Option<u64>,
@@ -128,6 +137,7 @@ struct Sizes {
     fleet_seconds: u64,
     watchers: usize,
     watchers_seconds: u64,
+    storm_runners: usize,
     failover_runs: usize,
     peer_jobs: usize,
     pgbench_seconds: u32,
@@ -150,6 +160,7 @@ impl Params {
             fleet_seconds: self.fleet_seconds.unwrap_or(if smoke { 3 } else { 15 }),
             watchers: pick(self.watchers, 10_000, 200),
             watchers_seconds: self.watchers_seconds.unwrap_or(if smoke { 3 } else { 10 }),
+            storm_runners: pick(self.storm_runners, 10_000, 200),
             failover_runs: pick(self.failover_runs, 20, 4),
             peer_jobs: pick(self.peer_jobs, 50_000, 2_000),
             pgbench_seconds: self.pgbench_seconds.unwrap_or(if smoke { 2 } else { 10 }),
@@ -259,6 +270,20 @@ async fn main() -> anyhow::Result<()> {
         };
         record("watchers", result.await);
     }
+    if wants(Scenario::Storm) {
+        eprintln!("storm: {} simulated runners at once", sizes.storm_runners);
+        let result = async {
+            let stack = Stack::start(&url, 0).await?;
+            storm::run(
+                &stack,
+                sizes.storm_runners,
+                sizes.fleet_runners_per_connection,
+                timeout,
+            )
+            .await
+        };
+        record("storm", result.await);
+    }
     if wants(Scenario::Failover) {
         eprintln!("failover: {} runs on two runners", sizes.failover_runs);
         record(
@@ -295,6 +320,7 @@ async fn main() -> anyhow::Result<()> {
         "fleet_seconds": sizes.fleet_seconds,
         "watchers": sizes.watchers,
         "watchers_seconds": sizes.watchers_seconds,
+        "storm_runners": sizes.storm_runners,
         "failover_runs": sizes.failover_runs,
         "peer_jobs": sizes.peer_jobs,
         "pgbench_seconds": sizes.pgbench_seconds,

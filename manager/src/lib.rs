@@ -4,6 +4,7 @@
 //!
 //! - [`api`]: gRPC handlers — validate, convert, call the store, map errors.
 //! - [`store`]: one module per aggregate with its SQL.
+//! - [`heartbeats`], [`hellos`]: runner heartbeats and hellos, settled in batches.
 //! - [`sweeper`]: moves on runs whose lease expired or whose timeouts passed.
 //! - [`notify`]: wake-ups for waiting runner streams, across replicas (LISTEN/NOTIFY).
 //! - [`keys`]: `agentrun-manager keys`, API key management against the database.
@@ -22,6 +23,7 @@ pub mod db;
 pub mod error;
 pub mod health;
 pub mod heartbeats;
+pub mod hellos;
 pub mod keys;
 pub mod limits;
 pub mod listener;

@@ -22,6 +22,7 @@ use crate::api::watch_hub::{self, WatchHub};
 use crate::api::{AdminApi, AppState, RunApi, RunnerApi, SessionApi};
 use crate::config::{AuthMode, Settings};
 use crate::heartbeats::Heartbeats;
+use crate::hellos::Hellos;
 use crate::metrics::{self, Metrics};
 use crate::notify::{self, Notifier};
 use crate::observe::ObserveLayer;
@@ -40,6 +41,9 @@ macro_rules! limited {
 
 /// Database connections renewing leases, besides `--db-pool-size`.
 pub const HEARTBEAT_POOL_SIZE: usize = 2;
+/// The database connection settling hellos (one batch at a time), besides
+/// `--db-pool-size`.
+pub const HELLO_POOL_SIZE: usize = 1;
 
 /// A manager whose listener is bound and schema migrated, ready to [`run`](Self::run).
 pub struct Application {
@@ -114,6 +118,14 @@ impl Application {
             settings.heartbeat_interval(),
             background.clone(),
         );
+        // Hellos too: a reconnect storm's claims must not queue ahead of its welcomes.
+        let hello_pool = database.pool(HELLO_POOL_SIZE)?;
+        let hellos = Hellos::start(
+            hello_pool.clone(),
+            settings.lease_ttl(),
+            notifier.replica_id(),
+            background.clone(),
+        );
         let tasks = TaskTracker::new();
         let app_shutdown = shutdown.child_token();
         let watch_hub = WatchHub::new(
@@ -130,6 +142,7 @@ impl Application {
             metrics: metrics.clone(),
             auth,
             heartbeats,
+            hellos,
             tasks: tasks.clone(),
             watchers: Default::default(),
             watch_hub: watch_hub.clone(),
@@ -262,6 +275,7 @@ impl Application {
         tasks.wait().await;
         state.pool.close();
         heartbeat_pool.close();
+        hello_pool.close();
         served?;
         tracing::info!("manager stopped");
         Ok(())

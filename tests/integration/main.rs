@@ -9,6 +9,7 @@ mod conversation_rules;
 mod double_texting;
 mod e2e;
 mod faults;
+mod hellos;
 mod leases;
 mod operability;
 mod pg_tls;

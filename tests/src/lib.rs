@@ -90,6 +90,12 @@ pub async fn fresh_database() -> String {
     cluster.url(&name)
 }
 
+/// A connection to the test cluster's `postgres` database: watches a test database from
+/// outside, so the watching is not counted in that database's statistics.
+pub async fn cluster_client() -> tokio_postgres::Client {
+    db_client(&cluster().url("postgres")).await
+}
+
 /// Settings for tests: a free port, short leases and a fast sweeper.
 pub fn test_settings(database_url: &str) -> Settings {
     let mut settings = Settings::for_database(database_url);

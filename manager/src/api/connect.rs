@@ -47,7 +47,7 @@ use super::{AppState, convert};
 use crate::error::Error;
 use crate::store::Tenant;
 use crate::store::leases::{
-    self, Assignment, Heartbeat, LeaseWrite, RunnerIdentity, Welcome, Written,
+    self, Assignment, Heartbeat, Hello, LeaseWrite, RunnerIdentity, Welcome, Written,
 };
 use crate::store::runs::Finish;
 
@@ -60,7 +60,8 @@ const MAX_BATCH: usize = 1024;
 
 pub type ManagerStream = ReceiverStream<Result<proto::ManagerMessage, Status>>;
 
-/// Settles the runner's leases (hello), then starts the session task and returns the
+/// Settles the runner's leases (its hello, batched with other runners' by
+/// [`crate::hellos`]), then starts the session task and returns the
 /// stream it writes to. Nothing is queued towards the runner before the stream is handed
 /// to tonic: the session task sends the welcome and the backlog (command deliveries,
 /// adopted runs — any number of them) while tonic is already reading, so a bounded
@@ -83,14 +84,13 @@ pub async fn open(
     let mut runner = runner_identity(hello.runner.as_ref()).map_err(Error::from)?;
     runner.tenant = tenant;
     let named = lease_refs("held_leases", &hello.held_leases).map_err(Error::from)?;
-    let welcome = leases::hello(
-        &state.pool,
-        &runner,
-        &named,
-        state.settings.lease_ttl(),
-        state.notifier.replica_id(),
-    )
-    .await?;
+    let welcome = state
+        .hellos
+        .hello(Hello {
+            runner: runner.clone(),
+            named,
+        })
+        .await?;
 
     let (out, rx) = mpsc::channel(OUTBOX);
     let span = tracing::info_span!("runner_session", runner = %runner.id);

@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{AuthMode, Settings};
 use crate::error::{Error, Result};
 use crate::heartbeats::Heartbeats;
+use crate::hellos::Hellos;
 use crate::notify::Notifier;
 use crate::store::Tenant;
 use crate::store::api_keys::Role;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     /// Renews the heartbeats of every runner on this replica together.
     pub heartbeats: Heartbeats,
+    /// Registers the runners connecting to this replica together.
+    pub hellos: Hellos,
     /// Long-lived per-stream tasks (runner sessions, watchers): shutdown waits for them.
     pub tasks: TaskTracker,
     /// Open watchers per tenant on this replica (the `tenant_watchers` quota).

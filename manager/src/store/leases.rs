@@ -6,8 +6,10 @@
 //! writes made under a lease (events, command reports, finish, release) are batched in
 //! [`writes`].
 
+mod hello;
 mod writes;
 
+pub use hello::{Hello, Welcome, hello};
 pub use writes::{LeaseWrite, Written, write, write_one};
 
 use std::collections::{HashMap, HashSet};
@@ -340,27 +342,27 @@ pub async fn claim(
             .cmp(&a.priority)
             .then(a.created_at.cmp(&b.created_at))
     });
-    let assignments = hand_over(&tx, runner, claimed, false).await?;
+    let claimed = claimed.into_iter().map(|run| (run, runner)).collect();
+    let assignments = hand_over(&tx, claimed, false).await?;
     tx.commit().await?;
     Ok(assignments)
 }
 
-/// Records `run.claimed` for runs just leased to `runner` (`resumed`: taken back by a
-/// restarted runner), delivers their pending commands and reads their conversation
+/// Records `run.claimed` for runs just leased, each to its runner (`resumed`: taken back
+/// by a restarted runner), delivers their pending commands and reads their conversation
 /// context ([`context::load`], one statement for all of them), in run order.
 ///
 /// Only a run in a session, or one leased before (its epoch is past its first claim's),
 /// can have context, so a claim of fresh runs outside sessions reads nothing more.
 async fn hand_over(
     tx: &impl GenericClient,
-    runner: &RunnerIdentity,
-    runs: Vec<RunRecord>,
+    runs: Vec<(RunRecord, &RunnerIdentity)>,
     resumed: bool,
 ) -> Result<Vec<Assignment>> {
-    let ids: Vec<Uuid> = runs.iter().map(|r| r.id.0).collect();
+    let ids: Vec<Uuid> = runs.iter().map(|(r, _)| r.id.0).collect();
     let claimed_events: Vec<(RunId, NewEvent)> = runs
         .iter()
-        .map(|run| {
+        .map(|(run, runner)| {
             let mut payload = json!({
                 "runner_id": runner.id.to_string(),
                 "runner_name": runner.name,
@@ -389,13 +391,13 @@ async fn hand_over(
     events::append(tx, &new_events).await?;
     let with_context: Vec<Uuid> = runs
         .iter()
-        .filter(|run| run.session_id.is_some() || run.lease_epoch > 1)
-        .map(|run| run.id.0)
+        .filter(|(run, _)| run.session_id.is_some() || run.lease_epoch > 1)
+        .map(|(run, _)| run.id.0)
         .collect();
     let mut contexts = context::load(tx, &with_context).await?;
     Ok(runs
         .into_iter()
-        .map(|run| Assignment {
+        .map(|(run, _)| Assignment {
             commands: delivered.remove(&run.id).unwrap_or_default(),
             context: contexts.remove(&run.id.0).unwrap_or_default(),
             run,
@@ -638,92 +640,6 @@ async fn renew(
             }
         })
         .collect())
-}
-
-/// What a (re)connecting runner learns: which of the leases it named survive, and the
-/// runs its id still holds that it did not name (it restarted), handed back to it.
-#[derive(Debug, Clone)]
-pub struct Welcome {
-    pub named: Vec<LeaseState>,
-    pub adopted: Vec<Assignment>,
-    /// An operator drained this runner (`DrainRunner`); it stays drained when it
-    /// reconnects, so it is told again.
-    pub draining: bool,
-}
-
-/// Registers a connecting runner, records the manager replica holding its stream
-/// (`manager_id`), and settles its leases in one transaction. Adopted runs get a new
-/// epoch (fencing any older incarnation of the runner) and all their open commands again.
-pub async fn hello(
-    pool: &Pool,
-    runner: &RunnerIdentity,
-    named: &[(RunId, i64)],
-    ttl: Duration,
-    manager_id: Uuid,
-) -> Result<Welcome> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    upsert_runner(&tx, runner).await?;
-    let connected = tx
-        .prepare_cached(
-            "UPDATE runners SET manager_id = $2, connected_at = now()
-             WHERE id = $1 AND tenant_id = $3
-             RETURNING draining",
-        )
-        .await?;
-    let draining: bool = tx
-        .query_one(
-            &connected,
-            &[
-                &runner.id.0,
-                &manager_id,
-                &runner_tenant(runner.tenant.as_ref()),
-            ],
-        )
-        .await?
-        .get(0);
-    let named_states = renew(
-        &tx,
-        &HeldLease::all(runner.id, runner.tenant.as_ref(), named),
-        Some(ttl),
-    )
-    .await?;
-    let adopt = tx
-        .prepare_cached(
-            "UPDATE runs SET lease_epoch = lease_epoch + 1, lease_runner_seq = 0, updated_at = now(),
-                    lease_expires_at = now() + $3::bigint * interval '1 millisecond'
-             WHERE lease_runner_id = $1 AND status = ANY($4) AND id <> ALL($2)
-               AND ($5::text IS NULL OR tenant_id = $5::text)
-             RETURNING *",
-        )
-        .await?;
-    let named_ids: Vec<Uuid> = named.iter().map(|(r, _)| r.0).collect();
-    let rows = tx
-        .query(
-            &adopt,
-            &[
-                &runner.id.0,
-                &named_ids,
-                &ttl_millis(ttl),
-                &active_statuses(),
-                &runner.tenant.as_ref().map(Tenant::as_str),
-            ],
-        )
-        .await?;
-    let adopted: Vec<RunRecord> = rows
-        .iter()
-        .map(RunRecord::from_row)
-        .collect::<Result<_>>()?;
-    // Everything the old incarnation held is owed again, delivered or not.
-    let adopted_ids: Vec<Uuid> = adopted.iter().map(|r| r.id.0).collect();
-    commands::redeliver(&tx, &adopted_ids).await?;
-    let adopted = hand_over(&tx, runner, adopted, true).await?;
-    tx.commit().await?;
-    Ok(Welcome {
-        named: named_states,
-        adopted,
-        draining,
-    })
 }
 
 /// Allows a write by the runner holding `epoch` of an active run whose lease has not
