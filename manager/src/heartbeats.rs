@@ -16,9 +16,10 @@ use std::time::Duration;
 
 use agentrun_shared::ids::{RunId, RunnerId};
 use deadpool_postgres::Pool;
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
+use crate::batcher::Batcher;
 use crate::error::{Error, Result};
 use crate::limits::{InFlight, RateLimit};
 use crate::store::Tenant;
@@ -35,12 +36,10 @@ const BURST: u32 = 8;
 /// Unary heartbeats of one tenant checked against the database at once.
 pub const UNARY_IN_FLIGHT: usize = 2;
 
-type Reply = oneshot::Sender<Result<Renewed>>;
-
 /// The handle runner streams send their heartbeats through.
 #[derive(Clone)]
 pub struct Heartbeats {
-    queue: mpsc::Sender<(Heartbeat, Reply)>,
+    batcher: Batcher<Heartbeat, Renewed>,
     rate: Arc<RateLimit<(Option<Tenant>, RunnerId)>>,
     interval: Duration,
     unary: Arc<InFlight<Option<Tenant>>>,
@@ -55,10 +54,19 @@ impl Heartbeats {
         interval: Duration,
         shutdown: CancellationToken,
     ) -> Self {
-        let (queue, incoming) = mpsc::channel(QUEUE);
-        tokio::spawn(renew_batches(pool, ttl, incoming, shutdown));
+        let batcher = Batcher::start("heartbeat", MAX_BATCH, QUEUE, shutdown, move |beats| {
+            let pool = pool.clone();
+            async move {
+                let started = std::time::Instant::now();
+                let renewed = leases::heartbeat(&pool, &beats, ttl).await;
+                if started.elapsed() > ttl / 4 {
+                    tracing::warn!(took = ?started.elapsed(), beats = beats.len(), "slow heartbeat batch");
+                }
+                renewed
+            }
+        });
         Self {
-            queue,
+            batcher,
             rate: Arc::new(RateLimit::new(interval / BEATS_PER_INTERVAL, BURST)),
             interval,
             unary: Arc::new(InFlight::new(UNARY_IN_FLIGHT)),
@@ -103,7 +111,7 @@ impl Heartbeats {
                 .collect(),
             ..beat
         };
-        let renewed = self.renew(beat).await?;
+        let renewed = self.batcher.submit(beat).await?;
         let mut states = renewed.leases.into_iter();
         let leases = named
             .into_iter()
@@ -114,55 +122,5 @@ impl Heartbeats {
             })
             .collect();
         Ok(Renewed { leases, ..renewed })
-    }
-
-    async fn renew(&self, beat: Heartbeat) -> Result<Renewed> {
-        let (reply, answer) = oneshot::channel();
-        let stopped = || Error::Unavailable("the manager is shutting down".into());
-        self.queue
-            .send((beat, reply))
-            .await
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
-    }
-}
-
-async fn renew_batches(
-    pool: Pool,
-    ttl: Duration,
-    mut incoming: mpsc::Receiver<(Heartbeat, Reply)>,
-    shutdown: CancellationToken,
-) {
-    let mut batch = Vec::new();
-    loop {
-        let received = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            received = incoming.recv_many(&mut batch, MAX_BATCH) => received,
-        };
-        if received == 0 {
-            return;
-        }
-        let (beats, replies): (Vec<Heartbeat>, Vec<Reply>) = batch.drain(..).unzip();
-        let started = std::time::Instant::now();
-        let renewed = leases::heartbeat(&pool, &beats, ttl).await;
-        if started.elapsed() > ttl / 4 {
-            tracing::warn!(took = ?started.elapsed(), beats = beats.len(), "slow heartbeat batch");
-        }
-        match renewed {
-            Ok(renewed) => {
-                for (reply, renewed) in replies.into_iter().zip(renewed) {
-                    let _ = reply.send(Ok(renewed));
-                }
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, beats = replies.len(), "heartbeat batch failed");
-                for reply in replies {
-                    let _ = reply.send(Err(match &err {
-                        Error::Internal(message) => Error::Internal(message.clone()),
-                        other => Error::Unavailable(other.to_string()),
-                    }));
-                }
-            }
-        }
     }
 }

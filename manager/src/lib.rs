@@ -4,7 +4,8 @@
 //!
 //! - [`api`]: gRPC handlers — validate, convert, call the store, map errors.
 //! - [`store`]: one module per aggregate with its SQL.
-//! - [`heartbeats`], [`hellos`]: runner heartbeats and hellos, settled in batches.
+//! - [`heartbeats`], [`hellos`]: runner heartbeats and hellos, settled in batches by a
+//!   [`batcher`].
 //! - [`sweeper`]: moves on runs whose lease expired or whose timeouts passed.
 //! - [`notify`]: wake-ups for waiting runner streams, across replicas (LISTEN/NOTIFY).
 //! - [`keys`]: `agentrun-manager keys`, API key management against the database.
@@ -18,6 +19,7 @@
 //! - [`local_postgres`]: a throwaway PostgreSQL for `dev` and tests.
 
 pub mod api;
+pub mod batcher;
 pub mod config;
 pub mod db;
 pub mod error;
