@@ -634,7 +634,9 @@ impl Session {
     async fn heartbeat(&mut self, beat: proto::HeartbeatRequest) -> Result<(), Error> {
         self.check_key().await?;
         let leases = match lease_refs("leases", &beat.leases).and_then(|leases| {
-            within_capacity(&leases, self.runner.max_concurrency).map(|()| leases)
+            // Runs handed back on reconnect may take a runner past its own limit.
+            let can_hold = self.runner.max_concurrency.max(self.held.len() as i32);
+            within_capacity(&leases, can_hold).map(|()| leases)
         }) {
             Ok(leases) => leases,
             Err(err) => return self.refuse("", err.into()).await,
