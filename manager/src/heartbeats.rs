@@ -4,12 +4,12 @@
 //! cost a few transactions a second, not five thousand.
 //!
 //! One runner's heartbeat must never delay another's renewal past the lease TTL, so
-//! what reaches the shared batch is bounded: a heartbeat names no more leases than its
-//! runner can hold; callers pass only the leases the runner really holds
-//! ([`Heartbeats::beat`] answers the others lost without the database); unary heartbeats,
-//! which must ask the database which leases those are, are rate limited per runner and
-//! taken a few at a time per tenant ([`Heartbeats::admit_unary`]); and the batch has
-//! connections of its own, so no other work can hold it up.
+//! what reaches the shared batch is bounded: callers pass only the leases the runner
+//! really holds ([`Heartbeats::beat`] answers the others lost without the database);
+//! unary heartbeats, which must ask the database which leases those are, name no more
+//! than the runner can hold, are rate limited per runner and are taken a few at a time
+//! per tenant ([`Heartbeats::admit_unary`]); and the batch has connections of its own,
+//! so no other work can hold it up.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -41,7 +41,7 @@ use tonic::{Status, Streaming};
 use super::auth::StreamKey;
 use super::runner_messages::{
     append_write, delivered_to, finish_write, heartbeat_response, lease_refs, release_write,
-    runner_identity, within_capacity,
+    runner_identity,
 };
 use super::{AppState, convert};
 use crate::error::Error;
@@ -633,11 +633,10 @@ impl Session {
 
     async fn heartbeat(&mut self, beat: proto::HeartbeatRequest) -> Result<(), Error> {
         self.check_key().await?;
-        let leases = match lease_refs("leases", &beat.leases).and_then(|leases| {
-            // Runs handed back on reconnect may take a runner past its own limit.
-            let can_hold = self.runner.max_concurrency.max(self.held.len() as i32);
-            within_capacity(&leases, can_hold).map(|()| leases)
-        }) {
+        // No capacity check here, unlike the unary call: a heartbeat crossing a finish's
+        // acknowledgement may name one lease more than the runner's slots, and refusing it
+        // would leave the runner never told which of its leases are gone.
+        let leases = match lease_refs("leases", &beat.leases) {
             Ok(leases) => leases,
             Err(err) => return self.refuse("", err.into()).await,
         };
