@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Keys tracked at most; beyond this, keys idle long enough to be full again are forgotten.
+/// Keys tracked at most; beyond this, keys idle long enough to be full again are
+/// forgotten, and if none are, all of them.
 const MAX_KEYS: usize = 100_000;
 
 /// Quotas per run and per tenant; 0 means unlimited. See `config::Settings` for each.
@@ -98,6 +99,11 @@ impl<K: Eq + Hash> RateLimit<K> {
         if buckets.len() >= MAX_KEYS {
             let full_after = self.refill.mul_f64(self.burst);
             buckets.retain(|_, b| now.duration_since(b.at) < full_after);
+            if buckets.len() >= MAX_KEYS {
+                // All busy: forget them all rather than grow without bound (each key
+                // starts again with a full bucket).
+                buckets.clear();
+            }
         }
         let bucket = buckets.entry(key).or_insert(Bucket {
             tokens: self.burst,
