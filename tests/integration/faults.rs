@@ -672,15 +672,20 @@ pub(crate) async fn resume_and_finish(
 }
 
 /// A runner identity only it serves: runs labelled `label` go to it alone.
+/// A hand-driven runner serving only `label`'s queue: it can never take one of the
+/// scripted runners' runs (on the default queue) in place of its own.
 fn raw_identity(label: &str) -> proto::RunnerIdentity {
     let mut identity = runner("raw");
     identity.labels = vec![label.into()];
+    identity.queues = vec![label.into()];
     identity
 }
 
+/// A run only [`raw_identity`]`(label)` can take.
 fn labelled(prompt: &str, label: &str) -> proto::CreateRunRequest {
     proto::CreateRunRequest {
         labels: vec![label.into()],
+        queue: label.into(),
         ..run_request(prompt)
     }
 }

@@ -764,6 +764,39 @@ pub async fn wait_all_terminal(db: &tokio_postgres::Client, timeout: Duration) {
     wait_settled(db, Settled::AllTerminal, timeout).await
 }
 
+/// The runs in `statuses`, one line each: what a test that timed out waiting for them
+/// needs to tell why nobody took them.
+async fn describe_runs(db: &tokio_postgres::Client, statuses: &[&str]) -> String {
+    let rows = db
+        .query(
+            "SELECT id::text, status, queue, backend_profile, labels, attempt,
+                    lease_runner_id::text, last_event_seq
+             FROM runs WHERE status = ANY($1) ORDER BY created_at LIMIT 20",
+            &[&statuses],
+        )
+        .await;
+    match rows {
+        Ok(rows) => rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "  run {} {} queue={} profile={} labels={:?} attempt={} runner={:?} last_seq={}",
+                    r.get::<_, String>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, String>(2),
+                    r.get::<_, String>(3),
+                    r.get::<_, Vec<String>>(4),
+                    r.get::<_, i32>(5),
+                    r.get::<_, Option<String>>(6),
+                    r.get::<_, i64>(7),
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(err) => format!("  (could not read the runs: {err})"),
+    }
+}
+
 /// Waits until every run satisfies `settled` (`Any` returns at once).
 pub async fn wait_settled(db: &tokio_postgres::Client, settled: Settled, timeout: Duration) {
     let open: Vec<&str> = match settled {
@@ -787,8 +820,9 @@ pub async fn wait_settled(db: &tokio_postgres::Client, settled: Settled, timeout
                     .map(|r| format!("{} {}", r.get::<_, i64>(1), r.get::<_, String>(0)))
                     .collect();
                 panic!(
-                    "timed out after {timeout:?} waiting for runs to settle ({settled:?}): {} left",
-                    left.join(", ")
+                    "timed out after {timeout:?} waiting for runs to settle ({settled:?}): {} left\n{}",
+                    left.join(", "),
+                    describe_runs(db, &open).await
                 );
             }
             Err(err) if std::time::Instant::now() > deadline => {
