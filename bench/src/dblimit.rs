@@ -4,6 +4,8 @@
 //! - dispatch: insert a pending row, claim one with `FOR UPDATE SKIP LOCKED`, mark it
 //!   finished; each its own transaction, so one pgbench "transaction" (one script run)
 //!   is one dispatch.
+//! - batched dispatch: the same three statements, each for 100 jobs at once (the
+//!   ceiling a dispatcher that batches its claims can approach).
 //! - insert: one multi-row `INSERT` of 100 rows into an events-like table.
 
 use std::path::{Path, PathBuf};
@@ -15,6 +17,8 @@ use crate::report::Figure;
 
 const CLIENTS: u32 = 16;
 const INSERT_ROWS: u32 = 100;
+/// Jobs per statement in the batched dispatch script.
+const DISPATCH_BATCH: u32 = 100;
 
 const SCHEMA: &str = "
 CREATE TABLE bench_jobs (
@@ -41,6 +45,11 @@ WITH claimed AS (UPDATE bench_jobs SET status = 'claimed' WHERE id = (SELECT id 
 UPDATE bench_jobs SET status = 'finished' WHERE id = :job;
 "#;
 
+const BATCHED_DISPATCH_SCRIPT: &str = r#"INSERT INTO bench_jobs (payload) SELECT '{"prompt": "x"}' FROM generate_series(1, 100);
+WITH claimed AS (UPDATE bench_jobs SET status = 'claimed' WHERE id IN (SELECT id FROM bench_jobs WHERE status = 'pending' ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED) RETURNING id) SELECT coalesce(array_agg(id), '{}') AS jobs FROM claimed \gset
+UPDATE bench_jobs SET status = 'finished' WHERE id = ANY(:'jobs'::bigint[]);
+"#;
+
 const INSERT_SCRIPT: &str = r#"INSERT INTO bench_events (run_id, seq, type, payload, producer) SELECT r.id, g, 'content.delta', '{"text": "token"}', 'runner' FROM (SELECT gen_random_uuid() AS id) r, generate_series(1, 100) g;
 "#;
 
@@ -58,8 +67,10 @@ pub async fn run(
     let dir = std::env::temp_dir().join(format!("agentrun-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let dispatch_script = dir.join("dispatch.sql");
+    let batched_script = dir.join("batched-dispatch.sql");
     let insert_script = dir.join("insert.sql");
     std::fs::write(&dispatch_script, DISPATCH_SCRIPT)?;
+    std::fs::write(&batched_script, BATCHED_DISPATCH_SCRIPT)?;
     std::fs::write(&insert_script, INSERT_SCRIPT)?;
 
     let tps = |script: PathBuf| {
@@ -67,18 +78,25 @@ pub async fn run(
         tokio::task::spawn_blocking(move || run_pgbench(&pgbench, &url, &script, seconds))
     };
     let dispatch_tps = tps(dispatch_script).await?;
+    let batched_tps = tps(batched_script).await?;
     let insert_tps = tps(insert_script).await?;
     let _ = std::fs::remove_dir_all(&dir);
     db.batch_execute("DROP TABLE bench_jobs; DROP TABLE bench_events")
         .await
         .context("drop the pgbench scratch tables")?;
-    let (dispatch_tps, insert_tps) = (dispatch_tps?, insert_tps?);
+    let (dispatch_tps, batched_tps, insert_tps) = (dispatch_tps?, batched_tps?, insert_tps?);
 
     Ok(vec![
         Figure::new(
             "limit",
             "limit.dispatches_per_s",
             dispatch_tps,
+            "dispatches/s",
+        ),
+        Figure::new(
+            "limit",
+            "limit.batched_dispatches_per_s",
+            batched_tps * f64::from(DISPATCH_BATCH),
             "dispatches/s",
         ),
         Figure::new(

@@ -100,6 +100,7 @@ pub async fn run(
             runs as f64 / total_secs,
             "runs/s",
         )
+        .against("limit.batched_dispatches_per_s")
         .against("limit.dispatches_per_s")
         .peers(&[
             "peer.graphile_worker.jobs_per_s",

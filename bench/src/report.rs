@@ -98,10 +98,13 @@ fn ratio(figure: &Figure, baseline: &str, all: &[Figure]) -> Option<f64> {
     (base.value > 0.0 && figure.value.is_finite()).then(|| figure.value / base.value)
 }
 
-/// How a baseline is called in the table: `limit.*` is the database limit,
+/// How a baseline is called in the table: `limit.*` is the database limit
+/// (`limit.batched_*` the same SQL ×100 per statement),
 /// `peer.graphile_worker.*` is graphile-worker.
 fn baseline_label(name: &str) -> String {
-    if name.starts_with("limit.") {
+    if name.starts_with("limit.batched_") {
+        "batched database limit".to_owned()
+    } else if name.starts_with("limit.") {
         "database limit".to_owned()
     } else if let Some(rest) = name.strip_prefix("peer.") {
         rest.split('.').next().unwrap_or(rest).replace('_', "-")

@@ -76,11 +76,44 @@ pub async fn connect_db(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     Ok(client)
 }
 
-/// One manager process and its runners; every process is killed on drop.
+/// One manager process and its runners (and maybe more manager replicas on the same
+/// database); every process is killed on drop.
 pub struct Stack {
     pub addr: SocketAddr,
+    database_url: String,
     manager: Child,
+    replicas: Vec<Child>,
     runners: Vec<Child>,
+}
+
+/// Starts a manager on `database_url`, listening on `addr`.
+fn spawn_manager(database_url: &str, addr: SocketAddr) -> anyhow::Result<Child> {
+    Command::new(bin_dir()?.join("agentrun-manager"))
+        .arg("serve")
+        .env("DATABASE_URL", database_url)
+        .env("AGENTRUN_AUTH", "disabled")
+        .env("AGENTRUN_LISTEN", addr.to_string())
+        .env("AGENTRUN_METRICS_LISTEN", "")
+        .env("RUST_LOG", manager_log().unwrap_or_else(|| "warn".into()))
+        .stdin(Stdio::null())
+        .stdout(manager_output()?)
+        .spawn()
+        .context("start agentrun-manager")
+}
+
+/// A channel to the manager at `addr`, retried for up to 20 s while it starts.
+async fn channel_to(addr: SocketAddr) -> anyhow::Result<Channel> {
+    let endpoint = Channel::from_shared(format!("http://{addr}"))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(channel),
+            Err(err) if Instant::now() > deadline => {
+                bail!("manager at {addr} never accepted connections: {err}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 impl Stack {
@@ -88,20 +121,12 @@ impl Stack {
     /// once the manager accepts gRPC connections.
     pub async fn start(database_url: &str, runners: usize) -> anyhow::Result<Self> {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let manager = Command::new(bin_dir()?.join("agentrun-manager"))
-            .arg("serve")
-            .env("DATABASE_URL", database_url)
-            .env("AGENTRUN_AUTH", "disabled")
-            .env("AGENTRUN_LISTEN", addr.to_string())
-            .env("AGENTRUN_METRICS_LISTEN", "")
-            .env("RUST_LOG", manager_log().unwrap_or_else(|| "warn".into()))
-            .stdin(Stdio::null())
-            .stdout(manager_output()?)
-            .spawn()
-            .context("start agentrun-manager")?;
+        let manager = spawn_manager(database_url, addr)?;
         let mut stack = Stack {
             addr,
+            database_url: database_url.to_owned(),
             manager,
+            replicas: Vec::new(),
             runners: Vec::new(),
         };
         stack.channel().await?;
@@ -153,17 +178,15 @@ impl Stack {
 
     /// A channel to the manager, retried for up to 20 s while it starts.
     pub async fn channel(&self) -> anyhow::Result<Channel> {
-        let endpoint = Channel::from_shared(format!("http://{}", self.addr))?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match endpoint.connect().await {
-                Ok(channel) => return Ok(channel),
-                Err(err) if Instant::now() > deadline => {
-                    bail!("manager at {} never accepted connections: {err}", self.addr)
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
+        channel_to(self.addr).await
+    }
+
+    /// Starts another manager replica on the same database (no runner connects to it)
+    /// and returns a channel to it.
+    pub async fn spawn_replica(&mut self) -> anyhow::Result<Channel> {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        self.replicas.push(spawn_manager(&self.database_url, addr)?);
+        channel_to(addr).await
     }
 }
 
@@ -172,6 +195,7 @@ impl Drop for Stack {
         for child in self
             .runners
             .iter_mut()
+            .chain(self.replicas.iter_mut())
             .chain(std::iter::once(&mut self.manager))
         {
             let _ = child.kill();

@@ -1,6 +1,7 @@
 //! Scenario 2, stream: a few runs that each emit many `content.delta` events, one
 //! WatchRun client per run. Measures events stored per second at full speed, and
-//! append-to-watcher latency both then and at a model's streaming pace (the event's `created_at`, stamped by the database, against the time the
+//! append-to-watcher latency both then and at a model's streaming pace, with the
+//! watchers on the replica the runners stream to and on another replica (the event's `created_at`, stamped by the database, against the time the
 //! watcher received it; everything runs on one machine, so one clock).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -34,7 +35,8 @@ pub async fn run(
 ) -> anyhow::Result<Vec<Figure>> {
     let channel = stack.channel().await?;
     let start = Instant::now();
-    let (ids, mut full_load_ms) = stream(&channel, runs, tokens, "default", timeout).await?;
+    let (ids, mut full_load_ms) =
+        stream(&channel, &channel, runs, tokens, "default", timeout).await?;
     let wall_secs = start.elapsed().as_secs_f64();
 
     let uuids: Vec<Uuid> = ids.iter().map(|id| id.parse()).collect::<Result<_, _>>()?;
@@ -55,10 +57,17 @@ pub async fn run(
             ("AGENTRUN_SCRIPTED_TOKEN_DELAY_MS", PACED_TOKEN_DELAY_MS),
         ],
     )?;
-    let (_, mut paced_ms) = stream(&channel, runs, PACED_TOKENS, PACED_QUEUE, timeout).await?;
+    let (_, mut paced_ms) =
+        stream(&channel, &channel, runs, PACED_TOKENS, PACED_QUEUE, timeout).await?;
+    // The same, watched on a replica no runner is connected to: each append reaches it
+    // by NOTIFY.
+    let replica = stack.spawn_replica().await?;
+    let (_, mut across_ms) =
+        stream(&channel, &replica, runs, PACED_TOKENS, PACED_QUEUE, timeout).await?;
 
     full_load_ms.sort_by(f64::total_cmp);
     paced_ms.sort_by(f64::total_cmp);
+    across_ms.sort_by(f64::total_cmp);
     Ok(vec![
         Figure::new(
             "stream",
@@ -90,6 +99,19 @@ pub async fn run(
         .at_most(25.0),
         Figure::new(
             "stream",
+            "stream.append_to_watcher_p50 (100 tokens/s per run, across replicas)",
+            percentile(&across_ms, 50.0),
+            "ms",
+        ),
+        Figure::new(
+            "stream",
+            "stream.append_to_watcher_p99 (100 tokens/s per run, across replicas)",
+            percentile(&across_ms, 99.0),
+            "ms",
+        )
+        .at_most(25.0),
+        Figure::new(
+            "stream",
             "stream.append_to_watcher_p50 (full load)",
             percentile(&full_load_ms, 50.0),
             "ms",
@@ -104,16 +126,18 @@ pub async fn run(
         Figure::new(
             "stream",
             "stream.deltas_watched",
-            (full_load_ms.len() + paced_ms.len()) as f64,
+            (full_load_ms.len() + paced_ms.len() + across_ms.len()) as f64,
             "events",
         ),
     ])
 }
 
-/// Creates `runs` runs of `tokens` tokens in `queue` and watches each to its end; returns
-/// their ids and the latency in ms of every `content.delta` seen.
+/// Creates `runs` runs of `tokens` tokens in `queue` through `channel` and watches each
+/// to its end through `watching`; returns their ids and the latency in ms of every
+/// `content.delta` seen.
 async fn stream(
     channel: &Channel,
+    watching: &Channel,
     runs: usize,
     tokens: usize,
     queue: &str,
@@ -141,7 +165,7 @@ async fn stream(
         .collect();
     let watchers: Vec<_> = ids
         .iter()
-        .map(|id| tokio::spawn(watch(channel.clone(), id.clone())))
+        .map(|id| tokio::spawn(watch(watching.clone(), id.clone())))
         .collect();
     let mut latencies_ms = Vec::new();
     for watcher in watchers {

@@ -22,6 +22,7 @@ pub mod api;
 pub mod batcher;
 pub mod config;
 pub mod db;
+pub mod dispatcher;
 pub mod error;
 pub mod health;
 pub mod heartbeats;

@@ -21,6 +21,7 @@ use crate::api::auth::Authenticator;
 use crate::api::watch_hub::{self, WatchHub};
 use crate::api::{AdminApi, AppState, RunApi, RunnerApi, SessionApi};
 use crate::config::{AuthMode, Settings};
+use crate::dispatcher::Dispatcher;
 use crate::heartbeats::Heartbeats;
 use crate::hellos::Hellos;
 use crate::metrics::{self, Metrics};
@@ -134,9 +135,18 @@ impl Application {
             app_shutdown.clone(),
             tasks.clone(),
         );
+        let settings = Arc::new(settings);
+        let dispatcher = Dispatcher::start(
+            pool.clone(),
+            settings.clone(),
+            notifier.clone(),
+            metrics.clone(),
+            background.clone(),
+        );
         let state = AppState {
             pool,
-            settings: Arc::new(settings),
+            settings,
+            dispatcher,
             notifier: notifier.clone(),
             shutdown: app_shutdown,
             metrics: metrics.clone(),

@@ -21,7 +21,7 @@ const STREAMS_PER_CHANNEL: usize = 50;
 
 /// Transactions committed in database `name`, read from outside it ([`cluster_client`]).
 /// Only what its backends have flushed is counted: see [`disconnected`].
-async fn commits(cluster: &tokio_postgres::Client, name: &str) -> i64 {
+pub(crate) async fn commits(cluster: &tokio_postgres::Client, name: &str) -> i64 {
     cluster
         .query_one(
             "SELECT xact_commit FROM pg_stat_database WHERE datname = $1",
@@ -35,7 +35,7 @@ async fn commits(cluster: &tokio_postgres::Client, name: &str) -> i64 {
 /// Waits until nothing is connected to database `name`. A backend flushes its
 /// statistics as it exits (while connected it may hold them back for seconds), so
 /// [`commits`] is then exact.
-async fn disconnected(cluster: &tokio_postgres::Client, name: &str) {
+pub(crate) async fn disconnected(cluster: &tokio_postgres::Client, name: &str) {
     wait_for(
         "every connection to the test database to close",
         LONG,
@@ -59,7 +59,7 @@ async fn quiet_app() -> TestApp {
     quiet_app_on(&fresh_database().await).await
 }
 
-async fn quiet_app_on(url: &str) -> TestApp {
+pub(crate) async fn quiet_app_on(url: &str) -> TestApp {
     TestApp::spawn_on(url, |s| {
         s.lease_ttl_ms = 600_000;
         s.sweep_interval_ms = 600_000;
@@ -70,7 +70,10 @@ async fn quiet_app_on(url: &str) -> TestApp {
 
 /// Connects every identity at once, each naming no lease (restarted), spread over a few
 /// HTTP/2 connections; returns them welcomed, in order.
-async fn connect_all(app: &TestApp, identities: &[proto::RunnerIdentity]) -> Vec<RawRunner> {
+pub(crate) async fn connect_all(
+    app: &TestApp,
+    identities: &[proto::RunnerIdentity],
+) -> Vec<RawRunner> {
     let channels: Vec<_> = (0..identities.len().div_ceil(STREAMS_PER_CHANNEL))
         .map(|_| lazy_channel(app.addr))
         .collect();

@@ -6,6 +6,7 @@ mod cli_sessions;
 mod commands;
 mod context;
 mod conversation_rules;
+mod dispatcher;
 mod double_texting;
 mod e2e;
 mod faults;

@@ -6,10 +6,10 @@
 //! it first sends the `welcome` and whatever the runner is owed (commands of resumed
 //! leases, adopted runs — any number of them), then reacts to four things: messages from
 //! the runner (credit, heartbeats, event batches, command acks, finishes, releases —
-//! each applied to the store in order and acknowledged only after commit), wake-ups
-//! saying work may be claimable (runs are then claimed for the runner's credit and pushed), wake-ups saying
-//! a held run has new commands (they are delivered), and a slow fallback tick that does
-//! both in case a wake-up was lost. Manager shutdown sends `drain` and ends the stream;
+//! each applied to the store in order and acknowledged only after commit), runs the
+//! replica's [`Dispatcher`](crate::dispatcher) claimed for the runner's credit (they are
+//! pushed), wake-ups saying a held run has new commands (they are delivered), and the
+//! key re-check. Manager shutdown sends `drain` and ends the stream;
 //! the runner reconnects elsewhere with its leases. An operator's drain (the runner's
 //! `draining` flag, set through any replica) is read on the fallback tick: the session
 //! stops assigning and sends `drain` with `reconnect: false`; the runner finishes its
@@ -44,11 +44,10 @@ use super::runner_messages::{
     runner_identity,
 };
 use super::{AppState, convert};
+use crate::dispatcher::Seat;
 use crate::error::Error;
 use crate::store::Tenant;
-use crate::store::leases::{
-    self, Assignment, Heartbeat, Hello, LeaseWrite, RunnerIdentity, Welcome, Written,
-};
+use crate::store::leases::{self, Heartbeat, Hello, LeaseWrite, RunnerIdentity, Welcome, Written};
 use crate::store::runs::Finish;
 
 /// How long a runner has to say hello.
@@ -158,8 +157,8 @@ struct Session {
     state: AppState,
     runner: RunnerIdentity,
     out: mpsc::Sender<Result<proto::ManagerMessage, Status>>,
-    /// Runs this runner may still be given.
-    credit: i64,
+    /// Where the runner's credit waits for the replica's claims, and its runs arrive.
+    seat: Seat,
     /// Leases held through this stream: run -> epoch.
     held: HashMap<RunId, i64>,
     /// Woken when a held run gets commands.
@@ -167,9 +166,6 @@ struct Session {
     /// Nothing more is assigned: the manager is shutting down or an operator drained
     /// the runner.
     draining: bool,
-    /// When the runner last sent anything. A runner that has gone quiet (frozen, or
-    /// its network half-dead) is given no new work, even if its stream looks open.
-    last_heard: tokio::time::Instant,
     /// Finishes failing the held runs whose writes were refused, stored after the batch
     /// that refused them (see [`Session::refuse`]).
     refused: Vec<LeaseWrite>,
@@ -185,23 +181,16 @@ impl Session {
         out: mpsc::Sender<Result<proto::ManagerMessage, Status>>,
     ) -> Self {
         Self {
+            seat: state.dispatcher.seat(runner.clone()),
             state,
             runner,
             out,
-            credit: 0,
             held: HashMap::new(),
             commands_woken: Arc::new(Notify::new()),
             draining: false,
-            last_heard: tokio::time::Instant::now(),
             refused: Vec::new(),
             key,
         }
-    }
-
-    /// Silent for more than two heartbeat intervals: do not trust it with new runs.
-    fn silent(&self) -> bool {
-        self.last_heard.elapsed()
-            > Duration::from_millis(2 * self.state.settings.heartbeat_interval_ms)
     }
 
     /// Sends the welcome and what the runner is owed: commands of the leases it still
@@ -261,7 +250,6 @@ impl Session {
     async fn run(mut self, welcome: Welcome, mut inbound: Streaming<proto::RunnerMessage>) {
         let _connected = self.state.metrics.runner_connected();
         self.greet(welcome).await;
-        let mut work = self.state.notifier.subscribe_work();
         let shutdown = self.state.shutdown.clone();
         loop {
             let result = tokio::select! {
@@ -281,10 +269,7 @@ impl Session {
                         break;
                     }
                 },
-                changed = work.changed(), if self.credit > 0 && !self.draining => {
-                    if changed.is_err() { break; }
-                    self.assign().await.or_else(retried_later)
-                }
+                _ = self.seat.ready() => self.deliver_assigned().await.or_else(retried_later),
                 _ = self.commands_woken.notified() => self.deliver_commands().await.or_else(retried_later),
                 _ = self.key.due() => self.check_key().await.or_else(retried_later),
                 _ = shutdown.cancelled() => {
@@ -380,7 +365,9 @@ impl Session {
     /// batches, command acknowledgements, finishes, releases, of any number of runs) in
     /// one transaction, each answered after the commit; then the credit they gave.
     async fn handle(&mut self, messages: Vec<proto::RunnerMessage>) -> Result<(), Error> {
-        self.last_heard = tokio::time::Instant::now();
+        // A runner that has gone quiet (frozen, or its network half-dead) is given no
+        // new work, even if its stream looks open: the dispatcher passes it over.
+        self.seat.heard();
         let mut writes: Vec<(LeaseWrite, Reply)> = Vec::new();
         let mut credit: Option<i64> = None;
         for message in messages {
@@ -450,11 +437,12 @@ impl Session {
         }
         self.write(writes).await?;
         self.fail_refused().await?;
-        if let Some(slots) = credit {
+        if let Some(slots) = credit
+            && !self.draining
+        {
             // Never more runs in flight than the runner said it can execute.
             let room = i64::from(self.runner.max_concurrency) - self.held.len() as i64;
-            self.credit = (self.credit + slots).min(room.max(0));
-            self.assign().await?;
+            self.seat.offer(slots, room.max(0));
         }
         Ok(())
     }
@@ -561,7 +549,7 @@ impl Session {
         }
         tracing::info!(runner = %self.runner.id, held = self.held.len(), "draining the runner at an operator's request");
         self.draining = true;
-        self.credit = 0;
+        self.seat.withdraw();
         self.send(Out::Drain(proto::Drain {
             deadline_ms: 0,
             reconnect: false,
@@ -569,28 +557,18 @@ impl Session {
         .await;
     }
 
-    /// Claims runs for the runner's credit and pushes them.
-    async fn assign(&mut self) -> Result<(), Error> {
-        if self.credit <= 0 || self.draining || self.silent() {
+    /// Pushes the runs the dispatcher claimed for this runner.
+    async fn deliver_assigned(&mut self) -> Result<(), Error> {
+        let assigned = self.seat.take();
+        if assigned.is_empty() {
             return Ok(());
         }
-        // Cheap (the key cache) and it keeps a revoked runner from getting a prompt.
-        self.check_key().await?;
-        let claimed: Vec<Assignment> = leases::claim(
-            &self.state.pool,
-            &self.runner,
-            false,
-            self.credit,
-            self.state.settings.lease_ttl(),
-            self.state.settings.tenant_max_active_runs,
-        )
-        .await?;
-        self.credit -= claimed.len() as i64;
-        self.state.metrics.claimed(&claimed);
-        self.state
-            .notifier
-            .events_appended(claimed.iter().map(|a| a.run.id.0));
-        for assignment in &claimed {
+        // Cheap (the key cache), and a revoked runner gets no prompt: its runs go back.
+        if let Err(err) = self.check_key().await {
+            self.seat.give_back(assigned).await;
+            return Err(err);
+        }
+        for assignment in &assigned {
             self.hold(assignment.run.id, assignment.run.lease_epoch);
             self.send(Out::Assignment(convert::assignment(assignment)))
                 .await;

@@ -51,6 +51,8 @@ pub struct AppState {
     pub heartbeats: Heartbeats,
     /// Registers the runners connecting to this replica together.
     pub hellos: Hellos,
+    /// Claims runs for every runner stream on this replica together.
+    pub dispatcher: Arc<crate::dispatcher::Dispatcher>,
     /// Long-lived per-stream tasks (runner sessions, watchers): shutdown waits for them.
     pub tasks: TaskTracker,
     /// Open watchers per tenant on this replica (the `tenant_watchers` quota).

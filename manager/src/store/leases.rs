@@ -113,8 +113,9 @@ const PENDING_TENANTS: &str = "pending_tenants(tenant_id) AS (
 /// Statement 1 of a claim: takes the advisory lock of every limited tenant that has room
 /// and a pending run this runner could take, in lock-key order (so claimers never wait
 /// on each other in a cycle), and returns those tenants. A tenant at its limit is not
-/// locked: it gets nothing from this claim anyway. Parameters: $1 runner, $2 queues,
-/// $3 profiles, $4 labels, $5 default limit, $6 the runner's tenant (`NULL`: any).
+/// locked: it gets nothing from this claim anyway. Parameters: $1 the runners claiming
+/// (one shape: see [`claim_for`]), $2 queues, $3 profiles, $4 labels, $5 default limit,
+/// $6 their tenant (`NULL`: any).
 static LOCK_LIMITED_TENANTS_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH RECURSIVE {PENDING_TENANTS},
@@ -126,8 +127,10 @@ static LOCK_LIMITED_TENANTS_SQL: LazyLock<String> = LazyLock::new(|| {
          ),
          wanted AS (
              SELECT l.tenant_id FROM limited l
-             WHERE NOT coalesce((SELECT draining FROM runners
-                                  WHERE id = $1::uuid AND tenant_id = coalesce($6::text, '')), false)
+             WHERE EXISTS (SELECT 1 FROM unnest($1::uuid[]) AS c(runner)
+                           WHERE NOT coalesce((SELECT draining FROM runners w
+                                               WHERE w.id = c.runner
+                                                 AND w.tenant_id = coalesce($6::text, '')), false))
                AND (SELECT count(*) FROM (SELECT 1 FROM runs a WHERE a.tenant_id = l.tenant_id
                         AND a.status IN ('claimed', 'running', 'waiting') LIMIT l.max_active) full_up)
                    < l.max_active
@@ -145,10 +148,13 @@ static LOCK_LIMITED_TENANTS_SQL: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// Statement 2 of a claim: picks and leases the runs. Parameters: $1 runner, $2 queues,
-/// $3 profiles, $4 labels, $5 batch size, $6 lease ttl in ms, $7 default limit, $8 the
-/// limited tenants whose lock this transaction holds, $9 the runner's tenant (`NULL`: any).
+/// Statement 2 of a claim: picks and leases the runs. Parameters: $1 the slots (a runner
+/// id per run wanted, in the order they are to be filled), $2 queues, $3 profiles, $4
+/// labels, $5 batch size (the number of slots), $6 lease ttl in ms, $7 default limit, $8
+/// the limited tenants whose lock this transaction holds, $9 the runners' tenant (`NULL`:
+/// any).
 ///
+/// - `slots`: the slots of runners not draining, numbered.
 /// - `tenants` keeps only the runner's tenant when it has one (its API key's), so a
 ///   runner never leases another tenant's run.
 ///
@@ -171,19 +177,26 @@ static LOCK_LIMITED_TENANTS_SQL: LazyLock<String> = LazyLock::new(|| {
 ///   goes on, so concurrent claimers still fill their batches; `status = 'pending'` is
 ///   re-checked on the locked row version. (A runner serving several queues may lock up
 ///   to a quota per queue; `picked` keeps the best and the rest are left pending.)
+/// - `picked` numbers the runs kept, best first, and the k-th goes to the k-th slot.
 fn claim_sql() -> String {
     let eligible = "r.status = 'pending' AND r.backend_profile = ANY($3::text[])
                     AND r.labels <@ $4::text[]
                     AND (r.scheduled_at IS NULL OR r.scheduled_at <= now())";
     format!(
         "WITH RECURSIVE {PENDING_TENANTS},
+         slots AS MATERIALIZED (
+             SELECT s.runner, row_number() OVER (ORDER BY s.ord) AS slot
+             FROM unnest($1::uuid[]) WITH ORDINALITY AS s(runner, ord)
+             WHERE NOT coalesce((SELECT draining FROM runners w
+                                 WHERE w.id = s.runner AND w.tenant_id = coalesce($9::text, '')),
+                                false)
+         ),
          tenants AS (
              SELECT p.tenant_id, coalesce(tl.max_active_runs, nullif($7::int, 0)) AS max_active
              FROM pending_tenants p LEFT JOIN tenant_limits tl ON tl.tenant_id = p.tenant_id
              WHERE p.tenant_id IS NOT NULL
                AND ($9::text IS NULL OR p.tenant_id = $9::text)
-               AND NOT coalesce((SELECT draining FROM runners
-                                WHERE id = $1::uuid AND tenant_id = coalesce($9::text, '')), false)
+               AND EXISTS (SELECT 1 FROM slots)
          ),
          room AS MATERIALIZED (
              SELECT tenant_id, active,
@@ -237,20 +250,21 @@ fn claim_sql() -> String {
              ) l
          ),
          picked AS MATERIALIZED (
-             SELECT id FROM (
-                 SELECT id, quota,
+             SELECT id, row_number() OVER (ORDER BY priority DESC, created_at, id) AS slot
+             FROM (
+                 SELECT id, quota, priority, created_at,
                         row_number() OVER (PARTITION BY tenant_id
                                            ORDER BY priority DESC, created_at, id) AS k
                  FROM locked
              ) best
              WHERE k <= quota
          )
-         UPDATE runs SET status = 'claimed', lease_runner_id = $1,
+         UPDATE runs SET status = 'claimed', lease_runner_id = slots.runner,
                 lease_epoch = runs.lease_epoch + 1,
                 lease_expires_at = now() + $6::bigint * interval '1 millisecond',
                 lease_runner_seq = 0, claimed_at = now(), updated_at = now(),
                 run_deadline = now() + runs.run_timeout_ms * interval '1 millisecond'
-         FROM picked WHERE runs.id = picked.id
+         FROM picked JOIN slots USING (slot) WHERE runs.id = picked.id
          RETURNING runs.*"
     )
 }
@@ -263,16 +277,7 @@ static CLAIM_SQL: LazyLock<String> = LazyLock::new(claim_sql);
 /// `default_max_active_runs`; 0 means none), highest priority first, then oldest, within
 /// a tenant. A draining runner gets nothing.
 ///
-/// Two statements (see [`LOCK_LIMITED_TENANTS_SQL`] and [`CLAIM_SQL`]): the first takes a
-/// per-tenant advisory transaction lock for each limited tenant with room and work, so
-/// claimers serving the same limited tenant take turns and the second statement, whose
-/// snapshot starts after the lock, counts every committed claim: limits are exact, never
-/// overshot by concurrent claimers on any replica. Unlimited tenants take no lock. Rows
-/// are leased with `FOR UPDATE SKIP LOCKED`, so concurrent claimers never get the same
-/// run; each claim bumps the epoch and records `run.claimed`.
-///
-/// `register` records the runner as seen first (the unary ClaimRuns); a Connect stream's
-/// runner was registered by its hello, and a claim that finds nothing writes nothing.
+/// `register` records the runner as seen first (the unary ClaimRuns).
 pub async fn claim(
     pool: &Pool,
     runner: &RunnerIdentity,
@@ -281,7 +286,52 @@ pub async fn claim(
     ttl: Duration,
     default_max_active_runs: i32,
 ) -> Result<Vec<Assignment>> {
-    let runner_tenant = runner.tenant.as_ref().map(Tenant::as_str);
+    let slots = vec![runner.id; usize::try_from(max_runs).unwrap_or(0)];
+    let registered = register.then_some(runner);
+    claim_for(
+        pool,
+        &[runner],
+        &slots,
+        registered,
+        ttl,
+        default_max_active_runs,
+    )
+    .await
+}
+
+/// [`claim`] for many runners of one shape (the same tenant, queues, profiles and labels,
+/// as [`crate::dispatcher`] groups them) in one transaction: `slots` names a runner per
+/// run wanted, and the best run goes to the first slot, the next to the second, and so
+/// on. Runners that are draining are left out. Each assignment's run names its runner
+/// (`lease_runner_id`).
+///
+/// Two statements (see [`LOCK_LIMITED_TENANTS_SQL`] and [`CLAIM_SQL`]): the first takes a
+/// per-tenant advisory transaction lock for each limited tenant with room and work, so
+/// claimers serving the same limited tenant take turns and the second statement, whose
+/// snapshot starts after the lock, counts every committed claim: limits are exact, never
+/// overshot by concurrent claimers on any replica. Unlimited tenants take no lock. Rows
+/// are leased with `FOR UPDATE SKIP LOCKED`, so concurrent claimers never get the same
+/// run; each claim bumps the epoch and records `run.claimed`.
+///
+/// `register`: a runner to record as seen first (the unary ClaimRuns); a Connect stream's
+/// runner was registered by its hello, and a claim that finds nothing writes nothing.
+pub async fn claim_for(
+    pool: &Pool,
+    runners: &[&RunnerIdentity],
+    slots: &[RunnerId],
+    register: Option<&RunnerIdentity>,
+    ttl: Duration,
+    default_max_active_runs: i32,
+) -> Result<Vec<Assignment>> {
+    let Some(shape) = runners.first() else {
+        return Ok(Vec::new());
+    };
+    if slots.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tenant = shape.tenant.as_ref().map(Tenant::as_str);
+    let runner_ids: Vec<Uuid> = runners.iter().map(|r| r.id.0).collect();
+    let slots: Vec<Uuid> = slots.iter().map(|r| r.0).collect();
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let lock_limited = async {
@@ -290,12 +340,12 @@ pub async fn claim(
             .query(
                 &stmt,
                 &[
-                    &runner.id.0,
-                    &runner.queues,
-                    &runner.backend_profiles,
-                    &runner.labels,
+                    &runner_ids,
+                    &shape.queues,
+                    &shape.backend_profiles,
+                    &shape.labels,
                     &default_max_active_runs,
-                    &runner_tenant,
+                    &tenant,
                 ],
             )
             .await?;
@@ -311,8 +361,8 @@ pub async fn claim(
     // Pipelined on the one connection, sent and run in this order: no extra round trips.
     let registered = async {
         match register {
-            true => upsert_runner(&tx, runner).await,
-            false => Ok(()),
+            Some(runner) => upsert_runner(&tx, runner).await,
+            None => Ok(()),
         }
     };
     let ((), (), locked_tenants) = tokio::try_join!(registered, no_jit, lock_limited)?;
@@ -321,15 +371,15 @@ pub async fn claim(
         .query(
             &stmt,
             &[
-                &runner.id.0,
-                &runner.queues,
-                &runner.backend_profiles,
-                &runner.labels,
-                &max_runs,
+                &slots,
+                &shape.queues,
+                &shape.backend_profiles,
+                &shape.labels,
+                &(slots.len() as i64),
                 &ttl_millis(ttl),
                 &default_max_active_runs,
                 &locked_tenants,
-                &runner_tenant,
+                &tenant,
             ],
         )
         .await?;
@@ -342,7 +392,14 @@ pub async fn claim(
             .cmp(&a.priority)
             .then(a.created_at.cmp(&b.created_at))
     });
-    let claimed = claimed.into_iter().map(|run| (run, runner)).collect();
+    let by_id: HashMap<RunnerId, &RunnerIdentity> = runners.iter().map(|r| (r.id, *r)).collect();
+    let claimed = claimed
+        .into_iter()
+        .filter_map(|run| {
+            let runner = by_id.get(&run.lease_runner_id?)?;
+            Some((run, *runner))
+        })
+        .collect();
     let assignments = hand_over(&tx, claimed, false).await?;
     tx.commit().await?;
     Ok(assignments)
