@@ -47,7 +47,7 @@ UPDATE bench_jobs SET status = 'finished' WHERE id = :job;
 
 const BATCHED_DISPATCH_SCRIPT: &str = r#"INSERT INTO bench_jobs (payload) SELECT '{"prompt": "x"}' FROM generate_series(1, 100);
 WITH claimed AS (UPDATE bench_jobs SET status = 'claimed' WHERE id IN (SELECT id FROM bench_jobs WHERE status = 'pending' ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED) RETURNING id) SELECT coalesce(array_agg(id), '{}') AS jobs FROM claimed \gset
-UPDATE bench_jobs SET status = 'finished' WHERE id = ANY(:'jobs'::bigint[]);
+UPDATE bench_jobs SET status = 'finished' WHERE id = ANY(CAST(:jobs AS bigint[]));
 "#;
 
 const INSERT_SCRIPT: &str = r#"INSERT INTO bench_events (run_id, seq, type, payload, producer) SELECT r.id, g, 'content.delta', '{"text": "token"}', 'runner' FROM (SELECT gen_random_uuid() AS id) r, generate_series(1, 100) g;
