@@ -45,8 +45,8 @@ pub struct Settings {
     )]
     pub runner_poll_interval_ms: u64,
     /// Safety-net poll for watchers, in case a wake-up was lost: one query per replica for
-    /// all watched runs (WatchRun), and one per idle WatchSession watcher; appends on this
-    /// replica and other replicas' NOTIFY wake watchers at once.
+    /// all watched runs (WatchRun) and one for all watched sessions (WatchSession);
+    /// appends on this replica and other replicas' NOTIFY wake watchers at once.
     #[arg(long, env = "AGENTRUN_WATCH_POLL_INTERVAL_MS", default_value_t = 1_000)]
     pub watch_poll_interval_ms: u64,
     /// On shutdown: how long in-flight calls may take before the manager stops anyway.

@@ -165,6 +165,12 @@ impl Notifier {
             .subscribe()
     }
 
+    /// Wakes this replica's watchers of `keys` (runs or sessions), telling no other
+    /// replica: for what only this replica found out (its safety-net poll).
+    pub fn wake_watchers_here(&self, keys: impl Iterator<Item = Uuid>) {
+        self.poke_watchers(keys);
+    }
+
     /// Routes command wake-ups for `run` to `holder` until [`Self::release`].
     pub fn hold(&self, run: RunId, holder: Arc<Notify>) {
         self.holders

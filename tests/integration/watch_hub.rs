@@ -234,3 +234,104 @@ async fn idle_watchers_cost_no_queries_per_watcher() {
         }
     }
 }
+
+// ---- session watchers ------------------------------------------------------------------
+
+/// Creates a run in session `session_id` (a new session on its first run).
+async fn create_in_session(app: &mut TestApp, session_id: &str, prompt: &str) -> String {
+    let mut request = run_request(prompt);
+    request.session_id = session_id.into();
+    app.runs
+        .create_run(request)
+        .await
+        .expect("create a run in the session")
+        .into_inner()
+        .run
+        .expect("run")
+        .run_id
+}
+
+async fn watch_session(app: &TestApp, session_id: &str) -> Streaming<proto::SessionEvent> {
+    use agentrun_shared::proto::session_service_client::SessionServiceClient;
+    SessionServiceClient::new(connect(app.addr).await)
+        .watch_session(proto::WatchSessionRequest {
+            session_id: session_id.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch session")
+        .into_inner()
+}
+
+/// The seq of the next event of `stream`, within the deadline.
+async fn next_session_seq(stream: &mut Streaming<proto::SessionEvent>) -> i64 {
+    tokio::time::timeout(LONG, stream.message())
+        .await
+        .expect("a session event in time")
+        .expect("the watch goes on")
+        .expect("the watch is open")
+        .event
+        .expect("an event")
+        .seq
+}
+
+/// 100 idle WatchSession streams cost the database next to nothing more than none: no
+/// watcher polls on its own (each used to read its session twice a second).
+#[tokio::test]
+async fn idle_session_watchers_cost_no_queries_per_watcher() {
+    const WATCHERS: usize = 100;
+    const SESSIONS: usize = 10;
+    const WINDOW: Duration = Duration::from_secs(5);
+    let mut app = TestApp::spawn_with(|s| s.sweep_interval_ms = 1_000).await;
+    let db = app.db().await;
+    let mut sessions = Vec::new();
+    for i in 0..SESSIONS {
+        let session_id = uuid::Uuid::new_v4().to_string();
+        create_in_session(&mut app, &session_id, &format!("idle {i}")).await;
+        sessions.push(session_id);
+    }
+    let without = commits_per_second(&db, WINDOW).await;
+    let mut streams = Vec::new();
+    for i in 0..WATCHERS {
+        let mut stream = watch_session(&app, &sessions[i % SESSIONS]).await;
+        // The replay (run.created and the command's events): then it waits.
+        next_session_seq(&mut stream).await;
+        streams.push(stream);
+    }
+    let with = commits_per_second(&db, WINDOW).await;
+    println!("idle session watchers: {without:.1} commits/s without, {with:.1} with {WATCHERS}");
+    assert!(
+        with - without < 20.0,
+        "{WATCHERS} idle session watchers cost {:.1} commits/s ({without:.1} without, {with:.1} with)",
+        with - without
+    );
+}
+
+/// Events no wake-up announced (written straight into the database here; in life, a
+/// NOTIFY lost with its connection) still reach a session watcher: the replica's one
+/// safety-net poll covers watched sessions too.
+#[tokio::test]
+async fn a_session_watcher_sees_events_no_wake_up_announced() {
+    let mut app = TestApp::spawn_with(|s| s.watch_poll_interval_ms = 200).await;
+    let db = app.db().await;
+    let session_id = uuid::Uuid::new_v4().to_string();
+    let run_id = create_in_session(&mut app, &session_id, "unannounced").await;
+    let mut stream = watch_session(&app, &session_id).await;
+    let stored = last_seq(&db, &run_id).await;
+    let mut seen = 0;
+    while seen < stored {
+        seen = next_session_seq(&mut stream).await;
+    }
+    db.execute(
+        "WITH advanced AS (
+             UPDATE runs SET last_event_seq = last_event_seq + 1
+             WHERE id = $1::text::uuid RETURNING id, last_event_seq)
+         INSERT INTO events (run_id, seq, type, payload, producer)
+         SELECT id, last_event_seq, 'runtime.warning', '{\"message\": \"unannounced\"}', 'manager'
+         FROM advanced",
+        &[&run_id],
+    )
+    .await
+    .expect("write an event behind the manager's back");
+    assert_eq!(next_session_seq(&mut stream).await, stored + 1);
+}

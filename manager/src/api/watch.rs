@@ -12,8 +12,9 @@
 //! attached watcher costs the database nothing; the safety-net poll is the hub's, one
 //! per replica.
 //!
-//! A session watcher still reads on its own: after each wake-up of the session or its
-//! runs, or its slow safety-net poll, it reads the session's log after its cursor.
+//! A session watcher reads on its own: after each wake-up of the session or its runs
+//! (the hub's safety-net poll among them), it reads the session's log after its cursor.
+//! An idle one costs nothing.
 //!
 //! A watcher re-checks the API key it was opened with (see [`super::auth::StreamKey`]):
 //! at once when a key is revoked anywhere, and at least every
@@ -270,8 +271,10 @@ async fn follow_session(
     mut cursor: EventCursor,
     tx: &Outbox<proto::SessionEvent>,
 ) -> Result<(), Error> {
-    // New runs of the session are announced on the session's own key.
+    // New runs of the session are announced on the session's own key, and so is what
+    // the replica's safety-net poll finds.
     let mut session_woken = state.notifier.watch(session_id.0);
+    let _polled = state.watch_hub.watch_session(tenant.clone(), session_id);
     loop {
         key.check_if_due(&state.auth, &state.notifier).await?;
         session_woken.borrow_and_update();
@@ -318,7 +321,6 @@ async fn follow_session(
             _ = session_woken.changed() => {}
             _ = runs_changed => {}
             _ = key.due() => {}
-            _ = tokio::time::sleep(state.settings.watch_poll_interval()) => {}
             _ = tx.closed() => return Ok(()),
             _ = state.shutdown.cancelled() => {
                 tx.fail(Status::unavailable("the manager is shutting down; resume from your cursor")).await;

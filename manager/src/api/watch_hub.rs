@@ -18,13 +18,19 @@
 //! The safety net for lost wake-ups is one query per replica and interval
 //! ([`poll`]): the watched runs' `last_event_seq`, waking only the readers whose run
 //! moved past their tail. A topic whose last watcher leaves ends with its reader.
+//!
+//! `WatchSession` streams read their session's log themselves after a wake-up (an
+//! append to one of its runs, a new run of the session); the hub only keeps the
+//! safety net for them: the same poll reads, for every session watched on the replica,
+//! a mark of its runs' logs (the sum of their `last_event_seq`) and wakes the watchers
+//! of the sessions whose mark moved. An idle session watcher costs nothing either.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agentrun_shared::ids::RunId;
+use agentrun_shared::ids::{RunId, SessionId};
 use agentrun_shared::proto;
 use deadpool_postgres::Pool;
 use tokio::sync::{Notify, oneshot};
@@ -35,7 +41,7 @@ use super::convert;
 use super::watch::{Outbox, TrySend};
 use crate::error::Result;
 use crate::notify::Notifier;
-use crate::store::{events, runs};
+use crate::store::{Tenant, events, runs, sessions};
 
 /// Events the reader reads per page (pages are bounded by bytes too, in the store).
 const PAGE: i64 = 500;
@@ -58,6 +64,33 @@ pub struct WatchHub {
     tasks: TaskTracker,
     topics: Mutex<HashMap<RunId, Topic>>,
     next_id: std::sync::atomic::AtomicU64,
+    /// Sessions followed on this replica, for the safety-net poll.
+    sessions: Mutex<HashMap<(Tenant, SessionId), WatchedSession>>,
+}
+
+struct WatchedSession {
+    watchers: usize,
+    /// The mark the last poll found; `None` until the first poll, which wakes the
+    /// watchers once (events may have come between their first read and it).
+    mark: Option<i64>,
+}
+
+/// A `WatchSession` stream's registration for the safety-net poll; dropping it ends it.
+pub struct SessionWatch {
+    hub: Arc<WatchHub>,
+    key: (Tenant, SessionId),
+}
+
+impl Drop for SessionWatch {
+    fn drop(&mut self) {
+        let mut sessions = self.hub.sessions.lock().expect("watch hub lock");
+        if let Entry::Occupied(mut watched) = sessions.entry(self.key.clone()) {
+            watched.get_mut().watchers -= 1;
+            if watched.get().watchers == 0 {
+                watched.remove();
+            }
+        }
+    }
 }
 
 struct Topic {
@@ -131,7 +164,48 @@ impl WatchHub {
             tasks,
             topics: Mutex::default(),
             next_id: Default::default(),
+            sessions: Mutex::default(),
         })
+    }
+
+    /// Registers a `WatchSession` stream of `session` for the safety-net poll, which
+    /// wakes it (through the notifier, on the session's key) when the session's logs
+    /// moved.
+    pub(super) fn watch_session(
+        self: &Arc<Self>,
+        tenant: Tenant,
+        session: SessionId,
+    ) -> SessionWatch {
+        let key = (tenant, session);
+        self.sessions
+            .lock()
+            .expect("watch hub lock")
+            .entry(key.clone())
+            .or_insert(WatchedSession {
+                watchers: 0,
+                mark: None,
+            })
+            .watchers += 1;
+        SessionWatch {
+            hub: self.clone(),
+            key,
+        }
+    }
+
+    /// Wakes the watchers of the sessions whose mark moved since the last poll.
+    fn wake_moved_sessions(&self, marks: Vec<((Tenant, SessionId), i64)>) {
+        let mut moved = Vec::new();
+        {
+            let mut sessions = self.sessions.lock().expect("watch hub lock");
+            for (key, mark) in marks {
+                if let Some(watched) = sessions.get_mut(&key)
+                    && watched.mark.replace(mark) != Some(mark)
+                {
+                    moved.push(key.1.0);
+                }
+            }
+        }
+        self.notifier.wake_watchers_here(moved.into_iter());
     }
 
     /// Attaches a watcher that has read `run_id`'s log up to `cursor`, sending into
@@ -301,8 +375,8 @@ async fn read(hub: Arc<WatchHub>, run_id: RunId, poke: Arc<Notify>) {
 }
 
 /// The safety net for lost wake-ups, until `shutdown`: every `interval`, one query reads
-/// the watched runs' last seqs and wakes the readers whose run moved. Nothing when
-/// nothing is watched.
+/// the watched runs' last seqs and wakes the readers whose run moved, and one the
+/// watched sessions' marks (see the module doc). Nothing when nothing is watched.
 pub async fn poll(hub: Arc<WatchHub>, interval: Duration, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -311,6 +385,7 @@ pub async fn poll(hub: Arc<WatchHub>, interval: Duration, shutdown: Cancellation
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
+        poll_sessions(&hub).await;
         let watched: Vec<RunId> = hub
             .topics
             .lock()
@@ -330,6 +405,29 @@ pub async fn poll(hub: Arc<WatchHub>, interval: Duration, shutdown: Cancellation
             Ok(seqs) => hub.wake_moved(&seqs),
             Err(err) => tracing::debug!(error = %err, "watch poll failed; retrying next tick"),
         }
+    }
+}
+
+/// The session half of [`poll`].
+async fn poll_sessions(hub: &WatchHub) {
+    let watched: Vec<(Tenant, SessionId)> = hub
+        .sessions
+        .lock()
+        .expect("watch hub lock")
+        .keys()
+        .cloned()
+        .collect();
+    if watched.is_empty() {
+        return;
+    }
+    let marks = async {
+        let client = hub.pool.get().await?;
+        sessions::log_marks(&client, &watched).await
+    };
+    let marks: Result<_> = marks.await;
+    match marks {
+        Ok(marks) => hub.wake_moved_sessions(marks),
+        Err(err) => tracing::debug!(error = %err, "session watch poll failed; retrying next tick"),
     }
 }
 

@@ -187,9 +187,9 @@ fn claim_sql() -> String {
          slots AS MATERIALIZED (
              SELECT s.runner, row_number() OVER (ORDER BY s.ord) AS slot
              FROM unnest($1::uuid[]) WITH ORDINALITY AS s(runner, ord)
-             WHERE NOT coalesce((SELECT draining FROM runners w
-                                 WHERE w.id = s.runner AND w.tenant_id = coalesce($9::text, '')),
-                                false)
+             WHERE s.runner NOT IN (SELECT w.id FROM runners w
+                                    WHERE w.id = ANY($1::uuid[]) AND w.draining
+                                      AND w.tenant_id = coalesce($9::text, ''))
          ),
          tenants AS (
              SELECT p.tenant_id, coalesce(tl.max_active_runs, nullif($7::int, 0)) AS max_active

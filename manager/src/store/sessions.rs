@@ -313,6 +313,32 @@ macro_rules! view_sql {
 }
 
 /// A session of the tenant, as `reader` sees it.
+/// For each session, a mark of its runs' logs that moves whenever any of them grows:
+/// the sum of their `last_event_seq`. Sessions without runs are left out.
+pub async fn log_marks(
+    client: &impl GenericClient,
+    sessions: &[(Tenant, SessionId)],
+) -> Result<Vec<((Tenant, SessionId), i64)>> {
+    let tenants: Vec<&str> = sessions.iter().map(|(t, _)| t.as_str()).collect();
+    let ids: Vec<Uuid> = sessions.iter().map(|(_, s)| s.0).collect();
+    let stmt = client
+        .prepare_cached(
+            "SELECT w.tenant, w.session, sum(r.last_event_seq)::bigint
+             FROM unnest($1::text[], $2::uuid[]) AS w(tenant, session)
+             JOIN runs r ON r.tenant_id = w.tenant AND r.session_id = w.session
+             GROUP BY w.tenant, w.session",
+        )
+        .await?;
+    let rows = client.query(&stmt, &[&tenants, &ids]).await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let key = (Tenant(row.get(0)), SessionId(row.get(1)));
+            (key, row.get(2))
+        })
+        .collect())
+}
+
 pub async fn get(
     client: &impl GenericClient,
     tenant: &Tenant,
