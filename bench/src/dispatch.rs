@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::fleet;
 use crate::report::{Figure, percentile};
+use crate::statements;
 
 /// CreateRuns accepts at most this many runs per call.
 const BATCH: usize = 1_000;
@@ -54,6 +55,7 @@ pub async fn run(
     let baseline: i64 = db.query_one(TERMINAL, &[]).await?.get(0);
     let mut client = RunServiceClient::new(channel);
     let request = one_token_run();
+    let counting = statements::reset(db).await;
 
     let start = Instant::now();
     let mut created = 0;
@@ -84,6 +86,10 @@ pub async fn run(
         tokio::time::sleep(POLL).await;
     }
     let total_secs = start.elapsed().as_secs_f64();
+    let db_ms_per_run = match counting {
+        true => statements::report(db, "dispatch", runs as f64, "run").await?,
+        false => None,
+    };
     let failed: i64 = db
         .query_one("SELECT count(*) FROM runs WHERE status <> 'completed'", &[])
         .await?
@@ -93,7 +99,7 @@ pub async fn run(
     to_claimed.sort_by(f64::total_cmp);
     to_terminal.sort_by(f64::total_cmp);
 
-    Ok(vec![
+    let mut figures = vec![
         Figure::new(
             "dispatch",
             "dispatch.runs_per_s",
@@ -139,7 +145,17 @@ pub async fn run(
             percentile(&to_terminal, 99.0),
             "ms",
         ),
-    ])
+    ];
+    if let Some(ms) = db_ms_per_run {
+        // Summed over every backend: more than the wall time per run when they overlap.
+        figures.push(Figure::new(
+            "dispatch",
+            "dispatch.db_exec_ms_per_run",
+            ms,
+            "ms",
+        ));
+    }
+    Ok(figures)
 }
 
 /// Per run, milliseconds between its first `from` event and its last `to` event.

@@ -21,6 +21,7 @@ mod fleet;
 mod peers;
 mod report;
 mod stack;
+mod statements;
 mod storm;
 mod stream;
 mod watchers;

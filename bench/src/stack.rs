@@ -12,6 +12,10 @@ use anyhow::{Context, bail};
 use tokio_postgres::NoTls;
 use tonic::transport::Channel;
 
+/// The throwaway cluster records statement statistics, to show where a scenario's
+/// database time goes ([`crate::statements`]).
+const STATEMENT_STATISTICS: &str = "shared_preload_libraries = 'pg_stat_statements'";
+
 /// Where the benchmark database lives.
 pub enum Cluster {
     /// A server given by `DATABASE_URL` (a superuser URL).
@@ -26,7 +30,8 @@ impl Cluster {
         match std::env::var("DATABASE_URL") {
             Ok(url) if !url.is_empty() => Ok(Cluster::External(url)),
             _ => Ok(Cluster::Local(
-                LocalPostgres::start().context("start a throwaway PostgreSQL")?,
+                LocalPostgres::start_configured(STATEMENT_STATISTICS)
+                    .context("start a throwaway PostgreSQL")?,
             )),
         }
     }

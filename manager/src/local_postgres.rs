@@ -122,15 +122,24 @@ impl LocalPostgres {
     /// Creates a cluster in a fresh temp dir, starts it on `127.0.0.1:<free port>`
     /// and returns once it accepts connections (`pg_ctl -w`, 30 s deadline).
     pub fn start() -> Result<LocalPostgres, LocalPostgresError> {
-        Self::start_with(None)
+        Self::start_with(None, "")
     }
 
     /// Like [`Self::start`], with `ssl = on` and the given certificate and key.
     pub fn start_tls(tls: ServerTls<'_>) -> Result<LocalPostgres, LocalPostgresError> {
-        Self::start_with(Some(tls))
+        Self::start_with(Some(tls), "")
     }
 
-    fn start_with(tls: Option<ServerTls<'_>>) -> Result<LocalPostgres, LocalPostgresError> {
+    /// Like [`Self::start`], with `settings` (`postgresql.conf` lines) added, such as
+    /// `shared_preload_libraries` for the benchmark's statement statistics.
+    pub fn start_configured(settings: &str) -> Result<LocalPostgres, LocalPostgresError> {
+        Self::start_with(None, settings)
+    }
+
+    fn start_with(
+        tls: Option<ServerTls<'_>>,
+        settings: &str,
+    ) -> Result<LocalPostgres, LocalPostgresError> {
         let bindir = find_bindir()?;
         // SAFETY: geteuid has no preconditions and cannot fail.
         let as_root = unsafe { libc::geteuid() } == 0;
@@ -185,6 +194,8 @@ impl LocalPostgres {
              synchronous_commit = off\nfull_page_writes = off\nmax_connections = 300\nshared_buffers = 128MB\n",
             dir.display().to_string().replace('\'', "''")
         );
+        conf.push_str(settings);
+        conf.push('\n');
         if let Some(tls) = tls {
             configure_tls(&data, tls, owner)?;
             conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
