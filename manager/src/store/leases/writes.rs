@@ -171,6 +171,10 @@ struct RunProgress {
     lease_runner_seq: i64,
     active_turn_id: Option<String>,
     event_bytes: i64,
+    /// The seq of the run's last stored event. The row is locked, so the batch numbers
+    /// its events itself and writes the counter once, with the rest of the progress
+    /// (one row version per run instead of two).
+    last_event_seq: i64,
 }
 
 impl RunProgress {
@@ -180,6 +184,7 @@ impl RunProgress {
             lease_runner_seq: run.lease_runner_seq,
             active_turn_id: run.active_turn_id.clone(),
             event_bytes: run.event_bytes,
+            last_event_seq: run.last_event_seq,
         }
     }
 }
@@ -607,7 +612,8 @@ impl Batch {
     /// finishes and releases.
     async fn store(mut self, tx: &impl GenericClient) -> Result<Stored> {
         commands::store_updates(tx, &self.command_updates).await?;
-        let seqs = events::append(tx, &self.events).await?;
+        let events = std::mem::take(&mut self.events);
+        let seqs = self.insert_events(tx, events).await?;
         for (run_id, opened) in &self.opened {
             requests::open(tx, &self.runs[&run_id.0], opened).await?;
         }
@@ -615,7 +621,7 @@ impl Batch {
         let closed = requests::cancel_for_turns(tx, &self.ended_turns).await?;
         let closed_events: Vec<(RunId, NewEvent)> =
             closed.iter().map(requests::resolved_event).collect();
-        events::append(tx, &closed_events).await?;
+        self.insert_events(tx, closed_events).await?;
         // A run waits only while one of its requests is open.
         let rechecked: Vec<Uuid> = self
             .requests_changed
@@ -632,10 +638,33 @@ impl Batch {
                     .status = RunStatus::Running;
             }
         }
+        // Before the finishes: they append after the counters written here.
         store_progress(tx, &self.progress).await?;
         let finished = lifecycle::finish_many(tx, &self.finishes).await?;
         lifecycle::requeue_many(tx, &self.releases, RequeueReason::Released).await?;
         Ok(Stored { seqs, finished })
+    }
+}
+
+impl Batch {
+    /// Numbers `events` after each run's last stored event (its row is locked, and
+    /// only [`store_progress`] writes the counter back) and inserts them. Returns their
+    /// seqs, in order.
+    async fn insert_events(
+        &mut self,
+        tx: &impl GenericClient,
+        events: Vec<(RunId, NewEvent)>,
+    ) -> Result<Vec<i64>> {
+        let mut sequenced = Vec::with_capacity(events.len());
+        for (run_id, event) in events {
+            let progress = self.progress.get_mut(&run_id.0).ok_or_else(|| {
+                Error::Internal("an event for a run the batch did not append to".into())
+            })?;
+            progress.last_event_seq += 1;
+            sequenced.push((run_id, progress.last_event_seq, event));
+        }
+        events::insert_sequenced(tx, &sequenced).await?;
+        Ok(sequenced.iter().map(|(_, seq, _)| *seq).collect())
     }
 }
 
@@ -650,9 +679,11 @@ async fn store_progress(
     let stmt = tx
         .prepare_cached(
             "UPDATE runs SET status = p.status, lease_runner_seq = p.runner_seq,
-                    active_turn_id = p.turn_id, event_bytes = p.event_bytes, updated_at = now()
-             FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::bigint[])
-                  AS p(id, status, runner_seq, turn_id, event_bytes)
+                    active_turn_id = p.turn_id, event_bytes = p.event_bytes,
+                    last_event_seq = p.last_event_seq, updated_at = now()
+             FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::bigint[],
+                         $6::bigint[])
+                  AS p(id, status, runner_seq, turn_id, event_bytes, last_event_seq)
              WHERE runs.id = p.id",
         )
         .await?;
@@ -664,7 +695,8 @@ async fn store_progress(
         .map(|id| progress[id].active_turn_id.as_deref())
         .collect();
     let bytes: Vec<i64> = ids.iter().map(|id| progress[id].event_bytes).collect();
-    tx.execute(&stmt, &[&ids, &statuses, &seqs, &turns, &bytes])
+    let last_seqs: Vec<i64> = ids.iter().map(|id| progress[id].last_event_seq).collect();
+    tx.execute(&stmt, &[&ids, &statuses, &seqs, &turns, &bytes, &last_seqs])
         .await?;
     Ok(())
 }
