@@ -50,6 +50,8 @@ pub struct Printer<O: Write, E: Write> {
     /// Assistant text printed so far per open item, to print what its `item.completed`
     /// holds beyond it (a `final` run stores no deltas, and a watcher may miss live ones).
     printed_replies: std::collections::HashMap<String, String>,
+    /// The whole text of large replies re-sent as stored deltas, per item, so far.
+    replayed_replies: std::collections::HashMap<String, String>,
     /// The transient status line may be drawn (stderr is a terminal).
     progress_enabled: bool,
     /// The status line is on the screen: anything else written clears it first.
@@ -86,6 +88,7 @@ impl<O: Write, E: Write> Printer<O, E> {
             reply_unterminated: false,
             hidden_delta_kind: None,
             printed_replies: Default::default(),
+            replayed_replies: Default::default(),
             progress_enabled: false,
             progress_shown: false,
             fit_to_terminal: false,
@@ -166,15 +169,19 @@ impl<O: Write, E: Write> Printer<O, E> {
             let kind = text_field(&payload, "kind").unwrap_or_default();
             if STREAMED_KINDS.contains(&kind.as_str()) {
                 let delta = text_field(&payload, "delta").unwrap_or_default();
-                if kind == "assistant_text" {
-                    // Deltas without an item belong to whatever message completes next.
-                    let item = text_field(&payload, "item_id").unwrap_or_default();
-                    self.printed_replies
-                        .entry(item)
-                        .or_default()
-                        .push_str(&delta);
-                }
                 self.hidden_delta_kind = None;
+                if kind != "assistant_text" {
+                    return self.reply(&delta);
+                }
+                // Deltas without an item belong to whatever message completes next.
+                let item = text_field(&payload, "item_id").unwrap_or_default();
+                if payload["text_in_deltas"] == Value::Bool(true) {
+                    return self.replayed_reply(item, &delta);
+                }
+                self.printed_replies
+                    .entry(item)
+                    .or_default()
+                    .push_str(&delta);
                 return self.reply(&delta);
             }
             if self.hidden_delta_kind.as_deref() == Some(kind.as_str()) {
@@ -207,11 +214,26 @@ impl<O: Write, E: Write> Printer<O, E> {
         Ok(())
     }
 
+    /// A piece of a large reply's whole text, stored again after its live deltas (a
+    /// `final` run): prints only what the live ones did not.
+    fn replayed_reply(&mut self, item: String, piece: &str) -> io::Result<()> {
+        let replayed = self.replayed_replies.entry(item.clone()).or_default();
+        replayed.push_str(piece);
+        let printed = self.printed_replies.entry(item).or_default();
+        let Some(rest) = replayed.strip_prefix(printed.as_str()) else {
+            return Ok(());
+        };
+        let rest = rest.to_owned();
+        printed.push_str(&rest);
+        self.reply(&rest)
+    }
+
     /// Prints what a completed assistant message holds beyond the text its deltas
     /// printed: all of it when none were (a `final` run), the rest when live ones stopped
     /// short, and the whole text again on a fresh line when live ones missed a piece.
     fn complete_reply(&mut self, payload: &Value) -> io::Result<()> {
         let item = text_field(payload, "item_id").unwrap_or_default();
+        self.replayed_replies.remove(&item);
         let printed = self
             .printed_replies
             .remove(&item)
@@ -870,6 +892,21 @@ mod tests {
             &[live("H"), live("o"), done(2, "Hello")],
         );
         assert_eq!(out, "Ho\nHello");
+        // A large reply's whole text stored again as deltas: only what was not shown live.
+        let replay = |seq: i64, text: &str| {
+            event(
+                seq,
+                "content.delta",
+                json!({"item_id": "m", "kind": "assistant_text", "delta": text, "text_in_deltas": true}),
+            )
+        };
+        let truncated = event(
+            4,
+            "item.completed",
+            json!({"item_id": "m", "kind": "assistant_message", "text": "He", "text_in_deltas": true}),
+        );
+        let events = [live("Hel"), replay(2, "He"), replay(3, "llo"), truncated];
+        assert_eq!(printed(Format::Human, false, &events).0, "Hello");
     }
 
     #[test]

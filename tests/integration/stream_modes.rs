@@ -510,6 +510,41 @@ async fn final_fans_deltas_out_live_on_both_replicas_and_stores_the_completed_it
     assert_eq!(assert_replies_whole(&db).await, 1);
 }
 
+/// `final`, a reply larger than one payload: its `item.completed` cannot hold the text,
+/// so the runner sends the whole text again as deltas marked `text_in_deltas`, which are
+/// stored (only those), and the log keeps the reply.
+#[tokio::test]
+async fn final_stores_the_deltas_of_a_reply_too_large_for_its_completed_item() {
+    let db_url = fresh_database().await;
+    let manager = ManagerProcess::start(&db_url, &[("AGENTRUN_MAX_PAYLOAD_BYTES", "4096")]).await;
+    let _runner = RunnerProcess::start(manager.addr, "final-big", &[]);
+    let mut runs = RunServiceClient::new(manager.channel().await);
+    let run_id = create_in(&mut runs, "[big:20000]", StreamMode::Final).await;
+    let run = wait_ended(&runs, &run_id).await;
+    assert_eq!(status_of(&run), RunStatus::Completed);
+    let stored = list_all(&mut runs, &run_id).await;
+    assert_gapless_and_durable(&stored);
+    let deltas = deltas_of(&stored);
+    assert!(deltas.len() >= 5, "20,000 bytes in pieces of at most 4,096");
+    assert!(
+        deltas.iter().all(|d| payload(d)["text_in_deltas"] == true),
+        "only the replayed whole text is stored"
+    );
+    assert_eq!(assistant_text(&stored).len(), 20_000);
+    let done = stored
+        .iter()
+        .find(|e| e.r#type == "item.completed")
+        .expect("the completed item");
+    assert_eq!(payload(done)["text_in_deltas"], true);
+    assert!(
+        payload(done)["text"]
+            .as_str()
+            .is_some_and(|t| assistant_text(&stored).starts_with(t)),
+        "the completed item holds the start of the same text"
+    );
+    assert_event_log_consistent(&db_client(&db_url).await).await;
+}
+
 #[tokio::test]
 async fn a_bad_stream_mode_is_refused_and_changes_nothing() {
     let mut app = TestApp::spawn().await;
