@@ -345,6 +345,8 @@ impl Batch {
     /// run is running again once none is open. Turns follow their lifecycle: a
     /// `turn.started` while a turn is active, or a `turn.completed` when none is or naming
     /// another turn, is refused (a buggy runner cannot end the turn a steer is aimed at).
+    /// The run's stream mode then decides which fresh deltas are stored, merged, or only
+    /// sent live ([`stream_modes`]); the acknowledgement names the last runner_seq either way.
     fn plan_append(
         &mut self,
         runner_id: RunnerId,
@@ -461,9 +463,7 @@ impl Batch {
                 _ => {}
             }
         }
-        // Where this append's stored runner events start, for the live deltas' place.
-        let runner_events_at = to_store.len();
-        to_store.extend(stored.into_iter().map(|event| NewEvent {
+        let from_runner = |event: RunnerEvent| NewEvent {
             event_type: event.event_type,
             payload: event.payload,
             producer: Producer::Runner {
@@ -471,7 +471,10 @@ impl Batch {
                 epoch,
                 runner_seq: event.runner_seq,
             },
-        }));
+        };
+        // Where this append's stored runner events start, for the live deltas' place.
+        let runner_events_at = to_store.len();
+        to_store.extend(stored.into_iter().map(from_runner));
         let (accepted, completed) = self.check_command_updates(run_id, updates)?;
         to_store.extend(completed);
         if let Some(last) = fresh.last() {
@@ -512,16 +515,7 @@ impl Batch {
                 } else {
                     Some(start + at - 1)
                 };
-                let event = NewEvent {
-                    event_type: event.event_type,
-                    payload: event.payload,
-                    producer: Producer::Runner {
-                        runner_id,
-                        epoch,
-                        runner_seq: event.runner_seq,
-                    },
-                };
-                (run_id, follows, event)
+                (run_id, follows, from_runner(event))
             }));
         self.events
             .extend(to_store.into_iter().map(|e| (run_id, e)));
