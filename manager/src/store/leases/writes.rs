@@ -505,7 +505,11 @@ impl Batch {
         let start = self.events.len();
         // A live delta follows the stored event before it: of this append, else the
         // run's last one planned earlier in the batch, else its last one stored.
-        let earlier = self.events.iter().rposition(|(run, _)| *run == run_id);
+        let earlier = if live.is_empty() {
+            None
+        } else {
+            self.events.iter().rposition(|(run, _)| *run == run_id)
+        };
         let live_start = self.live.len();
         self.live
             .extend(live.into_iter().map(|(stored_before, event)| {
