@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::time::SystemTime;
 
-use agentrun_shared::proto::{self, CommandKind, RunStatus, TurnDeliveryPolicy};
+use agentrun_shared::proto::{self, CommandKind, RunStatus, StreamMode, TurnDeliveryPolicy};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +33,9 @@ pub struct RunArgs {
     /// Continue (or start) this session.
     #[arg(long)]
     pub session: Option<String>,
+    /// How the run's streamed output is stored [default: deltas].
+    #[arg(long, value_enum)]
+    pub stream_mode: Option<StreamModeArg>,
     /// Stream the reply to stdout (the run id goes to stderr) until the run ends; exit
     /// 0 when it completed, 1 otherwise.
     #[arg(long, short)]
@@ -40,6 +43,27 @@ pub struct RunArgs {
     /// With --follow, print every event as a JSON line instead.
     #[arg(long, requires = "follow")]
     pub json: bool,
+}
+
+/// How a run's streamed output (content deltas) is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StreamModeArg {
+    /// Every delta is stored.
+    Deltas,
+    /// The deltas of one item that arrive together are stored as one.
+    Coalesced,
+    /// Deltas are only streamed live; the completed item, stored, has the whole text.
+    Final,
+}
+
+impl StreamModeArg {
+    fn to_proto(self) -> StreamMode {
+        match self {
+            StreamModeArg::Deltas => StreamMode::Deltas,
+            StreamModeArg::Coalesced => StreamMode::Coalesced,
+            StreamModeArg::Final => StreamMode::Final,
+        }
+    }
 }
 
 /// Arguments of `agentrun events`.
@@ -224,6 +248,9 @@ pub async fn run(
         queue: args.queue.unwrap_or_default(),
         priority: args.priority,
         session_id: args.session.unwrap_or_default(),
+        stream_mode: args
+            .stream_mode
+            .map_or(StreamMode::Unspecified, StreamModeArg::to_proto) as i32,
         ..Default::default()
     };
     let response = manager.create_run(request).await?;

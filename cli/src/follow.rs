@@ -307,6 +307,14 @@ impl<'p, O: Write, E: Write> Follower<'p, O, E> {
         cursor: &mut i64,
         event: &proto::Event,
     ) -> io::Result<Option<Terminal>> {
+        // An ephemeral delta (a `final` run's, never stored) carries the seq of the
+        // stored event it follows: shown where it belongs, the cursor stays.
+        if event.ephemeral {
+            if event.seq == *cursor {
+                self.show(event)?;
+            }
+            return Ok(None);
+        }
         if event.seq <= *cursor {
             return Ok(None);
         }

@@ -47,6 +47,11 @@ pub struct Printer<O: Write, E: Write> {
     /// The kind of the last non-streamed content delta shown; consecutive ones are
     /// shown once, or a reasoning stream would print a line per token.
     hidden_delta_kind: Option<String>,
+    /// Assistant text printed so far per open item, to print what its `item.completed`
+    /// holds beyond it (a `final` run stores no deltas, and a watcher may miss live ones).
+    printed_replies: std::collections::HashMap<String, String>,
+    /// The whole text of large replies re-sent as stored deltas, per item, so far.
+    replayed_replies: std::collections::HashMap<String, String>,
     /// The transient status line may be drawn (stderr is a terminal).
     progress_enabled: bool,
     /// The status line is on the screen: anything else written clears it first.
@@ -82,6 +87,8 @@ impl<O: Write, E: Write> Printer<O, E> {
             out_mid_line: false,
             reply_unterminated: false,
             hidden_delta_kind: None,
+            printed_replies: Default::default(),
+            replayed_replies: Default::default(),
             progress_enabled: false,
             progress_shown: false,
             fit_to_terminal: false,
@@ -162,14 +169,20 @@ impl<O: Write, E: Write> Printer<O, E> {
             let kind = text_field(&payload, "kind").unwrap_or_default();
             if STREAMED_KINDS.contains(&kind.as_str()) {
                 let delta = text_field(&payload, "delta").unwrap_or_default();
-                if !delta.is_empty() {
-                    self.out.write_all(delta.as_bytes())?;
-                    self.out.flush()?;
-                    self.out_mid_line = !delta.ends_with('\n');
-                    self.reply_unterminated = self.out_mid_line;
-                }
                 self.hidden_delta_kind = None;
-                return Ok(());
+                if kind != "assistant_text" {
+                    return self.reply(&delta);
+                }
+                // Deltas without an item belong to whatever message completes next.
+                let item = text_field(&payload, "item_id").unwrap_or_default();
+                if payload["text_in_deltas"] == Value::Bool(true) {
+                    return self.replayed_reply(item, &delta);
+                }
+                self.printed_replies
+                    .entry(item)
+                    .or_default()
+                    .push_str(&delta);
+                return self.reply(&delta);
             }
             if self.hidden_delta_kind.as_deref() == Some(kind.as_str()) {
                 return Ok(());
@@ -178,6 +191,9 @@ impl<O: Write, E: Write> Printer<O, E> {
             return self.dim(&format!("· [{}] content.delta {kind} …", event.seq));
         }
         self.hidden_delta_kind = None;
+        if event.r#type == "item.completed" && payload["kind"] == "assistant_message" {
+            self.complete_reply(&payload)?;
+        }
         let summary = summary(&event.r#type, &payload);
         let line = if summary.is_empty() {
             format!("· [{}] {}", event.seq, event.r#type)
@@ -185,6 +201,56 @@ impl<O: Write, E: Write> Printer<O, E> {
             format!("· [{}] {} {summary}", event.seq, event.r#type)
         };
         self.dim(&line)
+    }
+
+    /// Prints reply text on stdout as it comes.
+    fn reply(&mut self, text: &str) -> io::Result<()> {
+        if !text.is_empty() {
+            self.out.write_all(text.as_bytes())?;
+            self.out.flush()?;
+            self.out_mid_line = !text.ends_with('\n');
+            self.reply_unterminated = self.out_mid_line;
+        }
+        Ok(())
+    }
+
+    /// A piece of a large reply's whole text, stored again after its live deltas (a
+    /// `final` run): prints only what the live ones did not.
+    fn replayed_reply(&mut self, item: String, piece: &str) -> io::Result<()> {
+        let replayed = self.replayed_replies.entry(item.clone()).or_default();
+        replayed.push_str(piece);
+        let printed = self.printed_replies.entry(item).or_default();
+        let Some(rest) = replayed.strip_prefix(printed.as_str()) else {
+            return Ok(());
+        };
+        let rest = rest.to_owned();
+        printed.push_str(&rest);
+        self.reply(&rest)
+    }
+
+    /// Prints what a completed assistant message holds beyond the text its deltas
+    /// printed: all of it when none were (a `final` run), the rest when live ones stopped
+    /// short, and the whole text again on a fresh line when live ones missed a piece.
+    fn complete_reply(&mut self, payload: &Value) -> io::Result<()> {
+        let item = text_field(payload, "item_id").unwrap_or_default();
+        self.replayed_replies.remove(&item);
+        let printed = self
+            .printed_replies
+            .remove(&item)
+            .or_else(|| self.printed_replies.remove(""))
+            .unwrap_or_default();
+        let text = text_field(payload, "text").unwrap_or_default();
+        // A truncated text whose whole is in the deltas (already printed).
+        if payload["text_in_deltas"] == Value::Bool(true) || printed.starts_with(&text) {
+            return Ok(());
+        }
+        match text.strip_prefix(printed.as_str()) {
+            Some(rest) => self.reply(rest),
+            None => {
+                let fresh_line = if self.reply_unterminated { "\n" } else { "" };
+                self.reply(&format!("{fresh_line}{text}"))
+            }
+        }
     }
 
     /// Prints a dim note on stderr (progress, retries).
@@ -324,6 +390,7 @@ pub fn event_json(event: &proto::Event, payload: Value) -> Value {
         "runner_id": event.runner_id,
         "epoch": event.epoch,
         "created_at": event.created_at.as_ref().map(ToString::to_string),
+        "ephemeral": event.ephemeral,
     })
 }
 
@@ -787,6 +854,59 @@ mod tests {
 
     fn delta(seq: i64, kind: &str, text: &str) -> proto::Event {
         event(seq, "content.delta", json!({"kind": kind, "delta": text}))
+    }
+
+    #[test]
+    fn a_completed_message_prints_what_its_deltas_did_not() {
+        let done = |seq: i64, text: &str| {
+            event(
+                seq,
+                "item.completed",
+                json!({"item_id": "m", "kind": "assistant_message", "text": text}),
+            )
+        };
+        let live = |text: &str| proto::Event {
+            ephemeral: true,
+            ..event(
+                1,
+                "content.delta",
+                json!({"item_id": "m", "kind": "assistant_text", "delta": text}),
+            )
+        };
+        // Every delta printed (deltas mode): nothing more.
+        let (out, _) = printed(
+            Format::Human,
+            false,
+            &[live("Hel"), live("lo"), done(2, "Hello")],
+        );
+        assert_eq!(out, "Hello");
+        // No delta (a final run followed after the fact): the whole text.
+        let (out, _) = printed(Format::Human, false, &[done(2, "Hello")]);
+        assert_eq!(out, "Hello");
+        // Live deltas stopped short: the rest. One went missing: the text again.
+        let (out, _) = printed(Format::Human, false, &[live("He"), done(2, "Hello")]);
+        assert_eq!(out, "Hello");
+        let (out, _) = printed(
+            Format::Human,
+            false,
+            &[live("H"), live("o"), done(2, "Hello")],
+        );
+        assert_eq!(out, "Ho\nHello");
+        // A large reply's whole text stored again as deltas: only what was not shown live.
+        let replay = |seq: i64, text: &str| {
+            event(
+                seq,
+                "content.delta",
+                json!({"item_id": "m", "kind": "assistant_text", "delta": text, "text_in_deltas": true}),
+            )
+        };
+        let truncated = event(
+            4,
+            "item.completed",
+            json!({"item_id": "m", "kind": "assistant_message", "text": "He", "text_in_deltas": true}),
+        );
+        let events = [live("Hel"), replay(2, "He"), replay(3, "llo"), truncated];
+        assert_eq!(printed(Format::Human, false, &events).0, "Hello");
     }
 
     #[test]

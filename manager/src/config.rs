@@ -251,6 +251,7 @@ impl Settings {
             event_bytes_per_run: self.max_run_event_bytes,
             tenant_pending_runs: self.tenant_max_pending_runs,
             tenant_watchers: self.tenant_max_watchers,
+            payload_bytes: self.max_payload_bytes,
         }
     }
 

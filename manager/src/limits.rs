@@ -21,6 +21,8 @@ pub struct Quotas {
     pub event_bytes_per_run: i64,
     pub tenant_pending_runs: i64,
     pub tenant_watchers: usize,
+    /// The largest payload of one event (`--max-payload-bytes`).
+    pub payload_bytes: usize,
 }
 
 /// How many of something each key holds open, with a most per key.

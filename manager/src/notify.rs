@@ -10,6 +10,11 @@
 //! Each replica keeps one `LISTEN` connection; when it (re)connects it wakes everything,
 //! because notifications sent while it was away are lost. Waiters also poll slowly as a
 //! safety net, so a lost wake-up costs latency, never correctness.
+//!
+//! The same NOTIFYs carry the ephemeral deltas of `final` runs to the watch hubs of the
+//! other replicas (each whole delta that fits a NOTIFY payload; a larger one is not sent
+//! there, and its run's stored `item.completed` still brings the text). They are
+//! best-effort, like their fan-out: a replica that misses some misses only a preview.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -19,10 +24,12 @@ use agentrun_shared::ids::RunId;
 use deadpool_postgres::Pool;
 
 use crate::db::Database;
+use crate::store::events::{EventRecord, Producer};
 use crate::store::runs;
+use agentrun_shared::ids::RunnerId;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -33,6 +40,14 @@ const CHANNEL: &str = "agentrun_wakeups";
 const COALESCE: Duration = Duration::from_millis(5);
 /// Ids per NOTIFY, well under the 8000-byte payload limit.
 const IDS_PER_NOTIFY: usize = 150;
+/// The largest NOTIFY payload PostgreSQL accepts is 8000 bytes; this leaves room for the
+/// framing around the ephemeral events one carries.
+const LIVE_BYTES_PER_NOTIFY: usize = 7_900;
+/// Ephemeral events waiting for the next NOTIFY, at most (more are not sent to other
+/// replicas: they are a preview, the stored log has the text).
+const LIVE_BACKLOG: usize = 4_096;
+/// Ephemeral events from other replicas buffered towards this replica's watch hub.
+const LIVE_RELAY: usize = 4_096;
 /// How long a revoked key id is remembered: longer than any key cache entry lives, so a
 /// cached key revoked meanwhile is never trusted (after that, the database answers).
 const REVOKED_KEY_MEMORY: Duration = Duration::from_secs(60);
@@ -46,6 +61,8 @@ struct Outgoing {
     changed: HashSet<Uuid>,
     /// API keys revoked (every replica evicts them and re-checks its streams).
     keys: HashSet<Uuid>,
+    /// Ephemeral events for other replicas' watchers, each rendered to fit a NOTIFY.
+    live: Vec<String>,
 }
 
 /// The wake-up hub of one manager replica.
@@ -63,6 +80,8 @@ pub struct Notifier {
     key_revocations: watch::Sender<u64>,
     outgoing: Mutex<Outgoing>,
     flush: Notify,
+    /// Ephemeral events heard from other replicas, for this replica's watch hub.
+    live_heard: broadcast::Sender<EventRecord>,
 }
 
 impl Notifier {
@@ -76,6 +95,7 @@ impl Notifier {
             key_revocations: watch::channel(0).0,
             outgoing: Mutex::default(),
             flush: Notify::new(),
+            live_heard: broadcast::channel(LIVE_RELAY).0,
         })
     }
 
@@ -117,6 +137,30 @@ impl Notifier {
             .changed
             .extend(keys);
         self.flush.notify_one();
+    }
+
+    /// Ephemeral events (a `final` run's deltas) to pass to the other replicas' watch
+    /// hubs: each that fits a NOTIFY, while the backlog has room.
+    pub fn events_streamed_live(&self, events: &[EventRecord]) {
+        let rendered: Vec<String> = events
+            .iter()
+            .map(|e| live_to_json(e).to_string())
+            .filter(|text| text.len() <= LIVE_BYTES_PER_NOTIFY)
+            .collect();
+        if rendered.is_empty() {
+            return;
+        }
+        {
+            let mut outgoing = self.outgoing.lock().expect("notifier lock");
+            let room = LIVE_BACKLOG.saturating_sub(outgoing.live.len());
+            outgoing.live.extend(rendered.into_iter().take(room));
+        }
+        self.flush.notify_one();
+    }
+
+    /// Ephemeral events other replicas streamed (a receiver that lags loses some).
+    pub fn subscribe_live(&self) -> broadcast::Receiver<EventRecord> {
+        self.live_heard.subscribe()
     }
 
     /// API key `id` was revoked: tell this replica's streams and every other replica.
@@ -252,6 +296,12 @@ impl Notifier {
         let commands = ids("commands");
         self.poke_holders(commands.iter().copied());
         self.poke_watchers(commands.into_iter().chain(ids("changed")));
+        for event in message["live"].as_array().into_iter().flatten() {
+            if let Some(event) = live_from_json(event) {
+                // No receiver (nobody relays yet): nothing to do.
+                let _ = self.live_heard.send(event);
+            }
+        }
     }
 
     /// The pending wake-ups as NOTIFY payloads of at most [`IDS_PER_NOTIFY`] ids each.
@@ -289,8 +339,68 @@ impl Notifier {
             );
             runs_created = false;
         }
+        // Ephemeral events go in NOTIFYs of their own, as many to one as fit.
+        let mut batch: Vec<String> = Vec::new();
+        let mut bytes = 0;
+        for event in taken.live {
+            if bytes + event.len() + 1 > LIVE_BYTES_PER_NOTIFY && !batch.is_empty() {
+                payloads.push(live_payload(&from, &batch));
+                batch.clear();
+                bytes = 0;
+            }
+            bytes += event.len() + 1;
+            batch.push(event);
+        }
+        if !batch.is_empty() {
+            payloads.push(live_payload(&from, &batch));
+        }
         payloads
     }
+}
+
+/// A NOTIFY payload carrying already-rendered ephemeral events.
+fn live_payload(from: &str, events: &[String]) -> String {
+    format!(r#"{{"from":"{from}","live":[{}]}}"#, events.join(","))
+}
+
+/// An ephemeral event as another replica reads it.
+fn live_to_json(e: &EventRecord) -> Value {
+    let (runner, epoch, runner_seq) = match e.producer {
+        Producer::Runner {
+            runner_id,
+            epoch,
+            runner_seq,
+        } => (Some(runner_id.to_string()), epoch, runner_seq),
+        Producer::Manager => (None, 0, 0),
+    };
+    let at_ms = e
+        .created_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    json!({"run": e.run_id.to_string(), "seq": e.seq, "type": e.event_type,
+           "payload": e.payload, "runner": runner, "epoch": epoch, "runner_seq": runner_seq,
+           "at_ms": at_ms})
+}
+
+/// The inverse of [`live_to_json`]; `None` for anything else.
+fn live_from_json(v: &Value) -> Option<EventRecord> {
+    let producer = match v["runner"].as_str() {
+        Some(id) => Producer::Runner {
+            runner_id: RunnerId(id.parse().ok()?),
+            epoch: v["epoch"].as_i64()?,
+            runner_seq: v["runner_seq"].as_i64()?,
+        },
+        None => Producer::Manager,
+    };
+    Some(EventRecord {
+        run_id: RunId(v["run"].as_str()?.parse().ok()?),
+        seq: v["seq"].as_i64()?,
+        event_type: v["type"].as_str()?.to_owned(),
+        payload: v["payload"].clone(),
+        producer,
+        created_at: std::time::UNIX_EPOCH + Duration::from_millis(v["at_ms"].as_u64()?),
+        ephemeral: true,
+    })
 }
 
 /// Announces to every replica that API key `id` was revoked, from outside a manager
@@ -455,6 +565,52 @@ mod tests {
         let woken = holder.notified();
         tokio::pin!(woken);
         assert!(woken.as_mut().enable());
+    }
+
+    #[test]
+    fn ephemeral_events_reach_other_replicas_when_they_fit_a_notify() {
+        let a = Notifier::new(Uuid::new_v4());
+        let b = Notifier::new(Uuid::new_v4());
+        let mut heard = b.subscribe_live();
+        let run = RunId::new();
+        let delta = |text: String| EventRecord {
+            run_id: run,
+            seq: 7,
+            event_type: "content.delta".into(),
+            payload: json!({"item_id": "m", "kind": "assistant_text", "delta": text}),
+            producer: Producer::Runner {
+                runner_id: RunnerId(Uuid::new_v4()),
+                epoch: 2,
+                runner_seq: 9,
+            },
+            created_at: std::time::SystemTime::now(),
+            ephemeral: true,
+        };
+        let small: Vec<EventRecord> = (0..40).map(|i| delta("x".repeat(300 + i))).collect();
+        a.events_streamed_live(&small);
+        a.events_streamed_live(&[delta("y".repeat(8_000))]);
+        let payloads = a.take_outgoing();
+        assert!(
+            payloads.len() > 1,
+            "40 deltas of ~400 bytes need several NOTIFYs"
+        );
+        assert!(
+            payloads.iter().all(|p| p.len() < 8_000),
+            "each fits a NOTIFY"
+        );
+        for payload in &payloads {
+            b.apply(payload);
+        }
+        for sent in &small {
+            let got = heard.try_recv().expect("each small delta arrives");
+            assert_eq!((got.run_id, got.seq, &got.payload), (run, 7, &sent.payload));
+            assert!(got.ephemeral);
+            assert_eq!(got.producer, sent.producer);
+        }
+        assert!(
+            heard.try_recv().is_err(),
+            "the oversized delta was not sent"
+        );
     }
 
     #[test]

@@ -187,10 +187,12 @@ impl Application {
         ));
         // One safety-net poll for every watched run on this replica.
         tasks.spawn(watch_hub::poll(
-            watch_hub,
+            watch_hub.clone(),
             state.settings.watch_poll_interval(),
             background.clone(),
         ));
+        // Other replicas' ephemeral events (a `final` run's deltas) to watchers here.
+        tasks.spawn(watch_hub::relay_live(watch_hub, background.clone()));
         tasks.spawn(notify::listen(notifier, database, background.clone()));
 
         let (health, health_service) = tonic_health::server::health_reporter();

@@ -448,12 +448,15 @@ impl Runner {
         let dirty = self.dirty.clone();
         let run_id = run.run_id.clone();
         let abort = CancellationToken::new();
-        let outbox = Arc::new(Outbox::new(
+        let outbox = Outbox::new(
             self.settings.max_buffered_events,
             self.payload_limit.clone(),
             abort.clone(),
             move || dirty.mark(&run_id),
-        ));
+        );
+        let outbox = Arc::new(
+            outbox.replaying_large_replies(run.stream_mode == proto::StreamMode::Final as i32),
+        );
         let (commands_tx, commands_rx) = mpsc::unbounded_channel();
         for command in assignment.commands {
             let _ = commands_tx.send(command);

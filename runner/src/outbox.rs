@@ -64,6 +64,9 @@ pub struct Outbox {
     abort: CancellationToken,
     /// Assistant text streamed per item, so an oversized reply says where its text is.
     streamed: Mutex<StreamedText>,
+    /// The run stores no deltas (stream mode `final`): a reply too large for its
+    /// `item.completed` is sent again as deltas the manager stores.
+    replay_large_replies: bool,
 }
 
 struct State {
@@ -96,7 +99,18 @@ impl Outbox {
             limit,
             abort,
             streamed: Mutex::new(StreamedText::default()),
+            replay_large_replies: false,
         }
+    }
+
+    /// For a run in stream mode `final`, whose deltas the manager does not store: an
+    /// `assistant_message` too large for its `item.completed` (marked
+    /// `"text_in_deltas": true`) is preceded by its whole text as `assistant_text` deltas
+    /// marked `"text_in_deltas": true` too, which the manager stores, so the log keeps
+    /// the reply as it does in the other modes.
+    pub fn replaying_large_replies(mut self, replay: bool) -> Self {
+        self.replay_large_replies = replay;
+        self
     }
 
     /// Adds an event, split or truncated to fit the payload limit (so possibly as
@@ -108,6 +122,16 @@ impl Outbox {
             .lock()
             .expect("streamed lock")
             .observe(event_type, &mut payload, limit);
+        if self.replay_large_replies
+            && event_type == "item.completed"
+            && payload["text_in_deltas"] == Value::Bool(true)
+        {
+            let whole = serde_json::json!({"item_id": payload["item_id"],
+                "kind": "assistant_text", "delta": payload["text"], "text_in_deltas": true});
+            for payload_json in fit::fit("content.delta", whole, limit) {
+                self.push_one("content.delta", payload_json).await?;
+            }
+        }
         for payload_json in fit::fit(event_type, payload, limit) {
             self.push_one(event_type, payload_json).await?;
         }
@@ -276,6 +300,37 @@ mod tests {
         assert_eq!(seqs(&outbox.take_unsent(tiny)), [6]);
         assert_eq!(seqs(&outbox.take_unsent(tiny)), [7]);
         assert!(outbox.take_unsent(tiny).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_final_runs_oversized_reply_is_sent_again_as_marked_deltas() {
+        let limit = PayloadLimit::default();
+        limit.set_from_welcome(2048);
+        let outbox =
+            Outbox::new(100, limit, CancellationToken::new(), || {}).replaying_large_replies(true);
+        let text = "z".repeat(5000);
+        let delta = json!({"item_id": "m", "kind": "assistant_text", "delta": text});
+        outbox.push("content.delta", delta).await.unwrap();
+        let done = json!({"item_id": "m", "kind": "assistant_message", "text": text});
+        outbox.push("item.completed", done).await.unwrap();
+        let batch = outbox.take_unsent(events(100));
+        let payloads: Vec<Value> = batch
+            .iter()
+            .map(|e| serde_json::from_str(&e.payload_json).unwrap())
+            .collect();
+        let replayed: String = payloads
+            .iter()
+            .filter(|p| p["text_in_deltas"] == true && p.get("delta").is_some())
+            .map(|p| p["delta"].as_str().unwrap())
+            .collect();
+        assert_eq!(replayed, text, "the whole text, again, marked");
+        let last = payloads.last().unwrap();
+        assert_eq!(batch.last().unwrap().r#type, "item.completed");
+        assert_eq!(
+            (&last["text_in_deltas"], &last["truncated"]),
+            (&json!(true), &json!(true))
+        );
+        assert!(batch.iter().all(|e| e.payload_json.len() <= 2048));
     }
 
     #[tokio::test]

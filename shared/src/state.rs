@@ -177,6 +177,26 @@ impl TurnDeliveryPolicy {
     }
 }
 
+text_enum!(
+    /// How a run's streamed output (`content.delta`) is kept in its log.
+    StreamMode: StreamMode {
+        Deltas = "deltas",
+        Coalesced = "coalesced",
+        Final = "final",
+    }
+);
+
+impl StreamMode {
+    /// Unspecified on the wire means `deltas` (every delta stored).
+    pub fn from_proto_or_default(field: &str, value: i32) -> Result<Self, FieldError> {
+        if value == proto::StreamMode::Unspecified as i32 {
+            Ok(StreamMode::Deltas)
+        } else {
+            Self::from_proto(field, value)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -213,19 +213,27 @@ pub(crate) async fn wait_for_progress(db: &tokio_postgres::Client, since: i64, n
 /// Every completed run whose prompt is a `[tokens:N]` cue streamed, under the lease
 /// epoch that completed it, exactly `token1 token2 … tokenN`: a run moved between
 /// runners, managers or connections still ends with its whole reply, once. Returns how
-/// many runs were checked.
+/// many runs were checked. The reply is its stored deltas, merged or not (`deltas` and
+/// `coalesced` runs), or the text of its completed assistant message (`final` runs,
+/// which store no delta unless the text did not fit the message).
 pub(crate) async fn assert_replies_whole(db: &tokio_postgres::Client) -> usize {
     let rows = db
         .query(
             "SELECT r.id::text, r.input->>'prompt',
-                    coalesce(string_agg(e.payload->>'delta', '' ORDER BY e.seq), '')
+                    CASE WHEN r.stream_mode = 'final' AND count(e.seq) = 0
+                         THEN coalesce((SELECT c.payload->>'text' FROM events c
+                                        WHERE c.run_id = r.id AND c.type = 'item.completed'
+                                          AND c.payload->>'kind' = 'assistant_message'
+                                        ORDER BY c.seq DESC LIMIT 1), '')
+                         ELSE coalesce(string_agg(e.payload->>'delta', '' ORDER BY e.seq), '')
+                    END
              FROM runs r
              LEFT JOIN events e ON e.run_id = r.id AND e.type = 'content.delta'
                   AND e.payload->>'kind' = 'assistant_text'
                   AND e.epoch = (SELECT max(epoch) FROM events x
                                  WHERE x.run_id = r.id AND x.producer = 'runner')
              WHERE r.status = 'completed'
-             GROUP BY r.id, r.input",
+             GROUP BY r.id, r.input, r.stream_mode",
             &[],
         )
         .await

@@ -23,6 +23,7 @@ mod scheduling;
 mod sessions;
 mod soak;
 mod stream_correctness;
+mod stream_modes;
 mod surface;
 mod sweeper;
 mod tls;

@@ -620,11 +620,13 @@ fn create_run_request(seed: &Seed) -> impl Strategy<Value = Bad<proto::CreateRun
         json_field("metadata_json"),
         optional_name_field("idempotency_key"),
         scheduled_at_field(),
+        // An enum: 0 (deltas) to 3 are known.
+        bounded_field("stream_mode", 0, 3),
     );
     (first, second).prop_map(
         |(
             (project, session, profile, input, queue, priority, labels),
-            (attempts, queue_timeout, run_timeout, metadata, key, scheduled_at),
+            (attempts, queue_timeout, run_timeout, metadata, key, scheduled_at, stream_mode),
         )| Bad {
             fields: collect(&[
                 &project.1,
@@ -640,6 +642,7 @@ fn create_run_request(seed: &Seed) -> impl Strategy<Value = Bad<proto::CreateRun
                 &metadata.1,
                 &key.1,
                 &scheduled_at.1,
+                &stream_mode.1,
             ]),
             request: proto::CreateRunRequest {
                 project_id: project.0,
@@ -655,6 +658,7 @@ fn create_run_request(seed: &Seed) -> impl Strategy<Value = Bad<proto::CreateRun
                 metadata_json: metadata.0,
                 idempotency_key: key.0,
                 scheduled_at: scheduled_at.0,
+                stream_mode: stream_mode.0,
             },
         },
     )

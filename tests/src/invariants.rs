@@ -16,7 +16,9 @@
 //! - per run, event `seq` is gapless `1..=last_event_seq` and command `seq` is gapless
 //!   `1..=last_command_seq`;
 //! - no `(run, epoch, runner_seq)` is stored twice, and within an epoch the runner
-//!   events continue `1, 2, 3, ...` in seq order (nothing lost, reordered or skipped);
+//!   events continue `1, 2, 3, ...` in seq order (nothing lost, reordered or skipped;
+//!   in a `coalesced` or `final` run, whose merged or live-only deltas leave runner_seqs
+//!   unstored, they only rise);
 //! - fencing: every runner event sits under the `run.claimed` of its own epoch and
 //!   runner, with no requeue or terminal event in between (a zombie cannot write);
 //! - exactly one `run.terminal` per ended run (none for the others), it is the run's
@@ -318,12 +320,15 @@ const CHECKS: &[(&str, Param, &str)] = &[
     (
         "runner events of an epoch not 1, 2, 3, ... in seq order",
         Param::None,
+        // A coalesced or final run stores fewer events than its runner sent (merged or
+        // live-only deltas): its runner_seqs only rise.
         "SELECT run_id::text || ' epoch ' || epoch || ': runner_seq ' || runner_seq || ' at seq ' || seq
                 || ' follows runner_seq ' || coalesce(previous::text, 'nothing')
-         FROM (SELECT run_id, epoch, seq, runner_seq,
-                      lag(runner_seq) OVER (PARTITION BY run_id, epoch ORDER BY seq) AS previous
-               FROM events WHERE runner_seq IS NOT NULL) e
-         WHERE runner_seq <> coalesce(previous, 0) + 1",
+         FROM (SELECT e.run_id, e.epoch, e.seq, e.runner_seq, r.stream_mode,
+                      lag(e.runner_seq) OVER (PARTITION BY e.run_id, e.epoch ORDER BY e.seq) AS previous
+               FROM events e JOIN runs r ON r.id = e.run_id WHERE e.runner_seq IS NOT NULL) e
+         WHERE CASE WHEN stream_mode = 'deltas' THEN runner_seq <> coalesce(previous, 0) + 1
+                    ELSE runner_seq <= coalesce(previous, 0) END",
     ),
     (
         "runner event outside its lease (fencing)",
@@ -619,13 +624,18 @@ async fn check(
         let seqs: Vec<i64> = highest.values().copied().collect();
         let rows = db
             .query(
+                // A coalesced or final run stores at most one event per runner event; its
+                // progress under the current lease is the run's lease_runner_seq.
                 "SELECT a.run_id::text || ' epoch ' || a.epoch || ': acknowledged up to runner_seq '
                         || a.acked || ' but ' || count(e.seq) || ' of those are stored'
                  FROM unnest($1::uuid[], $2::bigint[], $3::bigint[]) AS a(run_id, epoch, acked)
+                 JOIN runs r ON r.id = a.run_id
                  LEFT JOIN events e ON e.run_id = a.run_id AND e.epoch = a.epoch
                                    AND e.runner_seq BETWEEN 1 AND a.acked
-                 GROUP BY a.run_id, a.epoch, a.acked
-                 HAVING count(e.seq) <> a.acked",
+                 GROUP BY a.run_id, a.epoch, a.acked, r.stream_mode, r.lease_epoch, r.lease_runner_seq
+                 HAVING CASE WHEN r.stream_mode = 'deltas' THEN count(e.seq) <> a.acked
+                             ELSE count(e.seq) > a.acked
+                                  OR (r.lease_epoch = a.epoch AND r.lease_runner_seq < a.acked) END",
                 &[&run_ids, &epochs, &seqs],
             )
             .await?;
@@ -669,7 +679,7 @@ async fn fingerprint_violations(
         .query(
             "SELECT id, project_id, session_id, backend_profile, input, queue, priority, labels,
                     max_attempts, queue_timeout_ms, run_timeout_ms, metadata, scheduled_at,
-                    idempotency_key, request_hash
+                    stream_mode, idempotency_key, request_hash
              FROM runs",
             &[],
         )
@@ -755,6 +765,11 @@ fn run_fingerprint_text(row: &tokio_postgres::Row) -> String {
             Err(before) => -(before.duration().as_micros() as i64),
         };
         parts.push(json!({ "scheduled_at_us": micros }));
+    }
+    // Appended only when not the default (`deltas`).
+    let stream_mode = row.get::<_, &str>("stream_mode");
+    if let (true, Value::Array(parts)) = (stream_mode != "deltas", &mut canonical) {
+        parts.push(json!({ "stream_mode": stream_mode }));
     }
     canonical.to_string()
 }

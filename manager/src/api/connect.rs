@@ -464,6 +464,8 @@ impl Session {
         .await?;
         let mut written = Vec::with_capacity(runs.len());
         let mut released = false;
+        // A `final` run's deltas: not stored, sent to its watchers live.
+        let mut live = Vec::new();
         for (((run_id, epoch), reply), result) in runs.into_iter().zip(replies).zip(results) {
             let written_now = match result {
                 Ok(written_now) => written_now,
@@ -476,6 +478,7 @@ impl Session {
             let answer = match (reply, written_now) {
                 (Reply::EventAck { events }, Written::Appended(outcome)) => {
                     self.state.metrics.appended(events, outcome.duplicates);
+                    live.extend(outcome.live);
                     Out::EventAck(proto::EventAck {
                         run_id: run_id.to_string(),
                         epoch,
@@ -509,6 +512,7 @@ impl Session {
             self.send(answer).await;
         }
         self.state.notifier.events_appended(written);
+        self.state.watch_hub.publish_live(&live);
         if released {
             self.state.notifier.work_available();
         }

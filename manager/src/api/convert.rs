@@ -47,6 +47,7 @@ pub fn run(r: &RunRecord) -> proto::Run {
         finished_at: r.finished_at.and_then(ts),
         scheduled_at: r.scheduled_at.and_then(ts),
         active_turn_id: r.active_turn_id.clone().unwrap_or_default(),
+        stream_mode: r.stream_mode.to_proto() as i32,
     }
 }
 
@@ -82,6 +83,7 @@ pub fn event(e: &EventRecord) -> proto::Event {
         runner_id,
         epoch,
         created_at: ts(e.created_at),
+        ephemeral: e.ephemeral,
     }
 }
 

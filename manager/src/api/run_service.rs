@@ -6,7 +6,7 @@ use agentrun_shared::error::FieldError;
 use agentrun_shared::ids::{CommandId, RunId, SessionId};
 use agentrun_shared::payload::parse_object;
 use agentrun_shared::proto::{self, run_service_server::RunService};
-use agentrun_shared::state::{CommandKind, RunStatus, TurnDeliveryPolicy};
+use agentrun_shared::state::{CommandKind, RunStatus, StreamMode, TurnDeliveryPolicy};
 use serde_json::{Map, Value};
 use tonic::{Request, Response, Status};
 
@@ -83,6 +83,7 @@ impl RunApi {
             run_timeout_ms: validate::timeout_ms(&f("run_timeout_ms"), r.run_timeout_ms)?,
             metadata: parse_object(&f("metadata_json"), &r.metadata_json, self.max_payload())?,
             idempotency_key: validate::optional_name(&f("idempotency_key"), &r.idempotency_key)?,
+            stream_mode: StreamMode::from_proto_or_default(&f("stream_mode"), r.stream_mode)?,
             scheduled_at: match &r.scheduled_at {
                 None => None,
                 Some(at) => {

@@ -156,6 +156,7 @@ impl RunnerService for RunnerApi {
             .metrics
             .appended(r.events.len(), outcome.duplicates);
         self.state.notifier.events_appended([run_id.0]);
+        self.state.watch_hub.publish_live(&outcome.live);
         Ok(Response::new(proto::AppendEventsResponse {
             first_seq: outcome.first_seq,
             last_seq: outcome.last_seq,

@@ -15,6 +15,15 @@
 //! attaches again: a stalled client holds back nobody, and what it holds stays bounded by
 //! its outbox. An attached watcher that nothing happens to costs nothing.
 //!
+//! Ephemeral events (a `final` run's deltas, never stored) are offered to the topic
+//! directly, by the append on this replica ([`WatchHub::publish_live`]) or relayed from
+//! another replica's NOTIFY ([`relay_live`]). Each carries the seq of the stored event
+//! it follows and reaches only the watchers whose cursor is exactly there, so it lands
+//! between that event and the next one; one whose stored event the reader has not read
+//! yet waits in the topic (bounded) until it has. They are best-effort: one that finds a
+//! watcher's outbox full, or its place already passed, is dropped, never detaching
+//! anybody (the stored `item.completed` carries the whole text).
+//!
 //! The safety net for lost wake-ups is one query per replica and interval
 //! ([`poll`]): the watched runs' `last_event_seq`, waking only the readers whose run
 //! moved past their tail. A topic whose last watcher leaves ends with its reader.
@@ -25,15 +34,15 @@
 //! a mark of its runs' logs (the sum of their `last_event_seq`) and wakes the watchers
 //! of the sessions whose mark moved. An idle session watcher costs nothing either.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentrun_shared::ids::{RunId, SessionId};
 use agentrun_shared::proto;
 use deadpool_postgres::Pool;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -45,6 +54,9 @@ use crate::store::{Tenant, events, runs, sessions};
 
 /// Events the reader reads per page (pages are bounded by bytes too, in the store).
 const PAGE: i64 = 500;
+/// Ephemeral events a topic holds while its reader catches up with the stored events
+/// they follow; more are dropped.
+const LIVE_WAITING: usize = 1024;
 
 /// Why a watcher is no longer attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +111,8 @@ struct Topic {
     subscribers: Vec<Subscriber>,
     /// Wakes the reader: the safety-net poll saw the run move, or a watcher left.
     poke: Arc<Notify>,
+    /// Ephemeral events following a stored event past `tail`, in order.
+    live_waiting: VecDeque<proto::Event>,
 }
 
 struct Subscriber {
@@ -242,6 +256,7 @@ impl WatchHub {
                     tail: cursor,
                     subscribers: vec![subscriber()],
                     poke: poke.clone(),
+                    live_waiting: VecDeque::new(),
                 });
                 // Tracked: shutdown waits for readers too.
                 self.tasks.spawn(read(self.clone(), run_id, poke));
@@ -279,16 +294,34 @@ impl WatchHub {
         let Some(last) = page.last() else {
             return false;
         };
-        let converted: Vec<proto::Event> = page.iter().map(convert::event).collect();
         let ended = page.iter().any(|e| e.event_type == "run.terminal");
         let mut topics = self.topics.lock().expect("watch hub lock");
         let Some(topic) = topics.get_mut(&run_id) else {
             return true;
         };
+        // Each stored event, followed by the ephemeral ones waiting for it.
+        let mut converted: Vec<proto::Event> = Vec::with_capacity(page.len());
+        for event in page {
+            converted.push(convert::event(event));
+            while topic
+                .live_waiting
+                .front()
+                .is_some_and(|l| l.seq <= event.seq)
+            {
+                let live = topic.live_waiting.pop_front().expect("checked");
+                if live.seq == event.seq {
+                    converted.push(live);
+                }
+            }
+        }
         topic.tail = last.seq;
         let mut detached = Vec::new();
         topic.subscribers.retain_mut(|subscriber| {
             for event in &converted {
+                if event.ephemeral {
+                    offer_live(subscriber, event);
+                    continue;
+                }
                 if event.seq <= subscriber.cursor {
                     continue;
                 }
@@ -316,6 +349,40 @@ impl WatchHub {
         ended
     }
 
+    /// Offers ephemeral events of this replica's appends to their runs' watchers here,
+    /// and passes them on to the other replicas.
+    pub fn publish_live(&self, events: &[events::EventRecord]) {
+        if events.is_empty() {
+            return;
+        }
+        self.offer_live(events);
+        self.notifier.events_streamed_live(events);
+    }
+
+    /// Offers ephemeral events (in order) to the attached watchers of their runs: at
+    /// once to those at their place, later to those the reader has not brought there yet.
+    fn offer_live(&self, events: &[events::EventRecord]) {
+        let mut topics = self.topics.lock().expect("watch hub lock");
+        for event in events {
+            let Some(topic) = topics.get_mut(&event.run_id) else {
+                continue; // nobody watches it here
+            };
+            if event.seq > topic.tail {
+                if topic.live_waiting.len() < LIVE_WAITING {
+                    topic.live_waiting.push_back(convert::event(event));
+                }
+                continue;
+            }
+            // Older than the tail: its place has passed, the stored text follows anyway.
+            if event.seq == topic.tail {
+                let event = convert::event(event);
+                for subscriber in &mut topic.subscribers {
+                    offer_live(subscriber, &event);
+                }
+            }
+        }
+    }
+
     /// Wakes the readers of runs that `seqs` (run, last_event_seq) show past their tail.
     fn wake_moved(&self, seqs: &[(RunId, i64)]) {
         let topics = self.topics.lock().expect("watch hub lock");
@@ -325,6 +392,34 @@ impl WatchHub {
             {
                 topic.poke.notify_one();
             }
+        }
+    }
+}
+
+/// Queues an ephemeral event to a watcher that is exactly at its place (its cursor is
+/// the stored event it follows), if there is room; dropped otherwise.
+fn offer_live(subscriber: &mut Subscriber, event: &proto::Event) {
+    if subscriber.cursor == event.seq {
+        let _ = subscriber.outbox.try_send(event.clone());
+    }
+}
+
+/// Feeds the ephemeral events other replicas streamed (heard through the notifier) to
+/// this replica's watchers, until `shutdown`. A burst the relay cannot keep up with is
+/// skipped, as any ephemeral event may be.
+pub async fn relay_live(hub: Arc<WatchHub>, shutdown: CancellationToken) {
+    let mut heard = hub.notifier.subscribe_live();
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            event = heard.recv() => event,
+        };
+        match event {
+            Ok(event) => hub.offer_live(std::slice::from_ref(&event)),
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::debug!(missed, "ephemeral events from other replicas skipped");
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }
@@ -461,6 +556,7 @@ mod tests {
             payload: serde_json::json!({ "text": "x".repeat(bytes) }),
             producer: Producer::Manager,
             created_at: SystemTime::now(),
+            ephemeral: false,
         }
     }
 
@@ -480,6 +576,7 @@ mod tests {
             tail: cursor,
             subscribers: Vec::new(),
             poke: Arc::new(Notify::new()),
+            live_waiting: VecDeque::new(),
         });
         topic.subscribers.push(Subscriber {
             id,
@@ -548,6 +645,67 @@ mod tests {
             hub.topics.lock().unwrap().is_empty(),
             "an ended run has no topic"
         );
+    }
+
+    fn live(run_id: RunId, follows: i64, text: &str) -> EventRecord {
+        EventRecord {
+            ephemeral: true,
+            ..record(run_id, follows, "content.delta", 0)
+        }
+        .with_text(text)
+    }
+
+    impl EventRecord {
+        fn with_text(mut self, text: &str) -> Self {
+            self.payload = serde_json::json!({ "delta": text });
+            self
+        }
+    }
+
+    async fn next(stream: &mut WatchStream<proto::Event>) -> (i64, bool) {
+        let e = stream.next().await.unwrap().unwrap();
+        (e.seq, e.ephemeral)
+    }
+
+    #[tokio::test]
+    async fn ephemeral_events_land_right_after_the_stored_event_they_follow() {
+        let hub = hub();
+        let run = RunId::new();
+        let (_a, mut a) = subscribe(&hub, run, 2);
+        // At the tail: at once. Past it: once the reader has fanned out seq 3, before 4.
+        // Before it: dropped.
+        hub.offer_live(&[
+            live(run, 2, "now"),
+            live(run, 3, "later"),
+            live(run, 1, "stale"),
+        ]);
+        hub.fan_out(
+            run,
+            &[
+                record(run, 3, "item.started", 1),
+                record(run, 4, "item.completed", 1),
+            ],
+        );
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(next(&mut a).await);
+        }
+        assert_eq!(got, [(2, true), (3, false), (3, true), (4, false)]);
+        assert!(hub.topics.lock().unwrap()[&run].live_waiting.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_drops_ephemeral_events_but_keeps_its_watcher_attached() {
+        let hub = hub();
+        let run = RunId::new();
+        let (_stalled, _never_read) = subscribe(&hub, run, 0);
+        let big = "x".repeat(BUFFER_BYTES / 2);
+        for _ in 0..4 {
+            hub.offer_live(&[live(run, 0, &big)]);
+        }
+        let topics = hub.topics.lock().unwrap();
+        assert_eq!(topics[&run].subscribers.len(), 1, "still attached");
+        assert_eq!(topics[&run].subscribers[0].cursor, 0);
     }
 
     #[tokio::test]

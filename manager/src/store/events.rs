@@ -52,11 +52,14 @@ impl NewEvent {
 #[derive(Debug, Clone)]
 pub struct EventRecord {
     pub run_id: RunId,
+    /// For an ephemeral event, the seq of the last stored event before it.
     pub seq: i64,
     pub event_type: String,
     pub payload: Value,
     pub producer: Producer,
     pub created_at: SystemTime,
+    /// Sent live to watchers, never stored (a `final` run's `content.delta`).
+    pub ephemeral: bool,
 }
 
 /// Appends events to runs, in order. Returns the seq given to each event.
@@ -202,6 +205,22 @@ pub async fn list(
 }
 
 impl EventRecord {
+    /// An event that watchers get live and the log never holds, placed after the stored
+    /// event `follows_seq`. Redacted like every stored event.
+    pub(crate) fn ephemeral(run_id: RunId, follows_seq: i64, event: NewEvent) -> Self {
+        let mut payload = event.payload;
+        redact(&mut payload);
+        EventRecord {
+            run_id,
+            seq: follows_seq,
+            event_type: event.event_type.as_str().to_owned(),
+            payload,
+            producer: event.producer,
+            created_at: SystemTime::now(),
+            ephemeral: true,
+        }
+    }
+
     /// Reads a row with the `events` columns.
     pub(crate) fn from_row(row: &tokio_postgres::Row) -> Self {
         EventRecord {
@@ -218,6 +237,7 @@ impl EventRecord {
                 None => Producer::Manager,
             },
             created_at: row.get("created_at"),
+            ephemeral: false,
         }
     }
 }

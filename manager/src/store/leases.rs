@@ -7,6 +7,7 @@
 //! [`writes`].
 
 mod hello;
+mod stream_modes;
 mod writes;
 
 pub use hello::{Hello, Welcome, hello};
@@ -742,4 +743,6 @@ pub struct AppendOutcome {
     pub last_seq: i64,
     pub acked_runner_seq: i64,
     pub duplicates: i32,
+    /// Deltas of a `final` run, accepted but not stored: ephemeral events for watchers.
+    pub live: Vec<events::EventRecord>,
 }

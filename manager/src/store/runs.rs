@@ -6,7 +6,7 @@
 use std::time::SystemTime;
 
 use agentrun_shared::ids::{RunId, RunnerId, SessionId};
-use agentrun_shared::state::RunStatus;
+use agentrun_shared::state::{RunStatus, StreamMode};
 use deadpool_postgres::GenericClient;
 use serde_json::{Map, Value, json};
 use tokio_postgres::Row;
@@ -56,6 +56,7 @@ pub struct RunRecord {
     pub finished_at: Option<SystemTime>,
     pub scheduled_at: Option<SystemTime>,
     pub active_turn_id: Option<String>,
+    pub stream_mode: StreamMode,
 }
 
 impl RunRecord {
@@ -104,6 +105,7 @@ impl RunRecord {
             finished_at: row.get("finished_at"),
             scheduled_at: row.get("scheduled_at"),
             active_turn_id: row.get("active_turn_id"),
+            stream_mode: parse_state("stream mode", row.get("stream_mode"), StreamMode::from_db)?,
         })
     }
 
@@ -129,6 +131,7 @@ pub struct NewRun {
     pub idempotency_key: Option<String>,
     /// Delayed start: not claimed before this time (a past time means at once).
     pub scheduled_at: Option<SystemTime>,
+    pub stream_mode: StreamMode,
 }
 
 impl NewRun {
@@ -156,6 +159,12 @@ impl NewRun {
         // after the time has passed is still the same request.
         if let (Some(at), Value::Array(parts)) = (self.scheduled_at, &mut canonical) {
             parts.push(json!({ "scheduled_at_us": micros_since_epoch(at) }));
+        }
+        // Likewise only when not the default, so keyed runs from before keep theirs.
+        if let (StreamMode::Coalesced | StreamMode::Final, Value::Array(parts)) =
+            (self.stream_mode, &mut canonical)
+        {
+            parts.push(json!({ "stream_mode": self.stream_mode.as_str() }));
         }
         fingerprint(&canonical)
     }
@@ -218,19 +227,20 @@ pub(crate) async fn insert_new(
             "INSERT INTO runs (id, tenant_id, project_id, session_id, backend_profile, queue, priority,
                                labels, input, metadata, status, max_attempts, queue_timeout_ms,
                                run_timeout_ms, queue_deadline, idempotency_key, request_hash,
-                               last_event_seq, last_command_seq, scheduled_at)
+                               last_event_seq, last_command_seq, scheduled_at, stream_mode)
              SELECT r.id, $1, r.project_id, r.session_id, r.backend_profile, r.queue, r.priority,
                     ARRAY(SELECT jsonb_array_elements_text(r.labels)), r.input, r.metadata, 'pending',
                     r.max_attempts, r.queue_timeout_ms, r.run_timeout_ms,
                     greatest(now(), r.scheduled_at) + r.queue_timeout_ms * interval '1 millisecond',
-                    r.idempotency_key, r.request_hash, r.event_count, r.command_count, r.scheduled_at
+                    r.idempotency_key, r.request_hash, r.event_count, r.command_count, r.scheduled_at,
+                    r.stream_mode
              FROM unnest($2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::int[],
                          $8::jsonb[], $9::jsonb[], $10::jsonb[], $11::int[], $12::bigint[],
                          $13::bigint[], $14::text[], $15::bytea[], $16::bigint[], $17::bigint[],
-                         $18::timestamptz[])
+                         $18::timestamptz[], $19::text[])
                   AS r(id, project_id, session_id, backend_profile, queue, priority, labels, input,
                        metadata, max_attempts, queue_timeout_ms, run_timeout_ms, idempotency_key,
-                       request_hash, event_count, command_count, scheduled_at)
+                       request_hash, event_count, command_count, scheduled_at, stream_mode)
              ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING *",
         )
@@ -278,6 +288,10 @@ pub(crate) async fn insert_new(
                 &event_counts,
                 &command_counts,
                 &new_runs.iter().map(|r| r.scheduled_at).collect::<Vec<_>>(),
+                &new_runs
+                    .iter()
+                    .map(|r| r.stream_mode.as_str())
+                    .collect::<Vec<_>>(),
             ],
         )
         .await?;

@@ -20,11 +20,12 @@ use deadpool_postgres::{GenericClient, Pool};
 use serde_json::json;
 use uuid::Uuid;
 
+use super::stream_modes::{self, Shaped};
 use super::{AppendOutcome, RunnerEvent, fence};
 use crate::error::{Error, Result};
 use crate::limits::Quotas;
 use crate::store::commands::{self, CommandUpdate};
-use crate::store::events::{self, NewEvent, Producer};
+use crate::store::events::{self, EventRecord, NewEvent, Producer};
 use crate::store::lifecycle;
 use crate::store::requests::{self, OpenedRequest};
 use crate::store::runs::{Finish, RequeueReason, RunRecord};
@@ -127,6 +128,7 @@ async fn write_once(
     let tx = client.transaction().await?;
     let mut batch = Batch::load(&tx, tenant, writes).await?;
     batch.max_event_bytes = quotas.event_bytes_per_run;
+    batch.max_payload_bytes = quotas.payload_bytes;
     let plans: Vec<Result<Planned>> = writes.iter().map(|w| batch.plan(runner_id, w)).collect();
     let stored = batch.store(&tx).await?;
     tx.commit().await?;
@@ -155,6 +157,8 @@ enum Planned {
     Appended {
         /// Its events among the batch's stored events.
         events: Range<usize>,
+        /// Its deltas sent live only (a `final` run's), among the batch's.
+        live: Range<usize>,
         acked_runner_seq: i64,
         duplicates: i32,
     },
@@ -205,6 +209,9 @@ struct Batch {
     request_owners: HashMap<(String, Uuid), Uuid>,
     command_updates: Vec<CommandUpdate>,
     events: Vec<(RunId, NewEvent)>,
+    /// Deltas fanned out but not stored, each with the index in `events` of the run's
+    /// event it follows (`None`: the run's last event before this batch).
+    live: Vec<(RunId, Option<usize>, NewEvent)>,
     /// Requests each accepted append opened, stored one statement per append.
     opened: Vec<(RunId, Vec<OpenedRequest>)>,
     ended_turns: Vec<(Uuid, String)>,
@@ -214,6 +221,8 @@ struct Batch {
     releases: Vec<RunId>,
     /// The per-run quota of event payload bytes; 0: none.
     max_event_bytes: i64,
+    /// The largest payload of one event (a coalesced delta stays within it).
+    max_payload_bytes: usize,
 }
 
 impl Batch {
@@ -244,10 +253,12 @@ impl Batch {
             request_owners: HashMap::new(),
             command_updates: Vec::new(),
             events: Vec::new(),
+            live: Vec::new(),
             opened: Vec::new(),
             ended_turns: Vec::new(),
             requests_changed: HashSet::new(),
             max_event_bytes: 0,
+            max_payload_bytes: usize::MAX,
             finishes: Vec::new(),
             releases: Vec::new(),
         };
@@ -339,6 +350,8 @@ impl Batch {
     /// run is running again once none is open. Turns follow their lifecycle: a
     /// `turn.started` while a turn is active, or a `turn.completed` when none is or naming
     /// another turn, is refused (a buggy runner cannot end the turn a steer is aimed at).
+    /// The run's stream mode then decides which fresh deltas are stored, merged, or only
+    /// sent live ([`stream_modes`]); the acknowledgement names the last runner_seq either way.
     fn plan_append(
         &mut self,
         runner_id: RunnerId,
@@ -368,7 +381,10 @@ impl Batch {
             ));
         }
 
-        progress.event_bytes += fresh.iter().map(|e| e.payload_bytes as i64).sum::<i64>();
+        // The run's stream mode decides which deltas are stored; only those count.
+        let Shaped { stored, live } =
+            stream_modes::shape(run.stream_mode, fresh, self.max_payload_bytes);
+        progress.event_bytes += stored.iter().map(|e| e.payload_bytes as i64).sum::<i64>();
         if self.max_event_bytes > 0 && progress.event_bytes > self.max_event_bytes {
             return Err(Error::ResourceExhausted(format!(
                 "the run's events would hold {} payload bytes, over the quota of {} per run \
@@ -451,16 +467,19 @@ impl Batch {
                 }
                 _ => {}
             }
-            to_store.push(NewEvent {
-                event_type: event.event_type,
-                payload: event.payload.clone(),
-                producer: Producer::Runner {
-                    runner_id,
-                    epoch,
-                    runner_seq: event.runner_seq,
-                },
-            });
         }
+        let from_runner = |event: RunnerEvent| NewEvent {
+            event_type: event.event_type,
+            payload: event.payload,
+            producer: Producer::Runner {
+                runner_id,
+                epoch,
+                runner_seq: event.runner_seq,
+            },
+        };
+        // Where this append's stored runner events start, for the live deltas' place.
+        let runner_events_at = to_store.len();
+        to_store.extend(stored.into_iter().map(from_runner));
         let (accepted, completed) = self.check_command_updates(run_id, updates)?;
         to_store.extend(completed);
         if let Some(last) = fresh.last() {
@@ -489,6 +508,24 @@ impl Batch {
         self.ended_turns
             .extend(ended_turns.into_iter().map(|t| (run_id.0, t)));
         let start = self.events.len();
+        // A live delta follows the stored event before it: of this append, else the
+        // run's last one planned earlier in the batch, else its last one stored.
+        let earlier = if live.is_empty() {
+            None
+        } else {
+            self.events.iter().rposition(|(run, _)| *run == run_id)
+        };
+        let live_start = self.live.len();
+        self.live
+            .extend(live.into_iter().map(|(stored_before, event)| {
+                let at = runner_events_at + stored_before;
+                let follows = if at == 0 {
+                    earlier
+                } else {
+                    Some(start + at - 1)
+                };
+                (run_id, follows, from_runner(event))
+            }));
         self.events
             .extend(to_store.into_iter().map(|e| (run_id, e)));
         let run = self.runs.get_mut(&run_id.0).expect("checked above");
@@ -499,6 +536,7 @@ impl Batch {
         self.progress.insert(run_id.0, progress);
         Ok(Planned::Appended {
             events: start..self.events.len(),
+            live: live_start..self.live.len(),
             acked_runner_seq,
             duplicates: duplicates as i32,
         })
@@ -642,7 +680,22 @@ impl Batch {
         store_progress(tx, &self.progress).await?;
         let finished = lifecycle::finish_many(tx, &self.finishes).await?;
         lifecycle::requeue_many(tx, &self.releases, RequeueReason::Released).await?;
-        Ok(Stored { seqs, finished })
+        let live = self
+            .live
+            .into_iter()
+            .map(|(run_id, follows, event)| {
+                let follows_seq = match follows {
+                    Some(i) => seqs[i],
+                    None => self.runs[&run_id.0].last_event_seq,
+                };
+                EventRecord::ephemeral(run_id, follows_seq, event)
+            })
+            .collect();
+        Ok(Stored {
+            seqs,
+            live,
+            finished,
+        })
     }
 }
 
@@ -704,6 +757,7 @@ async fn store_progress(
 /// What the batch stored, to answer each write.
 struct Stored {
     seqs: Vec<i64>,
+    live: Vec<EventRecord>,
     finished: Vec<RunRecord>,
 }
 
@@ -712,6 +766,7 @@ impl Stored {
         Ok(match plan {
             Planned::Appended {
                 events,
+                live,
                 acked_runner_seq,
                 duplicates,
             } => {
@@ -721,6 +776,7 @@ impl Stored {
                     last_seq: seqs.last().copied().unwrap_or(0),
                     acked_runner_seq,
                     duplicates,
+                    live: self.live[live].to_vec(),
                 })
             }
             Planned::Finished(run_id) => Written::Finished(Box::new(
