@@ -35,6 +35,18 @@ pub struct Settings {
     /// How often the sweeper looks for expired leases and timed-out runs.
     #[arg(long, env = "AGENTRUN_SWEEP_INTERVAL_MS", default_value_t = 500)]
     pub sweep_interval_ms: u64,
+    /// How long an ended run keeps every `content.delta` event, in milliseconds, before
+    /// the deltas of each item are compacted into one (the text is kept, other events are
+    /// untouched); 0 keeps them forever. A tenant's own setting
+    /// (AdminService.SetTenantRetention) overrides it.
+    #[arg(long, env = "AGENTRUN_EVENT_RETENTION_MS", default_value_t = 0,
+          value_parser = clap::value_parser!(i64).range(0..=crate::retention::MAX_RETENTION_MS))]
+    pub event_retention_ms: i64,
+    /// How often each replica looks for ended runs due for compaction (then works in
+    /// small batches until none is left).
+    #[arg(long, env = "AGENTRUN_EVENT_COMPACTION_INTERVAL_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub event_compaction_interval_ms: u64,
     /// Safety-net poll for claimable runs (one query per replica), in case a wake-up was
     /// lost or a scheduled run came due. Held runs' commands are also delivered with
     /// every heartbeat.
@@ -269,6 +281,10 @@ impl Settings {
 
     pub fn sweep_interval(&self) -> Duration {
         Duration::from_millis(self.sweep_interval_ms)
+    }
+
+    pub fn event_compaction_interval(&self) -> Duration {
+        Duration::from_millis(self.event_compaction_interval_ms)
     }
 
     pub fn handshake_timeout(&self) -> Duration {

@@ -47,6 +47,7 @@ pub fn run(r: &RunRecord) -> proto::Run {
         finished_at: r.finished_at.and_then(ts),
         scheduled_at: r.scheduled_at.and_then(ts),
         active_turn_id: r.active_turn_id.clone().unwrap_or_default(),
+        events_compacted_at: r.events_compacted_at.and_then(ts),
     }
 }
 
