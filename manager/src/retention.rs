@@ -51,7 +51,7 @@ pub async fn run(
                 );
             }
             Ok(_) => {}
-            Err(err) => tracing::warn!(error = %err, "event compaction failed; retrying next tick"),
+            Err(err) => tracing::warn!(error = ?err, "event compaction failed; retrying next tick"),
         }
     }
 }

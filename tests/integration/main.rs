@@ -16,6 +16,7 @@ mod pg_tls;
 mod properties;
 mod replicas;
 mod requests;
+mod retention;
 mod runner_slots;
 mod runs;
 mod scheduling;

@@ -282,14 +282,14 @@ pub async fn lock_due_for_compaction(
                      WHERE r.tenant_id = rt.tenant_id
                        AND r.finished_at IS NOT NULL AND r.events_compacted_at IS NULL
                        AND r.finished_at < now() - rt.ms * interval '1 millisecond'
-                     ORDER BY r.finished_at LIMIT $2 * 4
+                     ORDER BY r.finished_at LIMIT $2::bigint * 4
                  ) d
                  WHERE rt.ms > 0
-                 LIMIT $2 * 4
+                 LIMIT $2::bigint * 4
              )
              SELECT id FROM runs
              WHERE id IN (SELECT id FROM due) AND events_compacted_at IS NULL
-             LIMIT $2
+             LIMIT $2::bigint
              FOR UPDATE SKIP LOCKED",
         )
         .await?;
