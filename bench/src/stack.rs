@@ -87,9 +87,19 @@ impl Stack {
     /// Starts the manager on `database_url` and `runners` runner processes, and returns
     /// once the manager accepts gRPC connections.
     pub async fn start(database_url: &str, runners: usize) -> anyhow::Result<Self> {
+        Self::start_with(database_url, runners, &[]).await
+    }
+
+    /// Like [`Stack::start`], with manager settings overridden by `manager_env`.
+    pub async fn start_with(
+        database_url: &str,
+        runners: usize,
+        manager_env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let manager = Command::new(bin_dir()?.join("agentrun-manager"))
             .arg("serve")
+            .envs(manager_env.iter().copied())
             .env("DATABASE_URL", database_url)
             .env("AGENTRUN_AUTH", "disabled")
             .env("AGENTRUN_LISTEN", addr.to_string())
