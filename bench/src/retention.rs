@@ -1,10 +1,11 @@
-//! Scenario, retention: what compacting ended runs' deltas costs. N runs, each with M
-//! `content.delta` events of one item, are completed by the bench playing a runner
-//! (unary RPCs). A concurrent writer then appends deltas to runs of another tenant for a
-//! window (the baseline); then the runs' tenant gets a 1 ms retention and the writer
-//! appends again until every run is compacted. Measured: runs compacted per second,
-//! delta rows removed per second, and the writer's events/s without and with compaction
-//! running.
+//! Scenario, retention: what compacting ended runs' deltas costs. Two tenants' N runs
+//! each, every run with M `content.delta` events of one item, are completed by the bench
+//! playing a runner (unary RPCs). The first tenant gets a 1 ms retention and is
+//! compacted on an idle manager. Then a writer appends deltas to runs of a third tenant
+//! as fast as it can, alone for a window (the baseline), and again while the second
+//! tenant, given the same retention, is compacted. Measured: runs compacted and delta
+//! rows removed per second, idle and under the writer, and the writer's events/s
+//! without and with compaction running.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,8 +25,9 @@ use tonic::transport::Channel;
 use crate::report::Figure;
 use crate::stack::Stack;
 
-/// The tenant whose runs are compacted.
-const COMPACTED_TENANT: &str = "bench-retention";
+/// The tenants whose runs are compacted: on an idle manager, and under the writer.
+const IDLE_TENANT: &str = "bench-retention-idle";
+const LOADED_TENANT: &str = "bench-retention-loaded";
 /// The tenant of the concurrent writer's runs (never due: they stay active).
 const WRITER_TENANT: &str = "bench-retention-writer";
 /// A queue only this scenario uses, so no runner process takes its runs.
@@ -227,28 +229,69 @@ async fn stop_writer(
     Ok(appended)
 }
 
-async fn compacted_runs(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
+async fn compacted_runs(db: &tokio_postgres::Client, tenant: &str) -> anyhow::Result<i64> {
     Ok(db
         .query_one(
             "SELECT count(*) FROM runs WHERE tenant_id = $1 AND events_compacted_at IS NOT NULL",
-            &[&COMPACTED_TENANT],
+            &[&tenant],
         )
         .await?
         .get(0))
 }
 
-async fn stored_events(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
+async fn stored_events(db: &tokio_postgres::Client, tenant: &str) -> anyhow::Result<i64> {
     Ok(db
         .query_one(
             "SELECT count(*) FROM events e JOIN runs r ON r.id = e.run_id WHERE r.tenant_id = $1",
-            &[&COMPACTED_TENANT],
+            &[&tenant],
         )
         .await?
         .get(0))
 }
 
-/// Completes `runs` runs of `deltas` deltas each, then measures the writer for `window`
-/// without compaction, and again while every run is compacted (within `timeout`).
+/// How fast `tenant`'s `runs` runs were compacted once it got a 1 ms retention.
+struct Compaction {
+    runs_per_s: f64,
+    rows_per_s: f64,
+    seconds: f64,
+}
+
+/// Gives `tenant` a 1 ms retention and waits (up to `timeout`) until all its `runs` runs
+/// are compacted.
+async fn compact_tenant(
+    channel: &Channel,
+    db: &tokio_postgres::Client,
+    tenant: &str,
+    runs: usize,
+    timeout: Duration,
+) -> anyhow::Result<Compaction> {
+    let events_before = stored_events(db, tenant).await?;
+    let start = Instant::now();
+    AdminServiceClient::new(channel.clone())
+        .set_tenant_retention(SetTenantRetentionRequest {
+            tenant_id: tenant.into(),
+            event_retention_ms: Some(1),
+        })
+        .await
+        .context("SetTenantRetention")?;
+    while compacted_runs(db, tenant).await? < runs as i64 {
+        if start.elapsed() > timeout {
+            bail!("{tenant}: not every run was compacted within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let removed = (events_before - stored_events(db, tenant).await?) as f64;
+    Ok(Compaction {
+        runs_per_s: runs as f64 / seconds,
+        rows_per_s: removed / seconds,
+        seconds,
+    })
+}
+
+/// Completes `runs` runs of `deltas` deltas each for two tenants; compacts one on the
+/// idle manager; then measures the writer for `window` alone, and again while the other
+/// is compacted (each compaction within `timeout`).
 pub async fn run(
     stack: &Stack,
     db: &tokio_postgres::Client,
@@ -258,12 +301,15 @@ pub async fn run(
     timeout: Duration,
 ) -> anyhow::Result<Vec<Figure>> {
     let channel = stack.channel().await?;
-    let me = identity(runs + WRITERS);
-    let held = create_and_claim(&channel, COMPACTED_TENANT, &me, runs).await?;
-    complete_with_deltas(&channel, &me, held, deltas_per_run).await?;
+    let me = identity(2 * runs + WRITERS);
+    for tenant in [IDLE_TENANT, LOADED_TENANT] {
+        let held = create_and_claim(&channel, tenant, &me, runs).await?;
+        complete_with_deltas(&channel, &me, held, deltas_per_run).await?;
+    }
     let writer_runs = create_and_claim(&channel, WRITER_TENANT, &me, WRITERS).await?;
     let next_seq: Vec<Arc<AtomicU64>> = (0..WRITERS).map(|_| Arc::new(AtomicU64::new(1))).collect();
-    let events_before = stored_events(db).await?;
+
+    let idle = compact_tenant(&channel, db, IDLE_TENANT, runs, timeout).await?;
 
     // The writer alone.
     let stop = Arc::new(AtomicBool::new(false));
@@ -272,55 +318,35 @@ pub async fn run(
     tokio::time::sleep(window).await;
     let alone = stop_writer(&stop, tasks).await? as f64 / start.elapsed().as_secs_f64();
 
-    // The writer while every run is compacted.
+    // The writer while the other tenant's runs are compacted.
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks = writer(&channel, &me, &writer_runs, &next_seq, stop.clone());
     let start = Instant::now();
-    AdminServiceClient::new(channel.clone())
-        .set_tenant_retention(SetTenantRetentionRequest {
-            tenant_id: COMPACTED_TENANT.into(),
-            event_retention_ms: Some(1),
-        })
-        .await
-        .context("SetTenantRetention")?;
-    loop {
-        if compacted_runs(db).await? == runs as i64 {
-            break;
-        }
-        if start.elapsed() > timeout {
-            stop_writer(&stop, tasks).await?;
-            bail!("not every run was compacted within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let seconds = start.elapsed().as_secs_f64();
-    let during = stop_writer(&stop, tasks).await? as f64 / seconds;
-    let removed = (events_before - stored_events(db).await?) as f64;
+    let tasks = writer(&channel, &me, &writer_runs, &next_seq, stop.clone());
+    let loaded = compact_tenant(&channel, db, LOADED_TENANT, runs, timeout).await;
+    let appended = stop_writer(&stop, tasks).await?;
+    let loaded = loaded?;
+    let during = appended as f64 / start.elapsed().as_secs_f64();
     eprintln!(
-        "retention: {runs} runs x {deltas_per_run} deltas compacted in {seconds:.2} s \
-         ({removed} rows removed); writer {alone:.0} events/s alone, {during:.0} during"
+        "retention: {runs} runs x {deltas_per_run} deltas compacted in {:.2} s idle, \
+         {:.2} s under the writer; writer {alone:.0} events/s alone, {during:.0} during",
+        idle.seconds, loaded.seconds
     );
+    let figure = |name, value, unit| Figure::new("retention", name, value, unit);
     Ok(vec![
-        Figure::new(
-            "retention",
-            "retention.runs_compacted_per_s",
-            runs as f64 / seconds,
+        figure("retention.runs_compacted_per_s", idle.runs_per_s, "runs/s"),
+        figure("retention.deltas_removed_per_s", idle.rows_per_s, "rows/s"),
+        figure(
+            "retention.runs_compacted_per_s_under_writer",
+            loaded.runs_per_s,
             "runs/s",
         ),
-        Figure::new(
-            "retention",
-            "retention.deltas_removed_per_s",
-            removed / seconds,
+        figure(
+            "retention.deltas_removed_per_s_under_writer",
+            loaded.rows_per_s,
             "rows/s",
         ),
-        Figure::new(
-            "retention",
-            "retention.writer_events_per_s_alone",
-            alone,
-            "events/s",
-        ),
-        Figure::new(
-            "retention",
+        figure("retention.writer_events_per_s_alone", alone, "events/s"),
+        figure(
             "retention.writer_events_per_s_during_compaction",
             during,
             "events/s",

@@ -311,6 +311,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn event_retention_is_forever_by_default_and_refused_out_of_range() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("agentrun-manager").chain(args.iter().copied()))
+                .map(|cli| cli.settings)
+        };
+        let defaults = parse(&[]).expect("the defaults parse");
+        assert_eq!(defaults.event_retention_ms, 0, "kept forever");
+        assert_eq!(
+            defaults.event_compaction_interval(),
+            Duration::from_secs(60)
+        );
+        let day = parse(&["--event-retention-ms", "86400000"]).expect("a day");
+        assert_eq!(day.event_retention_ms, 86_400_000);
+        let too_long = (crate::retention::MAX_RETENTION_MS + 1).to_string();
+        for bad in ["-1", too_long.as_str(), "soon"] {
+            let err = parse(&["--event-retention-ms", bad])
+                .err()
+                .unwrap_or_else(|| panic!("{bad} is refused"));
+            assert!(err.to_string().contains("--event-retention-ms"), "{err}");
+        }
+        assert!(parse(&["--event-compaction-interval-ms", "0"]).is_err());
+    }
+
+    #[test]
     fn the_connection_defaults_pass_and_an_idle_timeout_needs_keepalive_pings() {
         let mut settings = Settings::for_database("postgres://unused");
         settings
