@@ -332,7 +332,7 @@ mod tests {
         assert_eq!(day.event_retention_ms, 86_400_000);
         let too_long = (crate::retention::MAX_RETENTION_MS + 1).to_string();
         for bad in ["-1", too_long.as_str(), "soon"] {
-            let err = parse(&["--event-retention-ms", bad])
+            let err = parse(&[&format!("--event-retention-ms={bad}")])
                 .err()
                 .unwrap_or_else(|| panic!("{bad} is refused"));
             assert!(err.to_string().contains("--event-retention-ms"), "{err}");
