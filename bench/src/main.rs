@@ -9,6 +9,7 @@
 //! cargo run --release -p agentrun-bench -- fleet --fleet-runners 2000
 //! cargo run --release -p agentrun-bench -- watchers --watchers 10000
 //! cargo run --release -p agentrun-bench -- storm --storm-runners 10000
+//! cargo run --release -p agentrun-bench -- retention --retention-runs 2000 --retention-deltas 200
 //! ```
 //!
 //! A scenario that fails does not stop the others; the report shows what was measured
@@ -20,6 +21,7 @@ mod failover;
 mod fleet;
 mod peers;
 mod report;
+mod retention;
 mod stack;
 mod statements;
 mod storm;
@@ -65,6 +67,9 @@ enum Scenario {
     Storm,
     /// SIGKILL a runner holding runs: seconds until another runner has them.
     Failover,
+    /// Compacting ended runs' deltas (retention): runs/s and rows/s, and a concurrent
+    /// writer's events/s with and without compaction running.
+    Retention,
     /// The database limit (pgbench).
     Limit,
     /// The peers (graphile-worker, pgqueuer) draining pre-inserted jobs.
@@ -115,6 +120,16 @@ struct Params {
     /// Long runs held by the two runners of the failover scenario [default: 20; smoke 4].
     #[arg(long)]
     failover_runs: Option<usize>,
+    /// Completed runs compacted in the retention scenario [default: 2000; smoke 100].
+    #[arg(long)]
+    retention_runs: Option<usize>,
+    /// content.delta events of each of those runs [default: 200; smoke 50].
+    #[arg(long)]
+    retention_deltas: Option<usize>,
+    /// Seconds the writer is measured alone in the retention scenario [default: 5;
+    /// smoke 1].
+    #[arg(long)]
+    retention_seconds: Option<u64>,
     /// Jobs each peer drains [default: 50000; smoke 2000].
     #[arg(long)]
     peer_jobs: Option<usize>,
@@ -140,6 +155,9 @@ struct Sizes {
     watchers_seconds: u64,
     storm_runners: usize,
     failover_runs: usize,
+    retention_runs: usize,
+    retention_deltas: usize,
+    retention_seconds: u64,
     peer_jobs: usize,
     pgbench_seconds: u32,
 }
@@ -163,6 +181,9 @@ impl Params {
             watchers_seconds: self.watchers_seconds.unwrap_or(if smoke { 3 } else { 10 }),
             storm_runners: pick(self.storm_runners, 10_000, 200),
             failover_runs: pick(self.failover_runs, 20, 4),
+            retention_runs: pick(self.retention_runs, 2_000, 100),
+            retention_deltas: pick(self.retention_deltas, 200, 50),
+            retention_seconds: self.retention_seconds.unwrap_or(if smoke { 1 } else { 5 }),
             peer_jobs: pick(self.peer_jobs, 50_000, 2_000),
             pgbench_seconds: self.pgbench_seconds.unwrap_or(if smoke { 2 } else { 10 }),
         }
@@ -292,6 +313,25 @@ async fn main() -> anyhow::Result<()> {
             failover::run(&url, &db, sizes.failover_runs, timeout).await,
         );
     }
+    if wants(Scenario::Retention) {
+        eprintln!(
+            "retention: {} runs x {} deltas",
+            sizes.retention_runs, sizes.retention_deltas
+        );
+        let result = async {
+            let stack = Stack::start_with(&url, 0, retention::MANAGER_ENV).await?;
+            retention::run(
+                &stack,
+                &db,
+                sizes.retention_runs,
+                sizes.retention_deltas,
+                Duration::from_secs(sizes.retention_seconds),
+                timeout,
+            )
+            .await
+        };
+        record("retention", result.await);
+    }
     if wants(Scenario::Limit) {
         eprintln!(
             "database limit: pgbench, {} s per script",
@@ -323,6 +363,9 @@ async fn main() -> anyhow::Result<()> {
         "watchers_seconds": sizes.watchers_seconds,
         "storm_runners": sizes.storm_runners,
         "failover_runs": sizes.failover_runs,
+        "retention_runs": sizes.retention_runs,
+        "retention_deltas": sizes.retention_deltas,
+        "retention_seconds": sizes.retention_seconds,
         "peer_jobs": sizes.peer_jobs,
         "pgbench_seconds": sizes.pgbench_seconds,
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),

@@ -91,10 +91,16 @@ pub struct Stack {
     runners: Vec<Child>,
 }
 
-/// Starts a manager on `database_url`, listening on `addr`.
-fn spawn_manager(database_url: &str, addr: SocketAddr) -> anyhow::Result<Child> {
+/// Starts a manager on `database_url`, listening on `addr`, with settings overridden by
+/// `manager_env`.
+fn spawn_manager(
+    database_url: &str,
+    addr: SocketAddr,
+    manager_env: &[(&str, &str)],
+) -> anyhow::Result<Child> {
     Command::new(bin_dir()?.join("agentrun-manager"))
         .arg("serve")
+        .envs(manager_env.iter().copied())
         .env("DATABASE_URL", database_url)
         .env("AGENTRUN_AUTH", "disabled")
         .env("AGENTRUN_LISTEN", addr.to_string())
@@ -125,8 +131,17 @@ impl Stack {
     /// Starts the manager on `database_url` and `runners` runner processes, and returns
     /// once the manager accepts gRPC connections.
     pub async fn start(database_url: &str, runners: usize) -> anyhow::Result<Self> {
+        Self::start_with(database_url, runners, &[]).await
+    }
+
+    /// Like [`Stack::start`], with manager settings overridden by `manager_env`.
+    pub async fn start_with(
+        database_url: &str,
+        runners: usize,
+        manager_env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let manager = spawn_manager(database_url, addr)?;
+        let manager = spawn_manager(database_url, addr, manager_env)?;
         let mut stack = Stack {
             addr,
             database_url: database_url.to_owned(),
@@ -190,7 +205,8 @@ impl Stack {
     /// and returns a channel to it.
     pub async fn spawn_replica(&mut self) -> anyhow::Result<Channel> {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        self.replicas.push(spawn_manager(&self.database_url, addr)?);
+        self.replicas
+            .push(spawn_manager(&self.database_url, addr, &[])?);
         channel_to(addr).await
     }
 }

@@ -1128,6 +1128,7 @@ mod tests {
                 pending_runs: 1,
                 active_runs: 2,
                 max_active_runs: 0,
+                event_retention_ms: 0,
             }],
         };
         assert_eq!(

@@ -35,6 +35,18 @@ pub struct Settings {
     /// How often the sweeper looks for expired leases and timed-out runs.
     #[arg(long, env = "AGENTRUN_SWEEP_INTERVAL_MS", default_value_t = 500)]
     pub sweep_interval_ms: u64,
+    /// How long an ended run keeps every `content.delta` event, in milliseconds, before
+    /// the deltas of each item are compacted into one (the text is kept, other events are
+    /// untouched); 0 keeps them forever. A tenant's own setting
+    /// (AdminService.SetTenantRetention) overrides it.
+    #[arg(long, env = "AGENTRUN_EVENT_RETENTION_MS", default_value_t = 0,
+          value_parser = clap::value_parser!(i64).range(0..=crate::retention::MAX_RETENTION_MS))]
+    pub event_retention_ms: i64,
+    /// How often each replica looks for ended runs due for compaction (then works in
+    /// small batches until none is left).
+    #[arg(long, env = "AGENTRUN_EVENT_COMPACTION_INTERVAL_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub event_compaction_interval_ms: u64,
     /// Safety-net poll for claimable runs (one query per replica), in case a wake-up was
     /// lost or a scheduled run came due. Held runs' commands are also delivered with
     /// every heartbeat.
@@ -272,6 +284,10 @@ impl Settings {
         Duration::from_millis(self.sweep_interval_ms)
     }
 
+    pub fn event_compaction_interval(&self) -> Duration {
+        Duration::from_millis(self.event_compaction_interval_ms)
+    }
+
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
     }
@@ -294,6 +310,36 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_retention_is_forever_by_default_and_refused_out_of_range() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("agentrun-manager").chain(args.iter().copied()))
+                .map(|cli| cli.settings)
+        };
+        let defaults = parse(&[]).expect("the defaults parse");
+        assert_eq!(defaults.event_retention_ms, 0, "kept forever");
+        assert_eq!(
+            defaults.event_compaction_interval(),
+            Duration::from_secs(60)
+        );
+        let day = parse(&["--event-retention-ms", "86400000"]).expect("a day");
+        assert_eq!(day.event_retention_ms, 86_400_000);
+        let too_long = (crate::retention::MAX_RETENTION_MS + 1).to_string();
+        for bad in ["-1", too_long.as_str(), "soon"] {
+            let err = parse(&[&format!("--event-retention-ms={bad}")])
+                .err()
+                .unwrap_or_else(|| panic!("{bad} is refused"));
+            assert!(err.to_string().contains("--event-retention-ms"), "{err}");
+        }
+        assert!(parse(&["--event-compaction-interval-ms", "0"]).is_err());
+    }
 
     #[test]
     fn the_connection_defaults_pass_and_an_idle_timeout_needs_keepalive_pings() {

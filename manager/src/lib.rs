@@ -7,6 +7,7 @@
 //! - [`heartbeats`], [`hellos`]: runner heartbeats and hellos, settled in batches by a
 //!   [`batcher`].
 //! - [`sweeper`]: moves on runs whose lease expired or whose timeouts passed.
+//! - [`retention`]: compacts the deltas of runs ended longer than their retention.
 //! - [`notify`]: wake-ups for waiting runner streams, across replicas (LISTEN/NOTIFY).
 //! - [`keys`]: `agentrun-manager keys`, API key management against the database.
 //! - [`limits`]: per-caller rate limits (heartbeats).
@@ -34,6 +35,7 @@ pub mod local_postgres;
 pub mod metrics;
 pub mod notify;
 pub mod observe;
+pub mod retention;
 pub mod startup;
 pub mod store;
 pub mod sweeper;

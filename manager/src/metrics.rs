@@ -76,6 +76,8 @@ pub struct Metrics {
     create_to_claim: Histogram,
     lease_expiries: Counter,
     requeues: Counter,
+    runs_compacted: Counter,
+    deltas_compacted: Counter,
     events_appended: Counter,
     event_batch_size: Histogram,
     connected_runners: Gauge,
@@ -110,6 +112,8 @@ impl Metrics {
             create_to_claim: Histogram::new(exponential_buckets(0.005, 2.0, 20)),
             lease_expiries: Counter::default(),
             requeues: Counter::default(),
+            runs_compacted: Counter::default(),
+            deltas_compacted: Counter::default(),
             events_appended: Counter::default(),
             // 1 .. 1024 events
             event_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
@@ -159,6 +163,16 @@ impl Metrics {
             "requeues",
             "Runs put back in the queue after their lease expired",
             m.requeues.clone(),
+        );
+        registry.register(
+            "runs_compacted",
+            "Ended runs whose deltas retention compacted",
+            m.runs_compacted.clone(),
+        );
+        registry.register(
+            "deltas_compacted",
+            "content.delta events retention merged into their item's first delta",
+            m.deltas_compacted.clone(),
         );
         registry.register(
             "events_appended",
@@ -221,6 +235,12 @@ impl Metrics {
         self.requeues.inc_by(requeues as u64);
     }
 
+    /// Counts what a compaction pass did.
+    pub fn compacted(&self, runs: u64, deltas_removed: u64) {
+        self.runs_compacted.inc_by(runs);
+        self.deltas_compacted.inc_by(deltas_removed);
+    }
+
     /// Counts one gRPC call (`method` is the gRPC path).
     pub fn rpc(&self, method: &str, code: tonic::Code, elapsed: Duration) {
         self.rpc_requests
@@ -266,7 +286,7 @@ impl Metrics {
         self.oldest_pending.clear();
         let stats = tokio::time::timeout(SCRAPE_DB_TIMEOUT, async {
             let client = pool.get().await?;
-            runs::queue_stats(&client, 0).await
+            runs::queue_stats(&client, 0, 0).await
         })
         .await;
         match stats {

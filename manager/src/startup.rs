@@ -28,7 +28,7 @@ use crate::metrics::{self, Metrics};
 use crate::notify::{self, Notifier};
 use crate::observe::ObserveLayer;
 use crate::wire_errors::WireErrorsLayer;
-use crate::{db, health, listener, sweeper};
+use crate::{db, health, listener, retention, sweeper};
 
 /// A service with the message size limits set explicitly, both ways (tonic's default
 /// for what a server sends is unlimited).
@@ -163,6 +163,13 @@ impl Application {
             notifier.clone(),
             metrics.clone(),
             interval,
+            background.clone(),
+        ));
+        tasks.spawn(retention::run(
+            state.pool.clone(),
+            metrics.clone(),
+            state.settings.event_retention_ms,
+            state.settings.event_compaction_interval(),
             background.clone(),
         ));
         if let Some(listener) = metrics_listener {

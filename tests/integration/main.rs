@@ -17,6 +17,7 @@ mod pg_tls;
 mod properties;
 mod replicas;
 mod requests;
+mod retention;
 mod runner_slots;
 mod runs;
 mod scheduling;

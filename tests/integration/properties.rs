@@ -1518,6 +1518,29 @@ fn admin_service_refuses_malformed_requests_and_changes_nothing() {
         async |mut c, r| c.admin.set_tenant_limit(r).await.map(drop),
     );
 
+    let max = agentrun_manager::retention::MAX_RETENTION_MS;
+    let retention = (
+        name_field("tenant_id"),
+        field(
+            "event_retention_ms",
+            prop_oneof![Just(None), (0..=max).prop_map(Some)],
+            prop_oneof![(i64::MIN..0).prop_map(Some), (max + 1..).prop_map(Some)],
+        ),
+    )
+        .prop_map(|(tenant, ms)| Bad {
+            fields: collect(&[&tenant.1, &ms.1]),
+            request: proto::SetTenantRetentionRequest {
+                tenant_id: tenant.0,
+                event_retention_ms: ms.0,
+            },
+        });
+    h.refuses(
+        "SetTenantRetention",
+        CASES,
+        some_bad(retention),
+        async |mut c, r| c.admin.set_tenant_retention(r).await.map(drop),
+    );
+
     let drain = bad_uuid_field("runner_id").prop_map(|(runner_id, bad)| Bad {
         request: proto::DrainRunnerRequest { runner_id },
         fields: collect(&[&bad]),

@@ -14,11 +14,14 @@
 //!   `run.terminal`) names the one counted so far;
 //! - a run failed `runner_lost` is on its last attempt (`attempt = max_attempts`);
 //! - per run, event `seq` is gapless `1..=last_event_seq` and command `seq` is gapless
-//!   `1..=last_command_seq`;
+//!   `1..=last_command_seq`; a run whose deltas retention compacted
+//!   (`events_compacted_at`) is ended, and its missing seqs are exactly those its merged
+//!   deltas account for (`compacted_deltas` − 1 each, all within
+//!   `compacted_through_seq`), so nothing but deltas is gone;
 //! - no `(run, epoch, runner_seq)` is stored twice, and within an epoch the runner
 //!   events continue `1, 2, 3, ...` in seq order (nothing lost, reordered or skipped;
 //!   in a `coalesced` or `final` run, whose merged or live-only deltas leave runner_seqs
-//!   unstored, they only rise);
+//!   unstored, or in a compacted run, they only rise);
 //! - fencing: every runner event sits under the `run.claimed` of its own epoch and
 //!   runner, with no requeue or terminal event in between (a zombie cannot write);
 //! - exactly one `run.terminal` per ended run (none for the others), it is the run's
@@ -43,7 +46,8 @@
 //!   stored fingerprint (`runs.request_hash`, `commands.payload_hash`) is the hash of
 //!   the row's own request, so a retry is told from a conflicting reuse correctly;
 //! - optionally, every acknowledgement a runner received ([`Acked`]) is backed by the
-//!   stored events it acknowledged.
+//!   stored events it acknowledged (in runs not compacted; a compacted run's deltas are
+//!   accounted for by the check above).
 //!
 //! Everything is read through SQL on the schema in `migrations/` (not manager code), so
 //! the check holds whatever the manager's internals look like. The one exception is the
@@ -280,9 +284,32 @@ const CHECKS: &[(&str, Param, &str)] = &[
         "SELECT r.id::text || ': last_event_seq ' || r.last_event_seq || ' but ' || count(e.seq)
                 || ' events, seq ' || coalesce(min(e.seq), 0) || '..' || coalesce(max(e.seq), 0)
          FROM runs r LEFT JOIN events e ON e.run_id = r.id
+         WHERE r.events_compacted_at IS NULL
          GROUP BY r.id, r.last_event_seq
          HAVING count(e.seq) <> r.last_event_seq OR coalesce(max(e.seq), 0) <> r.last_event_seq
              OR coalesce(min(e.seq), 1) <> 1",
+    ),
+    (
+        "compacted run missing more than its merged deltas",
+        Param::Terminal,
+        // Each merged delta stands for `compacted_deltas` stored ones, the others having
+        // had seqs after it, up to `compacted_through_seq`.
+        "SELECT r.id::text || ' (' || r.status || '): last_event_seq ' || r.last_event_seq || ' but '
+                || count(e.seq) || ' events + ' || coalesce(sum(m.merged - 1), 0)
+                || ' merged away, seq ' || coalesce(min(e.seq), 0) || '..' || coalesce(max(e.seq), 0)
+         FROM runs r
+         LEFT JOIN events e ON e.run_id = r.id
+         LEFT JOIN LATERAL (
+             SELECT (e.payload->>'compacted_deltas')::bigint AS merged,
+                    (e.payload->>'compacted_through_seq')::bigint AS through
+             WHERE e.type = 'content.delta' AND e.payload ? 'compacted_deltas'
+         ) m ON true
+         WHERE r.events_compacted_at IS NOT NULL
+         GROUP BY r.id, r.status, r.last_event_seq
+         HAVING NOT (r.status = ANY($1))
+             OR count(e.seq) + coalesce(sum(m.merged - 1), 0) <> r.last_event_seq
+             OR coalesce(max(e.seq), 0) <> r.last_event_seq OR coalesce(min(e.seq), 1) <> 1
+             OR bool_or(m.through <= e.seq OR m.merged < 2)",
     ),
     (
         "events of no run",
@@ -321,13 +348,15 @@ const CHECKS: &[(&str, Param, &str)] = &[
         "runner events of an epoch not 1, 2, 3, ... in seq order",
         Param::None,
         // A coalesced or final run stores fewer events than its runner sent (merged or
-        // live-only deltas): its runner_seqs only rise.
+        // live-only deltas), and so does a compacted one: their runner_seqs only rise.
         "SELECT run_id::text || ' epoch ' || epoch || ': runner_seq ' || runner_seq || ' at seq ' || seq
                 || ' follows runner_seq ' || coalesce(previous::text, 'nothing')
-         FROM (SELECT e.run_id, e.epoch, e.seq, e.runner_seq, r.stream_mode,
+         FROM (SELECT e.run_id, e.epoch, e.seq, e.runner_seq,
                       lag(e.runner_seq) OVER (PARTITION BY e.run_id, e.epoch ORDER BY e.seq) AS previous
-               FROM events e JOIN runs r ON r.id = e.run_id WHERE e.runner_seq IS NOT NULL) e
-         WHERE CASE WHEN stream_mode = 'deltas' THEN runner_seq <> coalesce(previous, 0) + 1
+               FROM events e WHERE e.runner_seq IS NOT NULL) e
+         JOIN runs r ON r.id = e.run_id
+         WHERE CASE WHEN r.stream_mode = 'deltas' AND r.events_compacted_at IS NULL
+                    THEN runner_seq <> coalesce(previous, 0) + 1
                     ELSE runner_seq <= coalesce(previous, 0) END",
     ),
     (
@@ -629,7 +658,7 @@ async fn check(
                 "SELECT a.run_id::text || ' epoch ' || a.epoch || ': acknowledged up to runner_seq '
                         || a.acked || ' but ' || count(e.seq) || ' of those are stored'
                  FROM unnest($1::uuid[], $2::bigint[], $3::bigint[]) AS a(run_id, epoch, acked)
-                 JOIN runs r ON r.id = a.run_id
+                 JOIN runs r ON r.id = a.run_id AND r.events_compacted_at IS NULL
                  LEFT JOIN events e ON e.run_id = a.run_id AND e.epoch = a.epoch
                                    AND e.runner_seq BETWEEN 1 AND a.acked
                  GROUP BY a.run_id, a.epoch, a.acked, r.stream_mode, r.lease_epoch, r.lease_runner_seq

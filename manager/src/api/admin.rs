@@ -1,6 +1,7 @@
 //! `agentrun.v1.AdminService`: what operators look at and act on — queue and per-tenant
 //! statistics, the runners connected (to any replica) with their leases, draining a
-//! runner, and per-tenant limits on active runs.
+//! runner, per-tenant limits on active runs and per-tenant retention of ended runs'
+//! deltas.
 //!
 //! A drain is recorded in the database (`runners.draining`); the replica holding the
 //! runner's Connect stream notices it within its poll interval, stops assigning, and
@@ -60,7 +61,13 @@ impl AdminService for AdminApi {
     ) -> Result<Response<proto::GetQueueStatsResponse>, Status> {
         caller(&self.state, &request, Role::Admin).await?;
         let client = self.state.pool.get().await.map_err(Error::from)?;
-        let stats = runs::queue_stats(&client, self.state.settings.tenant_max_active_runs).await?;
+        let settings = &self.state.settings;
+        let stats = runs::queue_stats(
+            &client,
+            settings.tenant_max_active_runs,
+            settings.event_retention_ms,
+        )
+        .await?;
         Ok(Response::new(proto::GetQueueStatsResponse {
             depths: stats
                 .depths
@@ -87,6 +94,7 @@ impl AdminService for AdminApi {
                     pending_runs: t.pending_runs,
                     active_runs: t.active_runs,
                     max_active_runs: t.max_active_runs,
+                    event_retention_ms: t.event_retention_ms,
                 })
                 .collect(),
         }))
@@ -144,6 +152,28 @@ impl AdminService for AdminApi {
         // A limit raised or removed may make runs claimable at once.
         self.state.notifier.work_available();
         Ok(Response::new(proto::SetTenantLimitResponse {}))
+    }
+
+    async fn set_tenant_retention(
+        &self,
+        request: Request<proto::SetTenantRetentionRequest>,
+    ) -> Result<Response<proto::SetTenantRetentionResponse>, Status> {
+        caller(&self.state, &request, Role::Admin).await?;
+        let r = request.get_ref();
+        let tenant_id = validate::name("tenant_id", &r.tenant_id).map_err(Error::from)?;
+        let event_retention_ms = r
+            .event_retention_ms
+            .map(|ms| validate::retention_ms("event_retention_ms", ms))
+            .transpose()
+            .map_err(Error::from)?;
+        let client = self.state.pool.get().await.map_err(Error::from)?;
+        runners::set_tenant_retention(&client, tenant_id, event_retention_ms).await?;
+        tracing::info!(
+            tenant = tenant_id,
+            event_retention_ms,
+            "tenant retention set"
+        );
+        Ok(Response::new(proto::SetTenantRetentionResponse {}))
     }
 
     async fn drain_runner(

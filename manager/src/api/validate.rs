@@ -13,6 +13,8 @@ use std::collections::HashSet;
 use agentrun_shared::error::FieldError;
 use agentrun_shared::payload::NUL_REASON;
 
+use crate::retention::MAX_RETENTION_MS;
+
 /// Longest name (queue, project, label, backend profile, idempotency key).
 pub const MAX_NAME_LEN: usize = 128;
 
@@ -207,6 +209,18 @@ pub fn timeout_ms(field: &str, value: i64) -> Result<Option<i64>, FieldError> {
             format!("must be at most {MAX_TIMEOUT_MS} (30 days)"),
         )),
         v => Ok(Some(v)),
+    }
+}
+
+/// A retention in milliseconds: 0 (forever) up to [`MAX_RETENTION_MS`].
+pub fn retention_ms(field: &str, value: i64) -> Result<i64, FieldError> {
+    if (0..=MAX_RETENTION_MS).contains(&value) {
+        Ok(value)
+    } else {
+        Err(FieldError::new(
+            field,
+            format!("must be between 0 (keep forever) and {MAX_RETENTION_MS} (100 years)"),
+        ))
     }
 }
 

@@ -3,6 +3,11 @@
 //! [`append`] is the writer (run creation pre-sequences its first events). It advances `runs.last_event_seq` under the run's row
 //! lock and inserts the batch in one statement, so seq is gapless and a batch is stored
 //! whole or not at all (the caller's transaction).
+//!
+//! Retention ([`lock_due_for_compaction`], [`compact`]) is the one exception to "append
+//! only": once a run has ended and its tenant's retention has passed, the deltas of each
+//! item are merged into the item's first delta and the rest deleted, leaving seq gaps
+//! that readers skip (a `seq > after_seq` range read needs no change).
 
 use std::collections::HashMap;
 use std::time::SystemTime;
@@ -240,4 +245,153 @@ impl EventRecord {
             ephemeral: false,
         }
     }
+}
+
+/// Deltas merged into one event hold at most this much text plus one original delta, so
+/// a merged event stays near the payload limit and a page of them under the message
+/// limit.
+pub const COMPACTED_DELTA_BYTES: i64 = 64 * 1024;
+
+/// What one [`compact`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Compacted {
+    /// Runs marked compacted (some may have had no delta to merge).
+    pub runs: u64,
+    /// `content.delta` rows deleted (their text is in the item's first delta).
+    pub deltas_removed: u64,
+    /// Payload bytes the run no longer stores (subtracted from `runs.event_bytes`).
+    pub bytes_freed: i64,
+}
+
+/// Locks up to `limit` ended runs, not compacted yet, whose tenant's retention (its own,
+/// else `default_retention_ms`; 0 keeps forever) has passed since they ended, oldest
+/// first within a tenant. `SKIP LOCKED`: runs another replica is compacting, or that a
+/// caller holds, are left for a later pass, and nobody waits on the compactor.
+///
+/// Finding them costs one index probe per tenant with uncompacted ended runs
+/// (`runs_compaction_due`, walked tenant by tenant), not a scan of the runs kept forever.
+pub async fn lock_due_for_compaction(
+    tx: &impl GenericClient,
+    default_retention_ms: i64,
+    limit: i64,
+) -> Result<Vec<RunId>> {
+    let stmt = tx
+        .prepare_cached(
+            "WITH RECURSIVE tenants AS (
+                 (SELECT tenant_id FROM runs
+                  WHERE finished_at IS NOT NULL AND events_compacted_at IS NULL
+                  ORDER BY tenant_id LIMIT 1)
+                 UNION ALL
+                 SELECT (SELECT r.tenant_id FROM runs r
+                         WHERE r.finished_at IS NOT NULL AND r.events_compacted_at IS NULL
+                           AND r.tenant_id > t.tenant_id
+                         ORDER BY r.tenant_id LIMIT 1)
+                 FROM tenants t WHERE t.tenant_id IS NOT NULL
+             ),
+             retention AS (
+                 SELECT t.tenant_id, coalesce(tl.event_retention_ms, $1::bigint) AS ms
+                 FROM tenants t LEFT JOIN tenant_limits tl ON tl.tenant_id = t.tenant_id
+                 WHERE t.tenant_id IS NOT NULL
+             ),
+             -- More candidates than wanted, so a replica whose first picks are locked by
+             -- another still finds work.
+             due AS (
+                 SELECT d.id FROM retention rt
+                 CROSS JOIN LATERAL (
+                     SELECT r.id FROM runs r
+                     WHERE r.tenant_id = rt.tenant_id
+                       AND r.finished_at IS NOT NULL AND r.events_compacted_at IS NULL
+                       AND r.finished_at < now() - rt.ms * interval '1 millisecond'
+                     ORDER BY r.finished_at LIMIT $2::bigint * 4
+                 ) d
+                 WHERE rt.ms > 0
+                 LIMIT $2::bigint * 4
+             )
+             SELECT id FROM runs
+             WHERE id IN (SELECT id FROM due) AND events_compacted_at IS NULL
+             LIMIT $2::bigint
+             FOR UPDATE SKIP LOCKED",
+        )
+        .await?;
+    let rows = tx.query(&stmt, &[&default_retention_ms, &limit]).await?;
+    Ok(rows.iter().map(|row| RunId(row.get(0))).collect())
+}
+
+/// Compacts the deltas of `runs` (locked by [`lock_due_for_compaction`] in this
+/// transaction) and marks them, in one statement.
+///
+/// Per run, lease epoch (a re-executed turn's deltas are not mixed with the lost
+/// attempt's), item and stream kind, the `content.delta` events are cut into chunks of
+/// about [`COMPACTED_DELTA_BYTES`] of text; each chunk of several becomes its first
+/// event, holding the chunk's texts concatenated in seq order and `compacted_deltas` /
+/// `compacted_through_seq`, and its other events are deleted. Deltas without an
+/// `item_id` and all other event types are left as they are.
+pub async fn compact(tx: &impl GenericClient, runs: &[RunId]) -> Result<Compacted> {
+    if runs.is_empty() {
+        return Ok(Compacted::default());
+    }
+    let stmt = tx
+        .prepare_cached(
+            "WITH deltas AS (
+                 SELECT e.run_id, e.seq, e.epoch, e.payload->>'item_id' AS item_id,
+                        e.payload->>'kind' AS kind, e.payload->>'delta' AS delta,
+                        octet_length(e.payload::text) AS bytes,
+                        (sum(octet_length(e.payload->>'delta')) OVER w
+                         - octet_length(e.payload->>'delta')) / $2::bigint AS chunk
+                 FROM events e
+                 WHERE e.run_id = ANY($1) AND e.type = 'content.delta'
+                   AND jsonb_typeof(e.payload->'item_id') = 'string'
+                 WINDOW w AS (PARTITION BY e.run_id, e.epoch, e.payload->>'item_id',
+                                           e.payload->>'kind'
+                              ORDER BY e.seq)
+             ),
+             chunks AS (
+                 SELECT run_id, epoch, item_id, kind, chunk, min(seq) AS first_seq,
+                        max(seq) AS last_seq, count(*) AS merged,
+                        string_agg(delta, '' ORDER BY seq) AS text, sum(bytes) AS bytes
+                 FROM deltas
+                 GROUP BY run_id, epoch, item_id, kind, chunk
+                 HAVING count(*) > 1
+             ),
+             kept AS (
+                 UPDATE events e
+                 SET payload = e.payload || jsonb_build_object(
+                         'delta', c.text, 'compacted_deltas', c.merged,
+                         'compacted_through_seq', c.last_seq)
+                 FROM chunks c
+                 WHERE e.run_id = c.run_id AND e.seq = c.first_seq
+                 RETURNING e.run_id, c.bytes - octet_length(e.payload::text) AS freed
+             ),
+             removed AS (
+                 DELETE FROM events e
+                 USING deltas d
+                 JOIN chunks c ON c.run_id = d.run_id AND c.epoch IS NOT DISTINCT FROM d.epoch
+                              AND c.item_id = d.item_id AND c.kind = d.kind
+                              AND c.chunk = d.chunk
+                 WHERE e.run_id = d.run_id AND e.seq = d.seq AND d.seq <> c.first_seq
+                 RETURNING e.run_id
+             ),
+             freed AS (
+                 SELECT run_id, sum(freed)::bigint AS bytes FROM kept GROUP BY run_id
+             ),
+             marked AS (
+                 UPDATE runs r
+                 SET events_compacted_at = now(),
+                     event_bytes = greatest(r.event_bytes - coalesce(f.bytes, 0), 0)
+                 FROM unnest($1::uuid[]) AS t(id) LEFT JOIN freed f ON f.run_id = t.id
+                 WHERE r.id = t.id
+                 RETURNING r.id
+             )
+             SELECT (SELECT count(*) FROM marked),
+                    (SELECT count(*) FROM removed),
+                    (SELECT coalesce(sum(bytes), 0)::bigint FROM freed)",
+        )
+        .await?;
+    let ids: Vec<Uuid> = runs.iter().map(|r| r.0).collect();
+    let row = tx.query_one(&stmt, &[&ids, &COMPACTED_DELTA_BYTES]).await?;
+    Ok(Compacted {
+        runs: row.get::<_, i64>(0) as u64,
+        deltas_removed: row.get::<_, i64>(1) as u64,
+        bytes_freed: row.get(2),
+    })
 }

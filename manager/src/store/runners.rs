@@ -113,11 +113,35 @@ pub async fn set_tenant_limit(
             client.execute(&stmt, &[&tenant_id, &max]).await?;
         }
         None => {
+            // The row may also hold the tenant's retention: only the limit goes.
             let stmt = client
-                .prepare_cached("DELETE FROM tenant_limits WHERE tenant_id = $1")
+                .prepare_cached(
+                    "UPDATE tenant_limits SET max_active_runs = NULL, updated_at = now()
+                     WHERE tenant_id = $1",
+                )
                 .await?;
             client.execute(&stmt, &[&tenant_id]).await?;
         }
     }
+    Ok(())
+}
+
+/// Sets how long a tenant's ended runs keep every `content.delta` (0: forever); `None`
+/// makes it follow the manager's default again. Leaves the tenant's limit alone.
+pub async fn set_tenant_retention(
+    client: &impl GenericClient,
+    tenant_id: &str,
+    event_retention_ms: Option<i64>,
+) -> Result<()> {
+    let stmt = client
+        .prepare_cached(
+            "INSERT INTO tenant_limits (tenant_id, event_retention_ms) VALUES ($1, $2)
+             ON CONFLICT (tenant_id) DO UPDATE
+                 SET event_retention_ms = $2, updated_at = now()",
+        )
+        .await?;
+    client
+        .execute(&stmt, &[&tenant_id, &event_retention_ms])
+        .await?;
     Ok(())
 }

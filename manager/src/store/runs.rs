@@ -57,6 +57,8 @@ pub struct RunRecord {
     pub scheduled_at: Option<SystemTime>,
     pub active_turn_id: Option<String>,
     pub stream_mode: StreamMode,
+    /// When retention compacted its deltas (its event seqs have gaps from then on).
+    pub events_compacted_at: Option<SystemTime>,
 }
 
 impl RunRecord {
@@ -106,6 +108,7 @@ impl RunRecord {
             scheduled_at: row.get("scheduled_at"),
             active_turn_id: row.get("active_turn_id"),
             stream_mode: parse_state("stream mode", row.get("stream_mode"), StreamMode::from_db)?,
+            events_compacted_at: row.get("events_compacted_at"),
         })
     }
 
@@ -556,6 +559,8 @@ pub struct TenantStats {
     pub active_runs: i64,
     /// The limit claims obey (the tenant's own, else the default); 0 means none.
     pub max_active_runs: i32,
+    /// How long its ended runs keep every delta (its own, else the default); 0: forever.
+    pub event_retention_ms: i64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -584,6 +589,7 @@ pub async fn any_claimable(client: &impl GenericClient) -> Result<bool> {
 pub async fn queue_stats(
     client: &impl GenericClient,
     default_max_active_runs: i32,
+    default_event_retention_ms: i64,
 ) -> Result<QueueStats> {
     let stmt = client
         .prepare_cached(
@@ -616,15 +622,25 @@ pub async fn queue_stats(
             "SELECT r.tenant_id,
                     count(*) FILTER (WHERE r.status = 'pending'),
                     count(*) FILTER (WHERE r.status = ANY($1)),
-                    coalesce(tl.max_active_runs, $2::int)
+                    coalesce(tl.max_active_runs, $2::int),
+                    coalesce(tl.event_retention_ms, $4::bigint)
              FROM runs r LEFT JOIN tenant_limits tl ON tl.tenant_id = r.tenant_id
              WHERE r.status = ANY($3)
-             GROUP BY r.tenant_id, tl.max_active_runs ORDER BY r.tenant_id",
+             GROUP BY r.tenant_id, tl.max_active_runs, tl.event_retention_ms
+             ORDER BY r.tenant_id",
         )
         .await?;
     let active: Vec<&str> = RunStatus::ACTIVE.iter().map(|s| s.as_str()).collect();
     for row in client
-        .query(&by_tenant, &[&active, &default_max_active_runs, &open])
+        .query(
+            &by_tenant,
+            &[
+                &active,
+                &default_max_active_runs,
+                &open,
+                &default_event_retention_ms,
+            ],
+        )
         .await?
     {
         stats.tenants.push(TenantStats {
@@ -632,6 +648,7 @@ pub async fn queue_stats(
             pending_runs: row.get(1),
             active_runs: row.get(2),
             max_active_runs: row.get(3),
+            event_retention_ms: row.get(4),
         });
     }
     Ok(stats)
