@@ -35,6 +35,7 @@ pub mod local_postgres;
 pub mod metrics;
 pub mod notify;
 pub mod observe;
+pub mod periodic;
 pub mod retention;
 pub mod startup;
 pub mod store;

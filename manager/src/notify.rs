@@ -453,13 +453,8 @@ pub async fn poll_work(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
+    let (notifier, pool) = (&notifier, &pool);
+    crate::periodic::every(interval, shutdown, move || async move {
         let claimable = async {
             let client = pool.get().await?;
             runs::any_claimable(&client).await
@@ -469,7 +464,8 @@ pub async fn poll_work(
             Ok(false) => {}
             Err(err) => tracing::debug!(error = %err, "work poll failed; retrying next tick"),
         }
-    }
+    })
+    .await
 }
 
 /// Listens for other replicas' wake-ups until `shutdown`, reconnecting as needed.

@@ -33,14 +33,9 @@ pub async fn run(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        match compact_due(&pool, default_retention_ms, &shutdown).await {
+    let (pool, metrics, stop) = (&pool, &metrics, &shutdown);
+    crate::periodic::every(interval, shutdown.clone(), move || async move {
+        match compact_due(pool, default_retention_ms, stop).await {
             Ok(done) if done.runs > 0 => {
                 metrics.compacted(done.runs, done.deltas_removed);
                 tracing::info!(
@@ -53,7 +48,8 @@ pub async fn run(
             Ok(_) => {}
             Err(err) => tracing::warn!(error = ?err, "event compaction failed; retrying next tick"),
         }
-    }
+    })
+    .await
 }
 
 /// Compacts every run due now, [`RUNS_PER_TRANSACTION`] at a time, until none is left

@@ -36,14 +36,9 @@ pub async fn run(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        match sweep_once(&pool).await {
+    let (pool, notifier, metrics) = (&pool, &notifier, &metrics);
+    crate::periodic::every(interval, shutdown, move || async move {
+        match sweep_once(pool).await {
             Ok(swept) => {
                 metrics.swept(swept.lease_expired, swept.requeued);
                 // Requeued runs are claimable again; every moved run has new events.
@@ -55,7 +50,8 @@ pub async fn run(
             }
             Err(err) => tracing::warn!(error = %err, "lease sweep failed; retrying next tick"),
         }
-    }
+    })
+    .await
 }
 
 /// What one pass did.

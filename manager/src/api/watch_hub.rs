@@ -473,33 +473,34 @@ async fn read(hub: Arc<WatchHub>, run_id: RunId, poke: Arc<Notify>) {
 /// the watched runs' last seqs and wakes the readers whose run moved, and one the
 /// watched sessions' marks (see the module doc). Nothing when nothing is watched.
 pub async fn poll(hub: Arc<WatchHub>, interval: Duration, shutdown: CancellationToken) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        poll_sessions(&hub).await;
-        let watched: Vec<RunId> = hub
-            .topics
-            .lock()
-            .expect("watch hub lock")
-            .keys()
-            .copied()
-            .collect();
-        if watched.is_empty() {
-            continue;
-        }
-        let seqs = async {
-            let client = hub.pool.get().await?;
-            runs::last_event_seqs(&client, &watched).await
-        };
-        let seqs: Result<_> = seqs.await;
-        match seqs {
-            Ok(seqs) => hub.wake_moved(&seqs),
-            Err(err) => tracing::debug!(error = %err, "watch poll failed; retrying next tick"),
-        }
+    let hub = &hub;
+    crate::periodic::every(interval, shutdown, move || async move {
+        poll_sessions(hub).await;
+        poll_runs(hub).await;
+    })
+    .await
+}
+
+/// The run half of [`poll`].
+async fn poll_runs(hub: &WatchHub) {
+    let watched: Vec<RunId> = hub
+        .topics
+        .lock()
+        .expect("watch hub lock")
+        .keys()
+        .copied()
+        .collect();
+    if watched.is_empty() {
+        return;
+    }
+    let seqs = async {
+        let client = hub.pool.get().await?;
+        runs::last_event_seqs(&client, &watched).await
+    };
+    let seqs: Result<_> = seqs.await;
+    match seqs {
+        Ok(seqs) => hub.wake_moved(&seqs),
+        Err(err) => tracing::debug!(error = %err, "watch poll failed; retrying next tick"),
     }
 }
 
