@@ -33,6 +33,10 @@ use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::store::leases::{self, Assignment, LeaseWrite, RunnerIdentity};
 
+/// Most runs one claim statement asks for (as many as `ClaimRuns` allows): a fleet's
+/// credit is claimed in rounds.
+const MAX_SLOTS: usize = 1_000;
+
 /// What a runner can serve: runners of one shape are served by one claim.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Shape {
@@ -168,12 +172,13 @@ impl Dispatcher {
         }
     }
 
-    /// Moves the waiting credit of every seat heard lately into claims, one per shape,
-    /// slots interleaved across the seats.
+    /// Moves the waiting credit of every seat heard lately into claims, one per shape:
+    /// slots taken round-robin across the shape's seats, at most [`MAX_SLOTS`] (what a
+    /// claim that fills them all leaves waiting goes in the next round).
     fn take_claims(&self) -> Vec<Claim> {
         let silence = self.silence();
         let mut places = self.lock();
-        let mut by_shape: HashMap<Shape, Vec<(u64, Arc<RunnerIdentity>, i64)>> = HashMap::new();
+        let mut by_shape: HashMap<Shape, Vec<u64>> = HashMap::new();
         for (&id, place) in places.by_id.iter_mut() {
             if place.waiting <= 0 {
                 continue;
@@ -182,35 +187,45 @@ impl Dispatcher {
                 place.passed_over = true;
                 continue;
             }
-            by_shape.entry(place.shape.clone()).or_default().push((
-                id,
-                place.runner.clone(),
-                place.waiting,
-            ));
-            place.claiming += place.waiting;
-            place.waiting = 0;
+            by_shape.entry(place.shape.clone()).or_default().push(id);
         }
-        by_shape
-            .into_values()
-            .map(|mut seats| {
-                seats.sort_by_key(|(id, ..)| *id);
-                let mut slots = Vec::new();
-                let deepest = seats.iter().map(|(.., n)| *n).max().unwrap_or(0);
-                for round in 0..deepest {
-                    slots.extend(
-                        seats
-                            .iter()
-                            .filter(|(.., n)| *n > round)
-                            .map(|(_, runner, _)| runner.id),
-                    );
+        let mut claims = Vec::with_capacity(by_shape.len());
+        for mut seats in by_shape.into_values() {
+            seats.sort_unstable();
+            let mut slots = Vec::new();
+            let mut taken: HashMap<u64, i64> = HashMap::new();
+            'rounds: for round in 0.. {
+                let mut any = false;
+                for id in &seats {
+                    let place = &places.by_id[id];
+                    if place.waiting > round {
+                        if slots.len() == MAX_SLOTS {
+                            break 'rounds;
+                        }
+                        slots.push(place.runner.id);
+                        *taken.entry(*id).or_default() += 1;
+                        any = true;
+                    }
                 }
-                Claim {
-                    seats: seats.iter().map(|(id, ..)| *id).collect(),
-                    runners: seats.into_iter().map(|(_, runner, _)| runner).collect(),
-                    slots,
+                if !any {
+                    break;
                 }
-            })
-            .collect()
+            }
+            let mut runners = Vec::with_capacity(seats.len());
+            for id in &seats {
+                let place = places.by_id.get_mut(id).expect("a seat just seen");
+                let n = taken.get(id).copied().unwrap_or(0);
+                place.waiting -= n;
+                place.claiming += n;
+                runners.push(place.runner.clone());
+            }
+            claims.push(Claim {
+                seats,
+                runners,
+                slots,
+            });
+        }
+        claims
     }
 
     /// Runs one shape's claim and hands the runs to their seats.

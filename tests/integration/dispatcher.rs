@@ -169,3 +169,35 @@ async fn a_stream_gone_with_credit_waiting_takes_no_run_with_it() {
     let (_, got) = next_assignment(&mut assigned).await;
     assert_eq!(got, run_id);
 }
+
+/// More credit than one claim statement asks for (1,000 slots): the rest is claimed in
+/// the next rounds, and still no stream gets more than its credit.
+#[tokio::test]
+async fn credit_past_one_statement_is_claimed_in_rounds() {
+    const STREAMS: usize = 3;
+    const CREDIT: i32 = 600;
+    const RUNS: usize = 1_500;
+    let mut app = quiet_app_on(&fresh_database().await).await;
+    let identities: Vec<_> = (0..STREAMS)
+        .map(|i| proto::RunnerIdentity {
+            max_concurrency: CREDIT,
+            ..runner(&format!("wide-{i}"))
+        })
+        .collect();
+    let mut assigned = forward_assignments(connect_all(&app, &identities).await, CREDIT);
+    for chunk in 0..RUNS / 500 {
+        let requests = (0..500)
+            .map(|i| run_request(&format!("run {chunk}-{i}")))
+            .collect();
+        create_all(&mut app.runs, requests).await;
+    }
+    let mut per_runner: HashMap<usize, usize> = HashMap::new();
+    for _ in 0..RUNS {
+        let (runner, _) = next_assignment(&mut assigned).await;
+        *per_runner.entry(runner).or_default() += 1;
+    }
+    assert!(
+        per_runner.values().all(|&n| n <= CREDIT as usize),
+        "no stream past its credit: {per_runner:?}"
+    );
+}
