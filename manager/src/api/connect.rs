@@ -9,11 +9,11 @@
 //! each applied to the store in order and acknowledged only after commit), runs the
 //! replica's [`Dispatcher`](crate::dispatcher) claimed for the runner's credit (they are
 //! pushed), wake-ups saying a held run has new commands (they are delivered), and the
-//! key re-check. Manager shutdown sends `drain` and ends the stream;
-//! the runner reconnects elsewhere with its leases. An operator's drain (the runner's
-//! `draining` flag, set through any replica) is read on the fallback tick: the session
-//! stops assigning and sends `drain` with `reconnect: false`; the runner finishes its
-//! runs over the still-open stream and exits.
+//! key re-check. Manager shutdown sends `drain` and ends the stream; the runner
+//! reconnects elsewhere with its leases. An operator's drain (the runner's `draining`
+//! flag, set through any replica) is read by its heartbeats: the session withdraws its
+//! credit and sends `drain` with `reconnect: false`; the runner finishes its runs over
+//! the still-open stream and exits.
 //!
 //! A refused write of a held run (anything but `lease_lost`) fails that run and releases
 //! its lease, so the runner's slot and the manager's view of it stay in step.
@@ -671,9 +671,9 @@ fn refusal_kind(err: &Error) -> Option<&'static str> {
     }
 }
 
-/// A claim, a command delivery or a key re-check that failed for a transient reason is
-/// not worth ending the stream over: nothing was taken, and the next wake-up, safety-net
-/// poll, re-check or heartbeat tries again.
+/// A delivery of claimed runs, a command delivery or a key re-check that failed for a
+/// transient reason is not worth ending the stream over: claimed runs were given back,
+/// and the next wake-up, safety-net poll, re-check or heartbeat tries again.
 fn retried_later(err: Error) -> Result<(), Error> {
     match err {
         Error::Unavailable(why) => {
