@@ -42,12 +42,13 @@ use std::time::Duration;
 use agentrun_shared::ids::{RunId, SessionId};
 use agentrun_shared::proto;
 use deadpool_postgres::Pool;
+use prost::Message;
 use tokio::sync::{Notify, broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::convert;
-use super::watch::{Outbox, TrySend};
+use super::watch::{BUFFER_BYTES, Outbox, TrySend};
 use crate::error::Result;
 use crate::notify::Notifier;
 use crate::store::{Tenant, events, runs, sessions};
@@ -55,8 +56,9 @@ use crate::store::{Tenant, events, runs, sessions};
 /// Events the reader reads per page (pages are bounded by bytes too, in the store).
 const PAGE: i64 = 500;
 /// Ephemeral events a topic holds while its reader catches up with the stored events
-/// they follow; more are dropped.
+/// they follow, by count and by encoded bytes (one watcher's buffer); more are dropped.
 const LIVE_WAITING: usize = 1024;
+const LIVE_WAITING_BYTES: usize = BUFFER_BYTES;
 
 /// Why a watcher is no longer attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +115,8 @@ struct Topic {
     poke: Arc<Notify>,
     /// Ephemeral events following a stored event past `tail`, in order.
     live_waiting: VecDeque<proto::Event>,
+    /// Their encoded bytes.
+    live_waiting_bytes: usize,
 }
 
 struct Subscriber {
@@ -257,6 +261,7 @@ impl WatchHub {
                     subscribers: vec![subscriber()],
                     poke: poke.clone(),
                     live_waiting: VecDeque::new(),
+                    live_waiting_bytes: 0,
                 });
                 // Tracked: shutdown waits for readers too.
                 self.tasks.spawn(read(self.clone(), run_id, poke));
@@ -309,6 +314,7 @@ impl WatchHub {
                 .is_some_and(|l| l.seq <= event.seq)
             {
                 let live = topic.live_waiting.pop_front().expect("checked");
+                topic.live_waiting_bytes -= live.encoded_len();
                 if live.seq == event.seq {
                     converted.push(live);
                 }
@@ -368,8 +374,13 @@ impl WatchHub {
                 continue; // nobody watches it here
             };
             if event.seq > topic.tail {
-                if topic.live_waiting.len() < LIVE_WAITING {
-                    topic.live_waiting.push_back(convert::event(event));
+                let live = convert::event(event);
+                let bytes = live.encoded_len();
+                if topic.live_waiting.len() < LIVE_WAITING
+                    && topic.live_waiting_bytes + bytes <= LIVE_WAITING_BYTES
+                {
+                    topic.live_waiting_bytes += bytes;
+                    topic.live_waiting.push_back(live);
                 }
                 continue;
             }
@@ -534,7 +545,7 @@ mod tests {
     use futures_util::StreamExt;
     use uuid::Uuid;
 
-    use super::super::watch::{BUFFER_BYTES, WatchStream};
+    use super::super::watch::WatchStream;
     use super::*;
     use crate::store::events::{EventRecord, Producer};
 
@@ -578,6 +589,7 @@ mod tests {
             subscribers: Vec::new(),
             poke: Arc::new(Notify::new()),
             live_waiting: VecDeque::new(),
+            live_waiting_bytes: 0,
         });
         topic.subscribers.push(Subscriber {
             id,
@@ -707,6 +719,31 @@ mod tests {
         let topics = hub.topics.lock().unwrap();
         assert_eq!(topics[&run].subscribers.len(), 1, "still attached");
         assert_eq!(topics[&run].subscribers[0].cursor, 0);
+    }
+
+    #[tokio::test]
+    async fn ephemeral_events_waiting_for_the_reader_are_bounded_by_bytes() {
+        let hub = hub();
+        let run = RunId::new();
+        let (_a, _stream) = subscribe(&hub, run, 0);
+        // Past the tail, so they wait for the reader: a few large ones fill the budget.
+        let big = "x".repeat(BUFFER_BYTES / 2);
+        for _ in 0..8 {
+            hub.offer_live(&[live(run, 1, &big)]);
+        }
+        let waiting: usize = hub.topics.lock().unwrap()[&run]
+            .live_waiting
+            .iter()
+            .map(Message::encoded_len)
+            .sum();
+        assert!(
+            waiting <= BUFFER_BYTES,
+            "{waiting} bytes wait, more than one watcher's buffer"
+        );
+        // Small ones still fit after the reader drained the big ones.
+        hub.fan_out(run, &[record(run, 1, "item.started", 1)]);
+        hub.offer_live(&[live(run, 2, "small")]);
+        assert_eq!(hub.topics.lock().unwrap()[&run].live_waiting.len(), 1);
     }
 
     #[tokio::test]
