@@ -29,6 +29,7 @@ mod surface;
 mod sweeper;
 mod tls;
 mod turn_rules;
+mod ui;
 mod validation;
 mod watch;
 mod watch_hub;
