@@ -15,7 +15,7 @@ RUN apt-get update \
 COPY --from=build /src/target/release/agentrun-manager /src/target/release/agentrun-runner /src/target/release/agentrun /usr/local/bin/
 # Numeric, so Kubernetes can check runAsNonRoot without resolving the name.
 USER 10001:10001
-# gRPC API, Prometheus metrics.
-EXPOSE 7400 9400
+# gRPC API, Prometheus metrics, the web UI (when AGENTRUN_UI_LISTEN is set).
+EXPOSE 7400 9400 7401
 ENTRYPOINT ["agentrun-manager"]
 CMD ["serve"]
