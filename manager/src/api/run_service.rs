@@ -480,4 +480,11 @@ impl RunService for RunApi {
             command: Some(convert::command(&command)),
         }))
     }
+
+    async fn list_requests(
+        &self,
+        _request: Request<proto::ListRequestsRequest>,
+    ) -> Result<Response<proto::ListRequestsResponse>, Status> {
+        Err(Status::unimplemented("not yet"))
+    }
 }
