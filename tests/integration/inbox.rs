@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use agentrun_shared::proto::{self, RunStatus};
+use agentrun_tests::cli::agentrun;
 use agentrun_tests::*;
 use prost_types::Timestamp;
 use serde_json::{Value, json};
@@ -621,4 +622,60 @@ async fn list_runs_filters_by_profile_labels_and_creation_time_across_pages() {
     let expected = newest_first(&|i| i >= 1 && specs[i].0 == "scripted" && has_all(i, &["eu"]));
     assert_eq!(combined, expected);
     assert_eq!(combined.iter().collect::<HashSet<_>>().len(), 3);
+}
+
+#[tokio::test]
+async fn the_cli_lists_open_requests_of_every_run_or_of_one() {
+    let mut app = TestApp::spawn().await;
+    let mut played = Played::start(&mut app, 2).await;
+    let a1 = played.open(&mut app, 0).await;
+    let b1 = played.open(&mut app, 1).await;
+    let (a, b) = (played.run_id(0), played.run_id(1));
+
+    let listed = agentrun(&app, &["requests"]).await;
+    assert_eq!(listed.code(), Some(0), "stderr:\n{}", listed.stderr);
+    let lines: Vec<&str> = listed.stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        3,
+        "a header and two requests:\n{}",
+        listed.stdout
+    );
+    for column in ["ID", "RUN", "KIND", "CREATED", "DEADLINE", "DETAIL"] {
+        assert!(lines[0].contains(column), "{}", lines[0]);
+    }
+    // Newest first, each with its run, kind and detail on one line.
+    for (line, (request, run)) in lines[1..].iter().zip([(&b1, &b), (&a1, &a)]) {
+        assert!(line.starts_with(request.as_str()), "{line}");
+        assert!(line.contains(run.as_str()), "{line}");
+        assert!(line.contains("command"), "{line}");
+        assert!(line.ends_with(&format!("deploy {request}")), "{line}");
+    }
+
+    let of_a = agentrun(&app, &["requests", &a]).await;
+    assert_eq!(of_a.code(), Some(0), "stderr:\n{}", of_a.stderr);
+    assert_eq!(of_a.stdout.lines().count(), 2, "{}", of_a.stdout);
+    assert!(of_a.stdout.lines().nth(1).unwrap().starts_with(&a1));
+
+    let limited = agentrun(&app, &["requests", "--limit", "1"]).await;
+    assert_eq!(limited.code(), Some(0), "stderr:\n{}", limited.stderr);
+    assert_eq!(limited.stdout.lines().count(), 2, "{}", limited.stdout);
+    assert!(
+        limited.stderr.contains("more requests exist"),
+        "{}",
+        limited.stderr
+    );
+
+    let none = agentrun(&app, &["requests", "--status", "resolved"]).await;
+    assert_eq!(none.code(), Some(0), "stderr:\n{}", none.stderr);
+    assert_eq!(
+        none.stdout.lines().count(),
+        1,
+        "only the header: {}",
+        none.stdout
+    );
+
+    let bad = agentrun(&app, &["requests", "not-a-run"]).await;
+    assert_ne!(bad.code(), Some(0));
+    assert!(bad.stderr.contains("run_id"), "{}", bad.stderr);
 }
