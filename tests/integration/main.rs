@@ -11,6 +11,7 @@ mod double_texting;
 mod e2e;
 mod faults;
 mod hellos;
+mod inbox;
 mod leases;
 mod operability;
 mod pg_tls;
