@@ -322,6 +322,23 @@ fn dev_args(addr: SocketAddr, runners: &str) -> Vec<String> {
         .collect()
 }
 
+/// `dev`'s banner, once it is printed whole (the manager may serve before it is).
+async fn banner_of(dev: &CliProcess) -> String {
+    let deadline = Instant::now() + DEV_TIMEOUT;
+    loop {
+        let banner = dev.stdout();
+        if banner.contains("stop: Ctrl-C") {
+            return banner;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no banner within {DEV_TIMEOUT:?}\nstdout:\n{banner}\nstderr:\n{}",
+            dev.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `agentrun dev` serves; on SIGTERM it stops gracefully and exits 0 (a requested
 /// stop is a success; only a second signal exits 130), and its cluster is gone.
 #[tokio::test]
@@ -331,7 +348,7 @@ async fn dev_serves_and_cleans_up_on_sigterm() {
     wait_until_serving(addr, &dev).await;
     let clusters = pg_dirs_of(dev.pid());
     assert_eq!(clusters.len(), 1, "one throwaway cluster: {clusters:?}");
-    let banner = dev.stdout();
+    let banner = banner_of(&dev).await;
     assert!(banner.contains(&format!("http://{addr}")), "{banner}");
     assert!(banner.contains("auth      off"), "{banner}");
     // The banner names the web UI, and it answers there.
@@ -500,23 +517,14 @@ async fn dev_with_auth_prints_a_key_that_works_and_refuses_calls_without_one() {
     let mut command = agentrun_command(addr, &as_strs(&args));
     command.env_remove("DATABASE_URL").env("RUST_LOG", "info");
     let mut dev = CliProcess::spawn(command);
-    let deadline = Instant::now() + DEV_TIMEOUT;
-    let key = loop {
-        let banner = dev.stdout();
-        if let Some(key) = banner
-            .lines()
-            .find_map(|line| line.trim().strip_prefix("api key"))
-        {
-            break key.trim().to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no api key in dev's banner within {DEV_TIMEOUT:?}\nstdout:\n{banner}\nstderr:\n{}",
-            dev.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(dev.stdout().contains("admin key "), "{}", dev.stdout());
+    let banner = banner_of(&dev).await;
+    let key = banner
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("api key"))
+        .unwrap_or_else(|| panic!("no api key in dev's banner:\n{banner}"))
+        .trim()
+        .to_owned();
+    assert!(banner.contains("admin key "), "{banner}");
 
     let refused = CliProcess::start(addr, &["list"]).wait(DEV_TIMEOUT).await;
     assert_ne!(refused.code(), Some(0), "{}", refused.stdout);
