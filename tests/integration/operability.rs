@@ -214,3 +214,32 @@ async fn metrics_are_served_and_move() {
     })
     .await;
 }
+
+/// `agentrun-manager health` (the image's HEALTHCHECK) exits 0 against a serving
+/// manager and 1, saying why, against an address nobody serves.
+#[tokio::test]
+async fn the_health_command_tells_a_serving_manager_from_a_missing_one() {
+    let app = TestApp::spawn().await;
+    // Blocking, off the runtime: the manager under test runs on it.
+    let probe = |url: String| {
+        tokio::task::spawn_blocking(move || {
+            let output = std::process::Command::new(binary("agentrun-manager"))
+                .args(["health", "--url", &url, "--timeout-ms", "10000"])
+                .env_remove("DATABASE_URL")
+                .output()
+                .expect("agentrun-manager runs");
+            let said = String::from_utf8_lossy(&output.stdout).into_owned();
+            (output.status.code(), said)
+        })
+    };
+    let (code, said) = probe(format!("http://{}", app.addr)).await.unwrap();
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.trim_end().ends_with(": SERVING"), "{said}");
+
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone = nobody.local_addr().unwrap();
+    drop(nobody);
+    let (code, said) = probe(format!("http://{gone}")).await.unwrap();
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("not reachable"), "{said}");
+}
