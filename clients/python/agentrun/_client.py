@@ -57,6 +57,15 @@ class Client:
         #: The raw RunService stub, for calls the SDK does not wrap (pass `metadata=`).
         self.runs = run_grpc.RunServiceStub(self._channel)
 
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> "Client":
+        """A client configured like the `agentrun` CLI: AGENTRUN_MANAGER_URL (default
+        http://127.0.0.1:7400), AGENTRUN_API_KEY, AGENTRUN_TENANT, AGENTRUN_TLS_CA.
+        Keyword arguments override them."""
+        settings = _common.settings_from_env()
+        settings.update(kwargs)
+        return cls(**settings)
+
     @property
     def channel(self) -> grpc.Channel:
         """The gRPC channel, e.g. for `agentrun.v1.session_service_pb2_grpc` stubs."""

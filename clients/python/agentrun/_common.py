@@ -109,6 +109,18 @@ def parse_target(url: str, tls: TlsOption = None) -> Target:
     return Target(address=address, root_certificates=roots, secure=secure)
 
 
+def settings_from_env(environ: Mapping[str, str] = os.environ) -> Dict[str, Any]:
+    """The constructor arguments the `agentrun` CLI reads from the same variables:
+    AGENTRUN_MANAGER_URL (default http://127.0.0.1:7400), AGENTRUN_API_KEY,
+    AGENTRUN_TENANT and AGENTRUN_TLS_CA (a CA PEM file)."""
+    return {
+        "url": environ.get("AGENTRUN_MANAGER_URL") or "http://127.0.0.1:7400",
+        "api_key": environ.get("AGENTRUN_API_KEY") or None,
+        "tenant": environ.get("AGENTRUN_TENANT") or None,
+        "tls": environ.get("AGENTRUN_TLS_CA") or None,
+    }
+
+
 def channel_options(extra: Optional[Sequence[Tuple[str, Any]]]) -> List[Tuple[str, Any]]:
     """The SDK's channel options, overridden by the caller's."""
     merged = dict(_CHANNEL_OPTIONS)
