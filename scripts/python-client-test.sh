@@ -6,6 +6,8 @@
 #   3. a PostgreSQL cluster of our own (a temp dir, a free port) and `agentrun dev` on
 #      it, supervised: whenever dev exits before the end it is started again on the same
 #      DATABASE_URL and port, which is how the tests lose and regain the manager;
+#      A second `agentrun dev --auth` (throwaway cluster, no runners) serves the
+#      API-key tests;
 #   4. clients/python/example.py (the README's example), the pytest suite
 #      (clients/python/tests) and `grpcurl list` (grpcurl 1.8, reflection v1alpha);
 #   5. everything we started is stopped by pid, the cluster removed.
@@ -84,11 +86,32 @@ pidfile="$work/dev.pid"
 stopfile="$work/stop"
 supervisor_pid=""
 pg_started=""
+auth_pid=""
+auth_log="$work/dev-auth.log"
 
 show_log() {
   echo "---- agentrun dev log (last 80 lines) ----" >&2
   tail -n 80 "$log" >&2 2>/dev/null || true
   echo "------------------------------------------" >&2
+  echo "---- agentrun dev --auth log (last 30 lines) ----" >&2
+  tail -n 30 "$auth_log" >&2 2>/dev/null || true
+  echo "------------------------------------------" >&2
+}
+
+# Stops one process we started, by pid: SIGTERM, SIGKILL after the deadline.
+stop_pid() {
+  local pid="$1" waited=0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  while kill -0 "$pid" 2>/dev/null; do
+    if [ "$waited" -ge $((STOP_TIMEOUT_S * 10)) ]; then
+      echo "python-client-test: pid $pid did not stop within ${STOP_TIMEOUT_S}s; killing it" >&2
+      kill -KILL "$pid" 2>/dev/null || true
+      break
+    fi
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+  wait "$pid" 2>/dev/null || true
 }
 
 # Stops dev for good: tells the supervisor not to restart it, SIGTERMs the current dev
@@ -116,6 +139,7 @@ stop_dev() {
 }
 cleanup() {
   local status=$?
+  if [ -n "$auth_pid" ]; then stop_pid "$auth_pid"; fi
   stop_dev
   if [ -n "$pg_started" ]; then
     as_pg "$pg_bin/pg_ctl" -D "$pgdata" -m fast -w -t 30 -s stop >/dev/null 2>&1 || true
@@ -174,6 +198,34 @@ while True:
     time.sleep(0.2)
 PY
 
+# A second dev with API keys required (its own throwaway cluster, no runners) for the
+# authentication tests; its banner prints a client key and an admin key.
+auth_port="$(free_port)"
+say "starting agentrun dev --auth on 127.0.0.1:$auth_port (no runners; log: $auth_log)"
+env -u DATABASE_URL RUST_LOG="${RUST_LOG:-info}" \
+  "$agentrun" dev --listen "127.0.0.1:$auth_port" --no-ui --runners 0 --auth >"$auth_log" 2>&1 &
+auth_pid=$!
+"$python" - "$auth_log" "$auth_pid" "$START_TIMEOUT_S" <<'PY' || die "agentrun dev --auth did not print its keys"
+import os, sys, time
+log, pid, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+deadline = time.monotonic() + timeout
+while True:
+    with open(log) as f:
+        text = f.read()
+    if "  api key   " in text and "  admin key " in text and "stop: Ctrl-C" in text:
+        sys.exit(0)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        sys.exit("agentrun dev --auth exited")
+    if time.monotonic() > deadline:
+        sys.exit(f"no keys in the banner after {timeout:.0f}s")
+    time.sleep(0.2)
+PY
+auth_api_key="$(sed -n 's/^  api key   //p' "$auth_log" | head -n 1)"
+auth_admin_key="$(sed -n 's/^  admin key //p' "$auth_log" | head -n 1)"
+[ -n "$auth_api_key" ] && [ -n "$auth_admin_key" ] || die "cannot read the keys from the dev --auth banner"
+
 # ---- 4. the example, the tests, grpcurl ---------------------------------------------------
 # From a directory outside the source tree, so `agentrun` is the installed package.
 say "running clients/python/example.py (the README's example) against $addr"
@@ -183,6 +235,8 @@ say "ok: example.py completed the run and answered its approval"
 
 say "running the pytest suite (clients/python/tests)"
 (cd "$work" && AGENTRUN_MANAGER_URL="http://$addr" AGENTRUN_TEST_DEV_PIDFILE="$pidfile" \
+  AGENTRUN_TEST_AUTH_URL="http://127.0.0.1:$auth_port" AGENTRUN_TEST_API_KEY="$auth_api_key" \
+  AGENTRUN_TEST_ADMIN_KEY="$auth_admin_key" \
   "$venv/bin/pytest" -p no:cacheprovider -q -rfEs --rootdir "$pkg" -c "$pkg/pyproject.toml" "$pkg/tests" "$@") \
   || die "pytest failed"
 say "ok: the pytest suite passed"
