@@ -2,7 +2,8 @@
 # The Python SDK (clients/python) against a live stack:
 #   1. a fresh virtualenv under target/ gets `pip install ./clients/python` and the pinned
 #      test requirements (clients/python/requirements.txt);
-#   2. the committed stubs must equal what generate.sh produces now (freshness check);
+#   2. the committed stubs must equal what generate.sh produces now (freshness check),
+#      and the package passes `mypy --strict`;
 #   3. a PostgreSQL cluster of our own (a temp dir, a free port) and `agentrun dev` on
 #      it, supervised: whenever dev exits before the end it is started again on the same
 #      DATABASE_URL and port, which is how the tests lose and regain the manager;
@@ -60,6 +61,10 @@ if ! diff -r -x __pycache__ "$fresh/agentrun/v1" "$pkg/agentrun/v1" >/dev/null; 
 fi
 rm -rf "$fresh"
 say "ok: the stubs match proto/"
+
+say "type-checking the package (mypy --strict)"
+"$venv/bin/mypy" --config-file "$pkg/pyproject.toml" --cache-dir "$venv/mypy-cache" \
+  "$pkg/agentrun" "$pkg/example.py" || die "mypy found type errors in clients/python"
 
 # ---- 3. PostgreSQL and a supervised `agentrun dev` ---------------------------------------
 say "building the binaries (cargo build --bins)"

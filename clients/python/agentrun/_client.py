@@ -55,7 +55,7 @@ class Client:
         self.timeout = timeout
         self.metadata = _common.call_metadata(api_key, tenant)
         #: The raw RunService stub, for calls the SDK does not wrap (pass `metadata=`).
-        self.runs = run_grpc.RunServiceStub(self._channel)
+        self.runs: Any = run_grpc.RunServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> "Client":
@@ -100,10 +100,14 @@ class Client:
         ("deltas", "coalesced", "final"). Any other name is a TypeError.
         """
         request = _common.create_run_request(backend_profile, input, options)
-        return self._call(self.runs.CreateRun, request).run
+        response: run_pb.CreateRunResponse = self._call(self.runs.CreateRun, request)
+        return response.run
 
     def get_run(self, run_id: str) -> types_pb2.Run:
-        return self._call(self.runs.GetRun, run_pb.GetRunRequest(run_id=run_id)).run
+        response: run_pb.GetRunResponse = self._call(
+            self.runs.GetRun, run_pb.GetRunRequest(run_id=run_id)
+        )
+        return response.run
 
     def list_runs(self, **filters: Any) -> Iterator[types_pb2.Run]:
         """Every run matching the filters, newest first, fetching pages as you iterate.
@@ -118,7 +122,8 @@ class Client:
     def cancel(self, run_id: str, reason: str = "") -> types_pb2.Run:
         """Cancels a run (idempotent while it is being cancelled); returns it."""
         request = run_pb.CancelRunRequest(run_id=run_id, reason=reason)
-        return self._call(self.runs.CancelRun, request).run
+        response: run_pb.CancelRunResponse = self._call(self.runs.CancelRun, request)
+        return response.run
 
     def send(
         self,
@@ -137,7 +142,8 @@ class Client:
         request = _common.send_command_request(
             run_id, kind, text, payload, delivery_policy, idempotency_key, expected_turn_id
         )
-        return self._call(self.runs.SendCommand, request).command
+        response: run_pb.SendCommandResponse = self._call(self.runs.SendCommand, request)
+        return response.command
 
     # ---- requests (approvals, user input) ---------------------------------------------
 
@@ -155,7 +161,8 @@ class Client:
         "cancel"; `answers` for user input; `value` / `error` for an external tool's
         result. The first answer wins: check ``.resolved_now`` and ``.resolution_json``."""
         request = _common.resolve_request(run_id, request_id, decision, answers, value, error)
-        return self._call(self.runs.ResolveRequest, request)
+        response: run_pb.ResolveRequestResponse = self._call(self.runs.ResolveRequest, request)
+        return response
 
     def list_requests(
         self,

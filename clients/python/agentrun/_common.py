@@ -266,10 +266,11 @@ def list_runs_request(filters: Mapping[str, Any]) -> run_pb.ListRunsRequest:
         if value is None:
             continue
         if name == "statuses":
-            request.statuses.extend(
+            statuses: List[Any] = [
                 enum_value(types_pb2.RunStatus, "RUN_STATUS_", s, "statuses")
                 for s in ([value] if isinstance(value, (str, int)) else value)
-            )
+            ]
+            request.statuses.extend(statuses)
         elif name == "labels":
             request.labels.extend(_strings(value, name))
         elif name in ("created_after", "created_before"):
@@ -422,10 +423,11 @@ def is_transient(err: grpc.RpcError) -> bool:
     """Whether a broken watch should be resumed: the manager went away (UNAVAILABLE), or
     the connection was reset under the stream (how gRPC reports a proxy or replica that
     vanished mid-stream)."""
-    code = err.code()  # type: ignore[attr-defined]
+    call: Any = err
+    code = call.code()
     if code == grpc.StatusCode.UNAVAILABLE:
         return True
-    details = (err.details() or "").lower()  # type: ignore[attr-defined]
+    details = (call.details() or "").lower()
     if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
         return any(
             marker in details

@@ -3,7 +3,7 @@ server's message and the machine-readable reason from the `agentrun-error` metad
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Type
+from typing import Any, Dict, Optional, Type
 
 import grpc
 
@@ -91,7 +91,8 @@ def error_for(
 
 
 def _reason_in(metadata: object) -> Optional[str]:
-    for item in metadata or ():  # type: ignore[attr-defined]
+    items: Any = metadata or ()
+    for item in items:
         key, value = item
         if key == REASON_METADATA_KEY:
             return value.decode() if isinstance(value, bytes) else str(value)
@@ -100,8 +101,10 @@ def _reason_in(metadata: object) -> Optional[str]:
 
 def from_rpc_error(err: grpc.RpcError) -> AgentrunError:
     """Converts a failed call of either grpc flavour (sync or grpc.aio)."""
-    code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
-    details = err.details() if callable(getattr(err, "details", None)) else str(err)  # type: ignore[attr-defined]
+    # Both flavours' call errors have code()/details(); a bare RpcError may not.
+    call: Any = err
+    code = call.code() if callable(getattr(call, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = call.details() if callable(getattr(call, "details", None)) else str(err)
     reason = None
     # tonic sends an error's metadata in the trailers; look in the headers too.
     for getter in ("trailing_metadata", "initial_metadata"):

@@ -53,7 +53,7 @@ class Client:
         self.timeout = timeout
         self.metadata = _common.call_metadata(api_key, tenant)
         #: The raw RunService stub, for calls the SDK does not wrap (pass `metadata=`).
-        self.runs = run_grpc.RunServiceStub(self._channel)
+        self.runs: Any = run_grpc.RunServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> "Client":
@@ -89,10 +89,14 @@ class Client:
         self, backend_profile: str, input: Mapping[str, Any], **options: Any
     ) -> types_pb2.Run:
         request = _common.create_run_request(backend_profile, input, options)
-        return (await self._call(self.runs.CreateRun, request)).run
+        response: run_pb.CreateRunResponse = await self._call(self.runs.CreateRun, request)
+        return response.run
 
     async def get_run(self, run_id: str) -> types_pb2.Run:
-        return (await self._call(self.runs.GetRun, run_pb.GetRunRequest(run_id=run_id))).run
+        response: run_pb.GetRunResponse = await self._call(
+            self.runs.GetRun, run_pb.GetRunRequest(run_id=run_id)
+        )
+        return response.run
 
     def list_runs(self, **filters: Any) -> AsyncIterator[types_pb2.Run]:
         request = _common.list_runs_request(filters)
@@ -100,7 +104,8 @@ class Client:
 
     async def cancel(self, run_id: str, reason: str = "") -> types_pb2.Run:
         request = run_pb.CancelRunRequest(run_id=run_id, reason=reason)
-        return (await self._call(self.runs.CancelRun, request)).run
+        response: run_pb.CancelRunResponse = await self._call(self.runs.CancelRun, request)
+        return response.run
 
     async def send(
         self,
@@ -116,7 +121,8 @@ class Client:
         request = _common.send_command_request(
             run_id, kind, text, payload, delivery_policy, idempotency_key, expected_turn_id
         )
-        return (await self._call(self.runs.SendCommand, request)).command
+        response: run_pb.SendCommandResponse = await self._call(self.runs.SendCommand, request)
+        return response.command
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -131,7 +137,8 @@ class Client:
         error: Optional[str] = None,
     ) -> run_pb.ResolveRequestResponse:
         request = _common.resolve_request(run_id, request_id, decision, answers, value, error)
-        return await self._call(self.runs.ResolveRequest, request)
+        response: run_pb.ResolveRequestResponse = await self._call(self.runs.ResolveRequest, request)
+        return response
 
     def list_requests(
         self,
