@@ -62,6 +62,14 @@ fi
 rm -rf "$fresh"
 say "ok: the stubs match proto/"
 
+# The README's example is example.py, word for word.
+"$python" - "$pkg/README.md" "$pkg/example.py" <<'PY' || die "the first python block of clients/python/README.md differs from example.py"
+import sys
+readme, example = (open(path).read() for path in sys.argv[1:3])
+block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+sys.exit(0 if block == example else 1)
+PY
+
 say "type-checking the package (mypy --strict)"
 "$venv/bin/mypy" --config-file "$pkg/pyproject.toml" --cache-dir "$venv/mypy-cache" \
   "$pkg/agentrun" "$pkg/example.py" || die "mypy found type errors in clients/python"
