@@ -90,7 +90,8 @@ as_pg() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
-work="$(mktemp -d -t agentrun-py-test.XXXXXX)"
+# Under /tmp, not $TMPDIR: as root the `postgres` user must be able to reach it.
+work="$(mktemp -d /tmp/agentrun-py-test.XXXXXX)"
 chmod 755 "$work"
 pgdata="$work/pgdata"
 pgport="$(free_port)"

@@ -15,6 +15,10 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 proto="$(cd "$here/../../proto" && pwd)"
 python="${PYTHON:-python3}"
+# protoc runs from proto/: a relative interpreter path must not depend on that.
+if [[ "$python" == */* ]]; then
+  python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"
+fi
 out="${OUT:-$here}"
 dest="$out/agentrun/v1"
 
