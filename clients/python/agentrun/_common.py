@@ -384,7 +384,10 @@ class Event:
             if event.HasField("created_at")
             else None
         )
-        producer = types_pb2.Producer.Name(event.producer)[len("PRODUCER_"):].lower()
+        try:
+            producer = types_pb2.Producer.Name(event.producer)[len("PRODUCER_"):].lower()
+        except ValueError:  # a producer added to the proto after these stubs
+            producer = str(event.producer)
         return cls(
             run_id=event.run_id,
             seq=event.seq,
