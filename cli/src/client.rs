@@ -285,4 +285,74 @@ impl Manager {
         let request = self.request(proto::ListRunnersRequest {});
         Ok(self.admin.list_runners(request).await?.into_inner().runners)
     }
+    /// DrainRunner: whether a connected runner has that id.
+    pub async fn drain_runner(&mut self, runner_id: &str) -> Result<bool, Status> {
+        let request = self.request(proto::DrainRunnerRequest {
+            runner_id: runner_id.to_owned(),
+        });
+        Ok(self.admin.drain_runner(request).await?.into_inner().found)
+    }
+
+    /// SetTenantLimit.
+    pub async fn set_tenant_limit(
+        &mut self,
+        tenant_id: &str,
+        max_active_runs: i32,
+    ) -> Result<(), Status> {
+        let request = self.request(proto::SetTenantLimitRequest {
+            tenant_id: tenant_id.to_owned(),
+            max_active_runs,
+        });
+        self.admin.set_tenant_limit(request).await?;
+        Ok(())
+    }
+
+    /// SetTenantRetention (`None`: back to the manager's default).
+    pub async fn set_tenant_retention(
+        &mut self,
+        tenant_id: &str,
+        event_retention_ms: Option<i64>,
+    ) -> Result<(), Status> {
+        let request = self.request(proto::SetTenantRetentionRequest {
+            tenant_id: tenant_id.to_owned(),
+            event_retention_ms,
+        });
+        self.admin.set_tenant_retention(request).await?;
+        Ok(())
+    }
+
+    /// CreateApiKey.
+    pub async fn create_api_key(
+        &mut self,
+        message: proto::CreateApiKeyRequest,
+    ) -> Result<proto::CreateApiKeyResponse, Status> {
+        let request = self.request(message);
+        Ok(self.admin.create_api_key(request).await?.into_inner())
+    }
+
+    /// ListApiKeys (of one tenant, or all with an empty `tenant_id`).
+    pub async fn list_api_keys(&mut self, tenant_id: &str) -> Result<Vec<proto::ApiKey>, Status> {
+        let request = self.request(proto::ListApiKeysRequest {
+            tenant_id: tenant_id.to_owned(),
+        });
+        Ok(self
+            .admin
+            .list_api_keys(request)
+            .await?
+            .into_inner()
+            .api_keys)
+    }
+
+    /// RevokeApiKey; returns the key as it is afterwards.
+    pub async fn revoke_api_key(&mut self, key_id: &str) -> Result<proto::ApiKey, Status> {
+        let request = self.request(proto::RevokeApiKeyRequest {
+            key_id: key_id.to_owned(),
+        });
+        self.admin
+            .revoke_api_key(request)
+            .await?
+            .into_inner()
+            .api_key
+            .ok_or_else(|| Status::internal("the manager answered RevokeApiKey without a key"))
+    }
 }

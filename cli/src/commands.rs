@@ -4,15 +4,17 @@
 //! stderr, so `agentrun run "…" --follow > reply.txt` captures just the reply.
 
 use std::io::Write;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use agentrun_shared::proto::{self, CommandKind, RunStatus, StreamMode, TurnDeliveryPolicy};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::Manager;
+use crate::duration;
 use crate::error::{CliError, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK};
 use crate::follow::{self, Followed, PAGE_SIZE};
+use crate::output::{self, OutputFormat};
 use crate::render::{self, Format, Printer};
 
 /// Arguments of `agentrun run`.
@@ -36,11 +38,19 @@ pub struct RunArgs {
     /// How the run's streamed output is stored [default: deltas].
     #[arg(long, value_enum)]
     pub stream_mode: Option<StreamModeArg>,
+    /// Fail the run when no runner claimed it within this long (`30s`, `10m`, `2h`, or
+    /// milliseconds) [default: no limit].
+    #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
+    pub queue_timeout: Option<Duration>,
+    /// Fail the run when it has not ended within this long of being claimed (`30s`,
+    /// `10m`, `2h`, or milliseconds) [default: no limit].
+    #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
+    pub run_timeout: Option<Duration>,
     /// Stream the reply to stdout (the run id goes to stderr) until the run ends; exit
     /// 0 when it completed, 1 otherwise.
     #[arg(long, short)]
     pub follow: bool,
-    /// With --follow, print every event as a JSON line instead.
+    /// With --follow, print every event as a JSON line instead (as `-o jsonl`).
     #[arg(long, requires = "follow")]
     pub json: bool,
 }
@@ -77,7 +87,7 @@ pub struct EventsArgs {
     /// Keep printing new events until the run ends (exit 0 however it ended).
     #[arg(long, short)]
     pub follow: bool,
-    /// Print each event as one JSON line.
+    /// Print each event as one JSON line (as `-o jsonl`).
     #[arg(long)]
     pub json: bool,
 }
@@ -237,9 +247,10 @@ pub struct ResolveArgs {
     /// The run's id.
     #[arg(value_name = "RUN")]
     pub run_id: String,
-    /// The request's id (from its `request.opened` event).
+    /// The request's id (from `agentrun requests RUN` or its `request.opened` event)
+    /// [default: the run's only open request].
     #[arg(value_name = "REQUEST")]
-    pub request_id: String,
+    pub request_id: Option<String>,
 }
 
 /// An answer to a request, as ResolveRequest spells it.
@@ -273,6 +284,7 @@ pub fn default_profile() -> &'static str {
 pub async fn run(
     manager: &mut Manager,
     args: RunArgs,
+    out: OutputFormat,
     shutdown: &CancellationToken,
 ) -> Result<u8, CliError> {
     let request = proto::CreateRunRequest {
@@ -284,6 +296,8 @@ pub async fn run(
         stream_mode: args
             .stream_mode
             .map_or(StreamMode::Unspecified, StreamModeArg::to_proto) as i32,
+        queue_timeout_ms: args.queue_timeout.map_or(0, duration::millis),
+        run_timeout_ms: args.run_timeout.map_or(0, duration::millis),
         ..Default::default()
     };
     let response = manager.create_run(request).await?;
@@ -293,15 +307,10 @@ pub async fn run(
         ))
     })?;
     if !args.follow {
-        write_out(&format!("{}\n", run.run_id))?;
+        write_one(out, &output::run(&run), || format!("{}\n", run.run_id))?;
         return Ok(EXIT_OK);
     }
-    let format = if args.json {
-        Format::Json
-    } else {
-        Format::Human
-    };
-    let mut printer = Printer::stdio(format);
+    let mut printer = Printer::stdio(event_format(out, args.json));
     printer.dim(&format!("run {}", run.run_id))?;
     match follow::follow(manager, &run.run_id, 0, &mut printer, shutdown).await? {
         Followed::Ended(terminal) => {
@@ -320,14 +329,10 @@ pub async fn run(
 pub async fn events(
     manager: &mut Manager,
     args: EventsArgs,
+    out: OutputFormat,
     shutdown: &CancellationToken,
 ) -> Result<u8, CliError> {
-    let format = if args.json {
-        Format::Json
-    } else {
-        Format::Human
-    };
-    let mut printer = Printer::stdio(format);
+    let mut printer = Printer::stdio(event_format(out, args.json));
     if args.follow {
         return match follow::follow(manager, &args.run_id, args.after, &mut printer, shutdown)
             .await?
@@ -357,20 +362,30 @@ pub async fn events(
 }
 
 /// `agentrun cancel`: CancelRun and print the run's status afterwards.
-pub async fn cancel(manager: &mut Manager, args: CancelArgs) -> Result<u8, CliError> {
+pub async fn cancel(
+    manager: &mut Manager,
+    args: CancelArgs,
+    out: OutputFormat,
+) -> Result<u8, CliError> {
     let run = manager.cancel_run(&args.run_id, &args.reason).await?;
-    let status = render::run_status(run.status);
-    let note = if run.status == RunStatus::Cancelled as i32 {
-        ""
-    } else {
-        " (cancel requested: its runner will stop it)"
-    };
-    write_out(&format!("run {} {status}{note}\n", run.run_id))?;
+    write_one(out, &output::run(&run), || {
+        let status = render::run_status(run.status);
+        let note = if run.status == RunStatus::Cancelled as i32 {
+            ""
+        } else {
+            " (cancel requested: its runner will stop it)"
+        };
+        format!("run {} {status}{note}\n", run.run_id)
+    })?;
     Ok(EXIT_OK)
 }
 
 /// `agentrun send`: SendCommand and print the command's seq and status.
-pub async fn send(manager: &mut Manager, args: SendArgs) -> Result<u8, CliError> {
+pub async fn send(
+    manager: &mut Manager,
+    args: SendArgs,
+    out: OutputFormat,
+) -> Result<u8, CliError> {
     let (kind, payload) = match (args.kind, args.text) {
         (SendKind::Turn, Some(text)) => (CommandKind::Turn, json!({ "prompt": text })),
         (SendKind::Steer, Some(text)) => (CommandKind::Steer, json!({ "text": text })),
@@ -411,24 +426,30 @@ pub async fn send(manager: &mut Manager, args: SendArgs) -> Result<u8, CliError>
             "the manager answered SendCommand without a command",
         ))
     })?;
-    write_out(&format!(
-        "command {} ({}) {}\n",
-        command.seq,
-        render::command_kind(command.kind),
-        render::command_status(command.status)
-    ))?;
+    write_one(out, &output::command(&command), || {
+        format!(
+            "command {} ({}) {}\n",
+            command.seq,
+            render::command_kind(command.kind),
+            render::command_status(command.status)
+        )
+    })?;
     Ok(EXIT_OK)
 }
 
 /// `agentrun get`: print a run.
-pub async fn get(manager: &mut Manager, args: GetArgs) -> Result<u8, CliError> {
+pub async fn get(manager: &mut Manager, args: GetArgs, out: OutputFormat) -> Result<u8, CliError> {
     let run = manager.get_run(&args.run_id).await?;
-    write_out(&render::run_details(&run))?;
+    write_one(out, &output::run(&run), || render::run_details(&run))?;
     Ok(EXIT_OK)
 }
 
 /// `agentrun list`: print runs as a table, newest first.
-pub async fn list(manager: &mut Manager, args: ListArgs) -> Result<u8, CliError> {
+pub async fn list(
+    manager: &mut Manager,
+    args: ListArgs,
+    out: OutputFormat,
+) -> Result<u8, CliError> {
     let response = manager
         .list_runs(proto::ListRunsRequest {
             statuses: args.status.iter().map(|s| s.to_proto() as i32).collect(),
@@ -438,7 +459,8 @@ pub async fn list(manager: &mut Manager, args: ListArgs) -> Result<u8, CliError>
             ..Default::default()
         })
         .await?;
-    write_out(&render::runs_table(&response.runs))?;
+    let values = response.runs.iter().map(output::run).collect();
+    write_list(out, values, || render::runs_table(&response.runs))?;
     if !response.next_page_token.is_empty() {
         eprintln!("(more runs exist: raise --limit or narrow with --status)");
     }
@@ -446,7 +468,11 @@ pub async fn list(manager: &mut Manager, args: ListArgs) -> Result<u8, CliError>
 }
 
 /// `agentrun requests`: print requests (open ones by default) as a table, newest first.
-pub async fn requests(manager: &mut Manager, args: RequestsArgs) -> Result<u8, CliError> {
+pub async fn requests(
+    manager: &mut Manager,
+    args: RequestsArgs,
+    out: OutputFormat,
+) -> Result<u8, CliError> {
     let response = manager
         .list_requests(proto::ListRequestsRequest {
             run_id: args.run_id.unwrap_or_default(),
@@ -455,7 +481,8 @@ pub async fn requests(manager: &mut Manager, args: RequestsArgs) -> Result<u8, C
             ..Default::default()
         })
         .await?;
-    write_out(&render::requests_table(&response.requests))?;
+    let values = response.requests.iter().map(output::request).collect();
+    write_list(out, values, || render::requests_table(&response.requests))?;
     if !response.next_page_token.is_empty() {
         eprintln!("(more requests exist: raise --limit or name a run)");
     }
@@ -465,13 +492,19 @@ pub async fn requests(manager: &mut Manager, args: RequestsArgs) -> Result<u8, C
 /// `agentrun approve` and `agentrun decline`: ResolveRequest, then the stored
 /// resolution and whether this call made it. Exit 0 also when the request had been
 /// resolved before (the first answer stays); a cancelled or expired request is an error.
+/// Without a request id, the run's only open request is answered.
 pub async fn resolve(
     manager: &mut Manager,
     args: ResolveArgs,
     decision: Decision,
+    out: OutputFormat,
 ) -> Result<u8, CliError> {
+    let request_id = match args.request_id {
+        Some(id) => id,
+        None => only_open_request(manager, &args.run_id, decision).await?,
+    };
     let response = manager
-        .resolve_request(&args.run_id, &args.request_id, decision.as_str())
+        .resolve_request(&args.run_id, &request_id, decision.as_str())
         .await?;
     let stored = render::resolution(&response.resolution_json);
     // A request closed unanswered (cancelled with its turn or run, or expired) comes back
@@ -479,25 +512,69 @@ pub async fn resolve(
     let status = response.request.as_ref().map_or("", |r| r.status.as_str());
     if !response.resolved_now && matches!(status, "cancelled" | "expired") {
         return Err(CliError::Other(anyhow::anyhow!(
-            "request {} is {status} and can no longer be answered ({stored})",
-            args.request_id
+            "request {request_id} is {status} and can no longer be answered ({stored})"
         )));
     }
-    let line = if response.resolved_now {
-        format!("request {} resolved now: {stored}\n", args.request_id)
-    } else {
-        format!(
-            "request {} was resolved earlier: {stored} (this {} was not applied)\n",
-            args.request_id,
-            decision.as_str()
-        )
-    };
-    write_out(&line)?;
+    write_one(out, &output::resolution(&response), || {
+        if response.resolved_now {
+            format!("request {request_id} resolved now: {stored}\n")
+        } else {
+            format!(
+                "request {request_id} was resolved earlier: {stored} (this {} was not applied)\n",
+                decision.as_str()
+            )
+        }
+    })?;
     Ok(EXIT_OK)
 }
 
+/// The id of the run's only open request; a usage error naming the open ones when it
+/// has none or several.
+async fn only_open_request(
+    manager: &mut Manager,
+    run_id: &str,
+    decision: Decision,
+) -> Result<String, CliError> {
+    let response = manager
+        .list_requests(proto::ListRequestsRequest {
+            run_id: run_id.to_owned(),
+            statuses: vec![RequestStatusArg::Open.as_str().to_owned()],
+            page_size: 50,
+            ..Default::default()
+        })
+        .await?;
+    let verb = match decision {
+        Decision::Accept | Decision::AcceptForSession => "approve",
+        Decision::Decline => "decline",
+    };
+    let ids: Vec<&str> = response
+        .requests
+        .iter()
+        .map(|r| r.request_id.as_str())
+        .collect();
+    match ids.as_slice() {
+        [only] => Ok((*only).to_owned()),
+        [] => Err(CliError::Usage(format!(
+            "run {run_id} has no open request to {verb}"
+        ))),
+        several => {
+            let more = if response.next_page_token.is_empty() {
+                ""
+            } else {
+                " and more"
+            };
+            Err(CliError::Usage(format!(
+                "run {run_id} has {} open requests ({}{more}): name one, as in `agentrun {verb} {run_id} {}`",
+                several.len(),
+                several.join(", "),
+                several[0]
+            )))
+        }
+    }
+}
+
 /// `agentrun stats`: queue depth and age, tenants, and runners as tables.
-pub async fn stats(manager: &mut Manager) -> Result<u8, CliError> {
+pub async fn stats(manager: &mut Manager, out: OutputFormat) -> Result<u8, CliError> {
     let stats = manager.queue_stats().await?;
     let runners = match manager.list_runners().await {
         Ok(runners) => Some(runners),
@@ -505,19 +582,49 @@ pub async fn stats(manager: &mut Manager) -> Result<u8, CliError> {
         Err(status) if status.code() == tonic::Code::Unimplemented => None,
         Err(status) => return Err(status.into()),
     };
-    let now = SystemTime::now();
-    let mut text = render::queue_table(&stats);
-    text.push('\n');
-    text.push_str(&render::tenants_table(&stats));
-    if let Some(runners) = &runners {
+    let value = output::stats(&stats, runners.as_deref());
+    write_one(out, &value, || {
+        let now = SystemTime::now();
+        let mut text = render::queue_table(&stats);
         text.push('\n');
-        text.push_str(&render::runners_table(runners, now));
-    }
-    write_out(&text)?;
+        text.push_str(&render::tenants_table(&stats));
+        if let Some(runners) = &runners {
+            text.push('\n');
+            text.push_str(&render::runners_table(runners, now));
+        }
+        text
+    })?;
     if runners.is_none() {
         eprintln!("(this manager does not list runners)");
     }
     Ok(EXIT_OK)
+}
+
+/// How followed or listed events are printed: `--json` is `-o jsonl`.
+pub(crate) fn event_format(out: OutputFormat, json_flag: bool) -> Format {
+    if json_flag {
+        Format::Json
+    } else {
+        Format::of(out)
+    }
+}
+
+/// Writes one result to stdout in the output format (`text` when it is text).
+pub(crate) fn write_one(
+    out: OutputFormat,
+    value: &serde_json::Value,
+    text: impl FnOnce() -> String,
+) -> std::io::Result<()> {
+    output::write_one(&mut std::io::stdout().lock(), out, value, text)
+}
+
+/// Writes a list to stdout in the output format (`text` when it is text).
+pub(crate) fn write_list(
+    out: OutputFormat,
+    values: Vec<serde_json::Value>,
+    text: impl FnOnce() -> String,
+) -> std::io::Result<()> {
+    output::write_list(&mut std::io::stdout().lock(), out, values, text)
 }
 
 /// Writes `text` to stdout; unlike `print!`, a closed pipe is an error, not a panic.

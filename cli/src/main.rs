@@ -2,8 +2,7 @@
 
 use std::process::ExitCode;
 
-use agentrun_cli::{Cli, EXIT_FAILURE, EXIT_INTERRUPTED};
-use clap::Parser;
+use agentrun_cli::{EXIT_FAILURE, EXIT_INTERRUPTED};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
@@ -12,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 // parent-death signal is tied to the thread that forked them.
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = agentrun_cli::parse();
     agentrun_cli::telemetry::init(if cli.command.is_dev() { "info" } else { "warn" });
     let shutdown = CancellationToken::new();
     if let Err(err) = watch_signals(shutdown.clone()) {

@@ -2,17 +2,18 @@
 //!
 //! Human output keeps stdout for the reply alone: the text of streamed content deltas
 //! (`assistant_text`, `command_output`) goes to stdout as it arrives, everything else
-//! is a dim line on stderr. `--json` prints one JSON object per event on stdout instead.
+//! is a dim line on stderr, and the reply ends with a newline. `-o jsonl` prints one JSON
+//! object per event on stdout instead, `-o json` one array of them (see `output`).
 //! While a followed run waits, a transient status line on stderr says for what (only on
 //! a terminal; see `progress`). Sessions, queue statistics and runners print as tables.
 
 use std::io::{self, IsTerminal, Write};
 use std::time::{Duration, SystemTime};
 
-use agentrun_shared::proto::{
-    self, CommandKind, CommandStatus, Producer, RunStatus, SessionAttention,
-};
-use serde_json::{Value, json};
+use agentrun_shared::proto::{self, CommandKind, CommandStatus, RunStatus, SessionAttention};
+use serde_json::Value;
+
+use crate::output::{self, OutputFormat};
 
 /// Content-delta kinds whose text is the reply, streamed inline to stdout.
 const STREAMED_KINDS: &[&str] = &["assistant_text", "command_output"];
@@ -25,8 +26,26 @@ pub const RUN_TERMINAL: &str = "run.terminal";
 pub enum Format {
     /// Reply text on stdout, one dim line per other event on stderr.
     Human,
-    /// One JSON object per event on stdout.
+    /// One JSON object per event on stdout (`-o jsonl`).
     Json,
+    /// One JSON array of the events on stdout, written as they arrive and closed by
+    /// [`Printer::finish`] (`-o json`).
+    JsonArray,
+}
+
+impl Format {
+    /// The event format of an output format.
+    pub fn of(output: OutputFormat) -> Self {
+        match output {
+            OutputFormat::Text => Format::Human,
+            OutputFormat::Json => Format::JsonArray,
+            OutputFormat::Jsonl => Format::Json,
+        }
+    }
+
+    fn is_json(self) -> bool {
+        self != Format::Human
+    }
 }
 
 /// Prints events as they arrive, remembering whether stdout is in the middle of a line.
@@ -59,6 +78,8 @@ pub struct Printer<O: Write, E: Write> {
     /// The status line is cut to the width of the terminal on stderr (a line that
     /// wraps could not be redrawn in place).
     fit_to_terminal: bool,
+    /// Events written into the JSON array so far (`None`: the array is not open).
+    array_items: Option<usize>,
 }
 
 impl Printer<io::Stdout, io::Stderr> {
@@ -92,6 +113,7 @@ impl<O: Write, E: Write> Printer<O, E> {
             progress_enabled: false,
             progress_shown: false,
             fit_to_terminal: false,
+            array_items: None,
         }
     }
 
@@ -143,7 +165,7 @@ impl<O: Write, E: Write> Printer<O, E> {
     /// Marks where the events of another run begin (following a session): the reply
     /// so far ends its line on stdout, and a dim line names the run.
     pub fn run_header(&mut self, run_id: &str) -> io::Result<()> {
-        if self.format == Format::Json {
+        if self.format.is_json() {
             return Ok(());
         }
         self.clear_progress()?;
@@ -161,9 +183,19 @@ impl<O: Write, E: Write> Printer<O, E> {
         self.clear_progress()?;
         let payload: Value = serde_json::from_str(&event.payload_json)
             .unwrap_or_else(|_| Value::String(event.payload_json.clone()));
-        if self.format == Format::Json {
-            writeln!(self.out, "{}", event_json(event, payload))?;
-            return self.out.flush();
+        match self.format {
+            Format::Json => {
+                writeln!(self.out, "{}", output::event(event))?;
+                return self.out.flush();
+            }
+            Format::JsonArray => {
+                let items = self.array_items.get_or_insert(0);
+                let separator = if *items == 0 { "[\n" } else { ",\n" };
+                *items += 1;
+                write!(self.out, "{separator}{}", output::event(event))?;
+                return self.out.flush();
+            }
+            Format::Human => {}
         }
         if event.r#type == "content.delta" {
             let kind = text_field(&payload, "kind").unwrap_or_default();
@@ -266,11 +298,11 @@ impl<O: Write, E: Write> Printer<O, E> {
 
     /// Prints the final status line on stderr, after ending the reply's line.
     pub fn status(&mut self, terminal: &Terminal) -> io::Result<()> {
-        if self.format == Format::Json {
-            return Ok(());
+        if self.format.is_json() {
+            return self.finish();
         }
         self.clear_progress()?;
-        self.break_reply_line()?;
+        self.end_reply()?;
         let style = match (self.color, terminal.status.as_str()) {
             (false, _) => "",
             (true, "completed") => "\x1b[32m",
@@ -280,12 +312,32 @@ impl<O: Write, E: Write> Printer<O, E> {
         writeln!(self.err, "{style}{}{reset}", terminal.describe())
     }
 
-    /// Ends the reply's line on the terminal (only there: a redirected stdout keeps
-    /// exactly the reply text).
+    /// Ends the output: closes the JSON array, or ends the reply with a newline when it
+    /// does not end with one, so the shell prompt starts on a line of its own.
     pub fn finish(&mut self) -> io::Result<()> {
         self.clear_progress()?;
-        self.break_reply_line()?;
+        if self.format == Format::JsonArray {
+            match self.array_items {
+                Some(0) => return Ok(()),
+                Some(_) => self.out.write_all(b"\n]\n")?,
+                None => self.out.write_all(b"[]\n")?,
+            }
+            self.array_items = Some(0);
+            return self.out.flush();
+        }
+        self.end_reply()?;
         self.err.flush()
+    }
+
+    /// Ends the reply with a newline on stdout when it does not end with one.
+    fn end_reply(&mut self) -> io::Result<()> {
+        if self.reply_unterminated {
+            self.out_mid_line = false;
+            self.reply_unterminated = false;
+            self.out.write_all(b"\n")?;
+            self.out.flush()?;
+        }
+        Ok(())
     }
 
     fn break_reply_line(&mut self) -> io::Result<()> {
@@ -303,6 +355,10 @@ impl<O: Write, E: Write> Drop for Printer<O, E> {
     /// An error ends the command with a message on stderr: not after a status line.
     fn drop(&mut self) {
         let _ = self.clear_progress();
+        // A JSON array stays parseable when following stopped early.
+        if self.format == Format::JsonArray {
+            let _ = self.finish();
+        }
     }
 }
 
@@ -375,23 +431,6 @@ impl Terminal {
             format!("run {} {}: {reason}", self.run_id, self.status)
         }
     }
-}
-
-/// An event as the JSON object `--json` prints.
-pub fn event_json(event: &proto::Event, payload: Value) -> Value {
-    json!({
-        "run_id": event.run_id,
-        "seq": event.seq,
-        "type": event.r#type,
-        "payload": payload,
-        "producer": Producer::try_from(event.producer)
-            .map(|p| enum_name(p.as_str_name(), "PRODUCER_"))
-            .unwrap_or_else(|_| event.producer.to_string()),
-        "runner_id": event.runner_id,
-        "epoch": event.epoch,
-        "created_at": event.created_at.as_ref().map(ToString::to_string),
-        "ephemeral": event.ephemeral,
-    })
 }
 
 /// A short description of an event's payload, for its one-line form.
@@ -482,13 +521,7 @@ fn text_field(payload: &Value, key: &str) -> Option<String> {
     }
 }
 
-/// `RUN_STATUS_PENDING` → `pending`.
-fn enum_name(proto_name: &str, prefix: &str) -> String {
-    proto_name
-        .strip_prefix(prefix)
-        .unwrap_or(proto_name)
-        .to_ascii_lowercase()
-}
+use output::enum_name;
 
 /// A run status as the lowercase word the manager uses (`running`).
 pub fn run_status(value: i32) -> String {
@@ -877,6 +910,8 @@ pub fn resolution(resolution_json: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agentrun_shared::proto::Producer;
+    use serde_json::json;
 
     fn event(seq: i64, event_type: &str, payload: Value) -> proto::Event {
         proto::Event {
@@ -930,19 +965,19 @@ mod tests {
             false,
             &[live("Hel"), live("lo"), done(2, "Hello")],
         );
-        assert_eq!(out, "Hello");
+        assert_eq!(out, "Hello\n");
         // No delta (a final run followed after the fact): the whole text.
         let (out, _) = printed(Format::Human, false, &[done(2, "Hello")]);
-        assert_eq!(out, "Hello");
+        assert_eq!(out, "Hello\n");
         // Live deltas stopped short: the rest. One went missing: the text again.
         let (out, _) = printed(Format::Human, false, &[live("He"), done(2, "Hello")]);
-        assert_eq!(out, "Hello");
+        assert_eq!(out, "Hello\n");
         let (out, _) = printed(
             Format::Human,
             false,
             &[live("H"), live("o"), done(2, "Hello")],
         );
-        assert_eq!(out, "Ho\nHello");
+        assert_eq!(out, "Ho\nHello\n");
         // A large reply's whole text stored again as deltas: only what was not shown live.
         let replay = |seq: i64, text: &str| {
             event(
@@ -957,7 +992,7 @@ mod tests {
             json!({"item_id": "m", "kind": "assistant_message", "text": "He", "text_in_deltas": true}),
         );
         let events = [live("Hel"), replay(2, "He"), replay(3, "llo"), truncated];
-        assert_eq!(printed(Format::Human, false, &events).0, "Hello");
+        assert_eq!(printed(Format::Human, false, &events).0, "Hello\n");
     }
 
     #[test]
@@ -974,8 +1009,9 @@ mod tests {
                 json!({"status": "failed", "failure_kind": "provider_error", "message": "boom"}),
             ),
         ];
+        // The reply ends with a newline, so the shell prompt gets a line of its own.
         let (out, err) = printed(Format::Human, false, &events);
-        assert_eq!(out, "Hello");
+        assert_eq!(out, "Hello\n");
         assert_eq!(
             err,
             "· [1] turn.started\n· [3] content.delta reasoning_text …\n\
@@ -996,6 +1032,27 @@ mod tests {
         assert_eq!(line["type"], "content.delta");
         assert_eq!(line["payload"]["delta"], "hi");
         assert_eq!(line["producer"], "runner");
+    }
+
+    #[test]
+    fn json_array_is_one_document_however_following_ends() {
+        let events = [
+            delta(1, "assistant_text", "a"),
+            delta(2, "assistant_text", "b"),
+        ];
+        let (out, err) = printed(Format::JsonArray, false, &events);
+        assert!(err.is_empty());
+        let array: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(array.as_array().map(Vec::len), Some(2), "{out}");
+        assert_eq!(array[1]["seq"], 2);
+        // Nothing printed: an empty array. Dropped without finishing: still closed.
+        assert_eq!(printed(Format::JsonArray, false, &[]).0, "[]\n");
+        let mut out = Vec::new();
+        let mut printer = Printer::new(Format::JsonArray, &mut out, Vec::new(), false, false);
+        printer.event(&events[0]).unwrap();
+        drop(printer);
+        let array: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(array.as_array().map(Vec::len), Some(1));
     }
 
     #[test]

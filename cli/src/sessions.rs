@@ -12,10 +12,11 @@ use agentrun_shared::proto::{self, SessionStateFilter};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::Manager;
-use crate::commands::write_out;
+use crate::commands::{event_format, write_list};
 use crate::error::{CliError, EXIT_INTERRUPTED, EXIT_OK};
 use crate::follow::{self, Follower, PAGE_SIZE, SessionCursor};
-use crate::render::{self, Format, Printer};
+use crate::output::{self, OutputFormat};
+use crate::render::{self, Printer};
 
 /// Most sessions one ListSessions page may hold.
 const MAX_PAGE: usize = 200;
@@ -86,13 +87,17 @@ pub struct SessionArgs {
     /// following, and again on Ctrl-C).
     #[arg(long)]
     pub mark_read: bool,
-    /// Print each event as one JSON line.
+    /// Print each event as one JSON line (as `-o jsonl`).
     #[arg(long)]
     pub json: bool,
 }
 
 /// `agentrun sessions`: ListSessions, paged up to `--limit`, as a table.
-pub async fn sessions(manager: &mut Manager, args: SessionsArgs) -> Result<u8, CliError> {
+pub async fn sessions(
+    manager: &mut Manager,
+    args: SessionsArgs,
+    out: OutputFormat,
+) -> Result<u8, CliError> {
     let limit = args.limit as usize;
     let mut shown: Vec<proto::SessionView> = Vec::new();
     let mut page_token = String::new();
@@ -115,7 +120,10 @@ pub async fn sessions(manager: &mut Manager, args: SessionsArgs) -> Result<u8, C
         }
     }
     shown.truncate(limit);
-    write_out(&render::sessions_table(&shown, SystemTime::now()))?;
+    let values = shown.iter().map(output::session_view).collect();
+    write_list(out, values, || {
+        render::sessions_table(&shown, SystemTime::now())
+    })?;
     if !page_token.is_empty() {
         eprintln!("(more sessions exist: raise --limit or narrow with --state)");
     }
@@ -127,15 +135,11 @@ pub async fn sessions(manager: &mut Manager, args: SessionsArgs) -> Result<u8, C
 pub async fn session(
     manager: &mut Manager,
     args: SessionArgs,
+    out: OutputFormat,
     shutdown: &CancellationToken,
 ) -> Result<u8, CliError> {
-    let format = if args.json {
-        Format::Json
-    } else {
-        Format::Human
-    };
     // Listing without following: no status line, no hints for long-answered requests.
-    let mut printer = Printer::stdio(format);
+    let mut printer = Printer::stdio(event_format(out, args.json));
     if !args.follow {
         printer = printer.with_progress(false);
     }

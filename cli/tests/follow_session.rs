@@ -249,7 +249,7 @@ async fn a_broken_session_stream_resumes_after_the_last_printed_event() {
     let (cursor, out, err) = follow_fake(fake.clone()).await;
 
     assert_eq!(
-        out, "a1 a2\nb1 end",
+        out, "a1 a2\nb1 end\n",
         "each event once, each run on its line"
     );
     assert_eq!(
@@ -271,7 +271,7 @@ async fn without_watch_session_the_log_is_polled_through_an_outage() {
     };
     let (cursor, out, _) = follow_fake(fake.clone()).await;
 
-    assert_eq!(out, "a1 a2\nb1 end");
+    assert_eq!(out, "a1 a2\nb1 end\n");
     assert_eq!((cursor.run_id.as_str(), cursor.seq), (RUN_B, 2));
     // Pages of two; the failed second call is retried from the same cursor.
     let cursors = fake.cursors.lock().unwrap().clone();
