@@ -352,6 +352,9 @@ impl RunnerProcess {
             Some(key) => command.env("AGENTRUN_API_KEY", key),
             None => command.env_remove("AGENTRUN_API_KEY"),
         };
+        if !crate::telemetry::color() {
+            command.env("NO_COLOR", "1");
+        }
         command
             .env("AGENTRUN_MANAGER_URL", manager_url)
             .env("AGENTRUN_RUNNER_NAME", &name)
@@ -359,6 +362,9 @@ impl RunnerProcess {
             .env_remove("AGENTRUN_TLS_CERT")
             .env_remove("AGENTRUN_TLS_KEY")
             .stdin(Stdio::null())
+            // Runners log to stdout: into this process's stderr, beside the manager's
+            // log lines, in the same format (colour only when that is a terminal).
+            .stdout(Stdio::from(io::stderr()))
             .kill_on_drop(true)
             // Keep the terminal's Ctrl-C away from runners: dev drains them itself.
             .process_group(0);

@@ -41,7 +41,14 @@ async fn main() -> anyhow::Result<()> {
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Colour only on a terminal (and not with NO_COLOR): `agentrun dev` passes its
+    // stderr, so runner and manager lines share one format.
+    let color = std::io::IsTerminal::is_terminal(&std::io::stdout())
+        && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(color)
+        .init();
 
     let (providers, default_profiles) = setup::providers(&cli.providers)?;
     let profiles = if cli.runner.backend_profiles.is_empty() {
