@@ -95,7 +95,7 @@ async fn run_follow_streams_the_reply_to_stdout_and_exits_0() {
         .unwrap();
 
     let done = cli.wait(COMMAND_TIMEOUT).await;
-    assert_eq!(done.stdout, "Hello world", "stderr:\n{}", done.stderr);
+    assert_eq!(done.stdout, "Hello world\n", "stderr:\n{}", done.stderr);
     assert_eq!(done.code(), Some(0), "stderr:\n{}", done.stderr);
     // The run id, the other events and the outcome go to stderr.
     assert!(done.stderr.contains(&run.run_id), "{}", done.stderr);
@@ -140,7 +140,7 @@ async fn run_follow_exits_1_when_the_run_fails() {
 
     let done = cli.wait(COMMAND_TIMEOUT).await;
     assert_eq!(done.code(), Some(1), "stderr:\n{}", done.stderr);
-    assert_eq!(done.stdout, "partial");
+    assert_eq!(done.stdout, "partial\n");
     assert!(
         done.stderr.contains("failed: provider_error: boom"),
         "{}",
@@ -502,7 +502,7 @@ async fn dev_uses_the_openai_provider_when_configured() {
         done.stderr,
         dev.stderr()
     );
-    assert_eq!(done.stdout, "Hi from the model");
+    assert_eq!(done.stdout, "Hi from the model\n");
     terminate(dev.pid());
     dev.wait(DEV_TIMEOUT).await;
 }

@@ -109,7 +109,7 @@ async fn sessions_lists_a_session_and_session_prints_its_runs_and_marks_it_read(
     assert_eq!(shown.code(), Some(0), "stderr:\n{}", shown.stderr);
     assert_eq!(
         shown.stdout,
-        format!("{first_reply}\n{second_reply}"),
+        format!("{first_reply}\n{second_reply}\n"),
         "stderr:\n{}",
         shown.stderr
     );
@@ -289,7 +289,7 @@ async fn run_follow_says_how_to_approve_a_waiting_run() {
     assert_eq!(approved.code(), Some(0), "stderr:\n{}", approved.stderr);
     let done = cli.wait(RUN_TIMEOUT).await;
     assert_eq!(done.code(), Some(0), "stderr:\n{}", done.stderr);
-    assert_eq!(done.stdout, "Approval: accept");
+    assert_eq!(done.stdout, "Approval: accept\n");
     assert!(done.stderr.contains("request.resolved"), "{}", done.stderr);
 }
 

@@ -2,6 +2,7 @@
 
 mod auth;
 mod cli;
+mod cli_output;
 mod cli_sessions;
 mod commands;
 mod context;
