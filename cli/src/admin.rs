@@ -289,7 +289,7 @@ pub async fn limits(
             }
             Retention::Keep(d) => format!(
                 "tenant {tenant}: deltas of ended runs compacted after {}\n",
-                render::duration(d)
+                duration::format(d)
             ),
         });
     }

@@ -41,6 +41,23 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("invalid duration {text:?}: too large"))
 }
 
+/// A duration in the largest unit that holds it exactly (`7d`, `90m`, `1500ms`), as
+/// [`parse`] reads it back.
+pub fn format(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    if millis == 0 {
+        return "0s".into();
+    }
+    UNITS
+        .iter()
+        .rev()
+        .find(|(_, unit)| millis % u128::from(*unit) == 0)
+        .map_or_else(
+            || format!("{millis}ms"),
+            |(name, unit)| format!("{}{name}", millis / u128::from(*unit)),
+        )
+}
+
 /// A duration in whole milliseconds, as the protos carry them (saturating).
 pub fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
@@ -78,5 +95,12 @@ mod tests {
                 .contains("too large")
         );
         assert_eq!(millis(Duration::from_secs(2)), 2_000);
+    }
+
+    #[test]
+    fn formatting_reads_back() {
+        for text in ["7d", "90m", "1500ms", "2h", "6s", "0s"] {
+            assert_eq!(format(parse(text).unwrap()), text);
+        }
     }
 }

@@ -254,6 +254,36 @@ async fn run_answers_json_and_takes_durations_with_units() {
     assert_eq!(run["queue_timeout_ms"], 600_000);
     assert_eq!(run["run_timeout_ms"], 1_500);
 
+    // Followed: one array of the events, ending with the run's end; the session
+    // printed as its events too.
+    let _runner = RunnerProcess::start(app.addr, "cli-json", &[]);
+    let session_id = uuid::Uuid::new_v4().to_string();
+    let followed = agentrun(
+        &app,
+        &[
+            "run",
+            "hi",
+            "--session",
+            &session_id,
+            "--follow",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    let events = json_of(&followed);
+    let events = events.as_array().expect("an array");
+    assert_eq!(events[0]["type"], "run.created");
+    assert_eq!(events.last().expect("events")["type"], "run.terminal");
+    assert_eq!(
+        events.last().expect("events")["payload"]["status"],
+        "completed"
+    );
+    let session = json_of(&agentrun(&app, &["session", &session_id, "-o", "json"]).await);
+    assert_eq!(session.as_array().map(Vec::len), Some(events.len()));
+    let lines = lines_of(&agentrun(&app, &["session", &session_id, "-o", "jsonl"]).await);
+    assert_eq!(lines.len(), events.len());
+
     let bad = agentrun(&app, &["run", "hello", "--queue-timeout", "5x"]).await;
     assert_eq!(bad.code(), Some(2));
     assert!(
@@ -342,6 +372,8 @@ async fn runners_lists_and_drains_a_runner() {
     let drained = agentrun(&app, &["runners", "drain", &runner_id]).await;
     assert_eq!(drained.code(), Some(0), "stderr:\n{}", drained.stderr);
     assert_eq!(drained.stdout, format!("runner {runner_id} draining\n"));
+    let again = json_of(&agentrun(&app, &["runners", "drain", &runner_id, "-o", "json"]).await);
+    assert_eq!(again, json!({ "runner_id": runner_id, "found": true }));
     wait_for("the runner draining", LONG, || async {
         let runners = json_of(&agentrun(&app, &["runners", "list", "-o", "json"]).await);
         runners
@@ -481,6 +513,10 @@ async fn operator_commands_manage_keys_and_limits_with_an_admin_key() {
     )
     .await;
     assert_eq!(set.code(), Some(0), "stderr:\n{}", set.stderr);
+    assert_eq!(
+        set.stdout,
+        "tenant acme: at most 3 active runs\ntenant acme: deltas of ended runs compacted after 7d\n"
+    );
     let db = app.db().await;
     let row = db
         .query_one(
@@ -497,4 +533,26 @@ async fn operator_commands_manage_keys_and_limits_with_an_admin_key() {
     )
     .await;
     assert_eq!(bad.code(), Some(2), "a limit to set is required");
+    let unset = agentrun(
+        &app,
+        &[
+            "limits",
+            "set",
+            "--tenant",
+            "acme",
+            "--max-active-runs",
+            "0",
+            "--event-retention",
+            "default",
+            "--api-key",
+            &admin,
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(
+        json_of(&unset),
+        json!({ "tenant_id": "acme", "max_active_runs": 0, "event_retention_ms": null })
+    );
 }
