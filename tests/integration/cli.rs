@@ -392,6 +392,31 @@ async fn dev_serves_and_cleans_up_on_sigterm() {
     );
 }
 
+/// `agentrun dev`'s log is one stream in one format: the runners' lines join the
+/// manager's on stderr (not stdout, which has the banner), and off a terminal neither
+/// is coloured — without NO_COLOR set to say so.
+#[tokio::test]
+async fn dev_logs_manager_and_runner_lines_on_stderr_without_colour_off_a_terminal() {
+    let addr = free_addr();
+    let mut command = agentrun_command(addr, &as_strs(&dev_args(addr, "1")));
+    command
+        .env_remove("DATABASE_URL")
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "info");
+    let mut dev = CliProcess::spawn(command);
+    dev.wait_output("the runner's own log line", DEV_TIMEOUT, |_, err| {
+        err.contains("runner starting") && err.contains("started runner")
+    })
+    .await;
+    banner_of(&dev).await;
+    terminate(dev.pid());
+    let done = dev.wait(DEV_TIMEOUT).await;
+    assert_eq!(done.code(), Some(0), "stderr:\n{}", done.stderr);
+    assert!(!done.stdout.contains("runner starting"), "{}", done.stdout);
+    assert!(!done.stderr.contains('\x1b'), "coloured:\n{}", done.stderr);
+    assert!(!done.stdout.contains('\x1b'), "coloured:\n{}", done.stdout);
+}
+
 /// The whole stack from one command: `agentrun dev` with a real runner serves
 /// `agentrun run --follow`, and SIGTERM drains the runner before dev exits.
 #[tokio::test]
