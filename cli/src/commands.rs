@@ -1,7 +1,8 @@
 //! The client commands: their arguments and what each one calls and prints.
 //!
-//! Results go to stdout (a run id, a status, a table); progress and notes go to
-//! stderr, so `agentrun run "…" --follow > reply.txt` captures just the reply.
+//! Results go to stdout (a run id, a status, a table; JSON with `-o json|jsonl`, shaped
+//! in `output`); progress and notes go to stderr, so `agentrun run "…" --follow >
+//! reply.txt` captures just the reply.
 
 use std::io::Write;
 use std::time::{Duration, SystemTime};
@@ -38,12 +39,12 @@ pub struct RunArgs {
     /// How the run's streamed output is stored [default: deltas].
     #[arg(long, value_enum)]
     pub stream_mode: Option<StreamModeArg>,
-    /// Fail the run when no runner claimed it within this long (`30s`, `10m`, `2h`, or
-    /// milliseconds) [default: no limit].
+    /// Expire the run when no runner claimed it within this long (`30s`, `10m`, `2h`,
+    /// or milliseconds) [default: no limit].
     #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
     pub queue_timeout: Option<Duration>,
-    /// Fail the run when it has not ended within this long of being claimed (`30s`,
-    /// `10m`, `2h`, or milliseconds) [default: no limit].
+    /// Fail the run when an attempt runs longer than this (`30s`, `10m`, `2h`, or
+    /// milliseconds) [default: no limit].
     #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
     pub run_timeout: Option<Duration>,
     /// Stream the reply to stdout (the run id goes to stderr) until the run ends; exit

@@ -51,7 +51,7 @@ pub fn format(duration: Duration) -> String {
     UNITS
         .iter()
         .rev()
-        .find(|(_, unit)| millis % u128::from(*unit) == 0)
+        .find(|(_, unit)| millis.is_multiple_of(u128::from(*unit)))
         .map_or_else(
             || format!("{millis}ms"),
             |(name, unit)| format!("{}{name}", millis / u128::from(*unit)),
