@@ -39,9 +39,8 @@ async fn main() -> anyhow::Result<()> {
         let healthy = health(&url).await;
         std::process::exit(if healthy { 0 } else { 1 });
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Flushes exported spans when main returns.
+    let _telemetry = agentrun_runner::telemetry::init(cli.runner.otel_endpoint.as_deref())?;
 
     let (providers, default_profiles) = setup::providers(&cli.providers)?;
     let profiles = if cli.runner.backend_profiles.is_empty() {
