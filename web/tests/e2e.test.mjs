@@ -18,7 +18,7 @@ async function createRunFromUi(page, ui, prompt) {
   await page.getByRole("button", { name: "New run" }).click();
   await page.locator("form.new-run textarea[name=prompt]").fill(prompt);
   await page.getByRole("button", { name: "Create run" }).click();
-  await page.waitForURL(RUN_URL, { timeout: 15_000 });
+  await page.waitForURL(RUN_URL, { timeout: 15_000, waitUntil: "commit" });
   return RUN_URL.exec(page.url())[1];
 }
 
@@ -160,7 +160,7 @@ describe("the operator UI", { skip: skip ?? false }, () => {
 
     // Every event a row: 20,000+ rows, a few dozen in the DOM.
     await page.locator("[data-testid=collapse-deltas]").uncheck();
-    await page.waitForURL(/deltas=all/);
+    await page.waitForURL(/deltas=all/, { waitUntil: "commit" });
     await page.goto(`${stack.ui}#/runs/${runId}?deltas=all`);
     await until("the page to load every event again", async () => (await runView(page)).count === done.lastSeq, 120_000);
     const list = page.locator(".vlist");

@@ -127,6 +127,7 @@ export function RunPage({ runId, query }: { runId: string; query: URLSearchParam
   const createdMs = tsMs(run?.createdAt);
   const claimedMs = tsMs(run?.claimedAt) ?? tl.claimedMs;
   const terminalMs = tsMs(run?.finishedAt) ?? tl.terminalMs;
+  const clock = (ms: number | undefined) => fmtTime(ms).slice(ms === undefined ? 0 : 11);
   const since = (ms: number | undefined) =>
     ms !== undefined && createdMs !== undefined ? ` (+${fmtDuration(ms - createdMs)})` : "";
 
@@ -172,9 +173,9 @@ export function RunPage({ runId, query }: { runId: string; query: URLSearchParam
         </div>
         <div class="times">
           <span class="label">created</span> {fmtTs(run?.createdAt)} → <span class="label">claimed</span>{" "}
-          {fmtTime(claimedMs)}
-          {since(claimedMs)} → <span class="label">first token</span> {fmtTime(tl.firstTokenMs)}
-          {since(tl.firstTokenMs)} → <span class="label">terminal</span> {fmtTime(terminalMs)}
+          {clock(claimedMs)}
+          {since(claimedMs)} → <span class="label">first token</span> {clock(tl.firstTokenMs)}
+          {since(tl.firstTokenMs)} → <span class="label">terminal</span> {clock(terminalMs)}
           {since(terminalMs)}
         </div>
         {run?.failureKind && (
