@@ -81,7 +81,6 @@ export class Timeline {
       case "run.terminal":
         this.terminal = true;
         this.terminalMs = ms;
-        mark = "terminal";
         break;
       case "content.delta":
         this.firstTokenMs ??= ms;

@@ -61,8 +61,10 @@ export function fmtDuration(ms: number): string {
   return `${sign}${Math.floor(m / 60)}h ${m % 60}m`;
 }
 
+/** The end of an id: agentrun's ids are UUIDv7, whose first digits are a timestamp that
+ * runs created together share, so the random tail is what tells them apart. */
 export function shortId(id: string): string {
-  return id.length > 8 ? id.slice(0, 8) : id;
+  return id.length > 12 ? `…${id.slice(-8)}` : id;
 }
 
 export function parseJson(text: string): unknown {
