@@ -43,7 +43,7 @@ log="$(mktemp -t agentrun-dev.XXXXXX.log)"
 say "starting agentrun dev on $addr with 1 runner (log: $log)"
 # DATABASE_URL would make dev use that database; this test wants its own cluster.
 env -u DATABASE_URL RUST_LOG="${RUST_LOG:-info}" \
-  "$agentrun" dev --listen "$addr" --runners 1 >"$log" 2>&1 &
+  "$agentrun" dev --listen "$addr" --no-ui --runners 1 >"$log" 2>&1 &
 dev_pid=$!
 
 show_log() {

@@ -35,6 +35,31 @@ missing = [r for r in k.get("resources", []) if not (pathlib.Path("deploy") / r)
 if missing:
     sys.exit(f"validate-deploy: deploy/kustomization.yaml names missing files: {missing}")
 print(f"validate-deploy: kustomization.yaml resources present ({len(k['resources'])})")
+# The Secret comes from a generator reading a file nobody commits; its example must
+# carry every key the Deployments read.
+generated = {g["name"]: g for g in k.get("secretGenerator", [])}
+if "agentrun" not in generated:
+    sys.exit("validate-deploy: kustomization.yaml must generate the Secret agentrun")
+example = pathlib.Path("deploy/agentrun.env.example").read_text()
+keys = {line.split("=", 1)[0] for line in example.splitlines() if "=" in line and not line.startswith("#")}
+import re
+wanted = set(re.findall(r"key: ([a-z-]+)", pathlib.Path("deploy/manager.yaml").read_text()
+                        + pathlib.Path("deploy/runner.yaml").read_text()))
+if wanted - keys:
+    sys.exit(f"validate-deploy: agentrun.env.example lacks {sorted(wanted - keys)}")
+print(f"validate-deploy: the Secret is generated from agentrun.env ({sorted(keys)})")
+
+# KEDA's ScaledObject is a custom resource (no schema here): its shape, and that it
+# scales the runner Deployment in place of the HPA.
+keda = yaml.safe_load(pathlib.Path("deploy/keda/runner-scaledobject.yaml").read_text())
+assert keda["apiVersion"] == "keda.sh/v1alpha1" and keda["kind"] == "ScaledObject", keda
+assert keda["spec"]["scaleTargetRef"]["name"] == "agentrun-runner", keda
+trigger = keda["spec"]["triggers"][0]
+assert trigger["type"] == "prometheus" and "agentrun_queue_depth" in trigger["metadata"]["query"], trigger
+kk = yaml.safe_load(pathlib.Path("deploy/keda/kustomization.yaml").read_text())
+assert "runner-scaledobject.yaml" in kk["resources"] and "../" in kk["resources"], kk
+assert any(p["target"]["kind"] == "HorizontalPodAutoscaler" for p in kk["patches"]), kk
+print("validate-deploy: deploy/keda: a ScaledObject on queue depth replacing the HPA")
 PY
 
 # Without the compose plugin, at least: the file parses, has the three services, and the
@@ -49,7 +74,19 @@ if missing:
 runner = services["runner"]
 if "container_name" in runner or "ports" in runner:
     sys.exit("validate-deploy: the runner service cannot be scaled (container_name or ports)")
-print("validate-deploy: docker-compose.yml has postgres, manager and a scalable runner")
+conditions = {"service_started", "service_healthy", "service_completed_successfully"}
+for name, service in services.items():
+    for needed, how in (service.get("depends_on") or {}).items():
+        if needed not in services:
+            sys.exit(f"validate-deploy: {name} depends on an unknown service {needed}")
+        condition = how.get("condition", "service_started")
+        if condition not in conditions:
+            sys.exit(f"validate-deploy: {name}: unknown condition {condition}")
+        if condition == "service_healthy" and "healthcheck" not in services[needed]:
+            sys.exit(f"validate-deploy: {name} waits for {needed} to be healthy, which has no healthcheck")
+if runner["depends_on"].get("runner-key", {}).get("condition") != "service_completed_successfully":
+    sys.exit("validate-deploy: the runners must wait for their key (runner-key)")
+print("validate-deploy: docker-compose.yml has postgres, a healthy manager, the runner key bootstrap and a scalable runner")
 PY
 
 if docker compose version >/dev/null 2>&1; then

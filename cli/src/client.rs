@@ -133,6 +133,15 @@ impl Manager {
         Ok(self.runs.list_runs(request).await?.into_inner())
     }
 
+    /// ListRequests (one page).
+    pub async fn list_requests(
+        &mut self,
+        message: proto::ListRequestsRequest,
+    ) -> Result<proto::ListRequestsResponse, Status> {
+        let request = self.request(message);
+        Ok(self.runs.list_requests(request).await?.into_inner())
+    }
+
     /// CancelRun; returns the run as it is afterwards.
     pub async fn cancel_run(&mut self, run_id: &str, reason: &str) -> Result<proto::Run, Status> {
         let request = self.request(proto::CancelRunRequest {

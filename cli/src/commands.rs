@@ -157,6 +157,39 @@ pub struct ListArgs {
     pub limit: i32,
 }
 
+/// Arguments of `agentrun requests`.
+#[derive(Debug, clap::Args)]
+pub struct RequestsArgs {
+    /// Only the requests of this run [default: every run].
+    pub run_id: Option<String>,
+    /// Only requests in these statuses (repeat or separate with commas) [default: open].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub status: Vec<RequestStatusArg>,
+    /// Most requests to show, 1..=500.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i32).range(1..=500))]
+    pub limit: i32,
+}
+
+/// A request status, as `agentrun requests --status` spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RequestStatusArg {
+    Open,
+    Resolved,
+    Cancelled,
+    Expired,
+}
+
+impl RequestStatusArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            RequestStatusArg::Open => "open",
+            RequestStatusArg::Resolved => "resolved",
+            RequestStatusArg::Cancelled => "cancelled",
+            RequestStatusArg::Expired => "expired",
+        }
+    }
+}
+
 /// A run status, as `--status` spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StatusArg {
@@ -408,6 +441,23 @@ pub async fn list(manager: &mut Manager, args: ListArgs) -> Result<u8, CliError>
     write_out(&render::runs_table(&response.runs))?;
     if !response.next_page_token.is_empty() {
         eprintln!("(more runs exist: raise --limit or narrow with --status)");
+    }
+    Ok(EXIT_OK)
+}
+
+/// `agentrun requests`: print requests (open ones by default) as a table, newest first.
+pub async fn requests(manager: &mut Manager, args: RequestsArgs) -> Result<u8, CliError> {
+    let response = manager
+        .list_requests(proto::ListRequestsRequest {
+            run_id: args.run_id.unwrap_or_default(),
+            statuses: args.status.iter().map(|s| s.as_str().to_owned()).collect(),
+            page_size: args.limit,
+            ..Default::default()
+        })
+        .await?;
+    write_out(&render::requests_table(&response.requests))?;
+    if !response.next_page_token.is_empty() {
+        eprintln!("(more requests exist: raise --limit or name a run)");
     }
     Ok(EXIT_OK)
 }

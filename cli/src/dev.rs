@@ -47,17 +47,60 @@ pub struct DevArgs {
     /// How many runner processes to start.
     #[arg(long, default_value_t = 2)]
     pub runners: u32,
+    /// Address of the web UI. Loopback only without `--auth`.
+    #[arg(long, default_value = "127.0.0.1:7401")]
+    pub ui_listen: SocketAddr,
+    /// Do not serve the web UI.
+    #[arg(long, conflicts_with_all = ["ui_listen", "ui_base_path"])]
+    pub no_ui: bool,
+    /// Path the web UI is served under.
+    #[arg(long, default_value = "/")]
+    pub ui_base_path: String,
+    /// Require API keys, as a real deployment does: dev creates a client and an admin
+    /// key for tenant `default` (printed in the banner) and a runner key for its runners.
+    #[arg(long)]
+    pub auth: bool,
+}
+
+/// The API keys `dev --auth` creates.
+struct DevKeys {
+    client: String,
+    admin: String,
+    runner: String,
+}
+
+impl DevKeys {
+    /// Creates the keys in the (migrated) database at `url`.
+    async fn create(url: &str) -> anyhow::Result<Self> {
+        use agentrun_manager::store::api_keys::{Role, create};
+        let pool = agentrun_manager::db::pool(url, 1)?;
+        let client = pool.get().await?;
+        let key = |role, name| create(&client, "default", role, &[], name, None);
+        let keys = Self {
+            client: key(Role::Client, "dev client").await?.key,
+            admin: key(Role::Admin, "dev admin").await?.key,
+            runner: key(Role::Runner, "dev runners").await?.key,
+        };
+        pool.close();
+        Ok(keys)
+    }
 }
 
 /// Runs the stack until `shutdown` is cancelled, then stops it. Returns 0 after a
 /// graceful stop (a signal asked for it); an error if the manager failed on its own.
 pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<u8, CliError> {
-    if !args.listen.ip().is_loopback() {
-        return Err(CliError::Usage(format!(
-            "--listen {} is not a loopback address: `agentrun dev` runs without \
-             authentication, so it listens on loopback only (127.0.0.1 or [::1])",
-            args.listen
-        )));
+    let ui_listen = (!args.no_ui).then_some(args.ui_listen);
+    for (flag, addr) in [("--listen", Some(args.listen)), ("--ui-listen", ui_listen)] {
+        if let Some(addr) = addr
+            && !args.auth
+            && !addr.ip().is_loopback()
+        {
+            return Err(CliError::Usage(format!(
+                "{flag} {addr} is not a loopback address: `agentrun dev` runs without \
+                 authentication unless --auth is given, so it listens on loopback only \
+                 (127.0.0.1 or [::1])"
+            )));
+        }
     }
     // Checked before anything is started, so a missing build fails fast.
     let runner_binary = match args.runners {
@@ -72,9 +115,15 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<u8, CliEr
     }
     let mut settings = Settings::for_database(database.url());
     settings.listen = args.listen;
-    // Development mode: no API keys. The manager refuses this off loopback, and so did
-    // the check above.
-    settings.auth = AuthMode::Disabled;
+    settings.ui_listen = ui_listen.map(|addr| addr.to_string()).unwrap_or_default();
+    settings.ui_base_path = args.ui_base_path.clone();
+    // Development mode: no API keys unless asked. The manager refuses this off
+    // loopback, and so did the check above.
+    settings.auth = if args.auth {
+        AuthMode::Required
+    } else {
+        AuthMode::Disabled
+    };
     // Plaintext on loopback: TLS settings meant for a real manager (in the environment)
     // do not apply to the local stack, nor to its runners below.
     settings.tls_cert = None;
@@ -89,7 +138,21 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<u8, CliEr
         }
     };
     let addr = app.local_addr();
+    let ui_url = app.ui_url();
     let manager_url = format!("http://{addr}");
+    let keys = if args.auth {
+        match DevKeys::create(&database.url()).await {
+            Ok(keys) => Some(keys),
+            Err(err) => {
+                database.remove().await;
+                return Err(CliError::Other(
+                    err.context("cannot create the dev API keys"),
+                ));
+            }
+        }
+    } else {
+        None
+    };
     let manager_stop = CancellationToken::new();
     let mut manager = tokio::spawn(app.run(manager_stop.clone()));
 
@@ -97,7 +160,8 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<u8, CliEr
     let mut failure: Option<CliError> = None;
     if let Some(binary) = &runner_binary {
         for index in 1..=args.runners {
-            match RunnerProcess::spawn(binary, &manager_url, index) {
+            let key = keys.as_ref().map(|keys| keys.runner.as_str());
+            match RunnerProcess::spawn(binary, &manager_url, key, index) {
                 Ok(runner) => runners.push(runner),
                 Err(err) => {
                     let message = format!("cannot start {}", binary.display());
@@ -110,7 +174,10 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<u8, CliEr
 
     let mut manager_ended = None;
     if failure.is_none() {
-        println!("{}", banner(&database, addr, &runners));
+        println!(
+            "{}",
+            banner(&database, addr, ui_url.as_deref(), keys.as_ref(), &runners)
+        );
         let mut reap = tokio::time::interval(REAP_INTERVAL);
         manager_ended = loop {
             tokio::select! {
@@ -273,9 +340,18 @@ struct RunnerProcess {
 impl RunnerProcess {
     /// Starts runner number `index` against `manager_url`, with this process's
     /// environment (provider keys and settings) plus its URL and name.
-    fn spawn(binary: &Path, manager_url: &str, index: u32) -> io::Result<Self> {
+    fn spawn(
+        binary: &Path,
+        manager_url: &str,
+        api_key: Option<&str>,
+        index: u32,
+    ) -> io::Result<Self> {
         let name = format!("runner-{index}");
         let mut command = Command::new(binary);
+        match api_key {
+            Some(key) => command.env("AGENTRUN_API_KEY", key),
+            None => command.env_remove("AGENTRUN_API_KEY"),
+        };
         command
             .env("AGENTRUN_MANAGER_URL", manager_url)
             .env("AGENTRUN_RUNNER_NAME", &name)
@@ -362,8 +438,33 @@ async fn stop_runners(runners: &mut [RunnerProcess]) {
 }
 
 /// What is running and how to use it.
-fn banner(database: &Database, addr: SocketAddr, runners: &[RunnerProcess]) -> String {
+fn banner(
+    database: &Database,
+    addr: SocketAddr,
+    ui_url: Option<&str>,
+    keys: Option<&DevKeys>,
+    runners: &[RunnerProcess],
+) -> String {
     let url = format!("http://{addr}");
+    let ui_line = match ui_url {
+        Some(ui) => format!("  ui        {ui}\n"),
+        None => String::new(),
+    };
+    let auth_lines = match keys {
+        Some(keys) => format!(
+            "  auth      API keys required (tenant `default`)\n  \
+             api key   {}\n  \
+             admin key {}\n",
+            keys.client, keys.admin
+        ),
+        None => {
+            "  auth      off: development mode without authentication, loopback only\n".to_owned()
+        }
+    };
+    let key_flag = match keys {
+        Some(keys) => format!("--api-key {} ", keys.client),
+        None => String::new(),
+    };
     let runner_line = match runners.len() {
         0 => "none (--runners 0)".to_owned(),
         n => format!(
@@ -383,10 +484,11 @@ fn banner(database: &Database, addr: SocketAddr, runners: &[RunnerProcess]) -> S
     format!(
         "agentrun dev\n  \
          postgres  {}\n  \
-         manager   {url} (in this process)\n  \
-         runners   {runner_line}\n  \
-         auth      off: development mode without authentication, loopback only\n\
-         try:  agentrun {manager_flag}run \"hello\" --follow\n\
+         manager   {url} (in this process)\n\
+         {ui_line}  \
+         runners   {runner_line}\n\
+         {auth_lines}\
+         try:  agentrun {manager_flag}{key_flag}run \"hello\" --follow\n\
          stop: Ctrl-C",
         database.describe()
     )
@@ -412,13 +514,13 @@ mod tests {
     #[test]
     fn banner_names_the_manager_flag_when_not_default() {
         let db = Database::External("postgres://u:p@h/d".into());
-        let text = banner(&db, "127.0.0.1:7400".parse().unwrap(), &[]);
+        let text = banner(&db, "127.0.0.1:7400".parse().unwrap(), None, None, &[]);
         assert!(
             text.contains("try:  agentrun run \"hello\" --follow"),
             "{text}"
         );
         assert!(text.contains("postgres://u:***@h/d"), "{text}");
-        let text = banner(&db, "127.0.0.1:9999".parse().unwrap(), &[]);
+        let text = banner(&db, "127.0.0.1:9999".parse().unwrap(), None, None, &[]);
         assert!(
             text.contains("agentrun --manager http://127.0.0.1:9999 run"),
             "{text}"

@@ -3,7 +3,7 @@
 //! `agentrun dev` runs a whole local stack (a throwaway PostgreSQL, the manager
 //! in-process, runner processes); the other commands are a thin gRPC client of a
 //! manager: create runs and follow their replies, read events, send commands, answer
-//! approvals, cancel, inspect; read and follow sessions; show queue statistics.
+//! approvals (and list the open ones), cancel, inspect; read and follow sessions; show queue statistics.
 //!
 //! - [`client`]: the connection to the manager and the tenant header.
 //! - [`commands`]: one function per client command (runs, approvals, stats).
@@ -118,6 +118,11 @@ pub enum ClientCommand {
     /// Print a session and the events of its runs; with --follow keep going until
     /// Ctrl-C.
     Session(sessions::SessionArgs),
+    /// List requests (approvals, user input) the runs wait for, newest first.
+    ///
+    /// Open requests of every run by default; name a run, or --status, to narrow or
+    /// widen the list. Answer one with `agentrun approve RUN REQUEST`.
+    Requests(commands::RequestsArgs),
     /// Accept a run's open request (an approval the run waits for).
     ///
     /// Prints the stored resolution; when the request had been answered before, that
@@ -176,6 +181,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8, CliError> 
             ClientCommand::Send(args) => commands::send(manager, args).await,
             ClientCommand::Get(args) => commands::get(manager, args).await,
             ClientCommand::List(args) => commands::list(manager, args).await,
+            ClientCommand::Requests(args) => commands::requests(manager, args).await,
             ClientCommand::Sessions(args) => sessions::sessions(manager, args).await,
             ClientCommand::Session(args) => sessions::session(manager, args, &shutdown).await,
             ClientCommand::Approve(args) => {

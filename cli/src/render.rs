@@ -602,6 +602,57 @@ pub fn runs_table(runs: &[proto::Run]) -> String {
     table(&["ID", "STATUS", "PROFILE", "ATTEMPT", "CREATED"], rows)
 }
 
+/// Longest request detail in `agentrun requests`, in characters.
+const DETAIL_CHARS: usize = 60;
+
+/// Requests as an aligned table, for `agentrun requests`.
+pub fn requests_table(requests: &[proto::Request]) -> String {
+    let rows = requests
+        .iter()
+        .map(|request| {
+            vec![
+                request.request_id.clone(),
+                request.run_id.clone(),
+                request.kind.clone(),
+                request.status.clone(),
+                time(request.created_at.as_ref()),
+                time(request.deadline.as_ref()),
+                request_detail(&request.detail_json),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID", "RUN", "KIND", "STATUS", "CREATED", "DEADLINE", "DETAIL",
+        ],
+        rows,
+    )
+}
+
+/// What a request asks, on one line: the text a provider usually puts in its detail
+/// (`command`, `question`, `path`, `tool`), else the detail as JSON; at most
+/// [`DETAIL_CHARS`] characters.
+pub fn request_detail(detail_json: &str) -> String {
+    let detail: Value = serde_json::from_str(detail_json).unwrap_or(Value::Null);
+    let text = ["command", "question", "path", "tool", "message"]
+        .iter()
+        .find_map(|key| text_field(&detail, key))
+        .unwrap_or_else(|| match &detail {
+            Value::Null => String::new(),
+            Value::Object(fields) if fields.is_empty() => String::new(),
+            other => other.to_string(),
+        });
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() > DETAIL_CHARS {
+        let cut: String = line.chars().take(DETAIL_CHARS - 1).collect();
+        format!("{cut}…")
+    } else if line.is_empty() {
+        "-".into()
+    } else {
+        line
+    }
+}
+
 /// Rows under a header, each column as wide as its widest cell, two spaces apart.
 pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| (*h).to_owned()).collect())
@@ -991,6 +1042,38 @@ mod tests {
         assert_eq!(
             table,
             "ID   STATUS   PROFILE   ATTEMPT  CREATED\nabc  running  scripted  1/3      -\n"
+        );
+    }
+
+    #[test]
+    fn requests_are_one_line_each() {
+        assert_eq!(
+            request_detail(r#"{"command": "make\n  deploy"}"#),
+            "make deploy"
+        );
+        assert_eq!(
+            request_detail(r#"{"question": "What next?", "command": 3}"#),
+            "3"
+        );
+        assert_eq!(request_detail(r#"{"files": ["a"]}"#), r#"{"files":["a"]}"#);
+        assert_eq!(request_detail("{}"), "-");
+        assert_eq!(request_detail(""), "-");
+        let long = request_detail(&json!({ "command": "x".repeat(100) }).to_string());
+        assert_eq!(long.chars().count(), DETAIL_CHARS);
+        assert!(long.ends_with('…'));
+        let request = proto::Request {
+            request_id: "r1".into(),
+            run_id: "run1".into(),
+            kind: "command".into(),
+            status: "open".into(),
+            detail_json: r#"{"command": "ls"}"#.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            requests_table(&[request]),
+            "ID  RUN   KIND     STATUS  CREATED  DEADLINE  DETAIL
+\
+             r1  run1  command  open    -        -         ls\n"
         );
     }
 

@@ -124,6 +124,12 @@ impl RunService for Fake {
     ) -> Result<Response<proto::GetCommandResponse>, Status> {
         unused()
     }
+    async fn list_requests(
+        &self,
+        _: Request<proto::ListRequestsRequest>,
+    ) -> Result<Response<proto::ListRequestsResponse>, Status> {
+        unused()
+    }
 
     /// Two events per page; the second call fails with UNAVAILABLE.
     async fn list_events(

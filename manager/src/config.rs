@@ -109,6 +109,13 @@ pub struct Settings {
         default_value = "127.0.0.1:9400"
     )]
     pub metrics_listen: String,
+    /// Address of the operator web UI (HTTP/1.1: the app and gRPC-Web to the API, with
+    /// the same API keys); empty disables it.
+    #[arg(long, env = "AGENTRUN_UI_LISTEN", default_value = "")]
+    pub ui_listen: String,
+    /// Path the UI is served under, e.g. `/agentrun/` behind an ingress.
+    #[arg(long, env = "AGENTRUN_UI_BASE_PATH", default_value = "/")]
+    pub ui_base_path: String,
     /// Log output: `pretty` for people, `json` (one object per line) for collectors.
     #[arg(long, env = "AGENTRUN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,

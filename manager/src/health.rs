@@ -1,6 +1,7 @@
 //! `grpc.health.v1` status that follows the database: every service reports
 //! NOT_SERVING while PostgreSQL is unreachable or the schema lacks migrations this
-//! build expects, and SERVING again once it recovers.
+//! build expects, and SERVING again once it recovers. [`check_serving`] is the other
+//! side: `agentrun-manager health`, a container health check asking a manager.
 
 use std::time::Duration;
 
@@ -82,4 +83,67 @@ async fn probe(pool: &Pool, schema_checked: &mut bool) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `agentrun-manager health`: which manager to probe, and how.
+#[derive(Debug, clap::Args)]
+pub struct ProbeArgs {
+    /// The manager's URL; default this manager's `--listen` port on loopback (https://
+    /// when it serves TLS, then also give `--ca` and a URL naming its certificate's host).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// PEM CA certificate to trust over https:// (default: the system roots).
+    #[arg(long)]
+    pub ca: Option<std::path::PathBuf>,
+    /// How long the probe may take, in milliseconds.
+    #[arg(long, default_value_t = 3_000)]
+    pub timeout_ms: u64,
+}
+
+/// Asks the manager's health service about the server as a whole; true when it is
+/// SERVING. Prints what it found.
+pub async fn check_serving(settings: &crate::Settings, args: &ProbeArgs) -> anyhow::Result<bool> {
+    use tonic_health::pb::health_check_response::ServingStatus as Status;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let url = args.url.clone().unwrap_or_else(|| {
+        let scheme = if settings.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let port = settings.listen.port();
+        format!("{scheme}://127.0.0.1:{port}")
+    });
+    let tls = agentrun_shared::tls::ClientTls {
+        ca: args.ca.clone(),
+        ..Default::default()
+    };
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let endpoint = tls
+        .endpoint(&url)?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let asked = async {
+        let mut client = HealthClient::new(endpoint.connect().await?);
+        let response = client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?;
+        anyhow::Ok(response.into_inner().status())
+    };
+    let status = match tokio::time::timeout(timeout, asked).await {
+        Ok(Ok(status)) => status,
+        Ok(Err(err)) => {
+            println!("{url}: not reachable: {err}");
+            return Ok(false);
+        }
+        Err(_) => {
+            println!("{url}: no answer within {timeout:?}");
+            return Ok(false);
+        }
+    };
+    println!("{url}: {}", status.as_str_name());
+    Ok(status == Status::Serving)
 }

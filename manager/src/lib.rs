@@ -17,6 +17,7 @@
 //!   metrics and their HTTP endpoint; [`observe`]: the per-RPC span and metrics layer;
 //!   [`wire_errors`]: a request that did not decode is INVALID_ARGUMENT, a message over
 //!   the size limit RESOURCE_EXHAUSTED.
+//! - [`ui`]: the web UI's port — the embedded app and gRPC-Web to the same services.
 //! - [`local_postgres`]: a throwaway PostgreSQL for `dev` and tests.
 
 pub mod api;
@@ -41,6 +42,7 @@ pub mod startup;
 pub mod store;
 pub mod sweeper;
 pub mod telemetry;
+pub mod ui;
 pub mod wire_errors;
 
 pub use config::Settings;

@@ -40,13 +40,16 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_
 pub struct Limits {
     /// Most connections open at once.
     pub max_connections: usize,
-    /// How long a plaintext connection has to send the HTTP/2 preface.
+    /// How long a plaintext connection has to send the HTTP/2 preface (or, when
+    /// `http1`, its first bytes).
     pub handshake_timeout: Duration,
     /// How long a connection may send nothing at all; `None`: forever.
     pub idle_timeout: Option<Duration>,
     /// Whether tonic runs TLS over these connections: the bytes are then TLS records, and
     /// the handshake deadline is tonic's.
     pub tls: bool,
+    /// HTTP/1.1 is served too (the UI port): any first bytes complete the handshake.
+    pub http1: bool,
 }
 
 /// The connections accepted from `listener` within `limits`, for
@@ -141,6 +144,8 @@ pub struct Connection {
     _slot: OwnedSemaphorePermit,
     /// Bytes of the HTTP/2 preface seen so far; `None` once it is complete, or over TLS.
     preface: Option<usize>,
+    /// Any first bytes complete the handshake (HTTP/1.1 is served too).
+    http1: bool,
     /// The handshake deadline until the preface is complete, then the idle deadline
     /// (checked against `last_read` when it fires, so a read need not reset the timer).
     deadline: Option<Pin<Box<Sleep>>>,
@@ -161,6 +166,7 @@ impl Connection {
             stream,
             _slot: slot,
             preface,
+            http1: limits.http1,
             deadline: first.map(|after| Box::pin(tokio::time::sleep_until(now + after))),
             idle_timeout: limits.idle_timeout,
             last_read: now,
@@ -172,11 +178,12 @@ impl Connection {
         self.last_read = Instant::now();
         let Some(seen) = self.preface else { return };
         let n = bytes.len().min(PREFACE.len() - seen);
-        if bytes[..n] != PREFACE[seen..seen + n] {
+        if self.http1 {
+            // Whatever the protocol, the peer spoke: on to the idle deadline.
+        } else if bytes[..n] != PREFACE[seen..seen + n] {
             // Not HTTP/2: hyper refuses it; until then the handshake deadline holds.
             return;
-        }
-        if seen + n < PREFACE.len() {
+        } else if seen + n < PREFACE.len() {
             self.preface = Some(seen + n);
             return;
         }
@@ -345,6 +352,7 @@ mod tests {
             handshake_timeout: Duration::from_millis(200),
             idle_timeout: Some(Duration::from_millis(600)),
             tls: false,
+            http1: false,
         }
     }
 

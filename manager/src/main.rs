@@ -26,6 +26,10 @@ enum Command {
     /// Create, list or revoke API keys, straight in the database (DATABASE_URL).
     #[command(subcommand)]
     Keys(agentrun_manager::keys::KeysCommand),
+    /// Ask a manager's grpc.health.v1 service whether it serves (exit 0) or not (exit
+    /// 1): a container health check. Probes this manager's `--listen` address on
+    /// loopback unless `--url` is given.
+    Health(agentrun_manager::health::ProbeArgs),
 }
 
 #[tokio::main]
@@ -33,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // `keys` prints a key on stdout for scripts to capture: no log lines there.
     // Flushes exported traces when main returns.
-    let _telemetry = if matches!(cli.command, Some(Command::Keys(_))) {
+    let _telemetry = if matches!(cli.command, Some(Command::Keys(_) | Command::Health(_))) {
         None
     } else {
         Some(telemetry::init_with(
@@ -49,6 +53,10 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve => serve(settings).await,
+        Command::Health(probe) => {
+            let serving = agentrun_manager::health::check_serving(&settings, &probe).await?;
+            std::process::exit(if serving { 0 } else { 1 })
+        }
         Command::Keys(command) => {
             let database = db::Database::from_settings(&settings)?;
             agentrun_manager::keys::run(&database, settings.migrate_on_start(), command).await

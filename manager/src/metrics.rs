@@ -5,11 +5,11 @@
 //! database knows (queue depth, oldest pending run, active leases) and the pool's usage
 //! are read at scrape time, so they are never stale and cost nothing between scrapes.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use agentrun_shared::http::{self, Reply};
 use agentrun_shared::state::RunStatus;
 use deadpool_postgres::Pool;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -18,8 +18,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::leases::Assignment;
@@ -27,10 +26,6 @@ use crate::store::runs;
 
 /// How long a scrape may spend on the database before it reports without it.
 const SCRAPE_DB_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a client has to send its request line and headers.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest request head read; `/metrics` requests are tiny.
-const MAX_REQUEST_BYTES: usize = 8 * 1024;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueueStatusLabels {
@@ -347,85 +342,26 @@ impl Drop for GaugeGuard {
 
 /// Binds the metrics listener; `None` when `addr` is empty (metrics disabled).
 pub async fn bind(addr: &str) -> anyhow::Result<Option<TcpListener>> {
-    if addr.trim().is_empty() {
-        return Ok(None);
-    }
-    let addr: SocketAddr = addr
-        .parse()
-        .map_err(|err| anyhow::anyhow!("--metrics-listen {addr:?}: {err}"))?;
-    Ok(Some(TcpListener::bind(addr).await?))
+    http::bind("--metrics-listen", addr)
+        .await
+        .map_err(anyhow::Error::msg)
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown`. A deliberately tiny HTTP/1.1
-/// responder: one request per connection, then close.
+/// Serves `GET /metrics` on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     pool: Pool,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(err) => {
-                    tracing::warn!(error = %err, "metrics listener accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            if let Err(err) = respond(stream, &metrics, &pool).await {
-                tracing::debug!(error = %err, "metrics request failed");
+    let handle = move |path: String| {
+        let (metrics, pool) = (metrics.clone(), pool.clone());
+        async move {
+            match path.as_str() {
+                "/metrics" => Reply::new("200 OK", http::OPENMETRICS, metrics.render(&pool).await),
+                _ => Reply::not_found(),
             }
-        });
-    }
-}
-
-async fn respond(mut stream: TcpStream, metrics: &Metrics, pool: &Pool) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    let read_head = async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_BYTES {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
         }
-        std::io::Result::Ok(())
     };
-    if tokio::time::timeout(REQUEST_TIMEOUT, read_head)
-        .await
-        .is_err()
-    {
-        return Ok(());
-    }
-    let request_line = String::from_utf8_lossy(&head);
-    let mut parts = request_line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.render(pool).await,
-        ),
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "method not allowed\n".to_owned(),
-        ),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    http::serve(listener, handle, shutdown).await
 }

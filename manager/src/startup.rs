@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use uuid::Uuid;
@@ -27,6 +28,7 @@ use crate::hellos::Hellos;
 use crate::metrics::{self, Metrics};
 use crate::notify::{self, Notifier};
 use crate::observe::ObserveLayer;
+use crate::ui::{self, UiAddress};
 use crate::wire_errors::WireErrorsLayer;
 use crate::{db, health, listener, retention, sweeper};
 
@@ -51,6 +53,8 @@ pub struct Application {
     listener: TcpListener,
     /// The Prometheus endpoint's listener; `None` when metrics are disabled.
     metrics_listener: Option<TcpListener>,
+    /// The web UI's listener and base path; `None` when the UI is off.
+    ui: Option<(TcpListener, UiAddress)>,
     pool: Pool,
     /// Where the LISTEN connection goes (as the pool's connections do).
     database: db::Database,
@@ -63,7 +67,8 @@ impl Application {
     /// Connects, migrates and binds. Binding `127.0.0.1:0` picks a free port (tests).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let database = db::Database::from_settings(&settings)?;
-        check_auth(&settings)?;
+        let ui_address = UiAddress::parse(&settings.ui_listen, &settings.ui_base_path)?;
+        check_auth(&settings, ui_address.as_ref())?;
         settings.check_limits()?;
         let tls = server_tls(&settings)?;
         tracing::info!(sslmode = %database.ssl_mode(), "database connection");
@@ -73,9 +78,14 @@ impl Application {
         }
         let listener = TcpListener::bind(settings.listen).await?;
         let metrics_listener = metrics::bind(&settings.metrics_listen).await?;
+        let ui = match ui_address {
+            Some(address) => Some((TcpListener::bind(address.listen).await?, address)),
+            None => None,
+        };
         Ok(Self {
             listener,
             metrics_listener,
+            ui,
             pool,
             database,
             tls,
@@ -96,11 +106,18 @@ impl Application {
             .and_then(|l| l.local_addr().ok())
     }
 
+    /// The web UI's address to open in a browser, if it is served.
+    pub fn ui_url(&self) -> Option<String> {
+        let (listener, address) = self.ui.as_ref()?;
+        Some(address.url(listener.local_addr().ok()?))
+    }
+
     /// Serves until `shutdown` is cancelled, then stops the sweeper and closes the pool.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self {
             listener,
             metrics_listener,
+            ui,
             pool,
             database,
             tls,
@@ -243,6 +260,7 @@ impl Application {
             handshake_timeout: settings.handshake_timeout(),
             idle_timeout: settings.idle_timeout(),
             tls: tls.is_some(),
+            http1: false,
         };
         tracing::info!(
             addr = %listener.local_addr()?,
@@ -250,6 +268,38 @@ impl Application {
             max_connections = limits.max_connections,
             "manager listening"
         );
+        if let Some((ui_listener, address)) = ui {
+            tracing::info!(url = %address.url(ui_listener.local_addr()?), "web UI listening");
+            let mut api = RoutesBuilder::default();
+            api.add_service(limited!(RunServiceServer::new(RunApi::new(state.clone()))))
+                .add_service(limited!(SessionServiceServer::new(SessionApi::new(
+                    state.clone()
+                ))))
+                .add_service(limited!(AdminServiceServer::new(AdminApi::new(
+                    state.clone()
+                ))));
+            let routes = ui::routes(api, &address.base_path, metrics.clone());
+            let mut server = tonic::transport::Server::builder().accept_http1(true);
+            if let Some(tls) = tls.clone() {
+                server = server.tls_config(tls.timeout(settings.handshake_timeout()))?;
+            }
+            // Browsers send nothing while a watch streams and HTTP/1.1 has no pings: no
+            // idle timeout here (the connection cap still holds).
+            let ui_limits = listener::Limits {
+                http1: true,
+                idle_timeout: None,
+                ..limits
+            };
+            let served = server.add_routes(routes).serve_with_incoming_shutdown(
+                listener::incoming(ui_listener, ui_limits),
+                shutdown.clone().cancelled_owned(),
+            );
+            tasks.spawn(async move {
+                if let Err(err) = served.await {
+                    tracing::error!(error = %err, "web UI server failed");
+                }
+            });
+        }
         // No per-call `timeout`: Connect and the watches are meant to last.
         let mut server = tonic::transport::Server::builder()
             .max_concurrent_streams(settings.max_concurrent_streams)
@@ -336,7 +386,16 @@ fn server_tls(settings: &Settings) -> anyhow::Result<Option<ServerTlsConfig>> {
 }
 
 /// Refuses to serve without authentication anywhere but on a loopback address.
-fn check_auth(settings: &Settings) -> anyhow::Result<()> {
+fn check_auth(settings: &Settings, ui: Option<&UiAddress>) -> anyhow::Result<()> {
+    if settings.auth == AuthMode::Disabled
+        && let Some(ui) = ui.filter(|ui| !ui.listen.ip().is_loopback())
+    {
+        anyhow::bail!(
+            "--auth disabled is only allowed on loopback addresses, and --ui-listen {} is \
+             not one: anyone who can reach it could act for any tenant",
+            ui.listen
+        );
+    }
     if settings.auth == AuthMode::Disabled && !settings.listen.ip().is_loopback() {
         anyhow::bail!(
             "--auth disabled is only allowed on a loopback address (127.0.0.1 or [::1]), \

@@ -67,9 +67,20 @@ pub struct RunnerSettings {
     /// PEM private key of `tls_cert`.
     #[arg(long, env = "AGENTRUN_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Address serving `GET /metrics` (Prometheus) and `GET /healthz`; empty: off.
+    #[arg(long, env = "AGENTRUN_HEALTH_LISTEN", default_value = "")]
+    pub health_listen: String,
+    /// `/healthz` fails after this long without a session with a manager, or with one
+    /// that answers nothing (not even heartbeats).
+    #[arg(long, env = "AGENTRUN_UNHEALTHY_AFTER_MS", default_value_t = 30_000)]
+    pub unhealthy_after_ms: u64,
 }
 
 impl RunnerSettings {
+    pub fn unhealthy_after(&self) -> Duration {
+        Duration::from_millis(self.unhealthy_after_ms)
+    }
+
     pub fn linger(&self) -> Duration {
         Duration::from_millis(self.linger_ms)
     }

@@ -41,6 +41,7 @@ use tonic::transport::Channel;
 use crate::config::RunnerSettings;
 use crate::executor::{self, RunContext, Upward};
 use crate::fit::PayloadLimit;
+use crate::observe::Observer;
 use crate::outbox::{BatchLimits, Outbox};
 use crate::provider::Providers;
 
@@ -102,6 +103,9 @@ pub struct Runner {
     connections: usize,
     /// The manager's payload limit, updated by each welcome; every outbox obeys it.
     payload_limit: PayloadLimit,
+    observer: Arc<Observer>,
+    /// Sessions opened so far.
+    sessions: usize,
 }
 
 impl Runner {
@@ -111,6 +115,7 @@ impl Runner {
         providers: Providers,
     ) -> Self {
         let (upward_tx, upward_rx) = mpsc::unbounded_channel();
+        let observer = Arc::new(Observer::new(settings.unhealthy_after()));
         Self {
             settings,
             identity,
@@ -122,7 +127,14 @@ impl Runner {
             draining: None,
             connections: 0,
             payload_limit: PayloadLimit::default(),
+            observer,
+            sessions: 0,
         }
+    }
+
+    /// The runner's metrics and health, for its endpoint.
+    pub fn observer(&self) -> Arc<Observer> {
+        self.observer.clone()
     }
 
     /// Connects, works, reconnects, until `shutdown` and the drain are done.
@@ -130,7 +142,9 @@ impl Runner {
         let mut backoff = Duration::from_millis(100);
         loop {
             let connected_at = Instant::now();
-            match self.session(&shutdown).await {
+            let ended = self.session(&shutdown).await;
+            self.observer.disconnected();
+            match ended {
                 Ok(SessionEnd::Drained) => return Ok(()),
                 Ok(SessionEnd::Disconnected) => {
                     tracing::warn!("disconnected from the manager; reconnecting")
@@ -237,6 +251,8 @@ impl Runner {
         let batch = BatchLimits::from_welcome(&welcome);
         self.apply_welcome(&welcome, batch, &tx).await;
         tracing::info!(manager = %welcome.manager_id, runs = self.runs.len(), "connected");
+        self.observer.connected(self.sessions == 0);
+        self.sessions += 1;
         if self.draining.is_none() {
             let free = self.free_slots();
             if free > 0 {
@@ -269,7 +285,10 @@ impl Runner {
             };
             tokio::select! {
                 message = inbound.message() => match message? {
-                    Some(proto::ManagerMessage { body: Some(body) }) => self.on_message(body, &tx).await,
+                    Some(proto::ManagerMessage { body: Some(body) }) => {
+                        self.observer.heard_from_manager();
+                        self.on_message(body, &tx).await
+                    }
                     Some(_) => {}
                     None => return Ok(SessionEnd::Disconnected),
                 },
@@ -472,8 +491,10 @@ impl Runner {
             idle_timeout: self.settings.idle_timeout(),
             context: executor::context_of(&assignment.context),
             provider_thread_id: Some(assignment.provider_thread_id).filter(|t| !t.is_empty()),
+            observer: self.observer.clone(),
         };
         tracing::info!(run = %run.run_id, epoch = assignment.epoch, profile = %run.backend_profile, "run assigned");
+        self.observer.run_started();
         tokio::spawn(executor::execute(ctx, commands_rx));
         self.runs.insert(
             run.run_id,
@@ -515,12 +536,23 @@ impl Runner {
         let Some(run) = self.runs.remove(run_id) else {
             return false;
         };
+        let outcome = match &run.finish {
+            Some(finish) => {
+                let status = finish.status().as_str_name();
+                status
+                    .trim_start_matches("RUN_STATUS_")
+                    .to_ascii_lowercase()
+            }
+            None if run.abort.is_cancelled() => "released".into(),
+            None => "lost".into(),
+        };
         if let Some(why) = why
             && run.finish.is_none()
         {
             tracing::warn!(run = %run_id, reason = %why, "stopping a run whose lease is gone");
         }
         run.abort.cancel();
+        self.observer.run_ended(&outcome);
         true
     }
 
@@ -539,6 +571,7 @@ impl Runner {
             if events.is_empty() {
                 return;
             }
+            self.observer.batch_sent(events.len());
             let batch = proto::AppendEventsRequest {
                 runner_id: self.identity.runner_id.clone(),
                 run_id: run_id.to_owned(),

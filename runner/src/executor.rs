@@ -39,6 +39,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::observe::Observer;
 use crate::outbox::{Aborted, Outbox};
 use crate::provider::{
     self, Exchange, ProviderError, Providers, Resolution, TurnContext, TurnOutcome, TurnRequest,
@@ -68,6 +69,8 @@ pub struct RunContext {
     pub context: Vec<Exchange>,
     /// The provider's thread id from the assignment.
     pub provider_thread_id: Option<String>,
+    /// Turn metrics go here.
+    pub observer: Arc<Observer>,
 }
 
 /// Provider events buffered between a provider and its run task.
@@ -91,6 +94,9 @@ struct ActiveTurn {
     resolutions: mpsc::Sender<Resolution>,
     events: mpsc::Receiver<provider::ProviderEvent>,
     task: JoinHandle<TurnOutcome>,
+    started: tokio::time::Instant,
+    /// Whether its first `content.delta` was seen (time to first token).
+    first_token: bool,
 }
 
 enum Ending {
@@ -214,6 +220,7 @@ impl<'a> Executor<'a> {
                 event = async { self.active.as_mut().expect("guarded").events.recv().await }, if self.active.is_some() => {
                     match event {
                         Some(event) => {
+                            self.note_first_token(&event);
                             let opened = (event.event_type == "request.opened")
                                 .then(|| event.payload["request_id"].as_str().map(str::to_owned))
                                 .flatten();
@@ -545,8 +552,21 @@ impl<'a> Executor<'a> {
             resolutions,
             events,
             task,
+            started: tokio::time::Instant::now(),
+            first_token: false,
         });
         Ok(())
+    }
+
+    /// Records the active turn's time to first token at its first `content.delta`.
+    fn note_first_token(&mut self, event: &provider::ProviderEvent) {
+        if let Some(active) = self.active.as_mut()
+            && !active.first_token
+            && event.event_type == "content.delta"
+        {
+            active.first_token = true;
+            self.ctx.observer.first_token(active.started.elapsed());
+        }
     }
 
     /// The provider closed its event channel: collect its outcome and record the end.
@@ -568,6 +588,15 @@ impl<'a> Executor<'a> {
                 retryable: false,
             }),
         };
+        let tokens = match &outcome {
+            TurnOutcome::Completed {
+                usage: Some(usage), ..
+            } => Some((usage.input_tokens, usage.output_tokens)),
+            _ => None,
+        };
+        self.ctx
+            .observer
+            .turn_ended(active.started.elapsed(), tokens);
         self.record_turn_end(
             &active.command,
             &active.turn_id,
@@ -699,6 +728,7 @@ mod tests {
             idle_timeout: Duration::from_secs(600),
             context: Vec::new(),
             provider_thread_id: None,
+            observer: Arc::new(crate::observe::Observer::new(Duration::from_secs(30))),
         };
         let (commands_tx, commands) = mpsc::unbounded_channel();
         commands_tx.send(turn("[tokens:100000]")).unwrap();

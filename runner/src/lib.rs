@@ -7,12 +7,14 @@
 //! - [`fit`]: events made to fit the manager's payload limit (deltas split, others
 //!   truncated with a marker) before they enter an outbox.
 //! - [`provider`]: the provider trait and the scripted, openai and command providers.
+//! - [`observe`]: metrics and the health verdict, served on `--health-listen`.
 //! - [`config`] and [`setup`]: settings, and the providers built from them.
 
 pub mod config;
 pub mod connection;
 pub mod executor;
 pub mod fit;
+pub mod observe;
 pub mod outbox;
 pub mod provider;
 pub mod setup;
@@ -51,8 +53,26 @@ pub async fn run(
         max_concurrency: settings.max_concurrency as i32,
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
-    tracing::info!(runner = %runner_id, name = %settings.name, profiles = ?identity.backend_profiles, "runner starting");
-    Runner::new(settings, identity, providers)
-        .run(shutdown)
+    let health_listener = agentrun_shared::http::bind("--health-listen", &settings.health_listen)
         .await
+        .map_err(anyhow::Error::msg)?;
+    tracing::info!(runner = %runner_id, name = %settings.name, profiles = ?identity.backend_profiles, "runner starting");
+    let runner = Runner::new(settings, identity, providers);
+    let stop_serving = CancellationToken::new();
+    if let Some(listener) = health_listener {
+        tracing::info!(addr = %listener.local_addr()?, "metrics and health listening");
+        let observer = runner.observer();
+        let handle = move |path: String| {
+            let reply = observer.reply(&path);
+            async move { reply }
+        };
+        tokio::spawn(agentrun_shared::http::serve(
+            listener,
+            handle,
+            stop_serving.clone(),
+        ));
+    }
+    let ran = runner.run(shutdown).await;
+    stop_serving.cancel();
+    ran
 }

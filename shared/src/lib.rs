@@ -7,11 +7,13 @@
 //! - [`events`]: the closed set of event types and per-type payload rules.
 //! - [`payload`]: JSON payload validation, size limits and secret redaction.
 //! - [`error`]: the field-naming validation error used at every edge.
+//! - [`http`]: the tiny HTTP responder of the operational endpoints (metrics, health).
 //! - [`tls`]: client-side TLS (trusted CA, client certificate) for runners and the CLI.
 
 pub mod codec;
 pub mod error;
 pub mod events;
+pub mod http;
 pub mod ids;
 pub mod payload;
 pub mod state;

@@ -301,14 +301,42 @@ async fn wait_until_serving(addr: SocketAddr, dev: &CliProcess) {
     }
 }
 
-/// `agentrun dev` with its own throwaway PostgreSQL (DATABASE_URL removed) on `addr`.
+/// `agentrun dev` with its own throwaway PostgreSQL (DATABASE_URL removed) on `addr`,
+/// its web UI on a free port.
 fn start_dev(addr: SocketAddr, runners: &str) -> CliProcess {
-    let mut command = agentrun_command(
-        addr,
-        &["dev", "--listen", &addr.to_string(), "--runners", runners],
-    );
+    let mut command = agentrun_command(addr, &as_strs(&dev_args(addr, runners)));
     command.env_remove("DATABASE_URL").env("RUST_LOG", "info");
     CliProcess::spawn(command)
+}
+
+fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// `dev` on `addr` with `runners`, its UI on a free port (tests run side by side).
+fn dev_args(addr: SocketAddr, runners: &str) -> Vec<String> {
+    ["dev", "--listen", &addr.to_string(), "--runners", runners]
+        .into_iter()
+        .map(String::from)
+        .chain(["--ui-listen".into(), free_addr().to_string()])
+        .collect()
+}
+
+/// `dev`'s banner, once it is printed whole (the manager may serve before it is).
+async fn banner_of(dev: &CliProcess) -> String {
+    let deadline = Instant::now() + DEV_TIMEOUT;
+    loop {
+        let banner = dev.stdout();
+        if banner.contains("stop: Ctrl-C") {
+            return banner;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no banner within {DEV_TIMEOUT:?}\nstdout:\n{banner}\nstderr:\n{}",
+            dev.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// `agentrun dev` serves; on SIGTERM it stops gracefully and exits 0 (a requested
@@ -320,9 +348,27 @@ async fn dev_serves_and_cleans_up_on_sigterm() {
     wait_until_serving(addr, &dev).await;
     let clusters = pg_dirs_of(dev.pid());
     assert_eq!(clusters.len(), 1, "one throwaway cluster: {clusters:?}");
-    let banner = dev.stdout();
+    let banner = banner_of(&dev).await;
     assert!(banner.contains(&format!("http://{addr}")), "{banner}");
     assert!(banner.contains("auth      off"), "{banner}");
+    // The banner names the web UI, and it answers there.
+    let ui = banner
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("ui"))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no ui line: {banner}"));
+    let ui_addr = ui.trim_start_matches("http://").trim_end_matches('/');
+    let mut page = tokio::net::TcpStream::connect(ui_addr)
+        .await
+        .expect("the UI listens");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    page.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    page.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("<base href=\"/\">"), "{answer}");
 
     terminate(dev.pid());
     let done = dev.wait(DEV_TIMEOUT).await;
@@ -438,10 +484,7 @@ async fn dev_uses_the_openai_provider_when_configured() {
     let model = fake_openai(&["Hi ", "from ", "the ", "model"]).await;
     let base_url = format!("http://{model}/v1");
     let addr = free_addr();
-    let mut command = agentrun_command(
-        addr,
-        &["dev", "--listen", &addr.to_string(), "--runners", "1"],
-    );
+    let mut command = agentrun_command(addr, &as_strs(&dev_args(addr, "1")));
     command
         .env_remove("DATABASE_URL")
         .env("OPENAI_BASE_URL", &base_url)
@@ -460,6 +503,48 @@ async fn dev_uses_the_openai_provider_when_configured() {
         dev.stderr()
     );
     assert_eq!(done.stdout, "Hi from the model");
+    terminate(dev.pid());
+    dev.wait(DEV_TIMEOUT).await;
+}
+
+/// `agentrun dev --auth` requires keys: it prints a client key that works, its runners
+/// use a runner key of their own, and a call without a key is refused.
+#[tokio::test]
+async fn dev_with_auth_prints_a_key_that_works_and_refuses_calls_without_one() {
+    let addr = free_addr();
+    let mut args = dev_args(addr, "1");
+    args.push("--auth".into());
+    let mut command = agentrun_command(addr, &as_strs(&args));
+    command.env_remove("DATABASE_URL").env("RUST_LOG", "info");
+    let mut dev = CliProcess::spawn(command);
+    let banner = banner_of(&dev).await;
+    let key = banner
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("api key"))
+        .unwrap_or_else(|| panic!("no api key in dev's banner:\n{banner}"))
+        .trim()
+        .to_owned();
+    assert!(banner.contains("admin key "), "{banner}");
+
+    let refused = CliProcess::start(addr, &["list"]).wait(DEV_TIMEOUT).await;
+    assert_ne!(refused.code(), Some(0), "{}", refused.stdout);
+    assert!(refused.stderr.contains("API key"), "{}", refused.stderr);
+
+    let done = CliProcess::start(addr, &["--api-key", &key, "run", "hello", "--follow"])
+        .wait(DEV_TIMEOUT)
+        .await;
+    assert_eq!(
+        done.code(),
+        Some(0),
+        "stderr:\n{}\ndev stderr:\n{}",
+        done.stderr,
+        dev.stderr()
+    );
+    assert!(
+        !done.stdout.is_empty(),
+        "no reply streamed: {}",
+        done.stderr
+    );
     terminate(dev.pid());
     dev.wait(DEV_TIMEOUT).await;
 }

@@ -1,4 +1,5 @@
-//! Operability: health that waits for migrations, and Prometheus metrics that move.
+//! Operability: health that waits for migrations, Prometheus metrics that move, the
+//! manager's `health` command, and a runner's metrics and health endpoint.
 //! (Health while the database is down and back: `faults::postgres_stopped_and_restarted_under_load`.)
 
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use tonic_health::pb::{
 };
 
 const FLIP: Duration = Duration::from_secs(20);
+const LONG: Duration = Duration::from_secs(30);
 
 async fn status_of_service(health: &HealthClient<Channel>, service: &str) -> Option<i32> {
     let mut health = health.clone();
@@ -213,4 +215,118 @@ async fn metrics_are_served_and_move() {
         (sample(&scrape(addr).await, "agentrun_watchers", &[]) == 0.0).then_some(())
     })
     .await;
+}
+
+/// `agentrun-manager health` (the image's HEALTHCHECK) exits 0 against a serving
+/// manager and 1, saying why, against an address nobody serves.
+#[tokio::test]
+async fn the_health_command_tells_a_serving_manager_from_a_missing_one() {
+    let app = TestApp::spawn().await;
+    // Blocking, off the runtime: the manager under test runs on it.
+    let probe = |url: String| {
+        tokio::task::spawn_blocking(move || {
+            let output = std::process::Command::new(binary("agentrun-manager"))
+                .args(["health", "--url", &url, "--timeout-ms", "10000"])
+                .env_remove("DATABASE_URL")
+                .output()
+                .expect("agentrun-manager runs");
+            let said = String::from_utf8_lossy(&output.stdout).into_owned();
+            (output.status.code(), said)
+        })
+    };
+    let (code, said) = probe(format!("http://{}", app.addr)).await.unwrap();
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.trim_end().ends_with(": SERVING"), "{said}");
+
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone = nobody.local_addr().unwrap();
+    drop(nobody);
+    let (code, said) = probe(format!("http://{gone}")).await.unwrap();
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("not reachable"), "{said}");
+}
+
+/// `GET path` on `addr` (the runner's health endpoint): status code and body.
+async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.ok()?;
+    let status = answer.get(9..12)?.parse().ok()?;
+    let body = answer.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+/// `agentrun-runner health --url URL`: its exit code and what it printed.
+async fn runner_health(url: String) -> (Option<i32>, String) {
+    tokio::task::spawn_blocking(move || {
+        let output = std::process::Command::new(binary("agentrun-runner"))
+            .args(["health", "--url", &url])
+            .output()
+            .expect("agentrun-runner runs");
+        let said = String::from_utf8_lossy(&output.stdout).into_owned();
+        (output.status.code(), said)
+    })
+    .await
+    .unwrap()
+}
+
+/// A runner's `/metrics` counts its runs, turns and batches; its `/healthz` (and
+/// `agentrun-runner health`) is healthy while it has a session with a manager and
+/// turns unhealthy once the manager is gone for longer than the window.
+#[tokio::test]
+async fn a_runner_reports_its_work_and_turns_unhealthy_without_a_manager() {
+    let mut app = TestApp::spawn().await;
+    let health = free_addr();
+    let _runner = RunnerProcess::start(
+        app.addr,
+        "observed",
+        &[
+            ("AGENTRUN_HEALTH_LISTEN", &health.to_string()),
+            ("AGENTRUN_UNHEALTHY_AFTER_MS", "1500"),
+        ],
+    );
+    let url = format!("http://{health}/healthz");
+    wait_for("the runner to be healthy", LONG, || async {
+        get(health, "/healthz").await.filter(|(s, _)| *s == 200)
+    })
+    .await;
+    let run = app
+        .runs
+        .create_run(run_request("[tokens:5] hi"))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    wait_for_run(&app, &run.run_id, RunStatus::Completed, LONG).await;
+    let metrics = wait_for("the run counted", LONG, || async {
+        get(health, "/metrics")
+            .await
+            .map(|(_, body)| body)
+            .filter(|body| body.contains(r#"agentrun_runner_runs_total{outcome="completed"} 1"#))
+    })
+    .await;
+    for line in [
+        "agentrun_runner_time_to_first_token_seconds_count 1",
+        "agentrun_runner_turn_duration_seconds_count 1",
+        "agentrun_runner_active_runs 0",
+        "agentrun_runner_reconnects_total 0",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+    let (code, said) = runner_health(url.clone()).await;
+    assert_eq!(code, Some(0), "{said}");
+
+    drop(app);
+    let why = wait_for("the runner to turn unhealthy", LONG, || async {
+        get(health, "/healthz").await.filter(|(s, _)| *s == 503)
+    })
+    .await
+    .1;
+    assert!(why.contains("no session with a manager"), "{why}");
+    let (code, said) = runner_health(url).await;
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("503"), "{said}");
 }

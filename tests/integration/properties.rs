@@ -738,6 +738,7 @@ fn list_runs_request(seed: &Seed) -> impl Strategy<Value = Bad<proto::ListRunsRe
                 project_id: project.0,
                 page_token: token.0,
                 page_size: size.0,
+                ..Default::default()
             },
         })
 }

@@ -122,6 +122,8 @@ pub struct TestApp {
     pub addr: SocketAddr,
     /// Where `/metrics` is served, when the test enabled it.
     pub metrics_addr: Option<SocketAddr>,
+    /// The web UI's address, when the test enabled it (`ui_listen`).
+    pub ui_url: Option<String>,
     pub database_url: String,
     pub runs: RunServiceClient<Channel>,
     pub runners: RunnerServiceClient<Channel>,
@@ -164,6 +166,7 @@ impl TestApp {
         let app = Application::build(settings).await.expect("manager starts");
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
+        let ui_url = app.ui_url();
         let shutdown = CancellationToken::new();
         tokio::spawn(app.run(shutdown.clone()));
         let channel = match tls {
@@ -175,6 +178,7 @@ impl TestApp {
         Self {
             addr,
             metrics_addr,
+            ui_url,
             database_url: database_url.to_owned(),
             runs: RunServiceClient::new(channel.clone()),
             runners: RunnerServiceClient::new(channel.clone()),

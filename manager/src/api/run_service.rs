@@ -3,7 +3,7 @@
 use std::time::{Duration, SystemTime};
 
 use agentrun_shared::error::FieldError;
-use agentrun_shared::ids::{CommandId, RunId, SessionId};
+use agentrun_shared::ids::{CommandId, RequestId, RunId, SessionId};
 use agentrun_shared::payload::parse_object;
 use agentrun_shared::proto::{self, run_service_server::RunService};
 use agentrun_shared::state::{CommandKind, RunStatus, StreamMode, TurnDeliveryPolicy};
@@ -84,22 +84,18 @@ impl RunApi {
             metadata: parse_object(&f("metadata_json"), &r.metadata_json, self.max_payload())?,
             idempotency_key: validate::optional_name(&f("idempotency_key"), &r.idempotency_key)?,
             stream_mode: StreamMode::from_proto_or_default(&f("stream_mode"), r.stream_mode)?,
-            scheduled_at: match &r.scheduled_at {
-                None => None,
-                Some(at) => {
-                    let invalid = |reason: &str| FieldError::new(f("scheduled_at"), reason);
-                    // The protobuf Timestamp range starts at 0001-01-01T00:00:00Z.
-                    if at.seconds < -62_135_596_800 {
-                        return Err(invalid("is before year 1"));
-                    }
-                    let at = SystemTime::try_from(*at)
-                        .map_err(|_| invalid("is not a valid timestamp"))?;
-                    // A time in the past means at once.
-                    if at > SystemTime::now() + MAX_SCHEDULE_AHEAD {
-                        return Err(invalid("must be at most a year ahead"));
-                    }
-                    Some(at)
+            scheduled_at: match validate::optional_timestamp(
+                &f("scheduled_at"),
+                r.scheduled_at.as_ref(),
+            )? {
+                // A time in the past means at once.
+                Some(at) if at > SystemTime::now() + MAX_SCHEDULE_AHEAD => {
+                    return Err(FieldError::new(
+                        f("scheduled_at"),
+                        "must be at most a year ahead",
+                    ));
                 }
+                at => at,
             },
         })
     }
@@ -262,10 +258,26 @@ impl RunService for RunApi {
                 .map_err(Error::from)?,
             project_id: validate::optional_name("project_id", &r.project_id)
                 .map_err(Error::from)?,
+            backend_profile: validate::optional_name("backend_profile", &r.backend_profile)
+                .map_err(Error::from)?,
+            labels: validate::names("labels", &r.labels).map_err(Error::from)?,
+            created_after: validate::optional_timestamp("created_after", r.created_after.as_ref())
+                .map_err(Error::from)?,
+            created_before: validate::optional_timestamp(
+                "created_before",
+                r.created_before.as_ref(),
+            )
+            .map_err(Error::from)?,
             before: RunId::parse_optional("page_token", &r.page_token).map_err(Error::from)?,
             limit: validate::bounded("page_size", r.page_size.into(), 50, 1, 500)
                 .map_err(Error::from)?,
         };
+        validate::time_window(
+            "created_before",
+            filter.created_after,
+            filter.created_before,
+        )
+        .map_err(Error::from)?;
         // A key limited to projects lists one of them: the one named, or its only one.
         match (&filter.project_id, caller.projects.as_slice()) {
             (Some(project), _) => caller.check_project("project_id", project)?,
@@ -403,8 +415,7 @@ impl RunService for RunApi {
         let tenant = caller(&self.state, &request, Role::Client).await?.tenant;
         let r = request.get_ref();
         let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
-        let request_id = agentrun_shared::ids::RequestId::parse("request_id", &r.request_id)
-            .map_err(Error::from)?;
+        let request_id = RequestId::parse("request_id", &r.request_id).map_err(Error::from)?;
         let decision = Decision::parse("decision", &r.decision).map_err(Error::from)?;
         let answers = if r.answers_json.trim().is_empty() {
             None
@@ -478,6 +489,63 @@ impl RunService for RunApi {
         let command = lifecycle::get_command(&client, &tenant, run_id, command_id).await?;
         Ok(Response::new(proto::GetCommandResponse {
             command: Some(convert::command(&command)),
+        }))
+    }
+
+    async fn list_requests(
+        &self,
+        request: Request<proto::ListRequestsRequest>,
+    ) -> Result<Response<proto::ListRequestsResponse>, Status> {
+        use crate::store::requests::{self, RequestFilter, RequestStatus};
+        let caller = caller(&self.state, &request, Role::Client).await?;
+        let tenant = &caller.tenant;
+        let r = request.get_ref();
+        let run_id = RunId::parse_optional("run_id", &r.run_id).map_err(Error::from)?;
+        validate::list_len("statuses", r.statuses.len()).map_err(Error::from)?;
+        let mut statuses = r
+            .statuses
+            .iter()
+            .enumerate()
+            .map(|(i, s)| RequestStatus::parse(&format!("statuses[{i}]"), s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Error::from)?;
+        if statuses.is_empty() {
+            statuses.push(RequestStatus::Open);
+        }
+        let token = RequestId::parse_optional("page_token", &r.page_token).map_err(Error::from)?;
+        let limit =
+            validate::bounded("page_size", r.page_size.into(), 50, 1, 500).map_err(Error::from)?;
+        let client = self.state.pool.get().await.map_err(Error::from)?;
+        if let Some(run_id) = run_id {
+            observe::record_run(&run_id);
+            // Another tenant's run answers like an unknown one.
+            runs::get(&client, tenant, run_id).await?;
+        }
+        let before =
+            match token {
+                None => None,
+                // Requests are never deleted: a token that names none of the tenant's did not
+                // come from a listing.
+                Some(id) => Some(requests::cursor(&client, tenant, id).await?.ok_or_else(
+                    || Error::invalid("page_token", "is not a page token of this listing"),
+                )?),
+            };
+        let filter = RequestFilter {
+            run_id,
+            statuses,
+            // A key limited to projects sees the requests of its projects' runs only.
+            projects: caller.projects.clone(),
+            before,
+            limit,
+        };
+        let page = requests::list(&client, tenant, &filter).await?;
+        let next_page_token = match page.last() {
+            Some(last) if page.len() as i64 == filter.limit => last.id.to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListRequestsResponse {
+            requests: page.iter().map(convert::request).collect(),
+            next_page_token,
         }))
     }
 }

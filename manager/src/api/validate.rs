@@ -9,9 +9,11 @@
 //!   PostgreSQL cannot store in `text` or `jsonb`.
 
 use std::collections::HashSet;
+use std::time::SystemTime;
 
 use agentrun_shared::error::FieldError;
 use agentrun_shared::payload::NUL_REASON;
+use prost_types::Timestamp;
 
 use crate::retention::MAX_RETENTION_MS;
 
@@ -224,6 +226,43 @@ pub fn retention_ms(field: &str, value: i64) -> Result<i64, FieldError> {
     }
 }
 
+/// A protobuf timestamp within its documented range, years 1 to 9999 (which PostgreSQL
+/// can store).
+pub fn timestamp(field: &str, at: &Timestamp) -> Result<SystemTime, FieldError> {
+    // 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z.
+    if at.seconds < -62_135_596_800 {
+        return Err(FieldError::new(field, "is before year 1"));
+    }
+    if at.seconds > 253_402_300_799 {
+        return Err(FieldError::new(field, "is after year 9999"));
+    }
+    SystemTime::try_from(*at).map_err(|_| FieldError::new(field, "is not a valid timestamp"))
+}
+
+/// An optional [`timestamp`]: unset is none.
+pub fn optional_timestamp(
+    field: &str,
+    at: Option<&Timestamp>,
+) -> Result<Option<SystemTime>, FieldError> {
+    at.map(|at| timestamp(field, at)).transpose()
+}
+
+/// A creation window `[after, before)`: when both ends are set, `before` must be later
+/// (the error names `before_field`).
+pub fn time_window(
+    before_field: &str,
+    after: Option<SystemTime>,
+    before: Option<SystemTime>,
+) -> Result<(), FieldError> {
+    match (after, before) {
+        (Some(after), Some(before)) if before <= after => Err(FieldError::new(
+            before_field,
+            "must be later than created_after",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A sequence cursor: zero or more.
 pub fn cursor(field: &str, value: i64) -> Result<i64, FieldError> {
     if value < 0 {
@@ -295,6 +334,28 @@ mod tests {
         assert_eq!(json_value("v", "{oops", 10).unwrap_err().field, "v");
         assert!(json_value("v", "[1,2,3,4,5,6]", 10).is_err());
         assert!(json_value("v", r#"{"a": "x\u0000"}"#, 100).is_err());
+    }
+
+    #[test]
+    fn timestamps_are_in_range() {
+        let at = |seconds, nanos| Timestamp { seconds, nanos };
+        assert!(timestamp("t", &at(1_700_000_000, 5)).is_ok());
+        assert_eq!(
+            timestamp("t", &at(-62_135_596_801, 0)).unwrap_err().field,
+            "t"
+        );
+        assert!(timestamp("t", &at(253_402_300_799, 0)).is_ok());
+        assert!(timestamp("t", &at(253_402_300_800, 0)).is_err());
+        assert!(timestamp("t", &at(i64::MAX, 0)).is_err());
+        assert_eq!(optional_timestamp("t", None).unwrap(), None);
+        let (early, late) = (
+            timestamp("t", &at(10, 0)).ok(),
+            timestamp("t", &at(20, 0)).ok(),
+        );
+        assert!(time_window("b", early, late).is_ok());
+        assert!(time_window("b", early, None).is_ok());
+        assert_eq!(time_window("b", late, early).unwrap_err().field, "b");
+        assert!(time_window("b", early, early).is_err());
     }
 
     #[test]

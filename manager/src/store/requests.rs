@@ -67,6 +67,14 @@ impl RequestStatus {
         }
     }
 
+    /// Parses a status a client names (`open`); `field` names the request field in the
+    /// error.
+    pub fn parse(field: &str, text: &str) -> Result<Self, FieldError> {
+        Self::from_db(text).ok_or_else(|| {
+            FieldError::new(field, "must be one of open, resolved, cancelled, expired")
+        })
+    }
+
     /// The states from which a request may move to `self`: only an open request closes,
     /// and a closed one never changes (the SQL says `WHERE status = 'open'`).
     pub fn sources(self) -> &'static [RequestStatus] {
@@ -207,6 +215,84 @@ impl OpenedRequest {
             field,
         })
     }
+}
+
+/// Filters for [`list`].
+#[derive(Debug, Clone)]
+pub struct RequestFilter {
+    /// Only requests of this run.
+    pub run_id: Option<RunId>,
+    /// Only requests in one of these statuses (never empty).
+    pub statuses: Vec<RequestStatus>,
+    /// Only requests of runs in these projects; empty: every project.
+    pub projects: Vec<String>,
+    /// Only requests older than this one, in listing order (the page cursor).
+    pub before: Option<Cursor>,
+    pub limit: i64,
+}
+
+/// Where a page of [`list`] resumes: the last request listed, by its place in the
+/// order (`created_at`, then id, both descending).
+#[derive(Debug, Clone, Copy)]
+pub struct Cursor {
+    pub created_at: SystemTime,
+    pub id: RequestId,
+}
+
+/// The cursor of a request of the tenant, `None` when the tenant has no such request.
+pub async fn cursor(
+    client: &impl GenericClient,
+    tenant: &Tenant,
+    request_id: RequestId,
+) -> Result<Option<Cursor>> {
+    let stmt = client
+        .prepare_cached("SELECT created_at FROM requests WHERE tenant_id = $1 AND id = $2")
+        .await?;
+    let row = client
+        .query_opt(&stmt, &[&tenant.as_str(), &request_id.0])
+        .await?;
+    Ok(row.map(|row| Cursor {
+        created_at: row.get(0),
+        id: request_id,
+    }))
+}
+
+/// Requests of the tenant, newest first (`created_at`, ties by id; request ids are
+/// random, so unlike runs they do not order by themselves). The index
+/// `requests_inbox` serves it.
+pub async fn list(
+    client: &impl GenericClient,
+    tenant: &Tenant,
+    filter: &RequestFilter,
+) -> Result<Vec<RequestRecord>> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT * FROM requests
+             WHERE tenant_id = $1
+               AND status = ANY($2)
+               AND ($3::uuid IS NULL OR run_id = $3)
+               AND (cardinality($4::text[]) = 0
+                    OR run_id IN (SELECT id FROM runs WHERE tenant_id = $1 AND project_id = ANY($4)))
+               AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6::uuid))
+             ORDER BY created_at DESC, id DESC LIMIT $7",
+        )
+        .await?;
+    let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+    let rows = client
+        .query(
+            &stmt,
+            &[
+                &tenant.as_str(),
+                &statuses,
+                &filter.run_id.map(|r| r.0),
+                &filter.projects,
+                &filter.before.map(|c| c.created_at),
+                &filter.before.map(|c| c.id.0),
+                &filter.limit,
+            ],
+        )
+        .await?;
+    rows.iter().map(RequestRecord::from_row).collect()
 }
 
 /// Stores the requests a runner opened on `run`, each with the run's tenant, its turn and

@@ -371,6 +371,13 @@ pub struct RunFilter {
     pub queue: Option<String>,
     pub session_id: Option<SessionId>,
     pub project_id: Option<String>,
+    pub backend_profile: Option<String>,
+    /// Only runs that have every one of these labels.
+    pub labels: Vec<String>,
+    /// Only runs created at or after this time.
+    pub created_after: Option<SystemTime>,
+    /// Only runs created before this time.
+    pub created_before: Option<SystemTime>,
     /// Only runs older than this one (the page cursor).
     pub before: Option<RunId>,
     pub limit: i64,
@@ -391,6 +398,10 @@ pub async fn list(
                AND ($4::uuid IS NULL OR session_id = $4)
                AND ($5::text IS NULL OR project_id = $5)
                AND ($6::uuid IS NULL OR id < $6)
+               AND ($8::text IS NULL OR backend_profile = $8)
+               AND labels @> $9::text[]
+               AND ($10::timestamptz IS NULL OR created_at >= $10)
+               AND ($11::timestamptz IS NULL OR created_at < $11)
              ORDER BY id DESC LIMIT $7",
         )
         .await?;
@@ -406,6 +417,10 @@ pub async fn list(
                 &filter.project_id,
                 &filter.before.map(|r| r.0),
                 &filter.limit,
+                &filter.backend_profile,
+                &filter.labels,
+                &filter.created_after,
+                &filter.created_before,
             ],
         )
         .await?;

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file agentrun/v1/run_service.proto.
  */
 export const file_agentrun_v1_run_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch1hZ2VudHJ1bi92MS9ydW5fc2VydmljZS5wcm90bxILYWdlbnRydW4udjEi8AIKEENyZWF0ZVJ1blJlcXVlc3QSEgoKcHJvamVjdF9pZBgBIAEoCRIXCg9iYWNrZW5kX3Byb2ZpbGUYAiABKAkSEgoKaW5wdXRfanNvbhgDIAEoCRINCgVxdWV1ZRgEIAEoCRIQCghwcmlvcml0eRgFIAEoBRIOCgZsYWJlbHMYBiADKAkSFAoMbWF4X2F0dGVtcHRzGAcgASgFEhgKEHF1ZXVlX3RpbWVvdXRfbXMYCCABKAMSFgoOcnVuX3RpbWVvdXRfbXMYCSABKAMSFQoNbWV0YWRhdGFfanNvbhgKIAEoCRISCgpzZXNzaW9uX2lkGAsgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgMIAEoCRIwCgxzY2hlZHVsZWRfYXQYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKC3N0cmVhbV9tb2RlGA4gASgOMhcuYWdlbnRydW4udjEuU3RyZWFtTW9kZSJDChFDcmVhdGVSdW5SZXNwb25zZRIdCgNydW4YASABKAsyEC5hZ2VudHJ1bi52MS5SdW4SDwoHY3JlYXRlZBgCIAEoCCJAChFDcmVhdGVSdW5zUmVxdWVzdBIrCgRydW5zGAEgAygLMh0uYWdlbnRydW4udjEuQ3JlYXRlUnVuUmVxdWVzdCJCChJDcmVhdGVSdW5zUmVzcG9uc2USLAoEcnVucxgBIAMoCzIeLmFnZW50cnVuLnYxLkNyZWF0ZVJ1blJlc3BvbnNlIh8KDUdldFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJIi8KDkdldFJ1blJlc3BvbnNlEh0KA3J1bhgBIAEoCzIQLmFnZW50cnVuLnYxLlJ1biKZAQoPTGlzdFJ1bnNSZXF1ZXN0EigKCHN0YXR1c2VzGAEgAygOMhYuYWdlbnRydW4udjEuUnVuU3RhdHVzEg0KBXF1ZXVlGAIgASgJEhIKCnNlc3Npb25faWQYAyABKAkSEgoKcHJvamVjdF9pZBgEIAEoCRIRCglwYWdlX3NpemUYBSABKAUSEgoKcGFnZV90b2tlbhgGIAEoCSJLChBMaXN0UnVuc1Jlc3BvbnNlEh4KBHJ1bnMYASADKAsyEC5hZ2VudHJ1bi52MS5SdW4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjIKEENhbmNlbFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSIyChFDYW5jZWxSdW5SZXNwb25zZRIdCgNydW4YASABKAsyEC5hZ2VudHJ1bi52MS5SdW4izwEKElNlbmRDb21tYW5kUmVxdWVzdBIOCgZydW5faWQYASABKAkSJgoEa2luZBgCIAEoDjIYLmFnZW50cnVuLnYxLkNvbW1hbmRLaW5kEhQKDHBheWxvYWRfanNvbhgDIAEoCRI4Cg9kZWxpdmVyeV9wb2xpY3kYBCABKA4yHy5hZ2VudHJ1bi52MS5UdXJuRGVsaXZlcnlQb2xpY3kSFwoPaWRlbXBvdGVuY3lfa2V5GAUgASgJEhgKEGV4cGVjdGVkX3R1cm5faWQYBiABKAkiTQoTU2VuZENvbW1hbmRSZXNwb25zZRIlCgdjb21tYW5kGAEgASgLMhQuYWdlbnRydW4udjEuQ29tbWFuZBIPCgdjcmVhdGVkGAIgASgIIkcKE0xpc3RDb21tYW5kc1JlcXVlc3QSDgoGcnVuX2lkGAEgASgJEhEKCWFmdGVyX3NlcRgCIAEoAxINCgVsaW1pdBgDIAEoBSI+ChRMaXN0Q29tbWFuZHNSZXNwb25zZRImCghjb21tYW5kcxgBIAMoCzIULmFnZW50cnVuLnYxLkNvbW1hbmQiRQoRTGlzdEV2ZW50c1JlcXVlc3QSDgoGcnVuX2lkGAEgASgJEhEKCWFmdGVyX3NlcRgCIAEoAxINCgVsaW1pdBgDIAEoBSJeChJMaXN0RXZlbnRzUmVzcG9uc2USIgoGZXZlbnRzGAEgAygLMhIuYWdlbnRydW4udjEuRXZlbnQSEAoIbGFzdF9zZXEYAiABKAMSEgoKZW5kX29mX3J1bhgDIAEoCCI0Cg9XYXRjaFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEhEKCWFmdGVyX3NlcRgCIAEoAyKGAQoVUmVzb2x2ZVJlcXVlc3RSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRISCgpyZXF1ZXN0X2lkGAIgASgJEhAKCGRlY2lzaW9uGAMgASgJEhQKDGFuc3dlcnNfanNvbhgEIAEoCRISCgp2YWx1ZV9qc29uGAUgASgJEg0KBWVycm9yGAYgASgJIm4KFlJlc29sdmVSZXF1ZXN0UmVzcG9uc2USFwoPcmVzb2x1dGlvbl9qc29uGAEgASgJEhQKDHJlc29sdmVkX25vdxgCIAEoCBIlCgdyZXF1ZXN0GAMgASgLMhQuYWdlbnRydW4udjEuUmVxdWVzdCI6ChRDYW5jZWxDb21tYW5kUmVxdWVzdBIOCgZydW5faWQYASABKAkSEgoKY29tbWFuZF9pZBgCIAEoCSJVChVDYW5jZWxDb21tYW5kUmVzcG9uc2USJQoHY29tbWFuZBgBIAEoCzIULmFnZW50cnVuLnYxLkNvbW1hbmQSFQoNY2FuY2VsbGVkX25vdxgCIAEoCCI3ChFHZXRDb21tYW5kUmVxdWVzdBIOCgZydW5faWQYASABKAkSEgoKY29tbWFuZF9pZBgCIAEoCSI7ChJHZXRDb21tYW5kUmVzcG9uc2USJQoHY29tbWFuZBgBIAEoCzIULmFnZW50cnVuLnYxLkNvbW1hbmQytwcKClJ1blNlcnZpY2USSgoJQ3JlYXRlUnVuEh0uYWdlbnRydW4udjEuQ3JlYXRlUnVuUmVxdWVzdBoeLmFnZW50cnVuLnYxLkNyZWF0ZVJ1blJlc3BvbnNlEk0KCkNyZWF0ZVJ1bnMSHi5hZ2VudHJ1bi52MS5DcmVhdGVSdW5zUmVxdWVzdBofLmFnZW50cnVuLnYxLkNyZWF0ZVJ1bnNSZXNwb25zZRJBCgZHZXRSdW4SGi5hZ2VudHJ1bi52MS5HZXRSdW5SZXF1ZXN0GhsuYWdlbnRydW4udjEuR2V0UnVuUmVzcG9uc2USRwoITGlzdFJ1bnMSHC5hZ2VudHJ1bi52MS5MaXN0UnVuc1JlcXVlc3QaHS5hZ2VudHJ1bi52MS5MaXN0UnVuc1Jlc3BvbnNlEkoKCUNhbmNlbFJ1bhIdLmFnZW50cnVuLnYxLkNhbmNlbFJ1blJlcXVlc3QaHi5hZ2VudHJ1bi52MS5DYW5jZWxSdW5SZXNwb25zZRJQCgtTZW5kQ29tbWFuZBIfLmFnZW50cnVuLnYxLlNlbmRDb21tYW5kUmVxdWVzdBogLmFnZW50cnVuLnYxLlNlbmRDb21tYW5kUmVzcG9uc2USUwoMTGlzdENvbW1hbmRzEiAuYWdlbnRydW4udjEuTGlzdENvbW1hbmRzUmVxdWVzdBohLmFnZW50cnVuLnYxLkxpc3RDb21tYW5kc1Jlc3BvbnNlEk0KCkxpc3RFdmVudHMSHi5hZ2VudHJ1bi52MS5MaXN0RXZlbnRzUmVxdWVzdBofLmFnZW50cnVuLnYxLkxpc3RFdmVudHNSZXNwb25zZRI+CghXYXRjaFJ1bhIcLmFnZW50cnVuLnYxLldhdGNoUnVuUmVxdWVzdBoSLmFnZW50cnVuLnYxLkV2ZW50MAESWQoOUmVzb2x2ZVJlcXVlc3QSIi5hZ2VudHJ1bi52MS5SZXNvbHZlUmVxdWVzdFJlcXVlc3QaIy5hZ2VudHJ1bi52MS5SZXNvbHZlUmVxdWVzdFJlc3BvbnNlElYKDUNhbmNlbENvbW1hbmQSIS5hZ2VudHJ1bi52MS5DYW5jZWxDb21tYW5kUmVxdWVzdBoiLmFnZW50cnVuLnYxLkNhbmNlbENvbW1hbmRSZXNwb25zZRJNCgpHZXRDb21tYW5kEh4uYWdlbnRydW4udjEuR2V0Q29tbWFuZFJlcXVlc3QaHy5hZ2VudHJ1bi52MS5HZXRDb21tYW5kUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_agentrun_v1_types]);
+  fileDesc("Ch1hZ2VudHJ1bi92MS9ydW5fc2VydmljZS5wcm90bxILYWdlbnRydW4udjEi8AIKEENyZWF0ZVJ1blJlcXVlc3QSEgoKcHJvamVjdF9pZBgBIAEoCRIXCg9iYWNrZW5kX3Byb2ZpbGUYAiABKAkSEgoKaW5wdXRfanNvbhgDIAEoCRINCgVxdWV1ZRgEIAEoCRIQCghwcmlvcml0eRgFIAEoBRIOCgZsYWJlbHMYBiADKAkSFAoMbWF4X2F0dGVtcHRzGAcgASgFEhgKEHF1ZXVlX3RpbWVvdXRfbXMYCCABKAMSFgoOcnVuX3RpbWVvdXRfbXMYCSABKAMSFQoNbWV0YWRhdGFfanNvbhgKIAEoCRISCgpzZXNzaW9uX2lkGAsgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgMIAEoCRIwCgxzY2hlZHVsZWRfYXQYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKC3N0cmVhbV9tb2RlGA4gASgOMhcuYWdlbnRydW4udjEuU3RyZWFtTW9kZSJDChFDcmVhdGVSdW5SZXNwb25zZRIdCgNydW4YASABKAsyEC5hZ2VudHJ1bi52MS5SdW4SDwoHY3JlYXRlZBgCIAEoCCJAChFDcmVhdGVSdW5zUmVxdWVzdBIrCgRydW5zGAEgAygLMh0uYWdlbnRydW4udjEuQ3JlYXRlUnVuUmVxdWVzdCJCChJDcmVhdGVSdW5zUmVzcG9uc2USLAoEcnVucxgBIAMoCzIeLmFnZW50cnVuLnYxLkNyZWF0ZVJ1blJlc3BvbnNlIh8KDUdldFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJIi8KDkdldFJ1blJlc3BvbnNlEh0KA3J1bhgBIAEoCzIQLmFnZW50cnVuLnYxLlJ1biKpAgoPTGlzdFJ1bnNSZXF1ZXN0EigKCHN0YXR1c2VzGAEgAygOMhYuYWdlbnRydW4udjEuUnVuU3RhdHVzEg0KBXF1ZXVlGAIgASgJEhIKCnNlc3Npb25faWQYAyABKAkSEgoKcHJvamVjdF9pZBgEIAEoCRIRCglwYWdlX3NpemUYBSABKAUSEgoKcGFnZV90b2tlbhgGIAEoCRIXCg9iYWNrZW5kX3Byb2ZpbGUYByABKAkSDgoGbGFiZWxzGAggAygJEjEKDWNyZWF0ZWRfYWZ0ZXIYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjIKDmNyZWF0ZWRfYmVmb3JlGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJLChBMaXN0UnVuc1Jlc3BvbnNlEh4KBHJ1bnMYASADKAsyEC5hZ2VudHJ1bi52MS5SdW4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjIKEENhbmNlbFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSIyChFDYW5jZWxSdW5SZXNwb25zZRIdCgNydW4YASABKAsyEC5hZ2VudHJ1bi52MS5SdW4izwEKElNlbmRDb21tYW5kUmVxdWVzdBIOCgZydW5faWQYASABKAkSJgoEa2luZBgCIAEoDjIYLmFnZW50cnVuLnYxLkNvbW1hbmRLaW5kEhQKDHBheWxvYWRfanNvbhgDIAEoCRI4Cg9kZWxpdmVyeV9wb2xpY3kYBCABKA4yHy5hZ2VudHJ1bi52MS5UdXJuRGVsaXZlcnlQb2xpY3kSFwoPaWRlbXBvdGVuY3lfa2V5GAUgASgJEhgKEGV4cGVjdGVkX3R1cm5faWQYBiABKAkiTQoTU2VuZENvbW1hbmRSZXNwb25zZRIlCgdjb21tYW5kGAEgASgLMhQuYWdlbnRydW4udjEuQ29tbWFuZBIPCgdjcmVhdGVkGAIgASgIIkcKE0xpc3RDb21tYW5kc1JlcXVlc3QSDgoGcnVuX2lkGAEgASgJEhEKCWFmdGVyX3NlcRgCIAEoAxINCgVsaW1pdBgDIAEoBSI+ChRMaXN0Q29tbWFuZHNSZXNwb25zZRImCghjb21tYW5kcxgBIAMoCzIULmFnZW50cnVuLnYxLkNvbW1hbmQiRQoRTGlzdEV2ZW50c1JlcXVlc3QSDgoGcnVuX2lkGAEgASgJEhEKCWFmdGVyX3NlcRgCIAEoAxINCgVsaW1pdBgDIAEoBSJeChJMaXN0RXZlbnRzUmVzcG9uc2USIgoGZXZlbnRzGAEgAygLMhIuYWdlbnRydW4udjEuRXZlbnQSEAoIbGFzdF9zZXEYAiABKAMSEgoKZW5kX29mX3J1bhgDIAEoCCI0Cg9XYXRjaFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEhEKCWFmdGVyX3NlcRgCIAEoAyKGAQoVUmVzb2x2ZVJlcXVlc3RSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRISCgpyZXF1ZXN0X2lkGAIgASgJEhAKCGRlY2lzaW9uGAMgASgJEhQKDGFuc3dlcnNfanNvbhgEIAEoCRISCgp2YWx1ZV9qc29uGAUgASgJEg0KBWVycm9yGAYgASgJIm4KFlJlc29sdmVSZXF1ZXN0UmVzcG9uc2USFwoPcmVzb2x1dGlvbl9qc29uGAEgASgJEhQKDHJlc29sdmVkX25vdxgCIAEoCBIlCgdyZXF1ZXN0GAMgASgLMhQuYWdlbnRydW4udjEuUmVxdWVzdCI6ChRDYW5jZWxDb21tYW5kUmVxdWVzdBIOCgZydW5faWQYASABKAkSEgoKY29tbWFuZF9pZBgCIAEoCSJVChVDYW5jZWxDb21tYW5kUmVzcG9uc2USJQoHY29tbWFuZBgBIAEoCzIULmFnZW50cnVuLnYxLkNvbW1hbmQSFQoNY2FuY2VsbGVkX25vdxgCIAEoCCI3ChFHZXRDb21tYW5kUmVxdWVzdBIOCgZydW5faWQYASABKAkSEgoKY29tbWFuZF9pZBgCIAEoCSI7ChJHZXRDb21tYW5kUmVzcG9uc2USJQoHY29tbWFuZBgBIAEoCzIULmFnZW50cnVuLnYxLkNvbW1hbmQiXgoTTGlzdFJlcXVlc3RzUmVxdWVzdBIOCgZydW5faWQYASABKAkSEAoIc3RhdHVzZXMYAiADKAkSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkiVwoUTGlzdFJlcXVlc3RzUmVzcG9uc2USJgoIcmVxdWVzdHMYASADKAsyFC5hZ2VudHJ1bi52MS5SZXF1ZXN0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCTKMCAoKUnVuU2VydmljZRJKCglDcmVhdGVSdW4SHS5hZ2VudHJ1bi52MS5DcmVhdGVSdW5SZXF1ZXN0Gh4uYWdlbnRydW4udjEuQ3JlYXRlUnVuUmVzcG9uc2USTQoKQ3JlYXRlUnVucxIeLmFnZW50cnVuLnYxLkNyZWF0ZVJ1bnNSZXF1ZXN0Gh8uYWdlbnRydW4udjEuQ3JlYXRlUnVuc1Jlc3BvbnNlEkEKBkdldFJ1bhIaLmFnZW50cnVuLnYxLkdldFJ1blJlcXVlc3QaGy5hZ2VudHJ1bi52MS5HZXRSdW5SZXNwb25zZRJHCghMaXN0UnVucxIcLmFnZW50cnVuLnYxLkxpc3RSdW5zUmVxdWVzdBodLmFnZW50cnVuLnYxLkxpc3RSdW5zUmVzcG9uc2USSgoJQ2FuY2VsUnVuEh0uYWdlbnRydW4udjEuQ2FuY2VsUnVuUmVxdWVzdBoeLmFnZW50cnVuLnYxLkNhbmNlbFJ1blJlc3BvbnNlElAKC1NlbmRDb21tYW5kEh8uYWdlbnRydW4udjEuU2VuZENvbW1hbmRSZXF1ZXN0GiAuYWdlbnRydW4udjEuU2VuZENvbW1hbmRSZXNwb25zZRJTCgxMaXN0Q29tbWFuZHMSIC5hZ2VudHJ1bi52MS5MaXN0Q29tbWFuZHNSZXF1ZXN0GiEuYWdlbnRydW4udjEuTGlzdENvbW1hbmRzUmVzcG9uc2USTQoKTGlzdEV2ZW50cxIeLmFnZW50cnVuLnYxLkxpc3RFdmVudHNSZXF1ZXN0Gh8uYWdlbnRydW4udjEuTGlzdEV2ZW50c1Jlc3BvbnNlEj4KCFdhdGNoUnVuEhwuYWdlbnRydW4udjEuV2F0Y2hSdW5SZXF1ZXN0GhIuYWdlbnRydW4udjEuRXZlbnQwARJZCg5SZXNvbHZlUmVxdWVzdBIiLmFnZW50cnVuLnYxLlJlc29sdmVSZXF1ZXN0UmVxdWVzdBojLmFnZW50cnVuLnYxLlJlc29sdmVSZXF1ZXN0UmVzcG9uc2USVgoNQ2FuY2VsQ29tbWFuZBIhLmFnZW50cnVuLnYxLkNhbmNlbENvbW1hbmRSZXF1ZXN0GiIuYWdlbnRydW4udjEuQ2FuY2VsQ29tbWFuZFJlc3BvbnNlEk0KCkdldENvbW1hbmQSHi5hZ2VudHJ1bi52MS5HZXRDb21tYW5kUmVxdWVzdBofLmFnZW50cnVuLnYxLkdldENvbW1hbmRSZXNwb25zZRJTCgxMaXN0UmVxdWVzdHMSIC5hZ2VudHJ1bi52MS5MaXN0UmVxdWVzdHNSZXF1ZXN0GiEuYWdlbnRydW4udjEuTGlzdFJlcXVlc3RzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_agentrun_v1_types]);
 
 /**
  * @generated from message agentrun.v1.CreateRunRequest
@@ -259,6 +259,35 @@ export type ListRunsRequest = Message<"agentrun.v1.ListRunsRequest"> & {
    * @generated from field: string page_token = 6;
    */
   pageToken: string;
+
+  /**
+   * Only runs of this backend profile. Empty: any.
+   *
+   * @generated from field: string backend_profile = 7;
+   */
+  backendProfile: string;
+
+  /**
+   * Only runs that have every one of these labels (names, as CreateRun takes them).
+   *
+   * @generated from field: repeated string labels = 8;
+   */
+  labels: string[];
+
+  /**
+   * Only runs created at or after this time. Unset: no lower bound.
+   *
+   * @generated from field: google.protobuf.Timestamp created_after = 9;
+   */
+  createdAfter?: Timestamp | undefined;
+
+  /**
+   * Only runs created before this time; must be later than created_after when both are
+   * set. Unset: no upper bound.
+   *
+   * @generated from field: google.protobuf.Timestamp created_before = 10;
+   */
+  createdBefore?: Timestamp | undefined;
 };
 
 /**
@@ -711,6 +740,72 @@ export const GetCommandResponseSchema: GenMessage<GetCommandResponse> = /*@__PUR
   messageDesc(file_agentrun_v1_run_service, 22);
 
 /**
+ * @generated from message agentrun.v1.ListRequestsRequest
+ */
+export type ListRequestsRequest = Message<"agentrun.v1.ListRequestsRequest"> & {
+  /**
+   * Only the requests of this run. Empty: every run of the caller's tenant.
+   *
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+
+  /**
+   * Any of open | resolved | cancelled | expired. Empty: only open.
+   *
+   * @generated from field: repeated string statuses = 2;
+   */
+  statuses: string[];
+
+  /**
+   * 1..=500, default 50.
+   *
+   * @generated from field: int32 page_size = 3;
+   */
+  pageSize: number;
+
+  /**
+   * From a previous response's next_page_token.
+   *
+   * @generated from field: string page_token = 4;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message agentrun.v1.ListRequestsRequest.
+ * Use `create(ListRequestsRequestSchema)` to create a new message.
+ */
+export const ListRequestsRequestSchema: GenMessage<ListRequestsRequest> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_run_service, 23);
+
+/**
+ * @generated from message agentrun.v1.ListRequestsResponse
+ */
+export type ListRequestsResponse = Message<"agentrun.v1.ListRequestsResponse"> & {
+  /**
+   * Newest first.
+   *
+   * @generated from field: repeated agentrun.v1.Request requests = 1;
+   */
+  requests: Request[];
+
+  /**
+   * Empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message agentrun.v1.ListRequestsResponse.
+ * Use `create(ListRequestsResponseSchema)` to create a new message.
+ */
+export const ListRequestsResponseSchema: GenMessage<ListRequestsResponse> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_run_service, 24);
+
+/**
  * RunService is what clients use: create runs, steer them, read and follow their events.
  * The caller's tenant comes from its credential, never from a request field.
  *
@@ -848,6 +943,18 @@ export const RunService: GenService<{
     methodKind: "unary";
     input: typeof GetCommandRequestSchema;
     output: typeof GetCommandResponseSchema;
+  },
+  /**
+   * Lists the requests (approvals, user input) of the caller's runs, newest first, in
+   * pages: by default the open ones of every run, for an approvals inbox. A run_id of
+   * another tenant is NOT_FOUND, exactly like an unknown one.
+   *
+   * @generated from rpc agentrun.v1.RunService.ListRequests
+   */
+  listRequests: {
+    methodKind: "unary";
+    input: typeof ListRequestsRequestSchema;
+    output: typeof ListRequestsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_agentrun_v1_run_service, 0);
