@@ -186,6 +186,13 @@ describe("the operator UI", { skip: skip ?? false }, () => {
     await page.locator("tr[data-run-id]").first().waitFor({ timeout: 15_000 });
     await page.locator(".chip .count").first().waitFor({ timeout: 15_000 });
     await screenshot(page, "runs.png");
+    // Filters live in the URL and reach the server (ListRuns' profile filter).
+    await page.goto(`${stack.ui}#/runs?profile=no-such-profile`);
+    await page.getByText("No runs match.").waitFor({ timeout: 15_000 });
+    assert.equal(await page.locator("input[name=profile]").inputValue(), "no-such-profile");
+    await page.goto(`${stack.ui}#/runs?profile=scripted&status=cancelled`);
+    await until("the cancelled scripted runs", async () => (await page.locator("tr[data-run-id]").count()) >= 3);
+    assert.equal(await page.locator("tr[data-run-id] .badge", { hasNotText: "cancelled" }).count(), 0);
     await page.goto(`${stack.ui}#/runners`);
     await until("two runners listed", async () => (await page.locator("tr[data-runner-id]").count()) === 2);
     await page.goto(`${stack.ui}#/queues`);

@@ -4,9 +4,6 @@
 import { useState } from "preact/hooks";
 
 import { errorText, runs } from "../api";
-import { RunService } from "../gen/agentrun/v1/run_service_pb";
-import type { Event, Request } from "../gen/agentrun/v1/types_pb";
-import { RunStatus } from "../gen/agentrun/v1/types_pb";
 import { href } from "../router";
 import { fmtDuration, fmtTime, parseJson, shortId, tsMs, useNow, usePoll } from "../util";
 
@@ -20,73 +17,34 @@ interface OpenRequest {
   deadlineMs?: number;
 }
 
+/** More open requests than this are not one person's inbox; the first pages are shown. */
+const MAX_SHOWN = 2000;
+
 const DECISIONS: [string, string][] = [
   ["accept", "Accept"],
   ["accept_for_session", "Accept for session"],
   ["decline", "Decline"],
 ];
 
-type ListRequests = (req: { pageSize: number; pageToken: string }, opts: { signal: AbortSignal }) => Promise<{
-  requests: Request[];
-  nextPageToken: string;
-}>;
-
-const hasListRequests = RunService.methods.some((m) => m.localName === "listRequests");
-
-/** Every open request of the tenant, page by page. */
+/** Every open request of the tenant (ListRequests' default), page by page. */
 async function openRequests(signal: AbortSignal): Promise<OpenRequest[]> {
-  if (hasListRequests) {
-    const list = (runs as unknown as { listRequests: ListRequests }).listRequests.bind(runs);
-    const out: OpenRequest[] = [];
-    let pageToken = "";
-    do {
-      const res = await list({ pageSize: 200, pageToken }, { signal });
-      for (const r of res.requests) {
-        out.push({
-          requestId: r.requestId,
-          runId: r.runId,
-          kind: r.kind,
-          detail: parseJson(r.detailJson),
-          options: r.options,
-          createdMs: tsMs(r.createdAt),
-          deadlineMs: tsMs(r.deadline),
-        });
-      }
-      pageToken = res.nextPageToken;
-    } while (pageToken && out.length < 2000);
-    return out;
-  }
-  // A manager without ListRequests: the waiting runs' events say what is open.
-  const waiting = await runs.listRuns({ statuses: [RunStatus.WAITING], pageSize: 200 }, { signal });
   const out: OpenRequest[] = [];
-  for (const run of waiting.runs) {
-    const open = new Map<string, OpenRequest>();
-    let afterSeq = 0n;
-    for (let page = 0; page < 20; page++) {
-      const res = await runs.listEvents({ runId: run.runId, afterSeq, limit: 1000 }, { signal });
-      res.events.forEach((ev: Event) => {
-        const p = (parseJson(ev.payloadJson) ?? {}) as Record<string, unknown>;
-        const id = String(p.request_id ?? "");
-        if (ev.type === "request.opened") {
-          open.set(id, {
-            requestId: id,
-            runId: run.runId,
-            kind: String(p.kind ?? ""),
-            detail: p.detail,
-            options: Array.isArray(p.options) ? p.options.map(String) : [],
-            createdMs: tsMs(ev.createdAt),
-            deadlineMs: typeof p.deadline === "string" ? Date.parse(p.deadline) : undefined,
-          });
-        } else if (ev.type === "request.resolved") {
-          open.delete(id);
-        }
+  let pageToken = "";
+  do {
+    const res = await runs.listRequests({ pageSize: 200, pageToken }, { signal });
+    for (const r of res.requests) {
+      out.push({
+        requestId: r.requestId,
+        runId: r.runId,
+        kind: r.kind,
+        detail: parseJson(r.detailJson),
+        options: r.options,
+        createdMs: tsMs(r.createdAt),
+        deadlineMs: tsMs(r.deadline),
       });
-      if (res.events.length === 0) break;
-      afterSeq = res.events[res.events.length - 1].seq;
-      if (afterSeq >= res.lastSeq) break;
     }
-    out.push(...open.values());
-  }
+    pageToken = res.nextPageToken;
+  } while (pageToken && out.length < MAX_SHOWN);
   return out;
 }
 

@@ -9,14 +9,11 @@ import { ListRunsRequestSchema } from "../gen/agentrun/v1/run_service_pb";
 import type { Run } from "../gen/agentrun/v1/types_pb";
 import { RunStatus } from "../gen/agentrun/v1/types_pb";
 import { href, navigate } from "../router";
-import { ACTIVE_STATUSES, STATUSES, fmtTs, isTerminal, parseStatus, shortId, statusName, tsMs, usePoll } from "../util";
+import { ACTIVE_STATUSES, STATUSES, fmtTs, isTerminal, parseStatus, shortId, statusName, usePoll } from "../util";
 
 const PAGE_SIZE = 50;
 const FILTERS = ["status", "queue", "session", "profile", "label", "after", "before"] as const;
 type Filters = Record<(typeof FILTERS)[number], string>;
-
-/** Whether the manager's ListRunsRequest has a field (older contracts lack some filters). */
-const hasField = (name: string) => ListRunsRequestSchema.fields.some((f) => f.localName === name);
 
 function readFilters(query: URLSearchParams): Filters {
   const f = {} as Filters;
@@ -32,30 +29,20 @@ function splitList(text: string): string[] {
 }
 
 function listRequest(f: Filters, cursor: string) {
-  const req: Record<string, unknown> = {
+  const ms = (text: string) => (text ? timestampFromMs(Date.parse(text)) : undefined);
+  return create(ListRunsRequestSchema, {
     statuses: splitList(f.status)
       .map(parseStatus)
       .filter((s): s is RunStatus => s !== undefined),
     queue: f.queue,
     sessionId: f.session,
+    backendProfile: f.profile,
+    labels: splitList(f.label),
+    createdAfter: ms(f.after),
+    createdBefore: ms(f.before),
     pageSize: PAGE_SIZE,
     pageToken: cursor,
-  };
-  if (f.profile && hasField("backendProfile")) req.backendProfile = f.profile;
-  if (f.label && hasField("labels")) req.labels = splitList(f.label);
-  if (f.after && hasField("createdAfter")) req.createdAfter = timestampFromMs(Date.parse(f.after));
-  if (f.before && hasField("createdBefore")) req.createdBefore = timestampFromMs(Date.parse(f.before));
-  return create(ListRunsRequestSchema, req);
-}
-
-/** The filters the manager cannot apply itself (an older contract), applied to the page. */
-function clientFilter(f: Filters, run: Run): boolean {
-  if (f.profile && !hasField("backendProfile") && run.backendProfile !== f.profile) return false;
-  if (f.label && !hasField("labels") && !splitList(f.label).every((l) => run.labels.includes(l))) return false;
-  const created = tsMs(run.createdAt) ?? 0;
-  if (f.after && !hasField("createdAfter") && created < Date.parse(f.after)) return false;
-  if (f.before && !hasField("createdBefore") && created >= Date.parse(f.before)) return false;
-  return true;
+  });
 }
 
 export function Runs({ query }: { query: URLSearchParams }) {
@@ -78,7 +65,7 @@ export function Runs({ query }: { query: URLSearchParams }) {
     async (signal) => {
       try {
         const res = await runs.listRuns(listRequest(filters, cursor), { signal });
-        setList(res.runs.filter((r) => clientFilter(filters, r)));
+        setList(res.runs);
         setNext(res.nextPageToken);
         setError("");
       } catch (e) {
