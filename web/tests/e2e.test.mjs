@@ -212,6 +212,7 @@ describe("the operator UI", { skip: skip ?? false }, () => {
     });
     try {
       assert.match(authed.key, /^ark_/);
+      assert.match(authed.adminKey, /^ark_/);
       const page = await browser.context.newPage();
       await page.goto(authed.ui);
       // No key: refused, so the login box shows with the server's reason.
@@ -221,12 +222,21 @@ describe("the operator UI", { skip: skip ?? false }, () => {
       const alert = page.locator("form.login [role=alert]");
       await alert.waitFor({ timeout: 15_000 });
       assert.match(await alert.textContent(), /^the API key was refused: \S/);
-      // The right key: the runs page, no error.
+      // The client key: the runs page; what needs an admin key says so.
       await page.locator("input[name=api-key]").fill(authed.key);
       await page.getByRole("button", { name: "Use this key" }).click();
       await page.getByRole("heading", { name: "Runs" }).waitFor({ timeout: 15_000 });
-      await page.locator(".chip .count").first().waitFor({ timeout: 15_000 });
+      await page.getByText("live counts need an admin key").waitFor({ timeout: 15_000 });
       assert.equal(await page.locator("form.login").count(), 0);
+      await page.goto(`${authed.ui}#/runners`);
+      await page.locator(".error", { hasText: "needs an admin key" }).waitFor({ timeout: 15_000 });
+      // With the admin key as well: runners and live counts.
+      await page.locator("button.key-button").click();
+      await page.locator("input[name=admin-key]").fill(authed.adminKey);
+      await page.getByRole("button", { name: "Use this key" }).click();
+      await until("the runner listed", async () => (await page.locator("tr[data-runner-id]").count()) === 1);
+      await page.goto(`${authed.ui}#/runs`);
+      await page.locator(".chip .count").first().waitFor({ timeout: 15_000 });
       await page.close();
     } finally {
       await authed.stop();

@@ -59,8 +59,8 @@ let devCount = 0;
 
 /**
  * Starts `agentrun dev` on the given ports against `databaseUrl` and waits for its banner.
- * Returns { ui, key, stop, log }: `ui` is the banner's UI address, `key` the admin key
- * printed with --auth.
+ * Returns { ui, key, adminKey, stop, log }: `ui` is the banner's UI address, `key` and
+ * `adminKey` the client and admin keys printed with --auth.
  */
 export async function startDev({ databaseUrl, grpcPort, uiPort, auth = false, runners = 2, tokenDelayMs = 0, startMs = 90_000 }) {
   const n = ++devCount;
@@ -94,7 +94,8 @@ export async function startDev({ databaseUrl, grpcPort, uiPort, auth = false, ru
       if (exited) throw new Error(`agentrun dev exited (${JSON.stringify(exited)}) before serving; see ${log}`);
       const ui = /^\s*ui\s+(http\S+)/m.exec(stdout);
       const key = /^\s*api key\s+(\S+)/m.exec(stdout);
-      return ui && (!auth || key) ? { ui: ui[1], key: key?.[1] } : null;
+      const adminKey = /^\s*admin key\s+(\S+)/m.exec(stdout);
+      return ui && (!auth || (key && adminKey)) ? { ui: ui[1], key: key?.[1], adminKey: adminKey?.[1] } : null;
     },
     startMs,
     100,

@@ -1,14 +1,16 @@
-// The login box: paste an API key (kept in sessionStorage for this tab), or none against
-// `agentrun dev` without --auth. Shown instead of the page when the server refuses the key.
+// The login box: paste an API key and optionally an admin key (kept in sessionStorage for
+// this tab), or none against `agentrun dev` without --auth. Shown instead of the page when
+// the server refuses a key.
 import { useState } from "preact/hooks";
 
-import { apiKey, setApiKey } from "../api";
+import { adminKey, apiKey, setApiKeys } from "../api";
 
 export function Login({ error, onDone }: { error: string | null; onDone: () => void }) {
   const [key, setKey] = useState(apiKey());
+  const [admin, setAdmin] = useState(adminKey());
   const save = (e: Event) => {
     e.preventDefault();
-    setApiKey(key.trim());
+    setApiKeys(key.trim(), admin.trim());
     onDone();
   };
   return (
@@ -20,24 +22,40 @@ export function Login({ error, onDone }: { error: string | null; onDone: () => v
         </p>
       )}
       <p class="muted">
-        Paste an API key (<code>ark_…</code>). It is kept in this tab's session storage and sent as{" "}
-        <code>authorization: Bearer …</code>. Leave it empty against a manager without authentication.
+        Paste a client API key (<code>ark_…</code>) for runs, approvals and sessions, and an admin key for runners,
+        queues and live counts. They are kept in this tab's session storage and sent as{" "}
+        <code>authorization: Bearer …</code>. Leave both empty against a manager without authentication.
       </p>
-      <input
-        name="api-key"
-        type="password"
-        autocomplete="off"
-        placeholder="ark_…"
-        value={key}
-        onInput={(e) => setKey(e.currentTarget.value)}
-      />
+      <label>
+        API key (client)
+        <input
+          name="api-key"
+          type="password"
+          autocomplete="off"
+          placeholder="ark_…"
+          value={key}
+          onInput={(e) => setKey(e.currentTarget.value)}
+        />
+      </label>
+      <label>
+        admin key (optional)
+        <input
+          name="admin-key"
+          type="password"
+          autocomplete="off"
+          placeholder="ark_…"
+          value={admin}
+          onInput={(e) => setAdmin(e.currentTarget.value)}
+        />
+      </label>
       <div class="row">
         <button type="submit">Use this key</button>
         <button
           type="button"
           onClick={() => {
             setKey("");
-            setApiKey("");
+            setAdmin("");
+            setApiKeys("", "");
             onDone();
           }}
         >

@@ -52,6 +52,7 @@ export function Runs({ query }: { query: URLSearchParams }) {
   const [next, setNext] = useState("");
   const [error, setError] = useState("");
   const [counts, setCounts] = useState<Map<RunStatus, number> | null>(null);
+  const [countsError, setCountsError] = useState("");
   const [selected, setSelected] = useState<Set<string>>(new Set());
   const [notice, setNotice] = useState("");
   const [showNew, setShowNew] = useState(false);
@@ -79,9 +80,11 @@ export function Runs({ query }: { query: URLSearchParams }) {
           m.set(d.status, (m.get(d.status) ?? 0) + Number(d.runs));
         }
         setCounts(m);
-      } catch {
+        setCountsError("");
+      } catch (e) {
         // Counts need an admin key; the list works without them.
         setCounts(null);
+        if (!signal.aborted) setCountsError(errorText(e));
       }
     },
     2000,
@@ -137,6 +140,11 @@ export function Runs({ query }: { query: URLSearchParams }) {
             </a>
           );
         })}
+        {countsError && (
+          <span class="muted" title={countsError}>
+            live counts need an admin key
+          </span>
+        )}
       </div>
       <form
         class="filters"
