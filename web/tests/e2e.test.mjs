@@ -182,16 +182,22 @@ describe("the operator UI", { skip: skip ?? false }, () => {
 
   test("the runs list with live counts (screenshot), runners and queues pages", async () => {
     const page = await browser.context.newPage();
+    // One run still going, so that the live counts show it.
+    const stalled = await createRunFromUi(page, stack.ui, "[stall] still going");
+    await waitStatus(page, "running");
     await page.goto(`${stack.ui}#/runs`);
-    await page.locator("tr[data-run-id]").first().waitFor({ timeout: 15_000 });
-    await page.locator(".chip .count").first().waitFor({ timeout: 15_000 });
+    await page.locator(`tr[data-run-id="${stalled}"]`).waitFor({ timeout: 15_000 });
+    await page.locator('.chip[data-status="running"] .count', { hasText: /^1$/ }).waitFor({ timeout: 15_000 });
     await screenshot(page, "runs.png");
+    await page.goto(`${stack.ui}#/runs/${stalled}`);
+    await page.locator("[data-testid=cancel-run]").click();
+    await waitStatus(page, "cancelled", 30_000);
     // Filters live in the URL and reach the server (ListRuns' profile filter).
     await page.goto(`${stack.ui}#/runs?profile=no-such-profile`);
     await page.getByText("No runs match.").waitFor({ timeout: 15_000 });
     assert.equal(await page.locator("input[name=profile]").inputValue(), "no-such-profile");
     await page.goto(`${stack.ui}#/runs?profile=scripted&status=cancelled`);
-    await until("the cancelled scripted runs", async () => (await page.locator("tr[data-run-id]").count()) >= 3);
+    await until("the cancelled scripted runs", async () => (await page.locator("tr[data-run-id]").count()) >= 4);
     assert.equal(await page.locator("tr[data-run-id] .badge", { hasNotText: "cancelled" }).count(), 0);
     await page.goto(`${stack.ui}#/runners`);
     await until("two runners listed", async () => (await page.locator("tr[data-runner-id]").count()) === 2);
