@@ -210,9 +210,7 @@ export function RunPage({ runId, query }: { runId: string; query: URLSearchParam
       )}
 
       <h2>Reply</h2>
-      <pre class="reply" data-testid="reply">
-        {tl.reply() || (conn === "ended" ? "(no reply)" : "…")}
-      </pre>
+      <Reply text={tl.reply()} ended={conn === "ended"} />
 
       <div class="page-head">
         <h2>Timeline</h2>
@@ -268,6 +266,30 @@ export function RunPage({ runId, query }: { runId: string; query: URLSearchParam
       />
       {picked !== null && picked < rowCount && <RawEvents tl={tl} row={rowAt(picked)} />}
     </section>
+  );
+}
+
+/** Beyond this many characters only the reply's end is shown (a huge reply would make
+ * every frame lay out megabytes of text), unless asked for in full. */
+const REPLY_TAIL = 20_000;
+
+function Reply({ text, ended }: { text: string; ended: boolean }) {
+  const [full, setFull] = useState(false);
+  const cut = !full && text.length > REPLY_TAIL;
+  return (
+    <>
+      {cut && (
+        <p class="muted">
+          The first {text.length - REPLY_TAIL} characters are hidden.{" "}
+          <button class="link" onClick={() => setFull(true)}>
+            Show the whole reply
+          </button>
+        </p>
+      )}
+      <pre class="reply" data-testid="reply" data-length={text.length}>
+        {(cut ? text.slice(-REPLY_TAIL) : text) || (ended ? "(no reply)" : "…")}
+      </pre>
+    </>
   );
 }
 
