@@ -208,17 +208,20 @@ describe("the operator UI", { skip: skip ?? false }, () => {
     await page.close();
   });
 
-  test("a wrong API key shows a clear error (dev --auth)", async () => {
+  test("a wrong API key shows a clear error (dev --auth, the UI under a base path)", async () => {
     const authed = await startDev({
       databaseUrl: env.authDatabaseUrl,
       grpcPort: await freePort(),
       uiPort: await freePort(),
       auth: true,
+      basePath: "/agentrun/",
       runners: 1,
     });
     try {
       assert.match(authed.key, /^ark_/);
       assert.match(authed.adminKey, /^ark_/);
+      // Behind an ingress: every asset and gRPC-Web call is relative to the base path.
+      assert.match(authed.ui, /^http:\/\/127\.0\.0\.1:\d+\/agentrun\/$/);
       const page = await browser.context.newPage();
       await page.goto(authed.ui);
       // No key: refused, so the login box shows with the server's reason.

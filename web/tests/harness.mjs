@@ -62,12 +62,22 @@ let devCount = 0;
  * Returns { ui, key, adminKey, stop, log }: `ui` is the banner's UI address, `key` and
  * `adminKey` the client and admin keys printed with --auth.
  */
-export async function startDev({ databaseUrl, grpcPort, uiPort, auth = false, runners = 2, tokenDelayMs = 0, startMs = 90_000 }) {
+export async function startDev({
+  databaseUrl,
+  grpcPort,
+  uiPort,
+  auth = false,
+  basePath = "",
+  runners = 2,
+  tokenDelayMs = 0,
+  startMs = 90_000,
+}) {
   const n = ++devCount;
   const log = join(env.logDir, `agentrun-dev-${n}.log`);
   const out = createWriteStream(log, { flags: "a" });
   const args = ["dev", "--listen", `127.0.0.1:${grpcPort}`, "--ui-listen", `127.0.0.1:${uiPort}`, "--runners", String(runners)];
   if (auth) args.push("--auth");
+  if (basePath) args.push("--ui-base-path", basePath);
   const child = spawn(env.bin, args, {
     env: {
       ...process.env,
