@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::leases::Assignment;
-use crate::store::runs;
+use crate::store::{requests, runs};
 
 /// How long a scrape may spend on the database before it reports without it.
 const SCRAPE_DB_TIMEOUT: Duration = Duration::from_secs(2);
@@ -38,16 +38,30 @@ pub struct QueueLabels {
     pub queue: String,
 }
 
+/// A served gRPC method, labelled as go-grpc-prometheus does (dashboards built for it
+/// work): `unknown` for every path this server does not serve.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MethodLabels {
-    pub method: String,
+pub struct GrpcMethod {
+    /// e.g. `agentrun.v1.RunService`.
+    pub grpc_service: String,
+    /// e.g. `CreateRun`.
+    pub grpc_method: String,
+    /// `unary`, `client_stream`, `server_stream` or `bidi_stream`.
+    pub grpc_type: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MethodCodeLabels {
-    pub method: String,
-    /// The gRPC status code name, e.g. `Ok`, `Unavailable`.
-    pub code: String,
+struct GrpcMethodCode {
+    #[prometheus(flatten)]
+    method: GrpcMethod,
+    /// The status code's name as gRPC's Go implementation spells it: `OK`,
+    /// `InvalidArgument`, `Unavailable`, ...
+    grpc_code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -77,8 +91,10 @@ pub struct Metrics {
     event_batch_size: Histogram,
     connected_runners: Gauge,
     watchers: Gauge,
-    rpc_requests: Family<MethodCodeLabels, Counter>,
-    rpc_duration: HistogramFamily<MethodLabels>,
+    open_requests: Gauge,
+    grpc_started: Family<GrpcMethod, Counter>,
+    grpc_handled: Family<GrpcMethodCode, Counter>,
+    grpc_handling: HistogramFamily<GrpcMethod>,
     /// Serialises scrapes: each clears and refills the scrape-time families.
     scrape: tokio::sync::Mutex<()>,
 }
@@ -96,7 +112,8 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("agentrun");
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("agentrun");
         let m = Self {
             queue_depth: Family::default(),
             oldest_pending: Family::default(),
@@ -114,8 +131,10 @@ impl Metrics {
             event_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
             connected_runners: Gauge::default(),
             watchers: Gauge::default(),
-            rpc_requests: Family::default(),
-            rpc_duration: Family::new_with_constructor(rpc_duration_histogram),
+            open_requests: Gauge::default(),
+            grpc_started: Family::default(),
+            grpc_handled: Family::default(),
+            grpc_handling: Family::new_with_constructor(rpc_duration_histogram),
             scrape: tokio::sync::Mutex::new(()),
             registry: Registry::default(),
         };
@@ -190,16 +209,36 @@ impl Metrics {
             m.watchers.clone(),
         );
         registry.register(
-            "rpc_requests",
-            "gRPC calls by method and status code (streams counted when they start)",
-            m.rpc_requests.clone(),
+            "open_requests",
+            "Requests (approvals, user input) open across all runs",
+            m.open_requests.clone(),
         );
-        registry.register(
-            "rpc_duration_seconds",
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .set(1);
+        registry.register("build_info", "The running build: 1, by version", build);
+        root.register(
+            "grpc_server_started",
+            "gRPC calls started, by method",
+            m.grpc_started.clone(),
+        );
+        root.register(
+            "grpc_server_handled",
+            "gRPC calls answered, by method and status code (streams when they start)",
+            m.grpc_handled.clone(),
+        );
+        root.register(
+            "grpc_server_handling_seconds",
             "gRPC call latency to the response headers, by method",
-            m.rpc_duration.clone(),
+            m.grpc_handling.clone(),
         );
-        Self { registry, ..m }
+        Self {
+            registry: root,
+            ..m
+        }
     }
 
     /// Observes the create-to-claim latency of freshly claimed runs.
@@ -236,18 +275,21 @@ impl Metrics {
         self.deltas_compacted.inc_by(deltas_removed);
     }
 
-    /// Counts one gRPC call (`method` is the gRPC path).
-    pub fn rpc(&self, method: &str, code: tonic::Code, elapsed: Duration) {
-        self.rpc_requests
-            .get_or_create(&MethodCodeLabels {
-                method: method.to_owned(),
-                code: format!("{code:?}"),
+    /// Counts a gRPC call as it starts.
+    pub fn rpc_started(&self, method: &GrpcMethod) {
+        self.grpc_started.get_or_create(method).inc();
+    }
+
+    /// Counts a gRPC call's answer.
+    pub fn rpc(&self, method: &GrpcMethod, code: tonic::Code, elapsed: Duration) {
+        self.grpc_handled
+            .get_or_create(&GrpcMethodCode {
+                method: method.clone(),
+                grpc_code: go_code_name(code).to_owned(),
             })
             .inc();
-        self.rpc_duration
-            .get_or_create(&MethodLabels {
-                method: method.to_owned(),
-            })
+        self.grpc_handling
+            .get_or_create(method)
             .observe(elapsed.as_secs_f64());
     }
 
@@ -281,12 +323,15 @@ impl Metrics {
         self.oldest_pending.clear();
         let stats = tokio::time::timeout(SCRAPE_DB_TIMEOUT, async {
             let client = pool.get().await?;
-            runs::queue_stats(&client, 0, 0).await
+            let stats = runs::queue_stats(&client, 0, 0).await?;
+            let open = requests::count_open(&client).await?;
+            Ok::<_, crate::error::Error>((stats, open))
         })
         .await;
         match stats {
-            Ok(Ok(stats)) => {
+            Ok(Ok((stats, open_requests))) => {
                 self.database_up.set(1);
+                self.open_requests.set(open_requests);
                 let mut active = 0;
                 for depth in &stats.depths {
                     if RunStatus::ACTIVE.contains(&depth.status) {
@@ -321,6 +366,31 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// A status code's name as gRPC's Go implementation (and so go-grpc-prometheus) spells
+/// it.
+fn go_code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "Canceled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
     }
 }
 

@@ -7,7 +7,7 @@
 //! trailers, so a response without one in its headers counts as `Ok`. Streaming calls
 //! are counted when the response starts; a stream that fails later is not recounted.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
@@ -19,7 +19,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 use tracing::Instrument;
 
-use crate::metrics::Metrics;
+use crate::metrics::{GrpcMethod, Metrics};
 
 /// Adds [`Observe`] around the server's routes.
 #[derive(Clone)]
@@ -68,15 +68,17 @@ where
         // The clone that was polled ready serves this call (tower's usual swap).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let method = method_label(request.uri().path());
+        let path = request.uri().path();
+        let method = method_of(path);
         let span = tracing::info_span!(
             "rpc",
-            method = %method,
+            method = %path,
             run_id = tracing::field::Empty,
             tenant = tracing::field::Empty,
             runner = tracing::field::Empty,
         );
         let metrics = self.metrics.clone();
+        metrics.rpc_started(&method);
         let started = Instant::now();
         Box::pin(
             async move {
@@ -96,43 +98,79 @@ where
     }
 }
 
-/// The gRPC path of a method this server serves; anything else (an unknown method of a
-/// known service included) is `other`, so no caller can grow the metric's label set.
-fn method_label(path: &str) -> String {
-    static KNOWN: LazyLock<HashSet<String>> = LazyLock::new(known_methods);
-    if KNOWN.contains(path) {
-        path.to_owned()
-    } else {
-        "other".to_owned()
-    }
+/// The labels of the method at `path`; `unknown` for anything this server does not
+/// serve (an unknown method of a known service included), so no caller can grow the
+/// metrics' label sets.
+fn method_of(path: &str) -> GrpcMethod {
+    static KNOWN: LazyLock<HashMap<String, GrpcMethod>> = LazyLock::new(known_methods);
+    KNOWN.get(path).cloned().unwrap_or_else(|| GrpcMethod {
+        grpc_service: "unknown".into(),
+        grpc_method: "unknown".into(),
+        grpc_type: "unknown".into(),
+    })
 }
 
-/// Every method path served: the API's (from its file descriptor set), health and
+/// Every method served, by path: the API's (from its file descriptor set), health and
 /// reflection.
-fn known_methods() -> HashSet<String> {
+fn known_methods() -> HashMap<String, GrpcMethod> {
     let api = prost_types::FileDescriptorSet::decode(agentrun_shared::proto::FILE_DESCRIPTOR_SET)
         .expect("the compiled-in descriptor set decodes");
-    let mut paths: HashSet<String> = api
+    let mut methods: Vec<(String, String, bool, bool)> = api
         .file
         .iter()
         .flat_map(|file| {
             file.service.iter().flat_map(move |service| {
                 service.method.iter().map(move |method| {
-                    format!("/{}.{}/{}", file.package(), service.name(), method.name())
+                    (
+                        format!("{}.{}", file.package(), service.name()),
+                        method.name().to_owned(),
+                        method.client_streaming(),
+                        method.server_streaming(),
+                    )
                 })
             })
         })
         .collect();
-    paths.extend(
-        [
-            "/grpc.health.v1.Health/Check",
-            "/grpc.health.v1.Health/Watch",
-            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-        ]
-        .map(str::to_owned),
-    );
-    paths
+    for (service, method, client_streaming, server_streaming) in [
+        ("grpc.health.v1.Health", "Check", false, false),
+        ("grpc.health.v1.Health", "Watch", false, true),
+        (
+            "grpc.reflection.v1.ServerReflection",
+            "ServerReflectionInfo",
+            true,
+            true,
+        ),
+        (
+            "grpc.reflection.v1alpha.ServerReflection",
+            "ServerReflectionInfo",
+            true,
+            true,
+        ),
+    ] {
+        methods.push((
+            service.into(),
+            method.into(),
+            client_streaming,
+            server_streaming,
+        ));
+    }
+    methods
+        .into_iter()
+        .map(|(service, method, client_streaming, server_streaming)| {
+            let kind = match (client_streaming, server_streaming) {
+                (false, false) => "unary",
+                (true, false) => "client_stream",
+                (false, true) => "server_stream",
+                (true, true) => "bidi_stream",
+            };
+            let labels = GrpcMethod {
+                grpc_service: service.clone(),
+                grpc_method: method.clone(),
+                grpc_type: kind.into(),
+            };
+            (format!("/{service}/{method}"), labels)
+        })
+        .collect()
 }
 
 fn status_code(headers: &http::HeaderMap) -> tonic::Code {
@@ -163,14 +201,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_served_methods_get_their_own_label() {
+    fn only_served_methods_get_their_own_labels() {
+        let create = method_of("/agentrun.v1.RunService/CreateRun");
         assert_eq!(
-            method_label("/agentrun.v1.RunService/CreateRun"),
-            "/agentrun.v1.RunService/CreateRun"
+            (
+                create.grpc_service.as_str(),
+                create.grpc_method.as_str(),
+                create.grpc_type.as_str()
+            ),
+            ("agentrun.v1.RunService", "CreateRun", "unary")
         );
         assert_eq!(
-            method_label("/grpc.health.v1.Health/Check"),
-            "/grpc.health.v1.Health/Check"
+            method_of("/agentrun.v1.RunService/WatchRun").grpc_type,
+            "server_stream"
+        );
+        assert_eq!(
+            method_of("/agentrun.v1.RunnerService/Connect").grpc_type,
+            "bidi_stream"
+        );
+        assert_eq!(
+            method_of("/grpc.health.v1.Health/Check").grpc_method,
+            "Check"
         );
         for unknown in [
             "/agentrun.v1.RunService/NoSuchMethod",
@@ -178,7 +229,12 @@ mod tests {
             "/random/path",
             "",
         ] {
-            assert_eq!(method_label(unknown), "other", "{unknown}");
+            let labels = method_of(unknown);
+            assert_eq!(
+                (labels.grpc_service.as_str(), labels.grpc_method.as_str()),
+                ("unknown", "unknown"),
+                "{unknown}"
+            );
         }
     }
 }

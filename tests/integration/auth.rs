@@ -572,7 +572,7 @@ async fn a_key_bound_to_projects_creates_runs_only_there() {
 }
 
 /// RunnerService calls the manager refused as UNAUTHENTICATED so far, read from its
-/// `/metrics` (`agentrun_rpc_requests_total`).
+/// `/metrics` (`grpc_server_handled_total`).
 async fn runner_calls_refused(metrics: SocketAddr) -> f64 {
     let mut stream = TcpStream::connect(metrics)
         .await
@@ -588,10 +588,10 @@ async fn runner_calls_refused(metrics: SocketAddr) -> f64 {
         .expect("read the scrape");
     response
         .lines()
-        .filter(|line| line.starts_with("agentrun_rpc_requests_total{"))
+        .filter(|line| line.starts_with("grpc_server_handled_total{"))
         .filter(|line| {
-            line.contains("/agentrun.v1.RunnerService/")
-                && line.contains("code=\"Unauthenticated\"")
+            line.contains("grpc_service=\"agentrun.v1.RunnerService\"")
+                && line.contains("grpc_code=\"Unauthenticated\"")
         })
         .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum()

@@ -92,8 +92,6 @@ pub(crate) fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-const CREATE_RUN: &str = "/agentrun.v1.RunService/CreateRun";
-
 #[tokio::test]
 async fn metrics_are_served_and_move() {
     let mut app = TestApp::spawn_with(|s| s.metrics_listen = "127.0.0.1:0".into()).await;
@@ -167,8 +165,11 @@ async fn metrics_are_served_and_move() {
     for family in [
         "agentrun_create_to_claim_seconds",
         "agentrun_events_appended",
-        "agentrun_rpc_requests",
-        "agentrun_rpc_duration_seconds",
+        "grpc_server_started",
+        "grpc_server_handled",
+        "grpc_server_handling_seconds",
+        "agentrun_open_requests",
+        "agentrun_build_info",
         "agentrun_lease_expiries",
         "agentrun_requeues",
         "agentrun_connected_runners",
@@ -182,33 +183,37 @@ async fn metrics_are_served_and_move() {
             "{family} missing from:\n{after}"
         );
     }
-    let ok_creates = [("method", CREATE_RUN), ("code", "Ok")];
+    let create = [
+        ("grpc_service", "agentrun.v1.RunService"),
+        ("grpc_method", "CreateRun"),
+        ("grpc_type", "unary"),
+    ];
+    let ok_creates = [create.as_slice(), &[("grpc_code", "OK")]].concat();
     let delta = |name: &str, labels: &[(&str, &str)]| {
         sample(&after, name, labels) - sample(&before, name, labels)
     };
-    assert_eq!(delta("agentrun_rpc_requests_total", &ok_creates), 3.0);
+    assert_eq!(delta("grpc_server_started_total", &create), 3.0);
+    assert_eq!(delta("grpc_server_handled_total", &ok_creates), 3.0);
     assert_eq!(
         delta(
-            "agentrun_rpc_requests_total",
+            "grpc_server_handled_total",
             &[
-                ("method", "/agentrun.v1.RunService/GetRun"),
-                ("code", "InvalidArgument")
+                ("grpc_service", "agentrun.v1.RunService"),
+                ("grpc_method", "GetRun"),
+                ("grpc_type", "unary"),
+                ("grpc_code", "InvalidArgument")
             ]
         ),
         1.0
     );
-    assert_eq!(
-        delta(
-            "agentrun_rpc_duration_seconds_count",
-            &[("method", CREATE_RUN)]
-        ),
-        3.0
-    );
+    assert_eq!(delta("grpc_server_handling_seconds_count", &create), 3.0);
     assert_eq!(delta("agentrun_events_appended_total", &[]), 10.0);
     assert_eq!(delta("agentrun_event_batch_size_count", &[]), 2.0);
     assert_eq!(delta("agentrun_create_to_claim_seconds_count", &[]), 2.0);
     assert!(delta("agentrun_create_to_claim_seconds_sum", &[]) > 0.0);
     assert_eq!(sample(&after, "agentrun_active_leases", &[]), 0.0);
+    assert_eq!(sample(&after, "agentrun_build_info", &[]), 1.0);
+    assert_eq!(sample(&after, "agentrun_open_requests", &[]), 0.0);
     assert_eq!(sample(&after, "agentrun_queue_depth", &pending), 1.0);
 
     wait_for("the watcher gauge to drop", FLIP, || async {

@@ -687,3 +687,12 @@ pub async fn expire_due(pool: &Pool, batch: i64) -> Result<(Vec<RunId>, usize)> 
     tx.commit().await?;
     Ok((woken, expired.len()))
 }
+
+/// Requests open across all runs and tenants (the metric), from the partial index of
+/// open requests.
+pub async fn count_open(client: &impl GenericClient) -> Result<i64> {
+    let stmt = client
+        .prepare_cached("SELECT count(*) FROM requests WHERE status = 'open'")
+        .await?;
+    Ok(client.query_one(&stmt, &[]).await?.get(0))
+}

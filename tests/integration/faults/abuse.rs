@@ -590,10 +590,11 @@ async fn a_runner_whose_key_is_revoked_is_cut_off_and_gets_no_new_run() {
     let connect_refused = |text: &str| {
         sample(
             text,
-            "agentrun_rpc_requests_total",
+            "grpc_server_handled_total",
             &[
-                ("method", "/agentrun.v1.RunnerService/Connect"),
-                ("code", "Unauthenticated"),
+                ("grpc_service", "agentrun.v1.RunnerService"),
+                ("grpc_method", "Connect"),
+                ("grpc_code", "Unauthenticated"),
             ],
         )
     };
@@ -1462,8 +1463,8 @@ async fn calls_to_unknown_methods_do_not_grow_the_metrics() {
     );
     let counted = sample(
         &text,
-        "agentrun_rpc_requests_total",
-        &[("method", "other"), ("code", "Unimplemented")],
+        "grpc_server_handled_total",
+        &[("grpc_method", "unknown"), ("grpc_code", "Unimplemented")],
     );
     assert!(
         counted >= CALLS as f64,
