@@ -52,6 +52,7 @@ export function Runners() {
             <th>profiles</th>
             <th>slots used</th>
             <th>last heartbeat</th>
+            <th>replica</th>
             <th>version</th>
             <th>leases</th>
             <th />
@@ -73,6 +74,9 @@ export function Runners() {
                   <Meter used={r.leases.length} limit={r.maxConcurrency} />
                 </td>
                 <td title={fmtTs(r.lastHeartbeatAt)}>{beat ? `${fmtDuration(now - beat)} ago` : "—"}</td>
+                <td class="mono" title={r.replicaId}>
+                  {r.replicaId ? shortId(r.replicaId) : "—"}
+                </td>
                 <td>{r.version}</td>
                 <td class="mono">
                   {r.leases.slice(0, 3).map((l) => (
