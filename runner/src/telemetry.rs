@@ -11,9 +11,13 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// Installs the global subscriber; the returned exporter (if any) must live until exit.
 pub fn init(otel_endpoint: Option<&str>) -> anyhow::Result<Option<otel::Exporter>> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only on a terminal (and not with NO_COLOR): `agentrun dev` passes its
+    // stderr, so runner and manager lines share one format.
+    let color = std::io::IsTerminal::is_terminal(&std::io::stdout())
+        && std::env::var_os("NO_COLOR").is_none();
     let logs = tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer());
+        .with(tracing_subscriber::fmt::layer().with_ansi(color));
     match otel::endpoint(otel_endpoint) {
         Some(endpoint) => {
             let (spans, exporter) = otel::layer("agentrun-runner", &endpoint)?;
