@@ -62,6 +62,26 @@ assert any(p["target"]["kind"] == "HorizontalPodAutoscaler" for p in kk["patches
 print("validate-deploy: deploy/keda: a ScaledObject on queue depth replacing the HPA")
 PY
 
+# The Grafana dashboard: valid JSON, and every metric its queries name is one the
+# manager or the runner registers (names read from their code).
+"$venv/bin/python" - <<'PY'
+import json, pathlib, re, sys
+dashboard = json.loads(pathlib.Path("deploy/grafana/agentrun.json").read_text())
+exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+known = set()
+for path, prefix in [("manager/src/metrics.rs", "agentrun_"), ("runner/src/observe.rs", "agentrun_runner_")]:
+    for name in re.findall(r'register\(\s*"([a-z_]+)"', pathlib.Path(path).read_text()):
+        full = name if name.startswith("grpc_") else prefix + name
+        known |= {full, full + "_total", full + "_bucket", full + "_sum", full + "_count"}
+# Label matchers and `by (...)` name labels, not metrics.
+bare = [re.sub(r"\{[^}]*\}|by \([^)]*\)", "", e) for e in exprs]
+used = {m for e in bare for m in re.findall(r"\b((?:agentrun|grpc)_[a-z_]+)", e)}
+unknown = sorted(used - known)
+if unknown:
+    sys.exit(f"validate-deploy: the dashboard queries unknown metrics: {unknown}")
+print(f"validate-deploy: deploy/grafana/agentrun.json: {len(exprs)} queries over {len(used)} known metrics")
+PY
+
 # Without the compose plugin, at least: the file parses, has the three services, and the
 # runner can be scaled (no container_name, no fixed host port).
 "$venv/bin/python" - <<'PY'

@@ -77,6 +77,9 @@ where
             tenant = tracing::field::Empty,
             runner = tracing::field::Empty,
         );
+        // The caller's W3C trace context, when it sent one: this call's span joins it.
+        #[cfg(feature = "otel")]
+        continue_trace(&span, request.headers());
         let metrics = self.metrics.clone();
         metrics.rpc_started(&method);
         let started = Instant::now();
@@ -179,6 +182,25 @@ fn status_code(headers: &http::HeaderMap) -> tonic::Code {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok())
         .map_or(tonic::Code::Ok, tonic::Code::from_i32)
+}
+
+/// Makes `span` a child of the trace context in `headers` (`traceparent`, `tracestate`).
+#[cfg(feature = "otel")]
+fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    agentrun_shared::otel::continue_trace(span, |key| {
+        headers.get(key)?.to_str().ok().map(str::to_owned)
+    });
+}
+
+/// The trace context runs created by the current call continue: the call's own span
+/// when spans are exported, else the caller's `traceparent` as it came, if well formed.
+pub fn trace_parent(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    #[cfg(feature = "otel")]
+    if let Some(own) = agentrun_shared::otel::current_traceparent() {
+        return Some(own);
+    }
+    let given = metadata.get("traceparent")?.to_str().ok()?.trim();
+    agentrun_shared::trace::is_traceparent(given).then(|| given.to_owned())
 }
 
 /// Records the run a call acts on in the current `rpc` span.

@@ -3,7 +3,9 @@
 //! hashes and raw inputs included); human-readable (`pretty`) or
 //! one JSON object per line (`json`, for production log collectors). Every gRPC call
 //! runs in an `rpc` span (see [`crate::observe`]) whose fields appear on its events.
-//! With an OTLP endpoint, the same spans are exported to an OpenTelemetry collector.
+//! With an OTLP endpoint (`--otel-endpoint`, or the standard `OTEL_EXPORTER_OTLP_*`
+//! variables), the same spans are exported to an OpenTelemetry collector, continuing the
+//! caller's W3C trace context (see `agentrun_shared::otel`).
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -26,17 +28,9 @@ pub enum LogFormat {
 /// Keeps the trace exporter alive; dropping it flushes what is buffered.
 #[derive(Default)]
 pub struct Telemetry {
+    /// Flushes exported spans when dropped.
     #[cfg(feature = "otel")]
-    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
-}
-
-impl Drop for Telemetry {
-    fn drop(&mut self) {
-        #[cfg(feature = "otel")]
-        if let Some(provider) = self.provider.take() {
-            let _ = provider.shutdown();
-        }
-    }
+    _exporter: Option<agentrun_shared::otel::Exporter>,
 }
 
 /// Installs a global pretty subscriber; later calls are no-ops (tests call it many times).
@@ -88,28 +82,14 @@ fn log_directives(rust_log: Option<&str>) -> String {
 
 #[cfg(feature = "otel")]
 fn exporter(endpoint: Option<&str>) -> anyhow::Result<(Option<BoxedLayer>, Telemetry)> {
-    use opentelemetry::trace::TracerProvider as _;
-    use opentelemetry_otlp::WithExportConfig;
-
-    let Some(endpoint) = endpoint.filter(|e| !e.is_empty()) else {
+    let Some(endpoint) = agentrun_shared::otel::endpoint(endpoint) else {
         return Ok((None, Telemetry::default()));
     };
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(endpoint)
-        .build()?;
-    let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name("agentrun-manager")
-        .build();
-    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(resource)
-        .build();
-    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("agentrun-manager"));
+    let (layer, exporter) = agentrun_shared::otel::layer("agentrun-manager", &endpoint)?;
     Ok((
         Some(Box::new(layer)),
         Telemetry {
-            provider: Some(provider),
+            _exporter: Some(exporter),
         },
     ))
 }

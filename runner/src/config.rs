@@ -67,6 +67,10 @@ pub struct RunnerSettings {
     /// PEM private key of `tls_cert`.
     #[arg(long, env = "AGENTRUN_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Export spans by OTLP/gRPC to this collector, e.g. `http://127.0.0.1:4317`. Unset:
+    /// the standard `OTEL_EXPORTER_OTLP_ENDPOINT`, else no export.
+    #[arg(long, env = "AGENTRUN_OTEL_ENDPOINT")]
+    pub otel_endpoint: Option<String>,
     /// Address serving `GET /metrics` (Prometheus) and `GET /healthz`; empty: off.
     #[arg(long, env = "AGENTRUN_HEALTH_LISTEN", default_value = "")]
     pub health_listen: String,

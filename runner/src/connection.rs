@@ -492,6 +492,7 @@ impl Runner {
             context: executor::context_of(&assignment.context),
             provider_thread_id: Some(assignment.provider_thread_id).filter(|t| !t.is_empty()),
             observer: self.observer.clone(),
+            trace_parent: Some(assignment.trace_parent).filter(|t| !t.is_empty()),
         };
         tracing::info!(run = %run.run_id, epoch = assignment.epoch, profile = %run.backend_profile, "run assigned");
         self.observer.run_started();

@@ -38,6 +38,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::observe::Observer;
 use crate::outbox::{Aborted, Outbox};
@@ -71,6 +72,8 @@ pub struct RunContext {
     pub provider_thread_id: Option<String>,
     /// Turn metrics go here.
     pub observer: Arc<Observer>,
+    /// The W3C `traceparent` of the run's creation: the run's span continues it.
+    pub trace_parent: Option<String>,
 }
 
 /// Provider events buffered between a provider and its run task.
@@ -97,6 +100,8 @@ struct ActiveTurn {
     started: tokio::time::Instant,
     /// Whether its first `content.delta` was seen (time to first token).
     first_token: bool,
+    /// The turn's GenAI span: it ends when the turn does.
+    span: tracing::Span,
 }
 
 enum Ending {
@@ -104,10 +109,26 @@ enum Ending {
     Aborted,
 }
 
-/// Executes a run until it ends or its lease is lost.
+/// Executes a run until it ends or its lease is lost, in a `run` span that continues
+/// the trace of the run's creation.
 pub async fn execute(ctx: RunContext, mut commands: mpsc::UnboundedReceiver<proto::Command>) {
     let run_id = ctx.run.run_id.clone();
-    let ending = Executor::new(&ctx).drive(&mut commands).await;
+    let span = tracing::info_span!(
+        "run",
+        otel.name = "agentrun.run",
+        agentrun.run_id = %run_id,
+        agentrun.epoch = ctx.epoch,
+        agentrun.backend_profile = %ctx.run.backend_profile,
+    );
+    if let Some(parent) = &ctx.trace_parent {
+        agentrun_shared::otel::continue_trace(&span, |key| {
+            (key == "traceparent").then(|| parent.clone())
+        });
+    }
+    let ending = Executor::new(&ctx)
+        .drive(&mut commands)
+        .instrument(span)
+        .await;
     if let Ending::Finish(status, failure) = ending {
         if ctx.abort.is_cancelled() {
             return;
@@ -127,6 +148,30 @@ pub async fn execute(ctx: RunContext, mut commands: mpsc::UnboundedReceiver<prot
         let _ = ctx.upward.send(Upward::Finish(finish));
     }
     tracing::debug!(run = %run_id, "run task ended");
+}
+
+/// A turn's span, following the OpenTelemetry GenAI conventions: `chat {model}`, with the
+/// provider, the model, and (recorded as they become known) the time to first token and
+/// the tokens in and out.
+fn turn_span(
+    provider: &Arc<dyn provider::Provider>,
+    backend_profile: &str,
+    turn_id: &str,
+) -> tracing::Span {
+    let model = provider.model(backend_profile);
+    let family = backend_profile.split(':').next().unwrap_or(backend_profile);
+    tracing::info_span!(
+        "chat",
+        otel.name = %format!("chat {model}"),
+        gen_ai.operation.name = "chat",
+        gen_ai.provider.name = %family,
+        gen_ai.system = %family,
+        gen_ai.request.model = %model,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        gen_ai.server.time_to_first_token = tracing::field::Empty,
+        agentrun.turn_id = %turn_id,
+    )
 }
 
 /// The conversation an assignment carries, as provider history.
@@ -541,7 +586,10 @@ impl<'a> Executor<'a> {
             resolutions: resolutions_rx,
             stop: stop.clone(),
         };
-        let task = tokio::spawn(async move { provider.run_turn(request, turn_ctx).await });
+        let span = turn_span(&provider, &self.ctx.run.backend_profile, &turn_id);
+        let task = tokio::spawn(
+            async move { provider.run_turn(request, turn_ctx).await }.instrument(span.clone()),
+        );
         self.active = Some(ActiveTurn {
             command,
             turn_id,
@@ -554,6 +602,7 @@ impl<'a> Executor<'a> {
             task,
             started: tokio::time::Instant::now(),
             first_token: false,
+            span,
         });
         Ok(())
     }
@@ -565,7 +614,11 @@ impl<'a> Executor<'a> {
             && event.event_type == "content.delta"
         {
             active.first_token = true;
-            self.ctx.observer.first_token(active.started.elapsed());
+            let after = active.started.elapsed();
+            self.ctx.observer.first_token(after);
+            active
+                .span
+                .record("gen_ai.server.time_to_first_token", after.as_secs_f64());
         }
     }
 
@@ -597,6 +650,10 @@ impl<'a> Executor<'a> {
         self.ctx
             .observer
             .turn_ended(active.started.elapsed(), tokens);
+        if let Some((input, output)) = tokens {
+            active.span.record("gen_ai.usage.input_tokens", input);
+            active.span.record("gen_ai.usage.output_tokens", output);
+        }
         self.record_turn_end(
             &active.command,
             &active.turn_id,
@@ -729,6 +786,7 @@ mod tests {
             context: Vec::new(),
             provider_thread_id: None,
             observer: Arc::new(crate::observe::Observer::new(Duration::from_secs(30))),
+            trace_parent: None,
         };
         let (commands_tx, commands) = mpsc::unbounded_channel();
         commands_tx.send(turn("[tokens:100000]")).unwrap();

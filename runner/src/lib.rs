@@ -8,6 +8,7 @@
 //!   truncated with a marker) before they enter an outbox.
 //! - [`provider`]: the provider trait and the scripted, openai and command providers.
 //! - [`observe`]: metrics and the health verdict, served on `--health-listen`.
+//! - [`telemetry`]: logs, and span export continuing each run's trace.
 //! - [`config`] and [`setup`]: settings, and the providers built from them.
 
 pub mod config;
@@ -18,6 +19,7 @@ pub mod observe;
 pub mod outbox;
 pub mod provider;
 pub mod setup;
+pub mod telemetry;
 
 use agentrun_shared::proto;
 use tokio_util::sync::CancellationToken;

@@ -39,16 +39,8 @@ async fn main() -> anyhow::Result<()> {
         let healthy = health(&url).await;
         std::process::exit(if healthy { 0 } else { 1 });
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour only on a terminal (and not with NO_COLOR): `agentrun dev` passes its
-    // stderr, so runner and manager lines share one format.
-    let color = std::io::IsTerminal::is_terminal(&std::io::stdout())
-        && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(color)
-        .init();
+    // Flushes exported spans when main returns.
+    let _telemetry = agentrun_runner::telemetry::init(cli.runner.otel_endpoint.as_deref())?;
 
     let (providers, default_profiles) = setup::providers(&cli.providers)?;
     let profiles = if cli.runner.backend_profiles.is_empty() {

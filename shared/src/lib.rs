@@ -8,6 +8,8 @@
 //! - [`payload`]: JSON payload validation, size limits and secret redaction.
 //! - [`error`]: the field-naming validation error used at every edge.
 //! - [`http`]: the tiny HTTP responder of the operational endpoints (metrics, health).
+//! - `otel` (feature `otel`): OpenTelemetry export and trace context propagation.
+//! - [`trace`]: the W3C trace context carried from a run's creation to its runner.
 //! - [`tls`]: client-side TLS (trusted CA, client certificate) for runners and the CLI.
 
 pub mod codec;
@@ -15,9 +17,12 @@ pub mod error;
 pub mod events;
 pub mod http;
 pub mod ids;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod payload;
 pub mod state;
 pub mod tls;
+pub mod trace;
 
 /// Generated `agentrun.v1` types and tonic clients/servers.
 pub mod proto {

@@ -30,6 +30,7 @@ mod stream_modes;
 mod surface;
 mod sweeper;
 mod tls;
+mod traces;
 mod turn_rules;
 mod ui;
 mod validation;

@@ -503,6 +503,7 @@ async fn an_operator_drains_a_runner_through_another_replica() {
         }
     })
     .await;
+    uuid::Uuid::parse_str(&listed.replica_id).expect("the replica holding its stream");
     assert!(!listed.draining);
     assert!(listed.backend_profiles.contains(&"scripted".to_owned()));
     assert!(listed.last_heartbeat_at.is_some());

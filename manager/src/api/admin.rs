@@ -112,6 +112,7 @@ impl AdminService for AdminApi {
                 .iter()
                 .map(|r| proto::RunnerInfo {
                     tenant_id: r.tenant_id.clone(),
+                    replica_id: r.replica_id.map(|id| id.to_string()).unwrap_or_default(),
                     runner_id: r.id.to_string(),
                     name: r.name.clone(),
                     labels: r.labels.clone(),

@@ -104,6 +104,7 @@ pub fn assignment(a: &Assignment) -> proto::Assignment {
             })
             .collect(),
         provider_thread_id: a.context.provider_thread_id.clone().unwrap_or_default(),
+        trace_parent: a.run.trace_parent.clone().unwrap_or_default(),
     }
 }
 

@@ -41,12 +41,15 @@ impl RunApi {
         &self,
         tenant: &Tenant,
         new_runs: Vec<NewRun>,
+        metadata: &tonic::metadata::MetadataMap,
     ) -> Result<Vec<Created<RunRecord>>, Error> {
+        let trace_parent = observe::trace_parent(metadata);
         let created = lifecycle::create_runs(
             &self.state.pool,
             tenant,
             new_runs,
             &self.state.settings.quotas(),
+            trace_parent.as_deref(),
         )
         .await?;
         self.state.notifier.work_available();
@@ -179,7 +182,9 @@ impl RunService for RunApi {
         let caller = caller(&self.state, &request, Role::Client).await?;
         let new_run = self.new_run("", request.get_ref()).map_err(Error::from)?;
         caller.check_project("project_id", &new_run.project_id)?;
-        let created = self.create(&caller.tenant, vec![new_run]).await?;
+        let created = self
+            .create(&caller.tenant, vec![new_run], request.metadata())
+            .await?;
         let created = created
             .into_iter()
             .next()
@@ -211,7 +216,9 @@ impl RunService for RunApi {
         for (i, run) in new_runs.iter().enumerate() {
             caller.check_project(&format!("runs[{i}].project_id"), &run.project_id)?;
         }
-        let created = self.create(&caller.tenant, new_runs).await?;
+        let created = self
+            .create(&caller.tenant, new_runs, request.metadata())
+            .await?;
         Ok(Response::new(proto::CreateRunsResponse {
             runs: created
                 .iter()

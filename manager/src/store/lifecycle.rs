@@ -21,12 +21,14 @@ use crate::limits::Quotas;
 
 /// Creates runs in one transaction: all are created (or found, for idempotent retries)
 /// or none. A run whose input has a "prompt" gets it as its first `turn` command. New
-/// runs that would take the tenant past its quota of pending runs are refused.
+/// runs that would take the tenant past its quota of pending runs are refused. The runs
+/// keep `trace_parent`, the creating call's trace context, for their runners.
 pub async fn create_runs(
     pool: &Pool,
     tenant: &Tenant,
     new_runs: Vec<NewRun>,
     quotas: &Quotas,
+    trace_parent: Option<&str>,
 ) -> Result<Vec<Created<RunRecord>>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
@@ -42,7 +44,7 @@ pub async fn create_runs(
             .await?;
         }
     }
-    let inserted = runs::insert_new(&tx, tenant, &new_runs).await?;
+    let inserted = runs::insert_new(&tx, tenant, &new_runs, trace_parent).await?;
     if quotas.tenant_pending_runs > 0 && inserted.iter().any(Option::is_some) {
         // Counted after the insert, in its transaction: retries found above add nothing.
         let pending = runs::count_pending(&tx, tenant, quotas.tenant_pending_runs + 1).await?;

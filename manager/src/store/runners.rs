@@ -30,6 +30,8 @@ pub struct RunnerRecord {
     pub draining: bool,
     /// Active runs leased to it, with their epochs.
     pub leases: Vec<(RunId, i64)>,
+    /// The manager replica holding its stream.
+    pub replica_id: Option<uuid::Uuid>,
 }
 
 fn seen_within_ms() -> i64 {
@@ -44,13 +46,13 @@ pub async fn list_recent(client: &impl GenericClient) -> Result<Vec<RunnerRecord
                     w.last_heartbeat_at, w.draining,
                     coalesce(array_agg(r.id ORDER BY r.id) FILTER (WHERE r.id IS NOT NULL), '{}'),
                     coalesce(array_agg(r.lease_epoch ORDER BY r.id) FILTER (WHERE r.id IS NOT NULL), '{}'),
-                    w.tenant_id
+                    w.tenant_id, w.manager_id
              FROM runners w
              LEFT JOIN runs r ON r.lease_runner_id = w.id
                   AND (w.tenant_id = '' OR r.tenant_id = w.tenant_id)
                   AND r.status IN ('claimed', 'running', 'waiting')
              WHERE w.last_heartbeat_at > now() - $1::bigint * interval '1 millisecond'
-             GROUP BY w.tenant_id, w.id
+             GROUP BY w.tenant_id, w.id, w.manager_id
              ORDER BY w.name, w.id, w.tenant_id",
         )
         .await?;
@@ -71,6 +73,7 @@ pub async fn list_recent(client: &impl GenericClient) -> Result<Vec<RunnerRecord
                 last_heartbeat_at: row.get(6),
                 draining: row.get(7),
                 leases: run_ids.into_iter().map(RunId).zip(epochs).collect(),
+                replica_id: row.get(11),
             }
         })
         .collect())

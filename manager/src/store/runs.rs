@@ -59,6 +59,8 @@ pub struct RunRecord {
     pub stream_mode: StreamMode,
     /// When retention compacted its deltas (its event seqs have gaps from then on).
     pub events_compacted_at: Option<SystemTime>,
+    /// The W3C `traceparent` of the call that created it.
+    pub trace_parent: Option<String>,
 }
 
 impl RunRecord {
@@ -109,6 +111,7 @@ impl RunRecord {
             active_turn_id: row.get("active_turn_id"),
             stream_mode: parse_state("stream mode", row.get("stream_mode"), StreamMode::from_db)?,
             events_compacted_at: row.get("events_compacted_at"),
+            trace_parent: row.get("trace_parent"),
         })
     }
 
@@ -197,12 +200,14 @@ pub async fn count_pending(client: &impl GenericClient, tenant: &Tenant, most: i
 
 /// Inserts new runs, pending, with `last_event_seq` and `last_command_seq` counting the
 /// `run.created` (and first turn's `command.created`) event and first turn command the
-/// caller stores with them. A run whose idempotency key is taken is not inserted: per new
-/// run, in order, the inserted row or `None`.
+/// caller stores with them, and `trace_parent`, the creating call's trace context. A run
+/// whose idempotency key is taken is not inserted: per new run, in order, the inserted
+/// row or `None`.
 pub(crate) async fn insert_new(
     tx: &impl GenericClient,
     tenant: &Tenant,
     new_runs: &[NewRun],
+    trace_parent: Option<&str>,
 ) -> Result<Vec<Option<RunRecord>>> {
     let ids: Vec<Uuid> = new_runs.iter().map(|_| RunId::new().0).collect();
     let hashes: Vec<Vec<u8>> = new_runs.iter().map(NewRun::fingerprint).collect();
@@ -230,13 +235,14 @@ pub(crate) async fn insert_new(
             "INSERT INTO runs (id, tenant_id, project_id, session_id, backend_profile, queue, priority,
                                labels, input, metadata, status, max_attempts, queue_timeout_ms,
                                run_timeout_ms, queue_deadline, idempotency_key, request_hash,
-                               last_event_seq, last_command_seq, scheduled_at, stream_mode)
+                               last_event_seq, last_command_seq, scheduled_at, stream_mode,
+                               trace_parent)
              SELECT r.id, $1, r.project_id, r.session_id, r.backend_profile, r.queue, r.priority,
                     ARRAY(SELECT jsonb_array_elements_text(r.labels)), r.input, r.metadata, 'pending',
                     r.max_attempts, r.queue_timeout_ms, r.run_timeout_ms,
                     greatest(now(), r.scheduled_at) + r.queue_timeout_ms * interval '1 millisecond',
                     r.idempotency_key, r.request_hash, r.event_count, r.command_count, r.scheduled_at,
-                    r.stream_mode
+                    r.stream_mode, $20
              FROM unnest($2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::int[],
                          $8::jsonb[], $9::jsonb[], $10::jsonb[], $11::int[], $12::bigint[],
                          $13::bigint[], $14::text[], $15::bytea[], $16::bigint[], $17::bigint[],
@@ -295,6 +301,7 @@ pub(crate) async fn insert_new(
                     .iter()
                     .map(|r| r.stream_mode.as_str())
                     .collect::<Vec<_>>(),
+                &trace_parent,
             ],
         )
         .await?;

@@ -155,6 +155,12 @@ pub struct ProviderError {
 pub trait Provider: Send + Sync {
     /// Runs one turn to its end. Must return promptly after `ctx.stop` fires.
     async fn run_turn(&self, turn: TurnRequest, ctx: TurnContext) -> TurnOutcome;
+
+    /// The model a turn of `backend_profile` asks for (a turn span's
+    /// `gen_ai.request.model`); by default the profile itself.
+    fn model(&self, backend_profile: &str) -> String {
+        backend_profile.to_owned()
+    }
 }
 
 /// The providers a runner has, keyed by the part of the backend profile before ':'.

@@ -132,6 +132,10 @@ impl OpenAiProvider {
 
 #[async_trait::async_trait]
 impl Provider for OpenAiProvider {
+    fn model(&self, backend_profile: &str) -> String {
+        self.model_for(backend_profile).to_owned()
+    }
+
     async fn run_turn(&self, turn: TurnRequest, ctx: TurnContext) -> TurnOutcome {
         // This provider opens no requests, so no resolution is ever for it; the receiver
         // lives as long as the turn so that one sent anyway is simply not read.

@@ -166,7 +166,7 @@ class ListRunnersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RunnerInfo(_message.Message):
-    __slots__ = ("runner_id", "name", "labels", "backend_profiles", "max_concurrency", "version", "last_heartbeat_at", "draining", "leases", "tenant_id")
+    __slots__ = ("runner_id", "name", "labels", "backend_profiles", "max_concurrency", "version", "last_heartbeat_at", "draining", "leases", "tenant_id", "replica_id")
     RUNNER_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,7 @@ class RunnerInfo(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     LEASES_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     runner_id: str
     name: str
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -187,7 +188,8 @@ class RunnerInfo(_message.Message):
     draining: bool
     leases: _containers.RepeatedCompositeFieldContainer[_runner_service_pb2.LeaseRef]
     tenant_id: str
-    def __init__(self, runner_id: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., backend_profiles: _Optional[_Iterable[str]] = ..., max_concurrency: _Optional[int] = ..., version: _Optional[str] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., draining: _Optional[bool] = ..., leases: _Optional[_Iterable[_Union[_runner_service_pb2.LeaseRef, _Mapping]]] = ..., tenant_id: _Optional[str] = ...) -> None: ...
+    replica_id: str
+    def __init__(self, runner_id: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., backend_profiles: _Optional[_Iterable[str]] = ..., max_concurrency: _Optional[int] = ..., version: _Optional[str] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., draining: _Optional[bool] = ..., leases: _Optional[_Iterable[_Union[_runner_service_pb2.LeaseRef, _Mapping]]] = ..., tenant_id: _Optional[str] = ..., replica_id: _Optional[str] = ...) -> None: ...
 
 class ListRunnersResponse(_message.Message):
     __slots__ = ("runners",)

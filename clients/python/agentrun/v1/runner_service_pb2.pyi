@@ -37,20 +37,22 @@ class LeaseRef(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("run", "epoch", "lease_expires_at", "commands", "context", "provider_thread_id")
+    __slots__ = ("run", "epoch", "lease_expires_at", "commands", "context", "provider_thread_id", "trace_parent")
     RUN_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     COMMANDS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_THREAD_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_PARENT_FIELD_NUMBER: _ClassVar[int]
     run: _types_pb2.Run
     epoch: int
     lease_expires_at: _timestamp_pb2.Timestamp
     commands: _containers.RepeatedCompositeFieldContainer[_types_pb2.Command]
     context: _containers.RepeatedCompositeFieldContainer[ContextTurn]
     provider_thread_id: str
-    def __init__(self, run: _Optional[_Union[_types_pb2.Run, _Mapping]] = ..., epoch: _Optional[int] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., commands: _Optional[_Iterable[_Union[_types_pb2.Command, _Mapping]]] = ..., context: _Optional[_Iterable[_Union[ContextTurn, _Mapping]]] = ..., provider_thread_id: _Optional[str] = ...) -> None: ...
+    trace_parent: str
+    def __init__(self, run: _Optional[_Union[_types_pb2.Run, _Mapping]] = ..., epoch: _Optional[int] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., commands: _Optional[_Iterable[_Union[_types_pb2.Command, _Mapping]]] = ..., context: _Optional[_Iterable[_Union[ContextTurn, _Mapping]]] = ..., provider_thread_id: _Optional[str] = ..., trace_parent: _Optional[str] = ...) -> None: ...
 
 class ContextTurn(_message.Message):
     __slots__ = ("prompt", "reply")
