@@ -290,6 +290,7 @@ pub fn runner(runner: &proto::RunnerInfo) -> Value {
         "draining": runner.draining,
         "leases": leases,
         "tenant_id": runner.tenant_id,
+        "replica_id": runner.replica_id,
     })
 }
 

@@ -364,6 +364,7 @@ async fn runners_lists_and_drains_a_runner() {
     .await;
     let runner_id = listed["runner_id"].as_str().expect("runner_id").to_owned();
     assert_eq!(listed["draining"], false);
+    assert!(listed["replica_id"].is_string(), "{listed}");
     assert!(is_rfc3339(&listed["last_heartbeat_at"]), "{listed}");
 
     let table = agentrun(&app, &["runners"]).await;
