@@ -123,6 +123,11 @@ export interface WatchOptions {
   deadlineMs?: number;
   /** The cap of the reconnect backoff, in ms (default 5000). */
   maxBackoffMs?: number;
+  /**
+   * Called before each reconnect with why the stream broke (undefined: it ended before
+   * run.terminal), the seq it resumes after and the wait in ms; for logging.
+   */
+  onReconnect?: (info: { error: AgentrunError | undefined; afterSeq: number; delayMs: number }) => void;
 }
 
 /** One event of a run's log, as `watchRun` and `listEvents` yield it. */
@@ -357,6 +362,7 @@ export class Client {
         Code.DeadlineExceeded,
         `watch of run ${runId} did not reach ${TERMINAL_EVENT} within ${options.deadlineMs} ms (last seq ${cursor.seq})`,
       );
+    let broken: AgentrunError | undefined;
     for (;;) {
       if (userSignal?.aborted) throw errorFor(Code.Canceled, `watch of run ${runId} aborted`);
       const remaining = end === undefined ? undefined : end - Date.now();
@@ -377,17 +383,20 @@ export class Client {
           if (event.type === TERMINAL_EVENT && !event.ephemeral) return;
         }
         // The stream ended without run.terminal (a manager shutting down): resume.
+        broken = undefined;
       } catch (error) {
         if (userSignal?.aborted) throw errorFor(Code.Canceled, `watch of run ${runId} aborted`);
         const e = toAgentrunError(error);
         if (e.code === Code.DeadlineExceeded && end !== undefined && Date.now() >= end - 5) throw expired();
         if (!isTransient(e)) throw e;
+        broken = e;
       } finally {
         userSignal?.removeEventListener("abort", onAbort);
         attempt.abort(); // cancels the stream when the consumer left the loop
       }
       let delay = backoff.nextDelay();
       if (end !== undefined) delay = Math.max(0, Math.min(delay, end - Date.now()));
+      options.onReconnect?.({ error: broken, afterSeq: Number(cursor.seq), delayMs: delay });
       await sleep(delay, userSignal);
     }
   }

@@ -102,7 +102,9 @@ test("watch resumes after the connection is cut mid-run, gapless, no seq twice",
     const run = await direct.createRun("scripted", { prompt: LONG_PROMPT });
     const events = [];
     const cutAt = [];
-    for await (const event of viaProxy.watchRun(run.runId, { deadlineMs: RUN_DEADLINE_MS, maxBackoffMs: 500 })) {
+    const reconnects = [];
+    const onReconnect = (info) => reconnects.push(info);
+    for await (const event of viaProxy.watchRun(run.runId, { deadlineMs: RUN_DEADLINE_MS, maxBackoffMs: 500, onReconnect })) {
       events.push(event);
       const deltas = events.filter((e) => e.type === "content.delta").length;
       // Cut twice mid-stream, each time while the run is still going.
@@ -114,11 +116,45 @@ test("watch resumes after the connection is cut mid-run, gapless, no seq twice",
     }
     assert.equal(cutAt.length, 2, `the run ended before both cuts: ${cutAt}`);
     assert.ok(proxy.accepted >= 3, `the watch did not reconnect after each cut (${proxy.accepted} connections)`);
+    // Each cut was seen as a broken stream and resumed from the last seq yielded.
+    assert.ok(reconnects.length >= 2, `reconnects: ${JSON.stringify(reconnects)}`);
+    assert.deepEqual(reconnects.slice(0, 2).map((r) => r.afterSeq), cutAt);
+    assert.ok(reconnects.every((r) => r.delayMs <= 500));
+    if (process.env.TEST_LOG) console.log("reconnects", reconnects.map((r) => `${r.error?.codeName}: ${r.error?.message}`));
     assert.equal(events.at(-1).type, "run.terminal");
     assertGapless(stored(events));
     assert.ok(events.at(-1).seq > cutAt[1]);
     assert.deepEqual(replyText(events).split(/\s+/).filter(Boolean), TOKENS);
     assert.equal(Number((await direct.getRun(run.runId)).lastEventSeq), events.at(-1).seq);
+  } finally {
+    await proxy.close();
+  }
+});
+
+test("a gRPC-Web watch (UI port) resumes after the connection is cut mid-run", async () => {
+  const tenant = freshTenant();
+  const proxy = await new TcpProxy(env("AGENTRUN_UI_URL")).start();
+  try {
+    const direct = client(tenant);
+    const web = new Client({ transport: grpcWebTransport(proxy.url), tenant });
+    const run = await direct.createRun("scripted", { prompt: LONG_PROMPT });
+    const events = [];
+    const reconnects = [];
+    let cutAt = 0;
+    const options = { deadlineMs: RUN_DEADLINE_MS, maxBackoffMs: 500, onReconnect: (info) => reconnects.push(info) };
+    for await (const event of web.watchRun(run.runId, options)) {
+      events.push(event);
+      if (!cutAt && events.filter((e) => e.type === "content.delta").length === 10) {
+        assert.notEqual((await direct.getRun(run.runId)).status, RunStatus.COMPLETED);
+        proxy.cut();
+        cutAt = event.seq;
+      }
+    }
+    assert.ok(cutAt, "the run ended before the cut");
+    assert.ok(reconnects.length >= 1 && reconnects[0].afterSeq === cutAt, `reconnects: ${JSON.stringify(reconnects)}`);
+    assert.equal(events.at(-1).type, "run.terminal");
+    assertGapless(stored(events));
+    assert.deepEqual(replyText(events).split(/\s+/).filter(Boolean), TOKENS);
   } finally {
     await proxy.close();
   }
@@ -139,7 +175,9 @@ test("watch resumes across a manager restart (same database and port)", async ()
   const run = await c.createRun("scripted", { prompt: LONG_PROMPT });
   const events = [];
   let killed = 0;
-  for await (const event of c.watchRun(run.runId, { deadlineMs: RUN_DEADLINE_MS, maxBackoffMs: 1000 })) {
+  const reconnects = [];
+  const onReconnect = (info) => reconnects.push(info);
+  for await (const event of c.watchRun(run.runId, { deadlineMs: RUN_DEADLINE_MS, maxBackoffMs: 1000, onReconnect })) {
     events.push(event);
     if (!killed && events.filter((e) => e.type === "content.delta").length === 5) {
       killed = devPid();
@@ -157,6 +195,8 @@ test("watch resumes across a manager restart (same database and port)", async ()
   assertGapless(stored(events));
   const kinds = events.map((e) => e.type);
   assert.ok(kinds.includes("run.requeued"), `the run was not interrupted by the restart: ${kinds}`);
+  assert.ok(reconnects.length >= 1, "the watch never reconnected");
+  if (process.env.TEST_LOG) console.log("reconnects", reconnects.map((r) => `${r.error?.codeName}: ${r.error?.message}`));
   assert.equal(Number((await c.getRun(run.runId)).lastEventSeq), events.at(-1).seq);
 });
 
