@@ -9,6 +9,8 @@
 #      with the web UI (gRPC-Web) on a second port, supervised: whenever dev exits before
 #      the end it is started again on the same DATABASE_URL and ports, which is how the
 #      tests lose and regain the manager;
+#      A second `agentrun dev --auth` (throwaway cluster, no runners) serves the
+#      API-key tests;
 #   5. examples/quickstart.mjs (the README's example, run from the installed copy) and
 #      the `node --test` suite (clients/typescript/tests);
 #   6. everything we started is stopped by pid, the cluster removed.
@@ -101,11 +103,32 @@ pidfile="$work/dev.pid"
 stopfile="$work/stop"
 supervisor_pid=""
 pg_started=""
+auth_pid=""
+auth_log="$work/dev-auth.log"
 
 show_log() {
   echo "---- agentrun dev log (last 80 lines) ----" >&2
   tail -n 80 "$log" >&2 2>/dev/null || true
   echo "------------------------------------------" >&2
+  echo "---- agentrun dev --auth log (last 30 lines) ----" >&2
+  tail -n 30 "$auth_log" >&2 2>/dev/null || true
+  echo "------------------------------------------" >&2
+}
+
+# Stops one process we started, by pid: SIGTERM, SIGKILL after the deadline.
+stop_pid() {
+  local pid="$1" waited=0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  while kill -0 "$pid" 2>/dev/null; do
+    if [ "$waited" -ge $((STOP_TIMEOUT_S * 10)) ]; then
+      echo "typescript-client-test: pid $pid did not stop within ${STOP_TIMEOUT_S}s; killing it" >&2
+      kill -KILL "$pid" 2>/dev/null || true
+      break
+    fi
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+  wait "$pid" 2>/dev/null || true
 }
 
 # Stops dev for good: tells the supervisor not to restart it, SIGTERMs the current dev
@@ -133,6 +156,7 @@ stop_dev() {
 }
 cleanup() {
   local status=$?
+  if [ -n "$auth_pid" ]; then stop_pid "$auth_pid"; fi
   stop_dev
   if [ -n "$pg_started" ]; then
     as_pg "$pg_bin/pg_ctl" -D "$pgdata" -m fast -w -t 30 -s stop >/dev/null 2>&1 || true
@@ -192,6 +216,30 @@ const accepts = (p) => new Promise((resolve) => {
 })();
 JS
 
+# A second dev with API keys required (its own throwaway cluster, no runners) for the
+# authentication tests; its banner prints a client key and an admin key.
+auth_port="$(free_port)"
+say "starting agentrun dev --auth on 127.0.0.1:$auth_port (no runners; log: $auth_log)"
+env -u DATABASE_URL RUST_LOG="${RUST_LOG:-info}" \
+  "$agentrun" dev --listen "127.0.0.1:$auth_port" --no-ui --runners 0 --auth >"$auth_log" 2>&1 &
+auth_pid=$!
+node - "$auth_log" "$auth_pid" "$START_TIMEOUT_S" <<'JS' || die "agentrun dev --auth did not print its keys"
+const fs = require("node:fs");
+const [log, pid, timeout] = [process.argv[2], Number(process.argv[3]), Number(process.argv[4])];
+const deadline = Date.now() + timeout * 1000;
+const poll = () => {
+  const text = fs.readFileSync(log, "utf8");
+  if (text.includes("  api key   ") && text.includes("  admin key ") && text.includes("stop: Ctrl-C")) process.exit(0);
+  try { process.kill(pid, 0); } catch { console.error("agentrun dev --auth exited"); process.exit(1); }
+  if (Date.now() > deadline) { console.error(`no keys in the banner after ${timeout}s`); process.exit(1); }
+  setTimeout(poll, 200);
+};
+poll();
+JS
+auth_api_key="$(sed -n 's/^  api key   //p' "$auth_log" | head -n 1)"
+auth_admin_key="$(sed -n 's/^  admin key //p' "$auth_log" | head -n 1)"
+[ -n "$auth_api_key" ] && [ -n "$auth_admin_key" ] || die "cannot read the keys from the dev --auth banner"
+
 # ---- 5. the example, the tests ------------------------------------------------------------
 say "running examples/quickstart.mjs (the README's example) from the installed package"
 (cd "$work/app" && AGENTRUN_MANAGER_URL="http://$addr" node quickstart.mjs) || die "quickstart.mjs failed"
@@ -199,6 +247,7 @@ say "ok: quickstart.mjs completed the run and answered its approval"
 
 say "running the node --test suite (clients/typescript/tests)"
 (cd "$pkg" && AGENTRUN_MANAGER_URL="http://$addr" AGENTRUN_UI_URL="http://$ui_addr" \
-  AGENTRUN_TEST_DEV_PIDFILE="$pidfile" node --test --test-concurrency=1 "$@" tests/) \
+  AGENTRUN_TEST_DEV_PIDFILE="$pidfile" AGENTRUN_TEST_AUTH_URL="http://127.0.0.1:$auth_port" \
+  AGENTRUN_TEST_API_KEY="$auth_api_key" AGENTRUN_TEST_ADMIN_KEY="$auth_admin_key" node --test --test-concurrency=1 "$@" tests/) \
   || die "node --test failed"
 say "ok: the node --test suite passed"

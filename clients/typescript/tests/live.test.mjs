@@ -151,6 +151,7 @@ test("a gRPC-Web watch (UI port) resumes after the connection is cut mid-run", a
       }
     }
     assert.ok(cutAt, "the run ended before the cut");
+    if (process.env.TEST_LOG) console.log("reconnects", reconnects.map((r) => `${r.error?.codeName}: ${r.error?.message}`));
     assert.ok(reconnects.length >= 1 && reconnects[0].afterSeq === cutAt, `reconnects: ${JSON.stringify(reconnects)}`);
     assert.equal(events.at(-1).type, "run.terminal");
     assertGapless(stored(events));
