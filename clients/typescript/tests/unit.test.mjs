@@ -86,3 +86,30 @@ test("the client needs a url or a transport, and checks its inputs before callin
   // Nothing listens on port 1: a typed Unavailable, not a raw transport error.
   await assert.rejects(c.getRun("00000000-0000-0000-0000-000000000000"), Unavailable);
 });
+
+test("the browser entry reaches no Node module (what a bundler would pull in)", async () => {
+  const { readFileSync } = await import("node:fs");
+  const { fileURLToPath } = await import("node:url");
+  const { dirname, join } = await import("node:path");
+  const entry = fileURLToPath(import.meta.resolve("@agentrun/client/web"));
+  const seen = new Set();
+  const bare = new Set();
+  const visit = (file) => {
+    if (seen.has(file)) return;
+    seen.add(file);
+    const text = readFileSync(file, "utf8");
+    for (const [, spec] of text.matchAll(/(?:import|export)[^"']*?from\s*["']([^"']+)["']/g)) {
+      if (spec.startsWith(".")) visit(join(dirname(file), spec));
+      else bare.add(spec);
+    }
+  };
+  visit(entry);
+  assert.ok(seen.size >= 4, `followed only ${[...seen]}`);
+  const nodeOnly = [...bare].filter((spec) => spec.startsWith("node:") || spec.includes("connect-node"));
+  assert.deepEqual(nodeOnly, [], `the browser entry imports ${nodeOnly}`);
+  assert.ok(bare.has("@connectrpc/connect-web"));
+  const web = await import("@agentrun/client/web");
+  assert.equal(typeof web.Client, "function");
+  assert.equal(typeof web.grpcWebTransport, "function");
+  assert.equal(web.grpcTransport, undefined);
+});
