@@ -371,9 +371,14 @@ export class Client {
       const onAbort = () => attempt.abort();
       userSignal?.addEventListener("abort", onAbort);
       try {
+        // No per-call timeout unless the watch has a deadline: a watch lasts as long as its run.
         const stream = this.runs.watchRun(
           { runId, afterSeq: cursor.seq },
-          { ...this.callOptions({ timeoutMs: remaining === undefined ? 0 : Math.max(1, Math.ceil(remaining)) }), signal: attempt.signal },
+          {
+            headers: this.callOptions().headers,
+            timeoutMs: remaining === undefined ? undefined : Math.max(1, Math.ceil(remaining)),
+            signal: attempt.signal,
+          },
         );
         for await (const message of stream) {
           backoff.reset();

@@ -290,3 +290,15 @@ test("a watch resumes from afterSeq, stops on abort, and reports its deadline", 
   assertGapless(stored(later), 2);
   await c.cancel(run.runId, "test over");
 });
+
+test("a watch without deadlineMs outlives the client's unary timeoutMs", async () => {
+  const c = new Client({ url: env("AGENTRUN_MANAGER_URL"), tenant: freshTenant(), timeoutMs: 300 });
+  const run = await c.createRun("scripted", { prompt: "[tokens:60]" }); // about 1.2 s of streaming
+  const reconnects = [];
+  const started = Date.now();
+  const events = await collect(c.watchRun(run.runId, { onReconnect: (info) => reconnects.push(info) }));
+  assert.ok(Date.now() - started > 300, "the run was too short to prove anything");
+  assert.equal(events.at(-1).type, "run.terminal");
+  assertGapless(stored(events));
+  assert.deepEqual(reconnects, [], "the watch was cut by the unary timeout and had to reconnect");
+});
