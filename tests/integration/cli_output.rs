@@ -183,6 +183,10 @@ async fn client_commands_answer_json_with_the_proto_field_names() {
         declined.stdout,
         format!("request {first} resolved now: decline\n")
     );
+    // Declining again, by id, as JSON: the first answer stands.
+    let again = json_of(&agentrun(&app, &["decline", &run_id, &first, "-o", "json"]).await);
+    assert_eq!(again["resolved_now"], false);
+    assert_eq!(again["resolution"]["decision"], "decline");
     let none = agentrun(&app, &["approve", &run_id]).await;
     assert_eq!(none.code(), Some(2), "stdout:\n{}", none.stdout);
     assert!(

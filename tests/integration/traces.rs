@@ -1,7 +1,8 @@
 //! One run is one trace: a client's W3C trace context on CreateRun is continued by the
 //! manager's span for the call and, through the assignment, by the runner's span for
-//! the run and a GenAI `chat` span per turn — all exported by OTLP to a collector (here
-//! an in-process one), named by the standard OTEL_* variables.
+//! the run and a GenAI `chat` span per turn (the provider call) — all exported by OTLP
+//! to a collector (here an in-process one, which the test's client reports its own span
+//! to as well), named by the standard OTEL_* variables.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,14 +10,17 @@ use std::time::Duration;
 
 use agentrun_shared::proto::{self, run_service_client::RunServiceClient};
 use agentrun_tests::*;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
-use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, span::SpanKind};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -100,6 +104,55 @@ fn otel_env(endpoint: &str, service: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// What an instrumented client exports for its CreateRun call: a root span of its own
+/// service, with the ids it sent as `traceparent`.
+async fn export_client_span(collector: &str, trace_id: &str, span_id: &str) {
+    let bytes = |hex: &str| {
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect::<Vec<u8>>()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let service = KeyValue {
+        key: "service.name".into(),
+        value: Some(AnyValue {
+            value: Some(Value::StringValue("test-client".into())),
+        }),
+        ..Default::default()
+    };
+    let request = ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![service],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans: vec![Span {
+                    trace_id: bytes(trace_id),
+                    span_id: bytes(span_id),
+                    name: "client CreateRun".into(),
+                    kind: SpanKind::Client as i32,
+                    start_time_unix_nano: now - 1_000_000,
+                    end_time_unix_nano: now,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    TraceServiceClient::connect(collector.to_owned())
+        .await
+        .expect("the collector listens")
+        .export(request)
+        .await
+        .expect("the collector takes the client's span");
+}
+
 fn borrowed<'a>(vars: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     vars.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
@@ -152,8 +205,10 @@ async fn a_run_is_one_trace_from_the_clients_create_run_to_the_runners_turns() {
     })
     .await;
 
-    // Every span of the trace, once the manager's call and the runner's run and turn
-    // are all in.
+    export_client_span(&endpoint, trace_id, client_span).await;
+
+    // Every span of the trace, once the client's, the manager's call and the runner's
+    // run and turn are all in.
     let spans = wait_for("the trace's spans", LONG, || {
         let collector = collector.clone();
         async move {
@@ -166,7 +221,8 @@ async fn a_run_is_one_trace_from_the_clients_create_run_to_the_runners_turns() {
                 .cloned()
                 .collect();
             let has = |name: &str| spans.iter().any(|s| s.name == name);
-            (has("rpc") && has("agentrun.run") && has("chat scripted")).then_some(spans)
+            let all = ["client CreateRun", "rpc", "agentrun.run", "chat scripted"];
+            all.iter().all(|name| has(name)).then_some(spans)
         }
     })
     .await;
