@@ -679,3 +679,44 @@ async fn the_cli_lists_open_requests_of_every_run_or_of_one() {
     assert_ne!(bad.code(), Some(0));
     assert!(bad.stderr.contains("run_id"), "{}", bad.stderr);
 }
+
+/// A page of requests is bounded by bytes as well as by count: requests with large
+/// details come in several pages, each under the message limit, every one exactly once.
+#[tokio::test]
+async fn a_page_of_large_requests_is_cut_by_bytes_and_paging_goes_on() {
+    let mut app = TestApp::spawn().await;
+    let run_id = app
+        .runs
+        .create_run(run_request("hold"))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap()
+        .run_id;
+    // 20 open requests of 256 KiB each: 5 MiB, more than one response may carry.
+    let db = app.db().await;
+    db.execute(
+        "INSERT INTO requests (id, tenant_id, run_id, kind, detail, status, created_at)
+         SELECT gen_random_uuid(), 'default', $1::text::uuid, 'command',
+                jsonb_build_object('command', repeat('x', 256 * 1024)), 'open',
+                now() - n * interval '1 second'
+         FROM generate_series(1, 20) n",
+        &[&run_id],
+    )
+    .await
+    .unwrap();
+    let first = list_requests(&mut app, list(&run_id, &[], 500)).await;
+    assert!(
+        first.requests.len() < 20,
+        "one page held all {} large requests",
+        first.requests.len()
+    );
+    assert!(
+        !first.next_page_token.is_empty(),
+        "a cut page says more follow"
+    );
+    let (all, sizes) = all_pages(&mut app, list(&run_id, &[], 500)).await;
+    let unique: HashSet<String> = ids(&all).into_iter().collect();
+    assert_eq!((all.len(), unique.len()), (20, 20), "pages {sizes:?}");
+}

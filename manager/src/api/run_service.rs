@@ -546,12 +546,12 @@ impl RunService for RunApi {
             limit,
         };
         let page = requests::list(&client, tenant, &filter).await?;
-        let next_page_token = match page.last() {
-            Some(last) if page.len() as i64 == filter.limit => last.id.to_string(),
+        let next_page_token = match page.requests.last() {
+            Some(last) if page.more => last.id.to_string(),
             _ => String::new(),
         };
         Ok(Response::new(proto::ListRequestsResponse {
-            requests: page.iter().map(convert::request).collect(),
+            requests: page.requests.iter().map(convert::request).collect(),
             next_page_token,
         }))
     }

@@ -34,6 +34,7 @@ use super::events::{self, NewEvent};
 use super::runs::{self, RunRecord};
 use super::{Tenant, parse_state};
 use crate::error::{Error, Result};
+use crate::store::events::PAGE_BYTES;
 
 /// How long a request stays open when its `request.opened` names no `timeout_ms`.
 pub const DEFAULT_TIMEOUT_MS: i64 = 60 * 60 * 1000;
@@ -264,17 +265,30 @@ pub async fn list(
     client: &impl GenericClient,
     tenant: &Tenant,
     filter: &RequestFilter,
-) -> Result<Vec<RequestRecord>> {
+) -> Result<RequestPage> {
+    // Cut in the database at PAGE_BYTES of detail and resolution, as event pages are: a
+    // page of large requests is never fetched whole only to be refused.
     let stmt = client
         .prepare_cached(
-            "SELECT * FROM requests
-             WHERE tenant_id = $1
-               AND status = ANY($2)
-               AND ($3::uuid IS NULL OR run_id = $3)
-               AND (cardinality($4::text[]) = 0
-                    OR run_id IN (SELECT id FROM runs WHERE tenant_id = $1 AND project_id = ANY($4)))
-               AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6::uuid))
-             ORDER BY created_at DESC, id DESC LIMIT $7",
+            "SELECT * FROM (
+               SELECT p.*,
+                      sum(p.bytes) OVER (ORDER BY p.created_at DESC, p.id DESC) - p.bytes
+                          AS bytes_before,
+                      count(*) OVER () AS fetched
+               FROM (SELECT r.*,
+                            octet_length(r.detail::text)
+                            + coalesce(octet_length(r.resolution::text), 0) AS bytes
+                     FROM requests r
+                     WHERE tenant_id = $1
+                       AND status = ANY($2)
+                       AND ($3::uuid IS NULL OR run_id = $3)
+                       AND (cardinality($4::text[]) = 0
+                            OR run_id IN (SELECT id FROM runs
+                                          WHERE tenant_id = $1 AND project_id = ANY($4)))
+                       AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6::uuid))
+                     ORDER BY created_at DESC, id DESC LIMIT $7) p) page
+             WHERE bytes_before < $8
+             ORDER BY created_at DESC, id DESC",
         )
         .await?;
     let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
@@ -289,10 +303,25 @@ pub async fn list(
                 &filter.before.map(|c| c.created_at),
                 &filter.before.map(|c| c.id.0),
                 &filter.limit,
+                &PAGE_BYTES,
             ],
         )
         .await?;
-    rows.iter().map(RequestRecord::from_row).collect()
+    let fetched: i64 = rows.first().map_or(0, |r| r.get("fetched"));
+    Ok(RequestPage {
+        more: rows.len() as i64 == filter.limit || (rows.len() as i64) < fetched,
+        requests: rows
+            .iter()
+            .map(RequestRecord::from_row)
+            .collect::<Result<_>>()?,
+    })
+}
+
+/// A page of [`list`].
+pub struct RequestPage {
+    pub requests: Vec<RequestRecord>,
+    /// More may follow: the page is full, or was cut at [`PAGE_BYTES`].
+    pub more: bool,
 }
 
 /// Stores the requests a runner opened on `run`, each with the run's tenant, its turn and
