@@ -1247,6 +1247,7 @@ mod tests {
         );
 
         let stats = proto::GetQueueStatsResponse {
+            waiting: Vec::new(),
             depths: vec![
                 proto::QueueDepth {
                     queue: "default".into(),

@@ -130,6 +130,24 @@ impl RunService for Fake {
     ) -> Result<Response<proto::ListRequestsResponse>, Status> {
         unused()
     }
+    async fn rerun_run(
+        &self,
+        _: Request<proto::RerunRunRequest>,
+    ) -> Result<Response<proto::RerunRunResponse>, Status> {
+        unused()
+    }
+    async fn fork_run(
+        &self,
+        _: Request<proto::ForkRunRequest>,
+    ) -> Result<Response<proto::ForkRunResponse>, Status> {
+        unused()
+    }
+    async fn cancel_runs(
+        &self,
+        _: Request<proto::CancelRunsRequest>,
+    ) -> Result<Response<proto::CancelRunsResponse>, Status> {
+        unused()
+    }
 
     /// Two events per page; the second call fails with UNAVAILABLE.
     async fn list_events(

@@ -659,6 +659,7 @@ fn create_run_request(seed: &Seed) -> impl Strategy<Value = Bad<proto::CreateRun
                 idempotency_key: key.0,
                 scheduled_at: scheduled_at.0,
                 stream_mode: stream_mode.0,
+                ..Default::default()
             },
         },
     )

@@ -97,6 +97,7 @@ impl AdminService for AdminApi {
                     event_retention_ms: t.event_retention_ms,
                 })
                 .collect(),
+            waiting: Vec::new(),
         }))
     }
 
@@ -257,5 +258,39 @@ impl AdminService for AdminApi {
         Ok(Response::new(proto::RevokeApiKeyResponse {
             api_key: Some(api_key(&revoked)),
         }))
+    }
+
+    async fn set_rate_limit(
+        &self,
+        _request: Request<proto::SetRateLimitRequest>,
+    ) -> Result<Response<proto::SetRateLimitResponse>, Status> {
+        Err(Status::unimplemented("SetRateLimit is not implemented yet"))
+    }
+
+    async fn list_rate_limits(
+        &self,
+        _request: Request<proto::ListRateLimitsRequest>,
+    ) -> Result<Response<proto::ListRateLimitsResponse>, Status> {
+        Err(Status::unimplemented(
+            "ListRateLimits is not implemented yet",
+        ))
+    }
+
+    async fn set_concurrency_limit(
+        &self,
+        _request: Request<proto::SetConcurrencyLimitRequest>,
+    ) -> Result<Response<proto::SetConcurrencyLimitResponse>, Status> {
+        Err(Status::unimplemented(
+            "SetConcurrencyLimit is not implemented yet",
+        ))
+    }
+
+    async fn list_concurrency_limits(
+        &self,
+        _request: Request<proto::ListConcurrencyLimitsRequest>,
+    ) -> Result<Response<proto::ListConcurrencyLimitsResponse>, Status> {
+        Err(Status::unimplemented(
+            "ListConcurrencyLimits is not implemented yet",
+        ))
     }
 }

@@ -49,6 +49,7 @@ pub fn run(r: &RunRecord) -> proto::Run {
         active_turn_id: r.active_turn_id.clone().unwrap_or_default(),
         stream_mode: r.stream_mode.to_proto() as i32,
         events_compacted_at: r.events_compacted_at.and_then(ts),
+        ..Default::default()
     }
 }
 

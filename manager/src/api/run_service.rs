@@ -555,4 +555,25 @@ impl RunService for RunApi {
             next_page_token,
         }))
     }
+
+    async fn rerun_run(
+        &self,
+        _request: Request<proto::RerunRunRequest>,
+    ) -> Result<Response<proto::RerunRunResponse>, Status> {
+        Err(Status::unimplemented("RerunRun is not implemented yet"))
+    }
+
+    async fn fork_run(
+        &self,
+        _request: Request<proto::ForkRunRequest>,
+    ) -> Result<Response<proto::ForkRunResponse>, Status> {
+        Err(Status::unimplemented("ForkRun is not implemented yet"))
+    }
+
+    async fn cancel_runs(
+        &self,
+        _request: Request<proto::CancelRunsRequest>,
+    ) -> Result<Response<proto::CancelRunsResponse>, Status> {
+        Err(Status::unimplemented("CancelRuns is not implemented yet"))
+    }
 }
