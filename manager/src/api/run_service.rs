@@ -582,7 +582,9 @@ impl RunService for RunApi {
         let mut new_run = NewRun::copy_of(&source);
         new_run.idempotency_key = idempotency_key;
         new_run.lineage = Some(Lineage::rerun_of(run_id));
-        let created = self.create_one(&caller.tenant, new_run, request.metadata()).await?;
+        let created = self
+            .create_one(&caller.tenant, new_run, request.metadata())
+            .await?;
         Ok(Response::new(proto::RerunRunResponse {
             run: Some(convert::run(&created.value)),
             created: created.created,
@@ -600,7 +602,10 @@ impl RunService for RunApi {
         let input = if r.input_json.is_empty() {
             None
         } else {
-            Some(self.run_input("input_json", &r.input_json).map_err(Error::from)?)
+            Some(
+                self.run_input("input_json", &r.input_json)
+                    .map_err(Error::from)?,
+            )
         };
         let idempotency_key =
             validate::optional_name("idempotency_key", &r.idempotency_key).map_err(Error::from)?;
@@ -635,7 +640,9 @@ impl RunService for RunApi {
         };
         new_run.idempotency_key = idempotency_key;
         new_run.lineage = Some(Lineage::fork_of(run_id, turn_id, started_seq));
-        let created = self.create_one(&caller.tenant, new_run, request.metadata()).await?;
+        let created = self
+            .create_one(&caller.tenant, new_run, request.metadata())
+            .await?;
         Ok(Response::new(proto::ForkRunResponse {
             run: Some(convert::run(&created.value)),
             created: created.created,
@@ -698,7 +705,10 @@ fn cancel_filter(r: &proto::CancelRunsRequest) -> Result<RunFilter, FieldError> 
         if status.is_terminal() {
             return Err(FieldError::new(
                 field,
-                format!("{} is terminal: only runs not ended can be cancelled", status.as_str()),
+                format!(
+                    "{} is terminal: only runs not ended can be cancelled",
+                    status.as_str()
+                ),
             ));
         }
         statuses.push(status);
@@ -715,7 +725,11 @@ fn cancel_filter(r: &proto::CancelRunsRequest) -> Result<RunFilter, FieldError> 
         before: None,
         limit: MAX_CANCEL_RUNS,
     };
-    validate::time_window("created_before", filter.created_after, filter.created_before)?;
+    validate::time_window(
+        "created_before",
+        filter.created_after,
+        filter.created_before,
+    )?;
     let filtered = !filter.statuses.is_empty()
         || filter.queue.is_some()
         || filter.session_id.is_some()

@@ -109,7 +109,9 @@ impl Lineage {
             forked_from: forked_run
                 .zip(forked_turn)
                 .map(|(run, turn)| (RunId(run), CommandId(turn))),
-            context: context_run.zip(context_seq).map(|(run, seq)| (RunId(run), seq)),
+            context: context_run
+                .zip(context_seq)
+                .map(|(run, seq)| (RunId(run), seq)),
         }
     }
 }
@@ -523,9 +525,8 @@ const FILTER_SQL: &str = "tenant_id = $1
        AND ($9::timestamptz IS NULL OR created_at >= $9)
        AND ($10::timestamptz IS NULL OR created_at < $10)";
 
-static LIST_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!("SELECT * FROM runs WHERE {FILTER_SQL} ORDER BY id DESC LIMIT $11")
-});
+static LIST_SQL: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT * FROM runs WHERE {FILTER_SQL} ORDER BY id DESC LIMIT $11"));
 
 /// Oldest first, so repeated calls make progress through a backlog; locked in that
 /// order, so two bulk cancels never wait on each other in a cycle.
