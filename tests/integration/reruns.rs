@@ -556,3 +556,60 @@ async fn cancel_runs_refuses_bad_filters_and_changes_nothing() {
         "a refused call cancelled a run"
     );
 }
+
+#[tokio::test]
+async fn rerun_fork_and_bulk_cancel_from_the_command_line() {
+    use agentrun_tests::cli::{Finished, agentrun};
+    fn json_of(done: &Finished) -> Value {
+        assert_eq!(done.code(), Some(0), "stderr:\n{}", done.stderr);
+        serde_json::from_str(&done.stdout).expect("one JSON document")
+    }
+
+    let mut app = TestApp::spawn().await;
+    let _runner = RunnerProcess::start(app.addr, "scripted", &[]);
+    let run_id = create(&mut app, "hello there").await;
+    wait_for_run(&app, &run_id, RunStatus::Completed, LONG).await;
+    let turn_id = wait_for_event(&mut app, &run_id, "turn.started", LONG)
+        .await
+        .payload_json;
+    let turn_id = serde_json::from_str::<Value>(&turn_id).unwrap()["turn_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let rerun = json_of(&agentrun(&app, &["rerun", &run_id, "-o", "json"]).await);
+    assert_eq!(rerun["rerun_of_run_id"], run_id.as_str());
+    assert_eq!(rerun["input"]["prompt"], "hello there");
+    let followed = agentrun(&app, &["rerun", &run_id, "--follow"]).await;
+    assert_eq!(followed.code(), Some(0), "stderr:\n{}", followed.stderr);
+    assert!(!followed.stdout.trim().is_empty(), "no reply streamed");
+
+    let fork = json_of(
+        &agentrun(
+            &app,
+            &["fork", &run_id, &turn_id, "--prompt", "again", "-o", "json"],
+        )
+        .await,
+    );
+    assert_eq!(fork["forked_from_run_id"], run_id.as_str());
+    assert_eq!(fork["forked_from_turn_id"], turn_id.as_str());
+    assert_eq!(fork["input"]["prompt"], "again");
+
+    // Bulk cancel by queue: nobody serves it, so its runs are pending.
+    app.runs
+        .create_runs(proto::CreateRunsRequest {
+            runs: (0..3).map(|i| on_queue("parked", i)).collect(),
+        })
+        .await
+        .unwrap();
+    let cancelled = json_of(&agentrun(&app, &["cancel", "--queue", "parked", "-o", "json"]).await);
+    assert_eq!(cancelled["cancelled"], 3, "{cancelled}");
+    assert_eq!(cancelled["run_ids"].as_array().map(Vec::len), Some(3));
+    let text = agentrun(&app, &["cancel", "--queue", "parked"]).await;
+    assert_eq!(text.stdout, "cancelled 0 runs\n");
+    // Neither a run nor a filter: a usage error, nothing sent.
+    let bare = agentrun(&app, &["cancel"]).await;
+    assert_eq!(bare.code(), Some(2), "stdout:\n{}", bare.stdout);
+    let both = agentrun(&app, &["cancel", &run_id, "--queue", "parked"]).await;
+    assert_eq!(both.code(), Some(2), "stdout:\n{}", both.stdout);
+}
