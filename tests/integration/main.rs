@@ -22,6 +22,7 @@ mod requests;
 mod retention;
 mod runner_slots;
 mod runs;
+mod schedules;
 mod scheduling;
 mod sessions;
 mod soak;
