@@ -140,6 +140,7 @@ pub fn run(run: &proto::Run) -> Value {
         "active_turn_id": run.active_turn_id,
         "stream_mode": enum_value(run.stream_mode, StreamMode::as_str_name, "STREAM_MODE_"),
         "events_compacted_at": timestamp(run.events_compacted_at.as_ref()),
+        "schedule_id": run.schedule_id,
     })
 }
 

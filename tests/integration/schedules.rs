@@ -894,3 +894,79 @@ async fn tenants_see_only_their_own_schedules() {
         .unwrap();
     assert_eq!(run.schedule_id, theirs.schedule_id);
 }
+
+/// `agentrun schedules` as people use it: text output, and errors reported with the
+/// manager's message and a failing exit code.
+#[tokio::test]
+async fn the_schedules_command_line() {
+    use agentrun_tests::cli::agentrun;
+    let app = TestApp::spawn().await;
+    let created = agentrun(
+        &app,
+        &[
+            "schedules",
+            "create",
+            "tick",
+            "say hi",
+            "--every",
+            "10m",
+            "--overlap",
+            "skip",
+        ],
+    )
+    .await;
+    assert_eq!(created.code(), Some(0), "{}", created.stderr);
+    let id = created
+        .stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("schedule"))
+        .map(|rest| rest.trim().to_owned())
+        .expect("the schedule's id");
+    assert!(created.stdout.contains("every 10m"), "{}", created.stdout);
+    assert!(created.stdout.contains("skip"), "{}", created.stdout);
+
+    let listed = agentrun(&app, &["schedules"]).await;
+    assert_eq!(listed.code(), Some(0), "{}", listed.stderr);
+    assert!(listed.stdout.starts_with("ID"), "{}", listed.stdout);
+    assert!(listed.stdout.contains(&id) && listed.stdout.contains("tick"));
+
+    let triggered = agentrun(&app, &["schedules", "trigger", &id]).await;
+    assert_eq!(triggered.code(), Some(0), "{}", triggered.stderr);
+    let run_id = triggered.stdout.trim().to_owned();
+    Uuid::parse_str(&run_id).expect("the run id");
+    // The first run is pending: skip.
+    let skipped = agentrun(&app, &["schedules", "trigger", &id]).await;
+    assert!(skipped.stdout.starts_with("skipped"), "{}", skipped.stdout);
+
+    let paused = agentrun(&app, &["schedules", "pause", &id]).await;
+    assert!(
+        paused.stdout.contains("paused      true"),
+        "{}",
+        paused.stdout
+    );
+
+    let bad = agentrun(
+        &app,
+        &[
+            "schedules",
+            "create",
+            "bad",
+            "x",
+            "--cron",
+            "0 9 * * *",
+            "--time-zone",
+            "Nowhere",
+        ],
+    )
+    .await;
+    assert_ne!(bad.code(), Some(0));
+    assert!(bad.stderr.contains("schedule.time_zone"), "{}", bad.stderr);
+    let neither = agentrun(&app, &["schedules", "create", "bad", "x"]).await;
+    assert_eq!(neither.code(), Some(2), "a usage error: {}", neither.stderr);
+
+    let deleted = agentrun(&app, &["schedules", "delete", &id]).await;
+    assert_eq!(deleted.code(), Some(0), "{}", deleted.stderr);
+    let gone = agentrun(&app, &["schedules", "get", &id]).await;
+    assert_ne!(gone.code(), Some(0));
+    assert!(gone.stderr.contains("not found"), "{}", gone.stderr);
+}
