@@ -250,7 +250,7 @@ pub enum ClientCommand {
     ///
     /// `agentrun schedules create nightly "summarize the day" --cron "0 18 * * *"
     /// --time-zone Europe/Berlin`, or `--every 10m` for a fixed interval.
-    Schedules(schedules::SchedulesArgs),
+    Schedules(Box<schedules::SchedulesArgs>),
     /// List the runners (operator; needs an admin key), or drain one.
     Runners(admin::RunnersArgs),
     /// Set tenants' limits (operator; needs an admin key).
@@ -391,7 +391,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8, CliError> 
                 commands::resolve(manager, c.args, commands::Decision::Decline, out).await
             }
             ClientCommand::Stats(_) => commands::stats(manager, out).await,
-            ClientCommand::Schedules(c) => schedules::schedules(manager, c, out).await,
+            ClientCommand::Schedules(c) => schedules::schedules(manager, *c, out).await,
             ClientCommand::Runners(c) => admin::runners(manager, c, out).await,
             ClientCommand::Limits(c) => admin::limits(manager, c, out).await,
             ClientCommand::Keys(c) => admin::keys(manager, c, out).await,

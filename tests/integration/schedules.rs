@@ -61,7 +61,7 @@ async fn get(client: &mut Schedules, id: &str) -> proto::Schedule {
 }
 
 fn time(ts: &Option<prost_types::Timestamp>) -> SystemTime {
-    SystemTime::try_from(ts.clone().expect("a timestamp")).expect("a valid timestamp")
+    SystemTime::try_from(ts.expect("a timestamp")).expect("a valid timestamp")
 }
 
 fn millis(t: SystemTime) -> i64 {

@@ -22,7 +22,11 @@ const MAX_CRON_BYTES: usize = 256;
 #[derive(Debug, Clone)]
 pub enum Timing {
     /// `expr` as given, parsed into `cron`, read in `zone`.
-    Cron { expr: String, cron: Cron, zone: Tz },
+    Cron {
+        expr: String,
+        cron: Box<Cron>,
+        zone: Tz,
+    },
     /// Every `ms` milliseconds after the schedule's creation.
     Interval { ms: i64 },
 }
@@ -68,7 +72,7 @@ impl Timing {
         };
         let timing = Self::Cron {
             expr: expr.to_owned(),
-            cron,
+            cron: Box::new(cron),
             zone,
         };
         if timing
