@@ -19,6 +19,9 @@ use crate::store::{firing, schedules};
 
 /// The longest the loop sleeps between looks at the schedules.
 pub const MAX_SLEEP: Duration = Duration::from_secs(1);
+/// The shortest sleep: a due schedule another replica is firing (its row locked) is
+/// not polled in a tight loop.
+pub const MIN_SLEEP: Duration = Duration::from_millis(20);
 /// The most schedules fired in one pass; the rest wait for the next (a moment later).
 pub const MAX_PER_PASS: usize = 1000;
 
@@ -38,7 +41,7 @@ pub async fn run(
             schedules::time_to_next_due(&client).await
         };
         let sleep = match pass.await {
-            Ok(Some(next)) => next.min(MAX_SLEEP),
+            Ok(Some(next)) => next.clamp(MIN_SLEEP, MAX_SLEEP),
             Ok(None) => MAX_SLEEP,
             Err(err) => {
                 tracing::warn!(error = ?err, "firing schedules failed; retrying");

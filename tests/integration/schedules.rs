@@ -201,20 +201,20 @@ async fn a_schedule_due_while_every_manager_was_stopped_fires_once_on_restart() 
     let mut schedules = ScheduleServiceClient::new(manager.channel().await);
     let db = db_client(&url).await;
     let one = create(&mut schedules, {
-        let mut s = every("catch-up-one", 10_000, OverlapPolicy::Queue);
+        let mut s = every("catch-up-one", 15_000, OverlapPolicy::Queue);
         s.catch_up_policy = CatchUpPolicy::One as i32;
         s
     })
     .await;
     let none = create(&mut schedules, {
-        let mut s = every("catch-up-none", 10_000, OverlapPolicy::Queue);
+        let mut s = every("catch-up-none", 15_000, OverlapPolicy::Queue);
         s.catch_up_policy = CatchUpPolicy::None as i32;
         s
     })
     .await;
     manager.kill();
 
-    // Down past the first due time (created + 10 s) by more than the grace.
+    // Down past the first due time (created + 15 s) by more than the grace.
     let first_due = time(&one.next_run_at);
     until_db_time(&db, first_due + Duration::from_millis(3_500)).await;
     assert!(runs_of(&db, &one.schedule_id).await.is_empty());
@@ -250,7 +250,7 @@ async fn a_schedule_due_while_every_manager_was_stopped_fires_once_on_restart() 
         let now = get(&mut schedules, id).await;
         assert_eq!(
             millis(time(&now.next_run_at)),
-            millis(time(&created.created_at)) + 20_000,
+            millis(time(&created.created_at)) + 30_000,
             "the next due time after the restart"
         );
     }

@@ -11,7 +11,7 @@
 use std::time::{Duration, SystemTime};
 
 use agentrun_shared::ids::{RunId, ScheduleId, SessionId};
-use agentrun_shared::state::{CommandKind, RunStatus};
+use agentrun_shared::state::CommandKind;
 use deadpool_postgres::{GenericClient, Pool, Transaction};
 use serde_json::{Map, Value};
 
@@ -27,7 +27,8 @@ use crate::limits::Quotas;
 pub struct Fired {
     /// The run created, if any.
     pub run: Option<RunRecord>,
-    /// A previous run whose cancellation was requested (cancel_previous).
+    /// A previous run cancelled, or whose cancellation was requested (cancel_previous):
+    /// woken as CancelRun wakes its run.
     pub cancelled: Option<RunId>,
 }
 
@@ -159,9 +160,7 @@ async fn create_in(
                     idempotency_key: None,
                 };
                 lifecycle::cancel_locked(tx, &previous, command).await?;
-                if previous.status != RunStatus::Pending {
-                    fired.cancelled = Some(previous.id);
-                }
+                fired.cancelled = Some(previous.id);
             }
         }
     }
