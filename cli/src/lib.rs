@@ -14,6 +14,7 @@
 //! - [`output`]: the JSON shape of everything printed with `-o json|jsonl`.
 //! - [`duration`]: durations as flags take them (`500ms`, `6s`, `10m`, `2h`, `1d`).
 //! - [`sessions`]: the session commands.
+//! - [`schedules`]: the schedule commands (ScheduleService).
 //! - [`follow`]: following a run's event log to its end (WatchRun, or ListEvents
 //!   polling), or a session's across runs (WatchSession, or ListSessionEvents polling).
 //! - [`progress`]: what a followed run waits for, shown as a status line.
@@ -32,6 +33,7 @@ pub mod follow;
 pub mod output;
 pub mod progress;
 pub mod render;
+pub mod schedules;
 pub mod sessions;
 pub mod telemetry;
 
@@ -254,6 +256,11 @@ pub enum ClientCommand {
     Decline(Client<commands::ResolveArgs>),
     /// Show queue depth and age, per-tenant load and the runners.
     Stats(Client<NoArgs>),
+    /// Runs on a schedule: create, list, get, pause, resume, delete, trigger.
+    ///
+    /// `agentrun schedules create nightly "summarize the day" --cron "0 18 * * *"
+    /// --time-zone Europe/Berlin`, or `--every 10m` for a fixed interval.
+    Schedules(Box<schedules::SchedulesArgs>),
     /// List the runners (operator; needs an admin key), or drain one.
     Runners(admin::RunnersArgs),
     /// Set tenants' limits (operator; needs an admin key).
@@ -286,6 +293,7 @@ impl ClientCommand {
             ClientCommand::Approve(c) => c.flags.clone(),
             ClientCommand::Decline(c) => c.flags.clone(),
             ClientCommand::Stats(c) => c.flags.clone(),
+            ClientCommand::Schedules(c) => c.flags.clone(),
             ClientCommand::Runners(c) => c.flags.clone().into(),
             ClientCommand::Limits(c) => c.flags.clone().into(),
             ClientCommand::Keys(c) => c.flags.clone().into(),
@@ -397,6 +405,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8, CliError> 
                 commands::resolve(manager, c.args, commands::Decision::Decline, out).await
             }
             ClientCommand::Stats(_) => commands::stats(manager, out).await,
+            ClientCommand::Schedules(c) => schedules::schedules(manager, *c, out).await,
             ClientCommand::Runners(c) => admin::runners(manager, c, out).await,
             ClientCommand::Limits(c) => admin::limits(manager, c, out).await,
             ClientCommand::Keys(c) => admin::keys(manager, c, out).await,

@@ -47,6 +47,12 @@ pub struct Settings {
     #[arg(long, env = "AGENTRUN_EVENT_COMPACTION_INTERVAL_MS", default_value_t = 60_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub event_compaction_interval_ms: u64,
+    /// How late a schedule's due time may be fired and still count as on time, in
+    /// milliseconds. An older due time was missed (every manager was down): the
+    /// schedule's catch-up policy decides whether it still gets a run.
+    #[arg(long, env = "AGENTRUN_SCHEDULE_CATCH_UP_GRACE_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub schedule_catch_up_grace_ms: u64,
     /// Safety-net poll for claimable runs (one query per replica), in case a wake-up was
     /// lost or a scheduled run came due. Held runs' commands are also delivered with
     /// every heartbeat.

@@ -38,6 +38,7 @@ pub mod notify;
 pub mod observe;
 pub mod periodic;
 pub mod retention;
+pub mod schedules;
 pub mod startup;
 pub mod store;
 pub mod sweeper;

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use agentrun_shared::proto::{
     self, admin_service_server::AdminServiceServer, run_service_server::RunServiceServer,
-    runner_service_server::RunnerServiceServer, session_service_server::SessionServiceServer,
+    runner_service_server::RunnerServiceServer, schedule_service_server::ScheduleServiceServer,
+    session_service_server::SessionServiceServer,
 };
 use deadpool_postgres::Pool;
 use tokio::net::TcpListener;
@@ -20,7 +21,7 @@ use uuid::Uuid;
 
 use crate::api::auth::Authenticator;
 use crate::api::watch_hub::{self, WatchHub};
-use crate::api::{AdminApi, AppState, RunApi, RunnerApi, SessionApi};
+use crate::api::{AdminApi, AppState, RunApi, RunnerApi, ScheduleApi, SessionApi};
 use crate::config::{AuthMode, Settings};
 use crate::dispatcher::Dispatcher;
 use crate::heartbeats::Heartbeats;
@@ -30,7 +31,7 @@ use crate::notify::{self, Notifier};
 use crate::observe::ObserveLayer;
 use crate::ui::{self, UiAddress};
 use crate::wire_errors::WireErrorsLayer;
-use crate::{db, health, listener, retention, sweeper};
+use crate::{db, health, listener, retention, schedules, sweeper};
 
 /// A service with the message size limits set explicitly, both ways (tonic's default
 /// for what a server sends is unlimited).
@@ -189,6 +190,13 @@ impl Application {
             state.settings.event_compaction_interval(),
             background.clone(),
         ));
+        tasks.spawn(schedules::run(
+            state.pool.clone(),
+            notifier.clone(),
+            state.settings.quotas(),
+            Duration::from_millis(state.settings.schedule_catch_up_grace_ms),
+            background.clone(),
+        ));
         if let Some(listener) = metrics_listener {
             tracing::info!(addr = %listener.local_addr()?, "metrics listening");
             tasks.spawn(metrics::serve(
@@ -226,6 +234,7 @@ impl Application {
             <SessionServiceServer<SessionApi> as NamedService>::NAME,
             <RunnerServiceServer<RunnerApi> as NamedService>::NAME,
             <AdminServiceServer<AdminApi> as NamedService>::NAME,
+            <ScheduleServiceServer<ScheduleApi> as NamedService>::NAME,
         ];
         // Migrated just now: serving until a probe fails. Otherwise not until the
         // schema is found current.
@@ -277,6 +286,9 @@ impl Application {
                 ))))
                 .add_service(limited!(AdminServiceServer::new(AdminApi::new(
                     state.clone()
+                ))))
+                .add_service(limited!(ScheduleServiceServer::new(ScheduleApi::new(
+                    state.clone()
                 ))));
             let routes = ui::routes(api, &address.base_path, metrics.clone());
             let mut server = tonic::transport::Server::builder().accept_http1(true);
@@ -322,6 +334,9 @@ impl Application {
                 state.clone()
             ))))
             .add_service(limited!(AdminServiceServer::new(AdminApi::new(
+                state.clone()
+            ))))
+            .add_service(limited!(ScheduleServiceServer::new(ScheduleApi::new(
                 state.clone()
             ))))
             .serve_with_incoming_shutdown(

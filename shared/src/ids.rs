@@ -68,6 +68,10 @@ uuid_id!(
     /// An open question to a person. Random (v4): knowing one id must not help guess another.
     RequestId, new_v4
 );
+uuid_id!(
+    /// A schedule (ScheduleService). Time-ordered (v7): lists page by id, oldest first.
+    ScheduleId, now_v7
+);
 
 #[cfg(test)]
 mod tests {

@@ -124,6 +124,7 @@ async fn client_commands_answer_json_with_the_proto_field_names() {
     assert!(is_rfc3339(&run["created_at"]), "{}", run["created_at"]);
     assert_eq!(run["finished_at"], Value::Null);
     assert_eq!(run["stream_mode"], "deltas");
+    assert_eq!(run["schedule_id"], "", "not created by a schedule");
     // -o before the command, and -o jsonl for one object: one line.
     let before = agentrun(&app, &["-o", "jsonl", "get", &run_id]).await;
     assert_eq!(lines_of(&before).len(), 1, "{}", before.stdout);
@@ -212,6 +213,58 @@ async fn client_commands_answer_json_with_the_proto_field_names() {
     assert!(stats["runners"].is_array(), "{stats}");
     let sessions = json_of(&agentrun(&app, &["sessions", "-o", "json"]).await);
     assert!(sessions.is_array(), "{sessions}");
+
+    // schedules: each action one document; list an array, jsonl one per line.
+    let created = json_of(
+        &agentrun(
+            &app,
+            &[
+                "schedules",
+                "create",
+                "daily",
+                "report",
+                "--cron",
+                "0 9 * * *",
+                "--time-zone",
+                "Europe/Berlin",
+                "--overlap",
+                "queue",
+                "-o",
+                "json",
+            ],
+        )
+        .await,
+    );
+    let schedule_id = created["schedule_id"].as_str().expect("an id").to_owned();
+    assert_eq!(created["name"], "daily");
+    assert_eq!(created["cron"], "0 9 * * *");
+    assert_eq!(created["time_zone"], "Europe/Berlin");
+    assert_eq!(created["overlap_policy"], "queue");
+    assert_eq!(created["catch_up_policy"], "one");
+    assert_eq!(created["run_template"]["input"]["prompt"], "report");
+    assert!(is_rfc3339(&created["next_run_at"]), "{created}");
+    assert_eq!(created["last_run_at"], Value::Null);
+    let listed = json_of(&agentrun(&app, &["schedules", "list", "-o", "json"]).await);
+    assert_eq!(listed[0]["schedule_id"], schedule_id.as_str());
+    let lines = lines_of(&agentrun(&app, &["schedules", "-o", "jsonl"]).await);
+    assert_eq!(lines.len(), 1);
+    let got = json_of(&agentrun(&app, &["schedules", "get", &schedule_id, "-o", "json"]).await);
+    assert_eq!(got, created);
+    let paused =
+        json_of(&agentrun(&app, &["schedules", "pause", &schedule_id, "-o", "json"]).await);
+    assert_eq!(paused["paused"], true);
+    assert_eq!(paused["next_run_at"], Value::Null);
+    let resumed =
+        json_of(&agentrun(&app, &["schedules", "resume", &schedule_id, "-o", "json"]).await);
+    assert_eq!(resumed["paused"], false);
+    let triggered =
+        json_of(&agentrun(&app, &["schedules", "trigger", &schedule_id, "-o", "json"]).await);
+    let scheduled_run = triggered["run_id"].as_str().expect("a run id").to_owned();
+    let run = json_of(&agentrun(&app, &["get", &scheduled_run, "-o", "json"]).await);
+    assert_eq!(run["schedule_id"], schedule_id.as_str());
+    let deleted =
+        json_of(&agentrun(&app, &["schedules", "delete", &schedule_id, "-o", "json"]).await);
+    assert_eq!(deleted["deleted"], true);
 
     // events: an array of the stored events; jsonl one per line, the same ones.
     played.finish(&mut app).await;
@@ -345,7 +398,14 @@ async fn completion_scripts_name_the_commands() {
             .expect("agentrun runs");
         assert!(out.status.success(), "{shell}");
         let script = String::from_utf8(out.stdout).expect("UTF-8 script");
-        for command in ["approve", "requests", "keys", "runners", "completion"] {
+        for command in [
+            "approve",
+            "requests",
+            "keys",
+            "runners",
+            "schedules",
+            "completion",
+        ] {
             assert!(script.contains(command), "{shell} script lacks {command}");
         }
     }

@@ -23,6 +23,7 @@ mod reruns;
 mod retention;
 mod runner_slots;
 mod runs;
+mod schedules;
 mod scheduling;
 mod sessions;
 mod soak;

@@ -9,7 +9,12 @@ use tonic_health::pb::{
 async fn health_reports_serving() {
     let app = TestApp::spawn().await;
     let mut health = HealthClient::new(connect(app.addr).await);
-    for service in ["", "agentrun.v1.RunService", "agentrun.v1.RunnerService"] {
+    for service in [
+        "",
+        "agentrun.v1.RunService",
+        "agentrun.v1.RunnerService",
+        "agentrun.v1.ScheduleService",
+    ] {
         let response = health
             .check(HealthCheckRequest {
                 service: service.into(),
@@ -90,10 +95,9 @@ async fn reflection_lists_the_services_in_v1_and_v1alpha() {
         panic!("not a service list: {answer:?}");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.contains(&"agentrun.v1.RunService".to_owned()),
-        "{names:?}"
-    );
+    for service in ["agentrun.v1.RunService", "agentrun.v1.ScheduleService"] {
+        assert!(names.contains(&service.to_owned()), "{names:?}");
+    }
 
     let request = v1::ServerReflectionRequest {
         host: String::new(),

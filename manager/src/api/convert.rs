@@ -8,7 +8,8 @@ use prost_types::Timestamp;
 use crate::store::commands::CommandRecord;
 use crate::store::events::{EventRecord, Producer};
 use crate::store::leases::Assignment;
-use crate::store::runs::RunRecord;
+use crate::store::runs::{NewRun, RunRecord};
+use crate::store::schedules::{CatchUp, Overlap, ScheduleRecord};
 
 fn ts(t: SystemTime) -> Option<Timestamp> {
     Some(Timestamp::from(t))
@@ -64,6 +65,7 @@ pub fn run(r: &RunRecord) -> proto::Run {
             .forked_from
             .map(|(_, turn)| turn.to_string())
             .unwrap_or_default(),
+        schedule_id: r.schedule_id.map(|s| s.to_string()).unwrap_or_default(),
         ..Default::default()
     }
 }
@@ -145,5 +147,51 @@ pub fn request(r: &crate::store::requests::RequestRecord) -> proto::Request {
         deadline: r.deadline.and_then(ts),
         created_at: ts(r.created_at),
         resolved_at: r.resolved_at.and_then(ts),
+    }
+}
+
+/// A run template back to the request it was validated from.
+fn run_template(r: &NewRun) -> proto::CreateRunRequest {
+    proto::CreateRunRequest {
+        project_id: r.project_id.clone(),
+        session_id: r.session_id.map(|s| s.to_string()).unwrap_or_default(),
+        backend_profile: r.backend_profile.clone(),
+        input_json: serde_json::Value::Object(r.input.clone()).to_string(),
+        queue: r.queue.clone(),
+        priority: r.priority,
+        labels: r.labels.clone(),
+        max_attempts: r.max_attempts,
+        queue_timeout_ms: r.queue_timeout_ms.unwrap_or_default(),
+        run_timeout_ms: r.run_timeout_ms.unwrap_or_default(),
+        metadata_json: serde_json::Value::Object(r.metadata.clone()).to_string(),
+        stream_mode: r.stream_mode.to_proto() as i32,
+        ..Default::default()
+    }
+}
+
+pub fn schedule(s: &ScheduleRecord) -> proto::Schedule {
+    let (cron, time_zone, interval_ms) = s.timing.parts();
+    proto::Schedule {
+        schedule_id: s.id.to_string(),
+        project_id: s.project_id.clone(),
+        name: s.name.clone(),
+        cron: cron.unwrap_or_default().to_owned(),
+        time_zone: time_zone.to_owned(),
+        interval_ms: interval_ms.unwrap_or_default(),
+        run_template: Some(run_template(&s.template)),
+        overlap_policy: match s.overlap {
+            Overlap::Skip => proto::OverlapPolicy::Skip,
+            Overlap::Queue => proto::OverlapPolicy::Queue,
+            Overlap::CancelPrevious => proto::OverlapPolicy::CancelPrevious,
+        } as i32,
+        catch_up_policy: match s.catch_up {
+            CatchUp::One => proto::CatchUpPolicy::One,
+            CatchUp::None => proto::CatchUpPolicy::None,
+        } as i32,
+        paused: s.paused,
+        next_run_at: s.next_run_at.and_then(ts),
+        last_run_at: s.last_run_at.and_then(ts),
+        last_run_id: s.last_run_id.map(|r| r.to_string()).unwrap_or_default(),
+        created_at: ts(s.created_at),
     }
 }

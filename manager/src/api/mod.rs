@@ -8,6 +8,7 @@ mod convert;
 mod run_service;
 mod runner_messages;
 mod runner_service;
+mod schedule_service;
 mod session_service;
 mod validate;
 mod watch;
@@ -21,6 +22,7 @@ use tonic::Request;
 pub use admin::AdminApi;
 pub use run_service::RunApi;
 pub use runner_service::RunnerApi;
+pub use schedule_service::ScheduleApi;
 pub use session_service::SessionApi;
 
 use tokio_util::sync::CancellationToken;

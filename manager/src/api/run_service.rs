@@ -67,7 +67,13 @@ impl RunApi {
         self.state.settings.max_payload_bytes
     }
 
-    fn new_run(&self, field: &str, r: &proto::CreateRunRequest) -> Result<NewRun, FieldError> {
+    /// Validates a CreateRun request; `field` prefixes the field names in errors (a
+    /// schedule's run template is validated the same way).
+    pub(super) fn new_run(
+        &self,
+        field: &str,
+        r: &proto::CreateRunRequest,
+    ) -> Result<NewRun, FieldError> {
         let f = |name: &str| format!("{field}{name}");
         let input = self.run_input(&f("input_json"), &r.input_json)?;
         Ok(NewRun {

@@ -32,10 +32,24 @@ pub async fn create_runs(
 ) -> Result<Vec<Created<RunRecord>>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
+    let results = create_runs_in(&tx, tenant, new_runs, quotas, trace_parent).await?;
+    tx.commit().await?;
+    Ok(results)
+}
+
+/// [`create_runs`] in the caller's transaction (a schedule's firing creates its run in
+/// the transaction that holds the schedule's lock).
+pub(crate) async fn create_runs_in(
+    tx: &impl GenericClient,
+    tenant: &Tenant,
+    new_runs: Vec<NewRun>,
+    quotas: &Quotas,
+    trace_parent: Option<&str>,
+) -> Result<Vec<Created<RunRecord>>> {
     for run in &new_runs {
         if let Some(session_id) = run.session_id {
             sessions::ensure(
-                &tx,
+                tx,
                 tenant,
                 session_id,
                 &run.project_id,
@@ -44,10 +58,10 @@ pub async fn create_runs(
             .await?;
         }
     }
-    let inserted = runs::insert_new(&tx, tenant, &new_runs, trace_parent).await?;
+    let inserted = runs::insert_new(tx, tenant, &new_runs, trace_parent).await?;
     if quotas.tenant_pending_runs > 0 && inserted.iter().any(Option::is_some) {
         // Counted after the insert, in its transaction: retries found above add nothing.
-        let pending = runs::count_pending(&tx, tenant, quotas.tenant_pending_runs + 1).await?;
+        let pending = runs::count_pending(tx, tenant, quotas.tenant_pending_runs + 1).await?;
         if pending > quotas.tenant_pending_runs {
             return Err(Error::ResourceExhausted(format!(
                 "the tenant would have more than {} pending runs (--tenant-max-pending-runs); \
@@ -66,7 +80,7 @@ pub async fn create_runs(
     for (new_run, inserted) in new_runs.iter().zip(inserted) {
         let Some(mut run) = inserted else {
             let key = new_run.idempotency_key.as_deref().unwrap_or_default();
-            let (existing, hash) = runs::find_by_idempotency_key(&tx, tenant, key).await?;
+            let (existing, hash) = runs::find_by_idempotency_key(tx, tenant, key).await?;
             if hash != new_run.fingerprint() {
                 return Err(Error::AlreadyExists {
                     reason: reason::IDEMPOTENCY_CONFLICT,
@@ -107,11 +121,10 @@ pub async fn create_runs(
             created: true,
         });
     }
-    runs::set_lineage(&tx, &lineages).await?;
-    commands::insert_first_turns(&tx, &first_turns).await?;
-    sessions::touch_runs(&tx, &in_sessions).await?;
-    events::insert_sequenced(&tx, &fresh_events).await?;
-    tx.commit().await?;
+    runs::set_lineage(tx, &lineages).await?;
+    commands::insert_first_turns(tx, &first_turns).await?;
+    sessions::touch_runs(tx, &in_sessions).await?;
+    events::insert_sequenced(tx, &fresh_events).await?;
     Ok(results)
 }
 
@@ -260,7 +273,7 @@ pub async fn cancel_runs(
 /// once; an active one is flagged (with the caller's reason, its failure message once
 /// it ends) and gets a `cancel` command for its runner. Returns the `cancel` command that
 /// stands for the request (the existing one on a retry).
-async fn cancel_locked(
+pub(crate) async fn cancel_locked(
     tx: &impl GenericClient,
     run: &RunRecord,
     command: NewCommand,

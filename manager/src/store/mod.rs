@@ -9,11 +9,13 @@ pub mod api_keys;
 pub mod commands;
 pub mod context;
 pub mod events;
+pub mod firing;
 pub mod leases;
 pub mod lifecycle;
 pub mod requests;
 pub mod runners;
 pub mod runs;
+pub mod schedules;
 pub mod sessions;
 
 use sha2::{Digest, Sha256};

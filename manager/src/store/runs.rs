@@ -6,7 +6,7 @@
 use std::sync::LazyLock;
 use std::time::SystemTime;
 
-use agentrun_shared::ids::{CommandId, RunId, RunnerId, SessionId};
+use agentrun_shared::ids::{CommandId, RunId, RunnerId, ScheduleId, SessionId};
 use agentrun_shared::state::{RunStatus, StreamMode};
 use deadpool_postgres::GenericClient;
 use serde_json::{Map, Value, json};
@@ -63,6 +63,8 @@ pub struct RunRecord {
     pub events_compacted_at: Option<SystemTime>,
     /// The W3C `traceparent` of the call that created it.
     pub trace_parent: Option<String>,
+    /// The schedule that created it, if one did.
+    pub schedule_id: Option<ScheduleId>,
     /// Where it came from, when RerunRun or ForkRun made it.
     pub lineage: Lineage,
 }
@@ -166,6 +168,7 @@ impl RunRecord {
             events_compacted_at: row.get("events_compacted_at"),
             trace_parent: row.get("trace_parent"),
             lineage: Lineage::from_row(row),
+            schedule_id: row.get::<_, Option<Uuid>>("schedule_id").map(ScheduleId),
         })
     }
 
@@ -434,6 +437,23 @@ pub(crate) async fn set_lineage(tx: &impl GenericClient, runs: &[(RunId, &Lineag
         ],
     )
     .await?;
+    Ok(())
+}
+
+/// Marks a run just inserted as created by `schedule_id`, for its due time `due_at`
+/// (`None`: triggered by hand). A second run for one due time of a schedule violates
+/// `runs_schedule_due`.
+pub(crate) async fn mark_scheduled(
+    tx: &impl GenericClient,
+    run_id: RunId,
+    schedule_id: ScheduleId,
+    due_at: Option<SystemTime>,
+) -> Result<()> {
+    let stmt = tx
+        .prepare_cached("UPDATE runs SET schedule_id = $2, schedule_due_at = $3 WHERE id = $1")
+        .await?;
+    tx.execute(&stmt, &[&run_id.0, &schedule_id.0, &due_at])
+        .await?;
     Ok(())
 }
 
