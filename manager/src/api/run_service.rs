@@ -87,6 +87,8 @@ impl RunApi {
             metadata: parse_object(&f("metadata_json"), &r.metadata_json, self.max_payload())?,
             idempotency_key: validate::optional_name(&f("idempotency_key"), &r.idempotency_key)?,
             stream_mode: StreamMode::from_proto_or_default(&f("stream_mode"), r.stream_mode)?,
+            concurrency_key: validate::concurrency_key(&f("concurrency_key"), &r.concurrency_key)?
+                .map(str::to_owned),
             scheduled_at: match validate::optional_timestamp(
                 &f("scheduled_at"),
                 r.scheduled_at.as_ref(),
@@ -324,6 +326,10 @@ impl RunService for RunApi {
         }
         let run = lifecycle::cancel_run(&self.state.pool, &tenant, run_id, payload).await?;
         self.state.notifier.commands_added(&[run_id]);
+        if run.concurrency_key.is_some() {
+            // A pending run that ended may have let its key's next run in.
+            self.state.notifier.work_available();
+        }
         Ok(Response::new(proto::CancelRunResponse {
             run: Some(convert::run(&run)),
         }))
@@ -347,6 +353,10 @@ impl RunService for RunApi {
         .await?;
         if sent.created {
             self.state.notifier.commands_added(&[run_id]);
+            if sent.value.kind == CommandKind::Cancel {
+                // A pending run that ended may have let its key's next run in.
+                self.state.notifier.work_available();
+            }
         }
         Ok(Response::new(proto::SendCommandResponse {
             command: Some(convert::command(&sent.value)),

@@ -9,6 +9,7 @@ pub mod api_keys;
 pub mod commands;
 pub mod context;
 pub mod events;
+pub mod flow;
 pub mod leases;
 pub mod lifecycle;
 pub mod requests;

@@ -61,6 +61,13 @@ pub struct RunRecord {
     pub events_compacted_at: Option<SystemTime>,
     /// The W3C `traceparent` of the call that created it.
     pub trace_parent: Option<String>,
+    /// Runs of one key are admitted at most the key's limit at once (`store::flow`).
+    pub concurrency_key: Option<String>,
+    /// Why the run is held back from claims (`"concurrency_key"`); `None`: it is not.
+    pub held: Option<String>,
+    /// Why a pending run is not being claimed, when the query asked (`run_waiting_reason`);
+    /// empty otherwise.
+    pub waiting_reason: String,
 }
 
 impl RunRecord {
@@ -112,6 +119,13 @@ impl RunRecord {
             stream_mode: parse_state("stream mode", row.get("stream_mode"), StreamMode::from_db)?,
             events_compacted_at: row.get("events_compacted_at"),
             trace_parent: row.get("trace_parent"),
+            concurrency_key: row.get("concurrency_key"),
+            held: row.get("held"),
+            waiting_reason: row
+                .try_get::<_, Option<String>>("waiting_reason")
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
         })
     }
 
@@ -138,6 +152,8 @@ pub struct NewRun {
     /// Delayed start: not claimed before this time (a past time means at once).
     pub scheduled_at: Option<SystemTime>,
     pub stream_mode: StreamMode,
+    /// See `CreateRunRequest.concurrency_key`.
+    pub concurrency_key: Option<String>,
 }
 
 impl NewRun {
@@ -172,6 +188,9 @@ impl NewRun {
         {
             parts.push(json!({ "stream_mode": self.stream_mode.as_str() }));
         }
+        if let (Some(key), Value::Array(parts)) = (&self.concurrency_key, &mut canonical) {
+            parts.push(json!({ "concurrency_key": key }));
+        }
         fingerprint(&canonical)
     }
 }
@@ -184,12 +203,15 @@ fn micros_since_epoch(t: SystemTime) -> i64 {
     }
 }
 
-/// The tenant's pending runs, counted up to `most` (an index scan that stops there).
+/// The tenant's pending runs, counted up to `most` (index scans that stop there: the
+/// claimable ones, then the held ones).
 pub async fn count_pending(client: &impl GenericClient, tenant: &Tenant, most: i64) -> Result<i64> {
     let stmt = client
         .prepare_cached(
-            "SELECT count(*) FROM (SELECT 1 FROM runs WHERE tenant_id = $1 AND status = 'pending'
-                                   LIMIT $2) pending",
+            "SELECT (SELECT count(*) FROM (SELECT 1 FROM runs WHERE tenant_id = $1 AND status = 'pending'
+                                           AND held IS NULL LIMIT $2) ready)
+                  + (SELECT count(*) FROM (SELECT 1 FROM runs WHERE tenant_id = $1 AND status = 'pending'
+                                           AND held IS NOT NULL LIMIT $2) held)",
         )
         .await?;
     Ok(client
@@ -198,7 +220,8 @@ pub async fn count_pending(client: &impl GenericClient, tenant: &Tenant, most: i
         .get(0))
 }
 
-/// Inserts new runs, pending, with `last_event_seq` and `last_command_seq` counting the
+/// Inserts new runs, pending (held when they have a concurrency key: the caller admits
+/// them, see `flow::admit`), with `last_event_seq` and `last_command_seq` counting the
 /// `run.created` (and first turn's `command.created`) event and first turn command the
 /// caller stores with them, and `trace_parent`, the creating call's trace context. A run
 /// whose idempotency key is taken is not inserted: per new run, in order, the inserted
@@ -236,20 +259,22 @@ pub(crate) async fn insert_new(
                                labels, input, metadata, status, max_attempts, queue_timeout_ms,
                                run_timeout_ms, queue_deadline, idempotency_key, request_hash,
                                last_event_seq, last_command_seq, scheduled_at, stream_mode,
-                               trace_parent)
+                               trace_parent, concurrency_key, held)
              SELECT r.id, $1, r.project_id, r.session_id, r.backend_profile, r.queue, r.priority,
                     ARRAY(SELECT jsonb_array_elements_text(r.labels)), r.input, r.metadata, 'pending',
                     r.max_attempts, r.queue_timeout_ms, r.run_timeout_ms,
                     greatest(now(), r.scheduled_at) + r.queue_timeout_ms * interval '1 millisecond',
                     r.idempotency_key, r.request_hash, r.event_count, r.command_count, r.scheduled_at,
-                    r.stream_mode, $20
+                    r.stream_mode, $20, r.concurrency_key,
+                    CASE WHEN r.concurrency_key IS NOT NULL THEN 'concurrency_key' END
              FROM unnest($2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::int[],
                          $8::jsonb[], $9::jsonb[], $10::jsonb[], $11::int[], $12::bigint[],
                          $13::bigint[], $14::text[], $15::bytea[], $16::bigint[], $17::bigint[],
-                         $18::timestamptz[], $19::text[])
+                         $18::timestamptz[], $19::text[], $21::text[])
                   AS r(id, project_id, session_id, backend_profile, queue, priority, labels, input,
                        metadata, max_attempts, queue_timeout_ms, run_timeout_ms, idempotency_key,
-                       request_hash, event_count, command_count, scheduled_at, stream_mode)
+                       request_hash, event_count, command_count, scheduled_at, stream_mode,
+                       concurrency_key)
              ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING *",
         )
@@ -302,6 +327,10 @@ pub(crate) async fn insert_new(
                     .map(|r| r.stream_mode.as_str())
                     .collect::<Vec<_>>(),
                 &trace_parent,
+                &new_runs
+                    .iter()
+                    .map(|r| r.concurrency_key.as_deref())
+                    .collect::<Vec<_>>(),
             ],
         )
         .await?;
@@ -333,7 +362,10 @@ pub(crate) async fn find_by_idempotency_key(
 /// A run of the tenant.
 pub async fn get(client: &impl GenericClient, tenant: &Tenant, run_id: RunId) -> Result<RunRecord> {
     let stmt = client
-        .prepare_cached("SELECT * FROM runs WHERE id = $1 AND tenant_id = $2")
+        .prepare_cached(
+            "SELECT runs.*, run_waiting_reason(runs) AS waiting_reason FROM runs
+             WHERE id = $1 AND tenant_id = $2",
+        )
         .await?;
     let row = client
         .query_opt(&stmt, &[&run_id.0, &tenant.as_str()])
@@ -398,7 +430,7 @@ pub async fn list(
 ) -> Result<Vec<RunRecord>> {
     let stmt = client
         .prepare_cached(
-            "SELECT * FROM runs
+            "SELECT runs.*, run_waiting_reason(runs) AS waiting_reason FROM runs
              WHERE tenant_id = $1
                AND (cardinality($2::text[]) = 0 OR status = ANY($2))
                AND ($3::text IS NULL OR queue = $3)
@@ -598,7 +630,7 @@ pub struct QueueStats {
 pub async fn any_claimable(client: &impl GenericClient) -> Result<bool> {
     let stmt = client
         .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'pending'
+            "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'pending' AND held IS NULL
                               AND (scheduled_at IS NULL OR scheduled_at <= now()))",
         )
         .await?;
