@@ -46,11 +46,13 @@ CREATE TABLE rate_limits (
     PRIMARY KEY (tenant_id, scope, key)
 );
 
--- A bucket's level now.
+-- A bucket's level at the current statement's time (not the transaction's: a claim
+-- reads its buckets after waiting for their locks, and its `run.claimed` events carry
+-- the time of their statement too).
 CREATE FUNCTION rate_limit_tokens(l rate_limits) RETURNS double precision
 LANGUAGE sql STABLE AS $$
     SELECT least(l.burst::double precision,
-                 l.tokens + greatest(0, extract(epoch FROM now() - l.refilled_at) * 1000)
+                 l.tokens + greatest(0, extract(epoch FROM statement_timestamp() - l.refilled_at) * 1000)
                             * l.runs / l.period_ms)
 $$;
 

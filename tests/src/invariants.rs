@@ -708,7 +708,7 @@ async fn fingerprint_violations(
         .query(
             "SELECT id, project_id, session_id, backend_profile, input, queue, priority, labels,
                     max_attempts, queue_timeout_ms, run_timeout_ms, metadata, scheduled_at,
-                    stream_mode, idempotency_key, request_hash
+                    stream_mode, idempotency_key, request_hash, concurrency_key
              FROM runs",
             &[],
         )
@@ -799,6 +799,13 @@ fn run_fingerprint_text(row: &tokio_postgres::Row) -> String {
     let stream_mode = row.get::<_, &str>("stream_mode");
     if let (true, Value::Array(parts)) = (stream_mode != "deltas", &mut canonical) {
         parts.push(json!({ "stream_mode": stream_mode }));
+    }
+    // Appended only when set.
+    if let (Some(key), Value::Array(parts)) = (
+        row.get::<_, Option<&str>>("concurrency_key"),
+        &mut canonical,
+    ) {
+        parts.push(json!({ "concurrency_key": key }));
     }
     canonical.to_string()
 }

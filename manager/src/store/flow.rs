@@ -325,11 +325,13 @@ pub async fn set_rate_limit(
     };
     let stmt = client
         .prepare_cached(
-            "INSERT INTO rate_limits AS l (tenant_id, scope, key, runs, period_ms, burst, tokens)
-             VALUES ($1, $2, $3, $4, $5, $6, $6)
+            "INSERT INTO rate_limits AS l (tenant_id, scope, key, runs, period_ms, burst, tokens,
+                                           refilled_at)
+             VALUES ($1, $2, $3, $4::int, $5::bigint, $6::int, $6::int::double precision,
+                     statement_timestamp())
              ON CONFLICT (tenant_id, scope, key) DO UPDATE
-             SET tokens = least(rate_limit_tokens(l), $6::double precision),
-                 refilled_at = greatest(l.refilled_at, now()),
+             SET tokens = least(rate_limit_tokens(l), $6::int::double precision),
+                 refilled_at = greatest(l.refilled_at, statement_timestamp()),
                  runs = $4, period_ms = $5, burst = $6, updated_at = now()",
         )
         .await?;

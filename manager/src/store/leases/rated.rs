@@ -5,7 +5,8 @@
 //! the tenant's concurrency-key buckets — are locked `FOR UPDATE` in one fixed order
 //! (tenant, scope, key), so claimers on every replica take tokens one after another and
 //! never wait on each other in a cycle; then the level of each is read refilled to the
-//! transaction's time (`rate_limit_tokens`). Candidates are read in claim order (highest
+//! reading statement's time (`rate_limit_tokens`), which is after the lock was granted,
+//! so bucket time only moves forward in the order claimers take tokens. Candidates are read in claim order (highest
 //! priority, then oldest) per tenant and queue, `FOR UPDATE SKIP LOCKED`, leaving out
 //! those whose bucket is empty; each run taken costs a token from every bucket that
 //! applies to it, and the tenant's limit on active runs is kept as the main path keeps
@@ -108,7 +109,8 @@ pub(super) async fn claim(
     // A statement of its own, after the lock: its snapshot has every committed take.
     let read = tx
         .prepare_cached(
-            "SELECT l.tenant_id, l.scope, l.key, rate_limit_tokens(l), l.runs, l.period_ms
+            "SELECT l.tenant_id, l.scope, l.key, rate_limit_tokens(l), l.runs, l.period_ms,
+                    statement_timestamp()
              FROM rate_limits l
              WHERE l.tenant_id = ANY($1::text[]) AND (l.scope <> 'queue' OR l.key = ANY($2::text[]))",
         )
@@ -145,6 +147,8 @@ pub(super) async fn claim(
         .copied()
         .filter(|s| !draining.contains(s))
         .collect();
+    // The time the levels were read at: what the buckets are refilled to.
+    let read_at: Option<SystemTime> = bucket_rows.first().map(|r| r.get(6));
     let mut buckets: Vec<Bucket> = bucket_rows
         .iter()
         .map(|r| Bucket {
@@ -320,7 +324,7 @@ pub(super) async fn claim(
         let take = tx
             .prepare_cached(
                 "UPDATE rate_limits l SET tokens = u.tokens,
-                        refilled_at = greatest(l.refilled_at, now())
+                        refilled_at = greatest(l.refilled_at, $5::timestamptz)
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[])
                       AS u(tenant_id, scope, key, tokens)
                  WHERE l.tenant_id = u.tenant_id AND l.scope = u.scope AND l.key = u.key",
@@ -333,6 +337,7 @@ pub(super) async fn claim(
                 &used.iter().map(|b| b.scope.as_str()).collect::<Vec<_>>(),
                 &used.iter().map(|b| b.key.as_str()).collect::<Vec<_>>(),
                 &used.iter().map(|b| b.left()).collect::<Vec<_>>(),
+                &read_at,
             ],
         )
         .await?;
