@@ -140,6 +140,8 @@ pub fn run(run: &proto::Run) -> Value {
         "active_turn_id": run.active_turn_id,
         "stream_mode": enum_value(run.stream_mode, StreamMode::as_str_name, "STREAM_MODE_"),
         "events_compacted_at": timestamp(run.events_compacted_at.as_ref()),
+        "concurrency_key": run.concurrency_key,
+        "waiting_reason": run.waiting_reason,
     })
 }
 
@@ -264,10 +266,23 @@ pub fn stats(stats: &proto::GetQueueStatsResponse, runners: Option<&[proto::Runn
             })
         })
         .collect();
+    let waiting: Vec<Value> = stats
+        .waiting
+        .iter()
+        .map(|w| {
+            json!({
+                "tenant_id": w.tenant_id,
+                "queue": w.queue,
+                "reason": w.reason,
+                "runs": w.runs,
+            })
+        })
+        .collect();
     json!({
         "depths": depths,
         "ages": ages,
         "tenants": tenants,
+        "waiting": waiting,
         "runners": runners.map(|r| r.iter().map(runner).collect::<Vec<_>>()),
     })
 }

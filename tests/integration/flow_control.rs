@@ -30,7 +30,11 @@ fn keyed(prompt: &str, key: &str) -> proto::CreateRunRequest {
     }
 }
 
-async fn create_keyed(runs: &mut RunServiceClient<tonic::transport::Channel>, key: &str, i: usize) -> String {
+async fn create_keyed(
+    runs: &mut RunServiceClient<tonic::transport::Channel>,
+    key: &str,
+    i: usize,
+) -> String {
     runs.create_run(keyed(&format!("[tokens:8] {key} {i}"), key))
         .await
         .expect("create a keyed run")
@@ -149,7 +153,10 @@ async fn a_key_with_limit_one_never_has_two_runs_active_across_two_replicas() {
         .collect();
     spans.sort();
     for pair in spans.windows(2) {
-        assert!(pair[1].0 >= pair[0].1, "two user-2 runs were active at once");
+        assert!(
+            pair[1].0 >= pair[0].1,
+            "two user-2 runs were active at once"
+        );
     }
     assert_event_log_consistent(&db).await;
 }
@@ -191,9 +198,11 @@ async fn raising_a_key_limit_lets_waiting_runs_go_at_once() {
         })
         .await
         .expect("set the key's limit");
-    wait_for("two runs of the key active", Duration::from_secs(5), || async {
-        (count(&db, active).await == 2).then_some(())
-    })
+    wait_for(
+        "two runs of the key active",
+        Duration::from_secs(5),
+        || async { (count(&db, active).await == 2).then_some(()) },
+    )
     .await;
     // Never more than the limit, however long we look.
     let listed = admin
@@ -204,7 +213,11 @@ async fn raising_a_key_limit_lets_waiting_runs_go_at_once() {
         .concurrency_limits;
     assert_eq!(listed.len(), 1);
     assert_eq!(
-        (listed[0].max_active, listed[0].active_runs, listed[0].waiting_runs),
+        (
+            listed[0].max_active,
+            listed[0].active_runs,
+            listed[0].waiting_runs
+        ),
         (2, 2, 2)
     );
     // The tenant default covers keys without their own limit; removing the key's own
@@ -225,9 +238,11 @@ async fn raising_a_key_limit_lets_waiting_runs_go_at_once() {
         })
         .await
         .unwrap();
-    wait_for("four runs of the key active", Duration::from_secs(5), || async {
-        (count(&db, active).await == 4).then_some(())
-    })
+    wait_for(
+        "four runs of the key active",
+        Duration::from_secs(5),
+        || async { (count(&db, active).await == 4).then_some(()) },
+    )
     .await;
     for id in ids {
         runs.cancel_run(proto::CancelRunRequest {
@@ -303,7 +318,10 @@ async fn a_rate_limit_holds_claims_to_its_rate_across_two_replicas() {
     );
     // And it did limit: 60 runs at 10/s after a burst of 10 take about 5 s.
     let span = claims.last().unwrap().duration_since(claims[0]).unwrap();
-    assert!(span >= Duration::from_millis(4_000), "claims spanned only {span:?}");
+    assert!(
+        span >= Duration::from_millis(4_000),
+        "claims spanned only {span:?}"
+    );
     let listed = admin
         .list_rate_limits(proto::ListRateLimitsRequest::default())
         .await
@@ -354,8 +372,22 @@ async fn waiting_runs_say_why_in_get_run_and_queue_stats() {
                 .run_id,
         );
     }
-    let k1 = app.runs.create_run(keyed("k1", "key")).await.unwrap().into_inner().run.unwrap();
-    let k2 = app.runs.create_run(keyed("k2", "key")).await.unwrap().into_inner().run.unwrap();
+    let k1 = app
+        .runs
+        .create_run(keyed("k1", "key"))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    let k2 = app
+        .runs
+        .create_run(keyed("k2", "key"))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
     assert_eq!(k1.waiting_reason, "");
     assert_eq!(k1.concurrency_key, "key");
     assert_eq!(k2.waiting_reason, "concurrency_key");
@@ -363,7 +395,14 @@ async fn waiting_runs_say_why_in_get_run_and_queue_stats() {
         scheduled_at: Some((SystemTime::now() + Duration::from_secs(3600)).into()),
         ..run_request("later")
     };
-    let later = app.runs.create_run(later).await.unwrap().into_inner().run.unwrap();
+    let later = app
+        .runs
+        .create_run(later)
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
 
     let mut worker = runner("w");
     worker.queues = vec!["slow".into(), "default".into()];
@@ -375,7 +414,10 @@ async fn waiting_runs_say_why_in_get_run_and_queue_stats() {
     claimed.sort();
     let mut expected = vec![ids[0].clone(), k1.run_id.clone()];
     expected.sort();
-    assert_eq!(claimed, expected, "the first slow run and the key's first run");
+    assert_eq!(
+        claimed, expected,
+        "the first slow run and the key's first run"
+    );
     // Nothing more is claimable: the bucket is empty, the key is full, the third waits.
     let more = app
         .runners
@@ -389,9 +431,18 @@ async fn waiting_runs_say_why_in_get_run_and_queue_stats() {
         .assignments;
     assert!(more.is_empty(), "claimed past a limit: {more:?}");
 
-    assert_eq!(get_run(&mut app, &ids[1]).await.waiting_reason, "rate_limit");
-    assert_eq!(get_run(&mut app, &k2.run_id).await.waiting_reason, "concurrency_key");
-    assert_eq!(get_run(&mut app, &later.run_id).await.waiting_reason, "scheduled");
+    assert_eq!(
+        get_run(&mut app, &ids[1]).await.waiting_reason,
+        "rate_limit"
+    );
+    assert_eq!(
+        get_run(&mut app, &k2.run_id).await.waiting_reason,
+        "concurrency_key"
+    );
+    assert_eq!(
+        get_run(&mut app, &later.run_id).await.waiting_reason,
+        "scheduled"
+    );
     assert_eq!(get_run(&mut app, &ids[0]).await.waiting_reason, "");
 
     let stats = app
@@ -403,12 +454,24 @@ async fn waiting_runs_say_why_in_get_run_and_queue_stats() {
     let waiting: Vec<(String, String, String, i64)> = stats
         .waiting
         .iter()
-        .map(|w| (w.tenant_id.clone(), w.queue.clone(), w.reason.clone(), w.runs))
+        .map(|w| {
+            (
+                w.tenant_id.clone(),
+                w.queue.clone(),
+                w.reason.clone(),
+                w.runs,
+            )
+        })
         .collect();
     assert_eq!(
         waiting,
         vec![
-            ("default".into(), "default".into(), "concurrency_key".into(), 1),
+            (
+                "default".into(),
+                "default".into(),
+                "concurrency_key".into(),
+                1
+            ),
             ("default".into(), "slow".into(), "rate_limit".into(), 1),
         ]
     );
@@ -485,7 +548,10 @@ async fn bad_flow_control_input_is_refused_naming_the_field_and_changes_nothing(
     };
     let long_key = "k".repeat(257);
     let cases: Vec<(proto::SetRateLimitRequest, &str)> = vec![
-        (proto::SetRateLimitRequest { rate_limit: None }, "rate_limit"),
+        (
+            proto::SetRateLimitRequest { rate_limit: None },
+            "rate_limit",
+        ),
         (rate(&|l| l.tenant_id.clear()), "rate_limit.tenant_id"),
         (rate(&|l| l.scope = 0), "rate_limit.scope"),
         (rate(&|l| l.scope = 42), "rate_limit.scope"),
@@ -536,11 +602,12 @@ async fn bad_flow_control_input_is_refused_naming_the_field_and_changes_nothing(
         .into_inner();
     assert!(listed.rate_limits.is_empty());
 
-    let concurrency = |tenant: &str, key: &str, max_active: i32| proto::SetConcurrencyLimitRequest {
-        tenant_id: tenant.into(),
-        concurrency_key: key.into(),
-        max_active,
-    };
+    let concurrency =
+        |tenant: &str, key: &str, max_active: i32| proto::SetConcurrencyLimitRequest {
+            tenant_id: tenant.into(),
+            concurrency_key: key.into(),
+            max_active,
+        };
     for (request, field) in [
         (concurrency("", "k", 2), "tenant_id"),
         (concurrency("t", &long_key, 2), "concurrency_key"),
@@ -554,7 +621,11 @@ async fn bad_flow_control_input_is_refused_naming_the_field_and_changes_nothing(
             .await
             .expect_err("refused");
         assert_eq!(status.code(), Code::InvalidArgument, "{request:?}");
-        assert!(status.message().contains(field), "{:?} names {field}", status.message());
+        assert!(
+            status.message().contains(field),
+            "{:?} names {field}",
+            status.message()
+        );
     }
     let listed = app
         .admin
@@ -579,7 +650,11 @@ async fn bad_flow_control_input_is_refused_naming_the_field_and_changes_nothing(
         .await
         .expect_err("an oversized key is refused");
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().contains("concurrency_key"), "{}", status.message());
+    assert!(
+        status.message().contains("concurrency_key"),
+        "{}",
+        status.message()
+    );
     let db = app.db().await;
     assert_eq!(count(&db, "SELECT count(*) FROM runs").await, 0);
 
@@ -595,7 +670,11 @@ async fn bad_flow_control_input_is_refused_naming_the_field_and_changes_nothing(
         concurrency_key: "b".into(),
         ..first
     };
-    let status = app.runs.create_run(other).await.expect_err("a different key conflicts");
+    let status = app
+        .runs
+        .create_run(other)
+        .await
+        .expect_err("a different key conflicts");
     assert_eq!(status.code(), Code::AlreadyExists);
 }
 

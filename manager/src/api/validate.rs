@@ -118,7 +118,10 @@ pub fn concurrency_key<'a>(field: &str, value: &'a str) -> Result<Option<&'a str
         ));
     }
     if value.chars().any(char::is_control) {
-        return Err(FieldError::new(field, "must not contain control characters"));
+        return Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(Some(value))
 }

@@ -38,17 +38,18 @@ async fn lock_keys(tx: &impl GenericClient, keys: &[(String, String)]) -> Result
                    ORDER BY h OFFSET 0) ordered"
         ))
         .await?;
-    let (tenants, names): (Vec<&str>, Vec<&str>) = keys
-        .iter()
-        .map(|(t, k)| (t.as_str(), k.as_str()))
-        .unzip();
+    let (tenants, names): (Vec<&str>, Vec<&str>) =
+        keys.iter().map(|(t, k)| (t.as_str(), k.as_str())).unzip();
     tx.query(&stmt, &[&tenants, &names]).await?;
     Ok(())
 }
 
 /// Admits the held runs of these (tenant, key) pairs that their limits have room for,
 /// oldest first, and returns them. Locks the keys first (see the module doc).
-pub(crate) async fn admit(tx: &impl GenericClient, keys: &[(String, String)]) -> Result<Vec<RunId>> {
+pub(crate) async fn admit(
+    tx: &impl GenericClient,
+    keys: &[(String, String)],
+) -> Result<Vec<RunId>> {
     if keys.is_empty() {
         return Ok(Vec::new());
     }
@@ -96,10 +97,8 @@ pub(crate) async fn admit(tx: &impl GenericClient, keys: &[(String, String)]) ->
              RETURNING runs.id",
         )
         .await?;
-    let (tenants, names): (Vec<&str>, Vec<&str>) = keys
-        .iter()
-        .map(|(t, k)| (t.as_str(), k.as_str()))
-        .unzip();
+    let (tenants, names): (Vec<&str>, Vec<&str>) =
+        keys.iter().map(|(t, k)| (t.as_str(), k.as_str())).unzip();
     let rows = tx
         .query(&stmt, &[&tenants, &names, &DEFAULT_MAX_ACTIVE])
         .await?;
@@ -316,7 +315,9 @@ pub async fn set_rate_limit(
     let client = pool.get().await?;
     let Some(setting) = setting else {
         let stmt = client
-            .prepare_cached("DELETE FROM rate_limits WHERE tenant_id = $1 AND scope = $2 AND key = $3")
+            .prepare_cached(
+                "DELETE FROM rate_limits WHERE tenant_id = $1 AND scope = $2 AND key = $3",
+            )
             .await?;
         client
             .execute(&stmt, &[&tenant_id, &scope.as_str(), &key])

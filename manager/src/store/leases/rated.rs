@@ -318,7 +318,9 @@ pub(super) async fn claim(
             .collect::<Result<_>>()?;
         if claimed.len() != picked.len() {
             // The rows were locked by this transaction and pending: this cannot happen.
-            return Err(Error::Internal("a rate-limited claim lost a locked run".into()));
+            return Err(Error::Internal(
+                "a rate-limited claim lost a locked run".into(),
+            ));
         }
         let used: Vec<&Bucket> = buckets.iter().filter(|b| b.taken > 0.0).collect();
         let take = tx
@@ -333,7 +335,10 @@ pub(super) async fn claim(
         tx.execute(
             &take,
             &[
-                &used.iter().map(|b| b.tenant_id.as_str()).collect::<Vec<_>>(),
+                &used
+                    .iter()
+                    .map(|b| b.tenant_id.as_str())
+                    .collect::<Vec<_>>(),
                 &used.iter().map(|b| b.scope.as_str()).collect::<Vec<_>>(),
                 &used.iter().map(|b| b.key.as_str()).collect::<Vec<_>>(),
                 &used.iter().map(|b| b.left()).collect::<Vec<_>>(),
