@@ -182,7 +182,7 @@ pub enum Command {
     /// completion fish > ~/.config/fish/completions/agentrun.fish`.
     Completion(CompletionArgs),
     #[command(flatten)]
-    Client(ClientCommand),
+    Client(Box<ClientCommand>),
 }
 
 /// Arguments of `agentrun completion`.
@@ -344,7 +344,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8, CliError> 
             commands::write_out(&String::from_utf8_lossy(&out))?;
             return Ok(EXIT_OK);
         }
-        Command::Client(command) => command,
+        Command::Client(command) => *command,
     };
     let handles_interrupt = command.handles_interrupt();
     let options = cli.options.merge(command.flags());

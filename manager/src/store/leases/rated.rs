@@ -268,10 +268,8 @@ pub(super) async fn claim(
         if picked.len() == slots.len() {
             break;
         }
-        if let Some(Some(left)) = room.get_mut(&c.tenant_id) {
-            if *left == 0 {
-                continue;
-            }
+        if room.get(&c.tenant_id).copied().flatten() == Some(0) {
+            continue;
         }
         let applies: Vec<usize> = [
             find(&c.tenant_id, "tenant", ""),
