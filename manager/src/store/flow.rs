@@ -11,7 +11,9 @@
 //! count — creating, ending, setting a limit — so two replicas can never admit past the
 //! limit. Held rows are taken `SKIP LOCKED`: a held run another transaction holds (it is
 //! being cancelled or expired) is passed over, and the sweeper's [`readmit`] repairs
-//! whatever such a skip left behind.
+//! whatever such a skip left behind. The key locks are always the last locks a
+//! transaction waits for (admission runs at the end of creating and of ending runs), so
+//! they never close a cycle with row locks: nothing waits for a row while holding one.
 //!
 //! **Rate limits** are token buckets in `rate_limits`, taken at claim time by
 //! `leases::rated`. This module only sets, lists and reports them.
