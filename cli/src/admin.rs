@@ -12,6 +12,7 @@ use crate::client::Manager;
 use crate::commands::{write_list, write_one};
 use crate::duration;
 use crate::error::{CliError, EXIT_FAILURE, EXIT_OK};
+use crate::flow_limits;
 use crate::output::{self, OutputFormat};
 use crate::render;
 
@@ -105,6 +106,12 @@ pub enum LimitsAction {
         #[arg(long, group = "limit", value_name = "DURATION|default", value_parser = parse_retention)]
         event_retention: Option<Retention>,
     },
+    /// Rate limits: runs started per period, per tenant, queue or concurrency key.
+    #[command(subcommand)]
+    Rate(flow_limits::RateAction),
+    /// Concurrency-key limits: runs of one key claimed at once.
+    #[command(subcommand)]
+    Concurrency(flow_limits::ConcurrencyAction),
 }
 
 /// A tenant's retention setting.
@@ -254,11 +261,19 @@ pub async fn limits(
     args: LimitsArgs,
     out: OutputFormat,
 ) -> Result<u8, CliError> {
-    let LimitsAction::Set {
-        tenant,
-        max_active_runs,
-        event_retention,
-    } = args.action;
+    let (tenant, max_active_runs, event_retention) = match args.action {
+        LimitsAction::Set {
+            tenant,
+            max_active_runs,
+            event_retention,
+        } => (tenant, max_active_runs, event_retention),
+        LimitsAction::Rate(action) => {
+            return flow_limits::rate(manager, action, out, admin_error).await;
+        }
+        LimitsAction::Concurrency(action) => {
+            return flow_limits::concurrency(manager, action, out, admin_error).await;
+        }
+    };
     let mut value = json!({ "tenant_id": tenant });
     let mut text = String::new();
     if let Some(max) = max_active_runs {

@@ -343,6 +343,60 @@ impl Manager {
         Ok(())
     }
 
+    /// SetRateLimit: the limit as stored.
+    pub async fn set_rate_limit(
+        &mut self,
+        rate_limit: proto::RateLimit,
+    ) -> Result<proto::RateLimit, Status> {
+        let request = self.request(proto::SetRateLimitRequest {
+            rate_limit: Some(rate_limit),
+        });
+        self.admin
+            .set_rate_limit(request)
+            .await?
+            .into_inner()
+            .rate_limit
+            .ok_or_else(|| Status::internal("the manager answered SetRateLimit without a limit"))
+    }
+
+    /// ListRateLimits (empty tenant: all).
+    pub async fn list_rate_limits(
+        &mut self,
+        tenant_id: String,
+    ) -> Result<Vec<proto::RateLimit>, Status> {
+        let request = self.request(proto::ListRateLimitsRequest { tenant_id });
+        Ok(self
+            .admin
+            .list_rate_limits(request)
+            .await?
+            .into_inner()
+            .rate_limits)
+    }
+
+    /// SetConcurrencyLimit.
+    pub async fn set_concurrency_limit(
+        &mut self,
+        message: proto::SetConcurrencyLimitRequest,
+    ) -> Result<(), Status> {
+        let request = self.request(message);
+        self.admin.set_concurrency_limit(request).await?;
+        Ok(())
+    }
+
+    /// ListConcurrencyLimits (empty tenant: all).
+    pub async fn list_concurrency_limits(
+        &mut self,
+        tenant_id: String,
+    ) -> Result<Vec<proto::ConcurrencyLimit>, Status> {
+        let request = self.request(proto::ListConcurrencyLimitsRequest { tenant_id });
+        Ok(self
+            .admin
+            .list_concurrency_limits(request)
+            .await?
+            .into_inner()
+            .concurrency_limits)
+    }
+
     /// SetTenantRetention (`None`: back to the manager's default).
     pub async fn set_tenant_retention(
         &mut self,

@@ -39,6 +39,10 @@ pub struct RunArgs {
     /// How the run's streamed output is stored [default: deltas].
     #[arg(long, value_enum)]
     pub stream_mode: Option<StreamModeArg>,
+    /// Runs of one concurrency key are claimed at most the key's limit at once (default
+    /// 1); the others wait in order (`agentrun limits concurrency`).
+    #[arg(long, value_name = "KEY")]
+    pub concurrency_key: Option<String>,
     /// Expire the run when no runner claimed it within this long (`30s`, `10m`, `2h`,
     /// or milliseconds) [default: no limit].
     #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
@@ -349,6 +353,7 @@ pub async fn run(
             .map_or(StreamMode::Unspecified, StreamModeArg::to_proto) as i32,
         queue_timeout_ms: args.queue_timeout.map_or(0, duration::millis),
         run_timeout_ms: args.run_timeout.map_or(0, duration::millis),
+        concurrency_key: args.concurrency_key.unwrap_or_default(),
         ..Default::default()
     };
     let response = manager.create_run(request).await?;
@@ -735,6 +740,10 @@ pub async fn stats(manager: &mut Manager, out: OutputFormat) -> Result<u8, CliEr
         let mut text = render::queue_table(&stats);
         text.push('\n');
         text.push_str(&render::tenants_table(&stats));
+        if !stats.waiting.is_empty() {
+            text.push('\n');
+            text.push_str(&crate::flow_limits::waiting_table(&stats));
+        }
         if let Some(runners) = &runners {
             text.push('\n');
             text.push_str(&render::runners_table(runners, now));

@@ -11,6 +11,7 @@
 //! - [`client`]: the connection to the manager and the tenant header.
 //! - [`commands`]: one function per client command (runs, approvals, stats).
 //! - [`admin`]: the operator commands (runners, limits, keys).
+//! - [`flow_limits`]: the flow-control operator commands (rate and concurrency limits).
 //! - [`output`]: the JSON shape of everything printed with `-o json|jsonl`.
 //! - [`duration`]: durations as flags take them (`500ms`, `6s`, `10m`, `2h`, `1d`).
 //! - [`sessions`]: the session commands.
@@ -29,6 +30,7 @@ pub mod commands;
 pub mod dev;
 pub mod duration;
 pub mod error;
+pub mod flow_limits;
 pub mod follow;
 pub mod output;
 pub mod progress;

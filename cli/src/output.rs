@@ -270,10 +270,23 @@ pub fn stats(stats: &proto::GetQueueStatsResponse, runners: Option<&[proto::Runn
             })
         })
         .collect();
+    let waiting: Vec<Value> = stats
+        .waiting
+        .iter()
+        .map(|w| {
+            json!({
+                "tenant_id": w.tenant_id,
+                "queue": w.queue,
+                "reason": w.reason,
+                "runs": w.runs,
+            })
+        })
+        .collect();
     json!({
         "depths": depths,
         "ages": ages,
         "tenants": tenants,
+        "waiting": waiting,
         "runners": runners.map(|r| r.iter().map(runner).collect::<Vec<_>>()),
     })
 }

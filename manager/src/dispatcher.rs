@@ -17,6 +17,10 @@
 //!
 //! Runs claimed for a stream that has gone meanwhile (its seat dropped) are released at
 //! once, not left to their leases.
+//!
+//! Runs that wait for a rate limit's token are not announced by anyone when the token
+//! comes: the claim says when that is, and the dispatcher sets itself a timer (one at a
+//! time, the earliest) instead of waiting for the safety-net poll.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -98,6 +102,8 @@ pub struct Dispatcher {
     places: Mutex<Places>,
     /// Credit was offered, or a silent runner spoke again.
     wake: Notify,
+    /// When the pending rate-limit timer fires, if one is set ([`Dispatcher::wake_after`]).
+    timer: Mutex<Option<Instant>>,
     pool: Pool,
     settings: Arc<Settings>,
     notifier: Arc<Notifier>,
@@ -116,6 +122,7 @@ impl Dispatcher {
         let dispatcher = Arc::new(Self {
             places: Mutex::default(),
             wake: Notify::new(),
+            timer: Mutex::new(None),
             pool,
             settings,
             notifier: notifier.clone(),
@@ -229,7 +236,7 @@ impl Dispatcher {
     }
 
     /// Runs one shape's claim and hands the runs to their seats.
-    async fn claim(&self, claim: Claim) {
+    async fn claim(self: &Arc<Self>, claim: Claim) {
         let runners: Vec<&RunnerIdentity> = claim.runners.iter().map(|r| r.as_ref()).collect();
         let claimed = leases::claim_for(
             &self.pool,
@@ -241,7 +248,12 @@ impl Dispatcher {
         )
         .await;
         let claimed = match claimed {
-            Ok(claimed) => claimed,
+            Ok(claimed) => {
+                if let Some(after) = claimed.retry_in {
+                    self.wake_after(after);
+                }
+                claimed.assignments
+            }
             Err(err) => {
                 // Nothing was taken: the credit waits for the next wake-up (the
                 // safety-net poll comes while work is claimable).
@@ -298,6 +310,31 @@ impl Dispatcher {
             self.wake.notify_one();
         }
         self.give_back(orphans).await;
+    }
+
+    /// Wakes the dispatcher after `after` (runs wait for a rate limit's token), unless a
+    /// timer set earlier fires sooner: at most one timer is pending.
+    fn wake_after(self: &Arc<Self>, after: Duration) {
+        let due = Instant::now() + after;
+        {
+            let mut timer = self.timer.lock().expect("dispatcher timer lock");
+            if timer.is_some_and(|at| at <= due && at > Instant::now()) {
+                return;
+            }
+            *timer = Some(due);
+        }
+        let dispatcher = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(due).await;
+            if let Some(dispatcher) = dispatcher.upgrade() {
+                let mut timer = dispatcher.timer.lock().expect("dispatcher timer lock");
+                if *timer == Some(due) {
+                    *timer = None;
+                }
+                drop(timer);
+                dispatcher.wake.notify_one();
+            }
+        });
     }
 
     /// Releases runs claimed for streams that have gone (each with its runner), so

@@ -22,7 +22,7 @@ use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::store::runs::{Finish, RequeueReason};
-use crate::store::{lifecycle, requests};
+use crate::store::{flow, lifecycle, requests};
 
 /// Rows handled per transaction.
 const BATCH: i64 = 500;
@@ -41,14 +41,24 @@ pub async fn run(
         match sweep_once(pool).await {
             Ok(swept) => {
                 metrics.swept(swept.lease_expired, swept.requeued);
-                // Requeued runs are claimable again; every moved run has new events.
-                if swept.requeued > 0 {
+                // Requeued runs are claimable again, and a run that ended may have let
+                // its concurrency key's next run in; every moved run has new events.
+                if swept.requeued > 0 || !swept.moved.is_empty() {
                     notifier.work_available();
                 }
                 notifier.events_appended(swept.moved.iter().map(|r| r.0));
                 notifier.commands_added(&swept.answered);
             }
             Err(err) => tracing::warn!(error = %err, "lease sweep failed; retrying next tick"),
+        }
+        // The safety net of concurrency-key admission (see `store::flow`).
+        match flow::readmit(pool).await {
+            Ok(0) => {}
+            Ok(admitted) => {
+                tracing::info!(admitted, "held runs admitted by the sweeper");
+                notifier.work_available();
+            }
+            Err(err) => tracing::warn!(error = %err, "readmission failed; retrying next tick"),
         }
     })
     .await

@@ -621,3 +621,92 @@ async fn operator_commands_manage_keys_and_limits_with_an_admin_key() {
         json!({ "tenant_id": "acme", "max_active_runs": 0, "event_retention_ms": null })
     );
 }
+
+#[tokio::test]
+async fn flow_limit_commands_set_and_list_rate_and_concurrency_limits_as_json() {
+    let app = TestApp::spawn().await;
+    let set = agentrun(
+        &app,
+        &[
+            "limits", "rate", "set", "--tenant", "default", "--scope", "queue", "--key", "slow",
+            "--runs", "1", "--period", "1h", "-o", "json",
+        ],
+    )
+    .await;
+    assert_eq!(
+        json_of(&set),
+        json!({
+            "tenant_id": "default", "scope": "queue", "key": "slow", "runs": 1,
+            "period_ms": 3_600_000, "burst": 1, "tokens": 1.0, "waiting_runs": 0,
+        })
+    );
+    let listed = agentrun(&app, &["limits", "rate", "list", "-o", "json"]).await;
+    assert_eq!(json_of(&listed)[0]["key"], "slow");
+    let text = agentrun(&app, &["limits", "rate", "list"]).await;
+    assert_eq!(
+        text.stdout,
+        "tenant default queue slow: 1 runs per 1h, burst 1, 1.0 tokens, 0 waiting\n"
+    );
+    let bad = agentrun(
+        &app,
+        &[
+            "limits", "rate", "set", "--tenant", "default", "--scope", "queue", "--runs", "5",
+        ],
+    )
+    .await;
+    assert_eq!(bad.code(), Some(1), "a queue scope needs its key");
+    assert!(bad.stderr.contains("rate_limit.key"), "{}", bad.stderr);
+
+    let set = agentrun(
+        &app,
+        &[
+            "limits",
+            "concurrency",
+            "set",
+            "--tenant",
+            "default",
+            "--key",
+            "user-7",
+            "--max-active",
+            "2",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(
+        json_of(&set),
+        json!({ "tenant_id": "default", "concurrency_key": "user-7", "max_active": 2 })
+    );
+    for prompt in ["one", "two", "three"] {
+        let created = agentrun(
+            &app,
+            &["run", prompt, "--concurrency-key", "user-7", "-o", "json"],
+        )
+        .await;
+        assert_eq!(json_of(&created)["concurrency_key"], "user-7");
+    }
+    let listed = agentrun(&app, &["limits", "concurrency", "list", "-o", "json"]).await;
+    assert_eq!(
+        json_of(&listed),
+        json!([{ "tenant_id": "default", "concurrency_key": "user-7", "max_active": 2,
+                 "active_runs": 0, "waiting_runs": 1 }])
+    );
+    let stats = agentrun(&app, &["stats", "-o", "json"]).await;
+    assert_eq!(
+        json_of(&stats)["waiting"],
+        json!([{ "tenant_id": "default", "queue": "default", "reason": "concurrency_key",
+                 "runs": 1 }])
+    );
+    let runs = agentrun(&app, &["list", "-o", "json"]).await;
+    let reasons: Vec<Value> = json_of(&runs)
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|r| r["waiting_reason"].clone())
+        .collect();
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "concurrency_key").count(),
+        1
+    );
+}

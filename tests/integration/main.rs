@@ -11,6 +11,7 @@ mod dispatcher;
 mod double_texting;
 mod e2e;
 mod faults;
+mod flow_control;
 mod hellos;
 mod inbox;
 mod leases;

@@ -164,6 +164,8 @@ async fn a_rerun_repeats_the_input_and_settings_with_the_context_its_original_st
         .await
         .expect_err("a key reused for another run");
     assert_eq!(conflict.code(), Code::AlreadyExists);
+    // Every stored request hash (re-runs' included) matches its row.
+    assert_event_log_consistent(&app.db().await).await;
 }
 
 #[tokio::test]
@@ -274,6 +276,7 @@ async fn a_fork_starts_from_a_turn_with_everything_before_it_and_nothing_after()
         server.bodies().last().unwrap()["messages"],
         json!([user("one"), assistant("reply 1"), user("two, differently")]),
     );
+    assert_event_log_consistent(&app.db().await).await;
 }
 
 #[tokio::test]

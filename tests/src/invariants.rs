@@ -708,7 +708,8 @@ async fn fingerprint_violations(
         .query(
             "SELECT id, project_id, session_id, backend_profile, input, queue, priority, labels,
                     max_attempts, queue_timeout_ms, run_timeout_ms, metadata, scheduled_at,
-                    stream_mode, idempotency_key, request_hash
+                    stream_mode, idempotency_key, request_hash, concurrency_key,
+                    rerun_of_run_id, forked_from_run_id, forked_from_turn_id, context_run_id
              FROM runs",
             &[],
         )
@@ -799,6 +800,24 @@ fn run_fingerprint_text(row: &tokio_postgres::Row) -> String {
     let stream_mode = row.get::<_, &str>("stream_mode");
     if let (true, Value::Array(parts)) = (stream_mode != "deltas", &mut canonical) {
         parts.push(json!({ "stream_mode": stream_mode }));
+    }
+    // Appended only when set.
+    if let (Some(key), Value::Array(parts)) = (
+        row.get::<_, Option<&str>>("concurrency_key"),
+        &mut canonical,
+    ) {
+        parts.push(json!({ "concurrency_key": key }));
+    }
+    // A re-run's or fork's origin (every such run has a context source).
+    if let (Some(_), Value::Array(parts)) =
+        (row.get::<_, Option<Uuid>>("context_run_id"), &mut canonical)
+    {
+        let id = |column: &str| row.get::<_, Option<Uuid>>(column).map(|id| id.to_string());
+        let forked_from = id("forked_from_run_id").zip(id("forked_from_turn_id"));
+        parts.push(json!({
+            "rerun_of": id("rerun_of_run_id"),
+            "forked_from": forked_from.map(|(run, turn)| [run, turn]),
+        }));
     }
     canonical.to_string()
 }

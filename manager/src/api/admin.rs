@@ -1,7 +1,7 @@
 //! `agentrun.v1.AdminService`: what operators look at and act on — queue and per-tenant
 //! statistics, the runners connected (to any replica) with their leases, draining a
 //! runner, per-tenant limits on active runs and per-tenant retention of ended runs'
-//! deltas.
+//! deltas, and flow control: rate limits and concurrency-key limits (`store::flow`).
 //!
 //! A drain is recorded in the database (`runners.draining`); the replica holding the
 //! runner's Connect stream notices it within its poll interval, stops assigning, and
@@ -9,6 +9,7 @@
 
 use std::time::SystemTime;
 
+use agentrun_shared::error::FieldError;
 use agentrun_shared::ids::RunnerId;
 use agentrun_shared::proto::{self, admin_service_server::AdminService};
 use tonic::{Request, Response, Status};
@@ -16,7 +17,7 @@ use tonic::{Request, Response, Status};
 use super::{AppState, caller, convert, validate};
 use crate::error::Error;
 use crate::store::api_keys::{self, ApiKeyRecord, Role};
-use crate::store::{runners, runs};
+use crate::store::{flow, runners, runs};
 
 /// Longest API key name.
 const MAX_KEY_NAME_BYTES: usize = 200;
@@ -68,6 +69,7 @@ impl AdminService for AdminApi {
             settings.event_retention_ms,
         )
         .await?;
+        let waiting = flow::waiting(&client).await?;
         Ok(Response::new(proto::GetQueueStatsResponse {
             depths: stats
                 .depths
@@ -97,7 +99,15 @@ impl AdminService for AdminApi {
                     event_retention_ms: t.event_retention_ms,
                 })
                 .collect(),
-            waiting: Vec::new(),
+            waiting: waiting
+                .into_iter()
+                .map(|w| proto::WaitingRuns {
+                    tenant_id: w.tenant_id,
+                    queue: w.queue,
+                    reason: w.reason,
+                    runs: w.runs,
+                })
+                .collect(),
         }))
     }
 
@@ -262,35 +272,197 @@ impl AdminService for AdminApi {
 
     async fn set_rate_limit(
         &self,
-        _request: Request<proto::SetRateLimitRequest>,
+        request: Request<proto::SetRateLimitRequest>,
     ) -> Result<Response<proto::SetRateLimitResponse>, Status> {
-        Err(Status::unimplemented("SetRateLimit is not implemented yet"))
+        caller(&self.state, &request, Role::Admin).await?;
+        let Some(limit) = request.get_ref().rate_limit.as_ref() else {
+            return Err(Error::invalid("rate_limit", "is required").into());
+        };
+        let (tenant_id, scope, key, setting) = rate_limit_request(limit).map_err(Error::from)?;
+        let stored = flow::set_rate_limit(&self.state.pool, tenant_id, scope, key, setting).await?;
+        tracing::info!(
+            tenant = tenant_id,
+            scope = scope.as_str(),
+            key,
+            runs = limit.runs,
+            period_ms = limit.period_ms,
+            "rate limit set"
+        );
+        // A limit raised or removed may make runs claimable at once.
+        self.state.notifier.work_available();
+        Ok(Response::new(proto::SetRateLimitResponse {
+            rate_limit: Some(match stored {
+                Some(stored) => rate_limit(&stored),
+                None => proto::RateLimit {
+                    tenant_id: tenant_id.to_owned(),
+                    scope: limit.scope,
+                    key: key.to_owned(),
+                    ..Default::default()
+                },
+            }),
+        }))
     }
 
     async fn list_rate_limits(
         &self,
-        _request: Request<proto::ListRateLimitsRequest>,
+        request: Request<proto::ListRateLimitsRequest>,
     ) -> Result<Response<proto::ListRateLimitsResponse>, Status> {
-        Err(Status::unimplemented(
-            "ListRateLimits is not implemented yet",
-        ))
+        caller(&self.state, &request, Role::Admin).await?;
+        let tenant_id = validate::optional_name("tenant_id", &request.get_ref().tenant_id)
+            .map_err(Error::from)?;
+        let client = self.state.pool.get().await.map_err(Error::from)?;
+        let limits = flow::list_rate_limits(&client, tenant_id.as_deref()).await?;
+        Ok(Response::new(proto::ListRateLimitsResponse {
+            rate_limits: limits.iter().map(rate_limit).collect(),
+        }))
     }
 
     async fn set_concurrency_limit(
         &self,
-        _request: Request<proto::SetConcurrencyLimitRequest>,
+        request: Request<proto::SetConcurrencyLimitRequest>,
     ) -> Result<Response<proto::SetConcurrencyLimitResponse>, Status> {
-        Err(Status::unimplemented(
-            "SetConcurrencyLimit is not implemented yet",
-        ))
+        caller(&self.state, &request, Role::Admin).await?;
+        let r = request.get_ref();
+        let tenant_id = validate::name("tenant_id", &r.tenant_id).map_err(Error::from)?;
+        let key = validate::concurrency_key("concurrency_key", &r.concurrency_key)
+            .map_err(Error::from)?
+            .unwrap_or_default();
+        let max_active = match r.max_active {
+            0 => None,
+            n if (1..=MAX_KEY_ACTIVE).contains(&n) => Some(n),
+            _ => {
+                return Err(Error::invalid(
+                    "max_active",
+                    format!("must be between 1 and {MAX_KEY_ACTIVE}, or 0 to remove the limit"),
+                )
+                .into());
+            }
+        };
+        let admitted =
+            flow::set_concurrency_limit(&self.state.pool, tenant_id, key, max_active).await?;
+        tracing::info!(
+            tenant = tenant_id,
+            key,
+            max_active,
+            admitted = admitted.len(),
+            "concurrency limit set"
+        );
+        if !admitted.is_empty() {
+            self.state.notifier.work_available();
+        }
+        Ok(Response::new(proto::SetConcurrencyLimitResponse {}))
     }
 
     async fn list_concurrency_limits(
         &self,
-        _request: Request<proto::ListConcurrencyLimitsRequest>,
+        request: Request<proto::ListConcurrencyLimitsRequest>,
     ) -> Result<Response<proto::ListConcurrencyLimitsResponse>, Status> {
-        Err(Status::unimplemented(
-            "ListConcurrencyLimits is not implemented yet",
-        ))
+        caller(&self.state, &request, Role::Admin).await?;
+        let tenant_id = validate::optional_name("tenant_id", &request.get_ref().tenant_id)
+            .map_err(Error::from)?;
+        let client = self.state.pool.get().await.map_err(Error::from)?;
+        let limits = flow::list_concurrency_limits(&client, tenant_id.as_deref()).await?;
+        Ok(Response::new(proto::ListConcurrencyLimitsResponse {
+            concurrency_limits: limits
+                .iter()
+                .map(|l| proto::ConcurrencyLimit {
+                    tenant_id: l.tenant_id.clone(),
+                    concurrency_key: l.concurrency_key.clone(),
+                    max_active: l.max_active,
+                    active_runs: l.active_runs,
+                    waiting_runs: l.waiting_runs,
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// Most runs of one concurrency key at once.
+const MAX_KEY_ACTIVE: i32 = 10_000;
+/// Most runs per period, and the largest burst, of a rate limit.
+const MAX_RATE_RUNS: i32 = 100_000;
+/// A rate limit's period: from a second to an hour.
+const RATE_PERIOD_MS: std::ops::RangeInclusive<i64> = 1_000..=3_600_000;
+
+/// A SetRateLimit request checked: tenant, scope, key and the setting (`None`: remove).
+fn rate_limit_request(
+    r: &proto::RateLimit,
+) -> Result<(&str, flow::Scope, &str, Option<flow::RateSetting>), FieldError> {
+    let tenant_id = validate::name("rate_limit.tenant_id", &r.tenant_id)?;
+    let scope = match proto::RateLimitScope::try_from(r.scope) {
+        Ok(proto::RateLimitScope::Tenant) => flow::Scope::Tenant,
+        Ok(proto::RateLimitScope::Queue) => flow::Scope::Queue,
+        Ok(proto::RateLimitScope::ConcurrencyKey) => flow::Scope::ConcurrencyKey,
+        _ => {
+            return Err(FieldError::new(
+                "rate_limit.scope",
+                "must be tenant, queue or concurrency_key",
+            ));
+        }
+    };
+    let key = match scope {
+        flow::Scope::Tenant if !r.key.is_empty() => {
+            return Err(FieldError::new(
+                "rate_limit.key",
+                "must be empty for the tenant scope",
+            ));
+        }
+        flow::Scope::Tenant => "",
+        flow::Scope::Queue => validate::name("rate_limit.key", &r.key)?,
+        flow::Scope::ConcurrencyKey => validate::concurrency_key("rate_limit.key", &r.key)?
+            .ok_or_else(|| FieldError::new("rate_limit.key", "must name the concurrency key"))?,
+    };
+    if r.runs == 0 {
+        return Ok((tenant_id, scope, key, None));
+    }
+    if !(1..=MAX_RATE_RUNS).contains(&r.runs) {
+        return Err(FieldError::new(
+            "rate_limit.runs",
+            format!("must be between 1 and {MAX_RATE_RUNS}, or 0 to remove the limit"),
+        ));
+    }
+    if !RATE_PERIOD_MS.contains(&r.period_ms) {
+        return Err(FieldError::new(
+            "rate_limit.period_ms",
+            "must be between 1000 (a second) and 3600000 (an hour)",
+        ));
+    }
+    let burst = match r.burst {
+        0 => r.runs,
+        n if (1..=MAX_RATE_RUNS).contains(&n) => n,
+        _ => {
+            return Err(FieldError::new(
+                "rate_limit.burst",
+                format!("must be between 1 and {MAX_RATE_RUNS}, or 0 for `runs`"),
+            ));
+        }
+    };
+    Ok((
+        tenant_id,
+        scope,
+        key,
+        Some(flow::RateSetting {
+            runs: r.runs,
+            period_ms: r.period_ms,
+            burst,
+        }),
+    ))
+}
+
+fn rate_limit(l: &flow::RateLimit) -> proto::RateLimit {
+    let scope = match l.scope {
+        flow::Scope::Tenant => proto::RateLimitScope::Tenant,
+        flow::Scope::Queue => proto::RateLimitScope::Queue,
+        flow::Scope::ConcurrencyKey => proto::RateLimitScope::ConcurrencyKey,
+    };
+    proto::RateLimit {
+        tenant_id: l.tenant_id.clone(),
+        scope: scope as i32,
+        key: l.key.clone(),
+        runs: l.runs,
+        period_ms: l.period_ms,
+        burst: l.burst,
+        tokens: l.tokens,
+        waiting_runs: l.waiting_runs,
     }
 }

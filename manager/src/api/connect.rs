@@ -492,6 +492,8 @@ impl Session {
                 }
                 (Reply::FinishAck, Written::Finished(run)) => {
                     self.drop_lease(run_id);
+                    // Its concurrency key's next run was let in: wake claimers.
+                    released |= run.concurrency_key.is_some();
                     Out::FinishAck(proto::FinishAck {
                         run_id: run_id.to_string(),
                         epoch,

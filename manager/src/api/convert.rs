@@ -66,7 +66,21 @@ pub fn run(r: &RunRecord) -> proto::Run {
             .map(|(_, turn)| turn.to_string())
             .unwrap_or_default(),
         schedule_id: r.schedule_id.map(|s| s.to_string()).unwrap_or_default(),
+        concurrency_key: r.concurrency_key.clone().unwrap_or_default(),
+        waiting_reason: waiting_reason(r),
         ..Default::default()
+    }
+}
+
+/// Why a pending run waits: as the query computed it (`run_waiting_reason`), else what
+/// the record itself says (a run just created and held by its key).
+fn waiting_reason(r: &RunRecord) -> String {
+    if !r.waiting_reason.is_empty() {
+        return r.waiting_reason.clone();
+    }
+    match (&r.held, r.status) {
+        (Some(held), agentrun_shared::state::RunStatus::Pending) => held.clone(),
+        _ => String::new(),
     }
 }
 

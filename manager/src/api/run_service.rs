@@ -92,6 +92,8 @@ impl RunApi {
             idempotency_key: validate::optional_name(&f("idempotency_key"), &r.idempotency_key)?,
             stream_mode: StreamMode::from_proto_or_default(&f("stream_mode"), r.stream_mode)?,
             lineage: None,
+            concurrency_key: validate::concurrency_key(&f("concurrency_key"), &r.concurrency_key)?
+                .map(str::to_owned),
             scheduled_at: match validate::optional_timestamp(
                 &f("scheduled_at"),
                 r.scheduled_at.as_ref(),
@@ -300,6 +302,7 @@ impl RunService for RunApi {
                 r.created_before.as_ref(),
             )
             .map_err(Error::from)?,
+            concurrency_key: None,
             before: RunId::parse_optional("page_token", &r.page_token).map_err(Error::from)?,
             limit: validate::bounded("page_size", r.page_size.into(), 50, 1, 500)
                 .map_err(Error::from)?,
@@ -338,6 +341,10 @@ impl RunService for RunApi {
         }
         let run = lifecycle::cancel_run(&self.state.pool, &tenant, run_id, payload).await?;
         self.state.notifier.commands_added(&[run_id]);
+        if run.concurrency_key.is_some() {
+            // A pending run that ended may have let its key's next run in.
+            self.state.notifier.work_available();
+        }
         Ok(Response::new(proto::CancelRunResponse {
             run: Some(convert::run(&run)),
         }))
@@ -361,6 +368,10 @@ impl RunService for RunApi {
         .await?;
         if sent.created {
             self.state.notifier.commands_added(&[run_id]);
+            if sent.value.kind == CommandKind::Cancel {
+                // A pending run that ended may have let its key's next run in.
+                self.state.notifier.work_available();
+            }
         }
         Ok(Response::new(proto::SendCommandResponse {
             command: Some(convert::command(&sent.value)),
@@ -728,6 +739,8 @@ fn cancel_filter(r: &proto::CancelRunsRequest) -> Result<RunFilter, FieldError> 
         labels: validate::names("labels", &r.labels)?,
         created_after: validate::optional_timestamp("created_after", r.created_after.as_ref())?,
         created_before: validate::optional_timestamp("created_before", r.created_before.as_ref())?,
+        concurrency_key: validate::concurrency_key("concurrency_key", &r.concurrency_key)?
+            .map(str::to_owned),
         before: None,
         limit: MAX_CANCEL_RUNS,
     };
@@ -743,7 +756,8 @@ fn cancel_filter(r: &proto::CancelRunsRequest) -> Result<RunFilter, FieldError> 
         || filter.backend_profile.is_some()
         || !filter.labels.is_empty()
         || filter.created_after.is_some()
-        || filter.created_before.is_some();
+        || filter.created_before.is_some()
+        || filter.concurrency_key.is_some();
     if !filtered && !r.all {
         return Err(FieldError::new(
             "all",

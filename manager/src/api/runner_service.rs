@@ -177,6 +177,10 @@ impl RunnerService for RunnerApi {
             return Err(Status::internal("a finish stored something else"));
         };
         self.state.notifier.events_appended([run.id.0]);
+        if run.concurrency_key.is_some() {
+            // Its key's next run was let in: wake claimers.
+            self.state.notifier.work_available();
+        }
         Ok(Response::new(proto::FinishRunResponse {
             run: Some(convert::run(&run)),
         }))

@@ -102,6 +102,30 @@ pub fn text<'a>(field: &str, value: &'a str) -> Result<&'a str, FieldError> {
     }
 }
 
+/// Longest concurrency key.
+pub const MAX_CONCURRENCY_KEY_BYTES: usize = 256;
+
+/// A concurrency key: empty is none; else at most [`MAX_CONCURRENCY_KEY_BYTES`] of text
+/// without control characters.
+pub fn concurrency_key<'a>(field: &str, value: &'a str) -> Result<Option<&'a str>, FieldError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    if value.len() > MAX_CONCURRENCY_KEY_BYTES {
+        return Err(FieldError::new(
+            field,
+            format!("must be at most {MAX_CONCURRENCY_KEY_BYTES} bytes"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(Some(value))
+}
+
 /// Free text of at most `max_bytes`.
 pub fn short_text<'a>(
     field: &str,

@@ -158,11 +158,16 @@ pub(crate) async fn insert_sequenced(
             }
         }
     }
+    // An event's time is its statement's, not its transaction's: a claim that found its
+    // run only after another transaction ended one (a concurrency key's slot) is logged
+    // after that end, as it happened.
     let insert = tx
         .prepare_cached(
-            "INSERT INTO events (run_id, seq, type, payload, producer, runner_id, epoch, runner_seq)
-             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[], $5::text[],
-                                  $6::uuid[], $7::bigint[], $8::bigint[])",
+            "INSERT INTO events (run_id, seq, type, payload, producer, runner_id, epoch, runner_seq,
+                                 created_at)
+             SELECT *, statement_timestamp()
+             FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[], $5::text[],
+                         $6::uuid[], $7::bigint[], $8::bigint[])",
         )
         .await?;
     tx.execute(

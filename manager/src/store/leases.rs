@@ -7,6 +7,7 @@
 //! [`writes`].
 
 mod hello;
+mod rated;
 mod stream_modes;
 mod writes;
 
@@ -104,9 +105,11 @@ const TENANT_LIMIT_LOCK: i32 = 0x6172_746c; // "artl"
 /// The tenants with pending runs, by a skip scan of the pending-runs index (one probe per
 /// tenant, not one row per pending run). Shared by the two claim statements.
 const PENDING_TENANTS: &str = "pending_tenants(tenant_id) AS (
-        (SELECT tenant_id FROM runs WHERE status = 'pending' ORDER BY tenant_id LIMIT 1)
+        (SELECT tenant_id FROM runs WHERE status = 'pending' AND held IS NULL
+         ORDER BY tenant_id LIMIT 1)
         UNION ALL
-        SELECT (SELECT r.tenant_id FROM runs r WHERE r.status = 'pending' AND r.tenant_id > p.tenant_id
+        SELECT (SELECT r.tenant_id FROM runs r WHERE r.status = 'pending' AND r.held IS NULL
+                  AND r.tenant_id > p.tenant_id
                 ORDER BY r.tenant_id LIMIT 1)
         FROM pending_tenants p WHERE p.tenant_id IS NOT NULL
     )";
@@ -137,7 +140,7 @@ static LOCK_LIMITED_TENANTS_SQL: LazyLock<String> = LazyLock::new(|| {
                    < l.max_active
                AND EXISTS (SELECT 1 FROM runs r
                            WHERE r.tenant_id = l.tenant_id AND r.status = 'pending'
-                             AND r.queue = ANY($2::text[]) AND r.backend_profile = ANY($3::text[])
+                             AND r.held IS NULL AND r.queue = ANY($2::text[]) AND r.backend_profile = ANY($3::text[])
                              AND r.labels <@ $4::text[]
                              AND (r.scheduled_at IS NULL OR r.scheduled_at <= now()))
              -- Locks are taken in key order, so claimers never wait on each other in a cycle.
@@ -153,7 +156,10 @@ static LOCK_LIMITED_TENANTS_SQL: LazyLock<String> = LazyLock::new(|| {
 /// id per run wanted, in the order they are to be filled), $2 queues, $3 profiles, $4
 /// labels, $5 batch size (the number of slots), $6 lease ttl in ms, $7 default limit, $8
 /// the limited tenants whose lock this transaction holds, $9 the runners' tenant (`NULL`:
-/// any).
+/// any), $10 tenants with rate limits (claimed by [`rated`] instead).
+///
+/// Runs held by their concurrency key (`held`) are never eligible; the pending-runs
+/// index leaves them out.
 ///
 /// - `slots`: the slots of runners not draining, numbered.
 /// - `tenants` keeps only the runner's tenant when it has one (its API key's), so a
@@ -180,7 +186,7 @@ static LOCK_LIMITED_TENANTS_SQL: LazyLock<String> = LazyLock::new(|| {
 ///   to a quota per queue; `picked` keeps the best and the rest are left pending.)
 /// - `picked` numbers the runs kept, best first, and the k-th goes to the k-th slot.
 fn claim_sql() -> String {
-    let eligible = "r.status = 'pending' AND r.backend_profile = ANY($3::text[])
+    let eligible = "r.status = 'pending' AND r.held IS NULL AND r.backend_profile = ANY($3::text[])
                     AND r.labels <@ $4::text[]
                     AND (r.scheduled_at IS NULL OR r.scheduled_at <= now())";
     format!(
@@ -197,6 +203,7 @@ fn claim_sql() -> String {
              FROM pending_tenants p LEFT JOIN tenant_limits tl ON tl.tenant_id = p.tenant_id
              WHERE p.tenant_id IS NOT NULL
                AND ($9::text IS NULL OR p.tenant_id = $9::text)
+               AND NOT p.tenant_id = ANY($10::text[])
                AND EXISTS (SELECT 1 FROM slots)
          ),
          room AS MATERIALIZED (
@@ -298,6 +305,7 @@ pub async fn claim(
         default_max_active_runs,
     )
     .await
+    .map(|claimed| claimed.assignments)
 }
 
 /// [`claim`] for many runners of one shape (the same tenant, queues, profiles and labels,
@@ -305,6 +313,9 @@ pub async fn claim(
 /// run wanted, and the best run goes to the first slot, the next to the second, and so
 /// on. Runners that are draining are left out. Each assignment's run names its runner
 /// (`lease_runner_id`).
+///
+/// Tenants with rate limits are claimed apart, first, by [`rated::claim`] in the same
+/// transaction (it answers when to retry runs that wait for a token).
 ///
 /// Two statements (see [`LOCK_LIMITED_TENANTS_SQL`] and [`CLAIM_SQL`]): the first takes a
 /// per-tenant advisory transaction lock for each limited tenant with room and work, so
@@ -323,12 +334,12 @@ pub async fn claim_for(
     register: Option<&RunnerIdentity>,
     ttl: Duration,
     default_max_active_runs: i32,
-) -> Result<Vec<Assignment>> {
+) -> Result<Claimed> {
     let Some(shape) = runners.first() else {
-        return Ok(Vec::new());
+        return Ok(Claimed::default());
     };
     if slots.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Claimed::default());
     }
     let tenant = shape.tenant.as_ref().map(Tenant::as_str);
     let runner_ids: Vec<Uuid> = runners.iter().map(|r| r.id.0).collect();
@@ -366,10 +377,55 @@ pub async fn claim_for(
             None => Ok(()),
         }
     };
-    let ((), (), locked_tenants) = tokio::try_join!(registered, no_jit, lock_limited)?;
-    let stmt = tx.prepare_cached(&CLAIM_SQL).await?;
-    let rows = tx
-        .query(
+    let rated_tenants = async {
+        let stmt = tx.prepare_cached(rated::RATED_TENANTS_SQL).await?;
+        let rows = tx
+            .query(
+                &stmt,
+                &[
+                    &tenant,
+                    &shape.queues,
+                    &shape.backend_profiles,
+                    &shape.labels,
+                ],
+            )
+            .await?;
+        Ok::<_, Error>(
+            rows.iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1)))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let ((), (), locked_tenants, rated_tenants) =
+        tokio::try_join!(registered, no_jit, lock_limited, rated_tenants)?;
+    // Runs of tenants with rate limits first: their tokens are scarce, and the main
+    // claim below leaves those tenants out.
+    let busy: Vec<String> = rated_tenants
+        .iter()
+        .filter(|(_, busy)| *busy)
+        .map(|(t, _)| t.clone())
+        .collect();
+    let rated = if busy.is_empty() {
+        rated::Rated::default()
+    } else {
+        rated::claim(
+            &tx,
+            shape,
+            &busy,
+            &slots,
+            ttl_millis(ttl),
+            default_max_active_runs,
+            &locked_tenants,
+        )
+        .await?
+    };
+    let rated_tenants: Vec<String> = rated_tenants.into_iter().map(|(t, _)| t).collect();
+    let slots = &slots[rated.claimed.len()..];
+    let rows = if slots.is_empty() {
+        Vec::new()
+    } else {
+        let stmt = tx.prepare_cached(&CLAIM_SQL).await?;
+        tx.query(
             &stmt,
             &[
                 &slots,
@@ -381,13 +437,16 @@ pub async fn claim_for(
                 &default_max_active_runs,
                 &locked_tenants,
                 &tenant,
+                &rated_tenants,
             ],
         )
-        .await?;
+        .await?
+    };
     let mut claimed: Vec<RunRecord> = rows
         .iter()
         .map(RunRecord::from_row)
         .collect::<Result<_>>()?;
+    claimed.extend(rated.claimed);
     claimed.sort_by(|a, b| {
         b.priority
             .cmp(&a.priority)
@@ -403,7 +462,18 @@ pub async fn claim_for(
         .collect();
     let assignments = hand_over(&tx, claimed, false).await?;
     tx.commit().await?;
-    Ok(assignments)
+    Ok(Claimed {
+        assignments,
+        retry_in: rated.retry_in,
+    })
+}
+
+/// What [`claim_for`] leased.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    pub assignments: Vec<Assignment>,
+    /// Some run waits for a rate limit's token: claim again after this long.
+    pub retry_in: Option<Duration>,
 }
 
 /// Records `run.claimed` for runs just leased, each to its runner (`resumed`: taken back

@@ -15,14 +15,16 @@ use uuid::Uuid;
 use super::commands::{self, CommandRecord, NewCommand};
 use super::events::{self, NewEvent};
 use super::runs::{self, Finish, NewRun, RequeueReason, RunRecord};
-use super::{Created, Tenant, requests, sessions};
+use super::{Created, Tenant, flow, requests, sessions};
 use crate::error::{Error, Result};
 use crate::limits::Quotas;
 
 /// Creates runs in one transaction: all are created (or found, for idempotent retries)
 /// or none. A run whose input has a "prompt" gets it as its first `turn` command. New
 /// runs that would take the tenant past its quota of pending runs are refused. The runs
-/// keep `trace_parent`, the creating call's trace context, for their runners.
+/// keep `trace_parent`, the creating call's trace context, for their runners. Runs with
+/// a concurrency key are admitted as far as their key's limit allows, else held
+/// ([`flow::admit`]).
 pub async fn create_runs(
     pool: &Pool,
     tenant: &Tenant,
@@ -70,6 +72,8 @@ pub(crate) async fn create_runs_in(
             )));
         }
     }
+
+    let keys = flow::keys_of(inserted.iter().flatten());
 
     // Runs not inserted hit an existing idempotency key: a retry if the request matches.
     let mut results = Vec::with_capacity(new_runs.len());
@@ -125,6 +129,14 @@ pub(crate) async fn create_runs_in(
     commands::insert_first_turns(tx, &first_turns).await?;
     sessions::touch_runs(tx, &in_sessions).await?;
     events::insert_sequenced(tx, &fresh_events).await?;
+    // Keyed runs were inserted held: admit what their keys have room for, oldest first.
+    // Last, so the key locks are the last locks this transaction waits for.
+    let admitted = flow::admit(tx, &keys).await?;
+    for created in results.iter_mut().filter(|c| c.created) {
+        if admitted.contains(&created.value.id) {
+            created.value.held = None;
+        }
+    }
     Ok(results)
 }
 
@@ -328,7 +340,8 @@ pub(crate) async fn cancel_locked(
 /// (`command.completed`, status cancelled), open requests closed as cancelled
 /// (`request.resolved`, decision cancel), sessions touched and `run.terminal` recorded
 /// last, so a client following only events never shows a question or a queued turn
-/// that no longer exists. Runs not in a state that may move to their target (see
+/// that no longer exists. A run with a concurrency key lets its key's next held runs
+/// in ([`flow::admit`]). Runs not in a state that may move to their target (see
 /// `RunStatus::sources`) are left alone and not returned. The caller holds the rows'
 /// locks.
 pub async fn finish_many(tx: &impl GenericClient, finishes: &[Finish]) -> Result<Vec<RunRecord>> {
@@ -368,6 +381,9 @@ pub async fn finish_many(tx: &impl GenericClient, finishes: &[Finish]) -> Result
         *appended.entry(*run_id).or_default() += 1;
     }
     events::append(tx, &all).await?;
+    // Room for the keys' next runs, admitted before commit. Last, so the key locks are
+    // the last locks this transaction waits for (see `flow`).
+    flow::admit(tx, &flow::keys_of(&finished)).await?;
     // `last_event_seq` moved on with the events just appended.
     Ok(finished
         .into_iter()

@@ -10,6 +10,7 @@ pub mod commands;
 pub mod context;
 pub mod events;
 pub mod firing;
+pub mod flow;
 pub mod leases;
 pub mod lifecycle;
 pub mod requests;

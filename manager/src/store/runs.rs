@@ -67,6 +67,13 @@ pub struct RunRecord {
     pub schedule_id: Option<ScheduleId>,
     /// Where it came from, when RerunRun or ForkRun made it.
     pub lineage: Lineage,
+    /// Runs of one key are admitted at most the key's limit at once (`store::flow`).
+    pub concurrency_key: Option<String>,
+    /// Why the run is held back from claims (`"concurrency_key"`); `None`: it is not.
+    pub held: Option<String>,
+    /// Why a pending run is not being claimed, when the query asked (`run_waiting_reason`);
+    /// empty otherwise.
+    pub waiting_reason: String,
 }
 
 /// Where a run made by RerunRun or ForkRun came from, and where its conversation context
@@ -169,6 +176,13 @@ impl RunRecord {
             trace_parent: row.get("trace_parent"),
             lineage: Lineage::from_row(row),
             schedule_id: row.get::<_, Option<Uuid>>("schedule_id").map(ScheduleId),
+            concurrency_key: row.get("concurrency_key"),
+            held: row.get("held"),
+            waiting_reason: row
+                .try_get::<_, Option<String>>("waiting_reason")
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
         })
     }
 
@@ -197,6 +211,8 @@ pub struct NewRun {
     pub stream_mode: StreamMode,
     /// Set for runs made by RerunRun and ForkRun.
     pub lineage: Option<Lineage>,
+    /// See `CreateRunRequest.concurrency_key`.
+    pub concurrency_key: Option<String>,
 }
 
 impl NewRun {
@@ -220,6 +236,7 @@ impl NewRun {
             scheduled_at: None,
             stream_mode: run.stream_mode,
             lineage: None,
+            concurrency_key: run.concurrency_key.clone(),
         }
     }
 
@@ -254,6 +271,9 @@ impl NewRun {
         {
             parts.push(json!({ "stream_mode": self.stream_mode.as_str() }));
         }
+        if let (Some(key), Value::Array(parts)) = (&self.concurrency_key, &mut canonical) {
+            parts.push(json!({ "concurrency_key": key }));
+        }
         if let (Some(lineage), Value::Array(parts)) = (&self.lineage, &mut canonical) {
             parts.push(json!({
                 "rerun_of": lineage.rerun_of.map(|r| r.to_string()),
@@ -272,12 +292,15 @@ fn micros_since_epoch(t: SystemTime) -> i64 {
     }
 }
 
-/// The tenant's pending runs, counted up to `most` (an index scan that stops there).
+/// The tenant's pending runs, counted up to `most` (index scans that stop there: the
+/// claimable ones, then the held ones).
 pub async fn count_pending(client: &impl GenericClient, tenant: &Tenant, most: i64) -> Result<i64> {
     let stmt = client
         .prepare_cached(
-            "SELECT count(*) FROM (SELECT 1 FROM runs WHERE tenant_id = $1 AND status = 'pending'
-                                   LIMIT $2) pending",
+            "SELECT (SELECT count(*) FROM (SELECT 1 FROM runs WHERE tenant_id = $1 AND status = 'pending'
+                                           AND held IS NULL LIMIT $2) ready)
+                  + (SELECT count(*) FROM (SELECT 1 FROM runs WHERE tenant_id = $1 AND status = 'pending'
+                                           AND held IS NOT NULL LIMIT $2) held)",
         )
         .await?;
     Ok(client
@@ -286,7 +309,8 @@ pub async fn count_pending(client: &impl GenericClient, tenant: &Tenant, most: i
         .get(0))
 }
 
-/// Inserts new runs, pending, with `last_event_seq` and `last_command_seq` counting the
+/// Inserts new runs, pending (held when they have a concurrency key: the caller admits
+/// them, see `flow::admit`), with `last_event_seq` and `last_command_seq` counting the
 /// `run.created` (and first turn's `command.created`) event and first turn command the
 /// caller stores with them, and `trace_parent`, the creating call's trace context. A run
 /// whose idempotency key is taken is not inserted: per new run, in order, the inserted
@@ -324,20 +348,22 @@ pub(crate) async fn insert_new(
                                labels, input, metadata, status, max_attempts, queue_timeout_ms,
                                run_timeout_ms, queue_deadline, idempotency_key, request_hash,
                                last_event_seq, last_command_seq, scheduled_at, stream_mode,
-                               trace_parent)
+                               trace_parent, concurrency_key, held)
              SELECT r.id, $1, r.project_id, r.session_id, r.backend_profile, r.queue, r.priority,
                     ARRAY(SELECT jsonb_array_elements_text(r.labels)), r.input, r.metadata, 'pending',
                     r.max_attempts, r.queue_timeout_ms, r.run_timeout_ms,
                     greatest(now(), r.scheduled_at) + r.queue_timeout_ms * interval '1 millisecond',
                     r.idempotency_key, r.request_hash, r.event_count, r.command_count, r.scheduled_at,
-                    r.stream_mode, $20
+                    r.stream_mode, $20, r.concurrency_key,
+                    CASE WHEN r.concurrency_key IS NOT NULL THEN 'concurrency_key' END
              FROM unnest($2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::int[],
                          $8::jsonb[], $9::jsonb[], $10::jsonb[], $11::int[], $12::bigint[],
                          $13::bigint[], $14::text[], $15::bytea[], $16::bigint[], $17::bigint[],
-                         $18::timestamptz[], $19::text[])
+                         $18::timestamptz[], $19::text[], $21::text[])
                   AS r(id, project_id, session_id, backend_profile, queue, priority, labels, input,
                        metadata, max_attempts, queue_timeout_ms, run_timeout_ms, idempotency_key,
-                       request_hash, event_count, command_count, scheduled_at, stream_mode)
+                       request_hash, event_count, command_count, scheduled_at, stream_mode,
+                       concurrency_key)
              ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING *",
         )
@@ -390,6 +416,10 @@ pub(crate) async fn insert_new(
                     .map(|r| r.stream_mode.as_str())
                     .collect::<Vec<_>>(),
                 &trace_parent,
+                &new_runs
+                    .iter()
+                    .map(|r| r.concurrency_key.as_deref())
+                    .collect::<Vec<_>>(),
             ],
         )
         .await?;
@@ -475,7 +505,10 @@ pub(crate) async fn find_by_idempotency_key(
 /// A run of the tenant.
 pub async fn get(client: &impl GenericClient, tenant: &Tenant, run_id: RunId) -> Result<RunRecord> {
     let stmt = client
-        .prepare_cached("SELECT * FROM runs WHERE id = $1 AND tenant_id = $2")
+        .prepare_cached(
+            "SELECT runs.*, run_waiting_reason(runs) AS waiting_reason FROM runs
+             WHERE id = $1 AND tenant_id = $2",
+        )
         .await?;
     let row = client
         .query_opt(&stmt, &[&run_id.0, &tenant.as_str()])
@@ -527,13 +560,16 @@ pub struct RunFilter {
     pub created_after: Option<SystemTime>,
     /// Only runs created before this time.
     pub created_before: Option<SystemTime>,
+    /// Only runs of this concurrency key.
+    pub concurrency_key: Option<String>,
     /// Only runs older than this one (the page cursor).
     pub before: Option<RunId>,
     pub limit: i64,
 }
 
 /// The conditions of a [`RunFilter`]: $1 tenant, $2 statuses, $3 queue, $4 session, $5
-/// project, $6 page cursor, $7 backend profile, $8 labels, $9/$10 creation window.
+/// project, $6 page cursor, $7 backend profile, $8 labels, $9/$10 creation window, $12
+/// concurrency key.
 const FILTER_SQL: &str = "tenant_id = $1
        AND (cardinality($2::text[]) = 0 OR status = ANY($2))
        AND ($3::text IS NULL OR queue = $3)
@@ -543,22 +579,27 @@ const FILTER_SQL: &str = "tenant_id = $1
        AND ($7::text IS NULL OR backend_profile = $7)
        AND labels @> $8::text[]
        AND ($9::timestamptz IS NULL OR created_at >= $9)
-       AND ($10::timestamptz IS NULL OR created_at < $10)";
+       AND ($10::timestamptz IS NULL OR created_at < $10)
+       AND ($12::text IS NULL OR concurrency_key = $12)";
 
-static LIST_SQL: LazyLock<String> =
-    LazyLock::new(|| format!("SELECT * FROM runs WHERE {FILTER_SQL} ORDER BY id DESC LIMIT $11"));
+static LIST_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT runs.*, run_waiting_reason(runs) AS waiting_reason FROM runs
+         WHERE {FILTER_SQL} ORDER BY id DESC LIMIT $11"
+    )
+});
 
 /// Oldest first, so repeated calls make progress through a backlog; locked in that
 /// order, so two bulk cancels never wait on each other in a cycle.
 static LOCK_UNCANCELLED_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT * FROM runs WHERE {FILTER_SQL}
-           AND status = ANY($12) AND NOT cancel_requested
+           AND status = ANY($13) AND NOT cancel_requested
          ORDER BY id LIMIT $11 FOR UPDATE"
     )
 });
 
-/// A [`RunFilter`] as the parameters $1..=$11 of [`FILTER_SQL`] and its limit.
+/// A [`RunFilter`] as the parameters $1..=$12 of [`FILTER_SQL`] ($11: its limit).
 struct FilterParams<'a> {
     tenant: &'a str,
     filter: &'a RunFilter,
@@ -591,6 +632,7 @@ impl<'a> FilterParams<'a> {
             &self.filter.created_after,
             &self.filter.created_before,
             &self.filter.limit,
+            &self.filter.concurrency_key,
         ]
     }
 }
@@ -791,7 +833,7 @@ pub struct QueueStats {
 pub async fn any_claimable(client: &impl GenericClient) -> Result<bool> {
     let stmt = client
         .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'pending'
+            "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'pending' AND held IS NULL
                               AND (scheduled_at IS NULL OR scheduled_at <= now()))",
         )
         .await?;

@@ -178,6 +178,7 @@ fn template_to_json(r: &NewRun) -> Value {
         "run_timeout_ms": r.run_timeout_ms,
         "metadata": r.metadata,
         "stream_mode": r.stream_mode.as_str(),
+        "concurrency_key": r.concurrency_key,
     })
 }
 
@@ -219,6 +220,7 @@ fn template_from_json(v: &Value) -> Result<NewRun> {
             StreamMode::from_db,
         )?,
         lineage: None,
+        concurrency_key: text("concurrency_key"),
     })
 }
 
