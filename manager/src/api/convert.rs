@@ -68,7 +68,6 @@ pub fn run(r: &RunRecord) -> proto::Run {
         schedule_id: r.schedule_id.map(|s| s.to_string()).unwrap_or_default(),
         concurrency_key: r.concurrency_key.clone().unwrap_or_default(),
         waiting_reason: waiting_reason(r),
-        ..Default::default()
     }
 }
 
