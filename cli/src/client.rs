@@ -163,6 +163,33 @@ impl Manager {
             .ok_or_else(|| Status::internal("the manager answered CancelRun without a run"))
     }
 
+    /// RerunRun.
+    pub async fn rerun_run(
+        &mut self,
+        message: proto::RerunRunRequest,
+    ) -> Result<proto::RerunRunResponse, Status> {
+        let request = self.request(message);
+        Ok(self.runs.rerun_run(request).await?.into_inner())
+    }
+
+    /// ForkRun.
+    pub async fn fork_run(
+        &mut self,
+        message: proto::ForkRunRequest,
+    ) -> Result<proto::ForkRunResponse, Status> {
+        let request = self.request(message);
+        Ok(self.runs.fork_run(request).await?.into_inner())
+    }
+
+    /// CancelRuns: one call, up to 1,000 runs.
+    pub async fn cancel_runs(
+        &mut self,
+        message: proto::CancelRunsRequest,
+    ) -> Result<proto::CancelRunsResponse, Status> {
+        let request = self.request(message);
+        Ok(self.runs.cancel_runs(request).await?.into_inner())
+    }
+
     /// SendCommand.
     pub async fn send_command(
         &mut self,

@@ -93,14 +93,64 @@ pub struct EventsArgs {
     pub json: bool,
 }
 
-/// Arguments of `agentrun cancel`.
+/// Arguments of `agentrun cancel`: one run, or every run a filter matches.
 #[derive(Debug, clap::Args)]
 pub struct CancelArgs {
-    /// The run's id.
-    pub run_id: String,
-    /// Recorded as the run's failure message.
+    /// The run's id. Without it, every run not ended that matches the filters below is
+    /// cancelled (CancelRuns).
+    #[arg(required_unless_present_any = ["status", "queue", "session", "profile", "label", "all"])]
+    pub run_id: Option<String>,
+    /// Recorded as the runs' failure message.
     #[arg(long, default_value = "")]
     pub reason: String,
+    /// Only runs in these statuses: pending, claimed, running, waiting (repeat or
+    /// separate with commas).
+    #[arg(long, value_enum, value_delimiter = ',', conflicts_with = "run_id")]
+    pub status: Vec<StatusArg>,
+    /// Only runs of this queue.
+    #[arg(long, conflicts_with = "run_id")]
+    pub queue: Option<String>,
+    /// Only runs of this session.
+    #[arg(long, conflicts_with = "run_id")]
+    pub session: Option<String>,
+    /// Only runs of this backend profile.
+    #[arg(long, conflicts_with = "run_id")]
+    pub profile: Option<String>,
+    /// Only runs with this label (repeat for several: runs with all of them).
+    #[arg(long, conflicts_with = "run_id")]
+    pub label: Vec<String>,
+    /// Every run not ended (needed when no filter is given).
+    #[arg(long, conflicts_with = "run_id")]
+    pub all: bool,
+}
+
+/// Arguments of `agentrun rerun`.
+#[derive(Debug, clap::Args)]
+pub struct RerunArgs {
+    /// The run to run again, with its input and settings.
+    pub run_id: String,
+    /// Makes the call safe to retry: the same key returns the first re-run.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Stream the reply to stdout until the new run ends (as `agentrun run --follow`).
+    #[arg(long, short)]
+    pub follow: bool,
+}
+
+/// Arguments of `agentrun fork`.
+#[derive(Debug, clap::Args)]
+pub struct ForkArgs {
+    /// The run to fork.
+    pub run_id: String,
+    /// The turn to start from (its command id; `agentrun events RUN` shows them in
+    /// `turn.started`). Everything before it is the new run's context.
+    pub turn_id: String,
+    /// The new run's first prompt [default: the forked turn's prompt].
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Stream the reply to stdout until the new run ends (as `agentrun run --follow`).
+    #[arg(long, short)]
+    pub follow: bool,
 }
 
 /// Arguments of `agentrun send`.
@@ -307,11 +357,24 @@ pub async fn run(
             "the manager answered CreateRun without a run",
         ))
     })?;
-    if !args.follow {
+    created(manager, run, args.follow, args.json, out, shutdown).await
+}
+
+/// Prints a run just created (its id; the run with -o json), or with `follow` streams
+/// its reply: exit 0 when it completed, 1 otherwise.
+async fn created(
+    manager: &mut Manager,
+    run: proto::Run,
+    follow: bool,
+    json: bool,
+    out: OutputFormat,
+    shutdown: &CancellationToken,
+) -> Result<u8, CliError> {
+    if !follow {
         write_one(out, &output::run(&run), || format!("{}\n", run.run_id))?;
         return Ok(EXIT_OK);
     }
-    let mut printer = Printer::stdio(event_format(out, args.json));
+    let mut printer = Printer::stdio(event_format(out, json));
     printer.dim(&format!("run {}", run.run_id))?;
     match follow::follow(manager, &run.run_id, 0, &mut printer, shutdown).await? {
         Followed::Ended(terminal) => {
@@ -324,6 +387,53 @@ pub async fn run(
         }
         Followed::Interrupted => Ok(EXIT_INTERRUPTED),
     }
+}
+
+/// `agentrun rerun`: RerunRun, then print or follow the new run.
+pub async fn rerun(
+    manager: &mut Manager,
+    args: RerunArgs,
+    out: OutputFormat,
+    shutdown: &CancellationToken,
+) -> Result<u8, CliError> {
+    let response = manager
+        .rerun_run(proto::RerunRunRequest {
+            run_id: args.run_id,
+            idempotency_key: args.idempotency_key.unwrap_or_default(),
+        })
+        .await?;
+    let run = response.run.ok_or_else(|| {
+        CliError::Rpc(tonic::Status::internal(
+            "the manager answered RerunRun without a run",
+        ))
+    })?;
+    created(manager, run, args.follow, false, out, shutdown).await
+}
+
+/// `agentrun fork`: ForkRun, then print or follow the new run.
+pub async fn fork(
+    manager: &mut Manager,
+    args: ForkArgs,
+    out: OutputFormat,
+    shutdown: &CancellationToken,
+) -> Result<u8, CliError> {
+    let response = manager
+        .fork_run(proto::ForkRunRequest {
+            run_id: args.run_id,
+            turn_id: args.turn_id,
+            input_json: args
+                .prompt
+                .map(|prompt| json!({ "prompt": prompt }).to_string())
+                .unwrap_or_default(),
+            idempotency_key: String::new(),
+        })
+        .await?;
+    let run = response.run.ok_or_else(|| {
+        CliError::Rpc(tonic::Status::internal(
+            "the manager answered ForkRun without a run",
+        ))
+    })?;
+    created(manager, run, args.follow, false, out, shutdown).await
 }
 
 /// `agentrun events`: print stored events, and with `--follow` new ones to the end.
@@ -368,7 +478,10 @@ pub async fn cancel(
     args: CancelArgs,
     out: OutputFormat,
 ) -> Result<u8, CliError> {
-    let run = manager.cancel_run(&args.run_id, &args.reason).await?;
+    let Some(run_id) = args.run_id else {
+        return cancel_matching(manager, args, out).await;
+    };
+    let run = manager.cancel_run(&run_id, &args.reason).await?;
     write_one(out, &output::run(&run), || {
         let status = render::run_status(run.status);
         let note = if run.status == RunStatus::Cancelled as i32 {
@@ -378,6 +491,39 @@ pub async fn cancel(
         };
         format!("run {} {status}{note}\n", run.run_id)
     })?;
+    Ok(EXIT_OK)
+}
+
+/// `agentrun cancel` without a run: CancelRuns until no matching run is left (each call
+/// cancels up to 1,000), then print how many were cancelled.
+async fn cancel_matching(
+    manager: &mut Manager,
+    args: CancelArgs,
+    out: OutputFormat,
+) -> Result<u8, CliError> {
+    let request = proto::CancelRunsRequest {
+        statuses: args.status.iter().map(|s| s.to_proto() as i32).collect(),
+        queue: args.queue.unwrap_or_default(),
+        session_id: args.session.unwrap_or_default(),
+        backend_profile: args.profile.unwrap_or_default(),
+        labels: args.label,
+        reason: args.reason,
+        all: args.all,
+        ..Default::default()
+    };
+    let mut run_ids = Vec::new();
+    loop {
+        let response = manager.cancel_runs(request.clone()).await?;
+        run_ids.extend(response.run_ids);
+        if !response.more {
+            break;
+        }
+    }
+    write_one(
+        out,
+        &json!({ "cancelled": run_ids.len(), "run_ids": run_ids }),
+        || format!("cancelled {} runs\n", run_ids.len()),
+    )?;
     Ok(EXIT_OK)
 }
 

@@ -182,7 +182,7 @@ pub enum Command {
     /// completion fish > ~/.config/fish/completions/agentrun.fish`.
     Completion(CompletionArgs),
     #[command(flatten)]
-    Client(ClientCommand),
+    Client(Box<ClientCommand>),
 }
 
 /// Arguments of `agentrun completion`.
@@ -211,8 +211,18 @@ pub enum ClientCommand {
     Run(Client<commands::RunArgs>),
     /// Print a run's events; with --follow keep going until the run ends.
     Events(Client<commands::EventsArgs>),
-    /// Cancel a run and print its resulting status.
+    /// Cancel a run and print its resulting status; or, with filters instead of a run,
+    /// every run not ended that matches them.
     Cancel(Client<commands::CancelArgs>),
+    /// Run a run again: a new run with its input and settings, linked to it.
+    ///
+    /// Prints the new run's id (with -o json, the run); with --follow streams its reply.
+    Rerun(Client<commands::RerunArgs>),
+    /// Start a new run from a turn of an earlier run, with everything before that turn
+    /// as its conversation.
+    ///
+    /// Prints the new run's id (with -o json, the run); with --follow streams its reply.
+    Fork(Client<commands::ForkArgs>),
     /// Send a command (turn, steer, interrupt) to a run.
     Send(Client<commands::SendArgs>),
     /// Print a run.
@@ -272,6 +282,8 @@ impl ClientCommand {
             ClientCommand::Run(c) => c.flags.clone(),
             ClientCommand::Events(c) => c.flags.clone(),
             ClientCommand::Cancel(c) => c.flags.clone(),
+            ClientCommand::Rerun(c) => c.flags.clone(),
+            ClientCommand::Fork(c) => c.flags.clone(),
             ClientCommand::Send(c) => c.flags.clone(),
             ClientCommand::Get(c) => c.flags.clone(),
             ClientCommand::List(c) => c.flags.clone(),
@@ -350,7 +362,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8, CliError> 
             commands::write_out(&String::from_utf8_lossy(&out))?;
             return Ok(EXIT_OK);
         }
-        Command::Client(command) => command,
+        Command::Client(command) => *command,
     };
     let handles_interrupt = command.handles_interrupt();
     let options = cli.options.merge(command.flags());
@@ -373,6 +385,8 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8, CliError> 
             ClientCommand::Run(c) => commands::run(manager, c.args, out, &shutdown).await,
             ClientCommand::Events(c) => commands::events(manager, c.args, out, &shutdown).await,
             ClientCommand::Cancel(c) => commands::cancel(manager, c.args, out).await,
+            ClientCommand::Rerun(c) => commands::rerun(manager, c.args, out, &shutdown).await,
+            ClientCommand::Fork(c) => commands::fork(manager, c.args, out, &shutdown).await,
             ClientCommand::Send(c) => commands::send(manager, c.args, out).await,
             ClientCommand::Get(c) => commands::get(manager, c.args, out).await,
             ClientCommand::List(c) => commands::list(manager, c.args, out).await,

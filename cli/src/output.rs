@@ -140,6 +140,11 @@ pub fn run(run: &proto::Run) -> Value {
         "active_turn_id": run.active_turn_id,
         "stream_mode": enum_value(run.stream_mode, StreamMode::as_str_name, "STREAM_MODE_"),
         "events_compacted_at": timestamp(run.events_compacted_at.as_ref()),
+        "concurrency_key": run.concurrency_key,
+        "waiting_reason": run.waiting_reason,
+        "rerun_of_run_id": run.rerun_of_run_id,
+        "forked_from_run_id": run.forked_from_run_id,
+        "forked_from_turn_id": run.forked_from_turn_id,
         "schedule_id": run.schedule_id,
     })
 }

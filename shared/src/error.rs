@@ -28,6 +28,8 @@ pub mod reason {
     pub const ILLEGAL_TRANSITION: &str = "illegal_transition";
     /// A steer or interrupt named a turn that is no longer the active one.
     pub const TURN_NOT_ACTIVE: &str = "turn_not_active";
+    /// ForkRun named a turn that has not started, so there is nothing to fork from yet.
+    pub const TURN_NOT_STARTED: &str = "turn_not_started";
     /// An idempotency key was reused with a different request.
     pub const IDEMPOTENCY_CONFLICT: &str = "idempotency_conflict";
     /// A finish arrived before the run's events it names were stored.

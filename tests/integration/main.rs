@@ -19,6 +19,7 @@ mod pg_tls;
 mod properties;
 mod replicas;
 mod requests;
+mod reruns;
 mod retention;
 mod runner_slots;
 mod runs;

@@ -50,6 +50,21 @@ pub fn run(r: &RunRecord) -> proto::Run {
         active_turn_id: r.active_turn_id.clone().unwrap_or_default(),
         stream_mode: r.stream_mode.to_proto() as i32,
         events_compacted_at: r.events_compacted_at.and_then(ts),
+        rerun_of_run_id: r
+            .lineage
+            .rerun_of
+            .map(|run| run.to_string())
+            .unwrap_or_default(),
+        forked_from_run_id: r
+            .lineage
+            .forked_from
+            .map(|(run, _)| run.to_string())
+            .unwrap_or_default(),
+        forked_from_turn_id: r
+            .lineage
+            .forked_from
+            .map(|(_, turn)| turn.to_string())
+            .unwrap_or_default(),
         schedule_id: r.schedule_id.map(|s| s.to_string()).unwrap_or_default(),
         ..Default::default()
     }

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use agentrun_shared::error::FieldError;
+use agentrun_shared::error::{FieldError, reason};
 use agentrun_shared::ids::{CommandId, RequestId, RunId, SessionId};
 use agentrun_shared::payload::parse_object;
 use agentrun_shared::proto::{self, run_service_server::RunService};
@@ -10,14 +10,15 @@ use agentrun_shared::state::{CommandKind, RunStatus, StreamMode, TurnDeliveryPol
 use serde_json::{Map, Value};
 use tonic::{Request, Response, Status};
 
+use super::auth::Caller;
 use super::{AppState, caller, convert, validate};
 use crate::error::{Error, Result};
 use crate::observe;
 use crate::store::api_keys::Role;
 use crate::store::commands::{EXPECTED_TURN_ID, NewCommand};
-use crate::store::runs::{self, NewRun, RunFilter, RunRecord};
+use crate::store::runs::{self, Lineage, NewRun, RunFilter, RunRecord};
 use crate::store::{Created, Tenant};
-use crate::store::{events, lifecycle};
+use crate::store::{context, events, lifecycle};
 
 /// Most runs in one CreateRuns call.
 const MAX_BULK_RUNS: usize = 1000;
@@ -74,10 +75,7 @@ impl RunApi {
         r: &proto::CreateRunRequest,
     ) -> Result<NewRun, FieldError> {
         let f = |name: &str| format!("{field}{name}");
-        let mut input = parse_object(&f("input_json"), &r.input_json, self.max_payload())?;
-        if input.contains_key("prompt") {
-            validate::trim_text_in(&mut input, "prompt", &f("input_json.prompt"))?;
-        }
+        let input = self.run_input(&f("input_json"), &r.input_json)?;
         Ok(NewRun {
             project_id: validate::name_or(&f("project_id"), &r.project_id, "default")?.to_owned(),
             session_id: SessionId::parse_optional(&f("session_id"), &r.session_id)?,
@@ -93,6 +91,7 @@ impl RunApi {
             metadata: parse_object(&f("metadata_json"), &r.metadata_json, self.max_payload())?,
             idempotency_key: validate::optional_name(&f("idempotency_key"), &r.idempotency_key)?,
             stream_mode: StreamMode::from_proto_or_default(&f("stream_mode"), r.stream_mode)?,
+            lineage: None,
             scheduled_at: match validate::optional_timestamp(
                 &f("scheduled_at"),
                 r.scheduled_at.as_ref(),
@@ -107,6 +106,31 @@ impl RunApi {
                 at => at,
             },
         })
+    }
+
+    /// A run's input: a JSON object whose "prompt", if any, is a valid turn text.
+    fn run_input(&self, field: &str, json: &str) -> Result<Map<String, Value>, FieldError> {
+        let mut input = parse_object(field, json, self.max_payload())?;
+        if input.contains_key("prompt") {
+            validate::trim_text_in(&mut input, "prompt", &format!("{field}.prompt"))?;
+        }
+        Ok(input)
+    }
+
+    /// Creates one run (see [`Self::create`]).
+    async fn create_one(
+        &self,
+        tenant: &Tenant,
+        new_run: NewRun,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Created<RunRecord>, Error> {
+        let created = self.create(tenant, vec![new_run], metadata).await?;
+        let created = created
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Internal("create returned nothing".into()))?;
+        observe::record_run(&created.value.id);
+        Ok(created)
     }
 
     fn new_command(&self, r: &proto::SendCommandRequest) -> Result<NewCommand, FieldError> {
@@ -189,13 +213,8 @@ impl RunService for RunApi {
         let new_run = self.new_run("", request.get_ref()).map_err(Error::from)?;
         caller.check_project("project_id", &new_run.project_id)?;
         let created = self
-            .create(&caller.tenant, vec![new_run], request.metadata())
+            .create_one(&caller.tenant, new_run, request.metadata())
             .await?;
-        let created = created
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::Internal("create returned nothing".into()))?;
-        observe::record_run(&created.value.id);
         Ok(Response::new(proto::CreateRunResponse {
             run: Some(convert::run(&created.value)),
             created: created.created,
@@ -291,18 +310,7 @@ impl RunService for RunApi {
             filter.created_before,
         )
         .map_err(Error::from)?;
-        // A key limited to projects lists one of them: the one named, or its only one.
-        match (&filter.project_id, caller.projects.as_slice()) {
-            (Some(project), _) => caller.check_project("project_id", project)?,
-            (None, []) => {}
-            (None, [only]) => filter.project_id = Some(only.clone()),
-            (None, _) => {
-                return Err(Error::PermissionDenied(
-                    "this API key is limited to projects: name one in project_id".into(),
-                )
-                .into());
-            }
-        }
+        filter.project_id = project_scope(&caller, filter.project_id)?;
         let client = self.state.pool.get().await.map_err(Error::from)?;
         let page = runs::list(&client, tenant, &filter).await?;
         let next_page_token = match page.last() {
@@ -564,22 +572,183 @@ impl RunService for RunApi {
 
     async fn rerun_run(
         &self,
-        _request: Request<proto::RerunRunRequest>,
+        request: Request<proto::RerunRunRequest>,
     ) -> Result<Response<proto::RerunRunResponse>, Status> {
-        Err(Status::unimplemented("RerunRun is not implemented yet"))
+        let caller = caller(&self.state, &request, Role::Client).await?;
+        let r = request.get_ref();
+        let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
+        let idempotency_key =
+            validate::optional_name("idempotency_key", &r.idempotency_key).map_err(Error::from)?;
+        observe::record_run(&run_id);
+        let source = {
+            let client = self.state.pool.get().await.map_err(Error::from)?;
+            runs::get(&client, &caller.tenant, run_id).await?
+        };
+        caller.check_project("project_id", &source.project_id)?;
+        let mut new_run = NewRun::copy_of(&source);
+        new_run.idempotency_key = idempotency_key;
+        new_run.lineage = Some(Lineage::rerun_of(run_id));
+        let created = self
+            .create_one(&caller.tenant, new_run, request.metadata())
+            .await?;
+        Ok(Response::new(proto::RerunRunResponse {
+            run: Some(convert::run(&created.value)),
+            created: created.created,
+        }))
     }
 
     async fn fork_run(
         &self,
-        _request: Request<proto::ForkRunRequest>,
+        request: Request<proto::ForkRunRequest>,
     ) -> Result<Response<proto::ForkRunResponse>, Status> {
-        Err(Status::unimplemented("ForkRun is not implemented yet"))
+        let caller = caller(&self.state, &request, Role::Client).await?;
+        let r = request.get_ref();
+        let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
+        let turn_id = CommandId::parse("turn_id", &r.turn_id).map_err(Error::from)?;
+        let input = if r.input_json.is_empty() {
+            None
+        } else {
+            Some(
+                self.run_input("input_json", &r.input_json)
+                    .map_err(Error::from)?,
+            )
+        };
+        let idempotency_key =
+            validate::optional_name("idempotency_key", &r.idempotency_key).map_err(Error::from)?;
+        observe::record_run(&run_id);
+        let (source, point) = {
+            let client = self.state.pool.get().await.map_err(Error::from)?;
+            let source = runs::get(&client, &caller.tenant, run_id).await?;
+            let point = context::fork_point(&client, run_id.0, turn_id.0)
+                .await?
+                .ok_or(Error::NotFound { what: "turn" })?;
+            (source, point)
+        };
+        caller.check_project("project_id", &source.project_id)?;
+        let started_seq = point.started_seq.ok_or_else(|| {
+            Error::precondition(
+                reason::TURN_NOT_STARTED,
+                "turn_id names a turn that has not started: there is nothing before it to fork",
+            )
+        })?;
+        let mut new_run = NewRun::copy_of(&source);
+        new_run.input = match input {
+            Some(input) => input,
+            // The earlier input with the forked turn's prompt as the first turn.
+            None => {
+                let mut input = new_run.input;
+                match point.prompt {
+                    Some(prompt) => input.insert("prompt".into(), Value::String(prompt)),
+                    None => input.remove("prompt"),
+                };
+                input
+            }
+        };
+        new_run.idempotency_key = idempotency_key;
+        new_run.lineage = Some(Lineage::fork_of(run_id, turn_id, started_seq));
+        let created = self
+            .create_one(&caller.tenant, new_run, request.metadata())
+            .await?;
+        Ok(Response::new(proto::ForkRunResponse {
+            run: Some(convert::run(&created.value)),
+            created: created.created,
+        }))
     }
 
     async fn cancel_runs(
         &self,
-        _request: Request<proto::CancelRunsRequest>,
+        request: Request<proto::CancelRunsRequest>,
     ) -> Result<Response<proto::CancelRunsResponse>, Status> {
-        Err(Status::unimplemented("CancelRuns is not implemented yet"))
+        let caller = caller(&self.state, &request, Role::Client).await?;
+        let r = request.get_ref();
+        let mut filter = cancel_filter(r).map_err(Error::from)?;
+        filter.project_id = project_scope(&caller, filter.project_id)?;
+        let reason =
+            validate::short_text("reason", &r.reason, MAX_REASON_BYTES).map_err(Error::from)?;
+        let mut payload = Map::new();
+        if !reason.is_empty() {
+            payload.insert("reason".into(), Value::String(reason.to_owned()));
+        }
+        let (cancelled, more) =
+            lifecycle::cancel_runs(&self.state.pool, &caller.tenant, &filter, payload).await?;
+        let ids: Vec<RunId> = cancelled.iter().map(|run| run.id).collect();
+        self.state.notifier.commands_added(&ids);
+        Ok(Response::new(proto::CancelRunsResponse {
+            cancelled: ids.len() as i64,
+            more,
+            run_ids: ids.iter().map(RunId::to_string).collect(),
+        }))
     }
+}
+
+/// The project a listing or bulk action of the caller covers: for a key limited to
+/// projects, one of them (the one named, or its only one).
+fn project_scope(caller: &Caller, named: Option<String>) -> Result<Option<String>> {
+    match (named, caller.projects.as_slice()) {
+        (Some(project), _) => {
+            caller.check_project("project_id", &project)?;
+            Ok(Some(project))
+        }
+        (None, []) => Ok(None),
+        (None, [only]) => Ok(Some(only.clone())),
+        (None, _) => Err(Error::PermissionDenied(
+            "this API key is limited to projects: name one in project_id".into(),
+        )),
+    }
+}
+
+/// Most runs one CancelRuns call cancels.
+const MAX_CANCEL_RUNS: i64 = 1000;
+
+/// The runs a CancelRuns request covers: not terminal, matching every filter given, with
+/// at least one given unless `all` says every run is meant.
+fn cancel_filter(r: &proto::CancelRunsRequest) -> Result<RunFilter, FieldError> {
+    validate::list_len("statuses", r.statuses.len())?;
+    let mut statuses = Vec::with_capacity(r.statuses.len());
+    for (i, status) in r.statuses.iter().enumerate() {
+        let field = format!("statuses[{i}]");
+        let status = RunStatus::from_proto(&field, *status)?;
+        if status.is_terminal() {
+            return Err(FieldError::new(
+                field,
+                format!(
+                    "{} is terminal: only runs not ended can be cancelled",
+                    status.as_str()
+                ),
+            ));
+        }
+        statuses.push(status);
+    }
+    let filter = RunFilter {
+        statuses,
+        queue: validate::optional_name("queue", &r.queue)?,
+        session_id: SessionId::parse_optional("session_id", &r.session_id)?,
+        project_id: validate::optional_name("project_id", &r.project_id)?,
+        backend_profile: validate::optional_name("backend_profile", &r.backend_profile)?,
+        labels: validate::names("labels", &r.labels)?,
+        created_after: validate::optional_timestamp("created_after", r.created_after.as_ref())?,
+        created_before: validate::optional_timestamp("created_before", r.created_before.as_ref())?,
+        before: None,
+        limit: MAX_CANCEL_RUNS,
+    };
+    validate::time_window(
+        "created_before",
+        filter.created_after,
+        filter.created_before,
+    )?;
+    let filtered = !filter.statuses.is_empty()
+        || filter.queue.is_some()
+        || filter.session_id.is_some()
+        || filter.project_id.is_some()
+        || filter.backend_profile.is_some()
+        || !filter.labels.is_empty()
+        || filter.created_after.is_some()
+        || filter.created_before.is_some();
+    if !filtered && !r.all {
+        return Err(FieldError::new(
+            "all",
+            "must be true to cancel every run: no filter was given",
+        ));
+    }
+    Ok(filter)
 }

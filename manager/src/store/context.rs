@@ -9,8 +9,14 @@
 //! reply the `item.completed` assistant messages between the two (or, from a provider
 //! that streams text without completing an item, the `assistant_text` deltas joined).
 //!
+//! A run made by RerunRun or ForkRun starts where its source did: its context source's
+//! turns completed before the point it was made from (none for a re-run, those before
+//! the forked turn for a fork; followed back through at most 8 such sources), and the
+//! session's runs before them, never the turns that came after.
+//!
 //! The thread id is that of the newest `turn.completed` naming a `provider_thread_id`
-//! (1 to 1,024 characters; longer ones are ignored), else the session's.
+//! (1 to 1,024 characters; longer ones are ignored), else the session's; a re-run or
+//! fork reads only its own.
 //!
 //! The context is bounded so an assignment stays small: at most [`MAX_TURNS`] turns and
 //! [`MAX_BYTES`] of text, keeping the newest; a prompt or reply longer than
@@ -50,21 +56,37 @@ pub struct Context {
     pub provider_thread_id: Option<String>,
 }
 
-/// Per target run ($1): the runs whose turns make its context (itself, and its session's
-/// newest $2 earlier runs), their newest $3 completed turns with prompt and reply (each
-/// cut to $4 characters; the caller cuts to bytes), and the newest provider thread id
-/// reported by those runs, else the session's. One row per turn, or one row with no turn.
+/// Per target run ($1): the runs whose turns make its context (itself; for a re-run or a
+/// fork, its chain of context sources, each up to its seq bound; and its session's newest
+/// $2 runs before all of those), their newest $3 completed turns with prompt and reply
+/// (each cut to $4 characters; the caller cuts to bytes), and the newest provider thread
+/// id reported by those runs, else the session's. A re-run or fork continues no provider
+/// thread but its own: the earlier thread holds turns it does not have. One row per turn,
+/// or one row with no turn.
 const CONTEXT_SQL: &str = "
-WITH target AS (
-    SELECT r.id, r.session_id, r.tenant_id FROM runs r WHERE r.id = ANY($1)
+WITH RECURSIVE target AS (
+    SELECT r.id, r.session_id, r.tenant_id, r.context_run_id, r.context_before_seq
+    FROM runs r WHERE r.id = ANY($1)
+),
+chain(target, run_id, before_seq, depth) AS (
+    SELECT t.id, t.context_run_id, t.context_before_seq, 1 FROM target t
+    WHERE t.context_run_id IS NOT NULL
+    UNION ALL
+    SELECT c.target, r.context_run_id, r.context_before_seq, c.depth + 1
+    FROM chain c JOIN runs r ON r.id = c.run_id
+    WHERE r.context_run_id IS NOT NULL AND c.depth < 8
 ),
 source AS (
-    SELECT t.id AS target, t.id AS run_id FROM target t
+    SELECT t.id AS target, t.id AS run_id, NULL::bigint AS before_seq FROM target t
     UNION ALL
-    SELECT t.id, p.id FROM target t
+    SELECT c.target, c.run_id, c.before_seq FROM chain c
+    UNION ALL
+    SELECT t.id, p.id, NULL FROM target t
     CROSS JOIN LATERAL (
         SELECT r.id FROM runs r
-        WHERE r.session_id = t.session_id AND r.tenant_id = t.tenant_id AND r.id < t.id
+        WHERE r.session_id = t.session_id AND r.tenant_id = t.tenant_id
+          AND r.id < coalesce((SELECT c.run_id FROM chain c WHERE c.target = t.id
+                               ORDER BY c.run_id LIMIT 1), t.id)
         ORDER BY r.id DESC LIMIT $2::bigint
     ) p
     WHERE t.session_id IS NOT NULL
@@ -76,6 +98,7 @@ ended AS (
         FROM source s JOIN events e ON e.run_id = s.run_id
         WHERE s.target = t.id AND e.type = 'turn.completed'
           AND e.payload->>'state' = 'completed'
+          AND (s.before_seq IS NULL OR e.seq < s.before_seq)
         ORDER BY e.run_id DESC, e.seq DESC
         LIMIT $3::bigint
     ) d
@@ -108,9 +131,10 @@ thread AS (
            coalesce((SELECT e.payload->>'provider_thread_id'
                      FROM source s JOIN events e ON e.run_id = s.run_id
                      WHERE s.target = t.id AND e.type = 'turn.completed'
+                       AND (t.context_run_id IS NULL OR s.run_id = t.id)
                        AND char_length(e.payload->>'provider_thread_id') BETWEEN 1 AND 1024
                      ORDER BY e.run_id DESC, e.seq DESC LIMIT 1),
-                    ss.provider_thread_id) AS thread_id
+                    CASE WHEN t.context_run_id IS NULL THEN ss.provider_thread_id END) AS thread_id
     FROM target t LEFT JOIN sessions ss ON ss.id = t.session_id AND ss.tenant_id = t.tenant_id
 )
 SELECT th.target, th.thread_id, tu.run_id, tu.seq, tu.prompt, tu.reply
@@ -156,6 +180,41 @@ pub async fn load(tx: &impl GenericClient, run_ids: &[Uuid]) -> Result<HashMap<U
         })
         .filter(|(_, context)| !context.turns.is_empty() || context.provider_thread_id.is_some())
         .collect())
+}
+
+/// A turn of a run as ForkRun starts from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForkPoint {
+    /// The prompt its `turn` command carried.
+    pub prompt: Option<String>,
+    /// The seq of its `turn.started`; `None` while it has not started.
+    pub started_seq: Option<i64>,
+}
+
+/// The `turn` command `turn_id` of the run, and where in the log it started; `None` when
+/// the run has no such turn command.
+pub async fn fork_point(
+    client: &impl GenericClient,
+    run_id: Uuid,
+    turn_id: Uuid,
+) -> Result<Option<ForkPoint>> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT c.payload->>'prompt',
+                    (SELECT e.seq FROM events e
+                     WHERE e.run_id = c.run_id AND e.type = 'turn.started'
+                       AND e.payload->>'turn_id' = c.id::text
+                     ORDER BY e.seq LIMIT 1)
+             FROM commands c WHERE c.run_id = $1 AND c.id = $2 AND c.kind = 'turn'",
+        )
+        .await?;
+    Ok(client
+        .query_opt(&stmt, &[&run_id, &turn_id])
+        .await?
+        .map(|row| ForkPoint {
+            prompt: row.get(0),
+            started_seq: row.get(1),
+        }))
 }
 
 /// Cuts each text to [`MAX_TEXT_BYTES`], then keeps the newest turns (oldest first)

@@ -410,8 +410,9 @@ pub async fn claim_for(
 /// by a restarted runner), delivers their pending commands and reads their conversation
 /// context ([`context::load`], one statement for all of them), in run order.
 ///
-/// Only a run in a session, or one leased before (its epoch is past its first claim's),
-/// can have context, so a claim of fresh runs outside sessions reads nothing more.
+/// Only a run in a session, one leased before (its epoch is past its first claim's) or
+/// one re-run or forked from another can have context, so a claim of fresh runs outside
+/// sessions reads nothing more.
 async fn hand_over(
     tx: &impl GenericClient,
     runs: Vec<(RunRecord, &RunnerIdentity)>,
@@ -449,7 +450,9 @@ async fn hand_over(
     events::append(tx, &new_events).await?;
     let with_context: Vec<Uuid> = runs
         .iter()
-        .filter(|(run, _)| run.session_id.is_some() || run.lease_epoch > 1)
+        .filter(|(run, _)| {
+            run.session_id.is_some() || run.lease_epoch > 1 || run.lineage.context.is_some()
+        })
         .map(|(run, _)| run.id.0)
         .collect();
     let mut contexts = context::load(tx, &with_context).await?;

@@ -76,8 +76,9 @@ pub(crate) async fn create_runs_in(
     let mut fresh_events = Vec::new();
     let mut first_turns = Vec::new();
     let mut in_sessions = Vec::new();
+    let mut lineages = Vec::new();
     for (new_run, inserted) in new_runs.iter().zip(inserted) {
-        let Some(run) = inserted else {
+        let Some(mut run) = inserted else {
             let key = new_run.idempotency_key.as_deref().unwrap_or_default();
             let (existing, hash) = runs::find_by_idempotency_key(tx, tenant, key).await?;
             if hash != new_run.fingerprint() {
@@ -111,11 +112,16 @@ pub(crate) async fn create_runs_in(
         if run.session_id.is_some() {
             in_sessions.push(run.id.0);
         }
+        if let Some(lineage) = &new_run.lineage {
+            lineages.push((run.id, lineage));
+            run.lineage = lineage.clone();
+        }
         results.push(Created {
             value: run,
             created: true,
         });
     }
+    runs::set_lineage(tx, &lineages).await?;
     commands::insert_first_turns(tx, &first_turns).await?;
     sessions::touch_runs(tx, &in_sessions).await?;
     events::insert_sequenced(tx, &fresh_events).await?;
@@ -230,6 +236,37 @@ pub async fn cancel_run(
     let run = runs::get(&tx, tenant, run_id).await?;
     tx.commit().await?;
     Ok(run)
+}
+
+/// CancelRuns: requests cancellation (see [`cancel_locked`]) of up to `filter.limit` of
+/// the tenant's matching runs that are neither terminal nor being cancelled, oldest
+/// first, in one transaction. Returns them as they were, and whether more matched. A
+/// rare, bounded operator action, so each run goes through the same steps as CancelRun
+/// rather than a batched statement of its own.
+pub async fn cancel_runs(
+    pool: &Pool,
+    tenant: &Tenant,
+    filter: &runs::RunFilter,
+    payload: Map<String, Value>,
+) -> Result<(Vec<RunRecord>, bool)> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let mut probe = filter.clone();
+    probe.limit += 1;
+    let mut matching = runs::lock_uncancelled(&tx, tenant, &probe).await?;
+    let more = matching.len() as i64 > filter.limit;
+    matching.truncate(filter.limit as usize);
+    for run in &matching {
+        let command = NewCommand {
+            kind: CommandKind::Cancel,
+            payload: payload.clone(),
+            delivery_policy: None,
+            idempotency_key: None,
+        };
+        cancel_locked(&tx, run, command).await?;
+    }
+    tx.commit().await?;
+    Ok((matching, more))
 }
 
 /// Requests cancellation of a run the caller has locked. A pending run ends cancelled at

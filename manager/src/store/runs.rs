@@ -3,13 +3,15 @@
 //! flagging a cancellation). What those transitions do to commands, requests, sessions
 //! and events is `lifecycle`; claiming and fenced runner writes are `leases`.
 
+use std::sync::LazyLock;
 use std::time::SystemTime;
 
-use agentrun_shared::ids::{RunId, RunnerId, ScheduleId, SessionId};
+use agentrun_shared::ids::{CommandId, RunId, RunnerId, ScheduleId, SessionId};
 use agentrun_shared::state::{RunStatus, StreamMode};
 use deadpool_postgres::GenericClient;
 use serde_json::{Map, Value, json};
 use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::{Tenant, fingerprint, parse_state};
@@ -63,6 +65,57 @@ pub struct RunRecord {
     pub trace_parent: Option<String>,
     /// The schedule that created it, if one did.
     pub schedule_id: Option<ScheduleId>,
+    /// Where it came from, when RerunRun or ForkRun made it.
+    pub lineage: Lineage,
+}
+
+/// Where a run made by RerunRun or ForkRun came from, and where its conversation context
+/// starts (see [`super::context`]). All `None` for other runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lineage {
+    pub rerun_of: Option<RunId>,
+    /// The run and the turn (its `turn` command) forked from.
+    pub forked_from: Option<(RunId, CommandId)>,
+    /// The context source: this run's turns completed before this event seq.
+    pub context: Option<(RunId, i64)>,
+}
+
+impl Lineage {
+    /// A re-run of `run`: it starts with the context `run` started with, none of `run`'s
+    /// own turns.
+    pub fn rerun_of(run: RunId) -> Self {
+        Self {
+            rerun_of: Some(run),
+            forked_from: None,
+            context: Some((run, 0)),
+        }
+    }
+
+    /// A fork of `run` at `turn`, whose `turn.started` is event `started_seq`: it starts
+    /// with everything before that turn.
+    pub fn fork_of(run: RunId, turn: CommandId, started_seq: i64) -> Self {
+        Self {
+            rerun_of: None,
+            forked_from: Some((run, turn)),
+            context: Some((run, started_seq)),
+        }
+    }
+
+    fn from_row(row: &Row) -> Self {
+        let forked_run = row.get::<_, Option<Uuid>>("forked_from_run_id");
+        let forked_turn = row.get::<_, Option<Uuid>>("forked_from_turn_id");
+        let context_run = row.get::<_, Option<Uuid>>("context_run_id");
+        let context_seq = row.get::<_, Option<i64>>("context_before_seq");
+        Self {
+            rerun_of: row.get::<_, Option<Uuid>>("rerun_of_run_id").map(RunId),
+            forked_from: forked_run
+                .zip(forked_turn)
+                .map(|(run, turn)| (RunId(run), CommandId(turn))),
+            context: context_run
+                .zip(context_seq)
+                .map(|(run, seq)| (RunId(run), seq)),
+        }
+    }
 }
 
 impl RunRecord {
@@ -114,6 +167,7 @@ impl RunRecord {
             stream_mode: parse_state("stream mode", row.get("stream_mode"), StreamMode::from_db)?,
             events_compacted_at: row.get("events_compacted_at"),
             trace_parent: row.get("trace_parent"),
+            lineage: Lineage::from_row(row),
             schedule_id: row.get::<_, Option<Uuid>>("schedule_id").map(ScheduleId),
         })
     }
@@ -141,9 +195,34 @@ pub struct NewRun {
     /// Delayed start: not claimed before this time (a past time means at once).
     pub scheduled_at: Option<SystemTime>,
     pub stream_mode: StreamMode,
+    /// Set for runs made by RerunRun and ForkRun.
+    pub lineage: Option<Lineage>,
 }
 
 impl NewRun {
+    /// A new run with the input and settings of `run` (RerunRun, ForkRun): not scheduled,
+    /// without idempotency key or lineage, for the caller to set.
+    pub fn copy_of(run: &RunRecord) -> Self {
+        let object = |value: &Value| value.as_object().cloned().unwrap_or_default();
+        Self {
+            project_id: run.project_id.clone(),
+            session_id: run.session_id,
+            backend_profile: run.backend_profile.clone(),
+            input: object(&run.input),
+            queue: run.queue.clone(),
+            priority: run.priority,
+            labels: run.labels.clone(),
+            max_attempts: run.max_attempts,
+            queue_timeout_ms: run.queue_timeout_ms,
+            run_timeout_ms: run.run_timeout_ms,
+            metadata: object(&run.metadata),
+            idempotency_key: None,
+            scheduled_at: None,
+            stream_mode: run.stream_mode,
+            lineage: None,
+        }
+    }
+
     /// The prompt of the first turn, if the input has one.
     pub(crate) fn first_prompt(&self) -> Option<&str> {
         self.input.get("prompt").and_then(Value::as_str)
@@ -174,6 +253,12 @@ impl NewRun {
             (self.stream_mode, &mut canonical)
         {
             parts.push(json!({ "stream_mode": self.stream_mode.as_str() }));
+        }
+        if let (Some(lineage), Value::Array(parts)) = (&self.lineage, &mut canonical) {
+            parts.push(json!({
+                "rerun_of": lineage.rerun_of.map(|r| r.to_string()),
+                "forked_from": lineage.forked_from.map(|(r, t)| [r.to_string(), t.to_string()]),
+            }));
         }
         fingerprint(&canonical)
     }
@@ -318,6 +403,43 @@ pub(crate) async fn insert_new(
         .collect())
 }
 
+/// Records where runs just inserted came from (RerunRun, ForkRun): rare, so kept out of
+/// [`insert_new`], the statement every CreateRun runs.
+pub(crate) async fn set_lineage(tx: &impl GenericClient, runs: &[(RunId, &Lineage)]) -> Result<()> {
+    if runs.is_empty() {
+        return Ok(());
+    }
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE runs SET rerun_of_run_id = l.rerun_of, forked_from_run_id = l.forked_run,
+                    forked_from_turn_id = l.forked_turn, context_run_id = l.context_run,
+                    context_before_seq = l.context_seq
+             FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], $6::bigint[])
+                  AS l(id, rerun_of, forked_run, forked_turn, context_run, context_seq)
+             WHERE runs.id = l.id",
+        )
+        .await?;
+    let column = |f: &dyn Fn(&Lineage) -> Option<Uuid>| -> Vec<Option<Uuid>> {
+        runs.iter().map(|(_, l)| f(l)).collect()
+    };
+    tx.execute(
+        &stmt,
+        &[
+            &runs.iter().map(|(id, _)| id.0).collect::<Vec<_>>(),
+            &column(&|l| l.rerun_of.map(|r| r.0)),
+            &column(&|l| l.forked_from.map(|(r, _)| r.0)),
+            &column(&|l| l.forked_from.map(|(_, t)| t.0)),
+            &column(&|l| l.context.map(|(r, _)| r.0)),
+            &runs
+                .iter()
+                .map(|(_, l)| l.context.map(|(_, seq)| seq))
+                .collect::<Vec<_>>(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Marks a run just inserted as created by `schedule_id`, for its due time `due_at`
 /// (`None`: triggered by hand). A second run for one due time of a schedule violates
 /// `runs_schedule_due`.
@@ -410,47 +532,98 @@ pub struct RunFilter {
     pub limit: i64,
 }
 
+/// The conditions of a [`RunFilter`]: $1 tenant, $2 statuses, $3 queue, $4 session, $5
+/// project, $6 page cursor, $7 backend profile, $8 labels, $9/$10 creation window.
+const FILTER_SQL: &str = "tenant_id = $1
+       AND (cardinality($2::text[]) = 0 OR status = ANY($2))
+       AND ($3::text IS NULL OR queue = $3)
+       AND ($4::uuid IS NULL OR session_id = $4)
+       AND ($5::text IS NULL OR project_id = $5)
+       AND ($6::uuid IS NULL OR id < $6)
+       AND ($7::text IS NULL OR backend_profile = $7)
+       AND labels @> $8::text[]
+       AND ($9::timestamptz IS NULL OR created_at >= $9)
+       AND ($10::timestamptz IS NULL OR created_at < $10)";
+
+static LIST_SQL: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT * FROM runs WHERE {FILTER_SQL} ORDER BY id DESC LIMIT $11"));
+
+/// Oldest first, so repeated calls make progress through a backlog; locked in that
+/// order, so two bulk cancels never wait on each other in a cycle.
+static LOCK_UNCANCELLED_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT * FROM runs WHERE {FILTER_SQL}
+           AND status = ANY($12) AND NOT cancel_requested
+         ORDER BY id LIMIT $11 FOR UPDATE"
+    )
+});
+
+/// A [`RunFilter`] as the parameters $1..=$11 of [`FILTER_SQL`] and its limit.
+struct FilterParams<'a> {
+    tenant: &'a str,
+    filter: &'a RunFilter,
+    statuses: Vec<&'static str>,
+    session: Option<Uuid>,
+    before: Option<Uuid>,
+}
+
+impl<'a> FilterParams<'a> {
+    fn new(tenant: &'a Tenant, filter: &'a RunFilter) -> Self {
+        Self {
+            tenant: tenant.as_str(),
+            filter,
+            statuses: filter.statuses.iter().map(|s| s.as_str()).collect(),
+            session: filter.session_id.map(|s| s.0),
+            before: filter.before.map(|r| r.0),
+        }
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        vec![
+            &self.tenant,
+            &self.statuses,
+            &self.filter.queue,
+            &self.session,
+            &self.filter.project_id,
+            &self.before,
+            &self.filter.backend_profile,
+            &self.filter.labels,
+            &self.filter.created_after,
+            &self.filter.created_before,
+            &self.filter.limit,
+        ]
+    }
+}
+
 /// Runs of the tenant, newest first (run ids are time-ordered).
 pub async fn list(
     client: &impl GenericClient,
     tenant: &Tenant,
     filter: &RunFilter,
 ) -> Result<Vec<RunRecord>> {
-    let stmt = client
-        .prepare_cached(
-            "SELECT * FROM runs
-             WHERE tenant_id = $1
-               AND (cardinality($2::text[]) = 0 OR status = ANY($2))
-               AND ($3::text IS NULL OR queue = $3)
-               AND ($4::uuid IS NULL OR session_id = $4)
-               AND ($5::text IS NULL OR project_id = $5)
-               AND ($6::uuid IS NULL OR id < $6)
-               AND ($8::text IS NULL OR backend_profile = $8)
-               AND labels @> $9::text[]
-               AND ($10::timestamptz IS NULL OR created_at >= $10)
-               AND ($11::timestamptz IS NULL OR created_at < $11)
-             ORDER BY id DESC LIMIT $7",
-        )
-        .await?;
-    let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
-    let rows = client
-        .query(
-            &stmt,
-            &[
-                &tenant.as_str(),
-                &statuses,
-                &filter.queue,
-                &filter.session_id.map(|s| s.0),
-                &filter.project_id,
-                &filter.before.map(|r| r.0),
-                &filter.limit,
-                &filter.backend_profile,
-                &filter.labels,
-                &filter.created_after,
-                &filter.created_before,
-            ],
-        )
-        .await?;
+    let stmt = client.prepare_cached(&LIST_SQL).await?;
+    let params = FilterParams::new(tenant, filter);
+    let rows = client.query(&stmt, &params.params()).await?;
+    RunRecord::from_rows(&rows)
+}
+
+/// Locks up to `filter.limit` of the tenant's runs that match the filter, are not
+/// terminal and are not being cancelled yet, oldest first (CancelRuns).
+pub async fn lock_uncancelled(
+    tx: &impl GenericClient,
+    tenant: &Tenant,
+    filter: &RunFilter,
+) -> Result<Vec<RunRecord>> {
+    let stmt = tx.prepare_cached(&LOCK_UNCANCELLED_SQL).await?;
+    let not_terminal: Vec<&str> = RunStatus::ALL
+        .iter()
+        .filter(|s| !s.is_terminal())
+        .map(|s| s.as_str())
+        .collect();
+    let filter_params = FilterParams::new(tenant, filter);
+    let mut params = filter_params.params();
+    params.push(&not_terminal);
+    let rows = tx.query(&stmt, &params).await?;
     RunRecord::from_rows(&rows)
 }
 

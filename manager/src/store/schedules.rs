@@ -218,6 +218,7 @@ fn template_from_json(v: &Value) -> Result<NewRun> {
             &text("stream_mode").ok_or_else(bad)?,
             StreamMode::from_db,
         )?,
+        lineage: None,
     })
 }
 
