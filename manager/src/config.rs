@@ -53,6 +53,12 @@ pub struct Settings {
     #[arg(long, env = "AGENTRUN_SCHEDULE_CATCH_UP_GRACE_MS", default_value_t = 60_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub schedule_catch_up_grace_ms: u64,
+    /// Safety-net poll for schedules, in milliseconds: each replica sleeps until the
+    /// next due time it knows of, at most this long (schedules created or resumed on
+    /// another replica are seen within it; that replica fires them on time itself).
+    #[arg(long, env = "AGENTRUN_SCHEDULE_POLL_INTERVAL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(20..))]
+    pub schedule_poll_interval_ms: u64,
     /// Safety-net poll for claimable runs (one query per replica), in case a wake-up was
     /// lost or a scheduled run came due. Held runs' commands are also delivered with
     /// every heartbeat.

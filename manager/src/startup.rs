@@ -174,6 +174,7 @@ impl Application {
             tasks: tasks.clone(),
             watchers: Default::default(),
             watch_hub: watch_hub.clone(),
+            schedules_changed: Default::default(),
         };
         let interval = state.settings.sweep_interval();
         tasks.spawn(sweeper::run(
@@ -193,8 +194,12 @@ impl Application {
         tasks.spawn(schedules::run(
             state.pool.clone(),
             notifier.clone(),
-            state.settings.quotas(),
-            Duration::from_millis(state.settings.schedule_catch_up_grace_ms),
+            state.schedules_changed.clone(),
+            schedules::Timing {
+                quotas: state.settings.quotas(),
+                grace: Duration::from_millis(state.settings.schedule_catch_up_grace_ms),
+                poll: Duration::from_millis(state.settings.schedule_poll_interval_ms),
+            },
             background.clone(),
         ));
         if let Some(listener) = metrics_listener {

@@ -64,6 +64,7 @@ pub(crate) async fn quiet_app_on(url: &str) -> TestApp {
         s.lease_ttl_ms = 600_000;
         s.sweep_interval_ms = 600_000;
         s.runner_poll_interval_ms = 600_000;
+        s.schedule_poll_interval_ms = 600_000;
     })
     .await
 }

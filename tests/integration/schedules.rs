@@ -970,3 +970,40 @@ async fn the_schedules_command_line() {
     assert_ne!(gone.code(), Some(0));
     assert!(gone.stderr.contains("not found"), "{}", gone.stderr);
 }
+
+/// Cost follows work: while no schedule is due the firing loop sleeps until the next due
+/// time (or its poll interval), a handful of statements in all — not a busy poll.
+#[tokio::test]
+async fn the_firing_loop_sleeps_while_nothing_is_due() {
+    use crate::hellos::{commits, disconnected, quiet_app_on};
+    let url = fresh_database().await;
+    let name: String = db_client(&url)
+        .await
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let cluster = cluster_client().await;
+    // A first manager migrates the schema and creates a schedule an hour away.
+    {
+        let app = quiet_app_on(&url).await;
+        let mut schedules = schedules_of(&app).await;
+        create(
+            &mut schedules,
+            every("hourly", 3_600_000, OverlapPolicy::Skip),
+        )
+        .await;
+    }
+    disconnected(&cluster, &name).await;
+    let before = commits(&cluster, &name).await;
+    let app = quiet_app_on(&url).await;
+    // The clock is read outside the test database, so the reads are not counted.
+    until_db_time(&cluster, SystemTime::now() + Duration::from_secs(2)).await;
+    drop(app);
+    disconnected(&cluster, &name).await;
+    let used = commits(&cluster, &name).await - before;
+    println!("{used} transactions in two idle seconds");
+    // The manager's start and stop and a look or two at the schedules; a loop polling
+    // every few milliseconds would be a hundred or more.
+    assert!(used < 40, "{used} transactions in two idle seconds");
+}

@@ -61,6 +61,9 @@ pub struct AppState {
     pub watchers: Arc<crate::limits::Occupancy<crate::store::Tenant>>,
     /// Tails each watched run once for all its watchers on this replica.
     pub watch_hub: Arc<watch_hub::WatchHub>,
+    /// Wakes this replica's schedule firing loop when a schedule gets a new due time
+    /// here (created, resumed), so it need not poll for it.
+    pub schedules_changed: Arc<tokio::sync::Notify>,
 }
 
 /// Request metadata naming the caller's tenant when authentication is disabled

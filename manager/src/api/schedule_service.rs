@@ -142,6 +142,7 @@ impl ScheduleService for ScheduleApi {
         caller.check_project("schedule.project_id", &new.project_id)?;
         let client = self.state.pool.get().await.map_err(Error::from)?;
         let created = schedules::insert(&client, &caller.tenant, &new).await?;
+        self.state.schedules_changed.notify_one();
         Ok(Response::new(proto::CreateScheduleResponse {
             schedule: Some(convert::schedule(&created.value)),
         }))
@@ -189,6 +190,7 @@ impl ScheduleService for ScheduleApi {
         let r = request.get_ref();
         let id = schedule_id(&r.schedule_id)?;
         let schedule = firing::set_paused(&self.state.pool, &tenant, id, r.paused).await?;
+        self.state.schedules_changed.notify_one();
         Ok(Response::new(proto::PauseScheduleResponse {
             schedule: Some(convert::schedule(&schedule)),
         }))

@@ -359,12 +359,13 @@ pub async fn lock_next_due(
 pub async fn time_to_next_due(client: &impl GenericClient) -> Result<Option<Duration>> {
     let stmt = client
         .prepare_cached(
-            "SELECT greatest(extract(epoch FROM min(next_run_at) - now()) * 1000, 0)::bigint
+            // NULL (none waiting) when no row has a due time.
+            "SELECT (extract(epoch FROM min(next_run_at) - now()) * 1000)::bigint
              FROM schedules WHERE NOT paused",
         )
         .await?;
     let ms: Option<i64> = client.query_one(&stmt, &[]).await?.get(0);
-    Ok(ms.map(|ms| Duration::from_millis(ms as u64)))
+    Ok(ms.map(|ms| Duration::from_millis(ms.max(0) as u64)))
 }
 
 /// After a due time or a trigger: the next due time, and the run created if one was.
