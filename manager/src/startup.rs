@@ -7,6 +7,7 @@ use std::time::Duration;
 use agentrun_shared::proto::{
     self, admin_service_server::AdminServiceServer, run_service_server::RunServiceServer,
     runner_service_server::RunnerServiceServer, session_service_server::SessionServiceServer,
+    webhook_service_server::WebhookServiceServer,
 };
 use deadpool_postgres::Pool;
 use tokio::net::TcpListener;
@@ -20,7 +21,7 @@ use uuid::Uuid;
 
 use crate::api::auth::Authenticator;
 use crate::api::watch_hub::{self, WatchHub};
-use crate::api::{AdminApi, AppState, RunApi, RunnerApi, SessionApi};
+use crate::api::{AdminApi, AppState, RunApi, RunnerApi, SessionApi, WebhookApi};
 use crate::config::{AuthMode, Settings};
 use crate::dispatcher::Dispatcher;
 use crate::heartbeats::Heartbeats;
@@ -30,7 +31,7 @@ use crate::notify::{self, Notifier};
 use crate::observe::ObserveLayer;
 use crate::ui::{self, UiAddress};
 use crate::wire_errors::WireErrorsLayer;
-use crate::{db, health, listener, retention, sweeper};
+use crate::{db, health, listener, retention, sweeper, webhooks};
 
 /// A service with the message size limits set explicitly, both ways (tonic's default
 /// for what a server sends is unlimited).
@@ -198,6 +199,8 @@ impl Application {
                 background.clone(),
             ));
         }
+        // Webhook deliveries: sent from this replica, never in the way of appends.
+        tasks.spawn(webhooks::run(state.pool.clone(), background.clone()));
         tasks.spawn(notify::publish(
             notifier.clone(),
             state.pool.clone(),
@@ -226,6 +229,7 @@ impl Application {
             <SessionServiceServer<SessionApi> as NamedService>::NAME,
             <RunnerServiceServer<RunnerApi> as NamedService>::NAME,
             <AdminServiceServer<AdminApi> as NamedService>::NAME,
+            <WebhookServiceServer<WebhookApi> as NamedService>::NAME,
         ];
         // Migrated just now: serving until a probe fails. Otherwise not until the
         // schema is found current.
@@ -277,6 +281,9 @@ impl Application {
                 ))))
                 .add_service(limited!(AdminServiceServer::new(AdminApi::new(
                     state.clone()
+                ))))
+                .add_service(limited!(WebhookServiceServer::new(WebhookApi::new(
+                    state.clone()
                 ))));
             let routes = ui::routes(api, &address.base_path, metrics.clone());
             let mut server = tonic::transport::Server::builder().accept_http1(true);
@@ -322,6 +329,9 @@ impl Application {
                 state.clone()
             ))))
             .add_service(limited!(AdminServiceServer::new(AdminApi::new(
+                state.clone()
+            ))))
+            .add_service(limited!(WebhookServiceServer::new(WebhookApi::new(
                 state.clone()
             ))))
             .serve_with_incoming_shutdown(

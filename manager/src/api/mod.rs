@@ -11,6 +11,7 @@ mod runner_service;
 mod session_service;
 mod validate;
 mod watch;
+mod webhook_service;
 pub(crate) mod watch_hub;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ pub use admin::AdminApi;
 pub use run_service::RunApi;
 pub use runner_service::RunnerApi;
 pub use session_service::SessionApi;
+pub use webhook_service::WebhookApi;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

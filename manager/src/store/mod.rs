@@ -15,6 +15,7 @@ pub mod requests;
 pub mod runners;
 pub mod runs;
 pub mod sessions;
+pub mod webhooks;
 
 use sha2::{Digest, Sha256};
 
