@@ -36,3 +36,4 @@ mod ui;
 mod validation;
 mod watch;
 mod watch_hub;
+mod webhooks;
