@@ -25,6 +25,8 @@ pub struct Manager {
     runs: RunServiceClient<Channel>,
     sessions: SessionServiceClient<Channel>,
     admin: AdminServiceClient<Channel>,
+    /// For the clients of services whose commands live in their own modules.
+    channel: Channel,
 }
 
 impl Manager {
@@ -67,7 +69,8 @@ impl Manager {
             authorization: None,
             runs: RunServiceClient::new(channel.clone()),
             sessions: SessionServiceClient::new(channel.clone()),
-            admin: AdminServiceClient::new(channel),
+            admin: AdminServiceClient::new(channel.clone()),
+            channel,
         })
     }
 
@@ -90,8 +93,13 @@ impl Manager {
         &self.url
     }
 
+    /// The connection, for a service client of a command's own module.
+    pub(crate) fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     /// `message` as a request acting for the configured tenant.
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
+    pub(crate) fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         if let Some(tenant) = &self.tenant {
             request.metadata_mut().insert(TENANT_HEADER, tenant.clone());

@@ -53,7 +53,9 @@ const PRUNE_BATCH: i64 = 1_000;
 /// The wait before attempt `attempt + 1`, after attempt `attempt` (from 1) failed.
 pub fn backoff(attempt: i32) -> Duration {
     let doublings = attempt.saturating_sub(1).clamp(0, 20) as u32;
-    FIRST_BACKOFF.saturating_mul(1 << doublings).min(MAX_BACKOFF)
+    FIRST_BACKOFF
+        .saturating_mul(1 << doublings)
+        .min(MAX_BACKOFF)
 }
 
 /// The `agentrun-signature` header value for `body` sent at unix time `t`.

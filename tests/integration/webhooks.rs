@@ -315,8 +315,7 @@ async fn a_receiver_failing_twice_gets_the_delivery_once_by_id_with_a_valid_sign
         let id = hook.webhook_id.clone();
         async move {
             let all = deliveries(&mut hooks, &id).await;
-            (all.len() == 1 && status(&all[0]) == DeliveryStatus::Delivered)
-                .then(|| all[0].clone())
+            (all.len() == 1 && status(&all[0]) == DeliveryStatus::Delivered).then(|| all[0].clone())
         }
     })
     .await;
@@ -340,10 +339,17 @@ async fn a_receiver_failing_twice_gets_the_delivery_once_by_id_with_a_valid_sign
             request.signature
         );
         assert!(
-            !signature_valid("another-secret-of-enough-bytes", &request.signature, &request.body),
+            !signature_valid(
+                "another-secret-of-enough-bytes",
+                &request.signature,
+                &request.body
+            ),
             "the signature depends on the secret"
         );
-        assert_eq!(request.body, requests[0].body, "the same body every attempt");
+        assert_eq!(
+            request.body, requests[0].body,
+            "the same body every attempt"
+        );
     }
     assert_eq!(receiver.processed(), vec![delivered.delivery_id.clone()]);
     assert_eq!(receiver.duplicates(), 0);
@@ -359,7 +365,10 @@ async fn a_receiver_failing_twice_gets_the_delivery_once_by_id_with_a_valid_sign
     assert_eq!(event["run_id"], run_id);
     assert_eq!(event["seq"], 1);
     assert_eq!(event["type"], "run.created");
-    assert!(event["payload"].is_object(), "payload as an object: {event}");
+    assert!(
+        event["payload"].is_object(),
+        "payload as an object: {event}"
+    );
     assert_eq!(event["producer"], "manager");
     // The event is the one in the log.
     let logged = events_of(&mut app, &run_id).await;
@@ -385,7 +394,11 @@ async fn a_slow_receiver_never_delays_appends() {
         "request.resolved",
         "runtime.error",
     ];
-    let hook = create_webhook(&mut hooks, webhook_request(receiver.url("/slow"), &all_types)).await;
+    let hook = create_webhook(
+        &mut hooks,
+        webhook_request(receiver.url("/slow"), &all_types),
+    )
+    .await;
     // A first run whose deliveries hang at the receiver.
     create(&mut app, "first").await;
     wait_for("a delivery to hang at the receiver", LONG, || async {
@@ -446,7 +459,11 @@ async fn a_slow_receiver_never_delays_appends() {
 
     // The deliveries are there, pending, none delivered; stream content is not among them.
     let listed = deliveries(&mut hooks, &hook.webhook_id).await;
-    assert!(listed.iter().any(|d| d.run_id == run_id && d.event_type == "run.terminal"));
+    assert!(
+        listed
+            .iter()
+            .any(|d| d.run_id == run_id && d.event_type == "run.terminal")
+    );
     assert!(listed.iter().all(|d| status(d) == DeliveryStatus::Pending));
     assert!(listed.iter().all(|d| d.event_type != "content.delta"));
     assert!(receiver.processed().is_empty());
@@ -751,11 +768,41 @@ async fn bad_input_is_refused_by_field() {
     let good = || webhook_request("http://127.0.0.1:9/hook".into(), &["run.terminal"]);
     let long_url = format!("https://example.com/{}", "a".repeat(2048));
     let cases: Vec<(&str, proto::CreateWebhookRequest)> = vec![
-        ("url", proto::CreateWebhookRequest { url: String::new(), ..good() }),
-        ("url", proto::CreateWebhookRequest { url: "not a url".into(), ..good() }),
-        ("url", proto::CreateWebhookRequest { url: "ftp://example.com/x".into(), ..good() }),
-        ("url", proto::CreateWebhookRequest { url: long_url, ..good() }),
-        ("event_types", proto::CreateWebhookRequest { event_types: vec![], ..good() }),
+        (
+            "url",
+            proto::CreateWebhookRequest {
+                url: String::new(),
+                ..good()
+            },
+        ),
+        (
+            "url",
+            proto::CreateWebhookRequest {
+                url: "not a url".into(),
+                ..good()
+            },
+        ),
+        (
+            "url",
+            proto::CreateWebhookRequest {
+                url: "ftp://example.com/x".into(),
+                ..good()
+            },
+        ),
+        (
+            "url",
+            proto::CreateWebhookRequest {
+                url: long_url,
+                ..good()
+            },
+        ),
+        (
+            "event_types",
+            proto::CreateWebhookRequest {
+                event_types: vec![],
+                ..good()
+            },
+        ),
         (
             "event_types[1]",
             proto::CreateWebhookRequest {
@@ -765,11 +812,32 @@ async fn bad_input_is_refused_by_field() {
         ),
         (
             "event_types[0]",
-            proto::CreateWebhookRequest { event_types: vec!["run.exploded".into()], ..good() },
+            proto::CreateWebhookRequest {
+                event_types: vec!["run.exploded".into()],
+                ..good()
+            },
         ),
-        ("secret", proto::CreateWebhookRequest { secret: "short".into(), ..good() }),
-        ("secret", proto::CreateWebhookRequest { secret: "x".repeat(257), ..good() }),
-        ("project_id", proto::CreateWebhookRequest { project_id: "has space".into(), ..good() }),
+        (
+            "secret",
+            proto::CreateWebhookRequest {
+                secret: "short".into(),
+                ..good()
+            },
+        ),
+        (
+            "secret",
+            proto::CreateWebhookRequest {
+                secret: "x".repeat(257),
+                ..good()
+            },
+        ),
+        (
+            "project_id",
+            proto::CreateWebhookRequest {
+                project_id: "has space".into(),
+                ..good()
+            },
+        ),
     ];
     for (field, request) in cases {
         let err = hooks.create_webhook(request).await.unwrap_err();
@@ -782,7 +850,9 @@ async fn bad_input_is_refused_by_field() {
     }
     for (field, id) in [("webhook_id", ""), ("webhook_id", "nope")] {
         let err = hooks
-            .delete_webhook(proto::DeleteWebhookRequest { webhook_id: id.into() })
+            .delete_webhook(proto::DeleteWebhookRequest {
+                webhook_id: id.into(),
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
@@ -798,7 +868,10 @@ async fn bad_input_is_refused_by_field() {
 
     // A generated secret: returned at creation, never listed.
     let created = hooks
-        .create_webhook(proto::CreateWebhookRequest { secret: String::new(), ..good() })
+        .create_webhook(proto::CreateWebhookRequest {
+            secret: String::new(),
+            ..good()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -819,11 +892,18 @@ async fn bad_input_is_refused_by_field() {
 
     // The per-tenant limit.
     for _ in 1..100 {
-        hooks.create_webhook(good()).await.expect("within the limit");
+        hooks
+            .create_webhook(good())
+            .await
+            .expect("within the limit");
     }
     let over = hooks.create_webhook(good()).await.unwrap_err();
     assert_eq!(over.code(), Code::ResourceExhausted);
-    assert!(over.message().contains("tenant_webhooks"), "{}", over.message());
+    assert!(
+        over.message().contains("tenant_webhooks"),
+        "{}",
+        over.message()
+    );
     let listed = hooks
         .list_webhooks(proto::ListWebhooksRequest {})
         .await
@@ -874,13 +954,19 @@ async fn two_replicas_deliver_each_event_once() {
     .await;
     let all = deliveries(&mut hooks, &hook.webhook_id).await;
     assert_eq!(all.len(), created.len());
-    assert!(all.iter().all(|d| status(d) == DeliveryStatus::Delivered && d.attempts == 1));
+    assert!(
+        all.iter()
+            .all(|d| status(d) == DeliveryStatus::Delivered && d.attempts == 1)
+    );
     let requests = receiver.requests();
     let mut per_id: HashMap<&str, usize> = HashMap::new();
     for r in &requests {
         *per_id.entry(r.delivery_id.as_str()).or_default() += 1;
     }
-    assert!(per_id.values().all(|n| *n == 1), "each id sent once: {per_id:?}");
+    assert!(
+        per_id.values().all(|n| *n == 1),
+        "each id sent once: {per_id:?}"
+    );
     let delivered_runs: HashSet<String> = requests
         .iter()
         .map(|r| r.json()["run_id"].as_str().unwrap().to_owned())

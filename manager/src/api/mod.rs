@@ -11,8 +11,8 @@ mod runner_service;
 mod session_service;
 mod validate;
 mod watch;
-mod webhook_service;
 pub(crate) mod watch_hub;
+mod webhook_service;
 
 use std::sync::Arc;
 

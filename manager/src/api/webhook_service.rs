@@ -197,8 +197,8 @@ impl WebhookService for WebhookApi {
         request: Request<proto::DeleteWebhookRequest>,
     ) -> Result<Response<proto::DeleteWebhookResponse>, Status> {
         let caller = caller(&self.state, &request, Role::Client).await?;
-        let id = WebhookId::parse("webhook_id", &request.get_ref().webhook_id)
-            .map_err(Error::from)?;
+        let id =
+            WebhookId::parse("webhook_id", &request.get_ref().webhook_id).map_err(Error::from)?;
         webhooks::delete(&self.state.pool, &caller.tenant, &caller.projects, id).await?;
         tracing::info!(webhook = %id, "webhook deleted");
         Ok(Response::new(proto::DeleteWebhookResponse {}))

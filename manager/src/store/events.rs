@@ -188,7 +188,8 @@ pub(crate) async fn insert_sequenced(
     Ok(())
 }
 
-const INSERT_EVENTS: &str = "INSERT INTO events (run_id, seq, type, payload, producer, runner_id, epoch, runner_seq)
+const INSERT_EVENTS: &str =
+    "INSERT INTO events (run_id, seq, type, payload, producer, runner_id, epoch, runner_seq)
      SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[], $5::text[],
                           $6::uuid[], $7::bigint[], $8::bigint[])";
 

@@ -434,9 +434,7 @@ pub async fn record(
         )
         .await?;
     let (status, code, error, retry_ms) = match outcome {
-        Outcome::Delivered { status_code } => {
-            (DeliveryStatus::Delivered, *status_code, None, None)
-        }
+        Outcome::Delivered { status_code } => (DeliveryStatus::Delivered, *status_code, None, None),
         Outcome::Failed {
             status_code,
             error,
