@@ -9,7 +9,12 @@ use tonic_health::pb::{
 async fn health_reports_serving() {
     let app = TestApp::spawn().await;
     let mut health = HealthClient::new(connect(app.addr).await);
-    for service in ["", "agentrun.v1.RunService", "agentrun.v1.RunnerService"] {
+    for service in [
+        "",
+        "agentrun.v1.RunService",
+        "agentrun.v1.RunnerService",
+        "agentrun.v1.WebhookService",
+    ] {
         let response = health
             .check(HealthCheckRequest {
                 service: service.into(),
@@ -114,10 +119,10 @@ async fn reflection_lists_the_services_in_v1_and_v1alpha() {
     else {
         panic!("not a service list: {answer:?}");
     };
-    assert!(
-        list.service
-            .iter()
-            .any(|s| s.name == "agentrun.v1.AdminService"),
-        "{list:?}"
-    );
+    for service in ["agentrun.v1.AdminService", "agentrun.v1.WebhookService"] {
+        assert!(
+            list.service.iter().any(|s| s.name == service),
+            "{service}: {list:?}"
+        );
+    }
 }
