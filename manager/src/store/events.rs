@@ -210,6 +210,8 @@ const INSERT_EVENTS_AND_DELIVERIES: &str = "WITH stored AS (
          JOIN webhooks w ON w.tenant_id = r.tenant_id AND NOT w.deleted
                         AND s.type = ANY(w.event_types)
                         AND (w.project_id = '' OR w.project_id = r.project_id)
+         -- A one-time check: without any webhook, no join is made at all.
+         WHERE EXISTS (SELECT 1 FROM webhooks WHERE NOT deleted)
          ON CONFLICT (webhook_id, run_id, seq) DO NOTHING
          RETURNING 1
      )
