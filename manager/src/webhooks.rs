@@ -13,6 +13,7 @@
 //! `agentrun-delivery-id`, `agentrun-event-type` and `agentrun-signature: t=<unix
 //! seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>` ([`signature`]).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use deadpool_postgres::Pool;
@@ -22,7 +23,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
-use crate::store::webhooks::{self, DueDelivery, Outcome};
+use crate::store::webhooks::{self, DueDelivery, Outcome, WebhookId};
 
 /// How long a receiver has to answer one attempt.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,7 +36,10 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
 /// before anyone may take the delivery again.
 const LEASE: Duration = Duration::from_secs(30);
 /// Attempts in flight per replica, at most (each holds one event, at most 1 MiB).
-pub const MAX_IN_FLIGHT: usize = 32;
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Attempts in flight per replica for one webhook, at most: a receiver that hangs holds
+/// this many slots, never all of them.
+pub const MAX_IN_FLIGHT_PER_WEBHOOK: usize = 8;
 /// Deliveries taken per statement.
 const CLAIM_BATCH: usize = 16;
 /// The safety-net poll.
@@ -102,7 +106,8 @@ pub fn http_client() -> reqwest::Client {
 pub async fn run(pool: Pool, shutdown: CancellationToken) {
     let client = http_client();
     let mut wake = webhooks::new_deliveries();
-    let mut in_flight: JoinSet<()> = JoinSet::new();
+    let mut in_flight: JoinSet<WebhookId> = JoinSet::new();
+    let mut per_webhook: HashMap<WebhookId, usize> = HashMap::new();
     let mut next_prune = Instant::now() + PRUNE_INTERVAL;
     // Whether the last look may have left due deliveries behind (it was full).
     let mut more_due = true;
@@ -110,10 +115,11 @@ pub async fn run(pool: Pool, shutdown: CancellationToken) {
         let room = MAX_IN_FLIGHT - in_flight.len();
         if more_due && room > 0 {
             let limit = room.min(CLAIM_BATCH);
-            match claim(&pool, limit).await {
+            match claim(&pool, limit, &per_webhook).await {
                 Ok(due) => {
                     more_due = due.len() == limit;
                     for delivery in due {
+                        *per_webhook.entry(delivery.webhook_id).or_default() += 1;
                         in_flight.spawn(deliver(
                             client.clone(),
                             pool.clone(),
@@ -137,8 +143,12 @@ pub async fn run(pool: Pool, shutdown: CancellationToken) {
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {
-                // A slot is free: look again at once only if the last look was full.
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                // A slot is free: look again at once if the last look was full, or it
+                // was one of a webhook at its cap (whose other deliveries may wait).
+                if let Ok(webhook) = done {
+                    more_due |= release(&mut per_webhook, webhook);
+                }
             }
             changed = wake.changed() => {
                 if changed.is_ok() {
@@ -152,9 +162,34 @@ pub async fn run(pool: Pool, shutdown: CancellationToken) {
     while in_flight.join_next().await.is_some() {}
 }
 
-async fn claim(pool: &Pool, limit: usize) -> Result<Vec<DueDelivery>> {
+/// One attempt of `webhook` ended; true if the webhook was at its cap.
+fn release(per_webhook: &mut HashMap<WebhookId, usize>, webhook: WebhookId) -> bool {
+    let Some(n) = per_webhook.get_mut(&webhook) else {
+        return false;
+    };
+    let was_full = *n >= MAX_IN_FLIGHT_PER_WEBHOOK;
+    *n -= 1;
+    if *n == 0 {
+        per_webhook.remove(&webhook);
+    }
+    was_full
+}
+
+async fn claim(
+    pool: &Pool,
+    limit: usize,
+    per_webhook: &HashMap<WebhookId, usize>,
+) -> Result<Vec<DueDelivery>> {
+    let busy: Vec<(WebhookId, i64)> = per_webhook.iter().map(|(id, n)| (*id, *n as i64)).collect();
     let client = pool.get().await?;
-    webhooks::claim_due(&client, limit as i64, LEASE).await
+    webhooks::claim_due(
+        &client,
+        limit as i64,
+        MAX_IN_FLIGHT_PER_WEBHOOK as i64,
+        &busy,
+        LEASE,
+    )
+    .await
 }
 
 async fn prune(pool: &Pool) {
@@ -170,13 +205,13 @@ async fn prune(pool: &Pool) {
     }
 }
 
-/// One attempt of one delivery, then its record.
+/// One attempt of one delivery, then its record; returns the delivery's webhook.
 async fn deliver(
     client: reqwest::Client,
     pool: Pool,
     delivery: DueDelivery,
     shutdown: CancellationToken,
-) {
+) -> WebhookId {
     let outcome = tokio::select! {
         outcome = attempt(&client, &delivery) => outcome,
         _ = shutdown.cancelled() => Outcome::Failed {
@@ -208,6 +243,7 @@ async fn deliver(
         // The delivery comes due again when its lease passes: sent again, at least once.
         tracing::warn!(delivery = %delivery.id, error = ?err, "recording a webhook attempt failed");
     }
+    delivery.webhook_id
 }
 
 async fn attempt(client: &reqwest::Client, d: &DueDelivery) -> Outcome {

@@ -27,6 +27,8 @@ use tonic::{Code, Request};
 
 const LONG: Duration = Duration::from_secs(30);
 const SECRET: &str = "a-test-secret-of-enough-bytes";
+/// The body of a [`Answer::Huge`] answer.
+const HUGE_BODY_BYTES: usize = 64 * 1024 * 1024;
 
 /// How the receiver answers one request.
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +38,8 @@ enum Answer {
     Drop,
     /// Reads the request and never answers.
     Hang,
+    /// Answers with this status and a body of many megabytes.
+    Huge(u16),
 }
 
 #[derive(Debug, Clone)]
@@ -108,6 +112,24 @@ impl Receiver {
                             let _ = socket.shutdown().await;
                         }
                         Answer::Drop => drop(socket),
+                        Answer::Huge(code) => {
+                            let head = format!(
+                                "HTTP/1.1 {code} Whatever\r\ncontent-length: {}\r\n\
+                                 connection: close\r\n\r\n",
+                                HUGE_BODY_BYTES
+                            );
+                            if socket.write_all(head.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            let chunk = vec![b'x'; 64 * 1024];
+                            for _ in 0..HUGE_BODY_BYTES / chunk.len() {
+                                if socket.write_all(&chunk).await.is_err() {
+                                    // The manager stopped reading: as it should.
+                                    return;
+                                }
+                            }
+                            let _ = socket.shutdown().await;
+                        }
                         Answer::Hang => {
                             tokio::time::sleep(Duration::from_secs(3600)).await;
                             drop(socket);
@@ -973,4 +995,106 @@ async fn two_replicas_deliver_each_event_once() {
         .collect();
     assert_eq!(delivered_runs, created);
     assert_eq!(receiver.duplicates(), 0);
+}
+
+/// Bounded: a replica has at most `MAX_IN_FLIGHT_PER_WEBHOOK` attempts open for one
+/// webhook (a hanging receiver never takes the slots of the others) and
+/// `MAX_IN_FLIGHT` in all, however many deliveries are due; and of a failed answer's
+/// body only a short excerpt is read and kept.
+#[tokio::test]
+async fn attempts_in_flight_and_answers_read_are_bounded() {
+    use agentrun_manager::webhooks::{MAX_IN_FLIGHT, MAX_IN_FLIGHT_PER_WEBHOOK};
+    let hanging = Receiver::start(vec![], Answer::Hang).await;
+    let mut app = TestApp::spawn().await;
+    let mut hooks = webhooks_client(app.addr).await;
+    let hook = create_webhook(
+        &mut hooks,
+        webhook_request(hanging.url("/hang"), &["run.created"]),
+    )
+    .await;
+    let runs = MAX_IN_FLIGHT_PER_WEBHOOK + 4;
+    for i in 0..runs {
+        create(&mut app, &format!("run {i}")).await;
+    }
+    wait_for(
+        "the receiver to hold a full set of attempts",
+        LONG,
+        || async { (hanging.requests().len() >= MAX_IN_FLIGHT_PER_WEBHOOK).then_some(()) },
+    )
+    .await;
+
+    // Meanwhile another webhook's receiver answers a 500 with a 64 MiB body: its attempt
+    // is made at once, and recorded with a short excerpt.
+    let huge = Receiver::start(vec![], Answer::Huge(500)).await;
+    let other = create_webhook(
+        &mut hooks,
+        webhook_request(huge.url("/huge"), &["run.created"]),
+    )
+    .await;
+    let started = Instant::now();
+    create(&mut app, "huge answer").await;
+    let failed = wait_for("the failed attempt recorded", LONG, || {
+        let mut hooks = hooks.clone();
+        let id = other.webhook_id.clone();
+        async move {
+            deliveries(&mut hooks, &id)
+                .await
+                .into_iter()
+                .find(|d| d.last_status_code == 500)
+        }
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        failed.last_error.len() <= 1024,
+        "{}",
+        failed.last_error.len()
+    );
+    assert!(failed.last_error.contains("500"), "{}", failed.last_error);
+    assert_eq!(status(&failed), DeliveryStatus::Pending);
+
+    // Well inside the 10 s request timeout, the hanging webhook still has no more.
+    assert_eq!(hanging.requests().len(), MAX_IN_FLIGHT_PER_WEBHOOK);
+    let listed = deliveries(&mut hooks, &hook.webhook_id).await;
+    assert_eq!(listed.len(), runs + 1);
+    assert_eq!(
+        listed.iter().filter(|d| d.attempts == 1).count(),
+        MAX_IN_FLIGHT_PER_WEBHOOK
+    );
+    for id in [hook.webhook_id, other.webhook_id] {
+        hooks
+            .delete_webhook(proto::DeleteWebhookRequest { webhook_id: id })
+            .await
+            .unwrap();
+    }
+
+    // Enough hanging webhooks to fill every slot: no more than MAX_IN_FLIGHT at once. A
+    // fresh manager, whose slots the attempts above do not hold.
+    let mut app = TestApp::spawn().await;
+    let mut hooks = webhooks_client(app.addr).await;
+    let all = Receiver::start(vec![], Answer::Hang).await;
+    let webhooks = MAX_IN_FLIGHT / MAX_IN_FLIGHT_PER_WEBHOOK + 1;
+    for i in 0..webhooks {
+        create_webhook(
+            &mut hooks,
+            webhook_request(all.url(&format!("/{i}")), &["run.created"]),
+        )
+        .await;
+    }
+    for i in 0..MAX_IN_FLIGHT_PER_WEBHOOK {
+        create(&mut app, &format!("fill {i}")).await;
+    }
+    wait_for("every slot held", LONG, || async {
+        (all.requests().len() >= MAX_IN_FLIGHT).then_some(())
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_millis(2_500);
+    while Instant::now() < deadline {
+        assert_eq!(all.requests().len(), MAX_IN_FLIGHT, "attempts in flight");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -354,20 +354,40 @@ pub struct DueDelivery {
 /// replica (nor this one) takes them again while the attempt is in flight; if this
 /// replica dies meanwhile, they come due again when the lease has passed. `SKIP
 /// LOCKED`: replicas split the due rows, never wait on each other.
+///
+/// Per webhook, at most `per_webhook` minus what `busy` says this replica already has in
+/// flight for it: one slow receiver cannot take every slot from the others.
 pub async fn claim_due(
     client: &impl GenericClient,
     limit: i64,
+    per_webhook: i64,
+    busy: &[(WebhookId, i64)],
     lease: Duration,
 ) -> Result<Vec<DueDelivery>> {
     let stmt = client
         .prepare_cached(
-            "WITH due AS (
-                 SELECT d.id FROM webhook_deliveries d
+            "WITH busy AS (
+                 SELECT * FROM unnest($3::uuid[], $4::bigint[]) AS b(webhook_id, n)
+             ),
+             candidates AS (
+                 SELECT d.id, d.webhook_id, d.next_attempt_at FROM webhook_deliveries d
                  JOIN webhooks w ON w.id = d.webhook_id AND NOT w.deleted
                  WHERE d.status = 'pending' AND d.next_attempt_at <= now()
+                   AND d.webhook_id NOT IN (SELECT webhook_id FROM busy WHERE n >= $5)
                  ORDER BY d.next_attempt_at
-                 LIMIT $1
+                 LIMIT $1::bigint * 4
                  FOR UPDATE OF d SKIP LOCKED
+             ),
+             due AS (
+                 SELECT c.id FROM (
+                     SELECT c.*, row_number() OVER (PARTITION BY c.webhook_id
+                                                    ORDER BY c.next_attempt_at) AS rank
+                     FROM candidates c
+                 ) c
+                 LEFT JOIN busy b ON b.webhook_id = c.webhook_id
+                 WHERE c.rank + coalesce(b.n, 0) <= $5
+                 ORDER BY c.next_attempt_at
+                 LIMIT $1
              ),
              taken AS (
                  UPDATE webhook_deliveries d
@@ -385,7 +405,14 @@ pub async fn claim_due(
         )
         .await?;
     let lease_ms = lease.as_millis() as i64;
-    let rows = client.query(&stmt, &[&limit, &lease_ms]).await?;
+    let (busy_ids, busy_counts): (Vec<Uuid>, Vec<i64>) =
+        busy.iter().map(|(id, n)| (id.0, *n)).unzip();
+    let rows = client
+        .query(
+            &stmt,
+            &[&limit, &lease_ms, &busy_ids, &busy_counts, &per_webhook],
+        )
+        .await?;
     Ok(rows
         .iter()
         .map(|row| DueDelivery {
