@@ -764,12 +764,81 @@ async fn webhooks_are_tenant_scoped() {
 }
 
 async fn key(app: &TestApp, tenant: &str, role: Role) -> String {
+    project_key(app, tenant, role, &[]).await
+}
+
+async fn project_key(app: &TestApp, tenant: &str, role: Role, projects: &[&str]) -> String {
     let pool = db::pool(&app.database_url, 1).expect("pool");
     let client = pool.get().await.expect("connection");
-    api_keys::create(&client, tenant, role, &[], "test", None)
+    let projects: Vec<String> = projects.iter().map(|p| p.to_string()).collect();
+    api_keys::create(&client, tenant, role, &projects, "test", None)
         .await
         .expect("create key")
         .key
+}
+
+/// A key limited to a project makes webhooks of that project only, and sees and deletes
+/// only those: a webhook of every project, or of another, is NOT_FOUND to it.
+#[tokio::test]
+async fn a_project_limited_key_sees_only_its_projects_webhooks() {
+    let app = TestApp::spawn_with(|s| s.auth = AuthMode::Required).await;
+    let whole = key(&app, "acme", Role::Client).await;
+    let alpha = project_key(&app, "acme", Role::Client, &["alpha"]).await;
+    let mut hooks = webhooks_client(app.addr).await;
+    let url = || "http://127.0.0.1:9/hook".to_owned();
+
+    let everywhere = hooks
+        .create_webhook(with_key(&whole, webhook_request(url(), &["run.terminal"])))
+        .await
+        .unwrap()
+        .into_inner()
+        .webhook
+        .unwrap();
+    assert_eq!(everywhere.project_id, "");
+    // Without a project, the key's only one.
+    let own = hooks
+        .create_webhook(with_key(&alpha, webhook_request(url(), &["run.terminal"])))
+        .await
+        .unwrap()
+        .into_inner()
+        .webhook
+        .unwrap();
+    assert_eq!(own.project_id, "alpha");
+    let mut beta = webhook_request(url(), &["run.terminal"]);
+    beta.project_id = "beta".into();
+    let refused = hooks
+        .create_webhook(with_key(&alpha, beta))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+
+    let seen: Vec<String> = hooks
+        .list_webhooks(with_key(&alpha, proto::ListWebhooksRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .webhooks
+        .into_iter()
+        .map(|w| w.webhook_id)
+        .collect();
+    assert_eq!(seen, vec![own.webhook_id.clone()]);
+    let hidden = hooks
+        .delete_webhook(with_key(
+            &alpha,
+            proto::DeleteWebhookRequest {
+                webhook_id: everywhere.webhook_id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(hidden.code(), Code::NotFound);
+    let all = hooks
+        .list_webhooks(with_key(&whole, proto::ListWebhooksRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .webhooks;
+    assert_eq!(all.len(), 2, "the whole-tenant key sees both");
 }
 
 fn with_key<T>(key: &str, message: T) -> Request<T> {
