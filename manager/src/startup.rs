@@ -200,7 +200,11 @@ impl Application {
             ));
         }
         // Webhook deliveries: sent from this replica, never in the way of appends.
-        tasks.spawn(webhooks::run(state.pool.clone(), background.clone()));
+        tasks.spawn(webhooks::run(
+            state.pool.clone(),
+            metrics.clone(),
+            background.clone(),
+        ));
         tasks.spawn(notify::publish(
             notifier.clone(),
             state.pool.clone(),

@@ -9,11 +9,17 @@
 //! written by other replicas, retries coming due, and attempts a dead replica left
 //! behind, which come due again once their lease has passed).
 //!
+//! Bounded: at most [`MAX_IN_FLIGHT`] attempts in flight per replica and
+//! [`MAX_IN_FLIGHT_PER_WEBHOOK`] per webhook (a receiver that hangs holds only its own
+//! share of the slots), at most [`MAX_RESPONSE_BYTES`] read of an answer, and finished
+//! deliveries pruned after [`KEEP_FINISHED`].
+//!
 //! A delivery is `POST <url>` with the JSON body [`body`] and the headers
 //! `agentrun-delivery-id`, `agentrun-event-type` and `agentrun-signature: t=<unix
 //! seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>` ([`signature`]).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use deadpool_postgres::Pool;
@@ -23,6 +29,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
+use crate::metrics::Metrics;
 use crate::store::webhooks::{self, DueDelivery, Outcome, WebhookId};
 
 /// How long a receiver has to answer one attempt.
@@ -103,7 +110,7 @@ pub fn http_client() -> reqwest::Client {
 
 /// Delivers until `shutdown` is cancelled; attempts in flight then are recorded as
 /// interrupted (due again at once, for any replica) before it returns.
-pub async fn run(pool: Pool, shutdown: CancellationToken) {
+pub async fn run(pool: Pool, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let client = http_client();
     let mut wake = webhooks::new_deliveries();
     let mut in_flight: JoinSet<WebhookId> = JoinSet::new();
@@ -123,6 +130,7 @@ pub async fn run(pool: Pool, shutdown: CancellationToken) {
                         in_flight.spawn(deliver(
                             client.clone(),
                             pool.clone(),
+                            metrics.clone(),
                             delivery,
                             shutdown.clone(),
                         ));
@@ -209,6 +217,7 @@ async fn prune(pool: &Pool) {
 async fn deliver(
     client: reqwest::Client,
     pool: Pool,
+    metrics: Arc<Metrics>,
     delivery: DueDelivery,
     shutdown: CancellationToken,
 ) -> WebhookId {
@@ -220,6 +229,10 @@ async fn deliver(
             retry_in: Some(Duration::ZERO),
         },
     };
+    metrics.webhook_attempt(
+        matches!(outcome, Outcome::Delivered { .. }),
+        matches!(outcome, Outcome::Failed { retry_in: None, .. }),
+    );
     match &outcome {
         Outcome::Delivered { status_code } => tracing::debug!(
             delivery = %delivery.id, webhook = %delivery.webhook_id, attempt = delivery.attempt,

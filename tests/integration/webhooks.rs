@@ -25,6 +25,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
+use crate::operability::{sample, scrape};
+
 const LONG: Duration = Duration::from_secs(30);
 const SECRET: &str = "a-test-secret-of-enough-bytes";
 /// The body of a [`Answer::Huge`] answer.
@@ -323,7 +325,7 @@ async fn run_to_completion(app: &mut TestApp, request: proto::CreateRunRequest) 
 async fn a_receiver_failing_twice_gets_the_delivery_once_by_id_with_a_valid_signature() {
     let receiver =
         Receiver::start(vec![Answer::Status(500), Answer::Drop], Answer::Status(200)).await;
-    let mut app = TestApp::spawn().await;
+    let mut app = TestApp::spawn_with(|s| s.metrics_listen = "127.0.0.1:0".into()).await;
     let mut hooks = webhooks_client(app.addr).await;
     let hook = create_webhook(
         &mut hooks,
@@ -395,6 +397,13 @@ async fn a_receiver_failing_twice_gets_the_delivery_once_by_id_with_a_valid_sign
     // The event is the one in the log.
     let logged = events_of(&mut app, &run_id).await;
     assert_eq!(payload(&logged[0]), event["payload"]);
+
+    // Counted: one delivered, two failed attempts, none given up.
+    let metrics = scrape(app.metrics_addr.expect("metrics served")).await;
+    let count = |name: &str| sample(&metrics, name, &[]);
+    assert_eq!(count("agentrun_webhook_deliveries_delivered_total"), 1.0);
+    assert_eq!(count("agentrun_webhook_attempts_failed_total"), 2.0);
+    assert_eq!(count("agentrun_webhook_deliveries_failed_total"), 0.0);
 }
 
 /// A receiver that never answers holds its deliveries in flight, and meanwhile a run is
