@@ -1176,3 +1176,54 @@ async fn attempts_in_flight_and_answers_read_are_bounded() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Durable across a crash: a replica killed while its attempt hangs leaves the delivery
+/// to another, which sends it again (same id) once the attempt's lease has passed.
+#[tokio::test]
+async fn a_crashed_replicas_attempt_is_made_again_by_another() {
+    let receiver = Receiver::start(vec![Answer::Hang], Answer::Status(200)).await;
+    let url = fresh_database().await;
+    let mut a = ManagerProcess::start(&url, &[]).await;
+    let mut hooks = webhooks_client(a.addr).await;
+    let hook = create_webhook(
+        &mut hooks,
+        webhook_request(receiver.url("/crash"), &["run.created"]),
+    )
+    .await;
+    let mut runs =
+        agentrun_shared::proto::run_service_client::RunServiceClient::new(a.channel().await);
+    runs.create_run(run_request("survive"))
+        .await
+        .expect("create run");
+    wait_for("the first attempt to hang", LONG, || async {
+        (!receiver.requests().is_empty()).then_some(())
+    })
+    .await;
+    a.kill();
+
+    let b = ManagerProcess::start(&url, &[]).await;
+    let mut hooks = webhooks_client(b.addr).await;
+    let delivered = wait_for(
+        "another replica to deliver it",
+        Duration::from_secs(60),
+        || {
+            let mut hooks = hooks.clone();
+            let id = hook.webhook_id.clone();
+            async move {
+                let all = deliveries(&mut hooks, &id).await;
+                (all.len() == 1 && status(&all[0]) == DeliveryStatus::Delivered)
+                    .then(|| all[0].clone())
+            }
+        },
+    )
+    .await;
+    assert_eq!(delivered.attempts, 2, "{delivered:?}");
+    let requests = receiver.requests();
+    assert_eq!(requests.len(), 2);
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.delivery_id == delivered.delivery_id)
+    );
+    assert_eq!(receiver.processed(), vec![delivered.delivery_id]);
+}
