@@ -1202,7 +1202,7 @@ async fn a_crashed_replicas_attempt_is_made_again_by_another() {
     a.kill();
 
     let b = ManagerProcess::start(&url, &[]).await;
-    let mut hooks = webhooks_client(b.addr).await;
+    let hooks = webhooks_client(b.addr).await;
     let delivered = wait_for(
         "another replica to deliver it",
         Duration::from_secs(60),
