@@ -1227,3 +1227,50 @@ async fn a_crashed_replicas_attempt_is_made_again_by_another() {
     );
     assert_eq!(receiver.processed(), vec![delivered.delivery_id]);
 }
+
+/// Finished deliveries are pruned once older than the keep period (the worker prunes
+/// with `KEEP_FINISHED`; here the store call runs with none), pending ones never.
+#[tokio::test]
+async fn finished_deliveries_are_pruned_pending_ones_kept() {
+    use agentrun_manager::store::webhooks::prune;
+    let ok = Receiver::start(vec![], Answer::Status(200)).await;
+    let failing = Receiver::start(vec![], Answer::Status(500)).await;
+    let mut app = TestApp::spawn().await;
+    let mut hooks = webhooks_client(app.addr).await;
+    let delivered =
+        create_webhook(&mut hooks, webhook_request(ok.url("/ok"), &["run.created"])).await;
+    let retrying = create_webhook(
+        &mut hooks,
+        webhook_request(failing.url("/no"), &["run.created"]),
+    )
+    .await;
+    create(&mut app, "prune me").await;
+    wait_for("one delivered, one retrying", LONG, || {
+        let mut hooks = hooks.clone();
+        let (a, b) = (delivered.webhook_id.clone(), retrying.webhook_id.clone());
+        async move {
+            let done = deliveries(&mut hooks, &a).await;
+            let pending = deliveries(&mut hooks, &b).await;
+            (done.len() == 1
+                && status(&done[0]) == DeliveryStatus::Delivered
+                && pending.len() == 1
+                && pending[0].attempts >= 1)
+                .then_some(())
+        }
+    })
+    .await;
+    let pool = db::pool(&app.database_url, 1).expect("pool");
+    let client = pool.get().await.expect("connection");
+    let kept_week = prune(&client, Duration::from_secs(7 * 24 * 3600), 1000)
+        .await
+        .expect("prune");
+    assert_eq!(kept_week, 0, "nothing is a week old");
+    let pruned = prune(&client, Duration::ZERO, 1000).await.expect("prune");
+    assert_eq!(pruned, 1);
+    assert!(
+        deliveries(&mut hooks, &delivered.webhook_id)
+            .await
+            .is_empty()
+    );
+    assert_eq!(deliveries(&mut hooks, &retrying.webhook_id).await.len(), 1);
+}
