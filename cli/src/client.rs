@@ -25,7 +25,7 @@ pub struct Manager {
     runs: RunServiceClient<Channel>,
     sessions: SessionServiceClient<Channel>,
     admin: AdminServiceClient<Channel>,
-    /// For the clients of other services, made where they are used (`schedules`).
+    /// For the clients of services whose commands live in their own modules.
     channel: Channel,
 }
 
@@ -93,8 +93,7 @@ impl Manager {
         &self.url
     }
 
-    /// The connection, for a client of another service; its requests are made with
-    /// [`Self::request`].
+    /// The connection, for a service client of a command's own module.
     pub(crate) fn channel(&self) -> Channel {
         self.channel.clone()
     }

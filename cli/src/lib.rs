@@ -16,6 +16,7 @@
 //! - [`duration`]: durations as flags take them (`500ms`, `6s`, `10m`, `2h`, `1d`).
 //! - [`sessions`]: the session commands.
 //! - [`schedules`]: the schedule commands (ScheduleService).
+//! - [`webhooks`]: the webhook commands.
 //! - [`follow`]: following a run's event log to its end (WatchRun, or ListEvents
 //!   polling), or a session's across runs (WatchSession, or ListSessionEvents polling).
 //! - [`progress`]: what a followed run waits for, shown as a status line.
@@ -38,6 +39,7 @@ pub mod render;
 pub mod schedules;
 pub mod sessions;
 pub mod telemetry;
+pub mod webhooks;
 
 use std::path::PathBuf;
 
@@ -269,6 +271,8 @@ pub enum ClientCommand {
     Limits(admin::LimitsArgs),
     /// Create, list and revoke API keys (operator; needs an admin key).
     Keys(admin::KeysArgs),
+    /// Create, list and delete webhooks, and list their deliveries [default: list].
+    Webhooks(webhooks::WebhooksArgs),
 }
 
 impl ClientCommand {
@@ -299,6 +303,7 @@ impl ClientCommand {
             ClientCommand::Runners(c) => c.flags.clone().into(),
             ClientCommand::Limits(c) => c.flags.clone().into(),
             ClientCommand::Keys(c) => c.flags.clone().into(),
+            ClientCommand::Webhooks(c) => c.flags.clone(),
         }
     }
 }
@@ -411,6 +416,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> Result<u8, CliError> 
             ClientCommand::Runners(c) => admin::runners(manager, c, out).await,
             ClientCommand::Limits(c) => admin::limits(manager, c, out).await,
             ClientCommand::Keys(c) => admin::keys(manager, c, out).await,
+            ClientCommand::Webhooks(c) => webhooks::webhooks(manager, c, out).await,
         }
     };
     // Following handles Ctrl-C itself (it ends the reply line first), so `work` is

@@ -44,6 +44,7 @@ pub mod store;
 pub mod sweeper;
 pub mod telemetry;
 pub mod ui;
+pub mod webhooks;
 pub mod wire_errors;
 
 pub use config::Settings;

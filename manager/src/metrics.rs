@@ -88,6 +88,9 @@ pub struct Metrics {
     runs_compacted: Counter,
     deltas_compacted: Counter,
     events_appended: Counter,
+    webhook_delivered: Counter,
+    webhook_attempts_failed: Counter,
+    webhook_failed: Counter,
     event_batch_size: Histogram,
     connected_runners: Gauge,
     watchers: Gauge,
@@ -127,6 +130,9 @@ impl Metrics {
             runs_compacted: Counter::default(),
             deltas_compacted: Counter::default(),
             events_appended: Counter::default(),
+            webhook_delivered: Counter::default(),
+            webhook_attempts_failed: Counter::default(),
+            webhook_failed: Counter::default(),
             // 1 .. 1024 events
             event_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
             connected_runners: Gauge::default(),
@@ -192,6 +198,21 @@ impl Metrics {
             "events_appended",
             "Runner events appended to run logs",
             m.events_appended.clone(),
+        );
+        registry.register(
+            "webhook_deliveries_delivered",
+            "Webhook deliveries a receiver took (answered 2xx), by this replica",
+            m.webhook_delivered.clone(),
+        );
+        registry.register(
+            "webhook_attempts_failed",
+            "Webhook attempts that got no 2xx answer, by this replica",
+            m.webhook_attempts_failed.clone(),
+        );
+        registry.register(
+            "webhook_deliveries_failed",
+            "Webhook deliveries given up after their last attempt, by this replica",
+            m.webhook_failed.clone(),
         );
         registry.register(
             "event_batch_size",
@@ -267,6 +288,19 @@ impl Metrics {
     pub fn swept(&self, lease_expiries: usize, requeues: usize) {
         self.lease_expiries.inc_by(lease_expiries as u64);
         self.requeues.inc_by(requeues as u64);
+    }
+
+    /// Counts how a webhook attempt ended: delivered, or failed (for good when
+    /// `last` is true).
+    pub fn webhook_attempt(&self, delivered: bool, last: bool) {
+        if delivered {
+            self.webhook_delivered.inc();
+            return;
+        }
+        self.webhook_attempts_failed.inc();
+        if last {
+            self.webhook_failed.inc();
+        }
     }
 
     /// Counts what a compaction pass did.

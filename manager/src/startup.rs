@@ -7,7 +7,7 @@ use std::time::Duration;
 use agentrun_shared::proto::{
     self, admin_service_server::AdminServiceServer, run_service_server::RunServiceServer,
     runner_service_server::RunnerServiceServer, schedule_service_server::ScheduleServiceServer,
-    session_service_server::SessionServiceServer,
+    session_service_server::SessionServiceServer, webhook_service_server::WebhookServiceServer,
 };
 use deadpool_postgres::Pool;
 use tokio::net::TcpListener;
@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::api::auth::Authenticator;
 use crate::api::watch_hub::{self, WatchHub};
-use crate::api::{AdminApi, AppState, RunApi, RunnerApi, ScheduleApi, SessionApi};
+use crate::api::{AdminApi, AppState, RunApi, RunnerApi, ScheduleApi, SessionApi, WebhookApi};
 use crate::config::{AuthMode, Settings};
 use crate::dispatcher::Dispatcher;
 use crate::heartbeats::Heartbeats;
@@ -31,7 +31,7 @@ use crate::notify::{self, Notifier};
 use crate::observe::ObserveLayer;
 use crate::ui::{self, UiAddress};
 use crate::wire_errors::WireErrorsLayer;
-use crate::{db, health, listener, retention, schedules, sweeper};
+use crate::{db, health, listener, retention, schedules, sweeper, webhooks};
 
 /// A service with the message size limits set explicitly, both ways (tonic's default
 /// for what a server sends is unlimited).
@@ -211,6 +211,12 @@ impl Application {
                 background.clone(),
             ));
         }
+        // Webhook deliveries: sent from this replica, never in the way of appends.
+        tasks.spawn(webhooks::run(
+            state.pool.clone(),
+            metrics.clone(),
+            background.clone(),
+        ));
         tasks.spawn(notify::publish(
             notifier.clone(),
             state.pool.clone(),
@@ -240,6 +246,7 @@ impl Application {
             <RunnerServiceServer<RunnerApi> as NamedService>::NAME,
             <AdminServiceServer<AdminApi> as NamedService>::NAME,
             <ScheduleServiceServer<ScheduleApi> as NamedService>::NAME,
+            <WebhookServiceServer<WebhookApi> as NamedService>::NAME,
         ];
         // Migrated just now: serving until a probe fails. Otherwise not until the
         // schema is found current.
@@ -294,6 +301,9 @@ impl Application {
                 ))))
                 .add_service(limited!(ScheduleServiceServer::new(ScheduleApi::new(
                     state.clone()
+                ))))
+                .add_service(limited!(WebhookServiceServer::new(WebhookApi::new(
+                    state.clone()
                 ))));
             let routes = ui::routes(api, &address.base_path, metrics.clone());
             let mut server = tonic::transport::Server::builder().accept_http1(true);
@@ -342,6 +352,9 @@ impl Application {
                 state.clone()
             ))))
             .add_service(limited!(ScheduleServiceServer::new(ScheduleApi::new(
+                state.clone()
+            ))))
+            .add_service(limited!(WebhookServiceServer::new(WebhookApi::new(
                 state.clone()
             ))))
             .serve_with_incoming_shutdown(

@@ -1,7 +1,8 @@
 //! The operator web UI (`--ui-listen`): one HTTP/1.1 port serving, under
 //! `--ui-base-path`, the single-page app built in `web/` and gRPC-Web to the same
-//! RunService, SessionService and AdminService as the gRPC port. The app is a client
-//! like any other: the same handlers, API keys, tenant scoping and limits, no second API.
+//! RunService, SessionService, AdminService and WebhookService as the gRPC port. The app
+//! is a client like any other: the same handlers, API keys, tenant scoping and limits,
+//! no second API.
 //!
 //! The app's three files are embedded at compile time from `web/dist` (committed, and
 //! rebuilt and diffed by `scripts/web-test.sh`), so building the manager needs no Node.

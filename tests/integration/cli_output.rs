@@ -2,7 +2,8 @@
 //! a manager: `-o json` and `-o jsonl` on the client commands (parsed, field by field),
 //! `approve`/`decline` without a request id, completion scripts, client options before
 //! or after the command and not on `dev`, durations with units, and the operator
-//! commands over AdminService (runners, drain, limits, API keys) with authentication on.
+//! commands over AdminService (runners, drain, limits, API keys) with authentication on;
+//! the webhook commands.
 
 use std::process::Command;
 use std::time::Duration;
@@ -404,6 +405,7 @@ async fn completion_scripts_name_the_commands() {
             "keys",
             "runners",
             "schedules",
+            "webhooks",
             "completion",
         ] {
             assert!(script.contains(command), "{shell} script lacks {command}");
@@ -709,4 +711,137 @@ async fn flow_limit_commands_set_and_list_rate_and_concurrency_limits_as_json() 
         reasons.iter().filter(|r| *r == "concurrency_key").count(),
         1
     );
+}
+
+/// Answers every HTTP request with 204 (reads the request head and body first).
+async fn accepting_receiver() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = socket.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..at]).to_ascii_lowercase();
+                    let length = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if buf.len() >= at + 4 + length {
+                        break;
+                    }
+                }
+                let _ = socket
+                    .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+                    .await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn webhooks_commands_answer_json() {
+    let mut app = TestApp::spawn().await;
+    let receiver = accepting_receiver().await;
+    let url = format!("http://{receiver}/hook");
+
+    // create: the webhook and its secret, shown once.
+    let created = json_of(
+        &agentrun(
+            &app,
+            &[
+                "webhooks",
+                "create",
+                "--url",
+                &url,
+                "--event",
+                "run.created",
+                "--event",
+                "run.terminal",
+                "-o",
+                "json",
+            ],
+        )
+        .await,
+    );
+    let hook = &created["webhook"];
+    let webhook_id = hook["webhook_id"].as_str().expect("an id").to_owned();
+    assert_eq!(hook["url"], url.as_str());
+    assert_eq!(hook["event_types"], json!(["run.created", "run.terminal"]));
+    assert_eq!(hook["project_id"], "");
+    assert!(is_rfc3339(&hook["created_at"]), "{hook}");
+    assert!(
+        created["secret"].as_str().is_some_and(|s| s.len() >= 64),
+        "{created}"
+    );
+
+    // list: an array without secrets; jsonl: one per line; text: a table.
+    let listed = json_of(&agentrun(&app, &["webhooks", "list", "-o", "json"]).await);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["webhook_id"], webhook_id.as_str());
+    assert!(listed[0].get("secret").is_none());
+    let lines = lines_of(&agentrun(&app, &["-o", "jsonl", "webhooks"]).await);
+    assert_eq!(lines.len(), 1);
+    let text = agentrun(&app, &["webhooks", "list"]).await;
+    assert!(text.stdout.contains(&webhook_id), "{}", text.stdout);
+
+    // deliveries: the run's run.created, delivered.
+    let run_id = create(&mut app, "notify me").await;
+    let delivered = wait_for("the delivery shown delivered", LONG, || async {
+        let shown =
+            json_of(&agentrun(&app, &["webhooks", "deliveries", &webhook_id, "-o", "json"]).await);
+        (shown[0]["status"] == "delivered").then_some(shown)
+    })
+    .await;
+    let delivery = &delivered[0];
+    assert_eq!(delivered.as_array().map(Vec::len), Some(1), "{delivered}");
+    assert_eq!(delivery["webhook_id"], webhook_id.as_str());
+    assert_eq!(delivery["run_id"], run_id.as_str());
+    assert_eq!(delivery["seq"], 1);
+    assert_eq!(delivery["event_type"], "run.created");
+    assert_eq!(delivery["attempts"], 1);
+    assert_eq!(delivery["last_status_code"], 204);
+    assert_eq!(delivery["last_error"], "");
+    assert!(is_rfc3339(&delivery["delivered_at"]), "{delivery}");
+    assert_eq!(delivery["next_attempt_at"], Value::Null);
+    assert!(delivery["delivery_id"].as_str().is_some());
+
+    // Bad input: a usage error naming the field.
+    let refused = agentrun(
+        &app,
+        &[
+            "webhooks",
+            "create",
+            "--url",
+            "ftp://x",
+            "--event",
+            "run.terminal",
+        ],
+    )
+    .await;
+    assert_ne!(refused.code(), Some(0));
+    assert!(refused.stderr.contains("url"), "{}", refused.stderr);
+
+    // delete, then the list is empty.
+    let deleted =
+        json_of(&agentrun(&app, &["webhooks", "delete", &webhook_id, "-o", "json"]).await);
+    assert_eq!(
+        deleted,
+        json!({ "webhook_id": webhook_id, "deleted": true })
+    );
+    let listed = json_of(&agentrun(&app, &["webhooks", "-o", "json"]).await);
+    assert_eq!(listed, json!([]));
 }

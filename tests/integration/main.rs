@@ -39,3 +39,4 @@ mod ui;
 mod validation;
 mod watch;
 mod watch_hub;
+mod webhooks;

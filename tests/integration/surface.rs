@@ -14,6 +14,7 @@ async fn health_reports_serving() {
         "agentrun.v1.RunService",
         "agentrun.v1.RunnerService",
         "agentrun.v1.ScheduleService",
+        "agentrun.v1.WebhookService",
     ] {
         let response = health
             .check(HealthCheckRequest {
@@ -118,10 +119,10 @@ async fn reflection_lists_the_services_in_v1_and_v1alpha() {
     else {
         panic!("not a service list: {answer:?}");
     };
-    assert!(
-        list.service
-            .iter()
-            .any(|s| s.name == "agentrun.v1.AdminService"),
-        "{list:?}"
-    );
+    for service in ["agentrun.v1.AdminService", "agentrun.v1.WebhookService"] {
+        assert!(
+            list.service.iter().any(|s| s.name == service),
+            "{service}: {list:?}"
+        );
+    }
 }

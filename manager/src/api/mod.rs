@@ -13,6 +13,7 @@ mod session_service;
 mod validate;
 mod watch;
 pub(crate) mod watch_hub;
+mod webhook_service;
 
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ pub use run_service::RunApi;
 pub use runner_service::RunnerApi;
 pub use schedule_service::ScheduleApi;
 pub use session_service::SessionApi;
+pub use webhook_service::WebhookApi;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

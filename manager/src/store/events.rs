@@ -19,6 +19,7 @@ use deadpool_postgres::GenericClient;
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::webhooks;
 use crate::error::{Error, Result};
 
 /// Payload bytes one page of events carries (ListEvents, ListSessionEvents, a watcher's
@@ -158,34 +159,70 @@ pub(crate) async fn insert_sequenced(
             }
         }
     }
-    // An event's time is its statement's, not its transaction's: a claim that found its
-    // run only after another transaction ended one (a concurrency key's slot) is logged
-    // after that end, as it happened.
-    let insert = tx
-        .prepare_cached(
-            "INSERT INTO events (run_id, seq, type, payload, producer, runner_id, epoch, runner_seq,
-                                 created_at)
-             SELECT *, statement_timestamp()
-             FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[], $5::text[],
-                         $6::uuid[], $7::bigint[], $8::bigint[])",
-        )
-        .await?;
-    tx.execute(
-        &insert,
-        &[
-            &run_ids,
-            &seqs,
-            &types,
-            &payloads,
-            &producers,
-            &runner_ids,
-            &epochs,
-            &runner_seqs,
-        ],
-    )
-    .await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+        &run_ids,
+        &seqs,
+        &types,
+        &payloads,
+        &producers,
+        &runner_ids,
+        &epochs,
+        &runner_seqs,
+    ];
+    // A batch holding an event some webhook could want also writes its deliveries, in
+    // the same statement (so in the same transaction, and without another round trip).
+    // Batches of stream content, the hot path, never pay for it.
+    if !events
+        .iter()
+        .any(|(_, _, e)| webhooks::deliverable(e.event_type))
+    {
+        let insert = tx.prepare_cached(INSERT_EVENTS).await?;
+        tx.execute(&insert, &params).await?;
+        return Ok(());
+    }
+    let insert = tx.prepare_cached(INSERT_EVENTS_AND_DELIVERIES).await?;
+    let deliveries: i64 = tx.query_one(&insert, &params).await?.get(0);
+    if deliveries > 0 {
+        webhooks::new_deliveries_written();
+    }
     Ok(())
 }
+
+/// An event's time is its statement's, not its transaction's: a claim that found its run
+/// only after another transaction ended one (a concurrency key's slot) is logged after
+/// that end, as it happened.
+const INSERT_EVENTS: &str =
+    "INSERT INTO events (run_id, seq, type, payload, producer, runner_id, epoch, runner_seq,
+                         created_at)
+     SELECT *, statement_timestamp()
+     FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[], $5::text[],
+                 $6::uuid[], $7::bigint[], $8::bigint[])";
+
+/// [`INSERT_EVENTS`], and one delivery per stored event and webhook of the run's tenant
+/// (and project, when the webhook names one) that asks for its type. Returns how many
+/// deliveries were written.
+const INSERT_EVENTS_AND_DELIVERIES: &str = "WITH stored AS (
+         INSERT INTO events (run_id, seq, type, payload, producer, runner_id, epoch, runner_seq,
+                             created_at)
+         SELECT *, statement_timestamp()
+         FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[], $5::text[],
+                     $6::uuid[], $7::bigint[], $8::bigint[])
+         RETURNING run_id, seq, type
+     ),
+     delivered AS (
+         INSERT INTO webhook_deliveries (id, webhook_id, tenant_id, run_id, seq, event_type)
+         SELECT gen_random_uuid(), w.id, r.tenant_id, s.run_id, s.seq, s.type
+         FROM stored s
+         JOIN runs r ON r.id = s.run_id
+         JOIN webhooks w ON w.tenant_id = r.tenant_id AND NOT w.deleted
+                        AND s.type = ANY(w.event_types)
+                        AND (w.project_id = '' OR w.project_id = r.project_id)
+         -- A one-time check: without any webhook, no join is made at all.
+         WHERE EXISTS (SELECT 1 FROM webhooks WHERE NOT deleted)
+         ON CONFLICT (webhook_id, run_id, seq) DO NOTHING
+         RETURNING 1
+     )
+     SELECT count(*) FROM delivered";
 
 /// Events of a run with `seq > after_seq`, oldest first: at most `limit`, and no more
 /// than [`PAGE_BYTES`] of payload past the first.

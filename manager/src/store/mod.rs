@@ -18,6 +18,7 @@ pub mod runners;
 pub mod runs;
 pub mod schedules;
 pub mod sessions;
+pub mod webhooks;
 
 use sha2::{Digest, Sha256};
 
