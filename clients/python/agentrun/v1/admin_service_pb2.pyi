@@ -12,16 +12,111 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RateLimitScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RATE_LIMIT_SCOPE_UNSPECIFIED: _ClassVar[RateLimitScope]
+    RATE_LIMIT_SCOPE_TENANT: _ClassVar[RateLimitScope]
+    RATE_LIMIT_SCOPE_QUEUE: _ClassVar[RateLimitScope]
+    RATE_LIMIT_SCOPE_CONCURRENCY_KEY: _ClassVar[RateLimitScope]
+
 class ApiKeyRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     API_KEY_ROLE_UNSPECIFIED: _ClassVar[ApiKeyRole]
     API_KEY_ROLE_CLIENT: _ClassVar[ApiKeyRole]
     API_KEY_ROLE_RUNNER: _ClassVar[ApiKeyRole]
     API_KEY_ROLE_ADMIN: _ClassVar[ApiKeyRole]
+RATE_LIMIT_SCOPE_UNSPECIFIED: RateLimitScope
+RATE_LIMIT_SCOPE_TENANT: RateLimitScope
+RATE_LIMIT_SCOPE_QUEUE: RateLimitScope
+RATE_LIMIT_SCOPE_CONCURRENCY_KEY: RateLimitScope
 API_KEY_ROLE_UNSPECIFIED: ApiKeyRole
 API_KEY_ROLE_CLIENT: ApiKeyRole
 API_KEY_ROLE_RUNNER: ApiKeyRole
 API_KEY_ROLE_ADMIN: ApiKeyRole
+
+class RateLimit(_message.Message):
+    __slots__ = ("tenant_id", "scope", "key", "runs", "period_ms", "burst", "tokens", "waiting_runs")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_MS_FIELD_NUMBER: _ClassVar[int]
+    BURST_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_RUNS_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    scope: RateLimitScope
+    key: str
+    runs: int
+    period_ms: int
+    burst: int
+    tokens: float
+    waiting_runs: int
+    def __init__(self, tenant_id: _Optional[str] = ..., scope: _Optional[_Union[RateLimitScope, str]] = ..., key: _Optional[str] = ..., runs: _Optional[int] = ..., period_ms: _Optional[int] = ..., burst: _Optional[int] = ..., tokens: _Optional[float] = ..., waiting_runs: _Optional[int] = ...) -> None: ...
+
+class SetRateLimitRequest(_message.Message):
+    __slots__ = ("rate_limit",)
+    RATE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    rate_limit: RateLimit
+    def __init__(self, rate_limit: _Optional[_Union[RateLimit, _Mapping]] = ...) -> None: ...
+
+class SetRateLimitResponse(_message.Message):
+    __slots__ = ("rate_limit",)
+    RATE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    rate_limit: RateLimit
+    def __init__(self, rate_limit: _Optional[_Union[RateLimit, _Mapping]] = ...) -> None: ...
+
+class ListRateLimitsRequest(_message.Message):
+    __slots__ = ("tenant_id",)
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    def __init__(self, tenant_id: _Optional[str] = ...) -> None: ...
+
+class ListRateLimitsResponse(_message.Message):
+    __slots__ = ("rate_limits",)
+    RATE_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    rate_limits: _containers.RepeatedCompositeFieldContainer[RateLimit]
+    def __init__(self, rate_limits: _Optional[_Iterable[_Union[RateLimit, _Mapping]]] = ...) -> None: ...
+
+class ConcurrencyLimit(_message.Message):
+    __slots__ = ("tenant_id", "concurrency_key", "max_active", "active_runs", "waiting_runs")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_RUNS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_RUNS_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    concurrency_key: str
+    max_active: int
+    active_runs: int
+    waiting_runs: int
+    def __init__(self, tenant_id: _Optional[str] = ..., concurrency_key: _Optional[str] = ..., max_active: _Optional[int] = ..., active_runs: _Optional[int] = ..., waiting_runs: _Optional[int] = ...) -> None: ...
+
+class SetConcurrencyLimitRequest(_message.Message):
+    __slots__ = ("tenant_id", "concurrency_key", "max_active")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    concurrency_key: str
+    max_active: int
+    def __init__(self, tenant_id: _Optional[str] = ..., concurrency_key: _Optional[str] = ..., max_active: _Optional[int] = ...) -> None: ...
+
+class SetConcurrencyLimitResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListConcurrencyLimitsRequest(_message.Message):
+    __slots__ = ("tenant_id",)
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    def __init__(self, tenant_id: _Optional[str] = ...) -> None: ...
+
+class ListConcurrencyLimitsResponse(_message.Message):
+    __slots__ = ("concurrency_limits",)
+    CONCURRENCY_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    concurrency_limits: _containers.RepeatedCompositeFieldContainer[ConcurrencyLimit]
+    def __init__(self, concurrency_limits: _Optional[_Iterable[_Union[ConcurrencyLimit, _Mapping]]] = ...) -> None: ...
 
 class ApiKey(_message.Message):
     __slots__ = ("key_id", "tenant_id", "project_ids", "role", "name", "created_at", "revoked_at", "expires_at", "last_used_at")
@@ -152,14 +247,28 @@ class TenantStats(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., pending_runs: _Optional[int] = ..., active_runs: _Optional[int] = ..., max_active_runs: _Optional[int] = ..., event_retention_ms: _Optional[int] = ...) -> None: ...
 
 class GetQueueStatsResponse(_message.Message):
-    __slots__ = ("depths", "ages", "tenants")
+    __slots__ = ("depths", "ages", "tenants", "waiting")
     DEPTHS_FIELD_NUMBER: _ClassVar[int]
     AGES_FIELD_NUMBER: _ClassVar[int]
     TENANTS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
     depths: _containers.RepeatedCompositeFieldContainer[QueueDepth]
     ages: _containers.RepeatedCompositeFieldContainer[QueueAge]
     tenants: _containers.RepeatedCompositeFieldContainer[TenantStats]
-    def __init__(self, depths: _Optional[_Iterable[_Union[QueueDepth, _Mapping]]] = ..., ages: _Optional[_Iterable[_Union[QueueAge, _Mapping]]] = ..., tenants: _Optional[_Iterable[_Union[TenantStats, _Mapping]]] = ...) -> None: ...
+    waiting: _containers.RepeatedCompositeFieldContainer[WaitingRuns]
+    def __init__(self, depths: _Optional[_Iterable[_Union[QueueDepth, _Mapping]]] = ..., ages: _Optional[_Iterable[_Union[QueueAge, _Mapping]]] = ..., tenants: _Optional[_Iterable[_Union[TenantStats, _Mapping]]] = ..., waiting: _Optional[_Iterable[_Union[WaitingRuns, _Mapping]]] = ...) -> None: ...
+
+class WaitingRuns(_message.Message):
+    __slots__ = ("tenant_id", "queue", "reason", "runs")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    queue: str
+    reason: str
+    runs: int
+    def __init__(self, tenant_id: _Optional[str] = ..., queue: _Optional[str] = ..., reason: _Optional[str] = ..., runs: _Optional[int] = ...) -> None: ...
 
 class ListRunnersRequest(_message.Message):
     __slots__ = ()

@@ -75,6 +75,26 @@ class AdminServiceStub:
                 request_serializer=agentrun_dot_v1_dot_admin__service__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=agentrun_dot_v1_dot_admin__service__pb2.RevokeApiKeyResponse.FromString,
                 _registered_method=True)
+        self.SetRateLimit = channel.unary_unary(
+                '/agentrun.v1.AdminService/SetRateLimit',
+                request_serializer=agentrun_dot_v1_dot_admin__service__pb2.SetRateLimitRequest.SerializeToString,
+                response_deserializer=agentrun_dot_v1_dot_admin__service__pb2.SetRateLimitResponse.FromString,
+                _registered_method=True)
+        self.ListRateLimits = channel.unary_unary(
+                '/agentrun.v1.AdminService/ListRateLimits',
+                request_serializer=agentrun_dot_v1_dot_admin__service__pb2.ListRateLimitsRequest.SerializeToString,
+                response_deserializer=agentrun_dot_v1_dot_admin__service__pb2.ListRateLimitsResponse.FromString,
+                _registered_method=True)
+        self.SetConcurrencyLimit = channel.unary_unary(
+                '/agentrun.v1.AdminService/SetConcurrencyLimit',
+                request_serializer=agentrun_dot_v1_dot_admin__service__pb2.SetConcurrencyLimitRequest.SerializeToString,
+                response_deserializer=agentrun_dot_v1_dot_admin__service__pb2.SetConcurrencyLimitResponse.FromString,
+                _registered_method=True)
+        self.ListConcurrencyLimits = channel.unary_unary(
+                '/agentrun.v1.AdminService/ListConcurrencyLimits',
+                request_serializer=agentrun_dot_v1_dot_admin__service__pb2.ListConcurrencyLimitsRequest.SerializeToString,
+                response_deserializer=agentrun_dot_v1_dot_admin__service__pb2.ListConcurrencyLimitsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -143,6 +163,39 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRateLimit(self, request, context):
+        """Sets (or, with runs = 0, removes) a rate limit on how many runs are started (claimed)
+        per period, for a tenant, one of its queues or one of its concurrency keys. Enforced
+        at claim time on every replica with a token bucket in the database: at most `burst`
+        claims at once, refilled at `runs` per `period_ms`. A run that waits for a token
+        shows `waiting_reason` "rate_limit".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRateLimits(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetConcurrencyLimit(self, request, context):
+        """Sets how many runs of one concurrency key (or, with an empty key, of every key of
+        the tenant that has no limit of its own) may be claimed at once. The default is 1;
+        max_active 0 removes the setting. Raising it lets waiting runs go at once; lowering
+        it lets the active runs finish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListConcurrencyLimits(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +238,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RevokeApiKey,
                     request_deserializer=agentrun_dot_v1_dot_admin__service__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=agentrun_dot_v1_dot_admin__service__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'SetRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRateLimit,
+                    request_deserializer=agentrun_dot_v1_dot_admin__service__pb2.SetRateLimitRequest.FromString,
+                    response_serializer=agentrun_dot_v1_dot_admin__service__pb2.SetRateLimitResponse.SerializeToString,
+            ),
+            'ListRateLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRateLimits,
+                    request_deserializer=agentrun_dot_v1_dot_admin__service__pb2.ListRateLimitsRequest.FromString,
+                    response_serializer=agentrun_dot_v1_dot_admin__service__pb2.ListRateLimitsResponse.SerializeToString,
+            ),
+            'SetConcurrencyLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetConcurrencyLimit,
+                    request_deserializer=agentrun_dot_v1_dot_admin__service__pb2.SetConcurrencyLimitRequest.FromString,
+                    response_serializer=agentrun_dot_v1_dot_admin__service__pb2.SetConcurrencyLimitResponse.SerializeToString,
+            ),
+            'ListConcurrencyLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConcurrencyLimits,
+                    request_deserializer=agentrun_dot_v1_dot_admin__service__pb2.ListConcurrencyLimitsRequest.FromString,
+                    response_serializer=agentrun_dot_v1_dot_admin__service__pb2.ListConcurrencyLimitsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -404,6 +477,114 @@ class AdminService:
             '/agentrun.v1.AdminService/RevokeApiKey',
             agentrun_dot_v1_dot_admin__service__pb2.RevokeApiKeyRequest.SerializeToString,
             agentrun_dot_v1_dot_admin__service__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentrun.v1.AdminService/SetRateLimit',
+            agentrun_dot_v1_dot_admin__service__pb2.SetRateLimitRequest.SerializeToString,
+            agentrun_dot_v1_dot_admin__service__pb2.SetRateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRateLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentrun.v1.AdminService/ListRateLimits',
+            agentrun_dot_v1_dot_admin__service__pb2.ListRateLimitsRequest.SerializeToString,
+            agentrun_dot_v1_dot_admin__service__pb2.ListRateLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetConcurrencyLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentrun.v1.AdminService/SetConcurrencyLimit',
+            agentrun_dot_v1_dot_admin__service__pb2.SetConcurrencyLimitRequest.SerializeToString,
+            agentrun_dot_v1_dot_admin__service__pb2.SetConcurrencyLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConcurrencyLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentrun.v1.AdminService/ListConcurrencyLimits',
+            agentrun_dot_v1_dot_admin__service__pb2.ListConcurrencyLimitsRequest.SerializeToString,
+            agentrun_dot_v1_dot_admin__service__pb2.ListConcurrencyLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

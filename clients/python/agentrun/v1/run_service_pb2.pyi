@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateRunRequest(_message.Message):
-    __slots__ = ("project_id", "backend_profile", "input_json", "queue", "priority", "labels", "max_attempts", "queue_timeout_ms", "run_timeout_ms", "metadata_json", "session_id", "idempotency_key", "scheduled_at", "stream_mode")
+    __slots__ = ("project_id", "backend_profile", "input_json", "queue", "priority", "labels", "max_attempts", "queue_timeout_ms", "run_timeout_ms", "metadata_json", "session_id", "idempotency_key", "scheduled_at", "stream_mode", "concurrency_key")
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_PROFILE_FIELD_NUMBER: _ClassVar[int]
     INPUT_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class CreateRunRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     SCHEDULED_AT_FIELD_NUMBER: _ClassVar[int]
     STREAM_MODE_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     project_id: str
     backend_profile: str
     input_json: str
@@ -40,7 +41,8 @@ class CreateRunRequest(_message.Message):
     idempotency_key: str
     scheduled_at: _timestamp_pb2.Timestamp
     stream_mode: _types_pb2.StreamMode
-    def __init__(self, project_id: _Optional[str] = ..., backend_profile: _Optional[str] = ..., input_json: _Optional[str] = ..., queue: _Optional[str] = ..., priority: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., max_attempts: _Optional[int] = ..., queue_timeout_ms: _Optional[int] = ..., run_timeout_ms: _Optional[int] = ..., metadata_json: _Optional[str] = ..., session_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., scheduled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stream_mode: _Optional[_Union[_types_pb2.StreamMode, str]] = ...) -> None: ...
+    concurrency_key: str
+    def __init__(self, project_id: _Optional[str] = ..., backend_profile: _Optional[str] = ..., input_json: _Optional[str] = ..., queue: _Optional[str] = ..., priority: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., max_attempts: _Optional[int] = ..., queue_timeout_ms: _Optional[int] = ..., run_timeout_ms: _Optional[int] = ..., metadata_json: _Optional[str] = ..., session_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., scheduled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stream_mode: _Optional[_Union[_types_pb2.StreamMode, str]] = ..., concurrency_key: _Optional[str] = ...) -> None: ...
 
 class CreateRunResponse(_message.Message):
     __slots__ = ("run", "created")
@@ -263,3 +265,75 @@ class ListRequestsResponse(_message.Message):
     requests: _containers.RepeatedCompositeFieldContainer[_types_pb2.Request]
     next_page_token: str
     def __init__(self, requests: _Optional[_Iterable[_Union[_types_pb2.Request, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class RerunRunRequest(_message.Message):
+    __slots__ = ("run_id", "idempotency_key")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    idempotency_key: str
+    def __init__(self, run_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class RerunRunResponse(_message.Message):
+    __slots__ = ("run", "created")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    run: _types_pb2.Run
+    created: bool
+    def __init__(self, run: _Optional[_Union[_types_pb2.Run, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class ForkRunRequest(_message.Message):
+    __slots__ = ("run_id", "turn_id", "input_json", "idempotency_key")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_JSON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    turn_id: str
+    input_json: str
+    idempotency_key: str
+    def __init__(self, run_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., input_json: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class ForkRunResponse(_message.Message):
+    __slots__ = ("run", "created")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    run: _types_pb2.Run
+    created: bool
+    def __init__(self, run: _Optional[_Union[_types_pb2.Run, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class CancelRunsRequest(_message.Message):
+    __slots__ = ("statuses", "queue", "session_id", "project_id", "backend_profile", "labels", "concurrency_key", "created_after", "created_before", "reason", "all")
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AFTER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    statuses: _containers.RepeatedScalarFieldContainer[_types_pb2.RunStatus]
+    queue: str
+    session_id: str
+    project_id: str
+    backend_profile: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    concurrency_key: str
+    created_after: _timestamp_pb2.Timestamp
+    created_before: _timestamp_pb2.Timestamp
+    reason: str
+    all: bool
+    def __init__(self, statuses: _Optional[_Iterable[_Union[_types_pb2.RunStatus, str]]] = ..., queue: _Optional[str] = ..., session_id: _Optional[str] = ..., project_id: _Optional[str] = ..., backend_profile: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., concurrency_key: _Optional[str] = ..., created_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., all: _Optional[bool] = ...) -> None: ...
+
+class CancelRunsResponse(_message.Message):
+    __slots__ = ("cancelled", "more", "run_ids")
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    RUN_IDS_FIELD_NUMBER: _ClassVar[int]
+    cancelled: int
+    more: bool
+    run_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, cancelled: _Optional[int] = ..., more: _Optional[bool] = ..., run_ids: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -102,6 +102,21 @@ class RunServiceStub:
                 request_serializer=agentrun_dot_v1_dot_run__service__pb2.ListRequestsRequest.SerializeToString,
                 response_deserializer=agentrun_dot_v1_dot_run__service__pb2.ListRequestsResponse.FromString,
                 _registered_method=True)
+        self.RerunRun = channel.unary_unary(
+                '/agentrun.v1.RunService/RerunRun',
+                request_serializer=agentrun_dot_v1_dot_run__service__pb2.RerunRunRequest.SerializeToString,
+                response_deserializer=agentrun_dot_v1_dot_run__service__pb2.RerunRunResponse.FromString,
+                _registered_method=True)
+        self.ForkRun = channel.unary_unary(
+                '/agentrun.v1.RunService/ForkRun',
+                request_serializer=agentrun_dot_v1_dot_run__service__pb2.ForkRunRequest.SerializeToString,
+                response_deserializer=agentrun_dot_v1_dot_run__service__pb2.ForkRunResponse.FromString,
+                _registered_method=True)
+        self.CancelRuns = channel.unary_unary(
+                '/agentrun.v1.RunService/CancelRuns',
+                request_serializer=agentrun_dot_v1_dot_run__service__pb2.CancelRunsRequest.SerializeToString,
+                response_deserializer=agentrun_dot_v1_dot_run__service__pb2.CancelRunsResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -216,6 +231,38 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RerunRun(self, request, context):
+        """Creates a new run with the input and settings of an earlier one (queue, profile,
+        priority, labels, attempts, timeouts, metadata, stream mode, concurrency key and
+        session), linked to it by `Run.rerun_of_run_id`. Its conversation context is what
+        the earlier run started with: none of the earlier run's own turns. With an
+        idempotency_key, a retry returns the first rerun.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkRun(self, request, context):
+        """Creates a new run that starts from a given turn of an earlier run: in the same
+        session (none when the earlier run had none), with the earlier run's settings, and a
+        conversation context of everything before that turn (the session's earlier runs and
+        the run's own completed turns before it). Its first turn is `input_json`'s prompt,
+        else the prompt of the turn forked from. Linked by `Run.forked_from_run_id` and
+        `forked_from_turn_id`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelRuns(self, request, context):
+        """Cancels every non-terminal run that matches a filter, as CancelRun does one: at most
+        1,000 per call (`more` says whether matching runs are left: call again). Idempotent:
+        runs already cancelled or being cancelled are not counted again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -283,6 +330,21 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.ListRequests,
                     request_deserializer=agentrun_dot_v1_dot_run__service__pb2.ListRequestsRequest.FromString,
                     response_serializer=agentrun_dot_v1_dot_run__service__pb2.ListRequestsResponse.SerializeToString,
+            ),
+            'RerunRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.RerunRun,
+                    request_deserializer=agentrun_dot_v1_dot_run__service__pb2.RerunRunRequest.FromString,
+                    response_serializer=agentrun_dot_v1_dot_run__service__pb2.RerunRunResponse.SerializeToString,
+            ),
+            'ForkRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkRun,
+                    request_deserializer=agentrun_dot_v1_dot_run__service__pb2.ForkRunRequest.FromString,
+                    response_serializer=agentrun_dot_v1_dot_run__service__pb2.ForkRunResponse.SerializeToString,
+            ),
+            'CancelRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRuns,
+                    request_deserializer=agentrun_dot_v1_dot_run__service__pb2.CancelRunsRequest.FromString,
+                    response_serializer=agentrun_dot_v1_dot_run__service__pb2.CancelRunsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -638,6 +700,87 @@ class RunService:
             '/agentrun.v1.RunService/ListRequests',
             agentrun_dot_v1_dot_run__service__pb2.ListRequestsRequest.SerializeToString,
             agentrun_dot_v1_dot_run__service__pb2.ListRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerunRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentrun.v1.RunService/RerunRun',
+            agentrun_dot_v1_dot_run__service__pb2.RerunRunRequest.SerializeToString,
+            agentrun_dot_v1_dot_run__service__pb2.RerunRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentrun.v1.RunService/ForkRun',
+            agentrun_dot_v1_dot_run__service__pb2.ForkRunRequest.SerializeToString,
+            agentrun_dot_v1_dot_run__service__pb2.ForkRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentrun.v1.RunService/CancelRuns',
+            agentrun_dot_v1_dot_run__service__pb2.CancelRunsRequest.SerializeToString,
+            agentrun_dot_v1_dot_run__service__pb2.CancelRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -101,7 +101,7 @@ PRODUCER_MANAGER: Producer
 PRODUCER_RUNNER: Producer
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "project_id", "session_id", "backend_profile", "queue", "priority", "labels", "status", "attempt", "max_attempts", "input_json", "metadata_json", "queue_timeout_ms", "run_timeout_ms", "idempotency_key", "lease_runner_id", "lease_epoch", "lease_expires_at", "failure_kind", "failure_message", "last_event_seq", "cancel_requested", "created_at", "updated_at", "claimed_at", "finished_at", "scheduled_at", "active_turn_id", "stream_mode", "events_compacted_at")
+    __slots__ = ("run_id", "project_id", "session_id", "backend_profile", "queue", "priority", "labels", "status", "attempt", "max_attempts", "input_json", "metadata_json", "queue_timeout_ms", "run_timeout_ms", "idempotency_key", "lease_runner_id", "lease_epoch", "lease_expires_at", "failure_kind", "failure_message", "last_event_seq", "cancel_requested", "created_at", "updated_at", "claimed_at", "finished_at", "scheduled_at", "active_turn_id", "stream_mode", "events_compacted_at", "concurrency_key", "waiting_reason", "rerun_of_run_id", "forked_from_run_id", "forked_from_turn_id", "schedule_id")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,12 @@ class Run(_message.Message):
     ACTIVE_TURN_ID_FIELD_NUMBER: _ClassVar[int]
     STREAM_MODE_FIELD_NUMBER: _ClassVar[int]
     EVENTS_COMPACTED_AT_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REASON_FIELD_NUMBER: _ClassVar[int]
+    RERUN_OF_RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    FORKED_FROM_RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    FORKED_FROM_TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_ID_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     project_id: str
     session_id: str
@@ -162,7 +168,13 @@ class Run(_message.Message):
     active_turn_id: str
     stream_mode: StreamMode
     events_compacted_at: _timestamp_pb2.Timestamp
-    def __init__(self, run_id: _Optional[str] = ..., project_id: _Optional[str] = ..., session_id: _Optional[str] = ..., backend_profile: _Optional[str] = ..., queue: _Optional[str] = ..., priority: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., input_json: _Optional[str] = ..., metadata_json: _Optional[str] = ..., queue_timeout_ms: _Optional[int] = ..., run_timeout_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., lease_runner_id: _Optional[str] = ..., lease_epoch: _Optional[int] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_kind: _Optional[str] = ..., failure_message: _Optional[str] = ..., last_event_seq: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., claimed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scheduled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active_turn_id: _Optional[str] = ..., stream_mode: _Optional[_Union[StreamMode, str]] = ..., events_compacted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    concurrency_key: str
+    waiting_reason: str
+    rerun_of_run_id: str
+    forked_from_run_id: str
+    forked_from_turn_id: str
+    schedule_id: str
+    def __init__(self, run_id: _Optional[str] = ..., project_id: _Optional[str] = ..., session_id: _Optional[str] = ..., backend_profile: _Optional[str] = ..., queue: _Optional[str] = ..., priority: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., input_json: _Optional[str] = ..., metadata_json: _Optional[str] = ..., queue_timeout_ms: _Optional[int] = ..., run_timeout_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., lease_runner_id: _Optional[str] = ..., lease_epoch: _Optional[int] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_kind: _Optional[str] = ..., failure_message: _Optional[str] = ..., last_event_seq: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., claimed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scheduled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active_turn_id: _Optional[str] = ..., stream_mode: _Optional[_Union[StreamMode, str]] = ..., events_compacted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., concurrency_key: _Optional[str] = ..., waiting_reason: _Optional[str] = ..., rerun_of_run_id: _Optional[str] = ..., forked_from_run_id: _Optional[str] = ..., forked_from_turn_id: _Optional[str] = ..., schedule_id: _Optional[str] = ...) -> None: ...
 
 class Command(_message.Message):
     __slots__ = ("command_id", "run_id", "seq", "kind", "payload_json", "status", "delivery_policy", "idempotency_key", "error", "created_at", "updated_at")

@@ -16,7 +16,265 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file agentrun/v1/admin_service.proto.
  */
 export const file_agentrun_v1_admin_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9hZ2VudHJ1bi92MS9hZG1pbl9zZXJ2aWNlLnByb3RvEgthZ2VudHJ1bi52MSK3AgoGQXBpS2V5Eg4KBmtleV9pZBgBIAEoCRIRCgl0ZW5hbnRfaWQYAiABKAkSEwoLcHJvamVjdF9pZHMYAyADKAkSJQoEcm9sZRgEIAEoDjIXLmFnZW50cnVuLnYxLkFwaUtleVJvbGUSDAoEbmFtZRgFIAEoCRIuCgpjcmVhdGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpyZXZva2VkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpleHBpcmVzX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxsYXN0X3VzZWRfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIqIBChNDcmVhdGVBcGlLZXlSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIlCgRyb2xlGAIgASgOMhcuYWdlbnRydW4udjEuQXBpS2V5Um9sZRITCgtwcm9qZWN0X2lkcxgDIAMoCRIMCgRuYW1lGAQgASgJEi4KCmV4cGlyZXNfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkkKFENyZWF0ZUFwaUtleVJlc3BvbnNlEiQKB2FwaV9rZXkYASABKAsyEy5hZ2VudHJ1bi52MS5BcGlLZXkSCwoDa2V5GAIgASgJIicKEkxpc3RBcGlLZXlzUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiPAoTTGlzdEFwaUtleXNSZXNwb25zZRIlCghhcGlfa2V5cxgBIAMoCzITLmFnZW50cnVuLnYxLkFwaUtleSIlChNSZXZva2VBcGlLZXlSZXF1ZXN0Eg4KBmtleV9pZBgBIAEoCSI8ChRSZXZva2VBcGlLZXlSZXNwb25zZRIkCgdhcGlfa2V5GAEgASgLMhMuYWdlbnRydW4udjEuQXBpS2V5IkMKFVNldFRlbmFudExpbWl0UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSFwoPbWF4X2FjdGl2ZV9ydW5zGAIgASgFIhgKFlNldFRlbmFudExpbWl0UmVzcG9uc2UiZgoZU2V0VGVuYW50UmV0ZW50aW9uUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSHwoSZXZlbnRfcmV0ZW50aW9uX21zGAIgASgDSACIAQFCFQoTX2V2ZW50X3JldGVudGlvbl9tcyIcChpTZXRUZW5hbnRSZXRlbnRpb25SZXNwb25zZSIWChRHZXRRdWV1ZVN0YXRzUmVxdWVzdCJRCgpRdWV1ZURlcHRoEg0KBXF1ZXVlGAEgASgJEiYKBnN0YXR1cxgCIAEoDjIWLmFnZW50cnVuLnYxLlJ1blN0YXR1cxIMCgRydW5zGAMgASgDIjgKCFF1ZXVlQWdlEg0KBXF1ZXVlGAEgASgJEh0KFW9sZGVzdF9wZW5kaW5nX2FnZV9tcxgCIAEoAyKAAQoLVGVuYW50U3RhdHMSEQoJdGVuYW50X2lkGAEgASgJEhQKDHBlbmRpbmdfcnVucxgCIAEoAxITCgthY3RpdmVfcnVucxgDIAEoAxIXCg9tYXhfYWN0aXZlX3J1bnMYBCABKAUSGgoSZXZlbnRfcmV0ZW50aW9uX21zGAUgASgDIpABChVHZXRRdWV1ZVN0YXRzUmVzcG9uc2USJwoGZGVwdGhzGAEgAygLMhcuYWdlbnRydW4udjEuUXVldWVEZXB0aBIjCgRhZ2VzGAIgAygLMhUuYWdlbnRydW4udjEuUXVldWVBZ2USKQoHdGVuYW50cxgDIAMoCzIYLmFnZW50cnVuLnYxLlRlbmFudFN0YXRzIhQKEkxpc3RSdW5uZXJzUmVxdWVzdCKYAgoKUnVubmVySW5mbxIRCglydW5uZXJfaWQYASABKAkSDAoEbmFtZRgCIAEoCRIOCgZsYWJlbHMYAyADKAkSGAoQYmFja2VuZF9wcm9maWxlcxgEIAMoCRIXCg9tYXhfY29uY3VycmVuY3kYBSABKAUSDwoHdmVyc2lvbhgGIAEoCRI1ChFsYXN0X2hlYXJ0YmVhdF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIZHJhaW5pbmcYCCABKAgSJQoGbGVhc2VzGAkgAygLMhUuYWdlbnRydW4udjEuTGVhc2VSZWYSEQoJdGVuYW50X2lkGAogASgJEhIKCnJlcGxpY2FfaWQYCyABKAkiPwoTTGlzdFJ1bm5lcnNSZXNwb25zZRIoCgdydW5uZXJzGAEgAygLMhcuYWdlbnRydW4udjEuUnVubmVySW5mbyInChJEcmFpblJ1bm5lclJlcXVlc3QSEQoJcnVubmVyX2lkGAEgASgJIiQKE0RyYWluUnVubmVyUmVzcG9uc2USDQoFZm91bmQYASABKAgqdAoKQXBpS2V5Um9sZRIcChhBUElfS0VZX1JPTEVfVU5TUEVDSUZJRUQQABIXChNBUElfS0VZX1JPTEVfQ0xJRU5UEAESFwoTQVBJX0tFWV9ST0xFX1JVTk5FUhACEhYKEkFQSV9LRVlfUk9MRV9BRE1JThADMsgFCgxBZG1pblNlcnZpY2USVgoNR2V0UXVldWVTdGF0cxIhLmFnZW50cnVuLnYxLkdldFF1ZXVlU3RhdHNSZXF1ZXN0GiIuYWdlbnRydW4udjEuR2V0UXVldWVTdGF0c1Jlc3BvbnNlElAKC0xpc3RSdW5uZXJzEh8uYWdlbnRydW4udjEuTGlzdFJ1bm5lcnNSZXF1ZXN0GiAuYWdlbnRydW4udjEuTGlzdFJ1bm5lcnNSZXNwb25zZRJQCgtEcmFpblJ1bm5lchIfLmFnZW50cnVuLnYxLkRyYWluUnVubmVyUmVxdWVzdBogLmFnZW50cnVuLnYxLkRyYWluUnVubmVyUmVzcG9uc2USWQoOU2V0VGVuYW50TGltaXQSIi5hZ2VudHJ1bi52MS5TZXRUZW5hbnRMaW1pdFJlcXVlc3QaIy5hZ2VudHJ1bi52MS5TZXRUZW5hbnRMaW1pdFJlc3BvbnNlEmUKElNldFRlbmFudFJldGVudGlvbhImLmFnZW50cnVuLnYxLlNldFRlbmFudFJldGVudGlvblJlcXVlc3QaJy5hZ2VudHJ1bi52MS5TZXRUZW5hbnRSZXRlbnRpb25SZXNwb25zZRJTCgxDcmVhdGVBcGlLZXkSIC5hZ2VudHJ1bi52MS5DcmVhdGVBcGlLZXlSZXF1ZXN0GiEuYWdlbnRydW4udjEuQ3JlYXRlQXBpS2V5UmVzcG9uc2USUAoLTGlzdEFwaUtleXMSHy5hZ2VudHJ1bi52MS5MaXN0QXBpS2V5c1JlcXVlc3QaIC5hZ2VudHJ1bi52MS5MaXN0QXBpS2V5c1Jlc3BvbnNlElMKDFJldm9rZUFwaUtleRIgLmFnZW50cnVuLnYxLlJldm9rZUFwaUtleVJlcXVlc3QaIS5hZ2VudHJ1bi52MS5SZXZva2VBcGlLZXlSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp, file_agentrun_v1_runner_service, file_agentrun_v1_types]);
+  fileDesc("Ch9hZ2VudHJ1bi92MS9hZG1pbl9zZXJ2aWNlLnByb3RvEgthZ2VudHJ1bi52MSKtAQoJUmF0ZUxpbWl0EhEKCXRlbmFudF9pZBgBIAEoCRIqCgVzY29wZRgCIAEoDjIbLmFnZW50cnVuLnYxLlJhdGVMaW1pdFNjb3BlEgsKA2tleRgDIAEoCRIMCgRydW5zGAQgASgFEhEKCXBlcmlvZF9tcxgFIAEoAxINCgVidXJzdBgGIAEoBRIOCgZ0b2tlbnMYByABKAESFAoMd2FpdGluZ19ydW5zGAggASgDIkEKE1NldFJhdGVMaW1pdFJlcXVlc3QSKgoKcmF0ZV9saW1pdBgBIAEoCzIWLmFnZW50cnVuLnYxLlJhdGVMaW1pdCJCChRTZXRSYXRlTGltaXRSZXNwb25zZRIqCgpyYXRlX2xpbWl0GAEgASgLMhYuYWdlbnRydW4udjEuUmF0ZUxpbWl0IioKFUxpc3RSYXRlTGltaXRzUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiRQoWTGlzdFJhdGVMaW1pdHNSZXNwb25zZRIrCgtyYXRlX2xpbWl0cxgBIAMoCzIWLmFnZW50cnVuLnYxLlJhdGVMaW1pdCJ9ChBDb25jdXJyZW5jeUxpbWl0EhEKCXRlbmFudF9pZBgBIAEoCRIXCg9jb25jdXJyZW5jeV9rZXkYAiABKAkSEgoKbWF4X2FjdGl2ZRgDIAEoBRITCgthY3RpdmVfcnVucxgEIAEoAxIUCgx3YWl0aW5nX3J1bnMYBSABKAMiXAoaU2V0Q29uY3VycmVuY3lMaW1pdFJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEhcKD2NvbmN1cnJlbmN5X2tleRgCIAEoCRISCgptYXhfYWN0aXZlGAMgASgFIh0KG1NldENvbmN1cnJlbmN5TGltaXRSZXNwb25zZSIxChxMaXN0Q29uY3VycmVuY3lMaW1pdHNSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCSJaCh1MaXN0Q29uY3VycmVuY3lMaW1pdHNSZXNwb25zZRI5ChJjb25jdXJyZW5jeV9saW1pdHMYASADKAsyHS5hZ2VudHJ1bi52MS5Db25jdXJyZW5jeUxpbWl0IrcCCgZBcGlLZXkSDgoGa2V5X2lkGAEgASgJEhEKCXRlbmFudF9pZBgCIAEoCRITCgtwcm9qZWN0X2lkcxgDIAMoCRIlCgRyb2xlGAQgASgOMhcuYWdlbnRydW4udjEuQXBpS2V5Um9sZRIMCgRuYW1lGAUgASgJEi4KCmNyZWF0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnJldm9rZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDGxhc3RfdXNlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiogEKE0NyZWF0ZUFwaUtleVJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEiUKBHJvbGUYAiABKA4yFy5hZ2VudHJ1bi52MS5BcGlLZXlSb2xlEhMKC3Byb2plY3RfaWRzGAMgAygJEgwKBG5hbWUYBCABKAkSLgoKZXhwaXJlc19hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiSQoUQ3JlYXRlQXBpS2V5UmVzcG9uc2USJAoHYXBpX2tleRgBIAEoCzITLmFnZW50cnVuLnYxLkFwaUtleRILCgNrZXkYAiABKAkiJwoSTGlzdEFwaUtleXNSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCSI8ChNMaXN0QXBpS2V5c1Jlc3BvbnNlEiUKCGFwaV9rZXlzGAEgAygLMhMuYWdlbnRydW4udjEuQXBpS2V5IiUKE1Jldm9rZUFwaUtleVJlcXVlc3QSDgoGa2V5X2lkGAEgASgJIjwKFFJldm9rZUFwaUtleVJlc3BvbnNlEiQKB2FwaV9rZXkYASABKAsyEy5hZ2VudHJ1bi52MS5BcGlLZXkiQwoVU2V0VGVuYW50TGltaXRSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIXCg9tYXhfYWN0aXZlX3J1bnMYAiABKAUiGAoWU2V0VGVuYW50TGltaXRSZXNwb25zZSJmChlTZXRUZW5hbnRSZXRlbnRpb25SZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIfChJldmVudF9yZXRlbnRpb25fbXMYAiABKANIAIgBAUIVChNfZXZlbnRfcmV0ZW50aW9uX21zIhwKGlNldFRlbmFudFJldGVudGlvblJlc3BvbnNlIhYKFEdldFF1ZXVlU3RhdHNSZXF1ZXN0IlEKClF1ZXVlRGVwdGgSDQoFcXVldWUYASABKAkSJgoGc3RhdHVzGAIgASgOMhYuYWdlbnRydW4udjEuUnVuU3RhdHVzEgwKBHJ1bnMYAyABKAMiOAoIUXVldWVBZ2USDQoFcXVldWUYASABKAkSHQoVb2xkZXN0X3BlbmRpbmdfYWdlX21zGAIgASgDIoABCgtUZW5hbnRTdGF0cxIRCgl0ZW5hbnRfaWQYASABKAkSFAoMcGVuZGluZ19ydW5zGAIgASgDEhMKC2FjdGl2ZV9ydW5zGAMgASgDEhcKD21heF9hY3RpdmVfcnVucxgEIAEoBRIaChJldmVudF9yZXRlbnRpb25fbXMYBSABKAMiuwEKFUdldFF1ZXVlU3RhdHNSZXNwb25zZRInCgZkZXB0aHMYASADKAsyFy5hZ2VudHJ1bi52MS5RdWV1ZURlcHRoEiMKBGFnZXMYAiADKAsyFS5hZ2VudHJ1bi52MS5RdWV1ZUFnZRIpCgd0ZW5hbnRzGAMgAygLMhguYWdlbnRydW4udjEuVGVuYW50U3RhdHMSKQoHd2FpdGluZxgEIAMoCzIYLmFnZW50cnVuLnYxLldhaXRpbmdSdW5zIk0KC1dhaXRpbmdSdW5zEhEKCXRlbmFudF9pZBgBIAEoCRINCgVxdWV1ZRgCIAEoCRIOCgZyZWFzb24YAyABKAkSDAoEcnVucxgEIAEoAyIUChJMaXN0UnVubmVyc1JlcXVlc3QimAIKClJ1bm5lckluZm8SEQoJcnVubmVyX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSDgoGbGFiZWxzGAMgAygJEhgKEGJhY2tlbmRfcHJvZmlsZXMYBCADKAkSFwoPbWF4X2NvbmN1cnJlbmN5GAUgASgFEg8KB3ZlcnNpb24YBiABKAkSNQoRbGFzdF9oZWFydGJlYXRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGRyYWluaW5nGAggASgIEiUKBmxlYXNlcxgJIAMoCzIVLmFnZW50cnVuLnYxLkxlYXNlUmVmEhEKCXRlbmFudF9pZBgKIAEoCRISCgpyZXBsaWNhX2lkGAsgASgJIj8KE0xpc3RSdW5uZXJzUmVzcG9uc2USKAoHcnVubmVycxgBIAMoCzIXLmFnZW50cnVuLnYxLlJ1bm5lckluZm8iJwoSRHJhaW5SdW5uZXJSZXF1ZXN0EhEKCXJ1bm5lcl9pZBgBIAEoCSIkChNEcmFpblJ1bm5lclJlc3BvbnNlEg0KBWZvdW5kGAEgASgIKpEBCg5SYXRlTGltaXRTY29wZRIgChxSQVRFX0xJTUlUX1NDT1BFX1VOU1BFQ0lGSUVEEAASGwoXUkFURV9MSU1JVF9TQ09QRV9URU5BTlQQARIaChZSQVRFX0xJTUlUX1NDT1BFX1FVRVVFEAISJAogUkFURV9MSU1JVF9TQ09QRV9DT05DVVJSRU5DWV9LRVkQAyp0CgpBcGlLZXlSb2xlEhwKGEFQSV9LRVlfUk9MRV9VTlNQRUNJRklFRBAAEhcKE0FQSV9LRVlfUk9MRV9DTElFTlQQARIXChNBUElfS0VZX1JPTEVfUlVOTkVSEAISFgoSQVBJX0tFWV9ST0xFX0FETUlOEAMy0ggKDEFkbWluU2VydmljZRJWCg1HZXRRdWV1ZVN0YXRzEiEuYWdlbnRydW4udjEuR2V0UXVldWVTdGF0c1JlcXVlc3QaIi5hZ2VudHJ1bi52MS5HZXRRdWV1ZVN0YXRzUmVzcG9uc2USUAoLTGlzdFJ1bm5lcnMSHy5hZ2VudHJ1bi52MS5MaXN0UnVubmVyc1JlcXVlc3QaIC5hZ2VudHJ1bi52MS5MaXN0UnVubmVyc1Jlc3BvbnNlElAKC0RyYWluUnVubmVyEh8uYWdlbnRydW4udjEuRHJhaW5SdW5uZXJSZXF1ZXN0GiAuYWdlbnRydW4udjEuRHJhaW5SdW5uZXJSZXNwb25zZRJZCg5TZXRUZW5hbnRMaW1pdBIiLmFnZW50cnVuLnYxLlNldFRlbmFudExpbWl0UmVxdWVzdBojLmFnZW50cnVuLnYxLlNldFRlbmFudExpbWl0UmVzcG9uc2USZQoSU2V0VGVuYW50UmV0ZW50aW9uEiYuYWdlbnRydW4udjEuU2V0VGVuYW50UmV0ZW50aW9uUmVxdWVzdBonLmFnZW50cnVuLnYxLlNldFRlbmFudFJldGVudGlvblJlc3BvbnNlElMKDENyZWF0ZUFwaUtleRIgLmFnZW50cnVuLnYxLkNyZWF0ZUFwaUtleVJlcXVlc3QaIS5hZ2VudHJ1bi52MS5DcmVhdGVBcGlLZXlSZXNwb25zZRJQCgtMaXN0QXBpS2V5cxIfLmFnZW50cnVuLnYxLkxpc3RBcGlLZXlzUmVxdWVzdBogLmFnZW50cnVuLnYxLkxpc3RBcGlLZXlzUmVzcG9uc2USUwoMUmV2b2tlQXBpS2V5EiAuYWdlbnRydW4udjEuUmV2b2tlQXBpS2V5UmVxdWVzdBohLmFnZW50cnVuLnYxLlJldm9rZUFwaUtleVJlc3BvbnNlElMKDFNldFJhdGVMaW1pdBIgLmFnZW50cnVuLnYxLlNldFJhdGVMaW1pdFJlcXVlc3QaIS5hZ2VudHJ1bi52MS5TZXRSYXRlTGltaXRSZXNwb25zZRJZCg5MaXN0UmF0ZUxpbWl0cxIiLmFnZW50cnVuLnYxLkxpc3RSYXRlTGltaXRzUmVxdWVzdBojLmFnZW50cnVuLnYxLkxpc3RSYXRlTGltaXRzUmVzcG9uc2USaAoTU2V0Q29uY3VycmVuY3lMaW1pdBInLmFnZW50cnVuLnYxLlNldENvbmN1cnJlbmN5TGltaXRSZXF1ZXN0GiguYWdlbnRydW4udjEuU2V0Q29uY3VycmVuY3lMaW1pdFJlc3BvbnNlEm4KFUxpc3RDb25jdXJyZW5jeUxpbWl0cxIpLmFnZW50cnVuLnYxLkxpc3RDb25jdXJyZW5jeUxpbWl0c1JlcXVlc3QaKi5hZ2VudHJ1bi52MS5MaXN0Q29uY3VycmVuY3lMaW1pdHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp, file_agentrun_v1_runner_service, file_agentrun_v1_types]);
+
+/**
+ * @generated from message agentrun.v1.RateLimit
+ */
+export type RateLimit = Message<"agentrun.v1.RateLimit"> & {
+  /**
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * @generated from field: agentrun.v1.RateLimitScope scope = 2;
+   */
+  scope: RateLimitScope;
+
+  /**
+   * The queue or concurrency key; empty for the tenant scope.
+   *
+   * @generated from field: string key = 3;
+   */
+  key: string;
+
+  /**
+   * Runs started per period, 1..=100000.
+   *
+   * @generated from field: int32 runs = 4;
+   */
+  runs: number;
+
+  /**
+   * 1000 (per second) ..= 3600000 (per hour).
+   *
+   * @generated from field: int64 period_ms = 5;
+   */
+  periodMs: bigint;
+
+  /**
+   * Most runs started at once (the bucket's size), 1..=100000; 0 in a request means
+   * `runs`.
+   *
+   * @generated from field: int32 burst = 6;
+   */
+  burst: number;
+
+  /**
+   * Tokens in the bucket when read (fractions refill continuously).
+   *
+   * @generated from field: double tokens = 7;
+   */
+  tokens: number;
+
+  /**
+   * Pending runs of this scope that could be claimed but for this limit (when read).
+   *
+   * @generated from field: int64 waiting_runs = 8;
+   */
+  waitingRuns: bigint;
+};
+
+/**
+ * Describes the message agentrun.v1.RateLimit.
+ * Use `create(RateLimitSchema)` to create a new message.
+ */
+export const RateLimitSchema: GenMessage<RateLimit> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_admin_service, 0);
+
+/**
+ * @generated from message agentrun.v1.SetRateLimitRequest
+ */
+export type SetRateLimitRequest = Message<"agentrun.v1.SetRateLimitRequest"> & {
+  /**
+   * @generated from field: agentrun.v1.RateLimit rate_limit = 1;
+   */
+  rateLimit?: RateLimit | undefined;
+};
+
+/**
+ * Describes the message agentrun.v1.SetRateLimitRequest.
+ * Use `create(SetRateLimitRequestSchema)` to create a new message.
+ */
+export const SetRateLimitRequestSchema: GenMessage<SetRateLimitRequest> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_admin_service, 1);
+
+/**
+ * @generated from message agentrun.v1.SetRateLimitResponse
+ */
+export type SetRateLimitResponse = Message<"agentrun.v1.SetRateLimitResponse"> & {
+  /**
+   * @generated from field: agentrun.v1.RateLimit rate_limit = 1;
+   */
+  rateLimit?: RateLimit | undefined;
+};
+
+/**
+ * Describes the message agentrun.v1.SetRateLimitResponse.
+ * Use `create(SetRateLimitResponseSchema)` to create a new message.
+ */
+export const SetRateLimitResponseSchema: GenMessage<SetRateLimitResponse> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_admin_service, 2);
+
+/**
+ * @generated from message agentrun.v1.ListRateLimitsRequest
+ */
+export type ListRateLimitsRequest = Message<"agentrun.v1.ListRateLimitsRequest"> & {
+  /**
+   * Only this tenant's limits; empty: all.
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+};
+
+/**
+ * Describes the message agentrun.v1.ListRateLimitsRequest.
+ * Use `create(ListRateLimitsRequestSchema)` to create a new message.
+ */
+export const ListRateLimitsRequestSchema: GenMessage<ListRateLimitsRequest> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_admin_service, 3);
+
+/**
+ * @generated from message agentrun.v1.ListRateLimitsResponse
+ */
+export type ListRateLimitsResponse = Message<"agentrun.v1.ListRateLimitsResponse"> & {
+  /**
+   * @generated from field: repeated agentrun.v1.RateLimit rate_limits = 1;
+   */
+  rateLimits: RateLimit[];
+};
+
+/**
+ * Describes the message agentrun.v1.ListRateLimitsResponse.
+ * Use `create(ListRateLimitsResponseSchema)` to create a new message.
+ */
+export const ListRateLimitsResponseSchema: GenMessage<ListRateLimitsResponse> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_admin_service, 4);
+
+/**
+ * @generated from message agentrun.v1.ConcurrencyLimit
+ */
+export type ConcurrencyLimit = Message<"agentrun.v1.ConcurrencyLimit"> & {
+  /**
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * Empty: the tenant's default for every key without a limit of its own.
+   *
+   * @generated from field: string concurrency_key = 2;
+   */
+  concurrencyKey: string;
+
+  /**
+   * 1..=10000.
+   *
+   * @generated from field: int32 max_active = 3;
+   */
+  maxActive: number;
+
+  /**
+   * Runs of the key claimed, running or waiting (when read; 0 for a tenant default).
+   *
+   * @generated from field: int64 active_runs = 4;
+   */
+  activeRuns: bigint;
+
+  /**
+   * Runs of the key waiting for room (when read; 0 for a tenant default).
+   *
+   * @generated from field: int64 waiting_runs = 5;
+   */
+  waitingRuns: bigint;
+};
+
+/**
+ * Describes the message agentrun.v1.ConcurrencyLimit.
+ * Use `create(ConcurrencyLimitSchema)` to create a new message.
+ */
+export const ConcurrencyLimitSchema: GenMessage<ConcurrencyLimit> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_admin_service, 5);
+
+/**
+ * @generated from message agentrun.v1.SetConcurrencyLimitRequest
+ */
+export type SetConcurrencyLimitRequest = Message<"agentrun.v1.SetConcurrencyLimitRequest"> & {
+  /**
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * @generated from field: string concurrency_key = 2;
+   */
+  concurrencyKey: string;
+
+  /**
+   * 0 removes the setting (back to the tenant's default, else 1).
+   *
+   * @generated from field: int32 max_active = 3;
+   */
+  maxActive: number;
+};
+
+/**
+ * Describes the message agentrun.v1.SetConcurrencyLimitRequest.
+ * Use `create(SetConcurrencyLimitRequestSchema)` to create a new message.
+ */
+export const SetConcurrencyLimitRequestSchema: GenMessage<SetConcurrencyLimitRequest> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_admin_service, 6);
+
+/**
+ * @generated from message agentrun.v1.SetConcurrencyLimitResponse
+ */
+export type SetConcurrencyLimitResponse = Message<"agentrun.v1.SetConcurrencyLimitResponse"> & {
+};
+
+/**
+ * Describes the message agentrun.v1.SetConcurrencyLimitResponse.
+ * Use `create(SetConcurrencyLimitResponseSchema)` to create a new message.
+ */
+export const SetConcurrencyLimitResponseSchema: GenMessage<SetConcurrencyLimitResponse> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_admin_service, 7);
+
+/**
+ * @generated from message agentrun.v1.ListConcurrencyLimitsRequest
+ */
+export type ListConcurrencyLimitsRequest = Message<"agentrun.v1.ListConcurrencyLimitsRequest"> & {
+  /**
+   * Only this tenant's limits; empty: all.
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+};
+
+/**
+ * Describes the message agentrun.v1.ListConcurrencyLimitsRequest.
+ * Use `create(ListConcurrencyLimitsRequestSchema)` to create a new message.
+ */
+export const ListConcurrencyLimitsRequestSchema: GenMessage<ListConcurrencyLimitsRequest> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_admin_service, 8);
+
+/**
+ * @generated from message agentrun.v1.ListConcurrencyLimitsResponse
+ */
+export type ListConcurrencyLimitsResponse = Message<"agentrun.v1.ListConcurrencyLimitsResponse"> & {
+  /**
+   * @generated from field: repeated agentrun.v1.ConcurrencyLimit concurrency_limits = 1;
+   */
+  concurrencyLimits: ConcurrencyLimit[];
+};
+
+/**
+ * Describes the message agentrun.v1.ListConcurrencyLimitsResponse.
+ * Use `create(ListConcurrencyLimitsResponseSchema)` to create a new message.
+ */
+export const ListConcurrencyLimitsResponseSchema: GenMessage<ListConcurrencyLimitsResponse> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_admin_service, 9);
 
 /**
  * @generated from message agentrun.v1.ApiKey
@@ -82,7 +340,7 @@ export type ApiKey = Message<"agentrun.v1.ApiKey"> & {
  * Use `create(ApiKeySchema)` to create a new message.
  */
 export const ApiKeySchema: GenMessage<ApiKey> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 0);
+  messageDesc(file_agentrun_v1_admin_service, 10);
 
 /**
  * @generated from message agentrun.v1.CreateApiKeyRequest
@@ -125,7 +383,7 @@ export type CreateApiKeyRequest = Message<"agentrun.v1.CreateApiKeyRequest"> & {
  * Use `create(CreateApiKeyRequestSchema)` to create a new message.
  */
 export const CreateApiKeyRequestSchema: GenMessage<CreateApiKeyRequest> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 1);
+  messageDesc(file_agentrun_v1_admin_service, 11);
 
 /**
  * @generated from message agentrun.v1.CreateApiKeyResponse
@@ -149,7 +407,7 @@ export type CreateApiKeyResponse = Message<"agentrun.v1.CreateApiKeyResponse"> &
  * Use `create(CreateApiKeyResponseSchema)` to create a new message.
  */
 export const CreateApiKeyResponseSchema: GenMessage<CreateApiKeyResponse> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 2);
+  messageDesc(file_agentrun_v1_admin_service, 12);
 
 /**
  * @generated from message agentrun.v1.ListApiKeysRequest
@@ -168,7 +426,7 @@ export type ListApiKeysRequest = Message<"agentrun.v1.ListApiKeysRequest"> & {
  * Use `create(ListApiKeysRequestSchema)` to create a new message.
  */
 export const ListApiKeysRequestSchema: GenMessage<ListApiKeysRequest> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 3);
+  messageDesc(file_agentrun_v1_admin_service, 13);
 
 /**
  * @generated from message agentrun.v1.ListApiKeysResponse
@@ -185,7 +443,7 @@ export type ListApiKeysResponse = Message<"agentrun.v1.ListApiKeysResponse"> & {
  * Use `create(ListApiKeysResponseSchema)` to create a new message.
  */
 export const ListApiKeysResponseSchema: GenMessage<ListApiKeysResponse> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 4);
+  messageDesc(file_agentrun_v1_admin_service, 14);
 
 /**
  * @generated from message agentrun.v1.RevokeApiKeyRequest
@@ -202,7 +460,7 @@ export type RevokeApiKeyRequest = Message<"agentrun.v1.RevokeApiKeyRequest"> & {
  * Use `create(RevokeApiKeyRequestSchema)` to create a new message.
  */
 export const RevokeApiKeyRequestSchema: GenMessage<RevokeApiKeyRequest> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 5);
+  messageDesc(file_agentrun_v1_admin_service, 15);
 
 /**
  * @generated from message agentrun.v1.RevokeApiKeyResponse
@@ -219,7 +477,7 @@ export type RevokeApiKeyResponse = Message<"agentrun.v1.RevokeApiKeyResponse"> &
  * Use `create(RevokeApiKeyResponseSchema)` to create a new message.
  */
 export const RevokeApiKeyResponseSchema: GenMessage<RevokeApiKeyResponse> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 6);
+  messageDesc(file_agentrun_v1_admin_service, 16);
 
 /**
  * @generated from message agentrun.v1.SetTenantLimitRequest
@@ -241,7 +499,7 @@ export type SetTenantLimitRequest = Message<"agentrun.v1.SetTenantLimitRequest">
  * Use `create(SetTenantLimitRequestSchema)` to create a new message.
  */
 export const SetTenantLimitRequestSchema: GenMessage<SetTenantLimitRequest> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 7);
+  messageDesc(file_agentrun_v1_admin_service, 17);
 
 /**
  * @generated from message agentrun.v1.SetTenantLimitResponse
@@ -254,7 +512,7 @@ export type SetTenantLimitResponse = Message<"agentrun.v1.SetTenantLimitResponse
  * Use `create(SetTenantLimitResponseSchema)` to create a new message.
  */
 export const SetTenantLimitResponseSchema: GenMessage<SetTenantLimitResponse> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 8);
+  messageDesc(file_agentrun_v1_admin_service, 18);
 
 /**
  * @generated from message agentrun.v1.SetTenantRetentionRequest
@@ -281,7 +539,7 @@ export type SetTenantRetentionRequest = Message<"agentrun.v1.SetTenantRetentionR
  * Use `create(SetTenantRetentionRequestSchema)` to create a new message.
  */
 export const SetTenantRetentionRequestSchema: GenMessage<SetTenantRetentionRequest> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 9);
+  messageDesc(file_agentrun_v1_admin_service, 19);
 
 /**
  * @generated from message agentrun.v1.SetTenantRetentionResponse
@@ -294,7 +552,7 @@ export type SetTenantRetentionResponse = Message<"agentrun.v1.SetTenantRetention
  * Use `create(SetTenantRetentionResponseSchema)` to create a new message.
  */
 export const SetTenantRetentionResponseSchema: GenMessage<SetTenantRetentionResponse> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 10);
+  messageDesc(file_agentrun_v1_admin_service, 20);
 
 /**
  * @generated from message agentrun.v1.GetQueueStatsRequest
@@ -307,7 +565,7 @@ export type GetQueueStatsRequest = Message<"agentrun.v1.GetQueueStatsRequest"> &
  * Use `create(GetQueueStatsRequestSchema)` to create a new message.
  */
 export const GetQueueStatsRequestSchema: GenMessage<GetQueueStatsRequest> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 11);
+  messageDesc(file_agentrun_v1_admin_service, 21);
 
 /**
  * @generated from message agentrun.v1.QueueDepth
@@ -334,7 +592,7 @@ export type QueueDepth = Message<"agentrun.v1.QueueDepth"> & {
  * Use `create(QueueDepthSchema)` to create a new message.
  */
 export const QueueDepthSchema: GenMessage<QueueDepth> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 12);
+  messageDesc(file_agentrun_v1_admin_service, 22);
 
 /**
  * @generated from message agentrun.v1.QueueAge
@@ -358,7 +616,7 @@ export type QueueAge = Message<"agentrun.v1.QueueAge"> & {
  * Use `create(QueueAgeSchema)` to create a new message.
  */
 export const QueueAgeSchema: GenMessage<QueueAge> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 13);
+  messageDesc(file_agentrun_v1_admin_service, 23);
 
 /**
  * @generated from message agentrun.v1.TenantStats
@@ -402,7 +660,7 @@ export type TenantStats = Message<"agentrun.v1.TenantStats"> & {
  * Use `create(TenantStatsSchema)` to create a new message.
  */
 export const TenantStatsSchema: GenMessage<TenantStats> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 14);
+  messageDesc(file_agentrun_v1_admin_service, 24);
 
 /**
  * @generated from message agentrun.v1.GetQueueStatsResponse
@@ -426,6 +684,13 @@ export type GetQueueStatsResponse = Message<"agentrun.v1.GetQueueStatsResponse">
    * @generated from field: repeated agentrun.v1.TenantStats tenants = 3;
    */
   tenants: TenantStats[];
+
+  /**
+   * Pending runs held back, by tenant, queue and reason (see Run.waiting_reason).
+   *
+   * @generated from field: repeated agentrun.v1.WaitingRuns waiting = 4;
+   */
+  waiting: WaitingRuns[];
 };
 
 /**
@@ -433,7 +698,41 @@ export type GetQueueStatsResponse = Message<"agentrun.v1.GetQueueStatsResponse">
  * Use `create(GetQueueStatsResponseSchema)` to create a new message.
  */
 export const GetQueueStatsResponseSchema: GenMessage<GetQueueStatsResponse> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 15);
+  messageDesc(file_agentrun_v1_admin_service, 25);
+
+/**
+ * @generated from message agentrun.v1.WaitingRuns
+ */
+export type WaitingRuns = Message<"agentrun.v1.WaitingRuns"> & {
+  /**
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * @generated from field: string queue = 2;
+   */
+  queue: string;
+
+  /**
+   * concurrency_key | rate_limit
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+
+  /**
+   * @generated from field: int64 runs = 4;
+   */
+  runs: bigint;
+};
+
+/**
+ * Describes the message agentrun.v1.WaitingRuns.
+ * Use `create(WaitingRunsSchema)` to create a new message.
+ */
+export const WaitingRunsSchema: GenMessage<WaitingRuns> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_admin_service, 26);
 
 /**
  * @generated from message agentrun.v1.ListRunnersRequest
@@ -446,7 +745,7 @@ export type ListRunnersRequest = Message<"agentrun.v1.ListRunnersRequest"> & {
  * Use `create(ListRunnersRequestSchema)` to create a new message.
  */
 export const ListRunnersRequestSchema: GenMessage<ListRunnersRequest> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 16);
+  messageDesc(file_agentrun_v1_admin_service, 27);
 
 /**
  * @generated from message agentrun.v1.RunnerInfo
@@ -518,7 +817,7 @@ export type RunnerInfo = Message<"agentrun.v1.RunnerInfo"> & {
  * Use `create(RunnerInfoSchema)` to create a new message.
  */
 export const RunnerInfoSchema: GenMessage<RunnerInfo> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 17);
+  messageDesc(file_agentrun_v1_admin_service, 28);
 
 /**
  * @generated from message agentrun.v1.ListRunnersResponse
@@ -535,7 +834,7 @@ export type ListRunnersResponse = Message<"agentrun.v1.ListRunnersResponse"> & {
  * Use `create(ListRunnersResponseSchema)` to create a new message.
  */
 export const ListRunnersResponseSchema: GenMessage<ListRunnersResponse> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 18);
+  messageDesc(file_agentrun_v1_admin_service, 29);
 
 /**
  * @generated from message agentrun.v1.DrainRunnerRequest
@@ -552,7 +851,7 @@ export type DrainRunnerRequest = Message<"agentrun.v1.DrainRunnerRequest"> & {
  * Use `create(DrainRunnerRequestSchema)` to create a new message.
  */
 export const DrainRunnerRequestSchema: GenMessage<DrainRunnerRequest> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 19);
+  messageDesc(file_agentrun_v1_admin_service, 30);
 
 /**
  * @generated from message agentrun.v1.DrainRunnerResponse
@@ -571,7 +870,46 @@ export type DrainRunnerResponse = Message<"agentrun.v1.DrainRunnerResponse"> & {
  * Use `create(DrainRunnerResponseSchema)` to create a new message.
  */
 export const DrainRunnerResponseSchema: GenMessage<DrainRunnerResponse> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_admin_service, 20);
+  messageDesc(file_agentrun_v1_admin_service, 31);
+
+/**
+ * What a rate limit counts.
+ *
+ * @generated from enum agentrun.v1.RateLimitScope
+ */
+export enum RateLimitScope {
+  /**
+   * @generated from enum value: RATE_LIMIT_SCOPE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Every run of the tenant.
+   *
+   * @generated from enum value: RATE_LIMIT_SCOPE_TENANT = 1;
+   */
+  TENANT = 1,
+
+  /**
+   * The tenant's runs of one queue (`key` is the queue).
+   *
+   * @generated from enum value: RATE_LIMIT_SCOPE_QUEUE = 2;
+   */
+  QUEUE = 2,
+
+  /**
+   * The tenant's runs of one concurrency key (`key` is the concurrency key).
+   *
+   * @generated from enum value: RATE_LIMIT_SCOPE_CONCURRENCY_KEY = 3;
+   */
+  CONCURRENCY_KEY = 3,
+}
+
+/**
+ * Describes the enum agentrun.v1.RateLimitScope.
+ */
+export const RateLimitScopeSchema: GenEnum<RateLimitScope> = /*@__PURE__*/
+  enumDesc(file_agentrun_v1_admin_service, 0);
 
 /**
  * What an API key may do.
@@ -610,7 +948,7 @@ export enum ApiKeyRole {
  * Describes the enum agentrun.v1.ApiKeyRole.
  */
 export const ApiKeyRoleSchema: GenEnum<ApiKeyRole> = /*@__PURE__*/
-  enumDesc(file_agentrun_v1_admin_service, 0);
+  enumDesc(file_agentrun_v1_admin_service, 1);
 
 /**
  * AdminService: what operators look at and act on.
@@ -703,6 +1041,49 @@ export const AdminService: GenService<{
     methodKind: "unary";
     input: typeof RevokeApiKeyRequestSchema;
     output: typeof RevokeApiKeyResponseSchema;
+  },
+  /**
+   * Sets (or, with runs = 0, removes) a rate limit on how many runs are started (claimed)
+   * per period, for a tenant, one of its queues or one of its concurrency keys. Enforced
+   * at claim time on every replica with a token bucket in the database: at most `burst`
+   * claims at once, refilled at `runs` per `period_ms`. A run that waits for a token
+   * shows `waiting_reason` "rate_limit".
+   *
+   * @generated from rpc agentrun.v1.AdminService.SetRateLimit
+   */
+  setRateLimit: {
+    methodKind: "unary";
+    input: typeof SetRateLimitRequestSchema;
+    output: typeof SetRateLimitResponseSchema;
+  },
+  /**
+   * @generated from rpc agentrun.v1.AdminService.ListRateLimits
+   */
+  listRateLimits: {
+    methodKind: "unary";
+    input: typeof ListRateLimitsRequestSchema;
+    output: typeof ListRateLimitsResponseSchema;
+  },
+  /**
+   * Sets how many runs of one concurrency key (or, with an empty key, of every key of
+   * the tenant that has no limit of its own) may be claimed at once. The default is 1;
+   * max_active 0 removes the setting. Raising it lets waiting runs go at once; lowering
+   * it lets the active runs finish.
+   *
+   * @generated from rpc agentrun.v1.AdminService.SetConcurrencyLimit
+   */
+  setConcurrencyLimit: {
+    methodKind: "unary";
+    input: typeof SetConcurrencyLimitRequestSchema;
+    output: typeof SetConcurrencyLimitResponseSchema;
+  },
+  /**
+   * @generated from rpc agentrun.v1.AdminService.ListConcurrencyLimits
+   */
+  listConcurrencyLimits: {
+    methodKind: "unary";
+    input: typeof ListConcurrencyLimitsRequestSchema;
+    output: typeof ListConcurrencyLimitsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_agentrun_v1_admin_service, 0);

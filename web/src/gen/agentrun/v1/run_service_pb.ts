@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file agentrun/v1/run_service.proto.
  */
 export const file_agentrun_v1_run_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch1hZ2VudHJ1bi92MS9ydW5fc2VydmljZS5wcm90bxILYWdlbnRydW4udjEi8AIKEENyZWF0ZVJ1blJlcXVlc3QSEgoKcHJvamVjdF9pZBgBIAEoCRIXCg9iYWNrZW5kX3Byb2ZpbGUYAiABKAkSEgoKaW5wdXRfanNvbhgDIAEoCRINCgVxdWV1ZRgEIAEoCRIQCghwcmlvcml0eRgFIAEoBRIOCgZsYWJlbHMYBiADKAkSFAoMbWF4X2F0dGVtcHRzGAcgASgFEhgKEHF1ZXVlX3RpbWVvdXRfbXMYCCABKAMSFgoOcnVuX3RpbWVvdXRfbXMYCSABKAMSFQoNbWV0YWRhdGFfanNvbhgKIAEoCRISCgpzZXNzaW9uX2lkGAsgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgMIAEoCRIwCgxzY2hlZHVsZWRfYXQYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKC3N0cmVhbV9tb2RlGA4gASgOMhcuYWdlbnRydW4udjEuU3RyZWFtTW9kZSJDChFDcmVhdGVSdW5SZXNwb25zZRIdCgNydW4YASABKAsyEC5hZ2VudHJ1bi52MS5SdW4SDwoHY3JlYXRlZBgCIAEoCCJAChFDcmVhdGVSdW5zUmVxdWVzdBIrCgRydW5zGAEgAygLMh0uYWdlbnRydW4udjEuQ3JlYXRlUnVuUmVxdWVzdCJCChJDcmVhdGVSdW5zUmVzcG9uc2USLAoEcnVucxgBIAMoCzIeLmFnZW50cnVuLnYxLkNyZWF0ZVJ1blJlc3BvbnNlIh8KDUdldFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJIi8KDkdldFJ1blJlc3BvbnNlEh0KA3J1bhgBIAEoCzIQLmFnZW50cnVuLnYxLlJ1biKpAgoPTGlzdFJ1bnNSZXF1ZXN0EigKCHN0YXR1c2VzGAEgAygOMhYuYWdlbnRydW4udjEuUnVuU3RhdHVzEg0KBXF1ZXVlGAIgASgJEhIKCnNlc3Npb25faWQYAyABKAkSEgoKcHJvamVjdF9pZBgEIAEoCRIRCglwYWdlX3NpemUYBSABKAUSEgoKcGFnZV90b2tlbhgGIAEoCRIXCg9iYWNrZW5kX3Byb2ZpbGUYByABKAkSDgoGbGFiZWxzGAggAygJEjEKDWNyZWF0ZWRfYWZ0ZXIYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjIKDmNyZWF0ZWRfYmVmb3JlGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJLChBMaXN0UnVuc1Jlc3BvbnNlEh4KBHJ1bnMYASADKAsyEC5hZ2VudHJ1bi52MS5SdW4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjIKEENhbmNlbFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSIyChFDYW5jZWxSdW5SZXNwb25zZRIdCgNydW4YASABKAsyEC5hZ2VudHJ1bi52MS5SdW4izwEKElNlbmRDb21tYW5kUmVxdWVzdBIOCgZydW5faWQYASABKAkSJgoEa2luZBgCIAEoDjIYLmFnZW50cnVuLnYxLkNvbW1hbmRLaW5kEhQKDHBheWxvYWRfanNvbhgDIAEoCRI4Cg9kZWxpdmVyeV9wb2xpY3kYBCABKA4yHy5hZ2VudHJ1bi52MS5UdXJuRGVsaXZlcnlQb2xpY3kSFwoPaWRlbXBvdGVuY3lfa2V5GAUgASgJEhgKEGV4cGVjdGVkX3R1cm5faWQYBiABKAkiTQoTU2VuZENvbW1hbmRSZXNwb25zZRIlCgdjb21tYW5kGAEgASgLMhQuYWdlbnRydW4udjEuQ29tbWFuZBIPCgdjcmVhdGVkGAIgASgIIkcKE0xpc3RDb21tYW5kc1JlcXVlc3QSDgoGcnVuX2lkGAEgASgJEhEKCWFmdGVyX3NlcRgCIAEoAxINCgVsaW1pdBgDIAEoBSI+ChRMaXN0Q29tbWFuZHNSZXNwb25zZRImCghjb21tYW5kcxgBIAMoCzIULmFnZW50cnVuLnYxLkNvbW1hbmQiRQoRTGlzdEV2ZW50c1JlcXVlc3QSDgoGcnVuX2lkGAEgASgJEhEKCWFmdGVyX3NlcRgCIAEoAxINCgVsaW1pdBgDIAEoBSJeChJMaXN0RXZlbnRzUmVzcG9uc2USIgoGZXZlbnRzGAEgAygLMhIuYWdlbnRydW4udjEuRXZlbnQSEAoIbGFzdF9zZXEYAiABKAMSEgoKZW5kX29mX3J1bhgDIAEoCCI0Cg9XYXRjaFJ1blJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEhEKCWFmdGVyX3NlcRgCIAEoAyKGAQoVUmVzb2x2ZVJlcXVlc3RSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRISCgpyZXF1ZXN0X2lkGAIgASgJEhAKCGRlY2lzaW9uGAMgASgJEhQKDGFuc3dlcnNfanNvbhgEIAEoCRISCgp2YWx1ZV9qc29uGAUgASgJEg0KBWVycm9yGAYgASgJIm4KFlJlc29sdmVSZXF1ZXN0UmVzcG9uc2USFwoPcmVzb2x1dGlvbl9qc29uGAEgASgJEhQKDHJlc29sdmVkX25vdxgCIAEoCBIlCgdyZXF1ZXN0GAMgASgLMhQuYWdlbnRydW4udjEuUmVxdWVzdCI6ChRDYW5jZWxDb21tYW5kUmVxdWVzdBIOCgZydW5faWQYASABKAkSEgoKY29tbWFuZF9pZBgCIAEoCSJVChVDYW5jZWxDb21tYW5kUmVzcG9uc2USJQoHY29tbWFuZBgBIAEoCzIULmFnZW50cnVuLnYxLkNvbW1hbmQSFQoNY2FuY2VsbGVkX25vdxgCIAEoCCI3ChFHZXRDb21tYW5kUmVxdWVzdBIOCgZydW5faWQYASABKAkSEgoKY29tbWFuZF9pZBgCIAEoCSI7ChJHZXRDb21tYW5kUmVzcG9uc2USJQoHY29tbWFuZBgBIAEoCzIULmFnZW50cnVuLnYxLkNvbW1hbmQiXgoTTGlzdFJlcXVlc3RzUmVxdWVzdBIOCgZydW5faWQYASABKAkSEAoIc3RhdHVzZXMYAiADKAkSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkiVwoUTGlzdFJlcXVlc3RzUmVzcG9uc2USJgoIcmVxdWVzdHMYASADKAsyFC5hZ2VudHJ1bi52MS5SZXF1ZXN0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCTKMCAoKUnVuU2VydmljZRJKCglDcmVhdGVSdW4SHS5hZ2VudHJ1bi52MS5DcmVhdGVSdW5SZXF1ZXN0Gh4uYWdlbnRydW4udjEuQ3JlYXRlUnVuUmVzcG9uc2USTQoKQ3JlYXRlUnVucxIeLmFnZW50cnVuLnYxLkNyZWF0ZVJ1bnNSZXF1ZXN0Gh8uYWdlbnRydW4udjEuQ3JlYXRlUnVuc1Jlc3BvbnNlEkEKBkdldFJ1bhIaLmFnZW50cnVuLnYxLkdldFJ1blJlcXVlc3QaGy5hZ2VudHJ1bi52MS5HZXRSdW5SZXNwb25zZRJHCghMaXN0UnVucxIcLmFnZW50cnVuLnYxLkxpc3RSdW5zUmVxdWVzdBodLmFnZW50cnVuLnYxLkxpc3RSdW5zUmVzcG9uc2USSgoJQ2FuY2VsUnVuEh0uYWdlbnRydW4udjEuQ2FuY2VsUnVuUmVxdWVzdBoeLmFnZW50cnVuLnYxLkNhbmNlbFJ1blJlc3BvbnNlElAKC1NlbmRDb21tYW5kEh8uYWdlbnRydW4udjEuU2VuZENvbW1hbmRSZXF1ZXN0GiAuYWdlbnRydW4udjEuU2VuZENvbW1hbmRSZXNwb25zZRJTCgxMaXN0Q29tbWFuZHMSIC5hZ2VudHJ1bi52MS5MaXN0Q29tbWFuZHNSZXF1ZXN0GiEuYWdlbnRydW4udjEuTGlzdENvbW1hbmRzUmVzcG9uc2USTQoKTGlzdEV2ZW50cxIeLmFnZW50cnVuLnYxLkxpc3RFdmVudHNSZXF1ZXN0Gh8uYWdlbnRydW4udjEuTGlzdEV2ZW50c1Jlc3BvbnNlEj4KCFdhdGNoUnVuEhwuYWdlbnRydW4udjEuV2F0Y2hSdW5SZXF1ZXN0GhIuYWdlbnRydW4udjEuRXZlbnQwARJZCg5SZXNvbHZlUmVxdWVzdBIiLmFnZW50cnVuLnYxLlJlc29sdmVSZXF1ZXN0UmVxdWVzdBojLmFnZW50cnVuLnYxLlJlc29sdmVSZXF1ZXN0UmVzcG9uc2USVgoNQ2FuY2VsQ29tbWFuZBIhLmFnZW50cnVuLnYxLkNhbmNlbENvbW1hbmRSZXF1ZXN0GiIuYWdlbnRydW4udjEuQ2FuY2VsQ29tbWFuZFJlc3BvbnNlEk0KCkdldENvbW1hbmQSHi5hZ2VudHJ1bi52MS5HZXRDb21tYW5kUmVxdWVzdBofLmFnZW50cnVuLnYxLkdldENvbW1hbmRSZXNwb25zZRJTCgxMaXN0UmVxdWVzdHMSIC5hZ2VudHJ1bi52MS5MaXN0UmVxdWVzdHNSZXF1ZXN0GiEuYWdlbnRydW4udjEuTGlzdFJlcXVlc3RzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_agentrun_v1_types]);
+  fileDesc("Ch1hZ2VudHJ1bi92MS9ydW5fc2VydmljZS5wcm90bxILYWdlbnRydW4udjEiiQMKEENyZWF0ZVJ1blJlcXVlc3QSEgoKcHJvamVjdF9pZBgBIAEoCRIXCg9iYWNrZW5kX3Byb2ZpbGUYAiABKAkSEgoKaW5wdXRfanNvbhgDIAEoCRINCgVxdWV1ZRgEIAEoCRIQCghwcmlvcml0eRgFIAEoBRIOCgZsYWJlbHMYBiADKAkSFAoMbWF4X2F0dGVtcHRzGAcgASgFEhgKEHF1ZXVlX3RpbWVvdXRfbXMYCCABKAMSFgoOcnVuX3RpbWVvdXRfbXMYCSABKAMSFQoNbWV0YWRhdGFfanNvbhgKIAEoCRISCgpzZXNzaW9uX2lkGAsgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgMIAEoCRIwCgxzY2hlZHVsZWRfYXQYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKC3N0cmVhbV9tb2RlGA4gASgOMhcuYWdlbnRydW4udjEuU3RyZWFtTW9kZRIXCg9jb25jdXJyZW5jeV9rZXkYDyABKAkiQwoRQ3JlYXRlUnVuUmVzcG9uc2USHQoDcnVuGAEgASgLMhAuYWdlbnRydW4udjEuUnVuEg8KB2NyZWF0ZWQYAiABKAgiQAoRQ3JlYXRlUnVuc1JlcXVlc3QSKwoEcnVucxgBIAMoCzIdLmFnZW50cnVuLnYxLkNyZWF0ZVJ1blJlcXVlc3QiQgoSQ3JlYXRlUnVuc1Jlc3BvbnNlEiwKBHJ1bnMYASADKAsyHi5hZ2VudHJ1bi52MS5DcmVhdGVSdW5SZXNwb25zZSIfCg1HZXRSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCSIvCg5HZXRSdW5SZXNwb25zZRIdCgNydW4YASABKAsyEC5hZ2VudHJ1bi52MS5SdW4iqQIKD0xpc3RSdW5zUmVxdWVzdBIoCghzdGF0dXNlcxgBIAMoDjIWLmFnZW50cnVuLnYxLlJ1blN0YXR1cxINCgVxdWV1ZRgCIAEoCRISCgpzZXNzaW9uX2lkGAMgASgJEhIKCnByb2plY3RfaWQYBCABKAkSEQoJcGFnZV9zaXplGAUgASgFEhIKCnBhZ2VfdG9rZW4YBiABKAkSFwoPYmFja2VuZF9wcm9maWxlGAcgASgJEg4KBmxhYmVscxgIIAMoCRIxCg1jcmVhdGVkX2FmdGVyGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5jcmVhdGVkX2JlZm9yZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiSwoQTGlzdFJ1bnNSZXNwb25zZRIeCgRydW5zGAEgAygLMhAuYWdlbnRydW4udjEuUnVuEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIyChBDYW5jZWxSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiMgoRQ2FuY2VsUnVuUmVzcG9uc2USHQoDcnVuGAEgASgLMhAuYWdlbnRydW4udjEuUnVuIs8BChJTZW5kQ29tbWFuZFJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEiYKBGtpbmQYAiABKA4yGC5hZ2VudHJ1bi52MS5Db21tYW5kS2luZBIUCgxwYXlsb2FkX2pzb24YAyABKAkSOAoPZGVsaXZlcnlfcG9saWN5GAQgASgOMh8uYWdlbnRydW4udjEuVHVybkRlbGl2ZXJ5UG9saWN5EhcKD2lkZW1wb3RlbmN5X2tleRgFIAEoCRIYChBleHBlY3RlZF90dXJuX2lkGAYgASgJIk0KE1NlbmRDb21tYW5kUmVzcG9uc2USJQoHY29tbWFuZBgBIAEoCzIULmFnZW50cnVuLnYxLkNvbW1hbmQSDwoHY3JlYXRlZBgCIAEoCCJHChNMaXN0Q29tbWFuZHNSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIRCglhZnRlcl9zZXEYAiABKAMSDQoFbGltaXQYAyABKAUiPgoUTGlzdENvbW1hbmRzUmVzcG9uc2USJgoIY29tbWFuZHMYASADKAsyFC5hZ2VudHJ1bi52MS5Db21tYW5kIkUKEUxpc3RFdmVudHNSZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIRCglhZnRlcl9zZXEYAiABKAMSDQoFbGltaXQYAyABKAUiXgoSTGlzdEV2ZW50c1Jlc3BvbnNlEiIKBmV2ZW50cxgBIAMoCzISLmFnZW50cnVuLnYxLkV2ZW50EhAKCGxhc3Rfc2VxGAIgASgDEhIKCmVuZF9vZl9ydW4YAyABKAgiNAoPV2F0Y2hSdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIRCglhZnRlcl9zZXEYAiABKAMihgEKFVJlc29sdmVSZXF1ZXN0UmVxdWVzdBIOCgZydW5faWQYASABKAkSEgoKcmVxdWVzdF9pZBgCIAEoCRIQCghkZWNpc2lvbhgDIAEoCRIUCgxhbnN3ZXJzX2pzb24YBCABKAkSEgoKdmFsdWVfanNvbhgFIAEoCRINCgVlcnJvchgGIAEoCSJuChZSZXNvbHZlUmVxdWVzdFJlc3BvbnNlEhcKD3Jlc29sdXRpb25fanNvbhgBIAEoCRIUCgxyZXNvbHZlZF9ub3cYAiABKAgSJQoHcmVxdWVzdBgDIAEoCzIULmFnZW50cnVuLnYxLlJlcXVlc3QiOgoUQ2FuY2VsQ29tbWFuZFJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEhIKCmNvbW1hbmRfaWQYAiABKAkiVQoVQ2FuY2VsQ29tbWFuZFJlc3BvbnNlEiUKB2NvbW1hbmQYASABKAsyFC5hZ2VudHJ1bi52MS5Db21tYW5kEhUKDWNhbmNlbGxlZF9ub3cYAiABKAgiNwoRR2V0Q29tbWFuZFJlcXVlc3QSDgoGcnVuX2lkGAEgASgJEhIKCmNvbW1hbmRfaWQYAiABKAkiOwoSR2V0Q29tbWFuZFJlc3BvbnNlEiUKB2NvbW1hbmQYASABKAsyFC5hZ2VudHJ1bi52MS5Db21tYW5kIl4KE0xpc3RSZXF1ZXN0c1JlcXVlc3QSDgoGcnVuX2lkGAEgASgJEhAKCHN0YXR1c2VzGAIgAygJEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJIlcKFExpc3RSZXF1ZXN0c1Jlc3BvbnNlEiYKCHJlcXVlc3RzGAEgAygLMhQuYWdlbnRydW4udjEuUmVxdWVzdBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiOgoPUmVydW5SdW5SZXF1ZXN0Eg4KBnJ1bl9pZBgBIAEoCRIXCg9pZGVtcG90ZW5jeV9rZXkYAiABKAkiQgoQUmVydW5SdW5SZXNwb25zZRIdCgNydW4YASABKAsyEC5hZ2VudHJ1bi52MS5SdW4SDwoHY3JlYXRlZBgCIAEoCCJeCg5Gb3JrUnVuUmVxdWVzdBIOCgZydW5faWQYASABKAkSDwoHdHVybl9pZBgCIAEoCRISCgppbnB1dF9qc29uGAMgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgEIAEoCSJBCg9Gb3JrUnVuUmVzcG9uc2USHQoDcnVuGAEgASgLMhAuYWdlbnRydW4udjEuUnVuEg8KB2NyZWF0ZWQYAiABKAgiugIKEUNhbmNlbFJ1bnNSZXF1ZXN0EigKCHN0YXR1c2VzGAEgAygOMhYuYWdlbnRydW4udjEuUnVuU3RhdHVzEg0KBXF1ZXVlGAIgASgJEhIKCnNlc3Npb25faWQYAyABKAkSEgoKcHJvamVjdF9pZBgEIAEoCRIXCg9iYWNrZW5kX3Byb2ZpbGUYBSABKAkSDgoGbGFiZWxzGAYgAygJEhcKD2NvbmN1cnJlbmN5X2tleRgHIAEoCRIxCg1jcmVhdGVkX2FmdGVyGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5jcmVhdGVkX2JlZm9yZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGcmVhc29uGAogASgJEgsKA2FsbBgLIAEoCCJGChJDYW5jZWxSdW5zUmVzcG9uc2USEQoJY2FuY2VsbGVkGAEgASgDEgwKBG1vcmUYAiABKAgSDwoHcnVuX2lkcxgDIAMoCTLqCQoKUnVuU2VydmljZRJKCglDcmVhdGVSdW4SHS5hZ2VudHJ1bi52MS5DcmVhdGVSdW5SZXF1ZXN0Gh4uYWdlbnRydW4udjEuQ3JlYXRlUnVuUmVzcG9uc2USTQoKQ3JlYXRlUnVucxIeLmFnZW50cnVuLnYxLkNyZWF0ZVJ1bnNSZXF1ZXN0Gh8uYWdlbnRydW4udjEuQ3JlYXRlUnVuc1Jlc3BvbnNlEkEKBkdldFJ1bhIaLmFnZW50cnVuLnYxLkdldFJ1blJlcXVlc3QaGy5hZ2VudHJ1bi52MS5HZXRSdW5SZXNwb25zZRJHCghMaXN0UnVucxIcLmFnZW50cnVuLnYxLkxpc3RSdW5zUmVxdWVzdBodLmFnZW50cnVuLnYxLkxpc3RSdW5zUmVzcG9uc2USSgoJQ2FuY2VsUnVuEh0uYWdlbnRydW4udjEuQ2FuY2VsUnVuUmVxdWVzdBoeLmFnZW50cnVuLnYxLkNhbmNlbFJ1blJlc3BvbnNlElAKC1NlbmRDb21tYW5kEh8uYWdlbnRydW4udjEuU2VuZENvbW1hbmRSZXF1ZXN0GiAuYWdlbnRydW4udjEuU2VuZENvbW1hbmRSZXNwb25zZRJTCgxMaXN0Q29tbWFuZHMSIC5hZ2VudHJ1bi52MS5MaXN0Q29tbWFuZHNSZXF1ZXN0GiEuYWdlbnRydW4udjEuTGlzdENvbW1hbmRzUmVzcG9uc2USTQoKTGlzdEV2ZW50cxIeLmFnZW50cnVuLnYxLkxpc3RFdmVudHNSZXF1ZXN0Gh8uYWdlbnRydW4udjEuTGlzdEV2ZW50c1Jlc3BvbnNlEj4KCFdhdGNoUnVuEhwuYWdlbnRydW4udjEuV2F0Y2hSdW5SZXF1ZXN0GhIuYWdlbnRydW4udjEuRXZlbnQwARJZCg5SZXNvbHZlUmVxdWVzdBIiLmFnZW50cnVuLnYxLlJlc29sdmVSZXF1ZXN0UmVxdWVzdBojLmFnZW50cnVuLnYxLlJlc29sdmVSZXF1ZXN0UmVzcG9uc2USVgoNQ2FuY2VsQ29tbWFuZBIhLmFnZW50cnVuLnYxLkNhbmNlbENvbW1hbmRSZXF1ZXN0GiIuYWdlbnRydW4udjEuQ2FuY2VsQ29tbWFuZFJlc3BvbnNlEk0KCkdldENvbW1hbmQSHi5hZ2VudHJ1bi52MS5HZXRDb21tYW5kUmVxdWVzdBofLmFnZW50cnVuLnYxLkdldENvbW1hbmRSZXNwb25zZRJTCgxMaXN0UmVxdWVzdHMSIC5hZ2VudHJ1bi52MS5MaXN0UmVxdWVzdHNSZXF1ZXN0GiEuYWdlbnRydW4udjEuTGlzdFJlcXVlc3RzUmVzcG9uc2USRwoIUmVydW5SdW4SHC5hZ2VudHJ1bi52MS5SZXJ1blJ1blJlcXVlc3QaHS5hZ2VudHJ1bi52MS5SZXJ1blJ1blJlc3BvbnNlEkQKB0ZvcmtSdW4SGy5hZ2VudHJ1bi52MS5Gb3JrUnVuUmVxdWVzdBocLmFnZW50cnVuLnYxLkZvcmtSdW5SZXNwb25zZRJNCgpDYW5jZWxSdW5zEh4uYWdlbnRydW4udjEuQ2FuY2VsUnVuc1JlcXVlc3QaHy5hZ2VudHJ1bi52MS5DYW5jZWxSdW5zUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_agentrun_v1_types]);
 
 /**
  * @generated from message agentrun.v1.CreateRunRequest
@@ -115,6 +115,16 @@ export type CreateRunRequest = Message<"agentrun.v1.CreateRunRequest"> & {
    * @generated from field: agentrun.v1.StreamMode stream_mode = 14;
    */
   streamMode: StreamMode;
+
+  /**
+   * Runs of one key (per tenant) are claimed at most N at once, N being the key's limit
+   * (AdminService.SetConcurrencyLimit; default 1); the others wait in order, without
+   * holding up other keys. Empty: no key. At most 256 bytes. Part of what an idempotency
+   * key compares.
+   *
+   * @generated from field: string concurrency_key = 15;
+   */
+  concurrencyKey: string;
 };
 
 /**
@@ -806,6 +816,227 @@ export const ListRequestsResponseSchema: GenMessage<ListRequestsResponse> = /*@_
   messageDesc(file_agentrun_v1_run_service, 24);
 
 /**
+ * @generated from message agentrun.v1.RerunRunRequest
+ */
+export type RerunRunRequest = Message<"agentrun.v1.RerunRunRequest"> & {
+  /**
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+
+  /**
+   * As CreateRunRequest.idempotency_key (per tenant).
+   *
+   * @generated from field: string idempotency_key = 2;
+   */
+  idempotencyKey: string;
+};
+
+/**
+ * Describes the message agentrun.v1.RerunRunRequest.
+ * Use `create(RerunRunRequestSchema)` to create a new message.
+ */
+export const RerunRunRequestSchema: GenMessage<RerunRunRequest> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_run_service, 25);
+
+/**
+ * @generated from message agentrun.v1.RerunRunResponse
+ */
+export type RerunRunResponse = Message<"agentrun.v1.RerunRunResponse"> & {
+  /**
+   * @generated from field: agentrun.v1.Run run = 1;
+   */
+  run?: Run | undefined;
+
+  /**
+   * False when an idempotent retry returned an existing run.
+   *
+   * @generated from field: bool created = 2;
+   */
+  created: boolean;
+};
+
+/**
+ * Describes the message agentrun.v1.RerunRunResponse.
+ * Use `create(RerunRunResponseSchema)` to create a new message.
+ */
+export const RerunRunResponseSchema: GenMessage<RerunRunResponse> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_run_service, 26);
+
+/**
+ * @generated from message agentrun.v1.ForkRunRequest
+ */
+export type ForkRunRequest = Message<"agentrun.v1.ForkRunRequest"> & {
+  /**
+   * @generated from field: string run_id = 1;
+   */
+  runId: string;
+
+  /**
+   * The turn to start from: the command_id of one of the run's `turn` commands.
+   *
+   * @generated from field: string turn_id = 2;
+   */
+  turnId: string;
+
+  /**
+   * JSON object; its "prompt" starts the new run's first turn. Empty: the prompt of the
+   * turn forked from.
+   *
+   * @generated from field: string input_json = 3;
+   */
+  inputJson: string;
+
+  /**
+   * As CreateRunRequest.idempotency_key (per tenant).
+   *
+   * @generated from field: string idempotency_key = 4;
+   */
+  idempotencyKey: string;
+};
+
+/**
+ * Describes the message agentrun.v1.ForkRunRequest.
+ * Use `create(ForkRunRequestSchema)` to create a new message.
+ */
+export const ForkRunRequestSchema: GenMessage<ForkRunRequest> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_run_service, 27);
+
+/**
+ * @generated from message agentrun.v1.ForkRunResponse
+ */
+export type ForkRunResponse = Message<"agentrun.v1.ForkRunResponse"> & {
+  /**
+   * @generated from field: agentrun.v1.Run run = 1;
+   */
+  run?: Run | undefined;
+
+  /**
+   * False when an idempotent retry returned an existing run.
+   *
+   * @generated from field: bool created = 2;
+   */
+  created: boolean;
+};
+
+/**
+ * Describes the message agentrun.v1.ForkRunResponse.
+ * Use `create(ForkRunResponseSchema)` to create a new message.
+ */
+export const ForkRunResponseSchema: GenMessage<ForkRunResponse> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_run_service, 28);
+
+/**
+ * @generated from message agentrun.v1.CancelRunsRequest
+ */
+export type CancelRunsRequest = Message<"agentrun.v1.CancelRunsRequest"> & {
+  /**
+   * Any of the non-terminal statuses (pending, claimed, running, waiting). Empty: all
+   * of them.
+   *
+   * @generated from field: repeated agentrun.v1.RunStatus statuses = 1;
+   */
+  statuses: RunStatus[];
+
+  /**
+   * @generated from field: string queue = 2;
+   */
+  queue: string;
+
+  /**
+   * @generated from field: string session_id = 3;
+   */
+  sessionId: string;
+
+  /**
+   * @generated from field: string project_id = 4;
+   */
+  projectId: string;
+
+  /**
+   * @generated from field: string backend_profile = 5;
+   */
+  backendProfile: string;
+
+  /**
+   * Runs that have every one of these labels.
+   *
+   * @generated from field: repeated string labels = 6;
+   */
+  labels: string[];
+
+  /**
+   * @generated from field: string concurrency_key = 7;
+   */
+  concurrencyKey: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp created_after = 8;
+   */
+  createdAfter?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp created_before = 9;
+   */
+  createdBefore?: Timestamp | undefined;
+
+  /**
+   * Recorded as CancelRun's reason.
+   *
+   * @generated from field: string reason = 10;
+   */
+  reason: string;
+
+  /**
+   * Must be true when no other filter is given, so an empty request never cancels every
+   * run by accident.
+   *
+   * @generated from field: bool all = 11;
+   */
+  all: boolean;
+};
+
+/**
+ * Describes the message agentrun.v1.CancelRunsRequest.
+ * Use `create(CancelRunsRequestSchema)` to create a new message.
+ */
+export const CancelRunsRequestSchema: GenMessage<CancelRunsRequest> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_run_service, 29);
+
+/**
+ * @generated from message agentrun.v1.CancelRunsResponse
+ */
+export type CancelRunsResponse = Message<"agentrun.v1.CancelRunsResponse"> & {
+  /**
+   * Runs this call cancelled or asked to cancel.
+   *
+   * @generated from field: int64 cancelled = 1;
+   */
+  cancelled: bigint;
+
+  /**
+   * True when more runs matched than one call cancels: call again.
+   *
+   * @generated from field: bool more = 2;
+   */
+  more: boolean;
+
+  /**
+   * The runs this call cancelled or asked to cancel.
+   *
+   * @generated from field: repeated string run_ids = 3;
+   */
+  runIds: string[];
+};
+
+/**
+ * Describes the message agentrun.v1.CancelRunsResponse.
+ * Use `create(CancelRunsResponseSchema)` to create a new message.
+ */
+export const CancelRunsResponseSchema: GenMessage<CancelRunsResponse> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_run_service, 30);
+
+/**
  * RunService is what clients use: create runs, steer them, read and follow their events.
  * The caller's tenant comes from its credential, never from a request field.
  *
@@ -955,6 +1186,47 @@ export const RunService: GenService<{
     methodKind: "unary";
     input: typeof ListRequestsRequestSchema;
     output: typeof ListRequestsResponseSchema;
+  },
+  /**
+   * Creates a new run with the input and settings of an earlier one (queue, profile,
+   * priority, labels, attempts, timeouts, metadata, stream mode, concurrency key and
+   * session), linked to it by `Run.rerun_of_run_id`. Its conversation context is what
+   * the earlier run started with: none of the earlier run's own turns. With an
+   * idempotency_key, a retry returns the first rerun.
+   *
+   * @generated from rpc agentrun.v1.RunService.RerunRun
+   */
+  rerunRun: {
+    methodKind: "unary";
+    input: typeof RerunRunRequestSchema;
+    output: typeof RerunRunResponseSchema;
+  },
+  /**
+   * Creates a new run that starts from a given turn of an earlier run: in the same
+   * session (none when the earlier run had none), with the earlier run's settings, and a
+   * conversation context of everything before that turn (the session's earlier runs and
+   * the run's own completed turns before it). Its first turn is `input_json`'s prompt,
+   * else the prompt of the turn forked from. Linked by `Run.forked_from_run_id` and
+   * `forked_from_turn_id`.
+   *
+   * @generated from rpc agentrun.v1.RunService.ForkRun
+   */
+  forkRun: {
+    methodKind: "unary";
+    input: typeof ForkRunRequestSchema;
+    output: typeof ForkRunResponseSchema;
+  },
+  /**
+   * Cancels every non-terminal run that matches a filter, as CancelRun does one: at most
+   * 1,000 per call (`more` says whether matching runs are left: call again). Idempotent:
+   * runs already cancelled or being cancelled are not counted again.
+   *
+   * @generated from rpc agentrun.v1.RunService.CancelRuns
+   */
+  cancelRuns: {
+    methodKind: "unary";
+    input: typeof CancelRunsRequestSchema;
+    output: typeof CancelRunsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_agentrun_v1_run_service, 0);
