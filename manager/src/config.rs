@@ -56,7 +56,7 @@ pub struct Settings {
     /// Safety-net poll for schedules, in milliseconds: each replica sleeps until the
     /// next due time it knows of, at most this long (schedules created or resumed on
     /// another replica are seen within it; that replica fires them on time itself).
-    #[arg(long, env = "AGENTRUN_SCHEDULE_POLL_INTERVAL_MS", default_value_t = 1000,
+    #[arg(long, env = "AGENTRUN_SCHEDULE_POLL_INTERVAL_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(20..))]
     pub schedule_poll_interval_ms: u64,
     /// Safety-net poll for claimable runs (one query per replica), in case a wake-up was

@@ -5,9 +5,11 @@
 //! delivered, retried with back-off, or failed after the last attempt.
 //!
 //! Appends never wait for it: they only write delivery rows. It is woken in memory when
-//! an append on this replica wrote some, and polls every [`POLL`] otherwise (deliveries
-//! written by other replicas, retries coming due, and attempts a dead replica left
-//! behind, which come due again once their lease has passed).
+//! an append on this replica wrote some (each replica delivers what its own appends
+//! wrote), by a timer when a retry it scheduled comes due, and otherwise polls every
+//! [`POLL`], a safety net for retries scheduled by another replica and attempts a dead
+//! replica left behind (due again once their lease has passed). So an idle replica costs
+//! the database one statement per [`POLL`].
 //!
 //! Bounded: at most [`MAX_IN_FLIGHT`] attempts in flight per replica and
 //! [`MAX_IN_FLIGHT_PER_WEBHOOK`] per webhook (a receiver that hangs holds only its own
@@ -50,7 +52,7 @@ pub const MAX_IN_FLIGHT_PER_WEBHOOK: usize = 8;
 /// Deliveries taken per statement.
 const CLAIM_BATCH: usize = 16;
 /// The safety-net poll.
-pub const POLL: Duration = Duration::from_secs(1);
+pub const POLL: Duration = Duration::from_secs(10);
 /// A wake-up is sent before the append commits: look a moment later.
 const WAKE_SETTLE: Duration = Duration::from_millis(20);
 /// Bytes of a failed answer's body kept in `last_error`; no more is read.
@@ -113,7 +115,9 @@ pub fn http_client() -> reqwest::Client {
 pub async fn run(pool: Pool, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let client = http_client();
     let mut wake = webhooks::new_deliveries();
-    let mut in_flight: JoinSet<WebhookId> = JoinSet::new();
+    let mut in_flight: JoinSet<(WebhookId, Option<Duration>)> = JoinSet::new();
+    // The earliest retry this replica's attempts scheduled: looked at when it is due.
+    let mut next_retry: Option<Instant> = None;
     let mut per_webhook: HashMap<WebhookId, usize> = HashMap::new();
     let mut next_prune = Instant::now() + PRUNE_INTERVAL;
     // Whether the last look may have left due deliveries behind (it was full).
@@ -154,8 +158,12 @@ pub async fn run(pool: Pool, metrics: Arc<Metrics>, shutdown: CancellationToken)
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 // A slot is free: look again at once if the last look was full, or it
                 // was one of a webhook at its cap (whose other deliveries may wait).
-                if let Ok(webhook) = done {
+                if let Ok((webhook, retry_in)) = done {
                     more_due |= release(&mut per_webhook, webhook);
+                    if let Some(retry_in) = retry_in {
+                        let at = Instant::now() + retry_in;
+                        next_retry = Some(next_retry.map_or(at, |next| next.min(at)));
+                    }
                 }
             }
             changed = wake.changed() => {
@@ -164,7 +172,12 @@ pub async fn run(pool: Pool, metrics: Arc<Metrics>, shutdown: CancellationToken)
                     more_due = true;
                 }
             }
-            _ = tokio::time::sleep(POLL) => more_due = true,
+            _ = tokio::time::sleep(
+                next_retry.map_or(POLL, |at| at.saturating_duration_since(Instant::now()).min(POLL))
+            ) => {
+                more_due = true;
+                next_retry = next_retry.filter(|at| *at > Instant::now());
+            }
         }
     }
     while in_flight.join_next().await.is_some() {}
@@ -213,14 +226,15 @@ async fn prune(pool: &Pool) {
     }
 }
 
-/// One attempt of one delivery, then its record; returns the delivery's webhook.
+/// One attempt of one delivery, then its record; returns the delivery's webhook and,
+/// when the attempt failed and is to be retried, after how long.
 async fn deliver(
     client: reqwest::Client,
     pool: Pool,
     metrics: Arc<Metrics>,
     delivery: DueDelivery,
     shutdown: CancellationToken,
-) -> WebhookId {
+) -> (WebhookId, Option<Duration>) {
     let outcome = tokio::select! {
         outcome = attempt(&client, &delivery) => outcome,
         _ = shutdown.cancelled() => Outcome::Failed {
@@ -256,7 +270,11 @@ async fn deliver(
         // The delivery comes due again when its lease passes: sent again, at least once.
         tracing::warn!(delivery = %delivery.id, error = ?err, "recording a webhook attempt failed");
     }
-    delivery.webhook_id
+    let retry_in = match outcome {
+        Outcome::Failed { retry_in, .. } => retry_in,
+        Outcome::Delivered { .. } => None,
+    };
+    (delivery.webhook_id, retry_in)
 }
 
 async fn attempt(client: &reqwest::Client, d: &DueDelivery) -> Outcome {
