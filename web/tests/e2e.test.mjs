@@ -126,6 +126,14 @@ describe("the operator UI", { skip: skip ?? false }, () => {
     await waitStatus(page, "running");
     await page.locator("[data-testid=cancel-run]").click();
     await waitStatus(page, "cancelled", 30_000);
+    // An ended run is run again from its page: the new run's page names the original.
+    const original = page.url().split("#/runs/")[1];
+    await page.locator("[data-testid=rerun-run]").click();
+    await page.locator("[data-testid=rerun-of]", { hasText: original }).waitFor({ timeout: 15_000 });
+    assert.notEqual(page.url().split("#/runs/")[1], original);
+    await waitStatus(page, "running", 30_000);
+    await page.locator("[data-testid=cancel-run]").click();
+    await waitStatus(page, "cancelled", 30_000);
 
     const ids = [];
     for (const name of ["two", "three"]) {

@@ -178,6 +178,7 @@ export function RunPage({ runId, query }: { runId: string; query: URLSearchParam
           {since(tl.firstTokenMs)} → <span class="label">terminal</span> {clock(terminalMs)}
           {since(terminalMs)}
         </div>
+        {run && <Origin run={run} />}
         {run?.failureKind && (
           <div class="error">
             {run.failureKind}: {run.failureMessage}
@@ -341,6 +342,45 @@ const POLICIES: [TurnDeliveryPolicy, string][] = [
   [TurnDeliveryPolicy.REJECT, "reject"],
 ];
 
+// Where the run came from (re-run, fork, schedule), its concurrency key, and why it
+// waits when it is pending and held back.
+function Origin({ run }: { run: Run }) {
+  const link = (id: string) => (
+    <a class="mono" href={href(["runs", id])}>
+      {id}
+    </a>
+  );
+  const parts = [
+    run.waitingReason && (
+      <span data-testid="waiting-reason">
+        <span class="label">waiting for</span> {run.waitingReason.replace("_", " ")}
+      </span>
+    ),
+    run.concurrencyKey && (
+      <span>
+        <span class="label">concurrency key</span> <span class="mono">{run.concurrencyKey}</span>
+      </span>
+    ),
+    run.rerunOfRunId && (
+      <span data-testid="rerun-of">
+        <span class="label">re-run of</span> {link(run.rerunOfRunId)}
+      </span>
+    ),
+    run.forkedFromRunId && (
+      <span>
+        <span class="label">forked from</span> {link(run.forkedFromRunId)}{" "}
+        <span class="label">turn</span> <span class="mono">{run.forkedFromTurnId}</span>
+      </span>
+    ),
+    run.scheduleId && (
+      <span>
+        <span class="label">schedule</span> <span class="mono">{run.scheduleId}</span>
+      </span>
+    ),
+  ].filter(Boolean);
+  return parts.length ? <div class="origin">{parts}</div> : null;
+}
+
 function CommandBar({ runId, run, activeTurn }: { runId: string; run: Run | null; activeTurn: string }) {
   const [prompt, setPrompt] = useState("");
   const [policy, setPolicy] = useState(TurnDeliveryPolicy.QUEUE);
@@ -412,6 +452,19 @@ function CommandBar({ runId, run, activeTurn }: { runId: string; run: Run | null
           onClick={() => act("cancel", () => runs.cancelRun({ runId, reason: "cancelled from the UI" }))}
         >
           Cancel run
+        </button>
+        <button
+          type="button"
+          data-testid="rerun-run"
+          disabled={!ended}
+          onClick={() =>
+            act("rerun", async () => {
+              const made = await runs.rerunRun({ runId });
+              if (made.run) navigate(["runs", made.run.runId]);
+            })
+          }
+        >
+          Run again
         </button>
         {result && <span class="muted">{result}</span>}
       </form>
