@@ -3,13 +3,16 @@
 //! `agentrun dev` runs a whole local stack (a throwaway PostgreSQL, the manager
 //! in-process, runner processes); the other commands are a thin gRPC client of a
 //! manager: create runs and follow their replies, read events, send commands, answer
-//! approvals (and list the open ones), cancel, inspect; read and follow sessions; show queue statistics;
-//! and the operator commands (runners, tenant limits, API keys) over AdminService.
+//! approvals (and list the open ones), cancel (one run or by filter), re-run and fork,
+//! inspect; read and follow sessions; schedules and webhooks; show queue statistics; and
+//! the operator commands (runners, tenant, rate and concurrency limits, API keys) over
+//! AdminService.
 //! Client options (`--manager`, `--api-key`, `-o`, …) are accepted before or after a
 //! client command, and not by `dev` or `completion`.
 //!
 //! - [`client`]: the connection to the manager and the tenant header.
-//! - [`commands`]: one function per client command (runs, approvals, stats).
+//! - [`commands`]: one function per client command (runs, re-runs and forks, approvals,
+//!   stats).
 //! - [`admin`]: the operator commands (runners, limits, keys).
 //! - [`flow_limits`]: the flow-control operator commands (rate and concurrency limits).
 //! - [`output`]: the JSON shape of everything printed with `-o json|jsonl`.
