@@ -348,6 +348,44 @@ async fn fork_refuses_what_it_cannot_start_from() {
         .await
         .expect_err("an unknown run");
     assert_eq!(unknown_run.code(), Code::NotFound);
+    // Another tenant's run answers exactly like an unknown one, and its bulk cancel
+    // reaches none of ours.
+    let foreign = app
+        .runs
+        .rerun_run(as_tenant(
+            "other",
+            proto::RerunRunRequest {
+                run_id: run.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("another tenant's run");
+    assert_eq!(foreign.code(), Code::NotFound);
+    assert_eq!(foreign.message(), unknown_run.message());
+    let foreign_fork = app
+        .runs
+        .fork_run(as_tenant("other", fork(&run, &turn.command_id, "")))
+        .await
+        .expect_err("another tenant's run");
+    assert_eq!(foreign_fork.code(), Code::NotFound);
+    let none = app
+        .runs
+        .cancel_runs(as_tenant(
+            "other",
+            proto::CancelRunsRequest {
+                all: true,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("cancel another tenant's runs")
+        .into_inner();
+    assert_eq!(none.cancelled, 0);
+    assert_eq!(
+        status_of(&get_run(&mut app, &run).await),
+        RunStatus::Pending
+    );
     assert_eq!(
         count_runs(&app).await,
         runs_before,
