@@ -998,12 +998,13 @@ async fn the_firing_loop_sleeps_while_nothing_is_due() {
     let before = commits(&cluster, &name).await;
     let app = quiet_app_on(&url).await;
     // The clock is read outside the test database, so the reads are not counted.
-    until_db_time(&cluster, SystemTime::now() + Duration::from_secs(2)).await;
+    until_db_time(&cluster, SystemTime::now() + Duration::from_secs(4)).await;
     drop(app);
     disconnected(&cluster, &name).await;
     let used = commits(&cluster, &name).await - before;
-    println!("{used} transactions in two idle seconds");
-    // The manager's start and stop and a look or two at the schedules; a loop polling
-    // every few milliseconds would be a hundred or more.
-    assert!(used < 40, "{used} transactions in two idle seconds");
+    println!("{used} transactions in four idle seconds");
+    // The manager's start and stop (about 20, more on a loaded machine), its health
+    // probe once a second and a look or two at the schedules: well under 80. A loop
+    // polling every few milliseconds would be two hundred or more.
+    assert!(used < 80, "{used} transactions in four idle seconds");
 }
