@@ -1008,3 +1008,53 @@ async fn the_firing_loop_sleeps_while_nothing_is_due() {
     // polling every few milliseconds would be two hundred or more.
     assert!(used < 80, "{used} transactions in four idle seconds");
 }
+
+#[tokio::test]
+async fn a_tenant_holds_at_most_a_thousand_schedules() {
+    let app = TestApp::spawn().await;
+    let mut schedules = schedules_of(&app).await;
+    let mut first = None;
+    for i in 0..1000 {
+        let made = create(
+            &mut schedules,
+            every(&format!("s{i}"), 3_600_000, OverlapPolicy::Skip),
+        )
+        .await;
+        first.get_or_insert(made);
+    }
+    let refused = schedules
+        .create_schedule(proto::CreateScheduleRequest {
+            schedule: Some(every("one-too-many", 3_600_000, OverlapPolicy::Skip)),
+        })
+        .await
+        .expect_err("a schedule past the limit");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("tenant_schedules"),
+        "{refused:?}"
+    );
+    // A retry of one it has is still answered; another tenant is not held back.
+    let again = create(&mut schedules, every("s0", 3_600_000, OverlapPolicy::Skip)).await;
+    assert_eq!(again.schedule_id, first.expect("made").schedule_id);
+    schedules
+        .create_schedule(as_tenant(
+            "other",
+            proto::CreateScheduleRequest {
+                schedule: Some(every("one-too-many", 3_600_000, OverlapPolicy::Skip)),
+            },
+        ))
+        .await
+        .expect("another tenant's first schedule");
+    // Deleting one makes room.
+    schedules
+        .delete_schedule(proto::DeleteScheduleRequest {
+            schedule_id: again.schedule_id,
+        })
+        .await
+        .expect("delete");
+    create(
+        &mut schedules,
+        every("one-too-many", 3_600_000, OverlapPolicy::Skip),
+    )
+    .await;
+}

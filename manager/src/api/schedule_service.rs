@@ -140,8 +140,7 @@ impl ScheduleService for ScheduleApi {
         let caller = caller(&self.state, &request, Role::Client).await?;
         let new = self.new_schedule(request.get_ref()).map_err(Error::from)?;
         caller.check_project("schedule.project_id", &new.project_id)?;
-        let client = self.state.pool.get().await.map_err(Error::from)?;
-        let created = schedules::insert(&client, &caller.tenant, &new).await?;
+        let created = schedules::insert(&self.state.pool, &caller.tenant, &new).await?;
         self.state.schedules_changed.notify_one();
         Ok(Response::new(proto::CreateScheduleResponse {
             schedule: Some(convert::schedule(&created.value)),

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use agentrun_shared::error::reason;
 use agentrun_shared::ids::{RunId, ScheduleId, SessionId};
 use agentrun_shared::state::StreamMode;
-use deadpool_postgres::GenericClient;
+use deadpool_postgres::{GenericClient, Pool};
 use serde_json::{Map, Value, json};
 use tokio_postgres::Row;
 use uuid::Uuid;
@@ -233,10 +233,34 @@ fn now_ms() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_millis(since.as_millis() as u64)
 }
 
+/// Most schedules one tenant may have.
+pub const MAX_PER_TENANT: i64 = 1000;
+
+/// Namespace (first key) of the per-tenant advisory lock that keeps the count exact.
+const CREATE_LOCK: i32 = 0x6172_7363; // "arsc"
+
 /// Inserts a schedule, due first at its first due time after now. A schedule of the
 /// same name and definition is returned as is (a retry); one of the same name and a
-/// different definition is ALREADY_EXISTS.
+/// different definition is ALREADY_EXISTS; a new one past [`MAX_PER_TENANT`] is
+/// RESOURCE_EXHAUSTED. Creations of one tenant take turns, so the count holds.
 pub async fn insert(
+    pool: &Pool,
+    tenant: &Tenant,
+    new: &NewSchedule,
+) -> Result<Created<ScheduleRecord>> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[&CREATE_LOCK, &tenant.as_str()],
+    )
+    .await?;
+    let created = insert_locked(&tx, tenant, new).await?;
+    tx.commit().await?;
+    Ok(created)
+}
+
+async fn insert_locked(
     client: &impl GenericClient,
     tenant: &Tenant,
     new: &NewSchedule,
@@ -250,7 +274,8 @@ pub async fn insert(
             "INSERT INTO schedules (id, tenant_id, project_id, name, cron, time_zone, interval_ms,
                                     run_template, overlap_policy, catch_up_policy, next_run_at,
                                     created_at, request_hash)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13
+             WHERE (SELECT count(*) FROM schedules WHERE tenant_id = $2) < $14
              ON CONFLICT (tenant_id, name) DO NOTHING
              RETURNING *",
         )
@@ -272,6 +297,7 @@ pub async fn insert(
                 &next_run_at,
                 &created_at,
                 &hash,
+                &MAX_PER_TENANT,
             ],
         )
         .await?;
@@ -286,9 +312,25 @@ pub async fn insert(
         .await?;
     let row = client
         .query_opt(&stmt, &[&tenant.as_str(), &new.name])
-        .await?
-        // Deleted since the conflict: the caller may retry.
-        .ok_or_else(|| Error::Unavailable("schedule changed concurrently, retry".into()))?;
+        .await?;
+    let Some(row) = row else {
+        // Not a retry: the tenant is at its limit, or the name was freed meanwhile.
+        let count: i64 = client
+            .query_one(
+                "SELECT count(*) FROM schedules WHERE tenant_id = $1",
+                &[&tenant.as_str()],
+            )
+            .await?
+            .get(0);
+        return Err(if count >= MAX_PER_TENANT {
+            Error::ResourceExhausted(format!(
+                "tenant_schedules: the tenant already has {count} schedules, the limit is \
+                 {MAX_PER_TENANT}; delete one first"
+            ))
+        } else {
+            Error::Unavailable("schedule changed concurrently, retry".into())
+        });
+    };
     if row.get::<_, Vec<u8>>("request_hash") != hash {
         return Err(Error::AlreadyExists {
             reason: reason::IDEMPOTENCY_CONFLICT,
