@@ -1712,6 +1712,7 @@ async fn the_invariant_check_catches_a_corrupted_database() {
     assert_eq!(ids.len(), 3);
     let pending = create_all(&mut app.runs.clone(), vec![run_request("never run")]).await;
     let never_run = Uuid::parse_str(&pending[0]).unwrap();
+    agentrun_tests::tamper::make_events_writable(&db).await;
     corrupt(
         &db,
         "DELETE FROM events WHERE run_id = $1 AND runner_seq = 2",

@@ -602,7 +602,7 @@ async fn a_compaction_in_progress_holds_up_no_append() {
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity
                  WHERE datname = current_database() AND wait_event_type = 'Lock'
-                   AND query LIKE 'WITH deltas AS%'",
+                   AND query LIKE 'WITH logged AS%'",
                 &[],
             )
             .await

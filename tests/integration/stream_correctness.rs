@@ -239,7 +239,7 @@ async fn a_transient_database_error_is_retried_without_ending_the_stream() {
              END IF;
              RETURN NULL;
          END $$;
-         CREATE TRIGGER inject_fault BEFORE INSERT ON events
+         CREATE TRIGGER inject_fault BEFORE INSERT ON event_batches
              FOR EACH STATEMENT EXECUTE FUNCTION inject_fault();",
     )
     .await
@@ -256,7 +256,7 @@ async fn a_transient_database_error_is_retried_without_ending_the_stream() {
         tries >= 3,
         "the fault fired twice, then the write went through"
     );
-    db.batch_execute("DROP TRIGGER inject_fault ON events")
+    db.batch_execute("DROP TRIGGER inject_fault ON event_batches")
         .await
         .unwrap();
     raw.send(finish_through(&lease, &identity.runner_id, 3))

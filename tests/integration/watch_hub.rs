@@ -322,6 +322,7 @@ async fn a_session_watcher_sees_events_no_wake_up_announced() {
     while seen < stored {
         seen = next_session_seq(&mut stream).await;
     }
+    agentrun_tests::tamper::make_events_writable(&db).await;
     db.execute(
         "WITH advanced AS (
              UPDATE runs SET last_event_seq = last_event_seq + 1

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod fake_openai;
 pub mod invariants;
 pub mod proxy;
+pub mod tamper;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

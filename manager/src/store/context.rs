@@ -14,6 +14,10 @@
 //! the forked turn for a fork; followed back through at most 8 such sources), and the
 //! session's runs before them, never the turns that came after.
 //!
+//! Turn boundaries and completed messages are read through the `conversation_events`
+//! view, whose index holds only the log batches that carry them: a run's deltas are
+//! never unpacked (except for the rare reply made of deltas alone).
+//!
 //! The thread id is that of the newest `turn.completed` naming a `provider_thread_id`
 //! (1 to 1,024 characters; longer ones are ignored), else the session's; a re-run or
 //! fork reads only its own.
@@ -95,7 +99,7 @@ ended AS (
     SELECT t.id AS target, d.run_id, d.seq, d.turn_id FROM target t
     CROSS JOIN LATERAL (
         SELECT e.run_id, e.seq, e.payload->>'turn_id' AS turn_id
-        FROM source s JOIN events e ON e.run_id = s.run_id
+        FROM source s JOIN conversation_events e ON e.run_id = s.run_id
         WHERE s.target = t.id AND e.type = 'turn.completed'
           AND e.payload->>'state' = 'completed'
           AND (s.before_seq IS NULL OR e.seq < s.before_seq)
@@ -109,7 +113,7 @@ turns AS (
             WHERE c.run_id = d.run_id AND c.id::text = st.command_id) AS prompt,
            coalesce(
                (SELECT string_agg(left(i.payload->>'text', $4::int), E'\\n\\n' ORDER BY i.seq)
-                FROM events i
+                FROM conversation_events i
                 WHERE i.run_id = d.run_id AND i.seq > st.seq AND i.seq < d.seq
                   AND i.type = 'item.completed' AND i.payload->>'kind' = 'assistant_message'
                   AND i.payload->>'text' IS NOT NULL),
@@ -120,7 +124,7 @@ turns AS (
            ) AS reply
     FROM ended d
     CROSS JOIN LATERAL (
-        SELECT s.seq, s.payload->>'command_id' AS command_id FROM events s
+        SELECT s.seq, s.payload->>'command_id' AS command_id FROM conversation_events s
         WHERE s.run_id = d.run_id AND s.seq < d.seq AND s.type = 'turn.started'
           AND s.payload->>'turn_id' = d.turn_id
         ORDER BY s.seq DESC LIMIT 1
@@ -129,7 +133,7 @@ turns AS (
 thread AS (
     SELECT t.id AS target,
            coalesce((SELECT e.payload->>'provider_thread_id'
-                     FROM source s JOIN events e ON e.run_id = s.run_id
+                     FROM source s JOIN conversation_events e ON e.run_id = s.run_id
                      WHERE s.target = t.id AND e.type = 'turn.completed'
                        AND (t.context_run_id IS NULL OR s.run_id = t.id)
                        AND char_length(e.payload->>'provider_thread_id') BETWEEN 1 AND 1024
@@ -201,7 +205,7 @@ pub async fn fork_point(
     let stmt = client
         .prepare_cached(
             "SELECT c.payload->>'prompt',
-                    (SELECT e.seq FROM events e
+                    (SELECT e.seq FROM conversation_events e
                      WHERE e.run_id = c.run_id AND e.type = 'turn.started'
                        AND e.payload->>'turn_id' = c.id::text
                      ORDER BY e.seq LIMIT 1)

@@ -1,13 +1,20 @@
 //! The event log: per-run, append-only, seq gapless from 1.
 //!
-//! [`append`] is the writer (run creation pre-sequences its first events). It advances `runs.last_event_seq` under the run's row
-//! lock and inserts the batch in one statement, so seq is gapless and a batch is stored
-//! whole or not at all (the caller's transaction).
+//! [`append`] is the writer (run creation pre-sequences its first events). It advances
+//! `runs.last_event_seq` under the run's row lock and inserts the batch in one
+//! statement, so seq is gapless and a batch is stored whole or not at all (the caller's
+//! transaction).
+//!
+//! The log is stored lean: the events of one append of a run are one `event_batches` row
+//! holding their seq range and the events as parallel arrays (migration V19), so a
+//! streamed reply costs a row per flush, not a row and two index entries per delta.
+//! [`list`] unpacks the batches a page needs; other readers use the `events` view, one
+//! row per event.
 //!
 //! Retention ([`lock_due_for_compaction`], [`compact`]) is the one exception to "append
 //! only": once a run has ended and its tenant's retention has passed, the deltas of each
-//! item are merged into the item's first delta and the rest deleted, leaving seq gaps
-//! that readers skip (a `seq > after_seq` range read needs no change).
+//! item are merged into the item's first delta and the rest removed from their batches,
+//! leaving seq gaps that readers skip (a `seq > after_seq` range read needs no change).
 
 use std::collections::HashMap;
 use std::time::SystemTime;
@@ -117,6 +124,9 @@ pub async fn append(tx: &impl GenericClient, events: &[(RunId, NewEvent)]) -> Re
 /// Inserts events whose seqs the caller took from `runs.last_event_seq` itself: [`append`]
 /// after advancing it, and run creation, which sets it in the same statement that inserts
 /// the run.
+///
+/// The events are stored as log batches: one `event_batches` row per stretch of
+/// consecutive seqs of one run from one producer (an append is usually one).
 pub(crate) async fn insert_sequenced(
     tx: &impl GenericClient,
     events: &[(RunId, i64, NewEvent)],
@@ -124,50 +134,20 @@ pub(crate) async fn insert_sequenced(
     if events.is_empty() {
         return Ok(());
     }
-    let mut run_ids = Vec::with_capacity(events.len());
-    let mut seqs = Vec::with_capacity(events.len());
-    let mut types = Vec::with_capacity(events.len());
-    let mut payloads = Vec::with_capacity(events.len());
-    let mut producers = Vec::with_capacity(events.len());
-    let mut runner_ids: Vec<Option<Uuid>> = Vec::with_capacity(events.len());
-    let mut epochs: Vec<Option<i64>> = Vec::with_capacity(events.len());
-    let mut runner_seqs: Vec<Option<i64>> = Vec::with_capacity(events.len());
-    for (run_id, seq, event) in events {
-        run_ids.push(run_id.0);
-        seqs.push(*seq);
-        types.push(event.event_type.as_str());
-        // The one gate every stored event passes: no secret reaches the log.
-        let mut payload = event.payload.clone();
-        redact(&mut payload);
-        payloads.push(payload);
-        match event.producer {
-            Producer::Manager => {
-                producers.push("manager");
-                runner_ids.push(None);
-                epochs.push(None);
-                runner_seqs.push(None);
-            }
-            Producer::Runner {
-                runner_id,
-                epoch,
-                runner_seq,
-            } => {
-                producers.push("runner");
-                runner_ids.push(Some(runner_id.0));
-                epochs.push(Some(epoch));
-                runner_seqs.push(Some(runner_seq));
-            }
-        }
-    }
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
-        &run_ids,
-        &seqs,
-        &types,
-        &payloads,
-        &producers,
-        &runner_ids,
-        &epochs,
-        &runner_seqs,
+    let batches = Batches::of(events);
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
+        &batches.run_ids,
+        &batches.first_seqs,
+        &batches.last_seqs,
+        &batches.producers,
+        &batches.runner_ids,
+        &batches.epochs,
+        &batches.starts,
+        &batches.ends,
+        &batches.seqs,
+        &batches.types,
+        &batches.payloads,
+        &batches.runner_seqs,
     ];
     // A batch holding an event some webhook could want also writes its deliveries, in
     // the same statement (so in the same transaction, and without another round trip).
@@ -176,11 +156,11 @@ pub(crate) async fn insert_sequenced(
         .iter()
         .any(|(_, _, e)| webhooks::deliverable(e.event_type))
     {
-        let insert = tx.prepare_cached(INSERT_EVENTS).await?;
+        let insert = tx.prepare_cached(INSERT_BATCHES).await?;
         tx.execute(&insert, &params).await?;
         return Ok(());
     }
-    let insert = tx.prepare_cached(INSERT_EVENTS_AND_DELIVERIES).await?;
+    let insert = tx.prepare_cached(INSERT_BATCHES_AND_DELIVERIES).await?;
     let deliveries: i64 = tx.query_one(&insert, &params).await?.get(0);
     if deliveries > 0 {
         webhooks::new_deliveries_written();
@@ -188,31 +168,106 @@ pub(crate) async fn insert_sequenced(
     Ok(())
 }
 
-/// An event's time is its statement's, not its transaction's: a claim that found its run
-/// only after another transaction ended one (a concurrency key's slot) is logged after
-/// that end, as it happened.
-const INSERT_EVENTS: &str =
-    "INSERT INTO events (run_id, seq, type, payload, producer, runner_id, epoch, runner_seq,
-                         created_at)
-     SELECT *, statement_timestamp()
-     FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[], $5::text[],
-                 $6::uuid[], $7::bigint[], $8::bigint[])";
+/// Events cut into log batches, as statement parameters: a row per batch, and the
+/// events' fields flat, each batch holding the 1-based range `starts..=ends` of them.
+#[derive(Default)]
+struct Batches<'a> {
+    run_ids: Vec<Uuid>,
+    first_seqs: Vec<i64>,
+    last_seqs: Vec<i64>,
+    producers: Vec<&'static str>,
+    runner_ids: Vec<Option<Uuid>>,
+    epochs: Vec<Option<i64>>,
+    starts: Vec<i32>,
+    ends: Vec<i32>,
+    seqs: Vec<i64>,
+    types: Vec<&'a str>,
+    payloads: Vec<Value>,
+    runner_seqs: Vec<Option<i64>>,
+}
 
-/// [`INSERT_EVENTS`], and one delivery per stored event and webhook of the run's tenant
+impl<'a> Batches<'a> {
+    fn of(events: &'a [(RunId, i64, NewEvent)]) -> Self {
+        // Each run's events in seq order; a batch ends where the run, the producer's
+        // lease or the seq's continuity does.
+        let mut order: Vec<&(RunId, i64, NewEvent)> = events.iter().collect();
+        order.sort_by_key(|(run_id, seq, _)| (run_id.0, *seq));
+        let mut b = Batches::default();
+        let mut key: Option<(Uuid, Option<(Uuid, i64)>)> = None;
+        for (run_id, seq, event) in order {
+            let lease = match event.producer {
+                Producer::Manager => None,
+                Producer::Runner {
+                    runner_id, epoch, ..
+                } => Some((runner_id.0, epoch)),
+            };
+            let continues = key == Some((run_id.0, lease))
+                && b.last_seqs.last().is_some_and(|last| last + 1 == *seq);
+            if !continues {
+                key = Some((run_id.0, lease));
+                b.run_ids.push(run_id.0);
+                b.first_seqs.push(*seq);
+                b.last_seqs.push(*seq);
+                b.producers
+                    .push(if lease.is_some() { "runner" } else { "manager" });
+                b.runner_ids.push(lease.map(|(id, _)| id));
+                b.epochs.push(lease.map(|(_, epoch)| epoch));
+                b.starts.push(b.seqs.len() as i32 + 1);
+                b.ends.push(0);
+            }
+            b.seqs.push(*seq);
+            b.types.push(event.event_type.as_str());
+            // The one gate every stored event passes: no secret reaches the log.
+            let mut payload = event.payload.clone();
+            redact(&mut payload);
+            b.payloads.push(payload);
+            b.runner_seqs.push(match event.producer {
+                Producer::Manager => None,
+                Producer::Runner { runner_seq, .. } => Some(runner_seq),
+            });
+            *b.last_seqs.last_mut().expect("a batch was started") = *seq;
+            *b.ends.last_mut().expect("a batch was started") = b.seqs.len() as i32;
+        }
+        b
+    }
+}
+
+/// The rows [`Batches`] describe, for an `INSERT INTO event_batches`. An event's time is
+/// its statement's, not its transaction's: a claim that found its run only after another
+/// transaction ended one (a concurrency key's slot) is logged after that end, as it
+/// happened.
+macro_rules! insert_batches {
+    () => {
+        "INSERT INTO event_batches (run_id, first_seq, last_seq, producer, runner_id, epoch,
+                                    created_at, seqs, types, payloads, runner_seqs)
+         SELECT b.run_id, b.first_seq, b.last_seq, b.producer, b.runner_id, b.epoch,
+                statement_timestamp(), ($9::bigint[])[b.lo:b.hi], ($10::text[])[b.lo:b.hi],
+                ($11::jsonb[])[b.lo:b.hi],
+                CASE WHEN b.producer = 'runner' THEN ($12::bigint[])[b.lo:b.hi] END
+         FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::uuid[],
+                     $6::bigint[], $7::int[], $8::int[])
+              AS b (run_id, first_seq, last_seq, producer, runner_id, epoch, lo, hi)"
+    };
+}
+
+const INSERT_BATCHES: &str = insert_batches!();
+
+/// [`INSERT_BATCHES`], and one delivery per stored event and webhook of the run's tenant
 /// (and project, when the webhook names one) that asks for its type. Returns how many
 /// deliveries were written.
-const INSERT_EVENTS_AND_DELIVERIES: &str = "WITH stored AS (
-         INSERT INTO events (run_id, seq, type, payload, producer, runner_id, epoch, runner_seq,
-                             created_at)
-         SELECT *, statement_timestamp()
-         FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[], $5::text[],
-                     $6::uuid[], $7::bigint[], $8::bigint[])
-         RETURNING run_id, seq, type
+const INSERT_BATCHES_AND_DELIVERIES: &str = concat!(
+    "WITH stored AS (",
+    insert_batches!(),
+    "    RETURNING run_id, seqs, types
+     ),
+     stored_events AS (
+         SELECT s.run_id, e.seq, e.type
+         FROM stored s CROSS JOIN LATERAL unnest(s.seqs, s.types) AS e (seq, type)
      ),
      delivered AS (
          INSERT INTO webhook_deliveries (id, webhook_id, tenant_id, run_id, seq, event_type)
          SELECT gen_random_uuid(), w.id, r.tenant_id, s.run_id, s.seq, s.type
-         FROM stored s
+         FROM stored_events s
          JOIN runs r ON r.id = s.run_id
          JOIN webhooks w ON w.tenant_id = r.tenant_id AND NOT w.deleted
                         AND s.type = ANY(w.event_types)
@@ -222,7 +277,8 @@ const INSERT_EVENTS_AND_DELIVERIES: &str = "WITH stored AS (
          ON CONFLICT (webhook_id, run_id, seq) DO NOTHING
          RETURNING 1
      )
-     SELECT count(*) FROM delivered";
+     SELECT count(*) FROM delivered"
+);
 
 /// Events of a run with `seq > after_seq`, oldest first: at most `limit`, and no more
 /// than [`PAGE_BYTES`] of payload past the first.
@@ -239,8 +295,15 @@ pub async fn list(
             "SELECT run_id, seq, type, payload, producer, runner_id, epoch, runner_seq, created_at
              FROM (SELECT p.*, sum(octet_length(p.payload::text)) OVER (ORDER BY p.seq)
                                - octet_length(p.payload::text) AS bytes_before
-                   FROM (SELECT * FROM events WHERE run_id = $1 AND seq > $2
-                         ORDER BY seq LIMIT $3) p) page
+                   FROM (SELECT b.run_id, e.seq, e.type, e.payload, b.producer, b.runner_id,
+                                b.epoch, e.runner_seq, b.created_at
+                         FROM event_batches b
+                         CROSS JOIN LATERAL unnest(b.seqs, b.types, b.payloads, b.runner_seqs)
+                             AS e (seq, type, payload, runner_seq)
+                         WHERE b.run_id = $1 AND b.last_seq > $2 AND e.seq > $2
+                         -- Batches never overlap: in batch order, then seq order within
+                         -- one, so the page reads only the batches it returns.
+                         ORDER BY b.last_seq, e.seq LIMIT $3) p) page
              WHERE bytes_before < $4
              ORDER BY seq",
         )
@@ -374,15 +437,22 @@ pub async fn compact(tx: &impl GenericClient, runs: &[RunId]) -> Result<Compacte
     }
     let stmt = tx
         .prepare_cached(
-            "WITH deltas AS (
+            "WITH logged AS (
+                 SELECT b.run_id, b.last_seq AS batch, b.epoch, e.seq, e.type, e.payload,
+                        e.runner_seq
+                 FROM event_batches b
+                 CROSS JOIN LATERAL unnest(b.seqs, b.types, b.payloads, b.runner_seqs)
+                     AS e (seq, type, payload, runner_seq)
+                 WHERE b.run_id = ANY($1)
+             ),
+             deltas AS (
                  SELECT e.run_id, e.seq, e.epoch, e.payload->>'item_id' AS item_id,
                         e.payload->>'kind' AS kind, e.payload->>'delta' AS delta,
                         octet_length(e.payload::text) AS bytes,
                         (sum(octet_length(e.payload->>'delta')) OVER w
                          - octet_length(e.payload->>'delta')) / $2::bigint AS chunk
-                 FROM events e
-                 WHERE e.run_id = ANY($1) AND e.type = 'content.delta'
-                   AND jsonb_typeof(e.payload->'item_id') = 'string'
+                 FROM logged e
+                 WHERE e.type = 'content.delta' AND jsonb_typeof(e.payload->'item_id') = 'string'
                  WINDOW w AS (PARTITION BY e.run_id, e.epoch, e.payload->>'item_id',
                                            e.payload->>'kind'
                               ORDER BY e.seq)
@@ -395,26 +465,49 @@ pub async fn compact(tx: &impl GenericClient, runs: &[RunId]) -> Result<Compacte
                  GROUP BY run_id, epoch, item_id, kind, chunk
                  HAVING count(*) > 1
              ),
-             kept AS (
-                 UPDATE events e
-                 SET payload = e.payload || jsonb_build_object(
-                         'delta', c.text, 'compacted_deltas', c.merged,
-                         'compacted_through_seq', c.last_seq)
-                 FROM chunks c
-                 WHERE e.run_id = c.run_id AND e.seq = c.first_seq
-                 RETURNING e.run_id, c.bytes - octet_length(e.payload::text) AS freed
-             ),
-             removed AS (
-                 DELETE FROM events e
-                 USING deltas d
+             -- Every delta of a merged chunk: its first is kept, holding the chunk's text,
+             -- the others are dropped.
+             fate AS (
+                 SELECT d.run_id, d.seq, d.seq = c.first_seq AS kept,
+                        jsonb_build_object('delta', c.text, 'compacted_deltas', c.merged,
+                                           'compacted_through_seq', c.last_seq) AS merged,
+                        c.bytes
+                 FROM deltas d
                  JOIN chunks c ON c.run_id = d.run_id AND c.epoch IS NOT DISTINCT FROM d.epoch
                               AND c.item_id = d.item_id AND c.kind = d.kind
                               AND c.chunk = d.chunk
-                 WHERE e.run_id = d.run_id AND e.seq = d.seq AND d.seq <> c.first_seq
-                 RETURNING e.run_id
+             ),
+             -- The batches holding such deltas, rebuilt without the dropped ones (NULL
+             -- arrays when none is left).
+             rebuilt AS (
+                 SELECT l.run_id, l.batch,
+                        array_agg(l.seq ORDER BY l.seq) FILTER (WHERE f.kept IS NOT false) AS seqs,
+                        array_agg(l.type ORDER BY l.seq) FILTER (WHERE f.kept IS NOT false) AS types,
+                        array_agg(CASE WHEN f.kept THEN l.payload || f.merged ELSE l.payload END
+                                  ORDER BY l.seq) FILTER (WHERE f.kept IS NOT false) AS payloads,
+                        array_agg(l.runner_seq ORDER BY l.seq) FILTER (WHERE f.kept IS NOT false)
+                            AS runner_seqs,
+                        sum(f.bytes - octet_length((l.payload || f.merged)::text))
+                            FILTER (WHERE f.kept) AS freed,
+                        count(*) FILTER (WHERE NOT f.kept) AS removed
+                 FROM logged l LEFT JOIN fate f ON f.run_id = l.run_id AND f.seq = l.seq
+                 GROUP BY l.run_id, l.batch
+                 HAVING bool_or(f.seq IS NOT NULL)
+             ),
+             kept AS (
+                 UPDATE event_batches b
+                 SET seqs = r.seqs, types = r.types, payloads = r.payloads,
+                     runner_seqs = CASE WHEN b.runner_seqs IS NOT NULL THEN r.runner_seqs END
+                 FROM rebuilt r
+                 WHERE b.run_id = r.run_id AND b.last_seq = r.batch AND r.seqs IS NOT NULL
+             ),
+             emptied AS (
+                 DELETE FROM event_batches b USING rebuilt r
+                 WHERE b.run_id = r.run_id AND b.last_seq = r.batch AND r.seqs IS NULL
              ),
              freed AS (
-                 SELECT run_id, sum(freed)::bigint AS bytes FROM kept GROUP BY run_id
+                 SELECT run_id, sum(freed)::bigint AS bytes, sum(removed)::bigint AS removed
+                 FROM rebuilt GROUP BY run_id
              ),
              marked AS (
                  UPDATE runs r
@@ -425,7 +518,7 @@ pub async fn compact(tx: &impl GenericClient, runs: &[RunId]) -> Result<Compacte
                  RETURNING r.id
              )
              SELECT (SELECT count(*) FROM marked),
-                    (SELECT count(*) FROM removed),
+                    (SELECT coalesce(sum(removed), 0)::bigint FROM freed),
                     (SELECT coalesce(sum(bytes), 0)::bigint FROM freed)",
         )
         .await?;

@@ -137,7 +137,7 @@ pub(crate) async fn touch_runs(tx: &impl GenericClient, run_ids: &[Uuid]) -> Res
                            '') AS raw
                    ) d
                    LEFT JOIN LATERAL (
-                       SELECT e.payload->>'provider_thread_id' AS thread_id FROM events e
+                       SELECT e.payload->>'provider_thread_id' AS thread_id FROM conversation_events e
                        WHERE e.run_id = r.id AND e.type = 'turn.completed'
                          AND char_length(e.payload->>'provider_thread_id') BETWEEN 1 AND 1024
                        ORDER BY e.seq DESC LIMIT 1

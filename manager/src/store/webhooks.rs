@@ -401,7 +401,16 @@ pub async fn claim_due(
                     e.runner_seq, e.created_at
              FROM taken t
              JOIN webhooks w ON w.id = t.webhook_id
-             JOIN events e ON e.run_id = t.run_id AND e.seq = t.seq",
+             -- The event's log batch, found by its seq range, then the event in it.
+             JOIN event_batches b ON b.run_id = t.run_id AND b.last_seq >= t.seq
+                                 AND b.first_seq <= t.seq
+             CROSS JOIN LATERAL (
+                 SELECT b.run_id, u.seq, u.type, u.payload, b.producer, b.runner_id, b.epoch,
+                        u.runner_seq, b.created_at
+                 FROM unnest(b.seqs, b.types, b.payloads, b.runner_seqs)
+                     AS u (seq, type, payload, runner_seq)
+                 WHERE u.seq = t.seq
+             ) e",
         )
         .await?;
     let lease_ms = lease.as_millis() as i64;
