@@ -399,3 +399,102 @@ async fn a_finished_run_shows_no_lease() {
     assert_eq!(ended.lease_expires_at, None);
     assert_eq!(ended.lease_epoch, lease.epoch);
 }
+
+/// The lean log: an append of many events is one stored row (a log batch holding their
+/// seq range), a resent append stores nothing, and the log reads from any seq —
+/// including one inside a batch — gapless and in order, a page at a time.
+#[tokio::test]
+async fn an_append_is_one_row_and_the_log_resumes_at_any_seq_inside_it() {
+    const EVENTS: i64 = 60;
+    let mut app = TestApp::spawn_with(|s| s.lease_ttl_ms = 60_000).await;
+    let identity = runner("batcher");
+    let mut raw = RawRunner::connect(connect(app.addr).await, &identity, &[])
+        .await
+        .expect("connect");
+    create_all(&mut app.runs, vec![run_request("hello")]).await;
+    let lease = raw.take_one().await;
+    let db = app.db().await;
+    // The first append also starts the run (the manager's `run.started`).
+    raw.append(&lease, 1, EVENTS / 2).await;
+    let before = rows(&db, &lease.run_id).await;
+    let acked = raw.append(&lease, EVENTS / 2 + 1, EVENTS).await;
+    assert_eq!(acked.acked_runner_seq, EVENTS);
+    assert_eq!(
+        rows(&db, &lease.run_id).await,
+        before + 1,
+        "one row per append"
+    );
+    let resent = raw.append(&lease, 1, EVENTS).await;
+    assert_eq!(resent.duplicates as i64, EVENTS);
+    assert_eq!(
+        rows(&db, &lease.run_id).await,
+        before + 1,
+        "a resend stores nothing"
+    );
+
+    let all = list_all(&mut app, &lease.run_id, 0, 1_000).await;
+    let seqs: Vec<i64> = all.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as i64).collect::<Vec<_>>(),
+        "gapless from 1"
+    );
+    let deltas: Vec<String> = all
+        .iter()
+        .filter(|e| e.r#type == "content.delta")
+        .map(|e| payload(e)["delta"].as_str().unwrap().to_owned())
+        .collect();
+    let sent: Vec<String> = (1..=EVENTS).map(|i| format!("token {i} ")).collect();
+    assert_eq!(deltas, sent, "stored once, in order");
+    // From every seq, in pages of 7 that start and end inside batches.
+    let last = *seqs.last().unwrap();
+    for after in 0..last {
+        let rest = list_all(&mut app, &lease.run_id, after, 7).await;
+        let got: Vec<i64> = rest.iter().map(|e| e.seq).collect();
+        assert_eq!(
+            got,
+            ((after + 1)..=last).collect::<Vec<_>>(),
+            "after {after}"
+        );
+    }
+}
+
+/// How many log batches (stored rows) the run's events take.
+async fn rows(db: &tokio_postgres::Client, run_id: &str) -> i64 {
+    db.query_one(
+        "SELECT count(*) FROM event_batches WHERE run_id = $1::text::uuid",
+        &[&run_id],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Every event of `run_id` after `after_seq`, read in pages of `limit`.
+async fn list_all(
+    app: &mut TestApp,
+    run_id: &str,
+    mut after_seq: i64,
+    limit: i32,
+) -> Vec<proto::Event> {
+    let mut all = Vec::new();
+    loop {
+        let page = app
+            .runs
+            .list_events(proto::ListEventsRequest {
+                run_id: run_id.into(),
+                after_seq,
+                limit,
+                ..Default::default()
+            })
+            .await
+            .expect("list events")
+            .into_inner()
+            .events;
+        let Some(last) = page.last() else {
+            return all;
+        };
+        after_seq = last.seq;
+        all.extend(page);
+    }
+}

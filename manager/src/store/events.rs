@@ -135,16 +135,13 @@ pub(crate) async fn insert_sequenced(
         return Ok(());
     }
     let batches = Batches::of(events);
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
         &batches.run_ids,
         &batches.first_seqs,
         &batches.last_seqs,
         &batches.producers,
         &batches.runner_ids,
         &batches.epochs,
-        &batches.starts,
-        &batches.ends,
-        &batches.seqs,
         &batches.types,
         &batches.payloads,
         &batches.runner_seqs,
@@ -168,26 +165,24 @@ pub(crate) async fn insert_sequenced(
     Ok(())
 }
 
-/// Events cut into log batches, as statement parameters: a row per batch, and the
-/// events' fields flat, each batch holding the 1-based range `starts..=ends` of them.
+/// Events cut into log batches, as statement parameters: a row per batch, its events'
+/// fields each in one text (types and runner seqs comma-separated, payloads a JSON
+/// array), so the statement's work grows with the events, whatever the batch sizes.
 #[derive(Default)]
-struct Batches<'a> {
+struct Batches {
     run_ids: Vec<Uuid>,
     first_seqs: Vec<i64>,
     last_seqs: Vec<i64>,
     producers: Vec<&'static str>,
     runner_ids: Vec<Option<Uuid>>,
     epochs: Vec<Option<i64>>,
-    starts: Vec<i32>,
-    ends: Vec<i32>,
-    seqs: Vec<i64>,
-    types: Vec<&'a str>,
-    payloads: Vec<Value>,
-    runner_seqs: Vec<Option<i64>>,
+    types: Vec<String>,
+    payloads: Vec<String>,
+    runner_seqs: Vec<Option<String>>,
 }
 
-impl<'a> Batches<'a> {
-    fn of(events: &'a [(RunId, i64, NewEvent)]) -> Self {
+impl Batches {
+    fn of(events: &[(RunId, i64, NewEvent)]) -> Self {
         // Each run's events in seq order; a batch ends where the run, the producer's
         // lease or the seq's continuity does.
         let mut order: Vec<&(RunId, i64, NewEvent)> = events.iter().collect();
@@ -195,15 +190,23 @@ impl<'a> Batches<'a> {
         let mut b = Batches::default();
         let mut key: Option<(Uuid, Option<(Uuid, i64)>)> = None;
         for (run_id, seq, event) in order {
-            let lease = match event.producer {
-                Producer::Manager => None,
+            let (lease, runner_seq) = match event.producer {
+                Producer::Manager => (None, None),
                 Producer::Runner {
-                    runner_id, epoch, ..
-                } => Some((runner_id.0, epoch)),
+                    runner_id,
+                    epoch,
+                    runner_seq,
+                } => (Some((runner_id.0, epoch)), Some(runner_seq)),
             };
             let continues = key == Some((run_id.0, lease))
                 && b.last_seqs.last().is_some_and(|last| last + 1 == *seq);
-            if !continues {
+            if continues {
+                b.types.last_mut().expect("a batch was started").push(',');
+                b.payloads
+                    .last_mut()
+                    .expect("a batch was started")
+                    .push(',');
+            } else {
                 key = Some((run_id.0, lease));
                 b.run_ids.push(run_id.0);
                 b.first_seqs.push(*seq);
@@ -212,21 +215,29 @@ impl<'a> Batches<'a> {
                     .push(if lease.is_some() { "runner" } else { "manager" });
                 b.runner_ids.push(lease.map(|(id, _)| id));
                 b.epochs.push(lease.map(|(_, epoch)| epoch));
-                b.starts.push(b.seqs.len() as i32 + 1);
-                b.ends.push(0);
+                b.types.push(String::new());
+                b.payloads.push("[".to_owned());
+                b.runner_seqs.push(lease.map(|_| String::new()));
             }
-            b.seqs.push(*seq);
-            b.types.push(event.event_type.as_str());
+            *b.last_seqs.last_mut().expect("a batch was started") = *seq;
+            b.types
+                .last_mut()
+                .expect("a batch was started")
+                .push_str(event.event_type.as_str());
             // The one gate every stored event passes: no secret reaches the log.
             let mut payload = event.payload.clone();
             redact(&mut payload);
-            b.payloads.push(payload);
-            b.runner_seqs.push(match event.producer {
-                Producer::Manager => None,
-                Producer::Runner { runner_seq, .. } => Some(runner_seq),
-            });
-            *b.last_seqs.last_mut().expect("a batch was started") = *seq;
-            *b.ends.last_mut().expect("a batch was started") = b.seqs.len() as i32;
+            let payloads = b.payloads.last_mut().expect("a batch was started");
+            payloads.push_str(&payload.to_string());
+            if let (Some(Some(seqs)), Some(runner_seq)) = (b.runner_seqs.last_mut(), runner_seq) {
+                if !seqs.is_empty() {
+                    seqs.push(',');
+                }
+                seqs.push_str(&runner_seq.to_string());
+            }
+        }
+        for payloads in &mut b.payloads {
+            payloads.push(']');
         }
         b
     }
@@ -241,12 +252,13 @@ macro_rules! insert_batches {
         "INSERT INTO event_batches (run_id, first_seq, last_seq, producer, runner_id, epoch,
                                     created_at, seqs, types, payloads, runner_seqs)
          SELECT b.run_id, b.first_seq, b.last_seq, b.producer, b.runner_id, b.epoch,
-                statement_timestamp(), ($9::bigint[])[b.lo:b.hi], ($10::text[])[b.lo:b.hi],
-                ($11::jsonb[])[b.lo:b.hi],
-                CASE WHEN b.producer = 'runner' THEN ($12::bigint[])[b.lo:b.hi] END
+                statement_timestamp(), ARRAY(SELECT generate_series(b.first_seq, b.last_seq)),
+                string_to_array(b.types, ','), b.payloads::jsonb,
+                string_to_array(b.runner_seqs, ',')::bigint[]
          FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::uuid[],
-                     $6::bigint[], $7::int[], $8::int[])
-              AS b (run_id, first_seq, last_seq, producer, runner_id, epoch, lo, hi)"
+                     $6::bigint[], $7::text[], $8::text[], $9::text[])
+              AS b (run_id, first_seq, last_seq, producer, runner_id, epoch, types, payloads,
+                    runner_seqs)"
     };
 }
 
@@ -298,8 +310,10 @@ pub async fn list(
                    FROM (SELECT b.run_id, e.seq, e.type, e.payload, b.producer, b.runner_id,
                                 b.epoch, e.runner_seq, b.created_at
                          FROM event_batches b
-                         CROSS JOIN LATERAL unnest(b.seqs, b.types, b.payloads, b.runner_seqs)
-                             AS e (seq, type, payload, runner_seq)
+                         CROSS JOIN LATERAL ROWS FROM (
+                             unnest(b.seqs), unnest(b.types), unnest(b.runner_seqs),
+                             jsonb_array_elements(b.payloads)
+                         ) AS e (seq, type, runner_seq, payload)
                          WHERE b.run_id = $1 AND b.last_seq > $2 AND e.seq > $2
                          -- Batches never overlap: in batch order, then seq order within
                          -- one, so the page reads only the batches it returns.
@@ -441,8 +455,10 @@ pub async fn compact(tx: &impl GenericClient, runs: &[RunId]) -> Result<Compacte
                  SELECT b.run_id, b.last_seq AS batch, b.epoch, e.seq, e.type, e.payload,
                         e.runner_seq
                  FROM event_batches b
-                 CROSS JOIN LATERAL unnest(b.seqs, b.types, b.payloads, b.runner_seqs)
-                     AS e (seq, type, payload, runner_seq)
+                 CROSS JOIN LATERAL ROWS FROM (
+                     unnest(b.seqs), unnest(b.types), unnest(b.runner_seqs),
+                     jsonb_array_elements(b.payloads)
+                 ) AS e (seq, type, runner_seq, payload)
                  WHERE b.run_id = ANY($1)
              ),
              deltas AS (
@@ -483,7 +499,7 @@ pub async fn compact(tx: &impl GenericClient, runs: &[RunId]) -> Result<Compacte
                  SELECT l.run_id, l.batch,
                         array_agg(l.seq ORDER BY l.seq) FILTER (WHERE f.kept IS NOT false) AS seqs,
                         array_agg(l.type ORDER BY l.seq) FILTER (WHERE f.kept IS NOT false) AS types,
-                        array_agg(CASE WHEN f.kept THEN l.payload || f.merged ELSE l.payload END
+                        jsonb_agg(CASE WHEN f.kept THEN l.payload || f.merged ELSE l.payload END
                                   ORDER BY l.seq) FILTER (WHERE f.kept IS NOT false) AS payloads,
                         array_agg(l.runner_seq ORDER BY l.seq) FILTER (WHERE f.kept IS NOT false)
                             AS runner_seqs,

@@ -407,8 +407,9 @@ pub async fn claim_due(
              CROSS JOIN LATERAL (
                  SELECT b.run_id, u.seq, u.type, u.payload, b.producer, b.runner_id, b.epoch,
                         u.runner_seq, b.created_at
-                 FROM unnest(b.seqs, b.types, b.payloads, b.runner_seqs)
-                     AS u (seq, type, payload, runner_seq)
+                 FROM ROWS FROM (unnest(b.seqs), unnest(b.types), unnest(b.runner_seqs),
+                                 jsonb_array_elements(b.payloads))
+                     AS u (seq, type, runner_seq, payload)
                  WHERE u.seq = t.seq
              ) e",
         )
