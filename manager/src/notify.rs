@@ -65,6 +65,26 @@ struct Outgoing {
     live: Vec<String>,
 }
 
+/// The wake-ups of one watched run or session: each bumps `all`; those whose events
+/// the watch hub has not fanned out yet also bump `unread` (what the hub's reader of a
+/// run waits for, while a session watcher reads on any).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Wakes {
+    pub all: u64,
+    pub unread: u64,
+}
+
+impl Wakes {
+    fn poke(&mut self) {
+        self.all = self.all.wrapping_add(1);
+        self.unread = self.unread.wrapping_add(1);
+    }
+
+    fn poke_fanned_out(&mut self) {
+        self.all = self.all.wrapping_add(1);
+    }
+}
+
 /// The wake-up hub of one manager replica.
 pub struct Notifier {
     replica_id: Uuid,
@@ -73,7 +93,7 @@ pub struct Notifier {
     /// The stream that holds each leased run on this replica.
     holders: Mutex<HashMap<Uuid, Arc<Notify>>>,
     /// Watchers of a run's or session's events on this replica, by run or session id.
-    watched: Mutex<HashMap<Uuid, watch::Sender<u64>>>,
+    watched: Mutex<HashMap<Uuid, watch::Sender<Wakes>>>,
     /// API keys revoked recently, here or on another replica, with when we heard.
     revoked_keys: Mutex<HashMap<Uuid, Instant>>,
     /// Bumped when a key was revoked (or revocations may have been missed).
@@ -139,6 +159,23 @@ impl Notifier {
         self.flush.notify_one();
     }
 
+    /// New events of these runs that this replica's watch hub already fanned out in
+    /// memory ([`crate::api::watch_hub::WatchHub::publish_stored`]): wake their watchers
+    /// everywhere, except this replica's hub readers, which have nothing left to read.
+    pub fn events_appended_and_fanned_out(&self, runs: impl IntoIterator<Item = Uuid>) {
+        let runs: Vec<Uuid> = runs.into_iter().collect();
+        if runs.is_empty() {
+            return;
+        }
+        self.poke_watchers_with(runs.iter().copied(), Wakes::poke_fanned_out);
+        self.outgoing
+            .lock()
+            .expect("notifier lock")
+            .changed
+            .extend(runs);
+        self.flush.notify_one();
+    }
+
     /// Ephemeral events (a `final` run's deltas) to pass to the other replicas' watch
     /// hubs: each that fits a NOTIFY, while the backlog has room.
     pub fn events_streamed_live(&self, events: &[EventRecord]) {
@@ -199,13 +236,13 @@ impl Notifier {
     }
 
     /// A receiver that changes whenever the run or session `key` may have new events.
-    pub fn watch(&self, key: Uuid) -> watch::Receiver<u64> {
+    pub fn watch(&self, key: Uuid) -> watch::Receiver<Wakes> {
         let mut watched = self.watched.lock().expect("notifier lock");
         // Forget topics nobody watches any more, so the map stays as small as the audience.
         watched.retain(|_, sender| sender.receiver_count() > 0);
         watched
             .entry(key)
-            .or_insert_with(|| watch::channel(0).0)
+            .or_insert_with(|| watch::channel(Wakes::default()).0)
             .subscribe()
     }
 
@@ -247,10 +284,14 @@ impl Notifier {
     }
 
     fn poke_watchers(&self, keys: impl Iterator<Item = Uuid>) {
+        self.poke_watchers_with(keys, Wakes::poke);
+    }
+
+    fn poke_watchers_with(&self, keys: impl Iterator<Item = Uuid>, poke: fn(&mut Wakes)) {
         let watched = self.watched.lock().expect("notifier lock");
         for key in keys {
             if let Some(sender) = watched.get(&key) {
-                sender.send_modify(|n| *n = n.wrapping_add(1));
+                sender.send_modify(poke);
             }
         }
     }
@@ -261,7 +302,7 @@ impl Notifier {
             holder.notify_one();
         }
         for sender in self.watched.lock().expect("notifier lock").values() {
-            sender.send_modify(|n| *n = n.wrapping_add(1));
+            sender.send_modify(Wakes::poke);
         }
         // A revocation may have been missed: streams re-check their keys.
         self.key_revocations.send_modify(|n| *n = n.wrapping_add(1));

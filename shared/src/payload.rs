@@ -165,6 +165,13 @@ const CASELESS_SECRET_PREFIXES: &[&str] = &["bearer "];
 /// `manager/src/store/api_keys.rs`).
 const API_KEY_PREFIX: &str = "ark_";
 
+/// How a JWT starts (`{"` in base64url).
+const JWT_PREFIX: &str = "eyJ";
+/// How a PEM block starts.
+const PEM_BEGIN: &str = "-----BEGIN ";
+/// What precedes a URL's `user:password@`.
+const URL_AUTHORITY: &str = "://";
+
 /// Replaces secrets in place: values under secret-named keys, and credential-shaped
 /// tokens inside strings. Returns whether anything was redacted.
 pub fn redact(value: &mut Value) -> bool {
@@ -194,10 +201,21 @@ pub fn redact(value: &mut Value) -> bool {
 }
 
 fn is_secret_key(key: &str) -> bool {
-    let key = key.to_ascii_lowercase().replace('-', "_");
-    SECRET_KEY_ENDINGS
-        .iter()
-        .any(|ending| key.ends_with(ending))
+    // Compared in place: this runs for every key of every stored event.
+    let key = key.as_bytes();
+    SECRET_KEY_ENDINGS.iter().any(|ending| {
+        key.len() >= ending.len()
+            && key[key.len() - ending.len()..]
+                .iter()
+                .zip(ending.bytes())
+                .all(|(&k, e)| {
+                    if k == b'-' {
+                        e == b'_'
+                    } else {
+                        k.eq_ignore_ascii_case(&e)
+                    }
+                })
+    })
 }
 
 /// Minimum length of the token after a prefix for it to count as a credential; short
@@ -217,6 +235,11 @@ fn redact_text(text: &str) -> Option<String> {
     let mut at = 0;
     let mut changed = false;
     while let Some(c) = text[at..].chars().next() {
+        // Most characters cannot start a credential: skip them without trying each rule.
+        if !may_start_credential(c) {
+            at += c.len_utf8();
+            continue;
+        }
         let after = text[..at].chars().next_back();
         match credential_span(&text[at..], after) {
             Some((skip, len)) => {
@@ -234,6 +257,25 @@ fn redact_text(text: &str) -> Option<String> {
     }
     out.push_str(&text[copied..]);
     Some(out)
+}
+
+/// Whether a credential [`credential_span`] finds can start with `c`: the first
+/// characters of its rules' prefixes (in either case, a superset of what matches).
+fn may_start_credential(c: char) -> bool {
+    static FIRST_BYTES: std::sync::LazyLock<[bool; 128]> = std::sync::LazyLock::new(|| {
+        let mut first = [false; 128];
+        let prefixes = SECRET_PREFIXES
+            .iter()
+            .chain(CASELESS_SECRET_PREFIXES)
+            .chain(&[API_KEY_PREFIX, JWT_PREFIX, PEM_BEGIN, URL_AUTHORITY]);
+        for prefix in prefixes {
+            let b = prefix.as_bytes()[0];
+            first[usize::from(b.to_ascii_lowercase())] = true;
+            first[usize::from(b.to_ascii_uppercase())] = true;
+        }
+        first
+    });
+    c.is_ascii() && FIRST_BYTES[c as usize]
 }
 
 /// The secret in the credential `text` starts with, as (offset, length): usually the
@@ -306,7 +348,7 @@ fn is_base64url_char(c: char) -> bool {
 /// each run is read once, not from every `eyJ` inside it, and a second pass over
 /// `...[REDACTED]eyJ...` finds what the first pass found.
 fn jwt_len(text: &str, after: Option<char>) -> Option<usize> {
-    if !text.starts_with("eyJ") || after.is_some_and(|c| is_base64url_char(c) || c == ']') {
+    if !text.starts_with(JWT_PREFIX) || after.is_some_and(|c| is_base64url_char(c) || c == ']') {
         return None;
     }
     let header = base64url_len(text);
@@ -320,7 +362,7 @@ fn jwt_len(text: &str, after: Option<char>) -> Option<usize> {
 /// `-----END ...PRIVATE KEY-----` line. A block cut off before its end line (a truncated
 /// message) is redacted up to where its body stops.
 fn pem_len(text: &str) -> Option<usize> {
-    const BEGIN: &str = "-----BEGIN ";
+    const BEGIN: &str = PEM_BEGIN;
     const END: &str = "-----END ";
     let header = pem_label_len(text.strip_prefix(BEGIN)?)?;
     let mut at = BEGIN.len() + header;
@@ -357,7 +399,7 @@ fn pem_label_len(text: &str) -> Option<usize> {
 /// (`redis://:password@host`); the password may not. Brackets end a password, so a
 /// password already redacted, or holding a redacted credential, is not matched again.
 fn url_password(text: &str) -> Option<(usize, usize)> {
-    let rest = text.strip_prefix("://")?;
+    let rest = text.strip_prefix(URL_AUTHORITY)?;
     let user = rest
         .find(|c: char| !is_userinfo_char(c) || c == ':')
         .unwrap_or(rest.len());

@@ -485,7 +485,6 @@ async fn list_all(
                 run_id: run_id.into(),
                 after_seq,
                 limit,
-                ..Default::default()
             })
             .await
             .expect("list events")

@@ -466,6 +466,7 @@ impl Session {
         let mut released = false;
         // A `final` run's deltas: not stored, sent to its watchers live.
         let mut live = Vec::new();
+        let mut stored = Vec::new();
         for (((run_id, epoch), reply), result) in runs.into_iter().zip(replies).zip(results) {
             let written_now = match result {
                 Ok(written_now) => written_now,
@@ -479,6 +480,7 @@ impl Session {
                 (Reply::EventAck { events }, Written::Appended(outcome)) => {
                     self.state.metrics.appended(events, outcome.duplicates);
                     live.extend(outcome.live);
+                    stored.extend(outcome.stored);
                     Out::EventAck(proto::EventAck {
                         run_id: run_id.to_string(),
                         epoch,
@@ -513,8 +515,16 @@ impl Session {
             };
             self.send(answer).await;
         }
-        self.state.notifier.events_appended(written);
+        // Ephemeral deltas first: one may come before a stored event of the same append.
         self.state.watch_hub.publish_live(&live);
+        // Watchers here get the stored events in memory; their runs' readers are not
+        // roused to read them back.
+        let fanned_out = self.state.watch_hub.publish_stored(&stored);
+        written.retain(|run| !fanned_out.contains(run));
+        self.state.notifier.events_appended(written);
+        self.state
+            .notifier
+            .events_appended_and_fanned_out(fanned_out);
         if released {
             self.state.notifier.work_available();
         }

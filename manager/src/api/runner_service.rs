@@ -155,8 +155,16 @@ impl RunnerService for RunnerApi {
         self.state
             .metrics
             .appended(r.events.len(), outcome.duplicates);
-        self.state.notifier.events_appended([run_id.0]);
+        // As on the stream (`connect.rs`): ephemeral deltas first, then the stored events.
         self.state.watch_hub.publish_live(&outcome.live);
+        let fanned_out = self.state.watch_hub.publish_stored(&outcome.stored);
+        if fanned_out.is_empty() {
+            self.state.notifier.events_appended([run_id.0]);
+        } else {
+            self.state
+                .notifier
+                .events_appended_and_fanned_out(fanned_out);
+        }
         Ok(Response::new(proto::AppendEventsResponse {
             first_seq: outcome.first_seq,
             last_seq: outcome.last_seq,

@@ -7,6 +7,10 @@
 //! to it, into each watcher's byte-bounded outbox. One append is read once per replica,
 //! however many watch it.
 //!
+//! An append on this replica is handed to the topic in memory as it is stored
+//! ([`WatchHub::publish_stored`]) when it follows on from the topic's tail; the reader
+//! then finds nothing new. Appends from elsewhere are read.
+//!
 //! A watcher attaches only once it has read the log itself up to the topic's tail (its
 //! cursor is at or past what the reader has fanned out), so the seam has no gap; the
 //! reader skips what a watcher already has (seq at or below its cursor), so it has no
@@ -293,17 +297,20 @@ impl WatchHub {
         drop(topic);
     }
 
-    /// Offers `page` (read after the topic's tail, in order) to every attached watcher.
-    /// Returns whether the run ended (the topic is then closed).
+    /// Offers `page` (stored events in seq order) to every attached watcher, from the
+    /// topic's tail on: what the tail already passed was fanned out before. Returns
+    /// whether the run ended (the topic is then closed).
     fn fan_out(&self, run_id: RunId, page: &[events::EventRecord]) -> bool {
-        let Some(last) = page.last() else {
-            return false;
-        };
-        let ended = page.iter().any(|e| e.event_type == "run.terminal");
         let mut topics = self.topics.lock().expect("watch hub lock");
         let Some(topic) = topics.get_mut(&run_id) else {
             return true;
         };
+        let new = page.partition_point(|e| e.seq <= topic.tail);
+        let page = &page[new..];
+        let Some(last) = page.last() else {
+            return false;
+        };
+        let ended = page.iter().any(|e| e.event_type == "run.terminal");
         // Each stored event, followed by the ephemeral ones waiting for it.
         let mut converted: Vec<proto::Event> = Vec::with_capacity(page.len());
         for event in page {
@@ -353,6 +360,31 @@ impl WatchHub {
         drop(topics);
         drop(detached);
         ended
+    }
+
+    /// Offers events this replica just stored (each run's in seq order) to their runs'
+    /// watchers here when they follow the topic's tail exactly, so its reader, woken by
+    /// the same append, finds nothing left to read: a local append reaches local
+    /// watchers without reading it back. Events that do not follow on (another write
+    /// came between) are left to the reader.
+    ///
+    /// Returns the runs whose events were all fanned out here (to be announced with
+    /// [`Notifier::events_appended_and_fanned_out`]).
+    pub fn publish_stored(&self, stored: &[events::EventRecord]) -> Vec<uuid::Uuid> {
+        let mut fanned_out = Vec::new();
+        for run in stored.chunk_by(|a, b| a.run_id == b.run_id) {
+            let follows = {
+                let topics = self.topics.lock().expect("watch hub lock");
+                topics
+                    .get(&run[0].run_id)
+                    .is_some_and(|topic| topic.tail + 1 == run[0].seq)
+            };
+            if follows {
+                self.fan_out(run[0].run_id, run);
+                fanned_out.push(run[0].run_id.0);
+            }
+        }
+        fanned_out
     }
 
     /// Offers ephemeral events of this replica's appends to their runs' watchers here,
@@ -443,7 +475,7 @@ async fn read(hub: Arc<WatchHub>, run_id: RunId, poke: Arc<Notify>) {
         // Mark the wake-ups seen before reading, so one that lands during the read is
         // not lost. The first pass reads at once: an append between the first watcher's
         // own read and this subscription woke nobody.
-        woken.borrow_and_update();
+        let unread = woken.borrow_and_update().unread;
         let Some(tail) = hub.tail_or_close(run_id) else {
             return;
         };
@@ -468,13 +500,20 @@ async fn read(hub: Arc<WatchHub>, run_id: RunId, poke: Arc<Notify>) {
                 return;
             }
         }
-        tokio::select! {
-            // An error (the notifier went away) disables the branch; pokes still come.
-            Ok(()) = woken.changed() => {}
-            _ = poke.notified() => {}
-            _ = hub.shutdown.cancelled() => {
-                hub.close(run_id);
-                return;
+        loop {
+            tokio::select! {
+                // An error (the notifier went away) disables the branch; pokes still come.
+                Ok(()) = woken.changed() => {
+                    // Appends this replica fanned out in memory leave nothing to read.
+                    if woken.borrow_and_update().unread != unread {
+                        break;
+                    }
+                }
+                _ = poke.notified() => break,
+                _ = hub.shutdown.cancelled() => {
+                    hub.close(run_id);
+                    return;
+                }
             }
         }
     }
@@ -631,6 +670,30 @@ mod tests {
             "nothing at or below its cursor"
         );
         assert_eq!(hub.topics.lock().unwrap()[&run].tail, 4);
+    }
+
+    /// The hub's database is unreachable here: what the watcher gets came from memory.
+    #[tokio::test]
+    async fn a_local_append_reaches_watchers_in_memory_when_it_follows_the_tail() {
+        let hub = hub();
+        let run = RunId::new();
+        let (_a, mut a) = subscribe(&hub, run, 2);
+        let events = |seqs: std::ops::RangeInclusive<i64>| -> Vec<EventRecord> {
+            seqs.map(|seq| record(run, seq, "content.delta", 1))
+                .collect()
+        };
+        let tail = |hub: &Arc<WatchHub>| hub.topics.lock().unwrap()[&run].tail;
+
+        hub.publish_stored(&events(3..=5));
+        assert_eq!(seqs(&mut a, 3).await, [3, 4, 5]);
+        assert_eq!(tail(&hub), 5);
+        // Not following on (6 was stored by another write): left to the reader.
+        hub.publish_stored(&events(7..=8));
+        assert_eq!(tail(&hub), 5, "nothing skipped");
+        // A reader's page read from an older tail repeats nothing already sent.
+        assert!(!hub.fan_out(run, &events(4..=8)));
+        assert_eq!(seqs(&mut a, 3).await, [6, 7, 8]);
+        assert_eq!(tail(&hub), 8);
     }
 
     #[tokio::test]

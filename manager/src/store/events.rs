@@ -123,18 +123,35 @@ pub async fn append(tx: &impl GenericClient, events: &[(RunId, NewEvent)]) -> Re
 
 /// Inserts events whose seqs the caller took from `runs.last_event_seq` itself: [`append`]
 /// after advancing it, and run creation, which sets it in the same statement that inserts
-/// the run.
+/// the run. Returns the events as stored (redacted, with their time), in order.
 ///
 /// The events are stored as log batches: one `event_batches` row per stretch of
 /// consecutive seqs of one run from one producer (an append is usually one).
 pub(crate) async fn insert_sequenced(
     tx: &impl GenericClient,
     events: &[(RunId, i64, NewEvent)],
-) -> Result<()> {
+) -> Result<Vec<EventRecord>> {
     if events.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    let batches = Batches::of(events);
+    let mut records: Vec<EventRecord> = events
+        .iter()
+        .map(|(run_id, seq, event)| {
+            // The one gate every stored event passes: no secret reaches the log.
+            let mut payload = event.payload.clone();
+            redact(&mut payload);
+            EventRecord {
+                run_id: *run_id,
+                seq: *seq,
+                event_type: event.event_type.as_str().to_owned(),
+                payload,
+                producer: event.producer,
+                created_at: SystemTime::UNIX_EPOCH,
+                ephemeral: false,
+            }
+        })
+        .collect();
+    let batches = Batches::of(&records);
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
         &batches.run_ids,
         &batches.first_seqs,
@@ -149,20 +166,27 @@ pub(crate) async fn insert_sequenced(
     // A batch holding an event some webhook could want also writes its deliveries, in
     // the same statement (so in the same transaction, and without another round trip).
     // Batches of stream content, the hot path, never pay for it.
-    if !events
+    let created_at = if !events
         .iter()
         .any(|(_, _, e)| webhooks::deliverable(e.event_type))
     {
         let insert = tx.prepare_cached(INSERT_BATCHES).await?;
-        tx.execute(&insert, &params).await?;
-        return Ok(());
+        let rows = tx.query(&insert, &params).await?;
+        rows.first()
+            .ok_or_else(|| Error::Internal("a batch insert stored nothing".into()))?
+            .get(0)
+    } else {
+        let insert = tx.prepare_cached(INSERT_BATCHES_AND_DELIVERIES).await?;
+        let row = tx.query_one(&insert, &params).await?;
+        if row.get::<_, i64>(1) > 0 {
+            webhooks::new_deliveries_written();
+        }
+        row.get(0)
+    };
+    for record in &mut records {
+        record.created_at = created_at;
     }
-    let insert = tx.prepare_cached(INSERT_BATCHES_AND_DELIVERIES).await?;
-    let deliveries: i64 = tx.query_one(&insert, &params).await?.get(0);
-    if deliveries > 0 {
-        webhooks::new_deliveries_written();
-    }
-    Ok(())
+    Ok(records)
 }
 
 /// Events cut into log batches, as statement parameters: a row per batch, its events'
@@ -182,14 +206,14 @@ struct Batches {
 }
 
 impl Batches {
-    fn of(events: &[(RunId, i64, NewEvent)]) -> Self {
+    fn of(events: &[EventRecord]) -> Self {
         // Each run's events in seq order; a batch ends where the run, the producer's
         // lease or the seq's continuity does.
-        let mut order: Vec<&(RunId, i64, NewEvent)> = events.iter().collect();
-        order.sort_by_key(|(run_id, seq, _)| (run_id.0, *seq));
+        let mut order: Vec<&EventRecord> = events.iter().collect();
+        order.sort_by_key(|e| (e.run_id.0, e.seq));
         let mut b = Batches::default();
         let mut key: Option<(Uuid, Option<(Uuid, i64)>)> = None;
-        for (run_id, seq, event) in order {
+        for event in order {
             let (lease, runner_seq) = match event.producer {
                 Producer::Manager => (None, None),
                 Producer::Runner {
@@ -198,8 +222,8 @@ impl Batches {
                     runner_seq,
                 } => (Some((runner_id.0, epoch)), Some(runner_seq)),
             };
-            let continues = key == Some((run_id.0, lease))
-                && b.last_seqs.last().is_some_and(|last| last + 1 == *seq);
+            let continues = key == Some((event.run_id.0, lease))
+                && b.last_seqs.last().is_some_and(|last| last + 1 == event.seq);
             if continues {
                 b.types.last_mut().expect("a batch was started").push(',');
                 b.payloads
@@ -207,10 +231,10 @@ impl Batches {
                     .expect("a batch was started")
                     .push(',');
             } else {
-                key = Some((run_id.0, lease));
-                b.run_ids.push(run_id.0);
-                b.first_seqs.push(*seq);
-                b.last_seqs.push(*seq);
+                key = Some((event.run_id.0, lease));
+                b.run_ids.push(event.run_id.0);
+                b.first_seqs.push(event.seq);
+                b.last_seqs.push(event.seq);
                 b.producers
                     .push(if lease.is_some() { "runner" } else { "manager" });
                 b.runner_ids.push(lease.map(|(id, _)| id));
@@ -219,16 +243,13 @@ impl Batches {
                 b.payloads.push("[".to_owned());
                 b.runner_seqs.push(lease.map(|_| String::new()));
             }
-            *b.last_seqs.last_mut().expect("a batch was started") = *seq;
+            *b.last_seqs.last_mut().expect("a batch was started") = event.seq;
             b.types
                 .last_mut()
                 .expect("a batch was started")
-                .push_str(event.event_type.as_str());
-            // The one gate every stored event passes: no secret reaches the log.
-            let mut payload = event.payload.clone();
-            redact(&mut payload);
+                .push_str(&event.event_type);
             let payloads = b.payloads.last_mut().expect("a batch was started");
-            payloads.push_str(&payload.to_string());
+            payloads.push_str(&event.payload.to_string());
             if let (Some(Some(seqs)), Some(runner_seq)) = (b.runner_seqs.last_mut(), runner_seq) {
                 if !seqs.is_empty() {
                     seqs.push(',');
@@ -258,19 +279,21 @@ macro_rules! insert_batches {
          FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::uuid[],
                      $6::bigint[], $7::text[], $8::text[], $9::text[])
               AS b (run_id, first_seq, last_seq, producer, runner_id, epoch, types, payloads,
-                    runner_seqs)"
+                    runner_seqs)
+         RETURNING created_at"
     };
 }
 
+/// Returns the events' time (the statement's), once per batch.
 const INSERT_BATCHES: &str = insert_batches!();
 
 /// [`INSERT_BATCHES`], and one delivery per stored event and webhook of the run's tenant
-/// (and project, when the webhook names one) that asks for its type. Returns how many
-/// deliveries were written.
+/// (and project, when the webhook names one) that asks for its type. Returns the events'
+/// time and how many deliveries were written.
 const INSERT_BATCHES_AND_DELIVERIES: &str = concat!(
     "WITH stored AS (",
     insert_batches!(),
-    "    RETURNING run_id, seqs, types
+    ", run_id, seqs, types
      ),
      stored_events AS (
          SELECT s.run_id, e.seq, e.type
@@ -289,7 +312,7 @@ const INSERT_BATCHES_AND_DELIVERIES: &str = concat!(
          ON CONFLICT (webhook_id, run_id, seq) DO NOTHING
          RETURNING 1
      )
-     SELECT count(*) FROM delivered"
+     SELECT (SELECT created_at FROM stored LIMIT 1), (SELECT count(*) FROM delivered)"
 );
 
 /// Events of a run with `seq > after_seq`, oldest first: at most `limit`, and no more

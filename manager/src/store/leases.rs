@@ -818,4 +818,8 @@ pub struct AppendOutcome {
     pub duplicates: i32,
     /// Deltas of a `final` run, accepted but not stored: ephemeral events for watchers.
     pub live: Vec<events::EventRecord>,
+    /// The events stored, in seq order, for this replica's watchers (the watch hub):
+    /// empty unless they end the run's log as the batch left it (no other event of the
+    /// run came after them).
+    pub stored: Vec<events::EventRecord>,
 }

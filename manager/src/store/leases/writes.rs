@@ -130,7 +130,7 @@ async fn write_once(
     batch.max_event_bytes = quotas.event_bytes_per_run;
     batch.max_payload_bytes = quotas.payload_bytes;
     let plans: Vec<Result<Planned>> = writes.iter().map(|w| batch.plan(runner_id, w)).collect();
-    let stored = batch.store(&tx).await?;
+    let mut stored = batch.store(&tx).await?;
     tx.commit().await?;
     Ok(plans
         .into_iter()
@@ -651,7 +651,7 @@ impl Batch {
     async fn store(mut self, tx: &impl GenericClient) -> Result<Stored> {
         commands::store_updates(tx, &self.command_updates).await?;
         let events = std::mem::take(&mut self.events);
-        let seqs = self.insert_events(tx, events).await?;
+        let stored = self.insert_events(tx, events).await?;
         for (run_id, opened) in &self.opened {
             requests::open(tx, &self.runs[&run_id.0], opened).await?;
         }
@@ -685,14 +685,30 @@ impl Batch {
             .into_iter()
             .map(|(run_id, follows, event)| {
                 let follows_seq = match follows {
-                    Some(i) => seqs[i],
+                    Some(i) => stored[i].seq,
                     None => self.runs[&run_id.0].last_event_seq,
                 };
                 EventRecord::ephemeral(run_id, follows_seq, event)
             })
             .collect();
+        // Where each run's log ends after this batch, for runs that go on (a finish or
+        // release appends more of its own).
+        let mut log_ends: HashMap<Uuid, i64> = self
+            .progress
+            .iter()
+            .map(|(id, p)| (*id, p.last_event_seq))
+            .collect();
+        for run_id in self
+            .finishes
+            .iter()
+            .map(|f| &f.run_id)
+            .chain(&self.releases)
+        {
+            log_ends.remove(&run_id.0);
+        }
         Ok(Stored {
-            seqs,
+            events: stored.into_iter().map(Some).collect(),
+            log_ends,
             live,
             finished,
         })
@@ -701,13 +717,13 @@ impl Batch {
 
 impl Batch {
     /// Numbers `events` after each run's last stored event (its row is locked, and
-    /// only [`store_progress`] writes the counter back) and inserts them. Returns their
-    /// seqs, in order.
+    /// only [`store_progress`] writes the counter back) and inserts them. Returns them
+    /// as stored, in order.
     async fn insert_events(
         &mut self,
         tx: &impl GenericClient,
         events: Vec<(RunId, NewEvent)>,
-    ) -> Result<Vec<i64>> {
+    ) -> Result<Vec<EventRecord>> {
         let mut sequenced = Vec::with_capacity(events.len());
         for (run_id, event) in events {
             let progress = self.progress.get_mut(&run_id.0).ok_or_else(|| {
@@ -716,8 +732,7 @@ impl Batch {
             progress.last_event_seq += 1;
             sequenced.push((run_id, progress.last_event_seq, event));
         }
-        events::insert_sequenced(tx, &sequenced).await?;
-        Ok(sequenced.iter().map(|(_, seq, _)| *seq).collect())
+        events::insert_sequenced(tx, &sequenced).await
     }
 }
 
@@ -756,13 +771,16 @@ async fn store_progress(
 
 /// What the batch stored, to answer each write.
 struct Stored {
-    seqs: Vec<i64>,
+    /// Each taken by the answer of the write that appended it.
+    events: Vec<Option<EventRecord>>,
+    /// The last seq of each run that goes on, after every event of the batch.
+    log_ends: HashMap<Uuid, i64>,
     live: Vec<EventRecord>,
     finished: Vec<RunRecord>,
 }
 
 impl Stored {
-    fn outcome(&self, plan: Planned) -> Result<Written> {
+    fn outcome(&mut self, plan: Planned) -> Result<Written> {
         Ok(match plan {
             Planned::Appended {
                 events,
@@ -770,13 +788,26 @@ impl Stored {
                 acked_runner_seq,
                 duplicates,
             } => {
-                let seqs = &self.seqs[events];
+                let mut stored: Vec<EventRecord> = self.events[events]
+                    .iter_mut()
+                    .filter_map(Option::take)
+                    .collect();
+                let (first_seq, last_seq) = (
+                    stored.first().map_or(0, |e| e.seq),
+                    stored.last().map_or(0, |e| e.seq),
+                );
+                // Only the run's whole news is worth handing to watchers in memory.
+                let run_id = stored.first().map(|e| e.run_id.0);
+                if run_id.and_then(|id| self.log_ends.get(&id)) != Some(&last_seq) {
+                    stored.clear();
+                }
                 Written::Appended(AppendOutcome {
-                    first_seq: seqs.first().copied().unwrap_or(0),
-                    last_seq: seqs.last().copied().unwrap_or(0),
+                    first_seq,
+                    last_seq,
                     acked_runner_seq,
                     duplicates,
                     live: self.live[live].to_vec(),
+                    stored,
                 })
             }
             Planned::Finished(run_id) => Written::Finished(Box::new(
