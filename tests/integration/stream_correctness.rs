@@ -497,3 +497,58 @@ async fn list_all(
         all.extend(page);
     }
 }
+
+/// The log's backstop against a counter that disagrees with it (the old per-event
+/// primary key's job): when seqs the run's counter would give out are already stored —
+/// written here behind the manager's back — an append is refused whole, and no seq is
+/// stored twice.
+#[tokio::test]
+async fn an_append_overlapping_the_stored_log_is_refused_whole() {
+    let mut app = TestApp::spawn_with(|s| s.lease_ttl_ms = 60_000).await;
+    let me = runner("overlapped");
+    create(&mut app, "overlap").await;
+    let held = claim(&mut app, &me, 1).await;
+    let run_id = held[0].run.as_ref().unwrap().run_id.clone();
+    app.runners
+        .append_events(append(&me, &held[0], deltas(1, 3)))
+        .await
+        .expect("a plain append");
+    let db = app.db().await;
+    db.execute(
+        "INSERT INTO event_batches (run_id, first_seq, last_seq, producer, created_at, seqs,
+                                    types, payloads)
+         SELECT id, last_event_seq + 1, last_event_seq + 2, 'manager', now(),
+                ARRAY[last_event_seq + 1, last_event_seq + 2],
+                ARRAY['runtime.warning', 'runtime.warning'], '[{}, {}]'
+         FROM runs WHERE id = $1::text::uuid",
+        &[&run_id],
+    )
+    .await
+    .expect("write events behind the manager's back");
+
+    let refused = app
+        .runners
+        .append_events(append(&me, &held[0], deltas(4, 6)))
+        .await
+        .expect_err("the overlapping append is refused");
+    assert_eq!(refused.code(), Code::Internal, "{refused:?}");
+    let twice: i64 = db
+        .query_one(
+            "SELECT count(*) FROM (SELECT seq FROM events WHERE run_id = $1::text::uuid
+                                   GROUP BY seq HAVING count(*) > 1) d",
+            &[&run_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(twice, 0, "no seq is stored twice");
+    let runner_seqs: i64 = db
+        .query_one(
+            "SELECT count(*) FROM events WHERE run_id = $1::text::uuid AND runner_seq > 3",
+            &[&run_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(runner_seqs, 0, "nothing of the refused append is stored");
+}

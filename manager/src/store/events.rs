@@ -166,22 +166,31 @@ pub(crate) async fn insert_sequenced(
     // A batch holding an event some webhook could want also writes its deliveries, in
     // the same statement (so in the same transaction, and without another round trip).
     // Batches of stream content, the hot path, never pay for it.
-    let created_at = if !events
+    let (created_at, stored): (Option<SystemTime>, usize) = if !events
         .iter()
         .any(|(_, _, e)| webhooks::deliverable(e.event_type))
     {
         let insert = tx.prepare_cached(INSERT_BATCHES).await?;
         let rows = tx.query(&insert, &params).await?;
-        rows.first()
-            .ok_or_else(|| Error::Internal("a batch insert stored nothing".into()))?
-            .get(0)
+        (rows.first().map(|row| row.get(0)), rows.len())
     } else {
         let insert = tx.prepare_cached(INSERT_BATCHES_AND_DELIVERIES).await?;
         let row = tx.query_one(&insert, &params).await?;
         if row.get::<_, i64>(1) > 0 {
             webhooks::new_deliveries_written();
         }
-        row.get(0)
+        (row.get(0), row.get::<_, i64>(2) as usize)
+    };
+    // Seqs come from the run's locked counter, so a batch that would overlap one already
+    // stored means the counter and the log disagree: nothing of it is stored (the
+    // transaction fails), as the old per-event primary key refused a seq twice.
+    let created_at = match created_at {
+        Some(at) if stored == batches.run_ids.len() => at,
+        _ => {
+            return Err(Error::Internal(
+                "an event batch overlaps the run's stored log".into(),
+            ));
+        }
     };
     for record in &mut records {
         record.created_at = created_at;
@@ -280,6 +289,10 @@ macro_rules! insert_batches {
                      $6::bigint[], $7::text[], $8::text[], $9::text[])
               AS b (run_id, first_seq, last_seq, producer, runner_id, epoch, types, payloads,
                     runner_seqs)
+         -- The backstop of a gapless, duplicate-free log: a batch goes after the run's
+         -- last one or not at all (see `insert_sequenced`).
+         WHERE NOT EXISTS (SELECT 1 FROM event_batches o
+                           WHERE o.run_id = b.run_id AND o.last_seq >= b.first_seq)
          RETURNING created_at"
     };
 }
@@ -312,7 +325,8 @@ const INSERT_BATCHES_AND_DELIVERIES: &str = concat!(
          ON CONFLICT (webhook_id, run_id, seq) DO NOTHING
          RETURNING 1
      )
-     SELECT (SELECT created_at FROM stored LIMIT 1), (SELECT count(*) FROM delivered)"
+     SELECT (SELECT created_at FROM stored LIMIT 1), (SELECT count(*) FROM delivered),
+            (SELECT count(*) FROM stored)"
 );
 
 /// Events of a run with `seq > after_seq`, oldest first: at most `limit`, and no more
