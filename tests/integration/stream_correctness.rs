@@ -432,7 +432,7 @@ async fn an_append_is_one_row_and_the_log_resumes_at_any_seq_inside_it() {
         "a resend stores nothing"
     );
 
-    let all = list_all(&mut app, &lease.run_id, 0, 1_000).await;
+    let all = events_of(&mut app, &lease.run_id).await;
     let seqs: Vec<i64> = all.iter().map(|e| e.seq).collect();
     assert_eq!(
         seqs,
@@ -449,7 +449,7 @@ async fn an_append_is_one_row_and_the_log_resumes_at_any_seq_inside_it() {
     // From every seq, in pages of 7 that start and end inside batches.
     let last = *seqs.last().unwrap();
     for after in 0..last {
-        let rest = list_all(&mut app, &lease.run_id, after, 7).await;
+        let rest = events_after(&mut app, &lease.run_id, after, 7).await;
         let got: Vec<i64> = rest.iter().map(|e| e.seq).collect();
         assert_eq!(
             got,
@@ -468,34 +468,6 @@ async fn rows(db: &tokio_postgres::Client, run_id: &str) -> i64 {
     .await
     .unwrap()
     .get(0)
-}
-
-/// Every event of `run_id` after `after_seq`, read in pages of `limit`.
-async fn list_all(
-    app: &mut TestApp,
-    run_id: &str,
-    mut after_seq: i64,
-    limit: i32,
-) -> Vec<proto::Event> {
-    let mut all = Vec::new();
-    loop {
-        let page = app
-            .runs
-            .list_events(proto::ListEventsRequest {
-                run_id: run_id.into(),
-                after_seq,
-                limit,
-            })
-            .await
-            .expect("list events")
-            .into_inner()
-            .events;
-        let Some(last) = page.last() else {
-            return all;
-        };
-        after_seq = last.seq;
-        all.extend(page);
-    }
 }
 
 /// The log's backstop against a counter that disagrees with it (the old per-event

@@ -603,23 +603,35 @@ impl Drop for RunnerProcess {
 
 /// All events of a run, in seq order.
 pub async fn events_of(app: &mut TestApp, run_id: &str) -> Vec<proto::Event> {
+    events_after(app, run_id, 0, 1000).await
+}
+
+/// The events of a run after `after_seq`, in seq order, read in pages of `limit` until
+/// one comes back empty.
+pub async fn events_after(
+    app: &mut TestApp,
+    run_id: &str,
+    mut after_seq: i64,
+    limit: i32,
+) -> Vec<proto::Event> {
     let mut all = Vec::new();
     loop {
         let page = app
             .runs
             .list_events(proto::ListEventsRequest {
                 run_id: run_id.into(),
-                after_seq: all.last().map_or(0, |e: &proto::Event| e.seq),
-                limit: 1000,
+                after_seq,
+                limit,
             })
             .await
             .expect("list events")
-            .into_inner();
-        let done = page.events.len() < 1000;
-        all.extend(page.events);
-        if done {
+            .into_inner()
+            .events;
+        let Some(last) = page.last() else {
             return all;
-        }
+        };
+        after_seq = last.seq;
+        all.extend(page);
     }
 }
 
