@@ -146,33 +146,28 @@ impl Notifier {
 
     /// New events for these runs (or sessions): wake their watchers wherever they are.
     pub fn events_appended(&self, keys: impl IntoIterator<Item = Uuid>) {
-        let keys: Vec<Uuid> = keys.into_iter().collect();
-        if keys.is_empty() {
-            return;
-        }
-        self.poke_watchers(keys.iter().copied());
-        self.outgoing
-            .lock()
-            .expect("notifier lock")
-            .changed
-            .extend(keys);
-        self.flush.notify_one();
+        self.announce_appended(keys, Wakes::poke);
     }
 
     /// New events of these runs that this replica's watch hub already fanned out in
     /// memory ([`crate::api::watch_hub::WatchHub::publish_stored`]): wake their watchers
     /// everywhere, except this replica's hub readers, which have nothing left to read.
     pub fn events_appended_and_fanned_out(&self, runs: impl IntoIterator<Item = Uuid>) {
-        let runs: Vec<Uuid> = runs.into_iter().collect();
-        if runs.is_empty() {
+        self.announce_appended(runs, Wakes::poke_fanned_out);
+    }
+
+    /// Pokes this replica's watchers of `keys` with `poke` and tells the other replicas.
+    fn announce_appended(&self, keys: impl IntoIterator<Item = Uuid>, poke: fn(&mut Wakes)) {
+        let keys: Vec<Uuid> = keys.into_iter().collect();
+        if keys.is_empty() {
             return;
         }
-        self.poke_watchers_with(runs.iter().copied(), Wakes::poke_fanned_out);
+        self.poke_watchers_with(keys.iter().copied(), poke);
         self.outgoing
             .lock()
             .expect("notifier lock")
             .changed
-            .extend(runs);
+            .extend(keys);
         self.flush.notify_one();
     }
 
