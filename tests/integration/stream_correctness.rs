@@ -414,9 +414,15 @@ async fn an_append_is_one_row_and_the_log_resumes_at_any_seq_inside_it() {
     create_all(&mut app.runs, vec![run_request("hello")]).await;
     let lease = raw.take_one().await;
     let db = app.db().await;
-    // The first append also starts the run (the manager's `run.started`).
+    // The first append also starts the run: the manager's `run.started` shares its row.
+    let claimed = rows(&db, &lease.run_id).await;
     raw.append(&lease, 1, EVENTS / 2).await;
     let before = rows(&db, &lease.run_id).await;
+    assert_eq!(
+        before,
+        claimed + 1,
+        "the manager's events join the append's row"
+    );
     let acked = raw.append(&lease, EVENTS / 2 + 1, EVENTS).await;
     assert_eq!(acked.acked_runner_seq, EVENTS);
     assert_eq!(
@@ -439,6 +445,15 @@ async fn an_append_is_one_row_and_the_log_resumes_at_any_seq_inside_it() {
         (1..=seqs.len() as i64).collect::<Vec<_>>(),
         "gapless from 1"
     );
+    // Each event says who wrote it, also in a row holding both producers' events.
+    let started = all.iter().find(|e| e.r#type == "run.started").unwrap();
+    assert_eq!(started.producer, proto::Producer::Manager as i32);
+    assert_eq!((started.runner_id.as_str(), started.epoch), ("", 0));
+    for delta in all.iter().filter(|e| e.r#type == "content.delta") {
+        assert_eq!(delta.producer, proto::Producer::Runner as i32, "{delta:?}");
+        assert_eq!(delta.runner_id, identity.runner_id);
+        assert_eq!(delta.epoch, lease.epoch);
+    }
     let deltas: Vec<String> = all
         .iter()
         .filter(|e| e.r#type == "content.delta")

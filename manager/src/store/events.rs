@@ -126,7 +126,8 @@ pub async fn append(tx: &impl GenericClient, events: &[(RunId, NewEvent)]) -> Re
 /// the run. Returns the events as stored (redacted, with their time), in order.
 ///
 /// The events are stored as log batches: one `event_batches` row per stretch of
-/// consecutive seqs of one run from one producer (an append is usually one).
+/// consecutive seqs of one run with runner events of at most one lease (an append,
+/// with the manager's events it causes, is one).
 pub(crate) async fn insert_sequenced(
     tx: &impl GenericClient,
     events: &[(RunId, i64, NewEvent)],
@@ -211,17 +212,18 @@ struct Batches {
     epochs: Vec<Option<i64>>,
     types: Vec<String>,
     payloads: Vec<String>,
-    runner_seqs: Vec<Option<String>>,
+    runner_seqs: Vec<String>,
 }
 
 impl Batches {
     fn of(events: &[EventRecord]) -> Self {
-        // Each run's events in seq order; a batch ends where the run, the producer's
-        // lease or the seq's continuity does.
+        // Each run's events in seq order; a batch ends where the run, the seq's
+        // continuity or the lease of its runner events does. The manager's events join
+        // the batch they fall in (an append's `run.started` and `command.completed`
+        // share the row of the runner's events), and say so by having no runner seq.
         let mut order: Vec<&EventRecord> = events.iter().collect();
         order.sort_by_key(|e| (e.run_id.0, e.seq));
         let mut b = Batches::default();
-        let mut key: Option<(Uuid, Option<(Uuid, i64)>)> = None;
         for event in order {
             let (lease, runner_seq) = match event.producer {
                 Producer::Manager => (None, None),
@@ -231,39 +233,44 @@ impl Batches {
                     runner_seq,
                 } => (Some((runner_id.0, epoch)), Some(runner_seq)),
             };
-            let continues = key == Some((event.run_id.0, lease))
-                && b.last_seqs.last().is_some_and(|last| last + 1 == event.seq);
-            if continues {
-                b.types.last_mut().expect("a batch was started").push(',');
-                b.payloads
-                    .last_mut()
-                    .expect("a batch was started")
-                    .push(',');
-            } else {
-                key = Some((event.run_id.0, lease));
-                b.run_ids.push(event.run_id.0);
-                b.first_seqs.push(event.seq);
-                b.last_seqs.push(event.seq);
-                b.producers
-                    .push(if lease.is_some() { "runner" } else { "manager" });
-                b.runner_ids.push(lease.map(|(id, _)| id));
-                b.epochs.push(lease.map(|(_, epoch)| epoch));
-                b.types.push(String::new());
-                b.payloads.push("[".to_owned());
-                b.runner_seqs.push(lease.map(|_| String::new()));
-            }
-            *b.last_seqs.last_mut().expect("a batch was started") = event.seq;
-            b.types
-                .last_mut()
-                .expect("a batch was started")
-                .push_str(&event.event_type);
-            let payloads = b.payloads.last_mut().expect("a batch was started");
-            payloads.push_str(&event.payload.to_string());
-            if let (Some(Some(seqs)), Some(runner_seq)) = (b.runner_seqs.last_mut(), runner_seq) {
-                if !seqs.is_empty() {
-                    seqs.push(',');
+            let last = b.run_ids.len().checked_sub(1);
+            let continues = last.is_some_and(|i| {
+                let batch_lease = b.runner_ids[i].zip(b.epochs[i]);
+                b.run_ids[i] == event.run_id.0
+                    && b.last_seqs[i] + 1 == event.seq
+                    && (lease.is_none() || batch_lease.is_none() || lease == batch_lease)
+            });
+            let i = match last {
+                Some(i) if continues => {
+                    b.types[i].push(',');
+                    b.payloads[i].push(',');
+                    b.runner_seqs[i].push(',');
+                    i
                 }
-                seqs.push_str(&runner_seq.to_string());
+                _ => {
+                    b.run_ids.push(event.run_id.0);
+                    b.first_seqs.push(event.seq);
+                    b.last_seqs.push(0);
+                    b.producers.push("manager");
+                    b.runner_ids.push(None);
+                    b.epochs.push(None);
+                    b.types.push(String::new());
+                    b.payloads.push("[".to_owned());
+                    b.runner_seqs.push(String::new());
+                    b.run_ids.len() - 1
+                }
+            };
+            b.last_seqs[i] = event.seq;
+            if let Some((runner_id, epoch)) = lease {
+                b.producers[i] = "runner";
+                b.runner_ids[i] = Some(runner_id);
+                b.epochs[i] = Some(epoch);
+            }
+            b.types[i].push_str(&event.event_type);
+            b.payloads[i].push_str(&event.payload.to_string());
+            // An empty element is a manager event's NULL runner seq.
+            if let Some(runner_seq) = runner_seq {
+                b.runner_seqs[i].push_str(&runner_seq.to_string());
             }
         }
         for payloads in &mut b.payloads {
@@ -284,7 +291,8 @@ macro_rules! insert_batches {
          SELECT b.run_id, b.first_seq, b.last_seq, b.producer, b.runner_id, b.epoch,
                 statement_timestamp(), ARRAY(SELECT generate_series(b.first_seq, b.last_seq)),
                 string_to_array(b.types, ','), b.payloads::jsonb,
-                string_to_array(b.runner_seqs, ',')::bigint[]
+                CASE WHEN b.runner_id IS NOT NULL
+                     THEN string_to_array(b.runner_seqs, ',', '')::bigint[] END
          FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::uuid[],
                      $6::bigint[], $7::text[], $8::text[], $9::text[])
               AS b (run_id, first_seq, last_seq, producer, runner_id, epoch, types, payloads,
@@ -389,13 +397,18 @@ impl EventRecord {
             seq: row.get("seq"),
             event_type: row.get("type"),
             payload: row.get("payload"),
-            producer: match row.get::<_, Option<Uuid>>("runner_id") {
-                Some(id) => Producer::Runner {
+            // A batch may hold the manager's events among a runner's: only a runner's
+            // event has a runner seq.
+            producer: match (
+                row.get::<_, Option<i64>>("runner_seq"),
+                row.get::<_, Option<Uuid>>("runner_id"),
+            ) {
+                (Some(runner_seq), Some(id)) => Producer::Runner {
                     runner_id: RunnerId(id),
                     epoch: row.get::<_, Option<i64>>("epoch").unwrap_or_default(),
-                    runner_seq: row.get::<_, Option<i64>>("runner_seq").unwrap_or_default(),
+                    runner_seq,
                 },
-                None => Producer::Manager,
+                _ => Producer::Manager,
             },
             created_at: row.get("created_at"),
             ephemeral: false,
