@@ -345,7 +345,11 @@ pub(crate) async fn cancel_locked(
 /// `RunStatus::sources`) are left alone and not returned. The caller holds the rows'
 /// locks.
 pub async fn finish_many(tx: &impl GenericClient, finishes: &[Finish]) -> Result<Vec<RunRecord>> {
-    let finished = runs::mark_finished(tx, finishes).await?;
+    // The runs' counters already count the events appended below. In id order, as
+    // their closures are sorted.
+    let mut finished = runs::mark_finished(tx, finishes).await?;
+    finished.sort_by_key(|(run, _)| run.id);
+    let (finished, appending): (Vec<RunRecord>, Vec<i64>) = finished.into_iter().unzip();
     if finished.is_empty() {
         return Ok(finished);
     }
@@ -358,40 +362,43 @@ pub async fn finish_many(tx: &impl GenericClient, finishes: &[Finish]) -> Result
         .map(commands::closed_event)
         .chain(closed.iter().map(requests::resolved_event))
         .collect();
-    // Per run: its closures in order, then run.terminal.
+    // Per run: its closures in order, then run.terminal, numbered up to its counter.
     closing.sort_by_key(|(run_id, _)| *run_id);
-    let mut all = Vec::with_capacity(closing.len() + finished.len());
-    let mut appended: std::collections::HashMap<RunId, i64> = std::collections::HashMap::new();
     let mut closing = closing.into_iter().peekable();
-    let mut by_id: Vec<&RunRecord> = finished.iter().collect();
-    by_id.sort_by_key(|r| r.id);
-    for run in by_id {
-        while let Some(event) = closing.next_if(|(run_id, _)| *run_id == run.id) {
-            all.push(event);
+    let mut sequenced = Vec::with_capacity(ids.len() + cancelled.len() + closed.len());
+    for (run, appending) in finished.iter().zip(appending) {
+        let mut events: Vec<NewEvent> = Vec::new();
+        while let Some((_, event)) = closing.next_if(|(run_id, _)| *run_id == run.id) {
+            events.push(event);
         }
-        let payload = json!({
-            "status": run.status.as_str(),
-            "failure_kind": run.failure_kind,
-            "message": run.failure_message,
-            "attempt": run.attempt,
-        });
-        all.push((run.id, NewEvent::manager(EventType::RunTerminal, payload)));
+        events.push(NewEvent::manager(
+            EventType::RunTerminal,
+            json!({
+                "status": run.status.as_str(),
+                "failure_kind": run.failure_kind,
+                "message": run.failure_message,
+                "attempt": run.attempt,
+            }),
+        ));
+        if events.len() as i64 != appending {
+            return Err(Error::Internal(format!(
+                "run {} ends with {} events, but its counter moved on by {appending}",
+                run.id,
+                events.len()
+            )));
+        }
+        let first_seq = run.last_event_seq - appending + 1;
+        sequenced.extend(
+            (first_seq..)
+                .zip(events)
+                .map(|(seq, event)| (run.id, seq, event)),
+        );
     }
-    for (run_id, _) in &all {
-        *appended.entry(*run_id).or_default() += 1;
-    }
-    events::append(tx, &all).await?;
+    events::insert_sequenced(tx, &sequenced).await?;
     // Room for the keys' next runs, admitted before commit. Last, so the key locks are
     // the last locks this transaction waits for (see `flow`).
     flow::admit(tx, &flow::keys_of(&finished)).await?;
-    // `last_event_seq` moved on with the events just appended.
-    Ok(finished
-        .into_iter()
-        .map(|mut run| {
-            run.last_event_seq += appended.get(&run.id).copied().unwrap_or(0);
-            run
-        })
-        .collect())
+    Ok(finished)
 }
 
 /// CancelCommand: withdraws a command of a run of the tenant that has not been delivered

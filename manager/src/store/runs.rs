@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 use std::time::SystemTime;
 
 use agentrun_shared::ids::{CommandId, RunId, RunnerId, ScheduleId, SessionId};
-use agentrun_shared::state::{RunStatus, StreamMode};
+use agentrun_shared::state::{CommandStatus, RunStatus, StreamMode};
 use deadpool_postgres::GenericClient;
 use serde_json::{Map, Value, json};
 use tokio_postgres::Row;
@@ -681,10 +681,15 @@ pub struct Finish {
 /// Moves runs to their terminal status, clearing the lease's expiry and the active turn
 /// (what else ending a run does is `lifecycle::finish_many`). Runs not in a state that
 /// may move to their target (see `RunStatus::sources`) are left alone and not returned.
+///
+/// The run's event counter moves on in the same row update by the events its ending
+/// appends: one for each open command and open request (closed as cancelled) and
+/// `run.terminal`. Returned with each run, that count is exact because the caller holds
+/// the run's lock, without which nothing opens or closes them.
 pub(crate) async fn mark_finished(
     tx: &impl GenericClient,
     finishes: &[Finish],
-) -> Result<Vec<RunRecord>> {
+) -> Result<Vec<(RunRecord, i64)>> {
     if finishes.is_empty() {
         return Ok(Vec::new());
     }
@@ -692,11 +697,17 @@ pub(crate) async fn mark_finished(
         .prepare_cached(
             "UPDATE runs SET status = f.status, failure_kind = f.failure_kind,
                     failure_message = f.message, finished_at = now(), updated_at = now(), active_turn_id = NULL,
-                    lease_expires_at = NULL
+                    lease_expires_at = NULL, last_event_seq = runs.last_event_seq + ending.events
              FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
                   AS f(id, status, failure_kind, message, sources)
+             CROSS JOIN LATERAL (
+                 SELECT 1 + (SELECT count(*) FROM commands c
+                             WHERE c.run_id = f.id AND c.status = ANY($6))
+                          + (SELECT count(*) FROM requests q
+                             WHERE q.run_id = f.id AND q.status = 'open') AS events
+             ) ending
              WHERE runs.id = f.id AND runs.status = ANY(string_to_array(f.sources, ','))
-             RETURNING runs.*",
+             RETURNING runs.*, ending.events",
         )
         .await?;
     let sources: Vec<String> = finishes
@@ -728,10 +739,16 @@ pub(crate) async fn mark_finished(
                     .map(|f| f.message.as_deref())
                     .collect::<Vec<_>>(),
                 &sources,
+                &CommandStatus::OPEN
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>(),
             ],
         )
         .await?;
-    RunRecord::from_rows(&rows)
+    rows.iter()
+        .map(|row| Ok((RunRecord::from_row(row)?, row.get("events"))))
+        .collect()
 }
 
 /// Why a run goes back to the queue.
