@@ -4,6 +4,8 @@
 //! this module sequences them in one transaction. It sits above them: no aggregate
 //! imports it.
 
+use std::collections::HashMap;
+
 use agentrun_shared::error::reason;
 use agentrun_shared::events::EventType;
 use agentrun_shared::ids::{CommandId, RunId};
@@ -14,7 +16,7 @@ use uuid::Uuid;
 
 use super::commands::{self, CommandRecord, NewCommand};
 use super::events::{self, NewEvent};
-use super::runs::{self, Finish, NewRun, RequeueReason, RunRecord};
+use super::runs::{self, Finish, LeaseProgress, NewRun, RequeueReason, RunRecord};
 use super::{Created, Tenant, flow, requests, sessions};
 use crate::error::{Error, Result};
 use crate::limits::Quotas;
@@ -345,10 +347,29 @@ pub(crate) async fn cancel_locked(
 /// `RunStatus::sources`) are left alone and not returned. The caller holds the rows'
 /// locks.
 pub async fn finish_many(tx: &impl GenericClient, finishes: &[Finish]) -> Result<Vec<RunRecord>> {
+    finish_many_with_progress(tx, finishes, &HashMap::new()).await
+}
+
+/// [`finish_many`] of runs that a runner's appends also changed in this transaction:
+/// their `progress` (by run id) is written by the update that ends them.
+pub async fn finish_many_with_progress(
+    tx: &impl GenericClient,
+    finishes: &[Finish],
+    progress: &HashMap<Uuid, LeaseProgress>,
+) -> Result<Vec<RunRecord>> {
     // The runs' counters already count the events appended below. In id order, as
     // their closures are sorted.
-    let mut finished = runs::mark_finished(tx, finishes).await?;
+    let mut finished = runs::mark_finished(tx, finishes, progress).await?;
     finished.sort_by_key(|(run, _)| run.id);
+    if progress.keys().any(|id| {
+        finished
+            .binary_search_by_key(&RunId(*id), |(run, _)| run.id)
+            .is_err()
+    }) {
+        return Err(Error::Internal(
+            "a run whose progress its end was to write did not end".into(),
+        ));
+    }
     let (finished, appending): (Vec<RunRecord>, Vec<i64>) = finished.into_iter().unzip();
     if finished.is_empty() {
         return Ok(finished);

@@ -3,6 +3,7 @@
 //! flagging a cancellation). What those transitions do to commands, requests, sessions
 //! and events is `lifecycle`; claiming and fenced runner writes are `leases`.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::SystemTime;
 
@@ -669,6 +670,15 @@ pub async fn lock_uncancelled(
     RunRecord::from_rows(&rows)
 }
 
+/// What a runner's appends made of a run's row (the rest of its progress, status and
+/// active turn, an end overrides).
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseProgress {
+    pub lease_runner_seq: i64,
+    pub event_bytes: i64,
+    pub last_event_seq: i64,
+}
+
 /// Why and how a run ends.
 #[derive(Debug, Clone)]
 pub struct Finish {
@@ -685,10 +695,12 @@ pub struct Finish {
 /// The run's event counter moves on in the same row update by the events its ending
 /// appends: one for each open command and open request (closed as cancelled) and
 /// `run.terminal`. Returned with each run, that count is exact because the caller holds
-/// the run's lock, without which nothing opens or closes them.
+/// the run's lock, without which nothing opens or closes them. A run in `progress` (by
+/// id) takes the lease's progress with it, also in that one row version.
 pub(crate) async fn mark_finished(
     tx: &impl GenericClient,
     finishes: &[Finish],
+    progress: &HashMap<Uuid, LeaseProgress>,
 ) -> Result<Vec<(RunRecord, i64)>> {
     if finishes.is_empty() {
         return Ok(Vec::new());
@@ -697,9 +709,15 @@ pub(crate) async fn mark_finished(
         .prepare_cached(
             "UPDATE runs SET status = f.status, failure_kind = f.failure_kind,
                     failure_message = f.message, finished_at = now(), updated_at = now(), active_turn_id = NULL,
-                    lease_expires_at = NULL, last_event_seq = runs.last_event_seq + ending.events
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
-                  AS f(id, status, failure_kind, message, sources)
+                    lease_expires_at = NULL,
+                    lease_runner_seq = coalesce(f.runner_seq, runs.lease_runner_seq),
+                    event_bytes = coalesce(f.event_bytes, runs.event_bytes),
+                    last_event_seq = coalesce(f.last_event_seq, runs.last_event_seq)
+                                     + ending.events
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $7::bigint[], $8::bigint[], $9::bigint[])
+                  AS f(id, status, failure_kind, message, sources, runner_seq, event_bytes,
+                       last_event_seq)
              CROSS JOIN LATERAL (
                  SELECT 1 + (SELECT count(*) FROM commands c
                              WHERE c.run_id = f.id AND c.status = ANY($6))
@@ -721,6 +739,12 @@ pub(crate) async fn mark_finished(
                 .join(",")
         })
         .collect();
+    let carried = |field: fn(&LeaseProgress) -> i64| -> Vec<Option<i64>> {
+        finishes
+            .iter()
+            .map(|f| progress.get(&f.run_id.0).map(field))
+            .collect()
+    };
     let rows = tx
         .query(
             &stmt,
@@ -743,6 +767,9 @@ pub(crate) async fn mark_finished(
                     .iter()
                     .map(|s| s.as_str())
                     .collect::<Vec<_>>(),
+                &carried(|p| p.lease_runner_seq),
+                &carried(|p| p.event_bytes),
+                &carried(|p| p.last_event_seq),
             ],
         )
         .await?;

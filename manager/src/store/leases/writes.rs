@@ -28,7 +28,7 @@ use crate::store::commands::{self, CommandUpdate};
 use crate::store::events::{self, EventRecord, NewEvent, Producer};
 use crate::store::lifecycle;
 use crate::store::requests::{self, OpenedRequest};
-use crate::store::runs::{Finish, RequeueReason, RunRecord};
+use crate::store::runs::{Finish, LeaseProgress, RequeueReason, RunRecord};
 use crate::store::{Tenant, parse_state};
 
 /// One write a runner makes under the lease `epoch` of a run.
@@ -676,9 +676,25 @@ impl Batch {
                     .status = RunStatus::Running;
             }
         }
-        // Before the finishes: they append after the counters written here.
-        store_progress(tx, &self.progress).await?;
-        let finished = lifecycle::finish_many(tx, &self.finishes).await?;
+        // A run that also ends in this batch takes its progress into the update that
+        // ends it; the others' is written first (the finishes append after it).
+        let ending: HashMap<Uuid, LeaseProgress> = self
+            .finishes
+            .iter()
+            .filter_map(|f| {
+                let p = self.progress.get(&f.run_id.0)?;
+                Some((
+                    f.run_id.0,
+                    LeaseProgress {
+                        lease_runner_seq: p.lease_runner_seq,
+                        event_bytes: p.event_bytes,
+                        last_event_seq: p.last_event_seq,
+                    },
+                ))
+            })
+            .collect();
+        store_progress(tx, &self.progress, &ending).await?;
+        let finished = lifecycle::finish_many_with_progress(tx, &self.finishes, &ending).await?;
         lifecycle::requeue_many(tx, &self.releases, RequeueReason::Released).await?;
         let live = self
             .live
@@ -736,12 +752,19 @@ impl Batch {
     }
 }
 
-/// Writes the appends' effect on each run row in one statement.
+/// Writes the appends' effect on each run row in one statement, but for the runs
+/// `ending` (their finish writes it).
 async fn store_progress(
     tx: &impl GenericClient,
     progress: &HashMap<Uuid, RunProgress>,
+    ending: &HashMap<Uuid, LeaseProgress>,
 ) -> Result<()> {
-    if progress.is_empty() {
+    let ids: Vec<Uuid> = progress
+        .keys()
+        .filter(|id| !ending.contains_key(id))
+        .copied()
+        .collect();
+    if ids.is_empty() {
         return Ok(());
     }
     let stmt = tx
@@ -755,7 +778,6 @@ async fn store_progress(
              WHERE runs.id = p.id",
         )
         .await?;
-    let ids: Vec<Uuid> = progress.keys().copied().collect();
     let statuses: Vec<&str> = ids.iter().map(|id| progress[id].status.as_str()).collect();
     let seqs: Vec<i64> = ids.iter().map(|id| progress[id].lease_runner_seq).collect();
     let turns: Vec<Option<&str>> = ids
