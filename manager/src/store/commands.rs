@@ -365,6 +365,20 @@ pub(crate) async fn get(
     CommandRecord::from_row(&row)
 }
 
+/// Commands by id, in no particular order (the ones that exist).
+pub(crate) async fn get_many(
+    client: &impl GenericClient,
+    ids: &[Uuid],
+) -> Result<Vec<CommandRecord>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let stmt = client
+        .prepare_cached("SELECT * FROM commands WHERE id = ANY($1)")
+        .await?;
+    CommandRecord::from_rows(&client.query(&stmt, &[&ids]).await?)
+}
+
 /// The `command.completed` of a command the manager closed itself (cancelled with its
 /// run, withdrawn before delivery, or a cancel it carried out): `closed_by` tells it
 /// from a runner's report, which follows a delivery.

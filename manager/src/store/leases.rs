@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 use agentrun_shared::error::reason;
 use agentrun_shared::events::EventType;
 use agentrun_shared::ids::{RunId, RunnerId};
-use agentrun_shared::state::RunStatus;
+use agentrun_shared::state::{CommandStatus, RunStatus};
 use deadpool_postgres::{GenericClient, Pool};
 use serde_json::json;
 use uuid::Uuid;
@@ -113,6 +113,57 @@ const PENDING_TENANTS: &str = "pending_tenants(tenant_id) AS (
                 ORDER BY r.tenant_id LIMIT 1)
         FROM pending_tenants p WHERE p.tenant_id IS NOT NULL
     )";
+
+/// The common tail of the statements that lease runs (a claim, an adoption), given the
+/// runs as `leasing(id)`: every open command of a run is delivered to its new holder,
+/// in the same snapshot as it is counted, and `delivered_per_run` says how many and
+/// which. The lease's row update then moves the run's event counter on by the events
+/// [`hand_over`] appends (`run.claimed` and a `command.delivered` each), so the hand-over
+/// writes no row version of its own. A command committed after the statement's snapshot
+/// stays pending and goes with the next heartbeat.
+static DELIVER_OPEN_COMMANDS: LazyLock<String> = LazyLock::new(|| {
+    let open: Vec<String> = CommandStatus::OPEN
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    format!(
+        "delivered AS (
+            UPDATE commands c SET status = 'delivered', updated_at = now()
+            -- A probe of the open commands' index per run; a join would scan them all.
+            WHERE c.run_id = ANY(ARRAY(SELECT id FROM leasing)) AND c.status IN ({})
+            RETURNING c.run_id, c.id, c.seq
+        ),
+        delivered_per_run AS (
+            SELECT run_id, count(*) AS n, array_agg(id ORDER BY seq) AS ids
+            FROM delivered GROUP BY run_id
+        )",
+        open.join(", ")
+    )
+});
+
+/// What a lease's row update sets besides the lease: the counter (see
+/// [`DELIVER_OPEN_COMMANDS`], joined as `d`).
+const COUNT_HAND_OVER: &str = "last_event_seq = runs.last_event_seq + 1 + coalesce(d.n, 0)";
+
+/// What a lease statement returns besides the run: the commands it delivered.
+const RETURN_DELIVERED: &str = "coalesce(d.ids, '{}') AS delivered_ids";
+
+/// A run as a lease statement left it: leased, its open commands delivered (their ids,
+/// in seq order) and its counter moved on by its hand-over's events.
+#[derive(Debug)]
+struct Leased {
+    run: RunRecord,
+    delivered: Vec<Uuid>,
+}
+
+impl Leased {
+    fn from_row(row: &tokio_postgres::Row) -> Result<Self> {
+        Ok(Self {
+            run: RunRecord::from_row(row)?,
+            delivered: row.get("delivered_ids"),
+        })
+    }
+}
 
 /// Statement 1 of a claim: takes the advisory lock of every limited tenant that has room
 /// and a pending run this runner could take, in lock-key order (so claimers never wait
@@ -266,14 +317,20 @@ fn claim_sql() -> String {
                  FROM locked
              ) best
              WHERE k <= quota
-         )
+         ),
+         leasing AS (SELECT id FROM picked),
+         {deliver}
          UPDATE runs SET status = 'claimed', lease_runner_id = slots.runner,
                 lease_epoch = runs.lease_epoch + 1,
                 lease_expires_at = now() + $6::bigint * interval '1 millisecond',
                 lease_runner_seq = 0, claimed_at = now(), updated_at = now(),
-                run_deadline = now() + runs.run_timeout_ms * interval '1 millisecond'
-         FROM picked JOIN slots USING (slot) WHERE runs.id = picked.id
-         RETURNING runs.*"
+                run_deadline = now() + runs.run_timeout_ms * interval '1 millisecond',
+                {COUNT_HAND_OVER}
+         FROM picked JOIN slots USING (slot)
+         LEFT JOIN delivered_per_run d ON d.run_id = picked.id
+         WHERE runs.id = picked.id
+         RETURNING runs.*, {RETURN_DELIVERED}",
+        deliver = *DELIVER_OPEN_COMMANDS,
     )
 }
 
@@ -442,24 +499,25 @@ pub async fn claim_for(
         )
         .await?
     };
-    let mut claimed: Vec<RunRecord> = rows
-        .iter()
-        .map(RunRecord::from_row)
-        .collect::<Result<_>>()?;
+    let mut claimed: Vec<Leased> = rows.iter().map(Leased::from_row).collect::<Result<_>>()?;
     claimed.extend(rated.claimed);
     claimed.sort_by(|a, b| {
-        b.priority
-            .cmp(&a.priority)
-            .then(a.created_at.cmp(&b.created_at))
+        b.run
+            .priority
+            .cmp(&a.run.priority)
+            .then(a.run.created_at.cmp(&b.run.created_at))
     });
     let by_id: HashMap<RunnerId, &RunnerIdentity> = runners.iter().map(|r| (r.id, *r)).collect();
     let claimed = claimed
         .into_iter()
-        .filter_map(|run| {
-            let runner = by_id.get(&run.lease_runner_id?)?;
-            Some((run, *runner))
+        .map(|leased| {
+            let runner = leased.run.lease_runner_id.and_then(|id| by_id.get(&id));
+            let runner = runner.ok_or_else(|| {
+                Error::Internal("a claim leased a run to a runner that did not ask".into())
+            })?;
+            Ok((leased, *runner))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let assignments = hand_over(&tx, claimed, false).await?;
     tx.commit().await?;
     Ok(Claimed {
@@ -477,48 +535,66 @@ pub struct Claimed {
 }
 
 /// Records `run.claimed` for runs just leased, each to its runner (`resumed`: taken back
-/// by a restarted runner), delivers their pending commands and reads their conversation
-/// context ([`context::load`], one statement for all of them), in run order.
+/// by a restarted runner), with a `command.delivered` for each command the lease
+/// statement delivered, and reads their conversation context ([`context::load`], one
+/// statement for all of them), in run order. The runs' counters already count these
+/// events ([`DELIVER_OPEN_COMMANDS`]).
 ///
 /// Only a run in a session, one leased before (its epoch is past its first claim's) or
 /// one re-run or forked from another can have context, so a claim of fresh runs outside
 /// sessions reads nothing more.
 async fn hand_over(
     tx: &impl GenericClient,
-    runs: Vec<(RunRecord, &RunnerIdentity)>,
+    runs: Vec<(Leased, &RunnerIdentity)>,
     resumed: bool,
 ) -> Result<Vec<Assignment>> {
-    let ids: Vec<Uuid> = runs.iter().map(|(r, _)| r.id.0).collect();
-    let claimed_events: Vec<(RunId, NewEvent)> = runs
+    let delivered_ids: Vec<Uuid> = runs
         .iter()
-        .map(|(run, runner)| {
-            let mut payload = json!({
-                "runner_id": runner.id.to_string(),
-                "runner_name": runner.name,
-                "epoch": run.lease_epoch,
-                "attempt": run.attempt,
-            });
-            if resumed {
-                payload["resumed"] = json!(true);
-            }
-            (run.id, NewEvent::manager(EventType::RunClaimed, payload))
-        })
+        .flat_map(|(leased, _)| leased.delivered.iter().copied())
         .collect();
-    let mut delivered: HashMap<RunId, Vec<CommandRecord>> = HashMap::new();
-    for command in commands::deliver_pending(tx, &ids).await? {
-        delivered.entry(command.run_id).or_default().push(command);
-    }
-    // Per run: claimed, then its commands delivered, all in one append.
-    let mut new_events = Vec::with_capacity(claimed_events.len() * 2);
-    for claimed in claimed_events {
-        let run_id = claimed.0;
-        new_events.push(claimed);
-        if let Some(commands) = delivered.get(&run_id) {
-            new_events.extend(commands.iter().map(commands::delivered_event));
+    let mut delivered: HashMap<Uuid, CommandRecord> = commands::get_many(tx, &delivered_ids)
+        .await?
+        .into_iter()
+        .map(|c| (c.id.0, c))
+        .collect();
+    let mut new_events = Vec::with_capacity(runs.len() + delivered_ids.len());
+    let mut assigned = Vec::with_capacity(runs.len());
+    for (leased, runner) in runs {
+        let run = leased.run;
+        let mut payload = json!({
+            "runner_id": runner.id.to_string(),
+            "runner_name": runner.name,
+            "epoch": run.lease_epoch,
+            "attempt": run.attempt,
+        });
+        if resumed {
+            payload["resumed"] = json!(true);
         }
+        let commands: Vec<CommandRecord> = leased
+            .delivered
+            .iter()
+            .map(|id| {
+                delivered.remove(id).ok_or_else(|| {
+                    Error::Internal("a command delivered with a lease is gone".into())
+                })
+            })
+            .collect::<Result<_>>()?;
+        // Per run: claimed, then its commands delivered, up to its counter.
+        let first_seq = run.last_event_seq - commands.len() as i64;
+        new_events.push((
+            run.id,
+            first_seq,
+            NewEvent::manager(EventType::RunClaimed, payload),
+        ));
+        new_events.extend(
+            (first_seq + 1..)
+                .zip(&commands)
+                .map(|(seq, command)| (run.id, seq, commands::delivered_event(command).1)),
+        );
+        assigned.push((run, commands));
     }
-    events::append(tx, &new_events).await?;
-    let with_context: Vec<Uuid> = runs
+    events::insert_sequenced(tx, &new_events).await?;
+    let with_context: Vec<Uuid> = assigned
         .iter()
         .filter(|(run, _)| {
             run.session_id.is_some() || run.lease_epoch > 1 || run.lineage.context.is_some()
@@ -526,11 +602,11 @@ async fn hand_over(
         .map(|(run, _)| run.id.0)
         .collect();
     let mut contexts = context::load(tx, &with_context).await?;
-    Ok(runs
+    Ok(assigned
         .into_iter()
-        .map(|(run, _)| Assignment {
-            commands: delivered.remove(&run.id).unwrap_or_default(),
+        .map(|(run, commands)| Assignment {
             context: contexts.remove(&run.id.0).unwrap_or_default(),
+            commands,
             run,
         })
         .collect())

@@ -4,11 +4,12 @@
 //! hellos within seconds, so [`hello`] settles a whole batch of them (see
 //! `crate::hellos`) in one transaction with a fixed number of set-based statements:
 //! one upsert of every runner row (recording the replica holding its stream), one
-//! renewal of every lease named, one adoption of every run the runners' ids still hold,
-//! then one redelivery of the adopted runs' commands and one hand-over (events,
-//! commands, conversation context) for all of them.
+//! renewal of every lease named, one adoption of every run the runners' ids still hold
+//! (with their commands delivered anew), then one hand-over (events, commands,
+//! conversation context) for all of them.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use agentrun_shared::ids::RunId;
@@ -18,13 +19,11 @@ use uuid::Uuid;
 
 use super::writes::ATTEMPTS;
 use super::{
-    Assignment, HeldLease, LeaseState, RunnerIdentity, active_statuses, hand_over, renew,
-    runner_tenant, ttl_millis,
+    Assignment, COUNT_HAND_OVER, DELIVER_OPEN_COMMANDS, HeldLease, LeaseState, Leased,
+    RETURN_DELIVERED, RunnerIdentity, active_statuses, hand_over, renew, runner_tenant, ttl_millis,
 };
 use crate::error::{Error, Result};
 use crate::store::Tenant;
-use crate::store::commands;
-use crate::store::runs::RunRecord;
 
 /// A runner saying hello: who it is, and the leases it says it holds.
 #[derive(Debug, Clone)]
@@ -146,19 +145,33 @@ const UPSERT_RUNNERS_SQL: &str = "
     RETURNING id, tenant_id, draining";
 
 /// Adopts, for every hello `ord`, the active runs its runner's id holds in its tenant
-/// (`NULL`: any) and that it did not name: a new epoch, a fresh lease of $4 ms. A run
-/// matches at most one hello (runner ids are per tenant; a round names each runner once).
-/// Parameters: $1 ords, $2 runner ids, $3 tenants, $4 ttl, $5 active statuses, $6/$7 the
-/// named leases as (ord, run) pairs.
-const ADOPT_SQL: &str = "
-    UPDATE runs SET lease_epoch = runs.lease_epoch + 1, lease_runner_seq = 0, updated_at = now(),
-           lease_expires_at = now() + $4::bigint * interval '1 millisecond'
-    FROM unnest($1::int[], $2::uuid[], $3::text[]) AS h(ord, runner, tenant)
-    WHERE runs.lease_runner_id = h.runner AND runs.status = ANY($5)
-      AND (h.tenant IS NULL OR runs.tenant_id = h.tenant)
-      AND NOT EXISTS (SELECT 1 FROM unnest($6::int[], $7::uuid[]) AS n(ord, run)
-                      WHERE n.ord = h.ord AND n.run = runs.id)
-    RETURNING runs.*, h.ord AS hello_ord";
+/// (`NULL`: any) and that it did not name: a new epoch, a fresh lease of $4 ms, and
+/// everything the old incarnation held owed again (every open command delivered anew).
+/// A run matches at most one hello (runner ids are per tenant; a round names each runner
+/// once). Parameters: $1 ords, $2 runner ids, $3 tenants, $4 ttl, $5 active statuses,
+/// $6/$7 the named leases as (ord, run) pairs.
+static ADOPT_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH leasing AS MATERIALIZED (
+             SELECT runs.id, h.ord
+             FROM runs, unnest($1::int[], $2::uuid[], $3::text[]) AS h(ord, runner, tenant)
+             WHERE runs.lease_runner_id = h.runner AND runs.status = ANY($5)
+               AND (h.tenant IS NULL OR runs.tenant_id = h.tenant)
+               AND NOT EXISTS (SELECT 1 FROM unnest($6::int[], $7::uuid[]) AS n(ord, run)
+                               WHERE n.ord = h.ord AND n.run = runs.id)
+             FOR UPDATE OF runs
+         ),
+         {deliver}
+         UPDATE runs SET lease_epoch = runs.lease_epoch + 1, lease_runner_seq = 0,
+                updated_at = now(),
+                lease_expires_at = now() + $4::bigint * interval '1 millisecond',
+                {COUNT_HAND_OVER}
+         FROM leasing l LEFT JOIN delivered_per_run d ON d.run_id = l.id
+         WHERE runs.id = l.id
+         RETURNING runs.*, l.ord AS hello_ord, {RETURN_DELIVERED}",
+        deliver = *DELIVER_OPEN_COMMANDS,
+    )
+});
 
 /// Settles one round: hellos of distinct runners.
 async fn settle(
@@ -212,7 +225,7 @@ async fn settle(
         .zip(&ords)
         .flat_map(|(h, &ord)| h.named.iter().map(move |(run, _)| (ord, run.0)))
         .unzip();
-    let adopt = tx.prepare_cached(ADOPT_SQL).await?;
+    let adopt = tx.prepare_cached(&ADOPT_SQL).await?;
     let rows = tx
         .query(
             &adopt,
@@ -227,17 +240,12 @@ async fn settle(
             ],
         )
         .await?;
-    let mut adopted: Vec<(RunRecord, &RunnerIdentity)> = Vec::with_capacity(rows.len());
+    let mut adopted: Vec<(Leased, &RunnerIdentity)> = Vec::with_capacity(rows.len());
     let mut adopted_by: Vec<usize> = Vec::with_capacity(rows.len());
     for row in &rows {
         let ord = row.get::<_, i32>("hello_ord") as usize;
-        adopted.push((RunRecord::from_row(row)?, &hellos[ord].runner));
+        adopted.push((Leased::from_row(row)?, &hellos[ord].runner));
         adopted_by.push(ord);
-    }
-    // Everything the old incarnation held is owed again, delivered or not.
-    let adopted_ids: Vec<Uuid> = adopted.iter().map(|(r, _)| r.id.0).collect();
-    if !adopted_ids.is_empty() {
-        commands::redeliver(tx, &adopted_ids).await?;
     }
     let mut handed: Vec<Vec<Assignment>> = vec![Vec::new(); hellos.len()];
     for (assignment, ord) in hand_over(tx, adopted, true)

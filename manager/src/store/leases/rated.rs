@@ -20,14 +20,14 @@
 //! here; the others pay one pipelined query on the (small) `rate_limits` table.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::GenericClient;
 use uuid::Uuid;
 
-use super::RunnerIdentity;
+use super::{COUNT_HAND_OVER, DELIVER_OPEN_COMMANDS, Leased, RETURN_DELIVERED, RunnerIdentity};
 use crate::error::{Error, Result};
-use crate::store::runs::RunRecord;
 
 /// The rate-limited tenants a claim may reach (its runners' tenant, else all): every
 /// one, and whether it has a run the claim could take. Parameters: $1 tenant (`NULL`:
@@ -41,11 +41,31 @@ pub(super) const RATED_TENANTS_SQL: &str = "SELECT t.tenant_id,
     FROM (SELECT DISTINCT tenant_id FROM rate_limits
           WHERE $1::text IS NULL OR tenant_id = $1::text) t";
 
+/// Leases the runs this claim picked ($1), locked and pending, each to its slot's runner
+/// ($2), for $3 ms.
+static LEASE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH leasing AS (SELECT id FROM unnest($1::uuid[]) AS l(id)),
+         {deliver}
+         UPDATE runs SET status = 'claimed', lease_runner_id = p.runner,
+                lease_epoch = runs.lease_epoch + 1,
+                lease_expires_at = now() + $3::bigint * interval '1 millisecond',
+                lease_runner_seq = 0, claimed_at = now(), updated_at = now(),
+                run_deadline = now() + runs.run_timeout_ms * interval '1 millisecond',
+                {COUNT_HAND_OVER}
+         FROM unnest($1::uuid[], $2::uuid[]) AS p(id, runner)
+         LEFT JOIN delivered_per_run d ON d.run_id = p.id
+         WHERE runs.id = p.id AND runs.status = 'pending'
+         RETURNING runs.*, {RETURN_DELIVERED}",
+        deliver = *DELIVER_OPEN_COMMANDS,
+    )
+});
+
 /// What the rate-limited part of a claim did.
 #[derive(Debug, Default)]
 pub(super) struct Rated {
     /// Runs leased, each to its slot's runner.
-    pub claimed: Vec<RunRecord>,
+    pub claimed: Vec<Leased>,
     /// Some run waits for a token: when the earliest empty bucket has one again.
     pub retry_in: Option<Duration>,
 }
@@ -296,24 +316,10 @@ pub(super) async fn claim(
 
     let mut claimed = Vec::new();
     if !picked.is_empty() {
-        let lease = tx
-            .prepare_cached(
-                "UPDATE runs SET status = 'claimed', lease_runner_id = p.runner,
-                        lease_epoch = runs.lease_epoch + 1,
-                        lease_expires_at = now() + $3::bigint * interval '1 millisecond',
-                        lease_runner_seq = 0, claimed_at = now(), updated_at = now(),
-                        run_deadline = now() + runs.run_timeout_ms * interval '1 millisecond'
-                 FROM unnest($1::uuid[], $2::uuid[]) AS p(id, runner)
-                 WHERE runs.id = p.id AND runs.status = 'pending'
-                 RETURNING runs.*",
-            )
-            .await?;
+        let lease = tx.prepare_cached(&LEASE_SQL).await?;
         let runners: Vec<Uuid> = slots[..picked.len()].to_vec();
         let rows = tx.query(&lease, &[&picked, &runners, &ttl_ms]).await?;
-        claimed = rows
-            .iter()
-            .map(RunRecord::from_row)
-            .collect::<Result<_>>()?;
+        claimed = rows.iter().map(Leased::from_row).collect::<Result<_>>()?;
         if claimed.len() != picked.len() {
             // The rows were locked by this transaction and pending: this cannot happen.
             return Err(Error::Internal(
