@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use super::commands::{self, CommandRecord, NewCommand};
-use super::events::{self, NewEvent};
+use super::events::{self, EventRecord, NewEvent};
 use super::runs::{self, Finish, LeaseProgress, NewRun, RequeueReason, RunRecord};
 use super::{Created, Tenant, flow, requests, sessions};
 use crate::error::{Error, Result};
@@ -347,16 +347,22 @@ pub(crate) async fn cancel_locked(
 /// `RunStatus::sources`) are left alone and not returned. The caller holds the rows'
 /// locks.
 pub async fn finish_many(tx: &impl GenericClient, finishes: &[Finish]) -> Result<Vec<RunRecord>> {
-    finish_many_with_progress(tx, finishes, &HashMap::new()).await
+    let (finished, _) = finish_many_with(tx, finishes, &HashMap::new(), Vec::new()).await?;
+    Ok(finished)
 }
 
 /// [`finish_many`] of runs that a runner's appends also changed in this transaction:
-/// their `progress` (by run id) is written by the update that ends them.
-pub async fn finish_many_with_progress(
+/// their `progress` (by run id) is written by the update that ends them, and the
+/// appends' events, numbered but not stored yet (`appended`), are stored with the ends'
+/// in one statement (a run's last append and its end make one log batch). Returns the
+/// runs ended, and the appended events as stored, in order.
+pub async fn finish_many_with(
     tx: &impl GenericClient,
     finishes: &[Finish],
     progress: &HashMap<Uuid, LeaseProgress>,
-) -> Result<Vec<RunRecord>> {
+    appended: Vec<(RunId, i64, NewEvent)>,
+) -> Result<(Vec<RunRecord>, Vec<EventRecord>)> {
+    let appended_count = appended.len();
     // The runs' counters already count the events appended below. In id order, as
     // their closures are sorted.
     let mut finished = runs::mark_finished(tx, finishes, progress).await?;
@@ -372,12 +378,23 @@ pub async fn finish_many_with_progress(
     }
     let (finished, appending): (Vec<RunRecord>, Vec<i64>) = finished.into_iter().unzip();
     if finished.is_empty() {
-        return Ok(finished);
+        return Ok((finished, events::insert_sequenced(tx, &appended).await?));
     }
-    let ids: Vec<Uuid> = finished.iter().map(|r| r.id.0).collect();
-    let cancelled = commands::cancel_open(tx, &ids, "run ended").await?;
-    let closed = requests::cancel_for_runs(tx, &ids).await?;
-    sessions::touch_runs(tx, &ids).await?;
+    // Only runs with more to append than run.terminal have anything open to close, and
+    // only runs in sessions a session to touch.
+    let with_open: Vec<Uuid> = finished
+        .iter()
+        .zip(&appending)
+        .filter(|(_, n)| **n > 1)
+        .map(|(run, _)| run.id.0)
+        .collect();
+    let in_sessions: Vec<Uuid> = finished
+        .iter()
+        .filter(|run| run.session_id.is_some())
+        .map(|run| run.id.0)
+        .collect();
+    let cancelled = commands::cancel_open(tx, &with_open, "run ended").await?;
+    let closed = requests::cancel_for_runs(tx, &with_open).await?;
     let mut closing: Vec<(RunId, NewEvent)> = cancelled
         .iter()
         .map(commands::closed_event)
@@ -386,7 +403,8 @@ pub async fn finish_many_with_progress(
     // Per run: its closures in order, then run.terminal, numbered up to its counter.
     closing.sort_by_key(|(run_id, _)| *run_id);
     let mut closing = closing.into_iter().peekable();
-    let mut sequenced = Vec::with_capacity(ids.len() + cancelled.len() + closed.len());
+    let mut sequenced = appended;
+    sequenced.reserve(finished.len() + cancelled.len() + closed.len());
     for (run, appending) in finished.iter().zip(appending) {
         let mut events: Vec<NewEvent> = Vec::new();
         while let Some((_, event)) = closing.next_if(|(run_id, _)| *run_id == run.id) {
@@ -415,11 +433,14 @@ pub async fn finish_many_with_progress(
                 .map(|(seq, event)| (run.id, seq, event)),
         );
     }
-    events::insert_sequenced(tx, &sequenced).await?;
+    let mut stored = events::insert_sequenced(tx, &sequenced).await?;
+    stored.truncate(appended_count);
+    // After the events: a session keeps the thread id its runs' turns last reported.
+    sessions::touch_runs(tx, &in_sessions).await?;
     // Room for the keys' next runs, admitted before commit. Last, so the key locks are
     // the last locks this transaction waits for (see `flow`).
     flow::admit(tx, &flow::keys_of(&finished)).await?;
-    Ok(finished)
+    Ok((finished, stored))
 }
 
 /// CancelCommand: withdraws a command of a run of the tenant that has not been delivered

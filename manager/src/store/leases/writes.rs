@@ -25,7 +25,7 @@ use super::{AppendOutcome, RunnerEvent, fence};
 use crate::error::{Error, Result};
 use crate::limits::Quotas;
 use crate::store::commands::{self, CommandUpdate};
-use crate::store::events::{self, EventRecord, NewEvent, Producer};
+use crate::store::events::{EventRecord, NewEvent, Producer};
 use crate::store::lifecycle;
 use crate::store::requests::{self, OpenedRequest};
 use crate::store::runs::{Finish, LeaseProgress, RequeueReason, RunRecord};
@@ -651,7 +651,8 @@ impl Batch {
     async fn store(mut self, tx: &impl GenericClient) -> Result<Stored> {
         commands::store_updates(tx, &self.command_updates).await?;
         let events = std::mem::take(&mut self.events);
-        let stored = self.insert_events(tx, events).await?;
+        let appended = events.len();
+        let mut sequenced = self.number(events)?;
         for (run_id, opened) in &self.opened {
             requests::open(tx, &self.runs[&run_id.0], opened).await?;
         }
@@ -659,7 +660,7 @@ impl Batch {
         let closed = requests::cancel_for_turns(tx, &self.ended_turns).await?;
         let closed_events: Vec<(RunId, NewEvent)> =
             closed.iter().map(requests::resolved_event).collect();
-        self.insert_events(tx, closed_events).await?;
+        sequenced.extend(self.number(closed_events)?);
         // A run waits only while one of its requests is open.
         let rechecked: Vec<Uuid> = self
             .requests_changed
@@ -694,7 +695,10 @@ impl Batch {
             })
             .collect();
         store_progress(tx, &self.progress, &ending).await?;
-        let finished = lifecycle::finish_many_with_progress(tx, &self.finishes, &ending).await?;
+        // The events are stored with the finishes' own, in one statement.
+        let (finished, mut stored) =
+            lifecycle::finish_many_with(tx, &self.finishes, &ending, sequenced).await?;
+        stored.truncate(appended);
         lifecycle::requeue_many(tx, &self.releases, RequeueReason::Released).await?;
         let live = self
             .live
@@ -732,23 +736,19 @@ impl Batch {
 }
 
 impl Batch {
-    /// Numbers `events` after each run's last stored event (its row is locked, and
-    /// only [`store_progress`] writes the counter back) and inserts them. Returns them
-    /// as stored, in order.
-    async fn insert_events(
-        &mut self,
-        tx: &impl GenericClient,
-        events: Vec<(RunId, NewEvent)>,
-    ) -> Result<Vec<EventRecord>> {
-        let mut sequenced = Vec::with_capacity(events.len());
-        for (run_id, event) in events {
-            let progress = self.progress.get_mut(&run_id.0).ok_or_else(|| {
-                Error::Internal("an event for a run the batch did not append to".into())
-            })?;
-            progress.last_event_seq += 1;
-            sequenced.push((run_id, progress.last_event_seq, event));
-        }
-        events::insert_sequenced(tx, &sequenced).await
+    /// Numbers `events` after each run's last stored event (its row is locked, and only
+    /// [`store_progress`] or its finish writes the counter back), in order.
+    fn number(&mut self, events: Vec<(RunId, NewEvent)>) -> Result<Vec<(RunId, i64, NewEvent)>> {
+        events
+            .into_iter()
+            .map(|(run_id, event)| {
+                let progress = self.progress.get_mut(&run_id.0).ok_or_else(|| {
+                    Error::Internal("an event for a run the batch did not append to".into())
+                })?;
+                progress.last_event_seq += 1;
+                Ok((run_id, progress.last_event_seq, event))
+            })
+            .collect()
     }
 }
 
