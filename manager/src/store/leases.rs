@@ -145,6 +145,18 @@ static DELIVER_OPEN_COMMANDS: LazyLock<String> = LazyLock::new(|| {
 /// [`DELIVER_OPEN_COMMANDS`], joined as `d`).
 const COUNT_HAND_OVER: &str = "last_event_seq = runs.last_event_seq + 1 + coalesce(d.n, 0)";
 
+/// The row update of a pending run that a claim leases to `runner` for `ttl_ms` (SQL
+/// expressions): a new epoch, the run's deadline started, the hand-over counted.
+fn claim_run_set(runner: &str, ttl_ms: &str) -> String {
+    format!(
+        "status = 'claimed', lease_runner_id = {runner}, lease_epoch = runs.lease_epoch + 1,
+         lease_expires_at = now() + {ttl_ms}::bigint * interval '1 millisecond',
+         lease_runner_seq = 0, claimed_at = now(), updated_at = now(),
+         run_deadline = now() + runs.run_timeout_ms * interval '1 millisecond',
+         {COUNT_HAND_OVER}"
+    )
+}
+
 /// What a lease statement returns besides the run: the commands it delivered.
 const RETURN_DELIVERED: &str = "coalesce(d.ids, '{}') AS delivered_ids";
 
@@ -320,17 +332,13 @@ fn claim_sql() -> String {
          ),
          leasing AS (SELECT id FROM picked),
          {deliver}
-         UPDATE runs SET status = 'claimed', lease_runner_id = slots.runner,
-                lease_epoch = runs.lease_epoch + 1,
-                lease_expires_at = now() + $6::bigint * interval '1 millisecond',
-                lease_runner_seq = 0, claimed_at = now(), updated_at = now(),
-                run_deadline = now() + runs.run_timeout_ms * interval '1 millisecond',
-                {COUNT_HAND_OVER}
+         UPDATE runs SET {set}
          FROM picked JOIN slots USING (slot)
          LEFT JOIN delivered_per_run d ON d.run_id = picked.id
          WHERE runs.id = picked.id
          RETURNING runs.*, {RETURN_DELIVERED}",
         deliver = *DELIVER_OPEN_COMMANDS,
+        set = claim_run_set("slots.runner", "$6"),
     )
 }
 

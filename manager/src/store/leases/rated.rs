@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 use deadpool_postgres::GenericClient;
 use uuid::Uuid;
 
-use super::{COUNT_HAND_OVER, DELIVER_OPEN_COMMANDS, Leased, RETURN_DELIVERED, RunnerIdentity};
+use super::{DELIVER_OPEN_COMMANDS, Leased, RETURN_DELIVERED, RunnerIdentity, claim_run_set};
 use crate::error::{Error, Result};
 
 /// The rate-limited tenants a claim may reach (its runners' tenant, else all): every
@@ -47,17 +47,13 @@ static LEASE_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH leasing AS (SELECT id FROM unnest($1::uuid[]) AS l(id)),
          {deliver}
-         UPDATE runs SET status = 'claimed', lease_runner_id = p.runner,
-                lease_epoch = runs.lease_epoch + 1,
-                lease_expires_at = now() + $3::bigint * interval '1 millisecond',
-                lease_runner_seq = 0, claimed_at = now(), updated_at = now(),
-                run_deadline = now() + runs.run_timeout_ms * interval '1 millisecond',
-                {COUNT_HAND_OVER}
+         UPDATE runs SET {set}
          FROM unnest($1::uuid[], $2::uuid[]) AS p(id, runner)
          LEFT JOIN delivered_per_run d ON d.run_id = p.id
          WHERE runs.id = p.id AND runs.status = 'pending'
          RETURNING runs.*, {RETURN_DELIVERED}",
         deliver = *DELIVER_OPEN_COMMANDS,
+        set = claim_run_set("p.runner", "$3"),
     )
 });
 
