@@ -493,6 +493,7 @@ impl Runner {
             provider_thread_id: Some(assignment.provider_thread_id).filter(|t| !t.is_empty()),
             observer: self.observer.clone(),
             trace_parent: Some(assignment.trace_parent).filter(|t| !t.is_empty()),
+            last_turn: assignment.last_turn,
         };
         tracing::info!(run = %run.run_id, epoch = assignment.epoch, profile = %run.backend_profile, "run assigned");
         self.observer.run_started();

@@ -74,6 +74,9 @@ pub struct RunContext {
     pub observer: Arc<Observer>,
     /// The W3C `traceparent` of the run's creation: the run's span continues it.
     pub trace_parent: Option<String>,
+    /// How the run's last turn ended under an earlier lease, from the assignment: the
+    /// run goes on from there (with no turn left to run, it ends as that turn left it).
+    pub last_turn: Option<proto::TurnEnding>,
 }
 
 /// Provider events buffered between a provider and its run task.
@@ -185,6 +188,20 @@ pub fn context_of(turns: &[proto::ContextTurn]) -> Vec<Exchange> {
         .collect()
 }
 
+/// The state and error an executor resumes with after a turn that ended under an earlier
+/// lease, as [`Executor::record_turn_end`] would have left them.
+fn resumed(ending: &proto::TurnEnding) -> (Option<&'static str>, Option<ProviderError>) {
+    let state = ["completed", "failed", "blocked", "interrupted", "cancelled"]
+        .into_iter()
+        .find(|known| *known == ending.state);
+    let error = (!ending.error_kind.is_empty()).then(|| ProviderError {
+        kind: ending.error_kind.clone(),
+        message: ending.error_message.clone(),
+        retryable: ending.error_retryable,
+    });
+    (state, error)
+}
+
 struct Executor<'a> {
     ctx: &'a RunContext,
     queue: VecDeque<proto::Command>,
@@ -209,6 +226,7 @@ struct Executor<'a> {
 
 impl<'a> Executor<'a> {
     fn new(ctx: &'a RunContext) -> Self {
+        let (last_state, last_error) = ctx.last_turn.as_ref().map_or((None, None), resumed);
         Self {
             ctx,
             queue: VecDeque::new(),
@@ -216,13 +234,14 @@ impl<'a> Executor<'a> {
             history: ctx.context.clone(),
             provider_thread_id: ctx.provider_thread_id.clone(),
             last_seq: 0,
-            cancelled: false,
             paused: false,
             pause_reported: false,
             opened_here: HashSet::new(),
             carried: VecDeque::new(),
-            last_state: None,
-            last_error: None,
+            // A turn stopped by a cancel ended the run's work: the run ends cancelled.
+            cancelled: last_state == Some("cancelled"),
+            last_state,
+            last_error,
         }
     }
 
@@ -244,6 +263,12 @@ impl<'a> Executor<'a> {
         &mut self,
         commands: &mut mpsc::UnboundedReceiver<proto::Command>,
     ) -> Result<Ending, Aborted> {
+        // The assignment's commands are in the channel before the task starts: take them
+        // all before deciding anything, so a run resumed after an ended turn sees the
+        // turns still queued behind it.
+        while let Ok(command) = commands.try_recv() {
+            self.on_command(command).await?;
+        }
         let idle = tokio::time::sleep(self.ctx.idle_timeout);
         tokio::pin!(idle);
         loop {
@@ -787,6 +812,7 @@ mod tests {
             provider_thread_id: None,
             observer: Arc::new(crate::observe::Observer::new(Duration::from_secs(30))),
             trace_parent: None,
+            last_turn: None,
         };
         let (commands_tx, commands) = mpsc::unbounded_channel();
         commands_tx.send(turn("[tokens:100000]")).unwrap();

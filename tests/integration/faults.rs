@@ -8,6 +8,7 @@
 //! | test | fault |
 //! |---|---|
 //! | `runners_sigkilled_mid_turn_again_and_again_lose_nothing` | runner SIGKILL under load, repeatedly |
+//! | `a_run_requeued_after_its_last_turn_ended_ends_as_that_turn_left_it` | runner lost between its last turn's report and the finish |
 //! | `a_runner_frozen_past_its_lease_is_fenced_when_it_wakes` | runner SIGSTOP past its lease, SIGCONT |
 //! | `a_sigkilled_manager_restarts_while_runners_stream_and_clients_watch` | manager SIGKILL + restart |
 //! | `two_replicas_one_sigkilled_the_other_carries_on` | one of two replicas SIGKILLed |
@@ -817,6 +818,45 @@ async fn runners_sigkilled_mid_turn_again_and_again_lose_nothing() {
         .unwrap()
         .get(0);
     assert!(moved > 0, "the kills ({kills}) interrupted no run");
+}
+
+/// A runner that dies after reporting its last turn's command done, before the run's
+/// finish is stored, leaves a requeued run with nothing left to do. The next runner ends
+/// it at once as that turn left it (completed; failed with the turn's error), without
+/// running the turn again, instead of holding it claimed for its idle timeout (ten
+/// minutes).
+#[tokio::test]
+async fn a_run_requeued_after_its_last_turn_ended_ends_as_that_turn_left_it() {
+    let mut app = TestApp::spawn().await;
+    let db = app.db().await;
+    let states = ["completed", "failed"];
+    let runs = turns_ended_then_runner_lost(&mut app, &db, &states).await;
+    let _next = RunnerProcess::start(app.addr, "next", &[]);
+    for (run, state) in runs.into_iter().zip(states) {
+        let run_id = run.to_string();
+        let want = if state == "completed" {
+            RunStatus::Completed
+        } else {
+            RunStatus::Failed
+        };
+        let run = wait_for_run(&app, &run_id, want, LONG).await;
+        assert_eq!(run.attempt, 2, "{state}: ended by its second lease");
+        if state == "failed" {
+            assert_eq!(run.failure_kind, "provider_error");
+            assert!(
+                run.failure_message.contains("the model said no"),
+                "{}",
+                run.failure_message
+            );
+        }
+        let types = event_types(&mut app, &run_id).await;
+        assert_eq!(
+            types.iter().filter(|t| *t == "turn.started").count(),
+            1,
+            "{state}: the ended turn is not run again: {types:?}"
+        );
+    }
+    assert_invariants(&db, Settled::AllTerminal, &[]).await;
 }
 
 #[tokio::test]
@@ -2026,6 +2066,62 @@ async fn lived_through_a_requeue(
         .await
         .unwrap();
     run
+}
+
+/// Runs whose first runner ends each one's only turn as the given state ("completed" or
+/// "failed"), reports the turn's command done and dies before finishing them: they are
+/// requeued with no command open. Returns their ids, in the order of `states`.
+async fn turns_ended_then_runner_lost(
+    app: &mut TestApp,
+    db: &tokio_postgres::Client,
+    states: &[&str],
+) -> Vec<Uuid> {
+    let requests = states.iter().map(|state| scripted(state, 3)).collect();
+    let ids = create_all(&mut app.runs.clone(), requests).await;
+    let mut quick = TestApp::spawn_on(&app.database_url, |s| s.lease_ttl_ms = 2_000).await;
+    let me = runner("dies");
+    let held = claim(&mut quick, &me, states.len() as i32).await;
+    let mut runs = Vec::new();
+    for (id, state) in ids.iter().zip(states) {
+        let a = held
+            .iter()
+            .find(|a| held_id(a).to_string() == *id)
+            .expect("every run is held");
+        let turn_id = a.commands[0].command_id.clone();
+        let mut ended = serde_json::json!({"turn_id": turn_id, "state": state});
+        let mut report = completed(&turn_id);
+        if *state == "failed" {
+            ended["error"] = serde_json::json!({
+                "kind": "provider_error", "message": "the model said no", "retryable": false,
+            });
+            report.status = proto::CommandStatus::Failed as i32;
+            report.error = "the model said no".into();
+        }
+        let mut request = append(
+            &me,
+            a,
+            runner_events(
+                1,
+                &[
+                    ("turn.started", serde_json::json!({"turn_id": turn_id})),
+                    ("turn.completed", ended),
+                ],
+            ),
+        );
+        request.command_updates = vec![report];
+        quick.runners.append_events(request).await.unwrap();
+        runs.push(held_id(a));
+    }
+    for run in &runs {
+        wait_for_row(
+            db,
+            "the expired lease to be requeued",
+            "SELECT 1 FROM runs WHERE id = $1 AND status = 'pending' AND attempt = 2",
+            *run,
+        )
+        .await;
+    }
+    runs
 }
 
 /// A run with one attempt whose lease expires: failed `runner_lost`. Returns its id.

@@ -136,6 +136,15 @@ pub fn assignment(a: &Assignment) -> proto::Assignment {
             .collect(),
         provider_thread_id: a.context.provider_thread_id.clone().unwrap_or_default(),
         trace_parent: a.run.trace_parent.clone().unwrap_or_default(),
+        last_turn: a.context.last_turn.as_ref().map(|ending| {
+            let (kind, message, retryable) = ending.error.clone().unwrap_or_default();
+            proto::TurnEnding {
+                state: ending.state.clone(),
+                error_kind: kind,
+                error_message: message,
+                error_retryable: retryable,
+            }
+        }),
     }
 }
 

@@ -18,6 +18,10 @@
 //! view, whose index holds only the log batches that carry them: a run's deltas are
 //! never unpacked (except for the rare reply made of deltas alone).
 //!
+//! A run leased before also learns how its own last turn ended (the newest
+//! `turn.completed` of any state), so a run that moved after that turn ended, with no
+//! command left open, ends as the turn left it.
+//!
 //! The thread id is that of the newest `turn.completed` naming a `provider_thread_id`
 //! (1 to 1,024 characters; longer ones are ignored), else the session's; a re-run or
 //! fork reads only its own.
@@ -51,6 +55,16 @@ pub struct ContextTurn {
     pub reply: String,
 }
 
+/// How a turn ended, as its `turn.completed` said.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TurnEnding {
+    /// `completed`, `failed`, `blocked`, `interrupted` or `cancelled`.
+    pub state: String,
+    /// For a failed or blocked turn: its error's kind, message and whether it may be
+    /// retried.
+    pub error: Option<(String, String, bool)>,
+}
+
 /// The conversation a run starts with.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Context {
@@ -58,6 +72,9 @@ pub struct Context {
     pub turns: Vec<ContextTurn>,
     /// The provider's thread id last reported for the run or its session.
     pub provider_thread_id: Option<String>,
+    /// How the run's own last turn ended, under an earlier lease: a run that moved after
+    /// its last turn ended, with nothing left to carry out, ends as that turn left it.
+    pub last_turn: Option<TurnEnding>,
 }
 
 /// Per target run ($1): the runs whose turns make its context (itself; for a re-run or a
@@ -140,9 +157,20 @@ thread AS (
                      ORDER BY e.run_id DESC, e.seq DESC LIMIT 1),
                     CASE WHEN t.context_run_id IS NULL THEN ss.provider_thread_id END) AS thread_id
     FROM target t LEFT JOIN sessions ss ON ss.id = t.session_id AND ss.tenant_id = t.tenant_id
+),
+last_end AS (
+    SELECT t.id AS target, e.payload FROM target t
+    CROSS JOIN LATERAL (
+        SELECT e.payload FROM conversation_events e
+        WHERE e.run_id = t.id AND e.type = 'turn.completed'
+        ORDER BY e.seq DESC LIMIT 1
+    ) e
 )
-SELECT th.target, th.thread_id, tu.run_id, tu.seq, tu.prompt, tu.reply
-FROM thread th LEFT JOIN turns tu ON tu.target = th.target
+SELECT th.target, th.thread_id, tu.run_id, tu.seq, tu.prompt, tu.reply,
+       le.payload->>'state', le.payload->'error'->>'kind', le.payload->'error'->>'message',
+       (le.payload->'error'->>'retryable')::boolean
+FROM thread th LEFT JOIN last_end le ON le.target = th.target
+LEFT JOIN turns tu ON tu.target = th.target
 ORDER BY th.target, tu.run_id, tu.seq";
 
 /// The context of each run in `run_ids`, in one statement. Runs without any context
@@ -160,12 +188,22 @@ pub async fn load(tx: &impl GenericClient, run_ids: &[Uuid]) -> Result<HashMap<U
             &[&run_ids, &MAX_EARLIER_RUNS, &(MAX_TURNS as i64), &chars],
         )
         .await?;
-    let mut found: HashMap<Uuid, (Vec<ContextTurn>, Option<String>)> = HashMap::new();
+    let mut found: HashMap<Uuid, Context> = HashMap::new();
     for row in &rows {
-        let entry = found.entry(row.get(0)).or_default();
-        entry.1 = row.get(1);
+        let context = found.entry(row.get(0)).or_default();
+        context.provider_thread_id = row.get(1);
+        context.last_turn = row.get::<_, Option<String>>(6).map(|state| TurnEnding {
+            state,
+            error: row.get::<_, Option<String>>(7).map(|kind| {
+                (
+                    kind,
+                    row.get::<_, Option<String>>(8).unwrap_or_default(),
+                    row.get::<_, Option<bool>>(9).unwrap_or(false),
+                )
+            }),
+        });
         if row.get::<_, Option<Uuid>>(2).is_some() {
-            entry.0.push(ContextTurn {
+            context.turns.push(ContextTurn {
                 prompt: row.get::<_, Option<String>>(4).unwrap_or_default(),
                 reply: row.get::<_, Option<String>>(5).unwrap_or_default(),
             });
@@ -173,16 +211,11 @@ pub async fn load(tx: &impl GenericClient, run_ids: &[Uuid]) -> Result<HashMap<U
     }
     Ok(found
         .into_iter()
-        .map(|(run_id, (turns, provider_thread_id))| {
-            (
-                run_id,
-                Context {
-                    turns: bound(turns),
-                    provider_thread_id,
-                },
-            )
+        .map(|(run_id, mut context)| {
+            context.turns = bound(context.turns);
+            (run_id, context)
         })
-        .filter(|(_, context)| !context.turns.is_empty() || context.provider_thread_id.is_some())
+        .filter(|(_, context)| *context != Context::default())
         .collect())
 }
 

@@ -37,7 +37,7 @@ class LeaseRef(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("run", "epoch", "lease_expires_at", "commands", "context", "provider_thread_id", "trace_parent")
+    __slots__ = ("run", "epoch", "lease_expires_at", "commands", "context", "provider_thread_id", "trace_parent", "last_turn")
     RUN_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class Assignment(_message.Message):
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_THREAD_ID_FIELD_NUMBER: _ClassVar[int]
     TRACE_PARENT_FIELD_NUMBER: _ClassVar[int]
+    LAST_TURN_FIELD_NUMBER: _ClassVar[int]
     run: _types_pb2.Run
     epoch: int
     lease_expires_at: _timestamp_pb2.Timestamp
@@ -52,7 +53,20 @@ class Assignment(_message.Message):
     context: _containers.RepeatedCompositeFieldContainer[ContextTurn]
     provider_thread_id: str
     trace_parent: str
-    def __init__(self, run: _Optional[_Union[_types_pb2.Run, _Mapping]] = ..., epoch: _Optional[int] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., commands: _Optional[_Iterable[_Union[_types_pb2.Command, _Mapping]]] = ..., context: _Optional[_Iterable[_Union[ContextTurn, _Mapping]]] = ..., provider_thread_id: _Optional[str] = ..., trace_parent: _Optional[str] = ...) -> None: ...
+    last_turn: TurnEnding
+    def __init__(self, run: _Optional[_Union[_types_pb2.Run, _Mapping]] = ..., epoch: _Optional[int] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., commands: _Optional[_Iterable[_Union[_types_pb2.Command, _Mapping]]] = ..., context: _Optional[_Iterable[_Union[ContextTurn, _Mapping]]] = ..., provider_thread_id: _Optional[str] = ..., trace_parent: _Optional[str] = ..., last_turn: _Optional[_Union[TurnEnding, _Mapping]] = ...) -> None: ...
+
+class TurnEnding(_message.Message):
+    __slots__ = ("state", "error_kind", "error_message", "error_retryable")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RETRYABLE_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    error_kind: str
+    error_message: str
+    error_retryable: bool
+    def __init__(self, state: _Optional[str] = ..., error_kind: _Optional[str] = ..., error_message: _Optional[str] = ..., error_retryable: _Optional[bool] = ...) -> None: ...
 
 class ContextTurn(_message.Message):
     __slots__ = ("prompt", "reply")

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file agentrun/v1/runner_service.proto.
  */
 export const file_agentrun_v1_runner_service: GenFile = /*@__PURE__*/
-  fileDesc("CiBhZ2VudHJ1bi92MS9ydW5uZXJfc2VydmljZS5wcm90bxILYWdlbnRydW4udjEilQEKDlJ1bm5lcklkZW50aXR5EhEKCXJ1bm5lcl9pZBgBIAEoCRIMCgRuYW1lGAIgASgJEg4KBmxhYmVscxgDIAMoCRIYChBiYWNrZW5kX3Byb2ZpbGVzGAQgAygJEg4KBnF1ZXVlcxgFIAMoCRIXCg9tYXhfY29uY3VycmVuY3kYBiABKAUSDwoHdmVyc2lvbhgHIAEoCSIpCghMZWFzZVJlZhIOCgZydW5faWQYASABKAkSDQoFZXBvY2gYAiABKAMi9QEKCkFzc2lnbm1lbnQSHQoDcnVuGAEgASgLMhAuYWdlbnRydW4udjEuUnVuEg0KBWVwb2NoGAIgASgDEjQKEGxlYXNlX2V4cGlyZXNfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKCGNvbW1hbmRzGAQgAygLMhQuYWdlbnRydW4udjEuQ29tbWFuZBIpCgdjb250ZXh0GAUgAygLMhguYWdlbnRydW4udjEuQ29udGV4dFR1cm4SGgoScHJvdmlkZXJfdGhyZWFkX2lkGAYgASgJEhQKDHRyYWNlX3BhcmVudBgHIAEoCSIsCgtDb250ZXh0VHVybhIOCgZwcm9tcHQYASABKAkSDQoFcmVwbHkYAiABKAkiRQoLUnVubmVyRXZlbnQSEgoKcnVubmVyX3NlcRgBIAEoAxIMCgR0eXBlGAIgASgJEhQKDHBheWxvYWRfanNvbhgDIAEoCSJeCg1Db21tYW5kVXBkYXRlEhIKCmNvbW1hbmRfaWQYASABKAkSKgoGc3RhdHVzGAIgASgOMhouYWdlbnRydW4udjEuQ29tbWFuZFN0YXR1cxINCgVlcnJvchgDIAEoCSJRChBDbGFpbVJ1bnNSZXF1ZXN0EisKBnJ1bm5lchgBIAEoCzIbLmFnZW50cnVuLnYxLlJ1bm5lcklkZW50aXR5EhAKCG1heF9ydW5zGAIgASgFIlcKEUNsYWltUnVuc1Jlc3BvbnNlEiwKC2Fzc2lnbm1lbnRzGAEgAygLMhcuYWdlbnRydW4udjEuQXNzaWdubWVudBIUCgxsZWFzZV90dGxfbXMYAiABKAMiTAoQSGVhcnRiZWF0UmVxdWVzdBIRCglydW5uZXJfaWQYASABKAkSJQoGbGVhc2VzGAIgAygLMhUuYWdlbnRydW4udjEuTGVhc2VSZWYirAEKC0xlYXNlU3RhdHVzEg4KBnJ1bl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoAxIMCgRoZWxkGAMgASgIEi4KCmV4cGlyZXNfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKCGNvbW1hbmRzGAUgAygLMhQuYWdlbnRydW4udjEuQ29tbWFuZBIYChBjYW5jZWxfcmVxdWVzdGVkGAYgASgIIlMKEUhlYXJ0YmVhdFJlc3BvbnNlEigKBmxlYXNlcxgBIAMoCzIYLmFnZW50cnVuLnYxLkxlYXNlU3RhdHVzEhQKDGxlYXNlX3R0bF9tcxgCIAEoAyKmAQoTQXBwZW5kRXZlbnRzUmVxdWVzdBIRCglydW5uZXJfaWQYASABKAkSDgoGcnVuX2lkGAIgASgJEg0KBWVwb2NoGAMgASgDEigKBmV2ZW50cxgEIAMoCzIYLmFnZW50cnVuLnYxLlJ1bm5lckV2ZW50EjMKD2NvbW1hbmRfdXBkYXRlcxgFIAMoCzIaLmFnZW50cnVuLnYxLkNvbW1hbmRVcGRhdGUiaQoUQXBwZW5kRXZlbnRzUmVzcG9uc2USEQoJZmlyc3Rfc2VxGAEgASgDEhAKCGxhc3Rfc2VxGAIgASgDEhgKEGFja2VkX3J1bm5lcl9zZXEYAyABKAMSEgoKZHVwbGljYXRlcxgEIAEoBSKsAQoQRmluaXNoUnVuUmVxdWVzdBIRCglydW5uZXJfaWQYASABKAkSDgoGcnVuX2lkGAIgASgJEg0KBWVwb2NoGAMgASgDEiYKBnN0YXR1cxgEIAEoDjIWLmFnZW50cnVuLnYxLlJ1blN0YXR1cxIUCgxmYWlsdXJlX2tpbmQYBSABKAkSDwoHbWVzc2FnZRgGIAEoCRIXCg9sYXN0X3J1bm5lcl9zZXEYByABKAMiMgoRRmluaXNoUnVuUmVzcG9uc2USHQoDcnVuGAEgASgLMhAuYWdlbnRydW4udjEuUnVuItUCCg1SdW5uZXJNZXNzYWdlEiMKBWhlbGxvGAEgASgLMhIuYWdlbnRydW4udjEuSGVsbG9IABIlCgZjcmVkaXQYAiABKAsyEy5hZ2VudHJ1bi52MS5DcmVkaXRIABIyCgloZWFydGJlYXQYAyABKAsyHS5hZ2VudHJ1bi52MS5IZWFydGJlYXRSZXF1ZXN0SAASMgoGZXZlbnRzGAQgASgLMiAuYWdlbnRydW4udjEuQXBwZW5kRXZlbnRzUmVxdWVzdEgAEi4KC2NvbW1hbmRfYWNrGAUgASgLMhcuYWdlbnRydW4udjEuQ29tbWFuZEFja0gAEi8KBmZpbmlzaBgGIAEoCzIdLmFnZW50cnVuLnYxLkZpbmlzaFJ1blJlcXVlc3RIABInCgdyZWxlYXNlGAcgASgLMhQuYWdlbnRydW4udjEuUmVsZWFzZUgAQgYKBGJvZHkiYAoFSGVsbG8SKwoGcnVubmVyGAEgASgLMhsuYWdlbnRydW4udjEuUnVubmVySWRlbnRpdHkSKgoLaGVsZF9sZWFzZXMYAiADKAsyFS5hZ2VudHJ1bi52MS5MZWFzZVJlZiIXCgZDcmVkaXQSDQoFc2xvdHMYASABKAUiVwoKQ29tbWFuZEFjaxIOCgZydW5faWQYASABKAkSDQoFZXBvY2gYAiABKAMSKgoGdXBkYXRlGAMgASgLMhouYWdlbnRydW4udjEuQ29tbWFuZFVwZGF0ZSI4CgdSZWxlYXNlEg4KBnJ1bl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoAxIOCgZyZWFzb24YAyABKAkitAMKDk1hbmFnZXJNZXNzYWdlEicKB3dlbGNvbWUYASABKAsyFC5hZ2VudHJ1bi52MS5XZWxjb21lSAASLQoKYXNzaWdubWVudBgCIAEoCzIXLmFnZW50cnVuLnYxLkFzc2lnbm1lbnRIABIzCgloZWFydGJlYXQYAyABKAsyHi5hZ2VudHJ1bi52MS5IZWFydGJlYXRSZXNwb25zZUgAEioKCWV2ZW50X2FjaxgEIAEoCzIVLmFnZW50cnVuLnYxLkV2ZW50QWNrSAASLwoHY29tbWFuZBgFIAEoCzIcLmFnZW50cnVuLnYxLkNvbW1hbmREZWxpdmVyeUgAEjIKDWxlYXNlX3Jldm9rZWQYBiABKAsyGS5hZ2VudHJ1bi52MS5MZWFzZVJldm9rZWRIABIjCgVkcmFpbhgHIAEoCzISLmFnZW50cnVuLnYxLkRyYWluSAASKQoFZXJyb3IYCCABKAsyGC5hZ2VudHJ1bi52MS5TdHJlYW1FcnJvckgAEiwKCmZpbmlzaF9hY2sYCSABKAsyFi5hZ2VudHJ1bi52MS5GaW5pc2hBY2tIAEIGCgRib2R5IoQCCgdXZWxjb21lEhEKCXJ1bm5lcl9pZBgBIAEoCRISCgptYW5hZ2VyX2lkGAIgASgJEh0KFWhlYXJ0YmVhdF9pbnRlcnZhbF9tcxgDIAEoAxIUCgxsZWFzZV90dGxfbXMYBCABKAMSGAoQbWF4X2JhdGNoX2V2ZW50cxgFIAEoBRIXCg9tYXhfYmF0Y2hfYnl0ZXMYBiABKAUSKgoHcmVzdW1lZBgHIAMoCzIZLmFnZW50cnVuLnYxLlJlc3VtZWRMZWFzZRIjCgRsb3N0GAggAygLMhUuYWdlbnRydW4udjEuTGVhc2VSZWYSGQoRbWF4X3BheWxvYWRfYnl0ZXMYCSABKAUiRwoMUmVzdW1lZExlYXNlEg4KBnJ1bl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoAxIYChBhY2tlZF9ydW5uZXJfc2VxGAMgASgDIlwKCEV2ZW50QWNrEg4KBnJ1bl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoAxIxCgZyZXN1bHQYAyABKAsyIS5hZ2VudHJ1bi52MS5BcHBlbmRFdmVudHNSZXNwb25zZSJXCg9Db21tYW5kRGVsaXZlcnkSDgoGcnVuX2lkGAEgASgJEg0KBWVwb2NoGAIgASgDEiUKB2NvbW1hbmQYAyABKAsyFC5hZ2VudHJ1bi52MS5Db21tYW5kIlIKCUZpbmlzaEFjaxIOCgZydW5faWQYASABKAkSDQoFZXBvY2gYAiABKAMSJgoGc3RhdHVzGAMgASgOMhYuYWdlbnRydW4udjEuUnVuU3RhdHVzIj0KDExlYXNlUmV2b2tlZBIOCgZydW5faWQYASABKAkSDQoFZXBvY2gYAiABKAMSDgoGcmVhc29uGAMgASgJIi8KBURyYWluEhMKC2RlYWRsaW5lX21zGAEgASgDEhEKCXJlY29ubmVjdBgCIAEoCCI8CgtTdHJlYW1FcnJvchIOCgZydW5faWQYASABKAkSDAoEY29kZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJMpADCg1SdW5uZXJTZXJ2aWNlEkYKB0Nvbm5lY3QSGi5hZ2VudHJ1bi52MS5SdW5uZXJNZXNzYWdlGhsuYWdlbnRydW4udjEuTWFuYWdlck1lc3NhZ2UoATABEkoKCUNsYWltUnVucxIdLmFnZW50cnVuLnYxLkNsYWltUnVuc1JlcXVlc3QaHi5hZ2VudHJ1bi52MS5DbGFpbVJ1bnNSZXNwb25zZRJKCglIZWFydGJlYXQSHS5hZ2VudHJ1bi52MS5IZWFydGJlYXRSZXF1ZXN0Gh4uYWdlbnRydW4udjEuSGVhcnRiZWF0UmVzcG9uc2USUwoMQXBwZW5kRXZlbnRzEiAuYWdlbnRydW4udjEuQXBwZW5kRXZlbnRzUmVxdWVzdBohLmFnZW50cnVuLnYxLkFwcGVuZEV2ZW50c1Jlc3BvbnNlEkoKCUZpbmlzaFJ1bhIdLmFnZW50cnVuLnYxLkZpbmlzaFJ1blJlcXVlc3QaHi5hZ2VudHJ1bi52MS5GaW5pc2hSdW5SZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp, file_agentrun_v1_types]);
+  fileDesc("CiBhZ2VudHJ1bi92MS9ydW5uZXJfc2VydmljZS5wcm90bxILYWdlbnRydW4udjEilQEKDlJ1bm5lcklkZW50aXR5EhEKCXJ1bm5lcl9pZBgBIAEoCRIMCgRuYW1lGAIgASgJEg4KBmxhYmVscxgDIAMoCRIYChBiYWNrZW5kX3Byb2ZpbGVzGAQgAygJEg4KBnF1ZXVlcxgFIAMoCRIXCg9tYXhfY29uY3VycmVuY3kYBiABKAUSDwoHdmVyc2lvbhgHIAEoCSIpCghMZWFzZVJlZhIOCgZydW5faWQYASABKAkSDQoFZXBvY2gYAiABKAMioQIKCkFzc2lnbm1lbnQSHQoDcnVuGAEgASgLMhAuYWdlbnRydW4udjEuUnVuEg0KBWVwb2NoGAIgASgDEjQKEGxlYXNlX2V4cGlyZXNfYXQYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKCGNvbW1hbmRzGAQgAygLMhQuYWdlbnRydW4udjEuQ29tbWFuZBIpCgdjb250ZXh0GAUgAygLMhguYWdlbnRydW4udjEuQ29udGV4dFR1cm4SGgoScHJvdmlkZXJfdGhyZWFkX2lkGAYgASgJEhQKDHRyYWNlX3BhcmVudBgHIAEoCRIqCglsYXN0X3R1cm4YCCABKAsyFy5hZ2VudHJ1bi52MS5UdXJuRW5kaW5nIl8KClR1cm5FbmRpbmcSDQoFc3RhdGUYASABKAkSEgoKZXJyb3Jfa2luZBgCIAEoCRIVCg1lcnJvcl9tZXNzYWdlGAMgASgJEhcKD2Vycm9yX3JldHJ5YWJsZRgEIAEoCCIsCgtDb250ZXh0VHVybhIOCgZwcm9tcHQYASABKAkSDQoFcmVwbHkYAiABKAkiRQoLUnVubmVyRXZlbnQSEgoKcnVubmVyX3NlcRgBIAEoAxIMCgR0eXBlGAIgASgJEhQKDHBheWxvYWRfanNvbhgDIAEoCSJeCg1Db21tYW5kVXBkYXRlEhIKCmNvbW1hbmRfaWQYASABKAkSKgoGc3RhdHVzGAIgASgOMhouYWdlbnRydW4udjEuQ29tbWFuZFN0YXR1cxINCgVlcnJvchgDIAEoCSJRChBDbGFpbVJ1bnNSZXF1ZXN0EisKBnJ1bm5lchgBIAEoCzIbLmFnZW50cnVuLnYxLlJ1bm5lcklkZW50aXR5EhAKCG1heF9ydW5zGAIgASgFIlcKEUNsYWltUnVuc1Jlc3BvbnNlEiwKC2Fzc2lnbm1lbnRzGAEgAygLMhcuYWdlbnRydW4udjEuQXNzaWdubWVudBIUCgxsZWFzZV90dGxfbXMYAiABKAMiTAoQSGVhcnRiZWF0UmVxdWVzdBIRCglydW5uZXJfaWQYASABKAkSJQoGbGVhc2VzGAIgAygLMhUuYWdlbnRydW4udjEuTGVhc2VSZWYirAEKC0xlYXNlU3RhdHVzEg4KBnJ1bl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoAxIMCgRoZWxkGAMgASgIEi4KCmV4cGlyZXNfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKCGNvbW1hbmRzGAUgAygLMhQuYWdlbnRydW4udjEuQ29tbWFuZBIYChBjYW5jZWxfcmVxdWVzdGVkGAYgASgIIlMKEUhlYXJ0YmVhdFJlc3BvbnNlEigKBmxlYXNlcxgBIAMoCzIYLmFnZW50cnVuLnYxLkxlYXNlU3RhdHVzEhQKDGxlYXNlX3R0bF9tcxgCIAEoAyKmAQoTQXBwZW5kRXZlbnRzUmVxdWVzdBIRCglydW5uZXJfaWQYASABKAkSDgoGcnVuX2lkGAIgASgJEg0KBWVwb2NoGAMgASgDEigKBmV2ZW50cxgEIAMoCzIYLmFnZW50cnVuLnYxLlJ1bm5lckV2ZW50EjMKD2NvbW1hbmRfdXBkYXRlcxgFIAMoCzIaLmFnZW50cnVuLnYxLkNvbW1hbmRVcGRhdGUiaQoUQXBwZW5kRXZlbnRzUmVzcG9uc2USEQoJZmlyc3Rfc2VxGAEgASgDEhAKCGxhc3Rfc2VxGAIgASgDEhgKEGFja2VkX3J1bm5lcl9zZXEYAyABKAMSEgoKZHVwbGljYXRlcxgEIAEoBSKsAQoQRmluaXNoUnVuUmVxdWVzdBIRCglydW5uZXJfaWQYASABKAkSDgoGcnVuX2lkGAIgASgJEg0KBWVwb2NoGAMgASgDEiYKBnN0YXR1cxgEIAEoDjIWLmFnZW50cnVuLnYxLlJ1blN0YXR1cxIUCgxmYWlsdXJlX2tpbmQYBSABKAkSDwoHbWVzc2FnZRgGIAEoCRIXCg9sYXN0X3J1bm5lcl9zZXEYByABKAMiMgoRRmluaXNoUnVuUmVzcG9uc2USHQoDcnVuGAEgASgLMhAuYWdlbnRydW4udjEuUnVuItUCCg1SdW5uZXJNZXNzYWdlEiMKBWhlbGxvGAEgASgLMhIuYWdlbnRydW4udjEuSGVsbG9IABIlCgZjcmVkaXQYAiABKAsyEy5hZ2VudHJ1bi52MS5DcmVkaXRIABIyCgloZWFydGJlYXQYAyABKAsyHS5hZ2VudHJ1bi52MS5IZWFydGJlYXRSZXF1ZXN0SAASMgoGZXZlbnRzGAQgASgLMiAuYWdlbnRydW4udjEuQXBwZW5kRXZlbnRzUmVxdWVzdEgAEi4KC2NvbW1hbmRfYWNrGAUgASgLMhcuYWdlbnRydW4udjEuQ29tbWFuZEFja0gAEi8KBmZpbmlzaBgGIAEoCzIdLmFnZW50cnVuLnYxLkZpbmlzaFJ1blJlcXVlc3RIABInCgdyZWxlYXNlGAcgASgLMhQuYWdlbnRydW4udjEuUmVsZWFzZUgAQgYKBGJvZHkiYAoFSGVsbG8SKwoGcnVubmVyGAEgASgLMhsuYWdlbnRydW4udjEuUnVubmVySWRlbnRpdHkSKgoLaGVsZF9sZWFzZXMYAiADKAsyFS5hZ2VudHJ1bi52MS5MZWFzZVJlZiIXCgZDcmVkaXQSDQoFc2xvdHMYASABKAUiVwoKQ29tbWFuZEFjaxIOCgZydW5faWQYASABKAkSDQoFZXBvY2gYAiABKAMSKgoGdXBkYXRlGAMgASgLMhouYWdlbnRydW4udjEuQ29tbWFuZFVwZGF0ZSI4CgdSZWxlYXNlEg4KBnJ1bl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoAxIOCgZyZWFzb24YAyABKAkitAMKDk1hbmFnZXJNZXNzYWdlEicKB3dlbGNvbWUYASABKAsyFC5hZ2VudHJ1bi52MS5XZWxjb21lSAASLQoKYXNzaWdubWVudBgCIAEoCzIXLmFnZW50cnVuLnYxLkFzc2lnbm1lbnRIABIzCgloZWFydGJlYXQYAyABKAsyHi5hZ2VudHJ1bi52MS5IZWFydGJlYXRSZXNwb25zZUgAEioKCWV2ZW50X2FjaxgEIAEoCzIVLmFnZW50cnVuLnYxLkV2ZW50QWNrSAASLwoHY29tbWFuZBgFIAEoCzIcLmFnZW50cnVuLnYxLkNvbW1hbmREZWxpdmVyeUgAEjIKDWxlYXNlX3Jldm9rZWQYBiABKAsyGS5hZ2VudHJ1bi52MS5MZWFzZVJldm9rZWRIABIjCgVkcmFpbhgHIAEoCzISLmFnZW50cnVuLnYxLkRyYWluSAASKQoFZXJyb3IYCCABKAsyGC5hZ2VudHJ1bi52MS5TdHJlYW1FcnJvckgAEiwKCmZpbmlzaF9hY2sYCSABKAsyFi5hZ2VudHJ1bi52MS5GaW5pc2hBY2tIAEIGCgRib2R5IoQCCgdXZWxjb21lEhEKCXJ1bm5lcl9pZBgBIAEoCRISCgptYW5hZ2VyX2lkGAIgASgJEh0KFWhlYXJ0YmVhdF9pbnRlcnZhbF9tcxgDIAEoAxIUCgxsZWFzZV90dGxfbXMYBCABKAMSGAoQbWF4X2JhdGNoX2V2ZW50cxgFIAEoBRIXCg9tYXhfYmF0Y2hfYnl0ZXMYBiABKAUSKgoHcmVzdW1lZBgHIAMoCzIZLmFnZW50cnVuLnYxLlJlc3VtZWRMZWFzZRIjCgRsb3N0GAggAygLMhUuYWdlbnRydW4udjEuTGVhc2VSZWYSGQoRbWF4X3BheWxvYWRfYnl0ZXMYCSABKAUiRwoMUmVzdW1lZExlYXNlEg4KBnJ1bl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoAxIYChBhY2tlZF9ydW5uZXJfc2VxGAMgASgDIlwKCEV2ZW50QWNrEg4KBnJ1bl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoAxIxCgZyZXN1bHQYAyABKAsyIS5hZ2VudHJ1bi52MS5BcHBlbmRFdmVudHNSZXNwb25zZSJXCg9Db21tYW5kRGVsaXZlcnkSDgoGcnVuX2lkGAEgASgJEg0KBWVwb2NoGAIgASgDEiUKB2NvbW1hbmQYAyABKAsyFC5hZ2VudHJ1bi52MS5Db21tYW5kIlIKCUZpbmlzaEFjaxIOCgZydW5faWQYASABKAkSDQoFZXBvY2gYAiABKAMSJgoGc3RhdHVzGAMgASgOMhYuYWdlbnRydW4udjEuUnVuU3RhdHVzIj0KDExlYXNlUmV2b2tlZBIOCgZydW5faWQYASABKAkSDQoFZXBvY2gYAiABKAMSDgoGcmVhc29uGAMgASgJIi8KBURyYWluEhMKC2RlYWRsaW5lX21zGAEgASgDEhEKCXJlY29ubmVjdBgCIAEoCCI8CgtTdHJlYW1FcnJvchIOCgZydW5faWQYASABKAkSDAoEY29kZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJMpADCg1SdW5uZXJTZXJ2aWNlEkYKB0Nvbm5lY3QSGi5hZ2VudHJ1bi52MS5SdW5uZXJNZXNzYWdlGhsuYWdlbnRydW4udjEuTWFuYWdlck1lc3NhZ2UoATABEkoKCUNsYWltUnVucxIdLmFnZW50cnVuLnYxLkNsYWltUnVuc1JlcXVlc3QaHi5hZ2VudHJ1bi52MS5DbGFpbVJ1bnNSZXNwb25zZRJKCglIZWFydGJlYXQSHS5hZ2VudHJ1bi52MS5IZWFydGJlYXRSZXF1ZXN0Gh4uYWdlbnRydW4udjEuSGVhcnRiZWF0UmVzcG9uc2USUwoMQXBwZW5kRXZlbnRzEiAuYWdlbnRydW4udjEuQXBwZW5kRXZlbnRzUmVxdWVzdBohLmFnZW50cnVuLnYxLkFwcGVuZEV2ZW50c1Jlc3BvbnNlEkoKCUZpbmlzaFJ1bhIdLmFnZW50cnVuLnYxLkZpbmlzaFJ1blJlcXVlc3QaHi5hZ2VudHJ1bi52MS5GaW5pc2hSdW5SZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp, file_agentrun_v1_types]);
 
 /**
  * Who a runner is and what it can serve.
@@ -153,6 +153,15 @@ export type Assignment = Message<"agentrun.v1.Assignment"> & {
    * @generated from field: string trace_parent = 7;
    */
   traceParent: string;
+
+  /**
+   * How the run's last turn ended under an earlier lease (unset: none of its turns has
+   * ended yet). A run moved after its last turn ended, with no command left to carry
+   * out, ends as that turn left it rather than waiting for another turn.
+   *
+   * @generated from field: agentrun.v1.TurnEnding last_turn = 8;
+   */
+  lastTurn?: TurnEnding | undefined;
 };
 
 /**
@@ -161,6 +170,44 @@ export type Assignment = Message<"agentrun.v1.Assignment"> & {
  */
 export const AssignmentSchema: GenMessage<Assignment> = /*@__PURE__*/
   messageDesc(file_agentrun_v1_runner_service, 2);
+
+/**
+ * How a turn ended, as its `turn.completed` event said.
+ *
+ * @generated from message agentrun.v1.TurnEnding
+ */
+export type TurnEnding = Message<"agentrun.v1.TurnEnding"> & {
+  /**
+   * "completed", "failed", "blocked", "interrupted" or "cancelled".
+   *
+   * @generated from field: string state = 1;
+   */
+  state: string;
+
+  /**
+   * For a failed or blocked turn: its error.
+   *
+   * @generated from field: string error_kind = 2;
+   */
+  errorKind: string;
+
+  /**
+   * @generated from field: string error_message = 3;
+   */
+  errorMessage: string;
+
+  /**
+   * @generated from field: bool error_retryable = 4;
+   */
+  errorRetryable: boolean;
+};
+
+/**
+ * Describes the message agentrun.v1.TurnEnding.
+ * Use `create(TurnEndingSchema)` to create a new message.
+ */
+export const TurnEndingSchema: GenMessage<TurnEnding> = /*@__PURE__*/
+  messageDesc(file_agentrun_v1_runner_service, 3);
 
 /**
  * One completed turn of a conversation: what the user asked and what the assistant
@@ -185,7 +232,7 @@ export type ContextTurn = Message<"agentrun.v1.ContextTurn"> & {
  * Use `create(ContextTurnSchema)` to create a new message.
  */
 export const ContextTurnSchema: GenMessage<ContextTurn> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 3);
+  messageDesc(file_agentrun_v1_runner_service, 4);
 
 /**
  * An event as a runner produces it; the manager assigns the run-wide seq.
@@ -217,7 +264,7 @@ export type RunnerEvent = Message<"agentrun.v1.RunnerEvent"> & {
  * Use `create(RunnerEventSchema)` to create a new message.
  */
 export const RunnerEventSchema: GenMessage<RunnerEvent> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 4);
+  messageDesc(file_agentrun_v1_runner_service, 5);
 
 /**
  * A runner's report on a delivered command.
@@ -248,7 +295,7 @@ export type CommandUpdate = Message<"agentrun.v1.CommandUpdate"> & {
  * Use `create(CommandUpdateSchema)` to create a new message.
  */
 export const CommandUpdateSchema: GenMessage<CommandUpdate> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 5);
+  messageDesc(file_agentrun_v1_runner_service, 6);
 
 /**
  * @generated from message agentrun.v1.ClaimRunsRequest
@@ -272,7 +319,7 @@ export type ClaimRunsRequest = Message<"agentrun.v1.ClaimRunsRequest"> & {
  * Use `create(ClaimRunsRequestSchema)` to create a new message.
  */
 export const ClaimRunsRequestSchema: GenMessage<ClaimRunsRequest> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 6);
+  messageDesc(file_agentrun_v1_runner_service, 7);
 
 /**
  * @generated from message agentrun.v1.ClaimRunsResponse
@@ -296,7 +343,7 @@ export type ClaimRunsResponse = Message<"agentrun.v1.ClaimRunsResponse"> & {
  * Use `create(ClaimRunsResponseSchema)` to create a new message.
  */
 export const ClaimRunsResponseSchema: GenMessage<ClaimRunsResponse> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 7);
+  messageDesc(file_agentrun_v1_runner_service, 8);
 
 /**
  * @generated from message agentrun.v1.HeartbeatRequest
@@ -318,7 +365,7 @@ export type HeartbeatRequest = Message<"agentrun.v1.HeartbeatRequest"> & {
  * Use `create(HeartbeatRequestSchema)` to create a new message.
  */
 export const HeartbeatRequestSchema: GenMessage<HeartbeatRequest> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 8);
+  messageDesc(file_agentrun_v1_runner_service, 9);
 
 /**
  * @generated from message agentrun.v1.LeaseStatus
@@ -367,7 +414,7 @@ export type LeaseStatus = Message<"agentrun.v1.LeaseStatus"> & {
  * Use `create(LeaseStatusSchema)` to create a new message.
  */
 export const LeaseStatusSchema: GenMessage<LeaseStatus> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 9);
+  messageDesc(file_agentrun_v1_runner_service, 10);
 
 /**
  * @generated from message agentrun.v1.HeartbeatResponse
@@ -389,7 +436,7 @@ export type HeartbeatResponse = Message<"agentrun.v1.HeartbeatResponse"> & {
  * Use `create(HeartbeatResponseSchema)` to create a new message.
  */
 export const HeartbeatResponseSchema: GenMessage<HeartbeatResponse> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 10);
+  messageDesc(file_agentrun_v1_runner_service, 11);
 
 /**
  * @generated from message agentrun.v1.AppendEventsRequest
@@ -430,7 +477,7 @@ export type AppendEventsRequest = Message<"agentrun.v1.AppendEventsRequest"> & {
  * Use `create(AppendEventsRequestSchema)` to create a new message.
  */
 export const AppendEventsRequestSchema: GenMessage<AppendEventsRequest> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 11);
+  messageDesc(file_agentrun_v1_runner_service, 12);
 
 /**
  * @generated from message agentrun.v1.AppendEventsResponse
@@ -468,7 +515,7 @@ export type AppendEventsResponse = Message<"agentrun.v1.AppendEventsResponse"> &
  * Use `create(AppendEventsResponseSchema)` to create a new message.
  */
 export const AppendEventsResponseSchema: GenMessage<AppendEventsResponse> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 12);
+  messageDesc(file_agentrun_v1_runner_service, 13);
 
 /**
  * @generated from message agentrun.v1.FinishRunRequest
@@ -523,7 +570,7 @@ export type FinishRunRequest = Message<"agentrun.v1.FinishRunRequest"> & {
  * Use `create(FinishRunRequestSchema)` to create a new message.
  */
 export const FinishRunRequestSchema: GenMessage<FinishRunRequest> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 13);
+  messageDesc(file_agentrun_v1_runner_service, 14);
 
 /**
  * @generated from message agentrun.v1.FinishRunResponse
@@ -540,7 +587,7 @@ export type FinishRunResponse = Message<"agentrun.v1.FinishRunResponse"> & {
  * Use `create(FinishRunResponseSchema)` to create a new message.
  */
 export const FinishRunResponseSchema: GenMessage<FinishRunResponse> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 14);
+  messageDesc(file_agentrun_v1_runner_service, 15);
 
 /**
  * Runner -> manager.
@@ -601,7 +648,7 @@ export type RunnerMessage = Message<"agentrun.v1.RunnerMessage"> & {
  * Use `create(RunnerMessageSchema)` to create a new message.
  */
 export const RunnerMessageSchema: GenMessage<RunnerMessage> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 15);
+  messageDesc(file_agentrun_v1_runner_service, 16);
 
 /**
  * First message on the stream.
@@ -629,7 +676,7 @@ export type Hello = Message<"agentrun.v1.Hello"> & {
  * Use `create(HelloSchema)` to create a new message.
  */
 export const HelloSchema: GenMessage<Hello> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 16);
+  messageDesc(file_agentrun_v1_runner_service, 17);
 
 /**
  * The runner can take `slots` more runs (credit adds up until assignments use it).
@@ -648,7 +695,7 @@ export type Credit = Message<"agentrun.v1.Credit"> & {
  * Use `create(CreditSchema)` to create a new message.
  */
 export const CreditSchema: GenMessage<Credit> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 17);
+  messageDesc(file_agentrun_v1_runner_service, 18);
 
 /**
  * @generated from message agentrun.v1.CommandAck
@@ -675,7 +722,7 @@ export type CommandAck = Message<"agentrun.v1.CommandAck"> & {
  * Use `create(CommandAckSchema)` to create a new message.
  */
 export const CommandAckSchema: GenMessage<CommandAck> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 18);
+  messageDesc(file_agentrun_v1_runner_service, 19);
 
 /**
  * Gives a run back without counting an attempt (graceful drain).
@@ -704,7 +751,7 @@ export type Release = Message<"agentrun.v1.Release"> & {
  * Use `create(ReleaseSchema)` to create a new message.
  */
 export const ReleaseSchema: GenMessage<Release> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 19);
+  messageDesc(file_agentrun_v1_runner_service, 20);
 
 /**
  * Manager -> runner.
@@ -777,7 +824,7 @@ export type ManagerMessage = Message<"agentrun.v1.ManagerMessage"> & {
  * Use `create(ManagerMessageSchema)` to create a new message.
  */
 export const ManagerMessageSchema: GenMessage<ManagerMessage> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 20);
+  messageDesc(file_agentrun_v1_runner_service, 21);
 
 /**
  * @generated from message agentrun.v1.Welcome
@@ -844,7 +891,7 @@ export type Welcome = Message<"agentrun.v1.Welcome"> & {
  * Use `create(WelcomeSchema)` to create a new message.
  */
 export const WelcomeSchema: GenMessage<Welcome> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 21);
+  messageDesc(file_agentrun_v1_runner_service, 22);
 
 /**
  * @generated from message agentrun.v1.ResumedLease
@@ -871,7 +918,7 @@ export type ResumedLease = Message<"agentrun.v1.ResumedLease"> & {
  * Use `create(ResumedLeaseSchema)` to create a new message.
  */
 export const ResumedLeaseSchema: GenMessage<ResumedLease> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 22);
+  messageDesc(file_agentrun_v1_runner_service, 23);
 
 /**
  * @generated from message agentrun.v1.EventAck
@@ -898,7 +945,7 @@ export type EventAck = Message<"agentrun.v1.EventAck"> & {
  * Use `create(EventAckSchema)` to create a new message.
  */
 export const EventAckSchema: GenMessage<EventAck> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 23);
+  messageDesc(file_agentrun_v1_runner_service, 24);
 
 /**
  * @generated from message agentrun.v1.CommandDelivery
@@ -925,7 +972,7 @@ export type CommandDelivery = Message<"agentrun.v1.CommandDelivery"> & {
  * Use `create(CommandDeliverySchema)` to create a new message.
  */
 export const CommandDeliverySchema: GenMessage<CommandDelivery> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 24);
+  messageDesc(file_agentrun_v1_runner_service, 25);
 
 /**
  * A FinishRun (or Release) sent on the stream was committed.
@@ -956,7 +1003,7 @@ export type FinishAck = Message<"agentrun.v1.FinishAck"> & {
  * Use `create(FinishAckSchema)` to create a new message.
  */
 export const FinishAckSchema: GenMessage<FinishAck> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 25);
+  messageDesc(file_agentrun_v1_runner_service, 26);
 
 /**
  * Stop working on the run and write nothing more for it.
@@ -987,7 +1034,7 @@ export type LeaseRevoked = Message<"agentrun.v1.LeaseRevoked"> & {
  * Use `create(LeaseRevokedSchema)` to create a new message.
  */
 export const LeaseRevokedSchema: GenMessage<LeaseRevoked> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 26);
+  messageDesc(file_agentrun_v1_runner_service, 27);
 
 /**
  * Stop asking for work; finish or release held runs before the deadline.
@@ -1015,7 +1062,7 @@ export type Drain = Message<"agentrun.v1.Drain"> & {
  * Use `create(DrainSchema)` to create a new message.
  */
 export const DrainSchema: GenMessage<Drain> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 27);
+  messageDesc(file_agentrun_v1_runner_service, 28);
 
 /**
  * A message from the runner was refused (e.g. lease_lost for one run); the stream stays up.
@@ -1046,7 +1093,7 @@ export type StreamError = Message<"agentrun.v1.StreamError"> & {
  * Use `create(StreamErrorSchema)` to create a new message.
  */
 export const StreamErrorSchema: GenMessage<StreamError> = /*@__PURE__*/
-  messageDesc(file_agentrun_v1_runner_service, 28);
+  messageDesc(file_agentrun_v1_runner_service, 29);
 
 /**
  * RunnerService is what runners use. Every write names the lease epoch it holds; a write
