@@ -43,8 +43,12 @@ use crate::store::{Tenant, events, runs};
 
 /// Events read per page (pages are bounded by bytes too, in the store).
 const PAGE: i64 = 500;
-/// Events buffered towards one client, at most.
-const BUFFER: usize = 256;
+/// Events buffered towards one client, at most. Above the largest append a runner may
+/// send (`--max-batch-events`, 1,000 by default) and its manager events, so a watcher
+/// that keeps up takes a whole append from the hub rather than being detached by it;
+/// what the buffer holds is bounded by [`BUFFER_BYTES`] anyway (the channel allocates
+/// as it fills).
+const BUFFER: usize = 4096;
 /// Bytes of events buffered towards one client, at most (one larger event still goes).
 pub const BUFFER_BYTES: usize = 1024 * 1024;
 
