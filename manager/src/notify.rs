@@ -433,6 +433,7 @@ fn live_from_json(v: &Value) -> Option<EventRecord> {
         seq: v["seq"].as_i64()?,
         event_type: v["type"].as_str()?.to_owned(),
         payload: v["payload"].clone(),
+        payload_json: None,
         producer,
         created_at: std::time::UNIX_EPOCH + Duration::from_millis(v["at_ms"].as_u64()?),
         ephemeral: true,
@@ -610,6 +611,7 @@ mod tests {
             seq: 7,
             event_type: "content.delta".into(),
             payload: json!({"item_id": "m", "kind": "assistant_text", "delta": text}),
+            payload_json: None,
             producer: Producer::Runner {
                 runner_id: RunnerId(Uuid::new_v4()),
                 epoch: 2,

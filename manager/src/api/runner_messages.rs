@@ -96,12 +96,12 @@ fn events(
             settings.max_payload_bytes,
         )?;
         event_type.validate_payload(&field("payload_json"), &payload)?;
-        out.push(RunnerEvent {
-            runner_seq: e.runner_seq,
+        out.push(RunnerEvent::new(
+            e.runner_seq,
             event_type,
-            payload: Value::Object(payload),
-            payload_bytes: e.payload_json.len(),
-        });
+            Value::Object(payload),
+            &e.payload_json,
+        ));
     }
     Ok(out)
 }

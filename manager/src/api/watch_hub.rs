@@ -605,6 +605,7 @@ mod tests {
             seq,
             event_type: event_type.into(),
             payload: serde_json::json!({ "text": "x".repeat(bytes) }),
+            payload_json: None,
             producer: Producer::Manager,
             created_at: SystemTime::now(),
             ephemeral: false,

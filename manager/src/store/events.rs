@@ -16,6 +16,7 @@
 //! item are merged into the item's first delta and the rest removed from their batches,
 //! leaving seq gaps that readers skip (a `seq > after_seq` range read needs no change).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::SystemTime;
 
@@ -49,6 +50,9 @@ pub enum Producer {
 pub struct NewEvent {
     pub event_type: EventType,
     pub payload: Value,
+    /// The payload as JSON text, redacted already (a runner's event, redacted as it came
+    /// in); `None`: it is redacted and serialized when stored.
+    pub json: Option<String>,
     pub producer: Producer,
 }
 
@@ -57,7 +61,29 @@ impl NewEvent {
         Self {
             event_type,
             payload,
+            json: None,
             producer: Producer::Manager,
+        }
+    }
+
+    /// The event as stored at `seq`: redacted (unless its text says it was), with its
+    /// text. Its time is set once the statement storing it has one.
+    fn into_record(self, run_id: RunId, seq: i64, ephemeral: bool) -> EventRecord {
+        let mut payload = self.payload;
+        let json = self.json.unwrap_or_else(|| {
+            // The one gate every stored event passes: no secret reaches the log.
+            redact(&mut payload);
+            payload.to_string()
+        });
+        EventRecord {
+            run_id,
+            seq,
+            event_type: self.event_type.as_str().to_owned(),
+            payload,
+            payload_json: Some(json),
+            producer: self.producer,
+            created_at: SystemTime::UNIX_EPOCH,
+            ephemeral,
         }
     }
 }
@@ -69,6 +95,9 @@ pub struct EventRecord {
     pub seq: i64,
     pub event_type: String,
     pub payload: Value,
+    /// `payload` as JSON text, when it is at hand (an event just stored); `None`: it is
+    /// serialized when needed.
+    pub payload_json: Option<String>,
     pub producer: Producer,
     pub created_at: SystemTime,
     /// Sent live to watchers, never stored (a `final` run's `content.delta`).
@@ -117,8 +146,9 @@ pub async fn append(tx: &impl GenericClient, events: &[(RunId, NewEvent)]) -> Re
         sequenced.push((*run_id, *seq, event.clone()));
         *seq += 1;
     }
-    insert_sequenced(tx, &sequenced).await?;
-    Ok(sequenced.iter().map(|(_, seq, _)| *seq).collect())
+    let seqs = sequenced.iter().map(|(_, seq, _)| *seq).collect();
+    insert_sequenced(tx, sequenced).await?;
+    Ok(seqs)
 }
 
 /// Inserts events whose seqs the caller took from `runs.last_event_seq` itself: [`append`]
@@ -130,27 +160,20 @@ pub async fn append(tx: &impl GenericClient, events: &[(RunId, NewEvent)]) -> Re
 /// with the manager's events it causes, is one).
 pub(crate) async fn insert_sequenced(
     tx: &impl GenericClient,
-    events: &[(RunId, i64, NewEvent)],
+    events: Vec<(RunId, i64, NewEvent)>,
 ) -> Result<Vec<EventRecord>> {
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    let mut records: Vec<EventRecord> = events
+    // A batch holding an event some webhook could want also writes its deliveries, in
+    // the same statement (so in the same transaction, and without another round trip).
+    // Batches of stream content, the hot path, never pay for it.
+    let deliverable = events
         .iter()
-        .map(|(run_id, seq, event)| {
-            // The one gate every stored event passes: no secret reaches the log.
-            let mut payload = event.payload.clone();
-            redact(&mut payload);
-            EventRecord {
-                run_id: *run_id,
-                seq: *seq,
-                event_type: event.event_type.as_str().to_owned(),
-                payload,
-                producer: event.producer,
-                created_at: SystemTime::UNIX_EPOCH,
-                ephemeral: false,
-            }
-        })
+        .any(|(_, _, e)| webhooks::deliverable(e.event_type));
+    let mut records: Vec<EventRecord> = events
+        .into_iter()
+        .map(|(run_id, seq, event)| event.into_record(run_id, seq, false))
         .collect();
     let batches = Batches::of(&records);
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
@@ -164,13 +187,7 @@ pub(crate) async fn insert_sequenced(
         &batches.payloads,
         &batches.runner_seqs,
     ];
-    // A batch holding an event some webhook could want also writes its deliveries, in
-    // the same statement (so in the same transaction, and without another round trip).
-    // Batches of stream content, the hot path, never pay for it.
-    let (created_at, stored): (Option<SystemTime>, usize) = if !events
-        .iter()
-        .any(|(_, _, e)| webhooks::deliverable(e.event_type))
-    {
+    let (created_at, stored): (Option<SystemTime>, usize) = if !deliverable {
         let insert = tx.prepare_cached(INSERT_BATCHES).await?;
         let rows = tx.query(&insert, &params).await?;
         (rows.first().map(|row| row.get(0)), rows.len())
@@ -267,7 +284,7 @@ impl Batches {
                 b.epochs[i] = Some(epoch);
             }
             b.types[i].push_str(&event.event_type);
-            b.payloads[i].push_str(&event.payload.to_string());
+            b.payloads[i].push_str(&event.payload_text());
             // An empty element is a manager event's NULL runner seq.
             if let Some(runner_seq) = runner_seq {
                 b.runner_seqs[i].push_str(&runner_seq.to_string());
@@ -377,16 +394,17 @@ impl EventRecord {
     /// An event that watchers get live and the log never holds, placed after the stored
     /// event `follows_seq`. Redacted like every stored event.
     pub(crate) fn ephemeral(run_id: RunId, follows_seq: i64, event: NewEvent) -> Self {
-        let mut payload = event.payload;
-        redact(&mut payload);
         EventRecord {
-            run_id,
-            seq: follows_seq,
-            event_type: event.event_type.as_str().to_owned(),
-            payload,
-            producer: event.producer,
             created_at: SystemTime::now(),
-            ephemeral: true,
+            ..event.into_record(run_id, follows_seq, true)
+        }
+    }
+
+    /// Its payload as JSON text.
+    pub fn payload_text(&self) -> Cow<'_, str> {
+        match &self.payload_json {
+            Some(json) => Cow::Borrowed(json),
+            None => Cow::Owned(self.payload.to_string()),
         }
     }
 
@@ -397,6 +415,7 @@ impl EventRecord {
             seq: row.get("seq"),
             event_type: row.get("type"),
             payload: row.get("payload"),
+            payload_json: None,
             // A batch may hold the manager's events among a runner's: only a runner's
             // event has a runner seq.
             producer: match (

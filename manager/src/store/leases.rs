@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime};
 use agentrun_shared::error::reason;
 use agentrun_shared::events::EventType;
 use agentrun_shared::ids::{RunId, RunnerId};
+use agentrun_shared::payload::redact;
 use agentrun_shared::state::{CommandStatus, RunStatus};
 use deadpool_postgres::{GenericClient, Pool};
 use serde_json::json;
@@ -601,7 +602,7 @@ async fn hand_over(
         );
         assigned.push((run, commands));
     }
-    events::insert_sequenced(tx, &new_events).await?;
+    events::insert_sequenced(tx, new_events).await?;
     let with_context: Vec<Uuid> = assigned
         .iter()
         .filter(|(run, _)| {
@@ -883,14 +884,48 @@ fn fence(run: &RunRecord, runner_id: RunnerId, epoch: i64, now: SystemTime) -> R
     Ok(())
 }
 
-/// A validated event from a runner.
+/// A validated event from a runner, redacted ([`RunnerEvent::new`]).
 #[derive(Debug, Clone)]
 pub struct RunnerEvent {
     pub runner_seq: i64,
     pub event_type: EventType,
     pub payload: serde_json::Value,
+    /// `payload` as JSON text, stored and fanned out as it is: the runner's own text when
+    /// redaction changed nothing, so a streamed event is never serialized again.
+    pub json: String,
     /// Its payload's size as sent, counted against the run's quota.
     pub payload_bytes: usize,
+}
+
+impl RunnerEvent {
+    /// The event whose `payload` was parsed from `sent`, the runner's text, redacted: the
+    /// one place a runner's events pass [`redact`] on their way to the log.
+    pub fn new(
+        runner_seq: i64,
+        event_type: EventType,
+        mut payload: serde_json::Value,
+        sent: &str,
+    ) -> Self {
+        let json = if redact(&mut payload) || sent.trim().is_empty() {
+            payload.to_string()
+        } else {
+            sent.to_owned()
+        };
+        Self {
+            runner_seq,
+            event_type,
+            payload,
+            json,
+            payload_bytes: sent.len(),
+        }
+    }
+
+    /// After its payload changed (deltas merged): redacts it again (a secret may span
+    /// the merged texts) and renews its text.
+    pub fn payload_changed(&mut self) {
+        redact(&mut self.payload);
+        self.json = self.payload.to_string();
+    }
 }
 
 /// What an append stored.

@@ -130,7 +130,7 @@ pub(crate) async fn create_runs_in(
     runs::set_lineage(tx, &lineages).await?;
     commands::insert_first_turns(tx, &first_turns).await?;
     sessions::touch_runs(tx, &in_sessions).await?;
-    events::insert_sequenced(tx, &fresh_events).await?;
+    events::insert_sequenced(tx, fresh_events).await?;
     // Keyed runs were inserted held: admit what their keys have room for, oldest first.
     // Last, so the key locks are the last locks this transaction waits for.
     let admitted = flow::admit(tx, &keys).await?;
@@ -378,7 +378,7 @@ pub async fn finish_many_with(
     }
     let (finished, appending): (Vec<RunRecord>, Vec<i64>) = finished.into_iter().unzip();
     if finished.is_empty() {
-        return Ok((finished, events::insert_sequenced(tx, &appended).await?));
+        return Ok((finished, events::insert_sequenced(tx, appended).await?));
     }
     // Only runs with more to append than run.terminal have anything open to close, and
     // only runs in sessions a session to touch.
@@ -433,7 +433,7 @@ pub async fn finish_many_with(
                 .map(|(seq, event)| (run.id, seq, event)),
         );
     }
-    let mut stored = events::insert_sequenced(tx, &sequenced).await?;
+    let mut stored = events::insert_sequenced(tx, sequenced).await?;
     stored.truncate(appended_count);
     // After the events: a session keeps the thread id its runs' turns last reported.
     sessions::touch_runs(tx, &in_sessions).await?;

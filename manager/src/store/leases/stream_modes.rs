@@ -45,6 +45,8 @@ pub(super) fn shape(mode: StreamMode, fresh: &[RunnerEvent], max_payload_bytes: 
             }
         }
         StreamMode::Coalesced => {
+            // The stored events that took others in, by index.
+            let mut merged_into = Vec::new();
             for event in fresh {
                 let merged = shaped
                     .stored
@@ -52,7 +54,12 @@ pub(super) fn shape(mode: StreamMode, fresh: &[RunnerEvent], max_payload_bytes: 
                     .is_some_and(|last| merge(last, event, max_payload_bytes));
                 if !merged {
                     shaped.stored.push(event.clone());
+                } else if merged_into.last() != Some(&(shaped.stored.len() - 1)) {
+                    merged_into.push(shaped.stored.len() - 1);
                 }
+            }
+            for i in merged_into {
+                shaped.stored[i].payload_changed();
             }
         }
     }
@@ -100,12 +107,8 @@ mod tests {
     use super::*;
 
     fn event(runner_seq: i64, event_type: EventType, payload: Value) -> RunnerEvent {
-        RunnerEvent {
-            runner_seq,
-            event_type,
-            payload_bytes: payload.to_string().len(),
-            payload,
-        }
+        let sent = payload.to_string();
+        RunnerEvent::new(runner_seq, event_type, payload, &sent)
     }
 
     fn delta(runner_seq: i64, item: &str, text: &str) -> RunnerEvent {
@@ -166,6 +169,23 @@ mod tests {
         let merged = &shaped.stored[1];
         assert_eq!(merged.payload["kind"], "assistant_text");
         assert_eq!(merged.payload_bytes, merged.payload.to_string().len());
+        for e in &shaped.stored {
+            assert_eq!(e.json, e.payload.to_string(), "the text is the payload's");
+        }
+    }
+
+    #[test]
+    fn coalesced_redacts_a_secret_split_across_deltas() {
+        let key = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789";
+        let (head, tail) = key.split_at(12);
+        let batch = [delta(1, "a", &format!("key {head}")), delta(2, "a", tail)];
+        assert!(batch.iter().all(|e| !e.json.contains("[REDACTED]")));
+        let shaped = shape(StreamMode::Coalesced, &batch, 1024);
+        assert_eq!(shaped.stored.len(), 1);
+        let merged = &shaped.stored[0];
+        assert!(!merged.json.contains(tail), "{}", merged.json);
+        assert!(merged.json.contains("[REDACTED]"), "{}", merged.json);
+        assert_eq!(merged.json, merged.payload.to_string());
     }
 
     #[test]

@@ -471,6 +471,7 @@ impl Batch {
         let from_runner = |event: RunnerEvent| NewEvent {
             event_type: event.event_type,
             payload: event.payload,
+            json: Some(event.json),
             producer: Producer::Runner {
                 runner_id,
                 epoch,
