@@ -229,15 +229,17 @@ const MIN_SECRET_BODY: usize = 16;
 /// skipped whole. Linear in the text: a failed match reads at most a short token or one
 /// line, and a PEM block is read once, as the span it redacts.
 fn redact_text(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
     let mut out = String::new();
     // `text[..copied]` is in `out`, or was replaced there.
     let mut copied = 0;
     let mut at = 0;
     let mut changed = false;
-    while let Some(c) = text[at..].chars().next() {
-        // Most characters cannot start a credential: skip them without trying each rule.
-        if !may_start_credential(c) {
-            at += c.len_utf8();
+    while at < bytes.len() {
+        // Most positions cannot start a credential: skip them without trying each rule.
+        // Only an ASCII byte can, so `at` is then on a character boundary.
+        if !may_start_credential(&bytes[at..]) {
+            at += 1;
             continue;
         }
         let after = text[..at].chars().next_back();
@@ -249,7 +251,7 @@ fn redact_text(text: &str) -> Option<String> {
                 copied = at;
                 changed = true;
             }
-            None => at += c.len_utf8(),
+            None => at += 1,
         }
     }
     if !changed {
@@ -259,23 +261,41 @@ fn redact_text(text: &str) -> Option<String> {
     Some(out)
 }
 
-/// Whether a credential [`credential_span`] finds can start with `c`: the first
-/// characters of its rules' prefixes (in either case, a superset of what matches).
-fn may_start_credential(c: char) -> bool {
-    static FIRST_BYTES: std::sync::LazyLock<[bool; 128]> = std::sync::LazyLock::new(|| {
-        let mut first = [false; 128];
-        let prefixes = SECRET_PREFIXES
-            .iter()
-            .chain(CASELESS_SECRET_PREFIXES)
-            .chain(&[API_KEY_PREFIX, JWT_PREFIX, PEM_BEGIN, URL_AUTHORITY]);
-        for prefix in prefixes {
-            let b = prefix.as_bytes()[0];
-            first[usize::from(b.to_ascii_lowercase())] = true;
-            first[usize::from(b.to_ascii_uppercase())] = true;
+/// Whether a credential [`credential_span`] finds can start where `rest` does: its first
+/// two bytes begin one of the rules' prefixes (a caseless one in any case). Common
+/// letters start a prefix, but few pairs do, so the rules are tried at few positions.
+fn may_start_credential(rest: &[u8]) -> bool {
+    /// For each ASCII first byte, the set of second bytes that may follow it.
+    static PAIRS: std::sync::LazyLock<[u128; 128]> = std::sync::LazyLock::new(|| {
+        fn allow(pairs: &mut [u128; 128], first: u8, second: u8) {
+            pairs[usize::from(first)] |= 1 << second;
         }
-        first
+        let mut pairs = [0; 128];
+        let exact =
+            SECRET_PREFIXES
+                .iter()
+                .chain(&[API_KEY_PREFIX, JWT_PREFIX, PEM_BEGIN, URL_AUTHORITY]);
+        for prefix in exact {
+            let p = prefix.as_bytes();
+            allow(&mut pairs, p[0], p[1]);
+        }
+        for prefix in CASELESS_SECRET_PREFIXES {
+            let p = prefix.as_bytes();
+            for first in [p[0].to_ascii_lowercase(), p[0].to_ascii_uppercase()] {
+                for second in [p[1].to_ascii_lowercase(), p[1].to_ascii_uppercase()] {
+                    allow(&mut pairs, first, second);
+                }
+            }
+        }
+        pairs
     });
-    c.is_ascii() && FIRST_BYTES[c as usize]
+    // Every prefix has at least two bytes, all ASCII.
+    match rest {
+        [first, second, ..] if first.is_ascii() && second.is_ascii() => {
+            PAIRS[usize::from(*first)] & (1 << second) != 0
+        }
+        _ => false,
+    }
 }
 
 /// The secret in the credential `text` starts with, as (offset, length): usually the
@@ -469,6 +489,20 @@ mod tests {
         let err = parse_object("p", r#"{"a": "\u0000"}"#, 100).unwrap_err();
         assert_eq!(err.reason, NUL_REASON);
         assert!(parse_object("p", r#"{"a": "\\u0000"}"#, 100).is_ok());
+    }
+
+    #[test]
+    fn the_position_filter_lets_every_rule_through_and_little_else() {
+        let exact =
+            SECRET_PREFIXES
+                .iter()
+                .chain(&[API_KEY_PREFIX, JWT_PREFIX, PEM_BEGIN, URL_AUTHORITY]);
+        for prefix in exact.chain(&["bearer ", "Bearer ", "BEARER ", "bEaReR "]) {
+            assert!(may_start_credential(prefix.as_bytes()), "{prefix}");
+        }
+        for word in ["sea", "about", "error", "baby", "a", "s", "-", ":x", "é"] {
+            assert!(!may_start_credential(word.as_bytes()), "{word}");
+        }
     }
 
     #[test]
