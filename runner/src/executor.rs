@@ -263,17 +263,17 @@ impl<'a> Executor<'a> {
         &mut self,
         commands: &mut mpsc::UnboundedReceiver<proto::Command>,
     ) -> Result<Ending, Aborted> {
-        // The assignment's commands are in the channel before the task starts: take them
-        // all before deciding anything, so a run resumed after an ended turn sees the
-        // turns still queued behind it.
-        while let Ok(command) = commands.try_recv() {
-            self.on_command(command).await?;
-        }
+        // A run resumed after an ended turn ends as that turn left it only once it has
+        // taken the assignment's commands (in the channel before the task starts): a
+        // turn still queued behind them runs first. Each is taken as it would be on a
+        // first lease, a turn started before the commands behind it.
+        let mut resuming = self.last_state.is_some();
         let idle = tokio::time::sleep(self.ctx.idle_timeout);
         tokio::pin!(idle);
         loop {
             if self.active.is_none() {
-                if let Some(ending) = self.next_step().await? {
+                resuming &= !commands.is_empty();
+                if let Some(ending) = self.next_step(!resuming).await? {
                     return Ok(ending);
                 }
                 if self.active.is_none() {
@@ -310,8 +310,9 @@ impl<'a> Executor<'a> {
         }
     }
 
-    /// With no active turn: start the next queued one, or decide how the run ends.
-    async fn next_step(&mut self) -> Result<Option<Ending>, Aborted> {
+    /// With no active turn: start the next queued one, or decide how the run ends (when
+    /// `may_end` after its last turn).
+    async fn next_step(&mut self, may_end: bool) -> Result<Option<Ending>, Aborted> {
         if self.cancelled {
             return Ok(Some(Ending::Finish(
                 RunStatus::Cancelled,
@@ -354,6 +355,9 @@ impl<'a> Executor<'a> {
         }
         if let Some(next) = self.queue.pop_front() {
             self.start_turn(next).await?;
+            return Ok(None);
+        }
+        if !may_end {
             return Ok(None);
         }
         Ok(match self.last_state {
@@ -831,5 +835,108 @@ mod tests {
             .expect("the run task ends once aborted, though its outbox is full")
             .unwrap();
         assert_eq!(outbox.last_pushed(), 2, "nothing is pushed after the abort");
+    }
+
+    /// A run resumed after its last turn ended (`last_turn`), from a scripted provider
+    /// pausing 5 ms per token; returns it with its outbox and upward messages.
+    fn resumed(state: &str) -> (RunContext, Arc<Outbox>, mpsc::UnboundedReceiver<Upward>) {
+        let providers: Providers = vec![(
+            "scripted".into(),
+            Arc::new(ScriptedProvider::new(ScriptedConfig {
+                token_delay: Duration::from_millis(5),
+            })),
+        )];
+        let abort = CancellationToken::new();
+        let outbox = Arc::new(Outbox::new(
+            10_000,
+            PayloadLimit::default(),
+            abort.clone(),
+            || {},
+        ));
+        let (upward, upward_rx) = mpsc::unbounded_channel();
+        let ctx = RunContext {
+            run: proto::Run {
+                run_id: "run-1".into(),
+                backend_profile: "scripted".into(),
+                ..Default::default()
+            },
+            epoch: 2,
+            runner_id: "runner-1".into(),
+            providers: Arc::new(providers),
+            outbox: outbox.clone(),
+            upward,
+            abort,
+            idle_timeout: Duration::from_secs(600),
+            context: Vec::new(),
+            provider_thread_id: None,
+            observer: Arc::new(crate::observe::Observer::new(Duration::from_secs(30))),
+            trace_parent: None,
+            last_turn: Some(proto::TurnEnding {
+                state: state.into(),
+                ..Default::default()
+            }),
+        };
+        (ctx, outbox, upward_rx)
+    }
+
+    /// The run's finish, and the command acks sent before it.
+    async fn finished(
+        upward: &mut mpsc::UnboundedReceiver<Upward>,
+    ) -> (proto::FinishRunRequest, Vec<proto::CommandAck>) {
+        let mut acks = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match upward.recv().await.expect("the run task sends its finish") {
+                    Upward::CommandAck(ack) => acks.push(ack),
+                    Upward::Finish(finish) => return (finish, acks),
+                }
+            }
+        })
+        .await
+        .expect("the run ends without waiting for its idle timeout")
+    }
+
+    #[tokio::test]
+    async fn a_resumed_run_with_nothing_queued_ends_as_its_last_turn_left_it() {
+        let (ctx, outbox, mut upward) = resumed("completed");
+        let (_commands_tx, commands) = mpsc::unbounded_channel();
+        tokio::spawn(execute(ctx, commands));
+        let (finish, acks) = finished(&mut upward).await;
+        assert_eq!(finish.status, RunStatus::Completed as i32);
+        assert!(acks.is_empty());
+        assert_eq!(outbox.last_pushed(), 0, "no turn runs again");
+    }
+
+    #[tokio::test]
+    async fn a_resumed_run_runs_the_turn_still_queued_and_steers_it_before_it_ends() {
+        let (ctx, outbox, mut upward) = resumed("completed");
+        let (commands_tx, commands) = mpsc::unbounded_channel();
+        commands_tx.send(turn("[tokens:40] again")).unwrap();
+        commands_tx
+            .send(proto::Command {
+                command_id: "steer-1".into(),
+                seq: 2,
+                kind: CommandKind::Steer as i32,
+                payload_json: json!({ "text": "faster" }).to_string(),
+                ..Default::default()
+            })
+            .unwrap();
+        tokio::spawn(execute(ctx, commands));
+        let (finish, acks) = finished(&mut upward).await;
+        assert_eq!(finish.status, RunStatus::Completed as i32);
+        let status_of = |id: &str| {
+            acks.iter()
+                .filter_map(|a| a.update.as_ref())
+                .filter(|u| u.command_id == id)
+                .map(|u| u.status)
+                .last()
+        };
+        assert_eq!(status_of("turn-1"), Some(CommandStatus::Completed as i32));
+        assert_eq!(
+            status_of("steer-1"),
+            Some(CommandStatus::Completed as i32),
+            "the steer reached the turn queued before it"
+        );
+        assert!(outbox.last_pushed() > 40, "the queued turn streamed");
     }
 }
