@@ -929,7 +929,7 @@ mod tests {
                 .filter_map(|a| a.update.as_ref())
                 .filter(|u| u.command_id == id)
                 .map(|u| u.status)
-                .last()
+                .next_back()
         };
         assert_eq!(status_of("turn-1"), Some(CommandStatus::Completed as i32));
         assert_eq!(
