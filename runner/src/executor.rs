@@ -782,23 +782,26 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn abort_ends_the_task_while_its_outbox_is_full() {
+    /// A test run task's context: a scripted provider pausing `token_delay` per token, an
+    /// outbox of `capacity` events that is never acknowledged, and the run's
+    /// `last_turn`; returned with its outbox and upward messages.
+    fn test_run(
+        token_delay: Duration,
+        capacity: usize,
+        last_turn: Option<&str>,
+    ) -> (RunContext, Arc<Outbox>, mpsc::UnboundedReceiver<Upward>) {
         let providers: Providers = vec![(
             "scripted".into(),
-            Arc::new(ScriptedProvider::new(ScriptedConfig {
-                token_delay: Duration::ZERO,
-            })),
+            Arc::new(ScriptedProvider::new(ScriptedConfig { token_delay })),
         )];
-        // Two events fit and nothing is ever acknowledged: the lease is gone.
         let abort = CancellationToken::new();
         let outbox = Arc::new(Outbox::new(
-            2,
+            capacity,
             PayloadLimit::default(),
             abort.clone(),
             || {},
         ));
-        let (upward, _upward_rx) = mpsc::unbounded_channel();
+        let (upward, upward_rx) = mpsc::unbounded_channel();
         let ctx = RunContext {
             run: proto::Run {
                 run_id: "run-1".into(),
@@ -810,14 +813,25 @@ mod tests {
             providers: Arc::new(providers),
             outbox: outbox.clone(),
             upward,
-            abort: abort.clone(),
+            abort,
             idle_timeout: Duration::from_secs(600),
             context: Vec::new(),
             provider_thread_id: None,
             observer: Arc::new(crate::observe::Observer::new(Duration::from_secs(30))),
             trace_parent: None,
-            last_turn: None,
+            last_turn: last_turn.map(|state| proto::TurnEnding {
+                state: state.into(),
+                ..Default::default()
+            }),
         };
+        (ctx, outbox, upward_rx)
+    }
+
+    #[tokio::test]
+    async fn abort_ends_the_task_while_its_outbox_is_full() {
+        // Two events fit and nothing is ever acknowledged: the lease is gone.
+        let (ctx, outbox, _upward) = test_run(Duration::ZERO, 2, None);
+        let abort = ctx.abort.clone();
         let (commands_tx, commands) = mpsc::unbounded_channel();
         commands_tx.send(turn("[tokens:100000]")).unwrap();
         let task = tokio::spawn(execute(ctx, commands));
@@ -837,46 +851,9 @@ mod tests {
         assert_eq!(outbox.last_pushed(), 2, "nothing is pushed after the abort");
     }
 
-    /// A run resumed after its last turn ended (`last_turn`), from a scripted provider
-    /// pausing 5 ms per token; returns it with its outbox and upward messages.
+    /// A run resumed after its last turn ended as `state`, its turns 5 ms per token.
     fn resumed(state: &str) -> (RunContext, Arc<Outbox>, mpsc::UnboundedReceiver<Upward>) {
-        let providers: Providers = vec![(
-            "scripted".into(),
-            Arc::new(ScriptedProvider::new(ScriptedConfig {
-                token_delay: Duration::from_millis(5),
-            })),
-        )];
-        let abort = CancellationToken::new();
-        let outbox = Arc::new(Outbox::new(
-            10_000,
-            PayloadLimit::default(),
-            abort.clone(),
-            || {},
-        ));
-        let (upward, upward_rx) = mpsc::unbounded_channel();
-        let ctx = RunContext {
-            run: proto::Run {
-                run_id: "run-1".into(),
-                backend_profile: "scripted".into(),
-                ..Default::default()
-            },
-            epoch: 2,
-            runner_id: "runner-1".into(),
-            providers: Arc::new(providers),
-            outbox: outbox.clone(),
-            upward,
-            abort,
-            idle_timeout: Duration::from_secs(600),
-            context: Vec::new(),
-            provider_thread_id: None,
-            observer: Arc::new(crate::observe::Observer::new(Duration::from_secs(30))),
-            trace_parent: None,
-            last_turn: Some(proto::TurnEnding {
-                state: state.into(),
-                ..Default::default()
-            }),
-        };
-        (ctx, outbox, upward_rx)
+        test_run(Duration::from_millis(5), 10_000, Some(state))
     }
 
     /// The run's finish, and the command acks sent before it.
