@@ -192,6 +192,10 @@ static LOCK_LIMITED_TENANTS_SQL: LazyLock<String> = LazyLock::new(|| {
              FROM pending_tenants p LEFT JOIN tenant_limits tl ON tl.tenant_id = p.tenant_id
              WHERE p.tenant_id IS NOT NULL AND (tl.max_active_runs IS NOT NULL OR $5::int > 0)
                AND ($6::text IS NULL OR p.tenant_id = $6::text)
+               -- Checked once, first: with no limit at all (the usual case) the pending
+               -- runs are not scanned for their tenants.
+               AND ($5::int > 0 OR EXISTS (SELECT 1 FROM tenant_limits
+                                           WHERE max_active_runs IS NOT NULL))
          ),
          wanted AS (
              SELECT l.tenant_id FROM limited l
