@@ -433,17 +433,7 @@ pub async fn claim_for(
             .await?;
         Ok::<_, Error>(rows.iter().map(|r| r.get(0)).collect::<Vec<String>>())
     };
-    // The claim statements are short but their estimates are not (per-tenant LIMITs,
-    // array filters), which would make the server JIT-compile them for far longer than
-    // they run, and plan the claim afresh on every call (its custom plans look cheaper
-    // than a generic one): planning cost half as much again as running it. Their shape
-    // does not depend on the parameters (lateral per-tenant scans, literal statuses for
-    // the partial indexes), so one generic plan per connection serves every claim.
-    let plan_once = async {
-        tx.batch_execute("SET LOCAL jit = off; SET LOCAL plan_cache_mode = force_generic_plan")
-            .await?;
-        Ok::<_, Error>(())
-    };
+    let plan_once = super::plan_generically(&tx);
     // Pipelined on the one connection, sent and run in this order: no extra round trips.
     let registered = async {
         match register {

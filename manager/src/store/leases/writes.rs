@@ -29,7 +29,7 @@ use crate::store::events::{EventRecord, NewEvent, Producer};
 use crate::store::lifecycle;
 use crate::store::requests::{self, OpenedRequest};
 use crate::store::runs::{Finish, LeaseProgress, RequeueReason, RunRecord};
-use crate::store::{Tenant, parse_state};
+use crate::store::{self, Tenant, parse_state};
 
 /// One write a runner makes under the lease `epoch` of a run.
 #[derive(Debug, Clone)]
@@ -126,7 +126,10 @@ async fn write_once(
 ) -> Result<Vec<Result<Written>>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let mut batch = Batch::load(&tx, tenant, writes).await?;
+    let ((), mut batch) = tokio::try_join!(
+        store::plan_generically(&tx),
+        Batch::load(&tx, tenant, writes)
+    )?;
     batch.max_event_bytes = quotas.event_bytes_per_run;
     batch.max_payload_bytes = quotas.payload_bytes;
     let plans: Vec<Result<Planned>> = writes.iter().map(|w| batch.plan(runner_id, w)).collect();
