@@ -68,12 +68,24 @@ struct Dirty {
 }
 
 impl Dirty {
+    /// Marks a run as having events to send. Only the first mark since the last
+    /// [`Dirty::take`] wakes the connection (it then lingers and takes them all): a
+    /// streaming run marks itself for every token.
     fn mark(&self, run_id: &str) {
-        self.runs
-            .lock()
-            .expect("dirty lock")
-            .insert(run_id.to_owned());
-        self.notify.notify_one();
+        let mut runs = self.runs.lock().expect("dirty lock");
+        if runs.contains(run_id) {
+            return;
+        }
+        let first = runs.is_empty();
+        runs.insert(run_id.to_owned());
+        drop(runs);
+        if first {
+            self.notify.notify_one();
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.runs.lock().expect("dirty lock").is_empty()
     }
 
     fn take(&self) -> HashSet<String> {
@@ -263,7 +275,10 @@ impl Runner {
         let heartbeat_every = Duration::from_millis(welcome.heartbeat_interval_ms.max(100) as u64);
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);
-        let mut linger: Option<Instant> = None;
+        // Runs marked before this session (its wake-up may have gone to the last one)
+        // are sent after the usual linger.
+        let mut linger: Option<Instant> =
+            (!self.dirty.is_empty()).then(|| Instant::now() + self.settings.linger());
         loop {
             if let Some(deadline) = self.draining {
                 if self.runs.is_empty() {
@@ -635,6 +650,33 @@ mod tests {
             .expect("defaults parse")
             .settings;
         Runner::new(settings, proto::RunnerIdentity::default(), Vec::new())
+    }
+
+    /// Whether `dirty` has woken the connection: a permit is waiting (polled once).
+    fn woken(dirty: &Dirty) -> bool {
+        use std::future::Future;
+        use std::task::{Context, Waker};
+        let notified = std::pin::pin!(dirty.notify.notified());
+        notified
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_ready()
+    }
+
+    #[test]
+    fn only_the_first_mark_since_a_take_wakes_the_connection() {
+        let dirty = Dirty {
+            runs: Mutex::new(HashSet::new()),
+            notify: Notify::new(),
+        };
+        dirty.mark("run-a");
+        dirty.mark("run-a");
+        dirty.mark("run-b");
+        assert!(woken(&dirty), "the first mark wakes");
+        assert!(!woken(&dirty), "the others do not");
+        assert_eq!(dirty.take().len(), 2, "every marked run is taken");
+        assert!(dirty.is_empty());
+        dirty.mark("run-a");
+        assert!(woken(&dirty), "a mark after a take wakes again");
     }
 
     /// Puts a run into the runner as if it had been assigned; returns its abort token.

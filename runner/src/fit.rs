@@ -93,7 +93,13 @@ impl StreamedText {
                 if let (Some(item), Some(delta)) =
                     (payload["item_id"].as_str(), payload["delta"].as_str())
                 {
-                    *self.0.entry(item.to_owned()).or_default() += delta.len();
+                    // Looked up first: a streamed reply's deltas all name one item.
+                    match self.0.get_mut(item) {
+                        Some(streamed) => *streamed += delta.len(),
+                        None => {
+                            self.0.insert(item.to_owned(), delta.len());
+                        }
+                    }
                 }
             }
             "item.completed" => {
