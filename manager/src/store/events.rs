@@ -307,13 +307,16 @@ macro_rules! insert_batches {
                                     created_at, seqs, types, payloads, runner_seqs)
          SELECT b.run_id, b.first_seq, b.last_seq, b.producer, b.runner_id, b.epoch,
                 statement_timestamp(), ARRAY(SELECT generate_series(b.first_seq, b.last_seq)),
-                string_to_array(b.types, ','), b.payloads::jsonb,
+                string_to_array(b.types, ','), b.payloads::json,
                 CASE WHEN b.runner_id IS NOT NULL
                      THEN string_to_array(b.runner_seqs, ',', '')::bigint[] END
-         FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::uuid[],
-                     $6::bigint[], $7::text[], $8::text[], $9::text[])
-              AS b (run_id, first_seq, last_seq, producer, runner_id, epoch, types, payloads,
-                    runner_seqs)
+         -- Unnested in a select list, in step: in FROM, the batches (a streamed one holds
+         -- tens of kilobytes) would first be copied into a tuplestore.
+         FROM (SELECT unnest($1::uuid[]) AS run_id, unnest($2::bigint[]) AS first_seq,
+                      unnest($3::bigint[]) AS last_seq, unnest($4::text[]) AS producer,
+                      unnest($5::uuid[]) AS runner_id, unnest($6::bigint[]) AS epoch,
+                      unnest($7::text[]) AS types, unnest($8::text[]) AS payloads,
+                      unnest($9::text[]) AS runner_seqs) AS b
          -- The backstop of a gapless, duplicate-free log: a batch goes after the run's
          -- last one or not at all (see `insert_sequenced`).
          WHERE NOT EXISTS (SELECT 1 FROM event_batches o
@@ -374,7 +377,7 @@ pub async fn list(
                          FROM event_batches b
                          CROSS JOIN LATERAL ROWS FROM (
                              unnest(b.seqs), unnest(b.types), unnest(b.runner_seqs),
-                             jsonb_array_elements(b.payloads)
+                             json_array_elements(b.payloads)
                          ) AS e (seq, type, runner_seq, payload)
                          WHERE b.run_id = $1 AND b.last_seq > $2 AND e.seq > $2
                          -- Batches never overlap: in batch order, then seq order within
@@ -521,12 +524,12 @@ pub async fn compact(tx: &impl GenericClient, runs: &[RunId]) -> Result<Compacte
     let stmt = tx
         .prepare_cached(
             "WITH logged AS (
-                 SELECT b.run_id, b.last_seq AS batch, b.epoch, e.seq, e.type, e.payload,
-                        e.runner_seq
+                 SELECT b.run_id, b.last_seq AS batch, b.epoch, e.seq, e.type,
+                        e.payload::jsonb AS payload, e.runner_seq
                  FROM event_batches b
                  CROSS JOIN LATERAL ROWS FROM (
                      unnest(b.seqs), unnest(b.types), unnest(b.runner_seqs),
-                     jsonb_array_elements(b.payloads)
+                     json_array_elements(b.payloads)
                  ) AS e (seq, type, runner_seq, payload)
                  WHERE b.run_id = ANY($1)
              ),
@@ -581,7 +584,7 @@ pub async fn compact(tx: &impl GenericClient, runs: &[RunId]) -> Result<Compacte
              ),
              kept AS (
                  UPDATE event_batches b
-                 SET seqs = r.seqs, types = r.types, payloads = r.payloads,
+                 SET seqs = r.seqs, types = r.types, payloads = r.payloads::json,
                      runner_seqs = CASE WHEN b.runner_seqs IS NOT NULL THEN r.runner_seqs END
                  FROM rebuilt r
                  WHERE b.run_id = r.run_id AND b.last_seq = r.batch AND r.seqs IS NOT NULL
