@@ -6,6 +6,10 @@ use agentrun_cli::{EXIT_FAILURE, EXIT_INTERRUPTED};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc, not glibc's malloc (see the workspace manifest).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 // `run` is awaited here, on the main thread (not spawned onto a worker), so `dev`'s
 // runner processes are forked by a thread that lives as long as the process: their
 // parent-death signal is tied to the thread that forked them.

@@ -5,6 +5,10 @@ use agentrun_manager::{Application, Settings, db, telemetry};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc, not glibc's malloc (see the workspace manifest).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "agentrun-manager", version, about = "The agentrun manager")]
 struct Cli {

@@ -6,6 +6,10 @@ use agentrun_runner::setup;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc, not glibc's malloc (see the workspace manifest).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "agentrun-runner", version, about = "An agentrun runner")]
 struct Cli {
