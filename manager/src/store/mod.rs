@@ -28,8 +28,8 @@ use crate::error::{Error, Result};
 /// Makes the rest of a hot-path transaction (a claim, a runner's writes) run its
 /// statements on one generic plan per connection. Their plans do not depend on the
 /// parameters (keys and arrays; the statuses that select partial indexes are literals),
-/// but PostgreSQL keeps planning them afresh when a custom plan looks cheaper: that cost
-/// as much as a third of running them. Sent pipelined ahead of the first statement.
+/// but PostgreSQL keeps planning them afresh when a custom plan looks cheaper: up to half
+/// as much again as running them (the claim). Sent pipelined ahead of the first statement.
 pub(crate) async fn plan_generically(tx: &impl GenericClient) -> Result<()> {
     // JIT would compile these short statements for longer than they run (their
     // estimates are poor: per-tenant LIMITs, array filters).
