@@ -414,7 +414,7 @@ fn live_to_json(e: &EventRecord) -> Value {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     json!({"run": e.run_id.to_string(), "seq": e.seq, "type": e.event_type,
-           "payload": e.payload, "runner": runner, "epoch": epoch, "runner_seq": runner_seq,
+           "payload": e.payload_value(), "runner": runner, "epoch": epoch, "runner_seq": runner_seq,
            "at_ms": at_ms})
 }
 
@@ -432,8 +432,7 @@ fn live_from_json(v: &Value) -> Option<EventRecord> {
         run_id: RunId(v["run"].as_str()?.parse().ok()?),
         seq: v["seq"].as_i64()?,
         event_type: v["type"].as_str()?.to_owned(),
-        payload: v["payload"].clone(),
-        payload_json: None,
+        payload: v["payload"].to_string(),
         producer,
         created_at: std::time::UNIX_EPOCH + Duration::from_millis(v["at_ms"].as_u64()?),
         ephemeral: true,
@@ -610,8 +609,7 @@ mod tests {
             run_id: run,
             seq: 7,
             event_type: "content.delta".into(),
-            payload: json!({"item_id": "m", "kind": "assistant_text", "delta": text}),
-            payload_json: None,
+            payload: json!({"item_id": "m", "kind": "assistant_text", "delta": text}).to_string(),
             producer: Producer::Runner {
                 runner_id: RunnerId(Uuid::new_v4()),
                 epoch: 2,

@@ -15,6 +15,15 @@ impl FieldError {
             reason: reason.into(),
         }
     }
+
+    /// The same error about a field of `parent` (`events[3]` + `type`: `events[3].type`),
+    /// so hot paths name the parent only when something is wrong.
+    pub fn within(self, parent: &str) -> Self {
+        Self {
+            field: format!("{parent}.{}", self.field),
+            ..self
+        }
+    }
 }
 
 /// Machine-readable reasons sent in the `agentrun-error` response metadata, next to the

@@ -110,7 +110,7 @@ pub fn event(e: &EventRecord) -> proto::Event {
         run_id: e.run_id.to_string(),
         seq: e.seq,
         r#type: e.event_type.clone(),
-        payload_json: e.payload_text().into_owned(),
+        payload_json: e.payload.clone(),
         producer: producer as i32,
         runner_id,
         epoch,

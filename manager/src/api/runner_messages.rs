@@ -83,27 +83,30 @@ fn events(
                 }
             },
         }
-        let event_type = EventType::parse(&field("type"), &e.r#type)?;
-        if !event_type.runner_may_write() {
-            return Err(FieldError::new(
-                field("type"),
-                format!("{} is written by the manager only", e.r#type),
-            ));
-        }
-        let payload = parse_object(
-            &field("payload_json"),
-            &e.payload_json,
-            settings.max_payload_bytes,
-        )?;
-        event_type.validate_payload(&field("payload_json"), &payload)?;
-        out.push(RunnerEvent::new(
-            e.runner_seq,
-            event_type,
-            Value::Object(payload),
-            &e.payload_json,
-        ));
+        let event =
+            checked_event(settings, e).map_err(|err| err.within(&format!("events[{i}]")))?;
+        out.push(event);
     }
     Ok(out)
+}
+
+/// One event of a runner's batch, checked; errors name its fields from the event down.
+fn checked_event(settings: &Settings, e: &proto::RunnerEvent) -> Result<RunnerEvent, FieldError> {
+    let event_type = EventType::parse("type", &e.r#type)?;
+    if !event_type.runner_may_write() {
+        return Err(FieldError::new(
+            "type",
+            format!("{} is written by the manager only", e.r#type),
+        ));
+    }
+    let payload = parse_object("payload_json", &e.payload_json, settings.max_payload_bytes)?;
+    event_type.validate_payload("payload_json", &payload)?;
+    Ok(RunnerEvent::new(
+        e.runner_seq,
+        event_type,
+        Value::Object(payload),
+        &e.payload_json,
+    ))
 }
 
 pub(super) fn runner_identity(

@@ -604,8 +604,7 @@ mod tests {
             run_id,
             seq,
             event_type: event_type.into(),
-            payload: serde_json::json!({ "text": "x".repeat(bytes) }),
-            payload_json: None,
+            payload: serde_json::json!({ "text": "x".repeat(bytes) }).to_string(),
             producer: Producer::Manager,
             created_at: SystemTime::now(),
             ephemeral: false,
@@ -734,7 +733,7 @@ mod tests {
 
     impl EventRecord {
         fn with_text(mut self, text: &str) -> Self {
-            self.payload = serde_json::json!({ "delta": text });
+            self.payload = serde_json::json!({ "delta": text }).to_string();
             self
         }
     }

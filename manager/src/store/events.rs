@@ -16,7 +16,6 @@
 //! item are merged into the item's first delta and the rest removed from their batches,
 //! leaving seq gaps that readers skip (a `seq > after_seq` range read needs no change).
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::SystemTime;
 
@@ -25,6 +24,7 @@ use agentrun_shared::ids::{RunId, RunnerId};
 use agentrun_shared::payload::redact;
 use deadpool_postgres::GenericClient;
 use serde_json::Value;
+use tokio_postgres::types::{FromSql, Type};
 use uuid::Uuid;
 
 use super::webhooks;
@@ -49,38 +49,45 @@ pub enum Producer {
 #[derive(Debug, Clone)]
 pub struct NewEvent {
     pub event_type: EventType,
-    pub payload: Value,
-    /// The payload as JSON text, redacted already (a runner's event, redacted as it came
-    /// in); `None`: it is redacted and serialized when stored.
-    pub json: Option<String>,
+    pub payload: NewPayload,
     pub producer: Producer,
+}
+
+/// What a new event carries.
+#[derive(Debug, Clone)]
+pub enum NewPayload {
+    /// Built by the manager: redacted and serialized as it is stored.
+    Value(Value),
+    /// JSON text redacted already (a runner's event, redacted as it came in): stored and
+    /// fanned out as it is, never parsed or serialized again.
+    Redacted(String),
 }
 
 impl NewEvent {
     pub fn manager(event_type: EventType, payload: Value) -> Self {
         Self {
             event_type,
-            payload,
-            json: None,
+            payload: NewPayload::Value(payload),
             producer: Producer::Manager,
         }
     }
 
-    /// The event as stored at `seq`: redacted (unless its text says it was), with its
-    /// text. Its time is set once the statement storing it has one.
+    /// The event as stored at `seq`: redacted, as JSON text. Its time is set once the
+    /// statement storing it has one.
     fn into_record(self, run_id: RunId, seq: i64, ephemeral: bool) -> EventRecord {
-        let mut payload = self.payload;
-        let json = self.json.unwrap_or_else(|| {
+        let payload = match self.payload {
+            NewPayload::Redacted(json) => json,
             // The one gate every stored event passes: no secret reaches the log.
-            redact(&mut payload);
-            payload.to_string()
-        });
+            NewPayload::Value(mut payload) => {
+                redact(&mut payload);
+                payload.to_string()
+            }
+        };
         EventRecord {
             run_id,
             seq,
             event_type: self.event_type.as_str().to_owned(),
             payload,
-            payload_json: Some(json),
             producer: self.producer,
             created_at: SystemTime::UNIX_EPOCH,
             ephemeral,
@@ -94,10 +101,9 @@ pub struct EventRecord {
     /// For an ephemeral event, the seq of the last stored event before it.
     pub seq: i64,
     pub event_type: String,
-    pub payload: Value,
-    /// `payload` as JSON text, when it is at hand (an event just stored); `None`: it is
-    /// serialized when needed.
-    pub payload_json: Option<String>,
+    /// The payload as JSON text (an object), as stored: events travel as text from the
+    /// runner to the log and from the log to watchers, parsed only where read.
+    pub payload: String,
     pub producer: Producer,
     pub created_at: SystemTime,
     /// Sent live to watchers, never stored (a `final` run's `content.delta`).
@@ -284,7 +290,7 @@ impl Batches {
                 b.epochs[i] = Some(epoch);
             }
             b.types[i].push_str(&event.event_type);
-            b.payloads[i].push_str(&event.payload_text());
+            b.payloads[i].push_str(&event.payload);
             // An empty element is a manager event's NULL runner seq.
             if let Some(runner_seq) = runner_seq {
                 b.runner_seqs[i].push_str(&runner_seq.to_string());
@@ -403,12 +409,9 @@ impl EventRecord {
         }
     }
 
-    /// Its payload as JSON text.
-    pub fn payload_text(&self) -> Cow<'_, str> {
-        match &self.payload_json {
-            Some(json) => Cow::Borrowed(json),
-            None => Cow::Owned(self.payload.to_string()),
-        }
+    /// Its payload parsed (an object; `Null` if the text were not JSON).
+    pub fn payload_value(&self) -> Value {
+        serde_json::from_str(&self.payload).unwrap_or(Value::Null)
     }
 
     /// Reads a row with the `events` columns.
@@ -417,8 +420,7 @@ impl EventRecord {
             run_id: RunId(row.get("run_id")),
             seq: row.get("seq"),
             event_type: row.get("type"),
-            payload: row.get("payload"),
-            payload_json: None,
+            payload: row.get::<_, JsonText>("payload").0,
             // A batch may hold the manager's events among a runner's: only a runner's
             // event has a runner seq.
             producer: match (
@@ -435,6 +437,28 @@ impl EventRecord {
             created_at: row.get("created_at"),
             ephemeral: false,
         }
+    }
+}
+
+/// A `json` or `jsonb` value read as its JSON text, without building a `Value`.
+struct JsonText(String);
+
+impl<'a> FromSql<'a> for JsonText {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        // jsonb's binary form is a version byte (1) before the text.
+        let text = match (*ty == Type::JSONB, raw.split_first()) {
+            (false, _) => raw,
+            (true, Some((1, text))) => text,
+            (true, _) => return Err("unsupported jsonb version".into()),
+        };
+        Ok(JsonText(std::str::from_utf8(text)?.to_owned()))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(*ty, Type::JSON | Type::JSONB)
     }
 }
 
@@ -525,7 +549,7 @@ pub async fn compact(tx: &impl GenericClient, runs: &[RunId]) -> Result<Compacte
         .prepare_cached(
             "WITH logged AS (
                  SELECT b.run_id, b.last_seq AS batch, b.epoch, e.seq, e.type,
-                        e.payload::jsonb AS payload, e.runner_seq
+                        e.payload AS stored, e.payload::jsonb AS payload, e.runner_seq
                  FROM event_batches b
                  CROSS JOIN LATERAL ROWS FROM (
                      unnest(b.seqs), unnest(b.types), unnest(b.runner_seqs),
@@ -571,8 +595,10 @@ pub async fn compact(tx: &impl GenericClient, runs: &[RunId]) -> Result<Compacte
                  SELECT l.run_id, l.batch,
                         array_agg(l.seq ORDER BY l.seq) FILTER (WHERE f.kept IS NOT false) AS seqs,
                         array_agg(l.type ORDER BY l.seq) FILTER (WHERE f.kept IS NOT false) AS types,
-                        jsonb_agg(CASE WHEN f.kept THEN l.payload || f.merged ELSE l.payload END
-                                  ORDER BY l.seq) FILTER (WHERE f.kept IS NOT false) AS payloads,
+                        -- The events left alone keep their text as stored.
+                        json_agg(CASE WHEN f.kept THEN (l.payload || f.merged)::json
+                                      ELSE l.stored END
+                                 ORDER BY l.seq) FILTER (WHERE f.kept IS NOT false) AS payloads,
                         array_agg(l.runner_seq ORDER BY l.seq) FILTER (WHERE f.kept IS NOT false)
                             AS runner_seqs,
                         sum(f.bytes - octet_length((l.payload || f.merged)::text))
@@ -584,7 +610,7 @@ pub async fn compact(tx: &impl GenericClient, runs: &[RunId]) -> Result<Compacte
              ),
              kept AS (
                  UPDATE event_batches b
-                 SET seqs = r.seqs, types = r.types, payloads = r.payloads::json,
+                 SET seqs = r.seqs, types = r.types, payloads = r.payloads,
                      runner_seqs = CASE WHEN b.runner_seqs IS NOT NULL THEN r.runner_seqs END
                  FROM rebuilt r
                  WHERE b.run_id = r.run_id AND b.last_seq = r.batch AND r.seqs IS NOT NULL

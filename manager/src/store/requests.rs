@@ -684,10 +684,11 @@ pub async fn expire_due(pool: &Pool, batch: i64) -> Result<(Vec<RunId>, usize)> 
                 .any(|run| run.id == r.run_id && !run.status.is_terminal())
         })
         .collect();
+    let expired_answer = json!({"decision": Decision::Expired.as_str()});
     let resolved_events: Vec<(RunId, NewEvent)> = live
         .iter()
         .map(|r| {
-            let payload = answer_payload(r.id, &json!({"decision": Decision::Expired.as_str()}));
+            let payload = answer_payload(r.id, &expired_answer);
             (
                 r.run_id,
                 NewEvent::manager(EventType::RequestResolved, payload),
@@ -697,7 +698,7 @@ pub async fn expire_due(pool: &Pool, batch: i64) -> Result<(Vec<RunId>, usize)> 
     events::append(&tx, &resolved_events).await?;
     resume_unblocked(&tx, &ids).await?;
     let mut woken: Vec<RunId> = Vec::new();
-    for (request, (_, event)) in live.iter().zip(&resolved_events) {
+    for request in &live {
         let run = locked
             .iter()
             .find(|run| run.id == request.run_id)
@@ -705,7 +706,7 @@ pub async fn expire_due(pool: &Pool, batch: i64) -> Result<(Vec<RunId>, usize)> 
         commands::insert(
             &tx,
             run.id,
-            resolve_command(event.payload.clone()),
+            resolve_command(answer_payload(request.id, &expired_answer)),
             CommandStatus::Pending,
         )
         .await?;

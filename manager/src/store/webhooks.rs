@@ -531,7 +531,7 @@ pub fn event_json(e: &EventRecord) -> Value {
         "run_id": e.run_id.to_string(),
         "seq": e.seq,
         "type": e.event_type,
-        "payload": e.payload,
+        "payload": e.payload_value(),
         "producer": producer,
         "runner_id": runner_id,
         "epoch": epoch,

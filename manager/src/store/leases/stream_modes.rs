@@ -13,34 +13,41 @@
 //! Shaping only ever runs on the fresh part of a batch (resends were dropped before), so
 //! a resent batch is shaped the same way or not at all.
 
+use std::borrow::Cow;
+
 use agentrun_shared::events::EventType;
 use agentrun_shared::state::StreamMode;
 use serde_json::Value;
 
 use super::RunnerEvent;
 
-/// A fresh event batch as the run's stream mode keeps it.
+/// A fresh event batch as the run's stream mode keeps it: the batch's own events,
+/// borrowed, but for merged ones.
 #[derive(Debug, Default)]
-pub(super) struct Shaped {
+pub(super) struct Shaped<'a> {
     /// What is stored, in order.
-    pub stored: Vec<RunnerEvent>,
+    pub stored: Vec<Cow<'a, RunnerEvent>>,
     /// Deltas fanned out live but not stored, each with how many of `stored` precede it.
-    pub live: Vec<(usize, RunnerEvent)>,
+    pub live: Vec<(usize, &'a RunnerEvent)>,
 }
 
 /// Shapes `fresh` for a run in `mode`; `max_payload_bytes` bounds a merged delta.
-pub(super) fn shape(mode: StreamMode, fresh: &[RunnerEvent], max_payload_bytes: usize) -> Shaped {
+pub(super) fn shape(
+    mode: StreamMode,
+    fresh: &[RunnerEvent],
+    max_payload_bytes: usize,
+) -> Shaped<'_> {
     let mut shaped = Shaped::default();
     match mode {
-        StreamMode::Deltas => shaped.stored = fresh.to_vec(),
+        StreamMode::Deltas => shaped.stored = fresh.iter().map(Cow::Borrowed).collect(),
         StreamMode::Final => {
             for event in fresh {
                 if event.event_type == EventType::ContentDelta
                     && event.payload["text_in_deltas"] != Value::Bool(true)
                 {
-                    shaped.live.push((shaped.stored.len(), event.clone()));
+                    shaped.live.push((shaped.stored.len(), event));
                 } else {
-                    shaped.stored.push(event.clone());
+                    shaped.stored.push(Cow::Borrowed(event));
                 }
             }
         }
@@ -53,13 +60,13 @@ pub(super) fn shape(mode: StreamMode, fresh: &[RunnerEvent], max_payload_bytes: 
                     .last_mut()
                     .is_some_and(|last| merge(last, event, max_payload_bytes));
                 if !merged {
-                    shaped.stored.push(event.clone());
+                    shaped.stored.push(Cow::Borrowed(event));
                 } else if merged_into.last() != Some(&(shaped.stored.len() - 1)) {
                     merged_into.push(shaped.stored.len() - 1);
                 }
             }
             for i in merged_into {
-                shaped.stored[i].payload_changed();
+                shaped.stored[i].to_mut().payload_changed();
             }
         }
     }
@@ -68,7 +75,7 @@ pub(super) fn shape(mode: StreamMode, fresh: &[RunnerEvent], max_payload_bytes: 
 
 /// Appends `next`'s text to `into` when both are deltas of the same item and stream (every
 /// field but `delta` equal) and the merged payload fits `max_payload_bytes`.
-fn merge(into: &mut RunnerEvent, next: &RunnerEvent, max_payload_bytes: usize) -> bool {
+fn merge(into: &mut Cow<'_, RunnerEvent>, next: &RunnerEvent, max_payload_bytes: usize) -> bool {
     if into.event_type != EventType::ContentDelta || next.event_type != EventType::ContentDelta {
         return false;
     }
@@ -87,6 +94,7 @@ fn merge(into: &mut RunnerEvent, next: &RunnerEvent, max_payload_bytes: usize) -
     if !same_item || merged_bytes > max_payload_bytes {
         return false;
     }
+    let into = into.to_mut();
     if let Some(Value::String(text)) = into.payload.get_mut("delta") {
         text.push_str(more);
     }
@@ -119,7 +127,7 @@ mod tests {
         )
     }
 
-    fn texts(events: &[RunnerEvent]) -> Vec<(i64, &str)> {
+    fn texts<'a>(events: &'a [Cow<'_, RunnerEvent>]) -> Vec<(i64, &'a str)> {
         events
             .iter()
             .map(|e| (e.runner_seq, e.payload["delta"].as_str().unwrap_or("-")))

@@ -25,7 +25,7 @@ use super::{AppendOutcome, RunnerEvent, fence};
 use crate::error::{Error, Result};
 use crate::limits::Quotas;
 use crate::store::commands::{self, CommandUpdate};
-use crate::store::events::{EventRecord, NewEvent, Producer};
+use crate::store::events::{EventRecord, NewEvent, NewPayload, Producer};
 use crate::store::lifecycle;
 use crate::store::requests::{self, OpenedRequest};
 use crate::store::runs::{Finish, LeaseProgress, RequeueReason, RunRecord};
@@ -471,10 +471,9 @@ impl Batch {
                 _ => {}
             }
         }
-        let from_runner = |event: RunnerEvent| NewEvent {
+        let from_runner = |event: &RunnerEvent| NewEvent {
             event_type: event.event_type,
-            payload: event.payload,
-            json: Some(event.json),
+            payload: NewPayload::Redacted(event.json.clone()),
             producer: Producer::Runner {
                 runner_id,
                 epoch,
@@ -483,7 +482,7 @@ impl Batch {
         };
         // Where this append's stored runner events start, for the live deltas' place.
         let runner_events_at = to_store.len();
-        to_store.extend(stored.into_iter().map(from_runner));
+        to_store.extend(stored.iter().map(|e| from_runner(e)));
         let (accepted, completed) = self.check_command_updates(run_id, updates)?;
         to_store.extend(completed);
         if let Some(last) = fresh.last() {
