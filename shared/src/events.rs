@@ -1,8 +1,12 @@
 //! The closed set of event types and the payload rules for each.
 
+use std::borrow::Cow;
+
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::FieldError;
+use crate::payload::has_credential;
 
 macro_rules! event_types {
     ($($variant:ident = $text:literal),+ $(,)?) => {
@@ -106,6 +110,39 @@ impl EventType {
             _ => Ok(()),
         }
     }
+}
+
+/// Whether `text` is a `content.delta` payload of the usual shape — `kind` and `delta`,
+/// maybe `item_id` and `text_in_deltas`, nothing else — that [`crate::payload::parse_object`]
+/// and [`EventType::validate_payload`] accept and [`crate::payload::redact`] leaves as
+/// it is, at most `max_bytes` long. Read in place, without building a value: streamed
+/// deltas are most of what runners send, so such a delta is stored as its text. Anything
+/// else is `false`, and takes the general path (which also names what is wrong).
+pub fn is_plain_delta(text: &str, max_bytes: usize) -> bool {
+    /// The shape, its strings borrowed from the text (`delta` decoded if it has escapes).
+    /// A field not named here, or named twice, is not this shape.
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct PlainDelta<'a> {
+        kind: &'a str,
+        #[serde(borrow)]
+        delta: Cow<'a, str>,
+        item_id: Option<&'a str>,
+        // Only read for its type: the general path accepts any value here, this one a bool.
+        #[allow(dead_code)]
+        text_in_deltas: Option<bool>,
+    }
+    // A struct would also be read from an array.
+    if text.len() > max_bytes || !text.trim_start().starts_with('{') {
+        return false;
+    }
+    let Ok(delta) = serde_json::from_str::<PlainDelta>(text) else {
+        return false;
+    };
+    [Some(delta.kind), Some(&*delta.delta), delta.item_id]
+        .into_iter()
+        .flatten()
+        .all(|s| !s.contains('\0') && !has_credential(s))
 }
 
 /// Longest `timeout_ms` a `request.opened` may ask for: a week.
@@ -212,6 +249,41 @@ mod tests {
             EventType::TurnCompleted
                 .validate_payload("p", &obj(json!({"state": "completed"})))
                 .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_plain_delta_is_exactly_what_the_general_path_stores_as_sent() {
+        let plain = [
+            r#"{"item_id":"i:1","kind":"assistant_text","delta":"Hello"}"#,
+            r#" {"kind": "reasoning_text", "delta": "line\nbreak \"quoted\" \u00e9"}"#,
+            r#"{"kind":"assistant_text","delta":"","text_in_deltas":true,"item_id":"x"}"#,
+        ];
+        let not_plain = [
+            r#"{"kind":"assistant_text","delta":"k sk-proj-abcdefghijklmnopqrstuvwxyz0123"}"#,
+            r#"{"kind":"assistant_text","delta":"nul \u0000 here"}"#,
+            r#"{"kind":"assistant_text","delta":"x","extra":1}"#,
+            r#"{"kind":"assistant_text","delta":"x","delta":"y"}"#,
+            r#"{"kind":"assistant_text","delta":7}"#,
+            r#"{"kind":"assistant_text"}"#,
+            r#"{"kind":"assistant_text","delta":"x","text_in_deltas":"yes"}"#,
+            r#"{"kind":"assistant_text","delta":"x"} trailing"#,
+            r#"["assistant_text","x"]"#,
+            "",
+        ];
+        for text in plain {
+            assert!(is_plain_delta(text, 1024), "{text}");
+            let mut map = crate::payload::parse_object("p", text, 1024).unwrap();
+            EventType::ContentDelta.validate_payload("p", &map).unwrap();
+            let mut value = Value::Object(std::mem::take(&mut map));
+            assert!(!crate::payload::redact(&mut value), "{text}");
+        }
+        for text in not_plain {
+            assert!(!is_plain_delta(text, 1024), "{text}");
+        }
+        assert!(
+            !is_plain_delta(plain[0], plain[0].len() - 1),
+            "over the limit"
         );
     }
 

@@ -200,6 +200,11 @@ pub fn redact(value: &mut Value) -> bool {
     }
 }
 
+/// Whether [`redact`] would change a string holding `text`: it has a credential.
+pub fn has_credential(text: &str) -> bool {
+    redact_text(text).is_some()
+}
+
 fn is_secret_key(key: &str) -> bool {
     // Compared in place: this runs for every key of every stored event.
     let key = key.as_bytes();

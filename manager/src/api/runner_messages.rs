@@ -4,7 +4,7 @@
 //! Connect stream (`connect`).
 
 use agentrun_shared::error::FieldError;
-use agentrun_shared::events::EventType;
+use agentrun_shared::events::{EventType, is_plain_delta};
 use agentrun_shared::ids::{CommandId, RunId, RunnerId};
 use agentrun_shared::payload::parse_object;
 use agentrun_shared::proto;
@@ -97,6 +97,15 @@ fn checked_event(settings: &Settings, e: &proto::RunnerEvent) -> Result<RunnerEv
         return Err(FieldError::new(
             "type",
             format!("{} is written by the manager only", e.r#type),
+        ));
+    }
+    if event_type == EventType::ContentDelta
+        && is_plain_delta(&e.payload_json, settings.max_payload_bytes)
+    {
+        return Ok(RunnerEvent::as_sent(
+            e.runner_seq,
+            event_type,
+            e.payload_json.clone(),
         ));
     }
     let payload = parse_object("payload_json", &e.payload_json, settings.max_payload_bytes)?;

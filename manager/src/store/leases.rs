@@ -15,7 +15,7 @@ pub use hello::{Hello, Welcome, hello};
 pub use writes::{LeaseWrite, Written, write, write_one};
 
 use std::collections::{HashMap, HashSet};
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use agentrun_shared::error::reason;
@@ -887,10 +887,11 @@ fn fence(run: &RunRecord, runner_id: RunnerId, epoch: i64, now: SystemTime) -> R
 pub struct RunnerEvent {
     pub runner_seq: i64,
     pub event_type: EventType,
-    pub payload: serde_json::Value,
-    /// `payload` as JSON text, stored and fanned out as it is: the runner's own text when
+    /// The payload as JSON text, stored and fanned out as it is: the runner's own text when
     /// redaction changed nothing, so a streamed event is never serialized again.
     pub json: String,
+    /// `json` parsed, once something needs a field of it: a plain delta never does.
+    parsed: OnceLock<serde_json::Value>,
     /// Its payload's size as sent, counted against the run's quota.
     pub payload_bytes: usize,
 }
@@ -912,17 +913,42 @@ impl RunnerEvent {
         Self {
             runner_seq,
             event_type,
-            payload,
             json,
+            parsed: OnceLock::from(payload),
             payload_bytes: sent.len(),
         }
+    }
+
+    /// An event whose text `sent` needs no redaction and was checked without being parsed
+    /// ([`agentrun_shared::events::is_plain_delta`]).
+    pub fn as_sent(runner_seq: i64, event_type: EventType, sent: String) -> Self {
+        Self {
+            runner_seq,
+            event_type,
+            payload_bytes: sent.len(),
+            json: sent,
+            parsed: OnceLock::new(),
+        }
+    }
+
+    /// The payload (an object), parsed from its text the first time it is asked for.
+    pub fn payload(&self) -> &serde_json::Value {
+        self.parsed
+            .get_or_init(|| serde_json::from_str(&self.json).unwrap_or_default())
+    }
+
+    /// The payload to change in place; call [`Self::payload_changed`] after.
+    pub fn payload_mut(&mut self) -> &mut serde_json::Value {
+        self.payload();
+        self.parsed.get_mut().expect("parsed just above")
     }
 
     /// After its payload changed (deltas merged): redacts it again (a secret may span
     /// the merged texts) and renews its text.
     pub fn payload_changed(&mut self) {
-        redact(&mut self.payload);
-        self.json = self.payload.to_string();
+        let payload = self.payload_mut();
+        redact(payload);
+        self.json = payload.to_string();
     }
 }
 

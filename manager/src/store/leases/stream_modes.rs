@@ -43,7 +43,7 @@ pub(super) fn shape(
         StreamMode::Final => {
             for event in fresh {
                 if event.event_type == EventType::ContentDelta
-                    && event.payload["text_in_deltas"] != Value::Bool(true)
+                    && event.payload()["text_in_deltas"] != Value::Bool(true)
                 {
                     shaped.live.push((shaped.stored.len(), event));
                 } else {
@@ -79,7 +79,7 @@ fn merge(into: &mut Cow<'_, RunnerEvent>, next: &RunnerEvent, max_payload_bytes:
     if into.event_type != EventType::ContentDelta || next.event_type != EventType::ContentDelta {
         return false;
     }
-    let (Value::Object(a), Value::Object(b)) = (&into.payload, &next.payload) else {
+    let (Value::Object(a), Value::Object(b)) = (into.payload(), next.payload()) else {
         return false;
     };
     let (Some(Value::String(_)), Some(Value::String(more))) = (a.get("delta"), b.get("delta"))
@@ -95,7 +95,7 @@ fn merge(into: &mut Cow<'_, RunnerEvent>, next: &RunnerEvent, max_payload_bytes:
         return false;
     }
     let into = into.to_mut();
-    if let Some(Value::String(text)) = into.payload.get_mut("delta") {
+    if let Some(Value::String(text)) = into.payload_mut().get_mut("delta") {
         text.push_str(more);
     }
     into.runner_seq = next.runner_seq;
@@ -130,7 +130,7 @@ mod tests {
     fn texts<'a>(events: &'a [Cow<'_, RunnerEvent>]) -> Vec<(i64, &'a str)> {
         events
             .iter()
-            .map(|e| (e.runner_seq, e.payload["delta"].as_str().unwrap_or("-")))
+            .map(|e| (e.runner_seq, e.payload()["delta"].as_str().unwrap_or("-")))
             .collect()
     }
 
@@ -175,10 +175,10 @@ mod tests {
             ]
         );
         let merged = &shaped.stored[1];
-        assert_eq!(merged.payload["kind"], "assistant_text");
-        assert_eq!(merged.payload_bytes, merged.payload.to_string().len());
+        assert_eq!(merged.payload()["kind"], "assistant_text");
+        assert_eq!(merged.payload_bytes, merged.payload().to_string().len());
         for e in &shaped.stored {
-            assert_eq!(e.json, e.payload.to_string(), "the text is the payload's");
+            assert_eq!(e.json, e.payload().to_string(), "the text is the payload's");
         }
     }
 
@@ -193,7 +193,7 @@ mod tests {
         let merged = &shaped.stored[0];
         assert!(!merged.json.contains(tail), "{}", merged.json);
         assert!(merged.json.contains("[REDACTED]"), "{}", merged.json);
-        assert_eq!(merged.json, merged.payload.to_string());
+        assert_eq!(merged.json, merged.payload().to_string());
     }
 
     #[test]
@@ -207,13 +207,13 @@ mod tests {
             "two pieces fit a payload, three do not"
         );
         for e in &shaped.stored {
-            assert!(e.payload.to_string().len() <= 1024);
-            assert_eq!(e.payload_bytes, e.payload.to_string().len());
+            assert!(e.payload().to_string().len() <= 1024);
+            assert_eq!(e.payload_bytes, e.payload().to_string().len());
         }
         let text: String = shaped
             .stored
             .iter()
-            .map(|e| e.payload["delta"].as_str().unwrap())
+            .map(|e| e.payload()["delta"].as_str().unwrap())
             .collect();
         assert_eq!(text, piece.repeat(6));
     }

@@ -298,7 +298,7 @@ impl Batch {
             })
             .flatten()
             .filter(|e| e.event_type == EventType::RequestOpened)
-            .filter_map(|e| e.payload.get("request_id")?.as_str()?.parse().ok())
+            .filter_map(|e| e.payload().get("request_id")?.as_str()?.parse().ok())
             .collect();
         if !request_ids.is_empty() {
             let stmt = tx
@@ -414,7 +414,7 @@ impl Batch {
         let mut ended_turns = Vec::new();
         for (i, event) in fresh.iter().enumerate() {
             let field = |name: &str| format!("events[{}]{name}", duplicates + i);
-            let turn_id = event.payload.get("turn_id").and_then(|t| t.as_str());
+            let turn_id = || event.payload().get("turn_id").and_then(|t| t.as_str());
             // The active turn guards steers aimed at a turn that has already ended, so a
             // runner may only start a turn when none is active and end the active one.
             match event.event_type {
@@ -427,7 +427,7 @@ impl Batch {
                             ),
                         ));
                     }
-                    progress.active_turn_id = turn_id.map(str::to_owned);
+                    progress.active_turn_id = turn_id().map(str::to_owned);
                 }
                 EventType::TurnCompleted => {
                     let Some(active) = progress.active_turn_id.take() else {
@@ -436,7 +436,7 @@ impl Batch {
                             "is turn.completed while no turn is active",
                         ));
                     };
-                    if let Some(ended) = turn_id
+                    if let Some(ended) = turn_id()
                         && ended != active
                     {
                         return Err(Error::invalid(
@@ -449,7 +449,7 @@ impl Batch {
                 EventType::RequestOpened => {
                     let request = OpenedRequest::from_payload(
                         format!("events[{}].payload_json", duplicates + i),
-                        &event.payload,
+                        event.payload(),
                         progress.active_turn_id.clone(),
                     )?;
                     let tenant = self.runs[&run_id.0].tenant_id.clone();
