@@ -519,7 +519,7 @@ impl Session {
         self.state.watch_hub.publish_live(&live);
         // Watchers here get the stored events in memory; their runs' readers are not
         // roused to read them back.
-        let fanned_out = self.state.watch_hub.publish_stored(&stored);
+        let fanned_out = self.state.watch_hub.publish_stored(stored);
         written.retain(|run| !fanned_out.contains(run));
         self.state.notifier.events_appended(written);
         self.state

@@ -99,7 +99,8 @@ pub fn command(c: &CommandRecord) -> proto::Command {
     }
 }
 
-pub fn event(e: &EventRecord) -> proto::Event {
+/// The event on the wire; its strings move, not copied.
+pub fn event(e: EventRecord) -> proto::Event {
     let (producer, runner_id, epoch) = match e.producer {
         Producer::Manager => (proto::Producer::Manager, String::new(), 0),
         Producer::Runner {
@@ -109,8 +110,8 @@ pub fn event(e: &EventRecord) -> proto::Event {
     proto::Event {
         run_id: e.run_id.to_string(),
         seq: e.seq,
-        r#type: e.event_type.clone(),
-        payload_json: e.payload.clone(),
+        r#type: e.event_type,
+        payload_json: e.payload,
         producer: producer as i32,
         runner_id,
         epoch,

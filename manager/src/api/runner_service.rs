@@ -157,7 +157,7 @@ impl RunnerService for RunnerApi {
             .appended(r.events.len(), outcome.duplicates);
         // As on the stream (`connect.rs`): ephemeral deltas first, then the stored events.
         self.state.watch_hub.publish_live(&outcome.live);
-        let fanned_out = self.state.watch_hub.publish_stored(&outcome.stored);
+        let fanned_out = self.state.watch_hub.publish_stored(outcome.stored);
         if fanned_out.is_empty() {
             self.state.notifier.events_appended([run_id.0]);
         } else {

@@ -185,7 +185,7 @@ async fn follow(
             (page, run)
         };
         for event in &page {
-            if tx.send(convert::event(event)).await.is_err() {
+            if tx.send(convert::event(event.clone())).await.is_err() {
                 return Ok(()); // the client went away
             }
             cursor = event.seq;
@@ -298,7 +298,7 @@ async fn follow_session(
             .collect::<Vec<_>>();
         for event in &page {
             let message = proto::SessionEvent {
-                event: Some(convert::event(event)),
+                event: Some(convert::event(event.clone())),
                 session_version: view.session.version,
             };
             if tx.send(message).await.is_err() {

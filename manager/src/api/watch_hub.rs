@@ -38,6 +38,7 @@
 //! a mark of its runs' logs (the sum of their `last_event_seq`) and wakes the watchers
 //! of the sessions whose mark moved. An idle session watcher costs nothing either.
 
+use std::borrow::Cow;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -300,54 +301,49 @@ impl WatchHub {
     /// Offers `page` (stored events in seq order) to every attached watcher, from the
     /// topic's tail on: what the tail already passed was fanned out before. Returns
     /// whether the run ended (the topic is then closed).
-    fn fan_out(&self, run_id: RunId, page: &[events::EventRecord]) -> bool {
+    fn fan_out(&self, run_id: RunId, mut page: Vec<events::EventRecord>) -> bool {
         let mut topics = self.topics.lock().expect("watch hub lock");
         let Some(topic) = topics.get_mut(&run_id) else {
             return true;
         };
         let new = page.partition_point(|e| e.seq <= topic.tail);
-        let page = &page[new..];
-        let Some(last) = page.last() else {
+        page.drain(..new);
+        let Some(last_seq) = page.last().map(|e| e.seq) else {
             return false;
         };
         let ended = page.iter().any(|e| e.event_type == "run.terminal");
         // Each stored event, followed by the ephemeral ones waiting for it.
         let mut converted: Vec<proto::Event> = Vec::with_capacity(page.len());
         for event in page {
+            let seq = event.seq;
             converted.push(convert::event(event));
-            while topic
-                .live_waiting
-                .front()
-                .is_some_and(|l| l.seq <= event.seq)
-            {
+            while topic.live_waiting.front().is_some_and(|l| l.seq <= seq) {
                 let live = topic.live_waiting.pop_front().expect("checked");
                 topic.live_waiting_bytes -= live.encoded_len();
-                if live.seq == event.seq {
+                if live.seq == seq {
                     converted.push(live);
                 }
             }
         }
-        topic.tail = last.seq;
+        topic.tail = last_seq;
         let mut detached = Vec::new();
-        topic.subscribers.retain_mut(|subscriber| {
-            for event in &converted {
-                if event.ephemeral {
-                    offer_live(subscriber, event);
-                    continue;
-                }
-                if event.seq <= subscriber.cursor {
-                    continue;
-                }
-                match subscriber.outbox.try_send(event.clone()) {
-                    TrySend::Sent => subscriber.cursor = event.seq,
-                    // Behind: it reads on from the database at its cursor.
-                    TrySend::Full => return false,
-                    // The client went away; its watcher ends on its own.
-                    TrySend::Closed => return false,
-                }
+        // Each watcher but the last gets copies; the last (usually the only one) takes
+        // the events themselves.
+        let watchers = std::mem::take(&mut topic.subscribers);
+        let count = watchers.len();
+        for (i, mut subscriber) in watchers.into_iter().enumerate() {
+            let attached = if i + 1 < count {
+                offer(&mut subscriber, converted.iter().map(Cow::Borrowed))
+            } else {
+                offer(
+                    &mut subscriber,
+                    std::mem::take(&mut converted).into_iter().map(Cow::Owned),
+                )
+            };
+            if attached {
+                topic.subscribers.push(subscriber);
             }
-            true
-        });
+        }
         if ended {
             for mut subscriber in topic.subscribers.drain(..) {
                 if let Some(left) = subscriber.left.take() {
@@ -370,18 +366,24 @@ impl WatchHub {
     ///
     /// Returns the runs whose events were all fanned out here (to be announced with
     /// [`Notifier::events_appended_and_fanned_out`]).
-    pub fn publish_stored(&self, stored: &[events::EventRecord]) -> Vec<uuid::Uuid> {
+    pub fn publish_stored(&self, stored: Vec<events::EventRecord>) -> Vec<uuid::Uuid> {
         let mut fanned_out = Vec::new();
-        for run in stored.chunk_by(|a, b| a.run_id == b.run_id) {
+        let mut stored = stored.into_iter().peekable();
+        while let Some(first) = stored.next() {
+            let run_id = first.run_id;
             let follows = {
                 let topics = self.topics.lock().expect("watch hub lock");
                 topics
-                    .get(&run[0].run_id)
-                    .is_some_and(|topic| topic.tail + 1 == run[0].seq)
+                    .get(&run_id)
+                    .is_some_and(|topic| topic.tail + 1 == first.seq)
             };
+            let mut run = vec![first];
+            while let Some(next) = stored.next_if(|e| e.run_id == run_id) {
+                run.push(next);
+            }
             if follows {
-                self.fan_out(run[0].run_id, run);
-                fanned_out.push(run[0].run_id.0);
+                self.fan_out(run_id, run);
+                fanned_out.push(run_id.0);
             }
         }
         fanned_out
@@ -406,7 +408,7 @@ impl WatchHub {
                 continue; // nobody watches it here
             };
             if event.seq > topic.tail {
-                let live = convert::event(event);
+                let live = convert::event(event.clone());
                 let bytes = live.encoded_len();
                 if topic.live_waiting.len() < LIVE_WAITING
                     && topic.live_waiting_bytes + bytes <= LIVE_WAITING_BYTES
@@ -418,7 +420,7 @@ impl WatchHub {
             }
             // Older than the tail: its place has passed, the stored text follows anyway.
             if event.seq == topic.tail {
-                let event = convert::event(event);
+                let event = convert::event(event.clone());
                 for subscriber in &mut topic.subscribers {
                     offer_live(subscriber, &event);
                 }
@@ -437,6 +439,30 @@ impl WatchHub {
             }
         }
     }
+}
+
+/// Offers a watcher the events of a fan-out, in order; returns whether it stays attached:
+/// one that falls behind (its buffer is full) detaches and reads on from the database at
+/// its cursor, one whose client went away ends on its own.
+fn offer<'a>(
+    subscriber: &mut Subscriber,
+    events: impl Iterator<Item = Cow<'a, proto::Event>>,
+) -> bool {
+    for event in events {
+        if event.ephemeral {
+            offer_live(subscriber, &event);
+            continue;
+        }
+        if event.seq <= subscriber.cursor {
+            continue;
+        }
+        let seq = event.seq;
+        match subscriber.outbox.try_send(event.into_owned()) {
+            TrySend::Sent => subscriber.cursor = seq,
+            TrySend::Full | TrySend::Closed => return false,
+        }
+    }
+    true
 }
 
 /// Queues an ephemeral event to a watcher that is exactly at its place (its cursor is
@@ -485,10 +511,11 @@ async fn read(hub: Arc<WatchHub>, run_id: RunId, poke: Arc<Notify>) {
         };
         match page.await {
             Ok(page) => {
-                if hub.fan_out(run_id, &page) {
+                let full = page.len() as i64 == PAGE;
+                if hub.fan_out(run_id, page) {
                     return;
                 }
-                if page.len() as i64 == PAGE {
+                if full {
                     continue;
                 }
             }
@@ -662,7 +689,7 @@ mod tests {
         let page: Vec<_> = (1..=4)
             .map(|seq| record(run, seq, "content.delta", 1))
             .collect();
-        assert!(!hub.fan_out(run, &page));
+        assert!(!hub.fan_out(run, page));
         assert_eq!(seqs(&mut a, 4).await, [1, 2, 3, 4]);
         assert_eq!(
             seqs(&mut b, 2).await,
@@ -684,14 +711,14 @@ mod tests {
         };
         let tail = |hub: &Arc<WatchHub>| hub.topics.lock().unwrap()[&run].tail;
 
-        hub.publish_stored(&events(3..=5));
+        hub.publish_stored(events(3..=5));
         assert_eq!(seqs(&mut a, 3).await, [3, 4, 5]);
         assert_eq!(tail(&hub), 5);
         // Not following on (6 was stored by another write): left to the reader.
-        hub.publish_stored(&events(7..=8));
+        hub.publish_stored(events(7..=8));
         assert_eq!(tail(&hub), 5, "nothing skipped");
         // A reader's page read from an older tail repeats nothing already sent.
-        assert!(!hub.fan_out(run, &events(4..=8)));
+        assert!(!hub.fan_out(run, events(4..=8)));
         assert_eq!(seqs(&mut a, 3).await, [6, 7, 8]);
         assert_eq!(tail(&hub), 8);
     }
@@ -705,7 +732,7 @@ mod tests {
         // Each event is a quarter of a watcher's buffer: the fourth one no longer fits.
         let big = BUFFER_BYTES / 4;
         for seq in 1..=6 {
-            hub.fan_out(run, &[record(run, seq, "content.delta", big)]);
+            hub.fan_out(run, vec![record(run, seq, "content.delta", big)]);
             assert_eq!(seqs(&mut read, 1).await, [seq], "the reader is held back");
         }
         assert_eq!(stalled.left().await, Left::Behind { cursor: 3 });
@@ -715,7 +742,7 @@ mod tests {
         // (Its reader task, which would fail to reach the database, cannot run before
         // the next line: the test's runtime has one thread and nothing awaits between.)
         assert!(hub.attach(run, 6, &outbox).is_some());
-        hub.fan_out(run, &[record(run, 7, "run.terminal", 1)]);
+        hub.fan_out(run, vec![record(run, 7, "run.terminal", 1)]);
         assert_eq!(reader.left().await, Left::Ended);
         assert!(
             hub.topics.lock().unwrap().is_empty(),
@@ -757,7 +784,7 @@ mod tests {
         ]);
         hub.fan_out(
             run,
-            &[
+            vec![
                 record(run, 3, "item.started", 1),
                 record(run, 4, "item.completed", 1),
             ],
@@ -804,7 +831,7 @@ mod tests {
             "{waiting} bytes wait, more than one watcher's buffer"
         );
         // Small ones still fit after the reader drained the big ones.
-        hub.fan_out(run, &[record(run, 1, "item.started", 1)]);
+        hub.fan_out(run, vec![record(run, 1, "item.started", 1)]);
         hub.offer_live(&[live(run, 2, "small")]);
         assert_eq!(hub.topics.lock().unwrap()[&run].live_waiting.len(), 1);
     }
