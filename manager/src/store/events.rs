@@ -80,7 +80,8 @@ impl NewEvent {
             // The one gate every stored event passes: no secret reaches the log.
             NewPayload::Value(mut payload) => {
                 redact(&mut payload);
-                payload.to_string()
+                // serde's writer: `to_string` (Display) goes through a formatter.
+                serde_json::to_string(&payload).expect("a JSON value always serializes")
             }
         };
         EventRecord {

@@ -12,7 +12,7 @@ use agentrun_shared::state::{CommandStatus, RunStatus, StreamMode};
 use deadpool_postgres::GenericClient;
 use serde_json::{Map, Value, json};
 use tokio_postgres::Row;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{FromSql, ToSql};
 use uuid::Uuid;
 
 use super::{Tenant, fingerprint, parse_state};
@@ -109,19 +109,52 @@ impl Lineage {
         }
     }
 
-    fn from_row(row: &Row) -> Self {
-        let forked_run = row.get::<_, Option<Uuid>>("forked_from_run_id");
-        let forked_turn = row.get::<_, Option<Uuid>>("forked_from_turn_id");
-        let context_run = row.get::<_, Option<Uuid>>("context_run_id");
-        let context_seq = row.get::<_, Option<i64>>("context_before_seq");
+    fn from_row(c: &mut Columns) -> Self {
+        let rerun_of = c.get::<Option<Uuid>>("rerun_of_run_id").map(RunId);
+        let forked_run = c.get::<Option<Uuid>>("forked_from_run_id");
+        let forked_turn = c.get::<Option<Uuid>>("forked_from_turn_id");
+        let context_run = c.get::<Option<Uuid>>("context_run_id");
+        let context_seq = c.get::<Option<i64>>("context_before_seq");
         Self {
-            rerun_of: row.get::<_, Option<Uuid>>("rerun_of_run_id").map(RunId),
+            rerun_of,
             forked_from: forked_run
                 .zip(forked_turn)
                 .map(|(run, turn)| (RunId(run), CommandId(turn))),
             context: context_run
                 .zip(context_seq)
                 .map(|(run, seq)| (RunId(run), seq)),
+        }
+    }
+}
+
+/// A row's columns found by name, each looked for from just after the last one found:
+/// read in the table's column order, every lookup hits at once. (`Row::get` by name
+/// scans from the first column each time: about fifty scans of fifty names per run row,
+/// a tenth of the manager's time when dispatching.)
+struct Columns<'a> {
+    row: &'a Row,
+    next: usize,
+}
+
+impl<'a> Columns<'a> {
+    fn new(row: &'a Row) -> Self {
+        Self { row, next: 0 }
+    }
+
+    fn index(&mut self, name: &str) -> Option<usize> {
+        let columns = self.row.columns();
+        let found = (0..columns.len())
+            .map(|k| (self.next + k) % columns.len())
+            .find(|&i| columns[i].name() == name)?;
+        self.next = found + 1;
+        Some(found)
+    }
+
+    /// The column `name`; panics as [`Row::get`] does if it is missing or of another type.
+    fn get<T: FromSql<'a>>(&mut self, name: &str) -> T {
+        match self.index(name) {
+            Some(i) => self.row.get(i),
+            None => self.row.get(name),
         }
     }
 }
@@ -138,50 +171,53 @@ impl RunRecord {
 
     /// Reads a row selected as `runs.*`.
     pub(crate) fn from_row(row: &Row) -> Result<Self> {
+        // In the table's column order (see `Columns`).
+        let mut c = Columns::new(row);
         Ok(Self {
-            id: RunId(row.get("id")),
-            tenant_id: row.get("tenant_id"),
-            project_id: row.get("project_id"),
-            session_id: row.get::<_, Option<Uuid>>("session_id").map(SessionId),
-            backend_profile: row.get("backend_profile"),
-            queue: row.get("queue"),
-            priority: row.get("priority"),
-            labels: row.get("labels"),
-            input: row.get("input"),
-            metadata: row.get("metadata"),
-            status: parse_state("run status", row.get("status"), RunStatus::from_db)?,
-            attempt: row.get("attempt"),
-            max_attempts: row.get("max_attempts"),
-            queue_timeout_ms: row.get("queue_timeout_ms"),
-            run_timeout_ms: row.get("run_timeout_ms"),
-            idempotency_key: row.get("idempotency_key"),
-            lease_runner_id: row.get::<_, Option<Uuid>>("lease_runner_id").map(RunnerId),
-            lease_epoch: row.get("lease_epoch"),
-            lease_expires_at: row.get("lease_expires_at"),
-            lease_runner_seq: row.get("lease_runner_seq"),
-            cancel_requested: row.get("cancel_requested"),
-            cancel_reason: row.get("cancel_reason"),
-            failure_kind: row.get("failure_kind"),
-            failure_message: row.get("failure_message"),
-            last_event_seq: row.get("last_event_seq"),
-            last_command_seq: row.get("last_command_seq"),
-            event_bytes: row.get("event_bytes"),
-            created_at: row.get("created_at"),
-            updated_at: row.get("updated_at"),
-            claimed_at: row.get("claimed_at"),
-            finished_at: row.get("finished_at"),
-            scheduled_at: row.get("scheduled_at"),
-            active_turn_id: row.get("active_turn_id"),
-            stream_mode: parse_state("stream mode", row.get("stream_mode"), StreamMode::from_db)?,
-            events_compacted_at: row.get("events_compacted_at"),
-            trace_parent: row.get("trace_parent"),
-            lineage: Lineage::from_row(row),
-            schedule_id: row.get::<_, Option<Uuid>>("schedule_id").map(ScheduleId),
-            concurrency_key: row.get("concurrency_key"),
-            held: row.get("held"),
-            waiting_reason: row
-                .try_get::<_, Option<String>>("waiting_reason")
-                .ok()
+            id: RunId(c.get("id")),
+            tenant_id: c.get("tenant_id"),
+            project_id: c.get("project_id"),
+            session_id: c.get::<Option<Uuid>>("session_id").map(SessionId),
+            backend_profile: c.get("backend_profile"),
+            queue: c.get("queue"),
+            priority: c.get("priority"),
+            labels: c.get("labels"),
+            input: c.get("input"),
+            metadata: c.get("metadata"),
+            status: parse_state("run status", c.get("status"), RunStatus::from_db)?,
+            attempt: c.get("attempt"),
+            max_attempts: c.get("max_attempts"),
+            queue_timeout_ms: c.get("queue_timeout_ms"),
+            run_timeout_ms: c.get("run_timeout_ms"),
+            idempotency_key: c.get("idempotency_key"),
+            lease_runner_id: c.get::<Option<Uuid>>("lease_runner_id").map(RunnerId),
+            lease_epoch: c.get("lease_epoch"),
+            lease_expires_at: c.get("lease_expires_at"),
+            lease_runner_seq: c.get("lease_runner_seq"),
+            cancel_requested: c.get("cancel_requested"),
+            failure_kind: c.get("failure_kind"),
+            failure_message: c.get("failure_message"),
+            last_event_seq: c.get("last_event_seq"),
+            last_command_seq: c.get("last_command_seq"),
+            created_at: c.get("created_at"),
+            updated_at: c.get("updated_at"),
+            claimed_at: c.get("claimed_at"),
+            finished_at: c.get("finished_at"),
+            scheduled_at: c.get("scheduled_at"),
+            active_turn_id: c.get("active_turn_id"),
+            cancel_reason: c.get("cancel_reason"),
+            event_bytes: c.get("event_bytes"),
+            stream_mode: parse_state("stream mode", c.get("stream_mode"), StreamMode::from_db)?,
+            events_compacted_at: c.get("events_compacted_at"),
+            trace_parent: c.get("trace_parent"),
+            concurrency_key: c.get("concurrency_key"),
+            held: c.get("held"),
+            schedule_id: c.get::<Option<Uuid>>("schedule_id").map(ScheduleId),
+            lineage: Lineage::from_row(&mut c),
+            // Not a column of `runs`: only the statements that compute it have it.
+            waiting_reason: c
+                .index("waiting_reason")
+                .and_then(|i| row.try_get::<_, Option<String>>(i).ok())
                 .flatten()
                 .unwrap_or_default(),
         })
