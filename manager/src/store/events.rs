@@ -327,8 +327,8 @@ macro_rules! insert_batches {
          -- The backstop of a gapless, duplicate-free log: a batch goes after the run's
          -- last one or not at all (see `insert_sequenced`). A scalar subquery, so it is
          -- always one index probe per batch: as `NOT EXISTS` it became an anti join, and
-         -- a plan made while the table was small (a generic plan is kept for the life of
-         -- the connection) hashed a scan of the whole table on every append.
+         -- a generic plan made while the table was small hashed a scan of the whole
+         -- table on every append until the table's statistics were next refreshed.
          WHERE coalesce((SELECT o.last_seq FROM event_batches o WHERE o.run_id = b.run_id
                          ORDER BY o.last_seq DESC LIMIT 1), 0) < b.first_seq
          RETURNING created_at"
