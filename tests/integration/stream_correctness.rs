@@ -400,6 +400,49 @@ async fn a_finished_run_shows_no_lease() {
     assert_eq!(ended.lease_epoch, lease.epoch);
 }
 
+/// The log insert's duplicate check stays one index probe per batch in the plan a
+/// connection keeps (the lease writes run on generic plans), even when that plan is made
+/// on an empty log: as an anti join it hashed a scan of the whole `event_batches` table
+/// on every append until the table was next analyzed.
+#[tokio::test]
+async fn the_log_insert_never_scans_the_whole_log_even_when_planned_on_an_empty_one() {
+    use agentrun_manager::store::events::{INSERT_BATCHES, INSERT_BATCHES_AND_DELIVERIES};
+
+    let app = TestApp::spawn().await;
+    let db = app.db().await;
+    db.batch_execute("SET plan_cache_mode = force_generic_plan")
+        .await
+        .unwrap();
+    for (name, sql) in [
+        ("plain", INSERT_BATCHES),
+        ("with_deliveries", INSERT_BATCHES_AND_DELIVERIES),
+    ] {
+        db.batch_execute(&format!("PREPARE {name} AS {sql}"))
+            .await
+            .unwrap();
+        let empty = vec!["'{}'"; 9].join(", ");
+        let plan: String = db
+            .simple_query(&format!("EXPLAIN EXECUTE {name}({empty})"))
+            .await
+            .unwrap()
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            !plan.contains("Seq Scan on event_batches"),
+            "{name}: the log is scanned whole:\n{plan}"
+        );
+        assert!(
+            plan.contains("using event_batches_pkey on event_batches"),
+            "{name}: no index probe of the log:\n{plan}"
+        );
+    }
+}
+
 /// The lean log: an append of many events is one stored row (a log batch holding their
 /// seq range), a resent append stores nothing, and the log reads from any seq —
 /// including one inside a batch — gapless and in order, a page at a time.

@@ -335,13 +335,14 @@ macro_rules! insert_batches {
     };
 }
 
-/// Returns the events' time (the statement's), once per batch.
-const INSERT_BATCHES: &str = insert_batches!();
+/// Returns the events' time (the statement's), once per batch. Public for the test of
+/// its plan.
+pub const INSERT_BATCHES: &str = insert_batches!();
 
 /// [`INSERT_BATCHES`], and one delivery per stored event and webhook of the run's tenant
 /// (and project, when the webhook names one) that asks for its type. Returns the events'
 /// time and how many deliveries were written.
-const INSERT_BATCHES_AND_DELIVERIES: &str = concat!(
+pub const INSERT_BATCHES_AND_DELIVERIES: &str = concat!(
     "WITH stored AS (",
     insert_batches!(),
     ", run_id, seqs, types
