@@ -420,7 +420,7 @@ async fn the_log_insert_never_scans_the_whole_log_even_when_planned_on_an_empty_
         db.batch_execute(&format!("PREPARE {name} AS {sql}"))
             .await
             .unwrap();
-        let empty = vec!["'{}'"; 9].join(", ");
+        let empty = ["'{}'"; 9].join(", ");
         let plan: String = db
             .simple_query(&format!("EXPLAIN EXECUTE {name}({empty})"))
             .await
