@@ -124,9 +124,7 @@ impl StreamedText {
 /// several for a split `content.delta`, one truncated payload otherwise.
 pub fn fit(event_type: &str, payload: Value, max_bytes: usize) -> Vec<String> {
     let max_bytes = max_bytes.max(MIN_PAYLOAD_BYTES);
-    // serde's writer into one buffer: `Value`'s `Display` (`to_string`) writes through a
-    // formatter piece by piece, a sixth of the runner's time when streaming.
-    let text = serde_json::to_string(&payload).expect("a JSON value always serializes");
+    let text = agentrun_shared::payload::to_text(&payload);
     if text.len() <= max_bytes {
         return vec![text];
     }

@@ -200,6 +200,13 @@ pub fn redact(value: &mut Value) -> bool {
     }
 }
 
+/// `value` as JSON text, by serde's writer into one buffer. `Value`'s `Display`
+/// (`to_string`) writes through a formatter piece by piece: it was a sixth of the
+/// runner's time when streaming.
+pub fn to_text(value: &Value) -> String {
+    serde_json::to_string(value).expect("a JSON value always serializes")
+}
+
 /// Whether [`redact`] would change a string holding `text`: it has a credential.
 pub fn has_credential(text: &str) -> bool {
     redact_text(text).is_some()

@@ -21,7 +21,7 @@ use std::time::SystemTime;
 
 use agentrun_shared::events::EventType;
 use agentrun_shared::ids::{RunId, RunnerId};
-use agentrun_shared::payload::redact;
+use agentrun_shared::payload::{redact, to_text};
 use deadpool_postgres::GenericClient;
 use serde_json::Value;
 use tokio_postgres::types::{FromSql, Type};
@@ -80,8 +80,7 @@ impl NewEvent {
             // The one gate every stored event passes: no secret reaches the log.
             NewPayload::Value(mut payload) => {
                 redact(&mut payload);
-                // serde's writer: `to_string` (Display) goes through a formatter.
-                serde_json::to_string(&payload).expect("a JSON value always serializes")
+                to_text(&payload)
             }
         };
         EventRecord {

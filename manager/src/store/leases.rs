@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 use agentrun_shared::error::reason;
 use agentrun_shared::events::EventType;
 use agentrun_shared::ids::{RunId, RunnerId};
-use agentrun_shared::payload::redact;
+use agentrun_shared::payload::{redact, to_text};
 use agentrun_shared::state::{CommandStatus, RunStatus};
 use deadpool_postgres::{GenericClient, Pool};
 use serde_json::json;
@@ -906,7 +906,7 @@ impl RunnerEvent {
         sent: &str,
     ) -> Self {
         let json = if redact(&mut payload) || sent.trim().is_empty() {
-            payload.to_string()
+            to_text(&payload)
         } else {
             sent.to_owned()
         };
@@ -948,7 +948,7 @@ impl RunnerEvent {
     pub fn payload_changed(&mut self) {
         let payload = self.payload_mut();
         redact(payload);
-        self.json = payload.to_string();
+        self.json = to_text(payload);
     }
 }
 
