@@ -171,10 +171,14 @@ impl Outbox {
     /// `limits` (at least one event if any is unsent), marked as sent.
     pub fn take_unsent(&self, limits: BatchLimits) -> Vec<proto::RunnerEvent> {
         let mut state = self.state.lock().expect("outbox lock");
-        let sent_upto = state.sent_upto;
+        // The unacknowledged events are numbered consecutively, so the first unsent one
+        // is found by its number, not by walking past the ones in flight.
+        let first_unsent = state.unacked.front().map_or(0, |first| {
+            usize::try_from(state.sent_upto + 1 - first.runner_seq).unwrap_or(0)
+        });
         let mut bytes = 0;
         let mut batch: Vec<proto::RunnerEvent> = Vec::new();
-        for event in state.unacked.iter().filter(|e| e.runner_seq > sent_upto) {
+        for event in state.unacked.range(first_unsent.min(state.unacked.len())..) {
             if batch.len() >= limits.max_events
                 || (!batch.is_empty() && bytes + event.payload_json.len() > limits.max_bytes)
             {
