@@ -18,8 +18,10 @@ use tokio::task::JoinSet;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
+use crate::cpu::StackCpu;
 use crate::fleet;
 use crate::report::{Figure, percentile};
+use crate::stack::Stack;
 use crate::statements;
 
 /// CreateRuns accepts at most this many runs per call.
@@ -52,16 +54,18 @@ fn one_token_run() -> CreateRunRequest {
 
 /// Creates `runs` runs and waits until all are terminal; gives up after `timeout`.
 pub async fn run(
-    channel: Channel,
+    stack: &Stack,
     db: &tokio_postgres::Client,
     runs: usize,
     timeout: Duration,
 ) -> anyhow::Result<Vec<Figure>> {
+    let channel = stack.channel().await?;
     let baseline: i64 = db.query_one(TERMINAL, &[]).await?.get(0);
     let idle_before = !db.query_one(UNFINISHED, &[]).await?.get::<_, bool>(0);
     let mut client = RunServiceClient::new(channel);
     let request = one_token_run();
     let counting = statements::reset(db).await;
+    let cpu = StackCpu::start(stack, db).await?;
 
     let start = Instant::now();
     let mut created = 0;
@@ -96,6 +100,7 @@ pub async fn run(
         tokio::time::sleep(POLL).await;
     }
     let total_secs = start.elapsed().as_secs_f64();
+    let cpu_used = cpu.used();
     let db_ms_per_run = match counting {
         true => statements::report(db, "dispatch", runs as f64, "run").await?,
         false => None,
@@ -156,6 +161,18 @@ pub async fn run(
             "ms",
         ),
     ];
+    // Where the machine's time went, per run.
+    figures.extend(cpu_used.per_unit(
+        "dispatch",
+        [
+            "dispatch.cpu_us_per_run.manager",
+            "dispatch.cpu_us_per_run.runners",
+            "dispatch.cpu_us_per_run.bench",
+            "dispatch.cpu_us_per_run.postgres",
+            "dispatch.cpu_us_per_run (all)",
+        ],
+        runs as f64,
+    ));
     if let Some(ms) = db_ms_per_run {
         // Summed over every backend: more than the wall time per run when they overlap.
         figures.push(Figure::new(

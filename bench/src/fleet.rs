@@ -12,7 +12,6 @@
 //! their steady rhythm), the manager process's memory and CPU are read from `/proc` over
 //! a window: what an idle fleet costs it, in total and per heartbeat.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
+use crate::cpu::{CpuUsed, StackCpu};
 use crate::report::Figure;
 use crate::stack::Stack;
 
@@ -150,20 +150,18 @@ pub async fn run(
     // Every runner sends its first heartbeat within one interval of its welcome.
     tokio::time::sleep(Duration::from_millis(interval_ms)).await;
 
-    let own_pid = std::process::id();
-    let postmaster = postmaster(db).await?;
-    let (cpu_before, own_before) = (cpu_seconds(pid)?, cpu_seconds(own_pid)?);
-    let postgres_before = postmaster.map(server_cpu);
+    let cpu = StackCpu::start(stack, db).await?;
     let answered_before = tally.heartbeats_answered.load(Ordering::Relaxed);
     let window_start = Instant::now();
     tokio::time::sleep(window).await;
     let window_secs = window_start.elapsed().as_secs_f64();
     let answered = tally.heartbeats_answered.load(Ordering::Relaxed) - answered_before;
-    let cpu_secs = cpu_seconds(pid)? - cpu_before;
-    let own_cpu_secs = cpu_seconds(own_pid)? - own_before;
-    let postgres_cpu_secs = postmaster
-        .zip(postgres_before)
-        .map(|(postmaster, before)| cpu_delta(&before, &server_cpu(postmaster)));
+    let CpuUsed {
+        manager: cpu_secs,
+        bench: own_cpu_secs,
+        postgres: postgres_cpu_secs,
+        ..
+    } = cpu.used();
     let rss = rss_mib(pid)?;
     let (welcomed, refused, dropped) = tally.load();
     if strict && refused + dropped > 0 {
@@ -369,46 +367,6 @@ async fn heartbeat(
     }
 }
 
-/// The PostgreSQL server's main process, when it runs on this machine: the parent of the
-/// backend serving `db`.
-async fn postmaster(db: &tokio_postgres::Client) -> anyhow::Result<Option<u32>> {
-    let backend: i32 = db.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
-    Ok(parent(u32::try_from(backend)?))
-}
-
-/// The parent of process `pid` (PPid in /proc/<pid>/status), if `pid` is ours to see.
-fn parent(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("PPid:"))?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// CPU seconds so far of the server `postmaster` and of each of its child processes
-/// (backends, background workers), by pid.
-fn server_cpu(postmaster: u32) -> HashMap<u32, f64> {
-    let pids = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok());
-    pids.filter(|&pid| pid == postmaster || parent(pid) == Some(postmaster))
-        .filter_map(|pid| Some((pid, cpu_seconds(pid).ok()?)))
-        .collect()
-}
-
-/// CPU used between two [`server_cpu`] readings: processes present at both, plus the
-/// whole life of those started in between (one that exited in between is lost).
-fn cpu_delta(before: &HashMap<u32, f64>, after: &HashMap<u32, f64>) -> f64 {
-    after
-        .iter()
-        .map(|(pid, secs)| secs - before.get(pid).unwrap_or(&0.0))
-        .sum()
-}
-
 /// Process `pid` exists and has not exited (an unreaped child that exited is a zombie).
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
@@ -430,36 +388,12 @@ pub(crate) fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     Ok(kib / 1024.0)
 }
 
-/// CPU time (user + system) process `pid` has used so far, in seconds.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("read /proc/{pid}/stat"))?;
-    // The command name may contain spaces; the fields after it do not. After ") " come
-    // field 3 (state) onwards, so utime (14) and stime (15) are the 12th and 13th.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .context("malformed /proc/<pid>/stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> anyhow::Result<f64> {
-        Ok(fields
-            .get(i)
-            .context("short /proc/<pid>/stat")?
-            .parse::<u64>()? as f64)
-    };
-    // SAFETY: sysconf only reads a configuration value.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Ok((ticks(11)? + ticks(12)?) / per_second)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{cpu_seconds, rss_mib};
+    use super::rss_mib;
 
     #[test]
-    fn reads_its_own_memory_and_cpu() {
-        let pid = std::process::id();
-        assert!(rss_mib(pid).unwrap() > 0.0);
-        assert!(cpu_seconds(pid).unwrap() >= 0.0);
+    fn reads_its_own_memory() {
+        assert!(rss_mib(std::process::id()).unwrap() > 0.0);
     }
 }

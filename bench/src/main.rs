@@ -15,6 +15,7 @@
 //! A scenario that fails does not stop the others; the report shows what was measured
 //! and the command exits non-zero.
 
+mod cpu;
 mod dblimit;
 mod dispatch;
 mod failover;
@@ -218,7 +219,7 @@ async fn main() -> anyhow::Result<()> {
         let channel = stack.channel().await?;
         if wants(Scenario::Dispatch) {
             eprintln!("dispatch: {} runs, {} runners", sizes.runs, sizes.runners);
-            let full = dispatch::run(channel.clone(), &db, sizes.runs, timeout).await;
+            let full = dispatch::run(&stack, &db, sizes.runs, timeout).await;
             let rate = full.as_ref().ok().and_then(|figures| {
                 figures
                     .iter()

@@ -196,6 +196,11 @@ impl Stack {
         self.manager.id()
     }
 
+    /// The runner processes' ids (those killed too), to read their CPU from `/proc`.
+    pub fn runner_pids(&self) -> Vec<u32> {
+        self.runners.iter().map(Child::id).collect()
+    }
+
     /// A channel to the manager, retried for up to 20 s while it starts.
     pub async fn channel(&self) -> anyhow::Result<Channel> {
         channel_to(self.addr).await

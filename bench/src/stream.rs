@@ -12,6 +12,7 @@ use anyhow::Context;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
+use crate::cpu::StackCpu;
 use crate::report::{Figure, percentile};
 use crate::stack::Stack;
 
@@ -34,10 +35,12 @@ pub async fn run(
     timeout: Duration,
 ) -> anyhow::Result<Vec<Figure>> {
     let channel = stack.channel().await?;
+    let cpu = StackCpu::start(stack, db).await?;
     let start = Instant::now();
     let (ids, mut full_load_ms) =
         stream(&channel, &channel, runs, tokens, "default", timeout).await?;
     let wall_secs = start.elapsed().as_secs_f64();
+    let cpu_used = cpu.used();
 
     let uuids: Vec<Uuid> = ids.iter().map(|id| id.parse()).collect::<Result<_, _>>()?;
     let row = db
@@ -68,7 +71,7 @@ pub async fn run(
     full_load_ms.sort_by(f64::total_cmp);
     paced_ms.sort_by(f64::total_cmp);
     across_ms.sort_by(f64::total_cmp);
-    Ok(vec![
+    let mut figures = vec![
         Figure::new(
             "stream",
             "stream.events_per_s",
@@ -129,7 +132,20 @@ pub async fn run(
             (full_load_ms.len() + paced_ms.len() + across_ms.len()) as f64,
             "events",
         ),
-    ])
+    ];
+    // Where the full-speed phase's time went, per stored event.
+    figures.extend(cpu_used.per_unit(
+        "stream",
+        [
+            "stream.cpu_us_per_event.manager",
+            "stream.cpu_us_per_event.runners",
+            "stream.cpu_us_per_event.bench (watchers)",
+            "stream.cpu_us_per_event.postgres",
+            "stream.cpu_us_per_event (all)",
+        ],
+        events as f64,
+    ));
+    Ok(figures)
 }
 
 /// Creates `runs` runs of `tokens` tokens in `queue` through `channel` and watches each
