@@ -71,6 +71,25 @@ pub fn cpu_delta(before: &HashMap<u32, f64>, after: &HashMap<u32, f64>) -> f64 {
         .sum()
 }
 
+/// The machine's CPU time so far from `/proc/stat`, in clock ticks: (busy, all). Idle
+/// and I/O wait are not busy; everything else (user, system, interrupts, steal) is.
+fn machine_ticks() -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|line| line.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("malformed cpu line in /proc/stat")?;
+    let all: u64 = ticks.iter().sum();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    Ok((all - idle, all))
+}
+
 /// The processes of a [`Stack`] (its first manager and its runners), the benchmark and
 /// the PostgreSQL server, with their CPU time when the meter started.
 pub struct StackCpu {
@@ -78,6 +97,7 @@ pub struct StackCpu {
     runners: Vec<(u32, f64)>,
     bench: (u32, f64),
     server: Option<(u32, HashMap<u32, f64>)>,
+    machine: (u64, u64),
 }
 
 /// CPU seconds each part of the stack used over a phase; `postgres` is `None` when the
@@ -87,6 +107,8 @@ pub struct CpuUsed {
     pub runners: f64,
     pub bench: f64,
     pub postgres: Option<f64>,
+    /// Share of the machine's CPU time that was busy (by anything), 0–100.
+    pub machine_busy_percent: f64,
 }
 
 impl StackCpu {
@@ -104,6 +126,7 @@ impl StackCpu {
             server: postmaster(db)
                 .await?
                 .map(|postmaster| (postmaster, server_cpu(postmaster))),
+            machine: machine_ticks()?,
         })
     }
 
@@ -118,6 +141,10 @@ impl StackCpu {
                 .server
                 .as_ref()
                 .map(|(postmaster, before)| cpu_delta(before, &server_cpu(*postmaster))),
+            machine_busy_percent: machine_ticks().map_or(f64::NAN, |(busy, all)| {
+                let (busy_before, all_before) = self.machine;
+                100.0 * (busy - busy_before) as f64 / (all - all_before).max(1) as f64
+            }),
         }
     }
 }
@@ -154,7 +181,7 @@ impl CpuUsed {
 
 #[cfg(test)]
 mod tests {
-    use super::cpu_seconds;
+    use super::{cpu_seconds, machine_ticks};
 
     #[test]
     fn reads_its_own_cpu_time_and_sees_it_grow() {
@@ -166,5 +193,11 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "CPU time never grew");
             spin = std::hint::black_box(spin.wrapping_add(1));
         }
+    }
+
+    #[test]
+    fn reads_the_machines_ticks_busy_within_all() {
+        let (busy, all) = machine_ticks().unwrap();
+        assert!(all > 0 && busy <= all, "busy {busy} of {all}");
     }
 }

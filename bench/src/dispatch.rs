@@ -173,6 +173,12 @@ pub async fn run(
         ],
         runs as f64,
     ));
+    figures.push(Figure::new(
+        "dispatch",
+        "dispatch.machine_busy_percent",
+        cpu_used.machine_busy_percent,
+        "%",
+    ));
     if let Some(ms) = db_ms_per_run {
         // Summed over every backend: more than the wall time per run when they overlap.
         figures.push(Figure::new(

@@ -145,6 +145,12 @@ pub async fn run(
         ],
         events as f64,
     ));
+    figures.push(Figure::new(
+        "stream",
+        "stream.machine_busy_percent",
+        cpu_used.machine_busy_percent,
+        "%",
+    ));
     Ok(figures)
 }
 
