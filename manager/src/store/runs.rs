@@ -759,6 +759,8 @@ pub(crate) async fn mark_finished(
                              WHERE c.run_id = f.id AND c.status = ANY($6))
                           + (SELECT count(*) FROM requests q
                              WHERE q.run_id = f.id AND q.status = 'open') AS events
+                 -- A fence: pulled up, the counts ran twice, for SET and for RETURNING.
+                 OFFSET 0
              ) ending
              WHERE runs.id = f.id AND runs.status = ANY(string_to_array(f.sources, ','))
              RETURNING runs.*, ending.events",
