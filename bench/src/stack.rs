@@ -150,9 +150,11 @@ impl Stack {
             runners: Vec::new(),
         };
         stack.channel().await?;
-        for i in 0..runners {
-            stack.spawn_runner(&format!("bench-{i}"), &[])?;
+        let names: Vec<String> = (0..runners).map(|i| format!("bench-{i}")).collect();
+        for name in &names {
+            stack.spawn_runner(name, &[])?;
         }
+        stack.wait_for_runners(&names).await?;
         Ok(stack)
     }
 
@@ -178,6 +180,34 @@ impl Stack {
             .context("start agentrun-runner")?;
         self.runners.push(runner);
         Ok(self.runners.len() - 1)
+    }
+
+    /// Waits until a runner of each name has said hello to the manager (it is in the
+    /// `runners` table), so a scenario's first runs are shared among all of them rather
+    /// than taken by whichever connected first; gives up after 20 s.
+    async fn wait_for_runners(&self, names: &[String]) -> anyhow::Result<()> {
+        let db = connect_db(&self.database_url).await?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let registered: i64 = db
+                .query_one(
+                    "SELECT count(DISTINCT name) FROM runners WHERE name = ANY($1)",
+                    &[&names],
+                )
+                .await
+                .context("count the registered runners")?
+                .get(0);
+            if registered >= names.len() as i64 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "only {registered} of {} runners connected within 20 s",
+                    names.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Kills runner `index` with SIGKILL (no drain, no goodbye) and reaps it.
