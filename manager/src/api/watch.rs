@@ -184,12 +184,14 @@ async fn follow(
             };
             (page, run)
         };
-        for event in &page {
-            if tx.send(convert::event(event.clone())).await.is_err() {
+        let full = page.len() as i64 == PAGE;
+        for event in page {
+            let (seq, ended) = (event.seq, event.event_type == "run.terminal");
+            if tx.send(convert::event(event)).await.is_err() {
                 return Ok(()); // the client went away
             }
-            cursor = event.seq;
-            if event.event_type == "run.terminal" {
+            cursor = seq;
+            if ended {
                 return Ok(());
             }
         }
@@ -200,7 +202,7 @@ async fn follow(
         {
             return Ok(());
         }
-        if page.len() as i64 == PAGE {
+        if full {
             continue;
         }
         if tx.is_closed() {
@@ -296,20 +298,22 @@ async fn follow_session(
             .flatten()
             .map(|run| state.notifier.watch(run.0))
             .collect::<Vec<_>>();
-        for event in &page {
+        let full = page.len() as i64 == PAGE;
+        for event in page {
+            let next = EventCursor {
+                run_id: Some(event.run_id),
+                seq: event.seq,
+            };
             let message = proto::SessionEvent {
-                event: Some(convert::event(event.clone())),
+                event: Some(convert::event(event)),
                 session_version: view.session.version,
             };
             if tx.send(message).await.is_err() {
                 return Ok(());
             }
-            cursor = EventCursor {
-                run_id: Some(event.run_id),
-                seq: event.seq,
-            };
+            cursor = next;
         }
-        if page.len() as i64 == PAGE {
+        if full {
             continue;
         }
         let runs_changed = async {
