@@ -4,6 +4,10 @@
 
 use std::time::{Duration, Instant};
 
+use agentrun_manager::db;
+use agentrun_manager::store::leases::{self, LeaseWrite, RunnerEvent, Written};
+use agentrun_shared::events::EventType;
+use agentrun_shared::ids::{RunId, RunnerId};
 use agentrun_shared::proto::{self, RunStatus};
 use agentrun_tests::*;
 use tonic::codec::Streaming;
@@ -93,6 +97,62 @@ async fn fifty_watchers_of_one_run_each_get_every_event_once_in_order() {
             "every event once, in order"
         );
     }
+}
+
+/// A runner that streams faster than its session stores sends several appends of one run
+/// that the manager stores in one transaction. The watch hub gets all of them in memory,
+/// in seq order: given only the last (as before), its watchers were left a gap, and the
+/// run's hub reader went back to the database for that and every later append of the
+/// stream (at full speed, reading as much from the log as was written to it).
+#[tokio::test]
+async fn every_append_of_a_run_stored_together_goes_to_the_watch_hub() {
+    let mut app = app().await;
+    create(&mut app, "streamed fast").await;
+    let me = runner("fast");
+    let lease = claim(&mut app, &me, 1).await.remove(0);
+    let run_id = RunId::parse("run_id", &lease.run.as_ref().unwrap().run_id).unwrap();
+    let delta = |runner_seq: i64| {
+        let text = format!(r#"{{"kind":"assistant_text","delta":"token {runner_seq} "}}"#);
+        RunnerEvent::as_sent(runner_seq, EventType::ContentDelta, text)
+    };
+    let append = |runner_seqs: std::ops::RangeInclusive<i64>| LeaseWrite::Append {
+        run_id,
+        epoch: lease.epoch,
+        events: runner_seqs.map(delta).collect(),
+        updates: vec![],
+    };
+    let pool = db::pool(&app.database_url, 1).expect("pool");
+    let written = leases::write(
+        &pool,
+        RunnerId::parse("runner_id", &me.runner_id).unwrap(),
+        None,
+        vec![append(1..=2), append(3..=5)],
+        &test_settings(&app.database_url).quotas(),
+    )
+    .await
+    .expect("the batch is stored");
+    let handed: Vec<Vec<i64>> = written
+        .into_iter()
+        .map(|written| match written.expect("each append is stored") {
+            Written::Appended(outcome) => outcome.stored.iter().map(|e| e.seq).collect(),
+            _ => panic!("an append answered as something else"),
+        })
+        .collect();
+    let db = app.db().await;
+    let end = last_seq(&db, &run_id.to_string()).await;
+    // The first append also holds the manager's `run.started`.
+    assert_eq!(
+        handed[1],
+        [end - 2, end - 1, end],
+        "the second append, whole"
+    );
+    assert_eq!(handed[0].len(), 3, "the first append, whole: {handed:?}");
+    let all = handed.concat();
+    assert_eq!(
+        all,
+        (all[0]..=end).collect::<Vec<_>>(),
+        "in seq order, no gap"
+    );
 }
 
 #[tokio::test]

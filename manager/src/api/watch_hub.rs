@@ -9,7 +9,11 @@
 //!
 //! An append on this replica is handed to the topic in memory as it is stored
 //! ([`WatchHub::publish_stored`]) when it follows on from the topic's tail; the reader
-//! then finds nothing new. Appends from elsewhere are read.
+//! then finds nothing new. One that comes while the tail is behind (another write came
+//! between, which the reader is reading) waits in the topic, bounded, and goes out
+//! right behind the reader's page that closes the gap: a topic whose reader once fell
+//! behind does not go on reading back every append of a streaming run. Appends from
+//! elsewhere are read.
 //!
 //! A watcher attaches only once it has read the log itself up to the topic's tail (its
 //! cursor is at or past what the reader has fanned out), so the seam has no gap; the
@@ -40,7 +44,7 @@
 
 use std::borrow::Cow;
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,6 +68,11 @@ const PAGE: i64 = 500;
 /// they follow, by count and by encoded bytes (one watcher's buffer); more are dropped.
 const LIVE_WAITING: usize = 1024;
 const LIVE_WAITING_BYTES: usize = BUFFER_BYTES;
+/// Stored events of this replica's appends a topic holds while its reader closes the gap
+/// before them, by count and by payload bytes (one watcher's buffer); an append that
+/// does not fit is left to the reader.
+const PARKED: usize = 4096;
+const PARKED_BYTES: usize = BUFFER_BYTES;
 
 /// Why a watcher is no longer attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +131,60 @@ struct Topic {
     live_waiting: VecDeque<proto::Event>,
     /// Their encoded bytes.
     live_waiting_bytes: usize,
+    /// Stored events of appends here that came while `tail` was behind them, in seq order
+    /// (see [`WatchHub::publish_stored`]).
+    parked: VecDeque<events::EventRecord>,
+    /// Their payload bytes.
+    parked_bytes: usize,
+}
+
+impl Topic {
+    fn new(tail: i64, poke: Arc<Notify>) -> Self {
+        Topic {
+            tail,
+            subscribers: Vec::new(),
+            poke,
+            live_waiting: VecDeque::new(),
+            live_waiting_bytes: 0,
+            parked: VecDeque::new(),
+            parked_bytes: 0,
+        }
+    }
+
+    /// Holds `run` (an append's events, in seq order, past `tail + 1`) until the reader
+    /// has read up to it, if it continues what is held and fits; whether it did.
+    fn park(&mut self, run: Vec<events::EventRecord>) -> bool {
+        let continues = self
+            .parked
+            .back()
+            .is_none_or(|last| last.seq + 1 == run[0].seq);
+        let bytes: usize = run.iter().map(|e| e.payload.len()).sum();
+        if !continues
+            || self.parked.len() + run.len() > PARKED
+            || self.parked_bytes + bytes > PARKED_BYTES
+        {
+            return false;
+        }
+        self.parked_bytes += bytes;
+        self.parked.extend(run);
+        true
+    }
+
+    /// Appends to `page` (ending at `last_seq`) the parked events that follow it without
+    /// a gap, and drops those it already holds.
+    fn unpark_after(&mut self, last_seq: i64, page: &mut Vec<events::EventRecord>) {
+        let mut last_seq = last_seq;
+        while let Some(first) = self.parked.front()
+            && first.seq <= last_seq + 1
+        {
+            let event = self.parked.pop_front().expect("checked");
+            self.parked_bytes -= event.payload.len();
+            if event.seq == last_seq + 1 {
+                last_seq = event.seq;
+                page.push(event);
+            }
+        }
+    }
 }
 
 struct Subscriber {
@@ -261,13 +324,8 @@ impl WatchHub {
             }
             Entry::Vacant(vacant) => {
                 let poke = Arc::new(Notify::new());
-                vacant.insert(Topic {
-                    tail: cursor,
-                    subscribers: vec![subscriber()],
-                    poke: poke.clone(),
-                    live_waiting: VecDeque::new(),
-                    live_waiting_bytes: 0,
-                });
+                let topic = vacant.insert(Topic::new(cursor, poke.clone()));
+                topic.subscribers.push(subscriber());
                 // Tracked: shutdown waits for readers too.
                 self.tasks.spawn(read(self.clone(), run_id, poke));
             }
@@ -308,6 +366,8 @@ impl WatchHub {
         };
         let new = page.partition_point(|e| e.seq <= topic.tail);
         page.drain(..new);
+        let last_read = page.last().map_or(topic.tail, |e| e.seq);
+        topic.unpark_after(last_read, &mut page);
         let Some(last_seq) = page.last().map(|e| e.seq) else {
             return false;
         };
@@ -359,34 +419,50 @@ impl WatchHub {
     }
 
     /// Offers events this replica just stored (each run's in seq order) to their runs'
-    /// watchers here when they follow the topic's tail exactly, so its reader, woken by
-    /// the same append, finds nothing left to read: a local append reaches local
-    /// watchers without reading it back. Events that do not follow on (another write
-    /// came between) are left to the reader.
+    /// watchers here, so its reader, woken by the same append, finds nothing left to
+    /// read: a local append reaches local watchers without reading it back. Events that
+    /// follow the topic's tail go out at once. Events past a gap (another write came
+    /// between, and its wake-up has the reader read it) are parked in the topic and go
+    /// out behind the reader's page that closes the gap; those that do not fit are left
+    /// to the reader.
     ///
-    /// Returns the runs whose events were all fanned out here (to be announced with
+    /// Returns the runs whose events were all taken here (to be announced with
     /// [`Notifier::events_appended_and_fanned_out`]).
     pub fn publish_stored(&self, stored: Vec<events::EventRecord>) -> Vec<uuid::Uuid> {
-        let mut fanned_out = Vec::new();
+        let mut taken = Vec::new();
+        // Runs with an append left to the reader: its wake-up must not be skipped.
+        let mut left = HashSet::new();
         let mut stored = stored.into_iter().peekable();
         while let Some(first) = stored.next() {
             let run_id = first.run_id;
-            let follows = {
-                let topics = self.topics.lock().expect("watch hub lock");
-                topics
-                    .get(&run_id)
-                    .is_some_and(|topic| topic.tail + 1 == first.seq)
-            };
             let mut run = vec![first];
             while let Some(next) = stored.next_if(|e| e.run_id == run_id) {
                 run.push(next);
             }
+            let (follows, taken_here) = {
+                let mut topics = self.topics.lock().expect("watch hub lock");
+                match topics.get_mut(&run_id) {
+                    Some(topic) if topic.tail + 1 == run[0].seq => (true, true),
+                    Some(topic) if topic.tail + 1 < run[0].seq => {
+                        (false, topic.park(std::mem::take(&mut run)))
+                    }
+                    // Nobody watches it here, or the reader already passed it.
+                    _ => (false, false),
+                }
+            };
             if follows {
                 self.fan_out(run_id, run);
-                fanned_out.push(run_id.0);
+            }
+            if taken_here {
+                taken.push(run_id.0);
+            } else {
+                left.insert(run_id.0);
             }
         }
-        fanned_out
+        taken.retain(|run| !left.contains(run));
+        taken.sort_unstable();
+        taken.dedup();
+        taken
     }
 
     /// Offers ephemeral events of this replica's appends to their runs' watchers here,
@@ -650,13 +726,9 @@ mod tests {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (left_tx, left) = oneshot::channel();
         let mut topics = hub.topics.lock().unwrap();
-        let topic = topics.entry(run_id).or_insert_with(|| Topic {
-            tail: cursor,
-            subscribers: Vec::new(),
-            poke: Arc::new(Notify::new()),
-            live_waiting: VecDeque::new(),
-            live_waiting_bytes: 0,
-        });
+        let topic = topics
+            .entry(run_id)
+            .or_insert_with(|| Topic::new(cursor, Arc::default()));
         topic.subscribers.push(Subscriber {
             id,
             cursor,
@@ -711,16 +783,53 @@ mod tests {
         };
         let tail = |hub: &Arc<WatchHub>| hub.topics.lock().unwrap()[&run].tail;
 
-        hub.publish_stored(events(3..=5));
+        assert_eq!(hub.publish_stored(events(3..=5)), [run.0]);
         assert_eq!(seqs(&mut a, 3).await, [3, 4, 5]);
         assert_eq!(tail(&hub), 5);
-        // Not following on (6 was stored by another write): left to the reader.
-        hub.publish_stored(events(7..=8));
+        // Past a gap (6 was stored by another write, whose wake-up has the reader read
+        // it): held in the topic, and taken (the reader need not read it).
+        assert_eq!(hub.publish_stored(events(7..=8)), [run.0]);
         assert_eq!(tail(&hub), 5, "nothing skipped");
-        // A reader's page read from an older tail repeats nothing already sent.
-        assert!(!hub.fan_out(run, events(4..=8)));
+        // The reader's page (read from an older tail) closes the gap: the held events
+        // follow it, and what it repeats is not sent again.
+        assert!(!hub.fan_out(run, events(4..=6)));
         assert_eq!(seqs(&mut a, 3).await, [6, 7, 8]);
         assert_eq!(tail(&hub), 8);
+        // A page that already holds them sends nothing twice either.
+        assert!(hub.publish_stored(events(10..=10)).contains(&run.0));
+        assert!(!hub.fan_out(run, events(9..=10)));
+        assert_eq!(seqs(&mut a, 2).await, [9, 10]);
+        assert!(hub.topics.lock().unwrap()[&run].parked.is_empty());
+    }
+
+    /// What the topic cannot hold is left to the reader, and its run is not reported
+    /// taken, so the reader is woken for it.
+    #[tokio::test]
+    async fn an_append_the_topic_cannot_hold_is_left_to_the_reader() {
+        let hub = hub();
+        let run = RunId::new();
+        let (_a, _rx) = subscribe(&hub, run, 2);
+        let events = |seqs: std::ops::RangeInclusive<i64>| -> Vec<EventRecord> {
+            seqs.map(|seq| record(run, seq, "content.delta", 1))
+                .collect()
+        };
+        assert_eq!(hub.publish_stored(events(4..=5)), [run.0]);
+        // Not continuing what is held (7 is missing too).
+        let unwatched = record(RunId::new(), 1, "content.delta", 1);
+        let mut stored = events(6..=6);
+        stored.push(unwatched);
+        stored.extend(events(8..=8));
+        assert_eq!(
+            hub.publish_stored(stored),
+            Vec::<uuid::Uuid>::new(),
+            "one of the run's appends was left, and nobody watches the other run"
+        );
+        // Too large to hold.
+        let big = record(run, 7, "content.delta", PARKED_BYTES);
+        assert!(hub.publish_stored(vec![big]).is_empty());
+        let topics = hub.topics.lock().unwrap();
+        let held: Vec<i64> = topics[&run].parked.iter().map(|e| e.seq).collect();
+        assert_eq!(held, [4, 5, 6]);
     }
 
     #[tokio::test]

@@ -714,24 +714,31 @@ impl Batch {
                 EventRecord::ephemeral(run_id, follows_seq, event)
             })
             .collect();
-        // Where each run's log ends after this batch, for runs that go on (a finish or
-        // release appends more of its own).
-        let mut log_ends: HashMap<Uuid, i64> = self
-            .progress
-            .iter()
-            .map(|(id, p)| (*id, p.last_event_seq))
-            .collect();
-        for run_id in self
+        // The runs whose news in this batch is all in their appends' events: they go on
+        // (a finish or release appends more of its own) and their appends reach the
+        // log's end.
+        let mut appended_ends: HashMap<Uuid, i64> = HashMap::new();
+        for event in &stored {
+            let end = appended_ends.entry(event.run_id.0).or_default();
+            *end = (*end).max(event.seq);
+        }
+        let ending: HashSet<Uuid> = self
             .finishes
             .iter()
-            .map(|f| &f.run_id)
-            .chain(&self.releases)
-        {
-            log_ends.remove(&run_id.0);
-        }
+            .map(|f| f.run_id.0)
+            .chain(self.releases.iter().map(|r| r.0))
+            .collect();
+        let whole_news = self
+            .progress
+            .iter()
+            .filter(|(id, p)| {
+                !ending.contains(id) && appended_ends.get(id) == Some(&p.last_event_seq)
+            })
+            .map(|(id, _)| *id)
+            .collect();
         Ok(Stored {
             events: stored.into_iter().map(Some).collect(),
-            log_ends,
+            whole_news,
             live,
             finished,
         })
@@ -798,8 +805,8 @@ async fn store_progress(
 struct Stored {
     /// Each taken by the answer of the write that appended it.
     events: Vec<Option<EventRecord>>,
-    /// The last seq of each run that goes on, after every event of the batch.
-    log_ends: HashMap<Uuid, i64>,
+    /// The runs whose appends' events are all the batch added to their logs.
+    whole_news: HashSet<Uuid>,
     live: Vec<EventRecord>,
     finished: Vec<RunRecord>,
 }
@@ -821,9 +828,13 @@ impl Stored {
                     stored.first().map_or(0, |e| e.seq),
                     stored.last().map_or(0, |e| e.seq),
                 );
-                // Only the run's whole news is worth handing to watchers in memory.
-                let run_id = stored.first().map(|e| e.run_id.0);
-                if run_id.and_then(|id| self.log_ends.get(&id)) != Some(&last_seq) {
+                // Only a run's whole news is worth handing to watchers in memory (all of
+                // its appends in the batch, in seq order): other events in between would
+                // leave them a gap to read.
+                if stored
+                    .first()
+                    .is_some_and(|e| !self.whole_news.contains(&e.run_id.0))
+                {
                     stored.clear();
                 }
                 Written::Appended(AppendOutcome {
