@@ -5,12 +5,18 @@
 use std::time::{Duration, Instant};
 
 use agentrun_manager::db;
+use agentrun_manager::store::commands::CommandUpdate;
 use agentrun_manager::store::leases::{self, LeaseWrite, RunnerEvent, Written};
 use agentrun_shared::events::EventType;
-use agentrun_shared::ids::{RunId, RunnerId};
+use agentrun_shared::ids::{CommandId, RunId, RunnerId};
+use agentrun_shared::proto::manager_message::Body as FromManager;
+use agentrun_shared::proto::runner_message::Body as ToManager;
 use agentrun_shared::proto::{self, RunStatus};
+use agentrun_shared::state::CommandStatus;
 use agentrun_tests::*;
 use tonic::codec::Streaming;
+
+use crate::faults::RawRunner;
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -121,12 +127,24 @@ async fn every_append_of_a_run_stored_together_goes_to_the_watch_hub() {
         events: runner_seqs.map(delta).collect(),
         updates: vec![],
     };
+    // The turn's acknowledgement in between: its `command.completed` is news too.
+    let turn = &lease.commands[0];
+    let ack = LeaseWrite::Append {
+        run_id,
+        epoch: lease.epoch,
+        events: vec![],
+        updates: vec![CommandUpdate {
+            command_id: CommandId::parse("command_id", &turn.command_id).unwrap(),
+            status: CommandStatus::Completed,
+            error: None,
+        }],
+    };
     let pool = db::pool(&app.database_url, 1).expect("pool");
     let written = leases::write(
         &pool,
         RunnerId::parse("runner_id", &me.runner_id).unwrap(),
         None,
-        vec![append(1..=2), append(3..=5)],
+        vec![append(1..=2), ack, append(3..=5)],
         &test_settings(&app.database_url).quotas(),
     )
     .await
@@ -142,10 +160,11 @@ async fn every_append_of_a_run_stored_together_goes_to_the_watch_hub() {
     let end = last_seq(&db, &run_id.to_string()).await;
     // The first append also holds the manager's `run.started`.
     assert_eq!(
-        handed[1],
+        handed[2],
         [end - 2, end - 1, end],
         "the second append, whole"
     );
+    assert_eq!(handed[1], [end - 3], "the acknowledgement's event");
     assert_eq!(handed[0].len(), 3, "the first append, whole: {handed:?}");
     let all = handed.concat();
     assert_eq!(
@@ -153,6 +172,63 @@ async fn every_append_of_a_run_stored_together_goes_to_the_watch_hub() {
         (all[0]..=end).collect::<Vec<_>>(),
         "in seq order, no gap"
     );
+}
+
+/// The same on a runner's stream: an append and the turn's acknowledgement sent together
+/// reach a watcher without the safety-net poll (here too slow to help), the
+/// acknowledgement's `command.completed` included.
+#[tokio::test]
+async fn an_append_and_an_acknowledgement_sent_together_reach_watchers_at_once() {
+    let mut app = TestApp::spawn_with(|s| {
+        s.lease_ttl_ms = 120_000;
+        s.watch_poll_interval_ms = 3_600_000;
+    })
+    .await;
+    let run_id = create(&mut app, "acknowledged fast").await;
+    let me = runner("fast");
+    let mut raw = RawRunner::connect(connect(app.addr).await, &me, &[])
+        .await
+        .expect("welcome");
+    raw.send(ToManager::Credit(proto::Credit { slots: 1 }))
+        .await;
+    let assignment = match raw.next().await {
+        FromManager::Assignment(assignment) => assignment,
+        other => panic!("expected an assignment, got {other:?}"),
+    };
+    let mut watcher = watch(&mut app, &run_id, 0).await;
+    // Attached once it has had the claim.
+    while next_type(&mut watcher).await != "command.delivered" {}
+    raw.send(ToManager::Events(append(&me, &assignment, deltas(1, 3))))
+        .await;
+    raw.send(ToManager::CommandAck(proto::CommandAck {
+        run_id: run_id.clone(),
+        epoch: assignment.epoch,
+        update: Some(proto::CommandUpdate {
+            command_id: assignment.commands[0].command_id.clone(),
+            status: proto::CommandStatus::Completed as i32,
+            error: String::new(),
+        }),
+    }))
+    .await;
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("command.completed") {
+        seen.push(next_type(&mut watcher).await);
+    }
+    let delta = "content.delta";
+    assert_eq!(
+        seen,
+        ["run.started", delta, delta, delta, "command.completed"]
+    );
+}
+
+/// The type of the watcher's next event, within [`LONG`].
+async fn next_type(watcher: &mut Streaming<proto::Event>) -> String {
+    tokio::time::timeout(LONG, watcher.message())
+        .await
+        .expect("an event in time")
+        .expect("the watch stream is healthy")
+        .expect("the watch stream is open")
+        .r#type
 }
 
 #[tokio::test]

@@ -492,6 +492,12 @@ impl Session {
                         }),
                     })
                 }
+                // Not answered, but its events (a `command.completed`) are news for
+                // watchers like any append's.
+                (Reply::None, Written::Appended(outcome)) => {
+                    stored.extend(outcome.stored);
+                    continue;
+                }
                 (Reply::FinishAck, Written::Finished(run)) => {
                     self.drop_lease(run_id);
                     // Its concurrency key's next run was let in: wake claimers.
