@@ -702,6 +702,12 @@ mod tests {
         )
     }
 
+    /// One-byte deltas of `run_id` with `seqs`.
+    fn deltas(run_id: RunId, seqs: std::ops::RangeInclusive<i64>) -> Vec<EventRecord> {
+        seqs.map(|seq| record(run_id, seq, "content.delta", 1))
+            .collect()
+    }
+
     fn record(run_id: RunId, seq: i64, event_type: &str, bytes: usize) -> EventRecord {
         EventRecord {
             run_id,
@@ -777,10 +783,7 @@ mod tests {
         let hub = hub();
         let run = RunId::new();
         let (_a, mut a) = subscribe(&hub, run, 2);
-        let events = |seqs: std::ops::RangeInclusive<i64>| -> Vec<EventRecord> {
-            seqs.map(|seq| record(run, seq, "content.delta", 1))
-                .collect()
-        };
+        let events = |seqs| deltas(run, seqs);
         let tail = |hub: &Arc<WatchHub>| hub.topics.lock().unwrap()[&run].tail;
 
         assert_eq!(hub.publish_stored(events(3..=5)), [run.0]);
@@ -809,10 +812,7 @@ mod tests {
         let hub = hub();
         let run = RunId::new();
         let (_a, _rx) = subscribe(&hub, run, 2);
-        let events = |seqs: std::ops::RangeInclusive<i64>| -> Vec<EventRecord> {
-            seqs.map(|seq| record(run, seq, "content.delta", 1))
-                .collect()
-        };
+        let events = |seqs| deltas(run, seqs);
         assert_eq!(hub.publish_stored(events(4..=5)), [run.0]);
         // Not continuing what is held (7 is missing too).
         let unwatched = record(RunId::new(), 1, "content.delta", 1);
