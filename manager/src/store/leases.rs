@@ -962,7 +962,7 @@ pub struct AppendOutcome {
     /// Deltas of a `final` run, accepted but not stored: ephemeral events for watchers.
     pub live: Vec<events::EventRecord>,
     /// The events stored, in seq order, for this replica's watchers (the watch hub):
-    /// empty unless they end the run's log as the batch left it (no other event of the
-    /// run came after them).
+    /// empty unless the batch's appends of the run (this one among them) hold all that
+    /// the batch added to its log, so together they leave watchers no gap.
     pub stored: Vec<events::EventRecord>,
 }
