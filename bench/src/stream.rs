@@ -15,6 +15,7 @@ use uuid::Uuid;
 use crate::cpu::StackCpu;
 use crate::report::{Figure, percentile};
 use crate::stack::Stack;
+use crate::statements;
 
 /// The queue of the paced phase, served by its own runner.
 const PACED_QUEUE: &str = "bench-stream-paced";
@@ -35,6 +36,7 @@ pub async fn run(
     timeout: Duration,
 ) -> anyhow::Result<Vec<Figure>> {
     let channel = stack.channel().await?;
+    let counting = statements::reset(db).await;
     let cpu = StackCpu::start(stack, db).await?;
     let start = Instant::now();
     let (ids, mut full_load_ms) =
@@ -43,6 +45,21 @@ pub async fn run(
     let cpu_used = cpu.used();
 
     let uuids: Vec<Uuid> = ids.iter().map(|id| id.parse()).collect::<Result<_, _>>()?;
+    // Where the full-speed phase's database time went, per 1,000 stored events (so per
+    // event in µs): the watchers' reads among the writes show if appends were read back.
+    let db_us_per_event = match counting {
+        true => {
+            let stored: i64 = db
+                .query_one(
+                    "SELECT sum(last_event_seq)::bigint FROM runs WHERE id = ANY($1)",
+                    &[&uuids],
+                )
+                .await?
+                .get(0);
+            statements::report(db, "stream", stored as f64 / 1000.0, "1000 events").await?
+        }
+        false => None,
+    };
     let row = db
         .query_one(
             "SELECT count(*), extract(epoch FROM max(created_at) - min(created_at))::float8
@@ -151,6 +168,14 @@ pub async fn run(
         cpu_used.machine_busy_percent,
         "%",
     ));
+    if let Some(us) = db_us_per_event {
+        figures.push(Figure::new(
+            "stream",
+            "stream.db_exec_us_per_event",
+            us,
+            "µs",
+        ));
+    }
     Ok(figures)
 }
 

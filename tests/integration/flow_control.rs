@@ -528,6 +528,36 @@ async fn waiting_runs_say_why_in_get_run_and_queue_stats() {
     assert_eq!(next, expected);
 }
 
+/// A tenant at its limit of active runs: its pending runs say so, and stop saying it
+/// once one of its active runs ends.
+#[tokio::test]
+async fn a_tenant_at_its_active_run_limit_says_so_in_get_run() {
+    let mut app = TestApp::spawn().await;
+    app.admin
+        .set_tenant_limit(proto::SetTenantLimitRequest {
+            tenant_id: "default".into(),
+            max_active_runs: 1,
+        })
+        .await
+        .expect("set the tenant limit");
+    let first = create(&mut app, "active").await;
+    let second = create(&mut app, "waits").await;
+    assert_eq!(get_run(&mut app, &second).await.waiting_reason, "");
+    let worker = runner("w");
+    let held = claim(&mut app, &worker, 1).await;
+    assert_eq!(held[0].run.as_ref().unwrap().run_id, first);
+    assert_eq!(get_run(&mut app, &first).await.waiting_reason, "");
+    assert_eq!(
+        get_run(&mut app, &second).await.waiting_reason,
+        "tenant_limit"
+    );
+    app.runners
+        .finish_run(finish(&worker, &held[0], proto::RunStatus::Completed))
+        .await
+        .expect("finish the active run");
+    assert_eq!(get_run(&mut app, &second).await.waiting_reason, "");
+}
+
 #[tokio::test]
 async fn bad_flow_control_input_is_refused_naming_the_field_and_changes_nothing() {
     let mut app = TestApp::spawn().await;
