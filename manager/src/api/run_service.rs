@@ -265,7 +265,7 @@ impl RunService for RunApi {
         let run_id = RunId::parse("run_id", &request.get_ref().run_id).map_err(Error::from)?;
         observe::record_run(&run_id);
         let client = self.state.pool.get().await.map_err(Error::from)?;
-        let run = runs::get(&client, &tenant, run_id).await?;
+        let run = runs::get_explained(&client, &tenant, run_id).await?;
         Ok(Response::new(proto::GetRunResponse {
             run: Some(convert::run(&run)),
         }))

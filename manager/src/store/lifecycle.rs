@@ -247,7 +247,7 @@ pub async fn cancel_run(
         idempotency_key: None,
     };
     cancel_locked(&tx, &run, command).await?;
-    let run = runs::get(&tx, tenant, run_id).await?;
+    let run = runs::get_explained(&tx, tenant, run_id).await?;
     tx.commit().await?;
     Ok(run)
 }

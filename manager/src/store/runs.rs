@@ -539,14 +539,36 @@ pub(crate) async fn find_by_idempotency_key(
     Ok((RunRecord::from_row(&row)?, row.get("request_hash")))
 }
 
-/// A run of the tenant.
+/// A run of the tenant, without its waiting reason (see [`get_explained`]).
 pub async fn get(client: &impl GenericClient, tenant: &Tenant, run_id: RunId) -> Result<RunRecord> {
-    let stmt = client
-        .prepare_cached(
-            "SELECT runs.*, run_waiting_reason(runs) AS waiting_reason FROM runs
-             WHERE id = $1 AND tenant_id = $2",
-        )
-        .await?;
+    get_with(
+        client,
+        "SELECT * FROM runs WHERE id = $1 AND tenant_id = $2",
+        tenant,
+        run_id,
+    )
+    .await
+}
+
+/// A run of the tenant with why it waits, for an answer to a client. Only where it is
+/// shown: the reason costs more to work out than reading the run.
+pub async fn get_explained(
+    client: &impl GenericClient,
+    tenant: &Tenant,
+    run_id: RunId,
+) -> Result<RunRecord> {
+    let sql = "SELECT runs.*, run_waiting_reason(runs) AS waiting_reason FROM runs
+               WHERE id = $1 AND tenant_id = $2";
+    get_with(client, sql, tenant, run_id).await
+}
+
+async fn get_with(
+    client: &impl GenericClient,
+    sql: &str,
+    tenant: &Tenant,
+    run_id: RunId,
+) -> Result<RunRecord> {
+    let stmt = client.prepare_cached(sql).await?;
     let row = client
         .query_opt(&stmt, &[&run_id.0, &tenant.as_str()])
         .await?
