@@ -349,13 +349,9 @@ async fn runs_rows_read(tx: &tokio_postgres::Transaction<'_>) -> i64 {
     .get(0)
 }
 
-/// A scrape (`/metrics`, GetQueueStats) reads the runs that have not ended, not the
-/// history: with 3,000 ended runs and three open ones it reads a handful of rows. Before,
-/// each scrape read every run twice, which at a million runs took a third of a second of
-/// database time per scrape and replica.
-#[tokio::test]
-async fn queue_stats_read_the_open_runs_not_the_history() {
-    let app = TestApp::spawn().await;
+/// 3,000 ended runs over tenants t0..t2 and queues q0, q1; then open ones: two pending
+/// in t1's q1 (one held by its concurrency key) and one running in t2's q0.
+async fn seed_history(app: &TestApp) {
     app.db()
         .await
         .batch_execute(
@@ -376,6 +372,16 @@ async fn queue_stats_read_the_open_runs_not_the_history() {
         )
         .await
         .expect("seed the run history");
+}
+
+/// A scrape (`/metrics`, GetQueueStats) reads the runs that have not ended, not the
+/// history: with 3,000 ended runs and three open ones it reads a handful of rows. Before,
+/// each scrape read every run twice, which at a million runs took a third of a second of
+/// database time per scrape and replica.
+#[tokio::test]
+async fn queue_stats_read_the_open_runs_not_the_history() {
+    let app = TestApp::spawn().await;
+    seed_history(&app).await;
 
     let pool = db::pool(&app.database_url, 1).expect("a pool");
     let mut client = pool.get().await.expect("a connection");
@@ -401,5 +407,41 @@ async fn queue_stats_read_the_open_runs_not_the_history() {
         read <= 12,
         "a scrape read {read} rows of runs: it should read the 3 open runs (each maybe \
          twice), not the 3,000 ended ones"
+    );
+}
+
+/// CancelRuns by filter looks only at the tenant's runs that have not ended: with 1,000
+/// ended runs of the tenant and none open in the queue named, it reads next to nothing.
+#[tokio::test]
+async fn a_bulk_cancel_reads_the_open_runs_not_the_history() {
+    let app = TestApp::spawn().await;
+    seed_history(&app).await;
+
+    let pool = db::pool(&app.database_url, 1).expect("a pool");
+    let mut client = pool.get().await.expect("a connection");
+    let tx = client.transaction().await.expect("a transaction");
+    let tenant = agentrun_manager::store::Tenant("t1".into());
+    let locked = |queue: &str| agentrun_manager::store::runs::RunFilter {
+        queue: Some(queue.into()),
+        limit: 100,
+        ..Default::default()
+    };
+    let none = agentrun_manager::store::runs::lock_uncancelled(&tx, &tenant, &locked("q0"))
+        .await
+        .expect("lock the matching runs");
+    assert!(none.is_empty(), "t1 has no open run in q0: {none:?}");
+    let both = agentrun_manager::store::runs::lock_uncancelled(&tx, &tenant, &locked("q1"))
+        .await
+        .expect("lock the matching runs");
+    assert_eq!(
+        both.len(),
+        2,
+        "t1's two pending runs in q1, the held one too"
+    );
+    let read = runs_rows_read(&tx).await;
+    assert!(
+        read <= 12,
+        "two bulk cancels read {read} rows of runs: they should read the tenant's open \
+         runs, not its 1,000 ended ones"
     );
 }

@@ -649,11 +649,15 @@ static LIST_SQL: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// Oldest first, so repeated calls make progress through a backlog; locked in that
-/// order, so two bulk cancels never wait on each other in a cycle.
+/// order, so two bulk cancels never wait on each other in a cycle. The candidates are
+/// the tenant's open runs ([`OPEN_RUNS`]), not its whole history; the status is checked
+/// again on the row as locked (a run that ended meanwhile is passed over).
 static LOCK_UNCANCELLED_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT * FROM runs WHERE {FILTER_SQL}
-           AND status = ANY($13) AND NOT cancel_requested
+        "SELECT * FROM runs
+         WHERE id IN (SELECT id FROM {OPEN_RUNS} open WHERE tenant_id = $1)
+           AND {FILTER_SQL}
+           AND status IN ('pending', 'claimed', 'running', 'waiting') AND NOT cancel_requested
          ORDER BY id LIMIT $11 FOR UPDATE"
     )
 });
@@ -716,15 +720,8 @@ pub async fn lock_uncancelled(
     filter: &RunFilter,
 ) -> Result<Vec<RunRecord>> {
     let stmt = tx.prepare_cached(&LOCK_UNCANCELLED_SQL).await?;
-    let not_terminal: Vec<&str> = RunStatus::ALL
-        .iter()
-        .filter(|s| !s.is_terminal())
-        .map(|s| s.as_str())
-        .collect();
-    let filter_params = FilterParams::new(tenant, filter);
-    let mut params = filter_params.params();
-    params.push(&not_terminal);
-    let rows = tx.query(&stmt, &params).await?;
+    let params = FilterParams::new(tenant, filter);
+    let rows = tx.query(&stmt, &params.params()).await?;
     RunRecord::from_rows(&rows)
 }
 
@@ -946,13 +943,12 @@ pub async fn any_claimable(client: &impl GenericClient) -> Result<bool> {
 
 /// The runs not ended, read through the partial indexes that hold them (the claim
 /// index for pending runs, the lease index for active ones): a scan of `runs` filtered
-/// by status would read the whole history. The statuses are literals so that even a
-/// generic plan can prove the indexes' predicates.
-const OPEN_RUNS: &str = "(SELECT tenant_id, queue, status, created_at FROM runs
-                          WHERE status = 'pending'
+/// by a status array would read the whole history. The statuses are literals so that
+/// even a generic plan proves the indexes' predicates; a condition on the tenant is
+/// pushed down into both halves.
+const OPEN_RUNS: &str = "(SELECT * FROM runs WHERE status = 'pending'
                           UNION ALL
-                          SELECT tenant_id, queue, status, created_at FROM runs
-                          WHERE status IN ('claimed', 'running', 'waiting'))";
+                          SELECT * FROM runs WHERE status IN ('claimed', 'running', 'waiting'))";
 
 /// Depth by queue and status (non-terminal only), the oldest pending age per queue, and
 /// per tenant its pending and active runs and its limit (`default_max_active_runs` for
