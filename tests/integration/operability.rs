@@ -445,3 +445,66 @@ async fn a_bulk_cancel_reads_the_open_runs_not_the_history() {
          runs, not its 1,000 ended ones"
     );
 }
+
+/// ListRuns filtered by status reads the runs of those statuses, not the tenant's whole
+/// history, also when PostgreSQL plans it generically (as it may after a few calls on a
+/// connection): open statuses through the indexes of open runs, the unsuccessful ends
+/// through theirs. The list is newest first and complete.
+#[tokio::test]
+async fn listing_runs_by_status_reads_those_runs_not_the_history() {
+    use agentrun_manager::store::runs::{self, RunFilter};
+    use agentrun_shared::state::RunStatus;
+    let app = TestApp::spawn().await;
+    seed_history(&app).await;
+    app.db()
+        .await
+        .batch_execute(
+            "INSERT INTO runs (id, tenant_id, project_id, backend_profile, queue, status,
+                               max_attempts, finished_at)
+             VALUES ('00000000-0000-7000-8000-000000000001', 't1', 'default', 'scripted', 'q0',
+                     'failed', 1, now()),
+                    ('00000000-0000-7000-8000-000000000002', 't1', 'default', 'scripted', 'q0',
+                     'cancelled', 1, now());
+             ANALYZE runs;",
+        )
+        .await
+        .expect("seed two unsuccessful runs");
+
+    let pool = db::pool(&app.database_url, 1).expect("a pool");
+    let mut client = pool.get().await.expect("a connection");
+    let tx = client.transaction().await.expect("a transaction");
+    tx.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        .await
+        .expect("plan generically");
+    let tenant = agentrun_manager::store::Tenant("t1".into());
+    let listed = async |statuses: &[RunStatus]| -> Vec<(String, String)> {
+        let filter = RunFilter {
+            statuses: statuses.to_vec(),
+            limit: 50,
+            ..Default::default()
+        };
+        let runs = runs::list(&tx, &tenant, &filter).await.expect("list runs");
+        assert!(
+            runs.windows(2).all(|w| w[0].id.0 > w[1].id.0),
+            "newest first"
+        );
+        runs.iter()
+            .map(|r| (r.status.as_str().to_owned(), r.queue.clone()))
+            .collect()
+    };
+    let open = listed(&[RunStatus::Pending, RunStatus::Running]).await;
+    assert_eq!(
+        open,
+        [("pending", "q1"), ("pending", "q1")].map(|(s, q)| (s.into(), q.into()))
+    );
+    let failed = listed(&[RunStatus::Failed]).await;
+    assert_eq!(failed, [("failed".to_owned(), "q0".to_owned())]);
+    let unsuccessful = listed(&[RunStatus::Cancelled, RunStatus::Failed]).await;
+    assert_eq!(unsuccessful.len(), 2);
+    let read = runs_rows_read(&tx).await;
+    assert!(
+        read <= 20,
+        "three lists by status read {read} rows of runs: they should read the few runs of \
+         those statuses, not t1's 1,000 completed ones"
+    );
+}
