@@ -340,3 +340,132 @@ async fn heartbeats_renew_leases_and_report_lost_ones() {
         [true, false, true]
     );
 }
+
+/// Blocks of the runs' out-of-line storage (TOAST: large inputs) read in the database at
+/// `url`, as its backends have flushed them (exact once they have all disconnected).
+/// Read from inside (the statistics are per database) over a connection that reads no
+/// run.
+async fn toast_blocks_read(url: &str) -> i64 {
+    db_client(url)
+        .await
+        .query_one(
+            "SELECT coalesce(toast_blks_hit + toast_blks_read, 0) FROM pg_statio_user_tables
+             WHERE relname = 'runs'",
+            &[],
+        )
+        .await
+        .expect("read the table's I/O statistics")
+        .get(0)
+}
+
+/// A runner's appends do not read the run's input: a long prompt or a conversation's
+/// context costs its size once, at the claim that delivers it, not again in every
+/// lease-write transaction while the run streams.
+#[tokio::test]
+async fn appends_do_not_read_the_runs_input() {
+    use agentrun_manager::db;
+    use agentrun_manager::store::leases::{self, LeaseWrite, RunnerEvent};
+    use agentrun_shared::events::EventType;
+    use agentrun_shared::ids::{RunId, RunnerId};
+
+    let url = fresh_database().await;
+    let name: String = db_client(&url)
+        .await
+        .query_one("SELECT current_database()", &[])
+        .await
+        .expect("name the database")
+        .get(0);
+    let cluster = cluster_client().await;
+    let mut app = crate::hellos::quiet_app_on(&url).await;
+    // 128 KiB that does not compress (half the input limit): stored out of line.
+    let context: String = (0..4_096)
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    let mut request = run_request("a long context");
+    request.input_json = serde_json::json!({ "prompt": "go", "context": context }).to_string();
+    app.runs.create_run(request).await.expect("create the run");
+    let me = runner("streaming");
+    let lease = claim(&mut app, &me, 1).await.remove(0);
+    let run_id = RunId::parse("run_id", &lease.run.as_ref().unwrap().run_id).unwrap();
+    let runner_id = RunnerId::parse("runner_id", &me.runner_id).unwrap();
+    drop(app);
+    crate::hellos::disconnected(&cluster, &name).await;
+    let before = toast_blocks_read(&url).await;
+    crate::hellos::disconnected(&cluster, &name).await;
+
+    let pool = db::pool(&url, 1).expect("pool");
+    let quotas = test_settings(&url).quotas();
+    for batch in 0..10 {
+        let events = (1..=10)
+            .map(|i| {
+                let runner_seq = batch * 10 + i;
+                let text = format!(r#"{{"kind":"assistant_text","delta":"token {runner_seq} "}}"#);
+                RunnerEvent::as_sent(runner_seq, EventType::ContentDelta, text)
+            })
+            .collect();
+        let append = LeaseWrite::Append {
+            run_id,
+            epoch: lease.epoch,
+            events,
+            updates: vec![],
+        };
+        leases::write(&pool, runner_id, None, vec![append], &quotas)
+            .await
+            .expect("the batch is stored")
+            .remove(0)
+            .expect("the append is stored");
+    }
+    drop(pool);
+    crate::hellos::disconnected(&cluster, &name).await;
+    let read = toast_blocks_read(&url).await - before;
+    assert_eq!(
+        read, 0,
+        "ten appends read {read} blocks of the run's out-of-line input"
+    );
+
+    // What the lease writes read instead of `runs.*` names every other column, in order.
+    let columns: String = db_client(&url)
+        .await
+        .query_one(
+            "SELECT string_agg(CASE WHEN attname IN ('input', 'metadata')
+                                    THEN '''null''::jsonb AS ' || attname
+                                    ELSE 'runs.' || attname END, ', ' ORDER BY attnum)
+             FROM pg_attribute
+             WHERE attrelid = 'runs'::regclass AND attnum > 0 AND NOT attisdropped",
+            &[],
+        )
+        .await
+        .expect("read the columns of runs")
+        .get(0);
+    let listed: Vec<&str> = agentrun_manager::store::runs::COLUMNS_BUT_INPUT
+        .split(',')
+        .map(str::trim)
+        .collect();
+    assert_eq!(listed, columns.split(", ").collect::<Vec<_>>());
+}
+
+/// Repeating a finish (its answer lost) answers with the run as it ended, whole: its
+/// input too, which the lease writes do not read otherwise.
+#[tokio::test]
+async fn a_repeated_finish_answers_with_the_whole_run() {
+    let mut app = TestApp::spawn().await;
+    create(&mut app, "finish me twice").await;
+    let me = runner("finisher");
+    let lease = claim(&mut app, &me, 1).await.remove(0);
+    let mut finished = Vec::new();
+    for _ in 0..2 {
+        let run = app
+            .runners
+            .finish_run(finish(&me, &lease, RunStatus::Completed))
+            .await
+            .expect("the finish is answered")
+            .into_inner()
+            .run
+            .expect("with the run");
+        finished.push(run);
+    }
+    let input: serde_json::Value =
+        serde_json::from_str(&finished[1].input_json).expect("the input is JSON");
+    assert_eq!(input["prompt"], "finish me twice", "{input}");
+    assert_eq!(finished[0], finished[1], "the same run, as it ended");
+}

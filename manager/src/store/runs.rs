@@ -159,6 +159,24 @@ impl<'a> Columns<'a> {
     }
 }
 
+/// The columns of `runs.*`, in order, with `input` and `metadata` read as JSON `null`:
+/// for statements that never use them, which would otherwise pay their size (a long
+/// prompt, a conversation's context) on every call. The lease writes read their runs
+/// on every append. A column added to `runs` is added here too (a test compares).
+pub const COLUMNS_BUT_INPUT: &str = "runs.id, runs.tenant_id, runs.project_id, runs.session_id,
+    runs.backend_profile, runs.queue, runs.priority, runs.labels,
+    'null'::jsonb AS input, 'null'::jsonb AS metadata,
+    runs.status, runs.attempt, runs.max_attempts, runs.queue_timeout_ms, runs.run_timeout_ms,
+    runs.queue_deadline, runs.run_deadline, runs.idempotency_key, runs.request_hash,
+    runs.lease_runner_id, runs.lease_epoch, runs.lease_expires_at, runs.lease_runner_seq,
+    runs.cancel_requested, runs.failure_kind, runs.failure_message, runs.last_event_seq,
+    runs.last_command_seq, runs.created_at, runs.updated_at, runs.claimed_at,
+    runs.finished_at, runs.scheduled_at, runs.active_turn_id, runs.cancel_reason,
+    runs.event_bytes, runs.stream_mode, runs.events_compacted_at, runs.trace_parent,
+    runs.concurrency_key, runs.held, runs.schedule_id, runs.schedule_due_at,
+    runs.rerun_of_run_id, runs.forked_from_run_id, runs.forked_from_turn_id,
+    runs.context_run_id, runs.context_before_seq";
+
 impl RunRecord {
     /// The runner holding the lease and when it expires: `None` unless the run is
     /// active (claimed, running or waiting).
@@ -591,6 +609,17 @@ pub async fn last_event_seqs(
         .iter()
         .map(|row| (RunId(row.get("id")), row.get("last_event_seq")))
         .collect())
+}
+
+/// The runs of `run_ids` that exist, whole, in no particular order.
+pub(crate) async fn get_many(
+    client: &impl GenericClient,
+    run_ids: &[Uuid],
+) -> Result<Vec<RunRecord>> {
+    let stmt = client
+        .prepare_cached("SELECT * FROM runs WHERE id = ANY($1)")
+        .await?;
+    RunRecord::from_rows(&client.query(&stmt, &[&run_ids]).await?)
 }
 
 /// Locks a run of the tenant for the rest of the transaction.

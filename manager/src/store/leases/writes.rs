@@ -28,7 +28,9 @@ use crate::store::commands::{self, CommandUpdate};
 use crate::store::events::{EventRecord, NewEvent, NewPayload, Producer};
 use crate::store::lifecycle;
 use crate::store::requests::{self, OpenedRequest};
-use crate::store::runs::{Finish, LeaseProgress, RequeueReason, RunRecord};
+use crate::store::runs::{
+    self, COLUMNS_BUT_INPUT, Finish, LeaseProgress, RequeueReason, RunRecord,
+};
 use crate::store::{self, Tenant, parse_state};
 
 /// One write a runner makes under the lease `epoch` of a run.
@@ -165,9 +167,9 @@ enum Planned {
         acked_runner_seq: i64,
         duplicates: i32,
     },
+    /// A finish stored, or a repeat of one that already happened (then the run as it
+    /// ended is read whole when the batch is stored).
     Finished(RunId),
-    /// A repeat of a finish that already happened: the run as it ended.
-    AlreadyFinished(Box<RunRecord>),
     Released,
 }
 
@@ -221,6 +223,8 @@ struct Batch {
     /// Runs whose requests changed: waiting only if one is still open when stored.
     requests_changed: HashSet<Uuid>,
     finishes: Vec<Finish>,
+    /// Runs whose finish was repeated (an acknowledgement lost): answered as they ended.
+    repeated_finishes: Vec<Uuid>,
     releases: Vec<RunId>,
     /// The per-run quota of event payload bytes; 0: none.
     max_event_bytes: i64,
@@ -238,12 +242,13 @@ impl Batch {
         let mut ids: Vec<Uuid> = writes.iter().map(|w| w.run_id().0).collect();
         ids.sort_unstable();
         ids.dedup();
+        // Without the runs' input: a write never needs it, and it may be large.
         let lock = tx
-            .prepare_cached(
-                "SELECT runs.*, now() AS db_now FROM runs
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS_BUT_INPUT}, now() AS db_now FROM runs
                  WHERE id = ANY($1) AND ($2::text IS NULL OR tenant_id = $2::text)
-                 ORDER BY id FOR UPDATE",
-            )
+                 ORDER BY id FOR UPDATE"
+            ))
             .await?;
         let rows = tx
             .query(&lock, &[&ids, &tenant.map(Tenant::as_str)])
@@ -263,6 +268,7 @@ impl Batch {
             max_event_bytes: 0,
             max_payload_bytes: usize::MAX,
             finishes: Vec::new(),
+            repeated_finishes: Vec::new(),
             releases: Vec::new(),
         };
         for row in &rows {
@@ -612,7 +618,8 @@ impl Batch {
         let same_outcome = run.status == outcome.status
             || (run.cancel_requested && run.status == RunStatus::Cancelled);
         if same_holder && run.status.is_terminal() && same_outcome {
-            return Ok(Planned::AlreadyFinished(Box::new(run.clone())));
+            self.repeated_finishes.push(outcome.run_id.0);
+            return Ok(Planned::Finished(outcome.run_id));
         }
         fence(run, runner_id, epoch, self.now)?;
         if last_runner_seq > run.lease_runner_seq {
@@ -699,8 +706,10 @@ impl Batch {
             .collect();
         store_progress(tx, &self.progress, &ending).await?;
         // The events are stored with the finishes' own, in one statement.
-        let (finished, mut stored) =
+        let (mut finished, mut stored) =
             lifecycle::finish_many_with(tx, &self.finishes, &ending, sequenced).await?;
+        // The batch read its runs without their input; a repeated finish answers whole.
+        finished.extend(runs::get_many(tx, &self.repeated_finishes).await?);
         stored.truncate(appended);
         lifecycle::requeue_many(tx, &self.releases, RequeueReason::Released).await?;
         let live = self
@@ -853,7 +862,6 @@ impl Stored {
                     .cloned()
                     .ok_or_else(|| Error::Internal("a fenced finish changed no row".into()))?,
             )),
-            Planned::AlreadyFinished(run) => Written::Finished(run),
             Planned::Released => Written::Released,
         })
     }
