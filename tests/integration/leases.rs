@@ -469,3 +469,88 @@ async fn a_repeated_finish_answers_with_the_whole_run() {
     assert_eq!(input["prompt"], "finish me twice", "{input}");
     assert_eq!(finished[0], finished[1], "the same run, as it ended");
 }
+
+/// Reading a run's log does not read its input either: ListEvents, a WatchRun that
+/// catches up from the database, and the checks that the run is the caller's
+/// (ListCommands, ListRequests) read where the run stands, not all of it.
+#[tokio::test]
+async fn reading_a_runs_log_does_not_read_its_input() {
+    let url = fresh_database().await;
+    let name: String = db_client(&url)
+        .await
+        .query_one("SELECT current_database()", &[])
+        .await
+        .expect("name the database")
+        .get(0);
+    let cluster = cluster_client().await;
+    let mut app = crate::hellos::quiet_app_on(&url).await;
+    let context: String = (0..4_096)
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    let mut request = run_request("a long context");
+    request.input_json = serde_json::json!({ "prompt": "go", "context": context }).to_string();
+    let run_id = app
+        .runs
+        .create_run(request)
+        .await
+        .expect("create the run")
+        .into_inner()
+        .run
+        .expect("the run")
+        .run_id;
+    drop(app);
+    crate::hellos::disconnected(&cluster, &name).await;
+    let before = toast_blocks_read(&url).await;
+    crate::hellos::disconnected(&cluster, &name).await;
+
+    let mut app = crate::hellos::quiet_app_on(&url).await;
+    for _ in 0..5 {
+        let page = app
+            .runs
+            .list_events(proto::ListEventsRequest {
+                run_id: run_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("list the events")
+            .into_inner();
+        assert!(!page.events.is_empty() && !page.end_of_run);
+    }
+    app.runs
+        .list_commands(proto::ListCommandsRequest {
+            run_id: run_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("list the commands");
+    app.runs
+        .list_requests(proto::ListRequestsRequest {
+            run_id: run_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("list the requests");
+    let mut watch = app
+        .runs
+        .watch_run(proto::WatchRunRequest {
+            run_id: run_id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .expect("watch the run")
+        .into_inner();
+    let first = watch
+        .message()
+        .await
+        .expect("a first event")
+        .expect("an event");
+    assert_eq!(first.r#type, "run.created");
+    drop(watch);
+    drop(app);
+    crate::hellos::disconnected(&cluster, &name).await;
+    let read = toast_blocks_read(&url).await - before;
+    assert_eq!(
+        read, 0,
+        "reading the run's log read {read} blocks of its input"
+    );
+}

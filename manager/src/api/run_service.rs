@@ -408,7 +408,7 @@ impl RunService for RunApi {
             validate::bounded("limit", r.limit.into(), 100, 1, 1000).map_err(Error::from)?;
         let client = self.state.pool.get().await.map_err(Error::from)?;
         // Read the run first: its last_event_seq bounds what the page can be missing.
-        let run = runs::get(&client, &tenant, run_id).await?;
+        let run = runs::position(&client, &tenant, run_id).await?;
         let found = events::list(&client, run_id, after_seq, limit).await?;
         let last_returned = found.last().map_or(after_seq, |e| e.seq);
         Ok(Response::new(proto::ListEventsResponse {
@@ -551,7 +551,7 @@ impl RunService for RunApi {
         if let Some(run_id) = run_id {
             observe::record_run(&run_id);
             // Another tenant's run answers like an unknown one.
-            runs::get(&client, tenant, run_id).await?;
+            runs::position(&client, tenant, run_id).await?;
         }
         let before =
             match token {

@@ -146,7 +146,7 @@ pub async fn watch_run(
 ) -> Result<EventStream, Error> {
     {
         let client = state.pool.get().await?;
-        runs::get(&client, tenant, run_id).await?;
+        runs::position(&client, tenant, run_id).await?;
     }
     let place = watcher_place(state, tenant)?;
     let (tx, stream) = Outbox::new();
@@ -178,7 +178,7 @@ async fn follow(
             let client = state.pool.get().await?;
             let page = events::list(&client, run_id, cursor, PAGE).await?;
             let run = if (page.len() as i64) < PAGE {
-                Some(runs::get(&client, tenant, run_id).await?)
+                Some(runs::position(&client, tenant, run_id).await?)
             } else {
                 None
             };

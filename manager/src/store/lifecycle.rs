@@ -222,7 +222,7 @@ pub async fn list_commands(
     after_seq: i64,
     limit: i64,
 ) -> Result<Vec<CommandRecord>> {
-    runs::get(client, tenant, run_id).await?;
+    runs::position(client, tenant, run_id).await?;
     commands::list(client, run_id, after_seq, limit).await
 }
 
@@ -494,7 +494,7 @@ pub async fn get_command(
     run_id: RunId,
     command_id: CommandId,
 ) -> Result<CommandRecord> {
-    runs::get(client, tenant, run_id).await?;
+    runs::position(client, tenant, run_id).await?;
     commands::get(client, run_id, command_id).await
 }
 

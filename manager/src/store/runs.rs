@@ -557,6 +557,35 @@ pub(crate) async fn find_by_idempotency_key(
     Ok((RunRecord::from_row(&row)?, row.get("request_hash")))
 }
 
+/// Where a run stands: enough to read its log, or to check it is the caller's, without
+/// reading all of it (its input may be large).
+#[derive(Debug, Clone, Copy)]
+pub struct RunPosition {
+    pub status: RunStatus,
+    /// The seq of its last stored event.
+    pub last_event_seq: i64,
+}
+
+/// Where a run of the tenant stands (NOT_FOUND for another tenant's, like an unknown
+/// one).
+pub async fn position(
+    client: &impl GenericClient,
+    tenant: &Tenant,
+    run_id: RunId,
+) -> Result<RunPosition> {
+    let stmt = client
+        .prepare_cached("SELECT status, last_event_seq FROM runs WHERE id = $1 AND tenant_id = $2")
+        .await?;
+    let row = client
+        .query_opt(&stmt, &[&run_id.0, &tenant.as_str()])
+        .await?
+        .ok_or(Error::NotFound { what: "run" })?;
+    Ok(RunPosition {
+        status: parse_state("run status", row.get(0), RunStatus::from_db)?,
+        last_event_seq: row.get(1),
+    })
+}
+
 /// A run of the tenant, without its waiting reason (see [`get_explained`]).
 pub async fn get(client: &impl GenericClient, tenant: &Tenant, run_id: RunId) -> Result<RunRecord> {
     get_with(
