@@ -101,6 +101,10 @@ struct Params {
     /// start-up of eight runs.
     #[arg(long)]
     stream_tokens: Option<usize>,
+    /// Bytes of context added to each stream run's input (a long prompt or a
+    /// conversation's history), which the runner gets at the claim.
+    #[arg(long, default_value_t = 0)]
+    stream_input_bytes: usize,
     /// Simulated runners connected in the fleet scenario [default: 10000; smoke 200].
     #[arg(long)]
     fleet_runners: Option<usize>,
@@ -151,6 +155,7 @@ struct Sizes {
     paced_seconds: f64,
     stream_runs: usize,
     stream_tokens: usize,
+    stream_input_bytes: usize,
     fleet_runners: usize,
     fleet_runners_per_connection: usize,
     fleet_seconds: u64,
@@ -177,6 +182,7 @@ impl Params {
             paced_seconds: self.paced_seconds.unwrap_or(if smoke { 2.0 } else { 5.0 }),
             stream_runs: pick(self.stream_runs, 8, 2),
             stream_tokens: pick(self.stream_tokens, 20_000, 200),
+            stream_input_bytes: self.stream_input_bytes,
             fleet_runners: pick(self.fleet_runners, 10_000, 200),
             fleet_runners_per_connection: self.fleet_runners_per_connection,
             fleet_seconds: self.fleet_seconds.unwrap_or(if smoke { 3 } else { 15 }),
@@ -258,6 +264,7 @@ async fn main() -> anyhow::Result<()> {
                     &db,
                     sizes.stream_runs,
                     sizes.stream_tokens,
+                    sizes.stream_input_bytes,
                     timeout,
                 )
                 .await,
@@ -359,6 +366,7 @@ async fn main() -> anyhow::Result<()> {
         "paced_seconds": sizes.paced_seconds,
         "stream_runs": sizes.stream_runs,
         "stream_tokens": sizes.stream_tokens,
+        "stream_input_bytes": sizes.stream_input_bytes,
         "fleet_runners": sizes.fleet_runners,
         "fleet_runners_per_connection": sizes.fleet_runners_per_connection,
         "fleet_seconds": sizes.fleet_seconds,

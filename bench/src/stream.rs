@@ -33,14 +33,23 @@ pub async fn run(
     db: &tokio_postgres::Client,
     runs: usize,
     tokens: usize,
+    input_bytes: usize,
     timeout: Duration,
 ) -> anyhow::Result<Vec<Figure>> {
     let channel = stack.channel().await?;
     let counting = statements::reset(db).await;
     let cpu = StackCpu::start(stack, db).await?;
     let start = Instant::now();
-    let (ids, mut full_load_ms) =
-        stream(&channel, &channel, runs, tokens, "default", timeout).await?;
+    let (ids, mut full_load_ms) = stream(
+        &channel,
+        &channel,
+        runs,
+        tokens,
+        input_bytes,
+        "default",
+        timeout,
+    )
+    .await?;
     let wall_secs = start.elapsed().as_secs_f64();
     let cpu_used = cpu.used();
 
@@ -77,13 +86,29 @@ pub async fn run(
             ("AGENTRUN_SCRIPTED_TOKEN_DELAY_MS", PACED_TOKEN_DELAY_MS),
         ],
     )?;
-    let (_, mut paced_ms) =
-        stream(&channel, &channel, runs, PACED_TOKENS, PACED_QUEUE, timeout).await?;
+    let (_, mut paced_ms) = stream(
+        &channel,
+        &channel,
+        runs,
+        PACED_TOKENS,
+        input_bytes,
+        PACED_QUEUE,
+        timeout,
+    )
+    .await?;
     // The same, watched on a replica no runner is connected to: each append reaches it
     // by NOTIFY.
     let replica = stack.spawn_replica().await?;
-    let (_, mut across_ms) =
-        stream(&channel, &replica, runs, PACED_TOKENS, PACED_QUEUE, timeout).await?;
+    let (_, mut across_ms) = stream(
+        &channel,
+        &replica,
+        runs,
+        PACED_TOKENS,
+        input_bytes,
+        PACED_QUEUE,
+        timeout,
+    )
+    .await?;
 
     full_load_ms.sort_by(f64::total_cmp);
     paced_ms.sort_by(f64::total_cmp);
@@ -187,6 +212,7 @@ async fn stream(
     watching: &Channel,
     runs: usize,
     tokens: usize,
+    input_bytes: usize,
     queue: &str,
     timeout: Duration,
 ) -> anyhow::Result<(Vec<String>, Vec<f64>)> {
@@ -194,8 +220,11 @@ async fn stream(
     let request = CreateRunRequest {
         backend_profile: "scripted".into(),
         queue: queue.into(),
-        input_json: serde_json::json!({ "prompt": format!("[tokens:{tokens}] stream") })
-            .to_string(),
+        input_json: serde_json::json!({
+            "prompt": format!("[tokens:{tokens}] stream"),
+            "context": filler(input_bytes),
+        })
+        .to_string(),
         ..Default::default()
     };
     let created = client
@@ -253,4 +282,18 @@ async fn watch(channel: Channel, run_id: String) -> anyhow::Result<Vec<f64>> {
         }
     }
     Ok(latencies)
+}
+
+/// `bytes` of letters that do not compress (PostgreSQL stores a long input out of line,
+/// as it would a long conversation's history).
+fn filler(bytes: usize) -> String {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..bytes)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
 }
