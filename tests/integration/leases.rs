@@ -341,21 +341,58 @@ async fn heartbeats_renew_leases_and_report_lost_ones() {
     );
 }
 
-/// Blocks of the runs' out-of-line storage (TOAST: large inputs) read in the database at
-/// `url`, as its backends have flushed them (exact once they have all disconnected).
-/// Read from inside (the statistics are per database) over a connection that reads no
-/// run.
-async fn toast_blocks_read(url: &str) -> i64 {
-    db_client(url)
-        .await
-        .query_one(
-            "SELECT coalesce(toast_blks_hit + toast_blks_read, 0) FROM pg_statio_user_tables
-             WHERE relname = 'runs'",
-            &[],
-        )
-        .await
-        .expect("read the table's I/O statistics")
-        .get(0)
+/// Blocks of the runs' out-of-line storage (TOAST: large inputs) read in one database.
+struct ToastReads {
+    url: String,
+    name: String,
+    cluster: tokio_postgres::Client,
+}
+
+impl ToastReads {
+    async fn of(url: &str) -> Self {
+        let name = db_client(url)
+            .await
+            .query_one("SELECT current_database()", &[])
+            .await
+            .expect("name the database")
+            .get(0);
+        Self {
+            url: url.to_owned(),
+            name,
+            cluster: cluster_client().await,
+        }
+    }
+
+    /// The blocks read so far, once every connection to the database has closed (a
+    /// backend flushes its statistics as it exits). Read from inside (the statistics are
+    /// per database) over a connection that reads no run and is closed again.
+    async fn settled(&self) -> i64 {
+        crate::hellos::disconnected(&self.cluster, &self.name).await;
+        let read = db_client(&self.url)
+            .await
+            .query_one(
+                "SELECT coalesce(toast_blks_hit + toast_blks_read, 0) FROM pg_statio_user_tables
+                 WHERE relname = 'runs'",
+                &[],
+            )
+            .await
+            .expect("read the table's I/O statistics")
+            .get(0);
+        crate::hellos::disconnected(&self.cluster, &self.name).await;
+        read
+    }
+}
+
+/// A run whose input holds 128 KiB that does not compress (half the input limit):
+/// PostgreSQL stores it out of line.
+fn long_context_run() -> proto::CreateRunRequest {
+    let context: String = (0..4_096)
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    proto::CreateRunRequest {
+        input_json: serde_json::json!({ "prompt": "go", "context": context }).to_string(),
+        ..run_request("a long context")
+    }
 }
 
 /// A runner's appends do not read the run's input: a long prompt or a conversation's
@@ -369,29 +406,18 @@ async fn appends_do_not_read_the_runs_input() {
     use agentrun_shared::ids::{RunId, RunnerId};
 
     let url = fresh_database().await;
-    let name: String = db_client(&url)
-        .await
-        .query_one("SELECT current_database()", &[])
-        .await
-        .expect("name the database")
-        .get(0);
-    let cluster = cluster_client().await;
+    let toast = ToastReads::of(&url).await;
     let mut app = crate::hellos::quiet_app_on(&url).await;
-    // 128 KiB that does not compress (half the input limit): stored out of line.
-    let context: String = (0..4_096)
-        .map(|_| uuid::Uuid::new_v4().simple().to_string())
-        .collect();
-    let mut request = run_request("a long context");
-    request.input_json = serde_json::json!({ "prompt": "go", "context": context }).to_string();
-    app.runs.create_run(request).await.expect("create the run");
+    app.runs
+        .create_run(long_context_run())
+        .await
+        .expect("create the run");
     let me = runner("streaming");
     let lease = claim(&mut app, &me, 1).await.remove(0);
     let run_id = RunId::parse("run_id", &lease.run.as_ref().unwrap().run_id).unwrap();
     let runner_id = RunnerId::parse("runner_id", &me.runner_id).unwrap();
     drop(app);
-    crate::hellos::disconnected(&cluster, &name).await;
-    let before = toast_blocks_read(&url).await;
-    crate::hellos::disconnected(&cluster, &name).await;
+    let before = toast.settled().await;
 
     let pool = db::pool(&url, 1).expect("pool");
     let quotas = test_settings(&url).quotas();
@@ -416,8 +442,7 @@ async fn appends_do_not_read_the_runs_input() {
             .expect("the append is stored");
     }
     drop(pool);
-    crate::hellos::disconnected(&cluster, &name).await;
-    let read = toast_blocks_read(&url).await - before;
+    let read = toast.settled().await - before;
     assert_eq!(
         read, 0,
         "ten appends read {read} blocks of the run's out-of-line input"
@@ -476,22 +501,11 @@ async fn a_repeated_finish_answers_with_the_whole_run() {
 #[tokio::test]
 async fn reading_a_runs_log_does_not_read_its_input() {
     let url = fresh_database().await;
-    let name: String = db_client(&url)
-        .await
-        .query_one("SELECT current_database()", &[])
-        .await
-        .expect("name the database")
-        .get(0);
-    let cluster = cluster_client().await;
+    let toast = ToastReads::of(&url).await;
     let mut app = crate::hellos::quiet_app_on(&url).await;
-    let context: String = (0..4_096)
-        .map(|_| uuid::Uuid::new_v4().simple().to_string())
-        .collect();
-    let mut request = run_request("a long context");
-    request.input_json = serde_json::json!({ "prompt": "go", "context": context }).to_string();
     let run_id = app
         .runs
-        .create_run(request)
+        .create_run(long_context_run())
         .await
         .expect("create the run")
         .into_inner()
@@ -499,9 +513,7 @@ async fn reading_a_runs_log_does_not_read_its_input() {
         .expect("the run")
         .run_id;
     drop(app);
-    crate::hellos::disconnected(&cluster, &name).await;
-    let before = toast_blocks_read(&url).await;
-    crate::hellos::disconnected(&cluster, &name).await;
+    let before = toast.settled().await;
 
     let mut app = crate::hellos::quiet_app_on(&url).await;
     for _ in 0..5 {
@@ -547,8 +559,7 @@ async fn reading_a_runs_log_does_not_read_its_input() {
     assert_eq!(first.r#type, "run.created");
     drop(watch);
     drop(app);
-    crate::hellos::disconnected(&cluster, &name).await;
-    let read = toast_blocks_read(&url).await - before;
+    let read = toast.settled().await - before;
     assert_eq!(
         read, 0,
         "reading the run's log read {read} blocks of its input"

@@ -711,6 +711,20 @@ struct ListSql {
     ended_unsuccessfully: String,
 }
 
+impl ListSql {
+    fn for_statuses(&self, statuses: &[RunStatus]) -> &str {
+        if statuses.is_empty() || statuses.contains(&RunStatus::Completed) {
+            &self.any
+        } else if statuses.iter().all(|s| !s.is_terminal()) {
+            &self.open
+        } else if statuses.iter().all(|s| s.is_terminal()) {
+            &self.ended_unsuccessfully
+        } else {
+            &self.any
+        }
+    }
+}
+
 static LIST_SQL: LazyLock<ListSql> = LazyLock::new(|| {
     let select = "SELECT runs.*, run_waiting_reason(runs) AS waiting_reason FROM runs";
     let newest_first = "ORDER BY id DESC LIMIT $11";
@@ -718,8 +732,7 @@ static LIST_SQL: LazyLock<ListSql> = LazyLock::new(|| {
         any: format!("{select} WHERE {FILTER_SQL} {newest_first}"),
         open: format!(
             "{select} WHERE id IN (SELECT id FROM {OPEN_RUNS} open WHERE tenant_id = $1)
-               AND status IN ('pending', 'claimed', 'running', 'waiting')
-               AND {FILTER_SQL} {newest_first}"
+               AND {NOT_ENDED} AND {FILTER_SQL} {newest_first}"
         ),
         ended_unsuccessfully: format!(
             "{select} WHERE status IN ('failed', 'cancelled', 'blocked', 'expired')
@@ -736,8 +749,7 @@ static LOCK_UNCANCELLED_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT * FROM runs
          WHERE id IN (SELECT id FROM {OPEN_RUNS} open WHERE tenant_id = $1)
-           AND {FILTER_SQL}
-           AND status IN ('pending', 'claimed', 'running', 'waiting') AND NOT cancel_requested
+           AND {FILTER_SQL} AND {NOT_ENDED} AND NOT cancel_requested
          ORDER BY id LIMIT $11 FOR UPDATE"
     )
 });
@@ -788,17 +800,9 @@ pub async fn list(
     tenant: &Tenant,
     filter: &RunFilter,
 ) -> Result<Vec<RunRecord>> {
-    let statuses = &filter.statuses;
-    let sql = if statuses.is_empty() || statuses.contains(&RunStatus::Completed) {
-        &LIST_SQL.any
-    } else if statuses.iter().all(|s| !s.is_terminal()) {
-        &LIST_SQL.open
-    } else if statuses.iter().all(|s| s.is_terminal()) {
-        &LIST_SQL.ended_unsuccessfully
-    } else {
-        &LIST_SQL.any
-    };
-    let stmt = client.prepare_cached(sql).await?;
+    let stmt = client
+        .prepare_cached(LIST_SQL.for_statuses(&filter.statuses))
+        .await?;
     let params = FilterParams::new(tenant, filter);
     let rows = client.query(&stmt, &params.params()).await?;
     RunRecord::from_rows(&rows)
@@ -1041,6 +1045,10 @@ pub async fn any_claimable(client: &impl GenericClient) -> Result<bool> {
 const OPEN_RUNS: &str = "(SELECT * FROM runs WHERE status = 'pending'
                           UNION ALL
                           SELECT * FROM runs WHERE status IN ('claimed', 'running', 'waiting'))";
+
+/// A run not ended, as a condition on a row (checked again on a row found through
+/// [`OPEN_RUNS`], which may have ended since).
+const NOT_ENDED: &str = "status IN ('pending', 'claimed', 'running', 'waiting')";
 
 /// Depth by queue and status (non-terminal only), the oldest pending age per queue, and
 /// per tenant its pending and active runs and its limit (`default_max_active_runs` for
