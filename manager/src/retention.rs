@@ -1,6 +1,7 @@
 //! Retention of ended runs' deltas: a background task per replica compacts the
 //! `content.delta` events of runs whose tenant's retention has passed since they ended
-//! (`store::events::compact` says how; item texts are kept whole).
+//! (`store::events::compact` says how; item texts are kept whole). The same task forgets
+//! runners gone for a day (`store::runners::forget_gone`).
 //!
 //! It works in small transactions of a few runs, taken `FOR UPDATE SKIP LOCKED`, so
 //! replicas split the work and never compact a run twice, and nothing else waits for it:
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::store::events::{self, Compacted};
+use crate::store::runners;
 
 /// The longest retention a setting may ask for: 100 years (longer is "forever", 0).
 pub const MAX_RETENTION_MS: i64 = 100 * 365 * 24 * 60 * 60 * 1000;
@@ -48,8 +50,19 @@ pub async fn run(
             Ok(_) => {}
             Err(err) => tracing::warn!(error = ?err, "event compaction failed; retrying next tick"),
         }
+        match forget_gone_runners(pool).await {
+            Ok(0) => {}
+            Ok(forgotten) => tracing::info!(forgotten, "runners gone for a day forgotten"),
+            Err(err) => {
+                tracing::warn!(error = ?err, "forgetting gone runners failed; retrying next tick")
+            }
+        }
     })
     .await
+}
+
+async fn forget_gone_runners(pool: &Pool) -> Result<u64> {
+    runners::forget_gone(&pool.get().await?).await
 }
 
 /// Compacts every run due now, [`RUNS_PER_TRANSACTION`] at a time, until none is left

@@ -693,3 +693,50 @@ async fn two_replicas_compact_each_run_once() {
     }
     assert_event_log_consistent(&db).await;
 }
+
+/// Runner rows do not pile up: a runner gets a new id per process by default, so an
+/// autoscaled fleet leaves a row behind for every pod it ever ran. The compactor forgets
+/// the runners not seen for a day; one seen since, and one connected now, stay.
+#[tokio::test]
+async fn runners_gone_for_a_day_are_forgotten() {
+    let mut app = app().await;
+    // A claim that finds nothing still records its runner as seen.
+    app.runners
+        .claim_runs(proto::ClaimRunsRequest {
+            runner: Some(runner("connected")),
+            max_runs: 1,
+        })
+        .await
+        .expect("claim");
+    let db = app.db().await;
+    db.batch_execute(
+        "INSERT INTO runners (id, name, last_heartbeat_at, connected_at)
+         VALUES ('00000000-0000-4000-8000-000000000001', 'gone', now() - interval '25 hours',
+                 now() - interval '26 hours'),
+                ('00000000-0000-4000-8000-000000000002', 'recent', now() - interval '23 hours',
+                 now() - interval '26 hours')",
+    )
+    .await
+    .expect("seed runners seen long ago");
+    wait_for(
+        "the runner gone for a day to be forgotten",
+        LONG,
+        || async {
+            let gone: i64 = db
+                .query_one("SELECT count(*) FROM runners WHERE name = 'gone'", &[])
+                .await
+                .unwrap()
+                .get(0);
+            (gone == 0).then_some(())
+        },
+    )
+    .await;
+    let left: Vec<String> = db
+        .query("SELECT name FROM runners ORDER BY name", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(left, ["connected", "recent"]);
+}

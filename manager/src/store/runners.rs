@@ -15,6 +15,26 @@ use crate::error::Result;
 /// How recently a runner must have been seen to count as connected.
 pub const SEEN_WITHIN: Duration = Duration::from_secs(5 * 60);
 
+/// How long a runner row is kept after the runner was last seen. A connected runner is
+/// seen at every heartbeat; one gone this long holds nothing (its leases expired long
+/// ago) and comes back, if ever, with a hello that writes its row again.
+pub const FORGOTTEN_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Deletes the runners not seen for [`FORGOTTEN_AFTER`]: with a new runner id per
+/// process (the default), an autoscaled fleet would otherwise leave a row for every
+/// process it ever ran. Returns how many went.
+pub async fn forget_gone(client: &impl GenericClient) -> Result<u64> {
+    let stmt = client
+        .prepare_cached(
+            "DELETE FROM runners
+             WHERE last_heartbeat_at < now() - $1::bigint * interval '1 millisecond'",
+        )
+        .await?;
+    Ok(client
+        .execute(&stmt, &[&(FORGOTTEN_AFTER.as_millis() as i64)])
+        .await?)
+}
+
 /// A runner seen recently, with the leases it holds.
 #[derive(Debug, Clone)]
 pub struct RunnerRecord {
