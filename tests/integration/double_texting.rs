@@ -171,3 +171,76 @@ async fn a_steer_aimed_at_an_ended_turn_is_refused() {
         "turn_not_active"
     );
 }
+
+/// A turn queued while the runner streams can be on its way to the runner when the
+/// runner's turn ends with nothing queued that it knows of: its finish must not end the
+/// run and drop the turn. The run goes back to the queue (`run.requeued`, reason
+/// `turn_queued`, not an attempt), and the next claim hands the turn over. A runner that
+/// finishes again without taking a turn handed over with its claim ends the run as
+/// before (the turn is cancelled), so a runner that ignores turns cannot loop forever.
+#[tokio::test]
+async fn a_turn_on_its_way_to_the_runner_survives_the_runners_finish() {
+    let mut app = TestApp::spawn_with(|s| s.lease_ttl_ms = 120_000).await;
+    let run_id = create(&mut app, "first").await;
+    let me = runner("finisher");
+    let first = claim(&mut app, &me, 1).await.remove(0);
+    let second = app
+        .runs
+        .send_command(turn(&run_id, "second", TurnDeliveryPolicy::Queue))
+        .await
+        .expect("queue a second turn")
+        .into_inner()
+        .command
+        .expect("the command");
+    // The heartbeat delivers it; the runner has not read it when it finishes.
+    app.runners
+        .heartbeat(proto::HeartbeatRequest {
+            runner_id: me.runner_id.clone(),
+            leases: vec![proto::LeaseRef {
+                run_id: run_id.clone(),
+                epoch: first.epoch,
+            }],
+        })
+        .await
+        .expect("heartbeat");
+    let answered = app
+        .runners
+        .finish_run(finish(&me, &first, RunStatus::Completed))
+        .await
+        .expect("the finish is answered")
+        .into_inner()
+        .run
+        .expect("the run");
+    assert_eq!(status_of(&answered), RunStatus::Pending, "{answered:?}");
+    let events = events_of(&mut app, &run_id).await;
+    let requeued = events
+        .iter()
+        .find(|e| e.r#type == "run.requeued")
+        .expect("the run went back to the queue");
+    assert_eq!(payload(requeued)["reason"], "turn_queued");
+    assert!(events.iter().all(|e| e.r#type != "run.terminal"));
+
+    let again = claim(&mut app, &me, 1).await.remove(0);
+    assert_eq!(again.epoch, first.epoch + 1);
+    let handed: Vec<&str> = again
+        .commands
+        .iter()
+        .map(|c| c.command_id.as_str())
+        .collect();
+    assert!(handed.contains(&second.command_id.as_str()), "{handed:?}");
+    // Finishing again without taking the turn it was handed ends the run.
+    let ended = app
+        .runners
+        .finish_run(finish(&me, &again, RunStatus::Completed))
+        .await
+        .expect("the finish is answered")
+        .into_inner()
+        .run
+        .expect("the run");
+    assert_eq!(status_of(&ended), RunStatus::Completed);
+    assert_eq!(
+        get_run(&mut app, &run_id).await.attempt,
+        1,
+        "not an attempt"
+    );
+}

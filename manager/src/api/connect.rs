@@ -500,8 +500,9 @@ impl Session {
                 }
                 (Reply::FinishAck, Written::Finished(run)) => {
                     self.drop_lease(run_id);
-                    // Its concurrency key's next run was let in: wake claimers.
-                    released |= run.concurrency_key.is_some();
+                    // Its concurrency key's next run was let in, or the run itself went
+                    // back to the queue for a turn queued meanwhile: wake claimers.
+                    released |= run.concurrency_key.is_some() || run.status == RunStatus::Pending;
                     Out::FinishAck(proto::FinishAck {
                         run_id: run_id.to_string(),
                         epoch,

@@ -4,6 +4,7 @@
 
 use agentrun_shared::ids::{RunId, RunnerId};
 use agentrun_shared::proto::{self, runner_service_server::RunnerService};
+use agentrun_shared::state::RunStatus;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::Caller;
@@ -185,8 +186,9 @@ impl RunnerService for RunnerApi {
             return Err(Status::internal("a finish stored something else"));
         };
         self.state.notifier.events_appended([run.id.0]);
-        if run.concurrency_key.is_some() {
-            // Its key's next run was let in: wake claimers.
+        if run.concurrency_key.is_some() || run.status == RunStatus::Pending {
+            // Its key's next run was let in, or the run went back to the queue for a
+            // turn queued meanwhile: wake claimers.
             self.state.notifier.work_available();
         }
         Ok(Response::new(proto::FinishRunResponse {

@@ -938,6 +938,9 @@ pub enum RequeueReason {
     LeaseExpired,
     /// The runner gave it back (drain): does not count.
     Released,
+    /// The runner ended it while a turn it had not taken yet was queued (on its way to
+    /// the runner, or not yet sent): the next holder runs that turn. Does not count.
+    TurnQueued,
 }
 
 impl RequeueReason {
@@ -946,6 +949,7 @@ impl RequeueReason {
         match self {
             RequeueReason::LeaseExpired => "lease_expired",
             RequeueReason::Released => "released",
+            RequeueReason::TurnQueued => "turn_queued",
         }
     }
 }

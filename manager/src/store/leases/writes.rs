@@ -168,7 +168,8 @@ enum Planned {
         duplicates: i32,
     },
     /// A finish stored, or a repeat of one that already happened (then the run as it
-    /// ended is read whole when the batch is stored).
+    /// ended is read whole when the batch is stored), or a finish that requeued the run
+    /// for a turn the runner had not taken (then the run as requeued).
     Finished(RunId),
     Released,
 }
@@ -226,6 +227,11 @@ struct Batch {
     /// Runs whose finish was repeated (an acknowledgement lost): answered as they ended.
     repeated_finishes: Vec<Uuid>,
     releases: Vec<RunId>,
+    /// Per run being finished, its open turns the runner may not have taken yet: pending,
+    /// or delivered since the claim (perhaps still on their way to the runner).
+    untaken_turns: HashMap<Uuid, Vec<Uuid>>,
+    /// Runs a runner ended with such a turn queued: requeued instead, for that turn.
+    turn_queued: Vec<RunId>,
     /// The per-run quota of event payload bytes; 0: none.
     max_event_bytes: i64,
     /// The largest payload of one event (a coalesced delta stays within it).
@@ -270,6 +276,8 @@ impl Batch {
             finishes: Vec::new(),
             repeated_finishes: Vec::new(),
             releases: Vec::new(),
+            untaken_turns: HashMap::new(),
+            turn_queued: Vec::new(),
         };
         for row in &rows {
             let run = RunRecord::from_row(row)?;
@@ -293,6 +301,32 @@ impl Batch {
             for row in tx.query(&stmt, &[&command_ids]).await? {
                 let status = parse_state("command status", row.get(2), CommandStatus::from_db)?;
                 batch.commands.insert(row.get(0), (row.get(1), status));
+            }
+        }
+
+        let finishing: Vec<Uuid> = writes
+            .iter()
+            .filter(|w| matches!(w, LeaseWrite::Finish { .. }))
+            .map(|w| w.run_id().0)
+            .collect();
+        if !finishing.is_empty() {
+            // Delivered at the claim, a command was handed over with the assignment
+            // (its update and the claim share a timestamp); delivered later, by a
+            // heartbeat, it may still be on its way.
+            let stmt = tx
+                .prepare_cached(
+                    "SELECT c.run_id, c.id FROM commands c JOIN runs r ON r.id = c.run_id
+                     WHERE c.run_id = ANY($1) AND c.kind = 'turn'
+                       AND (c.status = 'pending'
+                            OR (c.status = 'delivered' AND c.updated_at > r.claimed_at))",
+                )
+                .await?;
+            for row in tx.query(&stmt, &[&finishing]).await? {
+                batch
+                    .untaken_turns
+                    .entry(row.get(0))
+                    .or_default()
+                    .push(row.get(1));
             }
         }
 
@@ -643,9 +677,29 @@ impl Batch {
             outcome
         };
         let run_id = outcome.run_id;
+        if outcome.status == RunStatus::Completed && self.has_untaken_turn(run_id) {
+            // Ending the run would drop a turn the runner has not seen: the next holder
+            // runs it, with the turns completed so far as its conversation.
+            self.set_status(run_id, RunStatus::Pending);
+            self.turn_queued.push(run_id);
+            return Ok(Planned::Finished(run_id));
+        }
         self.set_status(run_id, outcome.status);
         self.finishes.push(outcome);
         Ok(Planned::Finished(run_id))
+    }
+
+    /// Whether the run has a turn the runner has not taken (acknowledged), also as the
+    /// batch's earlier writes leave it.
+    fn has_untaken_turn(&self, run_id: RunId) -> bool {
+        self.untaken_turns.get(&run_id.0).is_some_and(|turns| {
+            turns.iter().any(|id| {
+                matches!(
+                    self.commands.get(id).map(|(_, status)| *status),
+                    None | Some(CommandStatus::Pending | CommandStatus::Delivered)
+                )
+            })
+        })
     }
 
     /// A finish or release planned: later writes of the batch see the run gone.
@@ -712,6 +766,9 @@ impl Batch {
         finished.extend(runs::get_many(tx, &self.repeated_finishes).await?);
         stored.truncate(appended);
         lifecycle::requeue_many(tx, &self.releases, RequeueReason::Released).await?;
+        finished.extend(
+            lifecycle::requeue_many(tx, &self.turn_queued, RequeueReason::TurnQueued).await?,
+        );
         let live = self
             .live
             .into_iter()
@@ -735,7 +792,7 @@ impl Batch {
             .finishes
             .iter()
             .map(|f| f.run_id.0)
-            .chain(self.releases.iter().map(|r| r.0))
+            .chain(self.releases.iter().chain(&self.turn_queued).map(|r| r.0))
             .collect();
         let whole_news = self
             .progress
