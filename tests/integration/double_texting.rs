@@ -243,4 +243,5 @@ async fn a_turn_on_its_way_to_the_runner_survives_the_runners_finish() {
         1,
         "not an attempt"
     );
+    assert_event_log_consistent(&app.db().await).await;
 }

@@ -255,7 +255,7 @@ const CHECKS: &[(&str, Param, &str)] = &[
         "event attempt disagrees with the requeues before it",
         Param::None,
         // Each lifecycle event names the attempt it happened in: 1 + the lease_expired
-        // requeues up to and including it.
+        // requeues up to and including it. The other reasons (`RequeueReason`) are free.
         "SELECT run_id::text || ' seq ' || seq || ' (' || type || coalesce(' ' || (payload->>'reason'), '')
                 || ') says attempt ' || coalesce(payload->>'attempt', 'nothing') || ' after '
                 || (expected - 1) || ' lease_expired requeues'
@@ -267,7 +267,7 @@ const CHECKS: &[(&str, Param, &str)] = &[
                  AND type IN ('run.claimed', 'run.started', 'run.requeued', 'run.terminal')) e
          WHERE payload->>'attempt' IS DISTINCT FROM expected::text
             OR (type = 'run.requeued'
-                AND coalesce(payload->>'reason', '') NOT IN ('lease_expired', 'released'))",
+                AND coalesce(payload->>'reason', '') NOT IN ('lease_expired', 'released', 'turn_queued'))",
     ),
     (
         "runner_lost before the last attempt",
