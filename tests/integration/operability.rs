@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use agentrun_manager::db;
+use agentrun_manager::store::Tenant;
+use agentrun_manager::store::runs::{self, RunFilter};
 use agentrun_shared::proto::{self, RunStatus};
 use agentrun_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -386,9 +388,7 @@ async fn queue_stats_read_the_open_runs_not_the_history() {
     let pool = db::pool(&app.database_url, 1).expect("a pool");
     let mut client = pool.get().await.expect("a connection");
     let tx = client.transaction().await.expect("a transaction");
-    let stats = agentrun_manager::store::runs::queue_stats(&tx, 0, 0)
-        .await
-        .expect("queue stats");
+    let stats = runs::queue_stats(&tx, 0, 0).await.expect("queue stats");
     let read = runs_rows_read(&tx).await;
 
     let depths: Vec<(&str, &str, i64)> = stats
@@ -420,17 +420,17 @@ async fn a_bulk_cancel_reads_the_open_runs_not_the_history() {
     let pool = db::pool(&app.database_url, 1).expect("a pool");
     let mut client = pool.get().await.expect("a connection");
     let tx = client.transaction().await.expect("a transaction");
-    let tenant = agentrun_manager::store::Tenant("t1".into());
-    let locked = |queue: &str| agentrun_manager::store::runs::RunFilter {
+    let tenant = Tenant("t1".into());
+    let locked = |queue: &str| RunFilter {
         queue: Some(queue.into()),
         limit: 100,
         ..Default::default()
     };
-    let none = agentrun_manager::store::runs::lock_uncancelled(&tx, &tenant, &locked("q0"))
+    let none = runs::lock_uncancelled(&tx, &tenant, &locked("q0"))
         .await
         .expect("lock the matching runs");
     assert!(none.is_empty(), "t1 has no open run in q0: {none:?}");
-    let both = agentrun_manager::store::runs::lock_uncancelled(&tx, &tenant, &locked("q1"))
+    let both = runs::lock_uncancelled(&tx, &tenant, &locked("q1"))
         .await
         .expect("lock the matching runs");
     assert_eq!(
@@ -452,7 +452,6 @@ async fn a_bulk_cancel_reads_the_open_runs_not_the_history() {
 /// through theirs. The list is newest first and complete.
 #[tokio::test]
 async fn listing_runs_by_status_reads_those_runs_not_the_history() {
-    use agentrun_manager::store::runs::{self, RunFilter};
     use agentrun_shared::state::RunStatus;
     let app = TestApp::spawn().await;
     seed_history(&app).await;
@@ -476,7 +475,7 @@ async fn listing_runs_by_status_reads_those_runs_not_the_history() {
     tx.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")
         .await
         .expect("plan generically");
-    let tenant = agentrun_manager::store::Tenant("t1".into());
+    let tenant = Tenant("t1".into());
     let listed = async |statuses: &[RunStatus]| -> Vec<(String, String)> {
         let filter = RunFilter {
             statuses: statuses.to_vec(),

@@ -208,7 +208,8 @@ struct Batch {
     runs: HashMap<Uuid, RunRecord>,
     /// Appends' effect on each run row, written before finishes and releases.
     progress: HashMap<Uuid, RunProgress>,
-    /// Status of every command the batch reports on, as planned so far.
+    /// Status of every command the batch reports on, and of the finishing runs' untaken
+    /// turns, as planned so far: by id, its run and status.
     commands: HashMap<Uuid, (Uuid, CommandStatus)>,
     /// Which run holds each request id opened in this batch that already exists, by
     /// `(tenant, request id)`: request ids are per tenant.
@@ -285,6 +286,10 @@ impl Batch {
             batch.now = row.get("db_now");
         }
 
+        // The commands the updates name, and the turns of the runs being finished that
+        // their runner may not have taken yet, in one read. A turn delivered at the claim
+        // was handed over with the assignment (its update and the claim share a
+        // timestamp); delivered later, by a heartbeat, it may still be on its way.
         let command_ids: Vec<Uuid> = writes
             .iter()
             .filter_map(|w| match w {
@@ -294,39 +299,32 @@ impl Batch {
             .flatten()
             .map(|u| u.command_id.0)
             .collect();
-        if !command_ids.is_empty() {
-            let stmt = tx
-                .prepare_cached("SELECT id, run_id, status FROM commands WHERE id = ANY($1)")
-                .await?;
-            for row in tx.query(&stmt, &[&command_ids]).await? {
-                let status = parse_state("command status", row.get(2), CommandStatus::from_db)?;
-                batch.commands.insert(row.get(0), (row.get(1), status));
-            }
-        }
-
         let finishing: Vec<Uuid> = writes
             .iter()
             .filter(|w| matches!(w, LeaseWrite::Finish { .. }))
             .map(|w| w.run_id().0)
             .collect();
-        if !finishing.is_empty() {
-            // Delivered at the claim, a command was handed over with the assignment
-            // (its update and the claim share a timestamp); delivered later, by a
-            // heartbeat, it may still be on its way.
+        if !(command_ids.is_empty() && finishing.is_empty()) {
             let stmt = tx
                 .prepare_cached(
-                    "SELECT c.run_id, c.id FROM commands c JOIN runs r ON r.id = c.run_id
-                     WHERE c.run_id = ANY($1) AND c.kind = 'turn'
-                       AND (c.status = 'pending'
-                            OR (c.status = 'delivered' AND c.updated_at > r.claimed_at))",
+                    "SELECT c.id, c.run_id, c.status,
+                            c.run_id = ANY($2) AND c.kind = 'turn'
+                              AND (c.status = 'pending'
+                                   OR (c.status = 'delivered' AND c.updated_at > r.claimed_at))
+                              AS untaken
+                     FROM commands c JOIN runs r ON r.id = c.run_id
+                     WHERE c.id = ANY($1)
+                        OR (c.run_id = ANY($2) AND c.kind = 'turn'
+                            AND c.status IN ('pending', 'delivered'))",
                 )
                 .await?;
-            for row in tx.query(&stmt, &[&finishing]).await? {
-                batch
-                    .untaken_turns
-                    .entry(row.get(0))
-                    .or_default()
-                    .push(row.get(1));
+            for row in tx.query(&stmt, &[&command_ids, &finishing]).await? {
+                let (id, run_id): (Uuid, Uuid) = (row.get(0), row.get(1));
+                let status = parse_state("command status", row.get(2), CommandStatus::from_db)?;
+                batch.commands.insert(id, (run_id, status));
+                if row.get::<_, bool>(3) {
+                    batch.untaken_turns.entry(run_id).or_default().push(id);
+                }
             }
         }
 
@@ -695,8 +693,8 @@ impl Batch {
         self.untaken_turns.get(&run_id.0).is_some_and(|turns| {
             turns.iter().any(|id| {
                 matches!(
-                    self.commands.get(id).map(|(_, status)| *status),
-                    None | Some(CommandStatus::Pending | CommandStatus::Delivered)
+                    self.commands.get(id),
+                    Some((_, CommandStatus::Pending | CommandStatus::Delivered))
                 )
             })
         })
