@@ -307,15 +307,15 @@ impl Batch {
         if !(command_ids.is_empty() && finishing.is_empty()) {
             let stmt = tx
                 .prepare_cached(
-                    "SELECT c.id, c.run_id, c.status,
-                            c.run_id = ANY($2) AND c.kind = 'turn'
-                              AND (c.status = 'pending'
-                                   OR (c.status = 'delivered' AND c.updated_at > r.claimed_at))
-                              AS untaken
+                    // Two branches, each served by its own index. (As one `OR`, its plan
+                    // was a scan in some benchmark runs: 30 % of the database's time.)
+                    "SELECT id, run_id, status, false AS untaken FROM commands WHERE id = ANY($1)
+                     UNION ALL
+                     SELECT c.id, c.run_id, c.status, true
                      FROM commands c JOIN runs r ON r.id = c.run_id
-                     WHERE c.id = ANY($1)
-                        OR (c.run_id = ANY($2) AND c.kind = 'turn'
-                            AND c.status IN ('pending', 'delivered'))",
+                     WHERE c.run_id = ANY($2) AND c.kind = 'turn'
+                       AND (c.status = 'pending'
+                            OR (c.status = 'delivered' AND c.updated_at > r.claimed_at))",
                 )
                 .await?;
             for row in tx.query(&stmt, &[&command_ids, &finishing]).await? {
