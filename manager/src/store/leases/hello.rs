@@ -166,7 +166,7 @@ static ADOPT_SQL: LazyLock<String> = LazyLock::new(|| {
                 updated_at = now(),
                 lease_expires_at = now() + $4::bigint * interval '1 millisecond',
                 {COUNT_HAND_OVER}
-         FROM leasing l LEFT JOIN delivered_per_run d ON d.run_id = l.id
+         FROM leasing l CROSS JOIN delivered_per_run d
          WHERE runs.id = l.id
          RETURNING runs.*, l.ord AS hello_ord, {RETURN_DELIVERED}",
         deliver = *DELIVER_OPEN_COMMANDS,

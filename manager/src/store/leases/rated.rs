@@ -48,8 +48,7 @@ static LEASE_SQL: LazyLock<String> = LazyLock::new(|| {
         "WITH leasing AS (SELECT id FROM unnest($1::uuid[]) AS l(id)),
          {deliver}
          UPDATE runs SET {set}
-         FROM unnest($1::uuid[], $2::uuid[]) AS p(id, runner)
-         LEFT JOIN delivered_per_run d ON d.run_id = p.id
+         FROM unnest($1::uuid[], $2::uuid[]) AS p(id, runner) CROSS JOIN delivered_per_run d
          WHERE runs.id = p.id AND runs.status = 'pending'
          RETURNING runs.*, {RETURN_DELIVERED}",
         deliver = *DELIVER_OPEN_COMMANDS,
