@@ -645,6 +645,9 @@ pub(crate) async fn get_many(
     client: &impl GenericClient,
     run_ids: &[Uuid],
 ) -> Result<Vec<RunRecord>> {
+    if run_ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let stmt = client
         .prepare_cached("SELECT * FROM runs WHERE id = ANY($1)")
         .await?;
