@@ -151,7 +151,8 @@ static DELIVER_OPEN_COMMANDS: LazyLock<String> = LazyLock::new(|| {
 
 /// What a lease's row update sets besides the lease: the counter (see
 /// [`DELIVER_OPEN_COMMANDS`], cross-joined as `d`).
-const COUNT_HAND_OVER: &str = "last_event_seq = runs.last_event_seq + 1 + coalesce(jsonb_array_length(d.ids -> runs.id::text), 0)";
+const COUNT_HAND_OVER: &str = "last_event_seq = runs.last_event_seq + 1
+    + coalesce(jsonb_array_length(d.ids -> runs.id::text), 0)";
 
 /// The row update of a pending run that a claim leases to `runner` for `ttl_ms` (SQL
 /// expressions): a new epoch, the run's deadline started, the hand-over counted.
