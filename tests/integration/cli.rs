@@ -31,12 +31,6 @@ fn delta(runner_seq: i64, kind: &str, text: &str) -> proto::RunnerEvent {
     }
 }
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-}
-
 async fn create_run(app: &mut TestApp, prompt: &str) -> String {
     app.runs
         .create_run(run_request(prompt))

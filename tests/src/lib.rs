@@ -15,7 +15,8 @@ pub mod tamper;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
 use agentrun_manager::config::AuthMode;
@@ -339,11 +340,32 @@ impl Drop for ManagerProcess {
     }
 }
 
+/// A port for a process a test starts to listen on. A port picked by `bind(0)` and
+/// released can be picked again before its process binds it: two managers of concurrent
+/// tests given one port, the later one failing to bind while its test talks to the
+/// other's. So each port is handed out once per test process, in turn, from just below
+/// the kernel's ephemeral range (which `bind(0)` and outgoing connections draw from), and
+/// was free when checked.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    const SPAN: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static FIRST: LazyLock<u32> = LazyLock::new(|| {
+        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32_768u32);
+        ephemeral_low.saturating_sub(SPAN).max(1_024)
+    });
+    // Test processes side by side start at different places.
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..SPAN {
+        let port = *FIRST + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        let port = u16::try_from(port).expect("ports are below 65536");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {}..{}", *FIRST, *FIRST + SPAN);
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
