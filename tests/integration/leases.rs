@@ -565,3 +565,18 @@ async fn reading_a_runs_log_does_not_read_its_input() {
         "reading the run's log read {read} blocks of its input"
     );
 }
+
+/// Finishing runs counts each run's open commands (each closes with an event) through the
+/// open commands' partial index, in the plan the lease writes keep. With the open
+/// statuses a parameter, the planner could not prove the index applies and read every
+/// command of every finishing run.
+#[tokio::test]
+async fn finishing_runs_counts_their_open_commands_through_the_open_index() {
+    let app = TestApp::spawn().await;
+    let db = app.db().await;
+    let plan = generic_plan(&db, &agentrun_manager::store::runs::MARK_FINISHED_SQL).await;
+    assert!(
+        plan.contains("using commands_open on commands"),
+        "the open commands are not counted through their index:\n{plan}"
+    );
+}

@@ -410,28 +410,11 @@ async fn the_log_insert_never_scans_the_whole_log_even_when_planned_on_an_empty_
 
     let app = TestApp::spawn().await;
     let db = app.db().await;
-    db.batch_execute("SET plan_cache_mode = force_generic_plan")
-        .await
-        .unwrap();
     for (name, sql) in [
         ("plain", INSERT_BATCHES),
         ("with_deliveries", INSERT_BATCHES_AND_DELIVERIES),
     ] {
-        db.batch_execute(&format!("PREPARE {name} AS {sql}"))
-            .await
-            .unwrap();
-        let empty = ["'{}'"; 9].join(", ");
-        let plan: String = db
-            .simple_query(&format!("EXPLAIN EXECUTE {name}({empty})"))
-            .await
-            .unwrap()
-            .iter()
-            .filter_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-                _ => None,
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
+        let plan = generic_plan(&db, sql).await;
         assert!(
             !plan.contains("Seq Scan on event_batches"),
             "{name}: the log is scanned whole:\n{plan}"

@@ -387,6 +387,32 @@ where
     }
 }
 
+/// The plan PostgreSQL keeps for `sql` on a connection that plans generically, as the
+/// manager's lease writes do (`plan_cache_mode = force_generic_plan`): the plan used
+/// whatever the parameters are. The parameters must be `$1` to `$n`, each typed in `sql`.
+pub async fn generic_plan(db: &tokio_postgres::Client, sql: &str) -> String {
+    let params = (1..).take_while(|n| sql.contains(&format!("${n}"))).count();
+    db.batch_execute(&format!(
+        "SET plan_cache_mode = force_generic_plan; PREPARE generic_plan AS {sql}"
+    ))
+    .await
+    .unwrap();
+    let nulls = vec!["NULL"; params].join(", ");
+    let plan = db
+        .simple_query(&format!("EXPLAIN EXECUTE generic_plan({nulls})"))
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    db.batch_execute("DEALLOCATE generic_plan").await.unwrap();
+    plan
+}
+
 /// A request acting for `tenant`.
 pub fn as_tenant<T>(tenant: &str, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);

@@ -3,6 +3,7 @@
 //! `seq` comes from `runs.last_command_seq`, advanced under the run's row lock. An
 //! idempotency key is unique per run; reusing it with another payload is refused.
 
+use std::sync::LazyLock;
 use std::time::SystemTime;
 
 use agentrun_shared::events::EventType;
@@ -116,16 +117,32 @@ pub(crate) async fn find_by_idempotency_key(
         .transpose()
 }
 
+/// The open statuses ([`CommandStatus::OPEN`]) as an SQL list, for `status IN (...)`.
+pub(crate) static OPEN_STATUSES: LazyLock<String> = LazyLock::new(|| sql_list(CommandStatus::OPEN));
+
+/// Statuses as an SQL list of constants. Written into a statement rather than passed as a
+/// parameter, so that the planner can tell the open commands' partial index
+/// (`commands_open`) applies, also in a generic plan: a parameter leaves it reading every
+/// command of the run.
+fn sql_list(statuses: &[CommandStatus]) -> String {
+    let quoted: Vec<String> = statuses
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    quoted.join(", ")
+}
+
 /// Whether a turn of the run is pending, delivered or acknowledged.
 pub(crate) async fn has_open_turn(tx: &impl GenericClient, run_id: RunId) -> Result<bool> {
-    let stmt = tx
-        .prepare_cached(
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
             "SELECT EXISTS (SELECT 1 FROM commands
-                            WHERE run_id = $1 AND kind = 'turn' AND status = ANY($2))",
+                            WHERE run_id = $1 AND kind = 'turn' AND status IN ({}))",
+            *OPEN_STATUSES
         )
-        .await?;
-    let open: Vec<&str> = CommandStatus::OPEN.iter().map(|s| s.as_str()).collect();
-    Ok(tx.query_one(&stmt, &[&run_id.0, &open]).await?.get(0))
+    });
+    let stmt = tx.prepare_cached(&SQL).await?;
+    Ok(tx.query_one(&stmt, &[&run_id.0]).await?.get(0))
 }
 
 /// Inserts one command at the run's next seq, with its `command.created` event. The
@@ -310,16 +327,16 @@ pub(crate) async fn cancel_open(
     if run_ids.is_empty() {
         return Ok(Vec::new());
     }
-    let stmt = tx
-        .prepare_cached(
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
             "UPDATE commands SET status = 'cancelled', error = $2, updated_at = now()
-             WHERE run_id = ANY($1) AND status = ANY($3)
+             WHERE run_id = ANY($1) AND status IN ({})
              RETURNING *",
+            *OPEN_STATUSES
         )
-        .await?;
-    let open: Vec<&str> = CommandStatus::OPEN.iter().map(|s| s.as_str()).collect();
-    let mut cancelled =
-        CommandRecord::from_rows(&tx.query(&stmt, &[&run_ids, &why, &open]).await?)?;
+    });
+    let stmt = tx.prepare_cached(&SQL).await?;
+    let mut cancelled = CommandRecord::from_rows(&tx.query(&stmt, &[&run_ids, &why]).await?)?;
     cancelled.sort_by_key(|c| (c.run_id, c.seq));
     Ok(cancelled)
 }
@@ -397,17 +414,14 @@ pub(crate) fn closed_event(command: &CommandRecord) -> (RunId, NewEvent) {
 
 /// Commands held by a runner that lost its lease go back to pending for the next one.
 pub(crate) async fn redeliver(tx: &impl GenericClient, run_ids: &[Uuid]) -> Result<()> {
-    let stmt = tx
-        .prepare_cached(
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
             "UPDATE commands SET status = 'pending', updated_at = now()
-             WHERE run_id = ANY($1) AND status = ANY($2)",
+             WHERE run_id = ANY($1) AND status IN ({})",
+            sql_list(CommandStatus::Pending.sources())
         )
-        .await?;
-    let sources: Vec<&str> = CommandStatus::Pending
-        .sources()
-        .iter()
-        .map(|s| s.as_str())
-        .collect();
-    tx.execute(&stmt, &[&run_ids, &sources]).await?;
+    });
+    let stmt = tx.prepare_cached(&SQL).await?;
+    tx.execute(&stmt, &[&run_ids]).await?;
     Ok(())
 }

@@ -22,7 +22,7 @@ use agentrun_shared::error::reason;
 use agentrun_shared::events::EventType;
 use agentrun_shared::ids::{RunId, RunnerId};
 use agentrun_shared::payload::{redact, to_text};
-use agentrun_shared::state::{CommandStatus, RunStatus};
+use agentrun_shared::state::RunStatus;
 use deadpool_postgres::{GenericClient, Pool};
 use serde_json::json;
 use uuid::Uuid;
@@ -129,15 +129,11 @@ const PENDING_TENANTS: &str = "pending_tenants(tenant_id) AS (
 /// estimating the delivered commands at a row or two, joined them by a nested loop:
 /// quadratic in the runs leased, some 40 % of a 1,000-run claim's time.
 static DELIVER_OPEN_COMMANDS: LazyLock<String> = LazyLock::new(|| {
-    let open: Vec<String> = CommandStatus::OPEN
-        .iter()
-        .map(|s| format!("'{}'", s.as_str()))
-        .collect();
     format!(
         "delivered AS (
             UPDATE commands c SET status = 'delivered', updated_at = now()
             -- A probe of the open commands' index per run; a join would scan them all.
-            WHERE c.run_id = ANY(ARRAY(SELECT id FROM leasing)) AND c.status IN ({})
+            WHERE c.run_id = ANY(ARRAY(SELECT id FROM leasing)) AND c.status IN ({open})
             RETURNING c.run_id, c.id, c.seq
         ),
         delivered_per_run AS (
@@ -145,7 +141,7 @@ static DELIVER_OPEN_COMMANDS: LazyLock<String> = LazyLock::new(|| {
                 SELECT run_id, jsonb_agg(id ORDER BY seq) AS ids FROM delivered GROUP BY run_id
             ) per_run
         )",
-        open.join(", ")
+        open = *commands::OPEN_STATUSES
     )
 });
 

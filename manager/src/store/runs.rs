@@ -8,7 +8,7 @@ use std::sync::LazyLock;
 use std::time::SystemTime;
 
 use agentrun_shared::ids::{CommandId, RunId, RunnerId, ScheduleId, SessionId};
-use agentrun_shared::state::{CommandStatus, RunStatus, StreamMode};
+use agentrun_shared::state::{RunStatus, StreamMode};
 use deadpool_postgres::GenericClient;
 use serde_json::{Map, Value, json};
 use tokio_postgres::Row;
@@ -842,6 +842,34 @@ pub struct Finish {
     pub message: Option<String>,
 }
 
+/// The statement of [`mark_finished`]. Public for the test of its plan.
+pub static MARK_FINISHED_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE runs SET status = f.status, failure_kind = f.failure_kind,
+            failure_message = f.message, finished_at = now(), updated_at = now(), active_turn_id = NULL,
+            lease_expires_at = NULL,
+            lease_runner_seq = coalesce(f.runner_seq, runs.lease_runner_seq),
+            event_bytes = coalesce(f.event_bytes, runs.event_bytes),
+            last_event_seq = coalesce(f.last_event_seq, runs.last_event_seq)
+                             + ending.events
+     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                 $6::bigint[], $7::bigint[], $8::bigint[])
+          AS f(id, status, failure_kind, message, sources, runner_seq, event_bytes,
+               last_event_seq)
+     CROSS JOIN LATERAL (
+         SELECT 1 + (SELECT count(*) FROM commands c
+                     WHERE c.run_id = f.id AND c.status IN ({open}))
+                  + (SELECT count(*) FROM requests q
+                     WHERE q.run_id = f.id AND q.status = 'open') AS events
+         -- A fence: pulled up, the counts ran twice, for SET and for RETURNING.
+         OFFSET 0
+     ) ending
+     WHERE runs.id = f.id AND runs.status = ANY(string_to_array(f.sources, ','))
+     RETURNING runs.*, ending.events",
+        open = *super::commands::OPEN_STATUSES
+    )
+});
+
 /// Moves runs to their terminal status, clearing the lease's expiry and the active turn
 /// (what else ending a run does is `lifecycle::finish_many`). Runs not in a state that
 /// may move to their target (see `RunStatus::sources`) are left alone and not returned.
@@ -859,31 +887,7 @@ pub(crate) async fn mark_finished(
     if finishes.is_empty() {
         return Ok(Vec::new());
     }
-    let stmt = tx
-        .prepare_cached(
-            "UPDATE runs SET status = f.status, failure_kind = f.failure_kind,
-                    failure_message = f.message, finished_at = now(), updated_at = now(), active_turn_id = NULL,
-                    lease_expires_at = NULL,
-                    lease_runner_seq = coalesce(f.runner_seq, runs.lease_runner_seq),
-                    event_bytes = coalesce(f.event_bytes, runs.event_bytes),
-                    last_event_seq = coalesce(f.last_event_seq, runs.last_event_seq)
-                                     + ending.events
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $7::bigint[], $8::bigint[], $9::bigint[])
-                  AS f(id, status, failure_kind, message, sources, runner_seq, event_bytes,
-                       last_event_seq)
-             CROSS JOIN LATERAL (
-                 SELECT 1 + (SELECT count(*) FROM commands c
-                             WHERE c.run_id = f.id AND c.status = ANY($6))
-                          + (SELECT count(*) FROM requests q
-                             WHERE q.run_id = f.id AND q.status = 'open') AS events
-                 -- A fence: pulled up, the counts ran twice, for SET and for RETURNING.
-                 OFFSET 0
-             ) ending
-             WHERE runs.id = f.id AND runs.status = ANY(string_to_array(f.sources, ','))
-             RETURNING runs.*, ending.events",
-        )
-        .await?;
+    let stmt = tx.prepare_cached(&MARK_FINISHED_SQL).await?;
     let sources: Vec<String> = finishes
         .iter()
         .map(|f| {
@@ -919,10 +923,6 @@ pub(crate) async fn mark_finished(
                     .map(|f| f.message.as_deref())
                     .collect::<Vec<_>>(),
                 &sources,
-                &CommandStatus::OPEN
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>(),
                 &carried(|p| p.lease_runner_seq),
                 &carried(|p| p.event_bytes),
                 &carried(|p| p.last_event_seq),
