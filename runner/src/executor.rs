@@ -290,13 +290,17 @@ impl<'a> Executor<'a> {
                 event = async { self.active.as_mut().expect("guarded").events.recv().await }, if self.active.is_some() => {
                     match event {
                         Some(event) => {
-                            self.note_first_token(&event);
-                            let opened = (event.event_type == "request.opened")
-                                .then(|| event.payload["request_id"].as_str().map(str::to_owned))
-                                .flatten();
-                            self.ctx.outbox.push(event.event_type, event.payload).await?;
-                            if let Some(request_id) = opened {
-                                self.on_request_opened(request_id).await?;
+                            self.on_provider_event(event).await?;
+                            // The events already waiting go out without another round of
+                            // this select (a streaming provider sends one per token); a
+                            // channel's worth at most, so commands wait little.
+                            for _ in 1..PROVIDER_EVENTS {
+                                let Some(Ok(event)) =
+                                    self.active.as_mut().map(|a| a.events.try_recv())
+                                else {
+                                    break;
+                                };
+                                self.on_provider_event(event).await?;
                             }
                         }
                         None => self.end_turn().await?,
@@ -633,6 +637,19 @@ impl<'a> Executor<'a> {
             first_token: false,
             span,
         });
+        Ok(())
+    }
+
+    /// Sends an event of the active turn's provider.
+    async fn on_provider_event(&mut self, event: provider::ProviderEvent) -> Result<(), Aborted> {
+        self.note_first_token(&event);
+        let opened = (event.event_type == "request.opened")
+            .then(|| event.str_field("request_id").map(str::to_owned))
+            .flatten();
+        self.ctx.outbox.push_event(event).await?;
+        if let Some(request_id) = opened {
+            self.on_request_opened(request_id).await?;
+        }
         Ok(())
     }
 

@@ -84,22 +84,33 @@ impl PayloadLimit {
 pub struct StreamedText(HashMap<String, usize>);
 
 impl StreamedText {
+    /// Counts `bytes` of a delta of `kind` streamed into `item` (only `assistant_text`
+    /// counts).
+    pub fn count(&mut self, item: &str, kind: &str, bytes: usize) {
+        if kind != "assistant_text" {
+            return;
+        }
+        // Looked up first: a streamed reply's deltas all name one item.
+        match self.0.get_mut(item) {
+            Some(streamed) => *streamed += bytes,
+            None => {
+                self.0.insert(item.to_owned(), bytes);
+            }
+        }
+    }
+
     /// Counts the text of an `assistant_text` delta; marks an `assistant_message`
     /// `item.completed` over `max_bytes` whose text was all streamed
     /// `"text_in_deltas": true` (and forgets the item).
     pub fn observe(&mut self, event_type: &str, payload: &mut Value, max_bytes: usize) {
         match event_type {
-            "content.delta" if payload["kind"] == "assistant_text" => {
-                if let (Some(item), Some(delta)) =
-                    (payload["item_id"].as_str(), payload["delta"].as_str())
-                {
-                    // Looked up first: a streamed reply's deltas all name one item.
-                    match self.0.get_mut(item) {
-                        Some(streamed) => *streamed += delta.len(),
-                        None => {
-                            self.0.insert(item.to_owned(), delta.len());
-                        }
-                    }
+            "content.delta" => {
+                if let (Some(item), Some(kind), Some(delta)) = (
+                    payload["item_id"].as_str(),
+                    payload["kind"].as_str(),
+                    payload["delta"].as_str(),
+                ) {
+                    self.count(item, kind, delta.len());
                 }
             }
             "item.completed" => {
@@ -118,6 +129,23 @@ impl StreamedText {
             _ => {}
         }
     }
+}
+
+/// A `content.delta` payload as JSON text, as [`fit`] writes its `Value` (keys in
+/// order), built from its fields directly.
+pub fn delta_text(item_id: &str, kind: &str, delta: &str) -> String {
+    let mut out = Vec::with_capacity(item_id.len() + kind.len() + delta.len() + 32);
+    for (i, (key, value)) in [("delta", delta), ("item_id", item_id), ("kind", kind)]
+        .into_iter()
+        .enumerate()
+    {
+        out.extend_from_slice(if i == 0 { b"{\"" } else { b",\"" });
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+        serde_json::to_writer(&mut out, value).expect("a string always serializes");
+    }
+    out.push(b'}');
+    String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
 /// The serialized payloads of `payload` made to fit `max_bytes`: itself if it fits,
@@ -303,6 +331,21 @@ mod tests {
             .iter()
             .map(|t| serde_json::from_str(t).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn a_delta_written_from_its_fields_is_the_text_of_its_value() {
+        for (item_id, kind, delta) in [
+            ("turn:1", "assistant_text", " token"),
+            ("i\"d", "command_output", "line\n\t\u{1}é\\ \u{7f}"),
+            ("", "", ""),
+        ] {
+            let value = serde_json::json!({"item_id": item_id, "kind": kind, "delta": delta});
+            assert_eq!(
+                delta_text(item_id, kind, delta),
+                agentrun_shared::payload::to_text(&value)
+            );
+        }
     }
 
     #[test]

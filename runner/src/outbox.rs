@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::fit::{self, DEFAULT_MAX_PAYLOAD_BYTES, PayloadLimit, StreamedText};
+use crate::provider::{EventPayload, ProviderEvent};
 
 /// A push refused because the run was aborted: nothing more may be written for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -136,6 +137,29 @@ impl Outbox {
             self.push_one(event_type, payload_json).await?;
         }
         Ok(())
+    }
+
+    /// Adds a provider's event as [`Outbox::push`] does; a `content.delta` that fits is
+    /// written as JSON text from its fields, without a `Value`.
+    pub async fn push_event(&self, event: ProviderEvent) -> Result<(), Aborted> {
+        let (item_id, kind, delta) = match event.payload {
+            EventPayload::Json(payload) => return self.push(event.event_type, payload).await,
+            EventPayload::Delta {
+                item_id,
+                kind,
+                delta,
+            } => (item_id, kind, delta),
+        };
+        let payload_json = fit::delta_text(&item_id, kind, &delta);
+        if payload_json.len() > self.limit.get() {
+            let payload = serde_json::json!({"item_id": item_id, "kind": kind, "delta": delta});
+            return self.push(event.event_type, payload).await;
+        }
+        self.streamed
+            .lock()
+            .expect("streamed lock")
+            .count(&item_id, kind, delta.len());
+        self.push_one(event.event_type, payload_json).await
     }
 
     async fn push_one(&self, event_type: &str, payload_json: String) -> Result<(), Aborted> {
@@ -339,34 +363,47 @@ mod tests {
 
     #[tokio::test]
     async fn an_oversized_delta_enters_as_several_events_that_fit() {
-        let outbox = Outbox::new(
-            100,
-            PayloadLimit::default(),
-            CancellationToken::new(),
-            || {},
-        );
         let limit = PayloadLimit::default().get();
         let delta = "y".repeat(3 * limit);
+        // As a JSON value, and as a provider's delta (written from its fields).
+        for as_fields in [false, true] {
+            let outbox = outbox(100);
+            if as_fields {
+                let event = ProviderEvent::delta("i", "assistant_text", delta.clone());
+                outbox.push_event(event).await.unwrap();
+            } else {
+                let payload = json!({"item_id": "i", "kind": "assistant_text", "delta": delta});
+                outbox.push("content.delta", payload).await.unwrap();
+            }
+            let batch = outbox.take_unsent(events(100));
+            assert_eq!(batch.len(), 4);
+            assert!(batch.iter().all(|e| e.payload_json.len() <= limit));
+            assert!(batch.iter().all(|e| e.r#type == "content.delta"));
+            let text: String = batch
+                .iter()
+                .map(|e| {
+                    let p: Value = serde_json::from_str(&e.payload_json).unwrap();
+                    p["delta"].as_str().unwrap().to_owned()
+                })
+                .collect();
+            assert_eq!(text, delta);
+            assert_eq!(seqs(&batch), [1, 2, 3, 4]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_providers_delta_that_fits_is_stored_as_its_value_would_be() {
+        let outbox = outbox(10);
+        let delta = "a \"quoted\"\n\u{1} token";
+        let event = ProviderEvent::delta("turn:1", "assistant_text", delta.into());
+        outbox.push_event(event.clone()).await.unwrap();
         outbox
-            .push(
-                "content.delta",
-                json!({"item_id": "i", "kind": "assistant_text", "delta": delta}),
-            )
+            .push("content.delta", event.payload_value())
             .await
             .unwrap();
-        let batch = outbox.take_unsent(events(100));
-        assert_eq!(batch.len(), 4);
-        assert!(batch.iter().all(|e| e.payload_json.len() <= limit));
-        assert!(batch.iter().all(|e| e.r#type == "content.delta"));
-        let text: String = batch
-            .iter()
-            .map(|e| {
-                let p: Value = serde_json::from_str(&e.payload_json).unwrap();
-                p["delta"].as_str().unwrap().to_owned()
-            })
-            .collect();
-        assert_eq!(text, delta);
-        assert_eq!(seqs(&batch), [1, 2, 3, 4]);
+        let batch = outbox.take_unsent(events(10));
+        assert_eq!(batch[0].payload_json, batch[1].payload_json);
+        assert_eq!(seqs(&batch), [1, 2]);
     }
 
     #[tokio::test]

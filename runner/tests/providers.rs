@@ -29,8 +29,24 @@ const STOP_WITHIN: Duration = Duration::from_secs(1);
 // Harness
 // ---------------------------------------------------------------------------------------
 
+/// A provider's event with its payload as JSON, as the tests read it.
+#[derive(Debug, Clone, PartialEq)]
+struct Event {
+    event_type: &'static str,
+    payload: Value,
+}
+
+impl From<ProviderEvent> for Event {
+    fn from(event: ProviderEvent) -> Self {
+        Event {
+            event_type: event.event_type,
+            payload: event.payload_value(),
+        }
+    }
+}
+
 /// Fails unless `event` is one a runner may write, with a payload its type accepts.
-fn assert_valid(event: &ProviderEvent) {
+fn assert_valid(event: &Event) {
     let event_type = EventType::parse("event_type", event.event_type)
         .unwrap_or_else(|e| panic!("{event:?}: {e:?}"));
     assert!(
@@ -72,7 +88,7 @@ struct Running {
     stop: CancellationToken,
     outcome: JoinHandle<TurnOutcome>,
     /// Every event received so far, each checked by [`assert_valid`].
-    seen: Vec<ProviderEvent>,
+    seen: Vec<Event>,
 }
 
 fn start(provider: impl Provider + 'static, turn: TurnRequest) -> Running {
@@ -100,17 +116,18 @@ fn start(provider: impl Provider + 'static, turn: TurnRequest) -> Running {
 
 impl Running {
     /// The next event; `None` once the provider returned and dropped its sender.
-    async fn next_event(&mut self) -> Option<ProviderEvent> {
-        let event = tokio::time::timeout(DEADLINE, self.events.recv())
+    async fn next_event(&mut self) -> Option<Event> {
+        let event: Event = tokio::time::timeout(DEADLINE, self.events.recv())
             .await
-            .unwrap_or_else(|_| panic!("no event within {DEADLINE:?}; seen {:#?}", self.seen))?;
+            .unwrap_or_else(|_| panic!("no event within {DEADLINE:?}; seen {:#?}", self.seen))?
+            .into();
         assert_valid(&event);
         self.seen.push(event.clone());
         Some(event)
     }
 
     /// Waits for the first event matching `wanted`.
-    async fn wait_for(&mut self, wanted: impl Fn(&ProviderEvent) -> bool) -> ProviderEvent {
+    async fn wait_for(&mut self, wanted: impl Fn(&Event) -> bool) -> Event {
         loop {
             match self.next_event().await {
                 Some(event) if wanted(&event) => return event,
@@ -121,7 +138,7 @@ impl Running {
     }
 
     /// Reads the remaining events and the outcome.
-    async fn finish(mut self) -> (TurnOutcome, Vec<ProviderEvent>) {
+    async fn finish(mut self) -> (TurnOutcome, Vec<Event>) {
         while self.next_event().await.is_some() {}
         let outcome = tokio::time::timeout(DEADLINE, self.outcome)
             .await
@@ -131,7 +148,7 @@ impl Running {
     }
 
     /// Fires stop and returns the outcome and how long the provider took to return.
-    async fn stop(self) -> (TurnOutcome, Duration, Vec<ProviderEvent>) {
+    async fn stop(self) -> (TurnOutcome, Duration, Vec<Event>) {
         let asked = Instant::now();
         self.stop.cancel();
         let mut outcome = self.outcome;
@@ -143,6 +160,7 @@ impl Running {
         let mut events = self.events;
         let mut seen = self.seen;
         while let Some(event) = events.recv().await {
+            let event = Event::from(event);
             assert_valid(&event);
             seen.push(event);
         }
@@ -150,11 +168,11 @@ impl Running {
     }
 }
 
-fn is_delta(event: &ProviderEvent, kind: &str) -> bool {
+fn is_delta(event: &Event, kind: &str) -> bool {
     event.event_type == "content.delta" && event.payload["kind"] == kind
 }
 
-fn deltas(events: &[ProviderEvent], kind: &str) -> Vec<String> {
+fn deltas(events: &[Event], kind: &str) -> Vec<String> {
     events
         .iter()
         .filter(|e| is_delta(e, kind))
@@ -162,7 +180,7 @@ fn deltas(events: &[ProviderEvent], kind: &str) -> Vec<String> {
         .collect()
 }
 
-fn types(events: &[ProviderEvent]) -> Vec<&'static str> {
+fn types(events: &[Event]) -> Vec<&'static str> {
     events.iter().map(|e| e.event_type).collect()
 }
 
@@ -181,10 +199,7 @@ fn failed(outcome: TurnOutcome) -> agentrun_runner::provider::ProviderError {
 }
 
 /// The last event is the `runtime.error` describing `error`.
-fn assert_error_reported(
-    events: &[ProviderEvent],
-    error: &agentrun_runner::provider::ProviderError,
-) {
+fn assert_error_reported(events: &[Event], error: &agentrun_runner::provider::ProviderError) {
     let last = events.last().expect("events were emitted");
     assert_eq!(last.event_type, "runtime.error", "{events:#?}");
     assert_eq!(last.payload["message"], error.message.as_str());
@@ -878,7 +893,7 @@ fn status_with_retry_after(status: u16, retry_after: &'static str) -> Vec<Step> 
     ]
 }
 
-fn retry_warnings(events: &[ProviderEvent]) -> Vec<&ProviderEvent> {
+fn retry_warnings(events: &[Event]) -> Vec<&Event> {
     events
         .iter()
         .filter(|e| e.event_type == "runtime.warning" && e.payload["retry"] == true)
@@ -1127,7 +1142,7 @@ async fn openai_steer_sends_a_follow_up_request() {
             output_tokens: 5
         })
     );
-    let messages: Vec<&ProviderEvent> = events
+    let messages: Vec<&Event> = events
         .iter()
         .filter(|e| e.event_type == "item.completed")
         .collect();

@@ -277,37 +277,51 @@ fn redact_text(text: &str) -> Option<String> {
 /// two bytes begin one of the rules' prefixes (a caseless one in any case). Common
 /// letters start a prefix, but few pairs do, so the rules are tried at few positions.
 fn may_start_credential(rest: &[u8]) -> bool {
-    /// For each ASCII first byte, the set of second bytes that may follow it.
-    static PAIRS: std::sync::LazyLock<[u128; 128]> = std::sync::LazyLock::new(|| {
-        fn allow(pairs: &mut [u128; 128], first: u8, second: u8) {
-            pairs[usize::from(first)] |= 1 << second;
-        }
-        let mut pairs = [0; 128];
-        let exact =
-            SECRET_PREFIXES
-                .iter()
-                .chain(&[API_KEY_PREFIX, JWT_PREFIX, PEM_BEGIN, URL_AUTHORITY]);
-        for prefix in exact {
-            let p = prefix.as_bytes();
-            allow(&mut pairs, p[0], p[1]);
-        }
-        for prefix in CASELESS_SECRET_PREFIXES {
-            let p = prefix.as_bytes();
-            for first in [p[0].to_ascii_lowercase(), p[0].to_ascii_uppercase()] {
-                for second in [p[1].to_ascii_lowercase(), p[1].to_ascii_uppercase()] {
-                    allow(&mut pairs, first, second);
-                }
-            }
-        }
-        pairs
-    });
     // Every prefix has at least two bytes, all ASCII.
     match rest {
         [first, second, ..] if first.is_ascii() && second.is_ascii() => {
-            PAIRS[usize::from(*first)] & (1 << second) != 0
+            CREDENTIAL_PAIRS[usize::from(*first)] & (1 << second) != 0
         }
         _ => false,
     }
+}
+
+/// For each ASCII first byte, the set of second bytes that may follow it in a prefix of
+/// [`credential_span`]'s rules. Built at compile time: this is read at every byte of
+/// every streamed delta.
+static CREDENTIAL_PAIRS: [u128; 128] = credential_pairs();
+
+const fn credential_pairs() -> [u128; 128] {
+    const fn allow(pairs: &mut [u128; 128], first: u8, second: u8) {
+        pairs[first as usize] |= 1 << second;
+    }
+    let mut pairs = [0; 128];
+    let exact: [&[&str]; 2] = [
+        SECRET_PREFIXES,
+        &[API_KEY_PREFIX, JWT_PREFIX, PEM_BEGIN, URL_AUTHORITY],
+    ];
+    let mut list = 0;
+    while list < exact.len() {
+        let mut i = 0;
+        while i < exact[list].len() {
+            let p = exact[list][i].as_bytes();
+            allow(&mut pairs, p[0], p[1]);
+            i += 1;
+        }
+        list += 1;
+    }
+    let mut i = 0;
+    while i < CASELESS_SECRET_PREFIXES.len() {
+        let p = CASELESS_SECRET_PREFIXES[i].as_bytes();
+        let (lower, upper) = (p[0].to_ascii_lowercase(), p[0].to_ascii_uppercase());
+        let (lower2, upper2) = (p[1].to_ascii_lowercase(), p[1].to_ascii_uppercase());
+        allow(&mut pairs, lower, lower2);
+        allow(&mut pairs, lower, upper2);
+        allow(&mut pairs, upper, lower2);
+        allow(&mut pairs, upper, upper2);
+        i += 1;
+    }
+    pairs
 }
 
 /// The secret in the credential `text` starts with, as (offset, length): usually the

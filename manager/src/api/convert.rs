@@ -2,6 +2,7 @@
 
 use std::time::SystemTime;
 
+use agentrun_shared::ids::{RunId, RunnerId};
 use agentrun_shared::proto;
 use prost_types::Timestamp;
 
@@ -101,22 +102,58 @@ pub fn command(c: &CommandRecord) -> proto::Command {
 
 /// The event on the wire; its strings move, not copied.
 pub fn event(e: EventRecord) -> proto::Event {
-    let (producer, runner_id, epoch) = match e.producer {
-        Producer::Manager => (proto::Producer::Manager, String::new(), 0),
-        Producer::Runner {
-            runner_id, epoch, ..
-        } => (proto::Producer::Runner, runner_id.to_string(), epoch),
-    };
-    proto::Event {
-        run_id: e.run_id.to_string(),
-        seq: e.seq,
-        r#type: e.event_type,
-        payload_json: e.payload,
-        producer: producer as i32,
-        runner_id,
-        epoch,
-        created_at: ts(e.created_at),
-        ephemeral: e.ephemeral,
+    WireIds::default().event(e)
+}
+
+/// Events on the wire, in order (see [`WireIds`]).
+pub fn events(records: Vec<EventRecord>) -> Vec<proto::Event> {
+    let mut ids = WireIds::default();
+    records.into_iter().map(|e| ids.event(e)).collect()
+}
+
+/// Converts events, formatting each run and runner id once for the events in a row that
+/// share it: a page of a streamed reply is one run's, from one runner, and formatting
+/// two UUIDs per delta was a visible share of fanning it out.
+#[derive(Default)]
+pub struct WireIds {
+    run: Option<(RunId, String)>,
+    runner: Option<(RunnerId, String)>,
+}
+
+impl WireIds {
+    pub fn event(&mut self, e: EventRecord) -> proto::Event {
+        let (producer, runner_id, epoch) = match e.producer {
+            Producer::Manager => (proto::Producer::Manager, String::new(), 0),
+            Producer::Runner {
+                runner_id, epoch, ..
+            } => (
+                proto::Producer::Runner,
+                formatted(&mut self.runner, runner_id),
+                epoch,
+            ),
+        };
+        proto::Event {
+            run_id: formatted(&mut self.run, e.run_id),
+            seq: e.seq,
+            r#type: e.event_type,
+            payload_json: e.payload,
+            producer: producer as i32,
+            runner_id,
+            epoch,
+            created_at: ts(e.created_at),
+            ephemeral: e.ephemeral,
+        }
+    }
+}
+
+/// `id` as text, from `last` when it was the last one formatted.
+fn formatted<Id: Copy + PartialEq + std::fmt::Display>(
+    last: &mut Option<(Id, String)>,
+    id: Id,
+) -> String {
+    match last {
+        Some((last_id, text)) if *last_id == id => text.clone(),
+        _ => last.insert((id, id.to_string())).1.clone(),
     }
 }
 

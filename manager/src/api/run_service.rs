@@ -412,7 +412,7 @@ impl RunService for RunApi {
         let found = events::list(&client, run_id, after_seq, limit).await?;
         let last_returned = found.last().map_or(after_seq, |e| e.seq);
         Ok(Response::new(proto::ListEventsResponse {
-            events: found.into_iter().map(convert::event).collect(),
+            events: convert::events(found),
             last_seq: run.last_event_seq,
             end_of_run: run.status.is_terminal() && last_returned >= run.last_event_seq,
         }))

@@ -185,7 +185,7 @@ impl SessionService for SessionApi {
             sessions::list_events(&client, &tenant, session_id, r.output_only, after, limit)
                 .await?;
         Ok(Response::new(proto::ListSessionEventsResponse {
-            events: found.into_iter().map(convert::event).collect(),
+            events: convert::events(found),
         }))
     }
 

@@ -28,8 +28,8 @@ use agentrun_shared::ids::{RunId, SessionId};
 use agentrun_shared::proto;
 use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 use uuid::Uuid;
 
@@ -56,12 +56,21 @@ pub type EventStream = WatchStream<proto::Event>;
 pub type SessionEventStream = WatchStream<proto::SessionEvent>;
 pub type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// The sending half of a watcher's stream: bounded by [`BUFFER`] messages and by
+/// The sending half of a watcher's stream: bounded by [`BUFFER`] queued items and by
 /// [`BUFFER_BYTES`]; a message holds its share of the bytes until the server takes it.
-/// The watcher's task and the hub share it, one at a time (the hub while attached).
+/// The watcher's task and the hub share it, one at a time (the hub while attached). The
+/// hub queues a fan-out's events as one item, so a streamed reply costs a channel send
+/// and a semaphore release per page, not per delta.
 pub(super) struct Outbox<T> {
-    tx: mpsc::Sender<(Result<T, Status>, Option<OwnedSemaphorePermit>)>,
+    tx: mpsc::Sender<Queued<T>>,
     room: Arc<Semaphore>,
+}
+
+/// One item of a watcher's queue: messages in order, holding their bytes of the room
+/// until the server has taken the last of them, or the status that ends the stream.
+enum Queued<T> {
+    Messages(Vec<T>, OwnedSemaphorePermit),
+    End(Status),
 }
 
 impl<T> Clone for Outbox<T> {
@@ -77,34 +86,71 @@ impl<T> Clone for Outbox<T> {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum TrySend {
     Sent,
-    /// No room now: the message was not queued.
+    /// No room now: nothing was queued.
     Full,
     /// The client went away.
     Closed,
 }
 
+/// The bytes of the room `message` takes (one larger than the whole buffer takes all of
+/// it, and still goes).
+pub(super) fn room_for(message: &impl Message) -> usize {
+    message.encoded_len().clamp(1, BUFFER_BYTES)
+}
+
 impl<T: Message + Send + 'static> Outbox<T> {
     pub(super) fn new() -> (Self, WatchStream<T>) {
         let (tx, rx) = mpsc::channel(BUFFER);
-        let stream = ReceiverStream::new(rx).map(|(message, _room)| message);
+        let stream = futures_util::StreamExt::flat_map(ReceiverStream::new(rx), |queued| {
+            let (messages, room, end) = match queued {
+                Queued::Messages(messages, room) => (messages, Some(room), None),
+                Queued::End(status) => (Vec::new(), None, Some(status)),
+            };
+            // The room is given back once the last message is taken.
+            let messages = messages.into_iter().map(move |message| {
+                let _held = &room;
+                Ok(message)
+            });
+            futures_util::stream::iter(messages.chain(end.map(Err)))
+        });
         let room = Arc::new(Semaphore::new(BUFFER_BYTES));
         (Self { tx, room }, Box::pin(stream))
     }
 
     /// Waits for room, then queues `message`; `Err` when the client went away.
     async fn send(&self, message: T) -> Result<(), ()> {
-        let bytes = message.encoded_len().clamp(1, BUFFER_BYTES) as u32;
-        let room = self.room.clone().acquire_many_owned(bytes).await.ok();
-        self.tx.send((Ok(message), room)).await.map_err(|_| ())
+        let bytes = room_for(&message) as u32;
+        let Ok(room) = self.room.clone().acquire_many_owned(bytes).await else {
+            return Err(());
+        };
+        let queued = Queued::Messages(vec![message], room);
+        self.tx.send(queued).await.map_err(|_| ())
+    }
+
+    /// Bytes of room free now: messages within it are taken by [`Outbox::try_send_all`]
+    /// (the hub is the only sender while the watcher is attached, and room only grows
+    /// meanwhile).
+    pub(super) fn room_now(&self) -> usize {
+        self.room.available_permits()
     }
 
     /// Queues `message` if there is room now, without waiting.
     pub(super) fn try_send(&self, message: T) -> TrySend {
-        let bytes = message.encoded_len().clamp(1, BUFFER_BYTES) as u32;
-        let Ok(room) = self.room.clone().try_acquire_many_owned(bytes) else {
+        let bytes = room_for(&message);
+        self.try_send_all(vec![message], bytes)
+    }
+
+    /// Queues `messages`, taking `bytes` of room (what [`room_for`] gives them
+    /// together), all or none, without waiting.
+    pub(super) fn try_send_all(&self, messages: Vec<T>, bytes: usize) -> TrySend {
+        let Ok(room) = u32::try_from(bytes)
+            .ok()
+            .and_then(|bytes| self.room.clone().try_acquire_many_owned(bytes).ok())
+            .ok_or(())
+        else {
             return TrySend::Full;
         };
-        match self.tx.try_send((Ok(message), Some(room))) {
+        match self.tx.try_send(Queued::Messages(messages, room)) {
             Ok(()) => TrySend::Sent,
             Err(mpsc::error::TrySendError::Full(_)) => TrySend::Full,
             Err(mpsc::error::TrySendError::Closed(_)) => TrySend::Closed,
@@ -113,7 +159,7 @@ impl<T: Message + Send + 'static> Outbox<T> {
 
     /// Ends the stream with `status`.
     async fn fail(&self, status: Status) {
-        let _ = self.tx.send((Err(status), None)).await;
+        let _ = self.tx.send(Queued::End(status)).await;
     }
 
     async fn closed(&self) {
@@ -185,9 +231,10 @@ async fn follow(
             (page, run)
         };
         let full = page.len() as i64 == PAGE;
+        let mut ids = convert::WireIds::default();
         for event in page {
             let (seq, ended) = (event.seq, event.event_type == "run.terminal");
-            if tx.send(convert::event(event)).await.is_err() {
+            if tx.send(ids.event(event)).await.is_err() {
                 return Ok(()); // the client went away
             }
             cursor = seq;

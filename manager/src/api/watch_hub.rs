@@ -57,7 +57,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::convert;
-use super::watch::{BUFFER_BYTES, Outbox, TrySend};
+use super::watch::{self, BUFFER_BYTES, Outbox, TrySend};
 use crate::error::Result;
 use crate::notify::Notifier;
 use crate::store::{Tenant, events, runs, sessions};
@@ -374,9 +374,10 @@ impl WatchHub {
         let ended = page.iter().any(|e| e.event_type == "run.terminal");
         // Each stored event, followed by the ephemeral ones waiting for it.
         let mut converted: Vec<proto::Event> = Vec::with_capacity(page.len());
+        let mut ids = convert::WireIds::default();
         for event in page {
             let seq = event.seq;
-            converted.push(convert::event(event));
+            converted.push(ids.event(event));
             while topic.live_waiting.front().is_some_and(|l| l.seq <= seq) {
                 let live = topic.live_waiting.pop_front().expect("checked");
                 topic.live_waiting_bytes -= live.encoded_len();
@@ -517,28 +518,46 @@ impl WatchHub {
     }
 }
 
-/// Offers a watcher the events of a fan-out, in order; returns whether it stays attached:
-/// one that falls behind (its buffer is full) detaches and reads on from the database at
-/// its cursor, one whose client went away ends on its own.
+/// Offers a watcher the events of a fan-out, in order, queued as one item; returns
+/// whether it stays attached: one that falls behind (its buffer cannot take the next
+/// event) detaches and reads on from the database at its cursor, one whose client went
+/// away ends on its own. An ephemeral event goes only where the watcher is exactly at
+/// its place, and only with room; it is dropped otherwise, never detaching anybody.
 fn offer<'a>(
     subscriber: &mut Subscriber,
     events: impl Iterator<Item = Cow<'a, proto::Event>>,
 ) -> bool {
+    let room = subscriber.outbox.room_now();
+    let (mut batch, mut bytes, mut cursor) = (Vec::new(), 0, subscriber.cursor);
+    let mut attached = true;
     for event in events {
+        if !event.ephemeral && event.seq <= cursor {
+            continue;
+        }
+        let size = watch::room_for(event.as_ref());
+        let fits = bytes + size <= room;
         if event.ephemeral {
-            offer_live(subscriber, &event);
+            if fits && event.seq == cursor {
+                bytes += size;
+                batch.push(event.into_owned());
+            }
             continue;
         }
-        if event.seq <= subscriber.cursor {
-            continue;
+        if !fits {
+            attached = false;
+            break;
         }
-        let seq = event.seq;
-        match subscriber.outbox.try_send(event.into_owned()) {
-            TrySend::Sent => subscriber.cursor = seq,
+        bytes += size;
+        cursor = event.seq;
+        batch.push(event.into_owned());
+    }
+    if !batch.is_empty() {
+        match subscriber.outbox.try_send_all(batch, bytes) {
+            TrySend::Sent => subscriber.cursor = cursor,
             TrySend::Full | TrySend::Closed => return false,
         }
     }
-    true
+    attached
 }
 
 /// Queues an ephemeral event to a watcher that is exactly at its place (its cursor is

@@ -52,7 +52,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Provider, ProviderError, ProviderEvent, Resolution, TurnContext, TurnOutcome, TurnRequest,
-    Usage,
+    Usage, send_event,
 };
 
 /// What the runner feeds a child during its turn.
@@ -261,15 +261,13 @@ struct Session {
 
 impl Session {
     async fn emit(&self, event_type: &'static str, payload: Value) -> Result<(), Halted> {
-        let event = ProviderEvent {
-            event_type,
-            payload,
-        };
-        tokio::select! {
-            biased;
-            _ = self.stop.cancelled() => Err(Halted),
-            sent = self.events.send(event) => sent.map_err(|_| Halted),
-        }
+        self.send(ProviderEvent::new(event_type, payload)).await
+    }
+
+    async fn send(&self, event: ProviderEvent) -> Result<(), Halted> {
+        send_event(&self.events, &self.stop, event)
+            .await
+            .map_err(|_| Halted)
     }
 
     async fn warn(&self, message: String) -> Result<(), Halted> {
@@ -458,10 +456,11 @@ impl Session {
                 id
             }
         };
-        self.emit(
-            "content.delta",
-            json!({"item_id": item_id, "kind": "command_output", "delta": format!("{text}\n")}),
-        )
+        self.send(ProviderEvent::delta(
+            item_id,
+            "command_output",
+            format!("{text}\n"),
+        ))
         .await
     }
 

@@ -50,8 +50,93 @@ pub struct Exchange {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProviderEvent {
     pub event_type: &'static str,
-    pub payload: Value,
+    pub payload: EventPayload,
 }
+
+/// What a provider event carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventPayload {
+    /// A JSON object.
+    Json(Value),
+    /// A `content.delta`'s fields: the event a provider sends most, written as the log's
+    /// JSON text directly rather than built as a `Value` first.
+    Delta {
+        item_id: String,
+        kind: &'static str,
+        delta: String,
+    },
+}
+
+impl ProviderEvent {
+    pub fn new(event_type: &'static str, payload: Value) -> Self {
+        Self {
+            event_type,
+            payload: EventPayload::Json(payload),
+        }
+    }
+
+    /// A `content.delta` of `kind` text streamed into the item `item_id`.
+    pub fn delta(item_id: impl Into<String>, kind: &'static str, delta: String) -> Self {
+        Self {
+            event_type: "content.delta",
+            payload: EventPayload::Delta {
+                item_id: item_id.into(),
+                kind,
+                delta,
+            },
+        }
+    }
+
+    /// The payload as a JSON value.
+    pub fn payload_value(self) -> Value {
+        match self.payload {
+            EventPayload::Json(payload) => payload,
+            EventPayload::Delta {
+                item_id,
+                kind,
+                delta,
+            } => serde_json::json!({"item_id": item_id, "kind": kind, "delta": delta}),
+        }
+    }
+
+    /// The payload's string field `key`.
+    pub fn str_field(&self, key: &str) -> Option<&str> {
+        match (&self.payload, key) {
+            (EventPayload::Json(payload), _) => payload.get(key)?.as_str(),
+            (EventPayload::Delta { item_id, .. }, "item_id") => Some(item_id),
+            (EventPayload::Delta { kind, .. }, "kind") => Some(kind),
+            (EventPayload::Delta { delta, .. }, "delta") => Some(delta),
+            (EventPayload::Delta { .. }, _) => None,
+        }
+    }
+}
+
+/// Sends `event` on a turn's event channel, waiting while it is full; `Err` once `stop`
+/// fires or the turn was abandoned. One with room takes the event at once: a streaming
+/// provider sends an event per token.
+pub async fn send_event(
+    events: &mpsc::Sender<ProviderEvent>,
+    stop: &CancellationToken,
+    event: ProviderEvent,
+) -> Result<(), Stopped> {
+    if stop.is_cancelled() {
+        return Err(Stopped);
+    }
+    let event = match events.try_send(event) {
+        Ok(()) => return Ok(()),
+        Err(mpsc::error::TrySendError::Closed(_)) => return Err(Stopped),
+        Err(mpsc::error::TrySendError::Full(event)) => event,
+    };
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => Err(Stopped),
+        sent = events.send(event) => sent.map_err(|_| Stopped),
+    }
+}
+
+/// The turn was stopped or abandoned: its provider sends nothing more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped;
 
 /// The channels of a running turn.
 pub struct TurnContext {

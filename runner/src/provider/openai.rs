@@ -40,7 +40,10 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{Provider, ProviderError, ProviderEvent, TurnContext, TurnOutcome, TurnRequest, Usage};
+use super::{
+    Provider, ProviderError, ProviderEvent, TurnContext, TurnOutcome, TurnRequest, Usage,
+    send_event,
+};
 
 /// How much of an error body goes into a failure message.
 const ERROR_MESSAGE_CHARS: usize = 300;
@@ -276,16 +279,14 @@ impl Turn<'_> {
     }
 
     async fn emit(&mut self, event_type: &'static str, payload: Value) -> Result<(), Halt> {
-        let event = ProviderEvent {
-            event_type,
-            payload,
-        };
+        self.send(ProviderEvent::new(event_type, payload)).await
+    }
+
+    async fn send(&mut self, event: ProviderEvent) -> Result<(), Halt> {
         self.emitted += 1;
-        tokio::select! {
-            biased;
-            _ = self.stop.cancelled() => Err(Halt::Stopped),
-            sent = self.events.send(event) => sent.map_err(|_| Halt::Stopped),
-        }
+        send_event(&self.events, &self.stop, event)
+            .await
+            .map_err(|_| Halt::Stopped)
     }
 
     /// [`Self::request`], sent again after a back-off while it fails retryably before
@@ -556,10 +557,11 @@ impl Turn<'_> {
             }
         };
         round.text.push_str(text);
-        self.emit(
-            "content.delta",
-            json!({"item_id": item_id, "kind": "assistant_text", "delta": text}),
-        )
+        self.send(ProviderEvent::delta(
+            item_id,
+            "assistant_text",
+            text.to_owned(),
+        ))
         .await
     }
 

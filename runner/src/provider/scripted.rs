@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Provider, ProviderError, ProviderEvent, Resolution, TurnContext, TurnOutcome, TurnRequest,
-    Usage,
+    Usage, send_event,
 };
 
 /// Tokens of the long reply the `[slow]` cue streams.
@@ -211,15 +211,13 @@ impl Turn {
         event_type: &'static str,
         payload: serde_json::Value,
     ) -> Result<(), Halted> {
-        let event = ProviderEvent {
-            event_type,
-            payload,
-        };
-        tokio::select! {
-            biased;
-            _ = self.stop.cancelled() => Err(Halted),
-            sent = self.events.send(event) => sent.map_err(|_| Halted),
-        }
+        self.send(ProviderEvent::new(event_type, payload)).await
+    }
+
+    async fn send(&self, event: ProviderEvent) -> Result<(), Halted> {
+        send_event(&self.events, &self.stop, event)
+            .await
+            .map_err(|_| Halted)
     }
 
     /// Echoes a steer into the reply being streamed.
@@ -230,11 +228,8 @@ impl Turn {
             format!(" [steer: {text}]")
         };
         self.reply.push_str(&delta);
-        self.emit(
-            "content.delta",
-            json!({"item_id": item_id, "kind": "assistant_text", "delta": delta}),
-        )
-        .await
+        self.send(ProviderEvent::delta(item_id, "assistant_text", delta))
+            .await
     }
 
     /// Takes the steers that already arrived, without waiting.
@@ -283,11 +278,8 @@ impl Turn {
         .await?;
         if let Some(recall) = self.recall.take() {
             self.reply.push_str(&recall);
-            self.emit(
-                "content.delta",
-                json!({"item_id": item_id, "kind": "assistant_text", "delta": recall}),
-            )
-            .await?;
+            self.send(ProviderEvent::delta(&item_id, "assistant_text", recall))
+                .await?;
         }
         Ok(item_id)
     }
@@ -309,11 +301,8 @@ impl Turn {
             };
             self.reply.push_str(&delta);
             self.tokens += 1;
-            self.emit(
-                "content.delta",
-                json!({"item_id": item_id, "kind": "assistant_text", "delta": delta}),
-            )
-            .await?;
+            self.send(ProviderEvent::delta(item_id, "assistant_text", delta))
+                .await?;
         }
         // A steer that raced the last token still belongs to this reply.
         self.take_pending_steers(item_id).await
@@ -492,11 +481,8 @@ impl Turn {
             }
             self.reply.push_str(&piece);
             self.tokens += 1;
-            self.emit(
-                "content.delta",
-                json!({"item_id": item_id, "kind": "assistant_text", "delta": piece}),
-            )
-            .await?;
+            self.send(ProviderEvent::delta(item_id, "assistant_text", piece))
+                .await?;
         }
         self.take_pending_steers(item_id).await
     }
