@@ -20,7 +20,7 @@ BEGIN
                                created_at, seqs, types, payloads, runner_seqs)
     VALUES (NEW.run_id, NEW.seq, NEW.seq, NEW.producer, NEW.runner_id, NEW.epoch,
             coalesce(NEW.created_at, now()), ARRAY[NEW.seq], ARRAY[NEW.type],
-            jsonb_build_array(NEW.payload)::json,
+            jsonb_build_array(NEW.payload)::text,
             CASE WHEN NEW.runner_seq IS NOT NULL THEN ARRAY[NEW.runner_seq] END);
     RETURN NEW;
 END $$;
@@ -31,7 +31,7 @@ BEGIN
     SET types[array_position(b.seqs, OLD.seq)] = NEW.type,
         payloads = jsonb_set(b.payloads::jsonb,
                              ARRAY[(array_position(b.seqs, OLD.seq) - 1)::text],
-                             NEW.payload)::json
+                             NEW.payload)::text
     WHERE b.run_id = OLD.run_id AND OLD.seq BETWEEN b.first_seq AND b.last_seq;
     RETURN NEW;
 END $$;
@@ -41,7 +41,7 @@ BEGIN
     UPDATE event_batches b
     SET seqs = b.seqs[:i.p - 1] || b.seqs[i.p + 1:],
         types = b.types[:i.p - 1] || b.types[i.p + 1:],
-        payloads = (b.payloads::jsonb - (i.p - 1))::json,
+        payloads = (b.payloads::jsonb - (i.p - 1))::text,
         runner_seqs = b.runner_seqs[:i.p - 1] || b.runner_seqs[i.p + 1:]
     FROM (SELECT array_position(seqs, OLD.seq) AS p, last_seq FROM event_batches
           WHERE run_id = OLD.run_id AND OLD.seq BETWEEN first_seq AND last_seq) i

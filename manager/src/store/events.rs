@@ -313,7 +313,7 @@ macro_rules! insert_batches {
                                     created_at, seqs, types, payloads, runner_seqs)
          SELECT b.run_id, b.first_seq, b.last_seq, b.producer, b.runner_id, b.epoch,
                 statement_timestamp(), ARRAY(SELECT generate_series(b.first_seq, b.last_seq)),
-                string_to_array(b.types, ','), b.payloads::json,
+                string_to_array(b.types, ','), b.payloads,
                 CASE WHEN b.runner_id IS NOT NULL
                      THEN string_to_array(b.runner_seqs, ',', '')::bigint[] END
          -- Unnested in a select list, in step: in FROM, the batches (a streamed one holds
@@ -387,7 +387,7 @@ pub async fn list(
                          FROM event_batches b
                          CROSS JOIN LATERAL ROWS FROM (
                              unnest(b.seqs), unnest(b.types), unnest(b.runner_seqs),
-                             json_array_elements(b.payloads)
+                             json_array_elements(b.payloads::json)
                          ) AS e (seq, type, runner_seq, payload)
                          WHERE b.run_id = $1 AND b.last_seq > $2 AND e.seq > $2
                          -- Batches never overlap: in batch order, then seq order within
@@ -557,7 +557,7 @@ pub async fn compact(tx: &impl GenericClient, runs: &[RunId]) -> Result<Compacte
                  FROM event_batches b
                  CROSS JOIN LATERAL ROWS FROM (
                      unnest(b.seqs), unnest(b.types), unnest(b.runner_seqs),
-                     json_array_elements(b.payloads)
+                     json_array_elements(b.payloads::json)
                  ) AS e (seq, type, runner_seq, payload)
                  WHERE b.run_id = ANY($1)
              ),
@@ -614,7 +614,7 @@ pub async fn compact(tx: &impl GenericClient, runs: &[RunId]) -> Result<Compacte
              ),
              kept AS (
                  UPDATE event_batches b
-                 SET seqs = r.seqs, types = r.types, payloads = r.payloads,
+                 SET seqs = r.seqs, types = r.types, payloads = r.payloads::text,
                      runner_seqs = CASE WHEN b.runner_seqs IS NOT NULL THEN r.runner_seqs END
                  FROM rebuilt r
                  WHERE b.run_id = r.run_id AND b.last_seq = r.batch AND r.seqs IS NOT NULL

@@ -408,7 +408,7 @@ pub async fn claim_due(
                  SELECT b.run_id, u.seq, u.type, u.payload, b.producer, b.runner_id, b.epoch,
                         u.runner_seq, b.created_at
                  FROM ROWS FROM (unnest(b.seqs), unnest(b.types), unnest(b.runner_seqs),
-                                 json_array_elements(b.payloads))
+                                 json_array_elements(b.payloads::json))
                      AS u (seq, type, runner_seq, payload)
                  WHERE u.seq = t.seq
              ) e",
