@@ -433,13 +433,13 @@ impl WatchHub {
         let mut taken = Vec::new();
         // Runs with an append left to the reader: its wake-up must not be skipped.
         let mut left = HashSet::new();
-        let mut stored = stored.into_iter().peekable();
-        while let Some(first) = stored.next() {
-            let run_id = first.run_id;
-            let mut run = vec![first];
-            while let Some(next) = stored.next_if(|e| e.run_id == run_id) {
-                run.push(next);
-            }
+        let mut stored = stored;
+        while let Some(run_id) = stored.first().map(|e| e.run_id) {
+            // Each run's events taken as they are: one run's append (the usual case) is
+            // the whole vector, moved, not copied.
+            let len = stored.iter().take_while(|e| e.run_id == run_id).count();
+            let rest = stored.split_off(len);
+            let mut run = std::mem::replace(&mut stored, rest);
             let (follows, taken_here) = {
                 let mut topics = self.topics.lock().expect("watch hub lock");
                 match topics.get_mut(&run_id) {

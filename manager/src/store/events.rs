@@ -17,6 +17,7 @@
 //! leaving seq gaps that readers skip (a `seq > after_seq` range read needs no change).
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::time::SystemTime;
 
 use agentrun_shared::events::EventType;
@@ -293,7 +294,7 @@ impl Batches {
             b.payloads[i].push_str(&event.payload);
             // An empty element is a manager event's NULL runner seq.
             if let Some(runner_seq) = runner_seq {
-                b.runner_seqs[i].push_str(&runner_seq.to_string());
+                write!(b.runner_seqs[i], "{runner_seq}").expect("writing to a String");
             }
         }
         for payloads in &mut b.payloads {
