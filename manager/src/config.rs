@@ -80,8 +80,11 @@ pub struct Settings {
     /// [`MAX_PAYLOAD_LIMIT`], so a batch of them stays under the gRPC message limit.
     #[arg(long, env = "AGENTRUN_MAX_PAYLOAD_BYTES", default_value_t = DEFAULT_MAX_PAYLOAD_BYTES)]
     pub max_payload_bytes: usize,
-    /// Most events in one appended batch.
-    #[arg(long, env = "AGENTRUN_MAX_BATCH_EVENTS", default_value_t = 1_000)]
+    /// Most events in one appended batch. A runner streaming faster than its appends are
+    /// stored fills its batches; each costs a transaction, so larger ones store more
+    /// events per second (2,000 against 1,000: +15 % in `agentrun-bench stream`), at
+    /// more latency under that load (full-load append-to-watcher p99 about 11 → 20 ms).
+    #[arg(long, env = "AGENTRUN_MAX_BATCH_EVENTS", default_value_t = 2_000)]
     pub max_batch_events: usize,
     /// Active (claimed, running, waiting) runs a tenant may have when it has no limit of
     /// its own (AdminService.SetTenantLimit); 0 means unlimited.

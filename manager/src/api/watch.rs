@@ -43,13 +43,13 @@ use crate::store::{Tenant, events, runs};
 
 /// Events read per page (pages are bounded by bytes too, in the store).
 const PAGE: i64 = 500;
-/// Events buffered towards one client, at most. Above the largest append a runner may
-/// send (`--max-batch-events`, 1,000 by default) and its manager events, so a watcher
-/// that keeps up takes a whole append from the hub rather than being detached by it;
-/// what the buffer holds is bounded by [`BUFFER_BYTES`] anyway (the channel allocates
-/// as it fills).
+/// Items buffered towards one client, at most: a page the watcher read itself is an
+/// item per event, a fan-out of the hub (a whole append) one item. What the buffer
+/// holds is bounded by [`BUFFER_BYTES`] anyway (the channel allocates as it fills).
 const BUFFER: usize = 4096;
-/// Bytes of events buffered towards one client, at most (one larger event still goes).
+/// Bytes of events buffered towards one client, at most (one larger event still goes):
+/// a few of the largest appends of streamed deltas (`--max-batch-events`), so a watcher
+/// that keeps up takes each whole rather than being detached by it.
 pub const BUFFER_BYTES: usize = 1024 * 1024;
 
 pub type EventStream = WatchStream<proto::Event>;
