@@ -143,11 +143,10 @@ impl<T: Message + Send + 'static> Outbox<T> {
     /// Queues `messages`, taking `bytes` of room (what [`room_for`] gives them
     /// together), all or none, without waiting.
     pub(super) fn try_send_all(&self, messages: Vec<T>, bytes: usize) -> TrySend {
-        let Ok(room) = u32::try_from(bytes)
+        let room = u32::try_from(bytes)
             .ok()
-            .and_then(|bytes| self.room.clone().try_acquire_many_owned(bytes).ok())
-            .ok_or(())
-        else {
+            .and_then(|bytes| self.room.clone().try_acquire_many_owned(bytes).ok());
+        let Some(room) = room else {
             return TrySend::Full;
         };
         match self.tx.try_send(Queued::Messages(messages, room)) {
