@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use agentrun_manager::db;
 use agentrun_manager::store::commands::CommandUpdate;
 use agentrun_manager::store::leases::{self, LeaseWrite, RunnerEvent, Written};
+use agentrun_manager::store::runs::Finish;
 use agentrun_shared::events::EventType;
 use agentrun_shared::ids::{CommandId, RunId, RunnerId};
 use agentrun_shared::proto::manager_message::Body as FromManager;
@@ -171,6 +172,77 @@ async fn every_append_of_a_run_stored_together_goes_to_the_watch_hub() {
         all,
         (all[0]..=end).collect::<Vec<_>>(),
         "in seq order, no gap"
+    );
+}
+
+/// A run that ends in a batch of lease writes hands all of its news to the watch hub:
+/// its last append, and with its finish's answer its end (`run.terminal`). (Before, a run's last append and its end were left to its watchers'
+/// reader, which read them back from the database: up to a whole batch of events parsed
+/// again for every run.)
+#[tokio::test]
+async fn a_run_ending_in_a_batch_hands_its_last_append_and_its_end_to_the_watch_hub() {
+    let mut app = app().await;
+    create(&mut app, "ends at once").await;
+    let me = runner("ending");
+    let lease = claim(&mut app, &me, 1).await.remove(0);
+    let run_id = RunId::parse("run_id", &lease.run.as_ref().unwrap().run_id).unwrap();
+    let delta = |runner_seq: i64| {
+        let text = format!(r#"{{"kind":"assistant_text","delta":"token {runner_seq} "}}"#);
+        RunnerEvent::as_sent(runner_seq, EventType::ContentDelta, text)
+    };
+    // The reply, and the turn acknowledged.
+    let append = LeaseWrite::Append {
+        run_id,
+        epoch: lease.epoch,
+        events: (1..=3).map(delta).collect(),
+        updates: vec![CommandUpdate {
+            command_id: CommandId::parse("command_id", &lease.commands[0].command_id).unwrap(),
+            status: CommandStatus::Completed,
+            error: None,
+        }],
+    };
+    let finish = LeaseWrite::Finish {
+        epoch: lease.epoch,
+        outcome: Finish {
+            run_id,
+            status: agentrun_shared::state::RunStatus::Completed,
+            failure_kind: None,
+            message: None,
+        },
+        last_runner_seq: 3,
+    };
+    let pool = db::pool(&app.database_url, 1).expect("pool");
+    let written = leases::write(
+        &pool,
+        RunnerId::parse("runner_id", &me.runner_id).unwrap(),
+        None,
+        vec![append, finish],
+        &test_settings(&app.database_url).quotas(),
+    )
+    .await
+    .expect("the batch is stored");
+    let handed: Vec<Vec<(i64, String)>> = written
+        .into_iter()
+        .map(|written| {
+            let events = match written.expect("each write is stored") {
+                Written::Appended(outcome) => outcome.stored,
+                Written::Finished(_, events) => events,
+                Written::Released => panic!("a write answered as a release"),
+            };
+            events.into_iter().map(|e| (e.seq, e.event_type)).collect()
+        })
+        .collect();
+    let db = app.db().await;
+    let end = last_seq(&db, &run_id.to_string()).await;
+    // The append also holds the manager's `run.started` and `command.completed`.
+    assert_eq!(handed[0].len(), 5, "the last append, whole: {handed:?}");
+    let types: Vec<&str> = handed[1].iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(types, ["run.terminal"], "the end");
+    let seqs: Vec<i64> = handed.concat().iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(
+        seqs,
+        (seqs[0]..=end).collect::<Vec<_>>(),
+        "in seq order, no gap, to the log's end"
     );
 }
 

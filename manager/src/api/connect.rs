@@ -498,7 +498,10 @@ impl Session {
                     stored.extend(outcome.stored);
                     continue;
                 }
-                (Reply::FinishAck, Written::Finished(run)) => {
+                (Reply::FinishAck, Written::Finished(run, events)) => {
+                    // After its appends' events, in order: a run's end reaches its
+                    // watchers here from memory too.
+                    stored.extend(events);
                     self.drop_lease(run_id);
                     // Its concurrency key's next run was let in, or the run itself went
                     // back to the queue for a turn queued meanwhile: wake claimers.

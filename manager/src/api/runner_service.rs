@@ -182,7 +182,7 @@ impl RunnerService for RunnerApi {
         let r = request.get_ref();
         let runner_id = RunnerId::parse("runner_id", &r.runner_id).map_err(Error::from)?;
         let write = finish_write(r).map_err(Error::from)?;
-        let Written::Finished(run) = self.write(&caller, runner_id, write).await? else {
+        let Written::Finished(run, _) = self.write(&caller, runner_id, write).await? else {
             return Err(Status::internal("a finish stored something else"));
         };
         self.state.notifier.events_appended([run.id.0]);

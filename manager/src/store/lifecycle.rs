@@ -355,14 +355,14 @@ pub async fn finish_many(tx: &impl GenericClient, finishes: &[Finish]) -> Result
 /// their `progress` (by run id) is written by the update that ends them, and the
 /// appends' events, numbered but not stored yet (`appended`), are stored with the ends'
 /// in one statement (a run's last append and its end make one log batch). Returns the
-/// runs ended, and the appended events as stored, in order.
+/// runs ended, and the events as stored, in order: the appended ones, then each ended
+/// run's own (its closures, then `run.terminal`).
 pub async fn finish_many_with(
     tx: &impl GenericClient,
     finishes: &[Finish],
     progress: &HashMap<Uuid, LeaseProgress>,
     appended: Vec<(RunId, i64, NewEvent)>,
 ) -> Result<(Vec<RunRecord>, Vec<EventRecord>)> {
-    let appended_count = appended.len();
     // The runs' counters already count the events appended below. In id order, as
     // their closures are sorted.
     let mut finished = runs::mark_finished(tx, finishes, progress).await?;
@@ -433,8 +433,7 @@ pub async fn finish_many_with(
                 .map(|(seq, event)| (run.id, seq, event)),
         );
     }
-    let mut stored = events::insert_sequenced(tx, sequenced).await?;
-    stored.truncate(appended_count);
+    let stored = events::insert_sequenced(tx, sequenced).await?;
     // After the events: a session keeps the thread id its runs' turns last reported.
     sessions::touch_runs(tx, &in_sessions).await?;
     // Room for the keys' next runs, admitted before commit. Last, so the key locks are

@@ -75,8 +75,11 @@ impl LeaseWrite {
 #[derive(Debug, Clone)]
 pub enum Written {
     Appended(AppendOutcome),
-    /// The run as it ended (also when this finish repeated one already stored).
-    Finished(Box<RunRecord>),
+    /// The run as it ended (also when this finish repeated one already stored), and the
+    /// events its end stored, in seq order, when its watchers may take them in memory
+    /// (with its appends' in the same batch: see [`AppendOutcome::stored`]); empty
+    /// otherwise.
+    Finished(Box<RunRecord>, Vec<EventRecord>),
     Released,
 }
 
@@ -762,7 +765,9 @@ impl Batch {
             lifecycle::finish_many_with(tx, &self.finishes, &ending, sequenced).await?;
         // The batch read its runs without their input; a repeated finish answers whole.
         finished.extend(runs::get_many(tx, &self.repeated_finishes).await?);
-        stored.truncate(appended);
+        // After the appends' own events: the requests their ended turns closed, and the
+        // finishes' events.
+        let closing = stored.split_off(appended);
         lifecycle::requeue_many(tx, &self.releases, RequeueReason::Released).await?;
         finished.extend(
             lifecycle::requeue_many(tx, &self.turn_queued, RequeueReason::TurnQueued).await?,
@@ -778,31 +783,51 @@ impl Batch {
                 EventRecord::ephemeral(run_id, follows_seq, event)
             })
             .collect();
-        // The runs whose news in this batch is all in their appends' events: they go on
-        // (a finish or release appends more of its own) and their appends reach the
-        // log's end.
+        // The runs that go on whose news in this batch is all in their appends' events:
+        // their appends reach the log's end (a release or requeue appends more of its own
+        // in another statement).
         let mut appended_ends: HashMap<Uuid, i64> = HashMap::new();
         for event in &stored {
             let end = appended_ends.entry(event.run_id.0).or_default();
             *end = (*end).max(event.seq);
         }
-        let ending: HashSet<Uuid> = self
-            .finishes
+        let requeued: HashSet<Uuid> = self
+            .releases
             .iter()
-            .map(|f| f.run_id.0)
-            .chain(self.releases.iter().chain(&self.turn_queued).map(|r| r.0))
+            .chain(&self.turn_queued)
+            .map(|r| r.0)
             .collect();
-        let whole_news = self
+        let finishing: HashSet<Uuid> = self.finishes.iter().map(|f| f.run_id.0).collect();
+        let mut whole_news: HashSet<Uuid> = self
             .progress
             .iter()
             .filter(|(id, p)| {
-                !ending.contains(id) && appended_ends.get(id) == Some(&p.last_event_seq)
+                !finishing.contains(id)
+                    && !requeued.contains(id)
+                    && appended_ends.get(id) == Some(&p.last_event_seq)
             })
             .map(|(id, _)| *id)
             .collect();
+        // A run that ends here (and is not requeued by another statement) has all of its
+        // news in this batch: its appends, the requests their turns closed and its end,
+        // which its finish's answer takes.
+        let mut finish_news: HashMap<Uuid, Vec<EventRecord>> = finishing
+            .difference(&requeued)
+            .map(|id| (*id, Vec::new()))
+            .collect();
+        for event in closing {
+            if let Some(news) = finish_news.get_mut(&event.run_id.0) {
+                news.push(event);
+            }
+        }
+        for news in finish_news.values_mut() {
+            news.sort_by_key(|e| e.seq);
+        }
+        whole_news.extend(finish_news.keys());
         Ok(Stored {
             events: stored.into_iter().map(Some).collect(),
             whole_news,
+            finish_news,
             live,
             finished,
         })
@@ -869,8 +894,12 @@ async fn store_progress(
 struct Stored {
     /// Each taken by the answer of the write that appended it.
     events: Vec<Option<EventRecord>>,
-    /// The runs whose appends' events are all the batch added to their logs.
+    /// The runs whose news in this batch its answers carry whole: their appends' events
+    /// (and, for a run that ended, [`Stored::finish_news`]) are all the batch added to
+    /// their logs.
     whole_news: HashSet<Uuid>,
+    /// Of a run that ended: the events the batch stored after its appends' own.
+    finish_news: HashMap<Uuid, Vec<EventRecord>>,
     live: Vec<EventRecord>,
     finished: Vec<RunRecord>,
 }
@@ -910,13 +939,16 @@ impl Stored {
                     stored,
                 })
             }
-            Planned::Finished(run_id) => Written::Finished(Box::new(
-                self.finished
-                    .iter()
-                    .find(|r| r.id == run_id)
-                    .cloned()
-                    .ok_or_else(|| Error::Internal("a fenced finish changed no row".into()))?,
-            )),
+            Planned::Finished(run_id) => Written::Finished(
+                Box::new(
+                    self.finished
+                        .iter()
+                        .find(|r| r.id == run_id)
+                        .cloned()
+                        .ok_or_else(|| Error::Internal("a fenced finish changed no row".into()))?,
+                ),
+                self.finish_news.remove(&run_id.0).unwrap_or_default(),
+            ),
             Planned::Released => Written::Released,
         })
     }
