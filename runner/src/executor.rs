@@ -643,9 +643,7 @@ impl<'a> Executor<'a> {
     /// Sends an event of the active turn's provider.
     async fn on_provider_event(&mut self, event: provider::ProviderEvent) -> Result<(), Aborted> {
         self.note_first_token(&event);
-        let opened = (event.event_type == "request.opened")
-            .then(|| event.str_field("request_id").map(str::to_owned))
-            .flatten();
+        let opened = event.request_id().map(str::to_owned);
         self.ctx.outbox.push_event(event).await?;
         if let Some(request_id) = opened {
             self.on_request_opened(request_id).await?;

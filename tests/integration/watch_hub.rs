@@ -106,6 +106,12 @@ async fn fifty_watchers_of_one_run_each_get_every_event_once_in_order() {
     }
 }
 
+/// A runner's `content.delta` of the token numbered `runner_seq`.
+fn token_delta(runner_seq: i64) -> RunnerEvent {
+    let text = format!(r#"{{"kind":"assistant_text","delta":"token {runner_seq} "}}"#);
+    RunnerEvent::as_sent(runner_seq, EventType::ContentDelta, text)
+}
+
 /// A runner that streams faster than its session stores sends several appends of one run
 /// that the manager stores in one transaction. The watch hub gets all of them in memory,
 /// in seq order: given only the last (as before), its watchers were left a gap, and the
@@ -118,14 +124,10 @@ async fn every_append_of_a_run_stored_together_goes_to_the_watch_hub() {
     let me = runner("fast");
     let lease = claim(&mut app, &me, 1).await.remove(0);
     let run_id = RunId::parse("run_id", &lease.run.as_ref().unwrap().run_id).unwrap();
-    let delta = |runner_seq: i64| {
-        let text = format!(r#"{{"kind":"assistant_text","delta":"token {runner_seq} "}}"#);
-        RunnerEvent::as_sent(runner_seq, EventType::ContentDelta, text)
-    };
     let append = |runner_seqs: std::ops::RangeInclusive<i64>| LeaseWrite::Append {
         run_id,
         epoch: lease.epoch,
-        events: runner_seqs.map(delta).collect(),
+        events: runner_seqs.map(token_delta).collect(),
         updates: vec![],
     };
     // The turn's acknowledgement in between: its `command.completed` is news too.
@@ -186,15 +188,11 @@ async fn a_run_ending_in_a_batch_hands_its_last_append_and_its_end_to_the_watch_
     let me = runner("ending");
     let lease = claim(&mut app, &me, 1).await.remove(0);
     let run_id = RunId::parse("run_id", &lease.run.as_ref().unwrap().run_id).unwrap();
-    let delta = |runner_seq: i64| {
-        let text = format!(r#"{{"kind":"assistant_text","delta":"token {runner_seq} "}}"#);
-        RunnerEvent::as_sent(runner_seq, EventType::ContentDelta, text)
-    };
     // The reply, and the turn acknowledged.
     let append = LeaseWrite::Append {
         run_id,
         epoch: lease.epoch,
-        events: (1..=3).map(delta).collect(),
+        events: (1..=3).map(token_delta).collect(),
         updates: vec![CommandUpdate {
             command_id: CommandId::parse("command_id", &lease.commands[0].command_id).unwrap(),
             status: CommandStatus::Completed,

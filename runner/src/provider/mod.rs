@@ -99,14 +99,13 @@ impl ProviderEvent {
         }
     }
 
-    /// The payload's string field `key`.
-    pub fn str_field(&self, key: &str) -> Option<&str> {
-        match (&self.payload, key) {
-            (EventPayload::Json(payload), _) => payload.get(key)?.as_str(),
-            (EventPayload::Delta { item_id, .. }, "item_id") => Some(item_id),
-            (EventPayload::Delta { kind, .. }, "kind") => Some(kind),
-            (EventPayload::Delta { delta, .. }, "delta") => Some(delta),
-            (EventPayload::Delta { .. }, _) => None,
+    /// The id of the request a `request.opened` opens.
+    pub fn request_id(&self) -> Option<&str> {
+        match &self.payload {
+            EventPayload::Json(payload) if self.event_type == "request.opened" => {
+                payload.get("request_id")?.as_str()
+            }
+            _ => None,
         }
     }
 }
