@@ -29,7 +29,6 @@ use agentrun_shared::proto;
 use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use uuid::Uuid;
 
@@ -98,21 +97,14 @@ pub(super) fn room_for(message: &impl Message) -> usize {
     message.encoded_len().clamp(1, BUFFER_BYTES)
 }
 
-impl<T: Message + Send + 'static> Outbox<T> {
+impl<T: Message + Unpin + Send + 'static> Outbox<T> {
     pub(super) fn new() -> (Self, WatchStream<T>) {
         let (tx, rx) = mpsc::channel(BUFFER);
-        let stream = futures_util::StreamExt::flat_map(ReceiverStream::new(rx), |queued| {
-            let (messages, room, end) = match queued {
-                Queued::Messages(messages, room) => (messages, Some(room), None),
-                Queued::End(status) => (Vec::new(), None, Some(status)),
-            };
-            // The room is given back once the last message is taken.
-            let messages = messages.into_iter().map(move |message| {
-                let _held = &room;
-                Ok(message)
-            });
-            futures_util::stream::iter(messages.chain(end.map(Err)))
-        });
+        let stream = Receiving {
+            rx,
+            current: Vec::new().into_iter(),
+            room: None,
+        };
         let room = Arc::new(Semaphore::new(BUFFER_BYTES));
         (Self { tx, room }, Box::pin(stream))
     }
@@ -167,6 +159,43 @@ impl<T: Message + Send + 'static> Outbox<T> {
 
     fn is_closed(&self) -> bool {
         self.tx.is_closed()
+    }
+}
+
+/// The receiving half of a watcher's stream: the queued messages one by one, giving a
+/// fan-out's room back once its last message is taken. (A plain stream, not a chain of
+/// combinators: each layer moved every message once more.)
+struct Receiving<T> {
+    rx: mpsc::Receiver<Queued<T>>,
+    current: std::vec::IntoIter<T>,
+    room: Option<OwnedSemaphorePermit>,
+}
+
+impl<T: Unpin> Stream for Receiving<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(message) = this.current.next() {
+                if this.current.len() == 0 {
+                    this.room = None;
+                }
+                return std::task::Poll::Ready(Some(Ok(message)));
+            }
+            match std::task::ready!(this.rx.poll_recv(cx)) {
+                Some(Queued::Messages(messages, room)) => {
+                    // Nothing to take (never queued, but harmless): its room goes back now.
+                    this.room = (!messages.is_empty()).then_some(room);
+                    this.current = messages.into_iter();
+                }
+                Some(Queued::End(status)) => return std::task::Poll::Ready(Some(Err(status))),
+                None => return std::task::Poll::Ready(None),
+            }
+        }
     }
 }
 

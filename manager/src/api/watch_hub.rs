@@ -433,13 +433,17 @@ impl WatchHub {
         let mut taken = Vec::new();
         // Runs with an append left to the reader: its wake-up must not be skipped.
         let mut left = HashSet::new();
-        let mut stored = stored;
-        while let Some(run_id) = stored.first().map(|e| e.run_id) {
-            // Each run's events taken as they are: one run's append (the usual case) is
-            // the whole vector, moved, not copied.
+        // Each run's events taken in order, each event moved at most once: one run's
+        // append (the usual case) is the whole vector, moved, not copied. (Splitting a
+        // vector moved the events behind each run again, for every run.)
+        let mut stored = VecDeque::from(stored);
+        while let Some(run_id) = stored.front().map(|e| e.run_id) {
             let len = stored.iter().take_while(|e| e.run_id == run_id).count();
-            let rest = stored.split_off(len);
-            let mut run = std::mem::replace(&mut stored, rest);
+            let mut run: Vec<_> = if len == stored.len() {
+                std::mem::take(&mut stored).into()
+            } else {
+                stored.drain(..len).collect()
+            };
             let (follows, taken_here) = {
                 let mut topics = self.topics.lock().expect("watch hub lock");
                 match topics.get_mut(&run_id) {
@@ -822,6 +826,30 @@ mod tests {
         assert!(!hub.fan_out(run, events(9..=10)));
         assert_eq!(seqs(&mut a, 2).await, [9, 10]);
         assert!(hub.topics.lock().unwrap()[&run].parked.is_empty());
+    }
+
+    /// One write's events of several runs (an append each, and a run's end after them):
+    /// each run's reach its watchers in order, from memory.
+    #[tokio::test]
+    async fn one_write_of_several_runs_reaches_each_runs_watchers_in_order() {
+        let hub = hub();
+        let (one, two) = (RunId::new(), RunId::new());
+        let (_a, mut a) = subscribe(&hub, one, 2);
+        let (_b, mut b) = subscribe(&hub, two, 0);
+        let mut stored = deltas(one, 3..=4);
+        stored.extend(deltas(two, 1..=2));
+        stored.extend(deltas(one, 5..=6));
+        let mut taken = hub.publish_stored(stored);
+        taken.sort();
+        let mut both = vec![one.0, two.0];
+        both.sort();
+        assert_eq!(taken, both);
+        assert_eq!(seqs(&mut a, 4).await, [3, 4, 5, 6]);
+        assert_eq!(seqs(&mut b, 2).await, [1, 2]);
+        assert!(
+            hub.topics.lock().unwrap()[&one].parked.is_empty(),
+            "nothing parked"
+        );
     }
 
     /// What the topic cannot hold is left to the reader, and its run is not reported

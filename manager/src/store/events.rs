@@ -248,7 +248,7 @@ impl Batches {
         let mut order: Vec<&EventRecord> = events.iter().collect();
         order.sort_by_key(|e| (e.run_id.0, e.seq));
         let mut b = Batches::default();
-        for event in order {
+        for (at, &event) in order.iter().enumerate() {
             let (lease, runner_seq) = match event.producer {
                 Producer::Manager => (None, None),
                 Producer::Runner {
@@ -278,9 +278,18 @@ impl Batches {
                     b.producers.push("manager");
                     b.runner_ids.push(None);
                     b.epochs.push(None);
-                    b.types.push(String::new());
-                    b.payloads.push("[".to_owned());
-                    b.runner_seqs.push(String::new());
+                    // Sized for the rest of the run's events here (a batch usually
+                    // holds them all), so the texts are not copied as they grow.
+                    let (mut events, mut bytes) = (0, 0);
+                    for e in order[at..].iter().take_while(|e| e.run_id == event.run_id) {
+                        events += 1;
+                        bytes += e.payload.len() + 1;
+                    }
+                    b.types.push(String::with_capacity(events * 16));
+                    let mut payloads = String::with_capacity(bytes + 1);
+                    payloads.push('[');
+                    b.payloads.push(payloads);
+                    b.runner_seqs.push(String::with_capacity(events * 8));
                     b.run_ids.len() - 1
                 }
             };
