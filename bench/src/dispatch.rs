@@ -121,6 +121,7 @@ pub async fn run(
             runs as f64 / total_secs,
             "runs/s",
         )
+        .against("limit.model_dispatches_per_s")
         .against("limit.batched_dispatches_per_s")
         .against("limit.dispatches_per_s")
         .peers(&[

@@ -347,10 +347,11 @@ async fn main() -> anyhow::Result<()> {
             "database limit: pgbench, {} s per script",
             sizes.pgbench_seconds
         );
-        record(
-            "limit",
-            dblimit::run(&db, &url, sizes.pgbench_seconds).await,
-        );
+        let result = async {
+            let model_url = cluster.create_database().await?;
+            dblimit::run(&db, &url, &model_url, sizes.pgbench_seconds).await
+        };
+        record("limit", result.await);
     }
     // The peers, on the same cluster, next to the database limit.
     if wants(Scenario::Peers) {

@@ -99,11 +99,13 @@ fn ratio(figure: &Figure, baseline: &str, all: &[Figure]) -> Option<f64> {
 }
 
 /// How a baseline is called in the table: `limit.*` is the database limit
-/// (`limit.batched_*` the same SQL ×100 per statement),
-/// `peer.graphile_worker.*` is graphile-worker.
+/// (`limit.batched_*` the same SQL ×100 per statement, `limit.model_*` agentrun's own
+/// data model's), `peer.graphile_worker.*` is graphile-worker.
 fn baseline_label(name: &str) -> String {
     if name.starts_with("limit.batched_") {
         "batched database limit".to_owned()
+    } else if name.starts_with("limit.model_") {
+        "data-model limit".to_owned()
     } else if name.starts_with("limit.") {
         "database limit".to_owned()
     } else if let Some(rest) = name.strip_prefix("peer.") {
