@@ -318,7 +318,7 @@ mod tests {
             r#"{"kind":"assistant_text","delta":"x"} trailing"#,
             r#"["assistant_text","x"]"#,
             "",
-            // Compact, as the runner's fast path reads them, and still refused.
+            // Compact, as the serde-free reading takes them, and still refused.
             r#"{"delta":"k sk-proj-abcdefghijklmnopqrstuvwxyz0123","kind":"assistant_text"}"#,
             r#"{"delta":"x","delta":"y","kind":"assistant_text"}"#,
             r#"{"delta":"x","kind":"assistant_text","other":"y"}"#,

@@ -828,8 +828,9 @@ mod tests {
         assert!(hub.topics.lock().unwrap()[&run].parked.is_empty());
     }
 
-    /// One write's events of several runs (an append each, and a run's end after them):
-    /// each run's reach its watchers in order, from memory.
+    /// One write's events of several runs, one run's in two stretches (its append, then
+    /// what its end stored after another run's append): each run's reach its watchers in
+    /// order, from memory.
     #[tokio::test]
     async fn one_write_of_several_runs_reaches_each_runs_watchers_in_order() {
         let hub = hub();
