@@ -394,16 +394,18 @@ pub struct Waiting {
     pub runs: i64,
 }
 
-/// Pending runs held back, by tenant, queue and reason: held runs (an index scan) and
-/// the pending runs of tenants with rate limits.
+/// Pending runs held back, by tenant, queue and reason: held runs and the pending runs
+/// of tenants with rate limits (each an index scan).
 pub async fn waiting(client: &impl GenericClient) -> Result<Vec<Waiting>> {
     let stmt = client
         .prepare_cached(
             "SELECT tenant_id, queue, reason, count(*) FROM (
                  SELECT r.tenant_id, r.queue, run_waiting_reason(r) AS reason FROM runs r
-                 WHERE r.status = 'pending'
-                   AND (r.held IS NOT NULL
-                        OR r.tenant_id IN (SELECT DISTINCT tenant_id FROM rate_limits))
+                 WHERE r.status = 'pending' AND r.held IS NOT NULL
+                 UNION ALL
+                 SELECT r.tenant_id, r.queue, run_waiting_reason(r) FROM runs r
+                 WHERE r.status = 'pending' AND r.held IS NULL
+                   AND r.tenant_id IN (SELECT DISTINCT tenant_id FROM rate_limits)
              ) w
              WHERE reason IN ('concurrency_key', 'rate_limit')
              GROUP BY tenant_id, queue, reason

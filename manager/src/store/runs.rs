@@ -1045,11 +1045,13 @@ pub async fn any_claimable(client: &impl GenericClient) -> Result<bool> {
 }
 
 /// The runs not ended, read through the partial indexes that hold them (the claim
-/// index for pending runs, the lease index for active ones): a scan of `runs` filtered
-/// by a status array would read the whole history. The statuses are literals so that
-/// even a generic plan proves the indexes' predicates; a condition on the tenant is
-/// pushed down into both halves.
-const OPEN_RUNS: &str = "(SELECT * FROM runs WHERE status = 'pending'
+/// index for claimable runs, the held runs' index, the lease index for active ones): a
+/// scan of `runs` filtered by a status array would read the whole history. The
+/// conditions are literals so that even a generic plan proves the indexes' predicates;
+/// a condition on the tenant is pushed down into every part.
+const OPEN_RUNS: &str = "(SELECT * FROM runs WHERE status = 'pending' AND held IS NULL
+                          UNION ALL
+                          SELECT * FROM runs WHERE status = 'pending' AND held IS NOT NULL
                           UNION ALL
                           SELECT * FROM runs WHERE status IN ('claimed', 'running', 'waiting'))";
 
