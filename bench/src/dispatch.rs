@@ -34,7 +34,8 @@ const TERMINAL: &str = "SELECT count(*) FROM runs
 /// (claimable, held) and active runs, so polling costs the database next to nothing
 /// (counting the terminal runs scans the table, a tenth of the database time of a
 /// full-load run).
-const UNFINISHED: &str = "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'pending' AND held IS NULL)
+const UNFINISHED: &str =
+    "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'pending' AND held IS NULL)
     OR EXISTS (SELECT 1 FROM runs WHERE status = 'pending' AND held IS NOT NULL)
     OR EXISTS (SELECT 1 FROM runs WHERE status IN ('claimed', 'running', 'waiting'))";
 

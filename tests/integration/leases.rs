@@ -566,6 +566,24 @@ async fn reading_a_runs_log_does_not_read_its_input() {
     );
 }
 
+/// A claim planned on empty tables reads runs and commands through their indexes, never
+/// by scanning a table: runners connect, and claim, before there is any run, and a
+/// connection keeps the plan it made then until the tables are next analyzed.
+#[tokio::test]
+async fn a_claim_planned_on_empty_tables_reads_through_indexes() {
+    let app = TestApp::spawn().await;
+    let db = app.db().await;
+    let plan = generic_plan(&db, &agentrun_manager::store::leases::CLAIM_SQL).await;
+    assert!(
+        !plan.contains("Seq Scan on commands"),
+        "the claim scans every command to deliver its runs' ones:\n{plan}"
+    );
+    assert!(
+        !plan.contains("Seq Scan on runs"),
+        "the claim scans every run:\n{plan}"
+    );
+}
+
 /// Finishing runs counts each run's open commands (each closes with an event) through the
 /// open commands' partial index, in the plan the lease writes keep. With the open
 /// statuses a parameter, the planner could not prove the index applies and read every

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use agentrun_manager::db;
-use agentrun_manager::store::{Tenant, flow};
 use agentrun_manager::store::runs::{self, RunFilter};
+use agentrun_manager::store::{Tenant, flow};
 use agentrun_shared::proto::{self, RunStatus};
 use agentrun_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -395,7 +395,14 @@ async fn queue_stats_read_the_open_runs_not_the_history() {
 
     let waiting: Vec<(&str, &str, &str, i64)> = waiting
         .iter()
-        .map(|w| (w.tenant_id.as_str(), w.queue.as_str(), w.reason.as_str(), w.runs))
+        .map(|w| {
+            (
+                w.tenant_id.as_str(),
+                w.queue.as_str(),
+                w.reason.as_str(),
+                w.runs,
+            )
+        })
         .collect();
     assert_eq!(waiting, [("t1", "q1", "concurrency_key", 1)]);
 

@@ -403,7 +403,8 @@ async fn a_finished_run_shows_no_lease() {
 /// The log insert's duplicate check stays one index probe per batch in the plan a
 /// connection keeps (the lease writes run on generic plans), even when that plan is made
 /// on an empty log: as an anti join it hashed a scan of the whole `event_batches` table
-/// on every append until the table was next analyzed.
+/// on every append until the table was next analyzed. Likewise the webhook deliveries
+/// find their runs by key: planned on an empty database, they joined every run.
 #[tokio::test]
 async fn the_log_insert_never_scans_the_whole_log_even_when_planned_on_an_empty_one() {
     use agentrun_manager::store::events::{INSERT_BATCHES, INSERT_BATCHES_AND_DELIVERIES};
@@ -418,6 +419,10 @@ async fn the_log_insert_never_scans_the_whole_log_even_when_planned_on_an_empty_
         assert!(
             !plan.contains("Seq Scan on event_batches"),
             "{name}: the log is scanned whole:\n{plan}"
+        );
+        assert!(
+            !plan.contains("Seq Scan on runs"),
+            "{name}: every run is read:\n{plan}"
         );
         assert!(
             plan.contains("using event_batches_pkey on event_batches"),

@@ -388,12 +388,14 @@ where
 }
 
 /// The plan PostgreSQL keeps for `sql` on a connection that plans generically, as the
-/// manager's lease writes do (`plan_cache_mode = force_generic_plan`): the plan used
-/// whatever the parameters are. The parameters must be `$1` to `$n`, each typed in `sql`.
+/// manager's hot paths do (a claim, a runner's writes: `store::HOT_PATH_SETTINGS`): the
+/// plan used whatever the parameters are, made once and kept as the tables grow. The
+/// parameters must be `$1` to `$n`, each typed in `sql`.
 pub async fn generic_plan(db: &tokio_postgres::Client, sql: &str) -> String {
     let params = (1..).take_while(|n| sql.contains(&format!("${n}"))).count();
     db.batch_execute(&format!(
-        "SET plan_cache_mode = force_generic_plan; PREPARE generic_plan AS {sql}"
+        "BEGIN; {}; PREPARE generic_plan AS {sql}",
+        agentrun_manager::store::HOT_PATH_SETTINGS
     ))
     .await
     .unwrap();
@@ -409,7 +411,9 @@ pub async fn generic_plan(db: &tokio_postgres::Client, sql: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n");
-    db.batch_execute("DEALLOCATE generic_plan").await.unwrap();
+    db.batch_execute("DEALLOCATE generic_plan; ROLLBACK")
+        .await
+        .unwrap();
     plan
 }
 

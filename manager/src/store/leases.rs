@@ -352,7 +352,8 @@ fn claim_sql() -> String {
     )
 }
 
-static CLAIM_SQL: LazyLock<String> = LazyLock::new(claim_sql);
+/// [`claim_sql`]. Public for the test of its plan.
+pub static CLAIM_SQL: LazyLock<String> = LazyLock::new(claim_sql);
 
 /// Claims up to `max_runs` pending runs the runner can serve — its queues, a backend
 /// profile it has, labels it all has, `scheduled_at` reached — fairly across tenants and
