@@ -9,9 +9,10 @@
 //! - insert: one multi-row `INSERT` of 100 rows into an events-like table.
 //! - the data model's dispatch: what a dispatched `[tokens:1]` run writes, on agentrun's
 //!   own schema (a scratch database migrated for it) and batched ×100 as the manager
-//!   batches it, with nothing else: the run, its first turn and its first log batch;
-//!   the claim (the run leased, the turn delivered, a log batch); the finish (the run
-//!   ended, the turn completed, the runner's events with the manager's in one log batch).
+//!   batches it, with nothing else: the run (carrying its first turn) and its first log
+//!   batch; the claim (the run leased, its turn delivered, a log batch); the finish (the
+//!   turn completed, the run ended, the runner's events with the manager's in one log
+//!   batch).
 //!   No manager, no runner, no fairness or limits: the most this data model allows on
 //!   this server, however lean the processes around it.
 
@@ -65,18 +66,17 @@ const MODEL_BATCH: u32 = 100;
 
 /// One pgbench transaction: 100 runs created, claimed and finished, three transactions
 /// as the manager's are (each client is its own tenant and runner, as the dispatcher's
-/// groups are). The payloads are those of a dispatched `[tokens:1]` run.
+/// groups are). The payloads are those of a dispatched `[tokens:1]` run; its first turn
+/// is carried by the run row (delivered with the claim, completed by the runner's
+/// report ahead of the finish, as `commands::store_updates` writes it).
 const MODEL_DISPATCH_SCRIPT: &str = r#"BEGIN;
 WITH created AS (
   INSERT INTO runs (id, tenant_id, project_id, backend_profile, queue, input, status, max_attempts,
-                    run_timeout_ms, last_event_seq, last_command_seq)
+                    run_timeout_ms, last_event_seq, last_command_seq, first_turn_id, first_turn_status,
+                    first_turn_updated_at)
   SELECT gen_random_uuid(), 'model-' || :client_id, 'default', 'scripted', 'default',
-         '{"prompt": "[tokens:1] x"}', 'pending', 3, 3600000, 2, 1
-  FROM generate_series(1, 100) RETURNING id),
- turns AS (
-  INSERT INTO commands (run_id, seq, id, kind, payload, status, delivery_policy, payload_hash)
-  SELECT id, 1, gen_random_uuid(), 'turn', '{"prompt": "[tokens:1] x"}', 'pending', 'queue', '\x00'
-  FROM created)
+         '{"prompt": "[tokens:1] x"}', 'pending', 3, 3600000, 2, 1, gen_random_uuid(), 'pending', now()
+  FROM generate_series(1, 100) RETURNING id)
 INSERT INTO event_batches (run_id, first_seq, last_seq, producer, created_at, seqs, types, payloads)
 SELECT id, 1, 2, 'manager', now(), '{1,2}', '{run.created,command.created}',
        '[{"backend_profile":"scripted","queue":"default"},{"kind":"turn","payload":{"prompt":"[tokens:1] x"},"seq":1}]'
@@ -87,13 +87,11 @@ WITH picked AS MATERIALIZED (
   SELECT id FROM runs
   WHERE tenant_id = 'model-' || :client_id AND queue = 'default' AND status = 'pending' AND held IS NULL
   ORDER BY priority DESC, created_at, id LIMIT 100 FOR UPDATE SKIP LOCKED),
- delivered AS (
-  UPDATE commands SET status = 'delivered', updated_at = now()
-  WHERE run_id = ANY(ARRAY(SELECT id FROM picked)) AND status IN ('pending', 'delivered', 'acknowledged')),
  claimed AS (
   UPDATE runs SET status = 'claimed', lease_runner_id = ('00000000-0000-0000-0000-' || lpad(:client_id::text, 12, '0'))::uuid,
          lease_epoch = runs.lease_epoch + 1, lease_expires_at = now() + interval '30 s',
          claimed_at = now(), updated_at = now(), run_deadline = now() + runs.run_timeout_ms * interval '1 ms',
+         first_turn_status = 'delivered', first_turn_updated_at = now(),
          last_event_seq = runs.last_event_seq + 2
   FROM picked WHERE runs.id = picked.id RETURNING runs.id)
 INSERT INTO event_batches (run_id, first_seq, last_seq, producer, created_at, seqs, types, payloads)
@@ -102,14 +100,14 @@ SELECT id, 3, 4, 'manager', now(), '{3,4}', '{run.claimed,command.delivered}',
 FROM claimed;
 COMMIT;
 BEGIN;
+UPDATE runs SET first_turn_status = 'completed', first_turn_updated_at = now()
+WHERE tenant_id = 'model-' || :client_id AND status IN ('claimed', 'running', 'waiting')
+  AND lease_runner_id = ('00000000-0000-0000-0000-' || lpad(:client_id::text, 12, '0'))::uuid;
 WITH held AS MATERIALIZED (
   SELECT id FROM runs
   WHERE tenant_id = 'model-' || :client_id AND status IN ('claimed', 'running', 'waiting')
     AND lease_runner_id = ('00000000-0000-0000-0000-' || lpad(:client_id::text, 12, '0'))::uuid
   FOR UPDATE),
- completed AS (
-  UPDATE commands SET status = 'completed', updated_at = now()
-  WHERE run_id = ANY(ARRAY(SELECT id FROM held)) AND seq = 1),
  ended AS (
   UPDATE runs SET status = 'completed', finished_at = now(), updated_at = now(), lease_runner_seq = 6,
          last_event_seq = 13

@@ -1800,10 +1800,11 @@ async fn the_invariant_check_catches_a_corrupted_database() {
     .await;
     // A third attempt that no expired lease paid for.
     corrupt(&db, "UPDATE runs SET attempt = 3 WHERE id = $1", &[&lived]).await;
-    // The runner reported its turn completed; the row says failed.
+    // The runner reported its turn completed; the row (the run's, which carries its first
+    // turn) says failed.
     corrupt(
         &db,
-        "UPDATE commands SET status = 'failed' WHERE run_id = $1 AND status = 'completed'",
+        "UPDATE runs SET first_turn_status = 'failed' WHERE id = $1 AND first_turn_status = 'completed'",
         &[&lived],
     )
     .await;
@@ -1841,10 +1842,11 @@ async fn the_invariant_check_catches_a_corrupted_database() {
         &[&keyed],
     )
     .await;
-    // A queued run whose command a runner still holds (it was never handed back).
+    // A queued run whose command (its first turn) a runner still holds (it was never
+    // handed back).
     corrupt(
         &db,
-        "UPDATE commands SET status = 'acknowledged' WHERE run_id = $1",
+        "UPDATE runs SET first_turn_status = 'acknowledged' WHERE id = $1",
         &[&never_run],
     )
     .await;
@@ -1884,8 +1886,8 @@ async fn the_invariant_check_catches_a_corrupted_database() {
     .await;
     corrupt(
         &db,
-        "UPDATE commands SET payload = '{\"prompt\": \"something else\"}'
-         WHERE run_id = $1 AND seq = 1",
+        "UPDATE commands SET payload = '{\"text\": \"something else\"}'
+         WHERE run_id = $1 AND kind = 'steer'",
         &[&keyed],
     )
     .await;
@@ -1977,7 +1979,7 @@ async fn the_invariant_check_catches_a_corrupted_database() {
         ),
         (
             "idempotency fingerprint does not match",
-            &[&keyed, "command 1", "payload_hash"],
+            &[&keyed, "command 2", KEYED_STEER, "payload_hash"],
         ),
     ];
     for (check, names) in expected {

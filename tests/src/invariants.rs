@@ -324,7 +324,7 @@ const CHECKS: &[(&str, Param, &str)] = &[
         Param::None,
         "SELECT r.id::text || ': last_command_seq ' || r.last_command_seq || ' but ' || count(c.seq)
                 || ' commands, seq ' || coalesce(min(c.seq), 0) || '..' || coalesce(max(c.seq), 0)
-         FROM runs r LEFT JOIN commands c ON c.run_id = r.id
+         FROM runs r LEFT JOIN run_commands c ON c.run_id = r.id
          GROUP BY r.id, r.last_command_seq
          HAVING count(c.seq) <> r.last_command_seq OR coalesce(max(c.seq), 0) <> r.last_command_seq
              OR coalesce(min(c.seq), 1) <> 1",
@@ -414,7 +414,7 @@ const CHECKS: &[(&str, Param, &str)] = &[
         "open command on an ended run",
         Param::Terminal,
         "SELECT r.id::text || ' is ' || r.status || ' but command ' || c.seq || ' (' || c.kind || ') is ' || c.status
-         FROM runs r JOIN commands c ON c.run_id = r.id
+         FROM runs r JOIN run_commands c ON c.run_id = r.id
          WHERE r.status = ANY($1) AND c.status IN ('pending', 'delivered', 'acknowledged')",
     ),
     (
@@ -432,7 +432,7 @@ const CHECKS: &[(&str, Param, &str)] = &[
                 || coalesce(e.payload->>'command_id', 'no command') || ', not a command of its run'
          FROM events e
          WHERE e.type IN ('command.delivered', 'command.completed')
-           AND NOT EXISTS (SELECT 1 FROM commands c
+           AND NOT EXISTS (SELECT 1 FROM run_commands c
                            WHERE c.run_id = e.run_id AND c.id::text = e.payload->>'command_id')",
     ),
     (
@@ -443,7 +443,7 @@ const CHECKS: &[(&str, Param, &str)] = &[
         "SELECT e.run_id::text || ': command ' || c.seq || ' (' || c.kind || ') is ' || c.status
                 || ' but command.completed at seq ' || e.seq || ' says ' || coalesce(e.payload->>'status', 'nothing')
          FROM events e
-         JOIN commands c ON c.run_id = e.run_id AND c.id::text = e.payload->>'command_id'
+         JOIN run_commands c ON c.run_id = e.run_id AND c.id::text = e.payload->>'command_id'
          WHERE e.type = 'command.completed'
            AND (e.payload->>'status' IS DISTINCT FROM c.status OR NOT c.status = ANY($1))",
     ),
@@ -456,7 +456,7 @@ const CHECKS: &[(&str, Param, &str)] = &[
         // open command has none.
         "SELECT c.run_id::text || ': command ' || c.seq || ' (' || c.kind || ') is ' || c.status
                 || coalesce(' (' || c.error || ')', '') || ' with ' || count(e.seq) || ' command.completed events'
-         FROM commands c
+         FROM run_commands c
          LEFT JOIN events e ON e.run_id = c.run_id AND e.type = 'command.completed'
                            AND e.payload->>'command_id' = c.id::text
          GROUP BY c.run_id, c.seq, c.kind, c.status, c.error
@@ -493,7 +493,7 @@ const CHECKS: &[(&str, Param, &str)] = &[
         // since its latest claim. (Ended runs: see "open command on an ended run".)
         "SELECT c.run_id::text || ': command ' || c.seq || ' (' || c.kind || ') is ' || c.status
                 || ' while the run is ' || r.status || coalesce(', last claimed at seq ' || l.claim, '')
-         FROM commands c
+         FROM run_commands c
          JOIN runs r ON r.id = c.run_id
          LEFT JOIN LATERAL (SELECT max(seq) AS claim FROM events
                             WHERE run_id = c.run_id AND type = 'run.claimed') l ON true

@@ -2,6 +2,12 @@
 //!
 //! `seq` comes from `runs.last_command_seq`, advanced under the run's row lock. An
 //! idempotency key is unique per run; reusing it with another payload is refused.
+//!
+//! A run's first turn (seq 1, its input's prompt) is carried by the run's own row
+//! (`runs.first_turn_*`, migration V28): the run row is written at each step anyway,
+//! and a command row of its own cost every run an insert and two row versions more.
+//! Reads go through the `run_commands` view, which shows it as a command; each write
+//! here updates whichever row holds the command.
 
 use std::sync::LazyLock;
 use std::time::SystemTime;
@@ -102,7 +108,8 @@ impl NewCommand {
     }
 }
 
-/// The command of a run that took idempotency `key`, with its payload hash.
+/// The command of a run that took idempotency `key`, with its payload hash (a first
+/// turn has no key: it is never on the run row).
 pub(crate) async fn find_by_idempotency_key(
     tx: &impl GenericClient,
     run_id: RunId,
@@ -132,11 +139,23 @@ fn sql_list(statuses: &[CommandStatus]) -> String {
     quoted.join(", ")
 }
 
+/// A command row's columns, as `run_commands` has them ([`CommandRecord::from_row`]).
+const COMMAND_COLUMNS: &str = "run_id, seq, id, kind, payload, status, delivery_policy,
+    idempotency_key, error, created_at, updated_at";
+
+/// [`COMMAND_COLUMNS`] of a run's first turn, from the run row that carries it (as the
+/// `run_commands` view shows it).
+const FIRST_TURN_COLUMNS: &str = "id AS run_id, 1::bigint AS seq, first_turn_id AS id,
+    'turn'::text AS kind, jsonb_build_object('prompt', input -> 'prompt') AS payload,
+    first_turn_status AS status, 'queue'::text AS delivery_policy,
+    NULL::text AS idempotency_key, first_turn_error AS error, created_at,
+    first_turn_updated_at AS updated_at";
+
 /// Whether a turn of the run is pending, delivered or acknowledged.
 pub(crate) async fn has_open_turn(tx: &impl GenericClient, run_id: RunId) -> Result<bool> {
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
-            "SELECT EXISTS (SELECT 1 FROM commands
+            "SELECT EXISTS (SELECT 1 FROM run_commands
                             WHERE run_id = $1 AND kind = 'turn' AND status IN ({}))",
             *OPEN_STATUSES
         )
@@ -185,34 +204,6 @@ pub(crate) async fn insert(
     CommandRecord::from_row(&row)
 }
 
-/// Inserts the first turn (seq 1) of runs created in this transaction. Their
-/// `last_command_seq` and `command.created` events were set by the run insert.
-pub(crate) async fn insert_first_turns(
-    tx: &impl GenericClient,
-    turns: &[(RunId, NewCommand)],
-) -> Result<()> {
-    if turns.is_empty() {
-        return Ok(());
-    }
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO commands (run_id, seq, id, kind, payload, status, delivery_policy, payload_hash)
-             SELECT r, 1, i, 'turn', p, 'pending', 'queue', h
-             FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[], $4::bytea[]) AS t(r, i, p, h)",
-        )
-        .await?;
-    let run_ids: Vec<Uuid> = turns.iter().map(|(r, _)| r.0).collect();
-    let ids: Vec<Uuid> = turns.iter().map(|_| CommandId::new().0).collect();
-    let payloads: Vec<Value> = turns
-        .iter()
-        .map(|(_, c)| Value::Object(c.payload.clone()))
-        .collect();
-    let hashes: Vec<Vec<u8>> = turns.iter().map(|(_, c)| c.fingerprint()).collect();
-    tx.execute(&stmt, &[&run_ids, &ids, &payloads, &hashes])
-        .await?;
-    Ok(())
-}
-
 /// The newest command of `kind` for a run.
 pub(crate) async fn latest_of_kind(
     tx: &impl GenericClient,
@@ -221,7 +212,7 @@ pub(crate) async fn latest_of_kind(
 ) -> Result<Option<CommandRecord>> {
     let stmt = tx
         .prepare_cached(
-            "SELECT * FROM commands WHERE run_id = $1 AND kind = $2 ORDER BY seq DESC LIMIT 1",
+            "SELECT * FROM run_commands WHERE run_id = $1 AND kind = $2 ORDER BY seq DESC LIMIT 1",
         )
         .await?;
     tx.query_opt(&stmt, &[&run_id.0, &kind.as_str()])
@@ -240,7 +231,7 @@ pub(crate) async fn list(
 ) -> Result<Vec<CommandRecord>> {
     let stmt = client
         .prepare_cached(
-            "SELECT * FROM commands WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            "SELECT * FROM run_commands WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .await?;
     CommandRecord::from_rows(
@@ -259,13 +250,22 @@ pub(crate) async fn deliver_pending(
     if run_ids.is_empty() {
         return Ok(Vec::new());
     }
-    let stmt = tx
-        .prepare_cached(
-            "UPDATE commands SET status = 'delivered', updated_at = now()
-             WHERE run_id = ANY($1) AND status = 'pending'
-             RETURNING *",
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH first_turns AS (
+                 UPDATE runs SET first_turn_status = 'delivered', first_turn_updated_at = now()
+                 WHERE id = ANY($1) AND first_turn_status = 'pending'
+                 RETURNING {FIRST_TURN_COLUMNS}
+             ),
+             others AS (
+                 UPDATE commands SET status = 'delivered', updated_at = now()
+                 WHERE run_id = ANY($1) AND status = 'pending'
+                 RETURNING {COMMAND_COLUMNS}
+             )
+             SELECT * FROM first_turns UNION ALL SELECT * FROM others"
         )
-        .await?;
+    });
+    let stmt = tx.prepare_cached(&SQL).await?;
     let mut delivered = CommandRecord::from_rows(&tx.query(&stmt, &[&run_ids]).await?)?;
     delivered.sort_by_key(|c| (c.run_id, c.seq));
     Ok(delivered)
@@ -288,32 +288,43 @@ pub struct CommandUpdate {
     pub error: Option<String>,
 }
 
-/// Stores runner reports already checked against the commands' current status (see
-/// `leases::write`), in one statement; of several reports on one command the last wins.
+/// Stores runner reports, each on a command of the run named with it, already checked
+/// against the commands' current status (see `leases::write`), in one statement; of
+/// several reports on one command the last wins.
 pub(crate) async fn store_updates(
     tx: &impl GenericClient,
-    updates: &[CommandUpdate],
+    updates: &[(RunId, CommandUpdate)],
 ) -> Result<()> {
     if updates.is_empty() {
         return Ok(());
     }
     let mut seen = std::collections::HashSet::new();
-    let last: Vec<&CommandUpdate> = updates
+    let last: Vec<&(RunId, CommandUpdate)> = updates
         .iter()
         .rev()
-        .filter(|u| seen.insert(u.command_id))
+        .filter(|(_, u)| seen.insert(u.command_id))
         .collect();
     let stmt = tx
         .prepare_cached(
-            "UPDATE commands SET status = u.status, error = u.error, updated_at = now()
-             FROM unnest($1::uuid[], $2::text[], $3::text[]) AS u(id, status, error)
-             WHERE commands.id = u.id",
+            "WITH u AS (
+                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[])
+                     AS u(run_id, id, status, error)
+             ),
+             first_turns AS (
+                 UPDATE runs SET first_turn_status = u.status, first_turn_error = u.error,
+                                 first_turn_updated_at = now()
+                 FROM u WHERE runs.id = u.run_id AND runs.first_turn_id = u.id
+             )
+             UPDATE commands SET status = u.status, error = u.error, updated_at = now()
+             FROM u WHERE commands.run_id = u.run_id AND commands.id = u.id",
         )
         .await?;
-    let ids: Vec<Uuid> = last.iter().map(|u| u.command_id.0).collect();
-    let statuses: Vec<&str> = last.iter().map(|u| u.status.as_str()).collect();
-    let errors: Vec<Option<&str>> = last.iter().map(|u| u.error.as_deref()).collect();
-    tx.execute(&stmt, &[&ids, &statuses, &errors]).await?;
+    let run_ids: Vec<Uuid> = last.iter().map(|(run, _)| run.0).collect();
+    let ids: Vec<Uuid> = last.iter().map(|(_, u)| u.command_id.0).collect();
+    let statuses: Vec<&str> = last.iter().map(|(_, u)| u.status.as_str()).collect();
+    let errors: Vec<Option<&str>> = last.iter().map(|(_, u)| u.error.as_deref()).collect();
+    tx.execute(&stmt, &[&run_ids, &ids, &statuses, &errors])
+        .await?;
     Ok(())
 }
 
@@ -329,10 +340,19 @@ pub(crate) async fn cancel_open(
     }
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
-            "UPDATE commands SET status = 'cancelled', error = $2, updated_at = now()
-             WHERE run_id = ANY($1) AND status IN ({})
-             RETURNING *",
-            *OPEN_STATUSES
+            "WITH first_turns AS (
+                 UPDATE runs SET first_turn_status = 'cancelled', first_turn_error = $2,
+                                 first_turn_updated_at = now()
+                 WHERE id = ANY($1) AND first_turn_status IN ({open})
+                 RETURNING {FIRST_TURN_COLUMNS}
+             ),
+             others AS (
+                 UPDATE commands SET status = 'cancelled', error = $2, updated_at = now()
+                 WHERE run_id = ANY($1) AND status IN ({open})
+                 RETURNING {COMMAND_COLUMNS}
+             )
+             SELECT * FROM first_turns UNION ALL SELECT * FROM others",
+            open = *OPEN_STATUSES
         )
     });
     let stmt = tx.prepare_cached(&SQL).await?;
@@ -353,13 +373,23 @@ pub(crate) async fn withdraw_pending(
     run_id: RunId,
     command_id: CommandId,
 ) -> Result<Option<CommandRecord>> {
-    let stmt = tx
-        .prepare_cached(
-            "UPDATE commands SET status = 'cancelled', error = $3, updated_at = now()
-             WHERE run_id = $1 AND id = $2 AND status = 'pending'
-             RETURNING *",
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH first_turn AS (
+                 UPDATE runs SET first_turn_status = 'cancelled', first_turn_error = $3,
+                                 first_turn_updated_at = now()
+                 WHERE id = $1 AND first_turn_id = $2 AND first_turn_status = 'pending'
+                 RETURNING {FIRST_TURN_COLUMNS}
+             ),
+             other AS (
+                 UPDATE commands SET status = 'cancelled', error = $3, updated_at = now()
+                 WHERE run_id = $1 AND id = $2 AND status = 'pending'
+                 RETURNING {COMMAND_COLUMNS}
+             )
+             SELECT * FROM first_turn UNION ALL SELECT * FROM other"
         )
-        .await?;
+    });
+    let stmt = tx.prepare_cached(&SQL).await?;
     tx.query_opt(&stmt, &[&run_id.0, &command_id.0, &WITHDRAWN])
         .await?
         .map(|row| CommandRecord::from_row(&row))
@@ -373,7 +403,7 @@ pub(crate) async fn get(
     command_id: CommandId,
 ) -> Result<CommandRecord> {
     let stmt = client
-        .prepare_cached("SELECT * FROM commands WHERE run_id = $1 AND id = $2")
+        .prepare_cached("SELECT * FROM run_commands WHERE run_id = $1 AND id = $2")
         .await?;
     let row = client
         .query_opt(&stmt, &[&run_id.0, &command_id.0])
@@ -382,18 +412,19 @@ pub(crate) async fn get(
     CommandRecord::from_row(&row)
 }
 
-/// Commands by id, in no particular order (the ones that exist).
+/// Commands of these runs by id, in no particular order (the ones that exist).
 pub(crate) async fn get_many(
     client: &impl GenericClient,
+    run_ids: &[Uuid],
     ids: &[Uuid],
 ) -> Result<Vec<CommandRecord>> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }
     let stmt = client
-        .prepare_cached("SELECT * FROM commands WHERE id = ANY($1)")
+        .prepare_cached("SELECT * FROM run_commands WHERE run_id = ANY($1) AND id = ANY($2)")
         .await?;
-    CommandRecord::from_rows(&client.query(&stmt, &[&ids]).await?)
+    CommandRecord::from_rows(&client.query(&stmt, &[&run_ids, &ids]).await?)
 }
 
 /// The `command.completed` of a command the manager closed itself (cancelled with its
@@ -416,9 +447,13 @@ pub(crate) fn closed_event(command: &CommandRecord) -> (RunId, NewEvent) {
 pub(crate) async fn redeliver(tx: &impl GenericClient, run_ids: &[Uuid]) -> Result<()> {
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
-            "UPDATE commands SET status = 'pending', updated_at = now()
-             WHERE run_id = ANY($1) AND status IN ({})",
-            sql_list(CommandStatus::Pending.sources())
+            "WITH first_turns AS (
+                 UPDATE runs SET first_turn_status = 'pending', first_turn_updated_at = now()
+                 WHERE id = ANY($1) AND first_turn_status IN ({sources})
+             )
+             UPDATE commands SET status = 'pending', updated_at = now()
+             WHERE run_id = ANY($1) AND status IN ({sources})",
+            sources = sql_list(CommandStatus::Pending.sources())
         )
     });
     let stmt = tx.prepare_cached(&SQL).await?;

@@ -126,7 +126,7 @@ ended AS (
 ),
 turns AS (
     SELECT d.target, d.run_id, d.seq,
-           (SELECT left(c.payload->>'prompt', $4::int) FROM commands c
+           (SELECT left(c.payload->>'prompt', $4::int) FROM run_commands c
             WHERE c.run_id = d.run_id AND c.id::text = st.command_id) AS prompt,
            coalesce(
                (SELECT string_agg(left(i.payload->>'text', $4::int), E'\\n\\n' ORDER BY i.seq)
@@ -242,7 +242,7 @@ pub async fn fork_point(
                      WHERE e.run_id = c.run_id AND e.type = 'turn.started'
                        AND e.payload->>'turn_id' = c.id::text
                      ORDER BY e.seq LIMIT 1)
-             FROM commands c WHERE c.run_id = $1 AND c.id = $2 AND c.kind = 'turn'",
+             FROM run_commands c WHERE c.run_id = $1 AND c.id = $2 AND c.kind = 'turn'",
         )
         .await?;
     Ok(client

@@ -116,7 +116,8 @@ const PENDING_TENANTS: &str = "pending_tenants(tenant_id) AS (
     )";
 
 /// The common tail of the statements that lease runs (a claim, an adoption), given the
-/// runs as `leasing(id)`: every open command of a run is delivered to its new holder,
+/// runs as `leasing(id)`: every open command of a run in `commands` is delivered to its
+/// new holder (the first turn its row carries is delivered by [`HAND_OVER_SET`]),
 /// in the same snapshot as it is counted, and `delivered_per_run` says which. The
 /// lease's row update then moves the run's event counter on by the events [`hand_over`]
 /// appends (`run.claimed` and a `command.delivered` each), so the hand-over writes no
@@ -124,7 +125,7 @@ const PENDING_TENANTS: &str = "pending_tenants(tenant_id) AS (
 /// pending and goes with the next heartbeat.
 ///
 /// `delivered_per_run` is one row, a JSON object from run id to its delivered command
-/// ids in seq order, that the lease's update looks each run up in ([`COUNT_HAND_OVER`],
+/// ids in seq order, that the lease's update looks each run up in ([`HAND_OVER_SET`],
 /// [`RETURN_DELIVERED`]). As a row per run it had to be joined, and the planner,
 /// estimating the delivered commands at a row or two, joined them by a nested loop:
 /// quadratic in the runs leased, some 40 % of a 1,000-run claim's time.
@@ -145,10 +146,22 @@ static DELIVER_OPEN_COMMANDS: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// What a lease's row update sets besides the lease: the counter (see
-/// [`DELIVER_OPEN_COMMANDS`], cross-joined as `d`).
-const COUNT_HAND_OVER: &str = "last_event_seq = runs.last_event_seq + 1
-    + coalesce(jsonb_array_length(d.ids -> runs.id::text), 0)";
+/// What a lease's row update sets besides the lease: the first turn the run row carries
+/// delivered when it is open, and the counter moved on by `run.claimed` and a
+/// `command.delivered` for each command delivered (see [`DELIVER_OPEN_COMMANDS`],
+/// cross-joined as `d`).
+static HAND_OVER_SET: LazyLock<String> = LazyLock::new(|| {
+    let first_turn_open = format!("runs.first_turn_status IN ({})", *commands::OPEN_STATUSES);
+    format!(
+        "first_turn_status = CASE WHEN {first_turn_open} THEN 'delivered'
+                                  ELSE runs.first_turn_status END,
+         first_turn_updated_at = CASE WHEN {first_turn_open} THEN now()
+                                      ELSE runs.first_turn_updated_at END,
+         last_event_seq = runs.last_event_seq + 1
+             + CASE WHEN {first_turn_open} THEN 1 ELSE 0 END
+             + coalesce(jsonb_array_length(d.ids -> runs.id::text), 0)"
+    )
+});
 
 /// The row update of a pending run that a claim leases to `runner` for `ttl_ms` (SQL
 /// expressions): a new epoch, the run's deadline started, the hand-over counted.
@@ -158,14 +171,20 @@ fn claim_run_set(runner: &str, ttl_ms: &str) -> String {
          lease_expires_at = now() + {ttl_ms}::bigint * interval '1 millisecond',
          lease_runner_seq = 0, claimed_at = now(), updated_at = now(),
          run_deadline = now() + runs.run_timeout_ms * interval '1 millisecond',
-         {COUNT_HAND_OVER}"
+         {hand_over}",
+        hand_over = *HAND_OVER_SET
     )
 }
 
-/// What a lease statement returns besides the run: the commands it delivered.
-const RETURN_DELIVERED: &str = "ARRAY(SELECT id::uuid
-           FROM jsonb_array_elements_text(d.ids -> runs.id::text) WITH ORDINALITY AS e(id, k)
-           ORDER BY k) AS delivered_ids";
+/// What a lease statement returns besides the run: the commands it delivered, in seq
+/// order — first the first turn the run row carries when it was open (only then is it
+/// `delivered` after [`HAND_OVER_SET`]).
+const RETURN_DELIVERED: &str = "array_cat(
+           CASE WHEN runs.first_turn_status = 'delivered' THEN ARRAY[runs.first_turn_id]
+                ELSE '{}'::uuid[] END,
+           ARRAY(SELECT id::uuid
+                 FROM jsonb_array_elements_text(d.ids -> runs.id::text) WITH ORDINALITY AS e(id, k)
+                 ORDER BY k)) AS delivered_ids";
 
 /// A run as a lease statement left it: leased, its open commands delivered (their ids,
 /// in seq order) and its counter moved on by its hand-over's events.
@@ -565,11 +584,13 @@ async fn hand_over(
         .iter()
         .flat_map(|(leased, _)| leased.delivered.iter().copied())
         .collect();
-    let mut delivered: HashMap<Uuid, CommandRecord> = commands::get_many(tx, &delivered_ids)
-        .await?
-        .into_iter()
-        .map(|c| (c.id.0, c))
-        .collect();
+    let run_ids: Vec<Uuid> = runs.iter().map(|(leased, _)| leased.run.id.0).collect();
+    let mut delivered: HashMap<Uuid, CommandRecord> =
+        commands::get_many(tx, &run_ids, &delivered_ids)
+            .await?
+            .into_iter()
+            .map(|c| (c.id.0, c))
+            .collect();
     let mut new_events = Vec::with_capacity(runs.len() + delivered_ids.len());
     let mut assigned = Vec::with_capacity(runs.len());
     for (leased, runner) in runs {

@@ -80,7 +80,6 @@ pub(crate) async fn create_runs_in(
     // Runs not inserted hit an existing idempotency key: a retry if the request matches.
     let mut results = Vec::with_capacity(new_runs.len());
     let mut fresh_events = Vec::new();
-    let mut first_turns = Vec::new();
     let mut in_sessions = Vec::new();
     let mut lineages = Vec::new();
     for (new_run, inserted) in new_runs.iter().zip(inserted) {
@@ -113,7 +112,6 @@ pub(crate) async fn create_runs_in(
         if let Some(prompt) = new_run.first_prompt() {
             let command = NewCommand::first_turn(prompt);
             fresh_events.push((run.id, 2, command.created_event(1)));
-            first_turns.push((run.id, command));
         }
         if run.session_id.is_some() {
             in_sessions.push(run.id.0);
@@ -128,7 +126,6 @@ pub(crate) async fn create_runs_in(
         });
     }
     runs::set_lineage(tx, &lineages).await?;
-    commands::insert_first_turns(tx, &first_turns).await?;
     sessions::touch_runs(tx, &in_sessions).await?;
     events::insert_sequenced(tx, fresh_events).await?;
     // Keyed runs were inserted held: admit what their keys have room for, oldest first.

@@ -175,7 +175,8 @@ pub const COLUMNS_BUT_INPUT: &str = "runs.id, runs.tenant_id, runs.project_id, r
     runs.event_bytes, runs.stream_mode, runs.events_compacted_at, runs.trace_parent,
     runs.concurrency_key, runs.held, runs.schedule_id, runs.schedule_due_at,
     runs.rerun_of_run_id, runs.forked_from_run_id, runs.forked_from_turn_id,
-    runs.context_run_id, runs.context_before_seq";
+    runs.context_run_id, runs.context_before_seq, runs.first_turn_id, runs.first_turn_status,
+    runs.first_turn_error, runs.first_turn_updated_at";
 
 impl RunRecord {
     /// The runner holding the lease and when it expires: `None` unless the run is
@@ -396,6 +397,11 @@ pub(crate) async fn insert_new(
         .iter()
         .map(|r| i64::from(r.first_prompt().is_some()))
         .collect();
+    // The first turn, when there is one, is carried by the run's row (`commands`).
+    let first_turn_ids: Vec<Option<Uuid>> = new_runs
+        .iter()
+        .map(|r| r.first_prompt().map(|_| CommandId::new().0))
+        .collect();
 
     let insert = tx
         .prepare_cached(
@@ -403,22 +409,25 @@ pub(crate) async fn insert_new(
                                labels, input, metadata, status, max_attempts, queue_timeout_ms,
                                run_timeout_ms, queue_deadline, idempotency_key, request_hash,
                                last_event_seq, last_command_seq, scheduled_at, stream_mode,
-                               trace_parent, concurrency_key, held)
+                               trace_parent, concurrency_key, held, first_turn_id,
+                               first_turn_status, first_turn_updated_at)
              SELECT r.id, $1, r.project_id, r.session_id, r.backend_profile, r.queue, r.priority,
                     ARRAY(SELECT jsonb_array_elements_text(r.labels)), r.input, r.metadata, 'pending',
                     r.max_attempts, r.queue_timeout_ms, r.run_timeout_ms,
                     greatest(now(), r.scheduled_at) + r.queue_timeout_ms * interval '1 millisecond',
                     r.idempotency_key, r.request_hash, r.event_count, r.command_count, r.scheduled_at,
                     r.stream_mode, $20, r.concurrency_key,
-                    CASE WHEN r.concurrency_key IS NOT NULL THEN 'concurrency_key' END
+                    CASE WHEN r.concurrency_key IS NOT NULL THEN 'concurrency_key' END,
+                    r.first_turn_id, CASE WHEN r.first_turn_id IS NOT NULL THEN 'pending' END,
+                    CASE WHEN r.first_turn_id IS NOT NULL THEN now() END
              FROM unnest($2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::int[],
                          $8::jsonb[], $9::jsonb[], $10::jsonb[], $11::int[], $12::bigint[],
                          $13::bigint[], $14::text[], $15::bytea[], $16::bigint[], $17::bigint[],
-                         $18::timestamptz[], $19::text[], $21::text[])
+                         $18::timestamptz[], $19::text[], $21::text[], $22::uuid[])
                   AS r(id, project_id, session_id, backend_profile, queue, priority, labels, input,
                        metadata, max_attempts, queue_timeout_ms, run_timeout_ms, idempotency_key,
                        request_hash, event_count, command_count, scheduled_at, stream_mode,
-                       concurrency_key)
+                       concurrency_key, first_turn_id)
              ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING *",
         )
@@ -475,6 +484,7 @@ pub(crate) async fn insert_new(
                     .iter()
                     .map(|r| r.concurrency_key.as_deref())
                     .collect::<Vec<_>>(),
+                &first_turn_ids,
             ],
         )
         .await?;
@@ -857,7 +867,7 @@ pub static MARK_FINISHED_SQL: LazyLock<String> = LazyLock::new(|| {
           AS f(id, status, failure_kind, message, sources, runner_seq, event_bytes,
                last_event_seq)
      CROSS JOIN LATERAL (
-         SELECT 1 + (SELECT count(*) FROM commands c
+         SELECT 1 + (SELECT count(*) FROM run_commands c
                      WHERE c.run_id = f.id AND c.status IN ({open}))
                   + (SELECT count(*) FROM requests q
                      WHERE q.run_id = f.id AND q.status = 'open') AS events

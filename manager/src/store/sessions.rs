@@ -130,7 +130,7 @@ pub(crate) async fn touch_runs(tx: &impl GenericClient, run_ids: &[Uuid]) -> Res
                            nullif(btrim(regexp_replace(left(CASE WHEN jsonb_typeof(r.metadata->'title') = 'string'
                                                                  THEN r.metadata->>'title' END, 1000),
                                                        '[[:space:]]+', ' ', 'g')), ''),
-                           btrim(regexp_replace(left((SELECT c.payload->>'prompt' FROM commands c
+                           btrim(regexp_replace(left((SELECT c.payload->>'prompt' FROM run_commands c
                                                       WHERE c.run_id = r.id AND c.kind = 'turn'
                                                       ORDER BY c.seq LIMIT 1), 1000),
                                                 '[[:space:]]+', ' ', 'g')),

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::writes::ATTEMPTS;
 use super::{
-    Assignment, COUNT_HAND_OVER, DELIVER_OPEN_COMMANDS, HeldLease, LeaseState, Leased,
+    Assignment, DELIVER_OPEN_COMMANDS, HAND_OVER_SET, HeldLease, LeaseState, Leased,
     RETURN_DELIVERED, RunnerIdentity, active_statuses, hand_over, renew, runner_tenant, ttl_millis,
 };
 use crate::error::{Error, Result};
@@ -165,11 +165,12 @@ static ADOPT_SQL: LazyLock<String> = LazyLock::new(|| {
          UPDATE runs SET lease_epoch = runs.lease_epoch + 1, lease_runner_seq = 0,
                 updated_at = now(),
                 lease_expires_at = now() + $4::bigint * interval '1 millisecond',
-                {COUNT_HAND_OVER}
+                {hand_over}
          FROM leasing l CROSS JOIN delivered_per_run d
          WHERE runs.id = l.id
          RETURNING runs.*, l.ord AS hello_ord, {RETURN_DELIVERED}",
         deliver = *DELIVER_OPEN_COMMANDS,
+        hand_over = *HAND_OVER_SET,
     )
 });
 

@@ -217,7 +217,7 @@ struct Batch {
     /// Which run holds each request id opened in this batch that already exists, by
     /// `(tenant, request id)`: request ids are per tenant.
     request_owners: HashMap<(String, Uuid), Uuid>,
-    command_updates: Vec<CommandUpdate>,
+    command_updates: Vec<(RunId, CommandUpdate)>,
     events: Vec<(RunId, NewEvent)>,
     /// Deltas fanned out but not stored, each with the index in `events` of the run's
     /// event it follows (`None`: the run's last event before this batch).
@@ -293,15 +293,14 @@ impl Batch {
         // their runner may not have taken yet, in one read. A turn delivered at the claim
         // was handed over with the assignment (its update and the claim share a
         // timestamp); delivered later, by a heartbeat, it may still be on its way.
-        let command_ids: Vec<Uuid> = writes
+        let (reporting, command_ids): (Vec<Uuid>, Vec<Uuid>) = writes
             .iter()
             .filter_map(|w| match w {
-                LeaseWrite::Append { updates, .. } => Some(updates),
+                LeaseWrite::Append { updates, .. } => Some((w.run_id(), updates)),
                 _ => None,
             })
-            .flatten()
-            .map(|u| u.command_id.0)
-            .collect();
+            .flat_map(|(run_id, updates)| updates.iter().map(move |u| (run_id.0, u.command_id.0)))
+            .unzip();
         let finishing: Vec<Uuid> = writes
             .iter()
             .filter(|w| matches!(w, LeaseWrite::Finish { .. }))
@@ -312,16 +311,20 @@ impl Batch {
                 .prepare_cached(
                     // Two branches, each served by its own index. (As one `OR`, its plan
                     // was a scan in some benchmark runs: 30 % of the database's time.)
-                    "SELECT id, run_id, status, false AS untaken FROM commands WHERE id = ANY($1)
+                    "SELECT id, run_id, status, false AS untaken FROM run_commands
+                     WHERE run_id = ANY($3) AND id = ANY($1)
                      UNION ALL
                      SELECT c.id, c.run_id, c.status, true
-                     FROM commands c JOIN runs r ON r.id = c.run_id
+                     FROM run_commands c JOIN runs r ON r.id = c.run_id
                      WHERE c.run_id = ANY($2) AND c.kind = 'turn'
                        AND (c.status = 'pending'
                             OR (c.status = 'delivered' AND c.updated_at > r.claimed_at))",
                 )
                 .await?;
-            for row in tx.query(&stmt, &[&command_ids, &finishing]).await? {
+            for row in tx
+                .query(&stmt, &[&command_ids, &finishing, &reporting])
+                .await?
+            {
                 let (id, run_id): (Uuid, Uuid) = (row.get(0), row.get(1));
                 let status = parse_state("command status", row.get(2), CommandStatus::from_db)?;
                 batch.commands.insert(id, (run_id, status));
@@ -537,7 +540,8 @@ impl Batch {
                 command.1 = update.status;
             }
         }
-        self.command_updates.extend(accepted);
+        self.command_updates
+            .extend(accepted.into_iter().map(|u| (run_id, u)));
         if !(opened.is_empty() && ended_turns.is_empty()) {
             self.requests_changed.insert(run_id.0);
         }
