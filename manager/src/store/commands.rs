@@ -109,7 +109,7 @@ impl NewCommand {
 }
 
 /// The command of a run that took idempotency `key`, with its payload hash (a first
-/// turn has no key: it is never on the run row).
+/// turn has no key, so the command is a row of `commands`).
 pub(crate) async fn find_by_idempotency_key(
     tx: &impl GenericClient,
     run_id: RunId,
@@ -143,8 +143,9 @@ fn sql_list(statuses: &[CommandStatus]) -> String {
 const COMMAND_COLUMNS: &str = "run_id, seq, id, kind, payload, status, delivery_policy,
     idempotency_key, error, created_at, updated_at";
 
-/// [`COMMAND_COLUMNS`] of a run's first turn, from the run row that carries it (as the
-/// `run_commands` view shows it).
+/// [`COMMAND_COLUMNS`] of a run's first turn, from the run row that carries it, for the
+/// `RETURNING` of a write to it (a statement's reads do not see its own writes): the
+/// second half of the `run_commands` view (migration V28), which it must match.
 const FIRST_TURN_COLUMNS: &str = "id AS run_id, 1::bigint AS seq, first_turn_id AS id,
     'turn'::text AS kind, jsonb_build_object('prompt', input -> 'prompt') AS payload,
     first_turn_status AS status, 'queue'::text AS delivery_policy,
