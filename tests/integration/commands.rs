@@ -13,6 +13,18 @@ fn steer(run_id: &str, text: &str) -> proto::SendCommandRequest {
     }
 }
 
+async fn list_commands(app: &mut TestApp, run_id: &str) -> Vec<proto::Command> {
+    app.runs
+        .list_commands(proto::ListCommandsRequest {
+            run_id: run_id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .commands
+}
+
 #[tokio::test]
 async fn commands_get_ordered_seqs_and_idempotent_retries() {
     let mut app = TestApp::spawn().await;
@@ -149,6 +161,75 @@ async fn commands_are_delivered_with_the_claim_and_by_heartbeat() {
             "command.delivered",
             "run.started",
             "content.delta",
+            "content.delta",
+            "command.completed"
+        ]
+    );
+}
+
+/// A run's first turn is carried by the run's own row, not a row of `commands` (one
+/// insert and two row versions fewer per run), and is a command like any other to every
+/// reader: ListCommands shows it pending, delivered with the claim, then completed by
+/// the runner's report.
+#[tokio::test]
+async fn the_first_turn_is_carried_by_the_run_row_and_listed_as_a_command() {
+    let mut app = TestApp::spawn().await;
+    let run = app
+        .runs
+        .create_run(run_request("go"))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    let run_id = uuid::Uuid::parse_str(&run.run_id).unwrap();
+    let rows: i64 = app
+        .db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM commands WHERE run_id = $1",
+            &[&run_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "the first turn has a row of its own");
+    let listed = list_commands(&mut app, &run.run_id).await;
+    assert_eq!(listed.len(), 1);
+    let first = &listed[0];
+    assert_eq!((first.seq, first.kind), (1, CommandKind::Turn as i32));
+    assert_eq!(first.status, CommandStatus::Pending as i32);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&first.payload_json).unwrap(),
+        serde_json::json!({ "prompt": "go" })
+    );
+
+    let runner = runner("r1");
+    let a = claim(&mut app, &runner, 1).await.remove(0);
+    assert_eq!(a.commands.len(), 1);
+    assert_eq!(a.commands[0].command_id, first.command_id);
+    assert_eq!(a.commands[0].payload_json, first.payload_json);
+    let listed = list_commands(&mut app, &run.run_id).await;
+    assert_eq!(listed[0].status, CommandStatus::Delivered as i32);
+
+    let mut request = append(&runner, &a, deltas(1, 1));
+    request.command_updates = vec![proto::CommandUpdate {
+        command_id: first.command_id.clone(),
+        status: CommandStatus::Completed as i32,
+        error: String::new(),
+    }];
+    app.runners.append_events(request).await.unwrap();
+    let listed = list_commands(&mut app, &run.run_id).await;
+    assert_eq!(listed[0].status, CommandStatus::Completed as i32);
+    let types = event_types(&mut app, &run.run_id).await;
+    assert_eq!(
+        types,
+        [
+            "run.created",
+            "command.created",
+            "run.claimed",
+            "command.delivered",
+            "run.started",
             "content.delta",
             "command.completed"
         ]
