@@ -397,7 +397,7 @@ pub(crate) async fn insert_new(
         .iter()
         .map(|r| i64::from(r.first_prompt().is_some()))
         .collect();
-    // The first turn, when there is one, is carried by the run's row (`commands`).
+    // The first turn, when there is one, is carried by the run's row (see `store::commands`).
     let first_turn_ids: Vec<Option<Uuid>> = new_runs
         .iter()
         .map(|r| r.first_prompt().map(|_| CommandId::new().0))
