@@ -138,16 +138,7 @@ async fn commands_are_delivered_with_the_claim_and_by_heartbeat() {
         .into_inner();
     assert_eq!(resent.duplicates, 2);
 
-    let commands = app
-        .runs
-        .list_commands(proto::ListCommandsRequest {
-            run_id: run.run_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .commands;
+    let commands = list_commands(&mut app, &run.run_id).await;
     assert_eq!(commands[1].status, CommandStatus::Completed as i32);
     let types = event_types(&mut app, &run.run_id).await;
     assert_eq!(
@@ -174,27 +165,19 @@ async fn commands_are_delivered_with_the_claim_and_by_heartbeat() {
 #[tokio::test]
 async fn the_first_turn_is_carried_by_the_run_row_and_listed_as_a_command() {
     let mut app = TestApp::spawn().await;
-    let run = app
-        .runs
-        .create_run(run_request("go"))
-        .await
-        .unwrap()
-        .into_inner()
-        .run
-        .unwrap();
-    let run_id = uuid::Uuid::parse_str(&run.run_id).unwrap();
+    let run_id = create(&mut app, "go").await;
     let rows: i64 = app
         .db()
         .await
         .query_one(
             "SELECT count(*) FROM commands WHERE run_id = $1",
-            &[&run_id],
+            &[&uuid::Uuid::parse_str(&run_id).unwrap()],
         )
         .await
         .unwrap()
         .get(0);
     assert_eq!(rows, 0, "the first turn has a row of its own");
-    let listed = list_commands(&mut app, &run.run_id).await;
+    let listed = list_commands(&mut app, &run_id).await;
     assert_eq!(listed.len(), 1);
     let first = &listed[0];
     assert_eq!((first.seq, first.kind), (1, CommandKind::Turn as i32));
@@ -209,7 +192,7 @@ async fn the_first_turn_is_carried_by_the_run_row_and_listed_as_a_command() {
     assert_eq!(a.commands.len(), 1);
     assert_eq!(a.commands[0].command_id, first.command_id);
     assert_eq!(a.commands[0].payload_json, first.payload_json);
-    let listed = list_commands(&mut app, &run.run_id).await;
+    let listed = list_commands(&mut app, &run_id).await;
     assert_eq!(listed[0].status, CommandStatus::Delivered as i32);
 
     let mut request = append(&runner, &a, deltas(1, 1));
@@ -219,9 +202,9 @@ async fn the_first_turn_is_carried_by_the_run_row_and_listed_as_a_command() {
         error: String::new(),
     }];
     app.runners.append_events(request).await.unwrap();
-    let listed = list_commands(&mut app, &run.run_id).await;
+    let listed = list_commands(&mut app, &run_id).await;
     assert_eq!(listed[0].status, CommandStatus::Completed as i32);
-    let types = event_types(&mut app, &run.run_id).await;
+    let types = event_types(&mut app, &run_id).await;
     assert_eq!(
         types,
         [
