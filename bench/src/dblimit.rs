@@ -78,7 +78,7 @@ WITH created AS (
          '{"prompt": "[tokens:1] x"}', 'pending', 3, 3600000, 2, 1, gen_random_uuid(), 'pending', now()
   FROM generate_series(1, 100) RETURNING id)
 INSERT INTO event_batches (run_id, first_seq, last_seq, producer, created_at, seqs, types, payloads)
-SELECT id, 1, 2, 'manager', now(), '{1,2}', '{run.created,command.created}',
+SELECT id, 1, 2, 'manager', now(), NULL, '{run.created,command.created}',
        '[{"backend_profile":"scripted","queue":"default"},{"kind":"turn","payload":{"prompt":"[tokens:1] x"},"seq":1}]'
 FROM created;
 COMMIT;
@@ -95,7 +95,7 @@ WITH picked AS MATERIALIZED (
          last_event_seq = runs.last_event_seq + 2
   FROM picked WHERE runs.id = picked.id RETURNING runs.id)
 INSERT INTO event_batches (run_id, first_seq, last_seq, producer, created_at, seqs, types, payloads)
-SELECT id, 3, 4, 'manager', now(), '{3,4}', '{run.claimed,command.delivered}',
+SELECT id, 3, 4, 'manager', now(), NULL, '{run.claimed,command.delivered}',
        '[{"attempt":1,"epoch":1,"runner_id":"00000000-0000-0000-0000-000000000001","runner_name":"model"},{"command_id":"00000000-0000-0000-0000-000000000001","kind":"turn","seq":1}]'
 FROM claimed;
 COMMIT;
@@ -114,7 +114,7 @@ WITH held AS MATERIALIZED (
   FROM held WHERE runs.id = held.id RETURNING runs.id, runs.lease_runner_id)
 INSERT INTO event_batches (run_id, first_seq, last_seq, producer, runner_id, epoch, created_at, seqs, types,
                            payloads, runner_seqs)
-SELECT id, 5, 13, 'runner', lease_runner_id, 1, now(), '{5,6,7,8,9,10,11,12,13}',
+SELECT id, 5, 13, 'runner', lease_runner_id, 1, now(), NULL,
        '{run.started,turn.started,item.started,content.delta,item.completed,usage.updated,turn.completed,command.completed,run.terminal}',
        '[{"attempt":1,"epoch":1},{"command_id":"00000000-0000-0000-0000-000000000001","seq":1,"turn_id":"00000000-0000-0000-0000-000000000001"},{"item_id":"00000000-0000-0000-0000-000000000001:1","kind":"assistant_message"},{"delta":"token1","item_id":"00000000-0000-0000-0000-000000000001:1","kind":"assistant_text"},{"item_id":"00000000-0000-0000-0000-000000000001:1","kind":"assistant_message","text":"token1"},{"input_tokens":1,"output_tokens":1},{"state":"completed","turn_id":"00000000-0000-0000-0000-000000000001"},{"command_id":"00000000-0000-0000-0000-000000000001","status":"completed"},{"status":"completed"}]',
        '{NULL,1,2,3,4,5,6,NULL,NULL}'

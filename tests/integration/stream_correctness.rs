@@ -505,6 +505,81 @@ async fn an_append_is_one_row_and_the_log_resumes_at_any_seq_inside_it() {
     }
 }
 
+/// A streamed append's row writes its per-event arrays only where they say something
+/// (migration V29): no seqs (the row's range holds every seq), one type for deltas that
+/// all have it, the first runner seq for runner seqs that follow on. A row mixing the
+/// manager's event with the runner's keeps an element per event. Both read back event
+/// by event, each with its own seq, type and runner seq.
+#[tokio::test]
+async fn a_streamed_append_stores_its_arrays_compactly_and_reads_back_in_full() {
+    let mut app = TestApp::spawn_with(|s| s.lease_ttl_ms = 60_000).await;
+    let identity = runner("compact");
+    let mut raw = RawRunner::connect(connect(app.addr).await, &identity, &[])
+        .await
+        .expect("connect");
+    create_all(&mut app.runs, vec![run_request("hello")]).await;
+    let lease = raw.take_one().await;
+    // The first append also starts the run: its row holds the manager's `run.started`.
+    raw.append(&lease, 1, 30).await;
+    raw.append(&lease, 31, 60).await;
+    let db = app.db().await;
+    let batch = |order: &'static str| {
+        let db = &db;
+        let run_id = &lease.run_id;
+        async move {
+            db.query_one(
+                &format!(
+                    "SELECT seqs IS NULL, types, runner_seqs FROM event_batches
+                     WHERE run_id = $1::text::uuid ORDER BY last_seq {order} LIMIT 1"
+                ),
+                &[run_id],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let streamed = batch("DESC").await;
+    assert!(streamed.get::<_, bool>(0), "no seqs written");
+    assert_eq!(streamed.get::<_, Vec<String>>(1), ["content.delta"]);
+    assert_eq!(streamed.get::<_, Vec<Option<i64>>>(2), [Some(31)]);
+    let started: Vec<(String, Option<i64>)> = {
+        let mixed = db
+            .query(
+                "SELECT t, r FROM event_batches b,
+                        unnest(b.types, b.runner_seqs) AS e (t, r)
+                 WHERE b.run_id = $1::text::uuid AND 'run.started' = ANY(b.types)",
+                &[&lease.run_id],
+            )
+            .await
+            .unwrap();
+        mixed.iter().map(|row| (row.get(0), row.get(1))).collect()
+    };
+    assert_eq!(started.len(), 31, "an element per event: {started:?}");
+    assert!(started.contains(&("run.started".to_owned(), None)));
+    assert!(started.contains(&("content.delta".to_owned(), Some(30))));
+
+    let read = db
+        .query(
+            "SELECT seq, type, runner_seq FROM events
+             WHERE run_id = $1::text::uuid AND producer = 'runner' ORDER BY seq",
+            &[&lease.run_id],
+        )
+        .await
+        .unwrap();
+    let runner_seqs: Vec<i64> = read.iter().map(|row| row.get(2)).collect();
+    assert_eq!(runner_seqs, (1..=60).collect::<Vec<_>>());
+    assert!(
+        read.iter()
+            .all(|row| row.get::<_, String>(1) == "content.delta")
+    );
+    let seqs: Vec<i64> = read.iter().map(|row| row.get(0)).collect();
+    assert_eq!(
+        seqs,
+        (seqs[0]..seqs[0] + 60).collect::<Vec<_>>(),
+        "every seq of the range, in order"
+    );
+}
+
 /// How many log batches (stored rows) the run's events take.
 async fn rows(db: &tokio_postgres::Client, run_id: &str) -> i64 {
     db.query_one(

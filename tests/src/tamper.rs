@@ -14,6 +14,25 @@ pub async fn make_events_writable(db: &tokio_postgres::Client) {
 }
 
 const WRITABLE_EVENTS: &str = "
+-- Writes the batch holding the event out in full (an element per event in each array;
+-- the manager writes them compactly, see migration V29), so the event can be edited by
+-- its position.
+CREATE FUNCTION tamper_expand_batch(of_run uuid, at_seq bigint) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE event_batches b
+    SET seqs = x.seqs, types = x.types,
+        runner_seqs = CASE WHEN b.runner_seqs IS NOT NULL THEN x.runner_seqs END
+    FROM (SELECT o.last_seq, array_agg(e.seq ORDER BY e.seq) AS seqs,
+                 array_agg(e.type ORDER BY e.seq) AS types,
+                 array_agg(e.runner_seq ORDER BY e.seq) AS runner_seqs
+          FROM event_batches o
+          CROSS JOIN LATERAL event_batch_events(o.first_seq, o.seqs, o.types, o.runner_seqs,
+                                                o.payloads) e
+          WHERE o.run_id = of_run AND at_seq BETWEEN o.first_seq AND o.last_seq
+          GROUP BY o.last_seq) x
+    WHERE b.run_id = of_run AND b.last_seq = x.last_seq;
+$$;
+
 CREATE FUNCTION tamper_insert_event() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO event_batches (run_id, first_seq, last_seq, producer, runner_id, epoch,
@@ -27,6 +46,7 @@ END $$;
 
 CREATE FUNCTION tamper_update_event() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM tamper_expand_batch(OLD.run_id, OLD.seq);
     UPDATE event_batches b
     SET types[array_position(b.seqs, OLD.seq)] = NEW.type,
         payloads = jsonb_set(b.payloads::jsonb,
@@ -38,6 +58,7 @@ END $$;
 
 CREATE FUNCTION tamper_delete_event() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM tamper_expand_batch(OLD.run_id, OLD.seq);
     UPDATE event_batches b
     SET seqs = b.seqs[:i.p - 1] || b.seqs[i.p + 1:],
         types = b.types[:i.p - 1] || b.types[i.p + 1:],

@@ -226,6 +226,8 @@ pub(crate) async fn insert_sequenced(
 /// Events cut into log batches, as statement parameters: a row per batch, its events'
 /// fields each in one text (types and runner seqs comma-separated, payloads a JSON
 /// array), so the statement's work grows with the events, whatever the batch sizes.
+/// Types and runner seqs are written compactly where they can be (migration V29): one
+/// type when every event has it, the first runner seq when the rest follow on from it.
 #[derive(Default)]
 struct Batches {
     run_ids: Vec<Uuid>,
@@ -241,75 +243,105 @@ struct Batches {
 
 impl Batches {
     fn of(events: &[EventRecord]) -> Self {
-        // Each run's events in seq order; a batch ends where the run, the seq's
-        // continuity or the lease of its runner events does. The manager's events join
-        // the batch they fall in (an append's `run.started` and `command.completed`
-        // share the row of the runner's events), and say so by having no runner seq.
         let mut order: Vec<&EventRecord> = events.iter().collect();
         order.sort_by_key(|e| (e.run_id.0, e.seq));
-        let mut b = Batches::default();
-        for (at, &event) in order.iter().enumerate() {
-            let (lease, runner_seq) = match event.producer {
-                Producer::Manager => (None, None),
-                Producer::Runner {
-                    runner_id,
-                    epoch,
-                    runner_seq,
-                } => (Some((runner_id.0, epoch)), Some(runner_seq)),
-            };
-            let last = b.run_ids.len().checked_sub(1);
-            let continues = last.is_some_and(|i| {
-                let batch_lease = b.runner_ids[i].zip(b.epochs[i]);
-                b.run_ids[i] == event.run_id.0
-                    && b.last_seqs[i] + 1 == event.seq
-                    && (lease.is_none() || batch_lease.is_none() || lease == batch_lease)
-            });
-            let i = match last {
-                Some(i) if continues => {
-                    b.types[i].push(',');
-                    b.payloads[i].push(',');
-                    b.runner_seqs[i].push(',');
-                    i
-                }
-                _ => {
-                    b.run_ids.push(event.run_id.0);
-                    b.first_seqs.push(event.seq);
-                    b.last_seqs.push(0);
-                    b.producers.push("manager");
-                    b.runner_ids.push(None);
-                    b.epochs.push(None);
-                    // Sized for the rest of the run's events here (a batch usually
-                    // holds them all), so the texts are not copied as they grow.
-                    let (mut events, mut bytes) = (0, 0);
-                    for e in order[at..].iter().take_while(|e| e.run_id == event.run_id) {
-                        events += 1;
-                        bytes += e.payload.len() + 1;
+        let mut batches = Batches::default();
+        let mut rest = &order[..];
+        while !rest.is_empty() {
+            let (batch, after) = rest.split_at(batch_len(rest));
+            batches.push(batch);
+            rest = after;
+        }
+        batches
+    }
+
+    /// Adds one batch: events of one run, seqs consecutive, runner events of one lease.
+    fn push(&mut self, batch: &[&EventRecord]) {
+        let (first, last) = (batch[0], batch[batch.len() - 1]);
+        let lease = batch.iter().find_map(|e| lease_of(e));
+        self.run_ids.push(first.run_id.0);
+        self.first_seqs.push(first.seq);
+        self.last_seqs.push(last.seq);
+        self.producers
+            .push(if lease.is_some() { "runner" } else { "manager" });
+        self.runner_ids.push(lease.map(|(runner_id, _)| runner_id));
+        self.epochs.push(lease.map(|(_, epoch)| epoch));
+
+        let types = if batch.iter().all(|e| e.event_type == first.event_type) {
+            first.event_type.clone()
+        } else {
+            let mut types = String::with_capacity(batch.len() * 16);
+            for (i, e) in batch.iter().enumerate() {
+                types.push_str(if i == 0 { "" } else { "," });
+                types.push_str(&e.event_type);
+            }
+            types
+        };
+        self.types.push(types);
+
+        let runner_seqs: Vec<Option<i64>> = batch.iter().map(|e| runner_seq_of(e)).collect();
+        self.runner_seqs.push(match runner_seqs[0] {
+            // A manager batch has none.
+            _ if lease.is_none() => String::new(),
+            Some(from) if (0..).zip(&runner_seqs).all(|(i, s)| *s == Some(from + i)) => {
+                from.to_string()
+            }
+            _ => {
+                // An empty element is a manager event's NULL runner seq.
+                let mut text = String::with_capacity(batch.len() * 8);
+                for (i, seq) in runner_seqs.iter().enumerate() {
+                    text.push_str(if i == 0 { "" } else { "," });
+                    if let Some(seq) = seq {
+                        write!(text, "{seq}").expect("writing to a String");
                     }
-                    b.types.push(String::with_capacity(events * 16));
-                    let mut payloads = String::with_capacity(bytes + 1);
-                    payloads.push('[');
-                    b.payloads.push(payloads);
-                    b.runner_seqs.push(String::with_capacity(events * 8));
-                    b.run_ids.len() - 1
                 }
-            };
-            b.last_seqs[i] = event.seq;
-            if let Some((runner_id, epoch)) = lease {
-                b.producers[i] = "runner";
-                b.runner_ids[i] = Some(runner_id);
-                b.epochs[i] = Some(epoch);
+                text
             }
-            b.types[i].push_str(&event.event_type);
-            b.payloads[i].push_str(&event.payload);
-            // An empty element is a manager event's NULL runner seq.
-            if let Some(runner_seq) = runner_seq {
-                write!(b.runner_seqs[i], "{runner_seq}").expect("writing to a String");
-            }
+        });
+
+        let bytes: usize = batch.iter().map(|e| e.payload.len() + 1).sum();
+        let mut payloads = String::with_capacity(bytes + 1);
+        for (i, e) in batch.iter().enumerate() {
+            payloads.push(if i == 0 { '[' } else { ',' });
+            payloads.push_str(&e.payload);
         }
-        for payloads in &mut b.payloads {
-            payloads.push(']');
-        }
-        b
+        payloads.push(']');
+        self.payloads.push(payloads);
+    }
+}
+
+/// How many of `events` (in run and seq order) the first batch takes. A batch ends
+/// where the run, the seq's continuity or the lease of its runner events does. The
+/// manager's events join the batch they fall in (an append's `run.started` and
+/// `command.completed` share the row of the runner's events), and say so by having no
+/// runner seq.
+fn batch_len(events: &[&EventRecord]) -> usize {
+    let mut lease = lease_of(events[0]);
+    let follows = |pair: &&[&EventRecord]| {
+        let (prev, next) = (pair[0], pair[1]);
+        let next_lease = lease_of(next);
+        let same_lease = lease.is_none() || next_lease.is_none() || lease == next_lease;
+        lease = lease.or(next_lease);
+        next.run_id == prev.run_id && next.seq == prev.seq + 1 && same_lease
+    };
+    1 + events.windows(2).take_while(follows).count()
+}
+
+/// The lease (runner, epoch) a runner's event was written under; `None` for the
+/// manager's.
+fn lease_of(event: &EventRecord) -> Option<(Uuid, i64)> {
+    match event.producer {
+        Producer::Manager => None,
+        Producer::Runner {
+            runner_id, epoch, ..
+        } => Some((runner_id.0, epoch)),
+    }
+}
+
+fn runner_seq_of(event: &EventRecord) -> Option<i64> {
+    match event.producer {
+        Producer::Manager => None,
+        Producer::Runner { runner_seq, .. } => Some(runner_seq),
     }
 }
 
@@ -322,8 +354,8 @@ macro_rules! insert_batches {
         "INSERT INTO event_batches (run_id, first_seq, last_seq, producer, runner_id, epoch,
                                     created_at, seqs, types, payloads, runner_seqs)
          SELECT b.run_id, b.first_seq, b.last_seq, b.producer, b.runner_id, b.epoch,
-                statement_timestamp(), ARRAY(SELECT generate_series(b.first_seq, b.last_seq)),
-                string_to_array(b.types, ','), b.payloads,
+                -- Every seq of the range: `seqs` NULL (see migration V29).
+                statement_timestamp(), NULL, string_to_array(b.types, ','), b.payloads,
                 CASE WHEN b.runner_id IS NOT NULL
                      THEN string_to_array(b.runner_seqs, ',', '')::bigint[] END
          -- Unnested in a select list, in step: in FROM, the batches (a streamed one holds
@@ -354,11 +386,14 @@ pub const INSERT_BATCHES: &str = insert_batches!();
 pub const INSERT_BATCHES_AND_DELIVERIES: &str = concat!(
     "WITH stored AS (",
     insert_batches!(),
-    ", run_id, seqs, types
+    ", run_id, first_seq, last_seq, types
      ),
+     -- A stored batch holds every seq of its range; its types, one each or one for all.
      stored_events AS (
-         SELECT s.run_id, e.seq, e.type
-         FROM stored s CROSS JOIN LATERAL unnest(s.seqs, s.types) AS e (seq, type)
+         SELECT s.run_id, e.seq,
+                CASE WHEN cardinality(s.types) = 1 THEN s.types[1]
+                     ELSE s.types[e.seq - s.first_seq + 1] END AS type
+         FROM stored s CROSS JOIN LATERAL generate_series(s.first_seq, s.last_seq) AS e (seq)
      ),
      delivered AS (
          INSERT INTO webhook_deliveries (id, webhook_id, tenant_id, run_id, seq, event_type)
@@ -395,10 +430,8 @@ pub async fn list(
                    FROM (SELECT b.run_id, e.seq, e.type, e.payload, b.producer, b.runner_id,
                                 b.epoch, e.runner_seq, b.created_at
                          FROM event_batches b
-                         CROSS JOIN LATERAL ROWS FROM (
-                             unnest(b.seqs), unnest(b.types), unnest(b.runner_seqs),
-                             json_array_elements(b.payloads::json)
-                         ) AS e (seq, type, runner_seq, payload)
+                         CROSS JOIN LATERAL event_batch_events(b.first_seq, b.seqs, b.types,
+                                                               b.runner_seqs, b.payloads) e
                          WHERE b.run_id = $1 AND b.last_seq > $2 AND e.seq > $2
                          -- Batches never overlap: in batch order, then seq order within
                          -- one, so the page reads only the batches it returns.
@@ -565,10 +598,8 @@ pub async fn compact(tx: &impl GenericClient, runs: &[RunId]) -> Result<Compacte
                  SELECT b.run_id, b.last_seq AS batch, b.epoch, e.seq, e.type,
                         e.payload AS stored, e.payload::jsonb AS payload, e.runner_seq
                  FROM event_batches b
-                 CROSS JOIN LATERAL ROWS FROM (
-                     unnest(b.seqs), unnest(b.types), unnest(b.runner_seqs),
-                     json_array_elements(b.payloads::json)
-                 ) AS e (seq, type, runner_seq, payload)
+                 CROSS JOIN LATERAL event_batch_events(b.first_seq, b.seqs, b.types,
+                                                       b.runner_seqs, b.payloads) e
                  WHERE b.run_id = ANY($1)
              ),
              deltas AS (
@@ -603,8 +634,8 @@ pub async fn compact(tx: &impl GenericClient, runs: &[RunId]) -> Result<Compacte
                               AND c.item_id = d.item_id AND c.kind = d.kind
                               AND c.chunk = d.chunk
              ),
-             -- The batches holding such deltas, rebuilt without the dropped ones (NULL
-             -- arrays when none is left).
+             -- The batches holding such deltas, rebuilt without the dropped ones: every
+             -- array in full, seqs with their gaps (NULL arrays when none is left).
              rebuilt AS (
                  SELECT l.run_id, l.batch,
                         array_agg(l.seq ORDER BY l.seq) FILTER (WHERE f.kept IS NOT false) AS seqs,

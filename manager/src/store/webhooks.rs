@@ -407,9 +407,8 @@ pub async fn claim_due(
              CROSS JOIN LATERAL (
                  SELECT b.run_id, u.seq, u.type, u.payload, b.producer, b.runner_id, b.epoch,
                         u.runner_seq, b.created_at
-                 FROM ROWS FROM (unnest(b.seqs), unnest(b.types), unnest(b.runner_seqs),
-                                 json_array_elements(b.payloads::json))
-                     AS u (seq, type, runner_seq, payload)
+                 FROM event_batch_events(b.first_seq, b.seqs, b.types, b.runner_seqs,
+                                         b.payloads) u
                  WHERE u.seq = t.seq
              ) e",
         )
