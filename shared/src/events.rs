@@ -119,46 +119,79 @@ impl EventType {
 /// deltas are most of what runners send, so such a delta is stored as its text. Anything
 /// else is `false`, and takes the general path (which also names what is wrong).
 pub fn is_plain_delta(text: &str, max_bytes: usize) -> bool {
-    /// The shape, its strings borrowed from the text (`delta` decoded if it has escapes).
-    /// A field not named here, or named twice, is not this shape.
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct PlainDelta<'a> {
-        kind: &'a str,
-        #[serde(borrow)]
-        delta: Cow<'a, str>,
-        item_id: Option<&'a str>,
-        // Only read for its type: the general path accepts any value here, this one a bool.
-        #[allow(dead_code)]
-        text_in_deltas: Option<bool>,
+    PlainDeltas::default().check(text, max_bytes)
+}
+
+/// [`is_plain_delta`] for the deltas of one batch, in order. A streamed reply repeats its
+/// `kind` and `item_id` on every delta (most of a delta's text): each is scanned for
+/// secrets only when it differs from the last one found clean. The `delta` itself always
+/// is.
+#[derive(Debug, Default)]
+pub struct PlainDeltas {
+    /// The last `kind` and `item_id` found clean.
+    clean: [String; 2],
+}
+
+/// The shape of a plain delta, its strings borrowed from the text (`delta` decoded if it
+/// has escapes). A field not named here, or named twice, is not this shape.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlainDelta<'a> {
+    kind: &'a str,
+    #[serde(borrow)]
+    delta: Cow<'a, str>,
+    item_id: Option<&'a str>,
+    // Only read for its type: the general path accepts any value here, this one a bool.
+    #[allow(dead_code)]
+    text_in_deltas: Option<bool>,
+}
+
+impl PlainDeltas {
+    /// Whether `text` is a plain delta ([`is_plain_delta`]).
+    pub fn check(&mut self, text: &str, max_bytes: usize) -> bool {
+        if text.len() > max_bytes {
+            return false;
+        }
+        if let Some((kind, delta, item_id)) = compact_plain_delta(text) {
+            return self.clean(kind, delta, item_id);
+        }
+        // A struct would also be read from an array.
+        if !text.trim_start().starts_with('{') {
+            return false;
+        }
+        let Ok(delta) = serde_json::from_str::<PlainDelta>(text) else {
+            return false;
+        };
+        self.clean(delta.kind, &delta.delta, delta.item_id)
     }
-    if text.len() > max_bytes {
-        return false;
+
+    /// Whether no field holds a NUL or a credential.
+    fn clean(&mut self, kind: &str, delta: &str, item_id: Option<&str>) -> bool {
+        let clean = |s: &str| !s.contains('\0') && !has_credential(s);
+        if !clean(delta) {
+            return false;
+        }
+        for (known, field) in self.clean.iter_mut().zip([Some(kind), item_id]) {
+            match field {
+                Some(field) if field != known => {
+                    if !clean(field) {
+                        return false;
+                    }
+                    known.clear();
+                    known.push_str(field);
+                }
+                _ => {}
+            }
+        }
+        true
     }
-    let clean = |fields: [Option<&str>; 3]| {
-        fields
-            .into_iter()
-            .flatten()
-            .all(|s| !s.contains('\0') && !has_credential(s))
-    };
-    if let Some(fields) = compact_plain_delta(text) {
-        return clean(fields);
-    }
-    // A struct would also be read from an array.
-    if !text.trim_start().starts_with('{') {
-        return false;
-    }
-    let Ok(delta) = serde_json::from_str::<PlainDelta>(text) else {
-        return false;
-    };
-    clean([Some(delta.kind), Some(&*delta.delta), delta.item_id])
 }
 
 /// `kind`, `delta` and `item_id` of a plain delta written as runners write one: no
 /// whitespace, no escapes, no `text_in_deltas`. `None` for any other text (serde then
 /// reads it, and decides): this only ever accepts what serde would, without its
 /// per-field machinery, which was a twentieth of the manager's time when streaming.
-fn compact_plain_delta(text: &str) -> Option<[Option<&str>; 3]> {
+fn compact_plain_delta(text: &str) -> Option<(&str, &str, Option<&str>)> {
     /// The string `text` starts with, if it has no escape or control character, and
     /// what follows it.
     fn string(text: &str) -> Option<(&str, &str)> {
@@ -187,7 +220,7 @@ fn compact_plain_delta(text: &str) -> Option<[Option<&str>; 3]> {
             _ => rest = after.strip_prefix(',')?,
         }
     }
-    Some([Some(kind?), Some(delta?), item_id])
+    Some((kind?, delta?, item_id))
 }
 
 /// Longest `timeout_ms` a `request.opened` may ask for: a week.
@@ -346,10 +379,10 @@ mod tests {
         // What the serde-free reading accepts, serde reads as the same fields.
         assert!(compact_plain_delta(plain[3]).is_some() && compact_plain_delta(plain[4]).is_some());
         for text in plain.iter().chain(&not_plain) {
-            if let Some([kind, delta, item_id]) = compact_plain_delta(text) {
+            if let Some((kind, delta, item_id)) = compact_plain_delta(text) {
                 let value: Value = serde_json::from_str(text).unwrap();
-                assert_eq!(value["kind"].as_str(), kind, "{text}");
-                assert_eq!(value["delta"].as_str(), delta, "{text}");
+                assert_eq!(value["kind"].as_str(), Some(kind), "{text}");
+                assert_eq!(value["delta"].as_str(), Some(delta), "{text}");
                 assert_eq!(value["item_id"].as_str(), item_id, "{text}");
                 assert_eq!(
                     value.as_object().unwrap().len(),
@@ -357,6 +390,25 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_batch_of_deltas_is_checked_field_by_field_whatever_came_before() {
+        let secret = "sk-proj-abcdefghijklmnopqrstuvwxyz0123";
+        let delta = |item_id: &str, kind: &str, text: &str| {
+            format!(r#"{{"delta":"{text}","item_id":"{item_id}","kind":"{kind}"}}"#)
+        };
+        let mut deltas = PlainDeltas::default();
+        assert!(deltas.check(&delta("i:1", "assistant_text", "a"), 1024));
+        assert!(deltas.check(&delta("i:1", "assistant_text", "b"), 1024));
+        // A clean item id and kind seen before do not let a secret through elsewhere.
+        assert!(!deltas.check(&delta("i:1", "assistant_text", secret), 1024));
+        assert!(!deltas.check(&delta(secret, "assistant_text", "c"), 1024));
+        assert!(!deltas.check(&delta("i:1", secret, "c"), 1024));
+        // A refused field is not remembered as clean; the clean ones still pass.
+        assert!(!deltas.check(&delta(secret, "assistant_text", "d"), 1024));
+        assert!(deltas.check(&delta("i:2", "reasoning_text", "e"), 1024));
+        assert!(deltas.check(&delta("i:1", "assistant_text", "f"), 1024));
     }
 
     #[test]

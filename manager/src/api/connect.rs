@@ -398,17 +398,14 @@ impl Session {
                     self.heartbeat(beat).await?;
                     continue;
                 }
-                In::Events(batch) => (
-                    batch.run_id.clone(),
-                    append_write(&self.state.settings, &batch).map(|w| {
-                        (
-                            w,
-                            Reply::EventAck {
-                                events: batch.events.len(),
-                            },
-                        )
-                    }),
-                ),
+                In::Events(batch) => {
+                    let events = batch.events.len();
+                    (
+                        batch.run_id.clone(),
+                        append_write(&self.state.settings, batch)
+                            .map(|w| (w, Reply::EventAck { events })),
+                    )
+                }
                 In::CommandAck(ack) => {
                     let batch = proto::AppendEventsRequest {
                         run_id: ack.run_id.clone(),
@@ -418,7 +415,7 @@ impl Session {
                     };
                     (
                         ack.run_id,
-                        append_write(&self.state.settings, &batch).map(|w| (w, Reply::None)),
+                        append_write(&self.state.settings, batch).map(|w| (w, Reply::None)),
                     )
                 }
                 In::Finish(finish) => (

@@ -4,7 +4,7 @@
 //! Connect stream (`connect`).
 
 use agentrun_shared::error::FieldError;
-use agentrun_shared::events::{EventType, is_plain_delta};
+use agentrun_shared::events::{EventType, PlainDeltas};
 use agentrun_shared::ids::{CommandId, RunId, RunnerId};
 use agentrun_shared::payload::parse_object;
 use agentrun_shared::proto;
@@ -50,7 +50,7 @@ pub(super) fn heartbeat_response(
 /// Validates a runner's event batch against the settings' limits.
 fn events(
     settings: &Settings,
-    events: &[proto::RunnerEvent],
+    events: Vec<proto::RunnerEvent>,
 ) -> Result<Vec<RunnerEvent>, FieldError> {
     let max = settings.max_batch_events;
     if events.len() > max {
@@ -60,7 +60,8 @@ fn events(
         ));
     }
     let mut out: Vec<RunnerEvent> = Vec::with_capacity(events.len());
-    for (i, e) in events.iter().enumerate() {
+    let mut plain_deltas = PlainDeltas::default();
+    for (i, e) in events.into_iter().enumerate() {
         let field = |name: &str| format!("events[{i}].{name}");
         match out.last() {
             None if e.runner_seq < 1 => {
@@ -83,15 +84,20 @@ fn events(
                 }
             },
         }
-        let event =
-            checked_event(settings, e).map_err(|err| err.within(&format!("events[{i}]")))?;
+        let event = checked_event(settings, &mut plain_deltas, e)
+            .map_err(|err| err.within(&format!("events[{i}]")))?;
         out.push(event);
     }
     Ok(out)
 }
 
 /// One event of a runner's batch, checked; errors name its fields from the event down.
-fn checked_event(settings: &Settings, e: &proto::RunnerEvent) -> Result<RunnerEvent, FieldError> {
+/// `plain_deltas` checks the batch's deltas, in order.
+fn checked_event(
+    settings: &Settings,
+    plain_deltas: &mut PlainDeltas,
+    e: proto::RunnerEvent,
+) -> Result<RunnerEvent, FieldError> {
     let event_type = EventType::parse("type", &e.r#type)?;
     if !event_type.runner_may_write() {
         return Err(FieldError::new(
@@ -100,12 +106,12 @@ fn checked_event(settings: &Settings, e: &proto::RunnerEvent) -> Result<RunnerEv
         ));
     }
     if event_type == EventType::ContentDelta
-        && is_plain_delta(&e.payload_json, settings.max_payload_bytes)
+        && plain_deltas.check(&e.payload_json, settings.max_payload_bytes)
     {
         return Ok(RunnerEvent::as_sent(
             e.runner_seq,
             event_type,
-            e.payload_json.clone(),
+            e.payload_json,
         ));
     }
     let payload = parse_object("payload_json", &e.payload_json, settings.max_payload_bytes)?;
@@ -215,11 +221,11 @@ pub(super) fn lease_refs(
 /// A validated event batch (with command reports) as a lease write.
 pub(super) fn append_write(
     settings: &Settings,
-    r: &proto::AppendEventsRequest,
+    r: proto::AppendEventsRequest,
 ) -> Result<LeaseWrite, FieldError> {
     let run_id = RunId::parse("run_id", &r.run_id)?;
     let epoch = epoch(r.epoch)?;
-    let events = events(settings, &r.events)?;
+    let events = events(settings, r.events)?;
     let updates = command_updates(&r.command_updates)?;
     if events.is_empty() && updates.is_empty() {
         return Err(FieldError::new(

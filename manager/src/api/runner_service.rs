@@ -144,18 +144,17 @@ impl RunnerService for RunnerApi {
         request: Request<proto::AppendEventsRequest>,
     ) -> Result<Response<proto::AppendEventsResponse>, Status> {
         let caller = caller(&self.state, &request, Role::Runner).await?;
-        let r = request.get_ref();
+        let r = request.into_inner();
         let runner_id = RunnerId::parse("runner_id", &r.runner_id).map_err(Error::from)?;
         let run_id = RunId::parse("run_id", &r.run_id).map_err(Error::from)?;
         observe::record_runner(&runner_id);
         observe::record_run(&run_id);
+        let events = r.events.len();
         let write = append_write(&self.state.settings, r).map_err(Error::from)?;
         let Written::Appended(outcome) = self.write(&caller, runner_id, write).await? else {
             return Err(Status::internal("an append stored something else"));
         };
-        self.state
-            .metrics
-            .appended(r.events.len(), outcome.duplicates);
+        self.state.metrics.appended(events, outcome.duplicates);
         // As on the stream (`connect.rs`): ephemeral deltas first, then the stored events.
         self.state.watch_hub.publish_live(&outcome.live);
         let fanned_out = self.state.watch_hub.publish_stored(outcome.stored);
