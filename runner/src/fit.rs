@@ -134,18 +134,30 @@ impl StreamedText {
 /// A `content.delta` payload as JSON text, as [`fit`] writes its `Value` (keys in
 /// order), built from its fields directly.
 pub fn delta_text(item_id: &str, kind: &str, delta: &str) -> String {
-    let mut out = Vec::with_capacity(item_id.len() + kind.len() + delta.len() + 32);
+    let mut out = String::with_capacity(item_id.len() + kind.len() + delta.len() + 32);
     for (i, (key, value)) in [("delta", delta), ("item_id", item_id), ("kind", kind)]
         .into_iter()
         .enumerate()
     {
-        out.extend_from_slice(if i == 0 { b"{\"" } else { b",\"" });
-        out.extend_from_slice(key.as_bytes());
-        out.extend_from_slice(b"\":");
-        serde_json::to_writer(&mut out, value).expect("a string always serializes");
+        out.push_str(if i == 0 { "{\"" } else { ",\"" });
+        out.push_str(key);
+        out.push_str("\":");
+        push_json_string(&mut out, value);
     }
-    out.push(b'}');
-    String::from_utf8(out).expect("serde_json writes UTF-8")
+    out.push('}');
+    out
+}
+
+/// `value` as a JSON string, as serde_json writes it. Most need no escape (serde_json
+/// escapes only `"`, `\` and control characters) and are copied as they are.
+fn push_json_string(out: &mut String, value: &str) {
+    if value.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(&serde_json::to_string(value).expect("a string always serializes"));
+    } else {
+        out.push('"');
+        out.push_str(value);
+        out.push('"');
+    }
 }
 
 /// The serialized payloads of `payload` made to fit `max_bytes`: itself if it fits,
@@ -338,6 +350,7 @@ mod tests {
         for (item_id, kind, delta) in [
             ("turn:1", "assistant_text", " token"),
             ("i\"d", "command_output", "line\n\t\u{1}é\\ \u{7f}"),
+            ("i:1", "k\\", "plain"),
             ("", "", ""),
         ] {
             let value = serde_json::json!({"item_id": item_id, "kind": kind, "delta": delta});
