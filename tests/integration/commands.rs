@@ -219,6 +219,108 @@ async fn the_first_turn_is_carried_by_the_run_row_and_listed_as_a_command() {
     );
 }
 
+/// A run's first turn reported in the batch of lease writes that ends the run (the usual
+/// run: its reply, the turn's report, its finish) is written by the row update that ends
+/// it: one update of the run's row, not one for the report and one for the end. Reported
+/// done, it is listed completed and nothing is cancelled; reported still open
+/// (acknowledged), it is cancelled with the run as any open command is. Either way the
+/// log's counter and events agree (the invariant check).
+#[tokio::test]
+async fn a_first_turn_reported_with_the_runs_end_is_written_by_the_update_that_ends_it() {
+    use agentrun_manager::db;
+    use agentrun_manager::store::commands::CommandUpdate;
+    use agentrun_manager::store::leases::{self, LeaseWrite, RunnerEvent};
+    use agentrun_manager::store::runs::Finish;
+    use agentrun_shared::events::EventType;
+    use agentrun_shared::ids::{CommandId, RunId, RunnerId};
+    use agentrun_shared::state;
+    use agentrun_tests::invariants::{Settled, assert_invariants};
+
+    let mut app = TestApp::spawn_with(|s| s.lease_ttl_ms = 120_000).await;
+    let db = app.db().await;
+    db.batch_execute(
+        "CREATE TABLE run_row_updates (run_id uuid);
+         CREATE FUNCTION count_run_row_update() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO run_row_updates VALUES (NEW.id); RETURN NEW; END $$;
+         CREATE TRIGGER count_run_row_updates BEFORE UPDATE ON runs
+             FOR EACH ROW EXECUTE FUNCTION count_run_row_update();",
+    )
+    .await
+    .unwrap();
+    let pool = db::pool(&app.database_url, 1).expect("pool");
+    for (reported, listed, updates) in [
+        (state::CommandStatus::Completed, CommandStatus::Completed, 1),
+        (
+            state::CommandStatus::Acknowledged,
+            CommandStatus::Cancelled,
+            2,
+        ),
+    ] {
+        let run_id = create(&mut app, "go").await;
+        let me = runner(reported.as_str());
+        let lease = claim(&mut app, &me, 1).await.remove(0);
+        let run = RunId::parse("run_id", &run_id).unwrap();
+        let delta = |seq: i64| {
+            let text = format!(r#"{{"kind":"assistant_text","delta":"token {seq} "}}"#);
+            RunnerEvent::as_sent(seq, EventType::ContentDelta, text)
+        };
+        let writes = vec![
+            LeaseWrite::Append {
+                run_id: run,
+                epoch: lease.epoch,
+                events: vec![delta(1), delta(2)],
+                updates: vec![CommandUpdate {
+                    command_id: CommandId::parse("command_id", &lease.commands[0].command_id)
+                        .unwrap(),
+                    status: reported,
+                    error: None,
+                }],
+            },
+            LeaseWrite::Finish {
+                epoch: lease.epoch,
+                outcome: Finish {
+                    run_id: run,
+                    status: state::RunStatus::Completed,
+                    failure_kind: None,
+                    message: None,
+                },
+                last_runner_seq: 2,
+            },
+        ];
+        db.execute("DELETE FROM run_row_updates", &[])
+            .await
+            .unwrap();
+        let written = leases::write(
+            &pool,
+            RunnerId::parse("runner_id", &me.runner_id).unwrap(),
+            None,
+            writes,
+            &test_settings(&app.database_url).quotas(),
+        )
+        .await
+        .expect("the batch is stored");
+        assert!(written.iter().all(Result::is_ok), "{written:?}");
+        let row_updates: i64 = db
+            .query_one(
+                "SELECT count(*) FROM run_row_updates WHERE run_id = $1",
+                &[&run.0],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            row_updates, updates,
+            "updates of the run's row, {reported:?}"
+        );
+        let commands = list_commands(&mut app, &run_id).await;
+        assert_eq!(commands.len(), 1);
+        assert_eq!(commands[0].status, listed as i32, "{reported:?}");
+        let run = get_run(&mut app, &run_id).await;
+        assert_eq!(run.status, RunStatus::Completed as i32);
+    }
+    assert_invariants(&db, Settled::AllTerminal, &[]).await;
+}
+
 #[tokio::test]
 async fn reject_policy_refuses_a_turn_while_one_is_open() {
     let mut app = TestApp::spawn().await;

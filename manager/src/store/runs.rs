@@ -8,7 +8,7 @@ use std::sync::LazyLock;
 use std::time::SystemTime;
 
 use agentrun_shared::ids::{CommandId, RunId, RunnerId, ScheduleId, SessionId};
-use agentrun_shared::state::{RunStatus, StreamMode};
+use agentrun_shared::state::{CommandStatus, RunStatus, StreamMode};
 use deadpool_postgres::GenericClient;
 use serde_json::{Map, Value, json};
 use tokio_postgres::Row;
@@ -75,6 +75,9 @@ pub struct RunRecord {
     /// Why a pending run is not being claimed, when the query asked (`run_waiting_reason`);
     /// empty otherwise.
     pub waiting_reason: String,
+    /// The first turn (command seq 1) when the run's own row carries it (migration V28:
+    /// runs created since with a prompt).
+    pub first_turn_id: Option<CommandId>,
 }
 
 /// Where a run made by RerunRun or ForkRun came from, and where its conversation context
@@ -233,6 +236,7 @@ impl RunRecord {
             held: c.get("held"),
             schedule_id: c.get::<Option<Uuid>>("schedule_id").map(ScheduleId),
             lineage: Lineage::from_row(&mut c),
+            first_turn_id: c.get::<Option<Uuid>>("first_turn_id").map(CommandId),
             // Not a column of `runs`: only the statements that compute it have it.
             waiting_reason: c
                 .index("waiting_reason")
@@ -836,11 +840,14 @@ pub async fn lock_uncancelled(
 
 /// What a runner's appends made of a run's row (the rest of its progress, status and
 /// active turn, an end overrides).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LeaseProgress {
     pub lease_runner_seq: i64,
     pub event_bytes: i64,
     pub last_event_seq: i64,
+    /// The runner's last report on the first turn the run's row carries, written with
+    /// the row's end (one row version fewer than a report of its own).
+    pub first_turn: Option<(CommandStatus, Option<String>)>,
 }
 
 /// Why and how a run ends.
@@ -861,14 +868,22 @@ pub static MARK_FINISHED_SQL: LazyLock<String> = LazyLock::new(|| {
             lease_runner_seq = coalesce(f.runner_seq, runs.lease_runner_seq),
             event_bytes = coalesce(f.event_bytes, runs.event_bytes),
             last_event_seq = coalesce(f.last_event_seq, runs.last_event_seq)
-                             + ending.events
+                             + ending.events,
+            first_turn_status = coalesce(f.first_turn_status, runs.first_turn_status),
+            first_turn_error = CASE WHEN f.first_turn_status IS NULL THEN runs.first_turn_error
+                                    ELSE f.first_turn_error END,
+            first_turn_updated_at = CASE WHEN f.first_turn_status IS NULL
+                                         THEN runs.first_turn_updated_at ELSE now() END
      FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                 $6::bigint[], $7::bigint[], $8::bigint[])
+                 $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[])
           AS f(id, status, failure_kind, message, sources, runner_seq, event_bytes,
-               last_event_seq)
+               last_event_seq, first_turn_status, first_turn_error)
      CROSS JOIN LATERAL (
+         -- A first turn (seq 1) reported in this update counts as it is reported.
          SELECT 1 + (SELECT count(*) FROM run_commands c
-                     WHERE c.run_id = f.id AND c.status IN ({open}))
+                     WHERE c.run_id = f.id AND c.status IN ({open})
+                       AND (f.first_turn_status IS NULL OR c.seq <> 1))
+                  + CASE WHEN f.first_turn_status IN ({open}) THEN 1 ELSE 0 END
                   + (SELECT count(*) FROM requests q
                      WHERE q.run_id = f.id AND q.status = 'open') AS events
          -- A fence: pulled up, the counts ran twice, for SET and for RETURNING.
@@ -888,7 +903,8 @@ pub static MARK_FINISHED_SQL: LazyLock<String> = LazyLock::new(|| {
 /// appends: one for each open command and open request (closed as cancelled) and
 /// `run.terminal`. Returned with each run, that count is exact because the caller holds
 /// the run's lock, without which nothing opens or closes them. A run in `progress` (by
-/// id) takes the lease's progress with it, also in that one row version.
+/// id) takes the lease's progress with it, its first turn's report included, also in
+/// that one row version.
 pub(crate) async fn mark_finished(
     tx: &impl GenericClient,
     finishes: &[Finish],
@@ -908,6 +924,10 @@ pub(crate) async fn mark_finished(
                 .collect::<Vec<_>>()
                 .join(",")
         })
+        .collect();
+    let first_turns: Vec<Option<&(CommandStatus, Option<String>)>> = finishes
+        .iter()
+        .map(|f| progress.get(&f.run_id.0)?.first_turn.as_ref())
         .collect();
     let carried = |field: fn(&LeaseProgress) -> i64| -> Vec<Option<i64>> {
         finishes
@@ -936,6 +956,14 @@ pub(crate) async fn mark_finished(
                 &carried(|p| p.lease_runner_seq),
                 &carried(|p| p.event_bytes),
                 &carried(|p| p.last_event_seq),
+                &first_turns
+                    .iter()
+                    .map(|t| t.map(|(s, _)| s.as_str()))
+                    .collect::<Vec<_>>(),
+                &first_turns
+                    .iter()
+                    .map(|t| t.and_then(|(_, e)| e.as_deref()))
+                    .collect::<Vec<_>>(),
             ],
         )
         .await?;

@@ -718,7 +718,28 @@ impl Batch {
     /// `request.resolved` of those closed by their turn's end), the runs' progress, then
     /// finishes and releases.
     async fn store(mut self, tx: &impl GenericClient) -> Result<Stored> {
-        commands::store_updates(tx, &self.command_updates).await?;
+        // A run that ends in this batch after appends takes their progress into the
+        // update that ends it (below), and so the last report on the first turn its row
+        // carries (the usual run's turn completes in the batch that ends it): one row
+        // version fewer. Every other report is stored first.
+        let ending_runs: HashSet<Uuid> = self
+            .finishes
+            .iter()
+            .map(|f| f.run_id.0)
+            .filter(|id| self.progress.contains_key(id))
+            .collect();
+        let (carried, updates): (Vec<_>, Vec<_>) = std::mem::take(&mut self.command_updates)
+            .into_iter()
+            .partition(|(run_id, update)| {
+                ending_runs.contains(&run_id.0)
+                    && self.runs[&run_id.0].first_turn_id == Some(update.command_id)
+            });
+        // Of several reports on one turn, the last.
+        let mut first_turns: HashMap<Uuid, (CommandStatus, Option<String>)> = carried
+            .into_iter()
+            .map(|(run_id, update)| (run_id.0, (update.status, update.error)))
+            .collect();
+        commands::store_updates(tx, &updates).await?;
         let events = std::mem::take(&mut self.events);
         let appended = events.len();
         let mut sequenced = self.number(events)?;
@@ -746,8 +767,8 @@ impl Batch {
                     .status = RunStatus::Running;
             }
         }
-        // A run that also ends in this batch takes its progress into the update that
-        // ends it; the others' is written first (the finishes append after it).
+        // The ending runs' progress goes with their ends; the others' is written first
+        // (the finishes append after it).
         let ending: HashMap<Uuid, LeaseProgress> = self
             .finishes
             .iter()
@@ -759,6 +780,7 @@ impl Batch {
                         lease_runner_seq: p.lease_runner_seq,
                         event_bytes: p.event_bytes,
                         last_event_seq: p.last_event_seq,
+                        first_turn: first_turns.remove(&f.run_id.0),
                     },
                 ))
             })
