@@ -67,8 +67,9 @@ const MODEL_BATCH: u32 = 100;
 /// One pgbench transaction: 100 runs created, claimed and finished, three transactions
 /// as the manager's are (each client is its own tenant and runner, as the dispatcher's
 /// groups are). The payloads are those of a dispatched `[tokens:1]` run; its first turn
-/// is carried by the run row (delivered with the claim, completed by the runner's
-/// report ahead of the finish, as `commands::store_updates` writes it).
+/// is carried by the run row (delivered with the claim, completed by the update that
+/// ends the run, which carries the runner's report on it). Log batches write no seqs
+/// (migration V29).
 const MODEL_DISPATCH_SCRIPT: &str = r#"BEGIN;
 WITH created AS (
   INSERT INTO runs (id, tenant_id, project_id, backend_profile, queue, input, status, max_attempts,
@@ -100,9 +101,6 @@ SELECT id, 3, 4, 'manager', now(), NULL, '{run.claimed,command.delivered}',
 FROM claimed;
 COMMIT;
 BEGIN;
-UPDATE runs SET first_turn_status = 'completed', first_turn_updated_at = now()
-WHERE tenant_id = 'model-' || :client_id AND status IN ('claimed', 'running', 'waiting')
-  AND lease_runner_id = ('00000000-0000-0000-0000-' || lpad(:client_id::text, 12, '0'))::uuid;
 WITH held AS MATERIALIZED (
   SELECT id FROM runs
   WHERE tenant_id = 'model-' || :client_id AND status IN ('claimed', 'running', 'waiting')
@@ -110,7 +108,7 @@ WITH held AS MATERIALIZED (
   FOR UPDATE),
  ended AS (
   UPDATE runs SET status = 'completed', finished_at = now(), updated_at = now(), lease_runner_seq = 6,
-         last_event_seq = 13
+         last_event_seq = 13, first_turn_status = 'completed', first_turn_updated_at = now()
   FROM held WHERE runs.id = held.id RETURNING runs.id, runs.lease_runner_id)
 INSERT INTO event_batches (run_id, first_seq, last_seq, producer, runner_id, epoch, created_at, seqs, types,
                            payloads, runner_seqs)
