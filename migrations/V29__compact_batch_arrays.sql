@@ -16,6 +16,9 @@ ALTER TABLE event_batches ALTER COLUMN seqs DROP NOT NULL;
 
 -- A batch's events in seq order. Plain SQL, not strict, immutable: the planner inlines
 -- it into the query that reads the batch, as if its `ROWS FROM` were written there.
+-- Each array is read whole once per batch (unnested; `one` is computed once, behind
+-- its `OFFSET 0` fence): an array referenced in a per-event expression would be
+-- decompressed again for every event, quadratic in a long mixed batch.
 CREATE FUNCTION event_batch_events(batch_first_seq bigint, batch_seqs bigint[],
                                    batch_types text[], batch_runner_seqs bigint[],
                                    batch_payloads text)
@@ -23,13 +26,18 @@ RETURNS TABLE (seq bigint, type text, runner_seq bigint, payload json)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
     SELECT coalesce(e.seq, batch_first_seq + e.n - 1),
-           CASE WHEN cardinality(batch_types) = 1 THEN batch_types[1] ELSE e.type END,
-           CASE WHEN cardinality(batch_runner_seqs) = 1 THEN batch_runner_seqs[1] + e.n - 1
-                ELSE e.runner_seq END,
+           -- Only a one-type batch has no type after its first event.
+           coalesce(e.type, one.type),
+           CASE WHEN one.runner_seq IS NULL THEN e.runner_seq
+                ELSE one.runner_seq + e.n - 1 END,
            e.payload
-    FROM ROWS FROM (unnest(batch_seqs), unnest(batch_types), unnest(batch_runner_seqs),
+    FROM (SELECT batch_types[1] AS type,
+                 CASE WHEN cardinality(batch_runner_seqs) = 1 THEN batch_runner_seqs[1] END
+                     AS runner_seq
+          OFFSET 0) one,
+         ROWS FROM (unnest(batch_seqs), unnest(batch_types), unnest(batch_runner_seqs),
                     json_array_elements(batch_payloads::json))
-        WITH ORDINALITY AS e (seq, type, runner_seq, payload, n)
+             WITH ORDINALITY AS e (seq, type, runner_seq, payload, n)
 $$;
 
 CREATE OR REPLACE VIEW events AS
