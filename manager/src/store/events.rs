@@ -388,12 +388,13 @@ pub const INSERT_BATCHES_AND_DELIVERIES: &str = concat!(
     insert_batches!(),
     ", run_id, first_seq, last_seq, types
      ),
-     -- A stored batch holds every seq of its range; its types, one each or one for all.
+     -- A stored batch holds every seq of its range; only a one-type batch has no type
+     -- after its first event (as `event_batch_events` reads it, without the payloads).
      stored_events AS (
-         SELECT s.run_id, e.seq,
-                CASE WHEN cardinality(s.types) = 1 THEN s.types[1]
-                     ELSE s.types[e.seq - s.first_seq + 1] END AS type
-         FROM stored s CROSS JOIN LATERAL generate_series(s.first_seq, s.last_seq) AS e (seq)
+         SELECT s.run_id, e.seq, coalesce(e.type, s.types[1]) AS type
+         FROM stored s
+         CROSS JOIN LATERAL ROWS FROM (generate_series(s.first_seq, s.last_seq),
+                                       unnest(s.types)) AS e (seq, type)
      ),
      delivered AS (
          INSERT INTO webhook_deliveries (id, webhook_id, tenant_id, run_id, seq, event_type)
