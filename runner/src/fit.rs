@@ -81,7 +81,13 @@ impl PayloadLimit {
 /// Bytes of `assistant_text` streamed so far per open item, to tell whether an
 /// `item.completed` holds text that its deltas carry too.
 #[derive(Debug, Default)]
-pub struct StreamedText(HashMap<String, usize>);
+pub struct StreamedText {
+    /// Bytes per item, but for the item counted last.
+    items: HashMap<String, usize>,
+    /// The item counted last and its bytes: a streamed reply's deltas all name one item,
+    /// so most deltas are counted without hashing its id.
+    last: Option<(String, usize)>,
+}
 
 impl StreamedText {
     /// Counts `bytes` of a delta of `kind` streamed into `item` (only `assistant_text`
@@ -90,12 +96,26 @@ impl StreamedText {
         if kind != "assistant_text" {
             return;
         }
-        // Looked up first: a streamed reply's deltas all name one item.
-        match self.0.get_mut(item) {
-            Some(streamed) => *streamed += bytes,
-            None => {
-                self.0.insert(item.to_owned(), bytes);
-            }
+        if let Some((last, streamed)) = &mut self.last
+            && last == item
+        {
+            *streamed += bytes;
+            return;
+        }
+        self.settle_last();
+        let before = self.items.remove(item).unwrap_or(0);
+        self.last = Some((item.to_owned(), before + bytes));
+    }
+
+    /// The bytes streamed into `item`, which is forgotten.
+    fn take(&mut self, item: &str) -> Option<usize> {
+        self.settle_last();
+        self.items.remove(item)
+    }
+
+    fn settle_last(&mut self) {
+        if let Some((item, streamed)) = self.last.take() {
+            self.items.insert(item, streamed);
         }
     }
 
@@ -117,7 +137,7 @@ impl StreamedText {
                 let Some(item) = payload["item_id"].as_str() else {
                     return;
                 };
-                let streamed = self.0.remove(item);
+                let streamed = self.take(item);
                 if payload["kind"] == "assistant_message"
                     && let Some(text) = payload["text"].as_str()
                     && streamed == Some(text.len())
@@ -531,5 +551,26 @@ mod tests {
         let mut done = json!({"item_id": "c", "kind": "assistant_message", "text": "hi"});
         streamed.observe("item.completed", &mut done, max);
         assert!(done.get("text_in_deltas").is_none());
+    }
+
+    #[test]
+    fn text_streamed_into_interleaved_items_is_counted_per_item() {
+        let max = 2048;
+        let text = "word ".repeat(1000);
+        let mut streamed = StreamedText::default();
+        // Item a's text in two halves with item b's in between, b completed first.
+        for (item, piece) in [("a", &text[..2500]), ("b", &text[..]), ("a", &text[2500..])] {
+            streamed.count(item, "assistant_text", piece.len());
+        }
+        streamed.count("a", "reasoning_text", 7);
+        for item in ["b", "a"] {
+            let mut done = json!({"item_id": item, "kind": "assistant_message", "text": text});
+            streamed.observe("item.completed", &mut done, max);
+            assert_eq!(done["text_in_deltas"], true, "item {item}");
+        }
+        // Completing an item forgets it.
+        let mut again = json!({"item_id": "a", "kind": "assistant_message", "text": text});
+        streamed.observe("item.completed", &mut again, max);
+        assert!(again.get("text_in_deltas").is_none());
     }
 }

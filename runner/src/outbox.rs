@@ -152,7 +152,7 @@ impl Outbox {
         };
         let payload_json = fit::delta_text(&item_id, kind, &delta);
         if payload_json.len() > self.limit.get() {
-            let payload = serde_json::json!({"item_id": item_id, "kind": kind, "delta": delta});
+            let payload = serde_json::json!({"item_id": &*item_id, "kind": kind, "delta": delta});
             return self.push(event.event_type, payload).await;
         }
         self.streamed

@@ -51,8 +51,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Provider, ProviderError, ProviderEvent, Resolution, TurnContext, TurnOutcome, TurnRequest,
-    Usage, send_event,
+    ItemId, Provider, ProviderError, ProviderEvent, Resolution, TurnContext, TurnOutcome,
+    TurnRequest, Usage, send_event,
 };
 
 /// What the runner feeds a child during its turn.
@@ -249,7 +249,7 @@ struct Session {
     events: mpsc::Sender<ProviderEvent>,
     stop: CancellationToken,
     /// The item plain output lines belong to, once there was one.
-    output_item: Option<String>,
+    output_item: Option<ItemId>,
     result: Option<String>,
     usage: Option<Usage>,
     assistant_text: String,
@@ -446,10 +446,10 @@ impl Session {
         let item_id = match &self.output_item {
             Some(id) => id.clone(),
             None => {
-                let id = format!("{}:output", self.turn_id);
+                let id: ItemId = format!("{}:output", self.turn_id).into();
                 self.emit(
                     "item.started",
-                    json!({"item_id": id, "kind": "command_output"}),
+                    json!({"item_id": &*id, "kind": "command_output"}),
                 )
                 .await?;
                 self.output_item = Some(id.clone());
@@ -469,7 +469,7 @@ impl Session {
             Some(item_id) => {
                 self.emit(
                     "item.completed",
-                    json!({"item_id": item_id, "kind": "command_output"}),
+                    json!({"item_id": &*item_id, "kind": "command_output"}),
                 )
                 .await
             }

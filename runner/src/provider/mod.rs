@@ -61,11 +61,15 @@ pub enum EventPayload {
     /// A `content.delta`'s fields: the event a provider sends most, written as the log's
     /// JSON text directly rather than built as a `Value` first.
     Delta {
-        item_id: String,
+        item_id: ItemId,
         kind: &'static str,
         delta: String,
     },
 }
+
+/// An item's id, shared by the item's events: a streamed reply names its item in every
+/// delta, so each names it by a reference count rather than by a copy of its text.
+pub type ItemId = Arc<str>;
 
 impl ProviderEvent {
     pub fn new(event_type: &'static str, payload: Value) -> Self {
@@ -76,7 +80,7 @@ impl ProviderEvent {
     }
 
     /// A `content.delta` of `kind` text streamed into the item `item_id`.
-    pub fn delta(item_id: impl Into<String>, kind: &'static str, delta: String) -> Self {
+    pub fn delta(item_id: impl Into<ItemId>, kind: &'static str, delta: String) -> Self {
         Self {
             event_type: "content.delta",
             payload: EventPayload::Delta {
@@ -95,7 +99,7 @@ impl ProviderEvent {
                 item_id,
                 kind,
                 delta,
-            } => serde_json::json!({"item_id": item_id, "kind": kind, "delta": delta}),
+            } => serde_json::json!({"item_id": &*item_id, "kind": kind, "delta": delta}),
         }
     }
 

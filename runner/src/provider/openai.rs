@@ -41,7 +41,7 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Provider, ProviderError, ProviderEvent, TurnContext, TurnOutcome, TurnRequest, Usage,
+    ItemId, Provider, ProviderError, ProviderEvent, TurnContext, TurnOutcome, TurnRequest, Usage,
     send_event,
 };
 
@@ -216,7 +216,7 @@ struct ToolCall {
 /// What one request of the turn produced.
 #[derive(Default)]
 struct Round {
-    message_item: Option<String>,
+    message_item: Option<ItemId>,
     text: String,
     tool_calls: Vec<ToolCall>,
     finish_reason: Option<String>,
@@ -546,10 +546,10 @@ impl Turn<'_> {
         let item_id = match &round.message_item {
             Some(id) => id.clone(),
             None => {
-                let id = self.new_item_id();
+                let id: ItemId = self.new_item_id().into();
                 self.emit(
                     "item.started",
-                    json!({"item_id": id, "kind": "assistant_message"}),
+                    json!({"item_id": &*id, "kind": "assistant_message"}),
                 )
                 .await?;
                 round.message_item = Some(id.clone());
@@ -629,7 +629,7 @@ impl Turn<'_> {
         if let Some(item_id) = round.message_item.take() {
             self.emit(
                 "item.completed",
-                json!({"item_id": item_id, "kind": "assistant_message", "text": round.text}),
+                json!({"item_id": &*item_id, "kind": "assistant_message", "text": round.text}),
             )
             .await?;
         }

@@ -33,6 +33,7 @@
 //! streams. Stopping is checked between tokens and while waiting, so `stop` ends the
 //! turn within one scheduling tick.
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde_json::json;
@@ -42,8 +43,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Provider, ProviderError, ProviderEvent, Resolution, TurnContext, TurnOutcome, TurnRequest,
-    Usage, send_event,
+    ItemId, Provider, ProviderError, ProviderEvent, Resolution, TurnContext, TurnOutcome,
+    TurnRequest, Usage, send_event,
 };
 
 /// Tokens of the long reply the `[slow]` cue streams.
@@ -169,6 +170,15 @@ fn recall_text(turn: &TurnRequest) -> String {
     )
 }
 
+/// The `[tokens:N]` cue's i-th token, `token{i}`, written straight into its delta.
+struct NumberedToken(u64);
+
+impl std::fmt::Display for NumberedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "token{}", self.0)
+    }
+}
+
 fn echo_reply(prompt: &str) -> String {
     format!(
         "Hello! You said: {}. This reply comes from the scripted provider.",
@@ -201,9 +211,9 @@ struct Turn {
 }
 
 impl Turn {
-    fn new_item_id(&mut self) -> String {
+    fn new_item_id(&mut self) -> ItemId {
         self.next_item += 1;
-        format!("{}:{}", self.turn_id, self.next_item)
+        format!("{}:{}", self.turn_id, self.next_item).into()
     }
 
     async fn emit(
@@ -221,19 +231,23 @@ impl Turn {
     }
 
     /// Echoes a steer into the reply being streamed.
-    async fn steered(&mut self, item_id: &str, text: String) -> Result<(), Halted> {
+    async fn steered(&mut self, item_id: &ItemId, text: String) -> Result<(), Halted> {
         let delta = if self.reply.is_empty() {
             format!("[steer: {text}]")
         } else {
             format!(" [steer: {text}]")
         };
         self.reply.push_str(&delta);
-        self.send(ProviderEvent::delta(item_id, "assistant_text", delta))
-            .await
+        self.send(ProviderEvent::delta(
+            item_id.clone(),
+            "assistant_text",
+            delta,
+        ))
+        .await
     }
 
     /// Takes the steers that already arrived, without waiting.
-    async fn take_pending_steers(&mut self, item_id: &str) -> Result<(), Halted> {
+    async fn take_pending_steers(&mut self, item_id: &ItemId) -> Result<(), Halted> {
         while self.steer_open {
             match self.steer.try_recv() {
                 Ok(text) => self.steered(item_id, text).await?,
@@ -245,7 +259,7 @@ impl Turn {
     }
 
     /// Waits `token_delay`, echoing steers as they arrive and ending early on stop.
-    async fn pause(&mut self, item_id: &str) -> Result<(), Halted> {
+    async fn pause(&mut self, item_id: &ItemId) -> Result<(), Halted> {
         if self.token_delay.is_zero() {
             return if self.stop.is_cancelled() {
                 Err(Halted)
@@ -269,50 +283,59 @@ impl Turn {
 
     /// Opens the assistant message item (starting it with the recall, on that cue) and
     /// returns its id.
-    async fn open_message(&mut self) -> Result<String, Halted> {
+    async fn open_message(&mut self) -> Result<ItemId, Halted> {
         let item_id = self.new_item_id();
         self.emit(
             "item.started",
-            json!({"item_id": item_id, "kind": "assistant_message"}),
+            json!({"item_id": &*item_id, "kind": "assistant_message"}),
         )
         .await?;
         if let Some(recall) = self.recall.take() {
             self.reply.push_str(&recall);
-            self.send(ProviderEvent::delta(&item_id, "assistant_text", recall))
-                .await?;
+            self.send(ProviderEvent::delta(
+                item_id.clone(),
+                "assistant_text",
+                recall,
+            ))
+            .await?;
         }
         Ok(item_id)
     }
 
-    /// Streams `tokens` into the open message item, one delta each, paced and steerable.
+    /// Streams `tokens` into the open message item, one delta each (a space before all
+    /// but the reply's first), paced and steerable.
     async fn stream(
         &mut self,
-        item_id: &str,
-        tokens: impl Iterator<Item = String>,
+        item_id: &ItemId,
+        tokens: impl Iterator<Item = impl std::fmt::Display>,
     ) -> Result<(), Halted> {
         for token in tokens {
             if self.tokens > 0 {
                 self.pause(item_id).await?;
             }
-            let delta = if self.reply.is_empty() {
-                token
-            } else {
-                format!(" {token}")
-            };
+            let mut delta = String::new();
+            if !self.reply.is_empty() {
+                delta.push(' ');
+            }
+            write!(delta, "{token}").expect("writing to a String cannot fail");
             self.reply.push_str(&delta);
             self.tokens += 1;
-            self.send(ProviderEvent::delta(item_id, "assistant_text", delta))
-                .await?;
+            self.send(ProviderEvent::delta(
+                item_id.clone(),
+                "assistant_text",
+                delta,
+            ))
+            .await?;
         }
         // A steer that raced the last token still belongs to this reply.
         self.take_pending_steers(item_id).await
     }
 
     /// Closes the message item, reports usage and completes the turn.
-    async fn complete(&mut self, item_id: &str, prompt: &str) -> Result<TurnOutcome, Halted> {
+    async fn complete(&mut self, item_id: &ItemId, prompt: &str) -> Result<TurnOutcome, Halted> {
         self.emit(
             "item.completed",
-            json!({"item_id": item_id, "kind": "assistant_message", "text": self.reply}),
+            json!({"item_id": &**item_id, "kind": "assistant_message", "text": self.reply}),
         )
         .await?;
         let usage = Usage {
@@ -420,8 +443,7 @@ impl Turn {
             }
             Cue::Tokens(n) => {
                 let item_id = self.open_message().await?;
-                self.stream(&item_id, (1..=n).map(|i| format!("token{i}")))
-                    .await?;
+                self.stream(&item_id, (1..=n).map(NumberedToken)).await?;
                 self.complete(&item_id, prompt).await
             }
             Cue::Big(n) => {
@@ -440,19 +462,14 @@ impl Turn {
             }
             Cue::Slow => {
                 let item_id = self.open_message().await?;
-                let words = SLOW_TEXT
-                    .split_whitespace()
-                    .cycle()
-                    .take(SLOW_TOKENS)
-                    .map(str::to_owned);
+                let words = SLOW_TEXT.split_whitespace().cycle().take(SLOW_TOKENS);
                 self.stream(&item_id, words).await?;
                 self.complete(&item_id, prompt).await
             }
             Cue::Echo => {
                 let item_id = self.open_message().await?;
                 let reply = echo_reply(prompt);
-                let words: Vec<String> = reply.split_whitespace().map(str::to_owned).collect();
-                self.stream(&item_id, words.into_iter()).await?;
+                self.stream(&item_id, reply.split_whitespace()).await?;
                 self.complete(&item_id, prompt).await
             }
         }
@@ -464,15 +481,14 @@ impl Turn {
         for text in std::mem::take(&mut self.held_steers) {
             self.steered(&item_id, text).await?;
         }
-        let words: Vec<String> = reply.split_whitespace().map(str::to_owned).collect();
-        self.stream(&item_id, words.into_iter()).await?;
+        self.stream(&item_id, reply.split_whitespace()).await?;
         self.complete(&item_id, prompt).await
     }
 
     /// Streams `pieces` as they are, one delta each, unpaced (bulk text).
     async fn stream_pieces(
         &mut self,
-        item_id: &str,
+        item_id: &ItemId,
         pieces: impl Iterator<Item = String>,
     ) -> Result<(), Halted> {
         for piece in pieces {
@@ -481,8 +497,12 @@ impl Turn {
             }
             self.reply.push_str(&piece);
             self.tokens += 1;
-            self.send(ProviderEvent::delta(item_id, "assistant_text", piece))
-                .await?;
+            self.send(ProviderEvent::delta(
+                item_id.clone(),
+                "assistant_text",
+                piece,
+            ))
+            .await?;
         }
         self.take_pending_steers(item_id).await
     }
