@@ -28,10 +28,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agentrun_shared::proto::{
-    self, manager_message::Body as In, runner_message::Body as Out,
-    runner_service_client::RunnerServiceClient,
-};
+use agentrun_shared::proto::{self, manager_message::Body as In, runner_message::Body as Out};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -44,6 +41,7 @@ use crate::fit::PayloadLimit;
 use crate::observe::Observer;
 use crate::outbox::{BatchLimits, Outbox};
 use crate::provider::Providers;
+use crate::wire::{self, EncodedAppend, Outgoing};
 
 /// Messages queued towards the manager before the connection waits.
 const OUTGOING: usize = 1024;
@@ -206,7 +204,7 @@ impl Runner {
     }
 
     /// Connects to the next manager URL in turn.
-    async fn connect(&mut self) -> anyhow::Result<RunnerServiceClient<Channel>> {
+    async fn connect(&mut self) -> anyhow::Result<Channel> {
         let urls = &self.settings.manager_url;
         anyhow::ensure!(!urls.is_empty(), "no manager URL configured");
         let url = urls[self.connections % urls.len()].clone();
@@ -221,12 +219,12 @@ impl Runner {
             .keep_alive_timeout(Duration::from_secs(10))
             .connect()
             .await?;
-        Ok(RunnerServiceClient::new(channel))
+        Ok(channel)
     }
 
     async fn session(&mut self, shutdown: &CancellationToken) -> anyhow::Result<SessionEnd> {
-        let mut client = self.connect().await?;
-        let (tx, rx) = mpsc::channel::<proto::RunnerMessage>(OUTGOING);
+        let channel = self.connect().await?;
+        let (tx, rx) = mpsc::channel::<Outgoing>(OUTGOING);
         let held: Vec<proto::LeaseRef> = self
             .runs
             .iter()
@@ -250,7 +248,7 @@ impl Runner {
                 .map_err(|_| anyhow::anyhow!("AGENTRUN_API_KEY is not a valid header value"))?;
             request.metadata_mut().insert("authorization", value);
         }
-        let mut inbound = client.connect(request).await?.into_inner();
+        let mut inbound = wire::connect(channel, request).await?;
         let Some(proto::ManagerMessage {
             body: Some(In::Welcome(welcome)),
         }) = inbound.message().await?
@@ -339,7 +337,7 @@ impl Runner {
         &mut self,
         welcome: &proto::Welcome,
         batch: BatchLimits,
-        tx: &mpsc::Sender<proto::RunnerMessage>,
+        tx: &mpsc::Sender<Outgoing>,
     ) {
         for lost in &welcome.lost {
             // No credit here: the credit for every free slot follows the welcome. (A
@@ -362,7 +360,7 @@ impl Runner {
         }
     }
 
-    async fn on_message(&mut self, body: In, tx: &mpsc::Sender<proto::RunnerMessage>) {
+    async fn on_message(&mut self, body: In, tx: &mpsc::Sender<Outgoing>) {
         match body {
             In::Assignment(assignment) => self.start_run(assignment, tx).await,
             In::Heartbeat(response) => {
@@ -421,12 +419,7 @@ impl Runner {
 
     /// What a run's task asks for, unless the run has left meanwhile (then nothing more
     /// is written for it).
-    async fn on_upward(
-        &mut self,
-        upward: Upward,
-        batch: BatchLimits,
-        tx: &mpsc::Sender<proto::RunnerMessage>,
-    ) {
+    async fn on_upward(&mut self, upward: Upward, batch: BatchLimits, tx: &mpsc::Sender<Outgoing>) {
         match upward {
             Upward::CommandAck(ack) => {
                 if !self.holds(&ack.run_id, ack.epoch) {
@@ -457,11 +450,7 @@ impl Runner {
             .is_some_and(|run| run.epoch == epoch && !run.abort.is_cancelled())
     }
 
-    async fn start_run(
-        &mut self,
-        assignment: proto::Assignment,
-        tx: &mpsc::Sender<proto::RunnerMessage>,
-    ) {
+    async fn start_run(&mut self, assignment: proto::Assignment, tx: &mpsc::Sender<Outgoing>) {
         let Some(run) = assignment.run else { return };
         if self.runs.contains_key(&run.run_id) {
             return;
@@ -536,12 +525,7 @@ impl Runner {
     /// A run has left this runner (finished, released, lost, revoked or refused): stops
     /// it and gives its slot back. The one place slots are returned after the welcome;
     /// a run already gone gives nothing, so each run frees its slot exactly once.
-    async fn end_run(
-        &mut self,
-        run_id: &str,
-        why: Option<&str>,
-        tx: &mpsc::Sender<proto::RunnerMessage>,
-    ) {
+    async fn end_run(&mut self, run_id: &str, why: Option<&str>, tx: &mpsc::Sender<Outgoing>) {
         if self.remove_run(run_id, why) && self.draining.is_none() {
             send(tx, Out::Credit(proto::Credit { slots: 1 })).await;
         }
@@ -573,12 +557,7 @@ impl Runner {
         true
     }
 
-    async fn flush_run(
-        &self,
-        run_id: &str,
-        batch: BatchLimits,
-        tx: &mpsc::Sender<proto::RunnerMessage>,
-    ) {
+    async fn flush_run(&self, run_id: &str, batch: BatchLimits, tx: &mpsc::Sender<Outgoing>) {
         // An aborted run (released) writes nothing more.
         let Some(run) = self.runs.get(run_id).filter(|r| !r.abort.is_cancelled()) else {
             return;
@@ -589,19 +568,19 @@ impl Runner {
                 return;
             }
             self.observer.batch_sent(events.len());
-            let batch = proto::AppendEventsRequest {
+            let append = EncodedAppend {
                 runner_id: self.identity.runner_id.clone(),
                 run_id: run_id.to_owned(),
                 epoch: run.epoch,
                 events,
-                command_updates: vec![],
             };
-            send(tx, Out::Events(batch)).await;
+            // A failed send means the stream is gone; the session loop reconnects.
+            let _ = tx.send(Outgoing::Append(append)).await;
         }
     }
 
     /// Past the drain deadline: give every unfinished run back to the queue.
-    async fn release_all(&mut self, tx: &mpsc::Sender<proto::RunnerMessage>) {
+    async fn release_all(&mut self, tx: &mpsc::Sender<Outgoing>) {
         for (run_id, run) in &mut self.runs {
             if run.finish.is_some() || run.abort.is_cancelled() {
                 continue;
@@ -621,9 +600,9 @@ impl Runner {
     }
 }
 
-async fn send(tx: &mpsc::Sender<proto::RunnerMessage>, body: Out) {
+async fn send(tx: &mpsc::Sender<Outgoing>, body: Out) {
     // A failed send means the stream is gone; the session loop notices and reconnects.
-    let _ = tx.send(proto::RunnerMessage { body: Some(body) }).await;
+    let _ = tx.send(body.into()).await;
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -698,10 +677,13 @@ mod tests {
     }
 
     /// The slots of credit sent since the last call.
-    fn credit(rx: &mut mpsc::Receiver<proto::RunnerMessage>) -> i32 {
+    fn credit(rx: &mut mpsc::Receiver<Outgoing>) -> i32 {
         let mut slots = 0;
         while let Ok(message) = rx.try_recv() {
-            if let Some(Out::Credit(credit)) = message.body {
+            if let Outgoing::Message(proto::RunnerMessage {
+                body: Some(Out::Credit(credit)),
+            }) = message
+            {
                 slots += credit.slots;
             }
         }
@@ -847,8 +829,10 @@ mod tests {
         hold(&mut runner, "r1");
         runner.on_upward(command_ack("r1"), batch, &tx).await;
         assert!(matches!(
-            rx.try_recv().map(|m| m.body),
-            Ok(Some(Out::CommandAck(_)))
+            rx.try_recv(),
+            Ok(Outgoing::Message(proto::RunnerMessage {
+                body: Some(Out::CommandAck(_))
+            }))
         ));
         runner.on_message(refused("r1"), &tx).await;
         assert_eq!(credit(&mut rx), 1);

@@ -20,6 +20,7 @@ pub mod outbox;
 pub mod provider;
 pub mod setup;
 pub mod telemetry;
+pub mod wire;
 
 use agentrun_shared::proto;
 use tokio_util::sync::CancellationToken;

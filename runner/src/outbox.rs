@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fit::{self, DEFAULT_MAX_PAYLOAD_BYTES, PayloadLimit, StreamedText};
 use crate::provider::{EventPayload, ProviderEvent};
+use crate::wire::{self, EncodedEvents};
 
 /// A push refused because the run was aborted: nothing more may be written for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -74,9 +75,18 @@ struct State {
     /// runner_seq the next pushed event gets.
     next_seq: i64,
     /// Unacknowledged events, oldest first.
-    unacked: VecDeque<proto::RunnerEvent>,
+    unacked: VecDeque<Unacked>,
     /// Highest runner_seq handed to the connection for sending.
     sent_upto: i64,
+}
+
+/// An event kept until the manager has it, already encoded as it is sent (see
+/// [`crate::wire`]): a send or a resend copies its bytes.
+struct Unacked {
+    runner_seq: i64,
+    /// Its payload's length, for the batch limit on payload bytes.
+    payload_bytes: usize,
+    entry: Vec<u8>,
 }
 
 impl Outbox {
@@ -173,10 +183,10 @@ impl Outbox {
                 if state.unacked.len() < self.capacity {
                     let runner_seq = state.next_seq;
                     state.next_seq += 1;
-                    state.unacked.push_back(proto::RunnerEvent {
+                    state.unacked.push_back(Unacked {
                         runner_seq,
-                        r#type: event_type.to_owned(),
-                        payload_json,
+                        payload_bytes: payload_json.len(),
+                        entry: wire::event_entry(runner_seq, event_type, &payload_json),
                     });
                     drop(state);
                     (self.on_push)();
@@ -193,7 +203,7 @@ impl Outbox {
 
     /// Events not yet handed out for sending, oldest first, as one batch within
     /// `limits` (at least one event if any is unsent), marked as sent.
-    pub fn take_unsent(&self, limits: BatchLimits) -> Vec<proto::RunnerEvent> {
+    pub fn take_unsent(&self, limits: BatchLimits) -> EncodedEvents {
         let mut state = self.state.lock().expect("outbox lock");
         // The unacknowledged events are numbered consecutively, so the first unsent one
         // is found by its number, not by walking past the ones in flight.
@@ -201,18 +211,20 @@ impl Outbox {
             usize::try_from(state.sent_upto + 1 - first.runner_seq).unwrap_or(0)
         });
         let mut bytes = 0;
-        let mut batch: Vec<proto::RunnerEvent> = Vec::new();
+        let mut batch = EncodedEvents::default();
+        let mut last_seq = None;
         for event in state.unacked.range(first_unsent.min(state.unacked.len())..) {
             if batch.len() >= limits.max_events
-                || (!batch.is_empty() && bytes + event.payload_json.len() > limits.max_bytes)
+                || (!batch.is_empty() && bytes + event.payload_bytes > limits.max_bytes)
             {
                 break;
             }
-            bytes += event.payload_json.len();
-            batch.push(event.clone());
+            bytes += event.payload_bytes;
+            batch.push(&event.entry);
+            last_seq = Some(event.runner_seq);
         }
-        if let Some(last) = batch.last() {
-            state.sent_upto = last.runner_seq;
+        if let Some(last_seq) = last_seq {
+            state.sent_upto = last_seq;
         }
         batch
     }
@@ -279,8 +291,8 @@ mod tests {
         }
     }
 
-    fn seqs(batch: &[proto::RunnerEvent]) -> Vec<i64> {
-        batch.iter().map(|e| e.runner_seq).collect()
+    fn seqs(batch: &EncodedEvents) -> Vec<i64> {
+        batch.decode().iter().map(|e| e.runner_seq).collect()
     }
 
     #[tokio::test]
@@ -341,7 +353,7 @@ mod tests {
         outbox.push("content.delta", delta).await.unwrap();
         let done = json!({"item_id": "m", "kind": "assistant_message", "text": text});
         outbox.push("item.completed", done).await.unwrap();
-        let batch = outbox.take_unsent(events(100));
+        let batch = outbox.take_unsent(events(100)).decode();
         let payloads: Vec<Value> = batch
             .iter()
             .map(|e| serde_json::from_str(&e.payload_json).unwrap())
@@ -375,7 +387,7 @@ mod tests {
                 let payload = json!({"item_id": "i", "kind": "assistant_text", "delta": delta});
                 outbox.push("content.delta", payload).await.unwrap();
             }
-            let batch = outbox.take_unsent(events(100));
+            let batch = outbox.take_unsent(events(100)).decode();
             assert_eq!(batch.len(), 4);
             assert!(batch.iter().all(|e| e.payload_json.len() <= limit));
             assert!(batch.iter().all(|e| e.r#type == "content.delta"));
@@ -387,7 +399,10 @@ mod tests {
                 })
                 .collect();
             assert_eq!(text, delta);
-            assert_eq!(seqs(&batch), [1, 2, 3, 4]);
+            assert_eq!(
+                batch.iter().map(|e| e.runner_seq).collect::<Vec<_>>(),
+                [1, 2, 3, 4]
+            );
         }
     }
 
@@ -401,9 +416,12 @@ mod tests {
             .push("content.delta", event.payload_value())
             .await
             .unwrap();
-        let batch = outbox.take_unsent(events(10));
+        let batch = outbox.take_unsent(events(10)).decode();
         assert_eq!(batch[0].payload_json, batch[1].payload_json);
-        assert_eq!(seqs(&batch), [1, 2]);
+        assert_eq!(
+            batch.iter().map(|e| e.runner_seq).collect::<Vec<_>>(),
+            [1, 2]
+        );
     }
 
     #[tokio::test]
