@@ -96,9 +96,9 @@ struct Params {
     /// Runs in the stream scenario, each with its own watcher [default: 8; smoke 2].
     #[arg(long)]
     stream_runs: Option<usize>,
-    /// Tokens (content.delta events) per stream run [default: 20000; smoke 200]: enough
-    /// for about a second of streaming, so the figure is the throughput rather than the
-    /// start-up of eight runs.
+    /// Tokens (content.delta events) per stream run [default: 100000; smoke 200]: enough
+    /// for over a second of streaming, so the figure is the throughput rather than the
+    /// start-up of eight runs (at 20,000 they streamed for a third of a second).
     #[arg(long)]
     stream_tokens: Option<usize>,
     /// Bytes of context added to each stream run's input (a long prompt or a
@@ -181,7 +181,7 @@ impl Params {
             runners: self.runners,
             paced_seconds: self.paced_seconds.unwrap_or(if smoke { 2.0 } else { 5.0 }),
             stream_runs: pick(self.stream_runs, 8, 2),
-            stream_tokens: pick(self.stream_tokens, 20_000, 200),
+            stream_tokens: pick(self.stream_tokens, 100_000, 200),
             stream_input_bytes: self.stream_input_bytes,
             fleet_runners: pick(self.fleet_runners, 10_000, 200),
             fleet_runners_per_connection: self.fleet_runners_per_connection,
