@@ -103,13 +103,37 @@ pub async fn migrate(pool: &Pool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The newest migration this build embeds.
+pub fn newest_migration() -> i32 {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| m.version())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Why this build must not serve the (current) schema, if it must not: the schema names
+/// the oldest build that still reads it correctly (migration V30), and a migration that
+/// older builds would misread raises it.
+pub async fn incompatibility(client: &Client) -> anyhow::Result<Option<String>> {
+    let oldest_reader: i32 = client
+        .query_one("SELECT oldest_reader FROM schema_compatibility", &[])
+        .await?
+        .get(0);
+    let newest = newest_migration();
+    Ok((oldest_reader > newest).then(|| {
+        format!(
+            "the schema needs a manager built with migration V{oldest_reader} or later; \
+             this one has V{newest}: upgrade it"
+        )
+    }))
+}
+
 /// Whether every embedded migration has been applied (a newer schema, from a newer
 /// replica, counts as current). `false` when no migration has run at all.
 pub async fn schema_current(client: &mut tokio_postgres::Client) -> anyhow::Result<bool> {
-    let runner = embedded::migrations::runner();
-    let Some(latest) = runner.get_migrations().iter().map(|m| m.version()).max() else {
-        return Ok(true);
-    };
+    let latest = newest_migration();
     // refinery's history table; querying it when it does not exist would be an error.
     let exists: bool = client
         .query_one(
@@ -121,6 +145,8 @@ pub async fn schema_current(client: &mut tokio_postgres::Client) -> anyhow::Resu
     if !exists {
         return Ok(false);
     }
-    let applied = runner.get_last_applied_migration_async(client).await?;
+    let applied = embedded::migrations::runner()
+        .get_last_applied_migration_async(client)
+        .await?;
     Ok(applied.is_some_and(|m| m.version() >= latest))
 }

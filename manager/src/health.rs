@@ -3,6 +3,7 @@
 //! build expects, and SERVING again once it recovers. [`check_serving`] is the other
 //! side: `agentrun-manager health`, a container health check asking a manager.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -27,11 +28,17 @@ pub async fn set_all(reporter: &HealthReporter, services: &[&str], status: Servi
 /// Probes the database every [`PROBE_INTERVAL`] and reports the outcome for `services`
 /// until `shutdown`. `schema_checked` says the schema is already known to be current
 /// (this replica migrated it); otherwise it is checked until it is.
+///
+/// A schema this build must not serve ([`db::incompatibility`]: a newer replica
+/// migrated it past what this build reads correctly) stops the replica: every service
+/// turns NOT_SERVING, the reason goes into `stop` and the manager shuts down as on
+/// SIGTERM (runner streams drain to other replicas), then exits with it as its error.
 pub async fn watch(
     pool: Pool,
     reporter: HealthReporter,
     services: Vec<&'static str>,
     mut schema_checked: bool,
+    stop: SelfStop,
     shutdown: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(PROBE_INTERVAL);
@@ -44,7 +51,13 @@ pub async fn watch(
         }
         let probed = tokio::time::timeout(PROBE_TIMEOUT, probe(&pool, &mut schema_checked))
             .await
-            .unwrap_or_else(|_| Err("database probe timed out".into()));
+            .unwrap_or_else(|_| Err(NotServing::Unavailable("database probe timed out".into())));
+        if let Err(NotServing::Incompatible(reason)) = &probed {
+            tracing::error!(%reason, "stopping: this build must not serve the schema");
+            set_all(&reporter, &services, ServingStatus::NotServing).await;
+            stop.stop(reason.clone());
+            return;
+        }
         let now_serving = probed.is_ok();
         if serving == Some(now_serving) {
             continue;
@@ -63,24 +76,81 @@ pub async fn watch(
     }
 }
 
-/// `SELECT 1` on a pool connection; then, until it has passed once, the schema check.
-async fn probe(pool: &Pool, schema_checked: &mut bool) -> Result<(), String> {
+/// How a replica stops by itself: the token that shuts it down, and why it did.
+#[derive(Clone, Default)]
+pub struct SelfStop {
+    token: CancellationToken,
+    reason: Arc<OnceLock<String>>,
+}
+
+impl SelfStop {
+    /// Stops the replica whose shutdown is `token`.
+    pub fn new(token: CancellationToken) -> Self {
+        Self {
+            token,
+            reason: Arc::default(),
+        }
+    }
+
+    fn stop(&self, reason: String) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    /// Why the replica stopped by itself, if it did.
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.get().map(String::as_str)
+    }
+}
+
+/// Why a probe found the replica not serving.
+#[derive(Debug)]
+enum NotServing {
+    /// The database is unreachable or behind: serving resumes once it is back.
+    Unavailable(String),
+    /// The schema is too new for this build: the replica stops.
+    Incompatible(String),
+}
+
+impl std::fmt::Display for NotServing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotServing::Unavailable(reason) | NotServing::Incompatible(reason) => {
+                f.write_str(reason)
+            }
+        }
+    }
+}
+
+/// Until the schema has been found current once, `SELECT 1` on a pool connection and
+/// the schema check; from then on, the schema's compatibility with this build (one
+/// query either way).
+async fn probe(pool: &Pool, schema_checked: &mut bool) -> Result<(), NotServing> {
+    let unavailable =
+        |what: &str, err: &dyn std::fmt::Display| NotServing::Unavailable(format!("{what}: {err}"));
     let mut client = pool
         .get()
         .await
-        .map_err(|err| format!("no database connection: {err}"))?;
+        .map_err(|err| unavailable("no database connection", &err))?;
+    if *schema_checked {
+        return match db::incompatibility(&client).await {
+            Ok(None) => Ok(()),
+            Ok(Some(reason)) => Err(NotServing::Incompatible(reason)),
+            Err(err) => Err(unavailable("cannot read the schema's compatibility", &err)),
+        };
+    }
     client
         .simple_query("SELECT 1")
         .await
-        .map_err(|err| format!("database query failed: {err}"))?;
+        .map_err(|err| unavailable("database query failed", &err))?;
+    let client: &mut tokio_postgres::Client = &mut client;
+    *schema_checked = db::schema_current(client)
+        .await
+        .map_err(|err| unavailable("cannot read the schema version", &err))?;
     if !*schema_checked {
-        let client: &mut tokio_postgres::Client = &mut client;
-        *schema_checked = db::schema_current(client)
-            .await
-            .map_err(|err| format!("cannot read the schema version: {err}"))?;
-        if !*schema_checked {
-            return Err("database migrations are pending (run `agentrun-manager migrate`)".into());
-        }
+        return Err(NotServing::Unavailable(
+            "database migrations are pending (run `agentrun-manager migrate`)".into(),
+        ));
     }
     Ok(())
 }

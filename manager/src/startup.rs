@@ -256,11 +256,13 @@ impl Application {
             ServingStatus::NotServing
         };
         health::set_all(&health, &services, initially).await;
+        let self_stop = health::SelfStop::new(shutdown.clone());
         tasks.spawn(health::watch(
             state.pool.clone(),
             health.clone(),
             services,
             migrated,
+            self_stop.clone(),
             background.clone(),
         ));
         // Reflection in both versions: grpcurl 1.8 and other tools still ask v1alpha.
@@ -379,6 +381,9 @@ impl Application {
         heartbeat_pool.close();
         hello_pool.close();
         served?;
+        if let Some(reason) = self_stop.reason() {
+            anyhow::bail!("the manager stopped: {reason}");
+        }
         tracing::info!("manager stopped");
         Ok(())
     }

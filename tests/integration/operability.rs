@@ -64,6 +64,27 @@ async fn not_serving_until_migrations_are_applied() {
     }
 }
 
+#[tokio::test]
+async fn a_replica_older_than_the_schema_allows_stops_serving_and_exits() {
+    let url = fresh_database().await;
+    let mut manager = ManagerProcess::start(&url, &[]).await;
+    let health = HealthClient::new(manager.channel().await);
+    wait_for_health(&health, "", ServingStatus::Serving).await;
+    // A newer replica migrated the schema past what this build reads correctly.
+    let db = db_client(&url).await;
+    db.execute(
+        "UPDATE schema_compatibility SET oldest_reader = $1",
+        &[&(db::newest_migration() + 1)],
+    )
+    .await
+    .unwrap();
+    let status = manager.wait_exit(LONG).await;
+    assert!(
+        !status.success(),
+        "a manager too old for the schema exits with an error: {status:?}"
+    );
+}
+
 /// `GET /metrics` over a plain TCP connection; returns the body.
 pub(crate) async fn scrape(addr: SocketAddr) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
