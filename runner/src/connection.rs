@@ -574,8 +574,7 @@ impl Runner {
                 epoch: run.epoch,
                 events,
             };
-            // A failed send means the stream is gone; the session loop reconnects.
-            let _ = tx.send(Outgoing::Append(append)).await;
+            send(tx, append).await;
         }
     }
 
@@ -600,9 +599,9 @@ impl Runner {
     }
 }
 
-async fn send(tx: &mpsc::Sender<Outgoing>, body: Out) {
+async fn send(tx: &mpsc::Sender<Outgoing>, message: impl Into<Outgoing>) {
     // A failed send means the stream is gone; the session loop notices and reconnects.
-    let _ = tx.send(body.into()).await;
+    let _ = tx.send(message.into()).await;
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -41,6 +41,12 @@ impl From<proto::runner_message::Body> for Outgoing {
     }
 }
 
+impl From<EncodedAppend> for Outgoing {
+    fn from(append: EncodedAppend) -> Self {
+        Outgoing::Append(append)
+    }
+}
+
 /// A batch of one run's events, as `AppendEventsRequest` carries them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncodedAppend {
@@ -88,24 +94,33 @@ pub fn event_entry(runner_seq: i64, event_type: &str, payload_json: &str) -> Vec
     let mut entry = Vec::with_capacity(len + 1 + encoding::encoded_len_varint(len as u64));
     encoding::encode_key(APPEND_EVENTS, WireType::LengthDelimited, &mut entry);
     encoding::encode_varint(len as u64, &mut entry);
-    if runner_seq != 0 {
-        encoding::int64::encode(EVENT_RUNNER_SEQ, &runner_seq, &mut entry);
-    }
+    encode_int(EVENT_RUNNER_SEQ, runner_seq, &mut entry);
     encode_str(EVENT_TYPE, event_type, &mut entry);
     encode_str(EVENT_PAYLOAD_JSON, payload_json, &mut entry);
     entry
 }
 
 fn event_fields_len(runner_seq: i64, event_type: &str, payload_json: &str) -> usize {
-    (if runner_seq != 0 {
-        encoding::int64::encoded_len(EVENT_RUNNER_SEQ, &runner_seq)
-    } else {
-        0
-    }) + str_len(EVENT_TYPE, event_type)
+    int_len(EVENT_RUNNER_SEQ, runner_seq)
+        + str_len(EVENT_TYPE, event_type)
         + str_len(EVENT_PAYLOAD_JSON, payload_json)
 }
 
-/// A string field's encoded length (none when empty, as prost leaves it out).
+// Fields are written as prost writes them: a field at its default (0, "") not at all.
+
+fn int_len(tag: u32, value: i64) -> usize {
+    if value == 0 {
+        return 0;
+    }
+    encoding::int64::encoded_len(tag, &value)
+}
+
+fn encode_int(tag: u32, value: i64, buf: &mut impl BufMut) {
+    if value != 0 {
+        encoding::int64::encode(tag, &value, buf);
+    }
+}
+
 fn str_len(tag: u32, value: &str) -> usize {
     if value.is_empty() {
         return 0;
@@ -113,8 +128,7 @@ fn str_len(tag: u32, value: &str) -> usize {
     encoding::key_len(tag) + encoding::encoded_len_varint(value.len() as u64) + value.len()
 }
 
-/// Writes a non-empty string field as `prost::encoding::string::encode` does, from a
-/// `&str`.
+/// `prost::encoding::string::encode`, from a `&str`.
 fn encode_str(tag: u32, value: &str, buf: &mut impl BufMut) {
     if value.is_empty() {
         return;
@@ -129,19 +143,13 @@ impl EncodedAppend {
     fn encode(&self, buf: &mut impl BufMut) {
         let fields = str_len(APPEND_RUNNER_ID, &self.runner_id)
             + str_len(APPEND_RUN_ID, &self.run_id)
-            + if self.epoch != 0 {
-                encoding::int64::encoded_len(APPEND_EPOCH, &self.epoch)
-            } else {
-                0
-            }
+            + int_len(APPEND_EPOCH, self.epoch)
             + self.events.bytes.len();
         encoding::encode_key(RUNNER_MESSAGE_EVENTS, WireType::LengthDelimited, buf);
         encoding::encode_varint(fields as u64, buf);
         encode_str(APPEND_RUNNER_ID, &self.runner_id, buf);
         encode_str(APPEND_RUN_ID, &self.run_id, buf);
-        if self.epoch != 0 {
-            encoding::int64::encode(APPEND_EPOCH, &self.epoch, buf);
-        }
+        encode_int(APPEND_EPOCH, self.epoch, buf);
         buf.put_slice(&self.events.bytes);
     }
 }
