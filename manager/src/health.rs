@@ -1,7 +1,8 @@
 //! `grpc.health.v1` status that follows the database: every service reports
 //! NOT_SERVING while PostgreSQL is unreachable or the schema lacks migrations this
-//! build expects, and SERVING again once it recovers. [`check_serving`] is the other
-//! side: `agentrun-manager health`, a container health check asking a manager.
+//! build expects, and SERVING again once it recovers; a schema too new for this build
+//! stops the replica. [`check_serving`] is the other side: `agentrun-manager health`, a
+//! container health check asking a manager.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -77,7 +78,7 @@ pub async fn watch(
 }
 
 /// How a replica stops by itself: the token that shuts it down, and why it did.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct SelfStop {
     token: CancellationToken,
     reason: Arc<OnceLock<String>>,

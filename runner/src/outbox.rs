@@ -291,8 +291,8 @@ mod tests {
         }
     }
 
-    fn seqs(batch: &EncodedEvents) -> Vec<i64> {
-        batch.decode().iter().map(|e| e.runner_seq).collect()
+    fn seqs(batch: &[proto::RunnerEvent]) -> Vec<i64> {
+        batch.iter().map(|e| e.runner_seq).collect()
     }
 
     #[tokio::test]
@@ -301,13 +301,13 @@ mod tests {
         for i in 0..5 {
             outbox.push("content.delta", json!({"i": i})).await.unwrap();
         }
-        assert_eq!(seqs(&outbox.take_unsent(events(3))), [1, 2, 3]);
+        assert_eq!(seqs(&outbox.take_unsent(events(3)).decode()), [1, 2, 3]);
         assert_eq!(outbox.take_unsent(events(10)).len(), 2);
         assert!(!outbox.has_unsent());
         outbox.ack(2);
         // Reconnected: the manager had 1..=3; 4 and 5 go again.
         outbox.rewind(3);
-        assert_eq!(seqs(&outbox.take_unsent(events(10))), [4, 5]);
+        assert_eq!(seqs(&outbox.take_unsent(events(10)).decode()), [4, 5]);
         assert_eq!(outbox.last_pushed(), 5);
     }
 
@@ -324,21 +324,21 @@ mod tests {
             max_events: 1_000,
             max_bytes: 250,
         };
-        assert_eq!(seqs(&outbox.take_unsent(limits)), [1, 2]);
-        assert_eq!(seqs(&outbox.take_unsent(limits)), [3, 4]);
+        assert_eq!(seqs(&outbox.take_unsent(limits).decode()), [1, 2]);
+        assert_eq!(seqs(&outbox.take_unsent(limits).decode()), [3, 4]);
         // The count still applies.
         let both = BatchLimits {
             max_events: 1,
             max_bytes: 250,
         };
-        assert_eq!(seqs(&outbox.take_unsent(both)), [5]);
+        assert_eq!(seqs(&outbox.take_unsent(both).decode()), [5]);
         // An event larger than the byte limit still goes, alone.
         let tiny = BatchLimits {
             max_events: 1_000,
             max_bytes: 10,
         };
-        assert_eq!(seqs(&outbox.take_unsent(tiny)), [6]);
-        assert_eq!(seqs(&outbox.take_unsent(tiny)), [7]);
+        assert_eq!(seqs(&outbox.take_unsent(tiny).decode()), [6]);
+        assert_eq!(seqs(&outbox.take_unsent(tiny).decode()), [7]);
         assert!(outbox.take_unsent(tiny).is_empty());
     }
 
@@ -399,10 +399,7 @@ mod tests {
                 })
                 .collect();
             assert_eq!(text, delta);
-            assert_eq!(
-                batch.iter().map(|e| e.runner_seq).collect::<Vec<_>>(),
-                [1, 2, 3, 4]
-            );
+            assert_eq!(seqs(&batch), [1, 2, 3, 4]);
         }
     }
 
@@ -418,10 +415,7 @@ mod tests {
             .unwrap();
         let batch = outbox.take_unsent(events(10)).decode();
         assert_eq!(batch[0].payload_json, batch[1].payload_json);
-        assert_eq!(
-            batch.iter().map(|e| e.runner_seq).collect::<Vec<_>>(),
-            [1, 2]
-        );
+        assert_eq!(seqs(&batch), [1, 2]);
     }
 
     #[tokio::test]
