@@ -78,7 +78,8 @@ impl EncodedEvents {
         self.count == 0
     }
 
-    /// The events as messages (tests, and anything that needs to look inside).
+    /// The events as messages, for tests to look inside.
+    #[cfg(test)]
     pub fn decode(&self) -> Vec<proto::RunnerEvent> {
         proto::AppendEventsRequest::decode(self.bytes.as_slice())
             .expect("the outbox encodes events it can decode")
