@@ -2,7 +2,8 @@
 //! and measure runs per second from the first create to the last run terminal. Then, at
 //! about half that rate, create runs at a steady pace (open loop: the schedule does not
 //! wait for slow calls) and measure how long a run waits to be assigned when the system
-//! is not saturated, as the bench's own light runners see it.
+//! is not saturated, as the bench's own light runners see it. Last, the peers' own
+//! measure: runs created before the clock starts, drained by runners started after.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -46,6 +47,8 @@ const PACED_QUEUE: &str = "bench-paced";
 /// Light runners serving the paced runs, as many as runner processes by default.
 const PACED_RUNNERS: usize = 2;
 const PACED_SLOTS: i32 = 64;
+/// The drained runs' queue, which only the runners started for the drain serve.
+const DRAIN_QUEUE: &str = "bench-drain";
 
 fn one_token_run() -> CreateRunRequest {
     CreateRunRequest {
@@ -53,6 +56,26 @@ fn one_token_run() -> CreateRunRequest {
         input_json: serde_json::json!({ "prompt": "[tokens:1] x" }).to_string(),
         ..Default::default()
     }
+}
+
+/// Creates `runs` runs in batches of [`BATCH`], each a copy of `request`.
+async fn create(
+    client: &mut RunServiceClient<Channel>,
+    request: &CreateRunRequest,
+    runs: usize,
+) -> anyhow::Result<()> {
+    let mut created = 0;
+    while created < runs {
+        let n = BATCH.min(runs - created);
+        client
+            .create_runs(CreateRunsRequest {
+                runs: vec![request.clone(); n],
+            })
+            .await
+            .context("CreateRuns")?;
+        created += n;
+    }
+    Ok(())
 }
 
 /// Creates `runs` runs and waits until all are terminal; gives up after `timeout`.
@@ -71,17 +94,7 @@ pub async fn run(
     let cpu = StackCpu::start(stack, db).await?;
 
     let start = Instant::now();
-    let mut created = 0;
-    while created < runs {
-        let n = BATCH.min(runs - created);
-        client
-            .create_runs(CreateRunsRequest {
-                runs: vec![request.clone(); n],
-            })
-            .await
-            .context("CreateRuns")?;
-        created += n;
-    }
+    create(&mut client, &request, runs).await?;
     let create_secs = start.elapsed().as_secs_f64();
 
     let target = baseline + i64::try_from(runs)?;
@@ -192,6 +205,100 @@ pub async fn run(
             "ms",
         ));
     }
+    Ok(figures)
+}
+
+/// The peers' measure, for a like-for-like ratio: they insert their jobs before their
+/// clock starts and time only the draining. So here: `runs` runs are created in a queue
+/// no runner serves, then `runners` runner processes serving only it are started, and
+/// the rate is the runs over the span from the first claim to the last run ended, on
+/// the database's clock (`runs.claimed_at`, `runs.finished_at`). The CPU figures count
+/// from the runners' start (their start-up included) to the last run ended. The drain
+/// runners are killed afterwards; they hold nothing by then.
+pub async fn drain(
+    stack: &mut Stack,
+    db: &tokio_postgres::Client,
+    runs: usize,
+    runners: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Figure>> {
+    let request = CreateRunRequest {
+        queue: DRAIN_QUEUE.into(),
+        ..one_token_run()
+    };
+    create(
+        &mut RunServiceClient::new(stack.channel().await?),
+        &request,
+        runs,
+    )
+    .await?;
+
+    let spawned: Vec<usize> = (0..runners)
+        .map(|i| stack.spawn_runner(&format!("drain-{i}"), &[("AGENTRUN_QUEUES", DRAIN_QUEUE)]))
+        .collect::<anyhow::Result<_>>()?;
+    let counting = statements::reset(db).await;
+    let cpu = StackCpu::start(stack, db).await?;
+    let start = Instant::now();
+    // Nothing else is open by now (the paced runs ended before `paced` returned), so the
+    // cheap probe of the open runs' indexes says when the drain is over.
+    loop {
+        let open: bool = db.query_one(UNFINISHED, &[]).await?.get(0);
+        if !open {
+            break;
+        }
+        if start.elapsed() > timeout {
+            bail!("drain: runs still open after {timeout:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let cpu_used = cpu.used();
+    if counting {
+        statements::report(db, "dispatch (drain)", runs as f64, "run").await?;
+    }
+    for index in spawned {
+        stack.kill_runner(index)?;
+    }
+    let span = db
+        .query_one(
+            "SELECT count(*) FILTER (WHERE status <> 'completed'),
+                    extract(epoch FROM max(finished_at) - min(claimed_at))::float8
+             FROM runs WHERE queue = $1",
+            &[&DRAIN_QUEUE],
+        )
+        .await
+        .context("read the drain's span")?;
+    let (not_completed, secs): (i64, f64) = (span.get(0), span.get(1));
+
+    let mut figures = vec![
+        Figure::new(
+            "dispatch",
+            "dispatch.drain_runs_per_s (created before the clock, as the peers)",
+            runs as f64 / secs,
+            "runs/s",
+        )
+        .against("limit.model_dispatches_per_s")
+        .peers(&[
+            "peer.graphile_worker.jobs_per_s",
+            "peer.pgqueuer.jobs_per_s",
+        ]),
+        Figure::new(
+            "dispatch",
+            "dispatch.drain_not_completed",
+            not_completed as f64,
+            "runs",
+        ),
+    ];
+    figures.extend(cpu_used.per_unit(
+        "dispatch",
+        [
+            "dispatch.drain_cpu_us_per_run.manager",
+            "dispatch.drain_cpu_us_per_run.runners",
+            "dispatch.drain_cpu_us_per_run.bench",
+            "dispatch.drain_cpu_us_per_run.postgres",
+            "dispatch.drain_cpu_us_per_run (all)",
+        ],
+        runs as f64,
+    ));
     Ok(figures)
 }
 

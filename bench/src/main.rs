@@ -137,7 +137,8 @@ struct Params {
     /// smoke 1].
     #[arg(long)]
     retention_seconds: Option<u64>,
-    /// Jobs each peer drains [default: 50000; smoke 2000].
+    /// Jobs each peer drains, and runs the dispatch scenario's drain creates before its
+    /// clock starts [default: 50000; smoke 2000].
     #[arg(long)]
     peer_jobs: Option<usize>,
     /// Seconds each pgbench script runs [default: 10; smoke 2].
@@ -251,6 +252,14 @@ async fn main() -> anyhow::Result<()> {
                     .await,
                 );
             }
+            eprintln!(
+                "dispatch: {} runs created, then drained by {} new runners",
+                sizes.peer_jobs, sizes.runners
+            );
+            record(
+                "dispatch (drain)",
+                dispatch::drain(&mut stack, &db, sizes.peer_jobs, sizes.runners, timeout).await,
+            );
         }
         if wants(Scenario::Stream) {
             eprintln!(
