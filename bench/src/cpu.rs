@@ -117,11 +117,12 @@ impl StackCpu {
         let reading = |pid: u32| cpu_seconds(pid).map(|secs| (pid, secs));
         Ok(Self {
             manager: reading(stack.manager_pid())?,
+            // A runner killed by an earlier phase is gone from /proc: it counts nothing.
             runners: stack
                 .runner_pids()
                 .into_iter()
-                .map(reading)
-                .collect::<anyhow::Result<_>>()?,
+                .filter_map(|pid| reading(pid).ok())
+                .collect(),
             bench: reading(std::process::id())?,
             server: postmaster(db)
                 .await?

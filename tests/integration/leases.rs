@@ -398,6 +398,60 @@ fn long_context_run() -> proto::CreateRunRequest {
 /// A runner's appends do not read the run's input: a long prompt or a conversation's
 /// context costs its size once, at the claim that delivers it, not again in every
 /// lease-write transaction while the run streams.
+/// A heartbeat moves a lease's expiry on without writing an index entry: the renewal
+/// is a heap-only (HOT) update of the run row. Every active run is renewed every
+/// heartbeat interval for as long as it runs, so with the expiry indexed each renewal
+/// wrote a new entry in every index of `runs` (five for an active run) and left as many
+/// dead ones to vacuum.
+#[tokio::test]
+async fn renewing_a_lease_writes_no_index_entry() {
+    const RENEWALS: i64 = 10;
+    // Heartbeats come at most four per interval.
+    let mut app = TestApp::spawn_with(|s| s.heartbeat_interval_ms = 100).await;
+    app.runs.create_run(run_request("held")).await.unwrap();
+    let me = runner("r");
+    let held = claim(&mut app, &me, 1).await.remove(0);
+    let lease = proto::LeaseRef {
+        run_id: held.run.as_ref().unwrap().run_id.clone(),
+        epoch: held.epoch,
+    };
+    for _ in 0..RENEWALS {
+        let beat = app
+            .runners
+            .heartbeat(proto::HeartbeatRequest {
+                runner_id: me.runner_id.clone(),
+                leases: vec![lease.clone()],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(beat.leases[0].held, "the lease was lost");
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    }
+
+    // Backends report their statistics within seconds of going idle.
+    let db = app.db().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let row = db
+            .query_one(
+                "SELECT n_tup_hot_upd, n_tup_upd FROM pg_stat_user_tables WHERE relname = 'runs'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (hot, all): (i64, i64) = (row.get(0), row.get(1));
+        if hot >= RENEWALS {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{RENEWALS} renewals made {hot} heap-only updates of runs ({all} updates in all)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn appends_do_not_read_the_runs_input() {
     use agentrun_manager::db;

@@ -185,3 +185,17 @@ async fn run_timeout_fails_the_run_and_fences_its_runner() {
         RunStatus::Failed
     );
 }
+
+/// The sweeper finds expired leases among the active runs, through their partial index,
+/// even in a generic plan: it never scans the runs' whole history (the expiry is not
+/// indexed, so that renewals write no index entry).
+#[tokio::test]
+async fn expired_leases_are_found_through_the_active_runs_index() {
+    let app = TestApp::spawn().await;
+    let db = app.db().await;
+    let plan = generic_plan(&db, agentrun_manager::sweeper::EXPIRED_LEASES_SQL).await;
+    assert!(
+        !plan.contains("Seq Scan on runs"),
+        "the sweeper scans every run:\n{plan}"
+    );
+}

@@ -1,0 +1,14 @@
+-- v31: renewing a lease writes no index entry. Every heartbeat moves the expiry of each
+-- of its runner's leases on, so an active run's row is updated every heartbeat interval
+-- for as long as it runs. With `lease_expires_at` indexed, each of those updates wrote
+-- a new entry in every index of `runs` (five for an active run) and left as many dead
+-- ones; without it, the renewal changes no indexed column and is a heap-only update on
+-- the row's page (room kept by V20's fillfactor), pruned without vacuum.
+--
+-- The sweeper now finds expired leases among the active runs through
+-- `runs_active_by_tenant`: a read of the open work every sweep, instead of a write per
+-- active run every heartbeat.
+--
+-- Builds of V29 and V30 still read and write this schema correctly (their sweeper finds
+-- the same leases, at worst by a costlier plan), so `schema_compatibility` is unchanged.
+DROP INDEX runs_lease_expiry;
