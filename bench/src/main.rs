@@ -20,6 +20,7 @@ mod dblimit;
 mod dispatch;
 mod failover;
 mod fleet;
+mod leases;
 mod peers;
 mod report;
 mod retention;
@@ -63,6 +64,9 @@ enum Scenario {
     Fleet,
     /// Thousands of idle WatchRun streams on one manager: database commits/s and memory.
     Watchers,
+    /// Thousands of runs held by runners that heartbeat them: what renewing a lease
+    /// costs the database and the manager.
+    Leases,
     /// Thousands of runners connecting at once (a lost replica's fleet): seconds until
     /// all are welcomed.
     Storm,
@@ -124,6 +128,13 @@ struct Params {
     /// Seconds the idle watchers' cost is measured over [default: 10; smoke 3].
     #[arg(long)]
     watchers_seconds: Option<u64>,
+    /// Runs held (one per simulated runner) in the leases scenario [default: 5000; smoke
+    /// 100]. The runners share HTTP/2 connections as the fleet's do.
+    #[arg(long)]
+    leased_runs: Option<usize>,
+    /// Seconds the held leases' cost is measured over [default: 10; smoke 3].
+    #[arg(long)]
+    leases_seconds: Option<u64>,
     /// Long runs held by the two runners of the failover scenario [default: 20; smoke 4].
     #[arg(long)]
     failover_runs: Option<usize>,
@@ -162,6 +173,8 @@ struct Sizes {
     fleet_seconds: u64,
     watchers: usize,
     watchers_seconds: u64,
+    leased_runs: usize,
+    leases_seconds: u64,
     storm_runners: usize,
     failover_runs: usize,
     retention_runs: usize,
@@ -189,6 +202,8 @@ impl Params {
             fleet_seconds: self.fleet_seconds.unwrap_or(if smoke { 3 } else { 15 }),
             watchers: pick(self.watchers, 10_000, 200),
             watchers_seconds: self.watchers_seconds.unwrap_or(if smoke { 3 } else { 10 }),
+            leased_runs: pick(self.leased_runs, 5_000, 100),
+            leases_seconds: self.leases_seconds.unwrap_or(if smoke { 3 } else { 10 }),
             storm_runners: pick(self.storm_runners, 10_000, 200),
             failover_runs: pick(self.failover_runs, 20, 4),
             retention_runs: pick(self.retention_runs, 2_000, 100),
@@ -311,6 +326,22 @@ async fn main() -> anyhow::Result<()> {
         };
         record("watchers", result.await);
     }
+    if wants(Scenario::Leases) {
+        eprintln!("leases: {} held runs", sizes.leased_runs);
+        let result = async {
+            let stack = Stack::start(&url, 0).await?;
+            leases::run(
+                &stack,
+                &db,
+                sizes.leased_runs,
+                sizes.fleet_runners_per_connection,
+                Duration::from_secs(sizes.leases_seconds),
+                timeout,
+            )
+            .await
+        };
+        record("leases", result.await);
+    }
     if wants(Scenario::Storm) {
         eprintln!("storm: {} simulated runners at once", sizes.storm_runners);
         let result = async {
@@ -382,6 +413,8 @@ async fn main() -> anyhow::Result<()> {
         "fleet_seconds": sizes.fleet_seconds,
         "watchers": sizes.watchers,
         "watchers_seconds": sizes.watchers_seconds,
+        "leased_runs": sizes.leased_runs,
+        "leases_seconds": sizes.leases_seconds,
         "storm_runners": sizes.storm_runners,
         "failover_runs": sizes.failover_runs,
         "retention_runs": sizes.retention_runs,
