@@ -452,6 +452,70 @@ async fn renewing_a_lease_writes_no_index_entry() {
     }
 }
 
+/// A heartbeat finds its runner by key, never by scanning `runners`, also once a fleet
+/// has connected after the renewals' connections made their plans. (A heartbeat
+/// transaction planned without the hot paths' settings scanned every registered runner
+/// in the benchmark's fleet: about half a millisecond of database time per transaction
+/// at 5,000 runners, growing with them.)
+#[tokio::test]
+async fn heartbeats_find_their_runner_by_key() {
+    const HEARTBEATS: i64 = 24;
+    let mut app = TestApp::spawn_with(|s| s.heartbeat_interval_ms = 100).await;
+    app.runs.create_run(run_request("held")).await.unwrap();
+    let me = runner("r");
+    claim(&mut app, &me, 1).await;
+    for beat in 0..HEARTBEATS {
+        if beat == HEARTBEATS / 2 {
+            // Each of the renewals' two connections has run the statement six times, on
+            // a table of one runner. Then a fleet connects.
+            app.db()
+                .await
+                .batch_execute(
+                    "INSERT INTO runners (id, name) SELECT gen_random_uuid(), 'idle-' || g
+                     FROM generate_series(1, 2000) g",
+                )
+                .await
+                .unwrap();
+        }
+        app.runners
+            .heartbeat(proto::HeartbeatRequest {
+                runner_id: me.runner_id.clone(),
+                leases: vec![],
+            })
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    }
+
+    // Backends report their statistics within seconds of going idle.
+    let db = app.db().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let row = db
+            .query_one(
+                "SELECT coalesce(seq_scan, 0), coalesce(idx_scan, 0)
+                 FROM pg_stat_user_tables WHERE relname = 'runners'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (scans, lookups): (i64, i64) = (row.get(0), row.get(1));
+        if lookups >= HEARTBEATS {
+            // Others may scan it now and then (forgetting runners gone for a day).
+            assert!(
+                scans < HEARTBEATS / 4,
+                "runners was scanned {scans} times ({lookups} index scans)"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{HEARTBEATS} heartbeats made {lookups} index scans of runners ({scans} scans)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn appends_do_not_read_the_runs_input() {
     use agentrun_manager::db;

@@ -704,22 +704,26 @@ pub struct Renewed {
 pub async fn heartbeat(pool: &Pool, beats: &[Heartbeat], ttl: Duration) -> Result<Vec<Renewed>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let seen = tx
-        .prepare_cached(
-            "UPDATE runners SET last_heartbeat_at = now()
-             FROM unnest($1::uuid[], $2::text[]) AS b(id, tenant_id)
-             WHERE runners.id = b.id AND runners.tenant_id = b.tenant_id
-             RETURNING runners.id, runners.tenant_id, runners.draining",
-        )
-        .await?;
     let ids: Vec<Uuid> = beats.iter().map(|b| b.runner_id.0).collect();
     let tenants: Vec<&str> = beats
         .iter()
         .map(|b| runner_tenant(b.tenant.as_ref()))
         .collect();
-    let draining: HashSet<(Uuid, String)> = tx
-        .query(&seen, &[&ids, &tenants])
-        .await?
+    let seen = async {
+        let stmt = tx
+            .prepare_cached(
+                "UPDATE runners SET last_heartbeat_at = now()
+                 FROM unnest($1::uuid[], $2::text[]) AS b(id, tenant_id)
+                 WHERE runners.id = b.id AND runners.tenant_id = b.tenant_id
+                 RETURNING runners.id, runners.tenant_id, runners.draining",
+            )
+            .await?;
+        Ok::<_, Error>(tx.query(&stmt, &[&ids, &tenants]).await?)
+    };
+    // Pipelined, in this order: a plan made while `runners` was nearly empty would scan
+    // it, every heartbeat after, however many runners it came to hold.
+    let ((), seen) = tokio::try_join!(super::plan_generically(&tx), seen)?;
+    let draining: HashSet<(Uuid, String)> = seen
         .iter()
         .filter(|row| row.get::<_, bool>(2))
         .map(|row| (row.get(0), row.get(1)))
