@@ -4,8 +4,10 @@
 //! runner hellos cost then follows the database's batch rate, not one transaction each.
 
 use std::future::Future;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
@@ -28,11 +30,13 @@ impl<R, T> Clone for Batcher<R, T> {
 impl<R: Send + 'static, T: Send + 'static> Batcher<R, T> {
     /// Starts the task, which stops with `shutdown`. `settle` answers a batch of at most
     /// `max_batch` requests in order, or fails it whole; `what` names the requests in
-    /// logs. `queue` requests may wait before callers wait too.
+    /// logs. `queue` requests may wait before callers wait too. A batch waits up to
+    /// `linger` after its first request for more to join it (zero: none).
     pub fn start<S, F>(
         what: &'static str,
         max_batch: usize,
         queue: usize,
+        linger: Duration,
         shutdown: CancellationToken,
         mut settle: S,
     ) -> Self
@@ -50,6 +54,15 @@ impl<R: Send + 'static, T: Send + 'static> Batcher<R, T> {
                 };
                 if received == 0 {
                     return;
+                }
+                let until = Instant::now() + linger;
+                while !linger.is_zero() && batch.len() < max_batch {
+                    let room = max_batch - batch.len();
+                    match tokio::time::timeout_at(until, incoming.recv_many(&mut batch, room)).await
+                    {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
                 }
                 let (requests, replies): (Vec<R>, Vec<Reply<T>>) = batch.drain(..).unzip();
                 match settle(requests).await {
@@ -83,5 +96,48 @@ impl<R: Send + 'static, T: Send + 'static> Batcher<R, T> {
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::Batcher;
+
+    /// Submits three requests 20 ms apart and returns the sizes of the batches they were
+    /// settled in.
+    async fn batch_sizes(linger: Duration) -> Vec<usize> {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let seen = sizes.clone();
+        let batcher = Batcher::start("test", 100, 100, linger, CancellationToken::new(), {
+            move |requests: Vec<u32>| {
+                seen.lock().unwrap().push(requests.len());
+                async move { Ok(requests) }
+            }
+        });
+        let mut calls = Vec::new();
+        for n in 0..3 {
+            let batcher = batcher.clone();
+            calls.push(tokio::spawn(async move { batcher.submit(n).await }));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for (n, call) in calls.into_iter().enumerate() {
+            assert_eq!(call.await.unwrap().unwrap(), n as u32, "answered in order");
+        }
+        sizes.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn requests_arriving_within_the_linger_are_settled_together() {
+        assert_eq!(batch_sizes(Duration::from_millis(500)).await, vec![3]);
+    }
+
+    #[tokio::test]
+    async fn without_a_linger_each_batch_is_what_waits() {
+        assert_eq!(batch_sizes(Duration::ZERO).await, vec![1, 1, 1]);
     }
 }

@@ -27,6 +27,10 @@ use crate::store::leases::{self, Heartbeat, LeaseState, Renewed};
 
 /// Most heartbeats renewed in one transaction.
 const MAX_BATCH: usize = 2_000;
+/// How long a batch waits for more heartbeats to join it: nothing next to a lease TTL of
+/// seconds, and a fleet's heartbeats arrive spread over the interval, so without it a
+/// batch held the few that came during the last transaction (5,000 runners: about three).
+const LINGER: Duration = Duration::from_millis(10);
 /// Heartbeats waiting for the batching task before senders wait too.
 const QUEUE: usize = 10_000;
 /// Heartbeats a runner may send per heartbeat interval, sustained; it is asked for one.
@@ -54,17 +58,24 @@ impl Heartbeats {
         interval: Duration,
         shutdown: CancellationToken,
     ) -> Self {
-        let batcher = Batcher::start("heartbeat", MAX_BATCH, QUEUE, shutdown, move |beats| {
-            let pool = pool.clone();
-            async move {
-                let started = std::time::Instant::now();
-                let renewed = leases::heartbeat(&pool, &beats, ttl).await;
-                if started.elapsed() > ttl / 4 {
-                    tracing::warn!(took = ?started.elapsed(), beats = beats.len(), "slow heartbeat batch");
+        let batcher = Batcher::start(
+            "heartbeat",
+            MAX_BATCH,
+            QUEUE,
+            LINGER,
+            shutdown,
+            move |beats| {
+                let pool = pool.clone();
+                async move {
+                    let started = std::time::Instant::now();
+                    let renewed = leases::heartbeat(&pool, &beats, ttl).await;
+                    if started.elapsed() > ttl / 4 {
+                        tracing::warn!(took = ?started.elapsed(), beats = beats.len(), "slow heartbeat batch");
+                    }
+                    renewed
                 }
-                renewed
-            }
-        });
+            },
+        );
         Self {
             batcher,
             rate: Arc::new(RateLimit::new(interval / BEATS_PER_INTERVAL, BURST)),

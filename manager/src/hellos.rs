@@ -38,15 +38,22 @@ impl Hellos {
     /// stops with `shutdown`. Runners are recorded as connected to replica `manager_id`,
     /// their leases renewed for `ttl`.
     pub fn start(pool: Pool, ttl: Duration, manager_id: Uuid, shutdown: CancellationToken) -> Self {
-        let batcher = Batcher::start("hello", MAX_BATCH, QUEUE, shutdown, move |hellos| {
-            let pool = pool.clone();
-            async move {
-                let started = std::time::Instant::now();
-                let settled = leases::hello(&pool, &hellos, ttl, manager_id).await;
-                tracing::debug!(took = ?started.elapsed(), hellos = hellos.len(), "hello batch");
-                settled
-            }
-        });
+        let batcher = Batcher::start(
+            "hello",
+            MAX_BATCH,
+            QUEUE,
+            Duration::ZERO,
+            shutdown,
+            move |hellos| {
+                let pool = pool.clone();
+                async move {
+                    let started = std::time::Instant::now();
+                    let settled = leases::hello(&pool, &hellos, ttl, manager_id).await;
+                    tracing::debug!(took = ?started.elapsed(), hellos = hellos.len(), "hello batch");
+                    settled
+                }
+            },
+        );
         Self { batcher }
     }
 
