@@ -59,7 +59,7 @@ fn one_token_run() -> CreateRunRequest {
 }
 
 /// Creates `runs` runs in batches of [`BATCH`], each a copy of `request`.
-async fn create(
+pub async fn create(
     client: &mut RunServiceClient<Channel>,
     request: &CreateRunRequest,
     runs: usize,
@@ -239,8 +239,8 @@ pub async fn drain(
     let counting = statements::reset(db).await;
     let cpu = StackCpu::start(stack, db).await?;
     let start = Instant::now();
-    // Nothing else is open by now (the paced runs ended before `paced` returned), so the
-    // cheap probe of the open runs' indexes says when the drain is over.
+    // The caller runs it when nothing else is open (the phases before it ended all their
+    // runs), so the cheap probe of the open runs' indexes says when the drain is over.
     loop {
         let open: bool = db.query_one(UNFINISHED, &[]).await?.get(0);
         if !open {

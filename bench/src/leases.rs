@@ -14,14 +14,15 @@ use std::time::{Duration, Instant};
 
 use agentrun_shared::proto::run_service_client::RunServiceClient;
 use agentrun_shared::proto::{
-    self, CreateRunRequest, CreateRunsRequest, FinishRunRequest, RunStatus,
-    manager_message::Body as In, runner_message::Body as Out,
+    self, CreateRunRequest, FinishRunRequest, RunStatus, manager_message::Body as In,
+    runner_message::Body as Out,
 };
 use anyhow::{Context, bail};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::cpu::StackCpu;
+use crate::dispatch;
 use crate::fleet;
 use crate::report::Figure;
 use crate::stack::Stack;
@@ -29,8 +30,6 @@ use crate::statements;
 
 /// The held runs' queue, which only the simulated runners serve.
 const QUEUE: &str = "bench-leases";
-/// Runs created per CreateRuns call.
-const BATCH: usize = 1_000;
 
 #[derive(Default)]
 struct Tally {
@@ -60,17 +59,7 @@ pub async fn run(
         input_json: r#"{"prompt": "held"}"#.into(),
         ..Default::default()
     };
-    let mut created = 0;
-    while created < runs {
-        let n = BATCH.min(runs - created);
-        client
-            .create_runs(CreateRunsRequest {
-                runs: vec![request.clone(); n],
-            })
-            .await
-            .context("CreateRuns")?;
-        created += n;
-    }
+    dispatch::create(&mut client, &request, runs).await?;
 
     let tally = Arc::new(Tally::default());
     let (finish, finishing) = watch::channel(false);

@@ -255,26 +255,30 @@ async fn main() -> anyhow::Result<()> {
                     rate / 2.0,
                     sizes.paced_seconds
                 );
-                record(
-                    "dispatch (paced)",
-                    dispatch::paced(
-                        channel.clone(),
-                        &db,
-                        rate / 2.0,
-                        sizes.paced_seconds,
-                        timeout,
-                    )
-                    .await,
-                );
+                let paced = dispatch::paced(
+                    channel.clone(),
+                    &db,
+                    rate / 2.0,
+                    sizes.paced_seconds,
+                    timeout,
+                )
+                .await;
+                // The drain tells its end by no run being open: only after the phases
+                // before it ended all theirs.
+                let drain = paced.is_ok();
+                record("dispatch (paced)", paced);
+                if drain {
+                    eprintln!(
+                        "dispatch: {} runs created, then drained by {} new runners",
+                        sizes.peer_jobs, sizes.runners
+                    );
+                    record(
+                        "dispatch (drain)",
+                        dispatch::drain(&mut stack, &db, sizes.peer_jobs, sizes.runners, timeout)
+                            .await,
+                    );
+                }
             }
-            eprintln!(
-                "dispatch: {} runs created, then drained by {} new runners",
-                sizes.peer_jobs, sizes.runners
-            );
-            record(
-                "dispatch (drain)",
-                dispatch::drain(&mut stack, &db, sizes.peer_jobs, sizes.runners, timeout).await,
-            );
         }
         if wants(Scenario::Stream) {
             eprintln!(

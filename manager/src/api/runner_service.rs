@@ -121,7 +121,7 @@ impl RunnerService for RunnerApi {
         let renewed = self
             .state
             .heartbeats
-            .beat(
+            .beat_unary(
                 Heartbeat {
                     runner_id,
                     tenant,
