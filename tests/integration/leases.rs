@@ -395,9 +395,6 @@ fn long_context_run() -> proto::CreateRunRequest {
     }
 }
 
-/// A runner's appends do not read the run's input: a long prompt or a conversation's
-/// context costs its size once, at the claim that delivers it, not again in every
-/// lease-write transaction while the run streams.
 /// A heartbeat moves a lease's expiry on without writing an index entry: the renewal
 /// is a heap-only (HOT) update of the run row. Every active run is renewed every
 /// heartbeat interval for as long as it runs, so with the expiry indexed each renewal
@@ -429,27 +426,16 @@ async fn renewing_a_lease_writes_no_index_entry() {
         tokio::time::sleep(std::time::Duration::from_millis(30)).await;
     }
 
-    // Backends report their statistics within seconds of going idle.
-    let db = app.db().await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let row = db
-            .query_one(
-                "SELECT n_tup_hot_upd, n_tup_upd FROM pg_stat_user_tables WHERE relname = 'runs'",
-                &[],
-            )
-            .await
-            .unwrap();
-        let (hot, all): (i64, i64) = (row.get(0), row.get(1));
-        if hot >= RENEWALS {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{RENEWALS} renewals made {hot} heap-only updates of runs ({all} updates in all)"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let (hot, all) = table_counters(
+        &app,
+        "SELECT n_tup_hot_upd, n_tup_upd FROM pg_stat_user_tables WHERE relname = 'runs'",
+        |hot, _| hot >= RENEWALS,
+    )
+    .await;
+    assert!(
+        hot >= RENEWALS,
+        "{RENEWALS} renewals made {hot} heap-only updates of runs ({all} updates in all)"
+    );
 }
 
 /// A heartbeat finds its runner by key, never by scanning `runners`, also once a fleet
@@ -487,35 +473,42 @@ async fn heartbeats_find_their_runner_by_key() {
         tokio::time::sleep(std::time::Duration::from_millis(30)).await;
     }
 
-    // Backends report their statistics within seconds of going idle.
+    let (scans, lookups) = table_counters(
+        &app,
+        "SELECT coalesce(seq_scan, 0), coalesce(idx_scan, 0)
+         FROM pg_stat_user_tables WHERE relname = 'runners'",
+        |_, lookups| lookups >= HEARTBEATS,
+    )
+    .await;
+    assert!(
+        lookups >= HEARTBEATS,
+        "{HEARTBEATS} heartbeats made {lookups} index scans of runners ({scans} scans)"
+    );
+    // Others may scan it now and then (forgetting runners gone for a day).
+    assert!(
+        scans < HEARTBEATS / 4,
+        "runners was scanned {scans} times ({lookups} index scans)"
+    );
+}
+
+/// Two counters of the test database's statistics (`sql` reads them), once `enough`
+/// says so or after 30 s: backends report theirs within seconds of going idle.
+async fn table_counters(app: &TestApp, sql: &str, enough: impl Fn(i64, i64) -> bool) -> (i64, i64) {
     let db = app.db().await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let row = db
-            .query_one(
-                "SELECT coalesce(seq_scan, 0), coalesce(idx_scan, 0)
-                 FROM pg_stat_user_tables WHERE relname = 'runners'",
-                &[],
-            )
-            .await
-            .unwrap();
-        let (scans, lookups): (i64, i64) = (row.get(0), row.get(1));
-        if lookups >= HEARTBEATS {
-            // Others may scan it now and then (forgetting runners gone for a day).
-            assert!(
-                scans < HEARTBEATS / 4,
-                "runners was scanned {scans} times ({lookups} index scans)"
-            );
-            break;
+        let row = db.query_one(sql, &[]).await.unwrap();
+        let counters = (row.get(0), row.get(1));
+        if enough(counters.0, counters.1) || std::time::Instant::now() > deadline {
+            return counters;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{HEARTBEATS} heartbeats made {lookups} index scans of runners ({scans} scans)"
-        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 
+/// A runner's appends do not read the run's input: a long prompt or a conversation's
+/// context costs its size once, at the claim that delivers it, not again in every
+/// lease-write transaction while the run streams.
 #[tokio::test]
 async fn appends_do_not_read_the_runs_input() {
     use agentrun_manager::db;
