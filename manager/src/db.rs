@@ -5,7 +5,8 @@ pub mod tls;
 
 use std::path::Path;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+pub use deadpool_postgres::Pool;
+use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod};
 use tokio_postgres::{Client, Connection, Socket};
 
 use crate::config::Settings;

@@ -506,6 +506,131 @@ async fn table_counters(app: &TestApp, sql: &str, enough: impl Fn(i64, i64) -> b
     }
 }
 
+/// A claim reads `commands` only for runs that have a command there. The usual run's one
+/// command, its first turn, is carried by its own row: leasing it, delivering that turn
+/// and handing it over probe no index of `commands` (they did, once per run). A run
+/// with a steer sent before the claim still gets both, in seq order.
+#[tokio::test]
+async fn a_claim_reads_commands_only_for_runs_that_have_some() {
+    use agentrun_manager::db;
+    use agentrun_manager::store::leases::{self, RunnerIdentity};
+    use agentrun_shared::ids::RunnerId;
+    use agentrun_shared::state::CommandStatus;
+
+    let url = fresh_database().await;
+    let mut app = crate::hellos::quiet_app_on(&url).await;
+    for i in 0..20 {
+        app.runs
+            .create_run(run_request(&format!("run {i}")))
+            .await
+            .expect("create a run");
+    }
+    drop(app);
+    let pool = db::pool(&url, 1).expect("pool");
+    let me = RunnerIdentity {
+        id: RunnerId(uuid::Uuid::new_v4()),
+        name: "reader".into(),
+        labels: Vec::new(),
+        backend_profiles: vec!["scripted".into()],
+        queues: vec!["default".into()],
+        max_concurrency: 100,
+        version: String::new(),
+        tenant: None,
+    };
+    let ttl = std::time::Duration::from_secs(600);
+    let before = command_reads(&pool).await;
+    let claimed = leases::claim(&pool, &me, true, 100, ttl, 0)
+        .await
+        .expect("claim");
+    let after = command_reads(&pool).await;
+    assert_eq!(claimed.len(), 20);
+    for assignment in &claimed {
+        let [turn] = assignment.commands.as_slice() else {
+            panic!("one command: {:?}", assignment.commands);
+        };
+        assert_eq!(Some(turn.id), assignment.run.first_turn_id);
+        assert_eq!(turn.status, CommandStatus::Delivered);
+        assert!(turn.payload["prompt"].as_str().unwrap().starts_with("run "));
+    }
+    assert_eq!(
+        after, before,
+        "claiming runs without commands of their own read the commands' indexes"
+    );
+
+    let mut app = crate::hellos::quiet_app_on(&url).await;
+    let run_id = app
+        .runs
+        .create_run(run_request("steered"))
+        .await
+        .expect("create a run")
+        .into_inner()
+        .run
+        .expect("the run")
+        .run_id;
+    app.runs
+        .send_command(proto::SendCommandRequest {
+            run_id: run_id.clone(),
+            kind: proto::CommandKind::Steer as i32,
+            payload_json: r#"{"text": "left"}"#.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("steer");
+    drop(app);
+    let [steered] = leases::claim(&pool, &me, false, 100, ttl, 0)
+        .await
+        .expect("claim")
+        .try_into()
+        .expect("one run claimed");
+    let seqs: Vec<(i64, CommandStatus)> =
+        steered.commands.iter().map(|c| (c.seq, c.status)).collect();
+    assert_eq!(
+        seqs,
+        [(1, CommandStatus::Delivered), (2, CommandStatus::Delivered)]
+    );
+    assert_eq!(steered.commands[1].payload["text"], "left");
+}
+
+/// Scans of `commands` and of its indexes so far, once `pool`'s one connection is the
+/// database's only one (a dropped app's have closed, reporting theirs) and has flushed
+/// its statistics (forced, so no wait).
+async fn command_reads(pool: &agentrun_manager::db::Pool) -> i64 {
+    let client = pool.get().await.expect("a connection");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let others: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("list the connections")
+            .get(0);
+        if others == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{others} other connections stay open"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    client
+        .batch_execute("SELECT pg_stat_force_next_flush()")
+        .await
+        .expect("flush the statistics");
+    client
+        .query_one(
+            "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables
+             WHERE relname = 'commands'",
+            &[],
+        )
+        .await
+        .expect("read the statistics")
+        .get(0)
+}
+
 /// A runner's appends do not read the run's input: a long prompt or a conversation's
 /// context costs its size once, at the claim that delivers it, not again in every
 /// lease-write transaction while the run streams.

@@ -62,6 +62,33 @@ impl CommandRecord {
     fn from_rows(rows: &[Row]) -> Result<Vec<Self>> {
         rows.iter().map(Self::from_row).collect()
     }
+
+    /// The first turn a row of `runs` carries (migration V28), as `run_commands` shows
+    /// it; `None` when the row carries none. A statement that returns `runs.*` has it
+    /// without reading `run_commands`.
+    pub(crate) fn first_turn_of_run_row(row: &Row) -> Result<Option<Self>> {
+        let Some(id) = row.get::<_, Option<Uuid>>("first_turn_id") else {
+            return Ok(None);
+        };
+        let input: Value = row.get("input");
+        Ok(Some(Self {
+            id: CommandId(id),
+            run_id: RunId(row.get("id")),
+            seq: 1,
+            kind: CommandKind::Turn,
+            payload: json!({ "prompt": input.get("prompt") }),
+            status: parse_state(
+                "command status",
+                row.get("first_turn_status"),
+                CommandStatus::from_db,
+            )?,
+            delivery_policy: Some(TurnDeliveryPolicy::Queue),
+            idempotency_key: None,
+            error: row.get("first_turn_error"),
+            created_at: row.get("created_at"),
+            updated_at: row.get("first_turn_updated_at"),
+        }))
+    }
 }
 
 /// Payload key naming the turn a steer or interrupt is aimed at; the manager checks it

@@ -115,8 +115,15 @@ const PENDING_TENANTS: &str = "pending_tenants(tenant_id) AS (
         FROM pending_tenants p WHERE p.tenant_id IS NOT NULL
     )";
 
+/// Whether a pending run (`r`) may have commands in `commands`: any besides the first
+/// turn its own row carries. A claim names only those runs in `leasing`, so the usual
+/// run, whose one command is that turn, costs no probe of the commands' index.
+const HAS_COMMAND_ROWS: &str =
+    "r.last_command_seq > CASE WHEN r.first_turn_id IS NULL THEN 0 ELSE 1 END";
+
 /// The common tail of the statements that lease runs (a claim, an adoption), given the
-/// runs as `leasing(id)`: every open command of a run in `commands` is delivered to its
+/// runs that may have commands in `commands` as `leasing(id)` (see [`HAS_COMMAND_ROWS`];
+/// an adoption names all it leases): every open command of a run in `commands` is delivered to its
 /// new holder (the first turn its row carries is delivered by [`HAND_OVER_SET`]),
 /// in the same snapshot as it is counted, and `delivered_per_run` says which. The
 /// lease's row update then moves the run's event counter on by the events [`hand_over`]
@@ -187,11 +194,14 @@ const RETURN_DELIVERED: &str = "array_cat(
                  ORDER BY k)) AS delivered_ids";
 
 /// A run as a lease statement left it: leased, its open commands delivered (their ids,
-/// in seq order) and its counter moved on by its hand-over's events.
+/// in seq order) and its counter moved on by its hand-over's events. The first turn its
+/// row carries comes with it, so handing over a run whose only command is that turn
+/// reads no command.
 #[derive(Debug)]
 struct Leased {
     run: RunRecord,
     delivered: Vec<Uuid>,
+    first_turn: Option<CommandRecord>,
 }
 
 impl Leased {
@@ -199,7 +209,17 @@ impl Leased {
         Ok(Self {
             run: RunRecord::from_row(row)?,
             delivered: row.get("delivered_ids"),
+            first_turn: CommandRecord::first_turn_of_run_row(row)?,
         })
+    }
+
+    /// Delivered commands that live in `commands`, not on the run's row.
+    fn delivered_from_commands(&self) -> impl Iterator<Item = Uuid> + '_ {
+        let on_row = self.first_turn.as_ref().map(|turn| turn.id.0);
+        self.delivered
+            .iter()
+            .copied()
+            .filter(move |id| Some(*id) != on_row)
     }
 }
 
@@ -345,11 +365,13 @@ fn claim_sql() -> String {
              WHERE room > 0 AND (SELECT count(*) FROM room) = 1
          ),
          locked AS MATERIALIZED (
-             SELECT quota.tenant_id, quota.n AS quota, l.id, l.priority, l.created_at
+             SELECT quota.tenant_id, quota.n AS quota, l.id, l.priority, l.created_at,
+                    l.has_command_rows
              FROM quota
              CROSS JOIN unnest($2::text[]) AS q(queue)
              CROSS JOIN LATERAL (
-                 SELECT r.id, r.priority, r.created_at FROM runs r
+                 SELECT r.id, r.priority, r.created_at, {HAS_COMMAND_ROWS} AS has_command_rows
+                 FROM runs r
                  WHERE r.tenant_id = quota.tenant_id AND r.queue = q.queue AND {eligible}
                  ORDER BY r.priority DESC, r.created_at, r.id
                  LIMIT quota.n
@@ -357,16 +379,17 @@ fn claim_sql() -> String {
              ) l
          ),
          picked AS MATERIALIZED (
-             SELECT id, row_number() OVER (ORDER BY priority DESC, created_at, id) AS slot
+             SELECT id, has_command_rows,
+                    row_number() OVER (ORDER BY priority DESC, created_at, id) AS slot
              FROM (
-                 SELECT id, quota, priority, created_at,
+                 SELECT id, quota, priority, created_at, has_command_rows,
                         row_number() OVER (PARTITION BY tenant_id
                                            ORDER BY priority DESC, created_at, id) AS k
                  FROM locked
              ) best
              WHERE k <= quota
          ),
-         leasing AS (SELECT id FROM picked),
+         leasing AS (SELECT id FROM picked WHERE has_command_rows),
          {deliver}
          UPDATE runs SET {set}
          FROM picked JOIN slots USING (slot) CROSS JOIN delivered_per_run d
@@ -588,7 +611,7 @@ async fn hand_over(
 ) -> Result<Vec<Assignment>> {
     let delivered_ids: Vec<Uuid> = runs
         .iter()
-        .flat_map(|(leased, _)| leased.delivered.iter().copied())
+        .flat_map(|(leased, _)| leased.delivered_from_commands())
         .collect();
     let run_ids: Vec<Uuid> = runs.iter().map(|(leased, _)| leased.run.id.0).collect();
     let mut delivered: HashMap<Uuid, CommandRecord> =
@@ -600,6 +623,9 @@ async fn hand_over(
     let mut new_events = Vec::with_capacity(runs.len() + delivered_ids.len());
     let mut assigned = Vec::with_capacity(runs.len());
     for (leased, runner) in runs {
+        if let Some(turn) = leased.first_turn {
+            delivered.insert(turn.id.0, turn);
+        }
         let run = leased.run;
         let mut payload = json!({
             "runner_id": runner.id.to_string(),
