@@ -513,8 +513,7 @@ async fn table_counters(app: &TestApp, sql: &str, enough: impl Fn(i64, i64) -> b
 #[tokio::test]
 async fn a_claim_reads_commands_only_for_runs_that_have_some() {
     use agentrun_manager::db;
-    use agentrun_manager::store::leases::{self, RunnerIdentity};
-    use agentrun_shared::ids::RunnerId;
+    use agentrun_manager::store::leases;
     use agentrun_shared::state::CommandStatus;
 
     let url = fresh_database().await;
@@ -527,16 +526,7 @@ async fn a_claim_reads_commands_only_for_runs_that_have_some() {
     }
     drop(app);
     let pool = db::pool(&url, 1).expect("pool");
-    let me = RunnerIdentity {
-        id: RunnerId(uuid::Uuid::new_v4()),
-        name: "reader".into(),
-        labels: Vec::new(),
-        backend_profiles: vec!["scripted".into()],
-        queues: vec!["default".into()],
-        max_concurrency: 100,
-        version: String::new(),
-        tenant: None,
-    };
+    let me = store_runner("reader");
     let ttl = std::time::Duration::from_secs(600);
     let before = command_reads(&pool).await;
     let claimed = leases::claim(&pool, &me, true, 100, ttl, 0)
@@ -589,6 +579,167 @@ async fn a_claim_reads_commands_only_for_runs_that_have_some() {
         [(1, CommandStatus::Delivered), (2, CommandStatus::Delivered)]
     );
     assert_eq!(steered.commands[1].payload["text"], "left");
+}
+
+/// Ending runs reads `commands` only for runs that have a command there. A runner that
+/// reports the first turn completed and finishes the run in one batch (the usual run)
+/// has its report checked, the run's open commands counted and its untaken turns looked
+/// for without a probe of the commands' indexes (they did, twice per run). A run with a
+/// steer delivered at the claim and still open ends with the steer closed.
+#[tokio::test]
+async fn ending_runs_reads_commands_only_for_runs_that_have_some() {
+    use agentrun_manager::db;
+    use agentrun_manager::store::commands::CommandUpdate;
+    use agentrun_manager::store::leases::{self, LeaseWrite, RunnerEvent, Written};
+    use agentrun_manager::store::runs::Finish;
+    use agentrun_shared::events::EventType;
+    use agentrun_shared::state::{CommandStatus, RunStatus};
+
+    let url = fresh_database().await;
+    let mut app = crate::hellos::quiet_app_on(&url).await;
+    for i in 0..10 {
+        app.runs
+            .create_run(run_request(&format!("run {i}")))
+            .await
+            .expect("create a run");
+    }
+    drop(app);
+    let pool = db::pool(&url, 1).expect("pool");
+    let me = store_runner("finisher");
+    let ttl = std::time::Duration::from_secs(600);
+    let claimed = leases::claim(&pool, &me, true, 100, ttl, 0)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 10);
+    let ending = |assignment: &leases::Assignment| {
+        let run_id = assignment.run.id;
+        let turn = assignment.commands[0].id;
+        let epoch = assignment.run.lease_epoch;
+        let started = format!(r#"{{"turn_id":"{turn}","command_id":"{turn}","seq":1}}"#);
+        let completed = format!(r#"{{"turn_id":"{turn}","state":"completed"}}"#);
+        vec![
+            LeaseWrite::Append {
+                run_id,
+                epoch,
+                events: vec![
+                    RunnerEvent::as_sent(1, EventType::TurnStarted, started),
+                    RunnerEvent::as_sent(2, EventType::TurnCompleted, completed),
+                ],
+                updates: vec![CommandUpdate {
+                    command_id: turn,
+                    status: CommandStatus::Completed,
+                    error: None,
+                }],
+            },
+            LeaseWrite::Finish {
+                epoch,
+                outcome: Finish {
+                    run_id,
+                    status: RunStatus::Completed,
+                    failure_kind: None,
+                    message: None,
+                },
+                last_runner_seq: 2,
+            },
+        ]
+    };
+    let quotas = test_settings(&url).quotas();
+    let before = command_reads(&pool).await;
+    let written = leases::write(
+        &pool,
+        me.id,
+        None,
+        claimed.iter().flat_map(ending).collect(),
+        &quotas,
+    )
+    .await
+    .expect("the batch is stored");
+    let after = command_reads(&pool).await;
+    for outcome in written {
+        if let Written::Finished(run, _) = outcome.expect("each write is stored") {
+            assert_eq!(run.status, RunStatus::Completed);
+        }
+    }
+    assert_eq!(
+        after, before,
+        "ending runs without commands of their own read the commands' indexes"
+    );
+    let db = db_client(&url).await;
+    let turns: Vec<(String, i64)> = db
+        .query(
+            "SELECT first_turn_status, last_event_seq FROM runs ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("read the runs")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    // Created (2), claimed (2), run.started, the runner's two, the turn's report and
+    // run.terminal: gapless, each counted once.
+    assert!(
+        turns.iter().all(|t| *t == ("completed".to_string(), 9)),
+        "{turns:?}"
+    );
+
+    // A steer delivered at the claim, never reported: closed as the run ends.
+    let mut app = crate::hellos::quiet_app_on(&url).await;
+    let run_id = app
+        .runs
+        .create_run(run_request("steered"))
+        .await
+        .expect("create a run")
+        .into_inner()
+        .run
+        .expect("the run")
+        .run_id;
+    app.runs
+        .send_command(proto::SendCommandRequest {
+            run_id: run_id.clone(),
+            kind: proto::CommandKind::Steer as i32,
+            payload_json: r#"{"text": "left"}"#.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("steer");
+    drop(app);
+    let [steered] = leases::claim(&pool, &me, false, 100, ttl, 0)
+        .await
+        .expect("claim")
+        .try_into()
+        .expect("one run claimed");
+    leases::write(&pool, me.id, None, ending(&steered), &quotas)
+        .await
+        .expect("the batch is stored")
+        .into_iter()
+        .for_each(|w| {
+            w.expect("each write is stored");
+        });
+    let statuses: Vec<String> = db
+        .query(
+            "SELECT status FROM run_commands WHERE run_id = $1::text::uuid ORDER BY seq",
+            &[&run_id],
+        )
+        .await
+        .expect("read the commands")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(statuses, ["completed", "cancelled"]);
+}
+
+/// A runner identity for the store's own calls, serving the scripted profile.
+fn store_runner(name: &str) -> agentrun_manager::store::leases::RunnerIdentity {
+    agentrun_manager::store::leases::RunnerIdentity {
+        id: agentrun_shared::ids::RunnerId(uuid::Uuid::new_v4()),
+        name: name.into(),
+        labels: Vec::new(),
+        backend_profiles: vec!["scripted".into()],
+        queues: vec!["default".into()],
+        max_concurrency: 100,
+        version: String::new(),
+        tenant: None,
+    }
 }
 
 /// Scans of `commands` and of its indexes so far, once `pool`'s one connection is the

@@ -31,7 +31,7 @@ use super::Tenant;
 use super::commands::{self, CommandRecord};
 use super::context::{self, Context};
 use super::events::{self, NewEvent};
-use super::runs::RunRecord;
+use super::runs::{self, RunRecord};
 use crate::error::{Error, Result};
 
 /// Who a runner is and what it can serve.
@@ -115,17 +115,12 @@ const PENDING_TENANTS: &str = "pending_tenants(tenant_id) AS (
         FROM pending_tenants p WHERE p.tenant_id IS NOT NULL
     )";
 
-/// Whether a pending run (`r`) may have commands in `commands`: any besides the first
-/// turn its own row carries. A claim names only those runs in `leasing`, so the usual
-/// run, whose one command is that turn, costs no probe of the commands' index.
-const HAS_COMMAND_ROWS: &str =
-    "r.last_command_seq > CASE WHEN r.first_turn_id IS NULL THEN 0 ELSE 1 END";
-
 /// The common tail of the statements that lease runs (a claim, an adoption), given the
-/// runs that may have commands in `commands` as `leasing(id)` (see [`HAS_COMMAND_ROWS`];
-/// an adoption names all it leases): every open command of a run in `commands` is delivered to its
-/// new holder (the first turn its row carries is delivered by [`HAND_OVER_SET`]),
-/// in the same snapshot as it is counted, and `delivered_per_run` says which. The
+/// runs that may have commands in `commands` as `leasing(id)` (a claim names only those,
+/// [`runs::HAS_COMMAND_ROWS`]; an adoption names all it leases): every open command of a
+/// run in `commands` is delivered to its new holder (the first turn its row carries is
+/// delivered by [`HAND_OVER_SET`]), in the same snapshot as it is counted, and
+/// `delivered_per_run` says which. The
 /// lease's row update then moves the run's event counter on by the events [`hand_over`]
 /// appends (`run.claimed` and a `command.delivered` each), so the hand-over writes no
 /// row version of its own. A command committed after the statement's snapshot stays
@@ -370,7 +365,7 @@ fn claim_sql() -> String {
              FROM quota
              CROSS JOIN unnest($2::text[]) AS q(queue)
              CROSS JOIN LATERAL (
-                 SELECT r.id, r.priority, r.created_at, {HAS_COMMAND_ROWS} AS has_command_rows
+                 SELECT r.id, r.priority, r.created_at, {has_rows} AS has_command_rows
                  FROM runs r
                  WHERE r.tenant_id = quota.tenant_id AND r.queue = q.queue AND {eligible}
                  ORDER BY r.priority DESC, r.created_at, r.id
@@ -397,6 +392,7 @@ fn claim_sql() -> String {
          RETURNING runs.*, {RETURN_DELIVERED}",
         deliver = *DELIVER_OPEN_COMMANDS,
         set = claim_run_set("slots.runner", "$6"),
+        has_rows = runs::HAS_COMMAND_ROWS,
     )
 }
 

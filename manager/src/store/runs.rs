@@ -181,7 +181,19 @@ pub const COLUMNS_BUT_INPUT: &str = "runs.id, runs.tenant_id, runs.project_id, r
     runs.context_run_id, runs.context_before_seq, runs.first_turn_id, runs.first_turn_status,
     runs.first_turn_error, runs.first_turn_updated_at";
 
+/// Whether a run (`r`) may have commands in `commands`: any besides the first turn its
+/// own row carries (migration V28). The usual run's one command is that turn, so a hot
+/// path that names only these runs probes no index of `commands` for it.
+/// [`RunRecord::may_have_command_rows`] is the same rule.
+pub(crate) const HAS_COMMAND_ROWS: &str =
+    "r.last_command_seq > CASE WHEN r.first_turn_id IS NULL THEN 0 ELSE 1 END";
+
 impl RunRecord {
+    /// [`HAS_COMMAND_ROWS`], for a run already read.
+    pub(crate) fn may_have_command_rows(&self) -> bool {
+        self.last_command_seq > i64::from(self.first_turn_id.is_some())
+    }
+
     /// The runner holding the lease and when it expires: `None` unless the run is
     /// active (claimed, running or waiting).
     pub fn lease_holder(&self) -> Option<(RunnerId, Option<SystemTime>)> {
@@ -879,10 +891,18 @@ pub static MARK_FINISHED_SQL: LazyLock<String> = LazyLock::new(|| {
           AS f(id, status, failure_kind, message, sources, runner_seq, event_bytes,
                last_event_seq, first_turn_status, first_turn_error)
      CROSS JOIN LATERAL (
-         -- A first turn (seq 1) reported in this update counts as it is reported.
-         SELECT 1 + (SELECT count(*) FROM run_commands c
-                     WHERE c.run_id = f.id AND c.status IN ({open})
-                       AND (f.first_turn_status IS NULL OR c.seq <> 1))
+         -- A first turn (seq 1) reported in this update counts as it is reported. The
+         -- run's commands are counted where they are (`run_commands` spelled out): the
+         -- first turn on its row, the others in `commands`, probed only when it has some.
+         SELECT 1 + coalesce((
+                    SELECT CASE WHEN {has_rows} THEN
+                                (SELECT count(*) FROM commands c
+                                 WHERE c.run_id = r.id AND c.status IN ({open})
+                                   AND (f.first_turn_status IS NULL OR c.seq <> 1))
+                           ELSE 0 END
+                           + CASE WHEN f.first_turn_status IS NULL
+                                       AND r.first_turn_status IN ({open}) THEN 1 ELSE 0 END
+                    FROM runs r WHERE r.id = f.id), 0)
                   + CASE WHEN f.first_turn_status IN ({open}) THEN 1 ELSE 0 END
                   + (SELECT count(*) FROM requests q
                      WHERE q.run_id = f.id AND q.status = 'open') AS events
@@ -891,7 +911,8 @@ pub static MARK_FINISHED_SQL: LazyLock<String> = LazyLock::new(|| {
      ) ending
      WHERE runs.id = f.id AND runs.status = ANY(string_to_array(f.sources, ','))
      RETURNING runs.*, ending.events",
-        open = *super::commands::OPEN_STATUSES
+        open = *super::commands::OPEN_STATUSES,
+        has_rows = HAS_COMMAND_ROWS,
     )
 });
 

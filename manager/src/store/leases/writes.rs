@@ -242,6 +242,18 @@ struct Batch {
     max_payload_bytes: usize,
 }
 
+/// Whether a turn of a run being finished may not have been taken by its runner yet:
+/// pending, or delivered since the claim (by a heartbeat, perhaps still on its way). A
+/// turn delivered at the claim went with the assignment: its update and the claim share
+/// a timestamp.
+fn untaken(status: CommandStatus, updated_at: SystemTime, claimed_at: Option<SystemTime>) -> bool {
+    match status {
+        CommandStatus::Pending => true,
+        CommandStatus::Delivered => claimed_at.is_some_and(|claimed| updated_at > claimed),
+        _ => false,
+    }
+}
+
 impl Batch {
     /// Locks the runs the writes name and reads the commands and requests they touch.
     async fn load(
@@ -283,16 +295,38 @@ impl Batch {
             untaken_turns: HashMap::new(),
             turn_queued: Vec::new(),
         };
+        // The commands the updates name, and the turns of the runs being finished that
+        // their runner may not have taken yet ([`untaken`]). A first turn carried by its
+        // run's row (the usual run's one command) is read with the row; the others in
+        // one read of `commands`, for the runs that have some there.
+        let finishing: HashSet<Uuid> = writes
+            .iter()
+            .filter(|w| matches!(w, LeaseWrite::Finish { .. }))
+            .map(|w| w.run_id().0)
+            .collect();
         for row in &rows {
             let run = RunRecord::from_row(row)?;
-            batch.runs.insert(run.id.0, run);
             batch.now = row.get("db_now");
+            if let Some(turn) = run.first_turn_id {
+                let status = row.get("first_turn_status");
+                let status = parse_state("command status", status, CommandStatus::from_db)?;
+                batch.commands.insert(turn.0, (run.id.0, status));
+                let updated_at = row.get("first_turn_updated_at");
+                if finishing.contains(&run.id.0) && untaken(status, updated_at, run.claimed_at) {
+                    batch
+                        .untaken_turns
+                        .entry(run.id.0)
+                        .or_default()
+                        .push(turn.0);
+                }
+            }
+            batch.runs.insert(run.id.0, run);
         }
-
-        // The commands the updates name, and the turns of the runs being finished that
-        // their runner may not have taken yet, in one read. A turn delivered at the claim
-        // was handed over with the assignment (its update and the claim share a
-        // timestamp); delivered later, by a heartbeat, it may still be on its way.
+        let in_commands = |run_id: &Uuid, command_id: Option<Uuid>| {
+            batch.runs.get(run_id).is_some_and(|run| {
+                run.first_turn_id.map(|t| t.0) != command_id && run.may_have_command_rows()
+            })
+        };
         let (reporting, command_ids): (Vec<Uuid>, Vec<Uuid>) = writes
             .iter()
             .filter_map(|w| match w {
@@ -300,25 +334,23 @@ impl Batch {
                 _ => None,
             })
             .flat_map(|(run_id, updates)| updates.iter().map(move |u| (run_id.0, u.command_id.0)))
+            .filter(|(run_id, command_id)| in_commands(run_id, Some(*command_id)))
             .unzip();
-        let finishing: Vec<Uuid> = writes
-            .iter()
-            .filter(|w| matches!(w, LeaseWrite::Finish { .. }))
-            .map(|w| w.run_id().0)
+        let finishing: Vec<Uuid> = finishing
+            .into_iter()
+            .filter(|run_id| in_commands(run_id, None))
             .collect();
         if !(command_ids.is_empty() && finishing.is_empty()) {
             let stmt = tx
                 .prepare_cached(
                     // Two branches, each served by its own index. (As one `OR`, its plan
                     // was a scan in some benchmark runs: 30 % of the database's time.)
-                    "SELECT id, run_id, status, false AS untaken FROM run_commands
+                    "SELECT id, run_id, status, false AS finishing, updated_at FROM commands
                      WHERE run_id = ANY($3) AND id = ANY($1)
                      UNION ALL
-                     SELECT c.id, c.run_id, c.status, true
-                     FROM run_commands c JOIN runs r ON r.id = c.run_id
-                     WHERE c.run_id = ANY($2) AND c.kind = 'turn'
-                       AND (c.status = 'pending'
-                            OR (c.status = 'delivered' AND c.updated_at > r.claimed_at))",
+                     SELECT id, run_id, status, true, updated_at FROM commands
+                     WHERE run_id = ANY($2) AND kind = 'turn'
+                       AND status IN ('pending', 'delivered')",
                 )
                 .await?;
             for row in tx
@@ -328,7 +360,8 @@ impl Batch {
                 let (id, run_id): (Uuid, Uuid) = (row.get(0), row.get(1));
                 let status = parse_state("command status", row.get(2), CommandStatus::from_db)?;
                 batch.commands.insert(id, (run_id, status));
-                if row.get::<_, bool>(3) {
+                let claimed_at = batch.runs.get(&run_id).and_then(|run| run.claimed_at);
+                if row.get::<_, bool>(3) && untaken(status, row.get(4), claimed_at) {
                     batch.untaken_turns.entry(run_id).or_default().push(id);
                 }
             }
