@@ -542,6 +542,44 @@ async fn a_claim_reads_commands_only_for_runs_that_have_some() {
         assert_eq!(turn.status, CommandStatus::Delivered);
         assert!(turn.payload["prompt"].as_str().unwrap().starts_with("run "));
     }
+    // Read from the run's row, the turn is what `run_commands` shows.
+    let turn = &claimed[0].commands[0];
+    let shown = db_client(&url)
+        .await
+        .query_one(
+            "SELECT run_id, seq, kind, payload, status, delivery_policy, idempotency_key,
+                    error, created_at, updated_at
+             FROM run_commands WHERE id = $1",
+            &[&turn.id.0],
+        )
+        .await
+        .expect("the turn in run_commands");
+    assert_eq!(
+        (
+            shown.get::<_, uuid::Uuid>(0),
+            shown.get::<_, i64>(1),
+            shown.get::<_, String>(2),
+            shown.get::<_, serde_json::Value>(3),
+            shown.get::<_, String>(4),
+            shown.get::<_, Option<String>>(5),
+            shown.get::<_, Option<String>>(6),
+            shown.get::<_, Option<String>>(7),
+            shown.get::<_, std::time::SystemTime>(8),
+            shown.get::<_, std::time::SystemTime>(9),
+        ),
+        (
+            turn.run_id.0,
+            turn.seq,
+            turn.kind.as_str().to_owned(),
+            turn.payload.clone(),
+            turn.status.as_str().to_owned(),
+            turn.delivery_policy.map(|p| p.as_str().to_owned()),
+            turn.idempotency_key.clone(),
+            turn.error.clone(),
+            turn.created_at,
+            turn.updated_at,
+        )
+    );
     assert_eq!(
         after, before,
         "claiming runs without commands of their own read the commands' indexes"

@@ -64,8 +64,9 @@ impl CommandRecord {
     }
 
     /// The first turn a row of `runs` carries (migration V28), as `run_commands` shows
-    /// it; `None` when the row carries none. A statement that returns `runs.*` has it
-    /// without reading `run_commands`.
+    /// it (the Rust twin of [`FIRST_TURN_COLUMNS`], which it must match); `None` when the
+    /// row carries none. A statement that returns `runs.*` has it without reading
+    /// `run_commands`.
     pub(crate) fn first_turn_of_run_row(row: &Row) -> Result<Option<Self>> {
         let Some(id) = row.get::<_, Option<Uuid>>("first_turn_id") else {
             return Ok(None);
@@ -172,7 +173,8 @@ const COMMAND_COLUMNS: &str = "run_id, seq, id, kind, payload, status, delivery_
 
 /// [`COMMAND_COLUMNS`] of a run's first turn, from the run row that carries it, for the
 /// `RETURNING` of a write to it (a statement's reads do not see its own writes): the
-/// second half of the `run_commands` view (migration V28), which it must match.
+/// second half of the `run_commands` view (migration V28), which it must match (as must
+/// [`CommandRecord::first_turn_of_run_row`]).
 const FIRST_TURN_COLUMNS: &str = "id AS run_id, 1::bigint AS seq, first_turn_id AS id,
     'turn'::text AS kind, jsonb_build_object('prompt', input -> 'prompt') AS payload,
     first_turn_status AS status, 'queue'::text AS delivery_policy,
