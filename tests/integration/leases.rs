@@ -585,31 +585,7 @@ async fn a_claim_reads_commands_only_for_runs_that_have_some() {
         "claiming runs without commands of their own read the commands' indexes"
     );
 
-    let mut app = crate::hellos::quiet_app_on(&url).await;
-    let run_id = app
-        .runs
-        .create_run(run_request("steered"))
-        .await
-        .expect("create a run")
-        .into_inner()
-        .run
-        .expect("the run")
-        .run_id;
-    app.runs
-        .send_command(proto::SendCommandRequest {
-            run_id: run_id.clone(),
-            kind: proto::CommandKind::Steer as i32,
-            payload_json: r#"{"text": "left"}"#.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("steer");
-    drop(app);
-    let [steered] = leases::claim(&pool, &me, false, 100, ttl, 0)
-        .await
-        .expect("claim")
-        .try_into()
-        .expect("one run claimed");
+    let (_, steered) = claim_a_steered_run(&url, &pool, &me).await;
     let seqs: Vec<(i64, CommandStatus)> =
         steered.commands.iter().map(|c| (c.seq, c.status)).collect();
     assert_eq!(
@@ -721,7 +697,35 @@ async fn ending_runs_reads_commands_only_for_runs_that_have_some() {
     );
 
     // A steer delivered at the claim, never reported: closed as the run ends.
-    let mut app = crate::hellos::quiet_app_on(&url).await;
+    let (run_id, steered) = claim_a_steered_run(&url, &pool, &me).await;
+    leases::write(&pool, me.id, None, ending(&steered), &quotas)
+        .await
+        .expect("the batch is stored")
+        .into_iter()
+        .for_each(|w| {
+            w.expect("each write is stored");
+        });
+    let statuses: Vec<String> = db
+        .query(
+            "SELECT status FROM run_commands WHERE run_id = $1::text::uuid ORDER BY seq",
+            &[&run_id],
+        )
+        .await
+        .expect("read the commands")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(statuses, ["completed", "cancelled"]);
+}
+
+/// Creates a run, steers it before any runner has it, and claims it for `me`: its id
+/// and its assignment.
+async fn claim_a_steered_run(
+    url: &str,
+    pool: &agentrun_manager::db::Pool,
+    me: &agentrun_manager::store::leases::RunnerIdentity,
+) -> (String, agentrun_manager::store::leases::Assignment) {
+    let mut app = crate::hellos::quiet_app_on(url).await;
     let run_id = app
         .runs
         .create_run(run_request("steered"))
@@ -741,29 +745,13 @@ async fn ending_runs_reads_commands_only_for_runs_that_have_some() {
         .await
         .expect("steer");
     drop(app);
-    let [steered] = leases::claim(&pool, &me, false, 100, ttl, 0)
+    let ttl = std::time::Duration::from_secs(600);
+    let [steered] = agentrun_manager::store::leases::claim(pool, me, false, 100, ttl, 0)
         .await
         .expect("claim")
         .try_into()
         .expect("one run claimed");
-    leases::write(&pool, me.id, None, ending(&steered), &quotas)
-        .await
-        .expect("the batch is stored")
-        .into_iter()
-        .for_each(|w| {
-            w.expect("each write is stored");
-        });
-    let statuses: Vec<String> = db
-        .query(
-            "SELECT status FROM run_commands WHERE run_id = $1::text::uuid ORDER BY seq",
-            &[&run_id],
-        )
-        .await
-        .expect("read the commands")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(statuses, ["completed", "cancelled"]);
+    (run_id, steered)
 }
 
 /// A runner identity for the store's own calls, serving the scripted profile.
