@@ -512,24 +512,13 @@ async fn table_counters(app: &TestApp, sql: &str, enough: impl Fn(i64, i64) -> b
 /// with a steer sent before the claim still gets both, in seq order.
 #[tokio::test]
 async fn a_claim_reads_commands_only_for_runs_that_have_some() {
-    use agentrun_manager::db;
     use agentrun_manager::store::leases;
     use agentrun_shared::state::CommandStatus;
 
-    let url = fresh_database().await;
-    let mut app = crate::hellos::quiet_app_on(&url).await;
-    for i in 0..20 {
-        app.runs
-            .create_run(run_request(&format!("run {i}")))
-            .await
-            .expect("create a run");
-    }
-    drop(app);
-    let pool = db::pool(&url, 1).expect("pool");
+    let (url, pool) = database_with_runs(20).await;
     let me = store_runner("reader");
-    let ttl = std::time::Duration::from_secs(600);
     let before = command_reads(&pool).await;
-    let claimed = leases::claim(&pool, &me, true, 100, ttl, 0)
+    let claimed = leases::claim(&pool, &me, true, 100, STORE_TTL, 0)
         .await
         .expect("claim");
     let after = command_reads(&pool).await;
@@ -602,26 +591,15 @@ async fn a_claim_reads_commands_only_for_runs_that_have_some() {
 /// steer delivered at the claim and still open ends with the steer closed.
 #[tokio::test]
 async fn ending_runs_reads_commands_only_for_runs_that_have_some() {
-    use agentrun_manager::db;
     use agentrun_manager::store::commands::CommandUpdate;
     use agentrun_manager::store::leases::{self, LeaseWrite, RunnerEvent, Written};
     use agentrun_manager::store::runs::Finish;
     use agentrun_shared::events::EventType;
     use agentrun_shared::state::{CommandStatus, RunStatus};
 
-    let url = fresh_database().await;
-    let mut app = crate::hellos::quiet_app_on(&url).await;
-    for i in 0..10 {
-        app.runs
-            .create_run(run_request(&format!("run {i}")))
-            .await
-            .expect("create a run");
-    }
-    drop(app);
-    let pool = db::pool(&url, 1).expect("pool");
+    let (url, pool) = database_with_runs(10).await;
     let me = store_runner("finisher");
-    let ttl = std::time::Duration::from_secs(600);
-    let claimed = leases::claim(&pool, &me, true, 100, ttl, 0)
+    let claimed = leases::claim(&pool, &me, true, 100, STORE_TTL, 0)
         .await
         .expect("claim");
     assert_eq!(claimed.len(), 10);
@@ -718,6 +696,24 @@ async fn ending_runs_reads_commands_only_for_runs_that_have_some() {
     assert_eq!(statuses, ["completed", "cancelled"]);
 }
 
+/// Leases taken through the store in these tests outlast them.
+const STORE_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A fresh database holding `runs` new runs, and a pool of one connection to it.
+async fn database_with_runs(runs: usize) -> (String, agentrun_manager::db::Pool) {
+    let url = fresh_database().await;
+    let mut app = crate::hellos::quiet_app_on(&url).await;
+    for i in 0..runs {
+        app.runs
+            .create_run(run_request(&format!("run {i}")))
+            .await
+            .expect("create a run");
+    }
+    drop(app);
+    let pool = agentrun_manager::db::pool(&url, 1).expect("pool");
+    (url, pool)
+}
+
 /// Creates a run, steers it before any runner has it, and claims it for `me`: its id
 /// and its assignment.
 async fn claim_a_steered_run(
@@ -745,8 +741,7 @@ async fn claim_a_steered_run(
         .await
         .expect("steer");
     drop(app);
-    let ttl = std::time::Duration::from_secs(600);
-    let [steered] = agentrun_manager::store::leases::claim(pool, me, false, 100, ttl, 0)
+    let [steered] = agentrun_manager::store::leases::claim(pool, me, false, 100, STORE_TTL, 0)
         .await
         .expect("claim")
         .try_into()
