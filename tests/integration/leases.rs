@@ -696,6 +696,68 @@ async fn ending_runs_reads_commands_only_for_runs_that_have_some() {
     assert_eq!(statuses, ["completed", "cancelled"]);
 }
 
+/// A heartbeat reads `commands` only for runs that have a command there: renewing the
+/// leases of runs whose one command is the first turn they were claimed with probes no
+/// index of `commands` (it did, once per lease, every heartbeat). A steer sent after
+/// the claim still goes with the next heartbeat.
+#[tokio::test]
+async fn heartbeats_read_commands_only_for_runs_that_have_some() {
+    use agentrun_manager::store::leases::{self, Heartbeat};
+
+    let (url, pool) = database_with_runs(10).await;
+    let me = store_runner("beating");
+    let claimed = leases::claim(&pool, &me, true, 100, STORE_TTL, 0)
+        .await
+        .expect("claim");
+    let beat = |claimed: &[leases::Assignment]| Heartbeat {
+        runner_id: me.id,
+        tenant: None,
+        leases: claimed
+            .iter()
+            .map(|a| (a.run.id, a.run.lease_epoch))
+            .collect(),
+    };
+    let before = command_reads(&pool).await;
+    let renewed = leases::heartbeat(&pool, &[beat(&claimed)], STORE_TTL)
+        .await
+        .expect("heartbeat");
+    let after = command_reads(&pool).await;
+    assert!(
+        renewed[0]
+            .leases
+            .iter()
+            .all(|l| l.expires_at.is_some() && l.commands.is_empty()),
+        "{renewed:?}"
+    );
+    assert_eq!(
+        after, before,
+        "renewing leases of runs without commands of their own read the commands' indexes"
+    );
+
+    let mut app = crate::hellos::quiet_app_on(&url).await;
+    let run_id = claimed[3].run.id.to_string();
+    app.runs
+        .send_command(proto::SendCommandRequest {
+            run_id,
+            kind: proto::CommandKind::Steer as i32,
+            payload_json: r#"{"text": "left"}"#.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("steer");
+    drop(app);
+    let renewed = leases::heartbeat(&pool, &[beat(&claimed)], STORE_TTL)
+        .await
+        .expect("heartbeat");
+    let delivered: Vec<(usize, i64)> = renewed[0]
+        .leases
+        .iter()
+        .enumerate()
+        .flat_map(|(i, l)| l.commands.iter().map(move |c| (i, c.seq)))
+        .collect();
+    assert_eq!(delivered, [(3, 2)], "the steer goes with the heartbeat");
+}
+
 /// Leases taken through the store in these tests outlast them.
 const STORE_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 

@@ -271,13 +271,16 @@ pub(crate) async fn list(
     )
 }
 
-/// Marks the pending commands of these runs delivered (in seq order) and records
+/// Marks pending commands delivered, in seq order per run: the first turns of
+/// `first_turns` (carried by their rows) and the commands in `commands` of
+/// `with_command_rows` (see `runs::HAS_COMMAND_ROWS`); the caller records
 /// `command.delivered`. The caller holds the runs' row locks.
 pub(crate) async fn deliver_pending(
     tx: &impl GenericClient,
-    run_ids: &[Uuid],
+    first_turns: &[Uuid],
+    with_command_rows: &[Uuid],
 ) -> Result<Vec<CommandRecord>> {
-    if run_ids.is_empty() {
+    if first_turns.is_empty() && with_command_rows.is_empty() {
         return Ok(Vec::new());
     }
     static SQL: LazyLock<String> = LazyLock::new(|| {
@@ -289,14 +292,15 @@ pub(crate) async fn deliver_pending(
              ),
              others AS (
                  UPDATE commands SET status = 'delivered', updated_at = now()
-                 WHERE run_id = ANY($1) AND status = 'pending'
+                 WHERE run_id = ANY($2) AND status = 'pending'
                  RETURNING {COMMAND_COLUMNS}
              )
              SELECT * FROM first_turns UNION ALL SELECT * FROM others"
         )
     });
     let stmt = tx.prepare_cached(&SQL).await?;
-    let mut delivered = CommandRecord::from_rows(&tx.query(&stmt, &[&run_ids]).await?)?;
+    let rows = tx.query(&stmt, &[&first_turns, &with_command_rows]).await?;
+    let mut delivered = CommandRecord::from_rows(&rows)?;
     delivered.sort_by_key(|c| (c.run_id, c.seq));
     Ok(delivered)
 }

@@ -856,17 +856,22 @@ async fn renew(
     if leases.is_empty() {
         return Ok(Vec::new());
     }
-    let renew = tx
-        .prepare_cached(
-            "UPDATE runs SET lease_expires_at = coalesce(now() + $5::bigint * interval '1 millisecond',
-                                                 runs.lease_expires_at)
+    // Each renewed run says where its pending commands can be: its first turn on its
+    // row, the others in `commands` (only when it has some there).
+    static RENEW_SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "UPDATE runs r SET lease_expires_at = coalesce(now() + $5::bigint * interval '1 millisecond',
+                                                   r.lease_expires_at)
              FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[]) AS l(id, epoch, runner, tenant)
-             WHERE runs.id = l.id AND runs.lease_epoch = l.epoch AND runs.lease_runner_id = l.runner
-               AND runs.status = ANY($6) AND (l.tenant IS NULL OR runs.tenant_id = l.tenant)
-               AND runs.lease_expires_at > now()
-             RETURNING runs.id, runs.lease_expires_at, runs.cancel_requested, runs.lease_runner_seq",
+             WHERE r.id = l.id AND r.lease_epoch = l.epoch AND r.lease_runner_id = l.runner
+               AND r.status = ANY($6) AND (l.tenant IS NULL OR r.tenant_id = l.tenant)
+               AND r.lease_expires_at > now()
+             RETURNING r.id, r.lease_expires_at, r.cancel_requested, r.lease_runner_seq,
+                       coalesce(r.first_turn_status = 'pending', false), {has_rows}",
+            has_rows = runs::HAS_COMMAND_ROWS
         )
-        .await?;
+    });
+    let renew = tx.prepare_cached(&RENEW_SQL).await?;
     let ids: Vec<Uuid> = leases.iter().map(|l| l.run_id.0).collect();
     let epochs: Vec<i64> = leases.iter().map(|l| l.epoch).collect();
     let runners: Vec<Uuid> = leases.iter().map(|l| l.runner_id.0).collect();
@@ -891,9 +896,14 @@ async fn renew(
         .iter()
         .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
         .collect();
-    let renewed_ids: Vec<Uuid> = renewed.keys().copied().collect();
+    let with = |column: usize| -> Vec<Uuid> {
+        rows.iter()
+            .filter(|r| r.get::<_, bool>(column))
+            .map(|r| r.get(0))
+            .collect()
+    };
     let mut delivered: HashMap<RunId, Vec<CommandRecord>> = HashMap::new();
-    let commands = commands::deliver_pending(tx, &renewed_ids).await?;
+    let commands = commands::deliver_pending(tx, &with(4), &with(5)).await?;
     let delivered_events: Vec<_> = commands.iter().map(commands::delivered_event).collect();
     events::append(tx, &delivered_events).await?;
     for command in commands {
