@@ -597,12 +597,7 @@ async fn ending_runs_reads_commands_only_for_runs_that_have_some() {
     use agentrun_shared::events::EventType;
     use agentrun_shared::state::{CommandStatus, RunStatus};
 
-    let (url, pool) = database_with_runs(10).await;
-    let me = store_runner("finisher");
-    let claimed = leases::claim(&pool, &me, true, 100, STORE_TTL, 0)
-        .await
-        .expect("claim");
-    assert_eq!(claimed.len(), 10);
+    let (url, pool, me, claimed) = claimed_runs(10, "finisher").await;
     let ending = |assignment: &leases::Assignment| {
         let run_id = assignment.run.id;
         let turn = assignment.commands[0].id;
@@ -704,11 +699,7 @@ async fn ending_runs_reads_commands_only_for_runs_that_have_some() {
 async fn heartbeats_read_commands_only_for_runs_that_have_some() {
     use agentrun_manager::store::leases::{self, Heartbeat};
 
-    let (url, pool) = database_with_runs(10).await;
-    let me = store_runner("beating");
-    let claimed = leases::claim(&pool, &me, true, 100, STORE_TTL, 0)
-        .await
-        .expect("claim");
+    let (url, pool, me, claimed) = claimed_runs(10, "beating").await;
     let beat = |claimed: &[leases::Assignment]| Heartbeat {
         runner_id: me.id,
         tenant: None,
@@ -734,18 +725,11 @@ async fn heartbeats_read_commands_only_for_runs_that_have_some() {
         "renewing leases of runs without commands of their own read the commands' indexes"
     );
 
-    let mut app = crate::hellos::quiet_app_on(&url).await;
-    let run_id = claimed[3].run.id.to_string();
-    app.runs
-        .send_command(proto::SendCommandRequest {
-            run_id,
-            kind: proto::CommandKind::Steer as i32,
-            payload_json: r#"{"text": "left"}"#.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("steer");
-    drop(app);
+    steer(
+        &mut crate::hellos::quiet_app_on(&url).await,
+        &claimed[3].run.id.to_string(),
+    )
+    .await;
     let renewed = leases::heartbeat(&pool, &[beat(&claimed)], STORE_TTL)
         .await
         .expect("heartbeat");
@@ -776,6 +760,38 @@ async fn database_with_runs(runs: usize) -> (String, agentrun_manager::db::Pool)
     (url, pool)
 }
 
+/// [`database_with_runs`], and the runs claimed through the store by a runner `name`.
+async fn claimed_runs(
+    runs: usize,
+    name: &str,
+) -> (
+    String,
+    agentrun_manager::db::Pool,
+    agentrun_manager::store::leases::RunnerIdentity,
+    Vec<agentrun_manager::store::leases::Assignment>,
+) {
+    let (url, pool) = database_with_runs(runs).await;
+    let me = store_runner(name);
+    let claimed = agentrun_manager::store::leases::claim(&pool, &me, true, 100, STORE_TTL, 0)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), runs);
+    (url, pool, me, claimed)
+}
+
+/// Sends the run a steer (`{"text": "left"}`).
+async fn steer(app: &mut TestApp, run_id: &str) {
+    app.runs
+        .send_command(proto::SendCommandRequest {
+            run_id: run_id.into(),
+            kind: proto::CommandKind::Steer as i32,
+            payload_json: r#"{"text": "left"}"#.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("steer");
+}
+
 /// Creates a run, steers it before any runner has it, and claims it for `me`: its id
 /// and its assignment.
 async fn claim_a_steered_run(
@@ -793,15 +809,7 @@ async fn claim_a_steered_run(
         .run
         .expect("the run")
         .run_id;
-    app.runs
-        .send_command(proto::SendCommandRequest {
-            run_id: run_id.clone(),
-            kind: proto::CommandKind::Steer as i32,
-            payload_json: r#"{"text": "left"}"#.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("steer");
+    steer(&mut app, &run_id).await;
     drop(app);
     let [steered] = agentrun_manager::store::leases::claim(pool, me, false, 100, STORE_TTL, 0)
         .await
