@@ -39,6 +39,11 @@ use serde_json::json;
 use crate::report::Figure;
 use crate::stack::{Cluster, Stack, connect_db};
 
+/// mimalloc, as the manager and the runners (see the workspace manifest): the bench
+/// shares the machine with what it measures, so its own CPU is kept small.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "agentrun-bench",
