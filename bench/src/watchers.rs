@@ -174,7 +174,7 @@ pub async fn run(
             idle - baseline,
             "commits/s",
         )
-        .at_most(20.0),
+        .at_most(5.0),
         Figure::new("watchers", "watchers.manager_rss_mib", rss, "MiB"),
         Figure::new(
             "watchers",
