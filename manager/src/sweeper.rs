@@ -7,8 +7,10 @@
 //! - `queue_timeout` passed while pending: expired as `queue_timeout`;
 //! - a request open past its deadline: expired, and its run's provider told so.
 //!
-//! Every replica runs one. Rows are taken `FOR UPDATE SKIP LOCKED` in bounded batches,
-//! so replicas split the work instead of doing it twice.
+//! Every replica runs one. Each tick first reads what is due, in one statement
+//! ([`DUE_SQL`]), and does only that: an idle replica's tick is that one read, not a
+//! transaction for each kind of deadline. Rows are taken `FOR UPDATE SKIP LOCKED` in
+//! bounded batches, so replicas split the work instead of doing it twice.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,24 +43,21 @@ pub async fn run(
         match sweep_once(pool).await {
             Ok(swept) => {
                 metrics.swept(swept.lease_expired, swept.requeued);
-                // Requeued runs are claimable again, and a run that ended may have let
-                // its concurrency key's next run in; every moved run has new events.
-                if swept.requeued > 0 || !swept.moved.is_empty() {
+                if swept.admitted > 0 {
+                    tracing::info!(
+                        admitted = swept.admitted,
+                        "held runs admitted by the sweeper"
+                    );
+                }
+                // Requeued and admitted runs are claimable, and a run that ended may have
+                // let its concurrency key's next run in; every moved run has new events.
+                if swept.requeued > 0 || swept.admitted > 0 || !swept.moved.is_empty() {
                     notifier.work_available();
                 }
                 notifier.events_appended(swept.moved.iter().map(|r| r.0));
                 notifier.commands_added(&swept.answered);
             }
             Err(err) => tracing::warn!(error = %err, "lease sweep failed; retrying next tick"),
-        }
-        // The safety net of concurrency-key admission (see `store::flow`).
-        match flow::readmit(pool).await {
-            Ok(0) => {}
-            Ok(admitted) => {
-                tracing::info!(admitted, "held runs admitted by the sweeper");
-                notifier.work_available();
-            }
-            Err(err) => tracing::warn!(error = %err, "readmission failed; retrying next tick"),
         }
     })
     .await
@@ -75,24 +74,88 @@ pub struct Swept {
     pub moved: Vec<RunId>,
     /// Runs whose expired requests got a `resolve` command for their runner.
     pub answered: Vec<RunId>,
+    /// Held runs admitted by the safety net of concurrency-key admission (see
+    /// [`flow::readmit`]).
+    pub admitted: usize,
 }
 
-/// One full pass.
+/// What a tick has to do: whether any row is due for each of the sweeps, and whether
+/// runs wait held by their concurrency keys. The statuses are literals, so that each
+/// check reads its partial index and stops at the first row it finds. Public for the
+/// test of its plan.
+pub const DUE_SQL: &str = "SELECT
+     EXISTS (SELECT 1 FROM runs WHERE status IN ('claimed', 'running', 'waiting')
+                                  AND lease_expires_at < now()),
+     EXISTS (SELECT 1 FROM runs WHERE status IN ('claimed', 'running', 'waiting')
+                                  AND run_deadline < now()),
+     EXISTS (SELECT 1 FROM runs WHERE status = 'pending' AND queue_deadline < now()),
+     EXISTS (SELECT 1 FROM requests WHERE status = 'open' AND deadline < now()),
+     EXISTS (SELECT 1 FROM runs WHERE status = 'pending' AND held IS NOT NULL)";
+
+/// [`DUE_SQL`]'s answer.
+#[derive(Debug, Clone, Copy)]
+struct Due {
+    leases: bool,
+    run_deadlines: bool,
+    queue_deadlines: bool,
+    requests: bool,
+    held_runs: bool,
+}
+
+impl Due {
+    async fn read(pool: &Pool) -> Result<Self> {
+        let client = pool.get().await?;
+        let stmt = client.prepare_cached(DUE_SQL).await?;
+        let row = client.query_one(&stmt, &[]).await?;
+        Ok(Self {
+            leases: row.get(0),
+            run_deadlines: row.get(1),
+            queue_deadlines: row.get(2),
+            requests: row.get(3),
+            held_runs: row.get(4),
+        })
+    }
+
+    /// Whether a run or a request has a deadline or lease to end.
+    fn anything_to_end(&self) -> bool {
+        self.leases || self.run_deadlines || self.queue_deadlines || self.requests
+    }
+}
+
+/// One tick: ends what is due, in batches until nothing is left (or what is left is
+/// locked by another replica), then admits held runs if any wait.
 pub async fn sweep_once(pool: &Pool) -> Result<Swept> {
     let mut swept = Swept::default();
-    loop {
-        let (requeued, mut moved) = expire_leases(pool).await?;
+    let first = Due::read(pool).await?;
+    let mut due = first;
+    while due.anything_to_end() {
+        let (requeued, mut moved) = match due.leases {
+            true => expire_leases(pool).await?,
+            false => (0, Vec::new()),
+        };
         swept.lease_expired += moved.len();
-        moved.extend(time_out_runs(pool).await?);
-        moved.extend(expire_queued(pool).await?);
-        let answered = expire_requests(pool).await?;
         swept.requeued += requeued;
+        if due.run_deadlines {
+            moved.extend(time_out_runs(pool).await?);
+        }
+        if due.queue_deadlines {
+            moved.extend(expire_queued(pool).await?);
+        }
+        let answered = match due.requests {
+            true => expire_requests(pool).await?,
+            false => Vec::new(),
+        };
         if moved.is_empty() && answered.is_empty() {
-            return Ok(swept);
+            break;
         }
         swept.moved.extend(moved);
         swept.answered.extend(answered);
+        due = Due::read(pool).await?;
     }
+    if first.held_runs {
+        swept.admitted = flow::readmit(pool).await?;
+    }
+    Ok(swept)
 }
 
 /// Expires requests open past their deadline; returns the runs that got an answer.

@@ -199,3 +199,58 @@ async fn expired_leases_are_found_through_the_active_runs_index() {
         "the sweeper scans every run:\n{plan}"
     );
 }
+
+/// The sweeper's read of what is due finds each kind of deadline through an index, even
+/// in a plan made on empty tables: every replica runs it every tick.
+#[tokio::test]
+async fn what_is_due_is_read_through_indexes() {
+    let app = TestApp::spawn().await;
+    let db = app.db().await;
+    let plan = generic_plan(&db, agentrun_manager::sweeper::DUE_SQL).await;
+    assert!(
+        !plan.contains("Seq Scan"),
+        "the sweeper scans a table:\n{plan}"
+    );
+}
+
+/// A sweep with nothing due (every tick of every replica of an idle fleet) reads what is
+/// due in one statement and does nothing else: an idle replica's sweeper costs the
+/// database one transaction a tick, not one for each kind of deadline it checks.
+#[tokio::test]
+async fn an_idle_sweep_is_one_statement() {
+    use agentrun_manager::{db, sweeper};
+
+    let url = fresh_database().await;
+    let pool = db::pool(&url, 1).expect("pool");
+    db::migrate(&pool).await.expect("migrate");
+    // A first sweep prepares its statements on the connection, as every replica's does
+    // once; each tick after it is what is measured.
+    sweeper::sweep_once(&pool).await.expect("sweep");
+    let before = transactions(&pool).await;
+    let swept = sweeper::sweep_once(&pool).await.expect("sweep");
+    let after = transactions(&pool).await;
+    assert_eq!(swept, sweeper::Swept::default(), "nothing was due");
+    // Three of the difference are `transactions`' own (see there).
+    assert_eq!(after - before - 3, 1, "transactions of an idle sweep");
+}
+
+/// Transactions committed and rolled back so far in the database of `pool` (one
+/// connection, the database's only one), its statistics flushed first. The call is
+/// three transactions, counted by the next call: the flush, and the read, which is
+/// prepared (a transaction of its own) and then run.
+async fn transactions(pool: &agentrun_manager::db::Pool) -> i64 {
+    let client = pool.get().await.expect("a connection");
+    client
+        .batch_execute("SELECT pg_stat_force_next_flush()")
+        .await
+        .expect("flush the statistics");
+    client
+        .query_one(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database
+             WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .expect("read the statistics")
+        .get(0)
+}

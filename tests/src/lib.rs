@@ -390,7 +390,7 @@ where
 /// The plan PostgreSQL keeps for `sql` on a connection that plans generically, as the
 /// manager's hot paths do (a claim, a runner's writes: `store::HOT_PATH_SETTINGS`): the
 /// plan used whatever the parameters are, made once and kept as the tables grow. The
-/// parameters must be `$1` to `$n`, each typed in `sql`.
+/// parameters (if any) must be `$1` to `$n`, each typed in `sql`.
 pub async fn generic_plan(db: &tokio_postgres::Client, sql: &str) -> String {
     let params = (1..).take_while(|n| sql.contains(&format!("${n}"))).count();
     db.batch_execute(&format!(
@@ -399,9 +399,12 @@ pub async fn generic_plan(db: &tokio_postgres::Client, sql: &str) -> String {
     ))
     .await
     .unwrap();
-    let nulls = vec!["NULL"; params].join(", ");
+    let arguments = match params {
+        0 => String::new(),
+        n => format!("({})", vec!["NULL"; n].join(", ")),
+    };
     let plan = db
-        .simple_query(&format!("EXPLAIN EXECUTE generic_plan({nulls})"))
+        .simple_query(&format!("EXPLAIN EXECUTE generic_plan{arguments}"))
         .await
         .unwrap()
         .iter()
