@@ -858,10 +858,7 @@ async fn command_reads(pool: &agentrun_manager::db::Pool) -> i64 {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    client
-        .batch_execute("SELECT pg_stat_force_next_flush()")
-        .await
-        .expect("flush the statistics");
+    flush_statistics(&client).await;
     client
         .query_one(
             "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables

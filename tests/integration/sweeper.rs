@@ -240,10 +240,7 @@ async fn an_idle_sweep_is_one_statement() {
 /// prepared (a transaction of its own) and then run.
 async fn transactions(pool: &agentrun_manager::db::Pool) -> i64 {
     let client = pool.get().await.expect("a connection");
-    client
-        .batch_execute("SELECT pg_stat_force_next_flush()")
-        .await
-        .expect("flush the statistics");
+    flush_statistics(&client).await;
     client
         .query_one(
             "SELECT xact_commit + xact_rollback FROM pg_stat_database

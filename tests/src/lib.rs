@@ -420,6 +420,15 @@ pub async fn generic_plan(db: &tokio_postgres::Client, sql: &str) -> String {
     plan
 }
 
+/// Has the backend of `client` publish its statistics (PostgreSQL 15 holds them up to a
+/// second): at once, so the next statement on it reads what it did.
+pub async fn flush_statistics(client: &tokio_postgres::Client) {
+    client
+        .batch_execute("SELECT pg_stat_force_next_flush()")
+        .await
+        .expect("flush the statistics");
+}
+
 /// A request acting for `tenant`.
 pub fn as_tenant<T>(tenant: &str, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
