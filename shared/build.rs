@@ -20,6 +20,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_transport(false)
         // prost's encoding; a request that does not decode is INVALID_ARGUMENT, not INTERNAL.
         .codec_path("crate::codec::ProtoCodec")
+        // An assignment carries a whole run (680 bytes inline): boxed, every other message
+        // to a runner (acks, heartbeat answers) is not moved around at its size.
+        .boxed(".agentrun.v1.ManagerMessage.body.assignment")
         .file_descriptor_set_path(descriptor)
         .compile_protos(&files, std::slice::from_ref(&proto_root))?;
     println!("cargo:rerun-if-changed={}", proto_root.display());

@@ -362,7 +362,7 @@ impl Runner {
 
     async fn on_message(&mut self, body: In, tx: &mpsc::Sender<Outgoing>) {
         match body {
-            In::Assignment(assignment) => self.start_run(assignment, tx).await,
+            In::Assignment(assignment) => self.start_run(*assignment, tx).await,
             In::Heartbeat(response) => {
                 for lease in response.leases {
                     if !lease.held {

@@ -232,7 +232,7 @@ impl Session {
         }
         for assignment in &welcome.adopted {
             self.hold(assignment.run.id, assignment.run.lease_epoch);
-            self.send(Out::Assignment(convert::assignment(assignment)))
+            self.send(Out::Assignment(Box::new(convert::assignment(assignment))))
                 .await;
         }
         if welcome.draining {
@@ -593,7 +593,7 @@ impl Session {
         }
         for assignment in &assigned {
             self.hold(assignment.run.id, assignment.run.lease_epoch);
-            self.send(Out::Assignment(convert::assignment(assignment)))
+            self.send(Out::Assignment(Box::new(convert::assignment(assignment))))
                 .await;
         }
         Ok(())
