@@ -129,9 +129,10 @@ pub async fn sweep_once(pool: &Pool) -> Result<Swept> {
     let first = Due::read(pool).await?;
     let mut due = first;
     while due.anything_to_end() {
-        let (requeued, mut moved) = match due.leases {
-            true => expire_leases(pool).await?,
-            false => (0, Vec::new()),
+        let (requeued, mut moved) = if due.leases {
+            expire_leases(pool).await?
+        } else {
+            (0, Vec::new())
         };
         swept.lease_expired += moved.len();
         swept.requeued += requeued;
@@ -141,9 +142,10 @@ pub async fn sweep_once(pool: &Pool) -> Result<Swept> {
         if due.queue_deadlines {
             moved.extend(expire_queued(pool).await?);
         }
-        let answered = match due.requests {
-            true => expire_requests(pool).await?,
-            false => Vec::new(),
+        let answered = if due.requests {
+            expire_requests(pool).await?
+        } else {
+            Vec::new()
         };
         if moved.is_empty() && answered.is_empty() {
             break;
