@@ -109,6 +109,16 @@ pub struct Settings {
     #[arg(long, env = "AGENTRUN_MAX_RUN_EVENT_BYTES", default_value_t = 1024 * 1024 * 1024,
           value_parser = clap::value_parser!(i64).range(0..))]
     pub max_run_event_bytes: i64,
+    /// Let webhooks send to loopback, private, link-local and other non-public
+    /// addresses. Off by default: a tenant names the URL and the manager sends from
+    /// inside your network, so it could otherwise reach the manager's own ports, other
+    /// services or a cloud metadata endpoint, and read their answers back in a
+    /// delivery's `last_error`. `agentrun dev` turns it on (receivers on a laptop are
+    /// local).
+    #[arg(long, env = "AGENTRUN_WEBHOOK_PRIVATE_TARGETS", default_value_t = false,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL")]
+    pub webhook_private_targets: bool,
     /// Apply pending database migrations at start-up. When false the manager serves
     /// NOT_SERVING health until the schema is current (`agentrun-manager migrate`).
     #[arg(long, env = "AGENTRUN_MIGRATE", default_value_t = true,

@@ -859,6 +859,102 @@ fn with_key<T>(key: &str, message: T) -> Request<T> {
     request
 }
 
+/// A tenant names a webhook's URL, and the manager sends from inside the operator's
+/// network: by default nothing is sent to a loopback, private, link-local or other
+/// non-public address (the manager's own ports, the pod network, a cloud metadata
+/// service), whose answers would come back in `last_error`. A URL naming one is refused
+/// by field and creates nothing; a webhook that has one anyway (created while a replica
+/// allowed them) is refused at every attempt, before any connection is made.
+#[tokio::test]
+async fn webhooks_reach_only_public_addresses_unless_allowed() {
+    let receiver = Receiver::start(vec![], Answer::Status(200)).await;
+    let mut app = TestApp::spawn_with(|s| s.webhook_private_targets = false).await;
+    let mut hooks = webhooks_client(app.addr).await;
+    let refused = [
+        receiver.url("/hook"),
+        "http://localhost:9/hook".into(),
+        "http://app.localhost./".into(),
+        "http://[::1]:9/".into(),
+        "http://169.254.169.254/latest/meta-data/".into(),
+        "http://10.1.2.3/".into(),
+        "http://172.16.0.1/".into(),
+        "http://192.168.1.1/".into(),
+        "http://100.64.0.1/".into(),
+        "http://0.0.0.0:9/".into(),
+        "http://[fd00::1]/".into(),
+        "http://[fe80::1]/".into(),
+        "http://[::ffff:127.0.0.1]/".into(),
+        // 127.0.0.1 written as one number: URLs are read as browsers read them.
+        "http://2130706433/".into(),
+    ];
+    for url in refused {
+        let err = hooks
+            .create_webhook(webhook_request(url.clone(), &["run.created"]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{url}: {err:?}");
+        assert!(
+            err.message().starts_with("invalid url:")
+                && err.message().contains("--webhook-private-targets"),
+            "{url}: {}",
+            err.message()
+        );
+    }
+    let listed = hooks
+        .list_webhooks(proto::ListWebhooksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.webhooks.is_empty(), "{listed:?}");
+    // A public address is taken (and removed again: nothing is sent to it here).
+    let public = create_webhook(
+        &mut hooks,
+        webhook_request("https://hooks.example.com/agentrun".into(), &["run.created"]),
+    )
+    .await;
+    hooks
+        .delete_webhook(proto::DeleteWebhookRequest {
+            webhook_id: public.webhook_id,
+        })
+        .await
+        .unwrap();
+
+    // A webhook on loopback, as a replica allowing private targets would have stored it.
+    let pool = db::pool(&app.database_url, 1).expect("pool");
+    let hook = agentrun_manager::store::webhooks::create(
+        &pool,
+        &agentrun_manager::store::Tenant("default".into()),
+        &agentrun_manager::store::webhooks::NewWebhook {
+            url: receiver.url("/hook"),
+            event_types: vec!["run.created".into()],
+            project_id: String::new(),
+            secret: SECRET.into(),
+        },
+        100,
+    )
+    .await
+    .expect("store a webhook");
+    app.runs.create_run(run_request("to loopback")).await.unwrap();
+    let hook_id = hook.id.to_string();
+    let refused = wait_for("an attempt refused before sending", LONG, || {
+        let mut hooks = hooks.clone();
+        let hook_id = hook_id.clone();
+        async move {
+            let all = deliveries(&mut hooks, &hook_id).await;
+            all.into_iter().find(|d| d.attempts >= 2)
+        }
+    })
+    .await;
+    assert_eq!(status(&refused), DeliveryStatus::Pending, "{refused:?}");
+    assert!(
+        refused.last_error.contains("127.0.0.1 is a loopback address")
+            && refused.last_error.contains("--webhook-private-targets"),
+        "{}",
+        refused.last_error
+    );
+    assert!(receiver.requests().is_empty(), "{:?}", receiver.requests());
+}
+
 /// Bad input is INVALID_ARGUMENT naming the field and changes nothing; the per-tenant
 /// count is RESOURCE_EXHAUSTED naming the limit; a generated secret is returned once.
 #[tokio::test]

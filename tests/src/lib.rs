@@ -110,6 +110,8 @@ pub fn test_settings(database_url: &str) -> Settings {
     settings.metrics_listen = String::new();
     // Most tests are not about authentication; those that are turn it on.
     settings.auth = AuthMode::Disabled;
+    // The tests' webhook receivers listen on loopback.
+    settings.webhook_private_targets = true;
     settings
 }
 
