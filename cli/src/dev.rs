@@ -117,6 +117,8 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<u8, CliEr
     settings.listen = args.listen;
     settings.ui_listen = ui_listen.map(|addr| addr.to_string()).unwrap_or_default();
     settings.ui_base_path = args.ui_base_path.clone();
+    // Webhook receivers on a laptop are local.
+    settings.webhook_private_targets = true;
     // Development mode: no API keys unless asked. The manager refuses this off
     // loopback, and so did the check above.
     settings.auth = if args.auth {

@@ -25,7 +25,7 @@ enum Command {
     /// Apply pending database migrations and exit.
     Migrate,
     /// Serve against DATABASE_URL, or a throwaway local PostgreSQL started (and removed)
-    /// for the purpose.
+    /// for the purpose; webhooks may reach local receivers (`--webhook-private-targets`).
     Dev,
     /// Create, list or revoke API keys, straight in the database (DATABASE_URL).
     #[command(subcommand)]
@@ -66,6 +66,8 @@ async fn main() -> anyhow::Result<()> {
             agentrun_manager::keys::run(&database, settings.migrate_on_start(), command).await
         }
         Command::Dev => {
+            // Development on one machine: webhook receivers are local.
+            settings.webhook_private_targets = true;
             // Kept alive until serve returns; dropping it stops and removes the cluster.
             let _local = match settings.database_url {
                 Some(_) => None,

@@ -215,6 +215,7 @@ impl Application {
         tasks.spawn(webhooks::run(
             state.pool.clone(),
             metrics.clone(),
+            state.settings.webhook_private_targets,
             background.clone(),
         ));
         tasks.spawn(notify::publish(

@@ -18,7 +18,10 @@
 //!
 //! A delivery is `POST <url>` with the JSON body [`body`] and the headers
 //! `agentrun-delivery-id`, `agentrun-event-type` and `agentrun-signature: t=<unix
-//! seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>` ([`signature`]).
+//! seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>` ([`signature`]), to public
+//! addresses only unless the operator allows others ([`targets`]).
+
+pub mod targets;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -98,22 +101,44 @@ pub fn body(d: &DueDelivery) -> Vec<u8> {
     .into_bytes()
 }
 
-/// The HTTP client of the deliveries: no redirects followed (a receiver answers
-/// itself), every attempt bounded by [`REQUEST_TIMEOUT`].
-pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(REQUEST_TIMEOUT)
-        .connect_timeout(REQUEST_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("agentrun-webhooks/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .expect("a plain HTTP client builds")
+/// How deliveries are sent: the HTTP client, and whether non-public addresses may be
+/// reached (`--webhook-private-targets`).
+#[derive(Clone)]
+struct Sender {
+    client: reqwest::Client,
+    private_targets: bool,
+}
+
+impl Sender {
+    /// No redirects followed (a receiver answers itself, and a redirect could lead
+    /// anywhere), every attempt bounded by [`REQUEST_TIMEOUT`], host names resolved to
+    /// public addresses only unless `private_targets`.
+    fn new(private_targets: bool) -> Self {
+        let mut builder = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(REQUEST_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("agentrun-webhooks/", env!("CARGO_PKG_VERSION")));
+        if !private_targets {
+            builder = builder.dns_resolver(Arc::new(targets::PublicResolver));
+        }
+        Self {
+            client: builder.build().expect("a plain HTTP client builds"),
+            private_targets,
+        }
+    }
 }
 
 /// Delivers until `shutdown` is cancelled; attempts in flight then are recorded as
-/// interrupted (due again at once, for any replica) before it returns.
-pub async fn run(pool: Pool, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let client = http_client();
+/// interrupted (due again at once, for any replica) before it returns. Sends to
+/// non-public addresses only with `private_targets`.
+pub async fn run(
+    pool: Pool,
+    metrics: Arc<Metrics>,
+    private_targets: bool,
+    shutdown: CancellationToken,
+) {
+    let sender = Sender::new(private_targets);
     let mut wake = webhooks::new_deliveries();
     let mut in_flight: JoinSet<(WebhookId, Option<Duration>)> = JoinSet::new();
     // The earliest retry this replica's attempts scheduled: looked at when it is due.
@@ -132,7 +157,7 @@ pub async fn run(pool: Pool, metrics: Arc<Metrics>, shutdown: CancellationToken)
                     for delivery in due {
                         *per_webhook.entry(delivery.webhook_id).or_default() += 1;
                         in_flight.spawn(deliver(
-                            client.clone(),
+                            sender.clone(),
                             pool.clone(),
                             metrics.clone(),
                             delivery,
@@ -229,14 +254,14 @@ async fn prune(pool: &Pool) {
 /// One attempt of one delivery, then its record; returns the delivery's webhook and,
 /// when the attempt failed and is to be retried, after how long.
 async fn deliver(
-    client: reqwest::Client,
+    sender: Sender,
     pool: Pool,
     metrics: Arc<Metrics>,
     delivery: DueDelivery,
     shutdown: CancellationToken,
 ) -> (WebhookId, Option<Duration>) {
     let outcome = tokio::select! {
-        outcome = attempt(&client, &delivery) => outcome,
+        outcome = attempt(&sender, &delivery) => outcome,
         _ = shutdown.cancelled() => Outcome::Failed {
             status_code: 0,
             error: "interrupted: the manager shut down".into(),
@@ -277,7 +302,22 @@ async fn deliver(
     (delivery.webhook_id, retry_in)
 }
 
-async fn attempt(client: &reqwest::Client, d: &DueDelivery) -> Outcome {
+async fn attempt(sender: &Sender, d: &DueDelivery) -> Outcome {
+    let failed = |status_code: i32, error: String| Outcome::Failed {
+        status_code,
+        error,
+        retry_in: (d.attempt < MAX_ATTEMPTS).then(|| backoff(d.attempt)),
+    };
+    // An address in the URL is connected to without resolving: checked here. (Stored
+    // while a replica allowed it; retried, as the setting may change.)
+    if !sender.private_targets
+        && let Err(refused) = reqwest::Url::parse(&d.url)
+            .map_err(|err| err.to_string())
+            .and_then(|url| targets::check_url(&url))
+    {
+        return failed(0, format!("not sent: {refused}"));
+    }
+    let client = &sender.client;
     let body = body(d);
     let t = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -290,11 +330,6 @@ async fn attempt(client: &reqwest::Client, d: &DueDelivery) -> Outcome {
         .header("agentrun-event-type", d.event.event_type.as_str())
         .header("agentrun-signature", signature(&d.secret, t, &body))
         .body(body);
-    let failed = |status_code: i32, error: String| Outcome::Failed {
-        status_code,
-        error,
-        retry_in: (d.attempt < MAX_ATTEMPTS).then(|| backoff(d.attempt)),
-    };
     // The client's timeout bounds the request; this one also bounds reading the answer.
     let answered = tokio::time::timeout(REQUEST_TIMEOUT, async {
         let mut response = client.execute(request.build()?).await?;

@@ -909,7 +909,10 @@ async fn webhooks_reach_only_public_addresses_unless_allowed() {
     // A public address is taken (and removed again: nothing is sent to it here).
     let public = create_webhook(
         &mut hooks,
-        webhook_request("https://hooks.example.com/agentrun".into(), &["run.created"]),
+        webhook_request(
+            "https://hooks.example.com/agentrun".into(),
+            &["run.created"],
+        ),
     )
     .await;
     hooks
@@ -934,7 +937,10 @@ async fn webhooks_reach_only_public_addresses_unless_allowed() {
     )
     .await
     .expect("store a webhook");
-    app.runs.create_run(run_request("to loopback")).await.unwrap();
+    app.runs
+        .create_run(run_request("to loopback"))
+        .await
+        .unwrap();
     let hook_id = hook.id.to_string();
     let refused = wait_for("an attempt refused before sending", LONG, || {
         let mut hooks = hooks.clone();
@@ -947,7 +953,9 @@ async fn webhooks_reach_only_public_addresses_unless_allowed() {
     .await;
     assert_eq!(status(&refused), DeliveryStatus::Pending, "{refused:?}");
     assert!(
-        refused.last_error.contains("127.0.0.1 is a loopback address")
+        refused
+            .last_error
+            .contains("127.0.0.1 is a loopback address")
             && refused.last_error.contains("--webhook-private-targets"),
         "{}",
         refused.last_error

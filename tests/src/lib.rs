@@ -302,6 +302,8 @@ impl ManagerProcess {
             .env("AGENTRUN_HEARTBEAT_INTERVAL_MS", "500")
             .env("AGENTRUN_SWEEP_INTERVAL_MS", "100")
             .env("AGENTRUN_AUTH", "disabled")
+            // The tests' webhook receivers listen on loopback.
+            .env("AGENTRUN_WEBHOOK_PRIVATE_TARGETS", "true")
             .stdin(Stdio::null());
         for (k, v) in extra_env {
             command.env(k, v);

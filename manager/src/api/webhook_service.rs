@@ -14,6 +14,7 @@ use crate::store::api_keys::Role;
 use crate::store::webhooks::{
     self, DeliveryRecord, DeliveryStatus, NewWebhook, WebhookId, WebhookRecord,
 };
+use crate::webhooks::targets;
 
 /// Most webhooks one tenant may have.
 pub const MAX_WEBHOOKS_PER_TENANT: i64 = 100;
@@ -65,8 +66,9 @@ fn delivery(d: &DeliveryRecord) -> proto::Delivery {
     }
 }
 
-/// An absolute http or https URL with a host, at most [`MAX_URL_BYTES`].
-fn url(field: &str, text: &str) -> Result<String, FieldError> {
+/// An absolute http or https URL with a host, at most [`MAX_URL_BYTES`]; a public one
+/// unless `private_targets` ([`crate::webhooks::targets`]).
+fn url(field: &str, text: &str, private_targets: bool) -> Result<String, FieldError> {
     let text = text.trim();
     if text.is_empty() {
         return Err(FieldError::new(field, "is required"));
@@ -84,6 +86,9 @@ fn url(field: &str, text: &str) -> Result<String, FieldError> {
     }
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(FieldError::new(field, "must name a host"));
+    }
+    if !private_targets {
+        targets::check_url(&parsed).map_err(|refused| FieldError::new(field, refused))?;
     }
     Ok(parsed.to_string())
 }
@@ -160,7 +165,8 @@ impl WebhookService for WebhookApi {
         let caller = caller(&self.state, &request, Role::Client).await?;
         let r = request.get_ref();
         let new = NewWebhook {
-            url: url("url", &r.url).map_err(Error::from)?,
+            url: url("url", &r.url, self.state.settings.webhook_private_targets)
+                .map_err(Error::from)?,
             event_types: event_types("event_types", &r.event_types).map_err(Error::from)?,
             secret: secret("secret", &r.secret).map_err(Error::from)?,
             project_id: project(&caller, &r.project_id)?,
