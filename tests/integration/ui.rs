@@ -64,10 +64,14 @@ async fn http(
     let mut stream = TcpStream::connect(authority)
         .await
         .expect("connect to the UI");
+    // The Host header names the authority, unless the test names another.
     let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()
     );
+    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("host")) {
+        request.push_str(&format!("host: {authority}\r\n"));
+    }
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -361,6 +365,87 @@ async fn grpc_web_calls_need_the_same_keys_and_see_only_their_tenant() {
     )
     .await;
     assert_eq!(status, tonic::Code::PermissionDenied as i32);
+}
+
+/// Without authentication the UI answers only requests addressed to a loopback name or
+/// address. A web page whose name its owner re-points at 127.0.0.1 (DNS rebinding) is
+/// same-origin with the UI and sends its own name as Host: it gets neither the app nor
+/// the API, or any page a developer visits could create runs, read every log and answer
+/// approvals on their `agentrun dev`. With keys, any Host is served (behind an ingress,
+/// its name is the Host). The app's pages may not be framed by another site.
+#[tokio::test]
+async fn without_authentication_the_ui_answers_only_requests_addressed_to_loopback() {
+    let (app, url) = with_ui("/", AuthMode::Disabled).await;
+    let port = url
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .expect("a port")
+        .to_owned();
+    let create = {
+        let mut body = vec![0u8];
+        let encoded = run_request("from a rebound page").encode_to_vec();
+        body.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        body.extend_from_slice(&encoded);
+        body
+    };
+    for host in [
+        format!("rebound.example.com:{port}"),
+        "rebound.example.com".to_owned(),
+        format!("192.168.1.20:{port}"),
+        format!("localhost.example.com:{port}"),
+    ] {
+        let page = http(&url, "GET", "/", &[("host", &host)], b"").await;
+        assert_eq!(page.status, 403, "{host}: {}", page.head);
+        assert!(
+            page.text().contains("--auth required") && page.text().contains(&host),
+            "{host}: {}",
+            page.text()
+        );
+        let call = http(
+            &url,
+            "POST",
+            "/agentrun.v1.RunService/CreateRun",
+            &[
+                ("host", &host),
+                ("content-type", "application/grpc-web+proto"),
+                ("x-grpc-web", "1"),
+            ],
+            &create,
+        )
+        .await;
+        assert_eq!(call.status, 403, "{host}: {}", call.head);
+    }
+    let mut runs = app.runs.clone();
+    let listed = runs
+        .list_runs(proto::ListRunsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.runs.is_empty(), "{listed:?}");
+
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("LocalHost.:{port}"),
+        format!("app.localhost:{port}"),
+        format!("[::1]:{port}"),
+        "localhost".to_owned(),
+    ] {
+        let page = http(&url, "GET", "/", &[("host", &host)], b"").await;
+        assert_eq!(page.status, 200, "{host}: {}", page.head);
+        assert_eq!(page.header("x-frame-options"), Some("DENY"), "{}", page.head);
+        assert!(
+            page.header("content-security-policy")
+                .is_some_and(|csp| csp.contains("frame-ancestors 'none'")),
+            "{}",
+            page.head
+        );
+    }
+
+    let (_app, url) = with_ui("/", AuthMode::Required).await;
+    let page = http(&url, "GET", "/", &[("host", "agentrun.example.com")], b"").await;
+    assert_eq!(page.status, 200, "{}", page.head);
 }
 
 #[tokio::test]
