@@ -308,7 +308,12 @@ impl Application {
                 .add_service(limited!(WebhookServiceServer::new(WebhookApi::new(
                     state.clone()
                 ))));
-            let routes = ui::routes(api, &address.base_path, metrics.clone());
+            let routes = ui::routes(
+                api,
+                &address.base_path,
+                metrics.clone(),
+                settings.auth == AuthMode::Disabled,
+            );
             let mut server = tonic::transport::Server::builder().accept_http1(true);
             if let Some(tls) = tls.clone() {
                 server = server.tls_config(tls.timeout(settings.handshake_timeout()))?;

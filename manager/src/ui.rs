@@ -92,7 +92,14 @@ fn base_path_of(path: &str) -> anyhow::Result<String> {
 
 /// The UI port's routes: the `api` services spoken as gRPC-Web (observed and their
 /// errors mapped as on the gRPC port), and the app's files, all under `base_path`.
-pub fn routes(api: RoutesBuilder, base_path: &str, metrics: Arc<Metrics>) -> Routes {
+/// `loopback_only` (no authentication) answers only requests addressed to loopback
+/// ([`addressed_to_loopback`]).
+pub fn routes(
+    api: RoutesBuilder,
+    base_path: &str,
+    metrics: Arc<Metrics>,
+    loopback_only: bool,
+) -> Routes {
     let index: Arc<str> = INDEX_HTML.replace("%BASE_PATH%", base_path).into();
     let app = api
         .routes()
@@ -106,13 +113,61 @@ pub fn routes(api: RoutesBuilder, base_path: &str, metrics: Arc<Metrics>) -> Rou
             let index = index.clone();
             async move { file(&method, uri.path().trim_start_matches('/'), &index) }
         });
-    if base_path == "/" {
-        return Routes::from(app);
+    let router = if base_path == "/" {
+        app
+    } else {
+        Router::new().fallback_service(UnderBase {
+            base: base_path.into(),
+            inner: app,
+        })
+    };
+    if !loopback_only {
+        return Routes::from(router);
     }
-    Routes::from(Router::new().fallback_service(UnderBase {
-        base: base_path.into(),
-        inner: app,
-    }))
+    Routes::from(router.layer(axum::middleware::from_fn(
+        |request: Request<Body>, next: axum::middleware::Next| async move {
+            match addressed_to_loopback(&request) {
+                Ok(()) => next.run(request).await,
+                Err(refused) => (StatusCode::FORBIDDEN, refused).into_response(),
+            }
+        },
+    )))
+}
+
+/// Without authentication (allowed only on a loopback address) the UI answers only
+/// requests addressed to a loopback name or address. Any web page can make a browser
+/// send requests to 127.0.0.1; a page whose own name its owner re-points there (DNS
+/// rebinding) is even same-origin with the UI, and could read every run and create and
+/// steer runs — but its requests still carry its own name as Host, and are refused
+/// (the error says why).
+fn addressed_to_loopback(request: &Request<Body>) -> Result<(), String> {
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| request.headers().get(header::HOST)?.to_str().ok())
+        .unwrap_or("");
+    let host = match authority.rsplit_once(':') {
+        // A port after the host (an IPv6 address is in brackets: `[::1]:7401`).
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let loopback = host == "localhost"
+        || host.ends_with(".localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        return Ok(());
+    }
+    Err(format!(
+        "this UI runs without authentication and answers only requests addressed to \
+         localhost or a loopback address, not to {authority:?}: open it as \
+         http://127.0.0.1:<port>/, or run the manager with --auth required\n"
+    ))
 }
 
 /// Serves `inner` under `base` (ending with `/`): a request there reaches it without the
@@ -196,6 +251,12 @@ fn file(method: &Method, path: &str, index: &str) -> Response {
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
+    );
+    // No other site may frame the app (and trick an operator's clicks).
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("frame-ancestors 'none'"),
     );
     response
 }

@@ -69,7 +69,10 @@ async fn http(
         "{method} {path} HTTP/1.1\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()
     );
-    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("host")) {
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
         request.push_str(&format!("host: {authority}\r\n"));
     }
     for (name, value) in headers {
@@ -434,7 +437,12 @@ async fn without_authentication_the_ui_answers_only_requests_addressed_to_loopba
     ] {
         let page = http(&url, "GET", "/", &[("host", &host)], b"").await;
         assert_eq!(page.status, 200, "{host}: {}", page.head);
-        assert_eq!(page.header("x-frame-options"), Some("DENY"), "{}", page.head);
+        assert_eq!(
+            page.header("x-frame-options"),
+            Some("DENY"),
+            "{}",
+            page.head
+        );
         assert!(
             page.header("content-security-policy")
                 .is_some_and(|csp| csp.contains("frame-ancestors 'none'")),
