@@ -40,6 +40,7 @@
 //! and `item.completed` with the text), so the log holds every turn's reply. Any other exit (or death by signal) fails
 //! it with kind `process_exit`, the status and the tail of stderr; not retryable.
 
+use std::ffi::OsString;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -76,6 +77,10 @@ const MAX_THREAD_ID_BYTES: usize = 1024;
 /// rather than letting a child that does not read stall the turn.
 const STDIN_QUEUE: usize = 64;
 
+/// The runner's own settings in its environment (its API key among them): not passed on
+/// to the child.
+const RUNNER_SETTINGS_PREFIX: &str = "AGENTRUN_";
+
 /// Settings of the command provider.
 #[derive(Debug, Clone)]
 pub struct CommandConfig {
@@ -100,16 +105,30 @@ impl CommandProvider {
     }
 
     fn spawn(&self) -> std::io::Result<Child> {
-        Command::new(&self.config.program)
+        self.command(std::env::vars_os()).spawn()
+    }
+
+    /// The child's command, its environment the runner's (`runner_env`) without the
+    /// runner's own settings (`AGENTRUN_*`): the agent does what a tenant's prompt asks,
+    /// tools included, and must not find the runner's API key to the manager there.
+    fn command(&self, runner_env: impl IntoIterator<Item = (OsString, OsString)>) -> Command {
+        let mut command = Command::new(&self.config.program);
+        command
             .args(&self.config.args)
+            .env_clear()
+            .envs(runner_env.into_iter().filter(|(name, _)| {
+                !name
+                    .as_encoded_bytes()
+                    .starts_with(RUNNER_SETTINGS_PREFIX.as_bytes())
+            }))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // Its own group, so stop reaches whatever the CLI started too.
             .process_group(0)
             // A backstop if the turn's future is dropped mid-way.
-            .kill_on_drop(true)
-            .spawn()
+            .kill_on_drop(true);
+        command
     }
 }
 
@@ -626,4 +645,36 @@ async fn terminate(child: &mut Child, pgid: libc::pid_t, grace: Duration) {
         tracing::warn!(%error, "reaping the agent failed");
     }
     tracing::debug!(pid = pgid, exited_on_term = exited, "agent stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The child sees the runner's environment but for the runner's own settings.
+    #[tokio::test]
+    async fn the_child_gets_the_runners_environment_without_its_settings() {
+        let provider = CommandProvider::new(CommandConfig {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), "env".into()],
+            grace: Duration::from_secs(1),
+        });
+        let runner_env = [
+            ("AGENTRUN_API_KEY", "ar_runner_secret"),
+            ("AGENTRUN_TLS_KEY", "/etc/agentrun/runner.key"),
+            ("OPENAI_API_KEY", "sk-for-the-agent"),
+            ("PATH", "/usr/bin:/bin"),
+        ]
+        .map(|(name, value)| (OsString::from(name), OsString::from(value)));
+        let output = provider
+            .command(runner_env)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("run env");
+        let seen = String::from_utf8(output.stdout).unwrap();
+        assert!(seen.contains("OPENAI_API_KEY=sk-for-the-agent"), "{seen}");
+        assert!(seen.contains("PATH=/usr/bin:/bin"), "{seen}");
+        assert!(!seen.contains("AGENTRUN_"), "{seen}");
+    }
 }
