@@ -356,9 +356,13 @@ async fn dev_serves_and_cleans_up_on_sigterm() {
         .await
         .expect("the UI listens");
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    page.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    // As a browser asks: the Host is the address opened (an unauthenticated UI answers
+    // only loopback hosts).
+    page.write_all(
+        format!("GET / HTTP/1.1\r\nhost: {ui_addr}\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut answer = String::new();
     page.read_to_string(&mut answer).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
