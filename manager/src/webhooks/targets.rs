@@ -145,6 +145,9 @@ impl Resolve for PublicResolver {
             let (public, refused): (Vec<SocketAddr>, Vec<SocketAddr>) = resolved
                 .into_iter()
                 .partition(|addr| non_public(addr.ip()).is_none());
+            if public.is_empty() && refused.is_empty() {
+                return Err(format!("{host} resolves to no address").into());
+            }
             if public.is_empty() {
                 let what = refused
                     .iter()
