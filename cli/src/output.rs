@@ -9,6 +9,7 @@
 //! without its `_json` suffix (`input`, `payload`, …); text that does not parse stays a
 //! string. `json` writes one document (an array for a list), `jsonl` one object per line.
 
+use std::borrow::Cow;
 use std::io::Write;
 
 use agentrun_shared::proto::{
@@ -36,6 +37,33 @@ impl OutputFormat {
     }
 }
 
+/// `text` as a terminal may show it: control characters (other than newline and tab) in
+/// caret notation (`^[` for ESC, `^M` for a carriage return not ending a line, `^?` for
+/// DEL) and C1 controls as `\x9b`. What runs print — a model's reply, an agent's output,
+/// an error message — is untrusted, and raw it could drive the terminal (set the
+/// clipboard, clear the screen, overwrite a line). Human output only; JSON escapes them.
+pub fn terminal_safe(text: &str) -> Cow<'_, str> {
+    let is_control = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !text.contains(is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut safe = String::with_capacity(text.len() + 8);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\r' if chars.peek() == Some(&'\n') => {}
+            c if !is_control(c) => safe.push(c),
+            '\u{7f}' => safe.push_str("^?"),
+            c if (c as u32) < 0x20 => {
+                safe.push('^');
+                safe.push(char::from(c as u8 + 0x40));
+            }
+            c => safe.push_str(&format!("\\x{:02x}", c as u32)),
+        }
+    }
+    Cow::Owned(safe)
+}
+
 /// Writes one result: `text` as it is, or `value` as one JSON document or line.
 pub fn write_one(
     out: &mut impl Write,
@@ -44,7 +72,7 @@ pub fn write_one(
     text: impl FnOnce() -> String,
 ) -> std::io::Result<()> {
     match format {
-        OutputFormat::Text => out.write_all(text().as_bytes())?,
+        OutputFormat::Text => out.write_all(terminal_safe(&text()).as_bytes())?,
         OutputFormat::Json => writeln!(out, "{}", pretty(value))?,
         OutputFormat::Jsonl => writeln!(out, "{value}")?,
     }
@@ -59,7 +87,7 @@ pub fn write_list(
     text: impl FnOnce() -> String,
 ) -> std::io::Result<()> {
     match format {
-        OutputFormat::Text => out.write_all(text().as_bytes())?,
+        OutputFormat::Text => out.write_all(terminal_safe(&text()).as_bytes())?,
         OutputFormat::Json => writeln!(out, "{}", pretty(&Value::Array(values)))?,
         OutputFormat::Jsonl => {
             for value in values {

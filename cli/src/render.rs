@@ -140,9 +140,10 @@ impl<O: Write, E: Write> Printer<O, E> {
         // The line is redrawn in place with `\r`: it needs a line of its own, and must
         // not wrap.
         self.break_reply_line()?;
+        let line = output::terminal_safe(line);
         let line = match self.fit_to_terminal.then(stderr_columns).flatten() {
-            Some(columns) => fit(line, columns.saturating_sub(1)),
-            None => line.to_owned(),
+            Some(columns) => fit(&line, columns.saturating_sub(1)),
+            None => line.into_owned(),
         };
         if self.color {
             write!(self.err, "\r\x1b[2K\x1b[2m{line}\x1b[0m")?;
@@ -238,7 +239,7 @@ impl<O: Write, E: Write> Printer<O, E> {
     /// Prints reply text on stdout as it comes.
     fn reply(&mut self, text: &str) -> io::Result<()> {
         if !text.is_empty() {
-            self.out.write_all(text.as_bytes())?;
+            self.out.write_all(output::terminal_safe(text).as_bytes())?;
             self.out.flush()?;
             self.out_mid_line = !text.ends_with('\n');
             self.reply_unterminated = self.out_mid_line;
@@ -289,6 +290,7 @@ impl<O: Write, E: Write> Printer<O, E> {
     pub fn dim(&mut self, line: &str) -> io::Result<()> {
         self.clear_progress()?;
         self.break_reply_line()?;
+        let line = output::terminal_safe(line);
         if self.color {
             writeln!(self.err, "\x1b[2m{line}\x1b[0m")
         } else {
@@ -309,7 +311,12 @@ impl<O: Write, E: Write> Printer<O, E> {
             (true, _) => "\x1b[31m",
         };
         let reset = if self.color { "\x1b[0m" } else { "" };
-        writeln!(self.err, "{style}{}{reset}", terminal.describe())
+        let described = terminal.describe();
+        writeln!(
+            self.err,
+            "{style}{}{reset}",
+            output::terminal_safe(&described)
+        )
     }
 
     /// Ends the output: closes the JSON array, or ends the reply with a newline when it
@@ -688,8 +695,13 @@ pub fn request_detail(detail_json: &str) -> String {
 
 /// Rows under a header, each column as wide as its widest cell, two spaces apart.
 pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    // Cells made safe before they are measured: the columns stay aligned.
     let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| (*h).to_owned()).collect())
-        .chain(rows)
+        .chain(rows.into_iter().map(|row| {
+            row.into_iter()
+                .map(|cell| output::terminal_safe(&cell).into_owned())
+                .collect()
+        }))
         .collect();
     let mut widths = vec![0usize; header.len()];
     for row in &rows {
@@ -940,6 +952,35 @@ mod tests {
 
     fn delta(seq: i64, kind: &str, text: &str) -> proto::Event {
         event(seq, "content.delta", json!({"kind": kind, "delta": text}))
+    }
+
+    /// A reply is written by a model or an agent, and may carry what a prompt injected:
+    /// human output never lets it drive the terminal (set the clipboard through OSC 52,
+    /// clear the screen, retitle the window, overwrite a line with a carriage return).
+    /// Control characters show in caret notation; JSON keeps the text exact.
+    #[test]
+    fn human_output_shows_control_characters_instead_of_sending_them() {
+        let hostile = "ok\x1b]52;c;ZXZpbA==\x07 \x1b[2Jdone\rsudo\u{9b}31m\r\nnext\tline\n";
+        let events = [
+            delta(1, "assistant_text", hostile),
+            event(2, "runtime.error", json!({"message": "bad\x1b[8mhidden"})),
+        ];
+        let (out, err) = printed(Format::Human, false, &events);
+        assert_eq!(
+            out,
+            "ok^[]52;c;ZXZpbA==^G ^[[2Jdone^Msudo\\x9b31m\nnext\tline\n"
+        );
+        assert!(err.contains("bad^[[8mhidden"), "{err}");
+        assert!(
+            !out.contains('\x1b') && !err.contains('\x1b'),
+            "{out:?} {err:?}"
+        );
+        let (json, _) = printed(Format::Json, false, &events);
+        let first: Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+        assert_eq!(first["payload"]["delta"], hostile);
+        // Tables and details too.
+        let table = table(&["NAME"], vec![vec!["a\x1b[31mb".into()]]);
+        assert!(table.contains("a^[[31mb"), "{table}");
     }
 
     #[test]
