@@ -833,6 +833,36 @@ async fn openai_stream_that_breaks_is_retryable() {
     }
 }
 
+/// A server that never ends an event — one endless `data:` line, or data lines without
+/// the blank line that ends an event — cannot make the runner buffer without bound: the
+/// turn fails (not retried) once one event passes its bound, and the reply is dropped.
+#[tokio::test]
+async fn openai_an_event_that_never_ends_fails_the_turn_at_its_bound() {
+    let piece = "x".repeat(64 * 1024);
+    // 12.8 MiB in all: far past the bound.
+    let mut endless_line = vec![sse_head(), Step::Chunk(format!("data: {piece}"))];
+    endless_line.extend((0..200).map(|_| Step::Chunk(piece.clone())));
+    endless_line.push(Step::End);
+    let mut endless_event = vec![sse_head()];
+    endless_event.extend((0..200).map(|_| Step::Chunk(format!("data: {piece}\n"))));
+    endless_event.push(Step::End);
+    for steps in [endless_line, endless_event] {
+        let server = serve(vec![steps]).await;
+        let (outcome, events) = start(openai(&server.base_url), request("openai", "hi"))
+            .finish()
+            .await;
+        let error = failed(outcome);
+        assert_eq!(error.kind, "bad_output", "{error:?}");
+        assert!(!error.retryable, "{error:?}");
+        assert!(
+            error.message.contains("an event of over 1 MiB"),
+            "{}",
+            error.message
+        );
+        assert_error_reported(&events, &error);
+    }
+}
+
 #[tokio::test]
 async fn openai_http_errors_are_classified() {
     let unauthorized = error_response(

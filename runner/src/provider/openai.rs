@@ -49,8 +49,62 @@ use super::{
 const ERROR_MESSAGE_CHARS: usize = 300;
 /// How much of an error body is read at most.
 const ERROR_BODY_BYTES: usize = 64 * 1024;
+/// The most bytes one server-sent event may hold (a chunk of a reply is well under a
+/// kilobyte): past it the reply is not valid output. Events are buffered whole until the
+/// blank line that ends them, so without a bound a server that never ends one would
+/// grow the runner's memory (and its parse time) without limit.
+const MAX_EVENT_BYTES: usize = 1024 * 1024;
 /// The longest wait before a retry, whatever the back-off or `Retry-After` says.
 pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(60);
+
+/// Why reading a reply's bytes failed.
+#[derive(Debug)]
+enum ReplyError {
+    Http(reqwest::Error),
+    /// An event passed [`MAX_EVENT_BYTES`].
+    EventTooLarge,
+}
+
+impl std::fmt::Display for ReplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Http(error) => error.fmt(f),
+            Self::EventTooLarge => write!(f, "an event of over {MAX_EVENT_BYTES} bytes"),
+        }
+    }
+}
+
+/// Counts the bytes of the server-sent event being received, across chunks. An event
+/// ends at a blank line: a line end (`\n`, `\r` or `\r\n`) right after another.
+#[derive(Debug, Default)]
+struct EventBound {
+    event_bytes: usize,
+    line_bytes: usize,
+    after_cr: bool,
+}
+
+impl EventBound {
+    /// Counts `chunk` in; false once the current event is over [`MAX_EVENT_BYTES`].
+    fn admit(&mut self, chunk: &[u8]) -> bool {
+        for &byte in chunk {
+            let after_cr = std::mem::replace(&mut self.after_cr, byte == b'\r');
+            match byte {
+                // The `\n` of a `\r\n`: the line already ended.
+                b'\n' if after_cr => {}
+                b'\n' | b'\r' if self.line_bytes == 0 => self.event_bytes = 0,
+                b'\n' | b'\r' => self.line_bytes = 0,
+                _ => {
+                    self.line_bytes += 1;
+                    self.event_bytes += 1;
+                    if self.event_bytes > MAX_EVENT_BYTES {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+}
 
 /// Settings of the OpenAI-compatible provider.
 #[derive(Debug, Clone)]
@@ -425,7 +479,13 @@ impl Turn<'_> {
             });
         }
 
-        let mut stream = std::pin::pin!(response.bytes_stream().eventsource());
+        let mut bound = EventBound::default();
+        let bounded = response.bytes_stream().map(move |chunk| match chunk {
+            Ok(bytes) if !bound.admit(&bytes) => Err(ReplyError::EventTooLarge),
+            Ok(bytes) => Ok(bytes),
+            Err(error) => Err(ReplyError::Http(error)),
+        });
+        let mut stream = std::pin::pin!(bounded.eventsource());
         let mut round = Round::default();
         loop {
             let next = self
@@ -448,7 +508,17 @@ impl Turn<'_> {
                 Ok(None) => {
                     return Err(failure("stream", "the stream ended before [DONE]", true));
                 }
-                Ok(Some(Err(EventStreamError::Transport(error)))) => {
+                Ok(Some(Err(EventStreamError::Transport(ReplyError::EventTooLarge)))) => {
+                    return Err(failure(
+                        "bad_output",
+                        format!(
+                            "the stream sent an event of over {} MiB",
+                            MAX_EVENT_BYTES / (1024 * 1024)
+                        ),
+                        false,
+                    ));
+                }
+                Ok(Some(Err(EventStreamError::Transport(ReplyError::Http(error))))) => {
                     return Err(failure(
                         "stream",
                         format!("the stream broke: {}", error_chain(&error)),
@@ -798,6 +868,25 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each event of a stream is bounded on its own, whatever its line ends and however
+    /// the stream is cut into chunks.
+    #[test]
+    fn the_event_bound_restarts_at_each_blank_line() {
+        let line = format!("data: {}", "x".repeat(MAX_EVENT_BYTES / 2));
+        for end in ["\n\n", "\r\r", "\r\n\r\n"] {
+            let mut bound = EventBound::default();
+            for _ in 0..10 {
+                let event = format!("{line}{end}");
+                let (a, b) = event.as_bytes().split_at(1000);
+                assert!(bound.admit(a) && bound.admit(b), "{end:?}");
+            }
+        }
+        // Three such lines in one event (no blank line between them) are over it.
+        let mut bound = EventBound::default();
+        let event = format!("{line}\r\n{line}\n{line}");
+        assert!(!bound.admit(event.as_bytes()));
+    }
 
     fn provider(base_url: &str) -> OpenAiProvider {
         OpenAiProvider::new(OpenAiConfig {
