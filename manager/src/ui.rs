@@ -42,6 +42,13 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
     ),
 ];
 
+/// The app's pages: scripts, styles, connections and everything else from this port
+/// only (the app sets styles through the DOM, which this allows), never framed.
+/// `web/tests` fails on any violation the app's pages report.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; \
+     style-src 'self'; img-src 'self' data:; connect-src 'self'; \
+     object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'";
+
 /// Where the UI is served: its address and base path, both checked.
 #[derive(Debug, Clone)]
 pub struct UiAddress {
@@ -252,11 +259,13 @@ fn file(method: &Method, path: &str, index: &str) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    // No other site may frame the app (and trick an operator's clicks).
+    // No other site may frame the app (and trick an operator's clicks), and the page
+    // runs only the app's own script and talks only to this port: text a run carries
+    // can never become script, even if some rendering path let markup through.
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("frame-ancestors 'none'"),
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
     );
     response
 }

@@ -444,8 +444,9 @@ async fn without_authentication_the_ui_answers_only_requests_addressed_to_loopba
             page.head
         );
         assert!(
-            page.header("content-security-policy")
-                .is_some_and(|csp| csp.contains("frame-ancestors 'none'")),
+            page.header("content-security-policy").is_some_and(|csp| {
+                csp.contains("frame-ancestors 'none'") && csp.contains("script-src 'self'")
+            }),
             "{}",
             page.head
         );

@@ -298,4 +298,8 @@ describe("the operator UI", { skip: skip ?? false }, () => {
     await fresh.close();
     await page.close();
   });
+
+  test("no page broke the manager's Content-Security-Policy", () => {
+    assert.deepEqual(browser.cspViolations, []);
+  });
 });

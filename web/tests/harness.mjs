@@ -146,8 +146,15 @@ export async function launchBrowser() {
       "--disable-sync",
     ],
   });
+  // What the pages report breaking the manager's Content-Security-Policy: the app must
+  // run within it.
+  const cspViolations = [];
+  context.on("console", (message) => {
+    if (/Content.Security.Policy/i.test(message.text())) cspViolations.push(message.text());
+  });
   return {
     context,
+    cspViolations,
     close: async () => {
       await context.close();
       rmSync(profile, { recursive: true, force: true });
