@@ -140,7 +140,9 @@ impl StreamedText {
                 let streamed = self.take(item);
                 if payload["kind"] == "assistant_message"
                     && let Some(text) = payload["text"].as_str()
-                    && streamed == Some(text.len())
+                    // All of it streamed: as much, or more when the provider kept only
+                    // the first `MAX_REPLY_BYTES` (`provider::ReplyText`).
+                    && streamed.is_some_and(|streamed| streamed >= text.len())
                     && payload.to_string().len() > max_bytes.max(MIN_PAYLOAD_BYTES)
                 {
                     payload["text_in_deltas"] = Value::Bool(true);
@@ -539,6 +541,12 @@ mod tests {
         assert_eq!(fitted["item_id"], "a");
         assert_eq!(fitted["text_in_deltas"], true);
         assert_eq!(fitted["truncated"], true);
+        // A reply the provider kept only the start of (its deltas carried more).
+        let mut long = json!({"item_id": "d", "kind": "assistant_text", "delta": text.repeat(2)});
+        streamed.observe("content.delta", &mut long, max);
+        let mut done = json!({"item_id": "d", "kind": "assistant_message", "text": text});
+        streamed.observe("item.completed", &mut done, max);
+        assert_eq!(done["text_in_deltas"], true);
 
         // Text that was not all streamed (or a reply that fits) is not marked.
         let mut partial = json!({"item_id": "b", "kind": "assistant_text", "delta": "wo"});

@@ -833,6 +833,31 @@ async fn openai_stream_that_breaks_is_retryable() {
     }
 }
 
+/// A reply that goes on and on (here 3 MiB of deltas) reaches the log whole, delta by
+/// delta, but the provider keeps at most `MAX_REPLY_BYTES` of it for the turn's outcome:
+/// a reply that never ends does not hold the runner's memory until the run's event quota
+/// (1 GiB) stops it.
+#[tokio::test]
+async fn openai_keeps_a_bounded_reply_however_long_it_streams() {
+    let piece = "y".repeat(32 * 1024);
+    let mut steps = vec![sse_head()];
+    steps.extend((0..96).map(|_| Step::Chunk(format!("data: {}\n\n", delta_chunk(&piece)))));
+    steps.extend(data(&finish_chunk("stop")));
+    steps.push(Step::Chunk("data: [DONE]\n\n".into()));
+    steps.push(Step::End);
+    let server = serve(vec![steps]).await;
+    let (outcome, events) = start(openai(&server.base_url), request("openai", "hi"))
+        .finish()
+        .await;
+    let (reply, _) = completed(outcome);
+    assert_eq!(
+        deltas(&events, "assistant_text").concat().len(),
+        96 * piece.len()
+    );
+    assert_eq!(reply.len(), agentrun_runner::provider::MAX_REPLY_BYTES);
+    assert!(reply.chars().all(|c| c == 'y'));
+}
+
 /// A server that never ends an event — one endless `data:` line, or data lines without
 /// the blank line that ends an event — cannot make the runner buffer without bound: the
 /// turn fails (not retried) once one event passes its bound, and the reply is dropped.

@@ -52,8 +52,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ItemId, Provider, ProviderError, ProviderEvent, Resolution, TurnContext, TurnOutcome,
-    TurnRequest, Usage, send_event,
+    ItemId, Provider, ProviderError, ProviderEvent, ReplyText, Resolution, TurnContext,
+    TurnOutcome, TurnRequest, Usage, send_event,
 };
 
 /// What the runner feeds a child during its turn.
@@ -148,7 +148,7 @@ impl Provider for CommandProvider {
             output_item: None,
             result: None,
             usage: None,
-            assistant_text: String::new(),
+            assistant_text: ReplyText::default(),
             thread_id: None,
             assistant_message_completed: false,
         };
@@ -271,7 +271,7 @@ struct Session {
     output_item: Option<ItemId>,
     result: Option<String>,
     usage: Option<Usage>,
-    assistant_text: String,
+    assistant_text: ReplyText,
     /// The agent's thread id, from its result line.
     thread_id: Option<String>,
     /// The agent completed an `assistant_message` item itself.
@@ -333,7 +333,7 @@ impl Session {
         let reply = self
             .result
             .take()
-            .unwrap_or_else(|| std::mem::take(&mut self.assistant_text));
+            .unwrap_or_else(|| std::mem::take(&mut self.assistant_text).into_string());
         TurnOutcome::Completed {
             reply,
             usage: self.usage,

@@ -17,6 +17,42 @@ pub mod command;
 pub mod openai;
 pub mod scripted;
 
+/// The most of a turn's reply a provider keeps (see [`ReplyText`]).
+pub const MAX_REPLY_BYTES: usize = 1024 * 1024;
+
+/// Text a provider assembles from the pieces it streams (a reply, a tool call's
+/// arguments), kept up to [`MAX_REPLY_BYTES`] and cut there on a char boundary. The
+/// pieces reach the log whole, as deltas; what is kept is for the completed item and
+/// the turn's outcome, which the manager's payload limit (1 MiB at most) cuts anyway.
+/// Unbounded, a reply that never ends would hold the runner's memory until the run's
+/// event quota (1 GiB by default) stopped it.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ReplyText(String);
+
+impl ReplyText {
+    /// Appends what of `piece` fits.
+    pub fn push_str(&mut self, piece: &str) {
+        let room = MAX_REPLY_BYTES.saturating_sub(self.0.len());
+        let mut end = piece.len().min(room);
+        while !piece.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.0.push_str(&piece[..end]);
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
 /// One turn to execute.
 #[derive(Debug, Clone)]
 pub struct TurnRequest {

@@ -41,8 +41,8 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ItemId, Provider, ProviderError, ProviderEvent, TurnContext, TurnOutcome, TurnRequest, Usage,
-    send_event,
+    ItemId, Provider, ProviderError, ProviderEvent, ReplyText, TurnContext, TurnOutcome,
+    TurnRequest, Usage, send_event,
 };
 
 /// How much of an error body goes into a failure message.
@@ -263,7 +263,7 @@ struct ToolCall {
     item_id: String,
     call_id: Option<String>,
     name: String,
-    arguments: String,
+    arguments: ReplyText,
     completed: bool,
 }
 
@@ -271,7 +271,7 @@ struct ToolCall {
 #[derive(Default)]
 struct Round {
     message_item: Option<ItemId>,
-    text: String,
+    text: ReplyText,
     tool_calls: Vec<ToolCall>,
     finish_reason: Option<String>,
 }
@@ -301,14 +301,18 @@ struct Turn<'a> {
 
 impl Turn<'_> {
     async fn run(&mut self, mut messages: Vec<Value>) -> Result<TurnOutcome, Halt> {
-        let mut replies: Vec<String> = Vec::new();
+        // The replies of the turn's requests, separated by a blank line.
+        let mut replies = ReplyText::default();
         loop {
             let text = self.request_with_retries(&messages).await?;
             if let Some(usage) = self.usage {
                 self.usage_before = usage;
             }
             if !text.is_empty() {
-                replies.push(text.clone());
+                if !replies.is_empty() {
+                    replies.push_str("\n\n");
+                }
+                replies.push_str(&text);
             }
             self.take_pending_steers();
             if self.pending_steer.is_empty() {
@@ -320,7 +324,7 @@ impl Turn<'_> {
             tracing::debug!(turn_id = %self.turn_id, "following up on a steer");
         }
         Ok(TurnOutcome::Completed {
-            reply: replies.join("\n\n"),
+            reply: replies.into_string(),
             usage: self.usage,
             // Chat Completions keeps no thread: the history is resent every turn.
             provider_thread_id: None,
@@ -554,7 +558,7 @@ impl Turn<'_> {
             self.on_chunk(&mut round, &chunk).await?;
         }
         self.close_items(&mut round).await?;
-        Ok(round.text)
+        Ok(round.text.into_string())
     }
 
     /// Turns one `chat.completion.chunk` into events.
@@ -668,7 +672,7 @@ impl Turn<'_> {
                     item_id: self.new_item_id(),
                     call_id: call_id.map(str::to_owned),
                     name: name.unwrap_or_default().to_owned(),
-                    arguments: String::new(),
+                    arguments: ReplyText::default(),
                     completed: false,
                 };
                 let mut payload =
@@ -699,7 +703,7 @@ impl Turn<'_> {
         if let Some(item_id) = round.message_item.take() {
             self.emit(
                 "item.completed",
-                json!({"item_id": &*item_id, "kind": "assistant_message", "text": round.text}),
+                json!({"item_id": &*item_id, "kind": "assistant_message", "text": round.text.as_str()}),
             )
             .await?;
         }
@@ -709,7 +713,7 @@ impl Turn<'_> {
                 "item_id": call.item_id,
                 "kind": "tool_call",
                 "name": call.name,
-                "arguments": call.arguments,
+                "arguments": call.arguments.as_str(),
             });
             if let Some(id) = &call.call_id {
                 payload["call_id"] = json!(id);

@@ -43,8 +43,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ItemId, Provider, ProviderError, ProviderEvent, Resolution, TurnContext, TurnOutcome,
-    TurnRequest, Usage, send_event,
+    ItemId, Provider, ProviderError, ProviderEvent, ReplyText, Resolution, TurnContext,
+    TurnOutcome, TurnRequest, Usage, send_event,
 };
 
 /// Tokens of the long reply the `[slow]` cue streams.
@@ -206,7 +206,7 @@ struct Turn {
     stop: CancellationToken,
     token_delay: Duration,
     next_item: u64,
-    reply: String,
+    reply: ReplyText,
     tokens: u64,
 }
 
@@ -335,7 +335,7 @@ impl Turn {
     async fn complete(&mut self, item_id: &ItemId, prompt: &str) -> Result<TurnOutcome, Halted> {
         self.emit(
             "item.completed",
-            json!({"item_id": &**item_id, "kind": "assistant_message", "text": self.reply}),
+            json!({"item_id": &**item_id, "kind": "assistant_message", "text": self.reply.as_str()}),
         )
         .await?;
         let usage = Usage {
@@ -348,7 +348,7 @@ impl Turn {
         )
         .await?;
         Ok(TurnOutcome::Completed {
-            reply: std::mem::take(&mut self.reply),
+            reply: std::mem::take(&mut self.reply).into_string(),
             usage: Some(usage),
             provider_thread_id: self.thread_id.take(),
         })
@@ -560,7 +560,7 @@ impl Provider for ScriptedProvider {
             stop,
             token_delay: self.config.token_delay,
             next_item: 0,
-            reply: String::new(),
+            reply: ReplyText::default(),
             tokens: 0,
         };
         state
