@@ -64,6 +64,48 @@ async fn not_serving_until_migrations_are_applied() {
     }
 }
 
+/// A manager started while its database does not answer (a deploy racing the database,
+/// a managed PostgreSQL failing over) does not exit into the orchestrator's growing
+/// restart back-off: it listens, says NOT_SERVING and keeps trying, then applies its
+/// migrations and serves as soon as the database answers.
+#[tokio::test]
+async fn a_manager_started_before_its_database_answers_migrates_and_serves_once_it_does() {
+    let url = fresh_database().await;
+    let (authority, database) = url
+        .trim_start_matches("postgres://postgres@")
+        .split_once('/')
+        .expect("a cluster URL");
+    let proxy = agentrun_tests::proxy::Proxy::start(authority.parse().expect("host:port")).await;
+    proxy.refuse(true);
+    let via_proxy = format!("postgres://postgres@{}/{database}", proxy.addr());
+    let manager = ManagerProcess::start(&via_proxy, &[]).await;
+    let health = HealthClient::new(manager.channel().await);
+    assert_eq!(
+        status_of_service(&health, "").await,
+        Some(ServingStatus::NotServing as i32)
+    );
+    wait_for("the manager to try the database again", LONG, || async {
+        (proxy.refused() >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        status_of_service(&health, "agentrun.v1.RunService").await,
+        Some(ServingStatus::NotServing as i32)
+    );
+
+    proxy.refuse(false);
+    for service in ["", "agentrun.v1.RunService", "agentrun.v1.RunnerService"] {
+        wait_for_health(&health, service, ServingStatus::Serving).await;
+    }
+    let mut client = db_client(&url).await;
+    let client: &mut tokio_postgres::Client = &mut client;
+    assert!(db::schema_current(client).await.unwrap());
+    let mut runs = proto::run_service_client::RunServiceClient::new(manager.channel().await);
+    runs.create_run(run_request("after the outage"))
+        .await
+        .expect("the manager serves");
+}
+
 #[tokio::test]
 async fn a_replica_older_than_the_schema_allows_stops_serving_and_exits() {
     let url = fresh_database().await;
