@@ -28,7 +28,9 @@ pub async fn set_all(reporter: &HealthReporter, services: &[&str], status: Servi
 
 /// Probes the database every [`PROBE_INTERVAL`] and reports the outcome for `services`
 /// until `shutdown`. `schema_checked` says the schema is already known to be current
-/// (this replica migrated it); otherwise it is checked until it is.
+/// (this replica migrated it); otherwise it is checked until it is. `migrate`: this
+/// replica was to migrate at start but the database did not answer; it does so first,
+/// on each tick until that succeeds.
 ///
 /// A schema this build must not serve ([`db::incompatibility`]: a newer replica
 /// migrated it past what this build reads correctly) stops the replica: every service
@@ -39,16 +41,36 @@ pub async fn watch(
     reporter: HealthReporter,
     services: Vec<&'static str>,
     mut schema_checked: bool,
+    mut migrate: bool,
     stop: SelfStop,
     shutdown: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(PROBE_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut serving = None;
+    // The last reason the deferred migration failed, logged when it changes.
+    let mut migration_failed: Option<String> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
+        }
+        if migrate {
+            // Not under the probe's timeout: a migration may take longer, and is not
+            // to be cut off halfway.
+            match db::migrate(&pool).await {
+                Ok(()) => {
+                    tracing::info!("the database answers: migrations applied");
+                    migrate = false;
+                }
+                Err(err) => {
+                    let reason = format!("{err:#}");
+                    if migration_failed.as_ref() != Some(&reason) {
+                        tracing::warn!(%reason, "migrating failed; trying again");
+                        migration_failed = Some(reason);
+                    }
+                }
+            }
         }
         let probed = tokio::time::timeout(PROBE_TIMEOUT, probe(&pool, &mut schema_checked))
             .await

@@ -49,7 +49,8 @@ pub const HEARTBEAT_POOL_SIZE: usize = 2;
 /// `--db-pool-size`.
 pub const HELLO_POOL_SIZE: usize = 1;
 
-/// A manager whose listener is bound and schema migrated, ready to [`run`](Self::run).
+/// A manager whose listener is bound and schema migrated (or to be, once the database
+/// answers), ready to [`run`](Self::run).
 pub struct Application {
     listener: TcpListener,
     /// The Prometheus endpoint's listener; `None` when metrics are disabled.
@@ -61,11 +62,15 @@ pub struct Application {
     database: db::Database,
     /// TLS for the gRPC listener; `None` serves plaintext.
     tls: Option<ServerTlsConfig>,
+    /// The schema was migrated at start (else it is checked, and with `--migrate`
+    /// migrated, once the database answers).
+    migrated: bool,
     settings: Settings,
 }
 
 impl Application {
-    /// Connects, migrates and binds. Binding `127.0.0.1:0` picks a free port (tests).
+    /// Migrates (when the database answers: [`migrate_if_answering`]) and binds. Binding
+    /// `127.0.0.1:0` picks a free port (tests).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let database = db::Database::from_settings(&settings)?;
         let ui_address = UiAddress::parse(&settings.ui_listen, &settings.ui_base_path)?;
@@ -74,9 +79,7 @@ impl Application {
         let tls = server_tls(&settings)?;
         tracing::info!(sslmode = %database.ssl_mode(), "database connection");
         let pool = database.pool(settings.db_pool_size)?;
-        if settings.migrate_on_start() {
-            db::migrate(&pool).await?;
-        }
+        let migrated = settings.migrate_on_start() && migrate_if_answering(&pool).await?;
         let listener = TcpListener::bind(settings.listen).await?;
         let metrics_listener = metrics::bind(&settings.metrics_listen).await?;
         let ui = match ui_address {
@@ -90,6 +93,7 @@ impl Application {
             pool,
             database,
             tls,
+            migrated,
             settings,
         })
     }
@@ -122,11 +126,11 @@ impl Application {
             pool,
             database,
             tls,
+            migrated,
             settings,
         } = self;
         let notifier = Notifier::new(Uuid::new_v4());
         let metrics = Arc::new(Metrics::new());
-        let migrated = settings.migrate_on_start();
         let auth = Arc::new(Authenticator::new(pool.clone()));
         let background = shutdown.child_token();
         // Renewals get connections of their own: no other work may delay them past the TTL.
@@ -263,6 +267,7 @@ impl Application {
             health.clone(),
             services,
             migrated,
+            state.settings.migrate_on_start() && !migrated,
             self_stop.clone(),
             background.clone(),
         ));
@@ -427,6 +432,23 @@ fn server_tls(settings: &Settings) -> anyhow::Result<Option<ServerTlsConfig>> {
             .client_auth_optional(true);
     }
     Ok(Some(tls))
+}
+
+/// Applies the migrations if the database answers; true when it did. A database that
+/// does not answer yet (a deploy racing it, a failover) is not an error: the replica
+/// listens, reports NOT_SERVING and migrates once it answers ([`health::watch`]), rather
+/// than exiting into an orchestrator's growing restart back-off. Any other failure of
+/// the migration is.
+async fn migrate_if_answering(pool: &deadpool_postgres::Pool) -> anyhow::Result<bool> {
+    if let Err(err) = pool.get().await {
+        tracing::warn!(
+            error = %err,
+            "the database does not answer: not serving until it does, then migrating"
+        );
+        return Ok(false);
+    }
+    db::migrate(pool).await?;
+    Ok(true)
 }
 
 /// Refuses to serve without authentication anywhere but on a loopback address.
