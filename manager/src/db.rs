@@ -104,6 +104,50 @@ pub async fn migrate(pool: &Pool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether `err`, getting a connection, says the database does not answer yet: nothing
+/// listens, the connection was cut or timed out, the server is starting up or shutting
+/// down or has no connection slot free. Waiting mends those; it does not mend a
+/// misconfigured replica (a failed TLS handshake, a refused login, a missing database),
+/// which is `false`.
+pub fn not_answering_yet(err: &deadpool_postgres::PoolError) -> bool {
+    use std::io::ErrorKind;
+    use tokio_postgres::error::SqlState;
+    let err = match err {
+        deadpool_postgres::PoolError::Timeout(_) => return true,
+        deadpool_postgres::PoolError::Backend(err) => err,
+        _ => return false,
+    };
+    if let Some(code) = err.code() {
+        return [
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::TOO_MANY_CONNECTIONS,
+        ]
+        .contains(code);
+    }
+    if err.is_closed() {
+        return true;
+    }
+    let mut cause = std::error::Error::source(err);
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::NotConnected
+                    | ErrorKind::TimedOut
+                    | ErrorKind::HostUnreachable
+                    | ErrorKind::NetworkUnreachable
+                    | ErrorKind::UnexpectedEof
+            );
+        }
+        cause = error.source();
+    }
+    false
+}
+
 /// The newest migration this build embeds.
 pub fn newest_migration() -> i32 {
     embedded::migrations::runner()

@@ -435,20 +435,26 @@ fn server_tls(settings: &Settings) -> anyhow::Result<Option<ServerTlsConfig>> {
 }
 
 /// Applies the migrations if the database answers; true when it did. A database that
-/// does not answer yet (a deploy racing it, a failover) is not an error: the replica
-/// listens, reports NOT_SERVING and migrates once it answers ([`health::watch`]), rather
-/// than exiting into an orchestrator's growing restart back-off. Any other failure of
-/// the migration is.
+/// does not answer yet ([`db::not_answering_yet`]: a deploy racing it, a failover) is
+/// not an error: the replica listens, reports NOT_SERVING and migrates once it answers
+/// ([`health::watch`]), rather than exiting into an orchestrator's growing restart
+/// back-off. Anything else that fails (a misconfigured connection, the migration) stops
+/// the start, with the reason.
 async fn migrate_if_answering(pool: &deadpool_postgres::Pool) -> anyhow::Result<bool> {
-    if let Err(err) = pool.get().await {
-        tracing::warn!(
-            error = %err,
-            "the database does not answer: not serving until it does, then migrating"
-        );
-        return Ok(false);
+    match pool.get().await {
+        Err(err) if db::not_answering_yet(&err) => {
+            tracing::warn!(
+                error = %err,
+                "the database does not answer: not serving until it does, then migrating"
+            );
+            Ok(false)
+        }
+        Err(err) => Err(err.into()),
+        Ok(_) => {
+            db::migrate(pool).await?;
+            Ok(true)
+        }
     }
-    db::migrate(pool).await?;
-    Ok(true)
 }
 
 /// Refuses to serve without authentication anywhere but on a loopback address.
