@@ -123,6 +123,15 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
     }
 }
 
+/// `message` as the one data frame of a gRPC-Web request body.
+fn grpc_web_frame<M: Message>(message: &M) -> Vec<u8> {
+    let encoded = message.encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+    body.extend_from_slice(&encoded);
+    body
+}
+
 /// A gRPC-Web call: its messages and its status (from the trailer frame, or the headers
 /// of a trailers-only answer).
 async fn grpc_web<M: Message>(
@@ -131,10 +140,7 @@ async fn grpc_web<M: Message>(
     message: &M,
     key: Option<&str>,
 ) -> (Vec<Vec<u8>>, i32, String) {
-    let mut body = vec![0u8];
-    let encoded = message.encode_to_vec();
-    body.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
-    body.extend_from_slice(&encoded);
+    let body = grpc_web_frame(message);
     let bearer = key.map(|k| format!("Bearer {k}"));
     let mut headers = vec![
         ("content-type", "application/grpc-web+proto"),
@@ -385,13 +391,7 @@ async fn without_authentication_the_ui_answers_only_requests_addressed_to_loopba
         .next()
         .expect("a port")
         .to_owned();
-    let create = {
-        let mut body = vec![0u8];
-        let encoded = run_request("from a rebound page").encode_to_vec();
-        body.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
-        body.extend_from_slice(&encoded);
-        body
-    };
+    let create = grpc_web_frame(&run_request("from a rebound page"));
     for host in [
         format!("rebound.example.com:{port}"),
         "rebound.example.com".to_owned(),

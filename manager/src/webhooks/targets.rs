@@ -77,18 +77,8 @@ const V6_RANGES: &[(Ipv6Addr, u8, &str)] = &[
 /// What `ip` is when it is not a public address; `None` for a public one.
 pub fn non_public(ip: IpAddr) -> Option<&'static str> {
     match ip {
-        IpAddr::V4(v4) => V4_RANGES
-            .iter()
-            .find(|(net, len, _)| prefix_matches(v4.to_bits(), net.to_bits(), *len))
-            .map(|(_, _, what)| *what),
-        IpAddr::V6(v6) => {
-            if let Some(what) = V6_RANGES
-                .iter()
-                .find(|(net, len, _)| prefix_matches(v6.to_bits(), net.to_bits(), *len))
-                .map(|(_, _, what)| *what)
-            {
-                return Some(what);
-            }
+        IpAddr::V4(v4) => range_of(V4_RANGES, v4, |a| a.to_bits().into(), 32),
+        IpAddr::V6(v6) => range_of(V6_RANGES, v6, Ipv6Addr::to_bits, 128).or_else(|| {
             // IPv4-mapped (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d) and NAT64
             // (64:ff9b::a.b.c.d) addresses reach the IPv4 address they carry.
             let embedded = v6.to_ipv4().or_else(|| {
@@ -97,18 +87,26 @@ pub fn non_public(ip: IpAddr) -> Option<&'static str> {
                     .then(|| Ipv4Addr::from_bits(v6.to_bits() as u32))
             });
             embedded.and_then(|v4| non_public(IpAddr::V4(v4)))
-        }
+        }),
     }
 }
 
-fn prefix_matches<T>(addr: T, net: T, len: u8) -> bool
-where
-    T: Copy + std::ops::Shr<u32, Output = T> + PartialEq,
-{
-    let bits = (std::mem::size_of::<T>() * 8) as u32;
-    let shift = bits - u32::from(len);
-    // A shift by the whole width overflows: a /0 matches everything (none is listed).
-    shift >= bits || (addr >> shift) == (net >> shift)
+/// What the first of `ranges` holding `addr` says it is: addresses compared as their
+/// `width` leading bits (`bits`), over each range's prefix length.
+fn range_of<A: Copy>(
+    ranges: &[(A, u8, &'static str)],
+    addr: A,
+    bits: impl Fn(A) -> u128,
+    width: u32,
+) -> Option<&'static str> {
+    ranges
+        .iter()
+        .find(|(net, len, _)| {
+            // A /0 shifts every bit out (`checked_shr`: even all 128): it matches all.
+            let shift = width - u32::from(*len);
+            bits(addr).checked_shr(shift) == bits(*net).checked_shr(shift)
+        })
+        .map(|(_, _, what)| *what)
 }
 
 /// Refuses a URL whose host is a non-public address or a `localhost` name (RFC 6761:
